@@ -1,0 +1,383 @@
+"""Qwen3-MoE in Flax NNX, written once for one device.
+
+Axis letters (used in every weight and activation name):
+  B batch   T sequence   S cache length   D model dim   H query heads   K kv heads
+  G query heads per kv head   Q head dim   E experts   F expert intermediate
+  I dense intermediate   V vocab   L layers   N tokens (B*T flattened)
+
+Sharding enters only through the logical axis names each Param carries (`logical_axes`) and a
+few `constrain` calls on activations; sharding/rules.py maps names to mesh axes. The one
+exception is the MoE FFN, which runs under shard_map when a mesh is given (moe.py).
+
+Layers are stacked: each run of consecutive same-kind layers (MoE or dense) is one Segment
+whose params carry a leading L dim and whose forward is a `lax.scan`, so compile time does not
+grow with depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sharding.context import ShardingContext, constrain
+from sharding.rules import partition_spec
+
+from .config import Qwen3MoeConfig, yarn_inv_freq
+from .fp8 import FP8_DTYPE, dequantize
+from .moe import moe_ffn, route
+
+
+def _init(kind: str, shape, dtype, rngs: nnx.Rngs | None, std: float = 0.02):
+    if kind == "ones":
+        return jnp.ones(shape, dtype)
+    if kind == "zeros":
+        return jnp.zeros(shape, dtype)
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def _stacked(shape, axes, stack: int | None):
+    if stack is None:
+        return tuple(shape), tuple(axes)
+    return (stack, *shape), ("layers", *axes)
+
+
+class Weight(nnx.Module):
+    """One weight matrix: plain (`w` in the compute dtype) or FP8 (`w` e4m3 + float32 `scale`).
+
+    `block_axis` is the model-dim axis D of the per-layer shape; FP8 scales keep D in blocks of
+    `block` and every other dim per element (see fp8.py for why).
+    """
+
+    def __init__(self, shape, axes, *, dtype, rngs, stack=None, fp8_block: int | None = None,
+                 block_axis: int = 0, init: str = "normal"):
+        self.block_axis = block_axis
+        self.fp8_block = fp8_block
+        full_shape, full_axes = _stacked(shape, axes, stack)
+        if fp8_block is None:
+            self.w = nnx.Param(_init(init, full_shape, dtype, rngs), logical_axes=full_axes)
+            return
+        # Random FP8 weights: values in the e4m3 range with a scale that gives std ~0.02.
+        self.w = nnx.Param(_init(init, full_shape, jnp.float32, rngs, std=1.0).astype(FP8_DTYPE),
+                           logical_axes=full_axes)
+        scale_shape = list(shape)
+        scale_shape[block_axis] = -(-shape[block_axis] // fp8_block)
+        scale_axes = list(axes)
+        scale_axes[block_axis] = "embed_blocks"
+        s_shape, s_axes = _stacked(scale_shape, scale_axes, stack)
+        self.scale = nnx.Param(jnp.full(s_shape, 0.02, jnp.float32), logical_axes=s_axes)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.fp8_block is not None
+
+    def __call__(self, dtype):
+        """The weight in `dtype` (dequantized in-graph for FP8)."""
+        if not self.is_fp8:
+            return self.w[...].astype(dtype)
+        return dequantize(self.w[...], self.scale[...], self.block_axis, self.fp8_block, dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype, stack=None, axis_name="embed"):
+        shape, axes = _stacked((dim,), (axis_name,), stack)
+        self.weight = nnx.Param(jnp.ones(shape, dtype), logical_axes=axes)
+        self.eps = eps
+
+    def __call__(self, x):
+        # As transformers: normalize in float32, cast back, then scale in the weight's dtype.
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+def rope_tables(cfg: Qwen3MoeConfig, positions_bt, dtype):
+    """cos, sin [B, T, Q] for integer positions (yarn folds its attention factor into both)."""
+    inv_freq, attn_factor = yarn_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+    freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return (jnp.cos(emb) * attn_factor).astype(dtype), (jnp.sin(emb) * attn_factor).astype(dtype)
+
+
+def apply_rope(x_bthq, cos_btq, sin_btq):
+    half = x_bthq.shape[-1] // 2
+    rotated = jnp.concatenate([-x_bthq[..., half:], x_bthq[..., :half]], axis=-1)
+    return x_bthq * cos_btq[:, :, None, :] + rotated * sin_btq[:, :, None, :]
+
+
+def _fp8_block(cfg: Qwen3MoeConfig, hf_module: str, d_is_input: bool) -> int | None:
+    """FP8 block size along D for one projection kind, or None to keep it in the compute dtype.
+
+    A projection listed (by substring) in modules_to_not_convert stays unquantized in every
+    layer; the loader dequantizes any FP8 tensors of that kind, so numerics are unchanged.
+    """
+    if cfg.fp8 is None or any(m in hf_module or hf_module in m for m in cfg.fp8.modules_to_not_convert):
+        return None
+    return cfg.fp8.block_in if d_is_input else cfg.fp8.block_out
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen3MoeConfig, *, dtype, kv_rep: int, stack, rngs):
+        d, h, q = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        k = cfg.num_key_value_heads * kv_rep
+        self.num_kv = k
+        self.scale = q ** -0.5
+        mk = dict(dtype=dtype, rngs=rngs, stack=stack)
+        self.q_proj = Weight((d, h, q), ("embed", "heads", "head_dim"), block_axis=0,
+                             fp8_block=_fp8_block(cfg, "self_attn.q_proj", True), **mk)
+        self.k_proj = Weight((d, k, q), ("embed", "kv_heads", "head_dim"), block_axis=0,
+                             fp8_block=_fp8_block(cfg, "self_attn.k_proj", True), **mk)
+        self.v_proj = Weight((d, k, q), ("embed", "kv_heads", "head_dim"), block_axis=0,
+                             fp8_block=_fp8_block(cfg, "self_attn.v_proj", True), **mk)
+        self.o_proj = Weight((h, q, d), ("heads", "head_dim", "embed"), block_axis=2,
+                             fp8_block=_fp8_block(cfg, "self_attn.o_proj", False), **mk)
+        self.q_norm = RMSNorm(q, cfg.rms_norm_eps, dtype=dtype, stack=stack, axis_name="head_dim")
+        self.k_norm = RMSNorm(q, cfg.rms_norm_eps, dtype=dtype, stack=stack, axis_name="head_dim")
+        self.bias = cfg.attention_bias
+        if self.bias:
+            self.q_bias = Weight((h, q), ("heads", "head_dim"), init="zeros", **mk)
+            self.k_bias = Weight((k, q), ("kv_heads", "head_dim"), init="zeros", **mk)
+            self.v_bias = Weight((k, q), ("kv_heads", "head_dim"), init="zeros", **mk)
+            self.o_bias = Weight((d,), ("embed",), init="zeros", **mk)
+
+    def project(self, x_btd, cos, sin, ctx):
+        """-> q [B,T,H,Q], k [B,T,K,Q], v [B,T,K,Q], normed and rotated."""
+        dt = x_btd.dtype
+        q = jnp.einsum("btd,dhq->bthq", x_btd, self.q_proj(dt))
+        k = jnp.einsum("btd,dkq->btkq", x_btd, self.k_proj(dt))
+        v = jnp.einsum("btd,dkq->btkq", x_btd, self.v_proj(dt))
+        if self.bias:
+            q, k, v = q + self.q_bias(dt), k + self.k_bias(dt), v + self.v_bias(dt)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        act = ("batch", "seq", "heads", "head_dim")
+        kv_act = ("batch", "seq", "kv_heads", "head_dim")
+        return constrain(q, act, ctx), constrain(k, kv_act, ctx), constrain(v, kv_act, ctx)
+
+    def attend(self, q_bthq, k_bskq, v_bskq, mask_bts):
+        """Grouped-query attention; softmax in float32 as transformers does. -> [B, T, D]."""
+        b, t, h, qd = q_bthq.shape
+        kv = k_bskq.shape[2]
+        q = q_bthq.reshape(b, t, kv, h // kv, qd)
+        scores = jnp.einsum("btkgq,bskq->bkgts", q, k_bskq, preferred_element_type=jnp.float32)
+        scores = scores.astype(q.dtype).astype(jnp.float32) * self.scale
+        scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskq->btkgq", probs, v_bskq).reshape(b, t, h, qd)
+        y = jnp.einsum("bthq,hqd->btd", out, self.o_proj(q.dtype))
+        if self.bias:
+            y = y + self.o_bias(q.dtype)
+        return y
+
+
+class ExpertWeights:
+    """The stacked expert matrices of one MoE layer, as moe_ffn consumes them.
+
+    arrays() are the raw (possibly FP8 + scale) arrays, pspecs() their PartitionSpecs, and
+    materialize() turns raw arrays into (gate [E,D,F], up [E,D,F], down [E,F,D]) in `dtype`.
+    """
+
+    def __init__(self, moe: "MoE", dtype):
+        self.moe, self.dtype = moe, dtype
+        self.weights = (moe.gate_proj, moe.up_proj, moe.down_proj)
+
+    def arrays(self):
+        out = []
+        for wt in self.weights:
+            out.append(wt.w[...])
+            if wt.is_fp8:
+                out.append(wt.scale[...])
+        return tuple(out)
+
+    def pspecs(self, ctx: ShardingContext):
+        out = []
+        for wt in self.weights:
+            out.append(partition_spec(ctx.spec, _unstacked_axes(wt.w)))
+            if wt.is_fp8:
+                out.append(partition_spec(ctx.spec, _unstacked_axes(wt.scale)))
+        return tuple(out)
+
+    def materialize(self, raw=None):
+        if raw is None:
+            return tuple(wt(self.dtype) for wt in self.weights)
+        it = iter(raw)
+        mats = []
+        for wt in self.weights:
+            w = next(it)
+            if wt.is_fp8:
+                mats.append(dequantize(w, next(it), wt.block_axis, wt.fp8_block, self.dtype))
+            else:
+                mats.append(w.astype(self.dtype))
+        return tuple(mats)
+
+
+def _unstacked_axes(var) -> tuple:
+    axes = tuple(var.get_metadata()["logical_axes"])
+    return axes[1:] if axes and axes[0] == "layers" else axes
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: Qwen3MoeConfig, *, dtype, stack, rngs):
+        d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        mk = dict(dtype=dtype, rngs=rngs, stack=stack)
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.router = Weight((d, e), ("embed", "router"), **mk)
+        self.gate_proj = Weight((e, d, f), ("experts", "embed", "expert_mlp"), block_axis=1,
+                                fp8_block=_fp8_block(cfg, "mlp.experts.gate_proj", True), **mk)
+        self.up_proj = Weight((e, d, f), ("experts", "embed", "expert_mlp"), block_axis=1,
+                              fp8_block=_fp8_block(cfg, "mlp.experts.up_proj", True), **mk)
+        self.down_proj = Weight((e, f, d), ("experts", "expert_mlp", "embed"), block_axis=2,
+                                fp8_block=_fp8_block(cfg, "mlp.experts.down_proj", False), **mk)
+
+    def __call__(self, x_btd, ctx):
+        b, t, d = x_btd.shape
+        x = x_btd.reshape(b * t, d)
+        weights, experts = route(x, self.router(jnp.float32), self.top_k, self.norm_topk_prob)
+        return moe_ffn(x, weights, experts, ExpertWeights(self, x.dtype), ctx).reshape(b, t, d)
+
+
+class DenseMLP(nnx.Module):
+    def __init__(self, cfg: Qwen3MoeConfig, *, dtype, stack, rngs):
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        mk = dict(dtype=dtype, rngs=rngs, stack=stack)
+        self.gate_proj = Weight((d, i), ("embed", "mlp"), block_axis=0,
+                                fp8_block=_fp8_block(cfg, "mlp.gate_proj", True), **mk)
+        self.up_proj = Weight((d, i), ("embed", "mlp"), block_axis=0,
+                              fp8_block=_fp8_block(cfg, "mlp.up_proj", True), **mk)
+        self.down_proj = Weight((i, d), ("mlp", "embed"), block_axis=1,
+                                fp8_block=_fp8_block(cfg, "mlp.down_proj", False), **mk)
+
+    def __call__(self, x_btd, ctx):
+        dt = x_btd.dtype
+        h = jax.nn.silu(jnp.einsum("btd,di->bti", x_btd, self.gate_proj(dt)))
+        h = h * jnp.einsum("btd,di->bti", x_btd, self.up_proj(dt))
+        h = constrain(h, ("batch", "seq", "mlp"), ctx)
+        return jnp.einsum("bti,id->btd", h, self.down_proj(dt))
+
+
+class Block(nnx.Module):
+    """One decoder layer (params stacked over `stack` layers)."""
+
+    def __init__(self, cfg: Qwen3MoeConfig, kind: str, *, dtype, kv_rep, stack, rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, stack=stack)
+        self.attn = Attention(cfg, dtype=dtype, kv_rep=kv_rep, stack=stack, rngs=rngs)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, stack=stack)
+        mlp_cls = MoE if kind == "moe" else DenseMLP
+        self.mlp = mlp_cls(cfg, dtype=dtype, stack=stack, rngs=rngs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per segment: k, v [L, slots, S, K, Q]. Logical axes ('layers', 'batch', 'cache_seq', 'kv_heads', 'head_dim')."""
+
+    k: list
+    v: list
+
+    AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+class Segment(nnx.Module):
+    """`count` consecutive layers of one kind, run as a lax.scan over stacked params."""
+
+    def __init__(self, cfg, kind, first, count, *, dtype, kv_rep, rngs):
+        self.kind, self.first, self.count = kind, first, count
+        self.block = Block(cfg, kind, dtype=dtype, kv_rep=kv_rep, stack=count, rngs=rngs)
+
+    def __call__(self, x_btd, cos, sin, positions_bt, ctx, cache_kv=None, slots_b=None):
+        graphdef, params = nnx.split(self.block)
+
+        def layer(carry, xs):
+            x, k_all, v_all = carry
+            layer_params, i = xs
+            blk = nnx.merge(graphdef, layer_params)
+            h = blk.input_norm(x)
+            q, k, v = blk.attn.project(h, cos, sin, ctx)
+            if k_all is None:
+                keys, values = k, v
+                mask = positions_bt[:, None, :] <= positions_bt[:, :, None]
+            else:
+                rows = jnp.arange(x.shape[0]) if slots_b is None else slots_b
+                k_all = k_all.at[i, rows[:, None], positions_bt].set(k.astype(k_all.dtype), mode="drop")
+                v_all = v_all.at[i, rows[:, None], positions_bt].set(v.astype(v_all.dtype), mode="drop")
+                keys, values = k_all[i], v_all[i]
+                if slots_b is not None:
+                    keys, values = keys[slots_b], values[slots_b]
+                s = keys.shape[1]
+                mask = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
+            x = x + blk.attn.attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
+            x = x + blk.mlp(blk.post_norm(x), ctx)
+            x = constrain(x, ("batch", "seq", "embed"), ctx)
+            return (x, k_all, v_all), None
+
+        k0, v0 = cache_kv if cache_kv is not None else (None, None)
+        (x, k_all, v_all), _ = jax.lax.scan(layer, (x_btd, k0, v0),
+                                            (params, jnp.arange(self.count)))
+        return x, (k_all, v_all)
+
+
+class Qwen3Moe(nnx.Module):
+    """The causal LM. `kv_rep` copies each KV head so tp > num_key_value_heads shards evenly."""
+
+    def __init__(self, cfg: Qwen3MoeConfig, *, dtype=jnp.bfloat16, kv_rep: int = 1,
+                 ctx: ShardingContext | None = None, rngs: nnx.Rngs):
+        self.cfg, self.ctx, self.kv_rep = cfg, ctx, kv_rep
+        self.dtype = jnp.dtype(dtype)
+        d, v = cfg.hidden_size, cfg.vocab_size
+        self.embed = Weight((v, d), ("vocab", "embed"), dtype=dtype, rngs=rngs)
+        self.segments = nnx.List([
+            Segment(cfg, kind, first, count, dtype=dtype, kv_rep=kv_rep, rngs=rngs)
+            for kind, first, count in cfg.layer_segments()])
+        self.final_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Weight((d, v), ("embed", "vocab"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, tokens_bt, positions_bt=None, cache: KVCache | None = None, slots_b=None,
+                 logits_at_b=None):
+        """tokens [B, T] int -> (logits [B, T, V] float32, updated cache).
+
+        positions [B, T] default to 0..T-1. With `cache`, each row's K/V are written at its
+        positions in cache slot `slots[b]` (default b) and attention reads that slot.
+        `logits_at` [B] picks one position per row: logits come back [B, 1, V].
+        """
+        b, t = tokens_bt.shape
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        ctx = self.ctx
+        x = self.embed(self.dtype)[tokens_bt]
+        x = constrain(x, ("batch", "seq", "embed"), ctx)
+        cos, sin = rope_tables(self.cfg, positions_bt, self.dtype)
+        new_k, new_v = [], []
+        for i, seg in enumerate(self.segments):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x, (k, v) = seg(x, cos, sin, positions_bt, ctx, kv, slots_b)
+            new_k.append(k)
+            new_v.append(v)
+        if logits_at_b is not None:
+            x = jnp.take_along_axis(x, logits_at_b[:, None, None].astype(jnp.int32), axis=1)
+        x = self.final_norm(x)
+        head = self.embed(self.dtype).T if self.cfg.tie_word_embeddings else self.lm_head(self.dtype)
+        logits = jnp.einsum("btd,dv->btv", x, head).astype(jnp.float32)
+        return logits, (KVCache(new_k, new_v) if cache is not None else None)
+
+
+def cache_shapes(cfg: Qwen3MoeConfig, num_slots: int, max_len: int, kv_rep: int = 1):
+    """[(k shape, v shape)] per segment: [L, slots, S, K, Q]."""
+    k = cfg.num_key_value_heads * kv_rep
+    return [((count, num_slots, max_len, k, cfg.head_dim),) * 2 for _, _, count in cfg.layer_segments()]
+
+
+def init_cache(cfg: Qwen3MoeConfig, num_slots: int, max_len: int, dtype, kv_rep: int = 1,
+               ctx: ShardingContext | None = None) -> KVCache:
+    """Zeroed KV cache, created already sharded (never whole on one device)."""
+    ks, vs = [], []
+    for k_shape, v_shape in cache_shapes(cfg, num_slots, max_len, kv_rep):
+        for shape, out in ((k_shape, ks), (v_shape, vs)):
+            if ctx is None:
+                out.append(jnp.zeros(shape, dtype))
+            else:
+                sh = ctx.sharding(KVCache.AXES, shape)
+                out.append(jax.jit(lambda s=shape: jnp.zeros(s, dtype), out_shardings=sh)())
+    return KVCache(ks, vs)
