@@ -1,0 +1,65 @@
+"""Tiny Hugging Face reference checkpoints, written with transformers' own save_pretrained."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+            num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, rms_norm_eps=1e-6,
+            max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2)
+
+
+def make_hf_checkpoint(directory: str, seed: int = 0, init_std: float = 0.08, **overrides) -> str:
+    """Save a random transformers Qwen3MoeForCausalLM (float32) of the TINY config + overrides.
+
+    A larger init std than the default 0.02 keeps logits spread out, so greedy ties are rare
+    and the test compares real structure rather than near-uniform noise.
+    """
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, init_std)
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    return directory
+
+
+def hf_model(directory: str, dtype="float32"):
+    import torch
+    from transformers import Qwen3MoeForCausalLM
+
+    model = Qwen3MoeForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype),
+                                                attn_implementation="eager")
+    return model.eval()
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def hf_greedy(model, tokens: np.ndarray, n: int) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor(tokens, dtype=torch.long), max_new_tokens=n, do_sample=False,
+                             min_new_tokens=n, pad_token_id=0)
+    return out[:, tokens.shape[1]:].numpy()
+
+
+def rel_err(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() / np.abs(b).max())
