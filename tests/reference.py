@@ -55,9 +55,12 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 def hf_greedy(model, tokens: np.ndarray, n: int) -> np.ndarray:
     import torch
 
+    # An explicit all-ones mask: without it generate() treats every pad_token_id in the prompt as
+    # padding. No EOS (instead of min_new_tokens, which bans the EOS token): exactly n argmax steps.
+    ids = torch.tensor(tokens, dtype=torch.long)
     with torch.no_grad():
-        out = model.generate(torch.tensor(tokens, dtype=torch.long), max_new_tokens=n, do_sample=False,
-                             min_new_tokens=n, pad_token_id=0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
     return out[:, tokens.shape[1]:].numpy()
 
 
