@@ -52,16 +52,26 @@ class Weight(nnx.Module):
     """
 
     def __init__(self, shape, axes, *, dtype, rngs, stack=None, fp8_block: int | None = None,
-                 block_axis: int = 0, init: str = "normal"):
+                 block_axis: int = 0, init: str = "normal", repeat: tuple[int, int] | None = None):
+        """`repeat=(axis, r)`: random init draws shape[axis] // r values and repeats each r times,
+        so KV-head replication (tp > kv heads) gives the same random model as one device."""
         self.block_axis = block_axis
         self.fp8_block = fp8_block
         full_shape, full_axes = _stacked(shape, axes, stack)
+
+        def draw(dt, std=0.02):
+            if repeat is None or repeat[1] == 1:
+                return _init(init, full_shape, dt, rngs, std)
+            axis = repeat[0] + (stack is not None)
+            base = list(full_shape)
+            base[axis] //= repeat[1]
+            return jnp.repeat(_init(init, tuple(base), dt, rngs, std), repeat[1], axis=axis)
+
         if fp8_block is None:
-            self.w = nnx.Param(_init(init, full_shape, dtype, rngs), logical_axes=full_axes)
+            self.w = nnx.Param(draw(dtype), logical_axes=full_axes)
             return
         # Random FP8 weights: values in the e4m3 range with a scale that gives std ~0.02.
-        self.w = nnx.Param(_init(init, full_shape, jnp.float32, rngs, std=1.0).astype(FP8_DTYPE),
-                           logical_axes=full_axes)
+        self.w = nnx.Param(draw(jnp.float32, std=1.0).astype(FP8_DTYPE), logical_axes=full_axes)
         scale_shape = list(shape)
         scale_shape[block_axis] = -(-shape[block_axis] // fp8_block)
         scale_axes = list(axes)
@@ -127,9 +137,9 @@ class Attention(nnx.Module):
         mk = dict(dtype=dtype, rngs=rngs, stack=stack)
         self.q_proj = Weight((d, h, q), ("embed", "heads", "head_dim"), block_axis=0,
                              fp8_block=_fp8_block(cfg, "self_attn.q_proj", True), **mk)
-        self.k_proj = Weight((d, k, q), ("embed", "kv_heads", "head_dim"), block_axis=0,
+        self.k_proj = Weight((d, k, q), ("embed", "kv_heads", "head_dim"), block_axis=0, repeat=(1, kv_rep),
                              fp8_block=_fp8_block(cfg, "self_attn.k_proj", True), **mk)
-        self.v_proj = Weight((d, k, q), ("embed", "kv_heads", "head_dim"), block_axis=0,
+        self.v_proj = Weight((d, k, q), ("embed", "kv_heads", "head_dim"), block_axis=0, repeat=(1, kv_rep),
                              fp8_block=_fp8_block(cfg, "self_attn.v_proj", True), **mk)
         self.o_proj = Weight((h, q, d), ("heads", "head_dim", "embed"), block_axis=2,
                              fp8_block=_fp8_block(cfg, "self_attn.o_proj", False), **mk)
