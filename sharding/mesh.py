@@ -2,7 +2,8 @@
 
 Semantics (as in SGLang and vLLM): the spec names N = dp x tp devices. Attention sees them as
 data(dp) x tensor(tp); MoE layers see the same N devices as expert(ep) x expert_tensor(N/ep).
-`tp=4,ep=8` is 8 devices, not 32: experts re-use the attention devices.
+`tp=4,ep=8` is 8 devices, not 32: experts re-use the attention devices. `dp` defaults to
+ep/tp when ep > tp, else 1; `ep` omitted is 1 (each expert split N ways over its intermediate).
 
 Both views are row-major over one device list, so one three-axis mesh serves both:
 
@@ -10,14 +11,23 @@ Both views are row-major over one device list, so one three-axis mesh serves bot
                data = outer; tensor = middle x inner; expert = outer x middle; expert_tensor = inner
     ep <  dp:  (outer, middle, inner) = (ep, dp/ep, tp)
                data = outer x middle; tensor = inner; expert = outer; expert_tensor = middle x inner
+
+That needs dp and ep to divide one another (data groups nest inside expert groups or the other
+way round). Device p of the list has data rank p // tp, tensor rank p % tp, expert rank
+p // (N/ep) and expert-tensor rank p % (N/ep).
+
+Every check here runs on sizes alone, before any device memory is touched, and every error
+names the numbers and suggests specs computed to be valid (`valid_specs`), not guessed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 MESH_AXES = ("outer", "middle", "inner")
+SPEC_KEYS = ("dp", "tp", "ep")
 
 
 class MeshSpecError(ValueError):
@@ -58,20 +68,29 @@ class MeshSpec:
                 "expert": ("outer",), "expert_tensor": ("middle", "inner")}
 
     def describe(self) -> str:
+        """One line, e.g. 'mesh: 8 devices | attention data=2 x tensor=4 | moe expert=8 x tensor=1'."""
         return (f"mesh: {self.num_devices} device{'s' if self.num_devices > 1 else ''} | attention "
                 f"data={self.dp} x tensor={self.tp} | moe expert={self.ep} x tensor={self.etp}")
 
     def __str__(self) -> str:
+        """The shortest spec string that parses back to this mesh (dp only when not the default)."""
         parts = []
-        if self.dp != 1 and not (self.ep > self.tp and self.dp == self.ep // self.tp):
+        if self.dp != _default_dp(self.tp, self.ep):
             parts.append(f"dp={self.dp}")
-        parts.append(f"tp={self.tp}")
+        if self.tp != 1:
+            parts.append(f"tp={self.tp}")
         if self.ep != 1:
             parts.append(f"ep={self.ep}")
-        return ",".join(parts)
+        return ",".join(parts) or "tp=1"
 
 
-_TERM = re.compile(r"^(dp|tp|ep)=(\d+)$")
+def _default_dp(tp: int, ep: int) -> int:
+    return ep // tp if ep > tp else 1
+
+
+_TERM = re.compile(r"^(dp|tp|ep)=(-?\d+)$")
+# Near misses we can repair in a suggestion: 'TP=4', 'tp4', 'tp:4', 'tp = 4'.
+_LOOSE_TERM = re.compile(r"^(dp|tp|ep)\s*[:=]?\s*(\d+)$", re.IGNORECASE)
 
 
 def parse_mesh_spec(spec: str | MeshSpec | None, num_devices: int | None = None) -> MeshSpec:
@@ -79,76 +98,202 @@ def parse_mesh_spec(spec: str | MeshSpec | None, num_devices: int | None = None)
 
     `num_devices`, when given, is how many devices the user wants the spec to span (for
     `tp=2` on 8 devices that means dp=4); otherwise the spec's own product is used.
+    Raises MeshSpecError for malformed terms, duplicate or zero sizes, and sizes that do not
+    fit together (ep must divide N = dp x tp; dp and ep must divide one another).
     """
     if isinstance(spec, MeshSpec):
         return spec
+    text = spec or ""
     sizes: dict[str, int] = {}
-    for term in (spec or "").replace(" ", "").split(","):
+    for raw in text.split(","):
+        term = raw.strip()
         if not term:
             continue
-        m = _TERM.match(term)
+        m = _TERM.match(term.replace(" ", ""))
         if not m:
-            raise MeshSpecError(f"cannot parse mesh term {term!r} in {spec!r}; write terms like "
-                                "'tp=4', 'ep=8', 'dp=2' separated by commas, e.g. --mesh tp=4,ep=8")
+            raise MeshSpecError(_malformed_term_message(term, text))
         key, value = m.group(1), int(m.group(2))
         if key in sizes:
-            raise MeshSpecError(f"{key} given twice in mesh spec {spec!r}")
+            raise MeshSpecError(
+                f"{key} is given twice in mesh spec {text!r} ({key}={sizes[key]} and {key}={value}); "
+                f"give each of dp, tp, ep at most once, e.g. --mesh {_replace_term(text, key, sizes[key])}")
         if value < 1:
-            raise MeshSpecError(f"{key}={value} in {spec!r} must be >= 1")
+            raise MeshSpecError(
+                f"{key}={value} in mesh spec {text!r}: sizes count devices and must be >= 1; "
+                f"leave {key} out for 1, e.g. --mesh {_replace_term(text, key, None) or 'tp=1'}")
         sizes[key] = value
     tp, ep = sizes.get("tp", 1), sizes.get("ep", 1)
     if "dp" in sizes:
         dp = sizes["dp"]
     elif num_devices is not None:
         if num_devices % tp:
-            raise MeshSpecError(f"{num_devices} devices cannot be split into tensor groups of tp={tp}; "
-                                f"use a tp that divides {num_devices}")
+            ok = [t for t in _divisors(num_devices)]
+            raise MeshSpecError(
+                f"{num_devices} devices cannot be split into tensor groups of tp={tp} "
+                f"({num_devices} % {tp} = {num_devices % tp}); use tp in {ok}, "
+                f"e.g. --mesh {_with(sizes, tp=_nearest(ok, tp))}")
         dp = num_devices // tp
     else:
-        dp = ep // tp if ep > tp else 1
+        dp = _default_dp(tp, ep)
+        if ep > tp and ep % tp:
+            lo, hi = tp * (ep // tp), tp * -(-ep // tp)
+            raise MeshSpecError(
+                f"ep={ep} is not a multiple of tp={tp}: with dp omitted the mesh has ep/tp = {ep}/{tp} "
+                f"data-parallel groups, which is not a whole number; use --mesh {_with(sizes, ep=lo)} "
+                f"({lo} devices) or --mesh {_with(sizes, ep=hi)} ({hi} devices), or give dp")
     n = dp * tp
-    if ep > tp and "dp" not in sizes and ep % tp:
-        raise MeshSpecError(f"ep={ep} is not a multiple of tp={tp}: with dp omitted the mesh has "
-                            f"ep/tp data-parallel groups; use ep={tp * max(1, ep // tp)} or give dp")
     if n % ep:
-        raise MeshSpecError(f"ep={ep} does not divide the {n} devices of {spec!r} (dp={dp} x tp={tp}); "
-                            f"experts are spread over all devices, so use ep in {_divisors(n)}")
+        ok = [e for e in _divisors(n) if e % dp == 0 or dp % e == 0]
+        raise MeshSpecError(
+            f"ep={ep} does not divide the {n} devices of {text!r} (dp={dp} x tp={tp}); the MoE spans "
+            f"all {n} devices as ep x (experts' intermediate split), so use ep in {ok}, "
+            f"e.g. --mesh {MeshSpec(dp, tp, _nearest(ok, ep))}")
     if ep % dp and dp % ep:
-        raise MeshSpecError(f"dp={dp} and ep={ep} must divide one another so attention's data groups "
-                            f"nest inside expert groups; try dp={ep if ep <= n and n % ep == 0 and ep % tp == 0 else 1}")
+        alternatives = [MeshSpec(dp, tp, e) for e in _divisors(n) if e % dp == 0 or dp % e == 0]
+        alternatives += [MeshSpec(n // t, t, ep) for t in _divisors(n) if ep % (n // t) == 0 or (n // t) % ep == 0]
+        best = _rank(alternatives, MeshSpec(dp, tp, ep))[:3]
+        raise MeshSpecError(
+            f"dp={dp} and ep={ep} must divide one another so attention's data groups nest inside the "
+            f"expert groups (or the other way round) on the {n} devices of {text!r}; "
+            f"{_try(best)}")
     return MeshSpec(dp=dp, tp=tp, ep=ep)
+
+
+def _malformed_term_message(term: str, text: str) -> str:
+    loose = _LOOSE_TERM.match(term)
+    if loose:
+        fixed = f"{loose.group(1).lower()}={loose.group(2)}"
+        hint = f"did you mean {fixed!r}? e.g. --mesh {text.replace(term, fixed).replace(' ', '')}"
+    else:
+        key = term.split("=", 1)[0].strip()
+        if "=" in term and key.lower() not in SPEC_KEYS:
+            hint = (f"{key!r} is not a mesh axis; the axes are dp (attention data parallel), tp (tensor "
+                    f"parallel) and ep (expert parallel), e.g. --mesh tp=4,ep=8")
+        else:
+            hint = "write terms like 'tp=4', 'ep=8', 'dp=2' separated by commas, e.g. --mesh tp=4,ep=8"
+    return f"cannot parse mesh term {term!r} in {text!r}; {hint}"
+
+
+def _replace_term(text: str, key: str, value: int | None) -> str:
+    """`text` with only the first `key` term kept, set to `value` (or dropped when None)."""
+    out, seen = [], False
+    for raw in text.split(","):
+        term = raw.strip().replace(" ", "")
+        if not term:
+            continue
+        if term.startswith(key + "="):
+            if seen:
+                continue
+            seen = True
+            if value is None:
+                continue
+            term = f"{key}={value}"
+        out.append(term)
+    return ",".join(out)
+
+
+def _with(sizes: dict[str, int], **override) -> str:
+    merged = {**sizes, **override}
+    return ",".join(f"{k}={merged[k]}" for k in SPEC_KEYS if merged.get(k, 1) != 1) or "tp=1"
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_against_config(mesh: MeshSpec, cfg) -> None:
-    """Refuse a mesh the model's sizes cannot be split over; every message names a way out."""
-    tp, ep, etp = mesh.tp, mesh.ep, mesh.etp
+def _nearest(options: list[int], want: int) -> int:
+    return min(options, key=lambda o: (abs(math.log2(o / want)), -o))
+
+
+# -- checks against a model config -------------------------------------------------------------
+
+def config_problem(mesh: MeshSpec, cfg) -> str | None:
+    """Why the model's sizes cannot be split over `mesh` (first reason, with the numbers), or None."""
+    tp, ep, etp, n = mesh.tp, mesh.ep, mesh.etp, mesh.num_devices
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     if heads % tp:
-        ok = [d for d in _divisors(heads) if d <= mesh.num_devices]
-        raise MeshSpecError(f"num_attention_heads={heads} is not divisible by tp={tp}; use tp in {ok}")
-    if tp <= kv and kv % tp:
-        raise MeshSpecError(f"num_key_value_heads={kv} is not divisible by tp={tp}; use a tp that divides "
-                            f"{kv} or a multiple of it")
-    if tp > kv and tp % kv:
-        raise MeshSpecError(f"tp={tp} exceeds num_key_value_heads={kv} but is not a multiple of it, so KV "
-                            f"heads cannot be replicated evenly; use tp in {[kv * i for i in (1, 2, 4, 8)]}")
+        return (f"num_attention_heads={heads} is not divisible by tp={tp} ({heads} % {tp} = {heads % tp}): "
+                f"each tensor rank must hold whole query heads")
+    if kv % tp and tp % kv:
+        if tp > kv:
+            return (f"tp={tp} exceeds num_key_value_heads={kv} but is not a multiple of it "
+                    f"({tp} % {kv} = {tp % kv}), so KV heads cannot be replicated evenly")
+        return (f"num_key_value_heads={kv} is not divisible by tp={tp} ({kv} % {tp} = {kv % tp}), "
+                f"so KV heads cannot be split evenly")
     moe = any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     if moe and cfg.num_experts % ep:
-        raise MeshSpecError(f"num_experts={cfg.num_experts} is not divisible by ep={ep}; use ep in "
-                            f"{[d for d in _divisors(cfg.num_experts) if d <= mesh.num_devices]}")
+        return (f"num_experts={cfg.num_experts} is not divisible by ep={ep} "
+                f"({cfg.num_experts} % {ep} = {cfg.num_experts % ep})")
     if moe and cfg.moe_intermediate_size % etp:
-        raise MeshSpecError(
-            f"moe_intermediate_size={cfg.moe_intermediate_size} is not divisible by its split {etp} "
-            f"(= {mesh.num_devices} devices / ep={ep}); raise ep so each expert is split fewer ways, "
-            f"e.g. ep={mesh.num_devices}")
+        f = cfg.moe_intermediate_size
+        return (f"moe_intermediate_size={f} is not divisible by its split {etp} "
+                f"(= {n} devices / ep={ep}; {f} % {etp} = {f % etp}): each expert's intermediate dim "
+                f"is split N/ep ways")
     dense = any(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     if dense and cfg.intermediate_size % tp:
-        raise MeshSpecError(f"intermediate_size={cfg.intermediate_size} (dense MLP layers) is not divisible "
-                            f"by tp={tp}; use a tp that divides it")
+        i = cfg.intermediate_size
+        return (f"intermediate_size={i} (dense MLP layers) is not divisible by tp={tp} "
+                f"({i} % {tp} = {i % tp})")
+    if cfg.vocab_size % tp:
+        v = cfg.vocab_size
+        return f"vocab_size={v} is not divisible by tp={tp} ({v} % {tp} = {v % tp}): embeddings split by vocab"
+    return None
+
+
+def check_against_config(mesh: MeshSpec, cfg) -> None:
+    """Refuse a mesh the model's sizes cannot be split over; the message suggests valid specs."""
+    problem = config_problem(mesh, cfg)
+    if problem:
+        best = suggest_specs(cfg, mesh, mesh.num_devices)
+        raise MeshSpecError(f"mesh {mesh} ({mesh.num_devices} devices) does not fit {_model_name(cfg)}: "
+                            f"{problem}; {_try(best, mesh.num_devices)}")
+
+
+def valid_specs(cfg, num_devices: int) -> list[MeshSpec]:
+    """Every spec of exactly `num_devices` devices that the model's sizes allow (cfg None: any)."""
+    n = num_devices
+    out = []
+    for tp in _divisors(n):
+        dp = n // tp
+        for ep in _divisors(n):
+            if ep % dp and dp % ep:
+                continue
+            spec = MeshSpec(dp, tp, ep)
+            if cfg is None or config_problem(spec, cfg) is None:
+                out.append(spec)
+    return out
+
+
+def suggest_specs(cfg, want: MeshSpec, max_devices: int, count: int = 3) -> list[MeshSpec]:
+    """Up to `count` valid specs on at most `max_devices` devices, closest to `want` first.
+
+    Prefers the most devices (all of them when possible), then the fewest changed sizes.
+    """
+    for n in range(max_devices, 0, -1):
+        found = valid_specs(cfg, n)
+        if found:
+            return _rank(found, want)[:count]
+    return []
+
+
+def _rank(specs: list[MeshSpec], want: MeshSpec) -> list[MeshSpec]:
+    def distance(s: MeshSpec):
+        changed = (s.tp != want.tp) + (s.ep != want.ep) + (s.dp != want.dp)
+        return (changed, abs(math.log2(s.tp / want.tp)) + abs(math.log2(s.ep / want.ep)), -s.ep, -s.tp)
+    unique = list(dict.fromkeys(specs))
+    return sorted(unique, key=distance)
+
+
+def _try(specs: list[MeshSpec], num_devices: int | None = None) -> str:
+    if not specs:
+        return "no split of this model fits on that many devices; use --mesh tp=1 (one device)"
+    where = f" on {specs[0].num_devices} devices" if num_devices and specs[0].num_devices != num_devices else ""
+    also = f" (also valid: {', '.join(str(s) for s in specs[1:])})" if len(specs) > 1 else ""
+    return f"try --mesh {specs[0]}{where}{also}"
+
+
+def _model_name(cfg) -> str:
+    return f"model {getattr(cfg, 'name', 'qwen3_moe')!r}"
 
 
 def kv_replication(mesh: MeshSpec, cfg) -> int:
@@ -157,8 +302,11 @@ def kv_replication(mesh: MeshSpec, cfg) -> int:
     return mesh.tp // kv if mesh.tp > kv else 1
 
 
-def make_mesh(mesh: MeshSpec, devices=None):
-    """The jax Mesh (Auto axis types) over the first N devices; too few devices is an error."""
+def make_mesh(mesh: MeshSpec, devices=None, cfg=None):
+    """The jax Mesh (Auto axis types) over the first N devices; too few devices is an error.
+
+    `cfg`, when given, makes the too-few-devices message suggest specs valid for that model.
+    """
     import jax
     import numpy as np
     from jax.sharding import Mesh
@@ -166,8 +314,10 @@ def make_mesh(mesh: MeshSpec, devices=None):
     devices = list(jax.devices() if devices is None else devices)
     n = mesh.num_devices
     if len(devices) < n:
-        raise MeshSpecError(f"mesh {mesh} needs {n} devices but only {len(devices)} are visible "
-                            f"({devices[0].platform}); use a smaller spec or more devices")
+        platform = devices[0].platform if devices else "none"
+        best = suggest_specs(cfg, mesh, len(devices)) if devices else []
+        raise MeshSpecError(f"mesh {mesh} needs {n} devices but only {len(devices)} are visible ({platform}); "
+                            f"{_try(best)} or run on more devices")
     grid = np.array(devices[:n], dtype=object).reshape(mesh.shape)
     try:
         from jax.sharding import AxisType
