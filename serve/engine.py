@@ -1,0 +1,522 @@
+"""The engine: continuous batching over a fixed set of KV-cache slots, one scheduler thread.
+
+    slots      a fixed number of request slots, each a row of the KV cache [L, slots, S, K, Q]
+               holding one request's context of up to S = context_length tokens
+    prefill    a new request takes a free slot; its prompt is written to that row in chunks of
+               at most `chunked_prefill_size` tokens, each padded to a length bucket (powers of
+               two from 32), so after warm-up no prompt length compiles anything new
+    decode     one jitted step over *all* slots (fixed shape: compiled once, cache donated),
+               with sampling inside the jit so only [slots] int32 ids come back to the host
+
+Between two decode steps the scheduler frees cancelled slots, admits queued requests into
+free slots and runs up to one chunk budget of prefill. Idle slots ride along in the decode
+step at position S, where their cache writes are dropped.
+
+Because every decode step has the same shape and rows never mix, a request's tokens do not
+depend on what else is running: 16 concurrent greedy requests give what each gives alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import random
+import threading
+import time
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .capacity import CacheSize, size_cache
+from .request import CompletionOutput, Request, RequestOutput
+from .sampling import SamplingParams, device_seed, sample
+from .tokenizer import DetokenizeStream, Tokenizer
+
+log = logging.getLogger("serve.engine")
+
+MIN_BUCKET = 32
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting for a slot than max_queued_requests allows."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine is shutting down (or died) and takes no new requests."""
+
+
+def prefill_buckets(context_length: int, chunk: int) -> list[int]:
+    """Padded prefill lengths: powers of two from 32 up to min(context_length, chunk), then that."""
+    top = min(context_length, chunk)
+    buckets, b = [], MIN_BUCKET
+    while b < top:
+        buckets.append(b)
+        b *= 2
+    buckets.append(top)
+    return buckets
+
+
+def _decode_step(graphdef, state, cache, tokens_b, positions_b, temperature_b, top_p_b, top_k_b, seed_b, step_b):
+    """tokens/positions [B] (one new token per slot) -> (sampled ids [B], cache)."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens_b[:, None], positions_b[:, None], cache)
+    return sample(logits[:, 0], temperature_b, top_p_b, top_k_b, seed_b, step_b), cache
+
+
+def _prefill_chunk(graphdef, state, cache, tokens_1t, positions_1t, slot_1, logits_at_1,
+                   temperature_1, top_p_1, top_k_1, seed_1, step_1):
+    """One prompt chunk [1, T] into cache row slot_1[0] -> (id sampled after logits_at [1], cache)."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens_1t, positions_1t, cache, slot_1, logits_at_1)
+    return sample(logits[:, 0], temperature_1, top_p_1, top_k_1, seed_1, step_1), cache
+
+
+class Engine:
+    """Continuous-batching generation on one model; usable offline (notebooks) and by the server.
+
+    `model`: None (the built-in model), a checkpoint directory, or a loaded `qwen3_jax.Model`
+    (then pass `tokenizer=` a checkpoint directory for text prompts).
+
+        engine = Engine(mesh="tp=2,ep=4", dtype="float32")
+        outs = engine.generate(["Hello", "Tell me a story"], SamplingParams(max_tokens=20, temperature=0))
+        for delta in engine.stream("Hello"): print(delta.text, end="")
+    """
+
+    def __init__(self, model=None, *, mesh=None, dtype="bfloat16", tokenizer=None,
+                 context_length: int | None = None, max_running_requests: int | None = None,
+                 mem_fraction_static: float = 0.85, kv_cache_tokens: int | None = None,
+                 max_queued_requests: int = 1024, chunked_prefill_size: int = 512,
+                 warmup: bool = True, progress: bool = True):
+        from qwen3_jax import api
+
+        path = None
+        if model is None:
+            from .builtin import builtin_checkpoint
+            model = path = builtin_checkpoint()
+        if isinstance(model, str):
+            path = model
+            model = api.load(path, mesh=mesh, dtype=dtype, progress=progress)
+        self.model, self.path = model, path
+        cfg = model.config
+        if isinstance(tokenizer, str):
+            tokenizer = Tokenizer(tokenizer)
+        elif tokenizer is None and path is not None:
+            tokenizer = Tokenizer(path)
+        self.tokenizer: Tokenizer | None = tokenizer
+        self.eos_ids = set(tokenizer.eos_token_ids if tokenizer else cfg.eos_token_ids)
+        gen = tokenizer.generation_config if tokenizer else {}
+        self.default_sampling = {k: gen[k] for k in ("temperature", "top_p", "top_k") if k in gen}
+
+        self.context_length = context_length or cfg.max_position_embeddings
+        if self.context_length > cfg.max_position_embeddings:
+            raise ValueError(f"context_length={self.context_length} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}; use --context-length {cfg.max_position_embeddings} "
+                             "or less")
+        devices = self._devices()
+        self.cache_size: CacheSize = size_cache(
+            cfg, model.mesh_spec, model.kv_rep, model.dtype, devices, context_length=self.context_length,
+            max_running_requests=max_running_requests, mem_fraction_static=mem_fraction_static,
+            kv_cache_tokens=kv_cache_tokens)
+        self.num_slots = self.cache_size.num_slots
+        self.chunk = max(1, min(chunked_prefill_size, self.context_length))
+        self.buckets = prefill_buckets(self.context_length, self.chunk)
+        self.max_queued_requests = max_queued_requests
+        self.cache = model.init_cache(self.num_slots, self.context_length)
+        if model.ctx is None:  # committed like the step outputs, so the first real step does not recompile
+            self.cache = jax.device_put(self.cache, devices[0])
+        self._build_steps()
+
+        n = self.num_slots
+        self._tok = np.zeros(n, np.int32)
+        self._pos = np.full(n, self.context_length, np.int32)  # position S: an idle slot, writes dropped
+        self._temp = np.zeros(n, np.float32)
+        self._top_p = np.ones(n, np.float32)
+        self._top_k = np.full(n, -1, np.int32)
+        self._seed = np.zeros(n, np.int32)
+        self._step = np.zeros(n, np.int32)
+        self._slots: list[Request | None] = [None] * n
+        self._pending: collections.deque[Request] = collections.deque()
+        self._prefilling: collections.deque[Request] = collections.deque()
+        self._cancels: list[Request] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self.error: BaseException | None = None
+        self.steps = 0
+        if warmup:
+            self.warmup(progress)
+        self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- compiled steps ----------------------------------------------------------------------
+    def _devices(self):
+        ctx = self.model.ctx
+        return list(ctx.mesh.devices.flat) if ctx is not None else [jax.devices()[0]]
+
+    def _build_steps(self):
+        g = self.model.graphdef
+        kw = {}
+        if self.model.ctx is not None:
+            replicated = jax.sharding.NamedSharding(self.model.ctx.mesh, jax.sharding.PartitionSpec())
+            # Pin the cache's output sharding to its input's, so donation reuses the same buffers.
+            kw["out_shardings"] = (replicated, jax.tree.map(lambda a: a.sharding, self.cache))
+        self._decode_jit = jax.jit(lambda *a: _decode_step(g, *a), donate_argnums=(1,), **kw)
+        self._prefill_jit = jax.jit(lambda *a: _prefill_chunk(g, *a), donate_argnums=(1,), **kw)
+
+    def warmup(self, progress: bool = True):
+        """Compile every prefill bucket and the decode step now, so no request waits for XLA."""
+        t0 = time.perf_counter()
+        bar = _bar(len(self.buckets) + 1, progress, "compiling")
+        s = self.context_length
+        one = lambda v, dt: np.full((1,), v, dt)  # noqa: E731
+        for t in self.buckets:
+            ids, self.cache = self._prefill_jit(
+                self.model.state, self.cache, np.zeros((1, t), np.int32), np.full((1, t), s, np.int32),
+                one(0, np.int32), one(0, np.int32), one(0, np.float32), one(1, np.float32), one(-1, np.int32),
+                one(0, np.int32), one(0, np.int32))
+            jax.block_until_ready(ids)
+            bar.update(1)
+            log.debug("compiled prefill bucket %d", t)
+        ids, self.cache = self._decode_jit(self.model.state, self.cache, self._tok, self._pos, self._temp,
+                                           self._top_p, self._top_k, self._seed, self._step)
+        jax.block_until_ready(ids)
+        bar.update(1)
+        bar.close()
+        log.info("compiled %d prefill buckets %s and the decode step (%d slots) in %.1fs",
+                 len(self.buckets), self.buckets, self.num_slots, time.perf_counter() - t0)
+
+    # -- submission (any thread) -------------------------------------------------------------
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer; pass token ids or Engine(tokenizer=checkpoint_dir)")
+            return self.tokenizer.encode(prompt)
+        ids = [int(i) for i in prompt]
+        vocab = self.model.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
+        return ids
+
+    def check_lengths(self, prompt_len: int, max_tokens: int | None) -> int:
+        """-> max_tokens (None: all the room left); ValueError naming both numbers if over the context."""
+        c = self.context_length
+        if prompt_len < 1:
+            raise ValueError("the prompt is empty; give at least one token")
+        if max_tokens is None:
+            if prompt_len >= c:
+                raise ValueError(f"the prompt has {prompt_len} tokens, which leaves no room to generate in the "
+                                 f"context length of {c} tokens; shorten the prompt")
+            return c - prompt_len
+        if prompt_len + max_tokens > c:
+            raise ValueError(f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) is "
+                             f"{prompt_len + max_tokens} tokens, over this server's context length of {c}; "
+                             f"lower max_tokens to {max(c - prompt_len, 0)} or shorten the prompt")
+        return max_tokens
+
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               on_output: Callable[[RequestOutput], None] | None = None, request_id: str | None = None,
+               block: bool = False) -> Request:
+        """Queue a request; `on_output` gets each RequestOutput on the scheduler thread.
+
+        Raises ValueError (bad prompt / params), QueueFull (unless `block`), EngineClosed.
+        """
+        ids = self.prompt_ids(prompt)
+        params = (params or SamplingParams()).validate().resolved(self.default_sampling)
+        max_tokens = self.check_lengths(len(ids), params.max_tokens)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        detok = DetokenizeStream(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
+        req = Request(ids, params, max_tokens, seed, stop_ids, detok, on_output or (lambda out: None), request_id)
+        with self._cv:
+            while True:
+                if self._stopping or self.error is not None:
+                    raise EngineClosed(self._closed_message())
+                if len(self._pending) < self.max_queued_requests:
+                    break
+                if not block:
+                    raise QueueFull(f"{len(self._pending)} requests are already waiting for one of "
+                                    f"{self.num_slots} slots (max_queued_requests={self.max_queued_requests}); "
+                                    "retry later")
+                self._cv.wait(0.05)
+            self._pending.append(req)
+            self._cv.notify_all()
+        return req
+
+    def cancel(self, req: Request):
+        """Drop a request: a queued one leaves the queue, a running one frees its slot before the next step."""
+        with self._cv:
+            if req.finished or req.cancelled.is_set():
+                return
+            req.cancelled.set()
+            if req in self._pending:
+                self._pending.remove(req)
+                self._emit(req, req.abort("cancelled"))
+            else:
+                self._cancels.append(req)
+            self._cv.notify_all()
+
+    @property
+    def num_running(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._pending)
+
+    def _closed_message(self) -> str:
+        if self.error is not None:
+            return f"the engine stopped after an error: {self.error!r}"
+        return "the engine is shutting down and takes no new requests"
+
+    # -- offline API -------------------------------------------------------------------------
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield RequestOutput deltas as they are generated; closing the iterator cancels the request."""
+        q: queue.Queue = queue.Queue()
+        req = self.submit(prompt, params, q.put, block=True)
+        try:
+            while True:
+                out = q.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not req.finished:
+                self.cancel(req)
+
+    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 ) -> list[CompletionOutput]:
+        """Generate for one prompt or a list (text or token ids), all batched together. -> one output each."""
+        if isinstance(prompts, str) or (len(prompts) and all(isinstance(t, (int, np.integer)) for t in prompts)):
+            prompts = [prompts]
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts; give one or one each")
+        done = threading.Event()
+        results: dict[str, list[RequestOutput]] = {}
+        remaining = [len(prompts)]
+        lock = threading.Lock()
+
+        def on_output(out: RequestOutput):
+            with lock:
+                results.setdefault(out.request_id, []).append(out)
+                if out.finished:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        done.set()
+
+        reqs = [self.submit(p, sp, on_output, block=True) for p, sp in zip(prompts, plist)]
+        try:
+            while not done.wait(0.1):
+                if self.error is not None or (self._stopping and not self._thread.is_alive()):
+                    break
+        finally:
+            for r in reqs:
+                if not r.finished:
+                    self.cancel(r)
+        return [_collect(r, results.get(r.id, [])) for r in reqs]
+
+    def chat(self, messages, params: SamplingParams | None = None, **template_kwargs) -> list[CompletionOutput]:
+        """Chat-template one conversation (a list of messages) or a list of them, then generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.chat_prompt_ids(c, **template_kwargs) for c in convs]
+        return self.generate(prompts, params)
+
+    def chat_prompt_ids(self, messages, tools=None, **template_kwargs) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer; Engine(tokenizer=checkpoint_dir)")
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **template_kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def submit_async(self, prompt, params: SamplingParams | None = None, request_id: str | None = None
+                     ) -> "AsyncStream":
+        """For asyncio callers (the HTTP server): submit now (errors raise here), iterate outputs later."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def put(out):
+            loop.call_soon_threadsafe(q.put_nowait, out)
+
+        return AsyncStream(self, self.submit(prompt, params, put, request_id), q)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def shutdown(self, reason: str = "the server is shutting down", timeout: float = 10.0):
+        """Stop taking requests, end every queued and running one with an error, stop the thread."""
+        with self._cv:
+            self._stopping = True
+            self._stop_reason = reason
+            self._cv.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # -- the scheduler thread ----------------------------------------------------------------
+    def _emit(self, req: Request, out: RequestOutput):
+        try:
+            req.on_output(out)
+        except Exception:  # a consumer gone away (closed event loop) must not stop the engine
+            log.debug("dropping output for %s", req.id, exc_info=True)
+
+    def _loop(self):
+        try:
+            while True:
+                with self._cv:
+                    while not (self._stopping or self._pending or self._cancels or self._prefilling
+                               or self.num_running):
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    cancels, self._cancels = self._cancels, []
+                    for r in cancels:
+                        self._free(r, "cancelled")
+                    while self._pending and None in self._slots:
+                        r = self._pending.popleft()
+                        r.slot = self._slots.index(None)
+                        self._slots[r.slot] = r
+                        self._prefilling.append(r)
+                self._run_prefills()
+                if any(r is not None and r.prefilled == r.prompt_len for r in self._slots):
+                    self._decode()
+        except BaseException as e:  # noqa: BLE001 - reported to every waiting request below
+            log.exception("engine step failed; ending all requests")
+            self.error = e
+        finally:
+            reason = self.error and f"engine error: {self.error!r}" or getattr(self, "_stop_reason", "stopped")
+            with self._cv:
+                self._stopping = True
+                waiting = list(self._pending) + [r for r in self._slots if r is not None]
+                self._pending.clear()
+                self._prefilling.clear()
+                self._slots = [None] * self.num_slots
+            for r in waiting:
+                if not r.finished:
+                    self._emit(r, r.abort(reason))
+
+    def _free(self, req: Request, reason: str | None = None):
+        """Give a request's slot back (idempotent). With `reason`, tell its consumer it was aborted."""
+        slot = req.slot
+        if slot is not None and self._slots[slot] is req:
+            self._slots[slot] = None
+            self._pos[slot], self._temp[slot] = self.context_length, 0.0
+            if req in self._prefilling:
+                self._prefilling.remove(req)
+        if reason and not req.finished:
+            self._emit(req, req.abort(reason))
+
+    def _set_row(self, req: Request):
+        s, p = req.slot, req.params
+        self._temp[s], self._top_p[s], self._top_k[s] = p.temperature, p.top_p, p.top_k
+        self._seed[s] = device_seed(req.seed)
+
+    def _run_prefills(self):
+        """Up to one chunk budget of prompt tokens (at least one chunk), oldest request first."""
+        budget = self.chunk
+        while self._prefilling and budget > 0:
+            req = self._prefilling[0]
+            if req.cancelled.is_set():
+                with self._cv:
+                    self._free(req, "cancelled")
+                continue
+            if req.prompt_len - req.prefilled <= self.chunk:  # its last chunk: leaves the prefill queue
+                self._prefilling.popleft()
+            budget -= self._prefill_one_chunk(req)
+
+    def _prefill_one_chunk(self, req: Request) -> int:
+        start = req.prefilled
+        n = min(self.chunk, req.prompt_len - start)
+        t = next(b for b in self.buckets if b >= n)
+        tokens = np.zeros((1, t), np.int32)
+        tokens[0, :n] = req.prompt_ids[start:start + n]
+        positions = np.full((1, t), self.context_length, np.int32)  # padding: writes dropped
+        positions[0, :n] = np.arange(start, start + n)
+        self._set_row(req)
+        s = req.slot
+        ids, self.cache = self._prefill_jit(
+            self.model.state, self.cache, tokens, positions, np.array([s], np.int32), np.array([n - 1], np.int32),
+            self._temp[s:s + 1], self._top_p[s:s + 1], self._top_k[s:s + 1], self._seed[s:s + 1],
+            np.zeros(1, np.int32))
+        req.prefilled = start + n
+        if req.prefilled == req.prompt_len:  # the last chunk's id is the first generated token
+            self._step[s] = 0
+            self._pos[s] = req.prompt_len
+            self._deliver(req, int(np.asarray(ids)[0]))
+        return t
+
+    def _decode(self):
+        ids, self.cache = self._decode_jit(self.model.state, self.cache, self._tok, self._pos, self._temp,
+                                           self._top_p, self._top_k, self._seed, self._step)
+        ids = np.asarray(ids)
+        self.steps += 1
+        for s, req in enumerate(self._slots):
+            if req is not None and req.prefilled == req.prompt_len and self._pos[s] < self.context_length:
+                self._pos[s] += 1
+                self._deliver(req, int(ids[s]))
+
+    def _deliver(self, req: Request, token: int):
+        """Hand one sampled id to its request; set up its next decode input or free the slot."""
+        s = req.slot
+        out = req.accept(token)
+        self._emit(req, out)
+        if out.finished:
+            with self._cv:
+                self._free(req)
+            return
+        self._tok[s] = token
+        self._step[s] += 1
+
+
+class AsyncStream:
+    """An async iterator over one request's outputs; `cancel()` (or leaving early) frees its slot."""
+
+    def __init__(self, engine: Engine, req: Request, q: asyncio.Queue):
+        self.engine, self.request, self._q = engine, req, q
+
+    def __aiter__(self):
+        return self._iter()
+
+    async def _iter(self):
+        try:
+            while True:
+                out = await self._q.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self.cancel()
+
+    def cancel(self):
+        if not self.request.finished:
+            self.engine.cancel(self.request)
+
+
+def _collect(req: Request, outs: list[RequestOutput]) -> CompletionOutput:
+    last = outs[-1] if outs else None
+    return CompletionOutput(
+        request_id=req.id, text="".join(o.text for o in outs), token_ids=[t for o in outs for t in o.token_ids],
+        finish_reason=last.finish_reason if last else "abort", prompt_tokens=req.prompt_len,
+        completion_tokens=len(req.output_ids), stop_reason=last.stop_reason if last else None,
+        error=last.error if last else "no output")
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="step", leave=False)

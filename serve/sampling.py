@@ -1,0 +1,104 @@
+"""Per-request sampling parameters and the on-device sampler that runs inside the jitted step.
+
+Each row of a batch carries its own temperature, top_p, top_k, seed and step; the sampler turns
+logits [B, V] into token ids [B] on the device, so only B int32s come back to the host per step.
+Randomness is a pure function of (seed, step): key = fold_in(key(seed), step). The same request
+therefore samples the same tokens whatever else is in the batch, and a seeded request is
+reproducible across runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How one request generates. temperature 0 is greedy; top_k <= 0 and top_p = 1 are off.
+
+    temperature / top_p / top_k left None take the checkpoint's generation_config.json values
+    (as vLLM and SGLang do), else 1.0 / 1.0 / off. `max_tokens` None means "up to the context
+    length"; `seed` None draws a fresh seed.
+    `stop` strings end generation and are not included in the text; `stop_token_ids` and the
+    checkpoint's EOS ids (unless `ignore_eos`) end it too.
+    """
+
+    max_tokens: int | None = 16
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = dataclasses.field(default_factory=list)
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def validate(self):
+        """Raise ValueError naming the field and the allowed range."""
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be a non-negative integer below 2**63, got {self.seed}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        return self
+
+    def resolved(self, defaults: dict) -> "SamplingParams":
+        """A copy with unset temperature/top_p/top_k taken from `defaults`, then 1.0 / 1.0 / -1."""
+        fallback = {"temperature": 1.0, "top_p": 1.0, "top_k": -1}
+        fill = {k: defaults.get(k, v) if getattr(self, k) is None else getattr(self, k) for k, v in fallback.items()}
+        return dataclasses.replace(self, stop=list(self.stop), stop_token_ids=list(self.stop_token_ids), **fill)
+
+
+def device_seed(seed: int) -> np.int32:
+    """Fold a 63-bit user seed into the int32 a PRNG key is built from (same seed, same key)."""
+    folded = (seed ^ (seed >> 31) ^ (seed >> 62)) & 0x7FFFFFFF
+    return np.int32(folded)
+
+
+def _sample_rows(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b):
+    """Temperature, top-k then top-p over sorted logits; one categorical draw per row."""
+    b, v = logits_bv.shape
+    t = jnp.where(temperature_b > 0, temperature_b, 1.0)
+    scaled = logits_bv / t[:, None]
+    order = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v))
+    neg_sorted, idx = jax.lax.sort((-scaled, order), dimension=1, num_keys=1)
+    sorted_logits = -neg_sorted  # descending
+    rank = jnp.arange(v, dtype=jnp.int32)[None, :]
+    k = jnp.where(top_k_b > 0, top_k_b, v)
+    masked = jnp.where(rank < k[:, None], sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(masked, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+    masked = jnp.where(before < top_p_b[:, None], masked, -jnp.inf)  # rank 0 always stays
+
+    def draw(seed, step, row):
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        return jax.random.categorical(key, row)
+
+    choice = jax.vmap(draw)(seed_b, step_b, masked)
+    return jnp.take_along_axis(idx, choice[:, None], axis=1)[:, 0]
+
+
+def sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b):
+    """logits float32 [B, V] + per-row params [B] -> token ids int32 [B].
+
+    Greedy rows (temperature 0) are the plain argmax. The sort for sampling runs only when some
+    row samples, so an all-greedy batch pays for one argmax.
+    """
+    greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        drawn = _sample_rows(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b)
+        return jnp.where(temperature_b > 0, drawn, greedy).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(temperature_b > 0), sampled, lambda: greedy)
