@@ -93,13 +93,15 @@ _TERM = re.compile(r"^(dp|tp|ep)=(-?\d+)$")
 _LOOSE_TERM = re.compile(r"^(dp|tp|ep)\s*[:=]?\s*(\d+)$", re.IGNORECASE)
 
 
-def parse_mesh_spec(spec: str | MeshSpec | None, num_devices: int | None = None) -> MeshSpec:
+def parse_mesh_spec(spec: str | MeshSpec | None, num_devices: int | None = None, cfg=None) -> MeshSpec:
     """'tp=4,ep=8' -> MeshSpec(dp=2, tp=4, ep=8). None or '' is one device.
 
     `num_devices`, when given, is how many devices the user wants the spec to span (for
     `tp=2` on 8 devices that means dp=4); otherwise the spec's own product is used.
     Raises MeshSpecError for malformed terms, duplicate or zero sizes, and sizes that do not
-    fit together (ep must divide N = dp x tp; dp and ep must divide one another).
+    fit together (ep must divide N = dp x tp; dp and ep must divide one another). With `cfg`
+    (a model config) the specs an error suggests are also valid for that model; the model's
+    own checks are check_against_config's.
     """
     if isinstance(spec, MeshSpec):
         return spec
@@ -111,66 +113,86 @@ def parse_mesh_spec(spec: str | MeshSpec | None, num_devices: int | None = None)
             continue
         m = _TERM.match(term.replace(" ", ""))
         if not m:
-            raise MeshSpecError(_malformed_term_message(term, text))
+            raise MeshSpecError(_malformed_term_message(term, text, cfg))
         key, value = m.group(1), int(m.group(2))
         if key in sizes:
             raise MeshSpecError(
                 f"{key} is given twice in mesh spec {text!r} ({key}={sizes[key]} and {key}={value}); "
-                f"give each of dp, tp, ep at most once, e.g. --mesh {_replace_term(text, key, sizes[key])}")
+                f"give each of dp, tp, ep at most once, "
+                f"{_repair(_replace_term(text, key, sizes[key]), cfg)}")
         if value < 1:
             raise MeshSpecError(
                 f"{key}={value} in mesh spec {text!r}: sizes count devices and must be >= 1; "
-                f"leave {key} out for 1, e.g. --mesh {_replace_term(text, key, None) or 'tp=1'}")
+                f"leave {key} out for 1, {_repair(_replace_term(text, key, None) or 'tp=1', cfg)}")
         sizes[key] = value
     tp, ep = sizes.get("tp", 1), sizes.get("ep", 1)
     if "dp" in sizes:
         dp = sizes["dp"]
     elif num_devices is not None:
         if num_devices % tp:
-            ok = [t for t in _divisors(num_devices)]
+            ok = _divisors(num_devices)
             raise MeshSpecError(
                 f"{num_devices} devices cannot be split into tensor groups of tp={tp} "
-                f"({num_devices} % {tp} = {num_devices % tp}); use tp in {ok}, "
-                f"e.g. --mesh {_with(sizes, tp=_nearest(ok, tp))}")
+                f"({num_devices} % {tp} = {num_devices % tp}); tp must be one of {ok}: "
+                + _try(_pick([], MeshSpec(max(1, num_devices // tp), tp, ep), cfg, num_devices), num_devices))
         dp = num_devices // tp
     else:
         dp = _default_dp(tp, ep)
         if ep > tp and ep % tp:
             lo, hi = tp * (ep // tp), tp * -(-ep // tp)
+            near = [MeshSpec(lo // tp, tp, lo), MeshSpec(hi // tp, tp, hi)]
             raise MeshSpecError(
                 f"ep={ep} is not a multiple of tp={tp}: with dp omitted the mesh has ep/tp = {ep}/{tp} "
-                f"data-parallel groups, which is not a whole number; use --mesh {_with(sizes, ep=lo)} "
-                f"({lo} devices) or --mesh {_with(sizes, ep=hi)} ({hi} devices), or give dp")
+                f"data-parallel groups, which is not a whole number; give dp or "
+                + _try(_pick(near, MeshSpec(max(1, ep // tp), tp, ep), cfg, hi)))
     n = dp * tp
+    want = MeshSpec(dp, tp, ep)
     if n % ep:
         ok = [e for e in _divisors(n) if e % dp == 0 or dp % e == 0]
         raise MeshSpecError(
             f"ep={ep} does not divide the {n} devices of {text!r} (dp={dp} x tp={tp}); the MoE spans "
-            f"all {n} devices as ep x (experts' intermediate split), so use ep in {ok}, "
-            f"e.g. --mesh {MeshSpec(dp, tp, _nearest(ok, ep))}")
+            f"all {n} devices as ep x (each expert's intermediate split), so ep must be one of {ok}: "
+            + _try(_pick([MeshSpec(dp, tp, e) for e in ok], want, cfg, n), n))
     if ep % dp and dp % ep:
-        alternatives = [MeshSpec(dp, tp, e) for e in _divisors(n) if e % dp == 0 or dp % e == 0]
-        alternatives += [MeshSpec(n // t, t, ep) for t in _divisors(n) if ep % (n // t) == 0 or (n // t) % ep == 0]
-        best = _rank(alternatives, MeshSpec(dp, tp, ep))[:3]
+        near = [MeshSpec(dp, tp, e) for e in _divisors(n) if e % dp == 0 or dp % e == 0]
+        near += [MeshSpec(n // t, t, ep) for t in _divisors(n) if ep % (n // t) == 0 or (n // t) % ep == 0]
         raise MeshSpecError(
-            f"dp={dp} and ep={ep} must divide one another so attention's data groups nest inside the "
-            f"expert groups (or the other way round) on the {n} devices of {text!r}; "
-            f"{_try(best)}")
-    return MeshSpec(dp=dp, tp=tp, ep=ep)
+            f"dp={dp} and ep={ep} must divide one another (neither {dp} % {ep} nor {ep} % {dp} is 0), so "
+            f"attention's data groups nest inside the expert groups or the other way round, on the "
+            f"{n} devices of {text!r}; " + _try(_pick(near, want, cfg, n), n))
+    return want
 
 
-def _malformed_term_message(term: str, text: str) -> str:
+def _pick(candidates: list[MeshSpec], want: MeshSpec, cfg, max_devices: int) -> list[MeshSpec]:
+    """The best 3 of `candidates` the model allows, or, if none, of every valid spec that fits."""
+    ok = [c for c in candidates if cfg is None or config_problem(c, cfg) is None]
+    return _rank(ok, want)[:3] if ok else suggest_specs(cfg, want, max_devices)
+
+
+def _repair(fixed: str, cfg) -> str:
+    """'e.g. --mesh <fixed>' when the repaired spec is valid (for the model too), else a valid one."""
+    try:
+        spec = parse_mesh_spec(fixed, cfg=cfg)
+    except MeshSpecError:
+        return "e.g. --mesh tp=1"
+    if cfg is None or config_problem(spec, cfg) is None:
+        return f"e.g. --mesh {fixed}"
+    best = suggest_specs(cfg, spec, spec.num_devices)
+    return f"e.g. --mesh {best[0]}" if best else "e.g. --mesh tp=1"
+
+
+def _malformed_term_message(term: str, text: str, cfg) -> str:
     loose = _LOOSE_TERM.match(term)
     if loose:
         fixed = f"{loose.group(1).lower()}={loose.group(2)}"
-        hint = f"did you mean {fixed!r}? e.g. --mesh {text.replace(term, fixed).replace(' ', '')}"
+        hint = f"did you mean {fixed!r}? {_repair(text.replace(term, fixed).replace(' ', ''), cfg)}"
     else:
         key = term.split("=", 1)[0].strip()
         if "=" in term and key.lower() not in SPEC_KEYS:
             hint = (f"{key!r} is not a mesh axis; the axes are dp (attention data parallel), tp (tensor "
-                    f"parallel) and ep (expert parallel), e.g. --mesh tp=4,ep=8")
+                    f"parallel) and ep (expert parallel), {_repair('tp=4,ep=8', cfg)}")
         else:
-            hint = "write terms like 'tp=4', 'ep=8', 'dp=2' separated by commas, e.g. --mesh tp=4,ep=8"
+            hint = f"write terms like 'tp=4', 'ep=8', 'dp=2' separated by commas, {_repair('tp=4,ep=8', cfg)}"
     return f"cannot parse mesh term {term!r} in {text!r}; {hint}"
 
 
@@ -192,17 +214,8 @@ def _replace_term(text: str, key: str, value: int | None) -> str:
     return ",".join(out)
 
 
-def _with(sizes: dict[str, int], **override) -> str:
-    merged = {**sizes, **override}
-    return ",".join(f"{k}={merged[k]}" for k in SPEC_KEYS if merged.get(k, 1) != 1) or "tp=1"
-
-
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _nearest(options: list[int], want: int) -> int:
-    return min(options, key=lambda o: (abs(math.log2(o / want)), -o))
 
 
 # -- checks against a model config -------------------------------------------------------------
@@ -285,11 +298,16 @@ def _rank(specs: list[MeshSpec], want: MeshSpec) -> list[MeshSpec]:
 
 
 def _try(specs: list[MeshSpec], num_devices: int | None = None) -> str:
+    """'try --mesh A (also valid: --mesh B, --mesh C)', with device counts where they differ from N."""
     if not specs:
         return "no split of this model fits on that many devices; use --mesh tp=1 (one device)"
-    where = f" on {specs[0].num_devices} devices" if num_devices and specs[0].num_devices != num_devices else ""
-    also = f" (also valid: {', '.join(str(s) for s in specs[1:])})" if len(specs) > 1 else ""
-    return f"try --mesh {specs[0]}{where}{also}"
+
+    def one(s: MeshSpec) -> str:
+        n = s.num_devices
+        return f"--mesh {s}" + ("" if n == num_devices else f" ({n} device{'s' if n > 1 else ''})")
+
+    also = f" (also valid: {', '.join(one(s) for s in specs[1:])})" if len(specs) > 1 else ""
+    return f"try {one(specs[0])}{also}"
 
 
 def _model_name(cfg) -> str:
