@@ -170,6 +170,9 @@ def load(path: str, *, mesh=None, dtype="bfloat16", devices=None, progress: bool
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a checkpoint directory (config.json + *.safetensors)")
+    from .orbax_io import is_orbax_checkpoint, load_orbax  # local: orbax_io uses this module too
+    if is_orbax_checkpoint(path):  # written by python -m qwen3_jax.convert: restore into this mesh
+        return load_orbax(path, mesh=mesh, dtype=dtype, devices=devices)
     cfg = Qwen3MoeConfig.from_json(path)
     dtype = resolve_dtype(dtype)
     spec, ctx, kv_rep = build_context(cfg, mesh, devices)
