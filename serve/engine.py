@@ -147,6 +147,7 @@ class Engine:
         self._stopping = False
         self.error: BaseException | None = None
         self.steps = 0
+        self.finish_hooks: list[Callable[[Request], None]] = []  # called on the scheduler thread
         if warmup:
             self.warmup(progress)
         self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
@@ -365,6 +366,12 @@ class Engine:
             req.on_output(out)
         except Exception:  # a consumer gone away (closed event loop) must not stop the engine
             log.debug("dropping output for %s", req.id, exc_info=True)
+        if out.finished:
+            for hook in self.finish_hooks:
+                try:
+                    hook(req)
+                except Exception:
+                    log.exception("finish hook failed for %s", req.id)
 
     def _loop(self):
         try:

@@ -1,0 +1,210 @@
+"""`python -m serve`: load a checkpoint (or the built-in model), size the KV cache, compile, serve.
+
+Order matters: arguments are parsed and the mesh spec checked before JAX initializes, so that
+on a CPU-only machine as many CPU devices exist as the mesh needs (`--mesh tp=4,ep=8` works on
+a laptop), and `--dry-run` never touches a device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import time
+
+log = logging.getLogger("serve")
+
+BUILTIN_NAME = "qwen3-jax-builtin"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m serve",
+        description="OpenAI-compatible server for Qwen3-MoE checkpoints in JAX. With no --model it serves "
+                    "a small built-in model (random weights, no download).")
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="Hugging Face checkpoint directory (bf16 or block-FP8 safetensors); default: the built-in model")
+    p.add_argument("--mesh", metavar="SPEC", default="",
+                   help="device mesh, e.g. 'tp=4,ep=8' (8 devices: attention tp=4 x dp=2, experts over 8); default: one device")
+    p.add_argument("--host", metavar="HOST", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", metavar="PORT", type=int, default=30000, help="port to listen on")
+    p.add_argument("--mem-fraction-static", metavar="F", type=float, default=0.85,
+                   help="fraction of each device's memory for weights + KV cache (the rest is workspace)")
+    p.add_argument("--max-running-requests", metavar="N", type=int, default=None,
+                   help="most requests decoding at once (KV-cache slots); default: as many as memory allows, at most 64 (16 on CPU)")
+    p.add_argument("--max-queued-requests", metavar="N", type=int, default=1024,
+                   help="most requests waiting for a slot; more are refused with HTTP 503")
+    p.add_argument("--context-length", metavar="TOKENS", type=int, default=None,
+                   help="longest prompt + completion per request, in tokens; default: the model's max_position_embeddings")
+    p.add_argument("--chunked-prefill-size", metavar="TOKENS", type=int, default=512,
+                   help="longest prompt piece prefilled in one step (longer prompts go in chunks); bounds compiles and memory")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="compute dtype of weights and KV cache (FP8 checkpoints keep FP8 weights)")
+    p.add_argument("--served-model-name", metavar="NAME", default=None,
+                   help="model name clients send and /v1/models lists; default: the --model path as given")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("QWEN3_JAX_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $QWEN3_JAX_API_KEY, else open)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="logging verbosity")
+    try:
+        from . import dry_run
+    except ImportError:
+        dry_run = None
+    if dry_run is not None:
+        dry_run.add_arguments(p)
+    return p
+
+
+def prepare_devices(mesh: str) -> int:
+    """Before JAX initializes: make the CPU platform expose as many devices as the mesh needs.
+
+    Harmless on GPU machines (only the host platform is affected). -> devices the mesh needs.
+    """
+    from sharding.mesh import parse_mesh_spec
+
+    n = parse_mesh_spec(mesh).num_devices
+    if n > 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+        import jax
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except Exception:  # JAX without the option: XLA_FLAGS does it
+            pass
+    return n
+
+
+def check_port(host: str, port: int):
+    """Fail before minutes of loading and compiling if the port is taken."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise SystemExit(f"error: cannot listen on {host}:{port} ({e.strerror}); pass another --port")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def _memory_plan(args, cfg, spec):
+    """The memory planner's verdict when sharding/memory.py is present, else None."""
+    try:
+        from sharding.memory import plan_memory
+    except ImportError:
+        return None
+    import jax
+
+    dev = jax.devices()[0]
+    stats = None
+    try:
+        stats = dev.memory_stats()
+    except Exception:
+        pass
+    if not stats or "bytes_limit" not in stats:
+        return None  # CPU: no device memory figure to plan against
+    return plan_memory(cfg, spec, device_memory_bytes=int(stats["bytes_limit"]),
+                       mem_fraction_static=args.mem_fraction_static,
+                       context_length=args.context_length or cfg.max_position_embeddings,
+                       max_running_requests=args.max_running_requests, dtype=args.dtype)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU backend" on every start
+    if getattr(args, "dry_run", False):
+        from . import dry_run
+        return dry_run.run(args)
+    from sharding.mesh import MeshSpecError
+
+    try:
+        prepare_devices(args.mesh)
+    except MeshSpecError as e:
+        print(f"error: --mesh {args.mesh!r}: {e}", file=sys.stderr)
+        return 2
+    check_port(args.host, args.port)
+    try:
+        return _serve(args)
+    except KeyboardInterrupt:
+        log.info("interrupted before the server started")
+        return 130
+
+
+def _serve(args) -> int:
+    from qwen3_jax.config import Qwen3MoeConfig
+    from sharding.mesh import check_against_config, parse_mesh_spec
+
+    from .builtin import builtin_checkpoint
+    from .capacity import CapacityError
+    from .engine import Engine
+
+    path = args.model or builtin_checkpoint()
+    name = args.served_model_name or (args.model.rstrip("/") if args.model else BUILTIN_NAME)
+    cfg = Qwen3MoeConfig.from_json(path)
+    spec = parse_mesh_spec(args.mesh)
+    check_against_config(spec, cfg)
+    log.info("model %s (%s%s) from %s", name, cfg.name, ", FP8 weights" if cfg.fp8 else "", path)
+    log.info(spec.describe())
+    kv_tokens = None
+    plan = _memory_plan(args, cfg, spec)
+    if plan is not None:
+        if not plan.fits:
+            print(plan.format(), file=sys.stderr)
+            log.error("the model does not fit this mesh at --mem-fraction-static %s; see the plan above",
+                      args.mem_fraction_static)
+            return 3
+        kv_tokens = plan.kv_cache_tokens
+        log.info("memory plan:\n%s", plan.format())
+    t0 = time.perf_counter()
+    try:
+        engine = Engine(path, mesh=spec, dtype=args.dtype, context_length=args.context_length,
+                        max_running_requests=args.max_running_requests,
+                        mem_fraction_static=args.mem_fraction_static, kv_cache_tokens=kv_tokens,
+                        max_queued_requests=args.max_queued_requests,
+                        chunked_prefill_size=args.chunked_prefill_size)
+    except (CapacityError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    weights = engine.model.param_bytes_per_device()
+    log.info("weights: %s per device (%d devices, %s)", _gib(max(weights.values())), len(weights), engine.model.dtype)
+    log.info(engine.cache_size.describe())
+    log.info("ready in %.1fs", time.perf_counter() - t0)
+    return run_server(engine, name, args)
+
+
+def run_server(engine, name: str, args) -> int:
+    import uvicorn
+
+    from .openai_api import create_app
+
+    app = create_app(engine, name, api_key=args.api_key)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # First end every request (streams get an error event, waiting calls a 503), so the
+            # graceful shutdown that follows has no open stream to wait for.
+            if not engine._stopping:
+                log.info("shutting down: ending %d running and %d queued requests",
+                         engine.num_running, engine.num_queued)
+            engine.shutdown(timeout=0)
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals after its shutdown, which would kill the process
+            # (SIGTERM) or raise KeyboardInterrupt (SIGINT) after a clean stop; we exit normally.
+            self._captured_signals.clear()
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    log.info("serving %s at http://%s:%d/v1 (OpenAI API; also /health and /metrics)%s", name, host, args.port,
+             "; API key required" if args.api_key else "")
+    server = Server(config)
+    server.run()
+    engine.shutdown(timeout=10)
+    log.info("stopped")
+    return 0

@@ -1,0 +1,360 @@
+"""The OpenAI-compatible HTTP API over an Engine (FastAPI).
+
+    POST /v1/completions         text or token-id prompts; stream: true sends server-sent events
+    POST /v1/chat/completions    messages through the checkpoint's chat template
+    GET  /v1/models              the served model
+    GET  /health                 200 while the engine runs, 503 once it stops
+    GET  /metrics                Prometheus text
+
+A streamed response ends with `data: [DONE]`; with stream_options.include_usage a last chunk
+carries usage and no choices. A client that goes away (mid-stream or while waiting for a
+non-streamed answer) has its requests cancelled, which frees their slots before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Engine, EngineClosed, QueueFull
+from .metrics import Metrics
+from .protocol import ApiError, GenerationRequest, bad, chat_request, completion_request, parse_json, usage
+from .request import RequestOutput
+from .tokenizer import TemplateError
+
+log = logging.getLogger("serve.http")
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+class Fanout:
+    """The engine requests behind one HTTP call (prompts x n), their outputs merged in one queue."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.requests = []
+        self.open = 0
+
+    def submit(self, index: int, prompt_ids: list[int], params):
+        loop = asyncio.get_running_loop()
+
+        def put(out: RequestOutput, index=index):
+            loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+
+        self.requests.append(self.engine.submit(prompt_ids, params, put))
+        self.open += 1
+
+    async def outputs(self):
+        """(choice index, RequestOutput) until every request has finished."""
+        while self.open:
+            index, out = await self.queue.get()
+            if out.finished:
+                self.open -= 1
+            yield index, out
+
+    def cancel(self):
+        for r in self.requests:
+            if not r.finished:
+                self.engine.cancel(r)
+
+
+class CancellableStream(StreamingResponse):
+    """SSE response that cancels its engine requests when the client disconnects or the send fails.
+
+    It watches `receive` for http.disconnect itself, so a client that leaves while its request is
+    still queued (nothing being sent) is noticed at once too.
+    """
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        async def watch():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    self.on_close()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await self.stream_response(send)
+        except OSError:  # the client is gone; its requests are cancelled below
+            pass
+        finally:
+            watcher.cancel()
+            self.on_close()
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(engine: Engine, served_model_name: str, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="qwen3-jax", description="OpenAI-compatible server for Qwen3-MoE in JAX")
+    metrics = Metrics(engine, served_model_name)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, err: ApiError):
+        return error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        kind = "not_found" if exc.status_code == 404 else None
+        return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                       "invalid_request_error", None, kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        return error_response(bad(str(exc)))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return error_response(ApiError(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error"))
+
+    def check_auth(request: Request):
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            raise ApiError(401, "missing API key: send it as the header 'Authorization: Bearer <key>'",
+                           "invalid_request_error", None, "invalid_api_key")
+        if not hmac.compare_digest(header[7:].strip().encode(), api_key.encode()):
+            raise ApiError(401, "incorrect API key provided", "invalid_request_error", None, "invalid_api_key")
+
+    def check_model(body: dict):
+        name = body.get("model")
+        if name is not None and name != served_model_name:
+            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{served_model_name}'",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def submit_all(g: GenerationRequest, prompt_ids: list[list[int]]) -> Fanout:
+        """Check every prompt's length first, then submit prompts x n; a refusal cancels what was sent."""
+        for ids in prompt_ids:
+            try:
+                engine.check_lengths(len(ids), g.params.max_tokens)
+            except ValueError as e:
+                raise bad(str(e), param="max_tokens" if ids else "prompt", code="context_length_exceeded")
+        fan = Fanout(engine)
+        try:
+            for p, ids in enumerate(prompt_ids):
+                for j in range(g.n):
+                    params = g.params
+                    if g.n > 1 and params.seed is not None:  # n choices from one seed must still differ
+                        params = _with_seed(params, params.seed + j)
+                    fan.submit(p * g.n + j, ids, params)
+        except QueueFull as e:
+            fan.cancel()
+            raise ApiError(503, str(e), "server_error", None, "queue_full")
+        except EngineClosed as e:
+            fan.cancel()
+            raise ApiError(503, str(e), "server_error", None, "shutting_down")
+        except ValueError as e:
+            fan.cancel()
+            raise bad(str(e))
+        return fan
+
+    async def collect(request: Request, fan: Fanout) -> dict[int, dict]:
+        """Wait for every choice, cancelling everything if the client disconnects meanwhile."""
+        results: dict[int, dict] = {}
+
+        async def run():
+            async for i, out in fan.outputs():
+                r = results.setdefault(i, {"text": "", "ids": []})
+                r["text"] += out.text
+                r["ids"] += out.token_ids
+                if out.finished:
+                    r.update(finish_reason=out.finish_reason, stop_reason=out.stop_reason, error=out.error,
+                             prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens)
+
+        task = asyncio.create_task(run())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.25)
+                if not task.done() and await request.is_disconnected():
+                    fan.cancel()
+                    await task
+                    return {}
+            task.result()
+        finally:
+            fan.cancel()
+        errors = [r["error"] for r in results.values() if r.get("finish_reason") == "abort"]
+        if errors:
+            raise ApiError(503, f"the request was aborted: {errors[0]}", "server_error", None, "aborted")
+        return results
+
+    def count(endpoint: str, status: int):
+        metrics.requests.labels(endpoint, str(status)).inc()
+
+    # -- endpoints ---------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if engine.error is not None or engine._stopping:
+            return JSONResponse({"status": "unavailable", "reason": engine._closed_message()}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        return {"object": "list", "data": [{
+            "id": served_model_name, "object": "model", "created": int(app.state.started), "owned_by": "qwen3-jax",
+            "root": engine.path or served_model_name, "max_model_len": engine.context_length}]}
+
+    app.state.started = time.time()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            check_auth(request)
+            body = parse_json(await request.body())
+            check_model(body)
+            g = completion_request(body)
+            prompt_ids = [_encode(engine, p) for p in g.prompts]
+            fan = submit_all(g, prompt_ids)
+        except ApiError as e:
+            count("completions", e.status)
+            raise
+        count("completions", 200)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = {i: (_prompt_text(engine, g.prompts[i // g.n]) if g.echo else "") for i in range(len(prompt_ids) * g.n)}
+        if g.stream:
+            return CancellableStream(_completion_events(fan, g, rid, created, served_model_name, echo), fan.cancel)
+        results = await collect(request, fan)
+        choices = [{"index": i, "text": echo[i] + r["text"], "logprobs": None, "finish_reason": r["finish_reason"],
+                    "stop_reason": r["stop_reason"]} for i, r in sorted(results.items())]
+        return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
+                "choices": choices, "usage": _usage(results, g.n)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            check_auth(request)
+            body = parse_json(await request.body())
+            check_model(body)
+            g, messages, kwargs = chat_request(body)
+            try:
+                ids = engine.chat_prompt_ids(messages, **kwargs)
+            except (TemplateError, ValueError) as e:
+                raise bad(str(e), param="messages")
+            fan = submit_all(g, [ids])
+        except ApiError as e:
+            count("chat_completions", e.status)
+            raise
+        count("chat_completions", 200)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if g.stream:
+            return CancellableStream(_chat_events(fan, g, rid, created, served_model_name), fan.cancel)
+        results = await collect(request, fan)
+        choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
+                    "finish_reason": r["finish_reason"], "stop_reason": r["stop_reason"]}
+                   for i, r in sorted(results.items())]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name,
+                "choices": choices, "usage": _usage(results, g.n)}
+
+    return app
+
+
+def _with_seed(params, seed):
+    import dataclasses
+    return dataclasses.replace(params, seed=seed)
+
+
+def _encode(engine: Engine, prompt) -> list[int]:
+    try:
+        return engine.prompt_ids(prompt)
+    except ValueError as e:
+        raise bad(str(e), param="prompt")
+
+
+def _prompt_text(engine: Engine, prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return engine.tokenizer.decode(prompt, skip_special_tokens=False) if engine.tokenizer else ""
+
+
+def _usage(results: dict[int, dict], n: int) -> dict:
+    """Prompt tokens count once per prompt (not per choice), completion tokens for every choice."""
+    prompt = sum(r.get("prompt_tokens", 0) for i, r in results.items() if i % n == 0)
+    return usage(prompt, sum(r.get("completion_tokens", 0) for r in results.values()))
+
+
+def _error_event(out: RequestOutput) -> str:
+    return sse(ApiError(503, f"the request was aborted: {out.error}", "server_error", None, "aborted").body())
+
+
+async def _completion_events(fan: Fanout, g: GenerationRequest, rid, created, model, echo):
+    base = {"id": rid, "object": "text_completion", "created": created, "model": model}
+    totals: dict[int, tuple[int, int]] = {}
+    extra = {"usage": None} if g.include_usage else {}
+    try:
+        for i, text in echo.items():
+            if text:
+                yield sse({**base, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}],
+                           **extra})
+        async for i, out in fan.outputs():
+            if out.finish_reason == "abort":
+                yield _error_event(out)
+                break
+            if out.text or out.finished:
+                choice = {"index": i, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+                if out.finished:
+                    choice["stop_reason"] = out.stop_reason
+                    totals[i] = (out.prompt_tokens, out.completion_tokens)
+                yield sse({**base, "choices": [choice], **extra})
+        if g.include_usage:
+            results = {i: {"prompt_tokens": p, "completion_tokens": c} for i, (p, c) in totals.items()}
+            yield sse({**base, "choices": [], "usage": _usage(results, g.n)})
+        yield "data: [DONE]\n\n"
+    finally:
+        fan.cancel()
+
+
+async def _chat_events(fan: Fanout, g: GenerationRequest, rid, created, model):
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    extra = {"usage": None} if g.include_usage else {}
+    totals: dict[int, tuple[int, int]] = {}
+
+    def chunk(i, delta, finish=None, stop_reason=None):
+        choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        if finish:
+            choice["stop_reason"] = stop_reason
+        return sse({**base, "choices": [choice], **extra})
+
+    try:
+        for i in range(g.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for i, out in fan.outputs():
+            if out.finish_reason == "abort":
+                yield _error_event(out)
+                break
+            if out.text:
+                yield chunk(i, {"content": out.text})
+            if out.finished:
+                totals[i] = (out.prompt_tokens, out.completion_tokens)
+                yield chunk(i, {}, out.finish_reason, out.stop_reason)
+        if g.include_usage:
+            results = {i: {"prompt_tokens": p, "completion_tokens": c} for i, (p, c) in totals.items()}
+            yield sse({**base, "choices": [], "usage": _usage(results, g.n)})
+        yield "data: [DONE]\n\n"
+    finally:
+        fan.cancel()

@@ -1,0 +1,206 @@
+"""OpenAI request bodies -> validated engine inputs, and OpenAI's error envelope.
+
+Every refusal is an ApiError rendered as {"error": {"message", "type", "param", "code"}} with
+the HTTP status OpenAI uses: 400 for a bad body, 401 bad key, 404 unknown model, 503 busy.
+Fields this server does not implement are refused by name rather than silently ignored when
+ignoring them would change the answer (logprobs, penalties, n > 1 with best_of, suffix).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from .sampling import SamplingParams
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param, code)
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"the request body is not valid JSON ({e}); send a JSON object", code="invalid_json")
+    if not isinstance(body, dict):
+        raise bad(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+# -- field types -----------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int_list(v) -> bool:
+    return isinstance(v, list) and all(_is_int(i) for i in v)
+
+
+KINDS = {
+    "string": lambda v: isinstance(v, str),
+    "integer": _is_int,
+    "number": _is_num,
+    "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string or array of strings": lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
+    "array of integers": _is_int_list,
+}
+
+COMMON_FIELDS = {
+    "model": "string", "max_tokens": "integer", "temperature": "number", "top_p": "number", "top_k": "integer",
+    "n": "integer", "stream": "boolean", "stream_options": "object", "stop": "string or array of strings",
+    "seed": "integer", "stop_token_ids": "array of integers", "ignore_eos": "boolean", "user": "string",
+    "presence_penalty": "number", "frequency_penalty": "number", "skip_special_tokens": "boolean",
+}
+COMPLETION_FIELDS = {**COMMON_FIELDS, "echo": "boolean", "logprobs": "integer", "best_of": "integer",
+                     "suffix": "string"}
+CHAT_FIELDS = {**COMMON_FIELDS, "messages": "array", "max_completion_tokens": "integer", "tools": "array",
+               "chat_template_kwargs": "object", "logprobs": "boolean", "top_logprobs": "integer",
+               "response_format": "object", "reasoning_effort": "string", "parallel_tool_calls": "boolean"}
+
+
+def check_types(body: dict, fields: dict[str, str]):
+    """A known field with a value of the wrong JSON type is a 400 that names the field (null = unset)."""
+    for name, kind in fields.items():
+        v = body.get(name)
+        if v is not None and not KINDS[kind](v):
+            raise bad(f"'{name}' must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {json.dumps(v)[:80]} "
+                      f"({_json_type(v)})", param=name, code="invalid_type")
+
+
+def _json_type(v) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """What the HTTP layer hands the engine for one endpoint call."""
+
+    prompts: list  # each a string or a list of token ids
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+    echo: bool = False
+
+
+def _sampling(body: dict, max_tokens) -> SamplingParams:
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name):
+            raise bad(f"'{name}' is not supported by this server; leave it unset or 0", param=name,
+                      code="unsupported")
+    if max_tokens is not None and max_tokens <= 0:
+        raise bad(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+    t = body.get("temperature")
+    if t is not None and t < 0:
+        raise bad(f"temperature must be >= 0 (0 is greedy), got {t}", param="temperature")
+    p = body.get("top_p")
+    if p is not None and not 0 < p <= 1:
+        raise bad(f"top_p must be in (0, 1], got {p}", param="top_p")
+    seed = body.get("seed")
+    if seed is not None and not 0 <= seed < 2 ** 63:
+        raise bad(f"seed must be in [0, 2**63), got {seed}", param="seed")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    if any(s == "" for s in stop):
+        raise bad("stop strings must be non-empty", param="stop")
+    return SamplingParams(max_tokens=max_tokens, temperature=t, top_p=p, top_k=body.get("top_k"), seed=seed,
+                          stop=stop, stop_token_ids=list(body.get("stop_token_ids") or []),
+                          ignore_eos=bool(body.get("ignore_eos", False)),
+                          skip_special_tokens=body.get("skip_special_tokens", True))
+
+
+def _n_and_stream(body: dict) -> tuple[int, bool, bool]:
+    n = body.get("n") or 1
+    if not 1 <= n <= 16:
+        raise bad(f"n must be between 1 and 16, got {n}", param="n")
+    stream = bool(body.get("stream", False))
+    opts = body.get("stream_options") or {}
+    include = opts.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise bad("'stream_options.include_usage' must be a boolean", param="stream_options.include_usage",
+                  code="invalid_type")
+    if opts and not stream:
+        raise bad("stream_options is only allowed with stream: true", param="stream_options")
+    return n, stream, include
+
+
+def completion_request(body: dict) -> GenerationRequest:
+    check_types(body, COMPLETION_FIELDS)
+    if "prompt" not in body or body["prompt"] is None:
+        raise bad("'prompt' is required: a string, an array of strings, or token ids", param="prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, str) or _is_int_list(prompt) and prompt:
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or (_is_int_list(p) and p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise bad(f"'prompt' must be a string, an array of strings, an array of token ids or an array of "
+                  f"token-id arrays (non-empty), got {json.dumps(prompt)[:80]}", param="prompt", code="invalid_type")
+    if body.get("logprobs") is not None:
+        raise bad("'logprobs' is not supported by this server; leave it unset", param="logprobs", code="unsupported")
+    if body.get("suffix"):
+        raise bad("'suffix' is not supported by this server", param="suffix", code="unsupported")
+    if body.get("best_of") not in (None, 1):
+        raise bad("'best_of' other than 1 is not supported; use n", param="best_of", code="unsupported")
+    n, stream, include = _n_and_stream(body)
+    max_tokens = body.get("max_tokens", 16)  # OpenAI's default for completions
+    return GenerationRequest(prompts, _sampling(body, max_tokens), n, stream, include, bool(body.get("echo")))
+
+
+def chat_request(body: dict) -> tuple[GenerationRequest, list[dict], dict]:
+    """-> (request with prompts unset, messages, chat template kwargs incl. tools)."""
+    check_types(body, CHAT_FIELDS)
+    messages = body.get("messages")
+    if not messages:
+        raise bad("'messages' is required: a non-empty array of {role, content} objects", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages[{i}]",
+                      code="invalid_type")
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise bad(f"messages[{i}].role must be one of system, user, assistant, tool; got {json.dumps(role)}",
+                      param=f"messages[{i}].role")
+        c = m.get("content")
+        if c is not None and not isinstance(c, (str, list)):
+            raise bad(f"messages[{i}].content must be a string or an array of content parts, got {_json_type(c)}",
+                      param=f"messages[{i}].content", code="invalid_type")
+    msgs = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+    if body.get("logprobs"):
+        raise bad("'logprobs' is not supported by this server; leave it unset or false", param="logprobs",
+                  code="unsupported")
+    fmt = body.get("response_format")
+    if fmt and fmt.get("type") not in (None, "text"):
+        raise bad(f"response_format type {fmt.get('type')!r} is not supported; only 'text'", param="response_format",
+                  code="unsupported")
+    n, stream, include = _n_and_stream(body)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    kwargs = dict(body.get("chat_template_kwargs") or {})
+    if body.get("tools"):
+        kwargs["tools"] = body["tools"]
+    req = GenerationRequest([], _sampling(body, max_tokens), n, stream, include)
+    return req, msgs, kwargs
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
