@@ -1,0 +1,336 @@
+"""The real server (`python -m serve` as a child process) driven with the official `openai` client.
+
+Three servers start in parallel at the top of the module, all float32 so comparisons are exact:
+  main   built-in model on one device, API key required, 4 slots, 16 queue places
+  mesh   the same model under --mesh tp=2,ep=4 on 8 simulated CPU devices
+  fp8    the built-in model quantized to Qwen's block-FP8 layout, under --mesh tp=2,ep=4
+Prompts longer than --chunked-prefill-size 32 are prefilled in chunks, so that path runs too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from serve.builtin import CORPUS, builtin_checkpoint  # noqa: E402
+from serve.process import ServerProcess  # noqa: E402
+from serve.tokenizer import Tokenizer  # noqa: E402
+
+KEY = "test-key"
+NAME = "qwen3-jax-builtin"
+CTX = 1024
+COMMON = ["--dtype", "float32", "--context-length", str(CTX), "--chunked-prefill-size", "32",
+          "--max-running-requests", "4", "--max-queued-requests", "16"]
+WORDS = CORPUS.split()
+# 16 prompts of different lengths: 1 to ~60 tokens (the longest take two prefill chunks).
+PROMPTS = [" ".join(WORDS[i:i + 1 + 3 * i]) for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    from qwen3_jax.quantize import quantize_checkpoint
+
+    xdg = tmp_path_factory.mktemp("xdg")
+    ckpt = builtin_checkpoint(str(xdg / "qwen3-jax"))  # where the children look, given XDG_CACHE_HOME
+    fp8_dir = str(tmp_path_factory.mktemp("fp8") / "builtin-fp8")
+    quantize_checkpoint(ckpt, fp8_dir)
+    env = {"XDG_CACHE_HOME": str(xdg), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    procs = {
+        "main": ServerProcess(COMMON + ["--api-key", KEY], env),
+        "mesh": ServerProcess(COMMON + ["--mesh", "tp=2,ep=4"], env),
+        "fp8": ServerProcess(COMMON + ["--mesh", "tp=2,ep=4", "--model", fp8_dir, "--served-model-name", "fp8"], env),
+    }
+    for p in procs.values():
+        p.start()
+    procs["ckpt"], procs["fp8_dir"] = ckpt, fp8_dir
+    yield procs
+    for name in ("main", "mesh", "fp8"):
+        procs[name].stop()
+
+
+def client(srv: ServerProcess, key: str = KEY) -> "openai.OpenAI":
+    return openai.OpenAI(base_url=srv.base_url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def main(servers):
+    return servers["main"].wait_ready()
+
+
+@pytest.fixture(scope="module")
+def tok(servers):
+    return Tokenizer(servers["ckpt"])
+
+
+def greedy(c, prompt, n=24, model=NAME, **extra):
+    r = c.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0,
+                             extra_body={"ignore_eos": True, **extra})
+    return r.choices[0].text
+
+
+@pytest.fixture(scope="module")
+def alone(main):
+    """Each prompt's greedy text with nothing else running (the reference for invariance tests)."""
+    c = client(main)
+    return [greedy(c, p) for p in PROMPTS]
+
+
+def metric(srv: ServerProcess, name: str) -> float:
+    """One sample of /metrics, e.g. 'num_requests_running' or 'request_finished_total{finish_reason="abort"}'."""
+    text = httpx.get(srv.base_url + "/metrics").text
+    m = re.search(rf"^qwen3_jax_{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def wait_until(predicate, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def wait_metric(srv, name, value, timeout=10.0) -> float:
+    wait_until(lambda: metric(srv, name) == value, timeout)
+    return metric(srv, name)
+
+
+# -- basics ---------------------------------------------------------------------------------
+def test_models_and_health(main):
+    assert httpx.get(main.base_url + "/health").json() == {"status": "ok"}
+    models = client(main).models.list().data
+    assert [m.id for m in models] == [NAME]
+    assert models[0].model_extra["max_model_len"] == CTX
+
+
+def test_completion_usage_and_streaming(main, tok):
+    c = client(main)
+    prompt = PROMPTS[5]
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    n_prompt = len(tok.encode(prompt))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
+
+    chunks = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == r.usage.model_dump()
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+
+    # The raw SSE stream ends with the literal `data: [DONE]`.
+    with httpx.stream("POST", main.base_url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": NAME, "prompt": prompt, "max_tokens": 3, "stream": True}) as resp:
+        lines = [ln for ln in resp.iter_lines() if ln]
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+
+
+def test_chat_template_usage_and_streaming(main, tok):
+    c = client(main)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about the sea."}]
+    off = {"chat_template_kwargs": {"enable_thinking": False}, "ignore_eos": True}
+    r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0, extra_body=off)
+    want = tok.encode(tok.apply_chat_template(msgs, enable_thinking=False), add_special_tokens=False)
+    assert r.usage.prompt_tokens == len(want)
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens == 10
+    # enable_thinking=false pre-fills "<think>\n\n</think>\n\n": exactly that many more prompt tokens.
+    r_think = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=1, temperature=0)
+    assert r.usage.prompt_tokens - r_think.usage.prompt_tokens == len(tok.encode("<think>\n\n</think>\n\n"))
+
+    chunks = list(c.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body=off))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == r.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens == len(want) and chunks[-1].usage.completion_tokens == 10
+
+
+def test_seed_reproducibility(main):
+    c = client(main)
+
+    def sample(seed, **kw):
+        return c.completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=16, temperature=1.0, seed=seed,
+                                    extra_body={"ignore_eos": True, **kw}).choices[0].text
+
+    a, b, other = sample(7), sample(7), sample(8)
+    assert a == b and a != other
+    # top_k=1 keeps only the best token: sampling collapses to greedy.
+    assert sample(9, top_k=1) == greedy(c, PROMPTS[3], 16)
+
+
+def test_batching_invariance(main, alone):
+    """16 concurrent greedy requests of different lengths (4 slots, the rest queued) = each alone."""
+    c = client(main)
+    with ThreadPoolExecutor(16) as ex:
+        together = list(ex.map(lambda p: greedy(c, p), PROMPTS))
+    assert together == alone
+    assert len(set(alone)) == len(alone)  # the prompts really differ, so the check has teeth
+
+
+def test_stop_strings(main, alone):
+    c = client(main)
+    text = alone[4]
+    stop = text[6:9]
+    cut = text[:text.index(stop)]
+    r = c.completions.create(model=NAME, prompt=PROMPTS[4], max_tokens=24, temperature=0, stop=[stop],
+                             extra_body={"ignore_eos": True})
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
+    assert r.choices[0].model_extra["stop_reason"] == stop
+    streamed = c.completions.create(model=NAME, prompt=PROMPTS[4], max_tokens=24, temperature=0, stop=stop,
+                                    stream=True, extra_body={"ignore_eos": True})
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == cut
+
+
+# -- errors ---------------------------------------------------------------------------------
+def _post(srv, path, body, key=KEY):
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    raw = body if isinstance(body, str) else json.dumps(body)
+    return httpx.post(srv.base_url + path, content=raw, headers=headers, timeout=60)
+
+
+def test_bad_inputs_then_still_correct(main, alone, tok):
+    long_prompt = PROMPTS[10]
+    n = len(tok.encode(long_prompt))
+    table = [  # (path, body, key, status, words the message must contain, param)
+        ("/v1/completions", '{"model": "x", "prompt": ', KEY, 400, ["not valid JSON"], None),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": "7"}, KEY, 400, ["'max_tokens'", "integer"],
+         "max_tokens"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "temperature": "hot"}, KEY, 400,
+         ["'temperature'", "number"], "temperature"),
+        ("/v1/chat/completions", {"model": NAME, "messages": "hello"}, KEY, 400, ["'messages'", "array"], "messages"),
+        ("/v1/completions", {"model": NAME, "prompt": 5}, KEY, 400, ["'prompt'"], "prompt"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": 0}, KEY, 400, ["max_tokens", "at least 1"],
+         "max_tokens"),
+        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3},
+         KEY, 400, ["max_tokens", "-3"], "max_tokens"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "temperature": -0.5}, KEY, 400, ["temperature", ">= 0"],
+         "temperature"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "top_p": 0}, KEY, 400, ["top_p", "(0, 1]"], "top_p"),
+        ("/v1/completions", {"model": NAME, "prompt": long_prompt, "max_tokens": CTX}, KEY, 400,
+         [f"({n} tokens)", f"({CTX})", f"context length of {CTX}", f"{CTX - n}"], "max_tokens"),
+        ("/v1/completions", {"model": "gpt-4o", "prompt": "hi"}, KEY, 404, ["'gpt-4o' does not exist", NAME], "model"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi"}, "wrong-key", 401, ["incorrect API key"], None),
+        ("/v1/completions", {"model": NAME, "prompt": "hi"}, None, 401, ["missing API key", "Bearer"], None),
+        ("/v1/no-such-route", {"model": NAME}, KEY, 404, ["/v1/no-such-route"], None),
+    ]
+    for path, body, key, status, words, param in table:
+        r = _post(main, path, body, key)
+        err = r.json()["error"]
+        assert r.status_code == status, (body, r.text)
+        assert set(err) == {"message", "type", "param", "code"}
+        for w in words:
+            assert w in err["message"], (w, err)
+        assert err["param"] == param, (body, err)
+    # The same refusals through the official client raise its typed errors.
+    c = client(main)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=NAME, prompt="hi", max_tokens=0)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="hi")
+    with pytest.raises(openai.AuthenticationError):
+        client(main, key="bad").completions.create(model=NAME, prompt="hi")
+    # ...and the server still answers exactly as before.
+    assert greedy(c, PROMPTS[2]) == alone[2]
+
+
+def test_disconnect_frees_slot(main):
+    """A stream dropped after a few tokens frees its slot at once; a stream beside it is unaffected."""
+    c = client(main)
+    ref = greedy(c, PROMPTS[7], 300)
+    aborted = metric(main, 'request_finished_total{finish_reason="abort"}')
+    other = c.completions.create(model=NAME, prompt=PROMPTS[7], max_tokens=300, temperature=0, stream=True,
+                                 extra_body={"ignore_eos": True})
+    dropped = c.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=900, temperature=0, stream=True,
+                                   extra_body={"ignore_eos": True})
+    parts, it = [], iter(other)
+    parts.append(next(it).choices[0].text)
+    dropped_it = iter(dropped)
+    for _ in range(3):
+        next(dropped_it)
+    assert metric(main, "num_requests_running") >= 1
+    t0 = time.monotonic()
+    dropped.close()
+    assert wait_until(lambda: metric(main, 'request_finished_total{finish_reason="abort"}') == aborted + 1)
+    freed_after = time.monotonic() - t0
+    assert metric(main, "num_requests_running") <= 1 and freed_after < 2.0
+    parts += [ch.choices[0].text for ch in it if ch.choices]
+    assert "".join(parts) == ref
+    assert wait_metric(main, "num_requests_running", 0) == 0
+
+
+def test_queue_full_503_then_recovers(main, alone):
+    """4 slots busy + 16 queued: the next request gets 503; dropping the streams frees everything."""
+    http = httpx.Client(base_url=main.base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                        limits=httpx.Limits(max_connections=40))
+    held = []
+    try:
+        for i in range(20):
+            req = http.build_request("POST", "/v1/completions", json={
+                "model": NAME, "prompt": PROMPTS[i % 16], "max_tokens": 900, "stream": True, "ignore_eos": True})
+            held.append(http.send(req, stream=True))
+            assert held[-1].status_code == 200
+        assert wait_metric(main, "num_requests_waiting", 16) == 16
+        assert metric(main, "num_requests_running") == 4
+        with pytest.raises(openai.APIStatusError) as e:
+            client(main).completions.create(model=NAME, prompt="hi", max_tokens=4)
+        assert e.value.status_code == 503
+        assert e.value.body["code"] == "queue_full" and "16 requests are already waiting" in e.value.body["message"]
+    finally:
+        for r in held:
+            r.close()
+        http.close()
+    assert wait_metric(main, "num_requests_waiting", 0) == 0
+    assert wait_metric(main, "num_requests_running", 0) == 0
+    assert greedy(client(main), PROMPTS[0]) == alone[0]
+
+
+# -- meshes and FP8 -------------------------------------------------------------------------
+def test_mesh_tp2_ep4_matches_one_device(servers, alone):
+    mesh = servers["mesh"].wait_ready()
+    c = client(mesh)
+    picks = [0, 5, 9, 15]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda i: greedy(c, PROMPTS[i]), picks))
+    assert got == [alone[i] for i in picks]
+
+
+def test_fp8_checkpoint_served_matches_one_device(servers, tok):
+    """FP8 weights served under tp=2,ep=4 (shards cut 128-blocks) = qwen3_jax's one-device greedy."""
+    from qwen3_jax import load
+
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, 500, size=(3, 9)).tolist()
+    ref = load(servers["fp8_dir"], dtype="float32", progress=False).generate_greedy(np.array(prompts), 12)
+    srv = servers["fp8"].wait_ready()
+    r = client(srv).completions.create(model="fp8", prompt=prompts, max_tokens=12, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)] == [tok.decode(row) for row in ref.tolist()]
+    assert r.usage.prompt_tokens == 27 and r.usage.completion_tokens == 36
+
+
+# -- shutdown (last: stops the main server) ------------------------------------------------
+def test_sigterm_ends_streams_with_error_and_exits_cleanly(main):
+    with httpx.stream("POST", main.base_url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": NAME, "prompt": "Hello", "max_tokens": 900, "stream": True,
+                            "ignore_eos": True}, timeout=60) as resp:
+        lines = resp.iter_lines()
+        first = next(ln for ln in lines if ln)
+        assert json.loads(first[6:])["choices"]
+        t0 = time.monotonic()
+        main.proc.send_signal(signal.SIGTERM)
+        rest = [ln for ln in lines if ln]
+    assert rest[-1] == "data: [DONE]"
+    assert "shutting down" in json.loads(rest[-2][6:])["error"]["message"]
+    assert main.proc.wait(30) == 0
+    assert time.monotonic() - t0 < 30
