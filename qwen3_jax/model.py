@@ -27,6 +27,7 @@ from sharding.rules import partition_spec
 
 from .config import Qwen3MoeConfig, yarn_inv_freq
 from .fp8 import FP8_DTYPE, dequantize
+from . import kernels
 from .moe import moe_ffn, route
 
 
@@ -128,6 +129,23 @@ def _fp8_block(cfg: Qwen3MoeConfig, hf_module: str, d_is_input: bool) -> int | N
     return cfg.fp8.block_in if d_is_input else cfg.fp8.block_out
 
 
+def _sub(stacked, name):
+    """(module with [L, ...] params, layer) -> (its `name` child, layer), or None."""
+    return None if stacked is None else (getattr(stacked[0], name), stacked[1])
+
+
+def _einsum_w(eq, x, weight: Weight, ctx, stacked=None):
+    """einsum(eq, x, weight) in x's dtype. With kernels on (kernels.active) and `stacked` =
+    (the same Weight with [L, ...] params, layer index), an FP8 weight is read in place by the
+    fused-dequantize kernel instead of being dequantized into a bf16 copy first."""
+    if stacked is not None and weight.is_fp8 and kernels.active(ctx, x.dtype):
+        full, i = stacked
+        y = kernels.fp8_einsum(eq, x, full.w[...], full.scale[...], weight.block_axis, weight.fp8_block, layer=i)
+        if y is not None:
+            return y
+    return jnp.einsum(eq, x, weight(x.dtype))
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: Qwen3MoeConfig, *, dtype, kv_rep: int, stack, rngs):
         d, h, q = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
@@ -152,12 +170,13 @@ class Attention(nnx.Module):
             self.v_bias = Weight((k, q), ("kv_heads", "head_dim"), init="zeros", **mk)
             self.o_bias = Weight((d,), ("embed",), init="zeros", **mk)
 
-    def project(self, x_btd, cos, sin, ctx):
-        """-> q [B,T,H,Q], k [B,T,K,Q], v [B,T,K,Q], normed and rotated."""
+    def project(self, x_btd, cos, sin, ctx, stacked=None):
+        """-> q [B,T,H,Q], k [B,T,K,Q], v [B,T,K,Q], normed and rotated.
+        `stacked` = (this Attention with [L, ...] params, layer): lets kernels read in place."""
         dt = x_btd.dtype
-        q = jnp.einsum("btd,dhq->bthq", x_btd, self.q_proj(dt))
-        k = jnp.einsum("btd,dkq->btkq", x_btd, self.k_proj(dt))
-        v = jnp.einsum("btd,dkq->btkq", x_btd, self.v_proj(dt))
+        q = _einsum_w("btd,dhq->bthq", x_btd, self.q_proj, ctx, _sub(stacked, "q_proj"))
+        k = _einsum_w("btd,dkq->btkq", x_btd, self.k_proj, ctx, _sub(stacked, "k_proj"))
+        v = _einsum_w("btd,dkq->btkq", x_btd, self.v_proj, ctx, _sub(stacked, "v_proj"))
         if self.bias:
             q, k, v = q + self.q_bias(dt), k + self.k_bias(dt), v + self.v_bias(dt)
         q = apply_rope(self.q_norm(q), cos, sin)
@@ -166,7 +185,7 @@ class Attention(nnx.Module):
         kv_act = ("batch", "seq", "kv_heads", "head_dim")
         return constrain(q, act, ctx), constrain(k, kv_act, ctx), constrain(v, kv_act, ctx)
 
-    def attend(self, q_bthq, k_bskq, v_bskq, mask_bts):
+    def attend(self, q_bthq, k_bskq, v_bskq, mask_bts, ctx=None, stacked=None):
         """Grouped-query attention; softmax in float32 as transformers does. -> [B, T, D]."""
         b, t, h, qd = q_bthq.shape
         kv = k_bskq.shape[2]
@@ -176,7 +195,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgts,bskq->btkgq", probs, v_bskq).reshape(b, t, h, qd)
-        y = jnp.einsum("bthq,hqd->btd", out, self.o_proj(q.dtype))
+        y = _einsum_w("bthq,hqd->btd", out, self.o_proj, ctx, _sub(stacked, "o_proj"))
         if self.bias:
             y = y + self.o_bias(q.dtype)
         return y
@@ -241,10 +260,16 @@ class MoE(nnx.Module):
         self.down_proj = Weight((e, f, d), ("experts", "expert_mlp", "embed"), block_axis=2,
                                 fp8_block=_fp8_block(cfg, "mlp.experts.down_proj", False), **mk)
 
-    def __call__(self, x_btd, ctx):
+    def __call__(self, x_btd, ctx, stacked=None):
+        """`stacked` = (this MoE with [L, ...] params, layer): the kernels read experts in place."""
         b, t, d = x_btd.shape
         x = x_btd.reshape(b * t, d)
         weights, experts = route(x, self.router(jnp.float32), self.top_k, self.norm_topk_prob)
+        if stacked is not None and kernels.active(ctx, x.dtype):
+            full, i = stacked
+            y = kernels.moe_ffn_stacked(x, weights, experts, full.gate_proj, full.up_proj, full.down_proj, i)
+            if y is not None:
+                return y.astype(x.dtype).reshape(b, t, d)
         return moe_ffn(x, weights, experts, ExpertWeights(self, x.dtype), ctx).reshape(b, t, d)
 
 
@@ -259,7 +284,7 @@ class DenseMLP(nnx.Module):
         self.down_proj = Weight((i, d), ("mlp", "embed"), block_axis=1,
                                 fp8_block=_fp8_block(cfg, "mlp.down_proj", False), **mk)
 
-    def __call__(self, x_btd, ctx):
+    def __call__(self, x_btd, ctx, stacked=None):
         dt = x_btd.dtype
         h = jax.nn.silu(jnp.einsum("btd,di->bti", x_btd, self.gate_proj(dt)))
         h = h * jnp.einsum("btd,di->bti", x_btd, self.up_proj(dt))
@@ -298,13 +323,15 @@ class Segment(nnx.Module):
 
     def __call__(self, x_btd, cos, sin, positions_bt, ctx, cache_kv=None, slots_b=None):
         graphdef, params = nnx.split(self.block)
+        full = self.block  # [L, ...] params: kernels read layer i in place (a scanned slice handed
+                           # to a custom call would be copied every layer)
 
         def layer(carry, xs):
             x, k_all, v_all = carry
             layer_params, i = xs
             blk = nnx.merge(graphdef, layer_params)
             h = blk.input_norm(x)
-            q, k, v = blk.attn.project(h, cos, sin, ctx)
+            q, k, v = blk.attn.project(h, cos, sin, ctx, stacked=(full.attn, i))
             if k_all is None:
                 keys, values = k, v
                 mask = positions_bt[:, None, :] <= positions_bt[:, :, None]
@@ -317,8 +344,9 @@ class Segment(nnx.Module):
                     keys, values = keys[slots_b], values[slots_b]
                 s = keys.shape[1]
                 mask = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
-            x = x + blk.attn.attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
-            x = x + blk.mlp(blk.post_norm(x), ctx)
+            x = x + blk.attn.attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask, ctx,
+                                    stacked=(full.attn, i))
+            x = x + blk.mlp(blk.post_norm(x), ctx, stacked=(full.mlp, i))
             x = constrain(x, ("batch", "seq", "embed"), ctx)
             return (x, k_all, v_all), None
 

@@ -1,0 +1,99 @@
+"""Pallas (Triton back end) kernels for the decode/prefill hot path on NVIDIA GPUs.
+
+Why they exist (measured on an H100, ../shared/GPU_NOTES.md): XLA's `ragged_dot` reads every
+expert even when a decode step routes to 8 of 128, and XLA materializes a block-FP8 weight in
+bf16 before the dot, so FP8 runs slower than bf16. The kernels here read only the experts a
+step routes to, read every weight where it lies in the stacked [L, ...] params (a per-layer
+slice handed to a custom call would be copied first), and fuse the FP8 block dequantize.
+
+Files: gemv.py (one row per program, CUDA-core FMA: decode), grouped_matmul.py (row blocks of
+one group each, tensor cores: prefill and large decode batches), moe_blocks.py (routing ->
+row blocks), moe_ffn.py (the MoE expert FFN on either kernel), fp8_linear.py (FP8 projections).
+
+The switch: `QWEN3_JAX_KERNELS` = auto (default: on when JAX's default backend is a GPU),
+1/on, 0/off; `set_enabled(True/False/None)` overrides it in-process (read at trace time, so set
+it before the first call of a jitted function). The plain-XLA path stays the reference. Kernels
+run only on one device (a pallas_call under automatic SPMD would be replicated) and only for a
+bf16/f16 compute dtype (float32 models keep XLA's numerics). Forced on without a GPU they run
+in Pallas interpret mode: slow, for tests of the logic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import jax
+import jax.numpy as jnp
+
+_override: bool | None = None
+KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _env_setting() -> bool | None:
+    v = os.environ.get("QWEN3_JAX_KERNELS", "auto").strip().lower()
+    if v in ("", "auto"):
+        return None
+    if v in ("1", "on", "true", "yes"):
+        return True
+    if v in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"QWEN3_JAX_KERNELS={v!r} is not understood; use auto, on or off")
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def enabled() -> bool:
+    """Kernels requested (override, else env, else: on for GPU, off elsewhere)."""
+    if _override is not None:
+        return _override
+    env = _env_setting()
+    return on_gpu() if env is None else env
+
+
+def set_enabled(value: bool | None) -> None:
+    """Force kernels on/off for this process (None: back to QWEN3_JAX_KERNELS / auto)."""
+    global _override
+    _override = value
+
+
+@contextlib.contextmanager
+def kernels_enabled(value: bool | None):
+    """`with kernels_enabled(False): ...` traces with the plain-XLA path."""
+    global _override
+    old, _override = _override, value
+    try:
+        yield
+    finally:
+        _override = old
+
+
+def interpret() -> bool:
+    """Pallas interpret mode whenever there is no GPU to compile for."""
+    return not on_gpu()
+
+
+def active(ctx, dtype) -> bool:
+    """Use kernels for this call: enabled, a single device, a bf16/f16 compute dtype."""
+    single = ctx is None or ctx.spec.num_devices == 1
+    return enabled() and single and jnp.dtype(dtype) in KERNEL_DTYPES
+
+
+def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
+    """Largest power of two <= target that divides dim and is >= minimum (Triton blocks are
+    powers of two), or None when there is none (the caller falls back to XLA)."""
+    t = 1 << max(int(target).bit_length() - 1, 0)
+    while t >= minimum:
+        if dim % t == 0:
+            return t
+        t //= 2
+    return None
+
+
+from .fp8_linear import fp8_einsum  # noqa: E402
+from .moe_ffn import ExpertArrays, moe_ffn, moe_ffn_stacked  # noqa: E402
+
+__all__ = ["enabled", "set_enabled", "kernels_enabled", "active", "interpret", "pick_tile",
+           "fp8_einsum", "moe_ffn", "moe_ffn_stacked", "ExpertArrays"]

@@ -1,0 +1,107 @@
+"""Grouped matmul on tensor cores: rows come in blocks of `bm`, block b multiplies by W[groups[b]].
+
+For prefill and large decode batches: tokens sorted by expert and padded to whole blocks
+(moe_blocks.py) so every block reads one expert's weight tiles, once per block. FP8 weights are
+dequantized tile by tile in registers (never materialized in memory).
+
+Shapes (G groups, K in, N out, R = NB * bm rows):
+  x [R, K] bf16/f16, groups [NB] int32 in [-1, G) (-1: block skipped, its rows left unwritten),
+  weights: 1 array [G, K, N] -> float32 [R, N]; or 2 (gate, up) -> silu(x@W0) * (x@W1) in x's
+  dtype (the MoE hidden activation, as the reference computes it from float32 products).
+  scales: None or per weight float32, layout "k" [G, ceil(K/block), N] or "n" [G, K, ceil(N/block)].
+
+Numerics: float32 accumulation. Layout "k" multiplies the exactly converted FP8 tile product by
+its per-column scale after each K block (more precise than dequantize-then-round); layout "n"
+dequantizes the tile to x's dtype first, exactly as fp8.dequantize does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from . import interpret as _interpret
+
+
+@functools.partial(jax.jit, static_argnames=("bm", "layout", "block", "bn", "bk", "num_warps",
+                                             "num_stages", "interpret"))
+def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", block=128, bn=64, bk=64,
+                   num_warps=4, num_stages=3, interpret=None):
+    weights = tuple(weights)
+    scales = tuple(scales) if scales is not None else ()
+    g_count, k_dim, n_dim = weights[0].shape
+    r_count = x_rk.shape[0]
+    nb = groups_b.shape[0]
+    fp8 = len(scales) > 0
+    pair = len(weights) == 2
+    if r_count != nb * bm:
+        raise ValueError(f"x has {r_count} rows, expected {nb} blocks x bm={bm}")
+    if n_dim % bn or k_dim % bk:
+        raise ValueError(f"grouped_matmul tiles bn={bn}, bk={bk} do not divide K={k_dim}, N={n_dim}")
+    if fp8 and ((layout == "k" and block % bk) or (layout == "n" and block % bn)):
+        raise ValueError(f"FP8 layout {layout!r} needs the tile along the scale blocks to divide {block}")
+    steps = k_dim // bk
+    cdt = x_rk.dtype
+    nw = len(weights)
+
+    def kernel(groups_ref, x_ref, *refs):
+        w_refs, s_refs, o_ref = refs[:nw], refs[nw:nw + len(scales)], refs[-1]
+        b, j = pl.program_id(0), pl.program_id(1)
+        g = groups_ref[b]
+        m0 = pl.multiple_of(b * bm, bm)
+        n0 = pl.multiple_of(j * bn, bn)
+
+        @pl.when(g >= 0)
+        def _compute():
+            def body(t, accs):
+                k0 = pl.multiple_of(t * bk, bk)
+                xt = x_ref[pl.ds(m0, bm), pl.ds(k0, bk)]
+                out = []
+                for i, (w_ref, acc) in enumerate(zip(w_refs, accs)):
+                    w = w_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)]
+                    if fp8 and layout == "k":
+                        part = jnp.dot(xt, w.astype(cdt), preferred_element_type=jnp.float32)
+                        acc = acc + part * s_refs[i][g, k0 // block, pl.ds(n0, bn)][None, :]
+                    else:
+                        if fp8:
+                            col = s_refs[i][g, pl.ds(k0, bk), n0 // block]
+                            w = (w.astype(jnp.float32) * col[:, None]).astype(cdt)
+                        acc = acc + jnp.dot(xt, w.astype(cdt), preferred_element_type=jnp.float32)
+                    out.append(acc)
+                return tuple(out)
+
+            accs = jax.lax.fori_loop(0, steps, body,
+                                     tuple(jnp.zeros((bm, bn), jnp.float32) for _ in w_refs))
+            if pair:
+                a, u = accs
+                res = (a / (1.0 + jnp.exp(-a)) * u).astype(o_ref.dtype)
+            else:
+                res = accs[0]
+            o_ref[pl.ds(m0, bm), pl.ds(n0, bn)] = res
+
+    out_dtype = cdt if pair else jnp.float32
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((r_count, n_dim), out_dtype), grid=(nb, n_dim // bn),
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=_interpret() if interpret is None else interpret,
+        name="qwen3_grouped_matmul_fp8" if fp8 else "qwen3_grouped_matmul",
+    )(groups_b.astype(jnp.int32), x_rk, *weights, *scales)
+
+
+def matmul_tiles(k_dim: int, n_dim: int, bm: int, fp8: bool, layout: str, block: int):
+    """Default tiles by block height: small bm is memory-bound (narrow N tiles, more programs),
+    bm >= 64 is compute-bound (square-ish tiles, 8 warps). None if nothing divides."""
+    from . import pick_tile
+    if bm >= 64:
+        bn, bk, warps = 128, 64, 8 if bm >= 128 else 4
+    else:
+        bn, bk, warps = 64, 128, 4
+    bn_t = pick_tile(n_dim, min(bn, block) if fp8 and layout == "n" else bn)
+    bk_t = pick_tile(k_dim, min(bk, block) if fp8 and layout == "k" else bk)
+    if bn_t is None or bk_t is None:
+        return None
+    return dict(bn=bn_t, bk=bk_t, num_warps=warps)

@@ -1,0 +1,140 @@
+"""The MoE expert FFN on the kernels: sum_k w_k * down(silu(gate(x)) * up(x)), drop-free.
+
+Two strategies, chosen statically from the number of (token, expert) assignments A = N * k:
+  A <= GEMV_MAX_ASSIGNMENTS: gemv, one row per assignment, each reading only its expert (no
+    sort; an expert routed twice is read twice, cheap while A is small).
+  otherwise: sort by expert into row blocks (moe_blocks) and grouped_matmul, so each touched
+    expert is read once per block of rows.
+Weights are read in place from the stacked [L*E, ...] params: `offset` (= layer * E, traced)
+picks the layer, so the scan over layers never copies a layer's experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from .gemv import gemv, gemv_tiles
+from .grouped_matmul import grouped_matmul, matmul_tiles
+from .moe_blocks import block_rows, expert_blocks
+
+# Measured crossover (benchmarks/NOTES.md): gemv up to this many assignments, then blocks.
+GEMV_MAX_ASSIGNMENTS = 64
+
+
+@dataclasses.dataclass
+class ExpertArrays:
+    """Expert weights as the kernels read them (G = layers * E, or E for one layer):
+    gate, up [G, D, F], down [G, F, D] in the compute dtype or FP8; *_scale float32 (FP8 only):
+    gate/up [G, ceil(D/block), F] (layout "k"), down [G, F, ceil(D/block)] (layout "n")."""
+
+    gate: jax.Array
+    up: jax.Array
+    down: jax.Array
+    gate_scale: jax.Array | None = None
+    up_scale: jax.Array | None = None
+    down_scale: jax.Array | None = None
+    block: int = 128
+    num_experts: int = 0           # experts per layer held here
+    offset: jax.Array | int = 0    # group of this layer's expert 0 (layer * num_experts)
+
+    @property
+    def fp8(self) -> bool:
+        return self.gate_scale is not None
+
+    @classmethod
+    def from_stacked(cls, gate, up, down, scales=None, block=128, layer=None):
+        """From [L, E, ...] (or [E, ...] with layer None) params; scales = (gate, up, down) or None."""
+        def fold(a):
+            return a if a is None or layer is None else a.reshape(-1, *a.shape[2:])
+        e = gate.shape[1] if layer is not None else gate.shape[0]
+        s = scales or (None, None, None)
+        off = 0 if layer is None else jnp.asarray(layer, jnp.int32) * e
+        return cls(fold(gate), fold(up), fold(down), fold(s[0]), fold(s[1]), fold(s[2]), block, e, off)
+
+
+def supported(arrays: ExpertArrays, assignments: int) -> bool:
+    """True when tiles divide the shapes (else the caller keeps the XLA path)."""
+    d, f = arrays.gate.shape[1:]
+    if assignments <= GEMV_MAX_ASSIGNMENTS:
+        return (gemv_tiles(d, f, assignments, arrays.fp8, "k", arrays.block) is not None
+                and gemv_tiles(f, d, assignments, arrays.fp8, "n", arrays.block) is not None)
+    bm = block_rows(assignments, arrays.num_experts)
+    return (matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block) is not None
+            and matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block) is not None)
+
+
+def moe_ffn(x_nd, weights_nk, experts_nk, arrays: ExpertArrays, first_expert=0, *, strategy=None):
+    """x [N, D], routing weights [N, k] f32, experts [N, k] global ids -> [N, D] float32 (the
+    contribution of the experts held here). `strategy` 'gemv'/'blocks' overrides the choice."""
+    n, d = x_nd.shape
+    k = experts_nk.shape[1]
+    a = n * k
+    strategy = strategy or ("gemv" if a <= GEMV_MAX_ASSIGNMENTS else "blocks")
+    if strategy == "gemv":
+        y_ad, here = _gemv_path(x_nd, experts_nk, arrays, first_expert)
+    else:
+        y_ad, here = _blocks_path(x_nd, experts_nk, arrays, first_expert)
+    w = jnp.where(here, weights_nk.reshape(-1), 0.0).astype(jnp.float32)
+    return jnp.sum((y_ad * w[:, None]).reshape(n, k, d), axis=1)
+
+
+def _scales(arrays, *names):
+    if not arrays.fp8:
+        return None
+    return tuple(getattr(arrays, f"{nm}_scale") for nm in names)
+
+
+def _gemv_path(x_nd, experts_nk, arrays, first_expert):
+    n, d = x_nd.shape
+    k = experts_nk.shape[1]
+    a = n * k
+    f = arrays.gate.shape[2]
+    local = experts_nk.reshape(-1).astype(jnp.int32) - first_expert
+    here = (local >= 0) & (local < arrays.num_experts)
+    groups = jnp.where(here, local + arrays.offset, -1)
+    rows = jnp.arange(a, dtype=jnp.int32) // k
+    t1 = gemv_tiles(d, f, a, arrays.fp8, "k", arrays.block)
+    g, u = gemv(x_nd, rows, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
+                layout="k", block=arrays.block, **t1)
+    h = (jax.nn.silu(jnp.sum(g, axis=0)) * jnp.sum(u, axis=0)).astype(x_nd.dtype)   # [A, F]
+    t2 = gemv_tiles(f, d, a, arrays.fp8, "n", arrays.block)
+    (y,) = gemv(h, jnp.arange(a, dtype=jnp.int32), groups, (arrays.down,), _scales(arrays, "down"),
+                layout="n", block=arrays.block, **t2)
+    return jnp.sum(y, axis=0), here
+
+
+def _blocks_path(x_nd, experts_nk, arrays, first_expert):
+    n, d = x_nd.shape
+    k = experts_nk.shape[1]
+    a = n * k
+    f = arrays.gate.shape[2]
+    bm = block_rows(a, arrays.num_experts)
+    blk = expert_blocks(experts_nk, arrays.num_experts, bm, first_expert)
+    groups = jnp.where(blk.groups >= 0, blk.groups + arrays.offset, -1)
+    xs = x_nd[blk.rows]                                                             # [R, D]
+    t1 = matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block)
+    h = grouped_matmul(xs, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
+                       bm=bm, layout="k", block=arrays.block, **t1)                 # [R, F]
+    t2 = matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block)
+    y = grouped_matmul(h, groups, (arrays.down,), _scales(arrays, "down"),
+                       bm=bm, layout="n", block=arrays.block, **t2)                 # [R, D] f32
+    return y[blk.pos], blk.here
+
+
+def moe_ffn_stacked(x_nd, weights_nk, experts_nk, gate, up, down, layer):
+    """The model's entry: gate/up/down are model.Weight objects holding [L, E, ...] params
+    (bf16, or FP8 + scale); `layer` the traced layer index. -> [N, D] float32, or None when the
+    kernels do not cover this case (mixed FP8/bf16 experts, tiles that divide nothing)."""
+    ws = (gate, up, down)
+    fp8 = [w.is_fp8 for w in ws]
+    if any(fp8) and not all(fp8):
+        return None
+    scales = tuple(w.scale[...] for w in ws) if all(fp8) else None
+    arrays = ExpertArrays.from_stacked(gate.w[...], up.w[...], down.w[...], scales,
+                                       block=gate.fp8_block or 128, layer=layer)
+    if not supported(arrays, experts_nk.size):
+        return None
+    return moe_ffn(x_nd, weights_nk, experts_nk, arrays)
