@@ -237,10 +237,12 @@ class Engine:
             while True:
                 if self._stopping or self.error is not None:
                     raise EngineClosed(self._closed_message())
-                if len(self._pending) < self.max_queued_requests:
+                # Requests about to take a free slot are not waiting; only the rest count.
+                waiting = len(self._pending) - self._slots.count(None)
+                if waiting < self.max_queued_requests:
                     break
                 if not block:
-                    raise QueueFull(f"{len(self._pending)} requests are already waiting for one of "
+                    raise QueueFull(f"{waiting} requests are already waiting for one of "
                                     f"{self.num_slots} slots (max_queued_requests={self.max_queued_requests}); "
                                     "retry later")
                 self._cv.wait(0.05)

@@ -1,0 +1,248 @@
+"""The engine in-process: sampler statistics, detokenization, stop strings, chat template, KV sizing,
+and continuous batching checked against qwen3_jax's own greedy loop (float32, built-in model)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from serve.builtin import builtin_checkpoint
+from serve.capacity import CapacityError, kv_bytes_per_token_per_device, size_cache
+from serve.engine import Engine, EngineClosed, QueueFull, prefill_buckets
+from serve.request import Request
+from serve.sampling import SamplingParams, sample
+from serve.tokenizer import DetokenizeStream, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return builtin_checkpoint(str(tmp_path_factory.mktemp("builtin")))
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt):
+    return Tokenizer(ckpt)
+
+
+# -- sampling ----------------------------------------------------------------------------------
+_sample = jax.jit(sample)
+
+
+def _draw(probs, n, temperature=1.0, top_p=1.0, top_k=-1, step=0):
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))[None].repeat(n, 0)
+    return np.asarray(_sample(logits, jnp.full(n, temperature, jnp.float32), jnp.full(n, top_p, jnp.float32),
+                             jnp.full(n, top_k, jnp.int32), jnp.arange(n, dtype=jnp.int32), jnp.full(n, step, jnp.int32)))
+
+
+def test_sampler_frequencies_follow_temperature_top_k_top_p():
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    n = 4000
+    freq = np.bincount(_draw(p, n), minlength=4) / n
+    assert np.abs(freq - p).max() < 4 * np.sqrt(0.25 / n)
+    # top_k=2 keeps the two best, renormalized: 0.5/0.8, 0.3/0.8.
+    freq = np.bincount(_draw(p, n, top_k=2), minlength=4) / n
+    assert freq[2:].sum() == 0 and abs(freq[0] - 0.625) < 4 * np.sqrt(0.25 / n)
+    # top_p=0.6 keeps tokens whose better-ranked mass is < 0.6: tokens 0 and 1.
+    freq = np.bincount(_draw(p, n, top_p=0.6), minlength=4) / n
+    assert freq[2:].sum() == 0 and abs(freq[1] - 0.375) < 4 * np.sqrt(0.25 / n)
+    # temperature 0.5 squares the odds: p^2 normalized.
+    q = p ** 2 / (p ** 2).sum()
+    freq = np.bincount(_draw(p, n, temperature=0.5), minlength=4) / n
+    assert np.abs(freq - q).max() < 4 * np.sqrt(0.25 / n)
+
+
+def test_sampler_greedy_rows_and_reproducible_keys():
+    logits = jax.random.normal(jax.random.key(0), (6, 50))
+    t = jnp.array([0, 1, 0, 1, 0.7, 0], jnp.float32)
+    args = (jnp.ones(6, jnp.float32), jnp.full(6, -1, jnp.int32), jnp.arange(6, dtype=jnp.int32))
+    a = np.asarray(_sample(logits, t, *args, jnp.zeros(6, jnp.int32)))
+    b = np.asarray(_sample(logits, t, *args, jnp.zeros(6, jnp.int32)))
+    greedy = np.asarray(jnp.argmax(logits, -1))
+    assert (a[t == 0] == greedy[np.asarray(t) == 0]).all() and (a == b).all()
+    # top_k=1 at any temperature is greedy.
+    k1 = _sample(logits, jnp.full(6, 2.0, jnp.float32), jnp.ones(6, jnp.float32), jnp.ones(6, jnp.int32), jnp.arange(6, dtype=jnp.int32),
+                jnp.zeros(6, jnp.int32))
+    assert (np.asarray(k1) == greedy).all()
+
+
+# -- text --------------------------------------------------------------------------------------
+def test_detokenize_stream_never_splits_characters(tok):
+    text = "Hello 你好, robots 🤖 paint: naïve café!"
+    ids = tok.encode(text)
+    stream = DetokenizeStream(tok)
+    deltas = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(deltas) == text == tok.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
+    assert "" in deltas  # some byte tokens really did end inside a character and were held back
+
+
+def _feed(tok, text, stops, max_tokens=100, stop_ids=()):
+    ids = tok.encode(text)
+    req = Request([1], SamplingParams(stop=stops), max_tokens, 0, set(stop_ids), DetokenizeStream(tok), lambda o: None)
+    outs = []
+    for i in ids:
+        outs.append(req.accept(i))
+        if outs[-1].finished:
+            break
+    return outs
+
+
+def test_stop_strings_cut_and_hold_back(tok):
+    outs = _feed(tok, "Hello World and more words", ["o W", "zzz"])
+    assert "".join(o.text for o in outs) == "Hell"
+    assert (outs[-1].finish_reason, outs[-1].stop_reason) == ("stop", "o W")
+    # While "o" could still start "o W", it is held back; released once it cannot.
+    outs = _feed(tok, "Hello Wide", ["o Wo"])
+    assert "".join(o.text for o in outs) == "Hello Wide" and outs[-1].finish_reason is None
+    assert outs[0].text == "Hell"  # "Hello" is one token; its "o" waited
+    # max_tokens ends with "length" and releases held text.
+    outs = _feed(tok, "Hello Wo", ["o Wx"], max_tokens=len(tok.encode("Hello Wo")))
+    assert "".join(o.text for o in outs) == "Hello Wo" and outs[-1].finish_reason == "length"
+
+
+def test_chat_template_behaviour(tok):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nplan\n</think>\n\nHello"},
+            {"role": "user", "content": "Again"}]
+    assert tok.apply_chat_template(msgs, enable_thinking=False) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"  # old thoughts dropped
+        "<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # The last assistant turn after the last question keeps its reasoning.
+    assert tok.apply_chat_template(msgs[:2], add_generation_prompt=False).endswith(
+        "<|im_start|>assistant\n<think>\nplan\n</think>\n\nHello<|im_end|>\n")
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert "<|im_start|>user\nab<|im_end|>" in tok.apply_chat_template(parts)
+
+
+def test_chat_template_renders_as_transformers_does(ckpt, tok):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(ckpt)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Wetter für eine Stadt",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    convs = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "w?"},
+         {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+             "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+         {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "20C"}],
+        [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "reasoning_content": "r1"},
+         {"role": "user", "content": "q2"}, {"role": "assistant", "content": "<think>r2</think>a2"}],
+    ]
+    for conv in convs:
+        for kw in ({}, {"enable_thinking": False}):
+            ours = tok.apply_chat_template(conv, tools=tools if conv is convs[1] else None, **kw)
+            theirs = hf.apply_chat_template(conv, tools=tools if conv is convs[1] else None, tokenize=False,
+                                            add_generation_prompt=True, **kw)
+            assert ours == theirs
+    assert hf.encode("Hello <|im_start|>user 你好") == tok.encode("Hello <|im_start|>user 你好")
+
+
+# -- sizing ------------------------------------------------------------------------------------
+def test_prefill_buckets():
+    assert prefill_buckets(256, 512) == [32, 64, 128, 256]
+    assert prefill_buckets(4096, 512) == [32, 64, 128, 256, 512]
+    assert prefill_buckets(1000, 1000) == [32, 64, 128, 256, 512, 1000]
+    assert prefill_buckets(20, 512) == [20]
+
+
+# -- the engine --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    eng = Engine(ckpt, dtype="float32", context_length=128, max_running_requests=4, max_queued_requests=2,
+                 chunked_prefill_size=32, progress=False)
+    yield eng
+    eng.shutdown()
+
+
+def test_kv_bytes_formula_matches_the_cache(engine):
+    m, cs = engine.model, engine.cache_size
+    per = kv_bytes_per_token_per_device(m.config, m.mesh_spec, m.kv_rep, m.dtype)
+    actual = sum(a.nbytes for a in jax.tree.leaves(engine.cache))
+    assert actual == per * engine.num_slots * engine.context_length == cs.cache_bytes_per_device
+    assert size_cache(m.config, m.mesh_spec, m.kv_rep, m.dtype, [], context_length=128, max_running_requests=8,
+                      mem_fraction_static=0.9, kv_cache_tokens=128 * 5 + 7).num_slots == 5
+    with pytest.raises(CapacityError, match="context length 128"):
+        size_cache(m.config, m.mesh_spec, m.kv_rep, m.dtype, [], context_length=128, max_running_requests=8,
+                   mem_fraction_static=0.9, kv_cache_tokens=100)
+
+
+def test_engine_greedy_equals_model_greedy(engine):
+    """Batched engine generation (chunked prefill: 45 = 32 + 13 tokens) = Model.generate_greedy."""
+    rng = np.random.default_rng(1)
+    prompts = rng.integers(0, 500, size=(2, 45))
+    ref = engine.model.generate_greedy(prompts, 20)
+    outs = engine.generate([p.tolist() for p in prompts], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == ref.tolist()
+    assert [o.text for o in outs] == [engine.tokenizer.decode(r) for r in ref.tolist()]
+    assert all(o.finish_reason == "length" and o.prompt_tokens == 45 for o in outs)
+    # A stop id ends generation at that token (counted, not shown).
+    stop_at = int(ref[0, 3])
+    first = ref[0].tolist().index(stop_at)
+    out = engine.generate(prompts[0].tolist(), SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_at]))[0]
+    assert (out.finish_reason, out.stop_reason, out.token_ids) == ("stop", stop_at, ref[0, :first + 1].tolist())
+
+
+def test_sampled_requests_reproducible_and_batch_invariant(engine):
+    sp = [SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=s, ignore_eos=True) for s in (5, 5, 6)]
+    together = engine.generate(["Tell me a story"] * 3, sp)
+    alone = engine.generate("Tell me a story", sp[0])[0]
+    assert together[0].token_ids == together[1].token_ids == alone.token_ids != together[2].token_ids
+
+
+def test_stream_cancel_and_queue_full(engine):
+    deltas = list(engine.stream("Hello", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
+    assert "".join(d.text for d in deltas) == engine.generate("Hello", SamplingParams(
+        max_tokens=8, temperature=0, ignore_eos=True))[0].text
+    assert deltas[-1].finished and sum(len(d.token_ids) for d in deltas) == 8
+
+    long = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
+    reqs = [engine.submit("Hello", long) for _ in range(4)]
+    deadline = time.monotonic() + 10
+    while engine.num_running < 4 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    reqs += [engine.submit("Hello", long) for _ in range(2)]  # all 4 slots busy: these 2 fill the queue
+    with pytest.raises(QueueFull, match="max_queued_requests=2"):
+        engine.submit("Hello", long)
+    for r in reqs:
+        engine.cancel(r)
+    deadline = time.monotonic() + 10
+    while (engine.num_running or engine.num_queued) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.num_running == 0 and engine.num_queued == 0
+    assert all(r.finish_reason == "abort" for r in reqs)
+    # Leaving a stream early cancels its request.
+    gen = engine.stream("Hello", long)
+    next(gen)
+    gen.close()
+    deadline = time.monotonic() + 10
+    while engine.num_running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.num_running == 0
+
+
+def test_length_errors_name_both_numbers(engine):
+    with pytest.raises(ValueError, match=r"prompt \(3 tokens\) plus max_tokens \(126\) is 129 tokens.*128"):
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=126))
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], SamplingParams())
+
+
+def test_shutdown_aborts_waiting_requests(ckpt, engine):
+    got = []
+    done = threading.Event()
+
+    def on_output(out):
+        got.append(out)
+        if out.finished:
+            done.set()
+
+    engine.submit("Hello", SamplingParams(max_tokens=120, temperature=0, ignore_eos=True), on_output)
+    engine.shutdown(reason="test shutdown")
+    assert done.wait(10)
+    assert got[-1].finish_reason == "abort" and got[-1].error == "test shutdown"
+    with pytest.raises(EngineClosed):
+        engine.submit("Hello")
