@@ -20,6 +20,7 @@ manifest against the directory (a missing or cut file), each with an error namin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -43,16 +44,13 @@ FORMAT_VERSION = 1
 META_FILE = "qwen3_jax_orbax.json"
 PARAMS_DIR = "params"
 KV_AXIS = "kv_heads"
-# Host memory in flight while saving / restoring (Orbax's own throttles), in GB: conversion of a
-# model far larger than host RAM stays bounded; restore is allowed more for throughput.
+# Host memory in flight while saving / restoring (Orbax's own throttles), in GB: saving from
+# accelerators copies at most this much to the host at once; restore is allowed more for throughput.
 SAVE_CONCURRENT_GB = 8
 RESTORE_CONCURRENT_GB = 32
 # Source-checkpoint files that are weights (never copied next to the Orbax params).
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth",
                     ".gguf", ".msgpack", ".h5")
-# Config fields that change no param shape: editing them in a converted checkpoint is allowed.
-_SHAPE_FREE_FIELDS = {"name", "rope", "max_position_embeddings", "rms_norm_eps", "norm_topk_prob",
-                      "num_experts_per_tok", "bos_token_id", "eos_token_id"}
 
 
 # -- names and metadata ------------------------------------------------------------------------
@@ -145,6 +143,19 @@ def _orbax():
     return ocp
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax logs every save/restore step at INFO through absl; keep those for --log-level debug."""
+    absl_log = logging.getLogger("absl")
+    old = absl_log.level
+    if not log.isEnabledFor(logging.DEBUG):
+        absl_log.setLevel(max(old, logging.WARNING))
+    try:
+        yield
+    finally:
+        absl_log.setLevel(old)
+
+
 def _checkpointer(ocp, *, compress: bool = False, save_gb: int = SAVE_CONCURRENT_GB,
                   restore_gb: int = RESTORE_CONCURRENT_GB):
     """A synchronous PyTree checkpointer, passing only the options this Orbax version has."""
@@ -199,17 +210,20 @@ def save_orbax(model, out_dir: str, *, source_dir: str | None = None, compress: 
         if not is_orbax_checkpoint(out_dir):
             raise FileExistsError(f"{out_dir} is not an Orbax checkpoint of ours; refusing to overwrite it")
         shutil.rmtree(out_dir)
+    primary = jax.process_index() == 0  # several processes: each saves its shards, one writes the files
     os.makedirs(out_dir, exist_ok=True)
-    if source_dir is not None:
+    if primary and source_dir is not None:
         _copy_aux_files(source_dir, out_dir)
-    if not os.path.exists(os.path.join(out_dir, "config.json")):
+    if primary and not os.path.exists(os.path.join(out_dir, "config.json")):
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(model.config.to_hf_dict(), f, indent=2)
 
     arrays = saved_arrays(model)
     params_dir = os.path.join(out_dir, PARAMS_DIR)
     t0 = time.perf_counter()
-    _checkpointer(ocp, compress=compress, save_gb=save_gb).save(params_dir, args=ocp.args.PyTreeSave(_nest(arrays)))
+    with _quiet_orbax():
+        _checkpointer(ocp, compress=compress, save_gb=save_gb).save(params_dir,
+                                                                    args=ocp.args.PyTreeSave(_nest(arrays)))
     save_s = time.perf_counter() - t0
 
     meta = {
@@ -224,9 +238,10 @@ def save_orbax(model, out_dir: str, *, source_dir: str | None = None, compress: 
         "params": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()},
         "files": _file_manifest(params_dir),
     }
-    with open(os.path.join(out_dir, META_FILE + ".tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out_dir, META_FILE + ".tmp"), os.path.join(out_dir, META_FILE))
+    if primary:
+        with open(os.path.join(out_dir, META_FILE + ".tmp"), "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(os.path.join(out_dir, META_FILE + ".tmp"), os.path.join(out_dir, META_FILE))
     log.info("saved %d params (%.2f GB) to %s in %.1fs", len(arrays),
              sum(meta["files"].values()) / 1e9, params_dir, save_s)
     return meta
@@ -328,7 +343,7 @@ def load_orbax(path: str, *, mesh=None, dtype="bfloat16", devices=None,
         log.warning("%s was converted in %s; loading in %s gives %s values in a wider type", path,
                     meta["dtype"], dtype, meta["dtype"])
 
-    one_device = jax.sharding.SingleDeviceSharding((devices or jax.devices())[0])
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # ctx is None: one default device
     targets, restore_args, final = {}, {}, {}
     for name, (_, var) in zip(names, leaves):
         full = ctx.sharding(_axes(var)) if ctx else one_device
@@ -341,9 +356,10 @@ def load_orbax(path: str, *, mesh=None, dtype="bfloat16", devices=None,
 
     t0 = time.perf_counter()
     try:
-        restored = _checkpointer(ocp, restore_gb=restore_gb).restore(
-            os.path.join(path, PARAMS_DIR),
-            args=ocp.args.PyTreeRestore(item=_nest(targets), restore_args=_nest(restore_args)))
+        with _quiet_orbax():
+            restored = _checkpointer(ocp, restore_gb=restore_gb).restore(
+                os.path.join(path, PARAMS_DIR),
+                args=ocp.args.PyTreeRestore(item=_nest(targets), restore_args=_nest(restore_args)))
     except (ValueError, OSError, RuntimeError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"Orbax could not read {os.path.join(path, PARAMS_DIR)} ({type(e).__name__}: "
                               f"{str(e)[:500]}); the checkpoint is damaged or from another Orbax layout: "

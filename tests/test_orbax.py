@@ -44,7 +44,18 @@ def assert_same_model(restored, direct):
 
 
 def make_fp8_checkpoint(src: str, out: str) -> str:
-    """Qwen's block-FP8 layout from a float32 HF checkpoint: quantizable linears e4m3 + scale_inv."""
+    """Qwen's block-FP8 layout from a float32 HF checkpoint: quantizable linears e4m3 + scale_inv.
+
+    Uses the project's quantizer (python -m qwen3_jax.quantize) where present, else writes the
+    same layout here from fp8.quantize_blocks.
+    """
+    try:
+        from qwen3_jax.quantize import quantize_checkpoint
+    except ImportError:
+        quantize_checkpoint = None
+    if quantize_checkpoint is not None:
+        quantize_checkpoint(src, out)
+        return out
     from qwen3_jax.checkpoint import param_sources
     from qwen3_jax.config import Qwen3MoeConfig
     from qwen3_jax.fp8 import quantize_blocks
