@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Callable
 
 import numpy as np
 
 from .config import Qwen3MoeConfig
+from .fp8 import kind_kept_unquantized
 from .safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 log = logging.getLogger(__name__)
@@ -247,6 +249,17 @@ def validate_checkpoint(ckpt: SafetensorsCheckpoint, cfg: Qwen3MoeConfig) -> Non
                     if not _is_fp8(ckpt.dtype(n)) and n + "_scale_inv" in present:
                         raise CheckpointError(f"tensor {n} in {ckpt.file_of(n)} has a scale but is "
                                               f"{ckpt.dtype(n)}, not float8_e4m3fn")
+                    if not _is_fp8(ckpt.dtype(n)) and not kind_kept_unquantized(cfg, _fp8_kind(n)):
+                        raise CheckpointError(
+                            f"tensor {n} in {ckpt.file_of(n)} is {ckpt.dtype(n)} with no weight_scale_inv, but "
+                            "config.json's quantization_config quantizes it (it is not in modules_to_not_convert); "
+                            "add the module to modules_to_not_convert or re-quantize with python -m qwen3_jax.quantize")
+
+
+def _fp8_kind(name: str) -> str:
+    """'model.layers.3.mlp.experts.7.up_proj.weight' -> 'mlp.experts.up_proj' (as fp8.kind_modules names kinds)."""
+    module = re.sub(r"^model\.layers\.\d+\.", "", name[: -len(".weight")])
+    return re.sub(r"^mlp\.experts\.\d+\.", "mlp.experts.", module)
 
 
 def _names_if_present(src: HfTensor, layer, present):

@@ -26,7 +26,7 @@ from sharding.context import ShardingContext, constrain
 from sharding.rules import partition_spec
 
 from .config import Qwen3MoeConfig, yarn_inv_freq
-from .fp8 import FP8_DTYPE, dequantize
+from .fp8 import FP8_DTYPE, dequantize, kind_kept_unquantized
 from . import kernels
 from .moe import moe_ffn, route
 
@@ -121,10 +121,11 @@ def apply_rope(x_bthq, cos_btq, sin_btq):
 def _fp8_block(cfg: Qwen3MoeConfig, hf_module: str, d_is_input: bool) -> int | None:
     """FP8 block size along D for one projection kind, or None to keep it in the compute dtype.
 
-    A projection listed (by substring) in modules_to_not_convert stays unquantized in every
-    layer; the loader dequantizes any FP8 tensors of that kind, so numerics are unchanged.
+    A projection any module of which modules_to_not_convert names (transformers' matching, see
+    fp8.kind_kept_unquantized) stays unquantized in every layer; the loader dequantizes any FP8
+    tensors of that kind, so numerics are unchanged.
     """
-    if cfg.fp8 is None or any(m in hf_module or hf_module in m for m in cfg.fp8.modules_to_not_convert):
+    if cfg.fp8 is None or kind_kept_unquantized(cfg, hf_module):
         return None
     return cfg.fp8.block_in if d_is_input else cfg.fp8.block_out
 
