@@ -46,14 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model name clients send and /v1/models lists; default: the --model path as given")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("QWEN3_JAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $QWEN3_JAX_API_KEY, else open)")
+    p.add_argument("--compilation-cache", metavar="DIR", default=None,
+                   help="where compiled XLA programs are kept so a restart skips compiling "
+                        "(default: $XDG_CACHE_HOME/qwen3-jax/xla; 'off' disables)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="logging verbosity")
     try:
         from . import dry_run
-    except ImportError:
-        dry_run = None
-    if dry_run is not None:
-        dry_run.add_arguments(p)
+    except ImportError:  # serve/dry_run.py is another piece of work; serving does not need it
+        return p
+    dry_run.add_arguments(p)  # --dry-run, --json, --sweep, --device-memory, --num-devices
     return p
 
 
@@ -64,6 +66,9 @@ def prepare_devices(mesh: str) -> int:
     """
     from sharding.mesh import parse_mesh_spec
 
+    # JAX's GPU allocator takes 75% of a card by default; the server owns the card and splits it
+    # itself (--mem-fraction-static for weights + KV cache, the rest workspace), so let it see 95%.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     n = parse_mesh_spec(mesh).num_devices
     if n > 1:
         flags = os.environ.get("XLA_FLAGS", "")
@@ -77,6 +82,20 @@ def prepare_devices(mesh: str) -> int:
     return n
 
 
+def enable_compilation_cache(path: str | None):
+    """JAX's persistent compilation cache: the second start of the same setup skips XLA compiles."""
+    if path == "off":
+        return
+    import jax
+
+    from .builtin import cache_root
+
+    path = path or os.path.join(cache_root(), "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # small entries, all worth keeping
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def check_port(host: str, port: int):
     """Fail before minutes of loading and compiling if the port is taken."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -87,30 +106,39 @@ def check_port(host: str, port: int):
             raise SystemExit(f"error: cannot listen on {host}:{port} ({e.strerror}); pass another --port")
 
 
+def jax_platform() -> str:
+    import jax
+    return jax.devices()[0].platform
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
 def _memory_plan(args, cfg, spec):
-    """The memory planner's verdict when sharding/memory.py is present, else None."""
-    try:
-        from sharding.memory import plan_memory
-    except ImportError:
-        return None
+    """The memory planner's plan for this device (sharding/memory.py), or None on CPU.
+
+    It compiles the engine's own steps on the real devices for XLA's memory analysis (nothing
+    is allocated) and counts weights from the model's declared shardings.
+    """
     import jax
 
-    dev = jax.devices()[0]
-    stats = None
     try:
-        stats = dev.memory_stats()
-    except Exception:
-        pass
+        from sharding.memory import plan_memory
+
+        from .dry_run import ENGINE_STEPS
+    except ImportError:  # no planner: capacity.py sizes the cache from memory_stats() instead
+        return None
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # platforms without memory figures raise or return None
+        stats = None
     if not stats or "bytes_limit" not in stats:
-        return None  # CPU: no device memory figure to plan against
+        return None
     return plan_memory(cfg, spec, device_memory_bytes=int(stats["bytes_limit"]),
-                       mem_fraction_static=args.mem_fraction_static,
-                       context_length=args.context_length or cfg.max_position_embeddings,
-                       max_running_requests=args.max_running_requests, dtype=args.dtype)
+                       mem_fraction_static=args.mem_fraction_static, context_length=args.context_length,
+                       max_running_requests=args.max_running_requests,
+                       chunked_prefill_size=args.chunked_prefill_size, dtype=args.dtype, steps=ENGINE_STEPS)
 
 
 def main(argv=None) -> int:
@@ -129,6 +157,7 @@ def main(argv=None) -> int:
         print(f"error: --mesh {args.mesh!r}: {e}", file=sys.stderr)
         return 2
     check_port(args.host, args.port)
+    enable_compilation_cache(args.compilation_cache)
     try:
         return _serve(args)
     except KeyboardInterrupt:
@@ -153,14 +182,17 @@ def _serve(args) -> int:
     log.info(spec.describe())
     kv_tokens = None
     plan = _memory_plan(args, cfg, spec)
-    if plan is not None:
-        if not plan.fits:
-            print(plan.format(), file=sys.stderr)
-            log.error("the model does not fit this mesh at --mem-fraction-static %s; see the plan above",
-                      args.mem_fraction_static)
-            return 3
+    if plan is None:
+        log.info("memory: no device memory figure on %s; KV cache sized from --max-running-requests x "
+                 "--context-length", jax_platform())
+    elif not plan.fits:
+        print(plan.format(), file=sys.stderr)
+        log.error("refusing to start: the model does not fit this mesh at --mem-fraction-static %s "
+                  "(plan above; `python -m serve --dry-run --sweep ...` compares meshes)", args.mem_fraction_static)
+        return 1
+    else:
         kv_tokens = plan.kv_cache_tokens
-        log.info("memory plan:\n%s", plan.format())
+        log.info("%s", plan.format())
     t0 = time.perf_counter()
     try:
         engine = Engine(path, mesh=spec, dtype=args.dtype, context_length=args.context_length,

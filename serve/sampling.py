@@ -66,15 +66,22 @@ def device_seed(seed: int) -> np.int32:
     return np.int32(folded)
 
 
-def _sample_rows(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b):
-    """Temperature, top-k then top-p over sorted logits; one categorical draw per row."""
+TOP_K_FAST = 64  # rows all asking top_k <= this are sampled from a top_k(64) instead of a full sort
+
+
+def _sample_rows(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, width: int):
+    """Temperature, then top-k, then top-p (each renormalizing, as transformers' warpers do),
+    then one categorical draw per row, over the `width` best logits (width = V: all of them)."""
     b, v = logits_bv.shape
     t = jnp.where(temperature_b > 0, temperature_b, 1.0)
     scaled = logits_bv / t[:, None]
-    order = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v))
-    neg_sorted, idx = jax.lax.sort((-scaled, order), dimension=1, num_keys=1)
-    sorted_logits = -neg_sorted  # descending
-    rank = jnp.arange(v, dtype=jnp.int32)[None, :]
+    if width < v:
+        sorted_logits, idx = jax.lax.top_k(scaled, width)
+    else:
+        order = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v))
+        neg_sorted, idx = jax.lax.sort((-scaled, order), dimension=1, num_keys=1)
+        sorted_logits = -neg_sorted  # descending
+    rank = jnp.arange(width, dtype=jnp.int32)[None, :]
     k = jnp.where(top_k_b > 0, top_k_b, v)
     masked = jnp.where(rank < k[:, None], sorted_logits, -jnp.inf)
     probs = jax.nn.softmax(masked, axis=-1)
@@ -86,19 +93,30 @@ def _sample_rows(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b):
         return jax.random.categorical(key, row)
 
     choice = jax.vmap(draw)(seed_b, step_b, masked)
-    return jnp.take_along_axis(idx, choice[:, None], axis=1)[:, 0]
+    return jnp.take_along_axis(idx, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
 
 
 def sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b):
     """logits float32 [B, V] + per-row params [B] -> token ids int32 [B].
 
-    Greedy rows (temperature 0) are the plain argmax. The sort for sampling runs only when some
-    row samples, so an all-greedy batch pays for one argmax.
+    Greedy rows (temperature 0) are the plain argmax; an all-greedy batch pays for one argmax.
+    When every sampling row has 0 < top_k <= 64 (Qwen3's generation_config asks top_k=20) the
+    candidates come from lax.top_k(64), exact for those rows and far cheaper than sorting a
+    152k vocabulary; otherwise the whole row is sorted.
     """
+    v = logits_bv.shape[-1]
     greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    sampling = temperature_b > 0
+    args = (logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b)
 
-    def sampled():
-        drawn = _sample_rows(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b)
-        return jnp.where(temperature_b > 0, drawn, greedy).astype(jnp.int32)
+    def pick(drawn):
+        return jnp.where(sampling, drawn, greedy)
 
-    return jax.lax.cond(jnp.any(temperature_b > 0), sampled, lambda: greedy)
+    if v <= TOP_K_FAST:
+        full = lambda: pick(_sample_rows(*args, width=v))  # noqa: E731
+        return jax.lax.cond(jnp.any(sampling), full, lambda: greedy)
+    narrow_ok = jnp.all(~sampling | ((top_k_b > 0) & (top_k_b <= TOP_K_FAST)))
+    branch = jnp.where(jnp.any(sampling), jnp.where(narrow_ok, 1, 2), 0)
+    return jax.lax.switch(branch, [lambda: greedy,
+                                   lambda: pick(_sample_rows(*args, width=TOP_K_FAST)),
+                                   lambda: pick(_sample_rows(*args, width=v))])

@@ -56,6 +56,18 @@ def test_sampler_frequencies_follow_temperature_top_k_top_p():
     assert np.abs(freq - q).max() < 4 * np.sqrt(0.25 / n)
 
 
+def test_sampler_wide_vocab_paths():
+    """V > 64: rows all with top_k <= 64 take the top_k(64) path, any other row the full sort."""
+    p = np.full(100, 0.05 / 97)
+    p[:3] = [0.5, 0.3, 0.15]
+    n = 4000
+    tol = 4 * np.sqrt(0.25 / n)
+    narrow = np.bincount(_draw(p, n, top_k=2), minlength=100) / n
+    assert narrow[2:].sum() == 0 and abs(narrow[0] - 0.625) < tol
+    full = np.bincount(_draw(p, n), minlength=100) / n
+    assert np.abs(full[:3] - p[:3]).max() < tol and abs(full[3:].sum() - 0.05) < tol
+
+
 def test_sampler_greedy_rows_and_reproducible_keys():
     logits = jax.random.normal(jax.random.key(0), (6, 50))
     t = jnp.array([0, 1, 0, 1, 0.7, 0], jnp.float32)

@@ -2,7 +2,7 @@
 
 Three servers start in parallel at the top of the module, all float32 so comparisons are exact:
   main   built-in model on one device, API key required, 4 slots, 16 queue places
-  mesh   the same model under --mesh tp=2,ep=4 on 8 simulated CPU devices
+  mesh   the same model under --mesh tp=2,ep=4 (4 simulated CPU devices: dp=2 x tp=2, experts over 4)
   fp8    the built-in model quantized to Qwen's block-FP8 layout, under --mesh tp=2,ep=4
 Prompts longer than --chunked-prefill-size 32 are prefilled in chunks, so that path runs too.
 """
