@@ -93,7 +93,7 @@ def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
 
 
 from .fp8_linear import fp8_einsum  # noqa: E402
-from .moe_ffn import ExpertArrays, moe_ffn, moe_ffn_stacked  # noqa: E402
+from .moe_ffn import ExpertArrays, moe_ffn_stacked  # noqa: E402
 
 __all__ = ["enabled", "set_enabled", "kernels_enabled", "active", "interpret", "pick_tile",
-           "fp8_einsum", "moe_ffn", "moe_ffn_stacked", "ExpertArrays"]
+           "fp8_einsum", "moe_ffn_stacked", "ExpertArrays"]

@@ -116,17 +116,30 @@ def _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block):
         raise ValueError(f"layout must be 'k' or 'n', got {layout!r}")
 
 
-def gemv_tiles(k_dim: int, n_dim: int, rows: int, fp8: bool, layout: str, block: int, *,
-               bn: int = 64, bk: int = 128, target_programs: int = 264, max_split: int = 8):
-    """Tiles that divide the shape and give enough programs to keep every SM streaming
-    (split K while rows x column tiles is under `target_programs`). None if nothing fits."""
+# Defaults by weight kind, overridable in-process (serve.bench --sweep installs the fastest
+# measured; benchmarks/NOTES.md has the numbers). target_programs: split K until rows x column
+# tiles x splits reaches it, so small batches still put every SM to work.
+GEMV_DEFAULTS = {
+    "bf16": dict(bn=64, bk=128, num_warps=4, num_stages=3, acc2d=True, convert="cast",
+                 target_programs=264, max_split=8),
+    "fp8": dict(bn=64, bk=128, num_warps=4, num_stages=3, acc2d=True, convert="cast",
+                target_programs=264, max_split=8),
+}
+
+
+def gemv_tiles(k_dim: int, n_dim: int, rows: int, fp8: bool, layout: str, block: int, **override):
+    """gemv keyword arguments for this shape: defaults (GEMV_DEFAULTS + override) shrunk until
+    they divide the shape, then K split for enough programs. None if nothing divides."""
     from . import pick_tile
+    cfg = {**GEMV_DEFAULTS["fp8" if fp8 else "bf16"], **override}
+    bn, bk = cfg["bn"], cfg["bk"]
     bn_t = pick_tile(n_dim, min(bn, block) if fp8 and layout == "n" else bn)
     bk_t = pick_tile(k_dim, min(bk, block) if fp8 and layout == "k" else bk)
     if bn_t is None or bk_t is None:
         return None
     split = 1
-    while (rows * (n_dim // bn_t) * split < target_programs and split * 2 <= max_split
+    while (rows * (n_dim // bn_t) * split < cfg["target_programs"] and split * 2 <= cfg["max_split"]
            and k_dim % (bk_t * split * 2) == 0):
         split *= 2
-    return dict(bn=bn_t, bk=bk_t, split_k=split)
+    return dict(bn=bn_t, bk=bk_t, split_k=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                acc2d=cfg["acc2d"], convert=cfg["convert"])

@@ -92,16 +92,22 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
     )(groups_b.astype(jnp.int32), x_rk, *weights, *scales)
 
 
-def matmul_tiles(k_dim: int, n_dim: int, bm: int, fp8: bool, layout: str, block: int):
-    """Default tiles by block height: small bm is memory-bound (narrow N tiles, more programs),
-    bm >= 64 is compute-bound (square-ish tiles, 8 warps). None if nothing divides."""
+# Defaults by block height, overridable in-process like gemv.GEMV_DEFAULTS: small blocks
+# (decode batches) are memory-bound, so narrow N tiles and more programs; bm >= 64 (prefill)
+# is compute-bound: bigger tiles, 8 warps.
+MATMUL_DEFAULTS = {
+    "small": dict(bn=64, bk=128, num_warps=4, num_stages=3),
+    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3),
+}
+
+
+def matmul_tiles(k_dim: int, n_dim: int, bm: int, fp8: bool, layout: str, block: int, **override):
+    """grouped_matmul keyword arguments (besides bm) for this shape, or None if nothing divides."""
     from . import pick_tile
-    if bm >= 64:
-        bn, bk, warps = 128, 64, 8 if bm >= 128 else 4
-    else:
-        bn, bk, warps = 64, 128, 4
+    cfg = {**MATMUL_DEFAULTS["large" if bm >= 64 else "small"], **override}
+    bn, bk = cfg["bn"], cfg["bk"]
     bn_t = pick_tile(n_dim, min(bn, block) if fp8 and layout == "n" else bn)
     bk_t = pick_tile(k_dim, min(bk, block) if fp8 and layout == "k" else bk)
     if bn_t is None or bk_t is None:
         return None
-    return dict(bn=bn_t, bk=bk_t, num_warps=warps)
+    return dict(bn=bn_t, bk=bk_t, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

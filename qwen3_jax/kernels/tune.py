@@ -1,0 +1,258 @@
+"""Microbenchmarks of the kernels at one MoE layer / projection of a real model's shapes, next
+to the plain-XLA path and the HBM floor, and a tile sweep that installs the fastest settings
+(gemv.GEMV_DEFAULTS, grouped_matmul.MATMUL_DEFAULTS, moe_ffn.GEMV_MAX_ASSIGNMENTS).
+
+Used by `python -m serve.bench --sweep`. Weights are stacked over a few layers and every timed
+call reads another layer, so the 50 MB L2 never holds the weights between calls.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..fp8 import dequantize
+from ..moe import expert_ffn
+from . import gemv as gemv_mod
+from . import grouped_matmul as gm_mod
+from . import moe_ffn as moe_mod
+
+GEMV_VARIANTS = [{}, dict(bn=32), dict(bn=128), dict(bk=64), dict(num_warps=8), dict(acc2d=False),
+                 dict(target_programs=528)]
+GEMV_FP8_VARIANTS = GEMV_VARIANTS + [dict(convert="bits"), dict(convert="bits", num_warps=8)]
+SMALL_MATMUL_VARIANTS = [{}, dict(bn=32), dict(bn=128)]
+LARGE_MATMUL_VARIANTS = [{}, dict(bn=64, num_warps=4)]
+
+
+def median_time(fn, arg_sets, reps: int = 20, warmup: int = 2) -> float:
+    """Median seconds of fn(*args), cycling through arg_sets (different layers: no L2 reuse)."""
+    for i in range(warmup):
+        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+    times = []
+    for i in range(reps):
+        args = arg_sets[i % len(arg_sets)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def random_experts(key, layers, e, d, f, fp8: bool, block=128):
+    """Stacked [L*E, ...] expert weights (bf16, or FP8 + float32 scales) created on the device."""
+    ks = jax.random.split(key, 3)
+
+    def mk(k, shape, block_axis):
+        if not fp8:
+            return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(jnp.bfloat16), None
+        w = jax.random.normal(k, shape, jnp.float32).astype(jnp.float8_e4m3fn)
+        s_shape = list(shape)
+        s_shape[block_axis] = -(-shape[block_axis] // block)
+        return w, jnp.full(s_shape, 0.02, jnp.float32)
+
+    (g, gs), (u, us), (dn, ds) = (mk(ks[0], (layers * e, d, f), 1), mk(ks[1], (layers * e, d, f), 1),
+                                  mk(ks[2], (layers * e, f, d), 2))
+    return moe_mod.ExpertArrays(g, u, dn, gs, us, ds, block=block, num_experts=e)
+
+
+def routing(key, n, e, k):
+    """Uniform routing: each token a random set of k distinct experts, weights summing to 1."""
+    k1, k2 = jax.random.split(key)
+    experts = jnp.argsort(jax.random.uniform(k1, (n, e)), axis=1)[:, :k].astype(jnp.int32)
+    w = jax.random.uniform(k2, (n, k), minval=0.1, maxval=1.0)
+    return w / w.sum(axis=1, keepdims=True), experts
+
+
+def expert_bytes(arrays) -> int:
+    """Bytes of one expert (gate + up + down, with scales)."""
+    n = 0
+    for a in (arrays.gate, arrays.up, arrays.down, arrays.gate_scale, arrays.up_scale, arrays.down_scale):
+        if a is not None:
+            n += a.nbytes // a.shape[0]
+    return n
+
+
+def _layer_arrays(arrays, layer):
+    return moe_mod.ExpertArrays(arrays.gate, arrays.up, arrays.down, arrays.gate_scale, arrays.up_scale,
+                                arrays.down_scale, arrays.block, arrays.num_experts,
+                                jnp.asarray(layer, jnp.int32) * arrays.num_experts)
+
+
+def moe_layer_fn(arrays, strategy, gemv_cfg=None, matmul_cfg=None):
+    """jitted (x, w, experts, layer) -> [N, D] with the kernels, tiles overridden."""
+    @jax.jit
+    def run(x, w, experts, layer):
+        with _override(gemv_cfg, matmul_cfg):
+            return moe_mod.moe_ffn(x, w, experts, _layer_arrays(arrays, layer), strategy=strategy)
+    return run
+
+
+def xla_layer_fn(arrays):
+    """The plain-XLA reference (sort + ragged_dot over the layer's experts, FP8 dequantized)."""
+    e = arrays.num_experts
+
+    @jax.jit
+    def run(x, w, experts, layer):
+        def sl(a):
+            return jax.lax.dynamic_slice_in_dim(a, layer * e, e, 0)
+        mats = []
+        for wt, sc, ax in ((arrays.gate, arrays.gate_scale, 1), (arrays.up, arrays.up_scale, 1),
+                           (arrays.down, arrays.down_scale, 2)):
+            mats.append(sl(wt) if sc is None else dequantize(sl(wt), sl(sc), ax, arrays.block, x.dtype))
+        return expert_ffn(x, w, experts, *mats).astype(x.dtype)
+    return run
+
+
+class _override:
+    """Temporarily replace the default tile dicts (read at trace time)."""
+
+    def __init__(self, gemv_cfg, matmul_cfg):
+        self.g, self.m = gemv_cfg, matmul_cfg
+
+    def __enter__(self):
+        self.saved = ({k: dict(v) for k, v in gemv_mod.GEMV_DEFAULTS.items()},
+                      {k: dict(v) for k, v in gm_mod.MATMUL_DEFAULTS.items()})
+        for key, cfg in (self.g or {}).items():
+            gemv_mod.GEMV_DEFAULTS[key].update(cfg)
+        for key, cfg in (self.m or {}).items():
+            gm_mod.MATMUL_DEFAULTS[key].update(cfg)
+
+    def __exit__(self, *exc):
+        gemv_mod.GEMV_DEFAULTS.clear()
+        gemv_mod.GEMV_DEFAULTS.update(self.saved[0])
+        gm_mod.MATMUL_DEFAULTS.clear()
+        gm_mod.MATMUL_DEFAULTS.update(self.saved[1])
+
+
+def sweep_moe(bandwidth: float, *, e=128, d=2048, f=768, k=8, layers=4, batches=(1, 8, 64, 256),
+              prefill_tokens=8192, matmul_rate=None, log=print, install=True, reps=20):
+    """Time one MoE layer for each dtype, batch and strategy/tile variant; return rows and (if
+    `install`) put the fastest gemv/matmul settings and the gemv/blocks crossover in place."""
+    rows = []
+    best_cfg = {}
+    for fp8 in (False, True):
+        kind = "fp8" if fp8 else "bf16"
+        arrays = random_experts(jax.random.key(1), layers, e, d, f, fp8)
+        per_expert = expert_bytes(arrays)
+
+        def case(n, seed=0):
+            w, ex = routing(jax.random.key(100 + n + seed), n, e, k)
+            x = jax.random.normal(jax.random.key(7), (n, d), jnp.bfloat16)
+            distinct = len(np.unique(np.asarray(ex)))
+            return [(x, w, ex, jnp.int32(i)) for i in range(layers)], distinct
+
+        def record(label, n, fn, sets, distinct, cfg=None):
+            try:
+                t = median_time(fn, sets, reps=reps)
+            except Exception as err:  # a tiling Triton rejects: report and go on
+                log(f"  {kind} n={n} {label}: FAILED {type(err).__name__}: {str(err)[:200]}")
+                return None
+            floor = distinct * per_expert / bandwidth
+            row = dict(kind=kind, tokens=n, variant=label, us=t * 1e6, floor_us=floor * 1e6,
+                       pct_floor=100 * floor / t, cfg=cfg or {})
+            if n >= 1024 and matmul_rate:
+                flops = 2 * n * k * 3 * d * f
+                row["tflops"] = flops / t / 1e12
+                row["pct_matmul"] = 100 * flops / t / matmul_rate
+            rows.append(row)
+            log(f"  {kind:4s} n={n:5d} {label:42s} {t * 1e6:9.1f} us  floor {floor * 1e6:7.1f} us  "
+                f"{row['pct_floor']:5.1f}%" + (f"  {row['pct_matmul']:.1f}% of matmul" if "pct_matmul" in row else ""))
+            return t
+
+        # 1. gemv tiles at batch 1 (8 assignments)
+        sets, distinct = case(1)
+        variants = GEMV_FP8_VARIANTS if fp8 else GEMV_VARIANTS
+        timings = []
+        for v in variants:
+            t = record(f"gemv {_fmt(v)}", 1, moe_layer_fn(arrays, "gemv", {kind: v}), sets, distinct, v)
+            if t is not None:
+                timings.append((t, v))
+        best_g = min(timings, key=lambda p: p[0])[1] if timings else {}
+        best_cfg[("gemv", kind)] = best_g
+        # 2. small-block matmul tiles at batch 64
+        sets64, distinct64 = case(64)
+        timings = []
+        for v in SMALL_MATMUL_VARIANTS:
+            t = record(f"blocks {_fmt(v)}", 64, moe_layer_fn(arrays, "blocks", None, {"small": v}),
+                       sets64, distinct64, v)
+            if t is not None:
+                timings.append((t, v))
+        best_s = min(timings, key=lambda p: p[0])[1] if timings else {}
+        best_cfg[("small", kind)] = best_s
+        # 3. crossover and every batch: best gemv vs best blocks vs XLA
+        cross, contiguous = 0, True
+        for n in sorted(set(batches) | {4, 16, 32}):
+            sets_n, distinct_n = case(n)
+            tg = record("gemv best", n, moe_layer_fn(arrays, "gemv", {kind: best_g}), sets_n, distinct_n) \
+                if n * k <= 1024 else None
+            tb = record("blocks best", n, moe_layer_fn(arrays, "blocks", None, {"small": best_s}), sets_n, distinct_n)
+            if n in (1, 64) or n == max(batches):
+                record("xla ragged_dot (reference)", n, xla_layer_fn(arrays), sets_n, distinct_n)
+            if contiguous and tg is not None and tb is not None and tg <= tb:
+                cross = n * k          # gemv still wins at this many assignments
+            else:
+                contiguous = False
+        best_cfg[("cross", kind)] = cross
+        # 4. prefill-sized MoE layer on big blocks
+        if prefill_tokens:
+            sets_p, distinct_p = case(prefill_tokens)
+            timings = []
+            for v in LARGE_MATMUL_VARIANTS:
+                t = record(f"blocks prefill {_fmt(v)}", prefill_tokens,
+                           moe_layer_fn(arrays, "blocks", None, {"large": v}), sets_p, distinct_p, v)
+                if t is not None:
+                    timings.append((t, v))
+            best_cfg[("large", kind)] = min(timings, key=lambda p: p[0])[1] if timings else {}
+            record("xla ragged_dot (reference)", prefill_tokens, xla_layer_fn(arrays), sets_p, distinct_p)
+        del arrays
+    if install:
+        install_best(best_cfg, log)
+    return rows, best_cfg
+
+
+def install_best(best_cfg, log=print):
+    for kind in ("bf16", "fp8"):
+        gemv_mod.GEMV_DEFAULTS[kind].update(best_cfg.get(("gemv", kind), {}))
+    # grouped_matmul tiles are shared by both weight kinds: take bf16's (FP8 reads half the bytes,
+    # so bf16 is the more bandwidth-bound case) unless only FP8 was measured.
+    for size in ("small", "large"):
+        cfg = best_cfg.get((size, "bf16"), best_cfg.get((size, "fp8")))
+        if cfg:
+            gm_mod.MATMUL_DEFAULTS[size].update(cfg)
+    crosses = [best_cfg[("cross", kd)] for kd in ("bf16", "fp8") if ("cross", kd) in best_cfg]
+    if crosses:
+        moe_mod.GEMV_MAX_ASSIGNMENTS = max(8, min(crosses))
+    log(f"installed: GEMV_DEFAULTS={gemv_mod.GEMV_DEFAULTS} MATMUL_DEFAULTS={gm_mod.MATMUL_DEFAULTS} "
+        f"GEMV_MAX_ASSIGNMENTS={moe_mod.GEMV_MAX_ASSIGNMENTS}")
+
+
+def sweep_fp8_linear(bandwidth: float, *, d=2048, h=32, q=128, layers=4, rows=(1, 8), log=print, reps=20):
+    """q_proj-shaped FP8 projection: the fused kernel vs XLA bf16 and XLA dequantize-then-einsum."""
+    from .fp8_linear import fp8_einsum
+    out = []
+    w8 = jax.random.normal(jax.random.key(3), (layers, d, h, q), jnp.float32).astype(jnp.float8_e4m3fn)
+    sc = jnp.full((layers, d // 128, h, q), 0.02, jnp.float32)
+    wb = (0.02 * jax.random.normal(jax.random.key(4), (layers, d, h, q), jnp.float32)).astype(jnp.bfloat16)
+    fns = {
+        "fp8 kernel": jax.jit(lambda x, i: fp8_einsum("btd,dhq->bthq", x, w8, sc, 0, 128, layer=i)),
+        "xla fp8 dequantize+einsum": jax.jit(lambda x, i: jnp.einsum(
+            "btd,dhq->bthq", x, dequantize(w8[i], sc[i], 0, 128, jnp.bfloat16))),
+        "xla bf16 einsum": jax.jit(lambda x, i: jnp.einsum("btd,dhq->bthq", x, wb[i])),
+    }
+    for m in rows:
+        x = jax.random.normal(jax.random.key(5), (1, m, d), jnp.bfloat16)
+        sets = [(x, jnp.int32(i)) for i in range(layers)]
+        for label, fn in fns.items():
+            t = median_time(fn, sets, reps=reps)
+            nbytes = d * h * q * (2 if "bf16" in label else 1) + (0 if "bf16" in label else sc.nbytes // layers)
+            floor = nbytes / bandwidth
+            out.append(dict(rows=m, variant=label, us=t * 1e6, floor_us=floor * 1e6, pct_floor=100 * floor / t))
+            log(f"  q_proj m={m:3d} {label:28s} {t * 1e6:8.1f} us  floor {floor * 1e6:6.1f} us  {100 * floor / t:5.1f}%")
+    return out
+
+
+def _fmt(v: dict) -> str:
+    return ",".join(f"{k}={x}" for k, x in v.items()) or "default"

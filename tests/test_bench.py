@@ -1,0 +1,82 @@
+"""serve.bench on CPU with the tiny config: it runs, and its floors are the arithmetic they claim."""
+
+import json
+
+import numpy as np
+import pytest
+
+from serve import bench
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_expected_touched_experts_matches_simulated_uniform_routing(batch):
+    rng = np.random.default_rng(batch)
+    e, k, trials = 128, 8, 4000
+    touched = [len(np.unique(np.argsort(rng.random((batch, e)), axis=1)[:, :k])) for _ in range(trials)]
+    want = e * bench.expected_touched_fraction(batch, e, k)
+    assert abs(np.mean(touched) - want) < 0.02 * want
+    assert bench.expected_touched_fraction(1, e, k) == pytest.approx(k / e)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    res = bench.main(["--model", "tiny", "--batch", "1,3", "--context", "16", "--prefill", "8", "--steps", "2",
+                      "--reps", "1", "--single-step", "", "--out", str(out), "--markdown"])
+    return res, out
+
+
+def test_tiny_bench_reports_every_figure_next_to_its_floor(tiny_run, capsys):
+    res, out = tiny_run
+    saved = json.loads(out.read_text())
+    assert saved["config"]["name"] == "tiny" and saved["context"] == 16
+    c = res["ceilings"]
+    assert c["bandwidth"] > 0 and c["matmul_flops"] > 0
+    assert [r["batch"] for r in res["decode"]] == [1, 3]
+    for r in res["decode"]:
+        assert r["step_ms"] > 0 and r["tok_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
+        assert r["pct_floor"] == pytest.approx(100 * r["floor_ms"] / r["step_ms"])
+        assert r["kernels"] == "off"   # CPU: the plain-XLA reference path
+    (p,) = res["prefill"]
+    assert p["tokens"] == 8 and p["tok_s"] == pytest.approx(8e3 / p["ms"])
+    assert res["create_s"] > 0 and res["first_compile_s"] > 0
+
+
+def test_tiny_floors_are_the_bytes_and_flops_of_the_config(tiny_run):
+    res, _ = tiny_run
+    t = bench.TINY
+    d, h, kv, q, e, f, v, n_layers, k = (t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"],
+                                         t["head_dim"], t["num_experts"], t["moe_intermediate_size"],
+                                         t["vocab_size"], t["num_hidden_layers"], t["num_experts_per_tok"])
+    attn = d * h * q + 2 * d * kv * q + h * q * d + 2 * d + 2 * q      # projections + 4 norms
+    dense_params = n_layers * (attn + d * e) + d                         # + router, + final norm
+    experts_params = n_layers * e * 3 * d * f
+    inv = res["config"]["inventory"]
+    assert inv["dense_params"] == dense_params and inv["experts_params"] == experts_params
+    assert inv["dense_bytes"] == 2 * dense_params and inv["lm_head_bytes"] == 2 * d * v
+    bw = res["ceilings"]["bandwidth"]
+    for r in res["decode"]:
+        b = r["batch"]
+        kv_bytes = b * 16 * n_layers * 2 * kv * q * 2
+        want = (2 * dense_params + 2 * experts_params * (1 - (1 - k / e) ** b) + 2 * d * v + b * 2 * d + kv_bytes)
+        assert r["floor_bytes"] == pytest.approx(want)
+        assert r["floor_ms"] == pytest.approx(1e3 * want / bw)
+    (p,) = res["prefill"]
+    flops = 2 * 8 * (dense_params + experts_params * k / e) + 2 * 8 ** 2 * h * q * n_layers + 2 * d * v
+    assert p["flops"] == pytest.approx(flops)
+
+
+def test_markdown_rows_for_benchmarks_md(tiny_run, capsys):
+    res, _ = tiny_run
+    text = bench.summary_text(res, markdown=True)
+    assert "| kernels | batch | ms/step | tok/s | floor ms | % of floor |" in text
+    assert "| kernels | prompt | ms (TTFT) |" in text
+    assert text.count("\n| off | ") == 3   # two decode rows, one prefill row
+    assert "2 of 2 layers" in text and "ceilings (this run)" in text
+
+
+def test_layers_option_keeps_shapes_and_says_so():
+    cfg = bench.resolve_bench_config("Qwen3-30B-A3B-FP8", 4)
+    assert cfg.num_hidden_layers == 4 and cfg.hidden_size == 2048 and cfg.fp8 is not None
+    with pytest.raises(SystemExit, match="--layers 99"):
+        bench.resolve_bench_config("Qwen3-30B-A3B", 99)
