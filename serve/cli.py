@@ -106,11 +106,6 @@ def check_port(host: str, port: int):
             raise SystemExit(f"error: cannot listen on {host}:{port} ({e.strerror}); pass another --port")
 
 
-def jax_platform() -> str:
-    import jax
-    return jax.devices()[0].platform
-
-
 def _gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
@@ -158,8 +153,14 @@ def main(argv=None) -> int:
         return 2
     check_port(args.host, args.port)
     enable_compilation_cache(args.compilation_cache)
+    from qwen3_jax.config import ConfigError
+    from qwen3_jax.safetensors_io import CheckpointError
+
     try:
         return _serve(args)
+    except (MeshSpecError, ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         log.info("interrupted before the server started")
         return 130
@@ -183,8 +184,7 @@ def _serve(args) -> int:
     kv_tokens = None
     plan = _memory_plan(args, cfg, spec)
     if plan is None:
-        log.info("memory: no device memory figure on %s; KV cache sized from --max-running-requests x "
-                 "--context-length", jax_platform())
+        pass  # no planner figure (CPU): the engine sizes the cache and says how below
     elif not plan.fits:
         print(plan.format(), file=sys.stderr)
         log.error("refusing to start: the model does not fit this mesh at --mem-fraction-static %s "
@@ -221,7 +221,7 @@ def run_server(engine, name: str, args) -> int:
         def handle_exit(self, sig, frame):
             # First end every request (streams get an error event, waiting calls a 503), so the
             # graceful shutdown that follows has no open stream to wait for.
-            if not engine._stopping:
+            if engine.accepting:
                 log.info("shutting down: ending %d running and %d queued requests",
                          engine.num_running, engine.num_queued)
             engine.shutdown(timeout=0)

@@ -264,6 +264,11 @@ class Engine:
             self._cv.notify_all()
 
     @property
+    def accepting(self) -> bool:
+        """False once shutdown began or the scheduler died."""
+        return not self._stopping and self.error is None
+
+    @property
     def num_running(self) -> int:
         return sum(r is not None for r in self._slots)
 

@@ -205,7 +205,7 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
     # -- endpoints ---------------------------------------------------------------------------
     @app.get("/health")
     async def health():
-        if engine.error is not None or engine._stopping:
+        if not engine.accepting:
             return JSONResponse({"status": "unavailable", "reason": engine._closed_message()}, status_code=503)
         return {"status": "ok"}
 

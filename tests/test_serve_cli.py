@@ -1,0 +1,54 @@
+"""`python -m serve` argument handling that needs no compile: --help, refusals before loading."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from serve.cli import build_parser
+
+FLAGS = ["--model", "--mesh", "--host", "--port", "--mem-fraction-static", "--max-running-requests",
+         "--context-length", "--dtype", "--served-model-name", "--api-key", "--log-level"]
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "serve", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_explains_every_flag():
+    out = run("--help").stdout
+    for flag in FLAGS:
+        assert flag in out
+    actions = {s: a for a in build_parser()._actions for s in a.option_strings}
+    for flag in FLAGS:
+        assert actions[flag].help and len(actions[flag].help) > 15, flag
+    defaults = build_parser().parse_args([])
+    assert (defaults.host, defaults.port, defaults.model, defaults.mesh) == ("127.0.0.1", 30000, None, "")
+
+
+def test_bad_mesh_is_refused_with_a_way_out():
+    r = run("--mesh", "tp=3", "--port", "0")
+    assert r.returncode == 2
+    assert "tp=3" in r.stderr and "num_attention_heads=8" in r.stderr and "--mesh tp=2" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_checkpoint_and_busy_port_are_refused():
+    r = run("--model", "/nonexistent/ckpt", "--port", "0")
+    assert r.returncode == 2 and "/nonexistent/ckpt" in r.stderr and "Traceback" not in r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run("--port", str(port))
+    assert r.returncode != 0 and f"127.0.0.1:{port}" in r.stderr and "--port" in r.stderr
+
+
+@pytest.mark.parametrize("spec,devices", [("", 1), ("tp=2,ep=4", 4), ("tp=4,ep=8", 8)])
+def test_prepare_devices_counts_what_the_mesh_needs(spec, devices):
+    from serve.cli import prepare_devices
+
+    assert prepare_devices(spec) == devices  # in this process JAX already has 8 CPU devices: a no-op
