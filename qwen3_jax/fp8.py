@@ -18,6 +18,7 @@ import functools
 import math
 import re
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -53,15 +54,30 @@ def quantize_blocks(w: np.ndarray, block: tuple[int, int], scale_dtype=np.float3
     out_dim, in_dim = w.shape
     b0, b1 = block
     nb0, nb1 = math.ceil(out_dim / b0), math.ceil(in_dim / b1)
-    padded = np.zeros((nb0 * b0, nb1 * b1), np.float32)
-    padded[:out_dim, :in_dim] = w.astype(np.float32)
+    if (out_dim, in_dim) == (nb0 * b0, nb1 * b1):
+        padded = w.astype(np.float32)  # always a fresh copy: the steps below work in place
+    else:  # partial edge blocks: zero padding changes no block's amax
+        padded = np.zeros((nb0 * b0, nb1 * b1), np.float32)
+        padded[:out_dim, :in_dim] = w
     tiles = padded.reshape(nb0, b0, nb1, b1)
-    amax = np.abs(tiles).max(axis=(1, 3))
+    amax = np.maximum(tiles.max(axis=(1, 3)), -tiles.min(axis=(1, 3)))
     scale_inv = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
     scale_inv = _round_up(scale_inv, np.dtype(scale_dtype))
-    q = tiles / scale_inv.astype(np.float32)[:, None, :, None]
-    q8 = np.clip(q, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
-    return q8.reshape(nb0 * b0, nb1 * b1)[:out_dim, :in_dim], scale_inv
+    np.divide(tiles, scale_inv.astype(np.float32)[:, None, :, None], out=tiles)
+    np.clip(tiles, -FP8_MAX, FP8_MAX, out=tiles)
+    return _cast_fp8(padded)[:out_dim, :in_dim], scale_inv
+
+
+_CAST_FP8 = jax.jit(lambda a: a.astype(FP8_DTYPE))
+
+
+def _cast_fp8(x: np.ndarray) -> np.ndarray:
+    """float32 within +-448 -> float8_e4m3fn, round to nearest even, on the host CPU.
+
+    XLA's cast gives the same bits as ml_dtypes' astype (subnormals and ties included) about
+    5x faster, which is most of the quantize tool's time on a large checkpoint.
+    """
+    return np.asarray(_CAST_FP8(jax.device_put(x, jax.devices("cpu")[0])))
 
 
 def _round_up(x: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -132,7 +132,8 @@ class StreamingShardWriter:
         if (name, array.dtype, tuple(array.shape)) != (want_name, want_dtype, want_shape):
             raise RuntimeError(f"internal: writing {name} {array.dtype} {array.shape} to {self.path}, "
                                f"header says {want_name} {want_dtype} {want_shape}")
-        self.f.write(np.ascontiguousarray(array).tobytes())
+        # From the buffer itself: a bf16 input tensor goes from the memory map to the file uncopied.
+        self.f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
         self.next += 1
 
     def close(self):
@@ -146,7 +147,7 @@ def convert_tensor(ckpt: SafetensorsCheckpoint, name: str, outputs, scale_dtype)
     if len(outputs) == 2:
         w8, scale = quantize_blocks(src, BLOCK, scale_dtype)
         return [w8, scale]
-    return [src.astype(BF16)]
+    return [src if src.dtype == BF16 else src.astype(BF16)]
 
 
 def quantize_checkpoint(model_dir: str, out_dir: str, scale_dtype: str = "float32",

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tracemalloc
 
 import jax
 import ml_dtypes
@@ -68,6 +69,11 @@ def ckpts(tmp_path_factory):
     assert r.returncode == 0, r.stderr
     d["cli_output"] = r.stdout
     quantize_checkpoint(orig, d["fp8_bf16"], scale_dtype="bfloat16")
+    # Again, measured (numpy reports its buffers to tracemalloc; the FP8 cast is compiled by now).
+    tracemalloc.start()
+    quantize_checkpoint(orig, str(root / "fp8_measured"))
+    d["quantize_peak_bytes"] = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
     dequantize_checkpoint(d["fp8"], d["deq"])
     return d
 
@@ -119,6 +125,17 @@ def test_quantized_checkpoint_has_qwens_layout(ckpts):
         err = np.abs(dequantize_blocks(w8, s, (128, 128)) - w)
         assert (err <= np.repeat(np.repeat(s, 128, 0), 128, 1)[: shape[0], : shape[1]] * 16 + 1e-12).all()
     assert n_fp8 == 2 * (4 + 8 * 3) + (4 + 3)  # 2 MoE layers, 1 dense
+
+
+def test_quantize_memory_is_one_tensor_not_the_checkpoint(ckpts):
+    """Tensor by tensor from the memory map into pre-sized shard files: the host memory the tool
+    allocates (numpy buffers, via tracemalloc) stays a few times the largest tensor."""
+    orig = SafetensorsCheckpoint(ckpts["orig"])
+    sizes = [orig.array(n).nbytes for n in orig.keys()]
+    peak = ckpts["quantize_peak_bytes"]
+    print(f"quantize: peak {peak / 1e6:.2f} MB allocated for a {sum(sizes) / 1e6:.1f} MB checkpoint "
+          f"(largest tensor {max(sizes) / 1e6:.2f} MB)")
+    assert peak < 6 * max(sizes) and peak < sum(sizes) / 5
 
 
 def test_safetensors_library_reads_the_output(ckpts):
