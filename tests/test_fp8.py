@@ -78,6 +78,12 @@ def ckpts(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_models():
+    yield
+    _MODELS.clear()
+
+
 @pytest.fixture(scope="module")
 def fp8_single(ckpts):
     return qwen3_jax.load(ckpts["fp8"], dtype="float32", progress=False)
