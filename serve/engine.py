@@ -14,6 +14,13 @@ step at position S, where their cache writes are dropped.
 
 Because every decode step has the same shape and rows never mix, a request's tokens do not
 depend on what else is running: 16 concurrent greedy requests give what each gives alone.
+
+The price of that fixed shape: each decode step attends over every slot's whole row, reading
+slots x context_length cached tokens whatever the requests' real lengths. Serving short
+requests, a --context-length near what they need keeps that read small.
+
+`_prefill_chunk` and `_decode_step` are also compiled by the memory planner (serve/dry_run.py)
+for XLA's memory analysis: keep their signatures in step with it.
 """
 
 from __future__ import annotations
