@@ -204,7 +204,8 @@ def _serve(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     weights = engine.model.param_bytes_per_device()
-    log.info("weights: %s per device (%d devices, %s)", _gib(max(weights.values())), len(weights), engine.model.dtype)
+    log.info("weights: %s per device (%d device%s, %s)", _gib(max(weights.values())), len(weights),
+             "s" if len(weights) > 1 else "", engine.model.dtype)
     log.info(engine.cache_size.describe())
     log.info("ready in %.1fs", time.perf_counter() - t0)
     return run_server(engine, name, args)
