@@ -69,7 +69,8 @@ class Qwen3MoeConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     fp8: Fp8Config | None = None
-    name: str = "qwen3_moe"
+    # A label only: excluded from ==/hash so two checkpoints of one shape share compiled steps.
+    name: str = dataclasses.field(default="qwen3_moe", compare=False)
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
