@@ -51,22 +51,22 @@ def state_shardings(abstract_state, ctx: ShardingContext | None):
 
 def build_context(cfg: Qwen3MoeConfig, mesh: str | MeshSpec | None, devices=None):
     """Validate a mesh spec against the config and build its jax Mesh. -> (spec, ctx or None, kv_rep)."""
-    spec = parse_mesh_spec(mesh)
+    spec = parse_mesh_spec(mesh, cfg=cfg)
     check_against_config(spec, cfg)
     kv_rep = kv_replication(spec, cfg)
     if spec.num_devices == 1 and devices is None:
         return spec, None, kv_rep
-    return spec, ShardingContext(spec, make_mesh(spec, devices)), kv_rep
+    return spec, ShardingContext(spec, make_mesh(spec, devices, cfg=cfg)), kv_rep
 
 
 def abstract_model(cfg: Qwen3MoeConfig, dtype, kv_rep: int, ctx):
     return nnx.eval_shape(lambda: Qwen3Moe(cfg, dtype=dtype, kv_rep=kv_rep, ctx=ctx, rngs=nnx.Rngs(0)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _forward(graphdef, state, tokens, positions, cache, slots, logits_at):
+@functools.partial(jax.jit, static_argnames=("graphdef", "kv_window"), donate_argnames=("cache",))
+def _forward(graphdef, state, tokens, positions, cache, slots, logits_at, kv_window=None):
     model = nnx.merge(graphdef, state)
-    return model(tokens, positions, cache, slots, logits_at)
+    return model(tokens, positions, cache, slots, logits_at, kv_window=kv_window)
 
 
 class Model:
@@ -152,8 +152,14 @@ def _layer_setter(sharding):
                    donate_argnums=0, out_shardings=sharding)
 
 
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(shape, dtype, sharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
 def _zeros(shape, dtype, sharding):
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    # Cached per (shape, dtype, sharding): same-shaped weights (gate/up, k/v, norms) share one compile.
+    return _zeros_fn(tuple(shape), jnp.dtype(dtype), sharding)()
 
 
 def _single_device_sharding():
@@ -215,7 +221,12 @@ def load(path: str, *, mesh=None, dtype="bfloat16", devices=None, progress: bool
                 lazy = reader.view(src, layer, is_scale, target)
                 part = _from_lazy(lazy, var.shape[1:], target, layer_sharding)
                 arr = setter(arr, part, j)
+                # Finish this layer and free its buffers before reading the next: otherwise
+                # dispatch runs ahead and the host slices of many layers wait at once.
+                arr.block_until_ready()
+                part.delete()
                 del part
+                _release_host_arrays()
                 done += 1
                 bar.update(1)
                 if on_layer:
@@ -227,15 +238,41 @@ def load(path: str, *, mesh=None, dtype="bfloat16", devices=None, progress: bool
     return Model(cfg, spec, ctx, kv_rep, graphdef, state, dtype)
 
 
+def _release_host_arrays():
+    """Make jax drop, now, its references to host arrays it has finished copying from.
+
+    jax defers those decrefs to a later dispatch, so without this a few layers' host slices can
+    be alive at once. The hook is private; without it loading still works, just less tightly.
+    """
+    try:
+        from jax._src.lib import _jax
+    except ImportError:
+        return
+    collect = getattr(_jax, "collect_garbage", None)
+    if collect is not None:
+        collect()
+
+
 def _from_lazy(lazy, shape, dtype, sharding):
     if tuple(lazy.shape) != tuple(shape):
         raise ValueError(f"internal: checkpoint view has shape {lazy.shape}, param wants {shape}")
     np_dtype = np.dtype(dtype)
-
-    def cb(index):
-        return np.asarray(lazy[index]).astype(np_dtype, copy=False)
-
-    return jax.make_array_from_callback(tuple(shape), sharding, cb)
+    # One distinct slice at a time, put on every device that holds it, then dropped: host memory
+    # holds one shard, not every device's shard at once (make_array_from_callback reads all
+    # shards first, and re-reads a replicated slice once per device).
+    index_map = sharding.addressable_devices_indices_map(tuple(shape))
+    groups: dict[str, tuple] = {}
+    for device, index in index_map.items():
+        groups.setdefault(repr(index), (index, []))[1].append(device)
+    placed = {}
+    for index, devices in groups.values():
+        host = np.asarray(lazy[index]).astype(np_dtype, copy=False)
+        for device in devices:
+            # may_alias=False: on CPU a device buffer may otherwise *be* this host array, kept
+            # alive by the runtime after we drop it (on GPU it is a host-to-device copy anyway).
+            placed[device] = jax.device_put(host, device, may_alias=False)
+        del host
+    return jax.make_array_from_single_device_arrays(tuple(shape), sharding, [placed[d] for d in index_map])
 
 
 class _NoBar:

@@ -322,7 +322,7 @@ class Segment(nnx.Module):
         self.kind, self.first, self.count = kind, first, count
         self.block = Block(cfg, kind, dtype=dtype, kv_rep=kv_rep, stack=count, rngs=rngs)
 
-    def __call__(self, x_btd, cos, sin, positions_bt, ctx, cache_kv=None, slots_b=None):
+    def __call__(self, x_btd, cos, sin, positions_bt, ctx, cache_kv=None, slots_b=None, kv_window=None):
         graphdef, params = nnx.split(self.block)
         full = self.block  # [L, ...] params: kernels read layer i in place (a scanned slice handed
                            # to a custom call would be copied every layer)
@@ -340,7 +340,10 @@ class Segment(nnx.Module):
                 rows = jnp.arange(x.shape[0]) if slots_b is None else slots_b
                 k_all = k_all.at[i, rows[:, None], positions_bt].set(k.astype(k_all.dtype), mode="drop")
                 v_all = v_all.at[i, rows[:, None], positions_bt].set(v.astype(v_all.dtype), mode="drop")
-                keys, values = k_all[i], v_all[i]
+                # Attend over the first kv_window cache positions only: the caller guarantees every
+                # row's positions are below it, so the rest is masked anyway and need not be read.
+                window = k_all.shape[2] if kv_window is None else kv_window
+                keys, values = k_all[i, :, :window], v_all[i, :, :window]
                 if slots_b is not None:
                     keys, values = keys[slots_b], values[slots_b]
                 s = keys.shape[1]
@@ -374,12 +377,13 @@ class Qwen3Moe(nnx.Module):
             self.lm_head = Weight((d, v), ("embed", "vocab"), dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens_bt, positions_bt=None, cache: KVCache | None = None, slots_b=None,
-                 logits_at_b=None):
+                 logits_at_b=None, kv_window: int | None = None):
         """tokens [B, T] int -> (logits [B, T, V] float32, updated cache).
 
         positions [B, T] default to 0..T-1. With `cache`, each row's K/V are written at its
         positions in cache slot `slots[b]` (default b) and attention reads that slot.
         `logits_at` [B] picks one position per row: logits come back [B, 1, V].
+        `kv_window` (static) bounds the cache positions attention reads; all positions must be below it.
         """
         b, t = tokens_bt.shape
         if positions_bt is None:
@@ -391,7 +395,7 @@ class Qwen3Moe(nnx.Module):
         new_k, new_v = [], []
         for i, seg in enumerate(self.segments):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, (k, v) = seg(x, cos, sin, positions_bt, ctx, kv, slots_b)
+            x, (k, v) = seg(x, cos, sin, positions_bt, ctx, kv, slots_b, kv_window)
             new_k.append(k)
             new_v.append(v)
         if logits_at_b is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import queue
 import random
@@ -68,10 +69,25 @@ def prefill_buckets(context_length: int, chunk: int) -> list[int]:
     return buckets
 
 
-def _decode_step(graphdef, state, cache, tokens_b, positions_b, temperature_b, top_p_b, top_k_b, seed_b, step_b):
+def decode_windows(context_length: int) -> list[int]:
+    """Cache lengths a decode step may attend over: x4 steps from 512, then the context length.
+
+    A step reads only the smallest window holding every running sequence, so short requests do not
+    pay for the whole context (at most 4x the needed KV bytes, with a handful of compiled steps).
+    """
+    windows, w = [], 512
+    while w < context_length:
+        windows.append(w)
+        w *= 4
+    windows.append(context_length)
+    return windows
+
+
+def _decode_step(graphdef, kv_window, state, cache, tokens_b, positions_b, temperature_b, top_p_b, top_k_b,
+                 seed_b, step_b):
     """tokens/positions [B] (one new token per slot) -> (sampled ids [B], cache)."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model(tokens_b[:, None], positions_b[:, None], cache)
+    logits, cache = model(tokens_b[:, None], positions_b[:, None], cache, kv_window=kv_window)
     return sample(logits[:, 0], temperature_b, top_p_b, top_k_b, seed_b, step_b), cache
 
 
@@ -172,13 +188,15 @@ class Engine:
             replicated = jax.sharding.NamedSharding(self.model.ctx.mesh, jax.sharding.PartitionSpec())
             # Pin the cache's output sharding to its input's, so donation reuses the same buffers.
             kw["out_shardings"] = (replicated, jax.tree.map(lambda a: a.sharding, self.cache))
-        self._decode_jit = jax.jit(lambda *a: _decode_step(g, *a), donate_argnums=(1,), **kw)
+        self.windows = decode_windows(self.context_length)
+        self._decode_jits = {w: jax.jit(functools.partial(_decode_step, g, w), donate_argnums=(1,), **kw)
+                             for w in self.windows}
         self._prefill_jit = jax.jit(lambda *a: _prefill_chunk(g, *a), donate_argnums=(1,), **kw)
 
     def warmup(self, progress: bool = True):
         """Compile every prefill bucket and the decode step now, so no request waits for XLA."""
         t0 = time.perf_counter()
-        bar = _bar(len(self.buckets) + 1, progress, "compiling")
+        bar = _bar(len(self.buckets) + len(self.windows), progress, "compiling")
         s = self.context_length
         one = lambda v, dt: np.full((1,), v, dt)  # noqa: E731
         for t in self.buckets:
@@ -189,13 +207,14 @@ class Engine:
             jax.block_until_ready(ids)
             bar.update(1)
             log.debug("compiled prefill bucket %d", t)
-        ids, self.cache = self._decode_jit(self.model.state, self.cache, self._tok, self._pos, self._temp,
-                                           self._top_p, self._top_k, self._seed, self._step)
-        jax.block_until_ready(ids)
-        bar.update(1)
+        for w in self.windows:
+            ids, self.cache = self._decode_jits[w](self.model.state, self.cache, self._tok, self._pos, self._temp,
+                                                   self._top_p, self._top_k, self._seed, self._step)
+            jax.block_until_ready(ids)
+            bar.update(1)
         bar.close()
-        log.info("compiled %d prefill buckets %s and the decode step (%d slots) in %.1fs",
-                 len(self.buckets), self.buckets, self.num_slots, time.perf_counter() - t0)
+        log.info("compiled %d prefill buckets %s and the decode step (%d slots, KV windows %s) in %.1fs",
+                 len(self.buckets), self.buckets, self.num_slots, self.windows, time.perf_counter() - t0)
 
     # -- submission (any thread) -------------------------------------------------------------
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -473,8 +492,11 @@ class Engine:
         return t
 
     def _decode(self):
-        ids, self.cache = self._decode_jit(self.model.state, self.cache, self._tok, self._pos, self._temp,
-                                           self._top_p, self._top_k, self._seed, self._step)
+        live = [int(p) for p, req in zip(self._pos, self._slots) if req is not None and p < self.context_length]
+        need = max(live, default=0) + 1
+        window = next(w for w in self.windows if w >= need)
+        ids, self.cache = self._decode_jits[window](self.model.state, self.cache, self._tok, self._pos, self._temp,
+                                                    self._top_p, self._top_k, self._seed, self._step)
         ids = np.asarray(ids)
         self.steps += 1
         for s, req in enumerate(self._slots):
