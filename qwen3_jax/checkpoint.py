@@ -153,7 +153,15 @@ class LazyView:
         index = tuple(index)
         if self.stacked:
             picked = range(len(self.views))[index[0]]
-            return np.stack([self._slice(self.views[j], index[1:]) for j in picked])
+            # Filled expert by expert: the host holds the stacked slice once, not also a list of
+            # per-expert copies (np.stack would double the peak of the largest tensor we read).
+            out = None
+            for i, j in enumerate(picked):
+                part = self._slice(self.views[j], index[1:])
+                if out is None:
+                    out = np.empty((len(picked), *part.shape), part.dtype)
+                out[i] = part
+            return out
         return self._slice(self.views[0], index)
 
     def _slice(self, v, index):
