@@ -1,10 +1,14 @@
 """Grouped GEMV: each output row r is x[rows[r]] @ W[groups[r]], bf16 or block-FP8 weights.
 
 The decode-time workhorse: at batch 1 the MoE FFN is 8 rows (one per routed expert), each
-reading only its own expert. Memory-bound, so it uses CUDA-core FMA into a float32 [bk, bn]
-accumulator (one reduction at the end) rather than 16-row tensor-core tiles that would be 15/16
-padding. FP8 weights are converted in registers; the block scale is applied per weight element
-(layout "k") or folded into x (layout "n"), so nothing is materialized.
+reading only its own expert. Two ways to do the arithmetic (static `mode`):
+  "fma": CUDA-core FMA into a float32 [bk, bn] accumulator (one reduction at the end);
+  "dot": tensor cores on a 16-row tile whose row 0 is x and rows 1..15 are zero (the MMA's
+    minimum height; the wasted FLOPs are free in a memory-bound kernel, and Triton pipelines
+    the loads that feed a dot).
+FP8 weights are converted in registers, never materialized. Block scales: layout "k" scales
+the product of each K block per column; layout "n" folds the per-row scale into x (in float32
+for "fma"; for "dot", x * scale is rounded to x's dtype before the MMA).
 
 Shapes (G groups, K in, N out, R output rows, S = split_k):
   x [M, K] (any float), rows [R] int32 in [0, M), groups [R] int32 in [-1, G) (-1: row is zeros,
@@ -47,9 +51,9 @@ def fp8_bits_to_f32(w8):
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "block", "bn", "bk", "split_k", "num_warps",
-                                             "num_stages", "acc2d", "convert", "interpret"))
+                                             "num_stages", "acc2d", "convert", "mode", "interpret"))
 def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128, bn=64, bk=128,
-         split_k=1, num_warps=4, num_stages=3, acc2d=True, convert="cast", interpret=None):
+         split_k=1, num_warps=4, num_stages=3, acc2d=True, convert="cast", mode="fma", interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
@@ -58,7 +62,11 @@ def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128,
     _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block)
     steps = k_dim // (bk * split_k)
     nw = len(weights)
-    bits = fp8 and convert == "bits"
+    bits = fp8 and convert == "bits" and mode == "fma"
+    cdt = x_mk.dtype if x_mk.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+    if mode == "dot":
+        return _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, split_k,
+                         num_warps, num_stages, cdt, interpret)
 
     def kernel(rows_ref, groups_ref, x_ref, *refs):
         w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + len(scales)], refs[nw + len(scales):]
@@ -104,6 +112,59 @@ def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128,
     )(rows_r.astype(jnp.int32), groups_r.astype(jnp.int32), x_mk, *weights, *scales)
 
 
+def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, split_k, num_warps,
+              num_stages, cdt, interpret):
+    """mode="dot": the same contract as gemv, tensor cores on a zero-padded 16-row tile."""
+    g_count, k_dim, n_dim = weights[0].shape
+    r_count = rows_r.shape[0]
+    fp8 = len(scales) > 0
+    steps = k_dim // (bk * split_k)
+    nw, ns = len(weights), len(scales)
+
+    def kernel(rows_ref, groups_ref, x_ref, *refs):
+        w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + ns], refs[nw + ns:]
+        r, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        g = groups_ref[r]
+        row = rows_ref[r]
+        n0 = pl.multiple_of(j * bn, bn)
+        first = jax.lax.broadcasted_iota(jnp.int32, (16, bk), 0) == 0
+
+        @pl.when(g >= 0)
+        def _compute():
+            def body(t, accs):
+                k0 = pl.multiple_of((s * steps + t) * bk, bk)
+                xk = x_ref[row, pl.ds(k0, bk)].astype(jnp.float32)
+                out = []
+                for i, (w_ref, acc) in enumerate(zip(w_refs, accs)):
+                    w = w_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)].astype(cdt)
+                    xs = xk
+                    if fp8 and layout == "n":
+                        xs = xk * s_refs[i][g, pl.ds(k0, bk), n0 // block]
+                    x16 = jnp.where(first, jnp.broadcast_to(xs[None, :], (16, bk)), 0.0).astype(cdt)
+                    part = jnp.dot(x16, w, preferred_element_type=jnp.float32)
+                    if fp8 and layout == "k":
+                        part = part * s_refs[i][g, k0 // block, pl.ds(n0, bn)][None, :]
+                    out.append(acc + part)
+                return tuple(out)
+
+            accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((16, bn), jnp.float32) for _ in w_refs))
+            for o_ref, acc in zip(o_refs, accs):
+                o_ref[s, r, pl.ds(n0, bn)] = jnp.sum(acc, axis=0)   # rows 1..15 are exact zeros
+
+        @pl.when(g < 0)
+        def _zeros():
+            for o_ref in o_refs:
+                o_ref[s, r, pl.ds(n0, bn)] = jnp.zeros((bn,), jnp.float32)
+
+    out_shape = tuple(jax.ShapeDtypeStruct((split_k, r_count, n_dim), jnp.float32) for _ in weights)
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(r_count, n_dim // bn, split_k),
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=_interpret() if interpret is None else interpret,
+        name="qwen3_gemv_dot_fp8" if fp8 else "qwen3_gemv_dot",
+    )(rows_r.astype(jnp.int32), groups_r.astype(jnp.int32), x_mk, *weights, *scales)
+
+
 def _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block):
     if n_dim % bn or k_dim % (bk * split_k):
         raise ValueError(f"gemv tiles bn={bn}, bk={bk}, split_k={split_k} do not divide K={k_dim}, "
@@ -120,9 +181,9 @@ def _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block):
 # measured; benchmarks/NOTES.md has the numbers). target_programs: split K until rows x column
 # tiles x splits reaches it, so small batches still put every SM to work.
 GEMV_DEFAULTS = {
-    "bf16": dict(bn=64, bk=128, num_warps=4, num_stages=3, acc2d=True, convert="cast",
+    "bf16": dict(bn=64, bk=128, num_warps=4, num_stages=3, acc2d=True, convert="cast", mode="fma",
                  target_programs=264, max_split=8),
-    "fp8": dict(bn=64, bk=128, num_warps=4, num_stages=3, acc2d=True, convert="cast",
+    "fp8": dict(bn=64, bk=128, num_warps=4, num_stages=3, acc2d=True, convert="cast", mode="fma",
                 target_programs=264, max_split=8),
 }
 
@@ -142,4 +203,4 @@ def gemv_tiles(k_dim: int, n_dim: int, rows: int, fp8: bool, layout: str, block:
            and k_dim % (bk_t * split * 2) == 0):
         split *= 2
     return dict(bn=bn_t, bk=bk_t, split_k=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                acc2d=cfg["acc2d"], convert=cfg["convert"])
+                acc2d=cfg["acc2d"], convert=cfg["convert"], mode=cfg["mode"])

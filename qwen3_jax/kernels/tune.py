@@ -2,8 +2,10 @@
 to the plain-XLA path and the HBM floor, and a tile sweep that installs the fastest settings
 (gemv.GEMV_DEFAULTS, grouped_matmul.MATMUL_DEFAULTS, moe_ffn.GEMV_MAX_ASSIGNMENTS).
 
-Used by `python -m serve.bench --sweep`. Weights are stacked over a few layers and every timed
-call reads another layer, so the 50 MB L2 never holds the weights between calls.
+Used by `python -m serve.bench --sweep`. Weights are stacked over `layers` layers and one
+timed call runs every layer in turn inside one jit (a fori_loop, as the model's scan does), so
+the 50 MB L2 never holds a layer's weights and per-call dispatch is spread over the layers.
+Weight arrays are jit arguments (a closed-over array would be baked into the executable).
 """
 
 from __future__ import annotations
@@ -21,20 +23,21 @@ from . import gemv as gemv_mod
 from . import grouped_matmul as gm_mod
 from . import moe_ffn as moe_mod
 
-GEMV_VARIANTS = [{}, dict(bn=32), dict(bn=128), dict(bk=64), dict(num_warps=8), dict(acc2d=False),
-                 dict(target_programs=528)]
-GEMV_FP8_VARIANTS = GEMV_VARIANTS + [dict(convert="bits"), dict(convert="bits", num_warps=8)]
+GEMV_VARIANTS = [{}, dict(bn=32), dict(acc2d=False), dict(bk=64, bn=128),
+                 dict(mode="dot"), dict(mode="dot", bn=128), dict(mode="dot", bn=32),
+                 dict(mode="dot", target_programs=528), dict(mode="dot", num_warps=8, bn=128),
+                 dict(mode="dot", max_split=1)]
+GEMV_FP8_VARIANTS = GEMV_VARIANTS + [dict(convert="bits"), dict(convert="bits", bn=32)]
 SMALL_MATMUL_VARIANTS = [{}, dict(bn=32), dict(bn=128)]
 LARGE_MATMUL_VARIANTS = [{}, dict(bn=64, num_warps=4)]
 
 
-def median_time(fn, arg_sets, reps: int = 20, warmup: int = 2) -> float:
-    """Median seconds of fn(*args), cycling through arg_sets (different layers: no L2 reuse)."""
-    for i in range(warmup):
-        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+def median_time(fn, args, reps: int = 10, warmup: int = 1) -> float:
+    """Median seconds of fn(*args) (device-synchronized), warm-up calls excluded."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
     times = []
-    for i in range(reps):
-        args = arg_sets[i % len(arg_sets)]
+    for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
@@ -75,35 +78,43 @@ def expert_bytes(arrays) -> int:
     return n
 
 
-def _layer_arrays(arrays, layer):
-    return moe_mod.ExpertArrays(arrays.gate, arrays.up, arrays.down, arrays.gate_scale, arrays.up_scale,
-                                arrays.down_scale, arrays.block, arrays.num_experts,
-                                jnp.asarray(layer, jnp.int32) * arrays.num_experts)
+def _tensors(arrays):
+    return (arrays.gate, arrays.up, arrays.down, arrays.gate_scale, arrays.up_scale, arrays.down_scale)
 
 
-def moe_layer_fn(arrays, strategy, gemv_cfg=None, matmul_cfg=None):
-    """jitted (x, w, experts, layer) -> [N, D] with the kernels, tiles overridden."""
+def _over_layers(layer_fn, layers):
+    """jit (x, w, experts, tensors) -> sum over layers of layer_fn(x, w, experts, tensors, layer)."""
     @jax.jit
-    def run(x, w, experts, layer):
-        with _override(gemv_cfg, matmul_cfg):
-            return moe_mod.moe_ffn(x, w, experts, _layer_arrays(arrays, layer), strategy=strategy)
+    def run(x, w, experts, tensors):
+        def body(layer, acc):
+            return acc + layer_fn(x, w, experts, tensors, layer).astype(jnp.float32)
+        return jax.lax.fori_loop(0, layers, body, jnp.zeros(x.shape, jnp.float32))
     return run
 
 
-def xla_layer_fn(arrays):
-    """The plain-XLA reference (sort + ragged_dot over the layer's experts, FP8 dequantized)."""
-    e = arrays.num_experts
+def moe_layer_fn(arrays, strategy, gemv_cfg=None, matmul_cfg=None, layers=1):
+    """Kernels, tiles overridden; see _over_layers."""
+    e, block = arrays.num_experts, arrays.block
 
-    @jax.jit
-    def run(x, w, experts, layer):
+    def layer_fn(x, w, experts, t, layer):
+        with _override(gemv_cfg, matmul_cfg):
+            arr = moe_mod.ExpertArrays(*t, block=block, num_experts=e, offset=layer * e)
+            return moe_mod.moe_ffn(x, w, experts, arr, strategy=strategy)
+    return _over_layers(layer_fn, layers)
+
+
+def xla_layer_fn(arrays, layers=1):
+    """The plain-XLA reference (sort + ragged_dot over the layer's experts, FP8 dequantized)."""
+    e, block = arrays.num_experts, arrays.block
+
+    def layer_fn(x, w, experts, t, layer):
         def sl(a):
             return jax.lax.dynamic_slice_in_dim(a, layer * e, e, 0)
         mats = []
-        for wt, sc, ax in ((arrays.gate, arrays.gate_scale, 1), (arrays.up, arrays.up_scale, 1),
-                           (arrays.down, arrays.down_scale, 2)):
-            mats.append(sl(wt) if sc is None else dequantize(sl(wt), sl(sc), ax, arrays.block, x.dtype))
-        return expert_ffn(x, w, experts, *mats).astype(x.dtype)
-    return run
+        for wt, sc, ax in ((t[0], t[3], 1), (t[1], t[4], 1), (t[2], t[5], 2)):
+            mats.append(sl(wt) if sc is None else dequantize(sl(wt), sl(sc), ax, block, x.dtype))
+        return expert_ffn(x, w, experts, *mats)
+    return _over_layers(layer_fn, layers)
 
 
 class _override:
@@ -127,8 +138,8 @@ class _override:
         gm_mod.MATMUL_DEFAULTS.update(self.saved[1])
 
 
-def sweep_moe(bandwidth: float, *, e=128, d=2048, f=768, k=8, layers=4, batches=(1, 8, 64, 256),
-              prefill_tokens=8192, matmul_rate=None, log=print, install=True, reps=20):
+def sweep_moe(bandwidth: float, *, e=128, d=2048, f=768, k=8, layers=6, batches=(1, 8, 64, 256),
+              prefill_tokens=8192, matmul_rate=None, log=print, install=True, reps=10):
     """Time one MoE layer for each dtype, batch and strategy/tile variant; return rows and (if
     `install`) put the fastest gemv/matmul settings and the gemv/blocks crossover in place."""
     rows = []
@@ -138,15 +149,17 @@ def sweep_moe(bandwidth: float, *, e=128, d=2048, f=768, k=8, layers=4, batches=
         arrays = random_experts(jax.random.key(1), layers, e, d, f, fp8)
         per_expert = expert_bytes(arrays)
 
+        tensors = _tensors(arrays)
+
         def case(n, seed=0):
             w, ex = routing(jax.random.key(100 + n + seed), n, e, k)
             x = jax.random.normal(jax.random.key(7), (n, d), jnp.bfloat16)
             distinct = len(np.unique(np.asarray(ex)))
-            return [(x, w, ex, jnp.int32(i)) for i in range(layers)], distinct
+            return (x, w, ex, tensors), distinct
 
         def record(label, n, fn, sets, distinct, cfg=None):
             try:
-                t = median_time(fn, sets, reps=reps)
+                t = median_time(fn, sets, reps=reps) / layers   # per layer
             except Exception as err:  # a tiling Triton rejects: report and go on
                 log(f"  {kind} n={n} {label}: FAILED {type(err).__name__}: {str(err)[:200]}")
                 return None
@@ -167,7 +180,7 @@ def sweep_moe(bandwidth: float, *, e=128, d=2048, f=768, k=8, layers=4, batches=
         variants = GEMV_FP8_VARIANTS if fp8 else GEMV_VARIANTS
         timings = []
         for v in variants:
-            t = record(f"gemv {_fmt(v)}", 1, moe_layer_fn(arrays, "gemv", {kind: v}), sets, distinct, v)
+            t = record(f"gemv {_fmt(v)}", 1, moe_layer_fn(arrays, "gemv", {kind: v}, layers=layers), sets, distinct, v)
             if t is not None:
                 timings.append((t, v))
         best_g = min(timings, key=lambda p: p[0])[1] if timings else {}
@@ -176,7 +189,7 @@ def sweep_moe(bandwidth: float, *, e=128, d=2048, f=768, k=8, layers=4, batches=
         sets64, distinct64 = case(64)
         timings = []
         for v in SMALL_MATMUL_VARIANTS:
-            t = record(f"blocks {_fmt(v)}", 64, moe_layer_fn(arrays, "blocks", None, {"small": v}),
+            t = record(f"blocks {_fmt(v)}", 64, moe_layer_fn(arrays, "blocks", None, {"small": v}, layers=layers),
                        sets64, distinct64, v)
             if t is not None:
                 timings.append((t, v))
@@ -186,11 +199,11 @@ def sweep_moe(bandwidth: float, *, e=128, d=2048, f=768, k=8, layers=4, batches=
         cross, contiguous = 0, True
         for n in sorted(set(batches) | {4, 16, 32}):
             sets_n, distinct_n = case(n)
-            tg = record("gemv best", n, moe_layer_fn(arrays, "gemv", {kind: best_g}), sets_n, distinct_n) \
+            tg = record("gemv best", n, moe_layer_fn(arrays, "gemv", {kind: best_g}, layers=layers), sets_n, distinct_n) \
                 if n * k <= 1024 else None
-            tb = record("blocks best", n, moe_layer_fn(arrays, "blocks", None, {"small": best_s}), sets_n, distinct_n)
+            tb = record("blocks best", n, moe_layer_fn(arrays, "blocks", None, {"small": best_s}, layers=layers), sets_n, distinct_n)
             if n in (1, 64) or n == max(batches):
-                record("xla ragged_dot (reference)", n, xla_layer_fn(arrays), sets_n, distinct_n)
+                record("xla ragged_dot (reference)", n, xla_layer_fn(arrays, layers), sets_n, distinct_n)
             if contiguous and tg is not None and tb is not None and tg <= tb:
                 cross = n * k          # gemv still wins at this many assignments
             else:
@@ -202,11 +215,11 @@ def sweep_moe(bandwidth: float, *, e=128, d=2048, f=768, k=8, layers=4, batches=
             timings = []
             for v in LARGE_MATMUL_VARIANTS:
                 t = record(f"blocks prefill {_fmt(v)}", prefill_tokens,
-                           moe_layer_fn(arrays, "blocks", None, {"large": v}), sets_p, distinct_p, v)
+                           moe_layer_fn(arrays, "blocks", None, {"large": v}, layers=layers), sets_p, distinct_p, v)
                 if t is not None:
                     timings.append((t, v))
             best_cfg[("large", kind)] = min(timings, key=lambda p: p[0])[1] if timings else {}
-            record("xla ragged_dot (reference)", prefill_tokens, xla_layer_fn(arrays), sets_p, distinct_p)
+            record("xla ragged_dot (reference)", prefill_tokens, xla_layer_fn(arrays, layers), sets_p, distinct_p)
         del arrays
     if install:
         install_best(best_cfg, log)
@@ -229,24 +242,33 @@ def install_best(best_cfg, log=print):
         f"GEMV_MAX_ASSIGNMENTS={moe_mod.GEMV_MAX_ASSIGNMENTS}")
 
 
-def sweep_fp8_linear(bandwidth: float, *, d=2048, h=32, q=128, layers=4, rows=(1, 8), log=print, reps=20):
-    """q_proj-shaped FP8 projection: the fused kernel vs XLA bf16 and XLA dequantize-then-einsum."""
+def sweep_fp8_linear(bandwidth: float, *, d=2048, h=32, q=128, layers=16, rows=(1, 8), log=print, reps=10):
+    """q_proj-shaped FP8 projection: the fused kernel vs XLA bf16 and XLA dequantize-then-einsum
+    (each call runs all `layers` layers in a fori_loop; times are per layer)."""
     from .fp8_linear import fp8_einsum
     out = []
     w8 = jax.random.normal(jax.random.key(3), (layers, d, h, q), jnp.float32).astype(jnp.float8_e4m3fn)
     sc = jnp.full((layers, d // 128, h, q), 0.02, jnp.float32)
     wb = (0.02 * jax.random.normal(jax.random.key(4), (layers, d, h, q), jnp.float32)).astype(jnp.bfloat16)
+
+    def looped(one):
+        @jax.jit
+        def run(x, w8, sc, wb):
+            def body(i, acc):
+                return acc + one(x, w8, sc, wb, i).astype(jnp.float32)
+            return jax.lax.fori_loop(0, layers, body, jnp.zeros((*x.shape[:2], h, q), jnp.float32))
+        return run
+
     fns = {
-        "fp8 kernel": jax.jit(lambda x, i: fp8_einsum("btd,dhq->bthq", x, w8, sc, 0, 128, layer=i)),
-        "xla fp8 dequantize+einsum": jax.jit(lambda x, i: jnp.einsum(
+        "fp8 kernel": looped(lambda x, w8, sc, wb, i: fp8_einsum("btd,dhq->bthq", x, w8, sc, 0, 128, layer=i)),
+        "xla fp8 dequantize+einsum": looped(lambda x, w8, sc, wb, i: jnp.einsum(
             "btd,dhq->bthq", x, dequantize(w8[i], sc[i], 0, 128, jnp.bfloat16))),
-        "xla bf16 einsum": jax.jit(lambda x, i: jnp.einsum("btd,dhq->bthq", x, wb[i])),
+        "xla bf16 einsum": looped(lambda x, w8, sc, wb, i: jnp.einsum("btd,dhq->bthq", x, wb[i])),
     }
     for m in rows:
         x = jax.random.normal(jax.random.key(5), (1, m, d), jnp.bfloat16)
-        sets = [(x, jnp.int32(i)) for i in range(layers)]
         for label, fn in fns.items():
-            t = median_time(fn, sets, reps=reps)
+            t = median_time(fn, (x, w8, sc, wb), reps=reps) / layers
             nbytes = d * h * q * (2 if "bf16" in label else 1) + (0 if "bf16" in label else sc.nbytes // layers)
             floor = nbytes / bandwidth
             out.append(dict(rows=m, variant=label, us=t * 1e6, floor_us=floor * 1e6, pct_floor=100 * floor / t))
