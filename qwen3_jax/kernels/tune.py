@@ -157,22 +157,31 @@ def sweep_moe(bandwidth: float, *, e=128, d=2048, f=768, k=8, layers=6, batches=
             distinct = len(np.unique(np.asarray(ex)))
             return (x, w, ex, tensors), distinct
 
+        refs = {}
+
         def record(label, n, fn, sets, distinct, cfg=None):
             try:
+                if n not in refs:   # the plain-XLA result every kernel variant must reproduce
+                    refs[n] = np.asarray(xla_layer_fn(arrays, layers)(*sets), np.float64)
+                got = np.asarray(fn(*sets), np.float64)
+                err = float(np.linalg.norm(got - refs[n]) / np.linalg.norm(refs[n]))
                 t = median_time(fn, sets, reps=reps) / layers   # per layer
-            except Exception as err:  # a tiling Triton rejects: report and go on
-                log(f"  {kind} n={n} {label}: FAILED {type(err).__name__}: {str(err)[:200]}")
+            except Exception as exc:  # a tiling Triton rejects: report and go on
+                log(f"  {kind} n={n} {label}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+                return None
+            if not err < 2e-2:
+                log(f"  {kind} n={n} {label}: WRONG, relative error {err:.3g} against XLA; not used")
                 return None
             floor = distinct * per_expert / bandwidth
             row = dict(kind=kind, tokens=n, variant=label, us=t * 1e6, floor_us=floor * 1e6,
-                       pct_floor=100 * floor / t, cfg=cfg or {})
+                       pct_floor=100 * floor / t, cfg=cfg or {}, rel_err=err)
             if n >= 1024 and matmul_rate:
                 flops = 2 * n * k * 3 * d * f
                 row["tflops"] = flops / t / 1e12
                 row["pct_matmul"] = 100 * flops / t / matmul_rate
             rows.append(row)
             log(f"  {kind:4s} n={n:5d} {label:42s} {t * 1e6:9.1f} us  floor {floor * 1e6:7.1f} us  "
-                f"{row['pct_floor']:5.1f}%" + (f"  {row['pct_matmul']:.1f}% of matmul" if "pct_matmul" in row else ""))
+                f"{row['pct_floor']:5.1f}%  err {err:.1e}" + (f"  {row['pct_matmul']:.1f}% of matmul" if "pct_matmul" in row else ""))
             return t
 
         # 1. gemv tiles at batch 1 (8 assignments)
