@@ -401,7 +401,7 @@ def hf_peer_child(args) -> dict:
     for b in ints(args.hf_batch):
         ids = torch.randint(0, cfg.vocab_size, (b, ctx), device=dev)
         with torch.no_grad():
-            o = model(ids, use_cache=True)
+            o = model(ids, use_cache=True, logits_to_keep=1)   # not [B, T, V] logits for the prompt
             past, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
             times = []
             for i in range(args.steps + 2):
