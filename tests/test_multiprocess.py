@@ -1,0 +1,233 @@
+"""Two processes, one mesh (serve/distributed.py): CPU devices, gloo collectives, 127.0.0.1.
+
+`tp=4,ep=8` is 8 devices; here they are 2 processes x 4 simulated CPU devices, so attention's
+data axis and half of the expert axis cross the process boundary. Everything is float32.
+
+  logits    this file run as a worker script by two processes (`python tests/test_multiprocess.py
+            worker RANK ADDR CKPT OUT`): they load the built-in checkpoint into the 2 x 4 mesh, and
+            their logits equal one process on one device; each read only its own slices.
+  server    `python -m serve --nnodes 2` (rank 0 serves, rank 1 follows) answers greedy and seeded
+            requests with exactly the text a single-process server gives; then rank 1 is killed
+            mid-stream and rank 0 must exit non-zero naming rank 1, within a bounded time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":  # run as the worker script: import serve/ and qwen3_jax/ from the repo
+    sys.path.insert(0, ROOT)
+MESH = "tp=4,ep=8"
+TOKENS = (np.arange(2 * 19, dtype=np.int32).reshape(2, 19) * 37 + 5) % 576  # [B=2, T=19], builtin vocab 576
+
+
+# -- the worker: run by two processes, before JAX starts ----------------------------------------
+def count_reads():
+    """Count elements qwen3_jax.load reads from the checkpoint: (counts dict, undo)."""
+    from qwen3_jax import checkpoint
+
+    counts = {"experts": 0, "other": 0}
+    orig = checkpoint.LazyView.__getitem__
+
+    def getitem(self, index):
+        out = orig(self, index)
+        counts["experts" if self.stacked else "other"] += int(out.size)
+        return out
+
+    checkpoint.LazyView.__getitem__ = getitem
+    return counts, lambda: setattr(checkpoint.LazyView, "__getitem__", orig)
+
+
+def worker(rank: int, addr: str, ckpt: str, out: str) -> int:
+    import argparse
+
+    from serve.distributed import initialize
+
+    wd = initialize(argparse.Namespace(nnodes=2, node_rank=rank, dist_init_addr=addr, dist_timeout=60), 8)
+    import jax
+    from jax.experimental import multihost_utils
+
+    from qwen3_jax import api
+
+    counts, _ = count_reads()
+    model = api.load(ckpt, mesh=MESH, dtype="float32", progress=False)
+    logits, _ = model.forward(TOKENS)
+    full = multihost_utils.process_allgather(logits, tiled=True)  # [B, T, V] on every process
+    info = dict(rank=jax.process_index(), processes=jax.process_count(), devices=jax.device_count(),
+                local=jax.local_device_count(), reads=counts)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(info, f)
+    if rank == 0:
+        np.save(os.path.join(out, "logits.npy"), np.asarray(full))
+    wd.close()
+    return 0
+
+
+# -- tests ------------------------------------------------------------------------------------
+import pytest  # noqa: E402
+
+openai = pytest.importorskip("openai")
+
+from serve.builtin import CORPUS, builtin_checkpoint  # noqa: E402
+from serve.process import ServerProcess, free_port  # noqa: E402
+
+NAME = "qwen3-jax-builtin"
+COMMON = ["--dtype", "float32", "--context-length", "256", "--chunked-prefill-size", "32",
+          "--max-running-requests", "4", "--mesh", MESH]
+WORDS = CORPUS.split()
+PROMPTS = [" ".join(WORDS[3 * i: 3 * i + 2 + 5 * i]) for i in range(8)]  # 2 to ~40 words: 1 or 2 chunks
+
+
+@pytest.fixture(scope="module")
+def procs(tmp_path_factory):
+    """Start everything at once (the machine is slow): the worker pair, the server pair, one server."""
+    xdg = tmp_path_factory.mktemp("xdg")
+    ckpt = builtin_checkpoint(str(xdg / "qwen3-jax"))
+    env = {"XDG_CACHE_HOME": str(xdg), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    out = str(tmp_path_factory.mktemp("workers"))
+    addr = f"127.0.0.1:{free_port()}"
+    workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(r), addr, ckpt, out],
+                                env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    dist = ["--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{free_port()}"]
+    servers = {
+        "single": ServerProcess(COMMON, env),
+        "rank1": ServerProcess(COMMON + dist + ["--node-rank", "1"], env),
+        "rank0": ServerProcess(COMMON + dist + ["--node-rank", "0"], env),
+    }
+    for s in servers.values():
+        s.start()
+    yield dict(workers=workers, out=out, ckpt=ckpt, **servers)
+    for w in workers:
+        if w.poll() is None:
+            w.kill()
+    for s in servers.values():
+        try:
+            s.stop(signal.SIGKILL, timeout=10)
+        except RuntimeError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def worker_results(procs):
+    logs = []
+    for w in procs["workers"]:
+        text, _ = w.communicate(timeout=300)
+        logs.append(text)
+    for r, w in enumerate(procs["workers"]):
+        assert w.returncode == 0, f"worker rank {r} exited {w.returncode}:\n{logs[r][-3000:]}"
+    infos = [json.load(open(os.path.join(procs["out"], f"rank{r}.json"))) for r in (0, 1)]
+    return infos, np.load(os.path.join(procs["out"], "logits.npy"))
+
+
+def test_two_processes_form_one_mesh(worker_results):
+    infos, _ = worker_results
+    assert [(i["rank"], i["processes"], i["devices"], i["local"]) for i in infos] == [(0, 2, 8, 4), (1, 2, 8, 4)]
+
+
+def test_logits_equal_one_process(worker_results, procs):
+    from qwen3_jax import api
+
+    _, logits = worker_results
+    ref = api.load(procs["ckpt"], dtype="float32", progress=False).logits(TOKENS)  # one process, one device
+    assert logits.shape == ref.shape == (2, 19, 576)
+    rel = float(np.max(np.abs(logits - ref)) / np.max(np.abs(ref)))
+    assert rel < 1e-5, f"2-process logits differ from one device by {rel:.2e} (relative)"
+    assert (logits.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_each_process_reads_only_its_slices(worker_results, procs):
+    """Experts are split over the processes, so each reads half of them; nothing reads more than a
+    single process loading the same mesh does (which reads every distinct slice once)."""
+    from qwen3_jax import api
+    from qwen3_jax.safetensors_io import SafetensorsCheckpoint
+
+    infos, _ = worker_results
+    counts, undo = count_reads()
+    try:
+        api.load(procs["ckpt"], mesh=MESH, dtype="float32", progress=False)  # one process, 8 devices
+    finally:
+        undo()
+    ckpt = SafetensorsCheckpoint(procs["ckpt"])
+    expert_elems = sum(int(np.prod(ckpt.shape(k))) for k in ckpt.keys() if ".mlp.experts." in k)
+    assert counts["experts"] == expert_elems
+    for info in infos:
+        assert info["reads"]["experts"] == expert_elems // 2, info
+        assert info["reads"]["other"] <= counts["other"], info
+
+
+def _client(srv):
+    return openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def _complete(srv, prompt, **kw):
+    r = _client(srv).completions.create(model=NAME, prompt=prompt, max_tokens=kw.pop("max_tokens", 16),
+                                        extra_body={"ignore_eos": True}, **kw)
+    return r.choices[0].text, r.usage.completion_tokens
+
+
+@pytest.fixture(scope="module")
+def servers(procs):
+    procs["single"].wait_ready(600)
+    procs["rank0"].wait_ready(600)
+    assert procs["rank1"].proc.poll() is None, procs["rank1"].output()[-3000:]
+    return procs
+
+
+def test_server_greedy_equals_single_process(servers):
+    """Eight greedy requests at once (4 slots, prompts of 1 and 2 prefill chunks): same text."""
+    def run(srv):
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            return list(pool.map(lambda p: _complete(srv, p, temperature=0), PROMPTS))
+
+    with ThreadPoolExecutor(2) as pool:
+        two, one = pool.map(run, (servers["rank0"], servers["single"]))
+    assert all(n == 16 for _, n in two)
+    assert two == one
+    assert len({t for t, _ in two}) > 1  # the prompts really differ
+
+
+def test_server_seeded_sampling_equals_single_process(servers):
+    """Sampling state (temperature, top_p, top_k, seed, step) reaches rank 1 with each step."""
+    kw = dict(temperature=0.9, top_p=0.95, seed=1234, max_tokens=12)
+    assert _complete(servers["rank0"], PROMPTS[2], **kw) == _complete(servers["single"], PROMPTS[2], **kw)
+
+
+def test_rank1_killed_rank0_exits_naming_it(servers):
+    rank0, rank1 = servers["rank0"], servers["rank1"]
+    stream = _client(rank0).completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=200, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True})
+    got = 0
+    for _ in stream:
+        got += 1
+        if got == 3:
+            break
+    t0 = time.monotonic()
+    os.kill(rank1.proc.pid, signal.SIGKILL)
+    try:
+        for _ in stream:  # the stream must end (rank 0 exits), not hang
+            pass
+    except Exception:  # noqa: BLE001 - the connection drops when rank 0 exits
+        pass
+    rc = rank0.proc.wait(timeout=90)
+    elapsed = time.monotonic() - t0
+    out = rank0.output()
+    assert rc != 0, out[-3000:]
+    assert "lost node rank 1 of 2" in out, out[-3000:]
+    assert elapsed < 60, f"rank 0 took {elapsed:.0f}s to notice rank 1 was gone"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "worker":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        raise SystemExit(worker(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]))
+    raise SystemExit("usage: python tests/test_multiprocess.py worker RANK HOST:PORT CHECKPOINT_DIR OUT_DIR")
