@@ -4,7 +4,8 @@ Computed from shapes, dtypes and logical axis names alone (the rules table), so 
 abstract state before anything is allocated as well as on a loaded model. In a notebook:
 
     from sharding.layout import layout_table
-    print(layout_table(model))          # a qwen3_jax.Model, or (state, mesh spec)
+    print(layout_table(model))          # a loaded qwen3_jax.Model
+    print(layout_table(abstract_state, "tp=4,ep=8"))   # or any (abstract) state + a mesh spec
 
     rows = layout_rows(model)           # LayoutRow dataclasses; pandas.DataFrame(map(asdict, rows))
 

@@ -24,7 +24,7 @@ from conftest import require_reference
 from reference import TINY, make_hf_checkpoint, rel_err
 
 import qwen3_jax
-from sharding.layout import layout_rows
+from sharding.layout import human_bytes, layout_rows, layout_table
 
 # spec -> (N devices, dp, tp, ep), by hand from DESIGN.md: N = dp x tp, dp = ep/tp when ep > tp.
 MESHES = {
@@ -183,6 +183,9 @@ def test_bytes_per_device_match_layout_table(spec, load):
     assert set(actual.values()) == {predicted}, f"{spec}: {sorted(set(actual.values()))} vs {predicted}"
     for row, (name, axes, arr) in zip(rows, _leaves(model)):
         assert row.name == name and row.shard_shape == arr.addressable_shards[0].data.shape
+    lines = layout_table(model).splitlines()  # the notebook view: mesh line, one row a weight, totals
+    assert lines[0] == model.mesh_spec.describe() and len(lines) == len(rows) + 5
+    assert lines[-1].startswith(f"total ({len(rows)} weights)") and lines[-1].endswith(human_bytes(predicted))
 
 
 @pytest.mark.parametrize("spec", ["ep=8", "tp=4,ep=8", "tp=8,ep=8"])
