@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $XDG_CACHE_HOME/qwen3-jax/xla; 'off' disables)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="logging verbosity")
+    from . import distributed
+    distributed.add_arguments(p)  # --nnodes, --node-rank, --dist-init-addr, --dist-timeout
     try:
         from . import dry_run
     except ImportError:  # serve/dry_run.py is another piece of work; serving does not need it
@@ -125,7 +127,7 @@ def _memory_plan(args, cfg, spec):
     except ImportError:  # no planner: capacity.py sizes the cache from memory_stats() instead
         return None
     try:
-        stats = jax.devices()[0].memory_stats()
+        stats = jax.local_devices()[0].memory_stats()
     except Exception:  # platforms without memory figures raise or return None
         stats = None
     if not stats or "bytes_limit" not in stats:
@@ -138,27 +140,45 @@ def _memory_plan(args, cfg, spec):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    node = f"[node {args.node_rank}] " if args.nnodes > 1 else ""
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s {node}%(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU backend" on every start
+    from .distributed import DistributedError
     if getattr(args, "dry_run", False):
         from . import dry_run
+        if args.nnodes > 1:
+            try:
+                _plan_nodes(args)
+            except DistributedError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         return dry_run.run(args)
     from sharding.mesh import MeshSpecError
 
     try:
-        prepare_devices(args.mesh)
+        n = prepare_devices(args.mesh)
     except MeshSpecError as e:
         print(f"error: --mesh {args.mesh!r}: {e}", file=sys.stderr)
         return 2
-    check_port(args.host, args.port)
+    from . import distributed
+    watchdog = None
+    try:
+        distributed.check_args(args, n)
+        if args.node_rank == 0:  # only rank 0 listens
+            check_port(args.host, args.port)
+        if args.nnodes > 1:  # before anything else touches JAX
+            watchdog = distributed.initialize(args, n)
+    except DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     enable_compilation_cache(args.compilation_cache)
     from qwen3_jax.config import ConfigError
     from qwen3_jax.safetensors_io import CheckpointError
 
     try:
-        return _serve(args)
-    except (MeshSpecError, ConfigError, CheckpointError, FileNotFoundError) as e:
+        return _serve(args, watchdog)
+    except (MeshSpecError, ConfigError, CheckpointError, FileNotFoundError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -166,7 +186,23 @@ def main(argv=None) -> int:
         return 130
 
 
-def _serve(args) -> int:
+def _plan_nodes(args):
+    """--dry-run --nnodes N: the plan is per device; say how the mesh's devices split over the nodes."""
+    from sharding.mesh import MeshSpecError, parse_mesh_spec
+
+    from .distributed import DistributedError, check_args
+
+    try:
+        n = parse_mesh_spec(args.mesh, getattr(args, "num_devices", None)).num_devices
+    except MeshSpecError:
+        return  # the planner reports it
+    check_args(args, n, need_addr=False)
+    if not getattr(args, "json", False):
+        print(f"nodes: {args.nnodes} x {n // args.nnodes} devices ({n} in the mesh); every device holds the share "
+              "planned below, whichever node it is on")
+
+
+def _serve(args, watchdog=None) -> int:
     from qwen3_jax.config import Qwen3MoeConfig
     from sharding.mesh import check_against_config, parse_mesh_spec
 
@@ -181,6 +217,9 @@ def _serve(args) -> int:
     check_against_config(spec, cfg)
     log.info("model %s (%s%s) from %s", name, cfg.name, ", FP8 weights" if cfg.fp8 else "", path)
     log.info(spec.describe())
+    if watchdog is not None:
+        from .distributed import describe
+        log.info(describe(args, spec.num_devices))
     kv_tokens = None
     plan = _memory_plan(args, cfg, spec)
     if plan is None:
@@ -207,6 +246,10 @@ def _serve(args) -> int:
     log.info("weights: %s per device (%d device%s, %s)", _gib(max(weights.values())), len(weights),
              "s" if len(weights) > 1 else "", engine.model.dtype)
     log.info(engine.cache_size.describe())
+    if args.node_rank > 0:  # a follower: no HTTP; run rank 0's steps until it stops
+        from .distributed import run_follower
+        log.info("ready in %.1fs; following rank 0's steps", time.perf_counter() - t0)
+        return run_follower(engine, watchdog)
     log.info("ready in %.1fs", time.perf_counter() - t0)
     return run_server(engine, name, args)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import logging
 import queue
@@ -48,6 +49,7 @@ from .tokenizer import DetokenizeStream, Tokenizer
 log = logging.getLogger("serve.engine")
 
 MIN_BUCKET = 32
+KEEPALIVE_S = 10.0  # several processes: the longest rank 0 idles before a no-op step message
 
 
 class QueueFull(RuntimeError):
@@ -141,10 +143,14 @@ class Engine:
                              f"{cfg.max_position_embeddings}; use --context-length {cfg.max_position_embeddings} "
                              "or less")
         devices = self._devices()
+        here = [d for d in devices if d.process_index == jax.process_index()]  # the devices we can measure
         self.cache_size: CacheSize = size_cache(
-            cfg, model.mesh_spec, model.kv_rep, model.dtype, devices, context_length=self.context_length,
+            cfg, model.mesh_spec, model.kv_rep, model.dtype, here, context_length=self.context_length,
             max_running_requests=max_running_requests, mem_fraction_static=mem_fraction_static,
             kv_cache_tokens=kv_cache_tokens)
+        if jax.process_count() > 1:  # several processes (serve/distributed.py) build one cache: the smallest
+            from .distributed import agree_min
+            self.cache_size = dataclasses.replace(self.cache_size, num_slots=agree_min(self.cache_size.num_slots))
         self.num_slots = self.cache_size.num_slots
         self.chunk = max(1, min(chunked_prefill_size, self.context_length))
         self.buckets = prefill_buckets(self.context_length, self.chunk)
@@ -171,6 +177,9 @@ class Engine:
         self.error: BaseException | None = None
         self.steps = 0
         self.finish_hooks: list[Callable[[Request], None]] = []  # called on the scheduler thread
+        if self._channel is not None and not self._channel.leader:
+            self._thread = None  # a follower: no scheduler; follow() runs rank 0's steps, its warm-up too
+            return
         if warmup:
             self.warmup(progress)
         self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
@@ -192,6 +201,21 @@ class Engine:
         self._decode_jits = {w: jax.jit(functools.partial(_decode_step, g, w), donate_argnums=(1,), **kw)
                              for w in self.windows}
         self._prefill_jit = jax.jit(lambda *a: _prefill_chunk(g, *a), donate_argnums=(1,), **kw)
+        self._channel = None
+        if jax.process_count() > 1:  # several processes: rank 0 announces each step, the others run it too
+            from .distributed import StepChannel, engine_capacity
+            self._channel = StepChannel(engine_capacity(self.num_slots, self.buckets[-1]))
+            steps = self._channel.attach({"prefill": self._prefill_jit,
+                                          **{f"decode/{w}": f for w, f in self._decode_jits.items()}})
+            self._prefill_jit = steps["prefill"]
+            self._decode_jits = {w: steps[f"decode/{w}"] for w in self.windows}
+
+    def follow(self) -> int:
+        """A follower rank (serve/distributed.py): run each step rank 0 announces until it stops. -> steps."""
+        def run(step, inputs):
+            ids, self.cache = step(self.model.state, self.cache, *inputs)
+            return ids
+        return self._channel.follow(run)
 
     def warmup(self, progress: bool = True):
         """Compile every prefill bucket and the decode step now, so no request waits for XLA."""
@@ -384,7 +408,7 @@ class Engine:
             self._stopping = True
             self._stop_reason = reason
             self._cv.notify_all()
-        if threading.current_thread() is not self._thread:
+        if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
     def __enter__(self):
@@ -412,7 +436,10 @@ class Engine:
                 with self._cv:
                     while not (self._stopping or self._pending or self._cancels or self._prefilling
                                or self.num_running):
-                        self._cv.wait()
+                        if self._channel is None:
+                            self._cv.wait()
+                        elif not self._cv.wait(KEEPALIVE_S):  # idle: no follower sits in one collective for hours
+                            self._channel.keepalive()
                     if self._stopping:
                         break
                     cancels, self._cancels = self._cancels, []
@@ -440,6 +467,11 @@ class Engine:
             for r in waiting:
                 if not r.finished:
                     self._emit(r, r.abort(reason))
+            if self._channel is not None:
+                try:
+                    self._channel.stop()  # the followers return from follow() and exit
+                except Exception:
+                    log.exception("could not tell the other ranks to stop")
 
     def _free(self, req: Request, reason: str | None = None):
         """Give a request's slot back (idempotent). With `reason`, tell its consumer it was aborted."""
