@@ -177,6 +177,8 @@ class Qwen3MoeConfig:
             for k in ("attention_factor", "mscale", "mscale_all_dim"):
                 if getattr(self.rope, k) is not None:
                     rope_scaling[k] = getattr(self.rope, k)
+            if not self.rope.truncate:  # moves the ramp's bounds, so it must survive the round trip
+                rope_scaling["truncate"] = False
         d = {
             "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
@@ -218,9 +220,11 @@ def _parse_rope(d: dict[str, Any]) -> RopeConfig:
         return RopeConfig(theta=float(theta))
     if "factor" not in merged:
         raise ConfigError("yarn rope scaling needs a 'factor' in rope_scaling/rope_parameters")
+    # Absent, the original context is max_position_embeddings (transformers writes it out so).
+    original = merged.get("original_max_position_embeddings") or d.get("max_position_embeddings", 40960)
     return RopeConfig(
         theta=float(theta), type="yarn", factor=float(merged["factor"]),
-        original_max_position_embeddings=merged.get("original_max_position_embeddings"),
+        original_max_position_embeddings=int(original),
         beta_fast=float(merged.get("beta_fast") or 32.0), beta_slow=float(merged.get("beta_slow") or 1.0),
         attention_factor=merged.get("attention_factor"), mscale=merged.get("mscale"),
         mscale_all_dim=merged.get("mscale_all_dim"), truncate=bool(merged.get("truncate", True)))
