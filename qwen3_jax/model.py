@@ -137,11 +137,12 @@ def _sub(stacked, name):
 
 def _einsum_w(eq, x, weight: Weight, ctx, stacked=None):
     """einsum(eq, x, weight) in x's dtype. With kernels on (kernels.active) and `stacked` =
-    (the same Weight with [L, ...] params, layer index), an FP8 weight is read in place by the
-    fused-dequantize kernel instead of being dequantized into a bf16 copy first."""
-    if stacked is not None and weight.is_fp8 and kernels.active(ctx, x.dtype):
+    (the same Weight with [L, ...] params, layer index), the kernel reads layer i in place (no
+    per-layer slice copy; FP8 dequantized in registers, not into a bf16 copy first)."""
+    if stacked is not None and kernels.active(ctx, x.dtype):
         full, i = stacked
-        y = kernels.fp8_einsum(eq, x, full.w[...], full.scale[...], weight.block_axis, weight.fp8_block, layer=i)
+        y = kernels.linear_einsum(eq, x, full.w[...], full.scale[...] if weight.is_fp8 else None,
+                                  weight.block_axis, weight.fp8_block, layer=i)
         if y is not None:
             return y
     return jnp.einsum(eq, x, weight(x.dtype))
@@ -186,19 +187,28 @@ class Attention(nnx.Module):
         kv_act = ("batch", "seq", "kv_heads", "head_dim")
         return constrain(q, act, ctx), constrain(k, kv_act, ctx), constrain(v, kv_act, ctx)
 
-    def attend(self, q_bthq, k_bskq, v_bskq, mask_bts, ctx=None, stacked=None):
-        """Grouped-query attention; softmax in float32 as transformers does. -> [B, T, D]."""
+    def attend(self, q_bthq, k_bskq, v_bskq, mask_bts, ctx=None, stacked=None, positions_bt=None):
+        """Grouped-query attention; softmax in float32 as transformers does. -> [B, T, D].
+        With kernels on, a GPU and `positions_bt`, a prompt starting at position 0 uses cuDNN's
+        fused attention (kernels/prefill_attention.py); anything else this plain-XLA math."""
         b, t, h, qd = q_bthq.shape
         kv = k_bskq.shape[2]
-        q = q_bthq.reshape(b, t, kv, h // kv, qd)
-        scores = jnp.einsum("btkgq,bskq->bkgts", q, k_bskq, preferred_element_type=jnp.float32)
-        scores = scores.astype(q.dtype).astype(jnp.float32) * self.scale
-        scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskq->btkgq", probs, v_bskq).reshape(b, t, h, qd)
+
+        def xla_attention():
+            q = q_bthq.reshape(b, t, kv, h // kv, qd)
+            scores = jnp.einsum("btkgq,bskq->bkgts", q, k_bskq, preferred_element_type=jnp.float32)
+            scores = scores.astype(q.dtype).astype(jnp.float32) * self.scale
+            scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+            return jnp.einsum("bkgts,bskq->btkgq", probs, v_bskq).reshape(b, t, h, qd)
+
+        if positions_bt is not None and t > 1 and kernels.on_gpu() and kernels.active(ctx, q_bthq.dtype):
+            out = kernels.causal_prefill_attention(q_bthq, k_bskq, v_bskq, positions_bt, self.scale, xla_attention)
+        else:
+            out = xla_attention()
         y = _einsum_w("bthq,hqd->btd", out, self.o_proj, ctx, _sub(stacked, "o_proj"))
         if self.bias:
-            y = y + self.o_bias(q.dtype)
+            y = y + self.o_bias(q_bthq.dtype)
         return y
 
 
@@ -349,7 +359,7 @@ class Segment(nnx.Module):
                 s = keys.shape[1]
                 mask = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
             x = x + blk.attn.attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask, ctx,
-                                    stacked=(full.attn, i))
+                                    stacked=(full.attn, i), positions_bt=positions_bt)
             x = x + blk.mlp(blk.post_norm(x), ctx, stacked=(full.mlp, i))
             x = constrain(x, ("batch", "seq", "embed"), ctx)
             return (x, k_all, v_all), None

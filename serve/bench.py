@@ -73,6 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--hf-layers", type=int, default=2)
     p.add_argument("--hf-batch", default="1,64")
     p.add_argument("--memory-check", action="store_true", help="planned (sharding.memory) vs measured device memory")
+    p.add_argument("--profile-batch", default="", help="decode batches to profile (kernels on): time per kernel")
     p.add_argument("--out", default=None, help="write all results as JSON here")
     p.add_argument("--markdown", action="store_true", help="print BENCHMARKS.md rows")
     p.add_argument("--seed", type=int, default=0)
@@ -265,7 +266,7 @@ def is_oom(err: Exception) -> bool:
 # -- measurements --------------------------------------------------------------------------------
 
 def bench_decode(model, inv, batch: int, context: int, steps: int, reps: int, single: bool,
-                 ceilings: dict, log) -> dict:
+                 ceilings: dict, log, profile: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -297,6 +298,8 @@ def bench_decode(model, inv, batch: int, context: int, steps: int, reps: int, si
     res["step_ms"] = 1e3 * t / steps
     res["tok_s"] = batch * steps / t
     res["pct_floor"] = 100 * res["floor_ms"] / res["step_ms"]
+    if profile:
+        res["profile"] = profile_call(call, steps, log)
     if single:
         one = make_decode(model.graphdef, 1).lower(model.state, tok, pos0, holder["cache"]).compile()
 
@@ -310,6 +313,47 @@ def bench_decode(model, inv, batch: int, context: int, steps: int, reps: int, si
         res["single_step_ms"] = 1e3 * t1 / steps
     del holder
     return res
+
+
+def profile_call(call, steps: int, log, top: int = 30) -> dict:
+    """Trace one call; per kernel name: total device time per decode step. Printed and returned."""
+    import glob
+    import tempfile
+
+    import jax
+
+    d = tempfile.mkdtemp(prefix="qwen3_bench_prof_")
+    jax.block_until_ready(call())
+    with jax.profiler.trace(d):
+        jax.block_until_ready(call())
+    paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        return {"error": "no profile written"}
+    data = jax.profiler.ProfileData.from_file(paths[0])
+    by_name, lines, first, last = {}, set(), None, None
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            lines.add(line.name)
+            for ev in line.events:
+                n, dur = by_name.get(ev.name, (0, 0.0))
+                by_name[ev.name] = (n + 1, dur + ev.duration_ns)
+                first = ev.start_ns if first is None else min(first, ev.start_ns)
+                last = ev.start_ns + ev.duration_ns if last is None else max(last, ev.start_ns + ev.duration_ns)
+    busy = sum(d for _, d in by_name.values())
+    out = {"lines": sorted(lines), "kernels_per_step": sum(n for n, _ in by_name.values()) / steps,
+           "busy_us_per_step": busy / 1e3 / steps,
+           "span_us_per_step": (last - first) / 1e3 / steps if first is not None else None,
+           "top": sorted(((name, n / steps, d / 1e3 / steps) for name, (n, d) in by_name.items()),
+                         key=lambda r: -r[2])[:top]}
+    log(f"  profile: {out['kernels_per_step']:.0f} kernels/step, busy {out['busy_us_per_step']:.0f} us/step "
+        f"of a {out['span_us_per_step'] or 0:.0f} us span (lines: {', '.join(out['lines'])})")
+    for name, n, us in out["top"]:
+        log(f"    {us:9.1f} us/step  x{n:6.1f}  {name[:110]}")
+    return out
 
 
 def bench_prefill(model, inv, tokens: int, reps: int, ceilings: dict, log) -> dict:
@@ -625,7 +669,8 @@ def bench_model(args, name: str, ceilings: dict, log) -> dict:
         prompts = ints(args.baseline_prefill) if baseline and args.baseline_prefill is not None else ints(args.prefill)
         for b in batches:
             try:
-                r = bench_decode(model, inv, b, args.context, args.steps, args.reps, b in single, c, log)
+                r = bench_decode(model, inv, b, args.context, args.steps, args.reps, b in single, c, log,
+                                 profile=label == "on" and b in set(ints(args.profile_batch)))
             except Exception as err:   # one failed figure (OOM, a kernel Triton rejects) must not lose the rest
                 r = {"batch": b, "error": _short(err),
                      "floor_ms": 1e3 * decode_floor_bytes(model, inv, b, args.context)["total"] / c["bandwidth"]}

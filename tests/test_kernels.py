@@ -14,7 +14,7 @@ import pytest
 
 from qwen3_jax import kernels
 from qwen3_jax.fp8 import dequantize
-from qwen3_jax.kernels.fp8_linear import fp8_einsum
+from qwen3_jax.kernels.linear import linear_einsum
 from qwen3_jax.kernels.gemv import fp8_bits_to_f32, gemv
 from qwen3_jax.kernels.grouped_matmul import grouped_matmul
 from qwen3_jax.kernels.moe_blocks import expert_blocks, num_blocks
@@ -170,12 +170,23 @@ def test_fp8_einsum_projections_read_layer_in_place(m):
     wq, sq = fp8_weights(rng, (2, 128, 4, 16), 1, block)        # [L, D, H, Q], D blocked
     wo, so = fp8_weights(rng, (2, 4, 16, 128), 3, block)        # [L, H, Q, D], D blocked
     x = jnp.asarray(rng.standard_normal((1, m, 128)), jnp.bfloat16)
-    q = fp8_einsum("btd,dhq->bthq", x, wq, sq, 0, block, layer=jnp.int32(1))
+    q = linear_einsum("btd,dhq->bthq", x, wq, sq, 0, block, layer=jnp.int32(1))
     want = jnp.einsum("btd,dhq->bthq", x.astype(jnp.float32), dequantize(wq[1], sq[1], 0, block, jnp.float32))
     assert q.shape == (1, m, 4, 16) and q.dtype == jnp.bfloat16 and rel(q, want) < 5e-3
-    o = fp8_einsum("bthq,hqd->btd", q, wo, so, 2, block, layer=jnp.int32(0))
+    o = linear_einsum("bthq,hqd->btd", q, wo, so, 2, block, layer=jnp.int32(0))
     want = jnp.einsum("bthq,hqd->btd", q.astype(jnp.float32), dequantize(wo[0], so[0], 2, block, jnp.float32))
     assert o.shape == (1, m, 128) and rel(o, want) < 5e-3
+
+
+def test_bf16_projection_reads_layer_in_place_and_leaves_many_rows_to_xla():
+    rng = np.random.default_rng(9)
+    w = jnp.asarray(rng.standard_normal((3, 128, 4, 16)) * 0.1, jnp.bfloat16)   # [L, D, H, Q]
+    x = jnp.asarray(rng.standard_normal((2, 1, 128)), jnp.bfloat16)
+    q = linear_einsum("btd,dhq->bthq", x, w, None, 0, 128, layer=jnp.int32(2))
+    want = jnp.einsum("btd,dhq->bthq", x.astype(jnp.float32), w[2].astype(jnp.float32))
+    assert q.shape == (2, 1, 4, 16) and rel(q, want) < 5e-3
+    many = jnp.zeros((1, 40, 128), jnp.bfloat16)
+    assert linear_einsum("btd,dhq->bthq", many, w, None, 0, 128, layer=jnp.int32(0)) is None
 
 
 def test_switch_defaults_off_on_cpu_and_honours_overrides(monkeypatch):
@@ -267,6 +278,61 @@ def test_gpu_fp8_einsum_matches_dequantized_einsum(m):
     rng = np.random.default_rng(m)
     wq, sq = fp8_weights(rng, (3, 2048, 32, 128), 1)
     x = jnp.asarray(rng.standard_normal((1, m, 2048)), jnp.bfloat16)
-    q = fp8_einsum("btd,dhq->bthq", x, wq, sq, 0, 128, layer=jnp.int32(2))
+    q = linear_einsum("btd,dhq->bthq", x, wq, sq, 0, 128, layer=jnp.int32(2))
     want = jnp.einsum("btd,dhq->bthq", x.astype(jnp.float32), dequantize(wq[2], sq[2], 0, 128, jnp.float32))
     assert rel(q, want) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offset", [0, 5])
+def test_gpu_prefill_attention_matches_xla_from_zero_and_falls_back_otherwise(offset):
+    from flax import nnx
+
+    from qwen3_jax.model import Attention
+    from qwen3_jax import Qwen3MoeConfig
+    from reference import TINY
+
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", hidden_size=256, num_attention_heads=8,
+                                        num_key_value_heads=2, head_dim=64))
+    attn = Attention(cfg, dtype=jnp.bfloat16, kv_rep=1, stack=None, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(offset)
+    t, s = 96, 128
+    q = jnp.asarray(rng.standard_normal((2, t, 8, 64)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((2, s, 2, 64)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((2, s, 2, 64)), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + offset, (2, t))
+    mask = jnp.arange(s)[None, None, :] <= pos[:, :, None]
+    outs = []
+    for on in (False, True):
+        with kernels.kernels_enabled(on):
+            f = jax.jit(lambda q, k, v, m, p: attn.attend(q, k, v, m, positions_bt=p))
+            outs.append(np.asarray(f(q, k, v, mask, pos), np.float32))
+    assert rel(outs[1], outs[0]) < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_model_with_kernels_matches_plain_xla_prefill_and_decode():
+    from flax import nnx
+
+    from qwen3_jax import Qwen3MoeConfig, random_model
+    from qwen3_jax.config import Fp8Config
+    from reference import TINY
+
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=3, hidden_size=256,
+                                        moe_intermediate_size=128, head_dim=32))
+    for fp8 in (False, True):
+        m = random_model(dataclasses.replace(cfg, fp8=Fp8Config() if fp8 else None), seed=3)
+        tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 64)), jnp.int32)
+        outs = []
+        for on in (False, True):
+            with kernels.kernels_enabled(on):
+                def run(st, tok):
+                    model = nnx.merge(m.graphdef, st)
+                    cache = m.init_cache(2, 80)
+                    logits, cache = model(tok, None, cache)
+                    pos = jnp.full((2, 1), 64, jnp.int32)
+                    step, _ = model(tok[:, -1:], pos, cache)
+                    return logits, step
+                outs.append([np.asarray(a) for a in jax.jit(run)(m.state, tokens)])
+        for a, b in zip(*outs):
+            assert rel(b, a) < 3e-2, fp8

@@ -6,9 +6,11 @@ bf16 before the dot, so FP8 runs slower than bf16. The kernels here read only th
 step routes to, read every weight where it lies in the stacked [L, ...] params (a per-layer
 slice handed to a custom call would be copied first), and fuse the FP8 block dequantize.
 
-Files: gemv.py (one row per program, CUDA-core FMA: decode), grouped_matmul.py (row blocks of
-one group each, tensor cores: prefill and large decode batches), moe_blocks.py (routing ->
-row blocks), moe_ffn.py (the MoE expert FFN on either kernel), fp8_linear.py (FP8 projections).
+Files: gemv.py (one output row per program: decode), grouped_matmul.py (row blocks of one
+group each, tensor cores: prefill and large decode batches), moe_blocks.py (routing -> row
+blocks), moe_ffn.py (the MoE expert FFN on either kernel), linear.py (projections read in
+place, FP8 fused), prefill_attention.py (cuDNN fused attention for prompts from position 0),
+tune.py (microbenchmarks and the tile sweep).
 
 The switch: `QWEN3_JAX_KERNELS` = auto (default: on when JAX's default backend is a GPU),
 1/on, 0/off; `set_enabled(True/False/None)` overrides it in-process (read at trace time, so set
@@ -92,8 +94,9 @@ def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
     return None
 
 
-from .fp8_linear import fp8_einsum  # noqa: E402
+from .linear import linear_einsum  # noqa: E402
+from .prefill_attention import causal_prefill_attention  # noqa: E402
 from .moe_ffn import ExpertArrays, moe_ffn_stacked  # noqa: E402
 
 __all__ = ["enabled", "set_enabled", "kernels_enabled", "active", "interpret", "pick_tile",
-           "fp8_einsum", "moe_ffn_stacked", "ExpertArrays"]
+           "linear_einsum", "causal_prefill_attention", "moe_ffn_stacked", "ExpertArrays"]

@@ -95,8 +95,11 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
 # Defaults by block height, overridable in-process like gemv.GEMV_DEFAULTS: small blocks
 # (decode batches) are memory-bound, so narrow N tiles and more programs; bm >= 64 (prefill)
 # is compute-bound: bigger tiles, 8 warps.
+# Measured on an H100 (run 2): batch-64 MoE layer bf16 bn=128 489 us vs bn=64 636 us (floor
+# 502 us at that run's bandwidth); 8k-token prefill layer: bn=128, bk=64, 8 warps 2.66 ms
+# (34% of the matmul rate) vs bn=64, 4 warps 3.83 ms.
 MATMUL_DEFAULTS = {
-    "small": dict(bn=64, bk=128, num_warps=4, num_stages=3),
+    "small": dict(bn=128, bk=128, num_warps=4, num_stages=3),
     "large": dict(bn=128, bk=64, num_warps=8, num_stages=3),
 }
 

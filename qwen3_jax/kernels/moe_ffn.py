@@ -1,7 +1,7 @@
 """The MoE expert FFN on the kernels: sum_k w_k * down(silu(gate(x)) * up(x)), drop-free.
 
 Two strategies, chosen statically from the number of (token, expert) assignments A = N * k:
-  A <= GEMV_MAX_ASSIGNMENTS: gemv, one row per assignment, each reading only its expert (no
+  A <= gemv_max_assignments(fp8): gemv, one row per assignment, each reading only its expert (no
     sort; an expert routed twice is read twice, cheap while A is small).
   otherwise: sort by expert into row blocks (moe_blocks) and grouped_matmul, so each touched
     expert is read once per block of rows.
@@ -20,8 +20,14 @@ from .gemv import gemv, gemv_tiles
 from .grouped_matmul import grouped_matmul, matmul_tiles
 from .moe_blocks import block_rows, expert_blocks
 
-# Measured crossover (benchmarks/NOTES.md): gemv up to this many assignments, then blocks.
-GEMV_MAX_ASSIGNMENTS = 64
+# Measured crossover (benchmarks/NOTES.md, run 2): gemv while it is faster than blocks, by
+# weight kind. bf16: gemv wins to 8 tokens (64 assignments), ties at 16; FP8 wins to 16 tokens.
+GEMV_MAX_ASSIGNMENTS = {"bf16": 64, "fp8": 128}
+
+
+def gemv_max_assignments(fp8: bool) -> int:
+    v = GEMV_MAX_ASSIGNMENTS
+    return v if isinstance(v, int) else v["fp8" if fp8 else "bf16"]
 
 
 @dataclasses.dataclass
@@ -58,7 +64,7 @@ class ExpertArrays:
 def supported(arrays: ExpertArrays, assignments: int) -> bool:
     """True when tiles divide the shapes (else the caller keeps the XLA path)."""
     d, f = arrays.gate.shape[1:]
-    if assignments <= GEMV_MAX_ASSIGNMENTS:
+    if assignments <= gemv_max_assignments(arrays.fp8):
         return (gemv_tiles(d, f, assignments, arrays.fp8, "k", arrays.block) is not None
                 and gemv_tiles(f, d, assignments, arrays.fp8, "n", arrays.block) is not None)
     bm = block_rows(assignments, arrays.num_experts)
@@ -72,7 +78,7 @@ def moe_ffn(x_nd, weights_nk, experts_nk, arrays: ExpertArrays, first_expert=0, 
     n, d = x_nd.shape
     k = experts_nk.shape[1]
     a = n * k
-    strategy = strategy or ("gemv" if a <= GEMV_MAX_ASSIGNMENTS else "blocks")
+    strategy = strategy or ("gemv" if a <= gemv_max_assignments(arrays.fp8) else "blocks")
     if strategy == "gemv":
         y_ad, here = _gemv_path(x_nd, experts_nk, arrays, first_expert)
     else:

@@ -244,9 +244,9 @@ def install_best(best_cfg, log=print):
         cfg = best_cfg.get((size, "bf16"), best_cfg.get((size, "fp8")))
         if cfg:
             gm_mod.MATMUL_DEFAULTS[size].update(cfg)
-    crosses = [best_cfg[("cross", kd)] for kd in ("bf16", "fp8") if ("cross", kd) in best_cfg]
-    if crosses:
-        moe_mod.GEMV_MAX_ASSIGNMENTS = max(8, min(crosses))
+    for kd in ("bf16", "fp8"):
+        if ("cross", kd) in best_cfg:
+            moe_mod.GEMV_MAX_ASSIGNMENTS[kd] = max(8, best_cfg[("cross", kd)])
     log(f"installed: GEMV_DEFAULTS={gemv_mod.GEMV_DEFAULTS} MATMUL_DEFAULTS={gm_mod.MATMUL_DEFAULTS} "
         f"GEMV_MAX_ASSIGNMENTS={moe_mod.GEMV_MAX_ASSIGNMENTS}")
 
@@ -254,7 +254,7 @@ def install_best(best_cfg, log=print):
 def sweep_fp8_linear(bandwidth: float, *, d=2048, h=32, q=128, layers=16, rows=(1, 8), log=print, reps=10):
     """q_proj-shaped FP8 projection: the fused kernel vs XLA bf16 and XLA dequantize-then-einsum
     (each call runs all `layers` layers in a fori_loop; times are per layer)."""
-    from .fp8_linear import fp8_einsum
+    from .linear import linear_einsum
     out = []
     w8 = jax.random.normal(jax.random.key(3), (layers, d, h, q), jnp.float32).astype(jnp.float8_e4m3fn)
     sc = jnp.full((layers, d // 128, h, q), 0.02, jnp.float32)
@@ -269,7 +269,7 @@ def sweep_fp8_linear(bandwidth: float, *, d=2048, h=32, q=128, layers=16, rows=(
         return run
 
     fns = {
-        "fp8 kernel": looped(lambda x, w8, sc, wb, i: fp8_einsum("btd,dhq->bthq", x, w8, sc, 0, 128, layer=i)),
+        "fp8 kernel": looped(lambda x, w8, sc, wb, i: linear_einsum("btd,dhq->bthq", x, w8, sc, 0, 128, layer=i)),
         "xla fp8 dequantize+einsum": looped(lambda x, w8, sc, wb, i: jnp.einsum(
             "btd,dhq->bthq", x, dequantize(w8[i], sc[i], 0, 128, jnp.bfloat16))),
         "xla bf16 einsum": looped(lambda x, w8, sc, wb, i: jnp.einsum("btd,dhq->bthq", x, wb[i])),
