@@ -5,7 +5,9 @@ data axis and half of the expert axis cross the process boundary. Everything is 
 
   logits    this file run as a worker script by two processes (`python tests/test_multiprocess.py
             worker RANK ADDR CKPT OUT`): they load the built-in checkpoint into the 2 x 4 mesh, and
-            their logits equal one process on one device; each read only its own slices.
+            their logits equal one process on one device; each read only its own slices. Then
+            rank 1 freezes (SIGSTOP: alive but silent, like a node cut off the network) and rank
+            0's watchdog must give up on it after --dist-timeout, naming it.
   server    `python -m serve --nnodes 2` (rank 0 serves, rank 1 follows) answers greedy and seeded
             requests with exactly the text a single-process server gives; then rank 1 is killed
             mid-stream and rank 0 must exit non-zero naming rank 1, within a bounded time.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,12 +50,15 @@ def count_reads():
     return counts, lambda: setattr(checkpoint.LazyView, "__getitem__", orig)
 
 
+SILENCE_S = 15  # the workers' --dist-timeout
+
+
 def worker(rank: int, addr: str, ckpt: str, out: str) -> int:
     import argparse
 
     from serve.distributed import initialize
 
-    wd = initialize(argparse.Namespace(nnodes=2, node_rank=rank, dist_init_addr=addr, dist_timeout=60), 8)
+    initialize(argparse.Namespace(nnodes=2, node_rank=rank, dist_init_addr=addr, dist_timeout=SILENCE_S), 8)
     import jax
     from jax.experimental import multihost_utils
 
@@ -62,17 +68,22 @@ def worker(rank: int, addr: str, ckpt: str, out: str) -> int:
     model = api.load(ckpt, mesh=MESH, dtype="float32", progress=False)
     logits, _ = model.forward(TOKENS)
     full = multihost_utils.process_allgather(logits, tiled=True)  # [B, T, V] on every process
-    info = dict(rank=jax.process_index(), processes=jax.process_count(), devices=jax.device_count(),
-                local=jax.local_device_count(), reads=counts)
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(info, f)
     if rank == 0:
         np.save(os.path.join(out, "logits.npy"), np.asarray(full))
-    wd.close()
-    return 0
+    multihost_utils.sync_global_devices("results written")
+    info = dict(rank=jax.process_index(), processes=jax.process_count(), devices=jax.device_count(),
+                local=jax.local_device_count(), reads=counts, frozen_at=time.time())
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(info, f)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # alive, connections open, no heartbeats: a node cut off
+    time.sleep(SILENCE_S + 60)
+    return 3  # rank 0's watchdog should have ended this process by now
 
 
 # -- tests ------------------------------------------------------------------------------------
+import argparse  # noqa: E402
+
 import pytest  # noqa: E402
 
 openai = pytest.importorskip("openai")
@@ -87,6 +98,74 @@ WORDS = CORPUS.split()
 PROMPTS = [" ".join(WORDS[3 * i: 3 * i + 2 + 5 * i]) for i in range(8)]  # 2 to ~40 words: 1 or 2 chunks
 
 
+def test_step_message_round_trip_is_bitwise():
+    from serve.distributed import HEADER, pack, unpack
+
+    arrays = [np.arange(64, dtype=np.int32).reshape(1, 64) - 7, np.array([0.1, -np.inf, np.nan, -0.0], np.float32),
+              np.array([2**32 - 1], np.uint32), np.full((2, 3, 4), 1.5, np.float32)[:, ::2],  # non-contiguous
+              np.zeros((0,), np.int32)]
+    step, seq, back = unpack(pack(5, 9, arrays, HEADER + 200))
+    assert (step, seq, len(back)) == (5, 9, len(arrays))
+    for a, b in zip(arrays, back):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.ascontiguousarray(a).tobytes() == b.tobytes()
+    with pytest.raises(ValueError, match="over the message size 100"):
+        pack(2, 0, [np.zeros(40, np.int32)], 100)
+    with pytest.raises(TypeError, match="int64"):
+        pack(2, 0, [np.zeros(3, np.int64)], HEADER + 10)
+
+
+def test_engine_capacity_holds_its_largest_steps():
+    from serve.distributed import HEADER, engine_capacity, pack
+
+    size = HEADER + engine_capacity(num_slots=64, max_bucket=512)
+    one = lambda dt: np.zeros(1, dt)  # noqa: E731
+    prefill = [np.zeros((1, 512), np.int32)] * 2 + [one(np.int32)] * 2 + [one(np.float32)] * 2 + [one(np.int32)] * 3
+    decode = [np.zeros(64, np.int32)] * 2 + [np.zeros(64, np.float32)] * 2 + [np.zeros(64, np.int32)] * 3
+    pack(3, 0, prefill, size)
+    pack(4, 0, decode, size)
+
+
+def _args(**kw):
+    base = dict(nnodes=2, node_rank=0, dist_init_addr="10.0.0.1:29500", dist_timeout=60)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw, devices, message", [
+    (dict(dist_init_addr=None), 8, "needs --dist-init-addr HOST:PORT"),
+    (dict(node_rank=2), 8, "--node-rank 2 is not a rank of --nnodes 2; use 0..1"),
+    (dict(nnodes=1, node_rank=1), 8, "--node-rank 1 is not a rank of --nnodes 1"),
+    (dict(nnodes=3), 8, "8 devices do not split evenly over --nnodes 3"),
+    (dict(dist_init_addr="10.0.0.1"), 8, "is not HOST:PORT"),
+    (dict(dist_init_addr="10.0.0.1:99999"), 8, "is not HOST:PORT"),
+    (dict(dist_timeout=1), 8, "shorter than two heartbeats"),
+])
+def test_bad_flags_are_refused_before_jax(kw, devices, message):
+    from serve.distributed import DistributedError, check_args
+
+    with pytest.raises(DistributedError, match=re.escape(message)):
+        check_args(_args(**kw), devices)
+
+
+def test_good_flags_and_addresses():
+    from serve.distributed import check_args, split_addr
+
+    check_args(_args(), 8)
+    check_args(_args(nnodes=1, dist_init_addr=None), 1)  # one process: nothing else needed
+    assert split_addr("node01:29500") == ("node01", 29500)
+    assert split_addr("[fe80::1]:29500") == ("fe80::1", 29500)
+
+
+def test_dry_run_plans_the_nodes_mesh(capsys):
+    from serve import cli
+
+    assert cli.main(["--dry-run", "--nnodes", "3", "--mesh", MESH, "--device-memory", "1GiB"]) == 2
+    assert "8 devices do not split evenly over --nnodes 3" in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["--dry-run", "--nnodes", "2", "--mesh", MESH, "--device-memory", "1GiB"])
+    cli._plan_nodes(args)
+    assert capsys.readouterr().out.startswith("nodes: 2 x 4 devices (8 in the mesh)")
+
+
 @pytest.fixture(scope="module")
 def procs(tmp_path_factory):
     """Start everything at once (the machine is slow): the worker pair, the server pair, one server."""
@@ -99,10 +178,13 @@ def procs(tmp_path_factory):
                                 env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     dist = ["--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{free_port()}"]
+    dist2 = ["--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{free_port()}"]
     servers = {
         "single": ServerProcess(COMMON, env),
         "rank1": ServerProcess(COMMON + dist + ["--node-rank", "1"], env),
         "rank0": ServerProcess(COMMON + dist + ["--node-rank", "0"], env),
+        "stop1": ServerProcess(COMMON + dist2 + ["--node-rank", "1"], env),  # a second pair, to stop cleanly
+        "stop0": ServerProcess(COMMON + dist2 + ["--node-rank", "0"], env),
     }
     for s in servers.values():
         s.start()
@@ -119,25 +201,29 @@ def procs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def worker_results(procs):
-    logs = []
-    for w in procs["workers"]:
-        text, _ = w.communicate(timeout=300)
-        logs.append(text)
-    for r, w in enumerate(procs["workers"]):
-        assert w.returncode == 0, f"worker rank {r} exited {w.returncode}:\n{logs[r][-3000:]}"
-    infos = [json.load(open(os.path.join(procs["out"], f"rank{r}.json"))) for r in (0, 1)]
-    return infos, np.load(os.path.join(procs["out"], "logits.npy"))
+    rank0, rank1 = procs["workers"]
+    log0, _ = rank0.communicate(timeout=400)  # ends when its watchdog gives up on the frozen rank 1
+    gone_at = time.time()
+    rank1.kill()
+    log1, _ = rank1.communicate(timeout=30)
+    infos = []
+    for r, log in enumerate((log0, log1)):
+        path = os.path.join(procs["out"], f"rank{r}.json")
+        assert os.path.exists(path), f"worker rank {r} wrote no results:\n{log[-3000:]}"
+        infos.append(json.load(open(path)))
+    return dict(infos=infos, logits=np.load(os.path.join(procs["out"], "logits.npy")), rc0=rank0.returncode,
+                log0=log0, silent_s=gone_at - infos[1]["frozen_at"])
 
 
 def test_two_processes_form_one_mesh(worker_results):
-    infos, _ = worker_results
+    infos = worker_results["infos"]
     assert [(i["rank"], i["processes"], i["devices"], i["local"]) for i in infos] == [(0, 2, 8, 4), (1, 2, 8, 4)]
 
 
 def test_logits_equal_one_process(worker_results, procs):
     from qwen3_jax import api
 
-    _, logits = worker_results
+    logits = worker_results["logits"]
     ref = api.load(procs["ckpt"], dtype="float32", progress=False).logits(TOKENS)  # one process, one device
     assert logits.shape == ref.shape == (2, 19, 576)
     rel = float(np.max(np.abs(logits - ref)) / np.max(np.abs(ref)))
@@ -151,7 +237,7 @@ def test_each_process_reads_only_its_slices(worker_results, procs):
     from qwen3_jax import api
     from qwen3_jax.safetensors_io import SafetensorsCheckpoint
 
-    infos, _ = worker_results
+    infos = worker_results["infos"]
     counts, undo = count_reads()
     try:
         api.load(procs["ckpt"], mesh=MESH, dtype="float32", progress=False)  # one process, 8 devices
@@ -163,6 +249,14 @@ def test_each_process_reads_only_its_slices(worker_results, procs):
     for info in infos:
         assert info["reads"]["experts"] == expert_elems // 2, info
         assert info["reads"]["other"] <= counts["other"], info
+
+
+def test_silent_rank_is_lost_after_the_timeout(worker_results):
+    """Rank 1 frozen: rank 0 exits 1 naming it, after --dist-timeout of silence (not never, not at once)."""
+    assert worker_results["rc0"] == 1, worker_results["log0"][-3000:]
+    assert "lost node rank 1 of 2 at 127.0.0.1:" in worker_results["log0"]
+    assert f"no heartbeat for {SILENCE_S}s" in worker_results["log0"]
+    assert SILENCE_S - 1 < worker_results["silent_s"] < SILENCE_S + 30, worker_results["silent_s"]
 
 
 def _client(srv):
@@ -224,6 +318,18 @@ def test_rank1_killed_rank0_exits_naming_it(servers):
     assert rc != 0, out[-3000:]
     assert "lost node rank 1 of 2" in out, out[-3000:]
     assert elapsed < 60, f"rank 0 took {elapsed:.0f}s to notice rank 1 was gone"
+
+
+def test_sigterm_stops_every_rank_cleanly(procs):
+    """SIGTERM to rank 0 (what Ctrl-C or `scancel` does): rank 0 tells rank 1 to stop; both exit 0."""
+    rank0, rank1 = procs["stop0"].wait_ready(600), procs["stop1"]
+    assert _complete(rank0, PROMPTS[0], temperature=0, max_tokens=4)[1] == 4
+    t0 = time.monotonic()
+    assert rank0.stop(signal.SIGTERM, timeout=60) == 0, rank0.output()[-3000:]
+    assert rank1.proc.wait(timeout=60) == 0, rank1.output()[-3000:]
+    assert time.monotonic() - t0 < 30
+    assert "rank 0 stopped after" in rank1.output()
+    assert "lost node" not in rank0.output() + rank1.output()
 
 
 if __name__ == "__main__":
