@@ -1,0 +1,157 @@
+"""`python -m serve --dry-run`: print the memory plan and exit, without touching an accelerator.
+
+    python -m serve --model Qwen3-235B-A22B-FP8 --mesh tp=4,ep=8 --device-memory 48GiB --dry-run
+    python -m serve --model /ckpt/dir --mesh tp=8 --device-memory 80GB --dry-run --json
+    python -m serve --model Qwen3-235B-A22B-FP8 --num-devices 8 --device-memory 48GiB --dry-run --sweep
+
+`--model` is a checkpoint directory (only its config.json is read) or a preset name. The plan
+(sharding/memory.py) compiles the engine's own prefill and decode steps for XLA's memory
+analysis, on simulated CPU devices: JAX is forced onto the CPU platform before it initializes.
+Exit status: 0 when it fits (with --sweep: when some mesh fits), 1 when not, 2 on bad arguments.
+
+Also runs on its own: `python -m serve.dry_run --model ... --mesh ... --device-memory ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+ENGINE_STEPS = "serve.dry_run:engine_steps"
+SAMPLING_DTYPES = ("float32", "float32", "int32", "int32", "int32")  # temperature, top_p, top_k, seed, step
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --dry-run, --json, --sweep, --device-memory, --num-devices (and skip any already there)."""
+    have = {s for a in parser._actions for s in a.option_strings}
+    g = parser.add_argument_group("memory plan (--dry-run)")
+
+    def add(flag, **kw):
+        if flag not in have:
+            g.add_argument(flag, **kw)
+
+    add("--dry-run", action="store_true",
+        help="print what each device will hold (weights, workspace, KV cache) and exit: 0 fits, 1 does not")
+    add("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    add("--sweep", action="store_true", help="with --dry-run: plan every valid mesh on the device count")
+    add("--device-memory", metavar="SIZE", default=None,
+        help="with --dry-run: memory per device, e.g. 80GB, 48GiB or bytes (required: no device is asked)")
+    add("--num-devices", metavar="N", type=int, default=None,
+        help="devices to spread the mesh over (default: what --mesh implies, dp x tp)")
+
+
+def engine_steps():
+    """The engine's jitted prefill-chunk and decode steps (sampling included), for the planner.
+
+    Decode is planned at its largest KV window, the whole context: the most one step reads.
+    """
+    from sharding.workspace import StepSet
+
+    from .engine import _decode_step, _prefill_chunk
+
+    def decode(graphdef, state, cache, *args):
+        return _decode_step(graphdef, cache.k[0].shape[2], state, cache, *args)
+
+    return StepSet(_prefill_chunk, decode, SAMPLING_DTYPES, "serve engine steps")
+
+
+def parse_memory(text: str) -> int:
+    """'48GiB', '80GB', '1.5TB', '51539607552' -> bytes."""
+    from qwen3_jax.quantize import parse_size
+
+    try:
+        n = parse_size(str(text))
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ValueError(f"--device-memory {text!r} is not a size; write e.g. 80GB, 48GiB or a byte count")
+    return n
+
+
+def force_cpu(num_devices: int) -> list:
+    """Make JAX use `num_devices` simulated CPU devices (before it initializes) -> the CPU devices.
+
+    If JAX is already initialized (a notebook, a test), nothing is changed: the CPU devices there
+    are used when there are enough, else the planner compiles in a child process.
+    """
+    import os
+    import re
+
+    import jax
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}".strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        jax.config.update("jax_platforms", "cpu")
+        try:
+            jax.config.update("jax_num_cpu_devices", num_devices)
+        except Exception:  # JAX without the option: XLA_FLAGS does it
+            pass
+    devices = jax.devices("cpu")
+    return devices if len(devices) >= num_devices else []
+
+
+def run(args) -> int:
+    """Plan and print; -> exit status (0 fits, 1 does not, 2 bad arguments)."""
+    from qwen3_jax.config import ConfigError, resolve_config
+    from sharding.mesh import MeshSpecError, check_against_config, parse_mesh_spec
+
+    try:
+        if getattr(args, "model", None):
+            cfg = resolve_config(args.model)
+        else:
+            from .builtin import builtin_checkpoint
+            cfg = resolve_config(builtin_checkpoint())
+        if not getattr(args, "device_memory", None):
+            raise ValueError("--dry-run needs --device-memory (e.g. 80GB for an 80 GB card, 48GiB): the plan "
+                             "never asks a device")
+        limit = parse_memory(args.device_memory)
+        spec = parse_mesh_spec(getattr(args, "mesh", "") or "", getattr(args, "num_devices", None), cfg=cfg)
+        check_against_config(spec, cfg)
+    except (ConfigError, MeshSpecError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = spec.num_devices
+    devices = force_cpu(min(max(2 * n, 16), 64))  # room for the larger meshes suggestions try
+
+    from sharding.memory import format_sweep, plan_memory, sweep
+
+    kw = dict(device_memory_bytes=limit, mem_fraction_static=getattr(args, "mem_fraction_static", 0.88),
+              context_length=getattr(args, "context_length", None),
+              max_running_requests=getattr(args, "max_running_requests", None),
+              chunked_prefill_size=getattr(args, "chunked_prefill_size", None) or 512,
+              dtype=getattr(args, "dtype", "bfloat16"), steps=ENGINE_STEPS, devices=devices)
+    try:
+        if getattr(args, "sweep", False):
+            plans = sweep(cfg, n, **kw)
+            if getattr(args, "json", False):
+                print(json.dumps([p.to_json() for p in plans], indent=2))
+            else:
+                print(format_sweep(plans))
+            return 0 if any(p.fits for p in plans) else 1
+        plan = plan_memory(cfg, spec, **kw)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False):
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print(plan.format())
+    return 0 if plan.fits else 1
+
+
+def main(argv=None) -> int:
+    from .cli import build_parser
+
+    parser = build_parser()
+    parser.prog = "python -m serve.dry_run"
+    args = parser.parse_args(argv)
+    args.dry_run = True
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,520 @@
+"""The memory plan: what every device will hold, known before anything is allocated.
+
+    plan = plan_memory(cfg, "tp=4,ep=8", device_memory_bytes=48 * 2**30)
+    print(plan.format()); plan.fits; plan.to_json(); plan.suggestions()
+
+Per device:
+- weights by component, from the real model's abstract params (`nnx.eval_shape` of Qwen3Moe
+  via qwen3_jax.api.abstract_model) and the shardings the loader gives them (state_shardings,
+  the rules table): bytes = prod(NamedSharding.shard_shape) x itemsize, summed per component.
+  No second formula: whatever the model declares is what is counted.
+- workspace of the compiled prefill and decode steps, from XLA's memory analysis (workspace.py).
+- the KV cache: one token of one slot costs each device of its data group the shard of
+  cache_shapes(...) under the cache's sharding; what is left of
+  device_memory x mem_fraction_static after weights and workspace holds that many tokens per
+  data group, so `kv_cache_tokens` = tokens per group x dp and a request needs context_length
+  tokens in one group.
+
+This is the one module of sharding/ that reads the model (through qwen3_jax.api's public
+abstract_model and state_shardings, never module internals), because what it counts is what
+the model declares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+from .mesh import MESH_AXES, MeshSpec, check_against_config, kv_replication, parse_mesh_spec, valid_specs
+from .workspace import MODEL_STEPS_PATH, Workspace, step_workspace
+
+COMPONENTS = ("attention", "experts", "dense_mlp", "router", "embeddings", "lm_head", "norms", "fp8_scales",
+              "other")
+DEFAULT_MAX_RUNNING_REQUESTS = 64  # as serve's default cap on slots (serve/capacity.py)
+NODE_SIZE = 8
+_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+
+
+def gib(n: int) -> str:
+    """Bytes in GiB (MiB, KiB below them): device memory is sold and set in binary units."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= scale or unit == "KiB":
+            return f"{n / scale:.2f} {unit}"
+
+
+# -- weights -----------------------------------------------------------------------------------
+
+def _abstract_ctx(spec: MeshSpec):
+    """A ShardingContext over an AbstractMesh: real shardings without devices."""
+    from jax.sharding import AbstractMesh
+
+    from .context import ShardingContext
+
+    return ShardingContext(spec, AbstractMesh(spec.shape, MESH_AXES))
+
+
+def component_of(path: tuple[str, ...], segment_kinds: list[str]) -> str:
+    """Which component a param belongs to, by its path in the model's state."""
+    if path[-1] == "scale":
+        return "fp8_scales"
+    head = path[0]
+    if head == "embed":
+        return "embeddings"
+    if head == "lm_head":
+        return "lm_head"
+    if head == "final_norm" or any(p.endswith("norm") for p in path):
+        return "norms"
+    if head == "segments":
+        if "attn" in path:
+            return "attention"
+        if "mlp" in path:
+            if "router" in path:
+                return "router"
+            return "experts" if segment_kinds[int(path[1])] == "moe" else "dense_mlp"
+    return "other"
+
+
+@functools.lru_cache(maxsize=256)
+def weights_per_device(cfg, mesh: MeshSpec, dtype: str = "bfloat16") -> dict[str, int]:
+    """{component: bytes each device holds}, from the model's abstract params and their shardings."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from qwen3_jax.api import abstract_model, resolve_dtype, state_shardings
+
+    ctx = _abstract_ctx(mesh)
+    abstract = nnx.state(abstract_model(cfg, resolve_dtype(dtype), kv_replication(mesh, cfg), ctx))
+    shardings = state_shardings(abstract, ctx)
+    kinds = [kind for kind, _, _ in cfg.layer_segments()]
+    out = dict.fromkeys(COMPONENTS, 0)
+    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(shardings)):
+        names = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+        names = names[:-1] if names[-1] == "value" else names
+        shard = sharding.shard_shape(tuple(leaf.shape))
+        out[component_of(names, kinds)] += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def kv_bytes_per_token(cfg, mesh: MeshSpec, dtype: str = "bfloat16") -> int:
+    """Bytes one cached token of one slot costs each device of the data group holding the slot."""
+    import jax.numpy as jnp
+
+    from qwen3_jax.api import resolve_dtype
+    from qwen3_jax.model import KVCache, cache_shapes
+
+    ctx = _abstract_ctx(mesh)
+    itemsize = jnp.dtype(resolve_dtype(dtype)).itemsize
+    total = 0
+    # dp slots of one token: each data group holds one slot, so a device's shard is one token.
+    for shapes in cache_shapes(cfg, mesh.dp, 1, kv_replication(mesh, cfg)):
+        for shape in shapes:
+            total += math.prod(ctx.sharding(KVCache.AXES, shape).shard_shape(shape)) * itemsize
+    return total
+
+
+# -- the plan ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """One device's memory under a mesh. Bytes are per device; tokens and requests are mesh-wide."""
+
+    config: object
+    mesh: MeshSpec
+    dtype: str
+    limit_bytes: int
+    mem_fraction_static: float
+    context_length: int
+    max_running_requests: int | None
+    chunked_prefill_size: int
+    weights: dict[str, int]
+    kv_bytes_per_token: int
+    workspace: Workspace | None
+    options: dict = dataclasses.field(default_factory=dict, repr=False)  # to re-plan suggestions
+
+    # -- numbers ---------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.config.name
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.num_devices
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def budget_bytes(self) -> int:
+        """device memory x mem_fraction_static: weights + workspace + KV cache must fit in it."""
+        return int(self.limit_bytes * self.mem_fraction_static)
+
+    @property
+    def workspace_bytes(self) -> int:
+        return self.workspace.bytes if self.workspace else 0
+
+    @property
+    def kv_tokens_per_group(self) -> int:
+        free = self.budget_bytes - self.weight_bytes - self.workspace_bytes
+        return max(free, 0) // self.kv_bytes_per_token
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Tokens the whole mesh can cache (each data group holds its own slots)."""
+        return self.kv_tokens_per_group * self.mesh.dp
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_tokens_per_group * self.kv_bytes_per_token
+
+    @property
+    def max_concurrent_requests(self) -> int:
+        """Requests of context_length that fit at once (each lives in one data group), at most
+        max_running_requests (default 64, as the server), a multiple of dp."""
+        dp = self.mesh.dp
+        n = dp * (self.kv_tokens_per_group // self.context_length)
+        cap = max(self.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS, dp)
+        return min(n, cap - cap % dp)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.workspace_bytes + self.kv_cache_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.kv_tokens_per_group >= self.context_length
+
+    def largest_component(self) -> tuple[str, int]:
+        return max(self.weights.items(), key=lambda kv: kv[1])
+
+    def problem(self) -> str | None:
+        """Why it does not fit, with the numbers; None when it fits."""
+        if self.fits:
+            return None
+        budget = f"the {gib(self.budget_bytes)} budget ({gib(self.limit_bytes)} x {self.mem_fraction_static})"
+        name, size = self.largest_component()
+        if self.weight_bytes > self.budget_bytes:
+            return (f"the weights alone are {gib(self.weight_bytes)} per device, over {budget}; "
+                    f"the largest part is {name}: {gib(size)}")
+        if self.weight_bytes + self.workspace_bytes > self.budget_bytes:
+            return (f"weights {gib(self.weight_bytes)} + workspace {gib(self.workspace_bytes)} per device "
+                    f"exceed {budget}")
+        need = self.context_length * self.kv_bytes_per_token
+        return (f"after weights ({gib(self.weight_bytes)}) and workspace ({gib(self.workspace_bytes)}) the KV "
+                f"cache gets {gib(self.kv_cache_bytes)} per device, {self.kv_tokens_per_group} tokens; one "
+                f"request of context {self.context_length} needs {gib(need)}")
+
+    # -- re-planning a change ----------------------------------------------------------------
+    def replan(self, cfg=None, mesh=None, **changes) -> "MemoryPlan":
+        opts = {**self.options, **changes}
+        return plan_memory(cfg or self.config, mesh or self.mesh, **opts)
+
+    @functools.cached_property
+    def _suggestions(self) -> list[tuple[str, "MemoryPlan"]]:
+        return [] if self.fits else _find_suggestions(self)
+
+    def suggestions(self) -> list[str]:
+        """The smallest changes that make it fit, each checked by planning it. Empty when it fits."""
+        return [text for text, _ in self._suggestions]
+
+    def devices_needed(self) -> int | None:
+        """The fewest devices (among those tried) on which this model fits, or None."""
+        for text, plan in self._suggestions:
+            if plan.num_devices != self.num_devices and plan.config is self.config:
+                return plan.num_devices
+        return self.num_devices if self.fits else None
+
+    # -- output ------------------------------------------------------------------------------
+    def summary(self) -> str:
+        return (f"{gib(self.weight_bytes)} weights per device, {self.kv_cache_tokens:,} KV tokens "
+                f"({self.max_concurrent_requests} requests at context {self.context_length})")
+
+    def format(self) -> str:
+        w = self.workspace
+        lines = [f"memory plan: {self.model_name} ({'FP8' if self.config.fp8 else self.dtype} weights, "
+                 f"{self.dtype} compute)",
+                 self.mesh.describe(),
+                 f"per device: limit {gib(self.limit_bytes)}, x mem_fraction_static {self.mem_fraction_static} "
+                 f"= {gib(self.budget_bytes)} for weights + workspace + KV cache",
+                 f"  weights     {gib(self.weight_bytes):>12}"]
+        for name in COMPONENTS:
+            if self.weights.get(name):
+                lines.append(f"    {name:<12}{gib(self.weights[name]):>10}")
+        if w is None:
+            lines.append("  workspace   (not compiled)")
+        else:
+            lines.append(f"  workspace   {gib(w.bytes):>12}   prefill {w.prefill_tokens} tokens: "
+                         f"{gib(w.prefill_bytes)}, decode {w.decode_batch} request{'s' if w.decode_batch > 1 else ''}: "
+                         f"{gib(w.decode_bytes)}")
+            lines.append(f"              (XLA memory analysis on {w.platform}: {w.compiled_as})")
+        lines.append(f"  kv cache    {gib(self.kv_cache_bytes):>12}   {self.kv_tokens_per_group:,} tokens per data "
+                     f"group x {self.mesh.dp} = {self.kv_cache_tokens:,} tokens "
+                     f"({self.kv_bytes_per_token:,} bytes per token per device)")
+        lines.append(f"  total       {gib(self.total_bytes):>12}   of {gib(self.limit_bytes)}")
+        if self.fits:
+            lines.append(f"verdict: fits; {self.max_concurrent_requests} concurrent requests at context "
+                         f"{self.context_length}")
+        else:
+            lines.append(f"verdict: does NOT fit: {self.problem()}")
+            sugg = self.suggestions()
+            if sugg:
+                lines.append("changes that fit (each planned):")
+                lines += [f"  - {s}" for s in sugg]
+            else:
+                lines.append("no change tried fits (FP8 weights, more devices, shorter context)")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        w = self.workspace
+        return {
+            "model": self.model_name, "fp8": self.config.fp8 is not None, "dtype": self.dtype,
+            "mesh": str(self.mesh), "num_devices": self.num_devices, "dp": self.mesh.dp, "tp": self.mesh.tp,
+            "ep": self.mesh.ep, "fits": self.fits,
+            "per_device": {
+                "limit_bytes": self.limit_bytes, "mem_fraction_static": self.mem_fraction_static,
+                "budget_bytes": self.budget_bytes,
+                "weights_bytes": {k: v for k, v in self.weights.items() if v},
+                "weight_bytes": self.weight_bytes,
+                "workspace": w.to_json() if w else None, "workspace_bytes": self.workspace_bytes,
+                "kv_cache_bytes": self.kv_cache_bytes, "kv_bytes_per_token": self.kv_bytes_per_token,
+                "total_bytes": self.total_bytes,
+            },
+            "kv_cache_tokens": self.kv_cache_tokens, "kv_tokens_per_data_group": self.kv_tokens_per_group,
+            "context_length": self.context_length, "max_concurrent_requests": self.max_concurrent_requests,
+            "problem": self.problem(),
+            "suggestions": [] if self.fits else self.suggestions(),
+        }
+
+
+def plan_memory(cfg, mesh_spec, *, device_memory_bytes: int, mem_fraction_static: float = 0.88,
+                context_length: int | None = None, max_running_requests: int | None = None,
+                chunked_prefill_size: int = 512, dtype: str = "bfloat16", num_devices: int | None = None,
+                workspace: bool = True, steps: str = MODEL_STEPS_PATH, devices=None) -> MemoryPlan:
+    """Plan one device's memory for `cfg` under `mesh_spec` (e.g. 'tp=4,ep=8' or a MeshSpec).
+
+    Nothing is allocated. `num_devices` spreads the spec over that many devices (dp fills the
+    rest). The decode workspace is compiled for the slots the server will run: as many requests
+    of context_length as the KV cache holds, at most max_running_requests (default 64).
+    `steps` names the step functions to compile (see workspace.StepSet); `devices` where.
+    """
+    spec = parse_mesh_spec(mesh_spec, num_devices)
+    check_against_config(spec, cfg)
+    dtype = str(dtype)
+    context_length = int(context_length or cfg.max_position_embeddings)
+    if context_length > cfg.max_position_embeddings:
+        raise ValueError(f"context_length={context_length} exceeds the model's max_position_embeddings="
+                         f"{cfg.max_position_embeddings}; use --context-length {cfg.max_position_embeddings} or less")
+    if context_length < 1 or not 0 < mem_fraction_static <= 1:
+        raise ValueError(f"context_length={context_length} must be >= 1 and mem_fraction_static="
+                         f"{mem_fraction_static} in (0, 1]")
+    options = dict(device_memory_bytes=device_memory_bytes, mem_fraction_static=mem_fraction_static,
+                   context_length=context_length, max_running_requests=max_running_requests,
+                   chunked_prefill_size=chunked_prefill_size, dtype=dtype, workspace=workspace, steps=steps,
+                   devices=devices)
+    plan = MemoryPlan(cfg, spec, dtype, int(device_memory_bytes), mem_fraction_static, context_length,
+                      max_running_requests, chunked_prefill_size, dict(weights_per_device(cfg, spec, dtype)),
+                      kv_bytes_per_token(cfg, spec, dtype), None, options)
+    if workspace:
+        # The decode step runs every slot, and the slots are what the KV cache holds after the
+        # workspace: start from what it holds without workspace (an upper bound), then compile
+        # decode again at the slots that are left. Prefill writes one row and is compiled once,
+        # against the larger cache.
+        first = max(plan.max_concurrent_requests, spec.dp)
+        kw = dict(context_length=context_length, prefill_tokens=min(chunked_prefill_size, context_length),
+                  steps=steps, devices=devices, prefill_slots=first)
+        plan.workspace = step_workspace(cfg, spec, dtype, num_slots=first, **kw)
+        left = max(plan.max_concurrent_requests, spec.dp)
+        if left < first:
+            plan.workspace = step_workspace(cfg, spec, dtype, num_slots=left, **kw)
+    return plan
+
+
+def sweep(cfg, num_devices: int, **kw) -> list[MemoryPlan]:
+    """Plan every mesh the model allows on exactly `num_devices` devices (sharding.mesh.valid_specs)."""
+    kw.pop("num_devices", None)
+    return [plan_memory(cfg, spec, **kw) for spec in valid_specs(cfg, num_devices)]
+
+
+def format_sweep(plans: list[MemoryPlan]) -> str:
+    """A table: one row per mesh, best KV capacity first among those that fit."""
+    header = ("mesh", "dp", "tp", "ep", "weights", "workspace", "kv tokens", "requests", "fits")
+    rows = [(str(p.mesh), str(p.mesh.dp), str(p.mesh.tp), str(p.mesh.ep), gib(p.weight_bytes),
+             gib(p.workspace_bytes), f"{p.kv_cache_tokens:,}", str(p.max_concurrent_requests),
+             "yes" if p.fits else "no")
+            for p in sorted(plans, key=lambda p: (not p.fits, -p.kv_cache_tokens))]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    first = plans[0] if plans else None
+    title = (f"{first.model_name} on {first.num_devices} devices of {gib(first.limit_bytes)}, context "
+             f"{first.context_length}, mem_fraction_static {first.mem_fraction_static}" if first else "no valid mesh")
+    return "\n".join([title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
+
+
+# -- suggestions -------------------------------------------------------------------------------
+
+def _fp8_variant(cfg):
+    """(label, config) of the block-FP8 checkpoint of the same model, or None if already FP8."""
+    if cfg.fp8 is not None:
+        return None
+    from qwen3_jax.config import Fp8Config, preset_names
+
+    name = f"{cfg.name}-FP8"
+    label = f"the FP8 checkpoint {name}" if name in preset_names() else "an FP8 (block 128x128) checkpoint"
+    return label, dataclasses.replace(cfg, fp8=Fp8Config(), name=name)
+
+
+def _device_counts(n: int, node: int) -> list[int]:
+    limit = max(8 * n, 4 * node)
+    counts = {n * k for k in range(2, 9)} | {2 ** j for j in range(1, 11)} | {node * k for k in range(1, 9)}
+    return sorted(c for c in counts if n < c <= limit)
+
+
+def _devices_text(count: int, node: int) -> str:
+    if count > node and count % node == 0:
+        k = count // node
+        return f"{count} devices ({_WORDS.get(k, k)} nodes of {node})"
+    return f"{count} devices"
+
+
+def _mesh_for(plan: MemoryPlan, count: int) -> MeshSpec | None:
+    """The mesh on `count` devices closest to the plan's: same tp, ep scaled; else the smallest weights."""
+    cfg, spec = plan.config, plan.mesh
+    scale = count // spec.num_devices if count % spec.num_devices == 0 else 0
+    candidates = valid_specs(cfg, count)
+    if not candidates:
+        return None
+    if scale:
+        for want in (MeshSpec(spec.dp * scale, spec.tp, spec.ep * scale if spec.ep > 1 else 1),
+                     MeshSpec(count // spec.tp, spec.tp, count) if count % spec.tp == 0 else None):
+            if want in candidates:
+                return want
+    return min(candidates, key=lambda s: (sum(weights_per_device(cfg, s, plan.dtype).values()), -s.ep))
+
+
+def _find_suggestions(plan: MemoryPlan) -> list[tuple[str, MemoryPlan]]:
+    out = []
+    fp8 = _fp8_variant(plan.config)
+    if fp8:
+        label, cfg8 = fp8
+        p = plan.replan(cfg=cfg8)
+        if p.fits:
+            out.append((f"use {label}: {p.summary()} on the same mesh", p))
+    compiles = 0
+    for count in _device_counts(plan.num_devices, NODE_SIZE):
+        spec = _mesh_for(plan, count)
+        if spec is None:
+            continue
+        # Cheap screen first (weights and KV only; this plan's workspace as a stand-in, which more
+        # devices rarely raise), then the full plan for at most three candidates.
+        quick = plan.replan(mesh=spec, workspace=False)
+        free = quick.budget_bytes - quick.weight_bytes - plan.workspace_bytes
+        if free // quick.kv_bytes_per_token < plan.context_length or compiles == 3:
+            continue
+        compiles += 1
+        p = plan.replan(mesh=spec)
+        if p.fits:
+            out.append((f"{_devices_text(count, NODE_SIZE)} instead of {plan.num_devices}, --mesh {spec}: "
+                        f"{p.summary()}", p))
+            break
+    if plan.weight_bytes + plan.workspace_bytes < plan.budget_bytes:
+        tokens = plan.kv_tokens_per_group
+        shorter = (tokens // 1024) * 1024 or tokens
+        if 0 < shorter < plan.context_length:
+            p = plan.replan(context_length=shorter)
+            if p.fits:
+                out.append((f"--context-length {shorter} (from {plan.context_length}): {p.summary()}", p))
+    if plan.workspace and plan.weight_bytes < plan.budget_bytes:
+        w = plan.workspace
+        if w.prefill_bytes >= w.decode_bytes and plan.chunked_prefill_size > 128:
+            size = plan.chunked_prefill_size // 2
+            while size >= 128:
+                p = plan.replan(chunked_prefill_size=size)
+                if p.fits:
+                    out.append((f"--chunked-prefill-size {size} (prefill workspace {gib(p.workspace.prefill_bytes)}): "
+                                f"{p.summary()}", p))
+                    break
+                size //= 2
+    if plan.mem_fraction_static < 0.95 and plan.weight_bytes + plan.workspace_bytes < 0.95 * plan.limit_bytes:
+        p = plan.replan(mem_fraction_static=0.95)
+        if p.fits:
+            out.append((f"--mem-fraction-static 0.95: {p.summary()}", p))
+    return out
+
+
+# -- measured, next to the plan (for a real device) --------------------------------------------
+
+def live_bytes_per_device(exclude=()) -> dict:
+    """{device: bytes of live jax arrays on it}, skipping arrays whose id() is in `exclude`.
+
+    Each device buffer counts once, however many arrays view it (a global array and the
+    single-device arrays it was assembled from share buffers).
+    """
+    import jax
+
+    out: dict = {}
+    seen = set()
+    for arr in jax.live_arrays():
+        if id(arr) in exclude or arr.is_deleted():
+            continue
+        for shard in arr.addressable_shards:
+            key = (shard.device, shard.data.unsafe_buffer_pointer())
+            if key not in seen:
+                seen.add(key)
+                out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
+
+class LoadMemoryProbe:
+    """An `on_layer(done, total)` callback for qwen3_jax.load: the most bytes any device held
+    during the load, from live arrays (every platform) and memory_stats (where it exists)."""
+
+    def __init__(self):
+        import jax
+
+        self.baseline = {id(a) for a in jax.live_arrays()}  # arrays that existed before the load
+        self.peak_live: dict = {}
+        self.samples = 0
+
+    def __call__(self, done: int = 0, total: int = 0):
+        for dev, n in live_bytes_per_device(self.baseline).items():
+            self.peak_live[dev] = max(self.peak_live.get(dev, 0), n)
+        self.samples += 1
+
+    @property
+    def max_live_bytes(self) -> int:
+        return max(self.peak_live.values(), default=0)
+
+
+def measure_device_memory(devices=None) -> list[dict]:
+    """Per device: bytes_in_use, peak_bytes_in_use, bytes_limit (memory_stats; None where the
+    platform has none) and live_array_bytes (always)."""
+    import jax
+
+    devices = list(devices or jax.devices())
+    live = live_bytes_per_device()
+    out = []
+    for d in devices:
+        try:
+            stats = d.memory_stats() or {}
+        except Exception:  # platforms without memory stats raise rather than return None
+            stats = {}
+        out.append({"device": str(d), "bytes_in_use": stats.get("bytes_in_use"),
+                    "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "bytes_limit": stats.get("bytes_limit"),
+                    "live_array_bytes": live.get(d, 0)})
+    return out
+
+
+def compare_with_plan(plan: MemoryPlan, measured: list[dict]) -> str:
+    """Planned vs measured per device, e.g. after loading: weights planned vs bytes in use."""
+    lines = [f"planned weights per device {gib(plan.weight_bytes)} ({plan.weight_bytes:,} bytes)"]
+    for m in measured:
+        parts = [f"live arrays {gib(m['live_array_bytes'])} ({m['live_array_bytes'] / plan.weight_bytes - 1:+.2%})"]
+        if m.get("bytes_in_use") is not None:
+            parts.append(f"in use {gib(m['bytes_in_use'])} ({m['bytes_in_use'] / plan.weight_bytes - 1:+.2%})")
+        if m.get("peak_bytes_in_use") is not None:
+            parts.append(f"peak {gib(m['peak_bytes_in_use'])}")
+        lines.append(f"  {m['device']}: " + ", ".join(parts))
+    return "\n".join(lines)
