@@ -190,7 +190,7 @@ def _plan_nodes(args):
     """--dry-run --nnodes N: the plan is per device; say how the mesh's devices split over the nodes."""
     from sharding.mesh import MeshSpecError, parse_mesh_spec
 
-    from .distributed import DistributedError, check_args
+    from .distributed import check_args
 
     try:
         n = parse_mesh_spec(args.mesh, getattr(args, "num_devices", None)).num_devices
