@@ -10,7 +10,9 @@ data axis and half of the expert axis cross the process boundary. Everything is 
             0's watchdog must give up on it after --dist-timeout, naming it.
   server    `python -m serve --nnodes 2` (rank 0 serves, rank 1 follows) answers greedy and seeded
             requests with exactly the text a single-process server gives; then rank 1 is killed
-            mid-stream and rank 0 must exit non-zero naming rank 1, within a bounded time.
+            mid-stream and rank 0 must exit non-zero naming rank 1, within a bounded time. A second
+            pair, started with the rest, is stopped with SIGTERM: both ranks exit 0.
+Every process starts at once in one module fixture (about 2 minutes on a busy 2-core machine).
 """
 
 from __future__ import annotations
