@@ -206,9 +206,13 @@ class Attention(nnx.Module):
             out = kernels.causal_prefill_attention(q_bthq, k_bskq, v_bskq, positions_bt, self.scale, xla_attention)
         else:
             out = xla_attention()
-        y = _einsum_w("bthq,hqd->btd", out, self.o_proj, ctx, _sub(stacked, "o_proj"))
+        return self.output(out, ctx, stacked)
+
+    def output(self, out_bthq, ctx=None, stacked=None):
+        """o_proj (+ bias): attention output [B, T, H, Q] -> [B, T, D]."""
+        y = _einsum_w("bthq,hqd->btd", out_bthq, self.o_proj, ctx, _sub(stacked, "o_proj"))
         if self.bias:
-            y = y + self.o_bias(q_bthq.dtype)
+            y = y + self.o_bias(out_bthq.dtype)
         return y
 
 
@@ -358,8 +362,15 @@ class Segment(nnx.Module):
                     keys, values = keys[slots_b], values[slots_b]
                 s = keys.shape[1]
                 mask = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
-            x = x + blk.attn.attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask, ctx,
-                                    stacked=(full.attn, i), positions_bt=positions_bt)
+            out = None
+            if k_all is not None and kernels.active(ctx, x.dtype):
+                # decode: read layer i of the cache in place (kernels/decode_attention.py)
+                out = kernels.decode_attention_cached(q, k_all, v_all, i, rows, positions_bt, blk.attn.scale)
+            if out is not None:
+                x = x + blk.attn.output(out, ctx, stacked=(full.attn, i))
+            else:
+                x = x + blk.attn.attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask, ctx,
+                                        stacked=(full.attn, i), positions_bt=positions_bt)
             x = x + blk.mlp(blk.post_norm(x), ctx, stacked=(full.mlp, i))
             x = constrain(x, ("batch", "seq", "embed"), ctx)
             return (x, k_all, v_all), None

@@ -189,6 +189,27 @@ def test_bf16_projection_reads_layer_in_place_and_leaves_many_rows_to_xla():
     assert linear_einsum("btd,dhq->bthq", many, w, None, 0, 128, layer=jnp.int32(0)) is None
 
 
+@pytest.mark.parametrize("bs,splits", [(16, 2), (32, 1)])
+def test_decode_attention_reads_the_cache_in_place_like_the_xla_path(bs, splits):
+    from qwen3_jax.kernels.decode_attention import decode_attention
+
+    rng = np.random.default_rng(bs)
+    n_layers, slots, s, k, q_dim, h = 2, 3, 64, 2, 32, 8
+    kc = jnp.asarray(rng.standard_normal((n_layers, slots, s, k, q_dim)), jnp.bfloat16)
+    vc = jnp.asarray(rng.standard_normal((n_layers, slots, s, k, q_dim)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((2, h, q_dim)), jnp.bfloat16)
+    rows, lengths = jnp.array([2, 0]), jnp.array([37, 64])
+    got = decode_attention(q, kc, vc, jnp.int32(1), rows, lengths, scale=q_dim ** -0.5, bs=bs, splits=splits)
+    # the model's plain-XLA decode attention on the sliced cache
+    keys, vals = kc[1][np.asarray(rows)], vc[1][np.asarray(rows)]
+    sc = jnp.einsum("btkgq,bskq->bkgts", q.reshape(2, 1, k, h // k, q_dim), keys, preferred_element_type=jnp.float32)
+    sc = sc.astype(jnp.bfloat16).astype(jnp.float32) * q_dim ** -0.5
+    mask = jnp.arange(s)[None, None, :] < lengths[:, None, None]
+    sc = jnp.where(mask[:, None, None], sc, jnp.finfo(jnp.float32).min)
+    want = jnp.einsum("bkgts,bskq->btkgq", jax.nn.softmax(sc, -1).astype(jnp.bfloat16), vals).reshape(2, h, q_dim)
+    assert got.shape == (2, h, q_dim) and rel(got, want) < 1e-2
+
+
 def test_switch_defaults_off_on_cpu_and_honours_overrides(monkeypatch):
     monkeypatch.delenv("QWEN3_JAX_KERNELS", raising=False)
     assert not kernels.enabled() and not kernels.active(None, jnp.bfloat16)
@@ -258,6 +279,21 @@ def test_kernels_lower_to_triton_for_30b_shapes(fp8):
     for fn, args in ((decode, (x, rows)), (prefill, (_sds((4 * 128, d), jnp.bfloat16), _sds((4,), jnp.int32)))):
         text = jax.jit(fn).trace(*args, gate, down, gs, ds).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("xla.gpu.triton") == 2
+
+
+def test_decode_attention_lowers_to_triton_for_30b_cache():
+    from qwen3_jax.kernels.decode_attention import decode_attention, plan
+
+    bs, splits = plan(4, 4, 1024)
+    assert (bs, splits) == (64, 16)
+    cache = _sds((48, 4, 1024, 4, 128), jnp.bfloat16)
+
+    def fn(q, kc, vc, rows, lengths):
+        return decode_attention(q, kc, vc, jnp.int32(3), rows, lengths, scale=128 ** -0.5, bs=bs, splits=splits,
+                                interpret=False)
+    text = jax.jit(fn).trace(_sds((4, 32, 128), jnp.bfloat16), cache, cache, _sds((4,), jnp.int32),
+                             _sds((4,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
 
 
 # -- GPU: compiled kernels against the plain-XLA path -------------------------------------------

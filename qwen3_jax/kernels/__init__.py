@@ -10,6 +10,7 @@ Files: gemv.py (one output row per program: decode), grouped_matmul.py (row bloc
 group each, tensor cores: prefill and large decode batches), moe_blocks.py (routing -> row
 blocks), moe_ffn.py (the MoE expert FFN on either kernel), linear.py (projections read in
 place, FP8 fused), prefill_attention.py (cuDNN fused attention for prompts from position 0),
+decode_attention.py (one new token per row against the KV cache, read in place),
 tune.py (microbenchmarks and the tile sweep).
 
 The switch: `QWEN3_JAX_KERNELS` = auto (default: on when JAX's default backend is a GPU),
@@ -96,7 +97,8 @@ def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
 
 from .linear import linear_einsum  # noqa: E402
 from .prefill_attention import causal_prefill_attention  # noqa: E402
+from .decode_attention import decode_attention_cached  # noqa: E402
 from .moe_ffn import ExpertArrays, moe_ffn_stacked  # noqa: E402
 
 __all__ = ["enabled", "set_enabled", "kernels_enabled", "active", "interpret", "pick_tile",
-           "linear_einsum", "causal_prefill_attention", "moe_ffn_stacked", "ExpertArrays"]
+           "linear_einsum", "causal_prefill_attention", "decode_attention_cached", "moe_ffn_stacked", "ExpertArrays"]

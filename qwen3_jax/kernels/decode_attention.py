@@ -1,0 +1,125 @@
+"""Decode attention (one new token per sequence) reading the KV cache where it lies.
+
+The plain-XLA decode step slices layer i's K and V out of the cache [L, slots, S, K, Q] (a copy
+every layer), and XLA changes the layout of the whole cache for the attention dots: on an H100
+that is 2 x 6.4 GB moved per call at batch 64, and at batch 256 the 24 GiB transposed copy does
+not fit next to the weights (benchmarks/NOTES.md, run 2). Here each program reads one
+(sequence, kv head, key split) tile stream straight from the cache, flash-decoding style:
+  grid (B, K, NS); program (b, h, p): the G query heads of kv head h (padded to 16 rows for the
+  MMA), keys s in split p in blocks of `bs`, online softmax in float32, partial (max, sum,
+  weighted values) written per split; a small XLA combine merges the NS splits.
+Only keys s < lengths[b] are read (blocks past the length are skipped).
+
+Numerics as the reference where they are cheap to match: scores are float32 dot products
+rounded to the compute dtype before scaling (as transformers in bf16 does), softmax in float32,
+probabilities cast to the compute dtype for the value product; the softmax is normalized at the
+end rather than before that cast, so agreement is to bf16 precision.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from . import interpret as _interpret
+from . import pick_tile
+
+NEG = -1e30
+TARGET_PROGRAMS = 264
+
+
+def plan(batch: int, kv_heads: int, seq: int, bs_target: int = 64):
+    """(bs, splits) for this shape, or None (seq not a multiple of 16: use XLA)."""
+    bs = pick_tile(seq, bs_target)
+    if bs is None:
+        return None
+    blocks = seq // bs
+    splits = 1
+    while batch * kv_heads * splits < TARGET_PROGRAMS and blocks % (splits * 2) == 0:
+        splits *= 2
+    return bs, splits
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "bs", "splits", "num_warps", "num_stages", "interpret"))
+def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scale: float, bs: int, splits: int,
+                     num_warps: int = 4, num_stages: int = 2, interpret=None):
+    """q [B, H, Q]; k/v cache [L, N, S, K, Q]; layer int32; slots [B] (cache row of each
+    sequence); lengths [B] (keys 0..length-1 attend) -> [B, H, Q] in q's dtype."""
+    b, h, qd = q_bhq.shape
+    _, _, s, k, _ = k_cache.shape
+    g = h // k
+    if g > 16:
+        raise ValueError(f"decode_attention handles up to 16 query heads per kv head, got {g}")
+    cdt = q_bhq.dtype
+    q16 = jnp.pad(q_bhq.reshape(b, k, g, qd), ((0, 0), (0, 0), (0, 16 - g), (0, 0)))
+    chunk = s // splits
+    steps = chunk // bs
+
+    def kernel(layer_ref, slots_ref, len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref):
+        bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        li = layer_ref[0]
+        slot = slots_ref[bi]
+        n = len_ref[bi]
+        q = q_ref[bi, hi, :, :]                                               # [16, Q]
+
+        def body(t, carry):
+            m, l_sum, acc = carry
+            s0 = pl.multiple_of(pi * chunk + t * bs, bs)
+
+            def visit(c):
+                m, l_sum, acc = c
+                kt = k_ref[li, slot, pl.ds(s0, bs), hi, :]                    # [bs, Q]
+                vt = v_ref[li, slot, pl.ds(s0, bs), hi, :]
+                sc = jnp.dot(q, kt.T, preferred_element_type=jnp.float32)     # [16, bs]
+                sc = sc.astype(cdt).astype(jnp.float32) * scale
+                pos = s0 + jax.lax.broadcasted_iota(jnp.int32, (16, bs), 1)
+                sc = jnp.where(pos < n, sc, NEG)
+                m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+                alpha = jnp.exp(m - m_new)
+                p = jnp.exp(sc - m_new[:, None])
+                l_new = l_sum * alpha + jnp.sum(p, axis=1)
+                acc_new = acc * alpha[:, None] + jnp.dot(p.astype(cdt), vt, preferred_element_type=jnp.float32)
+                return m_new, l_new, acc_new
+
+            return jax.lax.cond(s0 < n, visit, lambda c: c, (m, l_sum, acc))
+
+        init = (jnp.full((16,), NEG, jnp.float32), jnp.zeros((16,), jnp.float32), jnp.zeros((16, qd), jnp.float32))
+        m, l_sum, acc = jax.lax.fori_loop(0, steps, body, init)
+        acc_ref[bi, hi, pi, :, :] = acc
+        m_ref[bi, hi, pi, :] = m
+        l_ref[bi, hi, pi, :] = l_sum
+
+    acc, m, l_sum = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((b, k, splits, 16, qd), jnp.float32),
+                   jax.ShapeDtypeStruct((b, k, splits, 16), jnp.float32),
+                   jax.ShapeDtypeStruct((b, k, splits, 16), jnp.float32)),
+        grid=(b, k, splits),
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=_interpret() if interpret is None else interpret,
+        name="qwen3_decode_attention",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), slots_b.astype(jnp.int32),
+      jnp.minimum(lengths_b, s).astype(jnp.int32), q16, k_cache, v_cache)
+    top = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.exp(m - top)                                                      # [B, K, NS, 16]
+    out = jnp.sum(acc * w[..., None], axis=2) / jnp.sum(l_sum * w, axis=2)[..., None]
+    return out[:, :, :g].reshape(b, h, qd).astype(cdt)
+
+
+def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float):
+    """The model's entry: one new token per row (T == 1) -> attention output [B, 1, H, Q], or
+    None when not covered (T > 1, dtypes differ, a cache length with no 16-multiple tiling)."""
+    b, t, h, qd = q_bthq.shape
+    if t != 1 or k_all.dtype != q_bthq.dtype or h // k_all.shape[3] > 16:
+        return None
+    p = plan(b, k_all.shape[3], k_all.shape[2])
+    if p is None:
+        return None
+    bs, splits = p
+    out = decode_attention(q_bthq[:, 0], k_all, v_all, jnp.asarray(layer, jnp.int32), rows_b,
+                           positions_bt[:, 0] + 1, scale=float(scale), bs=bs, splits=splits)
+    return out[:, None]
