@@ -79,8 +79,6 @@ def test_notebook_runs_top_to_bottom(name, tmp_path):
     figures = png_outputs(nb)
     assert len(figures) >= MIN_FIGURES[name], f"{name} drew {len(figures)} charts, expected {MIN_FIGURES[name]}"
     assert all(f.startswith(b"\x89PNG") and len(f) > 5000 for f in figures)  # real images, not empty axes
-    # Nothing was written next to the notebooks: the kernel ran in the temp dir.
-    assert not list((NOTEBOOK_DIR).glob("*.safetensors"))
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
