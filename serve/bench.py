@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -126,7 +125,6 @@ def measure_ceilings(on_gpu: bool, reps: int = 20) -> dict:
     a = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
     copy = jax.jit(lambda x: x * 2)
     t_copy = median_seconds(lambda: copy(a), reps)
-    del a
     m = 8192 if on_gpu else 512
     x = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
     y = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
@@ -311,7 +309,6 @@ def bench_decode(model, inv, batch: int, context: int, steps: int, reps: int, si
 
         t1 = median_seconds(steps_one_by_one, reps)
         res["single_step_ms"] = 1e3 * t1 / steps
-    del holder
     return res
 
 

@@ -2,7 +2,8 @@
 
 CPU: Pallas interpret mode checks each kernel's logic on small shapes, and the Triton lowering
 (Pallas -> Triton IR, the step that rejects unsupported ops) runs for the real 30B-A3B shapes
-without a GPU. GPU (marked): the compiled kernels against the plain-XLA path.
+without a GPU. GPU (marked): the compiled kernels against the plain-XLA path; on the device
+machine: `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_kernels.py`.
 """
 
 import dataclasses

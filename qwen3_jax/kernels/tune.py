@@ -229,7 +229,6 @@ def sweep_moe(bandwidth: float, *, e=128, d=2048, f=768, k=8, layers=6, batches=
                     timings.append((t, v))
             best_cfg[("large", kind)] = min(timings, key=lambda p: p[0])[1] if timings else {}
             record("xla ragged_dot (reference)", prefill_tokens, xla_layer_fn(arrays, layers), sets_p, distinct_p)
-        del arrays
     if install:
         install_best(best_cfg, log)
     return rows, best_cfg
