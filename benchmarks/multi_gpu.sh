@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 11 on a 2- or 4-GPU machine: sharding equivalence on real NCCL collectives, decode speed of
+# tp-only vs expert-parallel meshes next to one card (same run), and a served request on tp=2,ep=2.
+# Usage (device machine): bash benchmarks/multi_gpu.sh $OUT
+set -u
+OUT=${1:-/tmp/out}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+N=$(nvidia-smi -L | wc -l)
+nvidia-smi -L | tee "$OUT/cards.txt"
+python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/cards.txt"
+
+echo "== equivalence tests"
+QWEN3_JAX_TEST_GPU=1 timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_multi_gpu.py 2>&1 \
+  | grep -E "rel err|passed|failed|skipped|Error|error" | tee "$OUT/equivalence.txt"
+
+echo "== decode speed, Qwen3-30B-A3B shapes, ${LAYERS:=8} layers"
+MESHES="tp=1 tp=2 ep=2"
+[ "$N" -ge 4 ] && MESHES="$MESHES tp=4 ep=4 tp=2,ep=4"
+for m in $MESHES; do
+  timeout 100 python3 -m serve.bench --model Qwen3-30B-A3B --mesh "$m" --layers "$LAYERS" --batch 1,8,64 \
+    --prefill '' --steps 8 --reps 3 --single-step '' --memory-check --markdown --out "$OUT/bench_${m//[=,]/_}.json" \
+    > "$OUT/bench_${m//[=,]/_}.log" 2>&1
+  echo "-- $m (exit $?)"; grep -E "^\| (on|off) \||weights planned|peak over" "$OUT/bench_${m//[=,]/_}.log"
+done
+
+echo "== python -m serve --mesh tp=2,ep=2, one OpenAI client request"
+python3 -m serve --mesh tp=2,ep=2 --port 30123 --context-length 1024 --max-running-requests 8 > "$OUT/serve.log" 2>&1 &
+PID=$!
+for i in $(seq 1 120); do curl -sf http://127.0.0.1:30123/health >/dev/null && break; sleep 1; done
+python3 - <<'PY' 2>&1 | tee "$OUT/client.txt"
+from openai import OpenAI
+c = OpenAI(base_url="http://127.0.0.1:30123/v1", api_key="none")
+r = c.completions.create(model=c.models.list().data[0].id, prompt="The mesh is", max_tokens=16, temperature=0)
+print("completion:", repr(r.choices[0].text), "usage:", r.usage)
+PY
+kill -INT $PID; wait $PID; echo "server exit $?"
+grep -E "mesh:|weights:|kv cache|ready" "$OUT/serve.log" | tee -a "$OUT/client.txt"
