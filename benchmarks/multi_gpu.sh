@@ -10,14 +10,14 @@ nvidia-smi -L | tee "$OUT/cards.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/cards.txt"
 
 echo "== equivalence tests"
-QWEN3_JAX_TEST_GPU=1 timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_multi_gpu.py 2>&1 \
+QWEN3_JAX_TEST_GPU=1 timeout 170 python3 -m pytest -q -s -p no:cacheprovider tests/test_multi_gpu.py 2>&1 \
   | grep -E "rel err|passed|failed|skipped|Error|error" | tee "$OUT/equivalence.txt"
 
 echo "== decode speed, Qwen3-30B-A3B shapes, ${LAYERS:=8} layers"
 MESHES="tp=1 tp=2 ep=2"
 [ "$N" -ge 4 ] && MESHES="$MESHES tp=4 ep=4 tp=2,ep=4"
 for m in $MESHES; do
-  timeout 100 python3 -m serve.bench --model Qwen3-30B-A3B --mesh "$m" --layers "$LAYERS" --batch 1,8,64 \
+  timeout 90 python3 -m serve.bench --model Qwen3-30B-A3B --mesh "$m" --layers "$LAYERS" --batch 1,8,64 \
     --prefill '' --steps 8 --reps 3 --single-step '' --memory-check --markdown --out "$OUT/bench_${m//[=,]/_}.json" \
     > "$OUT/bench_${m//[=,]/_}.log" 2>&1
   echo "-- $m (exit $?)"; grep -E "^\| (on|off) \||weights planned|peak over" "$OUT/bench_${m//[=,]/_}.log"
