@@ -36,6 +36,10 @@ NODE_SIZE = 8
 _WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def gib(n: int) -> str:
     """Bytes in GiB (MiB, KiB below them): device memory is sold and set in binary units."""
     for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
@@ -230,7 +234,7 @@ class MemoryPlan:
     # -- output ------------------------------------------------------------------------------
     def summary(self) -> str:
         return (f"{gib(self.weight_bytes)} weights per device, {self.kv_cache_tokens:,} KV tokens "
-                f"({self.max_concurrent_requests} requests at context {self.context_length})")
+                f"({_count(self.max_concurrent_requests, 'request')} at context {self.context_length})")
 
     def format(self) -> str:
         w = self.workspace
@@ -247,15 +251,14 @@ class MemoryPlan:
             lines.append("  workspace   (not compiled)")
         else:
             lines.append(f"  workspace   {gib(w.bytes):>12}   prefill {w.prefill_tokens} tokens: "
-                         f"{gib(w.prefill_bytes)}, decode {w.decode_batch} request{'s' if w.decode_batch > 1 else ''}: "
-                         f"{gib(w.decode_bytes)}")
+                         f"{gib(w.prefill_bytes)}, decode {_count(w.decode_batch, 'request')}: {gib(w.decode_bytes)}")
             lines.append(f"              (XLA memory analysis on {w.platform}: {w.compiled_as})")
         lines.append(f"  kv cache    {gib(self.kv_cache_bytes):>12}   {self.kv_tokens_per_group:,} tokens per data "
                      f"group x {self.mesh.dp} = {self.kv_cache_tokens:,} tokens "
                      f"({self.kv_bytes_per_token:,} bytes per token per device)")
         lines.append(f"  total       {gib(self.total_bytes):>12}   of {gib(self.limit_bytes)}")
         if self.fits:
-            lines.append(f"verdict: fits; {self.max_concurrent_requests} concurrent requests at context "
+            lines.append(f"verdict: fits; {_count(self.max_concurrent_requests, 'concurrent request')} at context "
                          f"{self.context_length}")
         else:
             lines.append(f"verdict: does NOT fit: {self.problem()}")
@@ -518,3 +521,52 @@ def compare_with_plan(plan: MemoryPlan, measured: list[dict]) -> str:
             parts.append(f"peak {gib(m['peak_bytes_in_use'])}")
         lines.append(f"  {m['device']}: " + ", ".join(parts))
     return "\n".join(lines)
+
+
+def measure_model_memory(model: str, mesh=None, dtype: str = "bfloat16", random_weights: bool = False) -> dict:
+    """On the devices at hand: plan, then build the model and measure. -> a JSON-able dict.
+
+    `model` is a checkpoint directory (loaded with qwen3_jax.load, sampled after every layer) or,
+    with `random_weights`, a preset name or directory (qwen3_jax.random_model). Per device:
+    planned weight bytes; bytes_in_use / peak_bytes_in_use from memory_stats (GPU) before and
+    after; live array bytes after and the most seen during a load.
+    """
+    import jax
+
+    from qwen3_jax import api
+    from qwen3_jax.config import resolve_config
+
+    cfg = resolve_config(model)
+    spec = parse_mesh_spec(mesh, cfg=cfg)
+    plan = plan_memory(cfg, spec, device_memory_bytes=1, workspace=False, dtype=dtype)
+    devices = jax.devices()[:spec.num_devices]
+    before = measure_device_memory(devices)
+    probe = LoadMemoryProbe()
+    if random_weights:
+        built = api.random_model(cfg, mesh=spec if spec.num_devices > 1 else None, dtype=dtype)
+    else:
+        built = api.load(model, mesh=spec if spec.num_devices > 1 else None, dtype=dtype, on_layer=probe)
+    jax.block_until_ready(jax.tree.leaves(built.state))
+    after = measure_device_memory(devices)
+    return {"model": cfg.name, "mesh": str(spec), "dtype": dtype, "random_weights": random_weights,
+            "planned_weight_bytes": plan.weight_bytes, "planned_weights": plan.weights,
+            "held_param_bytes": {str(d): n for d, n in built.param_bytes_per_device().items()},
+            "before": before, "after": after,
+            "max_live_bytes_during_load": {str(d): n for d, n in probe.peak_live.items()},
+            "report": compare_with_plan(plan, after)}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m sharding.memory",
+                                description="Measure a model's device memory next to its plan (on a real device).")
+    p.add_argument("--model", required=True, help="checkpoint directory, or a preset name with --random")
+    p.add_argument("--mesh", default="", help="mesh spec, e.g. tp=4,ep=8 (default: one device)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--random", action="store_true", help="random weights (qwen3_jax.random_model) instead of loading")
+    a = p.parse_args()
+    result = measure_model_memory(a.model, a.mesh, a.dtype, a.random)
+    print(result.pop("report"))
+    print(json.dumps(result, indent=2, default=str))

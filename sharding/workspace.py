@@ -212,6 +212,11 @@ def _compile(cfg, spec: MeshSpec, dtype, context_length, steps_path, devices, jo
 # -- the child process: same compile, with as many simulated CPU devices as the mesh needs --------
 
 def _in_child(cfg, spec: MeshSpec, dtype, context_length, steps, jobs) -> dict:
+    from qwen3_jax.config import Qwen3MoeConfig
+
+    if Qwen3MoeConfig.from_dict(cfg.to_hf_dict(), name=cfg.name) != cfg:
+        raise ValueError(f"config {cfg.name!r} does not survive to_hf_dict/from_dict, so a child process would "
+                         f"compile another model; plan on {spec.num_devices} local devices instead")
     request = {"config": cfg.to_hf_dict(), "name": cfg.name, "dp": spec.dp, "tp": spec.tp, "ep": spec.ep,
                "dtype": str(dtype), "context_length": context_length, "steps": steps, "jobs": jobs}
     env = dict(os.environ)
@@ -253,7 +258,8 @@ def workspace_by_depth(cfg, mesh, dtype="bfloat16", layers=(2, 4), **kw) -> dict
 
     Equal workspaces mean the compiler keeps per-layer work inside the layer scan; growth with
     depth means something (e.g. a dequantize) was hoisted out and every layer is materialized.
-    Run it on a GPU to check the GPU compiler: `workspace_by_depth(cfg, 'tp=1', num_slots=8, ...)`.
+    On a GPU it checks the GPU compiler, e.g. workspace_by_depth(resolve_config("Qwen3-30B-A3B-FP8"),
+    "", num_slots=8, context_length=8192, prefill_tokens=512).
     """
     out = {}
     for n in layers:

@@ -243,3 +243,13 @@ def test_dry_run_text_and_exit_codes(config_only_dir, capsys):
     assert dry_run.main(["--model", config_only_dir]) == 2
     assert "needs --device-memory" in capsys.readouterr().err
     assert dry_run.parse_memory("48GiB") == 48 * GiB and dry_run.parse_memory("80GB") == 80 * 10 ** 9
+
+
+def test_measure_model_memory_reports_held_next_to_planned(tiny_ckpts):
+    from sharding.memory import measure_model_memory
+
+    m = measure_model_memory(tiny_ckpts["fp8"], "tp=2,ep=4")
+    assert set(m["held_param_bytes"].values()) == {m["planned_weight_bytes"]}
+    assert 0 < max(m["max_live_bytes_during_load"].values()) <= m["planned_weight_bytes"]
+    assert len(m["after"]) == 4 and all(d["live_array_bytes"] >= m["planned_weight_bytes"] for d in m["after"])
+    assert "planned weights per device" in m["report"]
