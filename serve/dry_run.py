@@ -79,9 +79,8 @@ def force_cpu(num_devices: int) -> list:
     import re
 
     import jax
-    from jax._src import xla_bridge
 
-    if not xla_bridge.backends_are_initialized():
+    if not _jax_initialized():
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}".strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -92,6 +91,15 @@ def force_cpu(num_devices: int) -> list:
             pass
     devices = jax.devices("cpu")
     return devices if len(devices) >= num_devices else []
+
+
+def _jax_initialized() -> bool:
+    from jax._src import xla_bridge  # no public API says whether backends exist yet
+
+    try:
+        return xla_bridge.backends_are_initialized()
+    except AttributeError:
+        return bool(getattr(xla_bridge, "_backends", None))
 
 
 def run(args) -> int:
