@@ -18,6 +18,7 @@ from sharding.mesh import MeshSpec, check_against_config, kv_replication, make_m
 from .checkpoint import LayerReader, param_sources, source_key, validate_checkpoint
 from .config import Qwen3MoeConfig, resolve_config
 from .model import KVCache, Qwen3Moe, init_cache
+from .progress import progress_bar
 from .safetensors_io import SafetensorsCheckpoint
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def load(path: str, *, mesh=None, dtype="bfloat16", devices=None, progress: bool
         jobs.append((var, sources[key], is_scale, layers))
     total = sum(len(layers) if layers else 1 for _, _, _, layers in jobs)
 
-    bar = _progress(total, progress, f"loading {os.path.basename(os.path.normpath(path))}")
+    bar = progress_bar(total, f"loading {os.path.basename(os.path.normpath(path))}", "tensor", progress)
     done = 0
     values = []
     for var, src, is_scale, layers in jobs:
@@ -273,21 +274,3 @@ def _from_lazy(lazy, shape, dtype, sharding):
             placed[device] = jax.device_put(host, device, may_alias=False)
         del host
     return jax.make_array_from_single_device_arrays(tuple(shape), sharding, [placed[d] for d in index_map])
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="tensor", leave=False)

@@ -29,6 +29,7 @@ import numpy as np
 from .checkpoint import validate_checkpoint
 from .config import Qwen3MoeConfig
 from .fp8 import SCALE_DTYPES, dequantize_blocks, module_kept_unquantized, quantize_blocks
+from .progress import progress_bar
 from .safetensors_io import DTYPE_NAMES, CheckpointError, SafetensorsCheckpoint
 
 BLOCK = (128, 128)
@@ -176,7 +177,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, scale_dtype: str = "float3
     shards = assign_shards(plan, max_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    bar = _progress(len(plan), progress)
+    bar = progress_bar(len(plan), "quantizing", "tensor", progress, leave=True)
     weight_map, total, quantized = {}, 0, 0
     for fname, shard in zip(names, shards):
         outputs = [o for _, outs in shard for o in outs]
@@ -241,24 +242,6 @@ def dequantize_checkpoint(fp8_dir: str, out_dir: str, dtype=np.float32) -> None:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg_dict, f, indent=2)
     _copy_side_files(fp8_dir, out_dir)
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc="quantizing", unit="tensor")
 
 
 def main(argv=None) -> int:

@@ -37,9 +37,10 @@ import time
 from typing import Callable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from qwen3_jax.progress import progress_bar
 
 from .capacity import CacheSize, size_cache
 from .request import CompletionOutput, Request, RequestOutput
@@ -220,7 +221,7 @@ class Engine:
     def warmup(self, progress: bool = True):
         """Compile every prefill bucket and the decode step now, so no request waits for XLA."""
         t0 = time.perf_counter()
-        bar = _bar(len(self.buckets) + len(self.windows), progress, "compiling")
+        bar = progress_bar(len(self.buckets) + len(self.windows), "compiling", "step", progress)
         s = self.context_length
         one = lambda v, dt: np.full((1,), v, dt)  # noqa: E731
         for t in self.buckets:
@@ -580,18 +581,3 @@ def _collect(req: Request, outs: list[RequestOutput]) -> CompletionOutput:
         finish_reason=last.finish_reason if last else "abort", prompt_tokens=req.prompt_len,
         completion_tokens=len(req.output_ids), stop_reason=last.stop_reason if last else None,
         error=last.error if last else "no output")
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="step", leave=False)

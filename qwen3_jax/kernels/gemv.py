@@ -57,7 +57,6 @@ def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128,
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
-    r_count = rows_r.shape[0]
     fp8 = len(scales) > 0
     _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block)
     steps = k_dim // (bk * split_k)
@@ -100,23 +99,16 @@ def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128,
 
         @pl.when(g < 0)
         def _zeros():
-            for o_ref in o_refs:
-                o_ref[s, r, pl.ds(n0, bn)] = jnp.zeros((bn,), jnp.float32)
+            _write_zeros(o_refs, s, r, n0, bn)
 
-    out_shape = tuple(jax.ShapeDtypeStruct((split_k, r_count, n_dim), jnp.float32) for _ in weights)
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(r_count, n_dim // bn, split_k),
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=_interpret() if interpret is None else interpret,
-        name="qwen3_gemv_fp8" if fp8 else "qwen3_gemv",
-    )(rows_r.astype(jnp.int32), groups_r.astype(jnp.int32), x_mk, *weights, *scales)
+    return _launch(kernel, "qwen3_gemv", x_mk, rows_r, groups_r, weights, scales, bn, split_k, num_warps,
+                   num_stages, interpret)
 
 
 def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, split_k, num_warps,
               num_stages, cdt, interpret):
     """mode="dot": the same contract as gemv, tensor cores on a zero-padded 16-row tile."""
     g_count, k_dim, n_dim = weights[0].shape
-    r_count = rows_r.shape[0]
     fp8 = len(scales) > 0
     steps = k_dim // (bk * split_k)
     nw, ns = len(weights), len(scales)
@@ -153,15 +145,28 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
 
         @pl.when(g < 0)
         def _zeros():
-            for o_ref in o_refs:
-                o_ref[s, r, pl.ds(n0, bn)] = jnp.zeros((bn,), jnp.float32)
+            _write_zeros(o_refs, s, r, n0, bn)
 
+    return _launch(kernel, "qwen3_gemv_dot", x_mk, rows_r, groups_r, weights, scales, bn, split_k, num_warps,
+                   num_stages, interpret)
+
+
+def _write_zeros(o_refs, s, r, n0, bn):
+    """A row routed nowhere (group < 0) still owns its output tile: write zeros."""
+    for o_ref in o_refs:
+        o_ref[s, r, pl.ds(n0, bn)] = jnp.zeros((bn,), jnp.float32)
+
+
+def _launch(kernel, name, x_mk, rows_r, groups_r, weights, scales, bn, split_k, num_warps, num_stages,
+            interpret):
+    """Grid (rows, N / bn, split_k); outputs [split_k, rows, N] float32 per weight."""
+    r_count, n_dim = rows_r.shape[0], weights[0].shape[2]
     out_shape = tuple(jax.ShapeDtypeStruct((split_k, r_count, n_dim), jnp.float32) for _ in weights)
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(r_count, n_dim // bn, split_k),
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=_interpret() if interpret is None else interpret,
-        name="qwen3_gemv_dot_fp8" if fp8 else "qwen3_gemv_dot",
+        name=name + "_fp8" if scales else name,
     )(rows_r.astype(jnp.int32), groups_r.astype(jnp.int32), x_mk, *weights, *scales)
 
 
