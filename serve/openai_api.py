@@ -222,13 +222,17 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
 
     app.state.started = time.time()
 
+    async def checked_body(request: Request) -> dict:
+        """API key, then JSON, then the model name: the checks every generation route starts with."""
+        check_auth(request)
+        body = parse_json(await request.body())
+        check_model(body)
+        return body
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         try:
-            check_auth(request)
-            body = parse_json(await request.body())
-            check_model(body)
-            g = completion_request(body)
+            g = completion_request(await checked_body(request))
             prompt_ids = [_encode(engine, p) for p in g.prompts]
             fan = submit_all(g, prompt_ids)
         except ApiError as e:
@@ -248,10 +252,7 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            check_auth(request)
-            body = parse_json(await request.body())
-            check_model(body)
-            g, messages, kwargs = chat_request(body)
+            g, messages, kwargs = chat_request(await checked_body(request))
             try:
                 ids = engine.chat_prompt_ids(messages, **kwargs)
             except (TemplateError, ValueError) as e:
