@@ -322,12 +322,19 @@ async def _completion_events(fan: Fanout, g: GenerationRequest, rid, created, mo
                     choice["stop_reason"] = out.stop_reason
                     totals[i] = (out.prompt_tokens, out.completion_tokens)
                 yield sse({**base, "choices": [choice], **extra})
-        if g.include_usage:
-            results = {i: {"prompt_tokens": p, "completion_tokens": c} for i, (p, c) in totals.items()}
-            yield sse({**base, "choices": [], "usage": _usage(results, g.n)})
-        yield "data: [DONE]\n\n"
+        for line in _stream_end(base, g, totals):
+            yield line
     finally:
         fan.cancel()
+
+
+def _stream_end(base, g: GenerationRequest, totals: dict[int, tuple[int, int]]) -> list[str]:
+    """The last SSE lines of a stream: the usage chunk (when asked for), then [DONE]."""
+    lines = []
+    if g.include_usage:
+        results = {i: {"prompt_tokens": p, "completion_tokens": c} for i, (p, c) in totals.items()}
+        lines.append(sse({**base, "choices": [], "usage": _usage(results, g.n)}))
+    return lines + ["data: [DONE]\n\n"]
 
 
 async def _chat_events(fan: Fanout, g: GenerationRequest, rid, created, model):
@@ -353,9 +360,7 @@ async def _chat_events(fan: Fanout, g: GenerationRequest, rid, created, model):
             if out.finished:
                 totals[i] = (out.prompt_tokens, out.completion_tokens)
                 yield chunk(i, {}, out.finish_reason, out.stop_reason)
-        if g.include_usage:
-            results = {i: {"prompt_tokens": p, "completion_tokens": c} for i, (p, c) in totals.items()}
-            yield sse({**base, "choices": [], "usage": _usage(results, g.n)})
-        yield "data: [DONE]\n\n"
+        for line in _stream_end(base, g, totals):
+            yield line
     finally:
         fan.cancel()
