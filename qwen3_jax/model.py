@@ -21,14 +21,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sharding.context import ShardingContext, constrain
-from sharding.rules import partition_spec
+from sharding.rules import partition_spec, view_size
 
 from .config import Qwen3MoeConfig, yarn_inv_freq
 from .fp8 import FP8_DTYPE, dequantize, kind_kept_unquantized
 from . import kernels
-from .moe import moe_ffn, route
+from .moe import expert_ffn, moe_ffn, route
 
 
 def _init(kind: str, shape, dtype, rngs: nnx.Rngs | None, std: float = 0.02):
@@ -135,17 +136,58 @@ def _sub(stacked, name):
     return None if stacked is None else (getattr(stacked[0], name), stacked[1])
 
 
+# Logical axis of each einsum letter of the attention projections (see the legend above).
+_LETTER_AXES = {"b": "batch", "t": "seq", "d": "embed", "h": "heads", "k": "kv_heads", "q": "head_dim"}
+
+
 def _einsum_w(eq, x, weight: Weight, ctx, stacked=None):
-    """einsum(eq, x, weight) in x's dtype. With kernels on (kernels.active) and `stacked` =
+    """einsum(eq, x, weight) in x's dtype. With kernels on (kernels.usable) and `stacked` =
     (the same Weight with [L, ...] params, layer index), the kernel reads layer i in place (no
-    per-layer slice copy; FP8 dequantized in registers, not into a bf16 copy first)."""
-    if stacked is not None and kernels.active(ctx, x.dtype):
+    per-layer slice copy; FP8 dequantized in registers, not into a bf16 copy first); on a mesh
+    it does so on each device's shards (kernels/sharded.py)."""
+    if stacked is not None and kernels.usable(x.dtype):
         full, i = stacked
-        y = kernels.linear_einsum(eq, x, full.w[...], full.scale[...] if weight.is_fp8 else None,
-                                  weight.block_axis, weight.fp8_block, layer=i)
-        if y is not None:
-            return y
+        w, scale = full.w[...], (full.scale[...] if weight.is_fp8 else None)
+        if kernels.single_device(ctx):
+            y = kernels.linear_einsum(eq, x, w, scale, weight.block_axis, weight.fp8_block, layer=i)
+            if y is not None:
+                return y
+        else:
+            return _einsum_w_per_device(eq, x, full, i, ctx)
     return jnp.einsum(eq, x, weight(x.dtype))
+
+
+def _einsum_w_per_device(eq, x, full: Weight, layer, ctx):
+    """_einsum_w on a mesh: the projection kernel on local shards (heads split over tp); a
+    split contracted dim (o_proj's heads) is summed across devices in float32."""
+    xs, out = eq.replace(" ", "").split("->")
+    xs, ws = xs.split(",")
+    x_axes = tuple(_LETTER_AXES[c] for c in xs)
+    out_axes = tuple(_LETTER_AXES[c] for c in out)
+    w_axes = tuple(full.w.get_metadata()["logical_axes"])
+    contracted = [1 + ws.index(c) for c in ws if c in xs and c not in out]   # +1: the layers dim
+    psum_over = kernels.sharded.mesh_axes_of(ctx, w_axes, full.w.shape, contracted)
+    sizes = dict(zip(xs, x.shape)) | dict(zip(ws, full.w.shape[1:]))
+    out_shape = tuple(sizes[c] for c in out)
+    operands, in_axes = [x, full.w[...]], [x_axes, w_axes]
+    if full.is_fp8:
+        operands.append(full.scale[...])
+        in_axes.append(tuple(full.scale.get_metadata()["logical_axes"]))
+    operands.append(jnp.asarray(layer, jnp.int32))
+    in_axes.append(None)
+
+    def local(x_l, w_l, *rest):
+        scale_l, i = (rest[0], rest[1]) if full.is_fp8 else (None, rest[0])
+        y = kernels.linear_einsum(eq, x_l, w_l, scale_l, full.block_axis, full.fp8_block, layer=i,
+                                  out_dtype=jnp.float32)
+        if y is None:   # no tiling fits the local shape: XLA on this layer's local slice
+            w_i = w_l[i] if scale_l is None else dequantize(w_l[i], scale_l[i], full.block_axis,
+                                                            full.fp8_block, x_l.dtype)
+            y = jnp.einsum(eq, x_l, w_i.astype(x_l.dtype), preferred_element_type=jnp.float32)
+        return y
+
+    y = kernels.sharded.per_device(local, ctx, operands, in_axes, out_axes, out_shape, psum_over)
+    return y.astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -217,10 +259,12 @@ class Attention(nnx.Module):
 
 
 class ExpertWeights:
-    """The stacked expert matrices of one MoE layer, as moe_ffn consumes them.
+    """The expert matrices of one MoE layer, as moe.moe_ffn consumes them.
 
     arrays() are the raw (possibly FP8 + scale) arrays, pspecs() their PartitionSpecs, and
-    materialize() turns raw arrays into (gate [E,D,F], up [E,D,F], down [E,F,D]) in `dtype`.
+    local_ffn() the FFN of one device's experts on its shards of them. This class holds one
+    layer's params (the scan's slice) and dequantizes them for XLA's ragged_dot;
+    StackedExpertWeights hands the kernels the whole [L, ...] stack and the layer index.
     """
 
     def __init__(self, moe: "MoE", dtype):
@@ -238,10 +282,14 @@ class ExpertWeights:
     def pspecs(self, ctx: ShardingContext):
         out = []
         for wt in self.weights:
-            out.append(partition_spec(ctx.spec, _unstacked_axes(wt.w)))
+            out.append(partition_spec(ctx.spec, self._axes(wt.w)))
             if wt.is_fp8:
-                out.append(partition_spec(ctx.spec, _unstacked_axes(wt.scale)))
+                out.append(partition_spec(ctx.spec, self._axes(wt.scale)))
         return tuple(out)
+
+    @staticmethod
+    def _axes(var) -> tuple:
+        return _unstacked_axes(var)
 
     def materialize(self, raw=None):
         if raw is None:
@@ -256,10 +304,44 @@ class ExpertWeights:
                 mats.append(w.astype(self.dtype))
         return tuple(mats)
 
+    def local_ffn(self, x_nd, weights_nk, experts_nk, local_raw, shard):
+        """This device's share of the FFN: its E_local experts (global ids from shard * E_local)
+        and F columns -> [N, D] float32, a partial sum."""
+        gate, up, down = self.materialize(local_raw)
+        return expert_ffn(x_nd, weights_nk, experts_nk, gate, up, down, first_expert=shard * gate.shape[0])
 
-def _unstacked_axes(var) -> tuple:
-    axes = tuple(var.get_metadata()["logical_axes"])
-    return axes[1:] if axes and axes[0] == "layers" else axes
+
+class StackedExpertWeights(ExpertWeights):
+    """ExpertWeights over [L, E, ...] params + a traced layer index: on each device the kernels
+    read layer i's local experts in place (kernels/moe_ffn.py), FP8 dequantized in registers."""
+
+    def __init__(self, moe_full: "MoE", layer, dtype):
+        super().__init__(moe_full, dtype)
+        self.layer = jnp.asarray(layer, jnp.int32)
+
+    def arrays(self):
+        return (*super().arrays(), self.layer)
+
+    def pspecs(self, ctx: ShardingContext):
+        return (*super().pspecs(ctx), P())
+
+    @staticmethod
+    def _axes(var) -> tuple:
+        return tuple(var.get_metadata()["logical_axes"])
+
+    def local_ffn(self, x_nd, weights_nk, experts_nk, local_raw, shard):
+        *raw, layer = local_raw
+        fp8 = [wt.is_fp8 for wt in self.weights]
+        y = None
+        if all(fp8) or not any(fp8):
+            mats = raw[0::2] if all(fp8) else raw
+            scales = tuple(raw[1::2]) if all(fp8) else None
+            e_local = mats[0].shape[1]
+            y = kernels.moe_ffn_in_place(x_nd, weights_nk, experts_nk, *mats, scales,
+                                         self.weights[0].fp8_block or 128, layer, shard * e_local)
+        if y is None:   # no tiling fits the local shapes: XLA on this layer's slice
+            y = super().local_ffn(x_nd, weights_nk, experts_nk, [a[layer] for a in raw], shard)
+        return y
 
 
 class MoE(nnx.Module):
@@ -280,8 +362,10 @@ class MoE(nnx.Module):
         b, t, d = x_btd.shape
         x = x_btd.reshape(b * t, d)
         weights, experts = route(x, self.router(jnp.float32), self.top_k, self.norm_topk_prob)
-        if stacked is not None and kernels.active(ctx, x.dtype):
+        if stacked is not None and kernels.usable(x.dtype):
             full, i = stacked
+            if not kernels.single_device(ctx):
+                return moe_ffn(x, weights, experts, StackedExpertWeights(full, i, x.dtype), ctx).reshape(b, t, d)
             y = kernels.moe_ffn_stacked(x, weights, experts, full.gate_proj, full.up_proj, full.down_proj, i)
             if y is not None:
                 return y.astype(x.dtype).reshape(b, t, d)
@@ -329,6 +413,32 @@ class KVCache:
     AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
 
+def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale, ctx):
+    """The decode-attention kernel reading layer `layer` of the cache in place
+    (kernels/decode_attention.py), or None where it does not apply (XLA attention then).
+    On a mesh it runs per device on local heads and local rows. With the batch split over
+    data-parallel groups that needs row b in slot b (the engine's decode step: slots None, one
+    row per slot), so each device's rows are its own slots; other cases stay with XLA."""
+    b = q_bthq.shape[0]
+    if not kernels.usable(q_bthq.dtype) or not kernels.decode_attention_covered(q_bthq, k_all):
+        return None
+    rows = jnp.arange(b, dtype=jnp.int32) if slots_b is None else slots_b
+    if kernels.single_device(ctx):
+        return kernels.decode_attention_cached(q_bthq, k_all, v_all, layer, rows, positions_bt, scale)
+    if view_size(ctx.spec, "data") > 1 and (slots_b is not None or k_all.shape[1] != b):
+        return None
+
+    def local(q, k, v, i, r, p):
+        if view_size(ctx.spec, "data") > 1:
+            r = jnp.arange(q.shape[0], dtype=jnp.int32)   # local row b is local slot b
+        return kernels.decode_attention_cached(q, k, v, i, r, p, scale)
+
+    act = ("batch", "seq", "heads", "head_dim")
+    return kernels.sharded.per_device(
+        local, ctx, (q_bthq, k_all, v_all, jnp.asarray(layer, jnp.int32), rows, positions_bt),
+        (act, KVCache.AXES, KVCache.AXES, None, ("batch",), ("batch", "seq")), act, q_bthq.shape)
+
+
 class Segment(nnx.Module):
     """`count` consecutive layers of one kind, run as a lax.scan over stacked params."""
 
@@ -363,9 +473,8 @@ class Segment(nnx.Module):
                 s = keys.shape[1]
                 mask = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
             out = None
-            if k_all is not None and kernels.active(ctx, x.dtype):
-                # decode: read layer i of the cache in place (kernels/decode_attention.py)
-                out = kernels.decode_attention_cached(q, k_all, v_all, i, rows, positions_bt, blk.attn.scale)
+            if k_all is not None:
+                out = _decode_attention(q, k_all, v_all, i, slots_b, positions_bt, blk.attn.scale, ctx)
             if out is not None:
                 x = x + blk.attn.output(out, ctx, stacked=(full.attn, i))
             else:

@@ -104,8 +104,9 @@ def _linear_index(axes: tuple[str, ...], ctx: ShardingContext):
 
 
 def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext | None):
-    """x [N, D] -> [N, D] in x's dtype. `expert_weights()` is (gate, up, down) or a callable
-    returning them dequantized (called where the shards live, so FP8 dequantizes locally)."""
+    """x [N, D] -> [N, D] in x's dtype. `expert_weights` (model.ExpertWeights) hands over the
+    raw arrays with their PartitionSpecs and computes, where the shards live, the FFN of one
+    device's experts: dequantized for XLA's ragged_dot, or read in place by the kernels."""
     if ctx is None or ctx.spec.num_devices == 1:
         gate, up, down = expert_weights.materialize()
         return expert_ffn(x_nd, weights_nk, experts_nk, gate, up, down).astype(x_nd.dtype)
@@ -129,9 +130,7 @@ def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext |
         x = jax.lax.all_gather(x, data_axes, axis=0, tiled=True)
         w = jax.lax.all_gather(w, data_axes, axis=0, tiled=True)
         e = jax.lax.all_gather(e, data_axes, axis=0, tiled=True)
-        gate, up, down = expert_weights.materialize(local_raw)
-        first = _linear_index(expert_axes, ctx) * gate.shape[0]
-        y = expert_ffn(x, w, e, gate, up, down, first_expert=first)
+        y = expert_weights.local_ffn(x, w, e, local_raw, _linear_index(expert_axes, ctx))
         y = jax.lax.psum_scatter(y, data_axes, scatter_dimension=0, tiled=True)
         rest = tuple(a for a in all_axes if a not in data_axes)
         return jax.lax.psum(y, rest) if rest else y

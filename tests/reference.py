@@ -66,3 +66,19 @@ def hf_greedy(model, tokens: np.ndarray, n: int) -> np.ndarray:
 
 def rel_err(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() / np.abs(b).max())
+
+
+def prefill_then_decode(m, tokens, cache_len):
+    """A function for jax.jit(fn)(m.state, tokens): prefill `tokens` [B, T] into a fresh cache of
+    `cache_len` positions, then one decode step -> (prefill logits [B, T, V], step logits [B, 1, V])."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    b, t = tokens.shape
+
+    def run(st, tok):
+        model = nnx.merge(m.graphdef, st)
+        logits, cache = model(tok, None, m.init_cache(b, cache_len))
+        step, _ = model(tok[:, -1:], jnp.full((b, 1), t, jnp.int32), cache)
+        return logits, step
+    return run

@@ -11,14 +11,16 @@ group each, tensor cores: prefill and large decode batches), moe_blocks.py (rout
 blocks), moe_ffn.py (the MoE expert FFN on either kernel), linear.py (projections read in
 place, FP8 fused), prefill_attention.py (cuDNN fused attention for prompts from position 0),
 decode_attention.py (one new token per row against the KV cache, read in place),
-tune.py (microbenchmarks and the tile sweep).
+sharded.py (the same kernels per device under shard_map on a mesh), tune.py (microbenchmarks and the tile sweep).
 
 The switch: `QWEN3_JAX_KERNELS` = auto (default: on when JAX's default backend is a GPU),
 1/on, 0/off; `set_enabled(True/False/None)` overrides it in-process (read at trace time, so set
 it before the first call of a jitted function). The plain-XLA path stays the reference. Kernels
 run only on one device (a pallas_call under automatic SPMD would be replicated) and only for a
-bf16/f16 compute dtype (float32 models keep XLA's numerics). Forced on without a GPU they run
-in Pallas interpret mode: slow, for tests of the logic.
+bf16/f16 compute dtype (float32 models keep XLA's numerics). On a multi-device mesh the model
+runs them per device inside shard_map on each device's shards (sharded.py), since a pallas_call
+under automatic SPMD partitioning would be replicated. Forced on without a GPU they run in
+Pallas interpret mode: slow, for tests of the logic.
 """
 
 from __future__ import annotations
@@ -78,10 +80,18 @@ def interpret() -> bool:
     return not on_gpu()
 
 
+def usable(dtype) -> bool:
+    """Kernels enabled and `dtype` a compute dtype they cover (bf16/f16)."""
+    return enabled() and jnp.dtype(dtype) in KERNEL_DTYPES
+
+
+def single_device(ctx) -> bool:
+    return ctx is None or ctx.spec.num_devices == 1
+
+
 def active(ctx, dtype) -> bool:
-    """Use kernels for this call: enabled, a single device, a bf16/f16 compute dtype."""
-    single = ctx is None or ctx.spec.num_devices == 1
-    return enabled() and single and jnp.dtype(dtype) in KERNEL_DTYPES
+    """Use kernels directly (no shard_map): usable and a single device."""
+    return usable(dtype) and single_device(ctx)
 
 
 def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
@@ -97,8 +107,9 @@ def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
 
 from .linear import linear_einsum  # noqa: E402
 from .prefill_attention import causal_prefill_attention  # noqa: E402
-from .decode_attention import decode_attention_cached  # noqa: E402
-from .moe_ffn import ExpertArrays, moe_ffn_stacked  # noqa: E402
+from .decode_attention import covered as decode_attention_covered, decode_attention_cached  # noqa: E402
+from .moe_ffn import ExpertArrays, moe_ffn_in_place, moe_ffn_stacked  # noqa: E402
+from . import sharded  # noqa: E402
 
-__all__ = ["enabled", "set_enabled", "kernels_enabled", "active", "interpret", "pick_tile",
-           "linear_einsum", "causal_prefill_attention", "decode_attention_cached", "moe_ffn_stacked", "ExpertArrays"]
+__all__ = ["enabled", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret", "pick_tile",
+           "linear_einsum", "causal_prefill_attention", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked", "moe_ffn_in_place", "ExpertArrays", "sharded"]

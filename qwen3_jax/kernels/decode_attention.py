@@ -110,16 +110,22 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
     return out[:, :, :g].reshape(b, h, qd).astype(cdt)
 
 
+def covered(q_bthq, k_all) -> bool:
+    """decode_attention_cached handles this step: T == 1, cache dtype = q's, at most 16 query
+    heads per kv head, a cache length with a 16-multiple tiling. Shard-independent: splitting
+    heads over tp keeps the group size, and the tiling depends on the cache length only."""
+    b, t, h, _ = q_bthq.shape
+    return (t == 1 and k_all.dtype == q_bthq.dtype and h // k_all.shape[3] <= 16
+            and plan(b, k_all.shape[3], k_all.shape[2]) is not None)
+
+
 def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float):
     """The model's entry: one new token per row (T == 1) -> attention output [B, 1, H, Q], or
     None when not covered (T > 1, dtypes differ, a cache length with no 16-multiple tiling)."""
-    b, t, h, qd = q_bthq.shape
-    if t != 1 or k_all.dtype != q_bthq.dtype or h // k_all.shape[3] > 16:
+    if not covered(q_bthq, k_all):
         return None
-    p = plan(b, k_all.shape[3], k_all.shape[2])
-    if p is None:
-        return None
-    bs, splits = p
+    b, _, h, qd = q_bthq.shape
+    bs, splits = plan(b, k_all.shape[3], k_all.shape[2])
     out = decode_attention(q_bthq[:, 0], k_all, v_all, jnp.asarray(layer, jnp.int32), rows_b,
                            positions_bt[:, 0] + 1, scale=float(scale), bs=bs, splits=splits)
     return out[:, None]

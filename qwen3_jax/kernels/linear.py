@@ -28,8 +28,8 @@ def _parse(eq: str):
     return xs, ws, out, contracted
 
 
-def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None):
-    """einsum(eq, x, W[layer]) in x's dtype, W = w (bf16, scale None) or dequantize(w, scale);
+def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None, out_dtype=None):
+    """einsum(eq, x, W[layer]) in `out_dtype` (default x's dtype), W = w (bf16, scale None) or dequantize(w, scale);
     None when the equation, shapes or row count are not covered (the caller uses XLA).
 
     Supported: the weight's contracted letters lead its subscript and end x's (q/k/v:
@@ -66,7 +66,7 @@ def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None)
     y = linear(x2, w3, s3, layout, block, group)
     if y is None:
         return None
-    return y.reshape(*lead, *wshape[nc:]).astype(x.dtype)
+    return y.reshape(*lead, *wshape[nc:]).astype(out_dtype or x.dtype)
 
 
 def linear(x_mk, w_gkn, scale, layout: str, block: int, group):

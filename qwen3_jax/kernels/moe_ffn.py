@@ -131,16 +131,23 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
 
 
 def moe_ffn_stacked(x_nd, weights_nk, experts_nk, gate, up, down, layer):
-    """The model's entry: gate/up/down are model.Weight objects holding [L, E, ...] params
-    (bf16, or FP8 + scale); `layer` the traced layer index. -> [N, D] float32, or None when the
-    kernels do not cover this case (mixed FP8/bf16 experts, tiles that divide nothing)."""
+    """The model's entry on one device: gate/up/down are model.Weight objects holding [L, E, ...]
+    params (bf16, or FP8 + scale); `layer` the traced layer index. -> [N, D] float32, or None
+    when the kernels do not cover this case (mixed FP8/bf16 experts, tiles that divide nothing)."""
     ws = (gate, up, down)
     fp8 = [w.is_fp8 for w in ws]
     if any(fp8) and not all(fp8):
         return None
     scales = tuple(w.scale[...] for w in ws) if all(fp8) else None
-    arrays = ExpertArrays.from_stacked(gate.w[...], up.w[...], down.w[...], scales,
-                                       block=gate.fp8_block or 128, layer=layer)
+    return moe_ffn_in_place(x_nd, weights_nk, experts_nk, gate.w[...], up.w[...], down.w[...], scales,
+                            gate.fp8_block or 128, layer)
+
+
+def moe_ffn_in_place(x_nd, weights_nk, experts_nk, gate, up, down, scales, block, layer, first_expert=0):
+    """moe_ffn on layer `layer` of stacked [L, E_local, ...] arrays (this device's experts
+    first_expert.. on a mesh; scales (gate, up, down) or None) -> [N, D] float32, or None when
+    no tiling fits these shapes."""
+    arrays = ExpertArrays.from_stacked(gate, up, down, scales, block=block, layer=layer)
     if not supported(arrays, experts_nk.size):
         return None
-    return moe_ffn(x_nd, weights_nk, experts_nk, arrays)
+    return moe_ffn(x_nd, weights_nk, experts_nk, arrays, first_expert)
