@@ -311,6 +311,11 @@ class ExpertWeights:
         return expert_ffn(x_nd, weights_nk, experts_nk, gate, up, down, first_expert=shard * gate.shape[0])
 
 
+def _unstacked_axes(var) -> tuple:
+    axes = tuple(var.get_metadata()["logical_axes"])
+    return axes[1:] if axes and axes[0] == "layers" else axes
+
+
 class StackedExpertWeights(ExpertWeights):
     """ExpertWeights over [L, E, ...] params + a traced layer index: on each device the kernels
     read layer i's local experts in place (kernels/moe_ffn.py), FP8 dequantized in registers."""
