@@ -44,18 +44,32 @@ def plan(batch: int, kv_heads: int, seq: int, bs_target: int = 64):
     return bs, splits
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "bs", "splits", "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "bs", "splits", "group", "num_warps", "num_stages", "interpret"))
 def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scale: float, bs: int, splits: int,
-                     num_warps: int = 4, num_stages: int = 2, interpret=None):
+                     group: int | None = None, num_warps: int = 4, num_stages: int = 2, interpret=None):
     """q [B, H, Q]; k/v cache [L, N, S, K, Q]; layer int32; slots [B] (cache row of each
-    sequence); lengths [B] (keys 0..length-1 attend) -> [B, H, Q] in q's dtype."""
-    b, h, qd = q_bhq.shape
+    sequence); lengths [B] (keys 0..length-1 attend) -> [B, H, Q] in q's dtype.
+
+    With `group` = G, q is already padded per kv head: [B, K, 16, Q], rows 0..G-1 of kv head h
+    the query heads h*G..h*G+G-1 (qk_prologue.qk_norm_rope's q16), so no pad runs here; the
+    result is still [B, K*G, Q]."""
     _, _, s, k, _ = k_cache.shape
-    g = h // k
+    if group is None:
+        b, h, qd = q_bhq.shape
+        g = h // k
+    else:
+        if q_bhq.ndim != 4 or q_bhq.shape[1:3] != (k, 16):
+            raise ValueError(f"decode_attention with group={group} takes q padded to [B, K, 16, Q] with "
+                             f"K={k}, got {q_bhq.shape}; pass q [B, H, Q] without group instead")
+        b, _, _, qd = q_bhq.shape
+        g, h = group, group * k
     if g > 16:
         raise ValueError(f"decode_attention handles up to 16 query heads per kv head, got {g}")
     cdt = q_bhq.dtype
-    q16 = jnp.pad(q_bhq.reshape(b, k, g, qd), ((0, 0), (0, 0), (0, 16 - g), (0, 0)))
+    if group is None:
+        q16 = jnp.pad(q_bhq.reshape(b, k, g, qd), ((0, 0), (0, 0), (0, 16 - g), (0, 0)))
+    else:
+        q16 = q_bhq
     chunk = s // splits
     steps = chunk // bs
 
@@ -110,22 +124,30 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
     return out[:, :, :g].reshape(b, h, qd).astype(cdt)
 
 
-def covered(q_bthq, k_all) -> bool:
+def covered(q_bthq, k_all, group: int | None = None) -> bool:
     """decode_attention_cached handles this step: T == 1, cache dtype = q's, at most 16 query
     heads per kv head, a cache length with a 16-multiple tiling. Shard-independent: splitting
-    heads over tp keeps the group size, and the tiling depends on the cache length only."""
+    heads over tp keeps the group size, and the tiling depends on the cache length only.
+    With `group`, q is the padded q16 [B, K, 16, Q] (one token per row by construction)."""
+    if group is not None:
+        b, k, r, _ = q_bthq.shape
+        return (r == 16 and k == k_all.shape[3] and k_all.dtype == q_bthq.dtype and 0 < group <= 16
+                and plan(b, k, k_all.shape[2]) is not None)
     b, t, h, _ = q_bthq.shape
     return (t == 1 and k_all.dtype == q_bthq.dtype and h // k_all.shape[3] <= 16
             and plan(b, k_all.shape[3], k_all.shape[2]) is not None)
 
 
-def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float):
+def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float,
+                            group: int | None = None):
     """The model's entry: one new token per row (T == 1) -> attention output [B, 1, H, Q], or
-    None when not covered (T > 1, dtypes differ, a cache length with no 16-multiple tiling)."""
-    if not covered(q_bthq, k_all):
+    None when not covered (T > 1, dtypes differ, a cache length with no 16-multiple tiling).
+    With `group` = G, q is qk_prologue's q16 [B, K, 16, Q] (no pad kernel) and H = K*G."""
+    if not covered(q_bthq, k_all, group):
         return None
-    b, _, h, qd = q_bthq.shape
+    b = q_bthq.shape[0]
     bs, splits = plan(b, k_all.shape[3], k_all.shape[2])
-    out = decode_attention(q_bthq[:, 0], k_all, v_all, jnp.asarray(layer, jnp.int32), rows_b,
-                           positions_bt[:, 0] + 1, scale=float(scale), bs=bs, splits=splits)
+    q = q_bthq if group is not None else q_bthq[:, 0]
+    out = decode_attention(q, k_all, v_all, jnp.asarray(layer, jnp.int32), rows_b,
+                           positions_bt[:, 0] + 1, scale=float(scale), bs=bs, splits=splits, group=group)
     return out[:, None]

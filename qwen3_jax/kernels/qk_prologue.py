@@ -1,0 +1,134 @@
+"""The decode step's attention prologue in one kernel: q/k RMSNorm over head_dim, RoPE, and q
+padded per kv head to the 16 rows the decode-attention kernel multiplies.
+
+Why: at batch 1 the step is bound by the number of small kernels, not by bytes (an H100 runs
+~27 XLA kernels of 1-3 us per layer: benchmarks/NOTES.md, run 4). Between the q/k/v
+projections and decode attention XLA runs ~6 of them (two norm reductions, their scaling, the
+two RoPE concatenates, the pad of q to 16 rows); here it is one launch, and the stacked [L, Q]
+norm weights are read in place at the traced layer index (no per-layer slice).
+
+  grid (B, K); program (b, h): query heads h*G .. h*G+G-1 of sequence b and its kv head h.
+  rotate_half(x) = concat(-x[Q/2:], x[:Q/2]) is done on the two halves loaded separately
+  (Triton has no concatenate), so out_lo = n_lo*cos_lo - n_hi*sin_lo, out_hi = n_hi*cos_hi +
+  n_lo*sin_hi, with the RMS taken over both halves.
+
+Numerics as model.RMSNorm + model.apply_rope in the activation dtype (bf16): normalize in
+float32, round to the activation dtype, multiply by the weight and round, then each RoPE
+product and their sum rounded, i.e. every op of the reference rounds where its result is
+bf16. Agreement is to bf16 precision (XLA may keep excess precision between fused ops).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from . import interpret as _interpret
+
+ROWS = 16   # the decode-attention kernel's query tile: G query heads padded to 16 rows
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def covered(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """qk_norm_rope handles these shapes: G = H/K a power of two <= 16 and head_dim/2 a power
+    of two >= 16 (Triton blocks are powers of two; the halves are RoPE's rotation)."""
+    if kv_heads <= 0 or heads % kv_heads:
+        return False
+    g = heads // kv_heads
+    return _pow2(g) and g <= ROWS and head_dim % 2 == 0 and _pow2(head_dim // 2) and head_dim // 2 >= 16
+
+
+def qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps: float, *, interpret=None,
+                 num_warps: int = 2):
+    """q [B, H, Q], k [B, K, Q] (projections of one new token per row); q_norm / k_norm [L, Q]
+    stacked norm weights, read at `layer` (int, may be traced); cos, sin [B, Q] (model.rope_tables
+    at the row's position) -> (q16 [B, K, 16, Q] in q's dtype, k_rot [B, K, Q] in k's dtype).
+
+    Row r < G of q16[b, h] is query head h*G + r normed and rotated; rows G..15 are zero.
+    None when the shapes are not covered (see `covered`): the caller keeps the XLA path."""
+    b, h, qd = q_bhq.shape
+    kb, k, kq = k_bkq.shape
+    if (kb, kq) != (b, qd) or not covered(h, k, qd):
+        return None
+    if q_norm_lq.ndim != 2 or q_norm_lq.shape[1] != qd or k_norm_lq.shape != q_norm_lq.shape:
+        return None
+    if cos_bq.shape != (b, qd) or sin_bq.shape != (b, qd):
+        return None
+    return _qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq,
+                         eps=float(eps), interpret=_interpret() if interpret is None else bool(interpret),
+                         num_warps=num_warps)
+
+
+def unpad_q16(q16_bkrq, heads: int):
+    """q16 [B, K, 16, Q] -> q [B, H, Q] (for a caller whose attention then stays with XLA)."""
+    b, k, _, qd = q16_bkrq.shape
+    return q16_bkrq[:, :, :heads // k].reshape(b, heads, qd)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "num_warps"))
+def _qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, *, eps, interpret, num_warps):
+    b, h, qd = q_bhq.shape
+    k = k_bkq.shape[1]
+    g = h // k
+    half = qd // 2
+    qdt, kdt = q_bhq.dtype, k_bkq.dtype
+    lo, up = pl.ds(0, half), pl.ds(half, half)   # the two halves of Q
+    f32 = jnp.float32
+
+    def norm_rope(x_lo, x_hi, w_lo, w_hi, c_lo, c_hi, s_lo, s_hi, dt):
+        """x halves [..., Q/2] -> rotated halves in dt, each op rounded to dt as the reference."""
+        x_lo, x_hi = x_lo.astype(f32), x_hi.astype(f32)
+        ss = jnp.sum(x_lo * x_lo, axis=-1, keepdims=True) + jnp.sum(x_hi * x_hi, axis=-1, keepdims=True)
+        r = jax.lax.rsqrt(ss / qd + eps)
+
+        def scaled(x, w):   # RMSNorm: float32 normalize, round, times the weight, round
+            return (w.astype(f32) * (x * r).astype(dt).astype(f32)).astype(dt).astype(f32)
+
+        def rd(x):
+            return x.astype(dt).astype(f32)
+
+        n_lo, n_hi = scaled(x_lo, w_lo), scaled(x_hi, w_hi)
+        c_lo, c_hi, s_lo, s_hi = (v.astype(f32) for v in (c_lo, c_hi, s_lo, s_hi))
+        out_lo = rd(n_lo * c_lo) + rd(-n_hi * s_lo)
+        out_hi = rd(n_hi * c_hi) + rd(n_lo * s_hi)
+        return out_lo.astype(dt), out_hi.astype(dt)
+
+    def kernel(layer_ref, q_ref, k_ref, qw_ref, kw_ref, cos_ref, sin_ref, q16_ref, krot_ref):
+        bi, kh = pl.program_id(0), pl.program_id(1)
+        li = layer_ref[0]
+        c_lo, c_hi = cos_ref[bi, lo], cos_ref[bi, up]                       # [Q/2]
+        s_lo, s_hi = sin_ref[bi, lo], sin_ref[bi, up]
+
+        rows = pl.ds(kh * g, g)
+        q_lo, q_hi = norm_rope(q_ref[bi, rows, lo], q_ref[bi, rows, up],      # [G, Q/2]
+                               qw_ref[li, lo][None, :], qw_ref[li, up][None, :],
+                               c_lo[None, :], c_hi[None, :], s_lo[None, :], s_hi[None, :], qdt)
+        q16_ref[bi, kh, pl.ds(0, g), lo] = q_lo
+        q16_ref[bi, kh, pl.ds(0, g), up] = q_hi
+        # Zero rows G..15 in power-of-two runs G, 2G, .., 8 (Triton stores power-of-two blocks;
+        # disjoint from the rows above, so no two stores of this program touch one element).
+        r0 = g
+        while r0 < ROWS:
+            q16_ref[bi, kh, pl.ds(r0, r0), :] = jnp.zeros((r0, qd), qdt)
+            r0 *= 2
+
+        k_lo, k_hi = norm_rope(k_ref[bi, kh, lo], k_ref[bi, kh, up], kw_ref[li, lo], kw_ref[li, up],
+                               c_lo, c_hi, s_lo, s_hi, kdt)
+        krot_ref[bi, kh, lo] = k_lo
+        krot_ref[bi, kh, up] = k_hi
+
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((b, k, ROWS, qd), qdt), jax.ShapeDtypeStruct((b, k, qd), kdt)),
+        grid=(b, k),
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="qwen3_qk_norm_rope",
+    )(jnp.reshape(layer, (1,)), q_bhq, k_bkq, q_norm_lq, k_norm_lq, cos_bq, sin_bq)
