@@ -366,7 +366,10 @@ class MoE(nnx.Module):
         """`stacked` = (this MoE with [L, ...] params, layer): the kernels read experts in place."""
         b, t, d = x_btd.shape
         x = x_btd.reshape(b * t, d)
-        weights, experts = route(x, self.router(jnp.float32), self.top_k, self.norm_topk_prob)
+        routed = None
+        if stacked is not None and kernels.active(ctx, x.dtype):   # router read in place, 2 kernels
+            routed = kernels.route_in_place(x, stacked[0].router.w[...], stacked[1], self.top_k, self.norm_topk_prob)
+        weights, experts = routed or route(x, self.router(jnp.float32), self.top_k, self.norm_topk_prob)
         if stacked is not None and kernels.usable(x.dtype):
             full, i = stacked
             if not kernels.single_device(ctx):

@@ -1,0 +1,138 @@
+"""MoE routing at decode in two kernels: router logits read in place, then softmax + top-k fused.
+
+Why: at batch 1 the plain-XLA `moe.route` is ~8 small kernels per layer on an H100 (convert of
+the router slice to float32, the dot, softmax, top-k lowered to a sort at 3.2 us, renormalize,
+and index prep), each 1-3 us on a GPU that runs them back to back (benchmarks/NOTES.md, run 4
+profile): only fewer kernels help. Here:
+  1. logits: the grouped GEMV (gemv.py) with every row's group = `layer`, so W[layer] is read
+     where it lies in the stacked [L, D, E] router param (a per-layer slice handed to a custom
+     call would be copied every layer) -> float32 partials [S, N, E] over S split-K slices;
+  2. `topk_from_partials` (below): grid over blocks of `bm` token rows; each program sums the S
+     partials, softmax in float32, k rounds of (max, lowest expert index attaining it, mask it
+     out), renormalize -> weights [N, k] float32, experts [N, k] int32.
+
+Numerics as `moe.route`: bf16 (or f16) x and W give exact products in float32, accumulated in
+float32 (the order differs from XLA's dot, so logits agree to float32 rounding, not bitwise);
+softmax exp(l - max) / sum in float32; top-k over the probabilities with ties going to the lower
+expert index (as jax.lax.top_k); weights / their sum when norm_topk_prob.
+
+Coverage (else None and the caller keeps `moe.route`): N <= ROUTE_MAX_ROWS, x and W of one
+dtype in bf16/f16, E a power of two in [16, 512] (Triton block dims are powers of two; 16 is
+gemv's smallest column tile), top_k <= E, and gemv tiles that divide D and E.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from . import KERNEL_DTYPES
+from . import interpret as _interpret
+from .gemv import gemv, gemv_tiles
+
+# Row limit. The GEMV gives each token row its own programs, so N rows read the router weight N
+# times (30B: 512 KiB a layer; from L2 after the first row): 32 MiB of L2 reads at N = 64, ~128 MiB
+# at 256, where one XLA/cuBLAS dot reads it once and the ~8 routing kernels cost ~10-15 us. 64
+# covers the decode batches where launch count dominates (batch 1-64) without betting on L2
+# bandwidth beyond that; not yet measured on a GPU, move it once the crossover is.
+ROUTE_MAX_ROWS = 64
+MAX_EXPERTS = 512
+ROW_BLOCK = 16          # token rows per top-k program (16 x 128 float32 = 8 KiB in registers)
+
+# gemv tiles for the router (over gemv.GEMV_DEFAULTS["bf16"]): at N = 1 the default split of 8
+# gives 8 programs reading 64 KiB each; 16 splits of one 128-deep K block each halve the bytes a
+# program streams (more partials: 16 x E float32 per row, read once by the top-k kernel).
+ROUTER_GEMV = dict(max_split=16)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def covered(n: int, d: int, e: int, top_k: int, x_dtype, w_dtype) -> bool:
+    """True when route_in_place handles these shapes and dtypes (see the module docstring)."""
+    return (0 < n <= ROUTE_MAX_ROWS and jnp.dtype(x_dtype) == jnp.dtype(w_dtype)
+            and jnp.dtype(x_dtype) in KERNEL_DTYPES and 16 <= e <= MAX_EXPERTS and e == _pow2(e)
+            and 0 < top_k <= e and gemv_tiles(d, e, n, False, "k", 128, **ROUTER_GEMV) is not None)
+
+
+def route_in_place(x_nd, router_lde, layer, top_k: int, norm_topk_prob: bool, *, interpret=None):
+    """`moe.route(x, router_lde[layer], ...)` without slicing the layer out.
+
+    x [N, D] bf16/f16; router_lde [L, D, E] (the stacked param, same dtype); layer int32 scalar
+    (traced) -> (weights [N, k] float32, experts [N, k] int32), or None when not covered.
+    """
+    n, d = x_nd.shape
+    e = router_lde.shape[2]
+    if not covered(n, d, e, top_k, x_nd.dtype, router_lde.dtype):
+        return None
+    tiles = gemv_tiles(d, e, n, False, "k", 128, **ROUTER_GEMV)
+    layer = jnp.asarray(layer, jnp.int32)
+    # N = 1 (batch-1 decode): a reshape of the scalar is a bitcast, no broadcast kernel; the
+    # row indices are a constant.
+    groups = layer.reshape(1) if n == 1 else jnp.broadcast_to(layer, (n,))
+    rows = np.arange(n, dtype=np.int32)
+    (partials,) = gemv(x_nd, rows, groups, (router_lde,), None, layout="k", interpret=interpret, **tiles)
+    return topk_from_partials(partials, top_k=top_k, norm_topk_prob=norm_topk_prob, interpret=interpret)
+
+
+def _num_warps(bm: int, e: int) -> int:
+    """One warp per 512 elements of the [bm, E] block (>= 16 per thread), 1 to 4: at N = 1 a
+    single warp keeps every reduction within shuffles (no shared-memory round trips)."""
+    return max(1, min(4, bm * e // 512))
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "norm_topk_prob", "row_block", "interpret"))
+def topk_from_partials(partials_sne, *, top_k: int, norm_topk_prob: bool, row_block: int = ROW_BLOCK,
+                       interpret=None):
+    """float32 logit partials [S, N, E] (E a power of two) -> softmax top-k: (weights [N, k]
+    float32, experts [N, k] int32), ties to the lower expert index, renormalized when
+    `norm_topk_prob`. Rows past N in the last block are masked on load and store."""
+    s_count, n, e = partials_sne.shape
+    if e != _pow2(e) or not 0 < top_k <= e:
+        raise ValueError(f"topk_from_partials needs E a power of two and 0 < top_k <= E, got E={e}, "
+                         f"top_k={top_k}; use moe.route for these shapes")
+    bm = min(_pow2(row_block), _pow2(n))
+    kp = _pow2(top_k)   # the output tile is a power of two wide; columns >= top_k are not stored
+
+    def kernel(p_ref, w_ref, e_ref):
+        r0 = pl.program_id(0) * bm
+        row = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, e), 0)
+        logits = jnp.zeros((bm, e), jnp.float32)
+        for s in range(s_count):
+            logits = logits + plt.load(p_ref.at[jnp.int32(s), pl.ds(r0, bm), :], mask=row < n, other=0.0)
+        ex = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
+        probs = ex / jnp.sum(ex, axis=1, keepdims=True)
+
+        col = jax.lax.broadcasted_iota(jnp.int32, (bm, e), 1)
+        kcol = jax.lax.broadcasted_iota(jnp.int32, (bm, kp), 1)
+        w_out = jnp.zeros((bm, kp), jnp.float32)
+        e_out = jnp.zeros((bm, kp), jnp.int32)
+        for j in range(top_k):
+            best = jnp.max(probs, axis=1, keepdims=True)                                 # [bm, 1]
+            # Lowest index attaining the max (jax.lax.top_k's tie order); the clamp keeps a NaN
+            # row (no index attains a NaN max) pointing at a real expert.
+            idx = jnp.minimum(jnp.min(jnp.where(probs == best, col, e), axis=1, keepdims=True), e - 1)
+            w_out = jnp.where(kcol == j, best, w_out)
+            e_out = jnp.where(kcol == j, idx, e_out)
+            probs = jnp.where(col == idx, -1.0, probs)     # probabilities are >= 0: -1 is never picked
+        if norm_topk_prob:
+            w_out = w_out / jnp.sum(w_out, axis=1, keepdims=True)   # columns >= top_k hold 0
+        out_rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, kp), 0)
+        keep = (out_rows < n) & (kcol < top_k)
+        plt.store(w_ref.at[pl.ds(r0, bm), pl.ds(0, kp)], w_out, mask=keep)
+        plt.store(e_ref.at[pl.ds(r0, bm), pl.ds(0, kp)], e_out, mask=keep)
+
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((n, top_k), jnp.float32), jax.ShapeDtypeStruct((n, top_k), jnp.int32)),
+        grid=(pl.cdiv(n, bm),),
+        compiler_params=plt.CompilerParams(num_warps=_num_warps(bm, e), num_stages=1),
+        interpret=_interpret() if interpret is None else interpret,
+        name="qwen3_router_topk",
+    )(partials_sne)

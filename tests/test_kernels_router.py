@@ -1,0 +1,150 @@
+"""The routing kernels (qwen3_jax/kernels/router.py) against moe.route.
+
+CPU: Pallas interpret mode on small shapes (exact ties, partial row blocks, both norm_topk_prob
+values, layer 2 of a stacked router), the model's MoE with and without them, and the Triton
+lowering of the 30B-A3B shapes. GPU (marked): the compiled kernels at 30B shapes; on the device
+machine: `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_kernels_router.py`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen3_jax import kernels
+from qwen3_jax.kernels import router
+from qwen3_jax.kernels.router import route_in_place, topk_from_partials
+from qwen3_jax.moe import route
+
+
+def stacked_router(rng, layers, d, e):
+    return jnp.asarray(0.1 * rng.standard_normal((layers, d, e)), jnp.bfloat16)
+
+
+def with_ties(w_lde, x_nd, layer):
+    """Make routing ties exact: row 0 of x is zero (every logit 0: experts 0..k-1 by index), and
+    columns 2 and 9 of W[layer] are one large column aligned with row 1 (experts 2 and 9 tie for
+    the top of row 1: 2 must come first)."""
+    x = np.asarray(x_nd, np.float32)
+    x[0] = 0.0
+    w = np.asarray(w_lde, np.float32)
+    col = 0.5 * np.sign(x[1])
+    w[layer, :, 2] = col
+    w[layer, :, 9] = col
+    return jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("n", [1, 5, 20])       # 5: 3 masked rows in a block of 8; 20: 16 + 4 rows
+@pytest.mark.parametrize("norm", [True, False])
+def test_route_in_place_matches_route_on_layer_2_with_exact_ties(n, norm):
+    rng = np.random.default_rng(n)
+    layers, d, e, k = 3, 64, 16, 4
+    w = stacked_router(rng, layers, d, e)
+    x = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
+    if n > 1:
+        x, w = with_ties(w, x, layer=2)
+    got_w, got_e = route_in_place(x, w, jnp.int32(2), k, norm, interpret=True)
+    want_w, want_e = route(x, w[2], k, norm)
+    assert got_w.dtype == jnp.float32 and got_e.dtype == jnp.int32 and got_e.shape == (n, k)
+    np.testing.assert_array_equal(np.asarray(got_e), np.asarray(want_e))
+    np.testing.assert_allclose(np.asarray(got_w), np.asarray(want_w), rtol=2e-6, atol=1e-7)
+    if n > 1:
+        assert list(np.asarray(got_e[0])) == list(range(k))       # all tied: lowest indices
+        assert list(np.asarray(got_e[1, :2])) == [2, 9]           # a tied pair: lower first
+    # The test tells layers apart: layer 1 routes differently.
+    other_w, other_e = route(x, w[1], k, norm)
+    assert not np.array_equal(np.asarray(other_e), np.asarray(want_e))
+
+
+@pytest.mark.parametrize("row_block", [1, 4])
+def test_topk_from_partials_sums_splits_and_masks_rows(row_block):
+    """S = 3 split-K partials, k = 3 (output tile 4 wide, one column masked), N = 10 rows in
+    blocks of 4 (last block half empty) or 1."""
+    rng = np.random.default_rng(row_block)
+    parts = jnp.asarray(rng.standard_normal((3, 10, 32)), jnp.float32)
+    got_w, got_e = topk_from_partials(parts, top_k=3, norm_topk_prob=False, row_block=row_block, interpret=True)
+    probs = jax.nn.softmax(jnp.sum(parts, axis=0), axis=-1)
+    want_w, want_e = jax.lax.top_k(probs, 3)
+    np.testing.assert_array_equal(np.asarray(got_e), np.asarray(want_e))
+    np.testing.assert_allclose(np.asarray(got_w), np.asarray(want_w), rtol=2e-6)
+
+
+def test_route_in_place_declines_what_it_does_not_cover():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 64)), jnp.bfloat16)
+    layer = jnp.int32(0)
+    assert route_in_place(x, stacked_router(rng, 1, 64, 24), layer, 2, True) is None         # E not 2^n
+    assert route_in_place(x, stacked_router(rng, 1, 64, 8), layer, 2, True) is None          # E < 16
+    assert route_in_place(x, stacked_router(rng, 1, 64, 1024), layer, 2, True) is None       # E > 512
+    assert route_in_place(x.astype(jnp.float32), stacked_router(rng, 1, 64, 16).astype(jnp.float32),
+                          layer, 2, True) is None                                            # float32
+    many = jnp.zeros((router.ROUTE_MAX_ROWS + 1, 64), jnp.bfloat16)
+    assert route_in_place(many, stacked_router(rng, 1, 64, 16), layer, 2, True) is None      # too many rows
+
+
+def test_model_moe_routes_with_the_kernels(monkeypatch):
+    """The model with kernels on (interpret mode) calls the two routing kernels in its MoE layers
+    and gives the same logits as with moe.route (the router's float32 rounding aside)."""
+    from flax import nnx
+
+    from qwen3_jax import Qwen3MoeConfig, random_model
+    from reference import TINY
+
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, num_experts=16))
+    m = random_model(cfg, seed=3)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 3)), jnp.int32)
+    outs, calls = [], []
+    with kernels.kernels_enabled(True):
+        for use in (True, False):
+            if not use:
+                monkeypatch.setattr(kernels, "route_in_place", lambda *a, **kw: None)
+            # A new function each time: JAX caches traces per function.
+            fn = jax.jit(lambda st, t: nnx.merge(m.graphdef, st)(t)[0])
+            calls.append(str(jax.make_jaxpr(fn)(m.state, tokens)).count("pallas_call"))
+            outs.append(np.asarray(fn(m.state, tokens), np.float64))
+    assert calls[0] - calls[1] == 2, calls          # gemv + top-k in the scan body over layers
+    assert np.linalg.norm(outs[0] - outs[1]) / np.linalg.norm(outs[1]) < 1e-3
+
+
+# -- CPU: Triton lowering of the real shapes (no GPU needed, nothing allocated) ------------------
+
+@pytest.mark.parametrize("n", [1, 64])
+def test_router_kernels_lower_to_triton_for_30b_shapes(n):
+    sds = jax.ShapeDtypeStruct
+
+    def fn(x, w, i):
+        return route_in_place(x, w, i, 8, True, interpret=False)
+    text = jax.jit(fn).trace(sds((n, 2048), jnp.bfloat16), sds((48, 2048, 128), jnp.bfloat16),
+                             sds((), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2
+
+
+# -- GPU: compiled kernels against moe.route ----------------------------------------------------
+
+def assert_same_routing(got_w, got_e, want_w, probs, tol=1e-5):
+    """Same routing up to float32 rounding: each row's experts are distinct and their reference
+    probabilities equal the reference top-k values in order (a near-tie may swap two experts)."""
+    got_e, probs = np.asarray(got_e), np.asarray(probs)
+    for r in range(got_e.shape[0]):
+        assert len(set(got_e[r])) == got_e.shape[1]
+    picked = np.take_along_axis(probs, got_e, axis=1)
+    top = np.sort(probs, axis=1)[:, ::-1][:, :got_e.shape[1]]
+    np.testing.assert_allclose(picked, top, rtol=tol)
+    np.testing.assert_allclose(np.asarray(got_w), np.asarray(want_w), rtol=tol, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 7, 64])
+@pytest.mark.parametrize("norm", [True, False])
+def test_gpu_route_in_place_matches_route_at_30b_shapes(n, norm):
+    rng = np.random.default_rng(n)
+    w = jnp.asarray(0.02 * rng.standard_normal((48, 2048, 128)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((n, 2048)), jnp.bfloat16)
+    layer = jnp.int32(37)
+    got_w, got_e = jax.jit(lambda x, w, i: route_in_place(x, w, i, 8, norm))(x, w, layer)
+    want_w, want_e = route(x, w[37], 8, norm)
+    logits = np.asarray(x, np.float64) @ np.asarray(w[37], np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    assert_same_routing(got_w, got_e, want_w, probs)
+    assert (np.asarray(got_e) == np.asarray(want_e)).mean() > 0.99
