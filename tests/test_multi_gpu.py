@@ -78,5 +78,7 @@ def test_kernels_per_device_match_one_card(mesh, fp8):
             outs.append([np.asarray(a, np.float64) for a in jax.jit(fn)(m.state, tokens)])
     errs = [np.linalg.norm(b - a) / np.linalg.norm(a) for a, b in zip(*outs)]
     print(f"{mesh} fp8={fp8} kernels: rel err prefill {errs[0]:.2e} decode {errs[1]:.2e}, calls {calls}")
-    assert calls[0] >= 7 and calls[1] == calls[0]
+    # Every kernel of one card runs per device; local shapes can let more calls take a kernel
+    # (e.g. bf16 prefill rows split over data-parallel groups fall under the gemv row limit).
+    assert calls[0] >= 7 and calls[1] >= calls[0]
     assert max(errs) < 3e-2
