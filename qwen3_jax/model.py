@@ -214,8 +214,8 @@ class Attention(nnx.Module):
             self.v_bias = Weight((k, q), ("kv_heads", "head_dim"), init="zeros", **mk)
             self.o_bias = Weight((d,), ("embed",), init="zeros", **mk)
 
-    def project(self, x_btd, cos, sin, ctx, stacked=None):
-        """-> q [B,T,H,Q], k [B,T,K,Q], v [B,T,K,Q], normed and rotated.
+    def projections(self, x_btd, ctx, stacked=None):
+        """-> q [B,T,H,Q], k [B,T,K,Q], v [B,T,K,Q] before q/k norm and RoPE.
         `stacked` = (this Attention with [L, ...] params, layer): lets kernels read in place."""
         dt = x_btd.dtype
         q = _einsum_w("btd,dhq->bthq", x_btd, self.q_proj, ctx, _sub(stacked, "q_proj"))
@@ -223,6 +223,11 @@ class Attention(nnx.Module):
         v = _einsum_w("btd,dkq->btkq", x_btd, self.v_proj, ctx, _sub(stacked, "v_proj"))
         if self.bias:
             q, k, v = q + self.q_bias(dt), k + self.k_bias(dt), v + self.v_bias(dt)
+        return q, k, v
+
+    def project(self, x_btd, cos, sin, ctx, stacked=None):
+        """-> q [B,T,H,Q], k [B,T,K,Q], v [B,T,K,Q], normed and rotated."""
+        q, k, v = self.projections(x_btd, ctx, stacked)
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
         act = ("batch", "seq", "heads", "head_dim")
@@ -447,6 +452,35 @@ def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
         (act, KVCache.AXES, KVCache.AXES, None, ("batch",), ("batch", "seq")), act, q_bthq.shape)
 
 
+def _fused_decode_prologue(x_btd, k_all, attn_full: "Attention", ctx) -> bool:
+    """Decode (T == 1) on one device with kernels on, shapes the prologue and decode-attention
+    kernels cover: q/k norm + RoPE + q padding run as one kernel (kernels/qk_prologue.py)."""
+    b, t, _ = x_btd.shape
+    h, qd = attn_full.q_proj.w.shape[2], attn_full.q_proj.w.shape[3]
+    kv = k_all.shape[3]
+    q_like = jax.ShapeDtypeStruct((b, t, h, qd), x_btd.dtype)
+    return (t == 1 and kernels.active(ctx, x_btd.dtype) and kernels.qk_prologue.covered(h, kv, qd)
+            and kernels.decode_attention_covered(q_like, k_all))
+
+
+def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all, v_all, slots_b, ctx):
+    """The attention half of a decode layer on the kernels: projections, one prologue kernel
+    (q/k norm, RoPE, q padded per kv head), the cache write, decode attention, o_proj.
+    -> (x + attention output, k_all, v_all)."""
+    st = (attn_full, layer)
+    q, k, v = blk.attn.projections(h, ctx, st)
+    heads, kv = q.shape[2], k.shape[2]
+    q16, k_rot = kernels.qk_prologue.qk_norm_rope(
+        q[:, 0], k[:, 0], attn_full.q_norm.weight[...], attn_full.k_norm.weight[...], layer,
+        cos[:, 0], sin[:, 0], blk.attn.q_norm.eps)
+    rows = jnp.arange(x.shape[0]) if slots_b is None else slots_b
+    k_all = k_all.at[layer, rows[:, None], positions_bt].set(k_rot[:, None].astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[layer, rows[:, None], positions_bt].set(v.astype(v_all.dtype), mode="drop")
+    out = kernels.decode_attention_cached(q16, k_all, v_all, layer, rows, positions_bt, blk.attn.scale,
+                                          group=heads // kv)
+    return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all
+
+
 class Segment(nnx.Module):
     """`count` consecutive layers of one kind, run as a lax.scan over stacked params."""
 
@@ -464,6 +498,11 @@ class Segment(nnx.Module):
             layer_params, i = xs
             blk = nnx.merge(graphdef, layer_params)
             h = blk.input_norm(x)
+            if k_all is not None and _fused_decode_prologue(x, k_all, full.attn, ctx):
+                x, k_all, v_all = _decode_layer_attention(blk, full.attn, i, x, h, cos, sin, positions_bt,
+                                                          k_all, v_all, slots_b, ctx)
+                x = x + blk.mlp(blk.post_norm(x), ctx, stacked=(full.mlp, i))
+                return (x, k_all, v_all), None
             q, k, v = blk.attn.project(h, cos, sin, ctx, stacked=(full.attn, i))
             if k_all is None:
                 keys, values = k, v

@@ -247,6 +247,28 @@ def test_tiny_model_with_kernels_matches_plain_xla():
     assert rel(outs[1], outs[0]) < 3e-2
 
 
+def test_decode_step_on_the_kernels_matches_plain_xla():
+    """One device, kernels forced on (interpret mode): prefill, then a decode step through the
+    fused prologue (q/k norm + RoPE + q padding), decode attention and the routing kernels."""
+    from qwen3_jax import Qwen3MoeConfig, random_model
+    from reference import TINY, prefill_then_decode
+
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, head_dim=32,
+                                        num_experts=16))
+    m = random_model(cfg, seed=4)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 5)), jnp.int32)
+    outs = []
+    for on in (False, True):
+        fn = prefill_then_decode(m, tokens, 16)   # a new function: JAX caches traces per function
+        with kernels.kernels_enabled(on):
+            jaxpr = str(jax.make_jaxpr(fn)(m.state, tokens))
+            outs.append([np.asarray(a) for a in jax.jit(fn)(m.state, tokens)])
+    for name in ("qwen3_qk_norm_rope", "qwen3_decode_attention", "qwen3_router_topk"):
+        assert name in jaxpr, name
+    for a, b in zip(outs[1], outs[0]):
+        assert rel(a, b) < 3e-2
+
+
 @pytest.mark.parametrize("mesh", ["ep=2", "tp=2,ep=2", "dp=2,tp=2", "tp=8"])
 def test_kernels_run_per_device_on_a_mesh(mesh):
     """On a mesh the kernels run inside shard_map on each device's shards (kernels/sharded.py):

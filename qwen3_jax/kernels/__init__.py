@@ -11,6 +11,7 @@ group each, tensor cores: prefill and large decode batches), moe_blocks.py (rout
 blocks), moe_ffn.py (the MoE expert FFN on either kernel), linear.py (projections read in
 place, FP8 fused), prefill_attention.py (cuDNN fused attention for prompts from position 0),
 decode_attention.py (one new token per row against the KV cache, read in place),
+qk_prologue.py (decode: q/k norm + RoPE + q padding in one kernel),
 router.py (MoE routing at decode: router logits read in place, softmax + top-k fused),
 sharded.py (the same kernels per device under shard_map on a mesh), tune.py (microbenchmarks and the tile sweep).
 
@@ -111,8 +112,8 @@ from .prefill_attention import causal_prefill_attention  # noqa: E402
 from .decode_attention import covered as decode_attention_covered, decode_attention_cached  # noqa: E402
 from .moe_ffn import ExpertArrays, moe_ffn_in_place, moe_ffn_stacked  # noqa: E402
 from .router import route_in_place  # noqa: E402
-from . import sharded  # noqa: E402
+from . import qk_prologue, sharded  # noqa: E402
 
 __all__ = ["enabled", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret", "pick_tile",
-           "linear_einsum", "causal_prefill_attention", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked", "moe_ffn_in_place", "ExpertArrays", "sharded",
+           "linear_einsum", "causal_prefill_attention", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked", "moe_ffn_in_place", "ExpertArrays", "sharded", "qk_prologue",
            "route_in_place"]
