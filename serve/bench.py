@@ -313,7 +313,8 @@ def bench_decode(model, inv, batch: int, context: int, steps: int, reps: int, si
 
 
 def profile_call(call, steps: int, log, top: int = 30) -> dict:
-    """Trace one call; per kernel name: total device time per decode step. Printed and returned."""
+    """Trace one call; per kernel name: total device time per decode step on the first GPU.
+    Printed and returned."""
     import glob
     import tempfile
 
@@ -328,8 +329,10 @@ def profile_call(call, steps: int, log, top: int = 30) -> dict:
         return {"error": "no profile written"}
     data = jax.profiler.ProfileData.from_file(paths[0])
     by_name, lines, first, last = {}, set(), None, None
+    # One device's timeline (the first GPU): on a mesh every device runs the same program.
+    gpus = sorted(p.name for p in data.planes if p.name.startswith("/device:GPU"))
     for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
+        if not gpus or plane.name != gpus[0]:
             continue
         for line in plane.lines:
             if not line.name.startswith("Stream"):
