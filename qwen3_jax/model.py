@@ -371,15 +371,19 @@ class MoE(nnx.Module):
         """`stacked` = (this MoE with [L, ...] params, layer): the kernels read experts in place."""
         b, t, d = x_btd.shape
         x = x_btd.reshape(b * t, d)
-        routed = None
+        routed, groups = None, None
         if stacked is not None and kernels.active(ctx, x.dtype):   # router read in place, 2 kernels
-            routed = kernels.route_in_place(x, stacked[0].router.w[...], stacked[1], self.top_k, self.norm_topk_prob)
-        weights, experts = routed or route(x, self.router(jnp.float32), self.top_k, self.norm_topk_prob)
+            routed = kernels.route_in_place(x, stacked[0].router.w[...], stacked[1], self.top_k, self.norm_topk_prob,
+                                            with_groups=True)
+        if routed is not None:   # groups = experts + layer * E, written by the top-k kernel (one device)
+            weights, experts, groups = routed
+        else:
+            weights, experts = route(x, self.router(jnp.float32), self.top_k, self.norm_topk_prob)
         if stacked is not None and kernels.usable(x.dtype):
             full, i = stacked
             if not kernels.single_device(ctx):
                 return moe_ffn(x, weights, experts, StackedExpertWeights(full, i, x.dtype), ctx).reshape(b, t, d)
-            y = kernels.moe_ffn_stacked(x, weights, experts, full.gate_proj, full.up_proj, full.down_proj, i)
+            y = kernels.moe_ffn_stacked(x, weights, experts, full.gate_proj, full.up_proj, full.down_proj, i, groups)
             if y is not None:
                 return y.astype(x.dtype).reshape(b, t, d)
         return moe_ffn(x, weights, experts, ExpertWeights(self, x.dtype), ctx).reshape(b, t, d)

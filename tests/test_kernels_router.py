@@ -1,7 +1,7 @@
 """The routing kernels (qwen3_jax/kernels/router.py) against moe.route.
 
 CPU: Pallas interpret mode on small shapes (exact ties, partial row blocks, both norm_topk_prob
-values, layer 2 of a stacked router), the model's MoE with and without them, and the Triton
+values, layer 2 of a stacked router, the stacked-expert groups of with_groups), the model's MoE with and without them, and the Triton
 lowering of the 30B-A3B shapes. GPU (marked): the compiled kernels at 30B shapes; on the device
 machine: `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_kernels_router.py`.
 """
@@ -54,6 +54,22 @@ def test_route_in_place_matches_route_on_layer_2_with_exact_ties(n, norm):
     # The test tells layers apart: layer 1 routes differently.
     other_w, other_e = route(x, w[1], k, norm)
     assert not np.array_equal(np.asarray(other_e), np.asarray(want_e))
+
+
+@pytest.mark.parametrize("n", [1, 5, 20])
+def test_route_in_place_writes_each_assignments_stacked_group(n):
+    """with_groups adds groups [N*k] = experts + layer * E (the expert's index in the stacked
+    [L*E, ...] expert params) from the same top-k kernel; weights and experts stay bit-identical."""
+    rng = np.random.default_rng(n + 100)
+    layers, d, e, k = 4, 64, 32, 3           # k = 3: a 4-wide output tile with a masked column
+    w = stacked_router(rng, layers, d, e)
+    x = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
+    plain_w, plain_e = route_in_place(x, w, jnp.int32(3), k, True, interpret=True)
+    got_w, got_e, groups = route_in_place(x, w, jnp.int32(3), k, True, with_groups=True, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got_w), np.asarray(plain_w))
+    np.testing.assert_array_equal(np.asarray(got_e), np.asarray(plain_e))
+    assert groups.dtype == jnp.int32 and groups.shape == (n * k,)
+    np.testing.assert_array_equal(np.asarray(groups), np.asarray(plain_e).reshape(-1) + 3 * e)
 
 
 @pytest.mark.parametrize("row_block", [1, 4])
@@ -118,6 +134,15 @@ def test_router_kernels_lower_to_triton_for_30b_shapes(n):
                              sds((), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2
 
+    def with_groups(x, w, i):
+        return route_in_place(x, w, i, 8, True, with_groups=True, interpret=False)
+    text = jax.jit(with_groups).trace(sds((n, 2048), jnp.bfloat16), sds((48, 2048, 128), jnp.bfloat16),
+                                      sds((), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2
+    # The groups cost no XLA arithmetic: the layer index goes in as it is (a reshape to [1]).
+    for op in ("stablehlo.multiply", "stablehlo.add", "stablehlo.iota"):
+        assert op not in text, op
+
 
 # -- GPU: compiled kernels against moe.route ----------------------------------------------------
 
@@ -148,3 +173,7 @@ def test_gpu_route_in_place_matches_route_at_30b_shapes(n, norm):
     probs /= probs.sum(1, keepdims=True)
     assert_same_routing(got_w, got_e, want_w, probs)
     assert (np.asarray(got_e) == np.asarray(want_e)).mean() > 0.99
+    g_w, g_e, groups = jax.jit(lambda x, w, i: route_in_place(x, w, i, 8, norm, with_groups=True))(x, w, layer)
+    np.testing.assert_array_equal(np.asarray(g_e), np.asarray(got_e))
+    np.testing.assert_array_equal(np.asarray(g_w), np.asarray(got_w))
+    np.testing.assert_array_equal(np.asarray(groups), np.asarray(got_e).reshape(-1) + 37 * 128)

@@ -7,15 +7,30 @@ Two strategies, chosen statically from the number of (token, expert) assignments
     expert is read once per block of rows.
 Weights are read in place from the stacked [L*E, ...] params: `offset` (= layer * E, traced)
 picks the layer, so the scan over layers never copies a layer's experts.
+
+The gemv path at batch 1 is launch-bound (benchmarks/results/run5_h100.log: ~25 XLA kernels of
+1-3.5 us per layer, back to back), so between the GEMVs it runs no XLA kernel (epilogue="pallas"):
+  - groups: precomputed by the routing kernel on one device (router.route_in_place with_groups);
+    on a mesh (a device holds experts first_expert.. only) still derived here in XLA;
+  - row indices: numpy constants (an XLA iota is a kernel; a constant is not);
+  - `swiglu_from_partials`: silu(sum_S gate) * sum_S up -> compute dtype, one Pallas kernel;
+  - `combine_partials`: sum_k w_k * sum_S down, one Pallas kernel -> [N, D] float32.
+epilogue="xla" keeps the previous XLA expressions (the reference in tests, and an A/B switch).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
+from . import interpret as _interpret
+from . import pick_tile
 from .gemv import gemv, gemv_tiles
 from .grouped_matmul import grouped_matmul, matmul_tiles
 from .moe_blocks import block_rows, expert_blocks
@@ -72,17 +87,28 @@ def supported(arrays: ExpertArrays, assignments: int) -> bool:
             and matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block) is not None)
 
 
-def moe_ffn(x_nd, weights_nk, experts_nk, arrays: ExpertArrays, first_expert=0, *, strategy=None):
+def moe_ffn(x_nd, weights_nk, experts_nk, arrays: ExpertArrays, first_expert=0, *, strategy=None, groups=None,
+            epilogue="pallas", interpret=None):
     """x [N, D], routing weights [N, k] f32, experts [N, k] global ids -> [N, D] float32 (the
-    contribution of the experts held here). `strategy` 'gemv'/'blocks' overrides the choice."""
+    contribution of the experts held here). `strategy` 'gemv'/'blocks' overrides the choice.
+
+    groups [N*k] int32 (optional, gemv path): each assignment's group in `arrays`, i.e. expert +
+    arrays.offset, precomputed (router.route_in_place with_groups); only where every expert is
+    held here (first_expert 0, arrays holding all E of the router). The blocks path ignores it.
+    epilogue: 'pallas' (the fused kernels between and after the GEMVs) or 'xla' (the reference).
+    interpret: Pallas interpret mode for the gemv path (None: when there is no GPU)."""
     n, d = x_nd.shape
     k = experts_nk.shape[1]
     a = n * k
+    if groups is not None and not (isinstance(first_expert, int) and first_expert == 0):
+        raise ValueError(f"precomputed groups assume every expert is held here, but first_expert="
+                         f"{first_expert}; on a mesh pass groups=None (they are derived from experts)")
+    if epilogue not in ("pallas", "xla"):
+        raise ValueError(f"epilogue must be 'pallas' or 'xla', got {epilogue!r}")
     strategy = strategy or ("gemv" if a <= gemv_max_assignments(arrays.fp8) else "blocks")
     if strategy == "gemv":
-        y_ad, here = _gemv_path(x_nd, experts_nk, arrays, first_expert)
-    else:
-        y_ad, here = _blocks_path(x_nd, experts_nk, arrays, first_expert)
+        return _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, epilogue, interpret)
+    y_ad, here = _blocks_path(x_nd, experts_nk, arrays, first_expert)
     w = jnp.where(here, weights_nk.reshape(-1), 0.0).astype(jnp.float32)
     return jnp.sum((y_ad * w[:, None]).reshape(n, k, d), axis=1)
 
@@ -93,23 +119,102 @@ def _scales(arrays, *names):
     return tuple(getattr(arrays, f"{nm}_scale") for nm in names)
 
 
-def _gemv_path(x_nd, experts_nk, arrays, first_expert):
+def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, epilogue, interpret):
     n, d = x_nd.shape
     k = experts_nk.shape[1]
     a = n * k
     f = arrays.gate.shape[2]
-    local = experts_nk.reshape(-1).astype(jnp.int32) - first_expert
-    here = (local >= 0) & (local < arrays.num_experts)
-    groups = jnp.where(here, local + arrays.offset, -1)
-    rows = jnp.arange(a, dtype=jnp.int32) // k
+    w_nk = weights_nk.astype(jnp.float32)
+    if groups is None:
+        local = experts_nk.reshape(-1).astype(jnp.int32) - first_expert
+        here = (local >= 0) & (local < arrays.num_experts)
+        groups = jnp.where(here, local + arrays.offset, -1)
+        w_nk = jnp.where(here.reshape(n, k), w_nk, 0.0)
+    # numpy: constants in the HLO (jnp.arange would be an iota kernel every layer)
+    rows = np.arange(a, dtype=np.int32) // k
     t1 = gemv_tiles(d, f, a, arrays.fp8, "k", arrays.block)
     g, u = gemv(x_nd, rows, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
-                layout="k", block=arrays.block, **t1)
-    h = (jax.nn.silu(jnp.sum(g, axis=0)) * jnp.sum(u, axis=0)).astype(x_nd.dtype)   # [A, F]
+                layout="k", block=arrays.block, interpret=interpret, **t1)
+    if epilogue == "pallas":
+        h = swiglu_from_partials(g, u, dtype=x_nd.dtype, interpret=interpret)
+    else:
+        h = (jax.nn.silu(jnp.sum(g, axis=0)) * jnp.sum(u, axis=0)).astype(x_nd.dtype)   # [A, F]
     t2 = gemv_tiles(f, d, a, arrays.fp8, "n", arrays.block)
-    (y,) = gemv(h, jnp.arange(a, dtype=jnp.int32), groups, (arrays.down,), _scales(arrays, "down"),
-                layout="n", block=arrays.block, **t2)
-    return jnp.sum(y, axis=0), here
+    (y,) = gemv(h, np.arange(a, dtype=np.int32), groups, (arrays.down,), _scales(arrays, "down"),
+                layout="n", block=arrays.block, interpret=interpret, **t2)
+    if epilogue == "pallas":
+        return combine_partials(y, w_nk, interpret=interpret)
+    return jnp.sum((jnp.sum(y, axis=0) * w_nk.reshape(-1)[:, None]).reshape(n, k, d), axis=1)
+
+
+# Elements per program of the two epilogue kernels: 256 float32 = one 16-byte load per thread
+# of 2 warps per partial; at batch 1 (A = 8, F = 768, D = 2048) that is 24 and 8 programs, each
+# reading 2 x S x 1 KiB (swiglu) or S x k x 1 KiB (combine) just written by the gemv (L2).
+EPILOGUE_TILE = 256
+EPILOGUE_WARPS = 2
+
+
+def _tile(dim: int, what: str) -> int:
+    t = pick_tile(dim, EPILOGUE_TILE)
+    if t is None:
+        raise ValueError(f"{what}: no power-of-two tile >= 16 divides {dim}; the gemv path needs one "
+                         f"(moe_ffn.supported says no for these shapes: use the XLA path)")
+    return t
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "interpret"))
+def swiglu_from_partials(g_saf, u_saf, *, dtype, interpret=None):
+    """gemv's split-K partials of gate and up, float32 [S, A, F] each -> h [A, F] in `dtype`:
+    `(silu(g.sum(0)) * u.sum(0)).astype(dtype)`, float32 sums over S in order s = 0.., silu in
+    float32 (jax.nn.silu: x * sigmoid(x)), one cast. Grid (A, F / tile)."""
+    s_count, a, f = g_saf.shape
+    bf = _tile(f, "swiglu_from_partials")
+
+    def kernel(g_ref, u_ref, h_ref):
+        r = pl.program_id(0)
+        f0 = pl.multiple_of(pl.program_id(1) * bf, bf)
+        gs, us = g_ref[0, r, pl.ds(f0, bf)], u_ref[0, r, pl.ds(f0, bf)]
+        for s in range(1, s_count):
+            gs = gs + g_ref[s, r, pl.ds(f0, bf)]
+            us = us + u_ref[s, r, pl.ds(f0, bf)]
+        h_ref[r, pl.ds(f0, bf)] = (jax.nn.silu(gs) * us).astype(h_ref.dtype)
+
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((a, f), dtype), grid=(a, f // bf),
+        compiler_params=plt.CompilerParams(num_warps=EPILOGUE_WARPS, num_stages=1),
+        interpret=_interpret() if interpret is None else interpret, name="qwen3_moe_swiglu",
+    )(g_saf, u_saf)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def combine_partials(y_sad, weights_nk, *, interpret=None):
+    """The down gemv's split-K partials float32 [S, A = N*k, D] and routing weights [N, k]
+    float32 -> [N, D] float32: out[n] = sum_j w[n, j] * sum_S y[:, n*k + j], the sums over S
+    then over j in order, in float32. Grid (N, D / tile)."""
+    s_count, a, d = y_sad.shape
+    n, k = weights_nk.shape
+    if a != n * k:
+        raise ValueError(f"combine_partials: {a} partial rows for {n} tokens x k={k} weights; "
+                         f"the rows must be token-major assignments (n * k + j)")
+    bd = _tile(d, "combine_partials")
+
+    def kernel(y_ref, w_ref, o_ref):
+        r = pl.program_id(0)
+        d0 = pl.multiple_of(pl.program_id(1) * bd, bd)
+        acc = jnp.zeros((bd,), jnp.float32)
+        for j in range(k):
+            row = r * k + j
+            ys = y_ref[0, row, pl.ds(d0, bd)]
+            for s in range(1, s_count):
+                ys = ys + y_ref[s, row, pl.ds(d0, bd)]
+            acc = acc + ys * w_ref[r, j]
+        o_ref[r, pl.ds(d0, bd)] = acc
+
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((n, d), jnp.float32), grid=(n, d // bd),
+        compiler_params=plt.CompilerParams(num_warps=EPILOGUE_WARPS, num_stages=1),
+        interpret=_interpret() if interpret is None else interpret, name="qwen3_moe_combine",
+    )(y_sad, weights_nk.astype(jnp.float32))
 
 
 def _blocks_path(x_nd, experts_nk, arrays, first_expert):
@@ -130,24 +235,26 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
     return y[blk.pos], blk.here
 
 
-def moe_ffn_stacked(x_nd, weights_nk, experts_nk, gate, up, down, layer):
+def moe_ffn_stacked(x_nd, weights_nk, experts_nk, gate, up, down, layer, groups=None):
     """The model's entry on one device: gate/up/down are model.Weight objects holding [L, E, ...]
-    params (bf16, or FP8 + scale); `layer` the traced layer index. -> [N, D] float32, or None
-    when the kernels do not cover this case (mixed FP8/bf16 experts, tiles that divide nothing)."""
+    params (bf16, or FP8 + scale); `layer` the traced layer index; groups [N*k] int32 = experts
+    + layer * E or None (see moe_ffn). -> [N, D] float32, or None when the kernels do not cover
+    this case (mixed FP8/bf16 experts, tiles that divide nothing)."""
     ws = (gate, up, down)
     fp8 = [w.is_fp8 for w in ws]
     if any(fp8) and not all(fp8):
         return None
     scales = tuple(w.scale[...] for w in ws) if all(fp8) else None
     return moe_ffn_in_place(x_nd, weights_nk, experts_nk, gate.w[...], up.w[...], down.w[...], scales,
-                            gate.fp8_block or 128, layer)
+                            gate.fp8_block or 128, layer, groups=groups)
 
 
-def moe_ffn_in_place(x_nd, weights_nk, experts_nk, gate, up, down, scales, block, layer, first_expert=0):
+def moe_ffn_in_place(x_nd, weights_nk, experts_nk, gate, up, down, scales, block, layer, first_expert=0, *,
+                     groups=None, interpret=None):
     """moe_ffn on layer `layer` of stacked [L, E_local, ...] arrays (this device's experts
     first_expert.. on a mesh; scales (gate, up, down) or None) -> [N, D] float32, or None when
-    no tiling fits these shapes."""
+    no tiling fits these shapes. groups, interpret: see moe_ffn (groups on one device only)."""
     arrays = ExpertArrays.from_stacked(gate, up, down, scales, block=block, layer=layer)
     if not supported(arrays, experts_nk.size):
         return None
-    return moe_ffn(x_nd, weights_nk, experts_nk, arrays, first_expert)
+    return moe_ffn(x_nd, weights_nk, experts_nk, arrays, first_expert, groups=groups, interpret=interpret)

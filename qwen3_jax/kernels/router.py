@@ -9,7 +9,10 @@ profile): only fewer kernels help. Here:
      call would be copied every layer) -> float32 partials [S, N, E] over S split-K slices;
   2. `topk_from_partials` (below): grid over blocks of `bm` token rows; each program sums the S
      partials, softmax in float32, k rounds of (max, lowest expert index attaining it, mask it
-     out), renormalize -> weights [N, k] float32, experts [N, k] int32.
+     out), renormalize -> weights [N, k] float32, experts [N, k] int32; with `with_groups` also
+     groups [N*k] int32 = expert + layer * E, each assignment's expert in the stacked [L*E, ...]
+     expert params, which the MoE gemv path reads as is (moe_ffn.py): on one device every expert
+     is local, so the XLA index kernels between routing and the expert GEMVs go.
 
 Numerics as `moe.route`: bf16 (or f16) x and W give exact products in float32, accumulated in
 float32 (the order differs from XLA's dot, so logits agree to float32 rounding, not bitwise);
@@ -61,11 +64,14 @@ def covered(n: int, d: int, e: int, top_k: int, x_dtype, w_dtype) -> bool:
             and 0 < top_k <= e and gemv_tiles(d, e, n, False, "k", 128, **ROUTER_GEMV) is not None)
 
 
-def route_in_place(x_nd, router_lde, layer, top_k: int, norm_topk_prob: bool, *, interpret=None):
+def route_in_place(x_nd, router_lde, layer, top_k: int, norm_topk_prob: bool, *, with_groups: bool = False,
+                   interpret=None):
     """`moe.route(x, router_lde[layer], ...)` without slicing the layer out.
 
     x [N, D] bf16/f16; router_lde [L, D, E] (the stacked param, same dtype); layer int32 scalar
     (traced) -> (weights [N, k] float32, experts [N, k] int32), or None when not covered.
+    with_groups: (weights, experts, groups [N*k] int32 = experts + layer * E), written by the same
+    top-k kernel (moe_ffn's `groups` for experts stacked [L*E, ...], all on this device).
     """
     n, d = x_nd.shape
     e = router_lde.shape[2]
@@ -75,10 +81,16 @@ def route_in_place(x_nd, router_lde, layer, top_k: int, norm_topk_prob: bool, *,
     layer = jnp.asarray(layer, jnp.int32)
     # N = 1 (batch-1 decode): a reshape of the scalar is a bitcast, no broadcast kernel; the
     # row indices are a constant.
-    groups = layer.reshape(1) if n == 1 else jnp.broadcast_to(layer, (n,))
+    layer_1 = layer.reshape(1)
+    groups = layer_1 if n == 1 else jnp.broadcast_to(layer, (n,))
     rows = np.arange(n, dtype=np.int32)
     (partials,) = gemv(x_nd, rows, groups, (router_lde,), None, layout="k", interpret=interpret, **tiles)
-    return topk_from_partials(partials, top_k=top_k, norm_topk_prob=norm_topk_prob, interpret=interpret)
+    out = topk_from_partials(partials, layer_1 if with_groups else None, top_k=top_k,
+                             norm_topk_prob=norm_topk_prob, interpret=interpret)
+    if with_groups:
+        w, ex, g = out
+        return w, ex, g.reshape(n * top_k)     # row-major [N, k] -> [N*k]: a bitcast, no kernel
+    return out
 
 
 def _num_warps(bm: int, e: int) -> int:
@@ -88,11 +100,13 @@ def _num_warps(bm: int, e: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "norm_topk_prob", "row_block", "interpret"))
-def topk_from_partials(partials_sne, *, top_k: int, norm_topk_prob: bool, row_block: int = ROW_BLOCK,
-                       interpret=None):
+def topk_from_partials(partials_sne, layer_1=None, *, top_k: int, norm_topk_prob: bool,
+                       row_block: int = ROW_BLOCK, interpret=None):
     """float32 logit partials [S, N, E] (E a power of two) -> softmax top-k: (weights [N, k]
     float32, experts [N, k] int32), ties to the lower expert index, renormalized when
-    `norm_topk_prob`. Rows past N in the last block are masked on load and store."""
+    `norm_topk_prob`. Rows past N in the last block are masked on load and store.
+    layer_1 [1] int32 (optional): a third output, groups [N, k] int32 = experts + layer * E (the
+    multiply is done here, so the caller passes the layer index as it is: no XLA kernel)."""
     s_count, n, e = partials_sne.shape
     if e != _pow2(e) or not 0 < top_k <= e:
         raise ValueError(f"topk_from_partials needs E a power of two and 0 < top_k <= E, got E={e}, "
@@ -100,7 +114,13 @@ def topk_from_partials(partials_sne, *, top_k: int, norm_topk_prob: bool, row_bl
     bm = min(_pow2(row_block), _pow2(n))
     kp = _pow2(top_k)   # the output tile is a power of two wide; columns >= top_k are not stored
 
-    def kernel(p_ref, w_ref, e_ref):
+    with_groups = layer_1 is not None
+
+    def kernel(p_ref, *refs):
+        if with_groups:
+            layer_ref, w_ref, e_ref, g_ref = refs
+        else:
+            w_ref, e_ref = refs
         r0 = pl.program_id(0) * bm
         row = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, e), 0)
         logits = jnp.zeros((bm, e), jnp.float32)
@@ -127,12 +147,17 @@ def topk_from_partials(partials_sne, *, top_k: int, norm_topk_prob: bool, row_bl
         keep = (out_rows < n) & (kcol < top_k)
         plt.store(w_ref.at[pl.ds(r0, bm), pl.ds(0, kp)], w_out, mask=keep)
         plt.store(e_ref.at[pl.ds(r0, bm), pl.ds(0, kp)], e_out, mask=keep)
+        if with_groups:
+            plt.store(g_ref.at[pl.ds(r0, bm), pl.ds(0, kp)], e_out + layer_ref[0] * e, mask=keep)
 
+    ids = jax.ShapeDtypeStruct((n, top_k), jnp.int32)
+    out_shape = (jax.ShapeDtypeStruct((n, top_k), jnp.float32), ids) + ((ids,) if with_groups else ())
+    operands = (partials_sne,) + ((jnp.asarray(layer_1, jnp.int32).reshape(1),) if with_groups else ())
     return pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((n, top_k), jnp.float32), jax.ShapeDtypeStruct((n, top_k), jnp.int32)),
+        out_shape=out_shape,
         grid=(pl.cdiv(n, bm),),
         compiler_params=plt.CompilerParams(num_warps=_num_warps(bm, e), num_stages=1),
         interpret=_interpret() if interpret is None else interpret,
         name="qwen3_router_topk",
-    )(partials_sne)
+    )(*operands)
