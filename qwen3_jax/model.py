@@ -472,11 +472,23 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
     (q/k norm, RoPE, q padded per kv head), the cache write, decode attention, o_proj.
     -> (x + attention output, k_all, v_all)."""
     st = (attn_full, layer)
-    q, k, v = blk.attn.projections(h, ctx, st)
-    heads, kv = q.shape[2], k.shape[2]
-    q16, k_rot = kernels.qk_prologue.qk_norm_rope(
-        q[:, 0], k[:, 0], attn_full.q_norm.weight[...], attn_full.k_norm.weight[...], layer,
-        cos[:, 0], sin[:, 0], blk.attn.q_norm.eps)
+    norm_rope = (attn_full.q_norm.weight[...], attn_full.k_norm.weight[...], layer, cos[:, 0], sin[:, 0],
+                 blk.attn.q_norm.eps)
+    heads, kv = attn_full.q_proj.w.shape[2], k_all.shape[3]
+    fused = None
+    if not blk.attn.bias:   # q, k go to the prologue as split-K partial sums (no XLA reduce); a bias would not
+        def partials(eq, full):
+            return kernels.linear_einsum(eq, h, full.w[...], full.scale[...] if full.is_fp8 else None,
+                                         full.block_axis, full.fp8_block, layer=layer, partials=True)
+        q_p, k_p = partials("btd,dhq->bthq", attn_full.q_proj), partials("btd,dkq->btkq", attn_full.k_proj)
+        if q_p is not None and k_p is not None:
+            fused = kernels.qk_prologue.qk_norm_rope_partials(q_p, k_p, *norm_rope, heads=heads, dtype=h.dtype)
+    if fused is not None:
+        q16, k_rot = fused
+        v = _einsum_w("btd,dkq->btkq", h, blk.attn.v_proj, ctx, _sub(st, "v_proj"))
+    else:
+        q, k, v = blk.attn.projections(h, ctx, st)
+        q16, k_rot = kernels.qk_prologue.qk_norm_rope(q[:, 0], k[:, 0], *norm_rope)
     rows = jnp.arange(x.shape[0]) if slots_b is None else slots_b
     k_all = k_all.at[layer, rows[:, None], positions_bt].set(k_rot[:, None].astype(k_all.dtype), mode="drop")
     v_all = v_all.at[layer, rows[:, None], positions_bt].set(v.astype(v_all.dtype), mode="drop")

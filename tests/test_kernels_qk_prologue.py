@@ -1,10 +1,15 @@
 """The decode attention prologue (qwen3_jax/kernels/qk_prologue.py): q/k RMSNorm + RoPE + q padded
-to 16 rows per kv head, in one kernel, against model.RMSNorm + model.apply_rope.
+to 16 rows per kv head, in one kernel, against model.RMSNorm + model.apply_rope; its form that sums
+the projections' split-K partials itself; and decode attention's Pallas combine of the key splits
+(kernels/decode_attention.py) against the XLA combine.
 
 CPU: Pallas interpret mode on small shapes, decode attention fed the padded q against its old
-path, and the Triton lowering for the 30B-A3B shapes. GPU (marked): compiled against XLA; on the
+path, partial sums against summed inputs, the Pallas combine against the XLA one, and the Triton
+lowering for the 30B-A3B shapes. GPU (marked): compiled against XLA; on the
 device machine `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_kernels_qk_prologue.py`.
 """
+
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +17,10 @@ import numpy as np
 import pytest
 
 from qwen3_jax import Qwen3MoeConfig
-from qwen3_jax.kernels.decode_attention import decode_attention, decode_attention_cached, plan
-from qwen3_jax.kernels.qk_prologue import covered, qk_norm_rope, unpad_q16
+from qwen3_jax.kernels.decode_attention import (combine_splits, combine_splits_xla, decode_attention,
+                                               decode_attention_cached, plan)
+from qwen3_jax.kernels.linear import linear_einsum
+from qwen3_jax.kernels.qk_prologue import covered, qk_norm_rope, qk_norm_rope_partials, unpad_q16
 from qwen3_jax.model import RMSNorm, apply_rope, rope_tables
 from reference import TINY
 
@@ -102,6 +109,103 @@ def test_decode_attention_on_q16_equals_the_padding_path(h, k):
         decode_attention(q, kc, vc, jnp.int32(1), rows, pos[:, 0] + 1, scale=1.0, bs=bs, splits=splits, group=h // k)
 
 
+def exact_partials(rng, s, b, n):
+    """float32 partial sums whose sum over S is exact in float32 in any order (multiples of
+    1/64 below 2**10), so the in-kernel sum and XLA's reduce give the same bits."""
+    return jnp.asarray(rng.integers(-192, 192, (s, b, n)) / 64, jnp.float32)
+
+
+@pytest.mark.parametrize("s_q,s_k", [(1, 1), (4, 2)])
+@pytest.mark.parametrize("h,k", [(8, 2), (4, 4)])
+def test_partials_input_equals_the_summed_input(s_q, s_k, h, k):
+    """q/k as float32 partials [S, B, N]: the kernel's sum, rounded to bf16, gives the same
+    bits as qk_norm_rope on the summed projections rounded to bf16 (what linear_einsum returns)."""
+    b, qd = 3, 32
+    rng = np.random.default_rng(s_q * 10 + h)
+    _, _, qn, kn, cos, sin = inputs(5, b, h, k, qd)
+    qp, kp = exact_partials(rng, s_q, b, h * qd), exact_partials(rng, s_k, b, k * qd)
+    got = qk_norm_rope_partials(qp, kp, qn, kn, 2, cos[:, 0], sin[:, 0], EPS, heads=h, dtype=jnp.bfloat16)
+    q = jnp.sum(qp, 0).astype(jnp.bfloat16).reshape(b, h, qd)
+    kk = jnp.sum(kp, 0).astype(jnp.bfloat16).reshape(b, k, qd)
+    want = qk_norm_rope(q, kk, qn, kn, 2, cos[:, 0], sin[:, 0], EPS)
+    for a, w in zip(got, want):
+        assert a.dtype == w.dtype == jnp.bfloat16 and a.shape == w.shape
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(w, np.float32))
+    # G = 3 is not covered: None, the caller keeps the XLA path
+    assert qk_norm_rope_partials(exact_partials(rng, 2, b, 12 * qd), kp, qn, kn, 2, cos[:, 0], sin[:, 0], EPS,
+                                 heads=12, dtype=jnp.bfloat16) is None
+
+
+@pytest.mark.parametrize("fp8,m", [(False, 3), (True, 40)])
+def test_linear_partials_sum_to_the_projection(fp8, m):
+    """linear_einsum(partials=True) -> [S, M, N] float32 whose sum, cast, is the default output
+    (gemv: S = split_k; the FP8 matmul for many rows: S = 1); bf16 with many rows is not covered."""
+    rng = np.random.default_rng(m)
+    w = jnp.asarray(rng.standard_normal((2, 256, 4, 32)) * 0.1, jnp.bfloat16)       # [L, D, H, Q]
+    scale = None
+    if fp8:
+        w = w.astype(jnp.float8_e4m3fn)
+        scale = jnp.asarray(rng.uniform(0.5, 1.5, (2, 2, 4, 32)), jnp.float32)      # D in 128-blocks
+    x = jnp.asarray(rng.standard_normal((m, 1, 256)), jnp.bfloat16)
+    p = linear_einsum("btd,dhq->bthq", x, w, scale, 0, 128, layer=jnp.int32(1), partials=True)
+    y = linear_einsum("btd,dhq->bthq", x, w, scale, 0, 128, layer=jnp.int32(1))
+    assert p.dtype == jnp.float32 and p.ndim == 3 and p.shape[1:] == (m, 4 * 32)
+    assert p.shape[0] == 1 if m > 16 else p.shape[0] > 1      # the gemv splits K for 3 rows
+    np.testing.assert_array_equal(np.asarray(jnp.sum(p, 0).astype(jnp.bfloat16).reshape(y.shape), np.float32),
+                                  np.asarray(y, np.float32))
+    if not fp8:
+        many = jnp.zeros((40, 1, 256), jnp.bfloat16)
+        assert linear_einsum("btd,dhq->bthq", many, w, None, 0, 128, layer=jnp.int32(0), partials=True) is None
+
+
+def split_partials(rng, b, k, ns, qd, dead_splits=0):
+    """What decode attention's main kernel writes: per (row, kv head, split) the running max m,
+    the sum of exponentials l and the weighted values acc, float32; the last `dead_splits`
+    splits lie past the sequence (m = -1e30, l = 0, acc = 0)."""
+    m = jnp.asarray(rng.normal(0, 3, (b, k, ns, 16)), jnp.float32)
+    l_sum = jnp.asarray(rng.uniform(1, 20, (b, k, ns, 16)), jnp.float32)
+    acc = jnp.asarray(rng.standard_normal((b, k, ns, 16, qd)) * 5, jnp.float32)
+    if dead_splits:
+        live = (jnp.arange(ns) < ns - dead_splits)[None, None, :, None]
+        m, l_sum, acc = jnp.where(live, m, -1e30), jnp.where(live, l_sum, 0.0), jnp.where(live[..., None], acc, 0.0)
+    return acc, m, l_sum
+
+
+@pytest.mark.parametrize("ns", [1, 4])
+@pytest.mark.parametrize("g", [4, 8])
+def test_pallas_combine_equals_the_xla_combine(ns, g):
+    b, k, qd = 2, 2, 32
+    acc, m, l_sum = split_partials(np.random.default_rng(ns * 10 + g), b, k, ns, qd, dead_splits=ns // 4)
+    got = combine_splits(acc, m, l_sum, g, jnp.float32)
+    want = combine_splits_xla(acc, m, l_sum, g, jnp.float32)
+    assert got.shape == want.shape == (b, k * g, qd) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-6, atol=1e-6)
+    got16 = combine_splits(acc, m, l_sum, g, jnp.bfloat16)
+    assert got16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got16, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="power of two"):
+        combine_splits(acc, m, l_sum, 3, jnp.float32)
+
+
+@pytest.mark.parametrize("h,k,splits", [(8, 2, 4), (16, 2, 1)])
+def test_decode_attention_with_the_pallas_combine_and_positions(h, k, splits):
+    """decode_attention(combine="pallas", length_offset=1) fed positions equals the XLA combine
+    fed lengths = positions + 1, including a position past the cache (clipped to S)."""
+    rng = np.random.default_rng(h + splits)
+    b, qd, s, n_layers = 3, 32, 64, 2
+    q = jnp.asarray(rng.standard_normal((b, h, qd)), jnp.bfloat16)
+    kc = jnp.asarray(rng.standard_normal((n_layers, 4, s, k, qd)), jnp.bfloat16)
+    vc = jnp.asarray(rng.standard_normal((n_layers, 4, s, k, qd)), jnp.bfloat16)
+    rows, pos = jnp.array([3, 0, 1]), jnp.array([36, 63, 90])
+    kw = dict(scale=qd ** -0.5, bs=16, splits=splits)
+    want = decode_attention(q, kc, vc, jnp.int32(1), rows, jnp.minimum(pos + 1, s), **kw)
+    got = decode_attention(q, kc, vc, jnp.int32(1), rows, pos, combine="pallas", length_offset=1, **kw)
+    assert got.shape == want.shape == (b, h, qd) and got.dtype == jnp.bfloat16
+    # float32 combines in different orders, then one bf16 rounding: equal but for rare 1-ulp ties
+    diff = np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32))
+    assert np.mean(diff > 0) < 0.01 and np.max(diff) <= 2 ** -7 * np.max(np.abs(np.asarray(want, np.float32)))
+
+
 # -- CPU: Triton lowering of the 30B-A3B shapes (no GPU needed, nothing allocated) --------------
 
 def _sds(shape, dtype):
@@ -135,6 +239,41 @@ def test_qk_norm_rope_lowers_to_triton_for_30b_shapes(b):
     assert text.count("xla.gpu.triton") == 2 and "stablehlo.pad" not in text
 
 
+@pytest.mark.parametrize("b", [1, 64])
+def test_combine_and_partials_prologue_lower_to_triton_for_30b_shapes(b, monkeypatch):
+    """Decode attention with the Pallas combine is 2 Triton calls and no XLA op but reshapes; the
+    q/k projections as partials into the prologue are 3 Triton calls and no XLA reduce."""
+    h, k, qd, n_layers, d = 32, 4, 128, 48, 2048
+    bf = jnp.bfloat16
+    cache = _sds((n_layers, b, 1024, k, qd), bf)
+    bs, splits = plan(b, k, 1024)
+
+    def attend(q16, kc, vc, rows, pos):
+        return decode_attention(q16, kc, vc, jnp.int32(3), rows, pos, scale=qd ** -0.5, bs=bs, splits=splits,
+                                group=h // k, interpret=False, combine="pallas", length_offset=1)
+    text = jax.jit(attend).trace(_sds((b, k, 16, qd), bf), cache, cache, _sds((b,), jnp.int32),
+                                 _sds((b,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2
+    assert _ops(text) <= {"stablehlo.constant", "stablehlo.custom_call", "stablehlo.reshape"}
+
+    monkeypatch.setattr(sys.modules["qwen3_jax.kernels.gemv"], "_interpret", lambda: False)
+
+    def prologue(x, wq, wk, qn, kn, cos, sin):
+        qp = linear_einsum("btd,dhq->bthq", x, wq, None, 0, 128, layer=jnp.int32(3), partials=True)
+        kp = linear_einsum("btd,dkq->btkq", x, wk, None, 0, 128, layer=jnp.int32(3), partials=True)
+        return qk_norm_rope_partials(qp, kp, qn, kn, jnp.int32(3), cos, sin, EPS, heads=h, dtype=bf, interpret=False)
+    bq = min(b, 16)   # the gemv covers up to 16 rows in bf16
+    text = jax.jit(prologue).trace(_sds((bq, 1, d), bf), _sds((n_layers, d, h, qd), bf), _sds((n_layers, d, k, qd), bf),
+                                   _sds((n_layers, qd), bf), _sds((n_layers, qd), bf), _sds((bq, qd), bf),
+                                   _sds((bq, qd), bf)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 3 and "stablehlo.reduce" not in _ops(text)
+
+
+def _ops(text):
+    import re
+    return set(re.findall(r"stablehlo\.\w+", text))
+
+
 # -- GPU: compiled against XLA ------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -146,3 +285,59 @@ def test_gpu_qk_norm_rope_matches_xla_at_30b_shapes(b):
     q_ref, k_ref = jax.jit(reference, static_argnums=4)(q, kk, qn, kn, 17, cos, sin)
     assert rel(unpad_q16(q16, h), q_ref) < 5e-3 and rel(k_rot, k_ref) < 5e-3
     assert not np.any(np.asarray(q16[:, :, h // k:], np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 4])      # rows the gemv splits K for (q: 32 column tiles per row)
+def test_gpu_partials_prologue_matches_the_summed_path(b):
+    """Compiled: q/k projections (30B shapes, bf16) as split-K partials into the prologue against
+    the old path (linear_einsum's XLA reduce + cast, then qk_norm_rope): the same bits but where
+    float32 summation order moves a bf16 rounding."""
+    h, k, qd, n_layers, d = 32, 4, 128, 48, 2048
+    rng = np.random.default_rng(b)
+    x = jnp.asarray(rng.standard_normal((b, 1, d)), jnp.bfloat16)
+    wq = jnp.asarray(rng.standard_normal((n_layers, d, h, qd)) * 0.02, jnp.bfloat16)
+    wk = jnp.asarray(rng.standard_normal((n_layers, d, k, qd)) * 0.02, jnp.bfloat16)
+    _, _, qn, kn, cos, sin = inputs(b, b, h, k, qd, layers=n_layers)
+
+    def new(x, wq, wk, qn, kn, cos, sin):
+        qp = linear_einsum("btd,dhq->bthq", x, wq, None, 0, 128, layer=jnp.int32(5), partials=True)
+        kp = linear_einsum("btd,dkq->btkq", x, wk, None, 0, 128, layer=jnp.int32(5), partials=True)
+        assert qp.shape[0] > 1
+        return qk_norm_rope_partials(qp, kp, qn, kn, jnp.int32(5), cos, sin, EPS, heads=h, dtype=jnp.bfloat16)
+
+    def old(x, wq, wk, qn, kn, cos, sin):
+        q = linear_einsum("btd,dhq->bthq", x, wq, None, 0, 128, layer=jnp.int32(5))
+        kk = linear_einsum("btd,dkq->btkq", x, wk, None, 0, 128, layer=jnp.int32(5))
+        return qk_norm_rope(q[:, 0], kk[:, 0], qn, kn, jnp.int32(5), cos, sin, EPS)
+
+    args = (x, wq, wk, qn, kn, cos[:, 0], sin[:, 0])
+    for a, w in zip(jax.jit(new)(*args), jax.jit(old)(*args)):
+        a, w = np.asarray(a, np.float32), np.asarray(w, np.float32)
+        assert a.shape == w.shape and np.mean(a != w) < 0.02 and rel(a, w) < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 64])
+def test_gpu_pallas_combine_matches_the_xla_combine(b):
+    """Compiled, 30B shapes: the Pallas combine against the XLA combine in float32 (to float32
+    rounding), and decode attention on a 1k cache with either combine (to a bf16 rounding)."""
+    h, k, qd, s = 32, 4, 128, 1024
+    g = h // k
+    bs, splits = plan(b, k, s)
+    rng = np.random.default_rng(b)
+    acc, m, l_sum = split_partials(rng, b, k, splits, qd, dead_splits=splits // 4)
+    got = jax.jit(combine_splits, static_argnums=(3, 4))(acc, m, l_sum, g, jnp.float32)
+    want = jax.jit(combine_splits_xla, static_argnums=(3, 4))(acc, m, l_sum, g, jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+    q16 = jnp.zeros((b, k, 16, qd), jnp.bfloat16).at[:, :, :g].set(
+        jnp.asarray(rng.standard_normal((b, k, g, qd)), jnp.bfloat16))
+    kc = jnp.asarray(rng.standard_normal((2, b, s, k, qd)), jnp.bfloat16)
+    vc = jnp.asarray(rng.standard_normal((2, b, s, k, qd)), jnp.bfloat16)
+    rows, pos = jnp.arange(b, dtype=jnp.int32), jnp.asarray(rng.integers(0, s, (b,)), jnp.int32)
+    kw = dict(scale=qd ** -0.5, bs=bs, splits=splits, group=g)
+    new = decode_attention(q16, kc, vc, jnp.int32(1), rows, pos, combine="pallas", length_offset=1, **kw)
+    old = decode_attention(q16, kc, vc, jnp.int32(1), rows, pos + 1, **kw)
+    diff = np.abs(np.asarray(new, np.float32) - np.asarray(old, np.float32))
+    assert new.shape == old.shape == (b, h, qd) and np.mean(diff > 0) < 0.01 and rel(new, old) < 1e-3

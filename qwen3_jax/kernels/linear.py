@@ -28,9 +28,14 @@ def _parse(eq: str):
     return xs, ws, out, contracted
 
 
-def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None, out_dtype=None):
+def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None, out_dtype=None,
+                  partials: bool = False):
     """einsum(eq, x, W[layer]) in `out_dtype` (default x's dtype), W = w (bf16, scale None) or dequantize(w, scale);
     None when the equation, shapes or row count are not covered (the caller uses XLA).
+
+    partials=True: the float32 sums before their reduction and cast, [S, M, N] (M rows of x's
+    leading letters, N the weight's output letters flattened; S split-K slices of the gemv, 1
+    from the matmul): a consumer kernel that sums them itself saves XLA's reduce kernel.
 
     Supported: the weight's contracted letters lead its subscript and end x's (q/k/v:
     'btd,dhq->bthq'; o_proj: 'bthq,hqd->btd'); for FP8 the block axis (per-layer weight axis)
@@ -63,14 +68,16 @@ def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None,
     if fp8:
         s3 = scale.reshape(w3.shape[0], -1, n_dim) if layout == "k" else scale.reshape(w3.shape[0], k_dim, -1)
     group = jnp.asarray(layer if stacked else 0, jnp.int32)
-    y = linear(x2, w3, s3, layout, block, group)
-    if y is None:
-        return None
+    y = linear(x2, w3, s3, layout, block, group, partials=partials)
+    if y is None or partials:
+        return y
     return y.reshape(*lead, *wshape[nc:]).astype(out_dtype or x.dtype)
 
 
-def linear(x_mk, w_gkn, scale, layout: str, block: int, group):
-    """x [M, K] @ W[group] (dequantized if `scale`) -> [M, N] float32, or None if no tiling fits."""
+def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = False):
+    """x [M, K] @ W[group] (dequantized if `scale`) -> [M, N] float32, or None if no tiling fits.
+    partials=True: [S, M, N] float32 whose sum over S is that (S = the gemv's split_k; 1 for the
+    matmul), the reduction left to the caller."""
     m, k_dim = x_mk.shape
     n_dim = w_gkn.shape[2]
     fp8 = scale is not None
@@ -82,7 +89,7 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group):
         rows = jnp.arange(m, dtype=jnp.int32)
         (y,) = gemv(x_mk, rows, jnp.full((m,), group, jnp.int32), (w_gkn,), scales,
                     layout=layout, block=block, **t)
-        return jnp.sum(y, axis=0)
+        return y if partials else jnp.sum(y, axis=0)
     bm = 16
     while bm < 128 and bm < m:
         bm *= 2
@@ -97,4 +104,4 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group):
     xp = jnp.pad(x_mk, ((0, nb * bm - m), (0, 0)))
     y = grouped_matmul(xp, jnp.full((nb,), group, jnp.int32), (w_gkn,), scales, bm=bm,
                        layout=layout, block=block, **t)
-    return y[:m]
+    return y[None, :m] if partials else y[:m]

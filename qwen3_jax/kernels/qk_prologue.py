@@ -12,6 +12,10 @@ norm weights are read in place at the traced layer index (no per-layer slice).
   (Triton has no concatenate), so out_lo = n_lo*cos_lo - n_hi*sin_lo, out_hi = n_hi*cos_hi +
   n_lo*sin_hi, with the RMS taken over both halves.
 
+qk_norm_rope_partials takes q and k as the projections' float32 split-K partial sums
+(kernels.linear_einsum(partials=True)) and sums them here, rounding the sum to the activation
+dtype as linear_einsum would: XLA's two reduce kernels between the projections and this one go.
+
 Numerics as model.RMSNorm + model.apply_rope in the activation dtype (bf16): normalize in
 float32, round to the activation dtype, multiply by the weight and round, then each RoPE
 product and their sum rounded, i.e. every op of the reference rounds where its result is
@@ -62,8 +66,36 @@ def qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps:
     if cos_bq.shape != (b, qd) or sin_bq.shape != (b, qd):
         return None
     return _qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq,
-                         eps=float(eps), interpret=_interpret() if interpret is None else bool(interpret),
+                         eps=float(eps), dtype=None, interpret=_interpret() if interpret is None else bool(interpret),
                          num_warps=num_warps)
+
+
+def qk_norm_rope_partials(q_sbn, k_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps: float, *, heads: int,
+                          dtype, interpret=None, num_warps: int = 2):
+    """qk_norm_rope on the projections before their split-K reduction: q [S, B, H*Q] and
+    k [S, B, K*Q] float32 partial sums (linear_einsum(..., partials=True); S may differ between
+    them), `heads` = H, `dtype` the activation dtype. Each row's sum over S is rounded to
+    `dtype` first (what linear_einsum returns), so the result equals qk_norm_rope on the summed
+    projections up to float32 summation order. -> (q16 [B, K, 16, Q], k_rot [B, K, Q]) in
+    `dtype`, or None when not covered."""
+    qd = q_norm_lq.shape[-1]
+    if q_sbn.ndim != 3 or k_sbn.ndim != 3 or q_sbn.shape[1] != k_sbn.shape[1] or qd <= 0:
+        return None
+    if q_sbn.dtype != jnp.float32 or k_sbn.dtype != jnp.float32:
+        return None
+    if q_sbn.shape[2] != heads * qd or k_sbn.shape[2] % qd:
+        return None
+    s_q, b, _ = q_sbn.shape
+    kv = k_sbn.shape[2] // qd
+    if not covered(heads, kv, qd) or q_norm_lq.ndim != 2 or k_norm_lq.shape != q_norm_lq.shape:
+        return None
+    if cos_bq.shape != (b, qd) or sin_bq.shape != (b, qd):
+        return None
+    q4 = q_sbn.reshape(s_q, b, heads, qd)                  # free: splits the last axis only
+    k4 = k_sbn.reshape(k_sbn.shape[0], b, kv, qd)
+    return _qk_norm_rope(q4, k4, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq,
+                         eps=float(eps), dtype=jnp.dtype(dtype),
+                         interpret=_interpret() if interpret is None else bool(interpret), num_warps=num_warps)
 
 
 def unpad_q16(q16_bkrq, heads: int):
@@ -72,19 +104,31 @@ def unpad_q16(q16_bkrq, heads: int):
     return q16_bkrq[:, :, :heads // k].reshape(b, heads, qd)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret", "num_warps"))
-def _qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, *, eps, interpret, num_warps):
-    b, h, qd = q_bhq.shape
-    k = k_bkq.shape[1]
+@functools.partial(jax.jit, static_argnames=("eps", "dtype", "interpret", "num_warps"))
+def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, *, eps, dtype, interpret, num_warps):
+    """q_in [B, H, Q] and k_in [B, K, Q] (dtype None: their own dtypes), or float32 partial sums
+    q_in [Sq, B, H, Q] and k_in [Sk, B, K, Q] summed here and rounded to `dtype`."""
+    summed = dtype is not None
+    b, h, qd = q_in.shape[-3:]
+    k = k_in.shape[-2]
     g = h // k
     half = qd // 2
-    qdt, kdt = q_bhq.dtype, k_bkq.dtype
+    qdt, kdt = (dtype, dtype) if summed else (q_in.dtype, k_in.dtype)
     lo, up = pl.ds(0, half), pl.ds(half, half)   # the two halves of Q
     f32 = jnp.float32
 
+    def load(ref, dt, *idx):
+        """ref[idx] as float32; for partial sums, the sum over the leading S axis rounded to dt
+        (in order s = 0..S-1, as the values arrive; S is small, so unrolled)."""
+        if not summed:
+            return ref[idx].astype(f32)
+        acc = ref[(0, *idx)]
+        for si in range(1, ref.shape[0]):
+            acc = acc + ref[(si, *idx)]
+        return acc.astype(dt).astype(f32)
+
     def norm_rope(x_lo, x_hi, w_lo, w_hi, c_lo, c_hi, s_lo, s_hi, dt):
-        """x halves [..., Q/2] -> rotated halves in dt, each op rounded to dt as the reference."""
-        x_lo, x_hi = x_lo.astype(f32), x_hi.astype(f32)
+        """x halves [..., Q/2] float32 -> rotated halves in dt, each op rounded to dt as the reference."""
         ss = jnp.sum(x_lo * x_lo, axis=-1, keepdims=True) + jnp.sum(x_hi * x_hi, axis=-1, keepdims=True)
         r = jax.lax.rsqrt(ss / qd + eps)
 
@@ -107,7 +151,7 @@ def _qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, *, 
         s_lo, s_hi = sin_ref[bi, lo], sin_ref[bi, up]
 
         rows = pl.ds(kh * g, g)
-        q_lo, q_hi = norm_rope(q_ref[bi, rows, lo], q_ref[bi, rows, up],      # [G, Q/2]
+        q_lo, q_hi = norm_rope(load(q_ref, qdt, bi, rows, lo), load(q_ref, qdt, bi, rows, up),   # [G, Q/2]
                                qw_ref[li, lo][None, :], qw_ref[li, up][None, :],
                                c_lo[None, :], c_hi[None, :], s_lo[None, :], s_hi[None, :], qdt)
         q16_ref[bi, kh, pl.ds(0, g), lo] = q_lo
@@ -119,8 +163,8 @@ def _qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, *, 
             q16_ref[bi, kh, pl.ds(r0, r0), :] = jnp.zeros((r0, qd), qdt)
             r0 *= 2
 
-        k_lo, k_hi = norm_rope(k_ref[bi, kh, lo], k_ref[bi, kh, up], kw_ref[li, lo], kw_ref[li, up],
-                               c_lo, c_hi, s_lo, s_hi, kdt)
+        k_lo, k_hi = norm_rope(load(k_ref, kdt, bi, kh, lo), load(k_ref, kdt, bi, kh, up),     # [Q/2]
+                               kw_ref[li, lo], kw_ref[li, up], c_lo, c_hi, s_lo, s_hi, kdt)
         krot_ref[bi, kh, lo] = k_lo
         krot_ref[bi, kh, up] = k_hi
 
@@ -131,4 +175,4 @@ def _qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, *, 
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="qwen3_qk_norm_rope",
-    )(jnp.reshape(layer, (1,)), q_bhq, k_bkq, q_norm_lq, k_norm_lq, cos_bq, sin_bq)
+    )(jnp.reshape(layer, (1,)), q_in, k_in, q_norm_lq, k_norm_lq, cos_bq, sin_bq)
