@@ -203,6 +203,11 @@ def covered(q_bthq, k_all, group: int | None = None) -> bool:
             and plan(b, k_all.shape[3], k_all.shape[2]) is not None)
 
 
+# How decode_attention_cached merges the key splits where the Pallas combine covers G
+# (module-level so a benchmark can A/B it).
+COMBINE = "pallas"
+
+
 def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float,
                             group: int | None = None):
     """The model's entry: one new token per row (T == 1) -> attention output [B, 1, H, Q], or
@@ -218,5 +223,5 @@ def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, s
     # positions [B] go in as they are: the kernel adds the 1 (keys 0..position attend)
     out = decode_attention(q, k_all, v_all, jnp.asarray(layer, jnp.int32), rows_b, positions_bt[:, 0],
                            scale=float(scale), bs=bs, splits=splits, group=group,
-                           combine="pallas" if combine_covered(g) else "xla", length_offset=1)
+                           combine=COMBINE if combine_covered(g) else "xla", length_offset=1)
     return out[:, None]

@@ -87,15 +87,20 @@ def supported(arrays: ExpertArrays, assignments: int) -> bool:
             and matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block) is not None)
 
 
+# The gemv path's epilogue when the caller does not choose: module-level so a benchmark can A/B it.
+EPILOGUE = "pallas"
+
+
 def moe_ffn(x_nd, weights_nk, experts_nk, arrays: ExpertArrays, first_expert=0, *, strategy=None, groups=None,
-            epilogue="pallas", interpret=None):
+            epilogue=None, interpret=None):
     """x [N, D], routing weights [N, k] f32, experts [N, k] global ids -> [N, D] float32 (the
     contribution of the experts held here). `strategy` 'gemv'/'blocks' overrides the choice.
 
     groups [N*k] int32 (optional, gemv path): each assignment's group in `arrays`, i.e. expert +
     arrays.offset, precomputed (router.route_in_place with_groups); only where every expert is
     held here (first_expert 0, arrays holding all E of the router). The blocks path ignores it.
-    epilogue: 'pallas' (the fused kernels between and after the GEMVs) or 'xla' (the reference).
+    epilogue: 'pallas' (the fused kernels between and after the GEMVs) or 'xla' (the reference);
+    None: EPILOGUE.
     interpret: Pallas interpret mode for the gemv path (None: when there is no GPU)."""
     n, d = x_nd.shape
     k = experts_nk.shape[1]
@@ -103,6 +108,7 @@ def moe_ffn(x_nd, weights_nk, experts_nk, arrays: ExpertArrays, first_expert=0, 
     if groups is not None and not (isinstance(first_expert, int) and first_expert == 0):
         raise ValueError(f"precomputed groups assume every expert is held here, but first_expert="
                          f"{first_expert}; on a mesh pass groups=None (they are derived from experts)")
+    epilogue = epilogue or EPILOGUE
     if epilogue not in ("pallas", "xla"):
         raise ValueError(f"epilogue must be 'pallas' or 'xla', got {epilogue!r}")
     strategy = strategy or ("gemv" if a <= gemv_max_assignments(arrays.fp8) else "blocks")
