@@ -118,19 +118,23 @@ def test_fused_epilogue_on_a_devices_share_of_experts():
         moe_ffn(x, w, experts, arrays, 3, groups=experts.reshape(-1))
 
 
-def test_tiny_model_decode_uses_the_fused_epilogue():
-    """One device, kernels on: the model's MoE decode step traces the swiglu and combine kernels
-    and no XLA iota (rows are constants)."""
+@pytest.mark.parametrize("epilogue", ["xla", "pallas"])
+def test_tiny_model_decode_epilogue_follows_the_switch(epilogue, monkeypatch):
+    """One device, kernels on: the model's MoE decode step uses the routing kernel's groups and,
+    with moe_ffn.EPILOGUE = "pallas", traces the swiglu and combine kernels (default "xla": not)."""
     from qwen3_jax import Qwen3MoeConfig, kernels, random_model
+    from qwen3_jax.kernels import moe_ffn as moe_mod
     from reference import TINY, prefill_then_decode
 
+    monkeypatch.setattr(moe_mod, "EPILOGUE", epilogue)
     cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, num_experts=16))
     m = random_model(cfg, seed=6)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 4)), jnp.int32)
     with kernels.kernels_enabled(True):
         jaxpr = str(jax.make_jaxpr(prefill_then_decode(m, tokens, 8))(m.state, tokens))
-    for name in ("qwen3_router_topk", "qwen3_moe_swiglu", "qwen3_moe_combine"):
-        assert name in jaxpr, name
+    assert "qwen3_router_topk" in jaxpr
+    for name in ("qwen3_moe_swiglu", "qwen3_moe_combine"):
+        assert (name in jaxpr) == (epilogue == "pallas"), name
 
 
 # -- CPU: Triton lowering of a 30B-A3B layer (no GPU needed, nothing allocated) ----------------

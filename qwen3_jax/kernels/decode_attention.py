@@ -204,8 +204,10 @@ def covered(q_bthq, k_all, group: int | None = None) -> bool:
 
 
 # How decode_attention_cached merges the key splits where the Pallas combine covers G
-# (module-level so a benchmark can A/B it).
-COMBINE = "pallas"
+# (module-level so a benchmark can A/B it: benchmarks/ab_epilogues.py). The Pallas combine (one
+# kernel, B x K programs) took 5.2 us a layer at batch 1 on an H100, more than XLA's small
+# kernels (run 6 in benchmarks/NOTES.md: 4.97 vs 5.02 ms/step bf16), so "xla" is the default.
+COMBINE = "xla"
 
 
 def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float,

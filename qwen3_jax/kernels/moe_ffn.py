@@ -9,13 +9,15 @@ Weights are read in place from the stacked [L*E, ...] params: `offset` (= layer 
 picks the layer, so the scan over layers never copies a layer's experts.
 
 The gemv path at batch 1 is launch-bound (benchmarks/results/run5_h100.log: ~25 XLA kernels of
-1-3.5 us per layer, back to back), so between the GEMVs it runs no XLA kernel (epilogue="pallas"):
+1-3.5 us per layer, back to back). What runs between the GEMVs:
   - groups: precomputed by the routing kernel on one device (router.route_in_place with_groups);
     on a mesh (a device holds experts first_expert.. only) still derived here in XLA;
   - row indices: numpy constants (an XLA iota is a kernel; a constant is not);
   - `swiglu_from_partials`: silu(sum_S gate) * sum_S up -> compute dtype, one Pallas kernel;
   - `combine_partials`: sum_k w_k * sum_S down, one Pallas kernel -> [N, D] float32.
-epilogue="xla" keeps the previous XLA expressions (the reference in tests, and an A/B switch).
+The two kernels are epilogue="pallas"; measured on an H100 they are slower than XLA's two fusions
+for the same work (a tiny Pallas kernel launches no cheaper than an XLA one), so the default
+is epilogue="xla" (EPILOGUE below); groups and constant rows apply to both.
 """
 
 from __future__ import annotations
@@ -87,8 +89,10 @@ def supported(arrays: ExpertArrays, assignments: int) -> bool:
             and matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block) is not None)
 
 
-# The gemv path's epilogue when the caller does not choose: module-level so a benchmark can A/B it.
-EPILOGUE = "pallas"
+# The gemv path's epilogue when the caller does not choose: module-level so a benchmark can A/B it
+# (benchmarks/ab_epilogues.py). XLA's two fusions beat the two Pallas kernels on an H100 at batch
+# 1 (run 6 in benchmarks/NOTES.md: 4.93 vs 5.02 ms/step bf16), so "xla" is the default.
+EPILOGUE = "xla"
 
 
 def moe_ffn(x_nd, weights_nk, experts_nk, arrays: ExpertArrays, first_expert=0, *, strategy=None, groups=None,
