@@ -39,12 +39,16 @@ def highest_precision():
         yield
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-weights", "fp8-weights"])
-@pytest.mark.parametrize("mesh", MESHES)
-def test_mesh_matches_one_card(mesh, fp8):
+def skip_unless_cards_for(mesh: str):
     n = qwen3_jax.api.parse_mesh_spec(mesh).num_devices
     if len(jax.devices()) < n:
         pytest.skip(f"{mesh} needs {n} GPUs, {len(jax.devices())} visible")
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-weights", "fp8-weights"])
+@pytest.mark.parametrize("mesh", MESHES)
+def test_mesh_matches_one_card(mesh, fp8):
+    skip_unless_cards_for(mesh)
     cfg = small_config(fp8)
     tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (4, 24))
     one = qwen3_jax.random_model(cfg, dtype="float32", seed=3)
@@ -65,9 +69,7 @@ def test_kernels_per_device_match_one_card(mesh, fp8):
     from qwen3_jax import kernels
     from reference import prefill_then_decode
 
-    n = qwen3_jax.api.parse_mesh_spec(mesh).num_devices
-    if len(jax.devices()) < n:
-        pytest.skip(f"{mesh} needs {n} GPUs, {len(jax.devices())} visible")
+    skip_unless_cards_for(mesh)
     cfg = small_config(fp8)
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (4, 12)), jnp.int32)
     outs, calls = [], []
