@@ -24,6 +24,8 @@ and float32 activations, float32 accumulation.
 convert="bits" turns e4m3 into float32 with integer ops and one select (fp8_bits_to_f32)
 instead of the hardware conversion, whose throughput (16/clock/SM) is close to what a
 full-bandwidth FP8 stream needs. Exact for every finite e4m3 value, subnormals included.
+convert="f16" (mode "dot" only) converts e4m3 to float16, exactly, and runs the MMA in float16
+with x rounded to float16 (11 significant bits, more than bf16's 8; range +-65504).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128,
     bits = fp8 and convert == "bits" and mode == "fma"
     cdt = x_mk.dtype if x_mk.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
     if mode == "dot":
+        if fp8 and convert == "f16":
+            cdt = jnp.float16
         return _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, split_k,
                          num_warps, num_stages, cdt, interpret)
 
@@ -112,6 +116,10 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
     fp8 = len(scales) > 0
     steps = k_dim // (bk * split_k)
     nw, ns = len(weights), len(scales)
+    # f16 MMA (convert="f16": e4m3 -> f16 is one packed instruction per two values): layout "n"
+    # folds a per-element scale (~1e-4) into x, which would sit in f16's subnormal range; a
+    # power-of-two pre-scale keeps it normal and is divided out of the float32 product exactly.
+    pre = 1024.0 if fp8 and cdt == jnp.float16 and x_mk.dtype != jnp.float16 else 1.0
 
     def kernel(rows_ref, groups_ref, x_ref, *refs):
         w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + ns], refs[nw + ns:]
@@ -131,11 +139,13 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
                     w = w_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)].astype(cdt)
                     xs = xk
                     if fp8 and layout == "n":
-                        xs = xk * s_refs[i][g, pl.ds(k0, bk), n0 // block]
+                        xs = xk * (s_refs[i][g, pl.ds(k0, bk), n0 // block] * pre)
                     x16 = jnp.where(first, jnp.broadcast_to(xs[None, :], (16, bk)), 0.0).astype(cdt)
                     part = jnp.dot(x16, w, preferred_element_type=jnp.float32)
                     if fp8 and layout == "k":
                         part = part * s_refs[i][g, k0 // block, pl.ds(n0, bn)][None, :]
+                    elif fp8:
+                        part = part * (1.0 / pre)
                     out.append(acc + part)
                 return tuple(out)
 

@@ -27,7 +27,10 @@ GEMV_VARIANTS = [{}, dict(bn=32), dict(acc2d=False), dict(bk=64, bn=128),
                  dict(mode="dot"), dict(mode="dot", bn=128), dict(mode="dot", bn=32),
                  dict(mode="dot", target_programs=528), dict(mode="dot", num_warps=8, bn=128),
                  dict(mode="dot", max_split=1)]
-GEMV_FP8_VARIANTS = GEMV_VARIANTS + [dict(convert="bits"), dict(convert="bits", bn=32)]
+GEMV_FP8_VARIANTS = GEMV_VARIANTS + [dict(convert="bits"), dict(convert="bits", bn=32),
+                                     dict(mode="dot", convert="f16"), dict(mode="dot", convert="f16", bn=128),
+                                     dict(mode="dot", convert="f16", num_warps=8, bn=128),
+                                     dict(mode="dot", convert="f16", bk=64, bn=128)]
 SMALL_MATMUL_VARIANTS = [{}, dict(bn=32), dict(bn=128)]
 LARGE_MATMUL_VARIANTS = [{}, dict(bn=64, num_warps=4)]
 
