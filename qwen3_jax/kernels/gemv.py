@@ -196,12 +196,14 @@ def _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block):
 # measured; benchmarks/NOTES.md has the numbers). target_programs: split K until rows x column
 # tiles x splits reaches it, so small batches still put every SM to work.
 # Measured on an H100 (run 2, one MoE layer of 30B-A3B at batch 1): bf16 "dot", bn=128, 8 warps
-# 63 us (other variants 66-86 us); FP8 "fma", bk=64, bn=128 58-62 us (others 64-78 us; the
-# "bits" conversion 73 us, no gain).
+# 63 us (other variants 66-86 us); FP8 "fma", bk=64, bn=128 58-62 us (the "bits" conversion 73 us).
+# Run 8 (2026-11-28, benchmarks/NOTES.md): bf16 "dot" with bk=64 60.2 us (default 65.8 us); FP8
+# "dot" with convert="f16" 57.3 us, the fastest FP8 variant, and the whole FP8 decode step at
+# batch 1 went 4.95 -> 4.39 ms with it.
 GEMV_DEFAULTS = {
-    "bf16": dict(bn=128, bk=128, num_warps=8, num_stages=3, acc2d=True, convert="cast", mode="dot",
+    "bf16": dict(bn=128, bk=64, num_warps=8, num_stages=3, acc2d=True, convert="cast", mode="dot",
                  target_programs=264, max_split=8),
-    "fp8": dict(bn=128, bk=64, num_warps=4, num_stages=3, acc2d=True, convert="cast", mode="fma",
+    "fp8": dict(bn=128, bk=64, num_warps=4, num_stages=3, acc2d=True, convert="f16", mode="dot",
                 target_programs=264, max_split=8),
 }
 
