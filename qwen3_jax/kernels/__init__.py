@@ -13,16 +13,17 @@ place, FP8 fused), prefill_attention.py (cuDNN fused attention for prompts from 
 decode_attention.py (one new token per row against the KV cache, read in place),
 qk_prologue.py (decode: q/k norm + RoPE + q padding in one kernel),
 router.py (MoE routing at decode: router logits read in place, softmax + top-k fused),
-sharded.py (the same kernels per device under shard_map on a mesh), tune.py (microbenchmarks and the tile sweep).
+sharded.py (the same kernels per device under shard_map on a mesh), tune.py (microbenchmarks
+and the tile sweep).
 
 The switch: `QWEN3_JAX_KERNELS` = auto (default: on when JAX's default backend is a GPU),
 1/on, 0/off; `set_enabled(True/False/None)` overrides it in-process (read at trace time, so set
 it before the first call of a jitted function). The plain-XLA path stays the reference. Kernels
-run only on one device (a pallas_call under automatic SPMD would be replicated) and only for a
-bf16/f16 compute dtype (float32 models keep XLA's numerics). On a multi-device mesh the model
-runs them per device inside shard_map on each device's shards (sharded.py), since a pallas_call
-under automatic SPMD partitioning would be replicated. Forced on without a GPU they run in
-Pallas interpret mode: slow, for tests of the logic.
+run only for a bf16/f16 compute dtype (float32 models keep XLA's numerics). On one device the
+model calls them directly; on a mesh it runs them per device inside shard_map on each device's
+shards (sharded.py), since a pallas_call under automatic SPMD partitioning would be replicated.
+The decode-only fusions (router.py, qk_prologue.py) run on one device only so far. Forced on
+without a GPU they run in Pallas interpret mode: slow, for tests of the logic.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ from .moe_ffn import ExpertArrays, moe_ffn_in_place, moe_ffn_stacked  # noqa: E4
 from .router import route_in_place  # noqa: E402
 from . import qk_prologue, sharded  # noqa: E402
 
-__all__ = ["enabled", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret", "pick_tile",
-           "linear_einsum", "causal_prefill_attention", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked", "moe_ffn_in_place", "ExpertArrays", "sharded", "qk_prologue",
-           "route_in_place"]
+__all__ = ["enabled", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret",
+           "pick_tile", "linear_einsum", "causal_prefill_attention", "decode_attention_cached",
+           "decode_attention_covered", "moe_ffn_stacked", "moe_ffn_in_place", "ExpertArrays", "route_in_place",
+           "qk_prologue", "sharded"]
