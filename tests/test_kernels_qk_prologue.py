@@ -1,10 +1,9 @@
 """The decode attention prologue (qwen3_jax/kernels/qk_prologue.py): q/k RMSNorm + RoPE + q padded
 to 16 rows per kv head, in one kernel, against model.RMSNorm + model.apply_rope; its form that sums
-the projections' split-K partials itself; and decode attention's Pallas combine of the key splits
-(kernels/decode_attention.py) against the XLA combine.
+the projections' split-K partials itself; and decode attention fed the padded q or positions.
 
 CPU: Pallas interpret mode on small shapes, decode attention fed the padded q against its old
-path, partial sums against summed inputs, the Pallas combine against the XLA one, and the Triton
+path, positions + length_offset against lengths, partial sums against summed inputs, and the Triton
 lowering for the 30B-A3B shapes. GPU (marked): compiled against XLA; on the
 device machine `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_kernels_qk_prologue.py`.
 """
@@ -17,8 +16,7 @@ import numpy as np
 import pytest
 
 from qwen3_jax import Qwen3MoeConfig
-from qwen3_jax.kernels.decode_attention import (combine_splits, combine_splits_xla, decode_attention,
-                                               decode_attention_cached, plan)
+from qwen3_jax.kernels.decode_attention import decode_attention, decode_attention_cached, plan
 from qwen3_jax.kernels.linear import linear_einsum
 from qwen3_jax.kernels.qk_prologue import covered, qk_norm_rope, qk_norm_rope_partials, unpad_q16
 from qwen3_jax.model import RMSNorm, apply_rope, rope_tables
@@ -158,39 +156,10 @@ def test_linear_partials_sum_to_the_projection(fp8, m):
         assert linear_einsum("btd,dhq->bthq", many, w, None, 0, 128, layer=jnp.int32(0), partials=True) is None
 
 
-def split_partials(rng, b, k, ns, qd, dead_splits=0):
-    """What decode attention's main kernel writes: per (row, kv head, split) the running max m,
-    the sum of exponentials l and the weighted values acc, float32; the last `dead_splits`
-    splits lie past the sequence (m = -1e30, l = 0, acc = 0)."""
-    m = jnp.asarray(rng.normal(0, 3, (b, k, ns, 16)), jnp.float32)
-    l_sum = jnp.asarray(rng.uniform(1, 20, (b, k, ns, 16)), jnp.float32)
-    acc = jnp.asarray(rng.standard_normal((b, k, ns, 16, qd)) * 5, jnp.float32)
-    if dead_splits:
-        live = (jnp.arange(ns) < ns - dead_splits)[None, None, :, None]
-        m, l_sum, acc = jnp.where(live, m, -1e30), jnp.where(live, l_sum, 0.0), jnp.where(live[..., None], acc, 0.0)
-    return acc, m, l_sum
-
-
-@pytest.mark.parametrize("ns", [1, 4])
-@pytest.mark.parametrize("g", [4, 8])
-def test_pallas_combine_equals_the_xla_combine(ns, g):
-    b, k, qd = 2, 2, 32
-    acc, m, l_sum = split_partials(np.random.default_rng(ns * 10 + g), b, k, ns, qd, dead_splits=ns // 4)
-    got = combine_splits(acc, m, l_sum, g, jnp.float32)
-    want = combine_splits_xla(acc, m, l_sum, g, jnp.float32)
-    assert got.shape == want.shape == (b, k * g, qd) and got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-6, atol=1e-6)
-    got16 = combine_splits(acc, m, l_sum, g, jnp.bfloat16)
-    assert got16.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(got16, np.float32), np.asarray(want), rtol=1e-2, atol=1e-2)
-    with pytest.raises(ValueError, match="power of two"):
-        combine_splits(acc, m, l_sum, 3, jnp.float32)
-
-
 @pytest.mark.parametrize("h,k,splits", [(8, 2, 4), (16, 2, 1)])
-def test_decode_attention_with_the_pallas_combine_and_positions(h, k, splits):
-    """decode_attention(combine="pallas", length_offset=1) fed positions equals the XLA combine
-    fed lengths = positions + 1, including a position past the cache (clipped to S)."""
+def test_decode_attention_length_offset_equals_lengths(h, k, splits):
+    """decode_attention(length_offset=1) fed positions equals decode_attention fed lengths =
+    positions + 1, including a position past the cache (clipped to S inside the kernel)."""
     rng = np.random.default_rng(h + splits)
     b, qd, s, n_layers = 3, 32, 64, 2
     q = jnp.asarray(rng.standard_normal((b, h, qd)), jnp.bfloat16)
@@ -199,11 +168,12 @@ def test_decode_attention_with_the_pallas_combine_and_positions(h, k, splits):
     rows, pos = jnp.array([3, 0, 1]), jnp.array([36, 63, 90])
     kw = dict(scale=qd ** -0.5, bs=16, splits=splits)
     want = decode_attention(q, kc, vc, jnp.int32(1), rows, jnp.minimum(pos + 1, s), **kw)
-    got = decode_attention(q, kc, vc, jnp.int32(1), rows, pos, combine="pallas", length_offset=1, **kw)
+    got = decode_attention(q, kc, vc, jnp.int32(1), rows, pos, length_offset=1, **kw)
     assert got.shape == want.shape == (b, h, qd) and got.dtype == jnp.bfloat16
-    # float32 combines in different orders, then one bf16 rounding: equal but for rare 1-ulp ties
-    diff = np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32))
-    assert np.mean(diff > 0) < 0.01 and np.max(diff) <= 2 ** -7 * np.max(np.abs(np.asarray(want, np.float32)))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    # and the clip matters: position 90 attends to all 64 keys, not to garbage past the cache
+    short = decode_attention(q, kc, vc, jnp.int32(1), rows, jnp.array([37, 64, 30]), **kw)
+    assert not np.allclose(np.asarray(short[2], np.float32), np.asarray(want[2], np.float32))
 
 
 # -- CPU: Triton lowering of the 30B-A3B shapes (no GPU needed, nothing allocated) --------------
@@ -240,22 +210,10 @@ def test_qk_norm_rope_lowers_to_triton_for_30b_shapes(b):
 
 
 @pytest.mark.parametrize("b", [1, 64])
-def test_combine_and_partials_prologue_lower_to_triton_for_30b_shapes(b, monkeypatch):
-    """Decode attention with the Pallas combine is 2 Triton calls and no XLA op but reshapes; the
-    q/k projections as partials into the prologue are 3 Triton calls and no XLA reduce."""
+def test_partials_prologue_lowers_to_triton_for_30b_shapes(b, monkeypatch):
+    """The q/k projections as split-K partials into the prologue: 3 Triton calls and no XLA reduce."""
     h, k, qd, n_layers, d = 32, 4, 128, 48, 2048
     bf = jnp.bfloat16
-    cache = _sds((n_layers, b, 1024, k, qd), bf)
-    bs, splits = plan(b, k, 1024)
-
-    def attend(q16, kc, vc, rows, pos):
-        return decode_attention(q16, kc, vc, jnp.int32(3), rows, pos, scale=qd ** -0.5, bs=bs, splits=splits,
-                                group=h // k, interpret=False, combine="pallas", length_offset=1)
-    text = jax.jit(attend).trace(_sds((b, k, 16, qd), bf), cache, cache, _sds((b,), jnp.int32),
-                                 _sds((b,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == 2
-    assert _ops(text) <= {"stablehlo.constant", "stablehlo.custom_call", "stablehlo.reshape"}
-
     monkeypatch.setattr(sys.modules["qwen3_jax.kernels.gemv"], "_interpret", lambda: False)
 
     def prologue(x, wq, wk, qn, kn, cos, sin):
@@ -317,27 +275,3 @@ def test_gpu_partials_prologue_matches_the_summed_path(b):
         assert a.shape == w.shape and np.mean(a != w) < 0.02 and rel(a, w) < 2e-3
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("b", [1, 64])
-def test_gpu_pallas_combine_matches_the_xla_combine(b):
-    """Compiled, 30B shapes: the Pallas combine against the XLA combine in float32 (to float32
-    rounding), and decode attention on a 1k cache with either combine (to a bf16 rounding)."""
-    h, k, qd, s = 32, 4, 128, 1024
-    g = h // k
-    bs, splits = plan(b, k, s)
-    rng = np.random.default_rng(b)
-    acc, m, l_sum = split_partials(rng, b, k, splits, qd, dead_splits=splits // 4)
-    got = jax.jit(combine_splits, static_argnums=(3, 4))(acc, m, l_sum, g, jnp.float32)
-    want = jax.jit(combine_splits_xla, static_argnums=(3, 4))(acc, m, l_sum, g, jnp.float32)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-
-    q16 = jnp.zeros((b, k, 16, qd), jnp.bfloat16).at[:, :, :g].set(
-        jnp.asarray(rng.standard_normal((b, k, g, qd)), jnp.bfloat16))
-    kc = jnp.asarray(rng.standard_normal((2, b, s, k, qd)), jnp.bfloat16)
-    vc = jnp.asarray(rng.standard_normal((2, b, s, k, qd)), jnp.bfloat16)
-    rows, pos = jnp.arange(b, dtype=jnp.int32), jnp.asarray(rng.integers(0, s, (b,)), jnp.int32)
-    kw = dict(scale=qd ** -0.5, bs=bs, splits=splits, group=g)
-    new = decode_attention(q16, kc, vc, jnp.int32(1), rows, pos, combine="pallas", length_offset=1, **kw)
-    old = decode_attention(q16, kc, vc, jnp.int32(1), rows, pos + 1, **kw)
-    diff = np.abs(np.asarray(new, np.float32) - np.asarray(old, np.float32))
-    assert new.shape == old.shape == (b, h, qd) and np.mean(diff > 0) < 0.01 and rel(new, old) < 1e-3

@@ -7,9 +7,8 @@ not fit next to the weights (benchmarks/NOTES.md, run 2). Here each program read
 (sequence, kv head, key split) tile stream straight from the cache, flash-decoding style:
   grid (B, K, NS); program (b, h, p): the G query heads of kv head h (padded to 16 rows for the
   MMA), keys s in split p in blocks of `bs`, online softmax in float32, partial (max, sum,
-  weighted values) written per split; then the NS splits are merged, either by a few XLA ops
-  (combine="xla", 3-5 small kernels) or by one Pallas kernel (combine="pallas", `combine`
-  below: grid (B, K), writes the [B, H, Q] output in the compute dtype directly).
+  weighted values) written per split; then a few XLA ops merge the NS splits (a one-kernel
+  Pallas merge was measured slower on an H100: run 6 in benchmarks/NOTES.md).
 Only keys s < lengths[b] are read (blocks past the length are skipped). The clip of the
 lengths to the cache length (and the model's positions + 1) happen inside the kernel: each
 would be one more XLA kernel per layer in front of it.
@@ -48,27 +47,18 @@ def plan(batch: int, kv_heads: int, seq: int, bs_target: int = 64):
     return bs, splits
 
 
-def combine_covered(group: int) -> bool:
-    """The Pallas combine handles G query heads per kv head when G is a power of two <= 16
-    (its row block is G rows of the 16)."""
-    return 0 < group <= 16 and group & (group - 1) == 0
-
-
 @functools.partial(jax.jit, static_argnames=("scale", "bs", "splits", "group", "num_warps", "num_stages", "interpret",
-                                             "combine", "length_offset"))
+                                             "length_offset"))
 def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scale: float, bs: int, splits: int,
                      group: int | None = None, num_warps: int = 4, num_stages: int = 2, interpret=None,
-                     combine: str = "xla", length_offset: int = 0):
+                     length_offset: int = 0):
     """q [B, H, Q]; k/v cache [L, N, S, K, Q]; layer int32; slots [B] (cache row of each
     sequence); lengths [B] (keys 0..lengths[b]+length_offset-1 attend, clipped to S)
     -> [B, H, Q] in q's dtype.
 
     With `group` = G, q is already padded per kv head: [B, K, 16, Q], rows 0..G-1 of kv head h
     the query heads h*G..h*G+G-1 (qk_prologue.qk_norm_rope's q16), so no pad runs here; the
-    result is still [B, K*G, Q]. combine="pallas" merges the key splits in one kernel (G a power
-    of two, see combine_covered), "xla" with XLA ops; the numbers agree to float32 rounding."""
-    if combine not in ("xla", "pallas"):
-        raise ValueError(f"decode_attention combine must be 'xla' or 'pallas', got {combine!r}")
+    result is still [B, K*G, Q]."""
     _, _, s, k, _ = k_cache.shape
     if group is None:
         b, h, qd = q_bhq.shape
@@ -134,15 +124,10 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
         name="qwen3_decode_attention",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), slots_b.astype(jnp.int32), lengths_b.astype(jnp.int32),
       q16, k_cache, v_cache)
-    if combine == "pallas":
-        if not combine_covered(g):
-            raise ValueError(f"decode_attention combine='pallas' needs G = H/K a power of two <= 16, got G={g}; "
-                             f"use combine='xla'")
-        return combine_splits(acc, m, l_sum, g, cdt, interpret=interpret)
-    return combine_splits_xla(acc, m, l_sum, g, cdt)
+    return combine_splits(acc, m, l_sum, g, cdt)
 
 
-def combine_splits_xla(acc_bkprq, m_bkpr, l_bkpr, group: int, dtype):
+def combine_splits(acc_bkprq, m_bkpr, l_bkpr, group: int, dtype):
     """The key splits merged with XLA ops: acc [B, K, NS, 16, Q], m (running max) and l (sum of
     exponentials) [B, K, NS, 16], all float32 -> [B, K*G, Q] in `dtype` (rows 0..G-1 of each kv
     head). Each split is weighted by exp(m - max over splits); normalized at the end."""
@@ -151,42 +136,6 @@ def combine_splits_xla(acc_bkprq, m_bkpr, l_bkpr, group: int, dtype):
     w = jnp.exp(m_bkpr - top)                                                 # [B, K, NS, 16]
     out = jnp.sum(acc_bkprq * w[..., None], axis=2) / jnp.sum(l_bkpr * w, axis=2)[..., None]
     return out[:, :, :group].reshape(b, k * group, qd).astype(dtype)
-
-
-def combine_splits(acc_bkprq, m_bkpr, l_bkpr, group: int, dtype, *, interpret=None, num_warps: int = 4):
-    """combine_splits_xla as one Pallas kernel (the XLA ops are 3-5 kernels of 1-3 us each, and
-    at batch 1 the decode step is bound by the number of kernels).
-
-      grid (B, K); program (b, h): rows 0..G-1 of kv head h. The maximum over splits and the
-      denominator come from the [NS, G] m and l blocks; the weighted values are accumulated over
-      the splits one [G, Q] tile at a time (a [NS, G, Q] block would not fit in registers at
-      NS = 64), then divided and written to out[b, h*G .. h*G+G-1] in `dtype`."""
-    b, k, ns, r, qd = acc_bkprq.shape
-    if not combine_covered(group) or group > r:
-        raise ValueError(f"combine_splits needs G a power of two <= {r}, got G={group}; use combine_splits_xla")
-    rows = pl.ds(0, group)
-
-    def kernel(acc_ref, m_ref, l_ref, o_ref):
-        bi, hi = pl.program_id(0), pl.program_id(1)
-        m = m_ref[bi, hi, :, rows]                                             # [NS, G]
-        top = jnp.max(m, axis=0)                                              # [G]
-        den = jnp.sum(l_ref[bi, hi, :, rows] * jnp.exp(m - top[None, :]), axis=0)
-
-        def body(p, num):
-            w = jnp.exp(m_ref[bi, hi, p, rows] - top)                          # [G]
-            return num + acc_ref[bi, hi, p, rows, :] * w[:, None]
-
-        num = jax.lax.fori_loop(0, ns, body, jnp.zeros((group, qd), jnp.float32))
-        o_ref[bi, pl.ds(hi * group, group), :] = (num / den[:, None]).astype(o_ref.dtype)
-
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((b, k * group, qd), dtype),
-        grid=(b, k),
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=_interpret() if interpret is None else interpret,
-        name="qwen3_decode_attention_combine",
-    )(acc_bkprq, m_bkpr, l_bkpr)
 
 
 def covered(q_bthq, k_all, group: int | None = None) -> bool:
@@ -203,27 +152,17 @@ def covered(q_bthq, k_all, group: int | None = None) -> bool:
             and plan(b, k_all.shape[3], k_all.shape[2]) is not None)
 
 
-# How decode_attention_cached merges the key splits where the Pallas combine covers G
-# (module-level so a benchmark can A/B it: benchmarks/ab_epilogues.py). The Pallas combine (one
-# kernel, B x K programs) took 5.2 us a layer at batch 1 on an H100, more than XLA's small
-# kernels (run 6 in benchmarks/NOTES.md: 4.97 vs 5.02 ms/step bf16), so "xla" is the default.
-COMBINE = "xla"
-
-
 def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float,
                             group: int | None = None):
     """The model's entry: one new token per row (T == 1) -> attention output [B, 1, H, Q], or
     None when not covered (T > 1, dtypes differ, a cache length with no 16-multiple tiling).
-    With `group` = G, q is qk_prologue's q16 [B, K, 16, Q] (no pad kernel) and H = K*G.
-    The splits are merged by the Pallas combine where it covers G (a power of two)."""
+    With `group` = G, q is qk_prologue's q16 [B, K, 16, Q] (no pad kernel) and H = K*G."""
     if not covered(q_bthq, k_all, group):
         return None
     b = q_bthq.shape[0]
     bs, splits = plan(b, k_all.shape[3], k_all.shape[2])
     q = q_bthq if group is not None else q_bthq[:, 0]
-    g = group if group is not None else q.shape[1] // k_all.shape[3]
     # positions [B] go in as they are: the kernel adds the 1 (keys 0..position attend)
     out = decode_attention(q, k_all, v_all, jnp.asarray(layer, jnp.int32), rows_b, positions_bt[:, 0],
-                           scale=float(scale), bs=bs, splits=splits, group=group,
-                           combine=COMBINE if combine_covered(g) else "xla", length_offset=1)
+                           scale=float(scale), bs=bs, splits=splits, group=group, length_offset=1)
     return out[:, None]

@@ -13,26 +13,18 @@ The gemv path at batch 1 is launch-bound (benchmarks/results/run5_h100.log: ~25 
   - groups: precomputed by the routing kernel on one device (router.route_in_place with_groups);
     on a mesh (a device holds experts first_expert.. only) still derived here in XLA;
   - row indices: numpy constants (an XLA iota is a kernel; a constant is not);
-  - `swiglu_from_partials`: silu(sum_S gate) * sum_S up -> compute dtype, one Pallas kernel;
-  - `combine_partials`: sum_k w_k * sum_S down, one Pallas kernel -> [N, D] float32.
-The two kernels are epilogue="pallas"; measured on an H100 they are slower than XLA's two fusions
-for the same work (a tiny Pallas kernel launches no cheaper than an XLA one), so the default
-is epilogue="xla" (EPILOGUE below); groups and constant rows apply to both.
+  - the swiglu of the split-K partials and the weighted sum over k: XLA fusions (one Pallas
+    kernel each was measured slower on an H100: run 6 in benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
-from . import interpret as _interpret
-from . import pick_tile
 from .gemv import gemv, gemv_tiles
 from .grouped_matmul import grouped_matmul, matmul_tiles
 from .moe_blocks import block_rows, expert_blocks
@@ -89,22 +81,14 @@ def supported(arrays: ExpertArrays, assignments: int) -> bool:
             and matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block) is not None)
 
 
-# The gemv path's epilogue when the caller does not choose: module-level so a benchmark can A/B it
-# (benchmarks/ab_epilogues.py). XLA's two fusions beat the two Pallas kernels on an H100 at batch
-# 1 (run 6 in benchmarks/NOTES.md: 4.93 vs 5.02 ms/step bf16), so "xla" is the default.
-EPILOGUE = "xla"
-
-
 def moe_ffn(x_nd, weights_nk, experts_nk, arrays: ExpertArrays, first_expert=0, *, strategy=None, groups=None,
-            epilogue=None, interpret=None):
+            interpret=None):
     """x [N, D], routing weights [N, k] f32, experts [N, k] global ids -> [N, D] float32 (the
     contribution of the experts held here). `strategy` 'gemv'/'blocks' overrides the choice.
 
     groups [N*k] int32 (optional, gemv path): each assignment's group in `arrays`, i.e. expert +
     arrays.offset, precomputed (router.route_in_place with_groups); only where every expert is
     held here (first_expert 0, arrays holding all E of the router). The blocks path ignores it.
-    epilogue: 'pallas' (the fused kernels between and after the GEMVs) or 'xla' (the reference);
-    None: EPILOGUE.
     interpret: Pallas interpret mode for the gemv path (None: when there is no GPU)."""
     n, d = x_nd.shape
     k = experts_nk.shape[1]
@@ -112,12 +96,9 @@ def moe_ffn(x_nd, weights_nk, experts_nk, arrays: ExpertArrays, first_expert=0, 
     if groups is not None and not (isinstance(first_expert, int) and first_expert == 0):
         raise ValueError(f"precomputed groups assume every expert is held here, but first_expert="
                          f"{first_expert}; on a mesh pass groups=None (they are derived from experts)")
-    epilogue = epilogue or EPILOGUE
-    if epilogue not in ("pallas", "xla"):
-        raise ValueError(f"epilogue must be 'pallas' or 'xla', got {epilogue!r}")
     strategy = strategy or ("gemv" if a <= gemv_max_assignments(arrays.fp8) else "blocks")
     if strategy == "gemv":
-        return _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, epilogue, interpret)
+        return _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, interpret)
     y_ad, here = _blocks_path(x_nd, experts_nk, arrays, first_expert)
     w = jnp.where(here, weights_nk.reshape(-1), 0.0).astype(jnp.float32)
     return jnp.sum((y_ad * w[:, None]).reshape(n, k, d), axis=1)
@@ -129,7 +110,7 @@ def _scales(arrays, *names):
     return tuple(getattr(arrays, f"{nm}_scale") for nm in names)
 
 
-def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, epilogue, interpret):
+def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, interpret):
     n, d = x_nd.shape
     k = experts_nk.shape[1]
     a = n * k
@@ -145,86 +126,11 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, epilo
     t1 = gemv_tiles(d, f, a, arrays.fp8, "k", arrays.block)
     g, u = gemv(x_nd, rows, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
                 layout="k", block=arrays.block, interpret=interpret, **t1)
-    if epilogue == "pallas":
-        h = swiglu_from_partials(g, u, dtype=x_nd.dtype, interpret=interpret)
-    else:
-        h = (jax.nn.silu(jnp.sum(g, axis=0)) * jnp.sum(u, axis=0)).astype(x_nd.dtype)   # [A, F]
+    h = (jax.nn.silu(jnp.sum(g, axis=0)) * jnp.sum(u, axis=0)).astype(x_nd.dtype)   # [A, F]
     t2 = gemv_tiles(f, d, a, arrays.fp8, "n", arrays.block)
     (y,) = gemv(h, np.arange(a, dtype=np.int32), groups, (arrays.down,), _scales(arrays, "down"),
                 layout="n", block=arrays.block, interpret=interpret, **t2)
-    if epilogue == "pallas":
-        return combine_partials(y, w_nk, interpret=interpret)
     return jnp.sum((jnp.sum(y, axis=0) * w_nk.reshape(-1)[:, None]).reshape(n, k, d), axis=1)
-
-
-# Elements per program of the two epilogue kernels: 256 float32 = one 16-byte load per thread
-# of 2 warps per partial; at batch 1 (A = 8, F = 768, D = 2048) that is 24 and 8 programs, each
-# reading 2 x S x 1 KiB (swiglu) or S x k x 1 KiB (combine) just written by the gemv (L2).
-EPILOGUE_TILE = 256
-EPILOGUE_WARPS = 2
-
-
-def _tile(dim: int, what: str) -> int:
-    t = pick_tile(dim, EPILOGUE_TILE)
-    if t is None:
-        raise ValueError(f"{what}: no power-of-two tile >= 16 divides {dim}; the gemv path needs one "
-                         f"(moe_ffn.supported says no for these shapes: use the XLA path)")
-    return t
-
-
-@functools.partial(jax.jit, static_argnames=("dtype", "interpret"))
-def swiglu_from_partials(g_saf, u_saf, *, dtype, interpret=None):
-    """gemv's split-K partials of gate and up, float32 [S, A, F] each -> h [A, F] in `dtype`:
-    `(silu(g.sum(0)) * u.sum(0)).astype(dtype)`, float32 sums over S in order s = 0.., silu in
-    float32 (jax.nn.silu: x * sigmoid(x)), one cast. Grid (A, F / tile)."""
-    s_count, a, f = g_saf.shape
-    bf = _tile(f, "swiglu_from_partials")
-
-    def kernel(g_ref, u_ref, h_ref):
-        r = pl.program_id(0)
-        f0 = pl.multiple_of(pl.program_id(1) * bf, bf)
-        gs, us = g_ref[0, r, pl.ds(f0, bf)], u_ref[0, r, pl.ds(f0, bf)]
-        for s in range(1, s_count):
-            gs = gs + g_ref[s, r, pl.ds(f0, bf)]
-            us = us + u_ref[s, r, pl.ds(f0, bf)]
-        h_ref[r, pl.ds(f0, bf)] = (jax.nn.silu(gs) * us).astype(h_ref.dtype)
-
-    return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((a, f), dtype), grid=(a, f // bf),
-        compiler_params=plt.CompilerParams(num_warps=EPILOGUE_WARPS, num_stages=1),
-        interpret=_interpret() if interpret is None else interpret, name="qwen3_moe_swiglu",
-    )(g_saf, u_saf)
-
-
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def combine_partials(y_sad, weights_nk, *, interpret=None):
-    """The down gemv's split-K partials float32 [S, A = N*k, D] and routing weights [N, k]
-    float32 -> [N, D] float32: out[n] = sum_j w[n, j] * sum_S y[:, n*k + j], the sums over S
-    then over j in order, in float32. Grid (N, D / tile)."""
-    s_count, a, d = y_sad.shape
-    n, k = weights_nk.shape
-    if a != n * k:
-        raise ValueError(f"combine_partials: {a} partial rows for {n} tokens x k={k} weights; "
-                         f"the rows must be token-major assignments (n * k + j)")
-    bd = _tile(d, "combine_partials")
-
-    def kernel(y_ref, w_ref, o_ref):
-        r = pl.program_id(0)
-        d0 = pl.multiple_of(pl.program_id(1) * bd, bd)
-        acc = jnp.zeros((bd,), jnp.float32)
-        for j in range(k):
-            row = r * k + j
-            ys = y_ref[0, row, pl.ds(d0, bd)]
-            for s in range(1, s_count):
-                ys = ys + y_ref[s, row, pl.ds(d0, bd)]
-            acc = acc + ys * w_ref[r, j]
-        o_ref[r, pl.ds(d0, bd)] = acc
-
-    return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((n, d), jnp.float32), grid=(n, d // bd),
-        compiler_params=plt.CompilerParams(num_warps=EPILOGUE_WARPS, num_stages=1),
-        interpret=_interpret() if interpret is None else interpret, name="qwen3_moe_combine",
-    )(y_sad, weights_nk.astype(jnp.float32))
 
 
 def _blocks_path(x_nd, experts_nk, arrays, first_expert):
