@@ -467,9 +467,11 @@ def _fused_decode_prologue(x_btd, k_all, attn_full: "Attention", ctx) -> bool:
             and kernels.decode_attention_covered(q_like, k_all))
 
 
-def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all, v_all, slots_b, ctx):
-    """The attention half of a decode layer on the kernels: projections, one prologue kernel
-    (q/k norm, RoPE, q padded per kv head), the cache write, decode attention, o_proj.
+def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all, v_all, slots_b,
+                            kv_window, ctx):
+    """_layer_attention for a decode step on the kernels (see _fused_decode_prologue):
+    projections, one prologue kernel (q/k norm, RoPE, q padded per kv head), the cache write,
+    decode attention (which reads only each row's positions, so kv_window is not needed), o_proj.
     -> (x + attention output, k_all, v_all)."""
     st = (attn_full, layer)
     norm_rope = (attn_full.q_norm.weight[...], attn_full.k_norm.weight[...], layer, cos[:, 0], sin[:, 0],
@@ -490,11 +492,44 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
         q, k, v = blk.attn.projections(h, ctx, st)
         q16, k_rot = kernels.qk_prologue.qk_norm_rope(q[:, 0], k[:, 0], *norm_rope)
     rows = jnp.arange(x.shape[0]) if slots_b is None else slots_b
-    k_all = k_all.at[layer, rows[:, None], positions_bt].set(k_rot[:, None].astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[layer, rows[:, None], positions_bt].set(v.astype(v_all.dtype), mode="drop")
+    k_all, v_all = _write_cache(k_all, v_all, layer, rows, positions_bt, k_rot[:, None], v)
     out = kernels.decode_attention_cached(q16, k_all, v_all, layer, rows, positions_bt, blk.attn.scale,
                                           group=heads // kv)
     return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all
+
+
+def _write_cache(k_all, v_all, layer, rows_b, positions_bt, k_btkq, v_btkq):
+    """k/v [B, T, K, Q] into layer `layer` of the cache, row b at slot rows[b], positions [B, T]
+    (positions past the cache are dropped)."""
+    k_all = k_all.at[layer, rows_b[:, None], positions_bt].set(k_btkq.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[layer, rows_b[:, None], positions_bt].set(v_btkq.astype(v_all.dtype), mode="drop")
+    return k_all, v_all
+
+
+def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all, v_all, slots_b, kv_window, ctx):
+    """The attention half of a layer: without a cache (k_all None) over the tokens themselves;
+    with one, the new K/V are written first, then the decode-attention kernel where it applies,
+    else XLA attention over the cache. -> (x + attention output, k_all, v_all)."""
+    st = (attn_full, layer)
+    q, k, v = blk.attn.project(h, cos, sin, ctx, stacked=st)
+    if k_all is None:
+        mask = positions_bt[:, None, :] <= positions_bt[:, :, None]
+        return x + blk.attn.attend(q, k, v, mask, ctx, stacked=st, positions_bt=positions_bt), k_all, v_all
+    rows = jnp.arange(x.shape[0]) if slots_b is None else slots_b
+    k_all, v_all = _write_cache(k_all, v_all, layer, rows, positions_bt, k, v)
+    out = _decode_attention(q, k_all, v_all, layer, slots_b, positions_bt, blk.attn.scale, ctx)
+    if out is not None:
+        return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all
+    # Attend over the first kv_window cache positions only: the caller guarantees every row's
+    # positions are below it, so the rest is masked anyway and need not be read.
+    window = k_all.shape[2] if kv_window is None else kv_window
+    keys, values = k_all[layer, :, :window], v_all[layer, :, :window]
+    if slots_b is not None:
+        keys, values = keys[slots_b], values[slots_b]
+    mask = jnp.arange(keys.shape[1])[None, None, :] <= positions_bt[:, :, None]
+    x = x + blk.attn.attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask, ctx, stacked=st,
+                            positions_bt=positions_bt)
+    return x, k_all, v_all
 
 
 class Segment(nnx.Module):
@@ -514,35 +549,10 @@ class Segment(nnx.Module):
             layer_params, i = xs
             blk = nnx.merge(graphdef, layer_params)
             h = blk.input_norm(x)
-            if k_all is not None and _fused_decode_prologue(x, k_all, full.attn, ctx):
-                x, k_all, v_all = _decode_layer_attention(blk, full.attn, i, x, h, cos, sin, positions_bt,
-                                                          k_all, v_all, slots_b, ctx)
-                x = x + blk.mlp(blk.post_norm(x), ctx, stacked=(full.mlp, i))
-                return (x, k_all, v_all), None
-            q, k, v = blk.attn.project(h, cos, sin, ctx, stacked=(full.attn, i))
-            if k_all is None:
-                keys, values = k, v
-                mask = positions_bt[:, None, :] <= positions_bt[:, :, None]
-            else:
-                rows = jnp.arange(x.shape[0]) if slots_b is None else slots_b
-                k_all = k_all.at[i, rows[:, None], positions_bt].set(k.astype(k_all.dtype), mode="drop")
-                v_all = v_all.at[i, rows[:, None], positions_bt].set(v.astype(v_all.dtype), mode="drop")
-                # Attend over the first kv_window cache positions only: the caller guarantees every
-                # row's positions are below it, so the rest is masked anyway and need not be read.
-                window = k_all.shape[2] if kv_window is None else kv_window
-                keys, values = k_all[i, :, :window], v_all[i, :, :window]
-                if slots_b is not None:
-                    keys, values = keys[slots_b], values[slots_b]
-                s = keys.shape[1]
-                mask = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
-            out = None
-            if k_all is not None:
-                out = _decode_attention(q, k_all, v_all, i, slots_b, positions_bt, blk.attn.scale, ctx)
-            if out is not None:
-                x = x + blk.attn.output(out, ctx, stacked=(full.attn, i))
-            else:
-                x = x + blk.attn.attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask, ctx,
-                                        stacked=(full.attn, i), positions_bt=positions_bt)
+            attention = _decode_layer_attention if k_all is not None and _fused_decode_prologue(
+                x, k_all, full.attn, ctx) else _layer_attention
+            x, k_all, v_all = attention(blk, full.attn, i, x, h, cos, sin, positions_bt, k_all, v_all, slots_b,
+                                        kv_window, ctx)
             x = x + blk.mlp(blk.post_norm(x), ctx, stacked=(full.mlp, i))
             x = constrain(x, ("batch", "seq", "embed"), ctx)
             return (x, k_all, v_all), None
