@@ -82,3 +82,28 @@ def prefill_then_decode(m, tokens, cache_len):
         step, _ = model(tok[:, -1:], jnp.full((b, 1), t, jnp.int32), cache)
         return logits, step
     return run
+
+
+def with_distinct_norms(m, seed: int = 0):
+    """`m` (a qwen3_jax.Model) with every RMSNorm weight drawn from U(0.5, 1.5) per element and
+    layer: random_model sets them all to ones, so a kernel reading the wrong layer's norm
+    would go unnoticed. Returns a new Model sharing m's other params."""
+    import zlib
+
+    import jax
+    import jax.numpy as jnp
+
+    key = jax.random.key(seed)
+
+    def redraw(path, leaf):
+        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        if not any("norm" in n for n in names):
+            return leaf
+        k = jax.random.fold_in(key, zlib.crc32("/".join(names).encode()) % (2 ** 31))
+        new = jax.random.uniform(k, leaf.shape, jnp.float32, 0.5, 1.5).astype(leaf.dtype)
+        return jax.device_put(new, leaf.sharding)
+
+    out = object.__new__(type(m))
+    out.__dict__.update(m.__dict__)
+    out.state = jax.tree_util.tree_map_with_path(redraw, m.state)
+    return out

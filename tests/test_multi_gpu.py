@@ -67,7 +67,7 @@ def test_mesh_matches_one_card(mesh, fp8):
 @pytest.mark.parametrize("mesh", MESHES)
 def test_kernels_per_device_match_one_card(mesh, fp8):
     from qwen3_jax import kernels
-    from reference import prefill_then_decode
+    from reference import prefill_then_decode, with_distinct_norms
 
     skip_unless_cards_for(mesh)
     cfg = small_config(fp8)
@@ -75,6 +75,7 @@ def test_kernels_per_device_match_one_card(mesh, fp8):
     outs, calls = [], []
     with kernels.kernels_enabled(True):
         for m in (qwen3_jax.random_model(cfg, seed=3), qwen3_jax.random_model(cfg, mesh=mesh, seed=3)):
+            m = with_distinct_norms(m)
             fn = prefill_then_decode(m, tokens, 32)
             calls.append(str(jax.make_jaxpr(fn)(m.state, tokens)).count("pallas_call"))
             outs.append([np.asarray(a, np.float64) for a in jax.jit(fn)(m.state, tokens)])
@@ -83,4 +84,4 @@ def test_kernels_per_device_match_one_card(mesh, fp8):
     # Every kernel of one card runs per device; local shapes can let more calls take a kernel
     # (e.g. bf16 prefill rows split over data-parallel groups fall under the gemv row limit).
     assert calls[0] >= 7 and calls[1] >= calls[0]
-    assert max(errs) < 3e-2
+    assert max(errs) < 2e-2        # bf16 rounding: 0.7-0.9% on 4 H100s; a wrong layer ~4% (test_kernels)
