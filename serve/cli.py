@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device mesh, e.g. 'tp=4,ep=8' (8 devices: attention tp=4 x dp=2, experts over 8); default: one device")
     p.add_argument("--host", metavar="HOST", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", metavar="PORT", type=int, default=30000, help="port to listen on")
+    # = sharding.memory.DEFAULT_MEM_FRACTION_STATIC (a literal so --help does not import JAX;
+    # tests/test_serve_cli.py checks they agree)
     p.add_argument("--mem-fraction-static", metavar="F", type=float, default=0.85,
                    help="fraction of each device's memory for weights + KV cache (the rest is workspace)")
     p.add_argument("--max-running-requests", metavar="N", type=int, default=None,

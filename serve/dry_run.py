@@ -125,9 +125,9 @@ def run(args) -> int:
     n = spec.num_devices
     devices = force_cpu(min(max(2 * n, 16), 64))  # room for the larger meshes suggestions try
 
-    from sharding.memory import format_sweep, plan_memory, sweep
+    from sharding.memory import DEFAULT_MEM_FRACTION_STATIC, format_sweep, plan_memory, sweep
 
-    kw = dict(device_memory_bytes=limit, mem_fraction_static=getattr(args, "mem_fraction_static", 0.88),
+    kw = dict(device_memory_bytes=limit, mem_fraction_static=getattr(args, "mem_fraction_static", DEFAULT_MEM_FRACTION_STATIC),
               context_length=getattr(args, "context_length", None),
               max_running_requests=getattr(args, "max_running_requests", None),
               chunked_prefill_size=getattr(args, "chunked_prefill_size", None) or 512,

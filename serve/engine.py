@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from qwen3_jax.progress import progress_bar
+from sharding.memory import DEFAULT_MEM_FRACTION_STATIC
 
 from .capacity import CacheSize, size_cache
 from .request import CompletionOutput, Request, RequestOutput
@@ -115,7 +116,7 @@ class Engine:
 
     def __init__(self, model=None, *, mesh=None, dtype="bfloat16", tokenizer=None,
                  context_length: int | None = None, max_running_requests: int | None = None,
-                 mem_fraction_static: float = 0.85, kv_cache_tokens: int | None = None,
+                 mem_fraction_static: float = DEFAULT_MEM_FRACTION_STATIC, kv_cache_tokens: int | None = None,
                  max_queued_requests: int = 1024, chunked_prefill_size: int = 512,
                  warmup: bool = True, progress: bool = True):
         from qwen3_jax import api

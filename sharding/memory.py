@@ -32,6 +32,9 @@ from .workspace import MODEL_STEPS_PATH, Workspace, step_workspace
 COMPONENTS = ("attention", "experts", "dense_mlp", "router", "embeddings", "lm_head", "norms", "fp8_scales",
               "other")
 DEFAULT_MAX_RUNNING_REQUESTS = 64  # as serve's default cap on slots (serve/capacity.py)
+# Share of each device's memory for weights + workspace + KV cache (the server's
+# --mem-fraction-static default; the rest is left to XLA and the runtime).
+DEFAULT_MEM_FRACTION_STATIC = 0.85
 NODE_SIZE = 8
 _WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 
@@ -292,7 +295,7 @@ class MemoryPlan:
         }
 
 
-def plan_memory(cfg, mesh_spec, *, device_memory_bytes: int, mem_fraction_static: float = 0.88,
+def plan_memory(cfg, mesh_spec, *, device_memory_bytes: int, mem_fraction_static: float = DEFAULT_MEM_FRACTION_STATIC,
                 context_length: int | None = None, max_running_requests: int | None = None,
                 chunked_prefill_size: int = 512, dtype: str = "bfloat16", num_devices: int | None = None,
                 workspace: bool = True, steps: str = MODEL_STEPS_PATH, devices=None) -> MemoryPlan:

@@ -28,7 +28,7 @@ import qwen3_jax
 from qwen3_jax import api
 from qwen3_jax.config import Qwen3MoeConfig, preset_names, resolve_config
 from qwen3_jax.model import init_cache
-from sharding.memory import (LoadMemoryProbe, format_sweep, kv_bytes_per_token, live_bytes_per_device,
+from sharding.memory import (DEFAULT_MEM_FRACTION_STATIC, LoadMemoryProbe, format_sweep, kv_bytes_per_token, live_bytes_per_device,
                              plan_memory, sweep, weights_per_device)
 from sharding.mesh import parse_mesh_spec, valid_specs
 from sharding.workspace import workspace_by_depth
@@ -143,7 +143,7 @@ def test_235b_fp8_fits_on_8_devices_of_48gib(fp8_235b, mesh):
     # 3 matrices of 4096 x 1536 FP8 bytes; one token of K/V: 94 layers x 2 x 1 KV head x 128 x 2 bytes.
     assert plan.weights["experts"] == 94 * (128 // 8) * 3 * 4096 * 1536
     assert plan.kv_bytes_per_token == 94 * 2 * 1 * 128 * 2
-    free = int(48 * GiB * 0.88) - plan.weight_bytes - plan.workspace_bytes
+    free = int(48 * GiB * DEFAULT_MEM_FRACTION_STATIC) - plan.weight_bytes - plan.workspace_bytes
     assert plan.kv_cache_tokens == plan.mesh.dp * (free // plan.kv_bytes_per_token) > 50_000
     assert plan.max_concurrent_requests >= 1
     assert 0 < plan.workspace.prefill_bytes < 12 * GiB and 0 < plan.workspace.decode_bytes < 8 * GiB

@@ -29,6 +29,13 @@ def test_help_explains_every_flag():
     assert (defaults.host, defaults.port, defaults.model, defaults.mesh) == ("127.0.0.1", 30000, None, "")
 
 
+def test_mem_fraction_default_is_the_planners():
+    from sharding.memory import DEFAULT_MEM_FRACTION_STATIC
+    from serve.cli import build_parser
+
+    assert build_parser().parse_args([]).mem_fraction_static == DEFAULT_MEM_FRACTION_STATIC
+
+
 def test_bad_mesh_is_refused_with_a_way_out():
     r = run("--mesh", "tp=3", "--port", "0")
     assert r.returncode == 2
