@@ -320,14 +320,14 @@ def profile_call(call, steps: int, log, top: int = 30) -> dict:
 
     import jax
 
-    d = tempfile.mkdtemp(prefix="qwen3_bench_prof_")
     jax.block_until_ready(call())
-    with jax.profiler.trace(d):
-        jax.block_until_ready(call())
-    paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-    if not paths:
-        return {"error": "no profile written"}
-    data = jax.profiler.ProfileData.from_file(paths[0])
+    with tempfile.TemporaryDirectory(prefix="qwen3_bench_prof_") as d:
+        with jax.profiler.trace(d):
+            jax.block_until_ready(call())
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            return {"error": "no profile written"}
+        data = jax.profiler.ProfileData.from_file(paths[0])
     by_name, lines, first, last = {}, set(), None, None
     # One device's timeline (the first GPU): on a mesh every device runs the same program.
     gpus = sorted(p.name for p in data.planes if p.name.startswith("/device:GPU"))

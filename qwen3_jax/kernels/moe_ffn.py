@@ -35,8 +35,7 @@ GEMV_MAX_ASSIGNMENTS = {"bf16": 64, "fp8": 128}
 
 
 def gemv_max_assignments(fp8: bool) -> int:
-    v = GEMV_MAX_ASSIGNMENTS
-    return v if isinstance(v, int) else v["fp8" if fp8 else "bf16"]
+    return GEMV_MAX_ASSIGNMENTS["fp8" if fp8 else "bf16"]
 
 
 @dataclasses.dataclass
