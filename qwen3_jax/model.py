@@ -477,17 +477,25 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
     norm_rope = (attn_full.q_norm.weight[...], attn_full.k_norm.weight[...], layer, cos[:, 0], sin[:, 0],
                  blk.attn.q_norm.eps)
     heads, kv = attn_full.q_proj.w.shape[2], k_all.shape[3]
-    fused = None
+    fused, v = None, None
     if not blk.attn.bias:   # q, k go to the prologue as split-K partial sums (no XLA reduce); a bias would not
-        def partials(eq, full):
-            return kernels.linear_einsum(eq, h, full.w[...], full.scale[...] if full.is_fp8 else None,
-                                         full.block_axis, full.fp8_block, layer=layer, partials=True)
-        q_p, k_p = partials("btd,dhq->bthq", attn_full.q_proj), partials("btd,dkq->btkq", attn_full.k_proj)
+        projs = (("btd,dhq->bthq", attn_full.q_proj), ("btd,dkq->btkq", attn_full.k_proj),
+                 ("btd,dkq->btkq", attn_full.v_proj))
+        specs = [(eq, h, full.w[...], full.scale[...] if full.is_fp8 else None, full.block_axis) for eq, full in projs]
+        blocks = {full.fp8_block for _, full in projs}
+        qkv = kernels.projections_partials(specs, blocks.pop(), layer) if len(blocks) == 1 else None   # one launch
+        if qkv is not None:
+            q_p, k_p, v_p = qkv
+            v = jnp.sum(v_p, axis=0).reshape(*h.shape[:-1], *attn_full.v_proj.w.shape[2:]).astype(h.dtype)
+        else:
+            q_p, k_p = (kernels.linear_einsum(*spec, full.fp8_block, layer=layer, partials=True)
+                        for spec, (_, full) in zip(specs[:2], projs))
         if q_p is not None and k_p is not None:
             fused = kernels.qk_prologue.qk_norm_rope_partials(q_p, k_p, *norm_rope, heads=heads, dtype=h.dtype)
     if fused is not None:
         q16, k_rot = fused
-        v = _einsum_w("btd,dkq->btkq", h, blk.attn.v_proj, ctx, _sub(st, "v_proj"))
+        if v is None:
+            v = _einsum_w("btd,dkq->btkq", h, blk.attn.v_proj, ctx, _sub(st, "v_proj"))
     else:
         q, k, v = blk.attn.projections(h, ctx, st)
         q16, k_rot = kernels.qk_prologue.qk_norm_rope(q[:, 0], k[:, 0], *norm_rope)

@@ -65,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--single-step", default="1", help="batches also timed one jitted call per step")
     p.add_argument("--kernels", choices=["auto", "on", "off", "both"], default="auto",
                    help="Pallas kernels (auto: on for GPU); both: with, then without (the XLA baseline)")
+    p.add_argument("--fp8-gemm", default="",
+                   help="FP8 models: GEMV numerics to time, comma-separated (w8a8, w8a16); default: the library's")
     p.add_argument("--baseline-batch", default=None, help="with --kernels both: batches timed without kernels")
     p.add_argument("--baseline-prefill", default=None, help="with --kernels both: prompts timed without kernels")
     p.add_argument("--sweep", action="store_true", help="time kernel tiles first and install the fastest")
@@ -661,16 +663,21 @@ def bench_model(args, name: str, ceilings: dict, log) -> dict:
     modes = {"both": ["on", "off"], "auto": ["auto"], "on": ["on"], "off": ["off"]}[args.kernels]
     single = set(ints(args.single_step))
     c = ceilings
-    for mode in modes:
+    fp8_kinds = [k for k in args.fp8_gemm.split(",") if k] if cfg.fp8 else []
+    default_gemm = kernels.fp8_gemm()
+    for mode, fp8_kind in [(m, f) for m in modes for f in (fp8_kinds if m != "off" and fp8_kinds else [None])]:
         kernels.set_enabled({"on": True, "off": False, "auto": None}[mode])
         label = mode if mode != "auto" else ("on" if kernels.enabled() else "off")
+        if fp8_kind:
+            kernels.set_fp8_gemm(fp8_kind)
+            label += " " + fp8_kind
         baseline = args.kernels == "both" and mode == "off"
         batches = ints(args.baseline_batch) if baseline and args.baseline_batch is not None else ints(args.batch)
         prompts = ints(args.baseline_prefill) if baseline and args.baseline_prefill is not None else ints(args.prefill)
         for b in batches:
             try:
                 r = bench_decode(model, inv, b, args.context, args.steps, args.reps, b in single, c, log,
-                                 profile=label == "on" and b in set(ints(args.profile_batch)))
+                                 profile=label.startswith("on") and b in set(ints(args.profile_batch)))
             except Exception as err:   # one failed figure (OOM, a kernel Triton rejects) must not lose the rest
                 r = {"batch": b, "error": _short(err),
                      "floor_ms": 1e3 * decode_floor_bytes(model, inv, b, args.context)["total"] / c["bandwidth"]}
@@ -688,6 +695,8 @@ def bench_model(args, name: str, ceilings: dict, log) -> dict:
             res["prefill"].append(r)
             log(prefill_table([r], False).splitlines()[-1])
     kernels.set_enabled(None)
+    if fp8_kinds and default_gemm in kernels.FP8_GEMM:
+        kernels.set_fp8_gemm(default_gemm)
     if res.get("memory") and "error" not in res["memory"]:
         res["memory"]["peak_end"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     del model

@@ -15,8 +15,8 @@ import pytest
 
 from qwen3_jax import kernels
 from qwen3_jax.fp8 import dequantize
-from qwen3_jax.kernels.linear import linear_einsum
-from qwen3_jax.kernels.gemv import fp8_bits_to_f32, gemv
+from qwen3_jax.kernels.linear import linear_einsum, projections_partials
+from qwen3_jax.kernels.gemv import fp8_bits_to_f32, gemv, quantize_rows
 from qwen3_jax.kernels.grouped_matmul import grouped_matmul
 from qwen3_jax.kernels.moe_blocks import expert_blocks, num_blocks
 from qwen3_jax.kernels.moe_ffn import ExpertArrays, moe_ffn
@@ -83,6 +83,73 @@ def test_gemv_fp8_fuses_the_block_dequantize(layout, convert, mode):
     # (module doc): bf16-level error; f16 x of a bf16 x is exact in range, products exact in f32
     tol = 5e-3 if (mode, layout) == ("dot", "n") else 1e-5 if convert == "f16" else 1e-6
     assert rel(g.sum(0), want) < tol and rel(u.sum(0), want) < tol
+
+
+def w8a8_reference(x, rows, groups, w8, scale, layout, block, group):
+    """What gemv convert="e4m3" computes, in float64 from the same float32 steps: x (times the
+    weight's per-row scale for layout "n", per column block) quantized per `group` columns,
+    then the exact product with the e4m3 weight, times both scales."""
+    xr = jnp.asarray(x)[jnp.asarray(rows)].astype(jnp.float32)
+    g = np.maximum(np.asarray(groups), 0)
+    w = np.asarray(w8.astype(jnp.float32), np.float64)[g]                  # [R, K, N]
+    sc = np.asarray(scale, np.float64)[g]
+    n_dim = w.shape[2]
+    out = np.zeros((len(g), n_dim))
+    for nb in range(-(-n_dim // block)):
+        cols = slice(nb * block, (nb + 1) * block)
+        xs = xr if layout == "k" else xr * jnp.asarray(scale)[jnp.asarray(g), :, nb]
+        q, sx = quantize_rows(xs, group)
+        xd = np.asarray(q.astype(jnp.float32), np.float64) * np.repeat(np.asarray(sx, np.float64), group, axis=1)
+        wd = w[:, :, cols] * (np.repeat(sc[:, :, cols], block, axis=1)[:, :w.shape[1]] if layout == "k" else 1.0)
+        out[:, cols] = np.einsum("rk,rkn->rn", xd, wd)
+    return out * (np.asarray(groups) >= 0)[:, None]
+
+
+@pytest.mark.parametrize("layout", ["k", "n"])
+def test_gemv_w8a8_quantizes_activations_per_group(layout):
+    """convert="e4m3": FP8 x FP8 MMA on x quantized per bk group (the checkpoints' dynamic
+    activation scheme) equals its emulation; it is visibly not the bf16-activation product."""
+    rng = np.random.default_rng(17)
+    block = 64
+    x = jnp.asarray(rng.standard_normal((4, 128)) * np.linspace(0.1, 4, 128), jnp.bfloat16)
+    w8, scale = fp8_weights(rng, (2, 128, 128), 1 if layout == "k" else 2, block)
+    rows, groups = jnp.array([3, 0, 1, 2]), jnp.array([1, 0, -1, 1])
+    (y,) = gemv(x, rows, groups, (w8,), (scale,), layout=layout, block=block, bn=32, bk=32,
+                convert="e4m3", mode="dot")
+    assert rel(y.sum(0), w8a8_reference(x, rows, groups, w8, scale, layout, block, 32)) < 1e-5
+    exact = gemv_reference(x, rows, groups, dequantize(w8, scale, 1 if layout == "k" else 2, block, jnp.float32))
+    assert 3e-3 < rel(y.sum(0), exact) < 5e-2
+    assert np.all(np.asarray(y[:, 2]) == 0.0)
+    with pytest.raises(ValueError, match="FP8 weights and mode='dot'"):
+        gemv(x, rows, groups, (w8,), (scale,), layout=layout, block=block, bn=32, bk=32, convert="e4m3", mode="fma")
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gemv_concat_runs_projections_of_different_widths_in_one_launch(fp8):
+    rng = np.random.default_rng(23)
+    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
+    widths = (128, 32, 32)                                       # q, k, v
+    if fp8:
+        ws, ss = zip(*[fp8_weights(rng, (2, 128, n), 1, 64) for n in widths])
+        want = [dequantize(w, s, 1, 64, jnp.float32) for w, s in zip(ws, ss)]
+    else:
+        ws, ss = [jnp.asarray(rng.standard_normal((2, 128, n)), jnp.bfloat16) for n in widths], None
+        want = ws
+    rows, groups = jnp.array([2, 0]), jnp.array([1, 1])
+    outs = gemv(x, rows, groups, ws, ss, block=64, bn=32, bk=32, split_k=2, mode="dot", concat=True)
+    assert [o.shape for o in outs] == [(2, 2, n) for n in widths]
+    for o, w in zip(outs, want):
+        assert rel(o.sum(0), gemv_reference(x, rows, groups, w)) < 1e-5
+    with pytest.raises(ValueError, match="concat=True"):
+        gemv(x, rows, groups, ws, ss, block=64, bn=32, bk=32, mode="dot")
+    # The model's entry: einsums of one x (q as [L, D, H, Q]) -> their partial sums in one launch
+    specs = [("btd,dhq->bthq", x[None], ws[0].reshape(2, 128, 4, 32), None if ss is None else ss[0].reshape(2, 2, 4, 32), 0)]
+    specs += [("btd,dk->btk", x[None], w, None if ss is None else s, 0) for w, s in zip(ws[1:], (ss or (None,) * 3)[1:])]
+    parts = projections_partials(specs, 64, jnp.int32(1))
+    layer1 = jnp.ones(3, jnp.int32)
+    for p, w in zip(parts, want):
+        assert rel(p.sum(0), gemv_reference(x, jnp.arange(3), layer1, w)) < 1e-5
+    assert projections_partials([(specs[0][0], jnp.zeros((1, 40, 128), x.dtype), *specs[0][2:])] * 2, 64, 1) is None
 
 
 def test_grouped_matmul_single_and_fused_silu_pair():
@@ -355,6 +422,25 @@ def test_kernels_lower_to_triton_for_30b_shapes(fp8):
         assert text.count("xla.gpu.triton") == 2
 
 
+def test_w8a8_and_side_by_side_gemv_lower_to_triton_for_30b_shapes():
+    from qwen3_jax.kernels.gemv import gemv_tiles
+
+    d, f, e8 = 2048, 768, jnp.float8_e4m3fn
+    x, rows = _sds((1, d), jnp.bfloat16), _sds((1,), jnp.int32)
+    qkv = [(_sds((48, d, n), e8), _sds((48, d // 128, n), jnp.float32)) for n in (4096, 512, 512)]
+    down = (_sds((48 * 128, f, d), e8), _sds((48 * 128, f, d // 128), jnp.float32))
+
+    def fn(x, rows, qkv, down):
+        t = gemv_tiles(d, (4096, 512, 512), 1, True, "k", 128, convert="e4m3")
+        outs = gemv(x, rows, rows, [w for w, _ in qkv], [s for _, s in qkv], layout="k", concat=True,
+                    interpret=False, **t)
+        t2 = gemv_tiles(f, d, 1, True, "n", 128, convert="e4m3")
+        h = outs[0].sum(0)[:, :f].astype(jnp.bfloat16)
+        return gemv(h, rows, rows, (down[0],), (down[1],), layout="n", interpret=False, **t2)
+    text = jax.jit(fn).trace(x, rows, qkv, down).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2
+
+
 def test_decode_attention_lowers_to_triton_for_30b_cache():
     from qwen3_jax.kernels.decode_attention import decode_attention, plan
 
@@ -373,13 +459,53 @@ def test_decode_attention_lowers_to_triton_for_30b_cache():
 # -- GPU: compiled kernels against the plain-XLA path -------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", [False, "w8a16", "w8a8"])
 @pytest.mark.parametrize("n", [1, 8, 64, 512])
 def test_gpu_moe_ffn_matches_xla_at_30b_layer_shapes(fp8, n):
     rng = np.random.default_rng(n)
-    x, weights, experts, arrays, want = _moe_case(rng, fp8, n=n, e=32, d=2048, f=768, k=8, block=128)
-    got = moe_ffn(x, weights, experts, arrays)
-    assert rel(got, want) < 1e-2
+    x, weights, experts, arrays, want = _moe_case(rng, bool(fp8), n=n, e=32, d=2048, f=768, k=8, block=128)
+    before = kernels.fp8_gemm()
+    if fp8:
+        kernels.set_fp8_gemm(fp8)
+    try:
+        got = moe_ffn(x, weights, experts, arrays)
+    finally:
+        if before in kernels.FP8_GEMM:
+            kernels.set_fp8_gemm(before)
+    # w8a8 on the gemv path (n <= 16): e4m3 activations, ~3% per product on random data
+    assert rel(got, want) < (6e-2 if fp8 == "w8a8" and n <= 16 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["k", "n"])
+def test_gpu_w8a8_gemv_matches_its_emulation_at_30b_shapes(layout):
+    from qwen3_jax.kernels.gemv import gemv_tiles
+
+    rng = np.random.default_rng(31)
+    k_dim, n_dim = (2048, 768) if layout == "k" else (768, 2048)
+    w8, scale = fp8_weights(rng, (4, k_dim, n_dim), 1 if layout == "k" else 2)
+    x = jnp.asarray(rng.standard_normal((8, k_dim)), jnp.bfloat16)
+    rows, groups = jnp.arange(8), jnp.array([0, 3, 1, 2, 2, -1, 0, 1])
+    t = gemv_tiles(k_dim, n_dim, 8, True, layout, 128, convert="e4m3")
+    (y,) = gemv(x, rows, groups, (w8,), (scale,), layout=layout, block=128, **t)
+    # the GPU's float32 division may differ from XLA's by an ulp, flipping a rare e4m3 rounding
+    assert rel(y.sum(0), w8a8_reference(x, rows, groups, w8, scale, layout, 128, t["bk"])) < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_qkv_in_one_launch_matches_three(fp8):
+    rng = np.random.default_rng(37)
+    x = jnp.asarray(rng.standard_normal((1, 1, 2048)), jnp.bfloat16)
+    specs = []
+    for shape in ((3, 2048, 32, 128), (3, 2048, 4, 128), (3, 2048, 4, 128)):
+        w, s = fp8_weights(rng, shape, 1) if fp8 else (jnp.asarray(rng.standard_normal(shape) * 0.02, jnp.bfloat16), None)
+        specs.append(("btd,dhq->bthq", x, w, s, 0))
+    parts = projections_partials(specs, 128, jnp.int32(2))
+    assert parts is not None
+    for p, spec in zip(parts, specs):
+        one = linear_einsum(*spec, 128, layer=jnp.int32(2), partials=True)
+        assert rel(p.sum(0), one.sum(0)) < 1e-5
 
 
 @pytest.mark.gpu

@@ -97,6 +97,28 @@ def active(ctx, dtype) -> bool:
     return usable(dtype) and single_device(ctx)
 
 
+# FP8 weight GEMVs (decode: up to linear.GEMV_MAX_ROWS tokens, MoE up to GEMV_MAX_ASSIGNMENTS):
+# w8a16 keeps bf16 activations (rounded to float16 for an f16 MMA); w8a8 quantizes them to e4m3 per
+# bk-wide group, dynamically, as the checkpoints' `activation_scheme: dynamic` says and FP8 serving
+# engines run them (gemv.py's module doc has the numerics). Prefill matmuls stay w8a16.
+FP8_GEMM = {"w8a16": "f16", "w8a8": "e4m3"}
+
+
+def set_fp8_gemm(kind: str) -> None:
+    """Choose the FP8 GEMV numerics for this process (read at trace time): 'w8a8' or 'w8a16'."""
+    from .gemv import GEMV_DEFAULTS
+    if kind not in FP8_GEMM:
+        raise ValueError(f"unknown FP8 GEMM kind {kind!r}; use one of {sorted(FP8_GEMM)}")
+    GEMV_DEFAULTS["fp8"].update(convert=FP8_GEMM[kind], mode="dot")
+
+
+def fp8_gemm() -> str:
+    """The FP8 GEMV numerics in force: 'w8a8', 'w8a16', or the raw gemv convert setting."""
+    from .gemv import GEMV_DEFAULTS
+    convert = GEMV_DEFAULTS["fp8"]["convert"]
+    return {v: k for k, v in FP8_GEMM.items()}.get(convert, f"w8a16 (convert={convert})")
+
+
 def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
     """Largest power of two <= target that divides dim and is >= minimum (Triton blocks are
     powers of two), or None when there is none (the caller falls back to XLA)."""
@@ -108,7 +130,7 @@ def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
     return None
 
 
-from .linear import linear_einsum  # noqa: E402
+from .linear import linear_einsum, projections_partials  # noqa: E402
 from .prefill_attention import causal_prefill_attention  # noqa: E402
 from .decode_attention import covered as decode_attention_covered, decode_attention_cached  # noqa: E402
 from .moe_ffn import ExpertArrays, moe_ffn_in_place, moe_ffn_stacked  # noqa: E402
@@ -116,6 +138,6 @@ from .router import route_in_place  # noqa: E402
 from . import qk_prologue, sharded  # noqa: E402
 
 __all__ = ["enabled", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret",
-           "pick_tile", "linear_einsum", "causal_prefill_attention", "decode_attention_cached",
+           "pick_tile", "FP8_GEMM", "set_fp8_gemm", "fp8_gemm", "linear_einsum", "projections_partials", "causal_prefill_attention", "decode_attention_cached",
            "decode_attention_covered", "moe_ffn_stacked", "moe_ffn_in_place", "ExpertArrays", "route_in_place",
            "qk_prologue", "sharded"]

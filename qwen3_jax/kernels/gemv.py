@@ -12,7 +12,9 @@ for "fma"; for "dot", x * scale is rounded to x's dtype before the MMA).
 
 Shapes (G groups, K in, N out, R output rows, S = split_k):
   x [M, K] (any float), rows [R] int32 in [0, M), groups [R] int32 in [-1, G) (-1: row is zeros,
-  no weight read), weights: 1 or 2 arrays [G, K, N] of one dtype (2 = gate and up, sharing x),
+  no weight read), weights: 1 or 2 arrays [G, K, N] of one dtype (2 = gate and up, sharing x
+  and every tile), or with concat=True (mode "dot") any number [G, K, N_i] laid side by side
+  along the grid's column axis: q, k, v in one launch, each its own output [S, R, N_i],
   scales: None or one float32 array per weight:
     layout "k": [G, ceil(K/block), N]  (K in blocks, N per element; gate/up, q/k/v)
     layout "n": [G, K, ceil(N/block)]  (K per element, N in blocks; down, o_proj)
@@ -26,11 +28,18 @@ instead of the hardware conversion, whose throughput (16/clock/SM) is close to w
 full-bandwidth FP8 stream needs. Exact for every finite e4m3 value, subnormals included.
 convert="f16" (mode "dot" only) converts e4m3 to float16, exactly, and runs the MMA in float16
 with x rounded to float16 (11 significant bits, more than bf16's 8; range +-65504).
+convert="e4m3" (mode "dot" only, FP8 weights): W8A8, the checkpoints' `activation_scheme:
+dynamic`. The weight is not converted at all; x is quantized to e4m3 per bk-wide group with a
+dynamic float32 scale amax/448 (layout "n": after folding the weight's per-row scale into x),
+and the MMA runs on e4m3 x e4m3 into float32. This changes the numerics: x keeps 4 significant
+bits, ~2-3% relative error per product on random data (what FP8 serving engines accept);
+`quantize_rows` is the exact emulation tests compare against.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,23 +62,33 @@ def fp8_bits_to_f32(w8):
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "block", "bn", "bk", "split_k", "num_warps",
-                                             "num_stages", "acc2d", "convert", "mode", "interpret"))
+                                             "num_stages", "acc2d", "convert", "mode", "concat", "interpret"))
 def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128, bn=64, bk=128,
-         split_k=1, num_warps=4, num_stages=3, acc2d=True, convert="cast", mode="fma", interpret=None):
+         split_k=1, num_warps=4, num_stages=3, acc2d=True, convert="cast", mode="fma", concat=False,
+         interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
     fp8 = len(scales) > 0
-    _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block)
+    for w in weights:
+        _check(k_dim, w.shape[2], bn, bk, split_k, fp8, layout, block)
+    if concat and mode != "dot":
+        raise ValueError("concat=True (projections side by side in one launch) needs mode='dot'")
+    if not concat and any(w.shape != weights[0].shape for w in weights):
+        raise ValueError(f"weights of shapes {[w.shape for w in weights]} share tiles only with one shape; "
+                         "pass concat=True to lay different widths side by side")
     steps = k_dim // (bk * split_k)
     nw = len(weights)
     bits = fp8 and convert == "bits" and mode == "fma"
     cdt = x_mk.dtype if x_mk.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+    if convert == "e4m3" and not (fp8 and mode == "dot"):
+        raise ValueError(f"convert='e4m3' (FP8 activations) needs FP8 weights and mode='dot', got "
+                         f"{'FP8' if fp8 else 'bf16'} weights and mode={mode!r}")
     if mode == "dot":
-        if fp8 and convert == "f16":
-            cdt = jnp.float16
+        if fp8 and convert in ("f16", "e4m3"):
+            cdt = jnp.float16 if convert == "f16" else jnp.float8_e4m3fn
         return _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, split_k,
-                         num_warps, num_stages, cdt, interpret)
+                         num_warps, num_stages, cdt, concat, interpret)
 
     def kernel(rows_ref, groups_ref, x_ref, *refs):
         w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + len(scales)], refs[nw + len(scales):]
@@ -110,9 +129,9 @@ def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128,
 
 
 def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, split_k, num_warps,
-              num_stages, cdt, interpret):
+              num_stages, cdt, concat, interpret):
     """mode="dot": the same contract as gemv, tensor cores on a zero-padded 16-row tile."""
-    g_count, k_dim, n_dim = weights[0].shape
+    k_dim = weights[0].shape[1]
     fp8 = len(scales) > 0
     steps = k_dim // (bk * split_k)
     nw, ns = len(weights), len(scales)
@@ -120,45 +139,94 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
     # folds a per-element scale (~1e-4) into x, which would sit in f16's subnormal range; a
     # power-of-two pre-scale keeps it normal and is divided out of the float32 product exactly.
     pre = 1024.0 if fp8 and cdt == jnp.float16 and x_mk.dtype != jnp.float16 else 1.0
+    a8 = cdt == jnp.float8_e4m3fn
+    parts = _column_parts(weights, bn, concat)
+
+    def compute(w_idx, x_ref, w_refs, s_refs, o_refs, g, row, s, r, n0, first):
+        def quantized(xs):
+            if not a8:
+                return jnp.where(first, jnp.broadcast_to(xs[None, :], (16, bk)), 0.0).astype(cdt), None
+            sx = _dynamic_scale(xs)
+            return jnp.where(first, jnp.broadcast_to((xs / sx)[None, :], (16, bk)), 0.0).astype(cdt), sx
+
+        def body(t, accs):
+            k0 = pl.multiple_of((s * steps + t) * bk, bk)
+            xk = x_ref[row, pl.ds(k0, bk)].astype(jnp.float32)
+            shared = quantized(xk) if not (fp8 and layout == "n") else None   # one x tile for every weight
+            out = []
+            for i, acc in zip(w_idx, accs):
+                w = w_refs[i][g, pl.ds(k0, bk), pl.ds(n0, bn)].astype(cdt)
+                x16, sx = shared or quantized(xk * (s_refs[i][g, pl.ds(k0, bk), n0 // block] * pre))
+                part = jnp.dot(x16, w, preferred_element_type=jnp.float32)
+                if a8:
+                    part = part * sx
+                if fp8 and layout == "k":
+                    part = part * s_refs[i][g, k0 // block, pl.ds(n0, bn)][None, :]
+                elif fp8:
+                    part = part * (1.0 / pre)
+                out.append(acc + part)
+            return tuple(out)
+
+        accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((16, bn), jnp.float32) for _ in w_idx))
+        for i, acc in zip(w_idx, accs):
+            o_refs[i][s, r, pl.ds(n0, bn)] = jnp.sum(acc, axis=0)   # rows 1..15 are exact zeros
 
     def kernel(rows_ref, groups_ref, x_ref, *refs):
         w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + ns], refs[nw + ns:]
         r, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         g = groups_ref[r]
         row = rows_ref[r]
-        n0 = pl.multiple_of(j * bn, bn)
         first = jax.lax.broadcasted_iota(jnp.int32, (16, bk), 0) == 0
+        def part(lo, w_idx):
+            n0 = pl.multiple_of((j - lo) * bn, bn)
 
-        @pl.when(g >= 0)
-        def _compute():
-            def body(t, accs):
-                k0 = pl.multiple_of((s * steps + t) * bk, bk)
-                xk = x_ref[row, pl.ds(k0, bk)].astype(jnp.float32)
-                out = []
-                for i, (w_ref, acc) in enumerate(zip(w_refs, accs)):
-                    w = w_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)].astype(cdt)
-                    xs = xk
-                    if fp8 and layout == "n":
-                        xs = xk * (s_refs[i][g, pl.ds(k0, bk), n0 // block] * pre)
-                    x16 = jnp.where(first, jnp.broadcast_to(xs[None, :], (16, bk)), 0.0).astype(cdt)
-                    part = jnp.dot(x16, w, preferred_element_type=jnp.float32)
-                    if fp8 and layout == "k":
-                        part = part * s_refs[i][g, k0 // block, pl.ds(n0, bn)][None, :]
-                    elif fp8:
-                        part = part * (1.0 / pre)
-                    out.append(acc + part)
-                return tuple(out)
+            @pl.when(g >= 0)
+            def _compute():
+                compute(w_idx, x_ref, w_refs, s_refs, o_refs, g, row, s, r, n0, first)
 
-            accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((16, bn), jnp.float32) for _ in w_refs))
-            for o_ref, acc in zip(o_refs, accs):
-                o_ref[s, r, pl.ds(n0, bn)] = jnp.sum(acc, axis=0)   # rows 1..15 are exact zeros
+            @pl.when(g < 0)
+            def _zeros():
+                _write_zeros([o_refs[i] for i in w_idx], s, r, n0, bn)
 
-        @pl.when(g < 0)
-        def _zeros():
-            _write_zeros(o_refs, s, r, n0, bn)
+        if len(parts) == 1:
+            part(0, parts[0][2])
+        for lo, hi, w_idx in parts if len(parts) > 1 else ():
+            pl.when((j >= lo) & (j < hi))(lambda lo=lo, w_idx=w_idx: part(lo, w_idx))
 
     return _launch(kernel, "qwen3_gemv_dot", x_mk, rows_r, groups_r, weights, scales, bn, split_k, num_warps,
-                   num_stages, interpret)
+                   num_stages, interpret, n_tiles=parts[-1][1])
+
+
+def _column_parts(weights, bn, concat):
+    """[(first tile, end tile, weight indices)] along the grid's column axis: one part whose
+    weights share every tile (gate/up), or with concat one part per weight, side by side."""
+    if not concat:
+        return [(0, weights[0].shape[2] // bn, tuple(range(len(weights))))]
+    parts, lo = [], 0
+    for i, w in enumerate(weights):
+        parts.append((lo, lo + w.shape[2] // bn, (i,)))
+        lo += w.shape[2] // bn
+    return parts
+
+
+E4M3_MAX = 448.0
+
+
+def _dynamic_scale(x):
+    """The float32 scale that maps x's largest magnitude to e4m3's largest finite value (1 for
+    an all-zero group)."""
+    amax = jnp.max(jnp.abs(x))
+    return jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+
+
+def quantize_rows(x_mk, group: int):
+    """What convert="e4m3" does to x, in plain JAX: x [M, K] -> (e4m3 values [M, K], float32
+    scales [M, K // group]) with x ~= values * scale per group of `group` columns."""
+    m, k_dim = x_mk.shape
+    xg = x_mk.astype(jnp.float32).reshape(m, k_dim // group, group)
+    amax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
+    sx = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+    return (xg / sx).astype(jnp.float8_e4m3fn).reshape(m, k_dim), sx[..., 0]
 
 
 def _write_zeros(o_refs, s, r, n0, bn):
@@ -168,12 +236,14 @@ def _write_zeros(o_refs, s, r, n0, bn):
 
 
 def _launch(kernel, name, x_mk, rows_r, groups_r, weights, scales, bn, split_k, num_warps, num_stages,
-            interpret):
-    """Grid (rows, N / bn, split_k); outputs [split_k, rows, N] float32 per weight."""
-    r_count, n_dim = rows_r.shape[0], weights[0].shape[2]
-    out_shape = tuple(jax.ShapeDtypeStruct((split_k, r_count, n_dim), jnp.float32) for _ in weights)
+            interpret, n_tiles=None):
+    """Grid (rows, column tiles (N / bn unless given), split_k); outputs [split_k, rows, N_i]
+    float32 per weight."""
+    r_count = rows_r.shape[0]
+    n_tiles = weights[0].shape[2] // bn if n_tiles is None else n_tiles
+    out_shape = tuple(jax.ShapeDtypeStruct((split_k, r_count, w.shape[2]), jnp.float32) for w in weights)
     return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(r_count, n_dim // bn, split_k),
+        kernel, out_shape=out_shape, grid=(r_count, n_tiles, split_k),
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=_interpret() if interpret is None else interpret,
         name=name + "_fp8" if scales else name,
@@ -208,18 +278,21 @@ GEMV_DEFAULTS = {
 }
 
 
-def gemv_tiles(k_dim: int, n_dim: int, rows: int, fp8: bool, layout: str, block: int, **override):
+def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int, **override):
     """gemv keyword arguments for this shape: defaults (GEMV_DEFAULTS + override) shrunk until
-    they divide the shape, then K split for enough programs. None if nothing divides."""
+    they divide the shape, then K split for enough programs. None if nothing divides.
+    n_dim: an int, or a tuple of widths laid side by side (gemv concat=True; bn divides each)."""
     from . import pick_tile
+    widths = tuple(n_dim) if isinstance(n_dim, tuple) else (n_dim,)
     cfg = {**GEMV_DEFAULTS["fp8" if fp8 else "bf16"], **override}
     bn, bk = cfg["bn"], cfg["bk"]
-    bn_t = pick_tile(n_dim, min(bn, block) if fp8 and layout == "n" else bn)
+    bn_t = pick_tile(math.gcd(*widths), min(bn, block) if fp8 and layout == "n" else bn)
     bk_t = pick_tile(k_dim, min(bk, block) if fp8 and layout == "k" else bk)
     if bn_t is None or bk_t is None:
         return None
+    tiles = sum(n // bn_t for n in widths)
     split = 1
-    while (rows * (n_dim // bn_t) * split < cfg["target_programs"] and split * 2 <= cfg["max_split"]
+    while (rows * tiles * split < cfg["target_programs"] and split * 2 <= cfg["max_split"]
            and k_dim % (bk_t * split * 2) == 0):
         split *= 2
     return dict(bn=bn_t, bk=bk_t, split_k=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -28,6 +28,32 @@ def _parse(eq: str):
     return xs, ws, out, contracted
 
 
+def _as_matrices(eq: str, x, w, scale, block_axis: int, layer):
+    """einsum(eq, x, W) as x2 [M, K] @ w3 [G, K, N]: (x2, w3, s3, layout, x's leading dims, the
+    weight's output dims), or None when the equation or the FP8 block axis is not covered."""
+    xs, ws, out, contracted = _parse(eq)
+    nc = len(contracted)
+    if ws[:nc] != "".join(contracted) or xs[-nc:] != "".join(contracted) or out != xs[:-nc] + ws[nc:]:
+        return None
+    wshape = w.shape[1:] if layer is not None else w.shape
+    k_dim, n_dim = math.prod(wshape[:nc]), math.prod(wshape[nc:])
+    fp8 = scale is not None
+    if not fp8:
+        layout = "k"
+    elif nc == 1 and block_axis == 0:
+        layout = "k"
+    elif block_axis == len(wshape) - 1 and block_axis >= nc:
+        layout = "n"
+    else:
+        return None
+    lead = x.shape[:-nc]
+    w3 = w.reshape(-1, k_dim, n_dim)
+    s3 = None
+    if fp8:
+        s3 = scale.reshape(w3.shape[0], -1, n_dim) if layout == "k" else scale.reshape(w3.shape[0], k_dim, -1)
+    return x.reshape(math.prod(lead), k_dim), w3, s3, layout, lead, wshape[nc:]
+
+
 def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None, out_dtype=None,
                   partials: bool = False):
     """einsum(eq, x, W[layer]) in `out_dtype` (default x's dtype), W = w (bf16, scale None) or dequantize(w, scale);
@@ -42,36 +68,43 @@ def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None,
     is the contracted axis (layout 'k', one contracted dim) or the last axis (layout 'n').
     w / scale are [L, ...] when `layer` is given, else per-layer.
     """
-    xs, ws, out, contracted = _parse(eq)
-    nc = len(contracted)
-    if ws[:nc] != "".join(contracted) or xs[-nc:] != "".join(contracted) or out != xs[:-nc] + ws[nc:]:
+    mats = _as_matrices(eq, x, w, scale, block_axis, layer)
+    if mats is None:
         return None
-    stacked = layer is not None
-    wshape = w.shape[1:] if stacked else w.shape
-    k_dim, n_dim = math.prod(wshape[:nc]), math.prod(wshape[nc:])
-    fp8 = scale is not None
-    if not fp8:
-        layout = "k"
-    elif nc == 1 and block_axis == 0:
-        layout = "k"
-    elif block_axis == len(wshape) - 1 and block_axis >= nc:
-        layout = "n"
-    else:
+    x2, w3, s3, layout, lead, out_dims = mats
+    if s3 is None and x2.shape[0] > GEMV_MAX_ROWS:
         return None
-    lead = x.shape[:-nc]
-    m = math.prod(lead)
-    if not fp8 and m > GEMV_MAX_ROWS:
-        return None
-    x2 = x.reshape(m, k_dim)
-    w3 = w.reshape(-1, k_dim, n_dim)
-    s3 = None
-    if fp8:
-        s3 = scale.reshape(w3.shape[0], -1, n_dim) if layout == "k" else scale.reshape(w3.shape[0], k_dim, -1)
-    group = jnp.asarray(layer if stacked else 0, jnp.int32)
+    group = jnp.asarray(layer if layer is not None else 0, jnp.int32)
     y = linear(x2, w3, s3, layout, block, group, partials=partials)
     if y is None or partials:
         return y
-    return y.reshape(*lead, *wshape[nc:]).astype(out_dtype or x.dtype)
+    return y.reshape(*lead, *out_dims).astype(out_dtype or x.dtype)
+
+
+def projections_partials(specs, block: int, layer):
+    """Several projections of the same x in one gemv launch (decode: q, k and v side by side),
+    specs [(eq, x, w [L, ...], scale or None, block_axis)], one x -> one float32 [S, M, N_i] partial sum
+    per spec (see linear_einsum's partials), or None when one launch does not cover them (rows
+    above the gemv limit, mixed bf16/FP8 or layouts, a gemv mode without side-by-side tiles):
+    the caller then runs them one by one. Saves a launch per extra projection (~3.7 us each
+    for 30B-A3B's k and v at batch 1 on an H100, benchmarks/NOTES.md run 7)."""
+    mats = [_as_matrices(eq, x, w, scale, axis, layer) for eq, x, w, scale, axis in specs]
+    if any(m is None for m in mats):
+        return None
+    x2 = mats[0][0]
+    m, k_dim = x2.shape
+    fp8 = {mt[2] is not None for mt in mats}
+    layouts = {mt[3] for mt in mats}
+    if m > GEMV_MAX_ROWS or len(fp8) > 1 or len(layouts) > 1 or any(mt[0].shape != x2.shape for mt in mats):
+        return None
+    fp8, layout = fp8.pop(), layouts.pop()
+    t = gemv_tiles(k_dim, tuple(mt[1].shape[2] for mt in mats), m, fp8, layout, block)
+    if t is None or t["mode"] != "dot":
+        return None
+    rows = jnp.arange(m, dtype=jnp.int32)
+    group = jnp.full((m,), layer, jnp.int32)
+    return list(gemv(x2, rows, group, tuple(mt[1] for mt in mats),
+                     tuple(mt[2] for mt in mats) if fp8 else None, layout=layout, block=block, concat=True, **t))
 
 
 def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = False):
