@@ -20,6 +20,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -499,7 +500,7 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
     else:
         q, k, v = blk.attn.projections(h, ctx, st)
         q16, k_rot = kernels.qk_prologue.qk_norm_rope(q[:, 0], k[:, 0], *norm_rope)
-    rows = jnp.arange(x.shape[0]) if slots_b is None else slots_b
+    rows = np.arange(x.shape[0], dtype=np.int32) if slots_b is None else slots_b   # numpy: no iota kernel
     k_all, v_all = _write_cache(k_all, v_all, layer, rows, positions_bt, k_rot[:, None], v)
     out = kernels.decode_attention_cached(q16, k_all, v_all, layer, rows, positions_bt, blk.attn.scale,
                                           group=heads // kv)

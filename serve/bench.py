@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--baseline-batch", default=None, help="with --kernels both: batches timed without kernels")
     p.add_argument("--baseline-prefill", default=None, help="with --kernels both: prompts timed without kernels")
     p.add_argument("--sweep", action="store_true", help="time kernel tiles first and install the fastest")
+    p.add_argument("--sweep-gemv", action="store_true",
+                   help="time the decode step's gemv shapes (qkv, o_proj, MoE) per tile variant and FP8 kind; installs nothing")
+    p.add_argument("--dump-hlo", metavar="DIR", default=None, help="write each compiled decode step's optimized HLO here")
     p.add_argument("--hf-peer", action="store_true", help="time transformers on the same shapes (child process)")
     p.add_argument("--hf-layers", type=int, default=2)
     p.add_argument("--hf-batch", default="1,64")
@@ -266,7 +269,7 @@ def is_oom(err: Exception) -> bool:
 # -- measurements --------------------------------------------------------------------------------
 
 def bench_decode(model, inv, batch: int, context: int, steps: int, reps: int, single: bool,
-                 ceilings: dict, log, profile: bool = False) -> dict:
+                 ceilings: dict, log, profile: bool = False, dump_hlo: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -288,6 +291,12 @@ def bench_decode(model, inv, batch: int, context: int, steps: int, reps: int, si
     t0 = time.perf_counter()
     compiled = fn.lower(model.state, tok, pos0, cache).compile()
     res["compile_s"] = time.perf_counter() - t0
+    if dump_hlo:
+        os.makedirs(dump_hlo, exist_ok=True)
+        from qwen3_jax import kernels
+        kind = f"fp8_{kernels.fp8_gemm().split()[0]}" if cfg.fp8 else "bf16"
+        with open(os.path.join(dump_hlo, f"decode_{kind}_b{batch}.hlo.txt"), "w") as f:
+            f.write(compiled.as_text())
     holder = {"cache": cache}
 
     def call():
@@ -613,6 +622,14 @@ def main(argv=None) -> dict:
     sweep = None
     if args.sweep:
         sweep = run_sweep(args, resolve_bench_config(models[0], args.layers), ceilings, log)
+    if args.sweep_gemv:
+        from qwen3_jax.kernels import tune
+        c = resolve_bench_config(models[0], args.layers)
+        log("gemv shape sweep (batch 1, per layer, one element of the output consumed per layer):")
+        rows = tune.sweep_gemv_shapes(ceilings["bandwidth"], d=c.hidden_size, heads=c.num_attention_heads,
+                                      kv=c.num_key_value_heads, hd=c.head_dim, f=c.moe_intermediate_size,
+                                      k=c.num_experts_per_tok, log=log)
+        sweep = {**(sweep or {}), "gemv_shapes": rows}
     results = []
     for name in models:
         res = bench_model(args, name, ceilings, log)
@@ -677,7 +694,8 @@ def bench_model(args, name: str, ceilings: dict, log) -> dict:
         for b in batches:
             try:
                 r = bench_decode(model, inv, b, args.context, args.steps, args.reps, b in single, c, log,
-                                 profile=label.startswith("on") and b in set(ints(args.profile_batch)))
+                                 profile=label.startswith("on") and b in set(ints(args.profile_batch)),
+                                 dump_hlo=args.dump_hlo)
             except Exception as err:   # one failed figure (OOM, a kernel Triton rejects) must not lose the rest
                 r = {"batch": b, "error": _short(err),
                      "floor_ms": 1e3 * decode_floor_bytes(model, inv, b, args.context)["total"] / c["bandwidth"]}

@@ -556,21 +556,29 @@ def test_gpu_model_with_kernels_matches_plain_xla_prefill_and_decode():
 
     cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=3, hidden_size=256,
                                         moe_intermediate_size=128, head_dim=32))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 64)), jnp.int32)
+
+    def outputs(m, on):
+        with kernels.kernels_enabled(on):
+            def run(st, tok):
+                model = nnx.merge(m.graphdef, st)
+                cache = m.init_cache(2, 80)
+                logits, cache = model(tok, None, cache)
+                pos = jnp.full((2, 1), 64, jnp.int32)
+                step, _ = model(tok[:, -1:], pos, cache)
+                return logits, step
+            calls = str(jax.make_jaxpr(run)(m.state, tokens)).count("pallas_call")
+            assert (calls >= 7) if on else calls == 0, (on, calls)   # the kernels did run (or not)
+            return [np.asarray(a, np.float64) for a in jax.jit(run)(m.state, tokens)]
+
     for fp8 in (False, True):
-        m = with_distinct_norms(random_model(dataclasses.replace(cfg, fp8=Fp8Config() if fp8 else None), seed=3))
-        tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 64)), jnp.int32)
-        outs = []
-        for on in (False, True):
-            with kernels.kernels_enabled(on):
-                def run(st, tok):
-                    model = nnx.merge(m.graphdef, st)
-                    cache = m.init_cache(2, 80)
-                    logits, cache = model(tok, None, cache)
-                    pos = jnp.full((2, 1), 64, jnp.int32)
-                    step, _ = model(tok[:, -1:], pos, cache)
-                    return logits, step
-                calls = str(jax.make_jaxpr(run)(m.state, tokens)).count("pallas_call")
-                assert (calls >= 7) if on else calls == 0, (on, calls)   # the kernels did run (or not)
-                outs.append([np.asarray(a) for a in jax.jit(run)(m.state, tokens)])
-        for a, b in zip(*outs):
-            assert rel(b, a) < TOL_BF16_MODEL, fp8
+        c = dataclasses.replace(cfg, fp8=Fp8Config() if fp8 else None)
+        # the same weights in float32 (bf16 draws are rounded float32 draws): the precise answer
+        exact = outputs(with_distinct_norms(random_model(c, dtype="float32", seed=3)), False)
+        m = with_distinct_norms(random_model(c, seed=3))
+        off, on = outputs(m, False), outputs(m, True)
+        # On the GPU bf16 alone moves these logits 1-2.5% (cuDNN attention, accumulation order;
+        # 0.024 between kernels on and off was measured on an H200), so the kernels are held to
+        # the plain-XLA bf16 path's own distance from float32, not to that path.
+        for e, a, b in zip(exact, off, on):
+            assert rel(b, e) < max(1.5 * rel(a, e), 5e-3), (fp8, rel(b, e), rel(a, e))

@@ -12,7 +12,7 @@ for "fma"; for "dot", x * scale is rounded to x's dtype before the MMA).
 
 Shapes (G groups, K in, N out, R output rows, S = split_k):
   x [M, K] (any float), rows [R] int32 in [0, M), groups [R] int32 in [-1, G) (-1: row is zeros,
-  no weight read), weights: 1 or 2 arrays [G, K, N] of one dtype (2 = gate and up, sharing x
+  no weight read) or [1] (one group for every row: a projection's layer, with no broadcast kernel), weights: 1 or 2 arrays [G, K, N] of one dtype (2 = gate and up, sharing x
   and every tile), or with concat=True (mode "dot") any number [G, K, N_i] laid side by side
   along the grid's column axis: q, k, v in one launch, each its own output [S, R, N_i],
   scales: None or one float32 array per weight:
@@ -79,6 +79,9 @@ def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128,
                          "pass concat=True to lay different widths side by side")
     steps = k_dim // (bk * split_k)
     nw = len(weights)
+    per_row = groups_r.shape[0] == rows_r.shape[0]
+    if not per_row and groups_r.shape[0] != 1:
+        raise ValueError(f"groups has {groups_r.shape[0]} entries; give one per row ({rows_r.shape[0]}) or one for all")
     bits = fp8 and convert == "bits" and mode == "fma"
     cdt = x_mk.dtype if x_mk.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
     if convert == "e4m3" and not (fp8 and mode == "dot"):
@@ -93,7 +96,7 @@ def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128,
     def kernel(rows_ref, groups_ref, x_ref, *refs):
         w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + len(scales)], refs[nw + len(scales):]
         r, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        g = groups_ref[r]
+        g = groups_ref[r if per_row else 0]
         row = rows_ref[r]
         n0 = pl.multiple_of(j * bn, bn)
 
@@ -141,6 +144,7 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
     pre = 1024.0 if fp8 and cdt == jnp.float16 and x_mk.dtype != jnp.float16 else 1.0
     a8 = cdt == jnp.float8_e4m3fn
     parts = _column_parts(weights, bn, concat)
+    per_row = groups_r.shape[0] == rows_r.shape[0]
 
     def compute(w_idx, x_ref, w_refs, s_refs, o_refs, g, row, s, r, n0, first):
         def quantized(xs):
@@ -174,7 +178,7 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
     def kernel(rows_ref, groups_ref, x_ref, *refs):
         w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + ns], refs[nw + ns:]
         r, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        g = groups_ref[r]
+        g = groups_ref[r if per_row else 0]
         row = rows_ref[r]
         first = jax.lax.broadcasted_iota(jnp.int32, (16, bk), 0) == 0
         def part(lo, w_idx):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 
 from .gemv import gemv, gemv_tiles
 from .grouped_matmul import grouped_matmul, matmul_tiles
@@ -101,9 +102,8 @@ def projections_partials(specs, block: int, layer):
     t = gemv_tiles(k_dim, tuple(mt[1].shape[2] for mt in mats), m, fp8, layout, block)
     if t is None or t["mode"] != "dot":
         return None
-    rows = jnp.arange(m, dtype=jnp.int32)
-    group = jnp.full((m,), layer, jnp.int32)
-    return list(gemv(x2, rows, group, tuple(mt[1] for mt in mats),
+    group = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    return list(gemv(x2, np.arange(m, dtype=np.int32), group, tuple(mt[1] for mt in mats),
                      tuple(mt[2] for mt in mats) if fp8 else None, layout=layout, block=block, concat=True, **t))
 
 
@@ -119,8 +119,8 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
         t = gemv_tiles(k_dim, n_dim, m, fp8, layout, block)
         if t is None:
             return None
-        rows = jnp.arange(m, dtype=jnp.int32)
-        (y,) = gemv(x_mk, rows, jnp.full((m,), group, jnp.int32), (w_gkn,), scales,
+        # numpy rows and a [1] group: constants and a bitcast, where arange / full are kernels
+        (y,) = gemv(x_mk, np.arange(m, dtype=np.int32), jnp.reshape(group, (1,)).astype(jnp.int32), (w_gkn,), scales,
                     layout=layout, block=block, **t)
         return y if partials else jnp.sum(y, axis=0)
     bm = 16

@@ -296,6 +296,88 @@ def sweep_fp8_linear(bandwidth: float, *, d=2048, h=32, q=128, layers=16, rows=(
     return out
 
 
+# Projection-shaped gemv sweep: tiles for the decode step's other GEMVs (q/k/v side by side,
+# o_proj, the MoE down). Variants override GEMV_DEFAULTS[kind]; each is checked against the
+# default's own result (the same numerics: convert is fixed by the variant list per kind).
+SHAPE_VARIANTS = [{}, dict(max_split=16), dict(bn=64), dict(bn=64, max_split=16), dict(bk=128),
+                  dict(bk=128, max_split=4), dict(num_warps=4), dict(num_warps=8), dict(num_stages=4),
+                  dict(bk=128, num_stages=4), dict(bn=256, bk=64, num_warps=8)]
+
+
+def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768, k=8, layers=16,
+                      kinds=("bf16", "w8a16", "w8a8"), variants=None, log=print, reps=10):
+    """Time the decode step's gemv shapes at batch 1 for each tile variant and weight kind:
+    qkv (K=d, widths heads*hd, kv*hd, kv*hd, concat), o_proj (K=heads*hd, N=d), moe_gate_up
+    (k rows, K=d, N=f pair), moe_down (k rows, K=f, N=d). -> rows of dict(kind, shape, variant,
+    us, pct_floor, rel_err)."""
+    from .gemv import gemv, gemv_tiles
+    shapes = {"qkv": (d, (heads * hd, kv * hd, kv * hd), 1, "k", False),
+              "o_proj": (heads * hd, (d,), 1, "n", False),
+              "moe_gate_up": (d, (f, f), k, "k", True),
+              "moe_down": (f, (d,), k, "n", False)}
+    out = []
+    for kind in kinds:
+        fp8 = kind != "bf16"
+        gkey = "fp8" if fp8 else "bf16"
+        base = dict(convert="e4m3" if kind == "w8a8" else "f16", mode="dot") if fp8 else {}
+        for name, (kk, widths, rows, layout, pair) in shapes.items():
+            stride = 16 if rows > 1 else 1       # MoE rows: 8 distinct experts of 16 per layer
+            g_count = layers * stride
+            keys = jax.random.split(jax.random.key(hash(name) % 1000), len(widths) + 1)
+            ws, ss = [], []
+            for key, n in zip(keys, widths):
+                if fp8:
+                    ws.append(jax.random.normal(key, (g_count, kk, n), jnp.float32).astype(jnp.float8_e4m3fn))
+                    ss.append(jnp.full((g_count, -(-kk // 128), n) if layout == "k" else (g_count, kk, -(-n // 128)),
+                                       0.02, jnp.float32))
+                else:
+                    ws.append((0.02 * jax.random.normal(key, (g_count, kk, n), jnp.float32)).astype(jnp.bfloat16))
+            x = jax.random.normal(keys[-1], (rows, kk), jnp.bfloat16)
+            per_group = sum(w.nbytes for w in ws + ss) // g_count
+            nbytes = per_group * rows            # every row reads its own group (one layer's weight at rows 1)
+            ref = None
+            for v in variants or SHAPE_VARIANTS:
+                cfg = {**base, **v}
+                t = gemv_tiles(kk, widths if len(widths) > 1 and not pair else widths[0], rows, fp8, layout, 128, **{
+                    **gemv_mod.GEMV_DEFAULTS[gkey], **cfg})
+                if t is None:
+                    continue
+
+                @jax.jit
+                def run(x, ws, ss, t=tuple(sorted(t.items()))):
+                    tt = dict(t)
+
+                    def body(i, acc):
+                        groups = (i * stride + jnp.arange(rows, dtype=jnp.int32)) if rows > 1 else jnp.reshape(i, (1,))
+                        outs = gemv(x, np.arange(rows, dtype=np.int32), groups, ws, ss if fp8 else None, layout=layout,
+                                    block=128, concat=len(ws) > 1 and not pair, **tt)
+                        return acc + sum(o[0, 0, 0] for o in outs)   # one element keeps the call alive
+                    return jax.lax.fori_loop(0, layers, body, jnp.float32(0))
+
+                @jax.jit
+                def first(x, ws, ss, t=tuple(sorted(t.items()))):
+                    outs = gemv(x, np.arange(rows, dtype=np.int32), jnp.arange(rows, dtype=jnp.int32) if rows > 1
+                                else jnp.zeros((1,), jnp.int32), ws, ss if fp8 else None, layout=layout, block=128,
+                                concat=len(ws) > 1 and not pair, **dict(t))
+                    return jnp.concatenate([o.sum(0) for o in outs], axis=1)
+                try:
+                    got = np.asarray(first(x, ws, ss), np.float64)
+                    tm = median_time(run, (x, ws, ss), reps=reps) / layers
+                except Exception as exc:
+                    log(f"  {kind} {name} {_fmt(v)}: FAILED {type(exc).__name__}: {str(exc)[:160]}")
+                    continue
+                if ref is None:
+                    ref = got
+                err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+                floor = nbytes / bandwidth
+                row = dict(kind=kind, shape=name, variant=_fmt(v), cfg=cfg, tiles=t, us=tm * 1e6,
+                           floor_us=floor * 1e6, pct_floor=100 * floor / tm, rel_err=err)
+                out.append(row)
+                log(f"  {kind:5s} {name:11s} {_fmt(v):34s} {tm * 1e6:7.2f} us  floor {floor * 1e6:6.2f} us  "
+                    f"{row['pct_floor']:5.1f}%  err {err:.1e}  split {t['split_k']}")
+    return out
+
+
 def _w8a8(kind: str, cfg) -> bool:
     """Whether gemv settings `cfg` (an override of GEMV_DEFAULTS[kind]) quantize activations."""
     return {**gemv_mod.GEMV_DEFAULTS[kind], **(cfg or {})}.get("convert") == "e4m3"
