@@ -541,6 +541,12 @@ def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all,
     return x, k_all, v_all
 
 
+# Layers per iteration of the decode step's scan (read at trace time). A while-loop iteration
+# costs kernels of its own on a GPU (the counter, the condition's copy to the host, slices of
+# per-layer params); unrolling trades them for compile time. serve.bench --decode-unroll measures it.
+DECODE_UNROLL = 1
+
+
 class Segment(nnx.Module):
     """`count` consecutive layers of one kind, run as a lax.scan over stacked params."""
 
@@ -567,8 +573,15 @@ class Segment(nnx.Module):
             return (x, k_all, v_all), None
 
         k0, v0 = cache_kv if cache_kv is not None else (None, None)
-        (x, k_all, v_all), _ = jax.lax.scan(layer, (x_btd, k0, v0),
-                                            (params, jnp.arange(self.count)))
+        unroll = DECODE_UNROLL if k0 is not None and x_btd.shape[1] == 1 else 1
+        if unroll >= self.count:   # no loop at all (scan keeps a while even for one layer)
+            carry = (x_btd, k0, v0)
+            for i in range(self.count):
+                carry, _ = layer(carry, (jax.tree.map(lambda a, i=i: a[i], params), jnp.int32(i)))
+            x, k_all, v_all = carry
+        else:
+            (x, k_all, v_all), _ = jax.lax.scan(layer, (x_btd, k0, v0), (params, jnp.arange(self.count)),
+                                                unroll=unroll)
         return x, (k_all, v_all)
 
 

@@ -67,6 +67,8 @@ def parse_args(argv=None):
                    help="Pallas kernels (auto: on for GPU); both: with, then without (the XLA baseline)")
     p.add_argument("--fp8-gemm", default="",
                    help="FP8 models: GEMV numerics to time, comma-separated (w8a8, w8a16); default: the library's")
+    p.add_argument("--decode-unroll", default="",
+                   help="layers per scan iteration of the decode step to time, comma-separated (default: the library's)")
     p.add_argument("--baseline-batch", default=None, help="with --kernels both: batches timed without kernels")
     p.add_argument("--baseline-prefill", default=None, help="with --kernels both: prompts timed without kernels")
     p.add_argument("--sweep", action="store_true", help="time kernel tiles first and install the fastest")
@@ -680,14 +682,21 @@ def bench_model(args, name: str, ceilings: dict, log) -> dict:
     modes = {"both": ["on", "off"], "auto": ["auto"], "on": ["on"], "off": ["off"]}[args.kernels]
     single = set(ints(args.single_step))
     c = ceilings
+    from qwen3_jax import model as model_mod
+
     fp8_kinds = [k for k in args.fp8_gemm.split(",") if k] if cfg.fp8 else []
-    default_gemm = kernels.fp8_gemm()
-    for mode, fp8_kind in [(m, f) for m in modes for f in (fp8_kinds if m != "off" and fp8_kinds else [None])]:
+    unrolls = ints(args.decode_unroll) or [None]
+    default_gemm, default_unroll = kernels.fp8_gemm(), model_mod.DECODE_UNROLL
+    variants = [(m, f, u) for m in modes for f in (fp8_kinds if m != "off" and fp8_kinds else [None]) for u in unrolls]
+    for mode, fp8_kind, unroll in variants:
         kernels.set_enabled({"on": True, "off": False, "auto": None}[mode])
         label = mode if mode != "auto" else ("on" if kernels.enabled() else "off")
         if fp8_kind:
             kernels.set_fp8_gemm(fp8_kind)
             label += " " + fp8_kind
+        model_mod.DECODE_UNROLL = unroll or default_unroll
+        if unroll:
+            label += f" unroll {unroll}"
         baseline = args.kernels == "both" and mode == "off"
         batches = ints(args.baseline_batch) if baseline and args.baseline_batch is not None else ints(args.batch)
         prompts = ints(args.baseline_prefill) if baseline and args.baseline_prefill is not None else ints(args.prefill)
@@ -713,6 +722,7 @@ def bench_model(args, name: str, ceilings: dict, log) -> dict:
             res["prefill"].append(r)
             log(prefill_table([r], False).splitlines()[-1])
     kernels.set_enabled(None)
+    model_mod.DECODE_UNROLL = default_unroll
     if fp8_kinds and default_gemm in kernels.FP8_GEMM:
         kernels.set_fp8_gemm(default_gemm)
     if res.get("memory") and "error" not in res["memory"]:

@@ -12,7 +12,9 @@ for "fma"; for "dot", x * scale is rounded to x's dtype before the MMA).
 
 Shapes (G groups, K in, N out, R output rows, S = split_k):
   x [M, K] (any float), rows [R] int32 in [0, M), groups [R] int32 in [-1, G) (-1: row is zeros,
-  no weight read) or [1] (one group for every row: a projection's layer, with no broadcast kernel), weights: 1 or 2 arrays [G, K, N] of one dtype (2 = gate and up, sharing x
+  no weight read) or [1] (one group for every row: a projection's layer, with no broadcast kernel),
+  or with row_div=d (static): rows_r is the row count R and output row r reads x row r // d
+  (d=1: row r; d=k: the k assignments of each token), weights: 1 or 2 arrays [G, K, N] of one dtype (2 = gate and up, sharing x
   and every tile), or with concat=True (mode "dot") any number [G, K, N_i] laid side by side
   along the grid's column axis: q, k, v in one launch, each its own output [S, R, N_i],
   scales: None or one float32 array per weight:
@@ -61,11 +63,21 @@ def fp8_bits_to_f32(w8):
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, row_div=None, **kw):
+    """See the module doc; rows_r is an int32 array [R], or with row_div the int R."""
+    if row_div is None:
+        return _gemv(x_mk, rows_r, groups_r, weights, scales, **kw)
+    if not isinstance(rows_r, int) or row_div < 1:
+        raise ValueError(f"with row_div={row_div}, pass the output row count as rows_r (an int), got {rows_r!r}")
+    return _gemv(x_mk, None, groups_r, weights, scales, n_rows=rows_r, row_div=row_div, **kw)
+
+
 @functools.partial(jax.jit, static_argnames=("layout", "block", "bn", "bk", "split_k", "num_warps",
-                                             "num_stages", "acc2d", "convert", "mode", "concat", "interpret"))
-def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128, bn=64, bk=128,
-         split_k=1, num_warps=4, num_stages=3, acc2d=True, convert="cast", mode="fma", concat=False,
-         interpret=None):
+                                             "num_stages", "acc2d", "convert", "mode", "concat", "n_rows",
+                                             "row_div", "interpret"))
+def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128, bn=64, bk=128,
+          split_k=1, num_warps=4, num_stages=3, acc2d=True, convert="cast", mode="fma", concat=False,
+          n_rows=None, row_div=None, interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
@@ -79,9 +91,10 @@ def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128,
                          "pass concat=True to lay different widths side by side")
     steps = k_dim // (bk * split_k)
     nw = len(weights)
-    per_row = groups_r.shape[0] == rows_r.shape[0]
+    rows_r = _RowMap(rows_r, rows_r.shape[0] if row_div is None else n_rows, row_div)
+    per_row = groups_r.shape[0] == rows_r.count
     if not per_row and groups_r.shape[0] != 1:
-        raise ValueError(f"groups has {groups_r.shape[0]} entries; give one per row ({rows_r.shape[0]}) or one for all")
+        raise ValueError(f"groups has {groups_r.shape[0]} entries; give one per row ({rows_r.count}) or one for all")
     bits = fp8 and convert == "bits" and mode == "fma"
     cdt = x_mk.dtype if x_mk.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
     if convert == "e4m3" and not (fp8 and mode == "dot"):
@@ -93,11 +106,12 @@ def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128,
         return _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, split_k,
                          num_warps, num_stages, cdt, concat, interpret)
 
-    def kernel(rows_ref, groups_ref, x_ref, *refs):
+    def kernel(*refs):
+        row_of, (groups_ref, x_ref), refs = rows_r.reader(refs)
         w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + len(scales)], refs[nw + len(scales):]
         r, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         g = groups_ref[r if per_row else 0]
-        row = rows_ref[r]
+        row = row_of(r)
         n0 = pl.multiple_of(j * bn, bn)
 
         @pl.when(g >= 0)
@@ -144,7 +158,7 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
     pre = 1024.0 if fp8 and cdt == jnp.float16 and x_mk.dtype != jnp.float16 else 1.0
     a8 = cdt == jnp.float8_e4m3fn
     parts = _column_parts(weights, bn, concat)
-    per_row = groups_r.shape[0] == rows_r.shape[0]
+    per_row = groups_r.shape[0] == rows_r.count
 
     def compute(w_idx, x_ref, w_refs, s_refs, o_refs, g, row, s, r, n0, first):
         def quantized(xs):
@@ -175,11 +189,12 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
         for i, acc in zip(w_idx, accs):
             o_refs[i][s, r, pl.ds(n0, bn)] = jnp.sum(acc, axis=0)   # rows 1..15 are exact zeros
 
-    def kernel(rows_ref, groups_ref, x_ref, *refs):
+    def kernel(*refs):
+        row_of, (groups_ref, x_ref), refs = rows_r.reader(refs)
         w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + ns], refs[nw + ns:]
         r, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         g = groups_ref[r if per_row else 0]
-        row = rows_ref[r]
+        row = row_of(r)
         first = jax.lax.broadcasted_iota(jnp.int32, (16, bk), 0) == 0
         def part(lo, w_idx):
             n0 = pl.multiple_of((j - lo) * bn, bn)
@@ -233,6 +248,24 @@ def quantize_rows(x_mk, group: int):
     return (xg / sx).astype(jnp.float8_e4m3fn).reshape(m, k_dim), sx[..., 0]
 
 
+class _RowMap:
+    """Which row of x output row r reads: an int32 array operand, or (static) r // div, which
+    needs no operand (a constant index array becomes an iota or broadcast kernel every layer)."""
+
+    def __init__(self, rows, count, div):
+        self.rows, self.count, self.div = rows, count, div
+
+    def operands(self):
+        return () if self.rows is None else (self.rows.astype(jnp.int32),)
+
+    def reader(self, refs):
+        """kernel refs -> (r -> row, the next two refs, the rest)."""
+        if self.rows is None:
+            return (lambda r: r // self.div), refs[:2], refs[2:]
+        rows_ref = refs[0]
+        return (lambda r: rows_ref[r]), refs[1:3], refs[3:]
+
+
 def _write_zeros(o_refs, s, r, n0, bn):
     """A row routed nowhere (group < 0) still owns its output tile: write zeros."""
     for o_ref in o_refs:
@@ -243,7 +276,7 @@ def _launch(kernel, name, x_mk, rows_r, groups_r, weights, scales, bn, split_k, 
             interpret, n_tiles=None):
     """Grid (rows, column tiles (N / bn unless given), split_k); outputs [split_k, rows, N_i]
     float32 per weight."""
-    r_count = rows_r.shape[0]
+    r_count = rows_r.count
     n_tiles = weights[0].shape[2] // bn if n_tiles is None else n_tiles
     out_shape = tuple(jax.ShapeDtypeStruct((split_k, r_count, w.shape[2]), jnp.float32) for w in weights)
     return pl.pallas_call(
@@ -251,7 +284,7 @@ def _launch(kernel, name, x_mk, rows_r, groups_r, weights, scales, bn, split_k, 
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=_interpret() if interpret is None else interpret,
         name=name + "_fp8" if scales else name,
-    )(rows_r.astype(jnp.int32), groups_r.astype(jnp.int32), x_mk, *weights, *scales)
+    )(*rows_r.operands(), groups_r.astype(jnp.int32), x_mk, *weights, *scales)
 
 
 def _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block):

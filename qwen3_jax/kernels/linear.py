@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
-import numpy as np
 
 from .gemv import gemv, gemv_tiles
 from .grouped_matmul import grouped_matmul, matmul_tiles
@@ -103,8 +102,8 @@ def projections_partials(specs, block: int, layer):
     if t is None or t["mode"] != "dot":
         return None
     group = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
-    return list(gemv(x2, np.arange(m, dtype=np.int32), group, tuple(mt[1] for mt in mats),
-                     tuple(mt[2] for mt in mats) if fp8 else None, layout=layout, block=block, concat=True, **t))
+    return list(gemv(x2, m, group, tuple(mt[1] for mt in mats), tuple(mt[2] for mt in mats) if fp8 else None,
+                     row_div=1, layout=layout, block=block, concat=True, **t))
 
 
 def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = False):
@@ -119,8 +118,8 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
         t = gemv_tiles(k_dim, n_dim, m, fp8, layout, block)
         if t is None:
             return None
-        # numpy rows and a [1] group: constants and a bitcast, where arange / full are kernels
-        (y,) = gemv(x_mk, np.arange(m, dtype=np.int32), jnp.reshape(group, (1,)).astype(jnp.int32), (w_gkn,), scales,
+        # rows by row_div and a [1] group: no operand / a bitcast, where arange / full are kernels
+        (y,) = gemv(x_mk, m, jnp.reshape(group, (1,)).astype(jnp.int32), (w_gkn,), scales, row_div=1,
                     layout=layout, block=block, **t)
         return y if partials else jnp.sum(y, axis=0)
     bm = 16

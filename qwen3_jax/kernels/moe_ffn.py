@@ -12,7 +12,8 @@ The gemv path at batch 1 is launch-bound (benchmarks/results/run5_h100.log: ~25 
 1-3.5 us per layer, back to back). What runs between the GEMVs:
   - groups: precomputed by the routing kernel on one device (router.route_in_place with_groups);
     on a mesh (a device holds experts first_expert.. only) still derived here in XLA;
-  - row indices: numpy constants (an XLA iota is a kernel; a constant is not);
+  - row indices: none, gemv's static row_div (an index array operand, even a numpy constant,
+    is an iota or broadcast kernel every layer);
   - the swiglu of the split-K partials and the weighted sum over k: XLA fusions (one Pallas
     kernel each was measured slower on an H100: run 6 in benchmarks/NOTES.md).
 """
@@ -23,7 +24,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .gemv import gemv, gemv_tiles
 from .grouped_matmul import grouped_matmul, matmul_tiles
@@ -120,14 +120,14 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, inter
         here = (local >= 0) & (local < arrays.num_experts)
         groups = jnp.where(here, local + arrays.offset, -1)
         w_nk = jnp.where(here.reshape(n, k), w_nk, 0.0)
-    # numpy: constants in the HLO (jnp.arange would be an iota kernel every layer)
-    rows = np.arange(a, dtype=np.int32) // k
+    # rows by row_div (assignment r reads token r // k): an index array, even a numpy constant,
+    # becomes an iota / broadcast kernel every layer (seen in the H100 profile, run 11)
     t1 = gemv_tiles(d, f, a, arrays.fp8, "k", arrays.block)
-    g, u = gemv(x_nd, rows, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
+    g, u = gemv(x_nd, a, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"), row_div=k,
                 layout="k", block=arrays.block, interpret=interpret, **t1)
     h = (jax.nn.silu(jnp.sum(g, axis=0)) * jnp.sum(u, axis=0)).astype(x_nd.dtype)   # [A, F]
     t2 = gemv_tiles(f, d, a, arrays.fp8, "n", arrays.block)
-    (y,) = gemv(h, np.arange(a, dtype=np.int32), groups, (arrays.down,), _scales(arrays, "down"),
+    (y,) = gemv(h, a, groups, (arrays.down,), _scales(arrays, "down"), row_div=1,
                 layout="n", block=arrays.block, interpret=interpret, **t2)
     return jnp.sum((jnp.sum(y, axis=0) * w_nk.reshape(-1)[:, None]).reshape(n, k, d), axis=1)
 

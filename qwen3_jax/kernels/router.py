@@ -30,7 +30,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
@@ -80,12 +79,10 @@ def route_in_place(x_nd, router_lde, layer, top_k: int, norm_topk_prob: bool, *,
         return None
     tiles = gemv_tiles(d, e, n, False, "k", 128, **ROUTER_GEMV)
     layer = jnp.asarray(layer, jnp.int32)
-    # N = 1 (batch-1 decode): a reshape of the scalar is a bitcast, no broadcast kernel; the
-    # row indices are a constant.
+    # One group for every row (a reshape of the scalar is a bitcast, not a broadcast kernel) and
+    # rows by row_div (no index array, which would be an iota kernel).
     layer_1 = layer.reshape(1)
-    groups = layer_1 if n == 1 else jnp.broadcast_to(layer, (n,))
-    rows = np.arange(n, dtype=np.int32)
-    (partials,) = gemv(x_nd, rows, groups, (router_lde,), None, layout="k", interpret=interpret, **tiles)
+    (partials,) = gemv(x_nd, n, layer_1, (router_lde,), None, row_div=1, layout="k", interpret=interpret, **tiles)
     out = topk_from_partials(partials, layer_1 if with_groups else None, top_k=top_k,
                              norm_topk_prob=norm_topk_prob, interpret=interpret)
     if with_groups:
