@@ -470,10 +470,11 @@ def _fused_decode_prologue(x_btd, k_all, attn_full: "Attention", ctx) -> bool:
 
 def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all, v_all, slots_b,
                             kv_window, ctx):
-    """_layer_attention for a decode step on the kernels (see _fused_decode_prologue):
-    projections, one prologue kernel (q/k norm, RoPE, q padded per kv head), the cache write,
-    decode attention (which reads only each row's positions, so kv_window is not needed), o_proj.
-    -> (x + attention output, k_all, v_all)."""
+    """_layer_attention for a decode step on the kernels (see _fused_decode_prologue): q/k/v in
+    one gemv launch, one prologue kernel (q/k norm, RoPE, q padded per kv head, and the new K/V
+    written into the cache in place), decode attention (which reads only each row's positions,
+    so kv_window is not needed), o_proj. Where a piece is not covered, the step before it stays
+    (separate projections, an XLA cache write). -> (x + attention output, k_all, v_all)."""
     st = (attn_full, layer)
     norm_rope = (attn_full.q_norm.weight[...], attn_full.k_norm.weight[...], layer, cos[:, 0], sin[:, 0],
                  blk.attn.q_norm.eps)
@@ -487,6 +488,12 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
         qkv = kernels.projections_partials(specs, blocks.pop(), layer) if len(blocks) == 1 else None   # one launch
         if qkv is not None:
             q_p, k_p, v_p = qkv
+            # one kernel: q/k norm + RoPE, and the new K/V written into the cache in place
+            done = kernels.qk_prologue.qk_norm_rope_write_cache(
+                q_p, k_p, v_p, *norm_rope, k_all, v_all, slots_b, positions_bt[:, 0], heads=heads, dtype=h.dtype)
+            if done is not None:
+                q16, k_all, v_all = done
+                return _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, heads // kv, st, ctx)
             v = jnp.sum(v_p, axis=0).reshape(*h.shape[:-1], *attn_full.v_proj.w.shape[2:]).astype(h.dtype)
         else:
             q_p, k_p = (kernels.linear_einsum(*spec, full.fp8_block, layer=layer, partials=True)
@@ -500,10 +507,15 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
     else:
         q, k, v = blk.attn.projections(h, ctx, st)
         q16, k_rot = kernels.qk_prologue.qk_norm_rope(q[:, 0], k[:, 0], *norm_rope)
-    rows = np.arange(x.shape[0], dtype=np.int32) if slots_b is None else slots_b   # numpy: no iota kernel
+    rows = np.arange(x.shape[0], dtype=np.int32) if slots_b is None else slots_b
     k_all, v_all = _write_cache(k_all, v_all, layer, rows, positions_bt, k_rot[:, None], v)
-    out = kernels.decode_attention_cached(q16, k_all, v_all, layer, rows, positions_bt, blk.attn.scale,
-                                          group=heads // kv)
+    return _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, heads // kv, st, ctx)
+
+
+def _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, group, st, ctx):
+    """Decode attention over the cache (new K/V already written) and o_proj: -> (x + out, k_all, v_all)."""
+    rows = np.arange(x.shape[0], dtype=np.int32) if slots_b is None else slots_b
+    out = kernels.decode_attention_cached(q16, k_all, v_all, layer, rows, positions_bt, blk.attn.scale, group=group)
     return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all
 
 
@@ -543,8 +555,11 @@ def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all,
 
 # Layers per iteration of the decode step's scan (read at trace time). A while-loop iteration
 # costs kernels of its own on a GPU (the counter, the condition's copy to the host, slices of
-# per-layer params); unrolling trades them for compile time. serve.bench --decode-unroll measures it.
-DECODE_UNROLL = 1
+# per-layer params); unrolling trades them for compile time. Measured (H100, 30B-A3B, batch 1,
+# benchmarks/NOTES.md run 12): 1 -> 4 layers per iteration took bf16 4.314 -> 4.180 ms and FP8
+# 3.838 -> 3.662 ms with compile time unchanged; 48 (no loop) gained nothing more and compiled 4x
+# longer. serve.bench --decode-unroll measures it.
+DECODE_UNROLL = 4
 
 
 class Segment(nnx.Module):

@@ -328,34 +328,12 @@ def bench_decode(model, inv, batch: int, context: int, steps: int, reps: int, si
 def profile_call(call, steps: int, log, top: int = 30) -> dict:
     """Trace one call; per kernel name: total device time per decode step on the first GPU.
     Printed and returned."""
-    import glob
-    import tempfile
+    from qwen3_jax.kernels.tune import device_timeline
 
-    import jax
-
-    jax.block_until_ready(call())
-    with tempfile.TemporaryDirectory(prefix="qwen3_bench_prof_") as d:
-        with jax.profiler.trace(d):
-            jax.block_until_ready(call())
-        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        if not paths:
-            return {"error": "no profile written"}
-        data = jax.profiler.ProfileData.from_file(paths[0])
-    by_name, lines, first, last = {}, set(), None, None
-    # One device's timeline (the first GPU): on a mesh every device runs the same program.
-    gpus = sorted(p.name for p in data.planes if p.name.startswith("/device:GPU"))
-    for plane in data.planes:
-        if not gpus or plane.name != gpus[0]:
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):
-                continue
-            lines.add(line.name)
-            for ev in line.events:
-                n, dur = by_name.get(ev.name, (0, 0.0))
-                by_name[ev.name] = (n + 1, dur + ev.duration_ns)
-                first = ev.start_ns if first is None else min(first, ev.start_ns)
-                last = ev.start_ns + ev.duration_ns if last is None else max(last, ev.start_ns + ev.duration_ns)
+    tl = device_timeline(call)
+    if tl is None:
+        return {"error": "no profile written"}
+    by_name, lines, first, last = tl["by_name"], tl["lines"], tl["first_ns"], tl["last_ns"]
     busy = sum(d for _, d in by_name.values())
     out = {"lines": sorted(lines), "kernels_per_step": sum(n for n, _ in by_name.values()) / steps,
            "busy_us_per_step": busy / 1e3 / steps,

@@ -321,11 +321,16 @@ def test_tiny_model_with_kernels_matches_plain_xla():
     assert rel(outs[1], outs[0]) < TOL_BF16_MODEL
 
 
-def test_decode_step_on_the_kernels_matches_plain_xla():
+def test_decode_step_on_the_kernels_matches_plain_xla(monkeypatch):
     """One device, kernels forced on (interpret mode): prefill, then a decode step through the
-    fused prologue (q/k norm + RoPE + q padding), decode attention and the routing kernels."""
+    fused prologue (q/k norm + RoPE + q padding), decode attention and the routing kernels.
+    The layers stay a scan (DECODE_UNROLL 1): the kernels get a traced layer index, as in a
+    48-layer model (tiny models are otherwise unrolled, with constant indices)."""
     from qwen3_jax import Qwen3MoeConfig, random_model
+    from qwen3_jax import model as model_mod
     from reference import TINY, prefill_then_decode, with_distinct_norms
+
+    monkeypatch.setattr(model_mod, "DECODE_UNROLL", 1)
 
     cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, head_dim=32,
                                         num_experts=16))
@@ -337,7 +342,7 @@ def test_decode_step_on_the_kernels_matches_plain_xla():
         with kernels.kernels_enabled(on):
             jaxpr = str(jax.make_jaxpr(fn)(m.state, tokens))
             outs.append([np.asarray(a) for a in jax.jit(fn)(m.state, tokens)])
-    for name in ("qwen3_qk_norm_rope", "qwen3_decode_attention", "qwen3_router_topk"):
+    for name in ("qwen3_qk_norm_rope_kv", "qwen3_decode_attention", "qwen3_router_topk"):
         assert name in jaxpr, name
     for a, b in zip(outs[1], outs[0]):
         assert rel(a, b) < TOL_BF16_MODEL

@@ -142,4 +142,6 @@ def test_gpu_routed_groups_match_the_derived_groups_at_30b_shapes(fp8, n):
     layer = jnp.int32(1)
     new = jax.jit(_layer_fn(fp8))(x, router, layer, gate, up, down, *sc)
     old = jax.jit(_layer_fn(fp8, groups=False))(x, router, layer, gate, up, down, *sc)
-    np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+    # Same groups -> same experts and the same kernels; the two XLA programs around them may
+    # order a float32 sum differently (1 ulp on an H100 at n=8, run 12); a wrong group is O(1).
+    np.testing.assert_allclose(np.asarray(new), np.asarray(old), rtol=1e-5, atol=1e-5)

@@ -18,7 +18,8 @@ import pytest
 from qwen3_jax import Qwen3MoeConfig
 from qwen3_jax.kernels.decode_attention import decode_attention, decode_attention_cached, plan
 from qwen3_jax.kernels.linear import linear_einsum
-from qwen3_jax.kernels.qk_prologue import covered, qk_norm_rope, qk_norm_rope_partials, unpad_q16
+from qwen3_jax.kernels.qk_prologue import (covered, qk_norm_rope, qk_norm_rope_partials, qk_norm_rope_write_cache,
+                                          unpad_q16)
 from qwen3_jax.model import RMSNorm, apply_rope, rope_tables
 from reference import TINY
 
@@ -134,6 +135,38 @@ def test_partials_input_equals_the_summed_input(s_q, s_k, h, k):
                                  heads=12, dtype=jnp.bfloat16) is None
 
 
+def cache_written_by_xla(k_all, v_all, layer, rows, pos, k_rot, v):
+    """The model's XLA cache write (scatter, positions outside the cache dropped)."""
+    k_all = k_all.at[layer, rows, pos].set(k_rot.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[layer, rows, pos].set(v.astype(v_all.dtype), mode="drop")
+    return k_all, v_all
+
+
+@pytest.mark.parametrize("slots", [None, (3, 0, 1)])
+def test_prologue_writes_the_new_kv_into_the_cache_in_place(slots):
+    """qk_norm_rope_write_cache = qk_norm_rope_partials + the XLA scatter of k_rot and the summed
+    v, bit for bit: slot rows[b] (or b), position positions[b], layer `layer` only; a position
+    past the cache is dropped and nothing else in the cache changes."""
+    b, h, k, qd, layers, smax = 3, 8, 2, 32, 3, 8
+    rng = np.random.default_rng(29)
+    _, _, qn, kn, cos, sin = inputs(7, b, h, k, qd, layers=layers)
+    qp, kp, vp = (exact_partials(rng, s, b, n * qd) for s, n in ((2, h), (3, k), (3, k)))
+    k_all = jnp.asarray(rng.standard_normal((layers, 4, smax, k, qd)), jnp.bfloat16)
+    v_all = jnp.asarray(rng.standard_normal((layers, 4, smax, k, qd)), jnp.bfloat16)
+    pos = jnp.array([5, 0, smax], jnp.int32)            # row 2 is past the cache: dropped
+    rows = None if slots is None else jnp.array(slots, jnp.int32)
+    got_q16, got_k, got_v = jax.jit(lambda *a: qk_norm_rope_write_cache(
+        *a[:3], qn, kn, jnp.int32(1), cos[:, 0], sin[:, 0], EPS, *a[3:], heads=h, dtype=jnp.bfloat16))(
+        qp, kp, vp, k_all, v_all, rows, pos)
+    q16, k_rot = qk_norm_rope_partials(qp, kp, qn, kn, 1, cos[:, 0], sin[:, 0], EPS, heads=h, dtype=jnp.bfloat16)
+    v = jnp.sum(vp, 0).astype(jnp.bfloat16).reshape(b, k, qd)
+    want_k, want_v = cache_written_by_xla(k_all, v_all, 1, jnp.arange(b) if rows is None else rows, pos, k_rot, v)
+    np.testing.assert_array_equal(np.asarray(got_q16, np.float32), np.asarray(q16, np.float32))
+    np.testing.assert_array_equal(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32))
+    np.testing.assert_array_equal(np.asarray(got_v, np.float32), np.asarray(want_v, np.float32))
+    assert not np.array_equal(np.asarray(got_k, np.float32), np.asarray(k_all, np.float32))   # it did write
+
+
 @pytest.mark.parametrize("fp8,m", [(False, 3), (True, 40)])
 def test_linear_partials_sum_to_the_projection(fp8, m):
     """linear_einsum(partials=True) -> [S, M, N] float32 whose sum, cast, is the default output
@@ -227,6 +260,21 @@ def test_partials_prologue_lowers_to_triton_for_30b_shapes(b, monkeypatch):
     assert text.count("xla.gpu.triton") == 3 and "stablehlo.reduce" not in _ops(text)
 
 
+def test_cache_writing_prologue_lowers_to_triton_for_30b_shapes():
+    h, k, qd, n_layers = 32, 4, 128, 48
+    bf, f32 = jnp.bfloat16, jnp.float32
+    cache = _sds((n_layers, 4, 1024, k, qd), bf)
+
+    def fn(qp, kp, vp, qn, kn, cos, sin, kc, vc, rows, pos):
+        return qk_norm_rope_write_cache(qp, kp, vp, qn, kn, jnp.int32(3), cos, sin, EPS, kc, vc, rows, pos, heads=h,
+                                        dtype=bf, interpret=False)
+    text = jax.jit(fn).trace(_sds((8, 2, h * qd), f32), _sds((8, 2, k * qd), f32), _sds((8, 2, k * qd), f32),
+                             _sds((n_layers, qd), bf), _sds((n_layers, qd), bf), _sds((2, qd), bf), _sds((2, qd), bf),
+                             cache, cache, _sds((2,), jnp.int32), _sds((2,), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1 and "stablehlo.scatter" not in text
+
+
 def _ops(text):
     import re
     return set(re.findall(r"stablehlo\.\w+", text))
@@ -243,6 +291,29 @@ def test_gpu_qk_norm_rope_matches_xla_at_30b_shapes(b):
     q_ref, k_ref = jax.jit(reference, static_argnums=4)(q, kk, qn, kn, 17, cos, sin)
     assert rel(unpad_q16(q16, h), q_ref) < 5e-3 and rel(k_rot, k_ref) < 5e-3
     assert not np.any(np.asarray(q16[:, :, h // k:], np.float32))
+
+
+@pytest.mark.gpu
+def test_gpu_cache_writing_prologue_equals_the_xla_write_at_30b_shapes():
+    h, k, qd, n_layers, b = 32, 4, 128, 48, 4
+    rng = np.random.default_rng(41)
+    _, _, qn, kn, cos, sin = inputs(3, b, h, k, qd, layers=n_layers)
+    qp, kp, vp = (exact_partials(rng, 8, b, n * qd) for n in (h, k, k))
+    k_all = jnp.asarray(rng.standard_normal((n_layers, 6, 1024, k, qd)), jnp.bfloat16)
+    v_all = jnp.asarray(rng.standard_normal((n_layers, 6, 1024, k, qd)), jnp.bfloat16)
+    rows, pos = jnp.array([5, 0, 2, 3], jnp.int32), jnp.array([1023, 0, 700, 1024], jnp.int32)
+    got = jax.jit(lambda *a: qk_norm_rope_write_cache(*a[:3], qn, kn, jnp.int32(17), cos[:, 0], sin[:, 0], EPS,
+                                                      *a[3:], heads=h, dtype=jnp.bfloat16))(qp, kp, vp, k_all, v_all,
+                                                                                           rows, pos)
+
+    def old(qp, kp, vp, k_all, v_all):
+        q16, k_rot = qk_norm_rope_partials(qp, kp, qn, kn, jnp.int32(17), cos[:, 0], sin[:, 0], EPS, heads=h,
+                                           dtype=jnp.bfloat16)
+        v = jnp.sum(vp, 0).astype(jnp.bfloat16).reshape(b, k, qd)
+        return (q16, *cache_written_by_xla(k_all, v_all, 17, rows, pos, k_rot, v))
+    want = jax.jit(old)(qp, kp, vp, k_all, v_all)
+    for a, w in zip(got, want):   # exact partials: the same bits
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(w, np.float32))
 
 
 @pytest.mark.gpu

@@ -71,7 +71,7 @@ def qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps:
 
 
 def qk_norm_rope_partials(q_sbn, k_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps: float, *, heads: int,
-                          dtype, interpret=None, num_warps: int = 2):
+                          dtype, interpret=None, num_warps: int = 2, _check_only: bool = False):
     """qk_norm_rope on the projections before their split-K reduction: q [S, B, H*Q] and
     k [S, B, K*Q] float32 partial sums (linear_einsum(..., partials=True); S may differ between
     them), `heads` = H, `dtype` the activation dtype. Each row's sum over S is rounded to
@@ -93,8 +93,38 @@ def qk_norm_rope_partials(q_sbn, k_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin
         return None
     q4 = q_sbn.reshape(s_q, b, heads, qd)                  # free: splits the last axis only
     k4 = k_sbn.reshape(k_sbn.shape[0], b, kv, qd)
+    if _check_only:
+        return q4, k4
     return _qk_norm_rope(q4, k4, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq,
                          eps=float(eps), dtype=jnp.dtype(dtype),
+                         interpret=_interpret() if interpret is None else bool(interpret), num_warps=num_warps)
+
+
+def qk_norm_rope_write_cache(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps: float,
+                             k_all, v_all, rows_b, positions_b, *, heads: int, dtype, interpret=None,
+                             num_warps: int = 2):
+    """qk_norm_rope_partials that also writes the new K/V into the cache: v [S, B, K*Q] float32
+    partial sums like k; k_all, v_all [L, slots, S_max, K, Q] updated in place (aliased) at
+    [layer, rows[b], positions[b]] (rows None: row b is slot b; a position outside the cache is
+    dropped, as the XLA scatter's mode="drop"). -> (q16 [B, K, 16, Q], k_all, v_all), or None
+    when not covered. Saves XLA's v reduction and the two cache-write kernel pairs per layer."""
+    qd = q_norm_lq.shape[-1]
+    if (v_sbn.ndim != 3 or v_sbn.dtype != jnp.float32 or k_all.ndim != 5 or v_all.shape != k_all.shape
+            or k_all.dtype != jnp.dtype(dtype) or v_sbn.shape[1:] != k_sbn.shape[1:]):
+        return None
+    kv = k_sbn.shape[2] // qd if qd else 0
+    if k_all.shape[3:] != (kv, qd) or positions_b.shape != (k_sbn.shape[1],):
+        return None
+    if rows_b is not None and rows_b.shape != positions_b.shape:
+        return None
+    base = qk_norm_rope_partials(q_sbn, k_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps, heads=heads,
+                                 dtype=dtype, interpret=interpret, num_warps=num_warps, _check_only=True)
+    if base is None:
+        return None
+    q4, k4 = base
+    v4 = v_sbn.reshape(v_sbn.shape[0], *k4.shape[1:])
+    return _qk_norm_rope(q4, k4, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq,
+                         cache=(v4, k_all, v_all, rows_b, positions_b), eps=float(eps), dtype=jnp.dtype(dtype),
                          interpret=_interpret() if interpret is None else bool(interpret), num_warps=num_warps)
 
 
@@ -105,10 +135,14 @@ def unpad_q16(q16_bkrq, heads: int):
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "dtype", "interpret", "num_warps"))
-def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, *, eps, dtype, interpret, num_warps):
+def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, cache=None, *, eps, dtype, interpret,
+                  num_warps):
     """q_in [B, H, Q] and k_in [B, K, Q] (dtype None: their own dtypes), or float32 partial sums
-    q_in [Sq, B, H, Q] and k_in [Sk, B, K, Q] summed here and rounded to `dtype`."""
+    q_in [Sq, B, H, Q] and k_in [Sk, B, K, Q] summed here and rounded to `dtype`. cache: None, or
+    (v partials [Sv, B, K, Q], k_all, v_all, rows [B] or None, positions [B]) to write K/V into
+    the cache (aliased) instead of returning k_rot."""
     summed = dtype is not None
+    write = cache is not None
     b, h, qd = q_in.shape[-3:]
     k = k_in.shape[-2]
     g = h // k
@@ -144,7 +178,12 @@ def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, *, ep
         out_hi = rd(n_hi * c_hi) + rd(n_lo * s_hi)
         return out_lo.astype(dt), out_hi.astype(dt)
 
-    def kernel(layer_ref, q_ref, k_ref, qw_ref, kw_ref, cos_ref, sin_ref, q16_ref, krot_ref):
+    def kernel(*refs):
+        if write:
+            (layer_ref, q_ref, k_ref, qw_ref, kw_ref, cos_ref, sin_ref, v_ref, *rows_ref, pos_ref, _, _,
+             q16_ref, kc_ref, vc_ref) = refs
+        else:
+            layer_ref, q_ref, k_ref, qw_ref, kw_ref, cos_ref, sin_ref, q16_ref, krot_ref = refs
         bi, kh = pl.program_id(0), pl.program_id(1)
         li = layer_ref[0]
         c_lo, c_hi = cos_ref[bi, lo], cos_ref[bi, up]                       # [Q/2]
@@ -165,14 +204,33 @@ def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, *, ep
 
         k_lo, k_hi = norm_rope(load(k_ref, kdt, bi, kh, lo), load(k_ref, kdt, bi, kh, up),     # [Q/2]
                                kw_ref[li, lo], kw_ref[li, up], c_lo, c_hi, s_lo, s_hi, kdt)
-        krot_ref[bi, kh, lo] = k_lo
-        krot_ref[bi, kh, up] = k_hi
+        if not write:
+            krot_ref[bi, kh, lo] = k_lo
+            krot_ref[bi, kh, up] = k_hi
+            return
+        slot = rows_ref[0][bi] if rows_ref else bi
+        p = pos_ref[bi]
 
+        @pl.when((p >= 0) & (p < kc_ref.shape[2]))
+        def _store():
+            kc_ref[li, slot, p, kh, lo] = k_lo
+            kc_ref[li, slot, p, kh, up] = k_hi
+            vc_ref[li, slot, p, kh, :] = load(v_ref, kdt, bi, kh, pl.ds(0, qd)).astype(kdt)
+
+    operands = (jnp.reshape(layer, (1,)), q_in, k_in, q_norm_lq, k_norm_lq, cos_bq, sin_bq)
+    q16 = jax.ShapeDtypeStruct((b, k, ROWS, qd), qdt)
+    if not write:
+        out_shape, aliases = (q16, jax.ShapeDtypeStruct((b, k, qd), kdt)), {}
+    else:
+        v_in, k_all, v_all, rows, pos = cache
+        extra = (v_in,) + (() if rows is None else (rows.astype(jnp.int32),)) + (pos.astype(jnp.int32), k_all, v_all)
+        operands += extra
+        n = len(operands)
+        out_shape = (q16, jax.ShapeDtypeStruct(k_all.shape, k_all.dtype), jax.ShapeDtypeStruct(v_all.shape, v_all.dtype))
+        aliases = {n - 2: 1, n - 1: 2}   # the caches are updated in place
     return pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct((b, k, ROWS, qd), qdt), jax.ShapeDtypeStruct((b, k, qd), kdt)),
-        grid=(b, k),
+        kernel, out_shape=out_shape, grid=(b, k), input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name="qwen3_qk_norm_rope",
-    )(jnp.reshape(layer, (1,)), q_in, k_in, q_norm_lq, k_norm_lq, cos_bq, sin_bq)
+        name="qwen3_qk_norm_rope_kv" if write else "qwen3_qk_norm_rope",
+    )(*operands)
