@@ -592,6 +592,9 @@ def main(argv=None) -> dict:
     hf = None
     if args.hf_peer:   # before JAX allocates the GPU
         hf = run_hf_peer(args, models[0], log)
+    # As the server (serve/cli.py): the process owns the card. JAX's default 75% left a 57 GiB
+    # bf16 model 2.5 GiB, too little for batch 64's 6 GiB KV cache (run 13).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
     import jax
 

@@ -307,12 +307,17 @@ def _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block):
 # Run 8 (2026-11-28, benchmarks/NOTES.md): bf16 "dot" with bk=64 60.2 us (default 65.8 us); FP8
 # "dot" with convert="f16" 57.3 us, the fastest FP8 variant, and the whole FP8 decode step at
 # batch 1 went 4.95 -> 4.39 ms with it.
+# Run 13 (device time per kernel from the profiler, H100, every decode gemv shape of 30B-A3B at
+# batch 1): 2 pipeline stages beat 3 where a program runs <= 4 K steps (qkv, MoE gate/up and down:
+# 3-9% faster, bf16 and FP8), and o_proj (K=4096: 128 programs at split 8) gained 20-26% from
+# split 16. num_stages None = that rule; an int forces it.
 GEMV_DEFAULTS = {
-    "bf16": dict(bn=128, bk=64, num_warps=8, num_stages=3, acc2d=True, convert="cast", mode="dot",
-                 target_programs=264, max_split=8),
-    "fp8": dict(bn=128, bk=64, num_warps=4, num_stages=3, acc2d=True, convert="f16", mode="dot",
-                target_programs=264, max_split=8),
+    "bf16": dict(bn=128, bk=64, num_warps=8, num_stages=None, acc2d=True, convert="cast", mode="dot",
+                 target_programs=264, max_split=16),
+    "fp8": dict(bn=128, bk=64, num_warps=4, num_stages=None, acc2d=True, convert="f16", mode="dot",
+                target_programs=264, max_split=16),
 }
+SHORT_LOOP_STEPS = 4   # K steps per program at or below which 2 stages are used (num_stages None)
 
 
 def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int, **override):
@@ -332,5 +337,8 @@ def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int,
     while (rows * tiles * split < cfg["target_programs"] and split * 2 <= cfg["max_split"]
            and k_dim % (bk_t * split * 2) == 0):
         split *= 2
-    return dict(bn=bn_t, bk=bk_t, split_k=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    stages = cfg["num_stages"]
+    if stages is None:
+        stages = 2 if k_dim // (bk_t * split) <= SHORT_LOOP_STEPS else 3
+    return dict(bn=bn_t, bk=bk_t, split_k=split, num_warps=cfg["num_warps"], num_stages=stages,
                 acc2d=cfg["acc2d"], convert=cfg["convert"], mode=cfg["mode"])
