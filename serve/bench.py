@@ -608,7 +608,7 @@ def main(argv=None) -> dict:
     if args.sweep_gemv:
         from qwen3_jax.kernels import tune
         c = resolve_bench_config(models[0], args.layers)
-        log("gemv shape sweep (batch 1, per layer, one element of the output consumed per layer):")
+        log("gemv shape sweep (batch 1, device time per layer from the profiler):")
         rows = tune.sweep_gemv_shapes(ceilings["bandwidth"], d=c.hidden_size, heads=c.num_attention_heads,
                                       kv=c.num_key_value_heads, hd=c.head_dim, f=c.moe_intermediate_size,
                                       k=c.num_experts_per_tok, log=log)

@@ -80,3 +80,19 @@ def test_layers_option_keeps_shapes_and_says_so():
     assert cfg.num_hidden_layers == 4 and cfg.hidden_size == 2048 and cfg.fp8 is not None
     with pytest.raises(SystemExit, match="--layers 99"):
         bench.resolve_bench_config("Qwen3-30B-A3B", 99)
+
+
+def test_variant_flags_time_each_setting_and_restore_the_defaults():
+    """--fp8-gemm and --decode-unroll time one row per setting (labelled), then put the library's
+    defaults back."""
+    from qwen3_jax import kernels
+    from qwen3_jax import model as model_mod
+
+    before = (kernels.fp8_gemm(), model_mod.DECODE_UNROLL)
+    res = bench.main(["--model", "tiny-FP8", "--batch", "1", "--context", "16", "--prefill=", "--steps", "2",
+                      "--reps", "1", "--single-step=", "--kernels", "on", "--fp8-gemm", "w8a16,w8a8",
+                      "--decode-unroll", "1,2"])
+    labels = [r["kernels"] for r in res["decode"]]
+    assert labels == ["on w8a16 unroll 1", "on w8a16 unroll 2", "on w8a8 unroll 1", "on w8a8 unroll 2"]
+    assert all(r["step_ms"] > 0 for r in res["decode"])
+    assert (kernels.fp8_gemm(), model_mod.DECODE_UNROLL) == before

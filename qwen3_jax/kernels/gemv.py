@@ -11,12 +11,14 @@ the product of each K block per column; layout "n" folds the per-row scale into 
 for "fma"; for "dot", x * scale is rounded to x's dtype before the MMA).
 
 Shapes (G groups, K in, N out, R output rows, S = split_k):
-  x [M, K] (any float), rows [R] int32 in [0, M), groups [R] int32 in [-1, G) (-1: row is zeros,
-  no weight read) or [1] (one group for every row: a projection's layer, with no broadcast kernel),
-  or with row_div=d (static): rows_r is the row count R and output row r reads x row r // d
-  (d=1: row r; d=k: the k assignments of each token), weights: 1 or 2 arrays [G, K, N] of one dtype (2 = gate and up, sharing x
-  and every tile), or with concat=True (mode "dot") any number [G, K, N_i] laid side by side
-  along the grid's column axis: q, k, v in one launch, each its own output [S, R, N_i],
+  x [M, K] (any float),
+  rows [R] int32 in [0, M); or with row_div=d (static) the int R, and output row r reads x row
+    r // d (d=1: row r; d=k: the k assignments of each token), with no index operand,
+  groups [R] int32 in [-1, G) (-1: row is zeros, no weight read), or [1]: one group for every
+    row (a projection's layer, with no broadcast kernel),
+  weights: 1 or 2 arrays [G, K, N] of one dtype (2 = gate and up, sharing x and every tile), or
+    with concat=True (mode "dot") any number [G, K, N_i] laid side by side along the grid's
+    column axis: q, k, v in one launch, each with its own output [S, R, N_i],
   scales: None or one float32 array per weight:
     layout "k": [G, ceil(K/block), N]  (K in blocks, N per element; gate/up, q/k/v)
     layout "n": [G, K, ceil(N/block)]  (K per element, N in blocks; down, o_proj)
@@ -196,6 +198,7 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
         g = groups_ref[r if per_row else 0]
         row = row_of(r)
         first = jax.lax.broadcasted_iota(jnp.int32, (16, bk), 0) == 0
+
         def part(lo, w_idx):
             n0 = pl.multiple_of((j - lo) * bn, bn)
 
@@ -209,8 +212,9 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
 
         if len(parts) == 1:
             part(0, parts[0][2])
-        for lo, hi, w_idx in parts if len(parts) > 1 else ():
-            pl.when((j >= lo) & (j < hi))(lambda lo=lo, w_idx=w_idx: part(lo, w_idx))
+        else:   # each program's column tile belongs to one projection
+            for lo, hi, w_idx in parts:
+                pl.when((j >= lo) & (j < hi))(functools.partial(part, lo, w_idx))
 
     return _launch(kernel, "qwen3_gemv_dot", x_mk, rows_r, groups_r, weights, scales, bn, split_k, num_warps,
                    num_stages, interpret, n_tiles=parts[-1][1])
