@@ -12,7 +12,6 @@ mesh=...) under any mesh, and `python -m serve --model CKPT_DIR` serves it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -21,14 +20,8 @@ def _ensure_cpu_devices(n: int) -> None:
     """Ask for n CPU devices; effective only before JAX starts its backends (as here, in main)."""
     if n <= 1:
         return
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    import jax
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except Exception:  # older JAX without the option, or backends already up: XLA_FLAGS above does it
-        pass
+    from sharding.mesh import request_cpu_devices
+    request_cpu_devices(n)
 
 
 def pick_devices(n: int):

@@ -68,21 +68,14 @@ def prepare_devices(mesh: str) -> int:
 
     Harmless on GPU machines (only the host platform is affected). -> devices the mesh needs.
     """
-    from sharding.mesh import parse_mesh_spec
+    from sharding.mesh import parse_mesh_spec, request_cpu_devices
 
     # JAX's GPU allocator takes 75% of a card by default; the server owns the card and splits it
     # itself (--mem-fraction-static for weights + KV cache, the rest workspace), so let it see 95%.
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     n = parse_mesh_spec(mesh).num_devices
     if n > 1:
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_force_host_platform_device_count" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-        import jax
-        try:
-            jax.config.update("jax_num_cpu_devices", n)
-        except Exception:  # JAX without the option: XLA_FLAGS does it
-            pass
+        request_cpu_devices(n)
     return n
 
 
@@ -108,10 +101,6 @@ def check_port(host: str, port: int):
             s.bind((host, port))
         except OSError as e:
             raise SystemExit(f"error: cannot listen on {host}:{port} ({e.strerror}); pass another --port")
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
 def _memory_plan(args, cfg, spec):
@@ -206,6 +195,7 @@ def _plan_nodes(args):
 
 def _serve(args, watchdog=None) -> int:
     from qwen3_jax.config import Qwen3MoeConfig
+    from sharding.layout import human_bytes
     from sharding.mesh import check_against_config, parse_mesh_spec
 
     from .builtin import builtin_checkpoint
@@ -245,7 +235,7 @@ def _serve(args, watchdog=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     weights = engine.model.param_bytes_per_device()
-    log.info("weights: %s per device (%d device%s, %s)", _gib(max(weights.values())), len(weights),
+    log.info("weights: %s per device (%d device%s, %s)", human_bytes(max(weights.values())), len(weights),
              "s" if len(weights) > 1 else "", engine.model.dtype)
     log.info(engine.cache_size.describe())
     if args.node_rank > 0:  # a follower: no HTTP; run rank 0's steps until it stops

@@ -137,15 +137,12 @@ def initialize(args, num_devices: int) -> "Watchdog":
     """
     import jax
 
+    from sharding.mesh import request_cpu_devices
+
     check_args(args, num_devices)
     host, _ = split_addr(args.dist_init_addr)
-    os.environ["XLA_FLAGS"] = _with_device_count(os.environ.get("XLA_FLAGS", ""),
-                                                 local_device_count(num_devices, args.nnodes))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    try:
-        jax.config.update("jax_num_cpu_devices", local_device_count(num_devices, args.nnodes))
-    except Exception:  # JAX without the option: XLA_FLAGS does it
-        pass
+    request_cpu_devices(local_device_count(num_devices, args.nnodes))
     kw = dict(coordinator_address=args.dist_init_addr, num_processes=args.nnodes, process_id=args.node_rank)
     optional = dict(
         # Our watchdog reports a lost node first, with its rank; JAX's heartbeat stays the backstop.
@@ -174,13 +171,6 @@ def initialize(args, num_devices: int) -> "Watchdog":
     wd = Watchdog.start(args.node_rank, args.nnodes, host, args.dist_timeout)
     atexit.register(wd.close)  # registered after JAX's: runs first, so an ordinary exit is not "lost"
     return wd
-
-
-def _with_device_count(flags: str, n: int) -> str:
-    import re
-
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
-    return f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
 # -- the watchdog -----------------------------------------------------------------------------

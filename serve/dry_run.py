@@ -76,19 +76,15 @@ def force_cpu(num_devices: int) -> list:
     are used when there are enough, else the planner compiles in a child process.
     """
     import os
-    import re
 
     import jax
 
+    from sharding.mesh import request_cpu_devices
+
     if not _jax_initialized():
-        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}".strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
         jax.config.update("jax_platforms", "cpu")
-        try:
-            jax.config.update("jax_num_cpu_devices", num_devices)
-        except Exception:  # JAX without the option: XLA_FLAGS does it
-            pass
+        request_cpu_devices(num_devices)
     devices = jax.devices("cpu")
     return devices if len(devices) >= num_devices else []
 

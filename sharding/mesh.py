@@ -320,6 +320,24 @@ def kv_replication(mesh: MeshSpec, cfg) -> int:
     return mesh.tp // kv if mesh.tp > kv else 1
 
 
+def request_cpu_devices(n: int, env: dict | None = None, *, configure_jax: bool = True) -> None:
+    """Ask XLA's CPU platform for n simulated devices: the XLA_FLAGS device count in `env`
+    (default os.environ; any earlier count replaced) and, when configure_jax, JAX's
+    jax_num_cpu_devices. Effective only before JAX starts its backends (or in a child process
+    given `env`); GPU platforms are not affected."""
+    import os
+
+    env = os.environ if env is None else env
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).split()
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    if configure_jax:
+        import jax
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except Exception:  # JAX without the option, or backends already up: XLA_FLAGS does it
+            pass
+
+
 def make_mesh(mesh: MeshSpec, devices=None, cfg=None):
     """The jax Mesh (Auto axis types) over the first N devices; too few devices is an error.
 

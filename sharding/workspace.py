@@ -31,12 +31,11 @@ import dataclasses
 import importlib
 import json
 import os
-import re
 import subprocess
 import sys
 from typing import Callable
 
-from .mesh import MeshSpec, kv_replication, make_mesh, parse_mesh_spec
+from .mesh import MeshSpec, kv_replication, make_mesh, parse_mesh_spec, request_cpu_devices
 
 MODEL_STEPS_PATH = "sharding.workspace:MODEL_STEPS"
 CPU_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
@@ -220,8 +219,7 @@ def _in_child(cfg, spec: MeshSpec, dtype, context_length, steps, jobs) -> dict:
     request = {"config": cfg.to_hf_dict(), "name": cfg.name, "dp": spec.dp, "tp": spec.tp, "ep": spec.ep,
                "dtype": str(dtype), "context_length": context_length, "steps": steps, "jobs": jobs}
     env = dict(os.environ)
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={spec.num_devices}".strip()
+    request_cpu_devices(spec.num_devices, env, configure_jax=False)   # the child's environment
     env["JAX_PLATFORMS"] = "cpu"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -241,10 +239,7 @@ def _child_main() -> int:
 
     req = json.loads(sys.stdin.read())
     spec = MeshSpec(req["dp"], req["tp"], req["ep"])
-    try:
-        jax.config.update("jax_num_cpu_devices", spec.num_devices)
-    except Exception:  # JAX without the option: XLA_FLAGS (set by the parent) does it
-        pass
+    request_cpu_devices(spec.num_devices)
     cfg = Qwen3MoeConfig.from_dict(req["config"], name=req["name"])
     jobs = {part: tuple(job) for part, job in req["jobs"].items()}
     found = workspace._compile(cfg, spec, req["dtype"], req["context_length"], req["steps"],

@@ -153,3 +153,14 @@ def test_model_entry_points_refuse_before_allocating(tmp_path):
     with pytest.raises(MeshSpecError, match="num_attention_heads=8 is not divisible by tp=3"):
         qwen3_jax.load(str(tmp_path), mesh="tp=3", progress=False)
     assert len(jax.live_arrays()) == before
+
+
+def test_request_cpu_devices_replaces_an_earlier_count_and_keeps_other_flags():
+    from sharding.mesh import request_cpu_devices
+
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=2"}
+    request_cpu_devices(8, env, configure_jax=False)
+    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=8"
+    empty = {}
+    request_cpu_devices(4, empty, configure_jax=False)
+    assert empty["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
