@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 
 DEFAULT_SLOTS_CPU = 16
 DEFAULT_SLOTS_ACCELERATOR = 64
@@ -44,13 +43,6 @@ class CacheSize:
                 f"context | {gib:.3f} GiB per device ({self.source})")
 
 
-def kv_bytes_per_token_per_device(cfg, spec, kv_rep: int, dtype) -> int:
-    """Bytes one cached token of one slot costs each device (K heads split over the tensor axis)."""
-    k_heads = cfg.num_key_value_heads * kv_rep
-    local = k_heads // spec.tp if k_heads % spec.tp == 0 else k_heads
-    return cfg.num_hidden_layers * 2 * local * cfg.head_dim * np.dtype(dtype).itemsize
-
-
 def device_budget(devices, mem_fraction_static: float) -> int | None:
     """Bytes each device may still give the KV cache, or None when the platform reports no memory."""
     budgets = []
@@ -65,14 +57,18 @@ def device_budget(devices, mem_fraction_static: float) -> int | None:
     return min(budgets) if budgets else None
 
 
-def size_cache(cfg, spec, kv_rep: int, dtype, devices, *, context_length: int,
+def size_cache(cfg, spec, dtype, devices, *, context_length: int,
                max_running_requests: int | None, mem_fraction_static: float,
                kv_cache_tokens: int | None = None) -> CacheSize:
     """Slots = min(max_running_requests, kv tokens that fit // context_length), a multiple of dp.
 
-    `kv_cache_tokens` (e.g. from the memory planner) overrides the measured budget.
+    `kv_cache_tokens` (e.g. from the memory planner) overrides the measured budget. Bytes per
+    token per device are the planner's (sharding.memory.kv_bytes_per_token), so the engine and
+    the start-up plan cannot disagree.
     """
-    per_token = kv_bytes_per_token_per_device(cfg, spec, kv_rep, dtype)
+    from sharding.memory import kv_bytes_per_token
+
+    per_token = kv_bytes_per_token(cfg, spec, dtype)
     dp = spec.dp
     budget = None
     if kv_cache_tokens is not None:

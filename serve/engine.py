@@ -147,7 +147,7 @@ class Engine:
         devices = self._devices()
         here = [d for d in devices if d.process_index == jax.process_index()]  # the devices we can measure
         self.cache_size: CacheSize = size_cache(
-            cfg, model.mesh_spec, model.kv_rep, model.dtype, here, context_length=self.context_length,
+            cfg, model.mesh_spec, model.dtype, here, context_length=self.context_length,
             max_running_requests=max_running_requests, mem_fraction_static=mem_fraction_static,
             kv_cache_tokens=kv_cache_tokens)
         if jax.process_count() > 1:  # several processes (serve/distributed.py) build one cache: the smallest

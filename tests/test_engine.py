@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from serve.builtin import builtin_checkpoint
-from serve.capacity import CapacityError, kv_bytes_per_token_per_device, size_cache
+from serve.capacity import CapacityError, size_cache
+from sharding.memory import kv_bytes_per_token
 from serve.engine import Engine, EngineClosed, QueueFull, prefill_buckets
 from serve.request import Request
 from serve.sampling import SamplingParams, sample
@@ -172,13 +173,13 @@ def engine(ckpt):
 
 def test_kv_bytes_formula_matches_the_cache(engine):
     m, cs = engine.model, engine.cache_size
-    per = kv_bytes_per_token_per_device(m.config, m.mesh_spec, m.kv_rep, m.dtype)
+    per = kv_bytes_per_token(m.config, m.mesh_spec, m.dtype)
     actual = sum(a.nbytes for a in jax.tree.leaves(engine.cache))
     assert actual == per * engine.num_slots * engine.context_length == cs.cache_bytes_per_device
-    assert size_cache(m.config, m.mesh_spec, m.kv_rep, m.dtype, [], context_length=128, max_running_requests=8,
+    assert size_cache(m.config, m.mesh_spec, m.dtype, [], context_length=128, max_running_requests=8,
                       mem_fraction_static=0.9, kv_cache_tokens=128 * 5 + 7).num_slots == 5
     with pytest.raises(CapacityError, match="context length 128"):
-        size_cache(m.config, m.mesh_spec, m.kv_rep, m.dtype, [], context_length=128, max_running_requests=8,
+        size_cache(m.config, m.mesh_spec, m.dtype, [], context_length=128, max_running_requests=8,
                    mem_fraction_static=0.9, kv_cache_tokens=100)
 
 
