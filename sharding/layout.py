@@ -101,8 +101,9 @@ def layout_table(model_or_state, mesh: MeshSpec | str | None = None) -> str:
 
 
 def human_bytes(n: int) -> str:
+    """Bytes in GiB, MiB or KiB (binary units: device memory is sold and set in them), B below."""
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
+        if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
 

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import math
 
+from .layout import human_bytes
 from .mesh import MESH_AXES, MeshSpec, check_against_config, kv_replication, parse_mesh_spec, valid_specs
 from .workspace import MODEL_STEPS_PATH, Workspace, step_workspace
 
@@ -41,13 +42,6 @@ _WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "
 
 def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
-def gib(n: int) -> str:
-    """Bytes in GiB (MiB, KiB below them): device memory is sold and set in binary units."""
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(n) >= scale or unit == "KiB":
-            return f"{n / scale:.2f} {unit}"
 
 
 # -- weights -----------------------------------------------------------------------------------
@@ -201,18 +195,18 @@ class MemoryPlan:
         """Why it does not fit, with the numbers; None when it fits."""
         if self.fits:
             return None
-        budget = f"the {gib(self.budget_bytes)} budget ({gib(self.limit_bytes)} x {self.mem_fraction_static})"
+        budget = f"the {human_bytes(self.budget_bytes)} budget ({human_bytes(self.limit_bytes)} x {self.mem_fraction_static})"
         name, size = self.largest_component()
         if self.weight_bytes > self.budget_bytes:
-            return (f"the weights alone are {gib(self.weight_bytes)} per device, over {budget}; "
-                    f"the largest part is {name}: {gib(size)}")
+            return (f"the weights alone are {human_bytes(self.weight_bytes)} per device, over {budget}; "
+                    f"the largest part is {name}: {human_bytes(size)}")
         if self.weight_bytes + self.workspace_bytes > self.budget_bytes:
-            return (f"weights {gib(self.weight_bytes)} + workspace {gib(self.workspace_bytes)} per device "
+            return (f"weights {human_bytes(self.weight_bytes)} + workspace {human_bytes(self.workspace_bytes)} per device "
                     f"exceed {budget}")
         need = self.context_length * self.kv_bytes_per_token
-        return (f"after weights ({gib(self.weight_bytes)}) and workspace ({gib(self.workspace_bytes)}) the KV "
-                f"cache gets {gib(self.kv_cache_bytes)} per device, {self.kv_tokens_per_group} tokens; one "
-                f"request of context {self.context_length} needs {gib(need)}")
+        return (f"after weights ({human_bytes(self.weight_bytes)}) and workspace ({human_bytes(self.workspace_bytes)}) the KV "
+                f"cache gets {human_bytes(self.kv_cache_bytes)} per device, {self.kv_tokens_per_group} tokens; one "
+                f"request of context {self.context_length} needs {human_bytes(need)}")
 
     # -- re-planning a change ----------------------------------------------------------------
     def replan(self, cfg=None, mesh=None, **changes) -> "MemoryPlan":
@@ -236,7 +230,7 @@ class MemoryPlan:
 
     # -- output ------------------------------------------------------------------------------
     def summary(self) -> str:
-        return (f"{gib(self.weight_bytes)} weights per device, {self.kv_cache_tokens:,} KV tokens "
+        return (f"{human_bytes(self.weight_bytes)} weights per device, {self.kv_cache_tokens:,} KV tokens "
                 f"({_count(self.max_concurrent_requests, 'request')} at context {self.context_length})")
 
     def format(self) -> str:
@@ -244,22 +238,22 @@ class MemoryPlan:
         lines = [f"memory plan: {self.model_name} ({'FP8' if self.config.fp8 else self.dtype} weights, "
                  f"{self.dtype} compute)",
                  self.mesh.describe(),
-                 f"per device: limit {gib(self.limit_bytes)}, x mem_fraction_static {self.mem_fraction_static} "
-                 f"= {gib(self.budget_bytes)} for weights + workspace + KV cache",
-                 f"  weights     {gib(self.weight_bytes):>12}"]
+                 f"per device: limit {human_bytes(self.limit_bytes)}, x mem_fraction_static {self.mem_fraction_static} "
+                 f"= {human_bytes(self.budget_bytes)} for weights + workspace + KV cache",
+                 f"  weights     {human_bytes(self.weight_bytes):>12}"]
         for name in COMPONENTS:
             if self.weights.get(name):
-                lines.append(f"    {name:<12}{gib(self.weights[name]):>10}")
+                lines.append(f"    {name:<12}{human_bytes(self.weights[name]):>10}")
         if w is None:
             lines.append("  workspace   (not compiled)")
         else:
-            lines.append(f"  workspace   {gib(w.bytes):>12}   prefill {w.prefill_tokens} tokens: "
-                         f"{gib(w.prefill_bytes)}, decode {_count(w.decode_batch, 'request')}: {gib(w.decode_bytes)}")
+            lines.append(f"  workspace   {human_bytes(w.bytes):>12}   prefill {w.prefill_tokens} tokens: "
+                         f"{human_bytes(w.prefill_bytes)}, decode {_count(w.decode_batch, 'request')}: {human_bytes(w.decode_bytes)}")
             lines.append(f"              (XLA memory analysis on {w.platform}: {w.compiled_as})")
-        lines.append(f"  kv cache    {gib(self.kv_cache_bytes):>12}   {self.kv_tokens_per_group:,} tokens per data "
+        lines.append(f"  kv cache    {human_bytes(self.kv_cache_bytes):>12}   {self.kv_tokens_per_group:,} tokens per data "
                      f"group x {self.mesh.dp} = {self.kv_cache_tokens:,} tokens "
                      f"({self.kv_bytes_per_token:,} bytes per token per device)")
-        lines.append(f"  total       {gib(self.total_bytes):>12}   of {gib(self.limit_bytes)}")
+        lines.append(f"  total       {human_bytes(self.total_bytes):>12}   of {human_bytes(self.limit_bytes)}")
         if self.fits:
             lines.append(f"verdict: fits; {_count(self.max_concurrent_requests, 'concurrent request')} at context "
                          f"{self.context_length}")
@@ -347,14 +341,14 @@ def sweep(cfg, num_devices: int, **kw) -> list[MemoryPlan]:
 def format_sweep(plans: list[MemoryPlan]) -> str:
     """A table: one row per mesh, best KV capacity first among those that fit."""
     header = ("mesh", "dp", "tp", "ep", "weights", "workspace", "kv tokens", "requests", "fits")
-    rows = [(str(p.mesh), str(p.mesh.dp), str(p.mesh.tp), str(p.mesh.ep), gib(p.weight_bytes),
-             gib(p.workspace_bytes), f"{p.kv_cache_tokens:,}", str(p.max_concurrent_requests),
+    rows = [(str(p.mesh), str(p.mesh.dp), str(p.mesh.tp), str(p.mesh.ep), human_bytes(p.weight_bytes),
+             human_bytes(p.workspace_bytes), f"{p.kv_cache_tokens:,}", str(p.max_concurrent_requests),
              "yes" if p.fits else "no")
             for p in sorted(plans, key=lambda p: (not p.fits, -p.kv_cache_tokens))]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     first = plans[0] if plans else None
-    title = (f"{first.model_name} on {first.num_devices} devices of {gib(first.limit_bytes)}, context "
+    title = (f"{first.model_name} on {first.num_devices} devices of {human_bytes(first.limit_bytes)}, context "
              f"{first.context_length}, mem_fraction_static {first.mem_fraction_static}" if first else "no valid mesh")
     return "\n".join([title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
 
@@ -439,7 +433,7 @@ def _find_suggestions(plan: MemoryPlan) -> list[tuple[str, MemoryPlan]]:
             while size >= 128:
                 p = plan.replan(chunked_prefill_size=size)
                 if p.fits:
-                    out.append((f"--chunked-prefill-size {size} (prefill workspace {gib(p.workspace.prefill_bytes)}): "
+                    out.append((f"--chunked-prefill-size {size} (prefill workspace {human_bytes(p.workspace.prefill_bytes)}): "
                                 f"{p.summary()}", p))
                     break
                 size //= 2
@@ -515,13 +509,13 @@ def measure_device_memory(devices=None) -> list[dict]:
 
 def compare_with_plan(plan: MemoryPlan, measured: list[dict]) -> str:
     """Planned vs measured per device, e.g. after loading: weights planned vs bytes in use."""
-    lines = [f"planned weights per device {gib(plan.weight_bytes)} ({plan.weight_bytes:,} bytes)"]
+    lines = [f"planned weights per device {human_bytes(plan.weight_bytes)} ({plan.weight_bytes:,} bytes)"]
     for m in measured:
-        parts = [f"live arrays {gib(m['live_array_bytes'])} ({m['live_array_bytes'] / plan.weight_bytes - 1:+.2%})"]
+        parts = [f"live arrays {human_bytes(m['live_array_bytes'])} ({m['live_array_bytes'] / plan.weight_bytes - 1:+.2%})"]
         if m.get("bytes_in_use") is not None:
-            parts.append(f"in use {gib(m['bytes_in_use'])} ({m['bytes_in_use'] / plan.weight_bytes - 1:+.2%})")
+            parts.append(f"in use {human_bytes(m['bytes_in_use'])} ({m['bytes_in_use'] / plan.weight_bytes - 1:+.2%})")
         if m.get("peak_bytes_in_use") is not None:
-            parts.append(f"peak {gib(m['peak_bytes_in_use'])}")
+            parts.append(f"peak {human_bytes(m['peak_bytes_in_use'])}")
         lines.append(f"  {m['device']}: " + ", ".join(parts))
     return "\n".join(lines)
 
