@@ -531,7 +531,7 @@ def test_gpu_prefill_attention_matches_xla_from_zero_and_falls_back_otherwise(of
 
     from qwen3_jax.model import Attention
     from qwen3_jax import Qwen3MoeConfig
-    from reference import TINY, with_distinct_norms
+    from reference import TINY
 
     cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", hidden_size=256, num_attention_heads=8,
                                         num_key_value_heads=2, head_dim=64))
