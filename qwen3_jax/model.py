@@ -553,9 +553,9 @@ def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all,
     return x, k_all, v_all
 
 
-# Layers per iteration of the decode step's scan (read at trace time). A while-loop iteration
-# costs kernels of its own on a GPU (the counter, the condition's copy to the host, slices of
-# per-layer params); unrolling trades them for compile time. Measured (H100, 30B-A3B, batch 1,
+# Layers per iteration of the decode step's scan on the fused kernel path (read at trace time).
+# A while-loop iteration costs kernels of its own on a GPU (the counter, the condition's copy to
+# the host, slices of per-layer params); unrolling trades them for compile time. Measured (H100, 30B-A3B, batch 1,
 # benchmarks/NOTES.md run 12): 1 -> 4 layers per iteration took bf16 4.314 -> 4.180 ms and FP8
 # 3.838 -> 3.662 ms with compile time unchanged; 48 (no loop) gained nothing more and compiled 4x
 # longer. serve.bench --decode-unroll measures it.
@@ -588,7 +588,11 @@ class Segment(nnx.Module):
             return (x, k_all, v_all), None
 
         k0, v0 = cache_kv if cache_kv is not None else (None, None)
-        unroll = DECODE_UNROLL if k0 is not None and x_btd.shape[1] == 1 else 1
+        # Unrolled only on the fused decode path, whose kernels read every weight in place: on the
+        # XLA path each unrolled layer slices its weights out of the stack, and those copies
+        # would be live together (the 235B plan's decode workspace grew 4x).
+        fused = k0 is not None and _fused_decode_prologue(x_btd, k0, full.attn, ctx)
+        unroll = DECODE_UNROLL if fused else 1
         if unroll >= self.count:   # no loop at all (scan keeps a while even for one layer)
             carry = (x_btd, k0, v0)
             for i in range(self.count):

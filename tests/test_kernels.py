@@ -358,6 +358,38 @@ def test_decode_step_on_the_kernels_matches_plain_xla(monkeypatch):
     assert rel(wrong[1], outs[0][1]) > 1.5 * TOL_BF16_MODEL
 
 
+def test_unrolled_decode_layers_equal_the_layer_loop(monkeypatch):
+    """Kernels on (interpret mode), 3 layers: model.DECODE_UNROLL 1 (a while loop, traced layer
+    index), 2 (a loop of 2-layer iterations and a remainder) and 3 (no loop, constant indices)
+    give the same decode step."""
+    from flax import nnx
+
+    from qwen3_jax import Qwen3MoeConfig, random_model
+    from qwen3_jax import model as model_mod
+    from reference import TINY, with_distinct_norms
+
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", head_dim=32, num_experts=16))
+    m = with_distinct_norms(random_model(cfg, seed=6))
+    cache = m.init_cache(2, 16)
+    tok, pos = jnp.asarray([[3], [7]], jnp.int32), jnp.asarray([[4], [9]], jnp.int32)
+    outs, scans = [], []
+    with kernels.kernels_enabled(True):
+        for unroll in (1, 2, 3):
+            monkeypatch.setattr(model_mod, "DECODE_UNROLL", unroll)
+            step = jax.jit(lambda st, t, c: nnx.merge(m.graphdef, st)(t, pos, c))   # a new trace each time
+            jaxpr = str(jax.make_jaxpr(step)(m.state, tok, cache))
+            assert "qwen3_qk_norm_rope_kv" in jaxpr and ("unroll=2" in jaxpr) == (unroll == 2)
+            scans.append(jaxpr.count("scan["))   # the kernels' own loops are scans too
+            logits, new = step(m.state, tok, cache)
+            outs.append([np.asarray(logits, np.float32)] + [np.asarray(a, np.float32) for a in new.k])
+    assert scans[0] == scans[1] == scans[2] + 1   # 3 layers per iteration: no layer loop left
+    # XLA fuses the bf16 glue between kernels differently across unrolled layers (excess
+    # precision kept between fused ops), so agreement is to bf16 rounding, not bitwise
+    for got in outs[1:]:
+        for a, b in zip(got, outs[0]):
+            assert rel(a, b) < 1e-2, rel(a, b)
+
+
 # ep=2: data-parallel attention (local rows) + experts split; tp=8: heads split, and local
 # shapes below the smallest tiles (the XLA fallback on the local slice). The GPU test
 # (tests/test_multi_gpu.py) covers every mesh of the issue.

@@ -256,8 +256,10 @@ def test_compile_time_flat_in_depth():
     assert t16 < 3 * t2, f"16 layers compiled in {t16:.2f}s vs {t2:.2f}s for 2: the layer scan is not working"
 
 
-def test_decode_with_unrolled_layer_scan_equals_the_loop(monkeypatch):
-    """model.DECODE_UNROLL (layers per decode-scan iteration) changes scheduling, not numbers."""
+def test_plain_xla_decode_keeps_the_layer_loop_whatever_the_unroll(monkeypatch):
+    """model.DECODE_UNROLL applies to the fused kernel path only: on the XLA path every unrolled
+    layer would slice its weights out of the stack at once (the memory plan's decode workspace
+    grew 4x for 235B). tests/test_kernels.py checks the unrolled kernel path's numbers."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -266,14 +268,8 @@ def test_decode_with_unrolled_layer_scan_equals_the_loop(monkeypatch):
 
     m = qwen3_jax.random_model(qwen3_jax.Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe")),
                                dtype="float32", seed=5)     # one segment of 3 layers
-    tokens = jnp.asarray(_tokens((2, 6), seed=51))
-    _, cache = m.forward(tokens[:, :5], jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5)), m.init_cache(2, 8))
-    pos = jnp.full((2, 1), 5, jnp.int32)
-    outs = []
-    for unroll, loops in ((1, 1), (2, 1), (3, 0)):
-        monkeypatch.setattr(model_mod, "DECODE_UNROLL", unroll)
-        step = jax.jit(lambda st, tok, c: nnx.merge(m.graphdef, st)(tok, pos, c))   # a new trace each time
-        assert step.lower(m.state, tokens[:, 5:], cache).as_text().count("stablehlo.while") == loops
-        outs.append(np.asarray(step(m.state, tokens[:, 5:], cache)[0]))
-    for o in outs[1:]:
-        assert rel_err(o, outs[0]) < 1e-6
+    cache = m.init_cache(2, 8)
+    tok, pos = jnp.zeros((2, 1), jnp.int32), jnp.full((2, 1), 5, jnp.int32)
+    monkeypatch.setattr(model_mod, "DECODE_UNROLL", 3)
+    step = jax.jit(lambda st, t, c: nnx.merge(m.graphdef, st)(t, pos, c))
+    assert step.lower(m.state, tok, cache).as_text().count("stablehlo.while") == 1
