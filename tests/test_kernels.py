@@ -619,3 +619,19 @@ def test_gpu_model_with_kernels_matches_plain_xla_prefill_and_decode():
         # the plain-XLA bf16 path's own distance from float32, not to that path.
         for e, a, b in zip(exact, off, on):
             assert rel(b, e) < max(1.5 * rel(a, e), 5e-3), (fp8, rel(b, e), rel(a, e))
+
+
+def test_gemv_shape_sweep_gives_the_same_numbers_for_every_tile_choice(monkeypatch):
+    """serve.bench --sweep-gemv's logic on tiny shapes (interpret mode; the device time, read from
+    the GPU profiler, is stubbed): every decode gemv shape runs under each tile variant and each
+    variant's result equals the default tiles' result."""
+    from qwen3_jax.kernels import tune
+
+    calls = []
+    monkeypatch.setattr(tune, "_gemv_device_seconds", lambda call: (calls.append(call()), 1e-6)[1])
+    with kernels.kernels_enabled(True):
+        rows = tune.sweep_gemv_shapes(1e12, d=256, heads=4, kv=2, hd=32, f=128, k=2, layers=2,
+                                      kinds=("w8a16",), variants=[{}, dict(bn=64)], log=lambda s: None)
+    assert {r["shape"] for r in rows} == {"qkv", "o_proj", "moe_gate_up", "moe_down"} and len(calls) == len(rows) == 8
+    assert all(r["rel_err"] < 1e-5 for r in rows)
+    assert {r["tiles"]["bn"] for r in rows} == {64, 128}   # the variant changed the tiles where it could

@@ -354,10 +354,10 @@ def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768
         fp8 = kind != "bf16"
         gkey = "fp8" if fp8 else "bf16"
         base = dict(convert="e4m3" if kind == "w8a8" else "f16", mode="dot") if fp8 else {}
-        for name, (kk, widths, rows, layout, pair) in shapes.items():
+        for seed, (name, (kk, widths, rows, layout, pair)) in enumerate(shapes.items()):
             stride = 16 if rows > 1 else 1       # MoE rows: 8 distinct experts of 16 per layer
             g_count = layers * stride
-            keys = jax.random.split(jax.random.key(hash(name) % 1000), len(widths) + 1)
+            keys = jax.random.split(jax.random.key(seed), len(widths) + 1)
             ws, ss = [], []
             for key, n in zip(keys, widths):
                 if fp8:
@@ -383,16 +383,15 @@ def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768
 
                     def body(i, acc):
                         groups = (i * stride + jnp.arange(rows, dtype=jnp.int32)) if rows > 1 else jnp.reshape(i, (1,))
-                        outs = gemv(x, np.arange(rows, dtype=np.int32), groups, ws, ss if fp8 else None, layout=layout,
-                                    block=128, concat=len(ws) > 1 and not pair, **tt)
+                        outs = gemv(x, rows, groups, ws, ss if fp8 else None, row_div=1, layout=layout,
+                                    block=128, concat=len(ws) > 1 and not pair, **tt)   # as the model calls it
                         return acc + sum(o[0, 0, 0] for o in outs)   # keeps the kernels alive; not timed
                     return jax.lax.fori_loop(0, layers, body, jnp.float32(0))
 
                 @jax.jit
                 def first(x, ws, ss, t=tuple(sorted(t.items()))):
-                    outs = gemv(x, np.arange(rows, dtype=np.int32), jnp.arange(rows, dtype=jnp.int32) if rows > 1
-                                else jnp.zeros((1,), jnp.int32), ws, ss if fp8 else None, layout=layout, block=128,
-                                concat=len(ws) > 1 and not pair, **dict(t))
+                    outs = gemv(x, rows, jnp.arange(rows, dtype=jnp.int32), ws, ss if fp8 else None, row_div=1,
+                                layout=layout, block=128, concat=len(ws) > 1 and not pair, **dict(t))
                     return jnp.concatenate([o.sum(0) for o in outs], axis=1)
                 try:
                     got = np.asarray(first(x, ws, ss), np.float64)
