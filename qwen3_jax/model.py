@@ -473,43 +473,47 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
     """_layer_attention for a decode step on the kernels (see _fused_decode_prologue): q/k/v in
     one gemv launch, one prologue kernel (q/k norm, RoPE, q padded per kv head, and the new K/V
     written into the cache in place), decode attention (which reads only each row's positions,
-    so kv_window is not needed), o_proj. Where a piece is not covered, the step before it stays
-    (separate projections, an XLA cache write). -> (x + attention output, k_all, v_all)."""
+    so kv_window is not needed), o_proj. Where a kernel does not cover a piece, that piece falls
+    back to XLA (projections, the cache write). -> (x + attention output, k_all, v_all)."""
     st = (attn_full, layer)
     norm_rope = (attn_full.q_norm.weight[...], attn_full.k_norm.weight[...], layer, cos[:, 0], sin[:, 0],
                  blk.attn.q_norm.eps)
     heads, kv = attn_full.q_proj.w.shape[2], k_all.shape[3]
-    fused, v = None, None
-    if not blk.attn.bias:   # q, k go to the prologue as split-K partial sums (no XLA reduce); a bias would not
-        projs = (("btd,dhq->bthq", attn_full.q_proj), ("btd,dkq->btkq", attn_full.k_proj),
-                 ("btd,dkq->btkq", attn_full.v_proj))
-        specs = [(eq, h, full.w[...], full.scale[...] if full.is_fp8 else None, full.block_axis) for eq, full in projs]
-        blocks = {full.fp8_block for _, full in projs}
-        qkv = kernels.projections_partials(specs, blocks.pop(), layer) if len(blocks) == 1 else None   # one launch
-        if qkv is not None:
-            q_p, k_p, v_p = qkv
-            # one kernel: q/k norm + RoPE, and the new K/V written into the cache in place
-            done = kernels.qk_prologue.qk_norm_rope_write_cache(
-                q_p, k_p, v_p, *norm_rope, k_all, v_all, slots_b, positions_bt[:, 0], heads=heads, dtype=h.dtype)
-            if done is not None:
-                q16, k_all, v_all = done
-                return _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, heads // kv, st, ctx)
-            v = jnp.sum(v_p, axis=0).reshape(*h.shape[:-1], *attn_full.v_proj.w.shape[2:]).astype(h.dtype)
-        else:
-            q_p, k_p = (kernels.linear_einsum(*spec, full.fp8_block, layer=layer, partials=True)
-                        for spec, (_, full) in zip(specs[:2], projs))
-        if q_p is not None and k_p is not None:
-            fused = kernels.qk_prologue.qk_norm_rope_partials(q_p, k_p, *norm_rope, heads=heads, dtype=h.dtype)
-    if fused is not None:
+    fused = None
+    parts = None if blk.attn.bias else _qkv_partials(attn_full, h, layer)   # a bias would need the sums
+    if parts is not None:
+        q_p, k_p, v_p = parts
+        # one kernel: q/k norm + RoPE, and the new K/V written into the cache in place
+        done = kernels.qk_prologue.qk_norm_rope_write_cache(
+            q_p, k_p, v_p, *norm_rope, k_all, v_all, slots_b, positions_bt[:, 0], heads=heads, dtype=h.dtype)
+        if done is not None:
+            q16, k_all, v_all = done
+            return _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, heads // kv, st, ctx)
+        fused = kernels.qk_prologue.qk_norm_rope_partials(q_p, k_p, *norm_rope, heads=heads, dtype=h.dtype)
+    if fused is not None:   # e.g. a cache dtype the writing prologue does not take
         q16, k_rot = fused
-        if v is None:
-            v = _einsum_w("btd,dkq->btkq", h, blk.attn.v_proj, ctx, _sub(st, "v_proj"))
+        v = jnp.sum(v_p, axis=0).reshape(*h.shape[:-1], *attn_full.v_proj.w.shape[2:]).astype(h.dtype)
     else:
         q, k, v = blk.attn.projections(h, ctx, st)
         q16, k_rot = kernels.qk_prologue.qk_norm_rope(q[:, 0], k[:, 0], *norm_rope)
     rows = np.arange(x.shape[0], dtype=np.int32) if slots_b is None else slots_b
     k_all, v_all = _write_cache(k_all, v_all, layer, rows, positions_bt, k_rot[:, None], v)
     return _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, heads // kv, st, ctx)
+
+
+def _qkv_partials(attn_full, h, layer):
+    """q, k, v of the decode step as float32 split-K partial sums [S, B, N] (kernels.linear_einsum
+    partials): one gemv launch side by side where it covers them, else one kernel each (the FP8
+    matmul for more than 16 rows). None when a projection is not covered."""
+    projs = (("btd,dhq->bthq", attn_full.q_proj), ("btd,dkq->btkq", attn_full.k_proj),
+             ("btd,dkq->btkq", attn_full.v_proj))
+    specs = [(eq, h, full.w[...], full.scale[...] if full.is_fp8 else None, full.block_axis) for eq, full in projs]
+    blocks = {full.fp8_block for _, full in projs}
+    parts = kernels.projections_partials(specs, blocks.pop(), layer) if len(blocks) == 1 else None
+    if parts is None:
+        parts = [kernels.linear_einsum(*spec, full.fp8_block, layer=layer, partials=True)
+                 for spec, (_, full) in zip(specs, projs)]
+    return None if any(p is None for p in parts) else parts
 
 
 def _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, group, st, ctx):
@@ -574,24 +578,24 @@ class Segment(nnx.Module):
         full = self.block  # [L, ...] params: kernels read layer i in place (a scanned slice handed
                            # to a custom call would be copied every layer)
 
+        k0, v0 = cache_kv if cache_kv is not None else (None, None)
+        fused = k0 is not None and _fused_decode_prologue(x_btd, k0, full.attn, ctx)   # same for every layer
+        attention = _decode_layer_attention if fused else _layer_attention
+
         def layer(carry, xs):
             x, k_all, v_all = carry
             layer_params, i = xs
             blk = nnx.merge(graphdef, layer_params)
             h = blk.input_norm(x)
-            attention = _decode_layer_attention if k_all is not None and _fused_decode_prologue(
-                x, k_all, full.attn, ctx) else _layer_attention
             x, k_all, v_all = attention(blk, full.attn, i, x, h, cos, sin, positions_bt, k_all, v_all, slots_b,
                                         kv_window, ctx)
             x = x + blk.mlp(blk.post_norm(x), ctx, stacked=(full.mlp, i))
             x = constrain(x, ("batch", "seq", "embed"), ctx)
             return (x, k_all, v_all), None
 
-        k0, v0 = cache_kv if cache_kv is not None else (None, None)
         # Unrolled only on the fused decode path, whose kernels read every weight in place: on the
         # XLA path each unrolled layer slices its weights out of the stack, and those copies
         # would be live together (the 235B plan's decode workspace grew 4x).
-        fused = k0 is not None and _fused_decode_prologue(x_btd, k0, full.attn, ctx)
         unroll = DECODE_UNROLL if fused else 1
         if unroll >= self.count:   # no loop at all (scan keeps a while even for one layer)
             carry = (x_btd, k0, v0)

@@ -71,13 +71,24 @@ def qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps:
 
 
 def qk_norm_rope_partials(q_sbn, k_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps: float, *, heads: int,
-                          dtype, interpret=None, num_warps: int = 2, _check_only: bool = False):
+                          dtype, interpret=None, num_warps: int = 2):
     """qk_norm_rope on the projections before their split-K reduction: q [S, B, H*Q] and
     k [S, B, K*Q] float32 partial sums (linear_einsum(..., partials=True); S may differ between
     them), `heads` = H, `dtype` the activation dtype. Each row's sum over S is rounded to
     `dtype` first (what linear_einsum returns), so the result equals qk_norm_rope on the summed
     projections up to float32 summation order. -> (q16 [B, K, 16, Q], k_rot [B, K, Q]) in
     `dtype`, or None when not covered."""
+    heads4 = _partials_by_head(q_sbn, k_sbn, q_norm_lq, k_norm_lq, cos_bq, sin_bq, heads)
+    if heads4 is None:
+        return None
+    return _qk_norm_rope(*heads4, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq,
+                         eps=float(eps), dtype=jnp.dtype(dtype),
+                         interpret=_interpret() if interpret is None else bool(interpret), num_warps=num_warps)
+
+
+def _partials_by_head(q_sbn, k_sbn, q_norm_lq, k_norm_lq, cos_bq, sin_bq, heads: int):
+    """q [S, B, H*Q], k [S', B, K*Q] float32 partials -> (q [S, B, H, Q], k [S', B, K, Q]) (free
+    reshapes), or None when the prologue does not cover them."""
     qd = q_norm_lq.shape[-1]
     if q_sbn.ndim != 3 or k_sbn.ndim != 3 or q_sbn.shape[1] != k_sbn.shape[1] or qd <= 0:
         return None
@@ -91,13 +102,7 @@ def qk_norm_rope_partials(q_sbn, k_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin
         return None
     if cos_bq.shape != (b, qd) or sin_bq.shape != (b, qd):
         return None
-    q4 = q_sbn.reshape(s_q, b, heads, qd)                  # free: splits the last axis only
-    k4 = k_sbn.reshape(k_sbn.shape[0], b, kv, qd)
-    if _check_only:
-        return q4, k4
-    return _qk_norm_rope(q4, k4, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq,
-                         eps=float(eps), dtype=jnp.dtype(dtype),
-                         interpret=_interpret() if interpret is None else bool(interpret), num_warps=num_warps)
+    return q_sbn.reshape(s_q, b, heads, qd), k_sbn.reshape(k_sbn.shape[0], b, kv, qd)
 
 
 def qk_norm_rope_write_cache(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps: float,
@@ -117,11 +122,10 @@ def qk_norm_rope_write_cache(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, c
         return None
     if rows_b is not None and rows_b.shape != positions_b.shape:
         return None
-    base = qk_norm_rope_partials(q_sbn, k_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps, heads=heads,
-                                 dtype=dtype, interpret=interpret, num_warps=num_warps, _check_only=True)
-    if base is None:
+    heads4 = _partials_by_head(q_sbn, k_sbn, q_norm_lq, k_norm_lq, cos_bq, sin_bq, heads)
+    if heads4 is None:
         return None
-    q4, k4 = base
+    q4, k4 = heads4
     v4 = v_sbn.reshape(v_sbn.shape[0], *k4.shape[1:])
     return _qk_norm_rope(q4, k4, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq,
                          cache=(v4, k_all, v_all, rows_b, positions_b), eps=float(eps), dtype=jnp.dtype(dtype),
