@@ -30,6 +30,7 @@ from sharding.rules import partition_spec, view_size
 from .config import Qwen3MoeConfig, yarn_inv_freq
 from .fp8 import FP8_DTYPE, dequantize, kind_kept_unquantized
 from . import kernels
+from .kernels.gemv_inputs import RmsNormX, materialize
 from .moe import expert_ffn, moe_ffn, route
 
 
@@ -154,8 +155,8 @@ def _einsum_w(eq, x, weight: Weight, ctx, stacked=None):
             if y is not None:
                 return y
         else:
-            return _einsum_w_per_device(eq, x, full, i, ctx)
-    return jnp.einsum(eq, x, weight(x.dtype))
+            return _einsum_w_per_device(eq, materialize(x), full, i, ctx)
+    return jnp.einsum(eq, materialize(x), weight(x.dtype))
 
 
 def _einsum_w_per_device(eq, x, full: Weight, layer, ctx):
@@ -369,7 +370,9 @@ class MoE(nnx.Module):
                                 fp8_block=_fp8_block(cfg, "mlp.experts.down_proj", False), **mk)
 
     def __call__(self, x_btd, ctx, stacked=None):
-        """`stacked` = (this MoE with [L, ...] params, layer): the kernels read experts in place."""
+        """`stacked` = (this MoE with [L, ...] params, layer): the kernels read experts in place.
+        x_btd may be a gemv_inputs.RmsNormX (the post-attention norm, applied in the router's and
+        the gate/up gemv's x load); XLA paths use it materialized."""
         b, t, d = x_btd.shape
         x = x_btd.reshape(b * t, d)
         routed, groups = None, None
@@ -379,15 +382,16 @@ class MoE(nnx.Module):
         if routed is not None:   # groups = experts + layer * E, written by the top-k kernel (one device)
             weights, experts, groups = routed
         else:
-            weights, experts = route(x, self.router(jnp.float32), self.top_k, self.norm_topk_prob)
+            weights, experts = route(materialize(x), self.router(jnp.float32), self.top_k, self.norm_topk_prob)
         if stacked is not None and kernels.usable(x.dtype):
             full, i = stacked
             if not kernels.single_device(ctx):
-                return moe_ffn(x, weights, experts, StackedExpertWeights(full, i, x.dtype), ctx).reshape(b, t, d)
+                return moe_ffn(materialize(x), weights, experts, StackedExpertWeights(full, i, x.dtype),
+                               ctx).reshape(b, t, d)
             y = kernels.moe_ffn_stacked(x, weights, experts, full.gate_proj, full.up_proj, full.down_proj, i, groups)
             if y is not None:
                 return y.astype(x.dtype).reshape(b, t, d)
-        return moe_ffn(x, weights, experts, ExpertWeights(self, x.dtype), ctx).reshape(b, t, d)
+        return moe_ffn(materialize(x), weights, experts, ExpertWeights(self, x.dtype), ctx).reshape(b, t, d)
 
 
 class DenseMLP(nnx.Module):
@@ -402,6 +406,7 @@ class DenseMLP(nnx.Module):
                                 fp8_block=_fp8_block(cfg, "mlp.down_proj", False), **mk)
 
     def __call__(self, x_btd, ctx, stacked=None):
+        x_btd = materialize(x_btd)   # a gemv_inputs source on the fused decode path
         dt = x_btd.dtype
         h = jax.nn.silu(jnp.einsum("btd,di->bti", x_btd, self.gate_proj(dt)))
         h = h * jnp.einsum("btd,di->bti", x_btd, self.up_proj(dt))
@@ -519,7 +524,9 @@ def _qkv_partials(attn_full, h, layer):
 def _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, group, st, ctx):
     """Decode attention over the cache (new K/V already written) and o_proj: -> (x + out, k_all, v_all)."""
     rows = np.arange(x.shape[0], dtype=np.int32) if slots_b is None else slots_b
-    out = kernels.decode_attention_cached(q16, k_all, v_all, layer, rows, positions_bt, blk.attn.scale, group=group)
+    # the key splits unmerged: o_proj's gemv merges them as it loads x (no XLA kernels between)
+    out = kernels.decode_attention_cached(q16, k_all, v_all, layer, rows, positions_bt, blk.attn.scale, group=group,
+                                          combine=False)
     return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all
 
 
@@ -582,14 +589,21 @@ class Segment(nnx.Module):
         fused = k0 is not None and _fused_decode_prologue(x_btd, k0, full.attn, ctx)   # same for every layer
         attention = _decode_layer_attention if fused else _layer_attention
 
+        def norm(blk_norm, full_norm, x, i):
+            """On the fused path the norm is applied in the next gemv's x load (gemv_inputs.RmsNormX),
+            which saves XLA's reduce and multiply kernels; elsewhere in XLA."""
+            if fused:
+                return RmsNormX(x, full_norm.weight[...], i, blk_norm.eps)
+            return blk_norm(x)
+
         def layer(carry, xs):
             x, k_all, v_all = carry
             layer_params, i = xs
             blk = nnx.merge(graphdef, layer_params)
-            h = blk.input_norm(x)
+            h = norm(blk.input_norm, full.input_norm, x, i)
             x, k_all, v_all = attention(blk, full.attn, i, x, h, cos, sin, positions_bt, k_all, v_all, slots_b,
                                         kv_window, ctx)
-            x = x + blk.mlp(blk.post_norm(x), ctx, stacked=(full.mlp, i))
+            x = x + blk.mlp(norm(blk.post_norm, full.post_norm, x, i), ctx, stacked=(full.mlp, i))
             x = constrain(x, ("batch", "seq", "embed"), ctx)
             return (x, k_all, v_all), None
 

@@ -152,6 +152,58 @@ def test_gemv_concat_runs_projections_of_different_widths_in_one_launch(fp8):
     assert projections_partials([(specs[0][0], jnp.zeros((1, 40, 128), x.dtype), *specs[0][2:])] * 2, 64, 1) is None
 
 
+def _x_sources(rng):
+    """One of each gemv_inputs source over K = 256 rows of x, as the decode step builds them."""
+    from qwen3_jax.kernels.gemv_inputs import AttentionX, RmsNormX, SwigluX
+
+    f32 = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)   # noqa: E731
+    norm_w = jnp.asarray(1 + 0.2 * rng.standard_normal((3, 256)), jnp.bfloat16)
+    x = jnp.asarray(3 * rng.standard_normal((2, 1, 256)), jnp.bfloat16)
+    # decode attention's partials: 2 kv heads x 4 query heads x 32 dims, 4 key splits
+    att = AttentionX(f32(2, 2, 4, 16, 32), f32(2, 2, 4, 16), jnp.abs(f32(2, 2, 4, 16)) + 0.5, 4, jnp.bfloat16)
+    return {"rmsnorm": RmsNormX(x, norm_w, jnp.int32(2), 1e-6).reshape(2, 256),
+            "swiglu": SwigluX(f32(4, 2, 256), f32(4, 2, 256), jnp.bfloat16),
+            "attention": att.reshape(2, 256)}
+
+
+@pytest.mark.parametrize("source", ["rmsnorm", "swiglu", "attention"])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gemv_finishes_a_producer_output_in_its_x_load(source, fp8):
+    """gemv on a gemv_inputs source (the RMSNorm, the swiglu, the attention split combine done in
+    each program's x load) equals gemv on the source's XLA materialization, bit for bit but for
+    the order of float32 sums; and that materialization is the model's own math."""
+    from qwen3_jax.kernels.gemv_inputs import AttentionX
+    from qwen3_jax.model import RMSNorm
+
+    rng = np.random.default_rng(31)
+    src = _x_sources(rng)[source]
+    if fp8:
+        w, scale = fp8_weights(rng, (3, 256, 64), 1, 64)
+        ws, ss = (w,), (scale,)
+    else:
+        ws, ss = (jnp.asarray(rng.standard_normal((3, 256, 64)), jnp.bfloat16),), None
+    groups = jnp.array([2], jnp.int32)
+    kw = dict(row_div=1, block=64, bn=32, bk=32, split_k=2, mode="dot", convert="f16" if fp8 else "cast")
+    (got,) = gemv(src, 2, groups, ws, ss, **kw)
+    (want,) = gemv(src.materialize(), 2, groups, ws, ss, **kw)
+    assert rel(got, want) < 1e-6
+    if source == "rmsnorm":   # the model's RMSNorm on layer 2's weight
+        norm = RMSNorm(256, 1e-6, dtype=jnp.bfloat16)
+        norm.weight[...] = src.weight[2]
+        assert np.array_equal(np.asarray(src.materialize()), np.asarray(norm(src.x)[:, 0]))
+    if source == "attention":   # the merge of 4 key splits = softmax over all 64 keys
+        scores, values = rng.standard_normal((2, 2, 16, 64)) * 3, rng.standard_normal((2, 2, 64, 32))
+        chunks = np.split(scores, 4, axis=-1)
+        m = np.stack([c.max(-1) for c in chunks], 2)                                # [B, KV, NS, 16]
+        e = [np.exp(c - mc[..., None]) for c, mc in zip(chunks, np.moveaxis(m, 2, 0))]
+        acc = np.stack([ei @ v for ei, v in zip(e, np.split(values, 4, axis=2))], 2)
+        l = np.stack([ei.sum(-1) for ei in e], 2)
+        att = AttentionX(*(jnp.asarray(a, jnp.float32) for a in (acc, m, l)), 4, jnp.float32)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        full = (p / p.sum(-1, keepdims=True)) @ values                              # [B, KV, 16, Q]
+        assert rel(att.materialize()[:, 0], full[:, :, :4].reshape(2, 8, 32)) < 1e-6
+
+
 def test_grouped_matmul_single_and_fused_silu_pair():
     rng = np.random.default_rng(3)
     bm, block = 16, 64
@@ -382,6 +434,23 @@ def test_fp8_decode_of_many_rows_writes_the_cache_in_the_prologue():
         assert rel(a, b) < TOL_BF16_MODEL
 
 
+def _primitives_outside_kernels(jaxpr, counts=None):
+    """Counter of primitive names in a jaxpr and its sub-jaxprs (loops, jits), not looking
+    inside pallas_call kernels: what XLA, not Pallas, will run."""
+    import collections
+
+    import jax.extend.core
+
+    counts = collections.Counter() if counts is None else counts
+    for eqn in jaxpr.eqns:
+        counts[eqn.primitive.name] += 1
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _primitives_outside_kernels(sub, counts)
+    return counts
+
+
 def test_unrolled_decode_layers_equal_the_layer_loop(monkeypatch):
     """Kernels on (interpret mode), 3 layers: model.DECODE_UNROLL 1 (a while loop, traced layer
     index), 2 (a loop of 2-layer iterations and a remainder) and 3 (no loop, constant indices)
@@ -401,8 +470,14 @@ def test_unrolled_decode_layers_equal_the_layer_loop(monkeypatch):
         for unroll in (1, 2, 3):
             monkeypatch.setattr(model_mod, "DECODE_UNROLL", unroll)
             step = jax.jit(lambda st, t, c: nnx.merge(m.graphdef, st)(t, pos, c))   # a new trace each time
-            jaxpr = str(jax.make_jaxpr(step)(m.state, tok, cache))
+            closed = jax.make_jaxpr(step)(m.state, tok, cache)
+            jaxpr = str(closed)
             assert "qwen3_qk_norm_rope_kv" in jaxpr and ("unroll=2" in jaxpr) == (unroll == 2)
+            # Between the kernels no XLA norm, softmax or swiglu is left: the RMSNorms, the
+            # attention split combine and the swiglu run in the gemvs' x loads (gemv_inputs);
+            # only the final norm before the LM head has its rsqrt in XLA.
+            outside = _primitives_outside_kernels(closed.jaxpr)
+            assert (outside["rsqrt"], outside["exp"], outside["logistic"]) == (1, 0, 0), outside
             scans.append(jaxpr.count("scan["))   # the kernels' own loops are scans too
             logits, new = step(m.state, tok, cache)
             outs.append([np.asarray(logits, np.float32)] + [np.asarray(a, np.float32) for a in new.k])
@@ -465,11 +540,12 @@ def test_kernels_lower_to_triton_for_30b_shapes(fp8):
     gs, ds = (_sds((e, d // 128, f), jnp.float32), _sds((e, f, d // 128), jnp.float32)) if fp8 else (None, None)
     x, rows = _sds((8, d), jnp.bfloat16), _sds((8,), jnp.int32)
 
-    def decode(x, rows, gate, down, gs, ds):
+    def decode(x, rows, gate, down, gs, ds):   # x RMSNorm'd and the swiglu done in the x loads
+        from qwen3_jax.kernels.gemv_inputs import RmsNormX, SwigluX
         t1, t2 = gemv_tiles(d, f, 8, fp8, "k", 128), gemv_tiles(f, d, 8, fp8, "n", 128)
-        g, u = gemv(x, rows, rows, (gate, gate), (gs, gs) if fp8 else None, layout="k", interpret=False, **t1)
-        h = g.sum(0).astype(jnp.bfloat16)
-        return gemv(h, rows, rows, (down,), (ds,) if fp8 else None, layout="n", interpret=False, **t2)
+        xn = RmsNormX(x, jnp.ones((48, d), jnp.bfloat16), rows[0], 1e-6)
+        g, u = gemv(xn, rows, rows, (gate, gate), (gs, gs) if fp8 else None, layout="k", interpret=False, **t1)
+        return gemv(SwigluX(g, u), rows, rows, (down,), (ds,) if fp8 else None, layout="n", interpret=False, **t2)
 
     def prefill(xr, groups, gate, down, gs, ds):
         t1, t2 = matmul_tiles(d, f, 128, fp8, "k", 128), matmul_tiles(f, d, 128, fp8, "n", 128)
@@ -509,12 +585,16 @@ def test_decode_attention_lowers_to_triton_for_30b_cache():
     assert (bs, splits) == (64, 16)
     cache = _sds((48, 4, 1024, 4, 128), jnp.bfloat16)
 
-    def fn(q, kc, vc, rows, lengths):
-        return decode_attention(q, kc, vc, jnp.int32(3), rows, lengths, scale=128 ** -0.5, bs=bs, splits=splits,
-                                interpret=False)
+    def fn(q, kc, vc, rows, lengths, o_proj):   # + o_proj merging the splits in its x load
+        from qwen3_jax.kernels.gemv import gemv_tiles
+        out = decode_attention(q, kc, vc, jnp.int32(3), rows, lengths, scale=128 ** -0.5, bs=bs, splits=splits,
+                               interpret=False, combine=False)
+        t = gemv_tiles(4096, 2048, 4, False, "k", 128, max_bk=out.max_bk)
+        return gemv(out.reshape(4, 4096), 4, rows[:1], (o_proj,), row_div=1, interpret=False, **t)
     text = jax.jit(fn).trace(_sds((4, 32, 128), jnp.bfloat16), cache, cache, _sds((4,), jnp.int32),
-                             _sds((4,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == 1
+                             _sds((4,), jnp.int32), _sds((48, 4096, 2048), jnp.bfloat16)
+                             ).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2
 
 
 # -- GPU: compiled kernels against the plain-XLA path -------------------------------------------

@@ -11,7 +11,8 @@ the product of each K block per column; layout "n" folds the per-row scale into 
 for "fma"; for "dot", x * scale is rounded to x's dtype before the MMA).
 
 Shapes (G groups, K in, N out, R output rows, S = split_k):
-  x [M, K] (any float),
+  x [M, K] (any float), or a gemv_inputs source standing for one (RmsNormX, SwigluX,
+    AttentionX: a producer's output finished in each program's x load, no XLA kernel between),
   rows [R] int32 in [0, M); or with row_div=d (static) the int R, and output row r reads x row
     r // d (d=1: row r; d=k: the k assignments of each token), with no index operand,
   groups [R] int32 in [-1, G) (-1: row is zeros, no weight read), or [1]: one group for every
@@ -51,6 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from . import interpret as _interpret
+from .gemv_inputs import as_source
 
 
 def fp8_bits_to_f32(w8):
@@ -67,6 +69,11 @@ def fp8_bits_to_f32(w8):
 
 def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, row_div=None, **kw):
     """See the module doc; rows_r is an int32 array [R], or with row_div the int R."""
+    x_mk = as_source(x_mk)
+    if len(x_mk.shape) != 2:
+        raise ValueError(f"gemv takes x as [M, K], got shape {x_mk.shape}; reshape it first")
+    if not x_mk.covered(kw.get("bk", 128)):   # e.g. a norm over a K that is no Triton block
+        x_mk = as_source(x_mk.materialize())
     if row_div is None:
         return _gemv(x_mk, rows_r, groups_r, weights, scales, **kw)
     if not isinstance(rows_r, int) or row_div < 1:
@@ -84,6 +91,11 @@ def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
     fp8 = len(scales) > 0
+    if x_mk.k_dim != k_dim:
+        raise ValueError(f"x has K={x_mk.k_dim} but the weights {weights[0].shape} have K={k_dim}")
+    if not x_mk.covered(bk):
+        raise ValueError(f"{type(x_mk).__name__} cannot be loaded in K tiles of {bk}; pass materialize() of it")
+    nx = len(x_mk.operands())
     for w in weights:
         _check(k_dim, w.shape[2], bn, bk, split_k, fp8, layout, block)
     if concat and mode != "dot":
@@ -109,7 +121,8 @@ def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128
                          num_warps, num_stages, cdt, concat, interpret)
 
     def kernel(*refs):
-        row_of, (groups_ref, x_ref), refs = rows_r.reader(refs)
+        row_of, groups_ref, refs = rows_r.reader(refs)
+        x_refs, refs = refs[:nx], refs[nx:]
         w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + len(scales)], refs[nw + len(scales):]
         r, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         g = groups_ref[r if per_row else 0]
@@ -118,9 +131,11 @@ def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128
 
         @pl.when(g >= 0)
         def _compute():
+            state = x_mk.prepare(x_refs, row)
+
             def body(t, accs):
                 k0 = pl.multiple_of((s * steps + t) * bk, bk)
-                xk = x_ref[row, pl.ds(k0, bk)].astype(jnp.float32)
+                xk = x_mk.load(x_refs, state, row, k0, bk)
                 out = []
                 for i, (w_ref, acc) in enumerate(zip(w_refs, accs)):
                     w = w_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)]
@@ -162,7 +177,9 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
     parts = _column_parts(weights, bn, concat)
     per_row = groups_r.shape[0] == rows_r.count
 
-    def compute(w_idx, x_ref, w_refs, s_refs, o_refs, g, row, s, r, n0, first):
+    def compute(w_idx, x_refs, w_refs, s_refs, o_refs, g, row, s, r, n0, first):
+        state = x_mk.prepare(x_refs, row)
+
         def quantized(xs):
             if not a8:
                 return jnp.where(first, jnp.broadcast_to(xs[None, :], (16, bk)), 0.0).astype(cdt), None
@@ -171,7 +188,7 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
 
         def body(t, accs):
             k0 = pl.multiple_of((s * steps + t) * bk, bk)
-            xk = x_ref[row, pl.ds(k0, bk)].astype(jnp.float32)
+            xk = x_mk.load(x_refs, state, row, k0, bk)
             shared = quantized(xk) if not (fp8 and layout == "n") else None   # one x tile for every weight
             out = []
             for i, acc in zip(w_idx, accs):
@@ -191,8 +208,11 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
         for i, acc in zip(w_idx, accs):
             o_refs[i][s, r, pl.ds(n0, bn)] = jnp.sum(acc, axis=0)   # rows 1..15 are exact zeros
 
+    nx = len(x_mk.operands())
+
     def kernel(*refs):
-        row_of, (groups_ref, x_ref), refs = rows_r.reader(refs)
+        row_of, groups_ref, refs = rows_r.reader(refs)
+        x_refs, refs = refs[:nx], refs[nx:]
         w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + ns], refs[nw + ns:]
         r, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         g = groups_ref[r if per_row else 0]
@@ -204,7 +224,7 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
 
             @pl.when(g >= 0)
             def _compute():
-                compute(w_idx, x_ref, w_refs, s_refs, o_refs, g, row, s, r, n0, first)
+                compute(w_idx, x_refs, w_refs, s_refs, o_refs, g, row, s, r, n0, first)
 
             @pl.when(g < 0)
             def _zeros():
@@ -263,11 +283,11 @@ class _RowMap:
         return () if self.rows is None else (self.rows.astype(jnp.int32),)
 
     def reader(self, refs):
-        """kernel refs -> (r -> row, the next two refs, the rest)."""
+        """kernel refs -> (r -> row, the groups ref, the rest)."""
         if self.rows is None:
-            return (lambda r: r // self.div), refs[:2], refs[2:]
+            return (lambda r: r // self.div), refs[0], refs[1:]
         rows_ref = refs[0]
-        return (lambda r: rows_ref[r]), refs[1:3], refs[3:]
+        return (lambda r: rows_ref[r]), refs[1], refs[2:]
 
 
 def _write_zeros(o_refs, s, r, n0, bn):
@@ -288,7 +308,7 @@ def _launch(kernel, name, x_mk, rows_r, groups_r, weights, scales, bn, split_k, 
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=_interpret() if interpret is None else interpret,
         name=name + "_fp8" if scales else name,
-    )(*rows_r.operands(), groups_r.astype(jnp.int32), x_mk, *weights, *scales)
+    )(*rows_r.operands(), groups_r.astype(jnp.int32), *x_mk.operands(), *weights, *scales)
 
 
 def _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block):
@@ -324,14 +344,16 @@ GEMV_DEFAULTS = {
 SHORT_LOOP_STEPS = 4   # K steps per program at or below which 2 stages are used (num_stages None)
 
 
-def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int, **override):
+def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int, max_bk: int | None = None,
+               **override):
     """gemv keyword arguments for this shape: defaults (GEMV_DEFAULTS + override) shrunk until
     they divide the shape, then K split for enough programs. None if nothing divides.
-    n_dim: an int, or a tuple of widths laid side by side (gemv concat=True; bn divides each)."""
+    n_dim: an int, or a tuple of widths laid side by side (gemv concat=True; bn divides each).
+    max_bk: a cap on the K tile (an x source's, e.g. one attention head per tile)."""
     from . import pick_tile
     widths = tuple(n_dim) if isinstance(n_dim, tuple) else (n_dim,)
     cfg = {**GEMV_DEFAULTS["fp8" if fp8 else "bf16"], **override}
-    bn, bk = cfg["bn"], cfg["bk"]
+    bn, bk = cfg["bn"], min(cfg["bk"], max_bk or cfg["bk"])
     bn_t = pick_tile(math.gcd(*widths), min(bn, block) if fp8 and layout == "n" else bn)
     bk_t = pick_tile(k_dim, min(bk, block) if fp8 and layout == "k" else bk)
     if bn_t is None or bk_t is None:

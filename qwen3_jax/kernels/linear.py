@@ -15,6 +15,7 @@ import math
 import jax.numpy as jnp
 
 from .gemv import gemv, gemv_tiles
+from .gemv_inputs import as_source, materialize
 from .grouped_matmul import grouped_matmul, matmul_tiles
 
 GEMV_MAX_ROWS = 16
@@ -108,7 +109,8 @@ def projections_partials(specs, block: int, layer):
 
 
 def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = False):
-    """x [M, K] @ W[group] (dequantized if `scale`) -> [M, N] float32, or None if no tiling fits.
+    """x [M, K] (an array or a gemv_inputs source) @ W[group] (dequantized if `scale`) -> [M, N]
+    float32, or None if no tiling fits.
     partials=True: [S, M, N] float32 whose sum over S is that (S = the gemv's split_k; 1 for the
     matmul), the reduction left to the caller."""
     m, k_dim = x_mk.shape
@@ -116,7 +118,7 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     fp8 = scale is not None
     scales = (scale,) if fp8 else None
     if m <= GEMV_MAX_ROWS:
-        t = gemv_tiles(k_dim, n_dim, m, fp8, layout, block)
+        t = gemv_tiles(k_dim, n_dim, m, fp8, layout, block, max_bk=as_source(x_mk).max_bk)
         if t is None:
             return None
         # rows by row_div and a [1] group: no operand / a bitcast, where arange / full are kernels
@@ -134,7 +136,7 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     # use 4 warps) until two programs per SM exist, or a k/v projection runs on 4 SMs.
     while nb * (n_dim // t["bn"]) < TARGET_PROGRAMS and t["bn"] > 32 and n_dim % (t["bn"] // 2) == 0:
         t = dict(t, bn=t["bn"] // 2, num_warps=4)
-    xp = jnp.pad(x_mk, ((0, nb * bm - m), (0, 0)))
+    xp = jnp.pad(materialize(x_mk), ((0, nb * bm - m), (0, 0)))
     y = grouped_matmul(xp, jnp.full((nb,), group, jnp.int32), (w_gkn,), scales, bm=bm,
                        layout=layout, block=block, **t)
     return y[None, :m] if partials else y[:m]

@@ -14,8 +14,10 @@ The gemv path at batch 1 is launch-bound (benchmarks/results/run5_h100.log: ~25 
     on a mesh (a device holds experts first_expert.. only) still derived here in XLA;
   - row indices: none, gemv's static row_div (an index array operand, even a numpy constant,
     is an iota or broadcast kernel every layer);
-  - the swiglu of the split-K partials and the weighted sum over k: XLA fusions (one Pallas
-    kernel each was measured slower on an H100: run 6 in benchmarks/NOTES.md).
+  - the swiglu of the split-K partials: in the down gemv's x load (gemv_inputs.SwigluX);
+  - the weighted sum over k: an XLA fusion (one Pallas kernel was measured slower on an H100:
+    run 6 in benchmarks/NOTES.md).
+x may be a gemv_inputs source (the post-attention RMSNorm applied in the gate/up gemv's x load).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from .gemv import gemv, gemv_tiles
+from .gemv_inputs import SwigluX, materialize
 from .grouped_matmul import grouped_matmul, matmul_tiles
 from .moe_blocks import block_rows, expert_blocks
 
@@ -125,7 +128,7 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, inter
     t1 = gemv_tiles(d, f, a, arrays.fp8, "k", arrays.block)
     g, u = gemv(x_nd, a, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"), row_div=k,
                 layout="k", block=arrays.block, interpret=interpret, **t1)
-    h = (jax.nn.silu(jnp.sum(g, axis=0)) * jnp.sum(u, axis=0)).astype(x_nd.dtype)   # [A, F]
+    h = SwigluX(g, u, x_nd.dtype)   # silu(g) * u [A, F], finished in the down gemv's x load
     t2 = gemv_tiles(f, d, a, arrays.fp8, "n", arrays.block)
     (y,) = gemv(h, a, groups, (arrays.down,), _scales(arrays, "down"), row_div=1,
                 layout="n", block=arrays.block, interpret=interpret, **t2)
@@ -140,7 +143,7 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
     bm = block_rows(a, arrays.num_experts)
     blk = expert_blocks(experts_nk, arrays.num_experts, bm, first_expert)
     groups = jnp.where(blk.groups >= 0, blk.groups + arrays.offset, -1)
-    xs = x_nd[blk.rows]                                                             # [R, D]
+    xs = materialize(x_nd)[blk.rows]                                                             # [R, D]
     t1 = matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block)
     h = grouped_matmul(xs, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
                        bm=bm, layout="k", block=arrays.block, **t1)                 # [R, F]
