@@ -524,9 +524,9 @@ def _qkv_partials(attn_full, h, layer):
 def _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, group, st, ctx):
     """Decode attention over the cache (new K/V already written) and o_proj: -> (x + out, k_all, v_all)."""
     rows = np.arange(x.shape[0], dtype=np.int32) if slots_b is None else slots_b
-    # the key splits unmerged: o_proj's gemv merges them as it loads x (no XLA kernels between)
+    # x_load("attention"): the key splits unmerged, for o_proj's gemv to merge as it loads x
     out = kernels.decode_attention_cached(q16, k_all, v_all, layer, rows, positions_bt, blk.attn.scale, group=group,
-                                          combine=False)
+                                          combine=not kernels.x_load("attention"))
     return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all
 
 
@@ -592,7 +592,7 @@ class Segment(nnx.Module):
         def norm(blk_norm, full_norm, x, i):
             """On the fused path the norm is applied in the next gemv's x load (gemv_inputs.RmsNormX),
             which saves XLA's reduce and multiply kernels; elsewhere in XLA."""
-            if fused:
+            if fused and kernels.x_load("norm"):
                 return RmsNormX(x, full_norm.weight[...], i, blk_norm.eps)
             return blk_norm(x)
 

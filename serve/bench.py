@@ -69,6 +69,9 @@ def parse_args(argv=None):
                    help="FP8 models: GEMV numerics to time, comma-separated (w8a8, w8a16); default: the library's")
     p.add_argument("--decode-unroll", default="",
                    help="layers per scan iteration of the decode step to time, comma-separated (default: the library's)")
+    p.add_argument("--x-loads", default="",
+                   help="decode: producer outputs finished in gemv x loads, variants comma-separated, each "
+                        "'+'-joined from norm, swiglu, attention, or 'none' (default: the library's)")
     p.add_argument("--attention-splits", default="",
                    help="decode attention: most key splits that o_proj merges in its x load, comma-separated "
                         "(default: the library's)")
@@ -671,11 +674,13 @@ def bench_model(args, name: str, ceilings: dict, log) -> dict:
     fp8_kinds = [k for k in args.fp8_gemm.split(",") if k] if cfg.fp8 else []
     unrolls = ints(args.decode_unroll) or [None]
     splits = ints(args.attention_splits) or [None]
+    x_loads = [v for v in args.x_loads.split(",") if v] or [None]
+    default_x_loads = set(kernels.X_LOADS)
     from qwen3_jax.kernels import decode_attention as attn_mod
     default_gemm, default_unroll, default_splits = kernels.fp8_gemm(), model_mod.DECODE_UNROLL, attn_mod.COMBINED_MAX_SPLITS
-    variants = [(m, f, u, sp) for m in modes for f in (fp8_kinds if m != "off" and fp8_kinds else [None])
-                for u in unrolls for sp in splits]
-    for mode, fp8_kind, unroll, max_splits in variants:
+    variants = [(m, f, u, sp, xl) for m in modes for f in (fp8_kinds if m != "off" and fp8_kinds else [None])
+                for u in unrolls for sp in splits for xl in x_loads]
+    for mode, fp8_kind, unroll, max_splits, x_load in variants:
         kernels.set_enabled({"on": True, "off": False, "auto": None}[mode])
         label = mode if mode != "auto" else ("on" if kernels.enabled() else "off")
         if fp8_kind:
@@ -687,6 +692,10 @@ def bench_model(args, name: str, ceilings: dict, log) -> dict:
         attn_mod.COMBINED_MAX_SPLITS = max_splits or default_splits
         if max_splits:
             label += f" splits {max_splits}"
+        kernels.set_x_loads(default_x_loads if x_load is None else
+                            [n for n in x_load.split("+") if n and n != "none"])
+        if x_load:
+            label += f" x {x_load}"
         baseline = args.kernels == "both" and mode == "off"
         batches = ints(args.baseline_batch) if baseline and args.baseline_batch is not None else ints(args.batch)
         prompts = ints(args.baseline_prefill) if baseline and args.baseline_prefill is not None else ints(args.prefill)
@@ -714,6 +723,7 @@ def bench_model(args, name: str, ceilings: dict, log) -> dict:
     kernels.set_enabled(None)
     model_mod.DECODE_UNROLL = default_unroll
     attn_mod.COMBINED_MAX_SPLITS = default_splits
+    kernels.set_x_loads(default_x_loads)
     if fp8_kinds and default_gemm in kernels.FP8_GEMM:
         kernels.set_fp8_gemm(default_gemm)
     if res.get("memory") and "error" not in res["memory"]:

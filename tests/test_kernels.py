@@ -452,9 +452,9 @@ def _primitives_outside_kernels(jaxpr, counts=None):
 
 
 def test_unrolled_decode_layers_equal_the_layer_loop(monkeypatch):
-    """Kernels on (interpret mode), 3 layers: model.DECODE_UNROLL 1 (a while loop, traced layer
-    index), 2 (a loop of 2-layer iterations and a remainder) and 3 (no loop, constant indices)
-    give the same decode step."""
+    """Kernels on (interpret mode), 3 layers, every gemv x-load fusion on: model.DECODE_UNROLL 1
+    (a while loop, traced layer index), 2 (a loop of 2-layer iterations and a remainder) and 3
+    (no loop, constant indices) give the same decode step."""
     from flax import nnx
 
     from qwen3_jax import Qwen3MoeConfig, random_model
@@ -464,6 +464,7 @@ def test_unrolled_decode_layers_equal_the_layer_loop(monkeypatch):
     cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", head_dim=32, num_experts=16))
     m = with_distinct_norms(random_model(cfg, seed=6))
     cache = m.init_cache(2, 16)
+    monkeypatch.setattr(kernels, "X_LOADS", set(kernels.X_LOADS_ALL))   # every x-load fusion
     tok, pos = jnp.asarray([[3], [7]], jnp.int32), jnp.asarray([[4], [9]], jnp.int32)
     outs, scans = [], []
     with kernels.kernels_enabled(True):

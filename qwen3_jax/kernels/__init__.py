@@ -119,6 +119,30 @@ def fp8_gemm() -> str:
     return {v: k for k, v in FP8_GEMM.items()}.get(convert, f"w8a16 (convert={convert})")
 
 
+# Producer outputs the decode step finishes in the next gemv's x load (gemv_inputs.py), read at
+# trace time. H100, 30B-A3B, batch 1 (benchmarks/NOTES.md, run 16): "norm" (the two RMSNorms into
+# the q/k/v, router and MoE gate/up gemvs) removes 4 XLA kernels per layer for ~1.3 us more gemv
+# time; "swiglu" (into the MoE down gemv) and "attention" (the split combine into o_proj) cost the
+# gemv more than the XLA kernels they remove (FP8 down +4.8 us, o_proj +4.5 us per layer): each
+# K step of their x load reduces over the split partials, in series with the step. Off by default.
+X_LOADS_ALL = ("norm", "swiglu", "attention")
+X_LOADS = {"norm"}
+
+
+def set_x_loads(names) -> None:
+    """Choose which of X_LOADS_ALL the decode step fuses into gemv x loads (read at trace time)."""
+    names = set(names)
+    if not names <= set(X_LOADS_ALL):
+        raise ValueError(f"unknown x loads {sorted(names - set(X_LOADS_ALL))}; choose from {X_LOADS_ALL}")
+    X_LOADS.clear()
+    X_LOADS.update(names)
+
+
+def x_load(name: str) -> bool:
+    """True when the decode step finishes `name` (one of X_LOADS_ALL) in a gemv's x load."""
+    return name in X_LOADS
+
+
 def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
     """Largest power of two <= target that divides dim and is >= minimum (Triton blocks are
     powers of two), or None when there is none (the caller falls back to XLA)."""
@@ -138,6 +162,6 @@ from .router import route_in_place  # noqa: E402
 from . import qk_prologue, sharded  # noqa: E402
 
 __all__ = ["enabled", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret",
-           "pick_tile", "FP8_GEMM", "set_fp8_gemm", "fp8_gemm", "linear_einsum", "projections_partials",
+           "pick_tile", "FP8_GEMM", "set_fp8_gemm", "fp8_gemm", "X_LOADS_ALL", "set_x_loads", "x_load", "linear_einsum", "projections_partials",
            "causal_prefill_attention", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked", "moe_ffn_in_place", "ExpertArrays", "route_in_place",
            "qk_prologue", "sharded"]

@@ -14,7 +14,8 @@ The gemv path at batch 1 is launch-bound (benchmarks/results/run5_h100.log: ~25 
     on a mesh (a device holds experts first_expert.. only) still derived here in XLA;
   - row indices: none, gemv's static row_div (an index array operand, even a numpy constant,
     is an iota or broadcast kernel every layer);
-  - the swiglu of the split-K partials: in the down gemv's x load (gemv_inputs.SwigluX);
+  - the swiglu of the split-K partials: an XLA fusion, or with kernels.x_load("swiglu") the
+    down gemv's x load (gemv_inputs.SwigluX; slower on an H100 so far);
   - the weighted sum over k: an XLA fusion (one Pallas kernel was measured slower on an H100:
     run 6 in benchmarks/NOTES.md).
 x may be a gemv_inputs source (the post-attention RMSNorm applied in the gate/up gemv's x load).
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 
 from .gemv import gemv, gemv_tiles
 from .gemv_inputs import SwigluX, materialize
+from . import x_load
 from .grouped_matmul import grouped_matmul, matmul_tiles
 from .moe_blocks import block_rows, expert_blocks
 
@@ -128,7 +130,9 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, inter
     t1 = gemv_tiles(d, f, a, arrays.fp8, "k", arrays.block)
     g, u = gemv(x_nd, a, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"), row_div=k,
                 layout="k", block=arrays.block, interpret=interpret, **t1)
-    h = SwigluX(g, u, x_nd.dtype)   # silu(g) * u [A, F], finished in the down gemv's x load
+    h = SwigluX(g, u, x_nd.dtype)   # silu(g) * u [A, F]
+    if not x_load("swiglu"):        # else finished in the down gemv's x load
+        h = h.materialize()
     t2 = gemv_tiles(f, d, a, arrays.fp8, "n", arrays.block)
     (y,) = gemv(h, a, groups, (arrays.down,), _scales(arrays, "down"), row_div=1,
                 layout="n", block=arrays.block, interpret=interpret, **t2)
