@@ -83,16 +83,17 @@ def test_layers_option_keeps_shapes_and_says_so():
 
 
 def test_variant_flags_time_each_setting_and_restore_the_defaults():
-    """--fp8-gemm and --decode-unroll time one row per setting (labelled), then put the library's
-    defaults back."""
+    """--fp8-gemm, --decode-unroll and --x-loads time one row per setting (labelled), then put the
+    library's defaults back."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
 
-    before = (kernels.fp8_gemm(), model_mod.DECODE_UNROLL)
+    before = (kernels.fp8_gemm(), model_mod.DECODE_UNROLL, set(kernels.X_LOADS))
     res = bench.main(["--model", "tiny-FP8", "--batch", "1", "--context", "16", "--prefill=", "--steps", "2",
-                      "--reps", "1", "--single-step=", "--kernels", "on", "--fp8-gemm", "w8a16,w8a8",
-                      "--decode-unroll", "1,2"])
+                      "--reps", "1", "--single-step=", "--kernels", "on", "--fp8-gemm", "w8a8",
+                      "--decode-unroll", "1,2", "--x-loads", "none,norm+swiglu+attention"])
     labels = [r["kernels"] for r in res["decode"]]
-    assert labels == ["on w8a16 unroll 1", "on w8a16 unroll 2", "on w8a8 unroll 1", "on w8a8 unroll 2"]
+    assert labels == ["on w8a8 unroll 1 x none", "on w8a8 unroll 1 x norm+swiglu+attention",
+                      "on w8a8 unroll 2 x none", "on w8a8 unroll 2 x norm+swiglu+attention"]
     assert all(r["step_ms"] > 0 for r in res["decode"])
-    assert (kernels.fp8_gemm(), model_mod.DECODE_UNROLL) == before
+    assert (kernels.fp8_gemm(), model_mod.DECODE_UNROLL, set(kernels.X_LOADS)) == before
