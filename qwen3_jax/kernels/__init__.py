@@ -120,13 +120,15 @@ def fp8_gemm() -> str:
 
 
 # Producer outputs the decode step finishes in the next gemv's x load (gemv_inputs.py), read at
-# trace time. H100, 30B-A3B, batch 1 (benchmarks/NOTES.md, run 16): "norm" (the two RMSNorms into
-# the q/k/v, router and MoE gate/up gemvs) removes 4 XLA kernels per layer for ~1.3 us more gemv
-# time; "swiglu" (into the MoE down gemv) and "attention" (the split combine into o_proj) cost the
-# gemv more than the XLA kernels they remove (FP8 down +4.8 us, o_proj +4.5 us per layer): each
-# K step of their x load reduces over the split partials, in series with the step. Off by default.
+# trace time. Measured at 30B-A3B shapes (benchmarks/NOTES.md, runs 16-17):
+#   "norm": the two RMSNorms into the q/k/v, router and MoE gate/up gemvs. Removes 4 XLA kernels
+#     per layer for ~1.3 us more gemv time: H200 batch 1 bf16 -0.085 ms, FP8 -0.10 ms per step.
+#   "swiglu": into the MoE down gemv, where gate/up ran unsplit (moe_ffn.py): H200 batch 8 bf16
+#     -0.29 ms. With split partials it cost more (FP8 batch 1 +0.19 ms), so it is skipped there.
+#   "attention": the key-split combine into o_proj. Slower (H100 +4.5 us per layer at batch 1, and
+#     more at batch 8: every K step reduces over the splits in series with it). Off by default.
 X_LOADS_ALL = ("norm", "swiglu", "attention")
-X_LOADS = {"norm"}
+X_LOADS = {"norm", "swiglu"}
 
 
 def set_x_loads(names) -> None:

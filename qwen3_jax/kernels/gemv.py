@@ -334,25 +334,36 @@ def _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block):
 # Run 13 (device time per kernel from the profiler, H100, every decode gemv shape of 30B-A3B at
 # batch 1): 2 pipeline stages beat 3 where a program runs <= 4 K steps (qkv, MoE gate/up and down:
 # 3-9% faster, bf16 and FP8), and o_proj (K=4096: 128 programs at split 8) gained 20-26% from
-# split 16. num_stages None = that rule; an int forces it.
+# split 16. num_stages None = that rule (short_loop_steps: the most K steps per program that get
+# 2 stages); an int forces it.
 GEMV_DEFAULTS = {
     "bf16": dict(bn=128, bk=64, num_warps=8, num_stages=None, acc2d=True, convert="cast", mode="dot",
-                 target_programs=264, max_split=16),
+                 target_programs=264, max_split=16, short_loop_steps=4),
     "fp8": dict(bn=128, bk=64, num_warps=4, num_stages=None, acc2d=True, convert="f16", mode="dot",
-                target_programs=264, max_split=16),
+                target_programs=264, max_split=16, short_loop_steps=4),
 }
-SHORT_LOOP_STEPS = 4   # K steps per program at or below which 2 stages are used (num_stages None)
+# Over GEMV_DEFAULTS by (kind, layout). Run 17 (H200, FP8 w8a16, device time per gemv at batch 1,
+# benchmarks/NOTES.md): an FP8 tile is half the bytes of a bf16 one, so a program has half as many
+# bytes in flight. Layout "k" (q/k/v, MoE gate/up) with bk=128 and twice the programs: qkv 8.06 ->
+# 6.63 us, gate/up 12.13 -> 11.96 us. Layout "n": o_proj (4 K steps per program) 6.95 -> 6.32 us
+# with 3 stages; the MoE down (3 steps) is best with 2.
+GEMV_LAYOUT_DEFAULTS = {
+    ("fp8", "k"): dict(bk=128, target_programs=528),
+    ("fp8", "n"): dict(short_loop_steps=3),
+}
 
 
 def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int, max_bk: int | None = None,
                **override):
-    """gemv keyword arguments for this shape: defaults (GEMV_DEFAULTS + override) shrunk until
-    they divide the shape, then K split for enough programs. None if nothing divides.
+    """gemv keyword arguments for this shape: defaults (GEMV_DEFAULTS, GEMV_LAYOUT_DEFAULTS, then
+    override) shrunk until they divide the shape, then K split for enough programs. None if
+    nothing divides.
     n_dim: an int, or a tuple of widths laid side by side (gemv concat=True; bn divides each).
     max_bk: a cap on the K tile (an x source's, e.g. one attention head per tile)."""
     from . import pick_tile
     widths = tuple(n_dim) if isinstance(n_dim, tuple) else (n_dim,)
-    cfg = {**GEMV_DEFAULTS["fp8" if fp8 else "bf16"], **override}
+    kind = "fp8" if fp8 else "bf16"
+    cfg = {**GEMV_DEFAULTS[kind], **GEMV_LAYOUT_DEFAULTS.get((kind, layout), {}), **override}
     bn, bk = cfg["bn"], min(cfg["bk"], max_bk or cfg["bk"])
     bn_t = pick_tile(math.gcd(*widths), min(bn, block) if fp8 and layout == "n" else bn)
     bk_t = pick_tile(k_dim, min(bk, block) if fp8 and layout == "k" else bk)
@@ -365,6 +376,6 @@ def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int,
         split *= 2
     stages = cfg["num_stages"]
     if stages is None:
-        stages = 2 if k_dim // (bk_t * split) <= SHORT_LOOP_STEPS else 3
+        stages = 2 if k_dim // (bk_t * split) <= cfg["short_loop_steps"] else 3
     return dict(bn=bn_t, bk=bk_t, split_k=split, num_warps=cfg["num_warps"], num_stages=stages,
                 acc2d=cfg["acc2d"], convert=cfg["convert"], mode=cfg["mode"])

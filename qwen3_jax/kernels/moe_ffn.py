@@ -14,8 +14,9 @@ The gemv path at batch 1 is launch-bound (benchmarks/results/run5_h100.log: ~25 
     on a mesh (a device holds experts first_expert.. only) still derived here in XLA;
   - row indices: none, gemv's static row_div (an index array operand, even a numpy constant,
     is an iota or broadcast kernel every layer);
-  - the swiglu of the split-K partials: an XLA fusion, or with kernels.x_load("swiglu") the
-    down gemv's x load (gemv_inputs.SwigluX; slower on an H100 so far);
+  - the swiglu of the gate/up outputs: with kernels.x_load("swiglu") (default) and no split-K
+    partials (batch >= 8 at 30B shapes), in the down gemv's x load (gemv_inputs.SwigluX); else
+    an XLA fusion;
   - the weighted sum over k: an XLA fusion (one Pallas kernel was measured slower on an H100:
     run 6 in benchmarks/NOTES.md).
 x may be a gemv_inputs source (the post-attention RMSNorm applied in the gate/up gemv's x load).
@@ -131,7 +132,10 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, inter
     g, u = gemv(x_nd, a, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"), row_div=k,
                 layout="k", block=arrays.block, interpret=interpret, **t1)
     h = SwigluX(g, u, x_nd.dtype)   # silu(g) * u [A, F]
-    if not x_load("swiglu"):        # else finished in the down gemv's x load
+    # In the down gemv's x load only without split partials to sum: a sum per K step in series
+    # with the step cost more than the XLA kernel (run 17, H200: batch 1 FP8 +0.19 ms, gate/up
+    # split 8; batch 8 bf16 -0.29 ms, split 1).
+    if not (x_load("swiglu") and g.shape[0] == 1):
         h = h.materialize()
     t2 = gemv_tiles(f, d, a, arrays.fp8, "n", arrays.block)
     (y,) = gemv(h, a, groups, (arrays.down,), _scales(arrays, "down"), row_div=1,

@@ -352,7 +352,6 @@ def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768
     out = []
     for kind in kinds:
         fp8 = kind != "bf16"
-        gkey = "fp8" if fp8 else "bf16"
         base = dict(convert="e4m3" if kind == "w8a8" else "f16", mode="dot") if fp8 else {}
         for seed, (name, (kk, widths, rows, layout, pair)) in enumerate(shapes.items()):
             stride = 16 if rows > 1 else 1       # MoE rows: 8 distinct experts of 16 per layer
@@ -372,8 +371,8 @@ def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768
             ref = None
             for v in variants or SHAPE_VARIANTS:
                 cfg = {**base, **v}
-                t = gemv_tiles(kk, widths if len(widths) > 1 and not pair else widths[0], rows, fp8, layout, 128, **{
-                    **gemv_mod.GEMV_DEFAULTS[gkey], **cfg})
+                t = gemv_tiles(kk, widths if len(widths) > 1 and not pair else widths[0], rows, fp8, layout, 128,
+                               **cfg)   # over the defaults, layout ones included: "default" is what the model runs
                 if t is None:
                     continue
 
