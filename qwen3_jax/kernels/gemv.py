@@ -342,13 +342,10 @@ GEMV_DEFAULTS = {
     "fp8": dict(bn=128, bk=64, num_warps=4, num_stages=None, acc2d=True, convert="f16", mode="dot",
                 target_programs=264, max_split=16, short_loop_steps=4),
 }
-# Over GEMV_DEFAULTS by (kind, layout). Run 17 (H200, FP8 w8a16, device time per gemv at batch 1,
-# benchmarks/NOTES.md): an FP8 tile is half the bytes of a bf16 one, so a program has half as many
-# bytes in flight. Layout "k" (q/k/v, MoE gate/up) with bk=128 and twice the programs: qkv 8.06 ->
-# 6.63 us, gate/up 12.13 -> 11.96 us. Layout "n": o_proj (4 K steps per program) 6.95 -> 6.32 us
-# with 3 stages; the MoE down (3 steps) is best with 2.
+# Over GEMV_DEFAULTS by (kind, layout). Runs 17-18 (H200, FP8 w8a16, device time per gemv at
+# batch 1, benchmarks/NOTES.md): o_proj (layout "n", 4 K steps per program) 6.95 -> 6.32 us with 3
+# stages; the MoE down (3 steps) is best with 2. The q/k/v tiles are linear.PROJECTION_TILES.
 GEMV_LAYOUT_DEFAULTS = {
-    ("fp8", "k"): dict(bk=128, target_programs=528),
     ("fp8", "n"): dict(short_loop_steps=3),
 }
 

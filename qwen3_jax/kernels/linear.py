@@ -19,6 +19,12 @@ from .gemv_inputs import as_source, materialize
 from .grouped_matmul import grouped_matmul, matmul_tiles
 
 GEMV_MAX_ROWS = 16
+# gemv tiles for projections over gemv's defaults, by (kind, layout). FP8 q/k/v (H200, run 17-18 in
+# benchmarks/NOTES.md): an FP8 tile has half the bytes of a bf16 one in flight; bk=128 took the
+# batch-1 qkv gemv 8.06 -> 7.27 us. More programs (target 528) were faster still alone (6.63 us)
+# but split K 16 ways, and the prologue that sums the partials went 3.9 -> 7.0 us per layer; the
+# MoE gate/up (bk=128 + target 528 in the sweep) lost in the model: its norm x load runs per program.
+PROJECTION_TILES = {("fp8", "k"): dict(bk=128)}
 TARGET_PROGRAMS = 264   # two per SM of an H100: below this a memory-bound matmul starves
 
 
@@ -100,12 +106,18 @@ def projections_partials(specs, block: int, layer):
     if m > GEMV_MAX_ROWS or len(fp8) > 1 or len(layouts) > 1 or any(mt[0].shape != x2.shape for mt in mats):
         return None
     fp8, layout = fp8.pop(), layouts.pop()
-    t = gemv_tiles(k_dim, tuple(mt[1].shape[2] for mt in mats), m, fp8, layout, block)
+    t = gemv_tiles(k_dim, tuple(mt[1].shape[2] for mt in mats), m, fp8, layout, block,
+                   **_projection_tiles(fp8, layout))
     if t is None or t["mode"] != "dot":
         return None
     group = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
     return list(gemv(x2, m, group, tuple(mt[1] for mt in mats), tuple(mt[2] for mt in mats) if fp8 else None,
                      row_div=1, layout=layout, block=block, concat=True, **t))
+
+
+def _projection_tiles(fp8: bool, layout: str) -> dict:
+    """PROJECTION_TILES for this weight kind and layout (gemv_tiles overrides)."""
+    return PROJECTION_TILES.get(("fp8" if fp8 else "bf16", layout), {})
 
 
 def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = False):
@@ -118,7 +130,8 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     fp8 = scale is not None
     scales = (scale,) if fp8 else None
     if m <= GEMV_MAX_ROWS:
-        t = gemv_tiles(k_dim, n_dim, m, fp8, layout, block, max_bk=as_source(x_mk).max_bk)
+        t = gemv_tiles(k_dim, n_dim, m, fp8, layout, block, max_bk=as_source(x_mk).max_bk,
+                       **_projection_tiles(fp8, layout))
         if t is None:
             return None
         # rows by row_div and a [1] group: no operand / a bitcast, where arange / full are kernels
