@@ -107,7 +107,7 @@ def projections_partials(specs, block: int, layer):
         return None
     fp8, layout = fp8.pop(), layouts.pop()
     t = gemv_tiles(k_dim, tuple(mt[1].shape[2] for mt in mats), m, fp8, layout, block,
-                   **_projection_tiles(fp8, layout))
+                   **projection_tiles(fp8, layout))
     if t is None or t["mode"] != "dot":
         return None
     group = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
@@ -115,7 +115,7 @@ def projections_partials(specs, block: int, layer):
                      row_div=1, layout=layout, block=block, concat=True, **t))
 
 
-def _projection_tiles(fp8: bool, layout: str) -> dict:
+def projection_tiles(fp8: bool, layout: str) -> dict:
     """PROJECTION_TILES for this weight kind and layout (gemv_tiles overrides)."""
     return PROJECTION_TILES.get(("fp8" if fp8 else "bf16", layout), {})
 
@@ -131,7 +131,7 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     scales = (scale,) if fp8 else None
     if m <= GEMV_MAX_ROWS:
         t = gemv_tiles(k_dim, n_dim, m, fp8, layout, block, max_bk=as_source(x_mk).max_bk,
-                       **_projection_tiles(fp8, layout))
+                       **projection_tiles(fp8, layout))
         if t is None:
             return None
         # rows by row_div and a [1] group: no operand / a bitcast, where arange / full are kernels

@@ -345,7 +345,7 @@ def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768
     (k rows, K=d, N=f pair), moe_down (k rows, K=f, N=d). -> rows of dict(kind, shape, variant,
     us, pct_floor, rel_err)."""
     from .gemv import gemv, gemv_tiles
-    from .linear import _projection_tiles
+    from .linear import projection_tiles
     shapes = {"qkv": (d, (heads * hd, kv * hd, kv * hd), 1, "k", False),
               "o_proj": (heads * hd, (d,), 1, "n", False),
               "moe_gate_up": (d, (f, f), k, "k", True),
@@ -372,7 +372,7 @@ def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768
             ref = None
             for v in variants or SHAPE_VARIANTS:
                 # the projections' own tile overrides under the variant: "default" is what the model runs
-                proj = _projection_tiles(fp8, layout) if name in ("qkv", "o_proj") else {}
+                proj = projection_tiles(fp8, layout) if name in ("qkv", "o_proj") else {}
                 cfg = {**proj, **base, **v}
                 t = gemv_tiles(kk, widths if len(widths) > 1 and not pair else widths[0], rows, fp8, layout, 128,
                                **cfg)   # over the defaults, layout ones included: "default" is what the model runs
