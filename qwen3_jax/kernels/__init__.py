@@ -6,7 +6,8 @@ bf16 before the dot, so FP8 runs slower than bf16. The kernels here read only th
 step routes to, read every weight where it lies in the stacked [L, ...] params (a per-layer
 slice handed to a custom call would be copied first), and fuse the FP8 block dequantize.
 
-Files: gemv.py (one output row per program: decode), grouped_matmul.py (row blocks of one
+Files: gemv.py (one output row per program: decode), gemv_inputs.py (what a gemv can finish in
+its x load: a norm, the swiglu, the attention split merge), grouped_matmul.py (row blocks of one
 group each, tensor cores: prefill and large decode batches), moe_blocks.py (routing -> row
 blocks), moe_ffn.py (the MoE expert FFN on either kernel), linear.py (projections read in
 place, FP8 fused), prefill_attention.py (cuDNN fused attention for prompts from position 0),

@@ -8,7 +8,8 @@ not fit next to the weights (benchmarks/NOTES.md, run 2). Here each program read
   grid (B, K, NS); program (b, h, p): the G query heads of kv head h (padded to 16 rows for the
   MMA), keys s in split p in blocks of `bs`, online softmax in float32, partial (max, sum,
   weighted values) written per split; then a few XLA ops merge the NS splits (a one-kernel
-  Pallas merge was measured slower on an H100: run 6 in benchmarks/NOTES.md).
+  Pallas merge was measured slower on an H100: run 6 in benchmarks/NOTES.md; the merge in
+  o_proj's x load, combine=False, too: run 16).
 Only keys s < lengths[b] are read (blocks past the length are skipped). The clip of the
 lengths to the cache length (and the model's positions + 1) happen inside the kernel: each
 would be one more XLA kernel per layer in front of it.

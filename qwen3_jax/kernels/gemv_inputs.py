@@ -14,6 +14,9 @@ run 14). Each source below removes XLA kernels without adding a launch:
     the flash-decoding combine of one head's splits. Removes the three combine kernels in front
     of o_proj.
   PlainX: x as it is.
+Where they pay: a source that reduces over split partials does so in every K step, in series
+with the step, and that costs more than the XLA kernel it saves (SwigluX with S > 1, AttentionX).
+kernels.X_LOADS says which the model uses, with the measurements.
 
 Every source has the logical `shape` and `dtype` of the x it stands for, `reshape` to gemv's
 [M, K] view (the only reshape the projections need), and `materialize()`: that x computed with
