@@ -677,7 +677,8 @@ def bench_model(args, name: str, ceilings: dict, log) -> dict:
     x_loads = [v for v in args.x_loads.split(",") if v] or [None]
     default_x_loads = set(kernels.X_LOADS)
     from qwen3_jax.kernels import decode_attention as attn_mod
-    default_gemm, default_unroll, default_splits = kernels.fp8_gemm(), model_mod.DECODE_UNROLL, attn_mod.COMBINED_MAX_SPLITS
+    default_gemm, default_unroll = kernels.fp8_gemm(), model_mod.DECODE_UNROLL
+    default_splits = attn_mod.COMBINED_MAX_SPLITS
     variants = [(m, f, u, sp, xl) for m in modes for f in (fp8_kinds if m != "off" and fp8_kinds else [None])
                 for u in unrolls for sp in splits for xl in x_loads]
     for mode, fp8_kind, unroll, max_splits, x_load in variants:

@@ -153,7 +153,7 @@ def test_gemv_concat_runs_projections_of_different_widths_in_one_launch(fp8):
 
 
 def _x_sources(rng):
-    """One of each gemv_inputs source over K = 256 rows of x, as the decode step builds them."""
+    """One of each gemv_inputs source, each standing for an x of [2, 256], as the decode step builds them."""
     from qwen3_jax.kernels.gemv_inputs import AttentionX, RmsNormX, SwigluX
 
     f32 = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)   # noqa: E731

@@ -39,14 +39,20 @@ _STATIC = dict(metadata=dict(static=True))
 
 
 class _Source:
-    """Shared by the sources: shape bookkeeping (subclasses define shape, dtype, k_dim)."""
+    """Shared by the sources: shape bookkeeping (subclasses define shape, dtype, k_dim, and
+    _natural_shape() for a shape field left None)."""
+
+    def __post_init__(self):
+        if self.shape is None:
+            object.__setattr__(self, "shape", self._natural_shape())
 
     def reshape(self, *shape):
         """The same x under another shape of as many elements; a 2-D view must be [M, K], K the
         axis the source finishes (the view gemv reads)."""
         shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else tuple(shape)
         if math.prod(shape) != math.prod(self.shape) or (len(shape) == 2 and shape[1] != self.k_dim):
-            raise ValueError(f"{type(self).__name__} of shape {self.shape} (K={self.k_dim}) cannot be viewed as {shape}")
+            raise ValueError(f"{type(self).__name__} of shape {self.shape} (K={self.k_dim}) cannot be viewed "
+                             f"as {shape}")
         return dataclasses.replace(self, shape=shape)
 
     def covered(self, bk: int) -> bool:
@@ -101,9 +107,8 @@ class RmsNormX(_Source):
     eps: float = dataclasses.field(default=1e-6, **_STATIC)
     shape: tuple = dataclasses.field(default=None, **_STATIC)
 
-    def __post_init__(self):
-        if self.shape is None:
-            object.__setattr__(self, "shape", tuple(self.x.shape))
+    def _natural_shape(self):
+        return tuple(self.x.shape)
 
     @property
     def dtype(self):
@@ -147,9 +152,8 @@ class SwigluX(_Source):
     dtype: object = dataclasses.field(default=jnp.bfloat16, **_STATIC)
     shape: tuple = dataclasses.field(default=None, **_STATIC)
 
-    def __post_init__(self):
-        if self.shape is None:
-            object.__setattr__(self, "shape", tuple(self.gate.shape[1:]))
+    def _natural_shape(self):
+        return tuple(self.gate.shape[1:])
 
     @property
     def k_dim(self) -> int:
@@ -184,10 +188,9 @@ class AttentionX(_Source):
     dtype: object = dataclasses.field(default=jnp.bfloat16, **_STATIC)
     shape: tuple = dataclasses.field(default=None, **_STATIC)
 
-    def __post_init__(self):
-        if self.shape is None:
-            b, kv, _, _, qd = self.acc.shape
-            object.__setattr__(self, "shape", (b, 1, kv * self.group, qd))
+    def _natural_shape(self):
+        b, kv, _, _, qd = self.acc.shape
+        return (b, 1, kv * self.group, qd)
 
     @property
     def k_dim(self) -> int:

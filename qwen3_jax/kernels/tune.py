@@ -375,7 +375,7 @@ def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768
                 proj = projection_tiles(fp8, layout) if name in ("qkv", "o_proj") else {}
                 cfg = {**proj, **base, **v}
                 t = gemv_tiles(kk, widths if len(widths) > 1 and not pair else widths[0], rows, fp8, layout, 128,
-                               **cfg)   # over the defaults, layout ones included: "default" is what the model runs
+                               **cfg)   # over GEMV_DEFAULTS and GEMV_LAYOUT_DEFAULTS
                 if t is None:
                     continue
 
