@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -72,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--x-loads", default="",
                    help="decode: producer outputs finished in gemv x loads, variants comma-separated, each "
                         "'+'-joined from norm, swiglu, attention, or 'none' (default: the library's)")
+    p.add_argument("--prologue-programs", default="",
+                   help="decode prologue: programs its grid aims for, comma-separated (default: the library's)")
     p.add_argument("--attention-splits", default="",
                    help="decode attention: most key splits that o_proj merges in its x load, comma-separated "
                         "(default: the library's)")
@@ -669,34 +672,18 @@ def bench_model(args, name: str, ceilings: dict, log) -> dict:
     modes = {"both": ["on", "off"], "auto": ["auto"], "on": ["on"], "off": ["off"]}[args.kernels]
     single = set(ints(args.single_step))
     c = ceilings
-    from qwen3_jax import model as model_mod
 
-    fp8_kinds = [k for k in args.fp8_gemm.split(",") if k] if cfg.fp8 else []
-    unrolls = ints(args.decode_unroll) or [None]
-    splits = ints(args.attention_splits) or [None]
-    x_loads = [v for v in args.x_loads.split(",") if v] or [None]
-    default_x_loads = set(kernels.X_LOADS)
-    from qwen3_jax.kernels import decode_attention as attn_mod
-    default_gemm, default_unroll = kernels.fp8_gemm(), model_mod.DECODE_UNROLL
-    default_splits = attn_mod.COMBINED_MAX_SPLITS
-    variants = [(m, f, u, sp, xl) for m in modes for f in (fp8_kinds if m != "off" and fp8_kinds else [None])
-                for u in unrolls for sp in splits for xl in x_loads]
-    for mode, fp8_kind, unroll, max_splits, x_load in variants:
+    knobs = _decode_knobs(args, cfg)
+    defaults = [get() for _, _, get, _, _ in knobs]
+    variants = [(m, vs) for m in modes for vs in itertools.product(
+        *[[None] if m == "off" and kernels_only else values for _, values, _, _, kernels_only in knobs])]
+    for mode, values in variants:
         kernels.set_enabled({"on": True, "off": False, "auto": None}[mode])
         label = mode if mode != "auto" else ("on" if kernels.enabled() else "off")
-        if fp8_kind:
-            kernels.set_fp8_gemm(fp8_kind)
-            label += " " + fp8_kind
-        model_mod.DECODE_UNROLL = unroll or default_unroll
-        if unroll:
-            label += f" unroll {unroll}"
-        attn_mod.COMBINED_MAX_SPLITS = max_splits or default_splits
-        if max_splits:
-            label += f" splits {max_splits}"
-        kernels.set_x_loads(default_x_loads if x_load is None else
-                            [n for n in x_load.split("+") if n and n != "none"])
-        if x_load:
-            label += f" x {x_load}"
+        for (prefix, _, _, put, _), value, default in zip(knobs, values, defaults):
+            put(default if value is None else value)
+            if value is not None:
+                label += f" {prefix}{value}"
         baseline = args.kernels == "both" and mode == "off"
         batches = ints(args.baseline_batch) if baseline and args.baseline_batch is not None else ints(args.batch)
         prompts = ints(args.baseline_prefill) if baseline and args.baseline_prefill is not None else ints(args.prefill)
@@ -722,15 +709,41 @@ def bench_model(args, name: str, ceilings: dict, log) -> dict:
             res["prefill"].append(r)
             log(prefill_table([r], False).splitlines()[-1])
     kernels.set_enabled(None)
-    model_mod.DECODE_UNROLL = default_unroll
-    attn_mod.COMBINED_MAX_SPLITS = default_splits
-    kernels.set_x_loads(default_x_loads)
-    if fp8_kinds and default_gemm in kernels.FP8_GEMM:
-        kernels.set_fp8_gemm(default_gemm)
+    for (_, _, _, put, _), default in zip(knobs, defaults):
+        put(default)
     if res.get("memory") and "error" not in res["memory"]:
         res["memory"]["peak_end"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     del model
     return res
+
+
+def _decode_knobs(args, cfg):
+    """The library settings the bench times side by side, one row per combination:
+    [(label prefix, values from the command line (None: the library's), read, write, whether only
+    the kernels path has it)]."""
+    from qwen3_jax import kernels
+    from qwen3_jax import model as model_mod
+    from qwen3_jax.kernels import decode_attention, qk_prologue
+
+    def listed(text, parse=str):
+        return [parse(v) for v in text.split(",") if v] or [None]
+
+    def module_value(mod, name):
+        return (lambda: getattr(mod, name)), (lambda v: setattr(mod, name, v))
+
+    def put_gemm(kind):   # the library's setting may be a raw convert mode, not a kind: leave it
+        if kind in kernels.FP8_GEMM:
+            kernels.set_fp8_gemm(kind)
+
+    return [
+        ("", listed(args.fp8_gemm) if cfg.fp8 else [None], kernels.fp8_gemm, put_gemm, True),
+        ("unroll ", listed(args.decode_unroll, int), *module_value(model_mod, "DECODE_UNROLL"), False),
+        ("splits ", listed(args.attention_splits, int), *module_value(decode_attention, "COMBINED_MAX_SPLITS"),
+         False),
+        ("x ", listed(args.x_loads), lambda: "+".join(sorted(kernels.X_LOADS)) or "none",
+         lambda v: kernels.set_x_loads([n for n in v.split("+") if n and n != "none"]), False),
+        ("prologue ", listed(args.prologue_programs, int), *module_value(qk_prologue, "TARGET_PROGRAMS"), False),
+    ]
 
 
 def _short(err: Exception) -> str:

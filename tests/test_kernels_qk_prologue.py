@@ -167,6 +167,29 @@ def test_prologue_writes_the_new_kv_into_the_cache_in_place(slots):
     assert not np.array_equal(np.asarray(got_k, np.float32), np.asarray(k_all, np.float32))   # it did write
 
 
+def test_prologue_split_over_query_heads_changes_no_bit(monkeypatch):
+    """The grid's P programs per (row, kv head) (qk_prologue.TARGET_PROGRAMS) split the query heads
+    between them: P = 1 and P = G give the same q16 and cache, bit for bit."""
+    from qwen3_jax.kernels import qk_prologue
+
+    b, h, k, qd = 2, 8, 2, 32
+    rng = np.random.default_rng(41)
+    _, _, qn, kn, cos, sin = inputs(9, b, h, k, qd)
+    qp, kp, vp = (exact_partials(rng, 2, b, n * qd) for n in (h, k, k))
+    k_all = jnp.asarray(rng.standard_normal((2, b, 8, k, qd)), jnp.bfloat16)
+    pos = jnp.array([3, 7], jnp.int32)
+    outs = []
+    for target, parts in ((1, 1), (264, 4)):
+        monkeypatch.setattr(qk_prologue, "TARGET_PROGRAMS", target)
+        assert qk_prologue._parts(b, k, h // k) == parts
+        got = jax.jit(lambda *a: qk_norm_rope_write_cache(*a[:3], qn, kn, jnp.int32(1), cos[:, 0], sin[:, 0], EPS,
+                                                          *a[3:], heads=h, dtype=jnp.bfloat16))(
+            qp, kp, vp, k_all, k_all, None, pos)
+        outs.append([np.asarray(a, np.float32) for a in got])
+    for a, w in zip(*outs):
+        np.testing.assert_array_equal(a, w)
+
+
 @pytest.mark.parametrize("fp8,m", [(False, 3), (True, 40)])
 def test_linear_partials_sum_to_the_projection(fp8, m):
     """linear_einsum(partials=True) -> [S, M, N] float32 whose sum, cast, is the default output

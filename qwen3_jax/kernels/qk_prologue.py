@@ -7,7 +7,8 @@ projections and decode attention XLA runs ~6 of them (two norm reductions, their
 two RoPE concatenates, the pad of q to 16 rows); here it is one launch, and the stacked [L, Q]
 norm weights are read in place at the traced layer index (no per-layer slice).
 
-  grid (B, K); program (b, h): query heads h*G .. h*G+G-1 of sequence b and its kv head h.
+  grid (B, K, P); program (b, h, p): query heads h*G + p*G/P .. of sequence b (G/P of them),
+  and for p = 0 also kv head h (k normed and rotated, v, the padding rows of q16).
   rotate_half(x) = concat(-x[Q/2:], x[:Q/2]) is done on the two halves loaded separately
   (Triton has no concatenate), so out_lo = n_lo*cos_lo - n_hi*sin_lo, out_hi = n_hi*cos_hi +
   n_lo*sin_hi, with the RMS taken over both halves.
@@ -34,6 +35,19 @@ from jax.experimental.pallas import triton as plt
 from . import interpret as _interpret
 
 ROWS = 16   # the decode-attention kernel's query tile: G query heads padded to 16 rows
+# Programs the grid aims for. The grid is (B, K, P): P programs share the G query heads of a kv
+# head (program 0 also does k, v and the padding rows). With P = 1 a batch-1 step of 30B-A3B ran
+# 4 programs, each summing 8 split-K partials of 8 heads from L2, ~4 us per layer (H200 profile,
+# benchmarks/NOTES.md run 19).
+TARGET_PROGRAMS = 264
+
+
+def _parts(b: int, k: int, g: int) -> int:
+    """Programs per (row, kv head): a power of two dividing G, up to TARGET_PROGRAMS in all."""
+    parts = 1
+    while parts * 2 <= g and b * k * parts * 2 <= TARGET_PROGRAMS:
+        parts *= 2
+    return parts
 
 
 def _pow2(n: int) -> bool:
@@ -67,7 +81,7 @@ def qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps:
         return None
     return _qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq,
                          eps=float(eps), dtype=None, interpret=_interpret() if interpret is None else bool(interpret),
-                         num_warps=num_warps)
+                         num_warps=num_warps, parts=_parts(b, k, h // k))
 
 
 def qk_norm_rope_partials(q_sbn, k_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps: float, *, heads: int,
@@ -81,9 +95,11 @@ def qk_norm_rope_partials(q_sbn, k_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin
     heads4 = _partials_by_head(q_sbn, k_sbn, q_norm_lq, k_norm_lq, cos_bq, sin_bq, heads)
     if heads4 is None:
         return None
+    _, b, kv, _ = heads4[1].shape
     return _qk_norm_rope(*heads4, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq,
                          eps=float(eps), dtype=jnp.dtype(dtype),
-                         interpret=_interpret() if interpret is None else bool(interpret), num_warps=num_warps)
+                         interpret=_interpret() if interpret is None else bool(interpret), num_warps=num_warps,
+                         parts=_parts(b, kv, heads // kv))
 
 
 def _partials_by_head(q_sbn, k_sbn, q_norm_lq, k_norm_lq, cos_bq, sin_bq, heads: int):
@@ -129,7 +145,8 @@ def qk_norm_rope_write_cache(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, c
     v4 = v_sbn.reshape(v_sbn.shape[0], *k4.shape[1:])
     return _qk_norm_rope(q4, k4, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq,
                          cache=(v4, k_all, v_all, rows_b, positions_b), eps=float(eps), dtype=jnp.dtype(dtype),
-                         interpret=_interpret() if interpret is None else bool(interpret), num_warps=num_warps)
+                         interpret=_interpret() if interpret is None else bool(interpret), num_warps=num_warps,
+                         parts=_parts(k4.shape[1], kv, heads // kv))
 
 
 def unpad_q16(q16_bkrq, heads: int):
@@ -138,18 +155,19 @@ def unpad_q16(q16_bkrq, heads: int):
     return q16_bkrq[:, :, :heads // k].reshape(b, heads, qd)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "dtype", "interpret", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("eps", "dtype", "interpret", "num_warps", "parts"))
 def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, cache=None, *, eps, dtype, interpret,
-                  num_warps):
+                  num_warps, parts=1):
     """q_in [B, H, Q] and k_in [B, K, Q] (dtype None: their own dtypes), or float32 partial sums
     q_in [Sq, B, H, Q] and k_in [Sk, B, K, Q] summed here and rounded to `dtype`. cache: None, or
     (v partials [Sv, B, K, Q], k_all, v_all, rows [B] or None, positions [B]) to write K/V into
-    the cache (aliased) instead of returning k_rot."""
+    the cache (aliased) instead of returning k_rot. parts: programs per (row, kv head), dividing G."""
     summed = dtype is not None
     write = cache is not None
     b, h, qd = q_in.shape[-3:]
     k = k_in.shape[-2]
     g = h // k
+    gp = g // parts   # query heads per program
     half = qd // 2
     qdt, kdt = (dtype, dtype) if summed else (q_in.dtype, k_in.dtype)
     lo, up = pl.ds(0, half), pl.ds(half, half)   # the two halves of Q
@@ -188,38 +206,41 @@ def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, cache
              q16_ref, kc_ref, vc_ref) = refs
         else:
             layer_ref, q_ref, k_ref, qw_ref, kw_ref, cos_ref, sin_ref, q16_ref, krot_ref = refs
-        bi, kh = pl.program_id(0), pl.program_id(1)
+        bi, kh, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         li = layer_ref[0]
         c_lo, c_hi = cos_ref[bi, lo], cos_ref[bi, up]                       # [Q/2]
         s_lo, s_hi = sin_ref[bi, lo], sin_ref[bi, up]
 
-        rows = pl.ds(kh * g, g)
-        q_lo, q_hi = norm_rope(load(q_ref, qdt, bi, rows, lo), load(q_ref, qdt, bi, rows, up),   # [G, Q/2]
+        rows = pl.ds(kh * g + pi * gp, gp)                                  # this program's query heads
+        q_lo, q_hi = norm_rope(load(q_ref, qdt, bi, rows, lo), load(q_ref, qdt, bi, rows, up),   # [G/P, Q/2]
                                qw_ref[li, lo][None, :], qw_ref[li, up][None, :],
                                c_lo[None, :], c_hi[None, :], s_lo[None, :], s_hi[None, :], qdt)
-        q16_ref[bi, kh, pl.ds(0, g), lo] = q_lo
-        q16_ref[bi, kh, pl.ds(0, g), up] = q_hi
-        # Zero rows G..15 in power-of-two runs G, 2G, .., 8 (Triton stores power-of-two blocks;
-        # disjoint from the rows above, so no two stores of this program touch one element).
-        r0 = g
-        while r0 < ROWS:
-            q16_ref[bi, kh, pl.ds(r0, r0), :] = jnp.zeros((r0, qd), qdt)
-            r0 *= 2
+        q16_ref[bi, kh, pl.ds(pi * gp, gp), lo] = q_lo
+        q16_ref[bi, kh, pl.ds(pi * gp, gp), up] = q_hi
 
-        k_lo, k_hi = norm_rope(load(k_ref, kdt, bi, kh, lo), load(k_ref, kdt, bi, kh, up),     # [Q/2]
-                               kw_ref[li, lo], kw_ref[li, up], c_lo, c_hi, s_lo, s_hi, kdt)
-        if not write:
-            krot_ref[bi, kh, lo] = k_lo
-            krot_ref[bi, kh, up] = k_hi
-            return
-        slot = rows_ref[0][bi] if rows_ref else bi
-        p = pos_ref[bi]
+        @pl.when(pi == 0)
+        def _first():   # the padding rows, k and v: once per (row, kv head)
+            # Zero rows G..15 in power-of-two runs G, 2G, .., 8 (Triton stores power-of-two
+            # blocks; disjoint from the query rows, so no two stores touch one element).
+            r0 = g
+            while r0 < ROWS:
+                q16_ref[bi, kh, pl.ds(r0, r0), :] = jnp.zeros((r0, qd), qdt)
+                r0 *= 2
 
-        @pl.when((p >= 0) & (p < kc_ref.shape[2]))
-        def _store():
-            kc_ref[li, slot, p, kh, lo] = k_lo
-            kc_ref[li, slot, p, kh, up] = k_hi
-            vc_ref[li, slot, p, kh, :] = load(v_ref, kdt, bi, kh, pl.ds(0, qd)).astype(kdt)
+            k_lo, k_hi = norm_rope(load(k_ref, kdt, bi, kh, lo), load(k_ref, kdt, bi, kh, up),     # [Q/2]
+                                   kw_ref[li, lo], kw_ref[li, up], c_lo, c_hi, s_lo, s_hi, kdt)
+            if not write:
+                krot_ref[bi, kh, lo] = k_lo
+                krot_ref[bi, kh, up] = k_hi
+                return
+            slot = rows_ref[0][bi] if rows_ref else bi
+            p = pos_ref[bi]
+
+            @pl.when((p >= 0) & (p < kc_ref.shape[2]))
+            def _store():
+                kc_ref[li, slot, p, kh, lo] = k_lo
+                kc_ref[li, slot, p, kh, up] = k_hi
+                vc_ref[li, slot, p, kh, :] = load(v_ref, kdt, bi, kh, pl.ds(0, qd)).astype(kdt)
 
     operands = (jnp.reshape(layer, (1,)), q_in, k_in, q_norm_lq, k_norm_lq, cos_bq, sin_bq)
     q16 = jax.ShapeDtypeStruct((b, k, ROWS, qd), qdt)
@@ -233,7 +254,7 @@ def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, cache
         out_shape = (q16, jax.ShapeDtypeStruct(k_all.shape, k_all.dtype), jax.ShapeDtypeStruct(v_all.shape, v_all.dtype))
         aliases = {n - 2: 1, n - 1: 2}   # the caches are updated in place
     return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(b, k), input_output_aliases=aliases,
+        kernel, out_shape=out_shape, grid=(b, k, parts), input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="qwen3_qk_norm_rope_kv" if write else "qwen3_qk_norm_rope",
