@@ -71,6 +71,26 @@ def test_preset_weights_equal_what_the_loader_places(preset, mesh):
     assert (planned["fp8_scales"] > 0) == preset.endswith("-FP8")
 
 
+# Total parameters on the model cards (huggingface.co/Qwen/Qwen3-30B-A3B, /Qwen3-235B-A22B).
+MODEL_CARD_PARAMS = {"Qwen3-30B-A3B": 30.5e9, "Qwen3-235B-A22B": 235e9}
+
+
+@pytest.mark.parametrize("preset", sorted(MODEL_CARD_PARAMS))
+def test_planned_weights_count_the_parameters_of_the_model_card(preset):
+    """The planner's weight bytes on one device, in bf16, are 2 bytes per parameter of a count
+    written out from the config here (not from the model code the planner shares with the
+    loader), which rounds to the model card's total."""
+    c = resolve_config(preset)
+    d, q, e, f = c.hidden_size, c.head_dim, c.num_experts, c.moe_intermediate_size
+    attention = d * q * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) + 2 * q   # q, o, k, v; q/k norms
+    moe = d * e + 3 * e * d * f                                                          # router, experts
+    layer = attention + moe + 2 * d                                                      # + two RMSNorms
+    total = c.num_hidden_layers * layer + 2 * c.vocab_size * d + d                       # embed, lm_head, final norm
+    assert not c.mlp_only_layers and not c.tie_word_embeddings and not c.attention_bias
+    assert sum(weights_per_device(c, parse_mesh_spec("tp=1"), "bfloat16").values()) == 2 * total
+    assert total == pytest.approx(MODEL_CARD_PARAMS[preset], rel=0.002)
+
+
 @pytest.fixture(scope="module")
 def tiny_ckpts(tmp_path_factory):
     require_reference()
