@@ -293,9 +293,13 @@ def test_server_greedy_equals_single_process(servers):
 
 
 def test_server_seeded_sampling_equals_single_process(servers):
-    """Sampling state (temperature, top_p, top_k, seed, step) reaches rank 1 with each step."""
+    """Sampling state (temperature, top_p, top_k, seed, step) reaches rank 1 with each step. The
+    text really is sampled: it differs from the greedy one and from another seed's."""
     kw = dict(temperature=0.9, top_p=0.95, seed=1234, max_tokens=12)
-    assert _complete(servers["rank0"], PROMPTS[2], **kw) == _complete(servers["single"], PROMPTS[2], **kw)
+    sampled = _complete(servers["rank0"], PROMPTS[2], **kw)
+    assert sampled == _complete(servers["single"], PROMPTS[2], **kw)
+    assert sampled != _complete(servers["single"], PROMPTS[2], temperature=0, max_tokens=12)
+    assert sampled != _complete(servers["single"], PROMPTS[2], **dict(kw, seed=4321))
 
 
 def test_rank1_killed_rank0_exits_naming_it(servers):
