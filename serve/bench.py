@@ -735,6 +735,10 @@ def _decode_knobs(args, cfg):
         if kind in kernels.FP8_GEMM:
             kernels.set_fp8_gemm(kind)
 
+    unknown = [k for k in listed(args.fp8_gemm) if k is not None and k not in kernels.FP8_GEMM]
+    if unknown:
+        raise ValueError(f"--fp8-gemm {','.join(unknown)}: unknown; use {', '.join(sorted(kernels.FP8_GEMM))}")
+
     return [
         ("", listed(args.fp8_gemm) if cfg.fp8 else [None], kernels.fp8_gemm, put_gemm, True),
         ("unroll ", listed(args.decode_unroll, int), *module_value(model_mod, "DECODE_UNROLL"), False),
