@@ -170,11 +170,11 @@ def drop_page_cache(path: str) -> str:
 def child(fmt: str, path: str, mesh: str | None, dtype: str) -> None:
     """One start-up, in a fresh process: prints a JSON line with the phases."""
     t0 = time.perf_counter()
-    from sharding.mesh import parse_mesh_spec
+    from sharding.mesh import parse_mesh_spec, request_cpu_devices
 
-    from qwen3_jax.convert import _ensure_cpu_devices, pick_devices
+    from qwen3_jax.convert import pick_devices
     n = parse_mesh_spec(mesh).num_devices
-    _ensure_cpu_devices(n)
+    request_cpu_devices(n)
     import jax
 
     import qwen3_jax

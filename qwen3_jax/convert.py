@@ -16,14 +16,6 @@ import sys
 import time
 
 
-def _ensure_cpu_devices(n: int) -> None:
-    """Ask for n CPU devices; effective only before JAX starts its backends (as here, in main)."""
-    if n <= 1:
-        return
-    from sharding.mesh import request_cpu_devices
-    request_cpu_devices(n)
-
-
 def pick_devices(n: int):
     """The first n default devices, or n CPU devices when the default backend has fewer."""
     import jax
@@ -71,8 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing Orbax checkpoint at --out")
     args = p.parse_args(argv)
 
-    from sharding.mesh import parse_mesh_spec
-    _ensure_cpu_devices(parse_mesh_spec(args.mesh).num_devices)
+    from sharding.mesh import parse_mesh_spec, request_cpu_devices
+    request_cpu_devices(parse_mesh_spec(args.mesh).num_devices)   # before JAX starts its backends
     info = convert(args.model, args.out, mesh=args.mesh, dtype=args.dtype, compress=args.compress,
                    overwrite=args.force)
     size = sum(info["files"].values())

@@ -82,8 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--baseline-prefill", default=None, help="with --kernels both: prompts timed without kernels")
     p.add_argument("--sweep", action="store_true", help="time kernel tiles first and install the fastest")
     p.add_argument("--sweep-gemv", action="store_true",
-                   help="time the decode step's gemv shapes (qkv, o_proj, MoE) per tile variant and FP8 kind; installs nothing")
-    p.add_argument("--dump-hlo", metavar="DIR", default=None, help="write each compiled decode step's optimized HLO here")
+                   help="time the decode step's gemv shapes (qkv, o_proj, MoE) per tile variant and FP8 kind; "
+                        "installs nothing")
+    p.add_argument("--dump-hlo", metavar="DIR", default=None,
+                   help="write each compiled decode step's optimized HLO here")
     p.add_argument("--hf-peer", action="store_true", help="time transformers on the same shapes (child process)")
     p.add_argument("--hf-layers", type=int, default=2)
     p.add_argument("--hf-batch", default="1,64")

@@ -195,17 +195,18 @@ class MemoryPlan:
         """Why it does not fit, with the numbers; None when it fits."""
         if self.fits:
             return None
-        budget = f"the {human_bytes(self.budget_bytes)} budget ({human_bytes(self.limit_bytes)} x {self.mem_fraction_static})"
+        budget = (f"the {human_bytes(self.budget_bytes)} budget "
+                  f"({human_bytes(self.limit_bytes)} x {self.mem_fraction_static})")
         name, size = self.largest_component()
         if self.weight_bytes > self.budget_bytes:
             return (f"the weights alone are {human_bytes(self.weight_bytes)} per device, over {budget}; "
                     f"the largest part is {name}: {human_bytes(size)}")
         if self.weight_bytes + self.workspace_bytes > self.budget_bytes:
-            return (f"weights {human_bytes(self.weight_bytes)} + workspace {human_bytes(self.workspace_bytes)} per device "
-                    f"exceed {budget}")
+            return (f"weights {human_bytes(self.weight_bytes)} + workspace {human_bytes(self.workspace_bytes)} "
+                    f"per device exceed {budget}")
         need = self.context_length * self.kv_bytes_per_token
-        return (f"after weights ({human_bytes(self.weight_bytes)}) and workspace ({human_bytes(self.workspace_bytes)}) the KV "
-                f"cache gets {human_bytes(self.kv_cache_bytes)} per device, {self.kv_tokens_per_group} tokens; one "
+        return (f"after weights ({human_bytes(self.weight_bytes)}) and workspace "
+                f"({human_bytes(self.workspace_bytes)}) the KV cache gets {human_bytes(self.kv_cache_bytes)} per device, {self.kv_tokens_per_group} tokens; one "
                 f"request of context {self.context_length} needs {human_bytes(need)}")
 
     # -- re-planning a change ----------------------------------------------------------------
@@ -248,10 +249,11 @@ class MemoryPlan:
             lines.append("  workspace   (not compiled)")
         else:
             lines.append(f"  workspace   {human_bytes(w.bytes):>12}   prefill {w.prefill_tokens} tokens: "
-                         f"{human_bytes(w.prefill_bytes)}, decode {_count(w.decode_batch, 'request')}: {human_bytes(w.decode_bytes)}")
+                         f"{human_bytes(w.prefill_bytes)}, decode {_count(w.decode_batch, 'request')}: "
+                         f"{human_bytes(w.decode_bytes)}")
             lines.append(f"              (XLA memory analysis on {w.platform}: {w.compiled_as})")
-        lines.append(f"  kv cache    {human_bytes(self.kv_cache_bytes):>12}   {self.kv_tokens_per_group:,} tokens per data "
-                     f"group x {self.mesh.dp} = {self.kv_cache_tokens:,} tokens "
+        lines.append(f"  kv cache    {human_bytes(self.kv_cache_bytes):>12}   {self.kv_tokens_per_group:,} "
+                     f"tokens per data group x {self.mesh.dp} = {self.kv_cache_tokens:,} tokens "
                      f"({self.kv_bytes_per_token:,} bytes per token per device)")
         lines.append(f"  total       {human_bytes(self.total_bytes):>12}   of {human_bytes(self.limit_bytes)}")
         if self.fits:
@@ -433,8 +435,8 @@ def _find_suggestions(plan: MemoryPlan) -> list[tuple[str, MemoryPlan]]:
             while size >= 128:
                 p = plan.replan(chunked_prefill_size=size)
                 if p.fits:
-                    out.append((f"--chunked-prefill-size {size} (prefill workspace {human_bytes(p.workspace.prefill_bytes)}): "
-                                f"{p.summary()}", p))
+                    out.append((f"--chunked-prefill-size {size} (prefill workspace "
+                                f"{human_bytes(p.workspace.prefill_bytes)}): {p.summary()}", p))
                     break
                 size //= 2
     if plan.mem_fraction_static < 0.95 and plan.weight_bytes + plan.workspace_bytes < 0.95 * plan.limit_bytes:
@@ -511,7 +513,8 @@ def compare_with_plan(plan: MemoryPlan, measured: list[dict]) -> str:
     """Planned vs measured per device, e.g. after loading: weights planned vs bytes in use."""
     lines = [f"planned weights per device {human_bytes(plan.weight_bytes)} ({plan.weight_bytes:,} bytes)"]
     for m in measured:
-        parts = [f"live arrays {human_bytes(m['live_array_bytes'])} ({m['live_array_bytes'] / plan.weight_bytes - 1:+.2%})"]
+        live = m["live_array_bytes"]
+        parts = [f"live arrays {human_bytes(live)} ({live / plan.weight_bytes - 1:+.2%})"]
         if m.get("bytes_in_use") is not None:
             parts.append(f"in use {human_bytes(m['bytes_in_use'])} ({m['bytes_in_use'] / plan.weight_bytes - 1:+.2%})")
         if m.get("peak_bytes_in_use") is not None:

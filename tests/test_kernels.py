@@ -187,6 +187,9 @@ def test_gemv_finishes_a_producer_output_in_its_x_load(source, fp8):
     (got,) = gemv(src, 2, groups, ws, ss, **kw)
     (want,) = gemv(src.materialize(), 2, groups, ws, ss, **kw)
     assert rel(got, want) < 1e-6
+    # ... and the finishing ran in the kernel: no XLA norm, exponential or sigmoid outside it
+    outside = _primitives_outside_kernels(jax.make_jaxpr(lambda: gemv(src, 2, groups, ws, ss, **kw))().jaxpr)
+    assert outside["pallas_call"] == 1 and not any(outside[p] for p in ("rsqrt", "exp", "logistic")), outside
     if source == "rmsnorm":   # the model's RMSNorm on layer 2's weight
         norm = RMSNorm(256, 1e-6, dtype=jnp.bfloat16)
         norm.weight[...] = src.weight[2]

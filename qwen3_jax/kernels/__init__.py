@@ -167,5 +167,6 @@ from . import qk_prologue, sharded  # noqa: E402
 __all__ = ["enabled", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret",
            "pick_tile", "FP8_GEMM", "set_fp8_gemm", "fp8_gemm", "X_LOADS_ALL", "set_x_loads", "x_load",
            "linear_einsum", "projections_partials",
-           "causal_prefill_attention", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked", "moe_ffn_in_place", "ExpertArrays", "route_in_place",
+           "causal_prefill_attention", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked",
+           "moe_ffn_in_place", "ExpertArrays", "route_in_place",
            "qk_prologue", "sharded"]

@@ -93,9 +93,6 @@ def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128
     fp8 = len(scales) > 0
     if x_mk.k_dim != k_dim:
         raise ValueError(f"x has K={x_mk.k_dim} but the weights {weights[0].shape} have K={k_dim}")
-    if not x_mk.covered(bk):
-        raise ValueError(f"{type(x_mk).__name__} cannot be loaded in K tiles of {bk}; pass materialize() of it")
-    nx = len(x_mk.operands())
     for w in weights:
         _check(k_dim, w.shape[2], bn, bk, split_k, fp8, layout, block)
     if concat and mode != "dot":
@@ -109,6 +106,8 @@ def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128
     per_row = groups_r.shape[0] == rows_r.count
     if not per_row and groups_r.shape[0] != 1:
         raise ValueError(f"groups has {groups_r.shape[0]} entries; give one per row ({rows_r.count}) or one for all")
+    program = functools.partial(_program, rows_r=rows_r, per_row=per_row, nx=len(x_mk.operands()), nw=nw,
+                                ns=len(scales))
     bits = fp8 and convert == "bits" and mode == "fma"
     cdt = x_mk.dtype if x_mk.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
     if convert == "e4m3" and not (fp8 and mode == "dot"):
@@ -117,16 +116,11 @@ def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128
     if mode == "dot":
         if fp8 and convert in ("f16", "e4m3"):
             cdt = jnp.float16 if convert == "f16" else jnp.float8_e4m3fn
-        return _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, split_k,
+        return _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, bn, bk, split_k,
                          num_warps, num_stages, cdt, concat, interpret)
 
     def kernel(*refs):
-        row_of, groups_ref, refs = rows_r.reader(refs)
-        x_refs, refs = refs[:nx], refs[nx:]
-        w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + len(scales)], refs[nw + len(scales):]
-        r, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        g = groups_ref[r if per_row else 0]
-        row = row_of(r)
+        x_refs, w_refs, s_refs, o_refs, (r, j, s), g, row = program(refs)
         n0 = pl.multiple_of(j * bn, bn)
 
         @pl.when(g >= 0)
@@ -162,20 +156,19 @@ def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128
                    num_stages, interpret)
 
 
-def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, split_k, num_warps,
+def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, bn, bk, split_k, num_warps,
               num_stages, cdt, concat, interpret):
-    """mode="dot": the same contract as gemv, tensor cores on a zero-padded 16-row tile."""
+    """mode="dot": the same contract as gemv, tensor cores on a zero-padded 16-row tile.
+    program: the kernel's ref and program-id unpacking (_program, bound in _gemv)."""
     k_dim = weights[0].shape[1]
     fp8 = len(scales) > 0
     steps = k_dim // (bk * split_k)
-    nw, ns = len(weights), len(scales)
     # f16 MMA (convert="f16": e4m3 -> f16 is one packed instruction per two values): layout "n"
     # folds a per-element scale (~1e-4) into x, which would sit in f16's subnormal range; a
     # power-of-two pre-scale keeps it normal and is divided out of the float32 product exactly.
     pre = 1024.0 if fp8 and cdt == jnp.float16 and x_mk.dtype != jnp.float16 else 1.0
     a8 = cdt == jnp.float8_e4m3fn
     parts = _column_parts(weights, bn, concat)
-    per_row = groups_r.shape[0] == rows_r.count
 
     def compute(w_idx, x_refs, w_refs, s_refs, o_refs, g, row, s, r, n0, first):
         state = x_mk.prepare(x_refs, row)
@@ -208,15 +201,8 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, layout, block, bn, bk, sp
         for i, acc in zip(w_idx, accs):
             o_refs[i][s, r, pl.ds(n0, bn)] = jnp.sum(acc, axis=0)   # rows 1..15 are exact zeros
 
-    nx = len(x_mk.operands())
-
     def kernel(*refs):
-        row_of, groups_ref, refs = rows_r.reader(refs)
-        x_refs, refs = refs[:nx], refs[nx:]
-        w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + ns], refs[nw + ns:]
-        r, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        g = groups_ref[r if per_row else 0]
-        row = row_of(r)
+        x_refs, w_refs, s_refs, o_refs, (r, j, s), g, row = program(refs)
         first = jax.lax.broadcasted_iota(jnp.int32, (16, bk), 0) == 0
 
         def part(lo, w_idx):
@@ -288,6 +274,16 @@ class _RowMap:
             return (lambda r: r // self.div), refs[0], refs[1:]
         rows_ref = refs[0]
         return (lambda r: rows_ref[r]), refs[1], refs[2:]
+
+
+def _program(refs, *, rows_r, per_row, nx, nw, ns):
+    """A gemv kernel's refs -> (x refs, weight refs, scale refs, output refs, program ids (row,
+    column tile, split), its group, the x row it reads)."""
+    row_of, groups_ref, refs = rows_r.reader(refs)
+    x_refs, refs = refs[:nx], refs[nx:]
+    w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + ns], refs[nw + ns:]
+    r, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    return x_refs, w_refs, s_refs, o_refs, (r, j, s), groups_ref[r if per_row else 0], row_of(r)
 
 
 def _write_zeros(o_refs, s, r, n0, bn):

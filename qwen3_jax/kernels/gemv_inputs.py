@@ -55,11 +55,11 @@ class _Source:
                              f"as {shape}")
         return dataclasses.replace(self, shape=shape)
 
-    def covered(self, bk: int) -> bool:
-        """The kernel can load this source in K tiles of bk."""
-        return True
+    max_bk = None   # the largest K tile the source loads (gemv_tiles' max_bk), if it has one
 
-    max_bk = None   # the largest K tile the source loads (gemv_tiles' max_bk)
+    def covered(self, bk: int) -> bool:
+        """The kernel can load this source in K tiles of bk (a tile divides max_bk)."""
+        return self.max_bk is None or self.max_bk % bk == 0
 
     def prepare(self, refs, row):
         return None
@@ -196,12 +196,9 @@ class AttentionX(_Source):
     def k_dim(self) -> int:
         return self.acc.shape[1] * self.group * self.acc.shape[4]
 
-    def covered(self, bk: int) -> bool:
-        """A gemv K tile lies within one head: bk divides head_dim."""
-        return self.acc.shape[4] % bk == 0
-
     @property
     def max_bk(self) -> int:
+        """A gemv K tile lies within one head."""
         return self.acc.shape[4]
 
     def operands(self):
@@ -235,6 +232,3 @@ def materialize(x):
     """A source -> its x in XLA ops; an array as it is."""
     return x.materialize() if isinstance(x, _Source) else x
 
-
-def is_source(x) -> bool:
-    return isinstance(x, _Source)

@@ -79,9 +79,7 @@ def qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps:
         return None
     if cos_bq.shape != (b, qd) or sin_bq.shape != (b, qd):
         return None
-    return _qk_norm_rope(q_bhq, k_bkq, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq,
-                         eps=float(eps), dtype=None, interpret=_interpret() if interpret is None else bool(interpret),
-                         num_warps=num_warps, parts=_parts(b, k, h // k))
+    return _launch(q_bhq, k_bkq, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps, None, interpret, num_warps)
 
 
 def qk_norm_rope_partials(q_sbn, k_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps: float, *, heads: int,
@@ -95,11 +93,7 @@ def qk_norm_rope_partials(q_sbn, k_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin
     heads4 = _partials_by_head(q_sbn, k_sbn, q_norm_lq, k_norm_lq, cos_bq, sin_bq, heads)
     if heads4 is None:
         return None
-    _, b, kv, _ = heads4[1].shape
-    return _qk_norm_rope(*heads4, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq,
-                         eps=float(eps), dtype=jnp.dtype(dtype),
-                         interpret=_interpret() if interpret is None else bool(interpret), num_warps=num_warps,
-                         parts=_parts(b, kv, heads // kv))
+    return _launch(*heads4, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps, dtype, interpret, num_warps)
 
 
 def _partials_by_head(q_sbn, k_sbn, q_norm_lq, k_norm_lq, cos_bq, sin_bq, heads: int):
@@ -143,10 +137,19 @@ def qk_norm_rope_write_cache(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, c
         return None
     q4, k4 = heads4
     v4 = v_sbn.reshape(v_sbn.shape[0], *k4.shape[1:])
-    return _qk_norm_rope(q4, k4, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq,
-                         cache=(v4, k_all, v_all, rows_b, positions_b), eps=float(eps), dtype=jnp.dtype(dtype),
+    return _launch(q4, k4, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps, dtype, interpret, num_warps,
+                   cache=(v4, k_all, v_all, rows_b, positions_b))
+
+
+def _launch(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps, dtype, interpret, num_warps, cache=None):
+    """_qk_norm_rope with the static settings resolved here: the grid's parts from the shapes and
+    TARGET_PROGRAMS (read per call, so a changed target compiles anew), interpret mode off a GPU."""
+    b, h, _ = q_in.shape[-3:]
+    k = k_in.shape[-2]
+    return _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, jnp.asarray(layer, jnp.int32), cos_bq, sin_bq, cache,
+                         eps=float(eps), dtype=None if dtype is None else jnp.dtype(dtype),
                          interpret=_interpret() if interpret is None else bool(interpret), num_warps=num_warps,
-                         parts=_parts(k4.shape[1], kv, heads // kv))
+                         parts=_parts(b, k, h // k))
 
 
 def unpad_q16(q16_bkrq, heads: int):
