@@ -85,6 +85,34 @@ def test_gemv_fp8_fuses_the_block_dequantize(layout, convert, mode):
     assert rel(g.sum(0), want) < tol and rel(u.sum(0), want) < tol
 
 
+@pytest.mark.parametrize("w_nk,swap", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("kind", ["bf16", "fp8-k", "fp8-n"])
+def test_gemv_weights_stored_n_by_k_or_as_the_left_operand(w_nk, swap, kind):
+    """Weights stored [G, N, K] (the checkpoint's [out, in]) and/or the MMA with the weight as
+    its left operand give the [G, K, N] product: same numbers, whatever the storage order."""
+    rng = np.random.default_rng(23)
+    block = 64
+    x = jnp.asarray(rng.standard_normal((4, 128)), jnp.bfloat16)
+    rows, groups = jnp.array([3, 0, 1, 2]), jnp.array([1, 0, -1, 1])
+    if kind == "bf16":
+        w, ss, kw = jnp.asarray(rng.standard_normal((2, 128, 64)), jnp.bfloat16), None, {}
+        want = gemv_reference(x, rows, groups, w)
+    else:
+        layout = kind[-1]
+        w, scale = fp8_weights(rng, (2, 128, 64), 1 if layout == "k" else 2, block)
+        ss, kw = (scale,), dict(layout=layout, block=block, convert="f16")
+        want = gemv_reference(x, rows, groups, dequantize(w, scale, 1 if layout == "k" else 2, block, jnp.float32))
+    (base,) = gemv(x, rows, groups, (w,), ss, bn=32, bk=32, split_k=2, mode="dot", **kw)
+    stored = jnp.swapaxes(w, 1, 2) if w_nk else w
+    (y,) = gemv(x, rows, groups, (stored,), ss, bn=32, bk=32, split_k=2, mode="dot", w_nk=w_nk, swap=swap, **kw)
+    assert y.shape == (2, 4, 64)
+    assert rel(y.sum(0), base.sum(0)) < 1e-6
+    assert rel(y.sum(0), want) < (5e-3 if kind == "fp8-n" else 1e-5)
+    assert np.all(np.asarray(y[:, 2]) == 0.0)
+    with pytest.raises(ValueError, match="need mode='dot'"):
+        gemv(x, rows, groups, (stored,), ss, bn=32, bk=32, mode="fma", w_nk=w_nk, swap=swap, **kw)
+
+
 def w8a8_reference(x, rows, groups, w8, scale, layout, block, group):
     """What gemv convert="e4m3" computes, in float64 from the same float32 steps: x (times the
     weight's per-row scale for layout "n", per column block) quantized per `group` columns,
@@ -658,6 +686,31 @@ def test_gpu_qkv_in_one_launch_matches_three(fp8):
     for p, spec in zip(parts, specs):
         one = linear_einsum(*spec, 128, layer=jnp.int32(2), partials=True)
         assert rel(p.sum(0), one.sum(0)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("w_nk,swap", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("kind,layout", [("bf16", "k"), ("w8a16", "k"), ("w8a16", "n"), ("w8a8", "k")])
+def test_gpu_gemv_storage_order_and_operand_swap_at_30b_shapes(w_nk, swap, kind, layout):
+    """Compiled: the [G, N, K] storage and the swapped MMA equal the default gemv (MoE gate/up
+    and down shapes at batch 1)."""
+    from qwen3_jax.kernels.gemv import gemv_tiles
+
+    rng = np.random.default_rng(3)
+    k_dim, n_dim = (2048, 768) if layout == "k" else (768, 2048)
+    x = jnp.asarray(rng.standard_normal((1, k_dim)), jnp.bfloat16)
+    groups = jnp.asarray(rng.permutation(32)[:8], jnp.int32)
+    fp8 = kind != "bf16"
+    if fp8:
+        w, scale = fp8_weights(rng, (32, k_dim, n_dim), 1 if layout == "k" else 2)
+        ss, conv = (scale,), dict(convert="f16" if kind == "w8a16" else "e4m3")
+    else:
+        w, ss, conv = jnp.asarray(rng.standard_normal((32, k_dim, n_dim)), jnp.bfloat16), None, {}
+    t = gemv_tiles(k_dim, n_dim, 8, fp8, layout, 128, **conv)
+    (want,) = gemv(x, 8, groups, (w,), ss, row_div=8, layout=layout, **t)
+    stored = jnp.swapaxes(w, 1, 2) if w_nk else w
+    (got,) = gemv(x, 8, groups, (stored,), ss, row_div=8, layout=layout, w_nk=w_nk, **{**t, "swap": swap})
+    assert rel(got.sum(0), want.sum(0)) < 1e-5
 
 
 @pytest.mark.gpu

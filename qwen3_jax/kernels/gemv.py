@@ -83,18 +83,20 @@ def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, row_div=None, **kw):
 
 @functools.partial(jax.jit, static_argnames=("layout", "block", "bn", "bk", "split_k", "num_warps",
                                              "num_stages", "acc2d", "convert", "mode", "concat", "n_rows",
-                                             "row_div", "interpret"))
+                                             "row_div", "w_nk", "swap", "interpret"))
 def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128, bn=64, bk=128,
           split_k=1, num_warps=4, num_stages=3, acc2d=True, convert="cast", mode="fma", concat=False,
-          n_rows=None, row_div=None, interpret=None):
+          n_rows=None, row_div=None, w_nk=False, swap=False, interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
-    g_count, k_dim, n_dim = weights[0].shape
+    if (w_nk or swap) and mode != "dot":
+        raise ValueError(f"w_nk={w_nk}, swap={swap} need mode='dot'")
+    g_count, k_dim, n_dim = _gkn(weights[0], w_nk)
     fp8 = len(scales) > 0
     if x_mk.k_dim != k_dim:
         raise ValueError(f"x has K={x_mk.k_dim} but the weights {weights[0].shape} have K={k_dim}")
     for w in weights:
-        _check(k_dim, w.shape[2], bn, bk, split_k, fp8, layout, block)
+        _check(k_dim, _gkn(w, w_nk)[2], bn, bk, split_k, fp8, layout, block)
     if concat and mode != "dot":
         raise ValueError("concat=True (projections side by side in one launch) needs mode='dot'")
     if not concat and any(w.shape != weights[0].shape for w in weights):
@@ -117,7 +119,7 @@ def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128
         if fp8 and convert in ("f16", "e4m3"):
             cdt = jnp.float16 if convert == "f16" else jnp.float8_e4m3fn
         return _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, bn, bk, split_k,
-                         num_warps, num_stages, cdt, concat, interpret)
+                         num_warps, num_stages, cdt, concat, w_nk, swap, interpret)
 
     def kernel(*refs):
         x_refs, w_refs, s_refs, o_refs, (r, j, s), g, row = program(refs)
@@ -157,10 +159,13 @@ def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128
 
 
 def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, bn, bk, split_k, num_warps,
-              num_stages, cdt, concat, interpret):
+              num_stages, cdt, concat, w_nk, swap, interpret):
     """mode="dot": the same contract as gemv, tensor cores on a zero-padded 16-row tile.
-    program: the kernel's ref and program-id unpacking (_program, bound in _gemv)."""
-    k_dim = weights[0].shape[1]
+    program: the kernel's ref and program-id unpacking (_program, bound in _gemv).
+    w_nk: weights stored [G, N, K] (K contiguous, the checkpoint's [out, in]).
+    swap: the MMA computes W^T x^T ([bn, bk] @ [bk, 16]): the weight is the left operand, whose
+    M = bn rows can fill a Hopper warpgroup MMA, and x the zero-padded right one."""
+    k_dim = _gkn(weights[0], w_nk)[1]
     fp8 = len(scales) > 0
     steps = k_dim // (bk * split_k)
     # f16 MMA (convert="f16": e4m3 -> f16 is one packed instruction per two values): layout "n"
@@ -168,7 +173,17 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, b
     # power-of-two pre-scale keeps it normal and is divided out of the float32 product exactly.
     pre = 1024.0 if fp8 and cdt == jnp.float16 and x_mk.dtype != jnp.float16 else 1.0
     a8 = cdt == jnp.float8_e4m3fn
-    parts = _column_parts(weights, bn, concat)
+    parts = _column_parts(weights, bn, concat, w_nk)
+    acc_shape = (bn, 16) if swap else (16, bn)
+    w_contract = 1 if w_nk else 0
+
+    def mma(x16, w):
+        """[16, bk] x-tile, the weight tile as stored -> float32 acc_shape."""
+        if swap:
+            dims = (((w_contract,), (1,)), ((), ()))
+            return jax.lax.dot_general(w, x16, dims, preferred_element_type=jnp.float32)
+        dims = (((1,), (w_contract,)), ((), ()))
+        return jax.lax.dot_general(x16, w, dims, preferred_element_type=jnp.float32)
 
     def compute(w_idx, x_refs, w_refs, s_refs, o_refs, g, row, s, r, n0, first):
         state = x_mk.prepare(x_refs, row)
@@ -185,21 +200,25 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, b
             shared = quantized(xk) if not (fp8 and layout == "n") else None   # one x tile for every weight
             out = []
             for i, acc in zip(w_idx, accs):
-                w = w_refs[i][g, pl.ds(k0, bk), pl.ds(n0, bn)].astype(cdt)
+                if w_nk:
+                    w = w_refs[i][g, pl.ds(n0, bn), pl.ds(k0, bk)].astype(cdt)
+                else:
+                    w = w_refs[i][g, pl.ds(k0, bk), pl.ds(n0, bn)].astype(cdt)
                 x16, sx = shared or quantized(xk * (s_refs[i][g, pl.ds(k0, bk), n0 // block] * pre))
-                part = jnp.dot(x16, w, preferred_element_type=jnp.float32)
+                part = mma(x16, w)
                 if a8:
                     part = part * sx
                 if fp8 and layout == "k":
-                    part = part * s_refs[i][g, k0 // block, pl.ds(n0, bn)][None, :]
+                    col_scale = s_refs[i][g, k0 // block, pl.ds(n0, bn)]
+                    part = part * (col_scale[:, None] if swap else col_scale[None, :])
                 elif fp8:
                     part = part * (1.0 / pre)
                 out.append(acc + part)
             return tuple(out)
 
-        accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((16, bn), jnp.float32) for _ in w_idx))
-        for i, acc in zip(w_idx, accs):
-            o_refs[i][s, r, pl.ds(n0, bn)] = jnp.sum(acc, axis=0)   # rows 1..15 are exact zeros
+        accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros(acc_shape, jnp.float32) for _ in w_idx))
+        for i, acc in zip(w_idx, accs):   # x's padding rows give exact zeros
+            o_refs[i][s, r, pl.ds(n0, bn)] = jnp.sum(acc, axis=1 if swap else 0)
 
     def kernel(*refs):
         x_refs, w_refs, s_refs, o_refs, (r, j, s), g, row = program(refs)
@@ -223,18 +242,25 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, b
                 pl.when((j >= lo) & (j < hi))(functools.partial(part, lo, w_idx))
 
     return _launch(kernel, "qwen3_gemv_dot", x_mk, rows_r, groups_r, weights, scales, bn, split_k, num_warps,
-                   num_stages, interpret, n_tiles=parts[-1][1])
+                   num_stages, interpret, n_tiles=parts[-1][1], w_nk=w_nk)
 
 
-def _column_parts(weights, bn, concat):
+def _gkn(w, w_nk):
+    """(groups, K, N) of a weight stored [G, K, N], or [G, N, K] with w_nk."""
+    g, a, b = w.shape
+    return (g, b, a) if w_nk else (g, a, b)
+
+
+def _column_parts(weights, bn, concat, w_nk=False):
     """[(first tile, end tile, weight indices)] along the grid's column axis: one part whose
     weights share every tile (gate/up), or with concat one part per weight, side by side."""
+    widths = [_gkn(w, w_nk)[2] for w in weights]
     if not concat:
-        return [(0, weights[0].shape[2] // bn, tuple(range(len(weights))))]
+        return [(0, widths[0] // bn, tuple(range(len(weights))))]
     parts, lo = [], 0
-    for i, w in enumerate(weights):
-        parts.append((lo, lo + w.shape[2] // bn, (i,)))
-        lo += w.shape[2] // bn
+    for i, n in enumerate(widths):
+        parts.append((lo, lo + n // bn, (i,)))
+        lo += n // bn
     return parts
 
 
@@ -293,12 +319,13 @@ def _write_zeros(o_refs, s, r, n0, bn):
 
 
 def _launch(kernel, name, x_mk, rows_r, groups_r, weights, scales, bn, split_k, num_warps, num_stages,
-            interpret, n_tiles=None):
+            interpret, n_tiles=None, w_nk=False):
     """Grid (rows, column tiles (N / bn unless given), split_k); outputs [split_k, rows, N_i]
     float32 per weight."""
     r_count = rows_r.count
-    n_tiles = weights[0].shape[2] // bn if n_tiles is None else n_tiles
-    out_shape = tuple(jax.ShapeDtypeStruct((split_k, r_count, w.shape[2]), jnp.float32) for w in weights)
+    widths = [_gkn(w, w_nk)[2] for w in weights]
+    n_tiles = widths[0] // bn if n_tiles is None else n_tiles
+    out_shape = tuple(jax.ShapeDtypeStruct((split_k, r_count, n), jnp.float32) for n in widths)
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(r_count, n_tiles, split_k),
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -334,9 +361,9 @@ def _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block):
 # 2 stages); an int forces it.
 GEMV_DEFAULTS = {
     "bf16": dict(bn=128, bk=64, num_warps=8, num_stages=None, acc2d=True, convert="cast", mode="dot",
-                 target_programs=264, max_split=16, short_loop_steps=4),
+                 target_programs=264, max_split=16, short_loop_steps=4, swap=False),
     "fp8": dict(bn=128, bk=64, num_warps=4, num_stages=None, acc2d=True, convert="f16", mode="dot",
-                target_programs=264, max_split=16, short_loop_steps=4),
+                target_programs=264, max_split=16, short_loop_steps=4, swap=False),
 }
 # Over GEMV_DEFAULTS by (kind, layout). Runs 17-18 (H200, FP8 w8a16, device time per gemv at
 # batch 1, benchmarks/NOTES.md): o_proj (layout "n", 4 K steps per program) 6.95 -> 6.32 us with 3
@@ -371,4 +398,4 @@ def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int,
     if stages is None:
         stages = 2 if k_dim // (bk_t * split) <= cfg["short_loop_steps"] else 3
     return dict(bn=bn_t, bk=bk_t, split_k=split, num_warps=cfg["num_warps"], num_stages=stages,
-                acc2d=cfg["acc2d"], convert=cfg["convert"], mode=cfg["mode"])
+                acc2d=cfg["acc2d"], convert=cfg["convert"], mode=cfg["mode"], swap=cfg["swap"])

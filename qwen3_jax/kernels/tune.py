@@ -373,11 +373,15 @@ def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768
             for v in variants or SHAPE_VARIANTS:
                 # the projections' own tile overrides under the variant: "default" is what the model runs
                 proj = projection_tiles(fp8, layout) if name in ("qkv", "o_proj") else {}
-                cfg = {**proj, **base, **v}
+                cfg = {**proj, **base, **{a: b for a, b in v.items() if a != "w_nk"}}
+                w_nk = v.get("w_nk", False)   # a storage order, not a tile: the weights are transposed
                 t = gemv_tiles(kk, widths if len(widths) > 1 and not pair else widths[0], rows, fp8, layout, 128,
                                **cfg)   # over GEMV_DEFAULTS and GEMV_LAYOUT_DEFAULTS
                 if t is None:
                     continue
+
+                t = {**t, "w_nk": w_nk}
+                ws_v = [jnp.swapaxes(w, 1, 2) for w in ws] if w_nk else ws
 
                 @jax.jit
                 def run(x, ws, ss, t=tuple(sorted(t.items()))):
@@ -396,8 +400,8 @@ def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768
                                 layout=layout, block=128, concat=len(ws) > 1 and not pair, **dict(t))
                     return jnp.concatenate([o.sum(0) for o in outs], axis=1)
                 try:
-                    got = np.asarray(first(x, ws, ss), np.float64)
-                    tm = _gemv_device_seconds(lambda: run(x, ws, ss)) / layers
+                    got = np.asarray(first(x, ws_v, ss), np.float64)
+                    tm = _gemv_device_seconds(lambda: run(x, ws_v, ss)) / layers
                 except Exception as exc:
                     log(f"  {kind} {name} {_fmt(v)}: FAILED {type(exc).__name__}: {str(exc)[:160]}")
                     continue
