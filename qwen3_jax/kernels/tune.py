@@ -280,6 +280,75 @@ def sweep_moe(bandwidth: float, *, e=128, d=2048, f=768, k=8, layers=6, batches=
     return rows, best_cfg
 
 
+FUSED_VARIANTS = [{}, dict(bf=16), dict(bf=64), dict(num_warps=8), dict(num_stages=3), dict(bk=64),
+                  dict(bn=64), dict(w_nk=True), dict(w_nk=True, bf=16), dict(w_nk=True, bf=16, num_stages=3)]
+
+
+def sweep_moe_fused(bandwidth: float, *, e=128, d=2048, f=768, k=8, layers=16, batches=(1, 4, 8),
+                    kinds=("bf16", "fp8"), variants=None, log=print):
+    """The MoE FFN's gemv path as two gemvs (moe_ffn with FUSED_MAX_ASSIGNMENTS 0) against the
+    fused kernel (moe_gemv.py) per tile variant: device time per layer of every kernel the layer
+    runs (profiler), the fused kernel alone, and the error against the plain-XLA layer. A variant
+    with w_nk=True reads gate/up stored [G, F, D] (transposed copies). -> rows of dicts."""
+    from .moe_gemv import moe_gemv, moe_gemv_tiles
+    out = []
+    for kind in kinds:
+        fp8 = kind == "fp8"
+        arrays = random_experts(jax.random.key(1), layers, e, d, f, fp8)
+        tensors = _tensors(arrays)
+        nk = (jnp.swapaxes(arrays.gate, 1, 2), jnp.swapaxes(arrays.up, 1, 2))
+        for n in batches:
+            w, ex = routing(jax.random.key(100 + n), n, e, k)
+            x = jax.random.normal(jax.random.key(7), (n, d), jnp.bfloat16)
+            sets = (x, w, ex, tensors)
+            floor = len(np.unique(np.asarray(ex))) * expert_bytes(arrays) / bandwidth
+            ref = np.asarray(xla_layer_fn(arrays, layers)(*sets), np.float64)
+
+            def report(label, fn, args, only=None):
+                try:
+                    got = np.asarray(fn(*args), np.float64)
+                    tl = device_timeline(lambda: fn(*args))
+                except Exception as exc:
+                    log(f"  {kind} n={n} {label}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+                    return
+                ns = sum(v for name, (_, v) in tl["by_name"].items() if only is None or name.startswith(only))
+                t = ns / 1e9 / layers
+                err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) if got.shape == ref.shape else float("nan")
+                row = dict(kind=kind, tokens=n, variant=label, us=t * 1e6, pct_floor=100 * floor / t, rel_err=err)
+                out.append(row)
+                log(f"  {kind:4s} n={n:3d} {label:40s} {t * 1e6:7.2f} us  floor {floor * 1e6:6.2f} us  "
+                    f"{row['pct_floor']:5.1f}%  err {err:.1e}")
+
+            saved = dict(moe_mod.FUSED_MAX_ASSIGNMENTS)
+            try:
+                moe_mod.FUSED_MAX_ASSIGNMENTS.update({kind: 0})
+                report("two gemvs (whole layer)", moe_layer_fn(arrays, "gemv", layers=layers), sets)
+                moe_mod.FUSED_MAX_ASSIGNMENTS.update({kind: n * k})
+                report("fused default (whole layer)", moe_layer_fn(arrays, "gemv", layers=layers), sets)
+            finally:
+                moe_mod.FUSED_MAX_ASSIGNMENTS.update(saved)
+            for v in variants or FUSED_VARIANTS:
+                v = dict(v)
+                w_nk = v.pop("w_nk", False)
+                tiles = moe_gemv_tiles(d, f, fp8, arrays.block, **v)
+                if tiles is None:
+                    continue
+
+                @jax.jit
+                def run(x, ex, gate, up, down, scales, tiles=tuple(sorted(tiles.items())), w_nk=w_nk):
+                    def body(layer, acc):
+                        groups = (ex.reshape(-1) + layer * e).astype(jnp.int32)
+                        y = moe_gemv(x, groups, gate, up, down, scales, k=k, block=arrays.block, w_nk=w_nk,
+                                     **dict(tiles))
+                        return acc + y[0, 0, 0]
+                    return jax.lax.fori_loop(0, layers, body, jnp.float32(0))
+                gate, up = nk if w_nk else (arrays.gate, arrays.up)
+                scales = (arrays.gate_scale, arrays.up_scale, arrays.down_scale) if fp8 else None
+                report(f"fused kernel {_fmt(dict(v, w_nk=w_nk) if w_nk else v)}", run,
+                       (x, ex, gate, up, arrays.down, scales), only="qwen3_moe_gemv")
+    return out
+
+
 def install_best(best_cfg, log=print):
     for kind in ("bf16", "fp8"):
         gemv_mod.GEMV_DEFAULTS[kind].update(best_cfg.get(("gemv", kind), {}))
