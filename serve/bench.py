@@ -75,9 +75,6 @@ def parse_args(argv=None):
                         "'+'-joined from norm, swiglu, attention, or 'none' (default: the library's)")
     p.add_argument("--prologue-programs", default="",
                    help="decode prologue: programs its grid aims for, comma-separated (default: the library's)")
-    p.add_argument("--moe-fused", default="",
-                   help="decode MoE: most assignments (tokens x top-k) run as one fused gate/up/down kernel, "
-                        "comma-separated; 0 = two gemvs (default: the library's)")
     p.add_argument("--attention-splits", default="",
                    help="decode attention: most key splits that o_proj merges in its x load, comma-separated "
                         "(default: the library's)")
@@ -728,9 +725,7 @@ def _decode_knobs(args, cfg):
     the kernels path has it)]."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import decode_attention, moe_ffn, qk_prologue
-
-    kind = "fp8" if cfg.fp8 else "bf16"
+    from qwen3_jax.kernels import decode_attention, qk_prologue
 
     def listed(text, parse=str):
         return [parse(v) for v in text.split(",") if v] or [None]
@@ -754,8 +749,6 @@ def _decode_knobs(args, cfg):
         ("x ", listed(args.x_loads), lambda: "+".join(sorted(kernels.X_LOADS)) or "none",
          lambda v: kernels.set_x_loads([n for n in v.split("+") if n and n != "none"]), False),
         ("prologue ", listed(args.prologue_programs, int), *module_value(qk_prologue, "TARGET_PROGRAMS"), False),
-        ("moe-fused ", listed(args.moe_fused, int), lambda: moe_ffn.FUSED_MAX_ASSIGNMENTS[kind],
-         lambda v: moe_ffn.FUSED_MAX_ASSIGNMENTS.update({kind: v}), True),
     ]
 
 

@@ -85,11 +85,9 @@ def test_gemv_fp8_fuses_the_block_dequantize(layout, convert, mode):
     assert rel(g.sum(0), want) < tol and rel(u.sum(0), want) < tol
 
 
-@pytest.mark.parametrize("w_nk,swap", [(True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("kind", ["bf16", "fp8-k", "fp8-n"])
-def test_gemv_weights_stored_n_by_k_or_as_the_left_operand(w_nk, swap, kind):
-    """Weights stored [G, N, K] (the checkpoint's [out, in]) and/or the MMA with the weight as
-    its left operand give the [G, K, N] product: same numbers, whatever the storage order."""
+def test_gemv_reads_weights_stored_n_by_k(kind):
+    """Weights stored [G, N, K] (w_nk, the checkpoint's [out, in]) give the [G, K, N] product."""
     rng = np.random.default_rng(23)
     block = 64
     x = jnp.asarray(rng.standard_normal((4, 128)), jnp.bfloat16)
@@ -103,14 +101,14 @@ def test_gemv_weights_stored_n_by_k_or_as_the_left_operand(w_nk, swap, kind):
         ss, kw = (scale,), dict(layout=layout, block=block, convert="f16")
         want = gemv_reference(x, rows, groups, dequantize(w, scale, 1 if layout == "k" else 2, block, jnp.float32))
     (base,) = gemv(x, rows, groups, (w,), ss, bn=32, bk=32, split_k=2, mode="dot", **kw)
-    stored = jnp.swapaxes(w, 1, 2) if w_nk else w
-    (y,) = gemv(x, rows, groups, (stored,), ss, bn=32, bk=32, split_k=2, mode="dot", w_nk=w_nk, swap=swap, **kw)
+    stored = jnp.swapaxes(w, 1, 2)
+    (y,) = gemv(x, rows, groups, (stored,), ss, bn=32, bk=32, split_k=2, mode="dot", w_nk=True, **kw)
     assert y.shape == (2, 4, 64)
     assert rel(y.sum(0), base.sum(0)) < 1e-6
     assert rel(y.sum(0), want) < (5e-3 if kind == "fp8-n" else 1e-5)
     assert np.all(np.asarray(y[:, 2]) == 0.0)
     with pytest.raises(ValueError, match="need mode='dot'"):
-        gemv(x, rows, groups, (stored,), ss, bn=32, bk=32, mode="fma", w_nk=w_nk, swap=swap, **kw)
+        gemv(x, rows, groups, (stored,), ss, bn=32, bk=32, mode="fma", w_nk=True, **kw)
 
 
 def w8a8_reference(x, rows, groups, w8, scale, layout, block, group):
@@ -310,48 +308,6 @@ def test_moe_ffn_kernels_match_the_reference_expert_ffn(fp8, strategy):
     got = moe_ffn(x, weights, experts, arrays, strategy=strategy)
     # bf16 activations and the bf16 hidden activation bound the agreement with a float32 reference
     assert rel(got, want) < 1e-2
-
-
-FUSED_TEST_TILES = dict(bf=16, bk=64, bn=64, num_warps=4, num_stages=2)
-
-
-@pytest.mark.parametrize("fp8", [False, True])
-def test_moe_ffn_fused_kernel_matches_the_two_gemvs_and_the_reference(fp8, monkeypatch):
-    """FUSED_MAX_ASSIGNMENTS on: one kernel (moe_gemv) runs gate/up, swiglu and down, and gives
-    the two-gemv path's numbers."""
-    from qwen3_jax.kernels import moe_ffn as moe_mod, moe_gemv as moe_gemv_mod
-
-    rng = np.random.default_rng(13)
-    x, weights, experts, arrays, want = _moe_case(rng, fp8, n=3)
-    two = moe_ffn(x, weights, experts, arrays, strategy="gemv")
-    monkeypatch.setitem(moe_mod.FUSED_MAX_ASSIGNMENTS, "fp8" if fp8 else "bf16", 6)
-    monkeypatch.setattr(moe_gemv_mod, "MOE_GEMV_DEFAULTS", FUSED_TEST_TILES)
-    jaxpr = str(jax.make_jaxpr(lambda *a: moe_ffn(*a, arrays, strategy="gemv"))(x, weights, experts))
-    assert jaxpr.count("pallas_call") == 1 and "qwen3_moe_gemv" in jaxpr
-    fused = moe_ffn(x, weights, experts, arrays, strategy="gemv")
-    assert rel(fused, two) < 2e-3 and rel(fused, want) < 1e-2
-
-
-@pytest.mark.parametrize("fp8", [False, True])
-def test_moe_gemv_reads_gate_up_stored_f_by_d_and_zeroes_unrouted_rows(fp8):
-    from qwen3_jax.kernels.moe_gemv import moe_gemv
-
-    rng = np.random.default_rng(19)
-    _, _, _, arrays, _ = _moe_case(rng, fp8, n=1)
-    x = jnp.asarray(rng.standard_normal((2, 128)), jnp.bfloat16)
-    groups = jnp.array([4, -1, 0, 5], jnp.int32)
-    sc = (arrays.gate_scale, arrays.up_scale, arrays.down_scale) if fp8 else None
-    kw = dict(k=2, block=arrays.block, **FUSED_TEST_TILES)
-    y = moe_gemv(x, groups, arrays.gate, arrays.up, arrays.down, sc, **kw)
-    y_nk = moe_gemv(x, groups, jnp.swapaxes(arrays.gate, 1, 2), jnp.swapaxes(arrays.up, 1, 2), arrays.down, sc,
-                    w_nk=True, **kw)
-    assert y.shape == (64 // 16, 4, 128)
-    assert rel(y_nk, y) < 1e-6
-    assert np.all(np.asarray(y[:, 1]) == 0.0) and np.abs(np.asarray(y[:, 0])).max() > 0
-    with pytest.raises(ValueError, match="do not match down"):
-        moe_gemv(x, groups, arrays.gate, arrays.up, arrays.down, sc, w_nk=True, **kw)
-    with pytest.raises(ValueError, match="do not divide"):
-        moe_gemv(x, groups, arrays.gate, arrays.up, arrays.down, sc, **{**kw, "bf": 48})
 
 
 def test_moe_ffn_reads_the_right_layer_of_stacked_experts():
@@ -659,22 +615,6 @@ def test_w8a8_and_side_by_side_gemv_lower_to_triton_for_30b_shapes():
     assert text.count("xla.gpu.triton") == 2
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_fused_moe_gemv_lowers_to_triton_for_30b_shapes(fp8):
-    from qwen3_jax.kernels.moe_gemv import moe_gemv, moe_gemv_tiles
-
-    d, f, g = 2048, 768, 48 * 128
-    wdt = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
-    gu, dn = _sds((g, d, f), wdt), _sds((g, f, d), wdt)
-    sc = (_sds((g, d // 128, f), jnp.float32),) * 2 + (_sds((g, f, d // 128), jnp.float32),) if fp8 else None
-
-    def fn(x, groups, gu, dn, sc):
-        return moe_gemv(x, groups, gu, gu, dn, sc, k=8, interpret=False, **moe_gemv_tiles(d, f, fp8, 128))
-    text = jax.jit(fn).trace(_sds((1, d), jnp.bfloat16), _sds((8,), jnp.int32), gu, dn, sc
-                             ).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == 1
-
-
 def test_decode_attention_lowers_to_triton_for_30b_cache():
     from qwen3_jax.kernels.decode_attention import decode_attention, plan
 
@@ -715,21 +655,6 @@ def test_gpu_moe_ffn_matches_xla_at_30b_layer_shapes(fp8, n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("n", [1, 8])
-def test_gpu_fused_moe_gemv_matches_the_two_gemvs_at_30b_layer_shapes(fp8, n, monkeypatch):
-    from qwen3_jax.kernels import moe_ffn as moe_mod
-
-    rng = np.random.default_rng(n)
-    x, weights, experts, arrays, want = _moe_case(rng, fp8, n=n, e=32, d=2048, f=768, k=8, block=128)
-    monkeypatch.setitem(moe_mod.FUSED_MAX_ASSIGNMENTS, "fp8" if fp8 else "bf16", 0)
-    two = moe_ffn(x, weights, experts, arrays, strategy="gemv")
-    monkeypatch.setitem(moe_mod.FUSED_MAX_ASSIGNMENTS, "fp8" if fp8 else "bf16", 64)
-    fused = moe_ffn(x, weights, experts, arrays, strategy="gemv")
-    assert rel(fused, two) < 2e-3 and rel(fused, want) < 1e-2
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["k", "n"])
 def test_gpu_w8a8_gemv_matches_its_emulation_at_30b_shapes(layout):
     from qwen3_jax.kernels.gemv import gemv_tiles
@@ -762,11 +687,10 @@ def test_gpu_qkv_in_one_launch_matches_three(fp8):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("w_nk,swap", [(True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("kind,layout", [("bf16", "k"), ("w8a16", "k"), ("w8a16", "n"), ("w8a8", "k")])
-def test_gpu_gemv_storage_order_and_operand_swap_at_30b_shapes(w_nk, swap, kind, layout):
-    """Compiled: the [G, N, K] storage and the swapped MMA equal the default gemv (MoE gate/up
-    and down shapes at batch 1)."""
+def test_gpu_gemv_reads_weights_stored_n_by_k_at_30b_shapes(kind, layout):
+    """Compiled: the [G, N, K] storage equals the default gemv (MoE gate/up and down shapes at
+    batch 1)."""
     from qwen3_jax.kernels.gemv import gemv_tiles
 
     rng = np.random.default_rng(3)
@@ -781,8 +705,7 @@ def test_gpu_gemv_storage_order_and_operand_swap_at_30b_shapes(w_nk, swap, kind,
         w, ss, conv = jnp.asarray(rng.standard_normal((32, k_dim, n_dim)), jnp.bfloat16), None, {}
     t = gemv_tiles(k_dim, n_dim, 8, fp8, layout, 128, **conv)
     (want,) = gemv(x, 8, groups, (w,), ss, row_div=8, layout=layout, **t)
-    stored = jnp.swapaxes(w, 1, 2) if w_nk else w
-    (got,) = gemv(x, 8, groups, (stored,), ss, row_div=8, layout=layout, w_nk=w_nk, **{**t, "swap": swap})
+    (got,) = gemv(x, 8, groups, (jnp.swapaxes(w, 1, 2),), ss, row_div=8, layout=layout, w_nk=True, **t)
     assert rel(got.sum(0), want.sum(0)) < 1e-5
 
 

@@ -83,14 +83,14 @@ def gemv(x_mk, rows_r, groups_r, weights, scales=None, *, row_div=None, **kw):
 
 @functools.partial(jax.jit, static_argnames=("layout", "block", "bn", "bk", "split_k", "num_warps",
                                              "num_stages", "acc2d", "convert", "mode", "concat", "n_rows",
-                                             "row_div", "w_nk", "swap", "interpret"))
+                                             "row_div", "w_nk", "interpret"))
 def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128, bn=64, bk=128,
           split_k=1, num_warps=4, num_stages=3, acc2d=True, convert="cast", mode="fma", concat=False,
-          n_rows=None, row_div=None, w_nk=False, swap=False, interpret=None):
+          n_rows=None, row_div=None, w_nk=False, interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
-    if (w_nk or swap) and mode != "dot":
-        raise ValueError(f"w_nk={w_nk}, swap={swap} need mode='dot'")
+    if w_nk and mode != "dot":
+        raise ValueError("weights stored [G, N, K] (w_nk=True) need mode='dot'")
     g_count, k_dim, n_dim = _gkn(weights[0], w_nk)
     fp8 = len(scales) > 0
     if x_mk.k_dim != k_dim:
@@ -119,7 +119,7 @@ def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128
         if fp8 and convert in ("f16", "e4m3"):
             cdt = jnp.float16 if convert == "f16" else jnp.float8_e4m3fn
         return _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, bn, bk, split_k,
-                         num_warps, num_stages, cdt, concat, w_nk, swap, interpret)
+                         num_warps, num_stages, cdt, concat, w_nk, interpret)
 
     def kernel(*refs):
         x_refs, w_refs, s_refs, o_refs, (r, j, s), g, row = program(refs)
@@ -159,12 +159,10 @@ def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128
 
 
 def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, bn, bk, split_k, num_warps,
-              num_stages, cdt, concat, w_nk, swap, interpret):
+              num_stages, cdt, concat, w_nk, interpret):
     """mode="dot": the same contract as gemv, tensor cores on a zero-padded 16-row tile.
     program: the kernel's ref and program-id unpacking (_program, bound in _gemv).
-    w_nk: weights stored [G, N, K] (K contiguous, the checkpoint's [out, in]).
-    swap: the MMA computes W^T x^T ([bn, bk] @ [bk, 16]): the weight is the left operand, whose
-    M = bn rows can fill a Hopper warpgroup MMA, and x the zero-padded right one."""
+    w_nk: weights stored [G, N, K] (K contiguous, the checkpoint's [out, in])."""
     k_dim = _gkn(weights[0], w_nk)[1]
     fp8 = len(scales) > 0
     steps = k_dim // (bk * split_k)
@@ -174,16 +172,7 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, b
     pre = 1024.0 if fp8 and cdt == jnp.float16 and x_mk.dtype != jnp.float16 else 1.0
     a8 = cdt == jnp.float8_e4m3fn
     parts = _column_parts(weights, bn, concat, w_nk)
-    acc_shape = (bn, 16) if swap else (16, bn)
-    w_contract = 1 if w_nk else 0
-
-    def mma(x16, w):
-        """[16, bk] x-tile, the weight tile as stored -> float32 acc_shape."""
-        if swap:
-            dims = (((w_contract,), (1,)), ((), ()))
-            return jax.lax.dot_general(w, x16, dims, preferred_element_type=jnp.float32)
-        dims = (((1,), (w_contract,)), ((), ()))
-        return jax.lax.dot_general(x16, w, dims, preferred_element_type=jnp.float32)
+    dims = (((1,), (1 if w_nk else 0,)), ((), ()))   # x16 [16, bk] against the tile as stored
 
     def compute(w_idx, x_refs, w_refs, s_refs, o_refs, g, row, s, r, n0, first):
         state = x_mk.prepare(x_refs, row)
@@ -205,20 +194,19 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, b
                 else:
                     w = w_refs[i][g, pl.ds(k0, bk), pl.ds(n0, bn)].astype(cdt)
                 x16, sx = shared or quantized(xk * (s_refs[i][g, pl.ds(k0, bk), n0 // block] * pre))
-                part = mma(x16, w)
+                part = jax.lax.dot_general(x16, w, dims, preferred_element_type=jnp.float32)
                 if a8:
                     part = part * sx
                 if fp8 and layout == "k":
-                    col_scale = s_refs[i][g, k0 // block, pl.ds(n0, bn)]
-                    part = part * (col_scale[:, None] if swap else col_scale[None, :])
+                    part = part * s_refs[i][g, k0 // block, pl.ds(n0, bn)][None, :]
                 elif fp8:
                     part = part * (1.0 / pre)
                 out.append(acc + part)
             return tuple(out)
 
-        accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros(acc_shape, jnp.float32) for _ in w_idx))
-        for i, acc in zip(w_idx, accs):   # x's padding rows give exact zeros
-            o_refs[i][s, r, pl.ds(n0, bn)] = jnp.sum(acc, axis=1 if swap else 0)
+        accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((16, bn), jnp.float32) for _ in w_idx))
+        for i, acc in zip(w_idx, accs):
+            o_refs[i][s, r, pl.ds(n0, bn)] = jnp.sum(acc, axis=0)   # rows 1..15 are exact zeros
 
     def kernel(*refs):
         x_refs, w_refs, s_refs, o_refs, (r, j, s), g, row = program(refs)
@@ -361,9 +349,9 @@ def _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block):
 # 2 stages); an int forces it.
 GEMV_DEFAULTS = {
     "bf16": dict(bn=128, bk=64, num_warps=8, num_stages=None, acc2d=True, convert="cast", mode="dot",
-                 target_programs=264, max_split=16, short_loop_steps=4, swap=False),
+                 target_programs=264, max_split=16, short_loop_steps=4),
     "fp8": dict(bn=128, bk=64, num_warps=4, num_stages=None, acc2d=True, convert="f16", mode="dot",
-                target_programs=264, max_split=16, short_loop_steps=4, swap=False),
+                target_programs=264, max_split=16, short_loop_steps=4),
 }
 # Over GEMV_DEFAULTS by (kind, layout). Runs 17-18 (H200, FP8 w8a16, device time per gemv at
 # batch 1, benchmarks/NOTES.md): o_proj (layout "n", 4 K steps per program) 6.95 -> 6.32 us with 3
@@ -398,4 +386,4 @@ def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int,
     if stages is None:
         stages = 2 if k_dim // (bk_t * split) <= cfg["short_loop_steps"] else 3
     return dict(bn=bn_t, bk=bk_t, split_k=split, num_warps=cfg["num_warps"], num_stages=stages,
-                acc2d=cfg["acc2d"], convert=cfg["convert"], mode=cfg["mode"], swap=cfg["swap"])
+                acc2d=cfg["acc2d"], convert=cfg["convert"], mode=cfg["mode"])

@@ -29,20 +29,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .gemv import GEMV_DEFAULTS, gemv, gemv_tiles
+from .gemv import gemv, gemv_tiles
 from .gemv_inputs import SwigluX, materialize
 from . import x_load
 from .grouped_matmul import grouped_matmul, matmul_tiles
 from .moe_blocks import block_rows, expert_blocks
-from .moe_gemv import moe_gemv, moe_gemv_tiles
 
 # Measured crossover (benchmarks/NOTES.md, run 2): gemv while it is faster than blocks, by
 # weight kind. bf16: gemv wins to 8 tokens (64 assignments), ties at 16; FP8 wins to 16 tokens.
 GEMV_MAX_ASSIGNMENTS = {"bf16": 64, "fp8": 128}
-# Up to how many assignments the gemv path runs as one fused kernel (moe_gemv.py: gate/up,
-# swiglu and down per F slice) instead of two gemvs; 0 = never. FP8 only with the w8a16
-# numerics (the fused kernel has no e4m3 activations). Measured in benchmarks/NOTES.md run 23.
-FUSED_MAX_ASSIGNMENTS = {"bf16": 0, "fp8": 0}
 
 
 def gemv_max_assignments(fp8: bool) -> int:
@@ -131,11 +126,6 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, inter
         here = (local >= 0) & (local < arrays.num_experts)
         groups = jnp.where(here, local + arrays.offset, -1)
         w_nk = jnp.where(here.reshape(n, k), w_nk, 0.0)
-    fused = _fused_tiles(arrays, a)
-    if fused is not None:
-        y = moe_gemv(x_nd, groups, arrays.gate, arrays.up, arrays.down, _scales(arrays, "gate", "up", "down"),
-                     k=k, block=arrays.block, interpret=interpret, **fused)
-        return jnp.sum((jnp.sum(y, axis=0) * w_nk.reshape(-1)[:, None]).reshape(n, k, d), axis=1)
     # rows by row_div (assignment r reads token r // k): an index array, even a numpy constant,
     # becomes an iota / broadcast kernel every layer (seen in the H100 profile, run 11)
     t1 = gemv_tiles(d, f, a, arrays.fp8, "k", arrays.block)
@@ -151,15 +141,6 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, inter
     (y,) = gemv(h, a, groups, (arrays.down,), _scales(arrays, "down"), row_div=1,
                 layout="n", block=arrays.block, interpret=interpret, **t2)
     return jnp.sum((jnp.sum(y, axis=0) * w_nk.reshape(-1)[:, None]).reshape(n, k, d), axis=1)
-
-
-def _fused_tiles(arrays, assignments):
-    """moe_gemv tiles where the fused kernel runs for this many assignments, else None."""
-    kind = "fp8" if arrays.fp8 else "bf16"
-    if assignments > FUSED_MAX_ASSIGNMENTS[kind] or (arrays.fp8 and GEMV_DEFAULTS["fp8"]["convert"] != "f16"):
-        return None
-    d, f = arrays.gate.shape[1:]
-    return moe_gemv_tiles(d, f, arrays.fp8, arrays.block)
 
 
 def _blocks_path(x_nd, experts_nk, arrays, first_expert):
