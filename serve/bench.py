@@ -75,6 +75,9 @@ def parse_args(argv=None):
                         "'+'-joined from norm, swiglu, attention, or 'none' (default: the library's)")
     p.add_argument("--prologue-programs", default="",
                    help="decode prologue: programs its grid aims for, comma-separated (default: the library's)")
+    p.add_argument("--fp8-matmul", default="",
+                   help="FP8 models: the grouped matmul's MMA dtype (prefill, large batches) to time, "
+                        "comma-separated: cast (x's dtype), f16 (default: the library's)")
     p.add_argument("--attention-splits", default="",
                    help="decode attention: most key splits that o_proj merges in its x load, comma-separated "
                         "(default: the library's)")
@@ -725,7 +728,7 @@ def _decode_knobs(args, cfg):
     the kernels path has it)]."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import decode_attention, qk_prologue
+    from qwen3_jax.kernels import decode_attention, grouped_matmul, qk_prologue
 
     def listed(text, parse=str):
         return [parse(v) for v in text.split(",") if v] or [None]
@@ -740,6 +743,9 @@ def _decode_knobs(args, cfg):
     unknown = [k for k in listed(args.fp8_gemm) if k is not None and k not in kernels.FP8_GEMM]
     if unknown:
         raise ValueError(f"--fp8-gemm {','.join(unknown)}: unknown; use {', '.join(sorted(kernels.FP8_GEMM))}")
+    unknown = [k for k in listed(args.fp8_matmul) if k not in (None, "cast", "f16")]
+    if unknown:
+        raise ValueError(f"--fp8-matmul {','.join(unknown)}: unknown; use cast or f16")
 
     return [
         ("", listed(args.fp8_gemm) if cfg.fp8 else [None], kernels.fp8_gemm, put_gemm, True),
@@ -749,6 +755,9 @@ def _decode_knobs(args, cfg):
         ("x ", listed(args.x_loads), lambda: "+".join(sorted(kernels.X_LOADS)) or "none",
          lambda v: kernels.set_x_loads([n for n in v.split("+") if n and n != "none"]), False),
         ("prologue ", listed(args.prologue_programs, int), *module_value(qk_prologue, "TARGET_PROGRAMS"), False),
+        ("fp8-matmul ", listed(args.fp8_matmul) if cfg.fp8 else [None],
+         lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"],
+         lambda v: [c.update(convert=v) for c in grouped_matmul.MATMUL_DEFAULTS.values()], True),
     ]
 
 

@@ -83,17 +83,24 @@ def test_layers_option_keeps_shapes_and_says_so():
 
 
 def test_variant_flags_time_each_setting_and_restore_the_defaults():
-    """--fp8-gemm, --decode-unroll and --x-loads time one row per setting (labelled), then put the
-    library's defaults back."""
+    """--fp8-gemm, --decode-unroll, --x-loads and --fp8-matmul time one row per setting
+    (labelled), then put the library's defaults back."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
+    from qwen3_jax.kernels.grouped_matmul import MATMUL_DEFAULTS
 
-    before = (kernels.fp8_gemm(), model_mod.DECODE_UNROLL, set(kernels.X_LOADS))
+    def settings():
+        return (kernels.fp8_gemm(), model_mod.DECODE_UNROLL, set(kernels.X_LOADS),
+                [c["convert"] for c in MATMUL_DEFAULTS.values()])
+
+    before = settings()
     res = bench.main(["--model", "tiny-FP8", "--batch", "1", "--context", "16", "--prefill=", "--steps", "2",
                       "--reps", "1", "--single-step=", "--kernels", "on", "--fp8-gemm", "w8a8",
-                      "--decode-unroll", "1,2", "--x-loads", "none,norm+swiglu+attention"])
+                      "--decode-unroll", "1,2", "--x-loads", "none,norm+swiglu+attention", "--fp8-matmul", "f16"])
     labels = [r["kernels"] for r in res["decode"]]
-    assert labels == ["on w8a8 unroll 1 x none", "on w8a8 unroll 1 x norm+swiglu+attention",
-                      "on w8a8 unroll 2 x none", "on w8a8 unroll 2 x norm+swiglu+attention"]
+    assert labels == [f"on w8a8 unroll {u} x {x} fp8-matmul f16" for u in (1, 2)
+                      for x in ("none", "norm+swiglu+attention")]
     assert all(r["step_ms"] > 0 for r in res["decode"])
-    assert (kernels.fp8_gemm(), model_mod.DECODE_UNROLL, set(kernels.X_LOADS)) == before
+    assert settings() == before
+    with pytest.raises(ValueError, match="--fp8-matmul bits: unknown"):
+        bench.main(["--model", "tiny-FP8", "--batch", "1", "--prefill=", "--fp8-matmul", "bits"])

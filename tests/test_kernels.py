@@ -267,6 +267,33 @@ def test_grouped_matmul_single_and_fused_silu_pair():
     assert rel(y[:2 * bm], np.concatenate([xf[:bm] @ wdn[1], xf[bm:2 * bm] @ wdn[0]])) < 1e-6
 
 
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float16])
+def test_grouped_matmul_fp8_through_the_f16_mma(x_dtype):
+    """convert="f16": FP8 tiles converted to f16 (layout "n": times the row scale in f16), x
+    rounded to f16 (or passed as f16), float32 accumulation: the dequantized product to f16
+    precision, h in x's dtype."""
+    rng = np.random.default_rng(4)
+    bm, block = 16, 64
+    x = jnp.asarray(rng.standard_normal((3 * bm, 128)), x_dtype)
+    xf = np.asarray(x.astype(jnp.float32), np.float64)
+    groups = jnp.array([1, 0, -1])
+    w8, sk = fp8_weights(rng, (2, 128, 64), 1, block)
+    wd = np.asarray(dequantize(w8, sk, 1, block, jnp.float32), np.float64)
+    kw = dict(bm=bm, block=block, bn=32, bk=32, convert="f16")
+    y = grouped_matmul(x, groups, (w8,), (sk,), layout="k", **kw)
+    assert rel(y[:2 * bm], np.concatenate([xf[:bm] @ wd[1], xf[bm:2 * bm] @ wd[0]])) < 1e-5
+    h = grouped_matmul(x, groups, (w8, w8), (sk, sk), layout="k", **kw)
+    a = np.concatenate([xf[:bm] @ wd[1], xf[bm:2 * bm] @ wd[0]])
+    assert h.dtype == x_dtype and rel(h[:2 * bm], a / (1 + np.exp(-a)) * a) < 5e-3
+    w8n, sn = fp8_weights(rng, (2, 128, 64), 2, block)
+    wdn = np.asarray(dequantize(w8n, sn, 2, block, jnp.float32), np.float64)
+    y = grouped_matmul(x, groups, (w8n,), (sn,), layout="n", **kw)
+    # the row scale rounded to f16 and the f16 product: ~2^-11 relative per weight
+    assert rel(y[:2 * bm], np.concatenate([xf[:bm] @ wdn[1], xf[bm:2 * bm] @ wdn[0]])) < 2e-3
+    with pytest.raises(ValueError, match="convert must be"):
+        grouped_matmul(x, groups, (w8,), (sk,), layout="k", **dict(kw, convert="bits"))
+
+
 @pytest.mark.parametrize("bm,first", [(4, 0), (2, 3)])
 def test_expert_blocks_put_every_assignment_in_a_block_of_its_expert(bm, first):
     rng = np.random.default_rng(bm)
@@ -741,6 +768,25 @@ def test_gpu_o_proj_merges_16_attention_splits_in_its_mma_at_30b_shapes(fp8, bat
     (got,) = gemv(x, batch, jnp.array([1], jnp.int32), ws, ss, row_div=1, layout=layout, **t)
     (want,) = gemv(x.materialize(), batch, jnp.array([1], jnp.int32), ws, ss, row_div=1, layout=layout, **t)
     assert rel(got.sum(0), want.sum(0)) < 4e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("convert", ["cast", "f16"])
+def test_gpu_fp8_prefill_moe_and_projection_through_either_mma(convert, monkeypatch):
+    """Compiled, prefill-sized (512 tokens): the blocks-path MoE and an FP8 projection with the
+    FP8 matmul converting to x's dtype or to f16 match XLA's dequantized reference."""
+    from qwen3_jax.kernels import grouped_matmul as gm_mod
+
+    for size in ("small", "large"):
+        monkeypatch.setitem(gm_mod.MATMUL_DEFAULTS, size, dict(gm_mod.MATMUL_DEFAULTS[size], convert=convert))
+    rng = np.random.default_rng(5)
+    x, weights, experts, arrays, want = _moe_case(rng, True, n=512, e=32, d=2048, f=768, k=8, block=128)
+    assert rel(moe_ffn(x, weights, experts, arrays, strategy="blocks"), want) < 1e-2
+    wq, sq = fp8_weights(rng, (3, 2048, 32, 128), 1)
+    xq = jnp.asarray(rng.standard_normal((1, 512, 2048)), jnp.bfloat16)
+    q = linear_einsum("btd,dhq->bthq", xq, wq, sq, 0, 128, layer=jnp.int32(2))
+    ref = jnp.einsum("btd,dhq->bthq", xq.astype(jnp.float32), dequantize(wq[2], sq[2], 0, 128, jnp.float32))
+    assert rel(q, ref) < 5e-3
 
 
 @pytest.mark.gpu

@@ -13,6 +13,11 @@ Shapes (G groups, K in, N out, R = NB * bm rows):
 Numerics: float32 accumulation. Layout "k" multiplies the exactly converted FP8 tile product by
 its per-column scale after each K block (more precise than dequantize-then-round); layout "n"
 dequantizes the tile to x's dtype first, exactly as fp8.dequantize does.
+convert="f16" (FP8 weights): the MMA runs in float16, as gemv's w8a16 does. e4m3 -> f16 is one
+packed instruction per two values (-> bf16 takes a trip through float32), and at prefill sizes
+that conversion, not HBM, bounds the kernel. x is rounded to f16 (pass it as f16 to skip the
+per-tile conversion: 11 significant bits, range +-65504); layout "n" multiplies the converted
+tile by its per-row scale in f16 (the dequantized weight to 11 bits rather than bf16's 8).
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ from . import interpret as _interpret
 
 
 @functools.partial(jax.jit, static_argnames=("bm", "layout", "block", "bn", "bk", "num_warps",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "convert", "interpret"))
 def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", block=128, bn=64, bk=64,
-                   num_warps=4, num_stages=3, interpret=None):
+                   num_warps=4, num_stages=3, convert="cast", interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
@@ -44,8 +49,11 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
         raise ValueError(f"grouped_matmul tiles bn={bn}, bk={bk} do not divide K={k_dim}, N={n_dim}")
     if fp8 and ((layout == "k" and block % bk) or (layout == "n" and block % bn)):
         raise ValueError(f"FP8 layout {layout!r} needs the tile along the scale blocks to divide {block}")
+    if convert not in ("cast", "f16"):
+        raise ValueError(f"convert must be 'cast' or 'f16', got {convert!r}")
     steps = k_dim // bk
     cdt = x_rk.dtype
+    mdt = jnp.float16 if fp8 and convert == "f16" else cdt   # the MMA's operand dtype
     nw = len(weights)
 
     def kernel(groups_ref, x_ref, *refs):
@@ -59,18 +67,21 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
         def _compute():
             def body(t, accs):
                 k0 = pl.multiple_of(t * bk, bk)
-                xt = x_ref[pl.ds(m0, bm), pl.ds(k0, bk)]
+                xt = x_ref[pl.ds(m0, bm), pl.ds(k0, bk)].astype(mdt)
                 out = []
                 for i, (w_ref, acc) in enumerate(zip(w_refs, accs)):
                     w = w_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)]
                     if fp8 and layout == "k":
-                        part = jnp.dot(xt, w.astype(cdt), preferred_element_type=jnp.float32)
+                        part = jnp.dot(xt, w.astype(mdt), preferred_element_type=jnp.float32)
                         acc = acc + part * s_refs[i][g, k0 // block, pl.ds(n0, bn)][None, :]
                     else:
-                        if fp8:
+                        if fp8 and mdt == jnp.float16:
+                            col = s_refs[i][g, pl.ds(k0, bk), n0 // block].astype(mdt)
+                            w = w.astype(mdt) * col[:, None]
+                        elif fp8:
                             col = s_refs[i][g, pl.ds(k0, bk), n0 // block]
                             w = (w.astype(jnp.float32) * col[:, None]).astype(cdt)
-                        acc = acc + jnp.dot(xt, w.astype(cdt), preferred_element_type=jnp.float32)
+                        acc = acc + jnp.dot(xt, w.astype(mdt), preferred_element_type=jnp.float32)
                     out.append(acc)
                 return tuple(out)
 
@@ -98,9 +109,11 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
 # Measured on an H100 (run 2): batch-64 MoE layer bf16 bn=128 489 us vs bn=64 636 us (floor
 # 502 us at that run's bandwidth); 8k-token prefill layer: bn=128, bk=64, 8 warps 2.66 ms
 # (34% of the matmul rate) vs bn=64, 4 warps 3.83 ms.
+# convert: the FP8 MMA dtype (grouped_matmul's convert; ignored for bf16 weights). Run 26
+# (benchmarks/NOTES.md) measured "cast" against "f16".
 MATMUL_DEFAULTS = {
-    "small": dict(bn=128, bk=128, num_warps=4, num_stages=3),
-    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3),
+    "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="cast"),
+    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="cast"),
 }
 
 
@@ -113,4 +126,5 @@ def matmul_tiles(k_dim: int, n_dim: int, bm: int, fp8: bool, layout: str, block:
     bk_t = pick_tile(k_dim, min(bk, block) if fp8 and layout == "k" else bk)
     if bn_t is None or bk_t is None:
         return None
-    return dict(bn=bn_t, bk=bk_t, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dict(bn=bn_t, bk=bk_t, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                convert=cfg["convert"] if fp8 else "cast")

@@ -149,7 +149,8 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     # use 4 warps) until two programs per SM exist, or a k/v projection runs on 4 SMs.
     while nb * (n_dim // t["bn"]) < TARGET_PROGRAMS and t["bn"] > 32 and n_dim % (t["bn"] // 2) == 0:
         t = dict(t, bn=t["bn"] // 2, num_warps=4)
-    xp = jnp.pad(materialize(x_mk), ((0, nb * bm - m), (0, 0)))
+    x2 = materialize(x_mk)
+    xp = jnp.pad(x2.astype(jnp.float16) if t["convert"] == "f16" else x2, ((0, nb * bm - m), (0, 0)))
     y = grouped_matmul(xp, jnp.full((nb,), group, jnp.int32), (w_gkn,), scales, bm=bm,
                        layout=layout, block=block, **t)
     return y[None, :m] if partials else y[:m]

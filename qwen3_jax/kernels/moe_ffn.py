@@ -151,8 +151,9 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
     bm = block_rows(a, arrays.num_experts)
     blk = expert_blocks(experts_nk, arrays.num_experts, bm, first_expert)
     groups = jnp.where(blk.groups >= 0, blk.groups + arrays.offset, -1)
-    xs = materialize(x_nd)[blk.rows]                                                # [R, D]
     t1 = matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block)
+    # f16 MMA (FP8 weights): x converted once here, not per tile in the kernel; h comes out f16
+    xs = materialize(x_nd).astype(jnp.float16 if t1["convert"] == "f16" else x_nd.dtype)[blk.rows]   # [R, D]
     h = grouped_matmul(xs, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
                        bm=bm, layout="k", block=arrays.block, **t1)                 # [R, F]
     t2 = matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block)
