@@ -178,16 +178,14 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, b
         state = x_mk.prepare(x_refs, row)
 
         def quantized(xs):
-            """x [bk] (into row 0 of a zero tile) or a source's [16, bk] tile -> (MMA tile, scale)."""
-            tile = xs if xs.ndim == 2 else jnp.where(first, jnp.broadcast_to(xs[None, :], (16, bk)), 0.0)
             if not a8:
-                return tile.astype(cdt), None
+                return jnp.where(first, jnp.broadcast_to(xs[None, :], (16, bk)), 0.0).astype(cdt), None
             sx = _dynamic_scale(xs)
-            return (tile / sx).astype(cdt), sx
+            return jnp.where(first, jnp.broadcast_to((xs / sx)[None, :], (16, bk)), 0.0).astype(cdt), sx
 
         def body(t, accs):
             k0 = pl.multiple_of((s * steps + t) * bk, bk)
-            xk = (x_mk.load_tile if x_mk.tile_rows else x_mk.load)(x_refs, state, row, k0, bk)
+            xk = x_mk.load(x_refs, state, row, k0, bk)
             shared = quantized(xk) if not (fp8 and layout == "n") else None   # one x tile for every weight
             out = []
             for i, acc in zip(w_idx, accs):
@@ -207,8 +205,8 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, b
             return tuple(out)
 
         accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((16, bn), jnp.float32) for _ in w_idx))
-        for i, acc in zip(w_idx, accs):   # rows 1..15 are exact zeros, or a tile source's parts
-            o_refs[i][s, r, pl.ds(n0, bn)] = jnp.sum(acc, axis=0)
+        for i, acc in zip(w_idx, accs):
+            o_refs[i][s, r, pl.ds(n0, bn)] = jnp.sum(acc, axis=0)   # rows 1..15 are exact zeros
 
     def kernel(*refs):
         x_refs, w_refs, s_refs, o_refs, (r, j, s), g, row = program(refs)

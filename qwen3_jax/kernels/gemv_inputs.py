@@ -23,8 +23,7 @@ Every source has the logical `shape` and `dtype` of the x it stands for, `reshap
 XLA ops, the reference the kernels are tested against and the fallback where no kernel applies.
 In a kernel: `operands()` go in after gemv's groups; `prepare(refs, row)` runs once per program;
 `load(refs, state, row, k0, bk)` -> float32 [bk], values of `dtype` (rounded where the
-reference rounds). A source whose `tile_rows` is true also has `load_tile` -> float32 [16, bk]
-whose rows sum to x: gemv's "dot" mode feeds it to the MMA as the x tile.
+reference rounds).
 """
 
 from __future__ import annotations
@@ -64,8 +63,6 @@ class _Source:
 
     def prepare(self, refs, row):
         return None
-
-    tile_rows = False
 
 
 @jax.tree_util.register_dataclass
@@ -214,34 +211,16 @@ class AttentionX(_Source):
         out = jnp.sum(self.acc * w[..., None], axis=2) / jnp.sum(self.l * w, axis=2)[..., None]
         return out[:, :, :self.group].reshape(b, kv * self.group, qd).astype(self.dtype).reshape(self.shape)
 
-    @property
-    def tile_rows(self) -> bool:
-        """16 key splits: load_tile puts them in the 16 rows of a gemv "dot" x tile."""
-        return self.acc.shape[2] == 16
-
-    def _split_weights(self, refs, row, k0):
-        """(weight of each split for the head holding column k0 [NS], that head's acc rows
-        [NS, Q] as a ref slice start): exp(m - max m) / sum(l * exp(m - max m))."""
+    def load(self, refs, state, row, k0, bk):
         acc_ref, m_ref, l_ref = refs
         qd = self.acc.shape[4]
         head = k0 // qd
         kvh, r = head // self.group, head % self.group
         m = m_ref[row, kvh, :, r]                                                  # [NS]
         w = jnp.exp(m - jnp.max(m))
-        return w / jnp.sum(l_ref[row, kvh, :, r] * w), kvh, r
-
-    def load(self, refs, state, row, k0, bk):
-        wn, kvh, r = self._split_weights(refs, row, k0)
-        acc = refs[0][row, kvh, :, r, pl.ds(k0 % self.acc.shape[4], bk)]           # [NS, bk]
-        return jnp.sum(acc * wn[:, None], axis=0).astype(self.dtype).astype(jnp.float32)
-
-    def load_tile(self, refs, state, row, k0, bk):
-        """[16, bk] float32: row p = split p's weighted values times its weight. The MMA sums
-        the rows (gemv adds its accumulator's rows at the end), so the combine needs no
-        reduction across the tile per K step (run 24 in benchmarks/NOTES.md). Each row is
-        rounded to the MMA's dtype on its own, not their sum: agreement to that dtype."""
-        wn, kvh, r = self._split_weights(refs, row, k0)
-        return refs[0][row, kvh, :, r, pl.ds(k0 % self.acc.shape[4], bk)] * wn[:, None]
+        den = jnp.sum(l_ref[row, kvh, :, r] * w)
+        acc = acc_ref[row, kvh, :, r, pl.ds(k0 % qd, bk)]                          # [NS, bk]
+        return (jnp.sum(acc * w[:, None], axis=0) / den).astype(self.dtype).astype(jnp.float32)
 
 
 def as_source(x):
