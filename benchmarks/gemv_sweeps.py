@@ -1,7 +1,9 @@
-"""Device time of every decode gemv shape at 30B-A3B shapes (batch 1) with the weights stored
-[G, K, N] or [G, N, K] (kernels.gemv w_nk; run 22 in NOTES.md), per tile variant. GPU only.
+"""Kernel sweeps at 30B-A3B shapes (GPU only):
+  gemv: device time of every decode gemv shape (batch 1) with the weights stored [G, K, N] or
+    [G, N, K] (kernels.gemv w_nk; run 22 in NOTES.md), per tile variant;
+  prefill: an 8k-token FP8 MoE layer per grouped-matmul variant (MMA dtype, tiles; run 27).
 
-    python benchmarks/gemv_sweeps.py [--kinds bf16,w8a16,w8a8]
+    python benchmarks/gemv_sweeps.py gemv,prefill [--kinds bf16,w8a16,w8a8]
 """
 
 import argparse
@@ -19,12 +21,20 @@ ORDER_VARIANTS = [{}, dict(w_nk=True), dict(w_nk=True, bk=128), dict(w_nk=True, 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kinds", default="w8a16,bf16,w8a8", help="comma-separated: bf16, w8a16, w8a8")
+    p.add_argument("what", help="comma-separated: gemv, prefill")
+    p.add_argument("--kinds", default="w8a16,bf16,w8a8", help="gemv: comma-separated bf16, w8a16, w8a8")
     args = p.parse_args(argv)
     log = lambda m: print(m, flush=True)   # noqa: E731
     ceil = measure_ceilings(True, reps=20)
-    log(f"copy {ceil['bandwidth'] / 1e12:.3f} TB/s")
-    tune.sweep_gemv_shapes(ceil["bandwidth"], kinds=tuple(args.kinds.split(",")), variants=ORDER_VARIANTS, log=log)
+    log(f"copy {ceil['bandwidth'] / 1e12:.3f} TB/s, matmul {ceil['matmul_flops'] / 1e12:.1f} TFLOP/s")
+    for what in args.what.split(","):
+        if what == "gemv":
+            tune.sweep_gemv_shapes(ceil["bandwidth"], kinds=tuple(args.kinds.split(",")), variants=ORDER_VARIANTS,
+                                   log=log)
+        elif what == "prefill":
+            tune.sweep_prefill_matmul(ceil["matmul_flops"], log=log)
+        else:
+            raise SystemExit(f"unknown sweep {what!r}; use gemv or prefill")
 
 
 if __name__ == "__main__":

@@ -280,6 +280,38 @@ def sweep_moe(bandwidth: float, *, e=128, d=2048, f=768, k=8, layers=6, batches=
     return rows, best_cfg
 
 
+PREFILL_FP8_VARIANTS = [dict(convert="cast"), dict(convert="f16"), dict(convert="f16", bk=128),
+                        dict(convert="f16", bk=128, num_stages=4), dict(convert="f16", num_stages=4),
+                        dict(convert="f16", bn=256, bk=64, num_stages=3), dict(convert="f16", bn=64, num_warps=4)]
+
+
+def sweep_prefill_matmul(matmul_rate: float, *, e=128, d=2048, f=768, k=8, layers=4, tokens=8192,
+                         variants=None, log=print, reps=5):
+    """One FP8 MoE layer of a `tokens` prompt on the blocks path per "large" matmul variant
+    (grouped_matmul tiles and FP8 MMA dtype), against bf16 weights with the defaults: time per
+    layer, % of the matmul rate, error against the plain-XLA layer. -> rows of dicts."""
+    rows = []
+    for fp8 in (False, True):
+        arrays = random_experts(jax.random.key(1), layers, e, d, f, fp8)
+        w, ex = routing(jax.random.key(100 + tokens), tokens, e, k)
+        sets = (jax.random.normal(jax.random.key(7), (tokens, d), jnp.bfloat16), w, ex, _tensors(arrays))
+        ref = np.asarray(xla_layer_fn(arrays, layers)(*sets), np.float64)
+        for v in (variants or PREFILL_FP8_VARIANTS) if fp8 else [{}]:
+            fn = moe_layer_fn(arrays, "blocks", None, {"large": v}, layers=layers)
+            try:
+                got = np.asarray(fn(*sets), np.float64)
+                t = median_time(fn, sets, reps=reps) / layers
+            except Exception as exc:
+                log(f"  {'fp8' if fp8 else 'bf16'} {_fmt(v)}: FAILED {type(exc).__name__}: {str(exc)[:160]}")
+                continue
+            err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+            pct = 100 * 2 * tokens * k * 3 * d * f / t / matmul_rate
+            rows.append(dict(kind="fp8" if fp8 else "bf16", variant=_fmt(v), us=t * 1e6, pct_matmul=pct, rel_err=err))
+            log(f"  {'fp8' if fp8 else 'bf16':4s} {_fmt(v):44s} {t * 1e6:8.1f} us per layer  {pct:5.1f}% of matmul  "
+                f"err {err:.1e}")
+    return rows
+
+
 def install_best(best_cfg, log=print):
     for kind in ("bf16", "fp8"):
         gemv_mod.GEMV_DEFAULTS[kind].update(best_cfg.get(("gemv", kind), {}))
