@@ -109,11 +109,12 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
 # Measured on an H100 (run 2): batch-64 MoE layer bf16 bn=128 489 us vs bn=64 636 us (floor
 # 502 us at that run's bandwidth); 8k-token prefill layer: bn=128, bk=64, 8 warps 2.66 ms
 # (34% of the matmul rate) vs bn=64, 4 warps 3.83 ms.
-# convert: the FP8 MMA dtype (grouped_matmul's convert; ignored for bf16 weights). Run 26
-# (benchmarks/NOTES.md) measured "cast" against "f16".
+# convert: the FP8 MMA dtype (grouped_matmul's convert; ignored for bf16 weights). Runs 26-27
+# (H200, benchmarks/NOTES.md), "f16" against "cast": FP8 8k prefill 287.8 -> 274.6 ms, batch-64
+# decode 23.76 -> 21.54 ms, an 8k MoE layer 3758 -> 3442 us (bf16 weights: 2152 us).
 MATMUL_DEFAULTS = {
-    "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="cast"),
-    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="cast"),
+    "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="f16"),
+    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="f16"),
 }
 
 
