@@ -78,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--fp8-matmul", default="",
                    help="FP8 models: the grouped matmul's MMA dtype (prefill, large batches) to time, "
                         "comma-separated: cast (x's dtype), f16 (default: the library's)")
+    p.add_argument("--fp8-dequantize-rows", default="",
+                   help="FP8 models: rows per weight from which XLA dequantizes to bf16 for the matmul "
+                        "(prefill), comma-separated; 0 = never (default: the library's)")
     p.add_argument("--attention-splits", default="",
                    help="decode attention: most key splits that o_proj merges in its x load, comma-separated "
                         "(default: the library's)")
@@ -758,6 +761,8 @@ def _decode_knobs(args, cfg):
         ("fp8-matmul ", listed(args.fp8_matmul) if cfg.fp8 else [None],
          lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"],
          lambda v: [c.update(convert=v) for c in grouped_matmul.MATMUL_DEFAULTS.values()], True),
+        ("fp8-dequantize ", listed(args.fp8_dequantize_rows, int) if cfg.fp8 else [None],
+         *module_value(kernels, "FP8_DEQUANTIZE_MIN_ROWS"), True),
     ]
 
 

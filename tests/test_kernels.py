@@ -337,6 +337,31 @@ def test_moe_ffn_kernels_match_the_reference_expert_ffn(fp8, strategy):
     assert rel(got, want) < 1e-2
 
 
+def test_fp8_at_compute_bound_sizes_runs_on_a_dequantized_bf16_copy(monkeypatch):
+    """kernels.FP8_DEQUANTIZE_MIN_ROWS: from that many rows per weight, the blocks-path MoE runs
+    the bf16 kernel on this layer's experts dequantized by XLA, and an FP8 projection is left to
+    XLA (linear_einsum gives None); below it both stay on the FP8 kernels. Same numbers."""
+    rng = np.random.default_rng(29)
+    x, weights, experts, arrays, want = _moe_case(rng, True, n=24, e=6, k=2)   # 8 rows per expert
+    two = {f: jnp.concatenate([jnp.zeros_like(getattr(arrays, f)), getattr(arrays, f)])
+           for f in ("gate", "up", "down", "gate_scale", "up_scale", "down_scale")}
+    stacked = dataclasses.replace(arrays, **two, offset=jnp.int32(6))   # layer 1 of 2 (layer 0: zeros)
+
+    def kernel_names(min_rows):
+        monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", min_rows)
+        jaxpr = str(jax.make_jaxpr(lambda *a: moe_ffn(*a, stacked, strategy="blocks"))(x, weights, experts))
+        return jaxpr.count("qwen3_grouped_matmul_fp8"), jaxpr.count("qwen3_grouped_matmul")
+    assert kernel_names(0) == (2, 2) and kernel_names(9) == (2, 2) and kernel_names(8) == (0, 2)
+    got = moe_ffn(x, weights, experts, stacked, strategy="blocks")
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)
+    assert rel(got, moe_ffn(x, weights, experts, stacked, strategy="blocks")) < 5e-3 and rel(got, want) < 1e-2
+    wq, sq = fp8_weights(rng, (2, 128, 4, 32), 1, 64)
+    xq = jnp.asarray(rng.standard_normal((1, 40, 128)), jnp.bfloat16)
+    assert linear_einsum("btd,dhq->bthq", xq, wq, sq, 0, 64, layer=jnp.int32(1)) is not None
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 40)
+    assert linear_einsum("btd,dhq->bthq", xq, wq, sq, 0, 64, layer=jnp.int32(1)) is None
+
+
 def test_moe_ffn_reads_the_right_layer_of_stacked_experts():
     rng = np.random.default_rng(5)
     x, weights, experts, arrays, want = _moe_case(rng, False, n=3)

@@ -103,6 +103,12 @@ def active(ctx, dtype) -> bool:
 # bk-wide group, dynamically, as the checkpoints' `activation_scheme: dynamic` says and FP8 serving
 # engines run them (gemv.py's module doc has the numerics). Prefill matmuls stay w8a16.
 FP8_GEMM = {"w8a16": "f16", "w8a8": "e4m3"}
+# FP8 weights multiplied by at least this many rows per weight (a projection's tokens; an MoE
+# layer's assignments per expert held) are dequantized to bf16 by XLA and multiplied on the bf16
+# path. There the matmul is compute-bound, and converting FP8 in the kernel's registers is what
+# bounds it (run 27: an 8k-token FP8 MoE layer 1.5x bf16's time). One bf16 copy of the layer's
+# weights, written once, costs less. 0 = never. Measured in run 28 (benchmarks/NOTES.md).
+FP8_DEQUANTIZE_MIN_ROWS = 512
 
 
 def set_fp8_gemm(kind: str) -> None:

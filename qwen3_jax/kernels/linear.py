@@ -14,6 +14,7 @@ import math
 
 import jax.numpy as jnp
 
+from .. import kernels
 from .gemv import gemv, gemv_tiles
 from .gemv_inputs import as_source, materialize
 from .grouped_matmul import grouped_matmul, matmul_tiles
@@ -81,6 +82,8 @@ def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None,
     x2, w3, s3, layout, lead, out_dims = mats
     if s3 is None and x2.shape[0] > GEMV_MAX_ROWS:
         return None
+    if s3 is not None and 0 < kernels.FP8_DEQUANTIZE_MIN_ROWS <= x2.shape[0]:
+        return None   # XLA dequantizes the layer's weight and runs cuBLAS (kernels.FP8_DEQUANTIZE_MIN_ROWS)
     group = jnp.asarray(layer if layer is not None else 0, jnp.int32)
     y = linear(x2, w3, s3, layout, block, group, partials=partials)
     if y is None or partials:

@@ -25,9 +25,13 @@ x may be a gemv_inputs source (the post-attention RMSNorm applied in the gate/up
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+
+from .. import kernels
+from ..fp8 import dequantize
 
 from .gemv import gemv, gemv_tiles
 from .gemv_inputs import SwigluX, materialize
@@ -148,6 +152,8 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
     k = experts_nk.shape[1]
     a = n * k
     f = arrays.gate.shape[2]
+    if arrays.fp8 and 0 < kernels.FP8_DEQUANTIZE_MIN_ROWS <= a // arrays.num_experts:
+        arrays = _dequantized_layer(arrays, x_nd.dtype)
     bm = block_rows(a, arrays.num_experts)
     blk = expert_blocks(experts_nk, arrays.num_experts, bm, first_expert)
     groups = jnp.where(blk.groups >= 0, blk.groups + arrays.offset, -1)
@@ -160,6 +166,18 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
     y = grouped_matmul(h, groups, (arrays.down,), _scales(arrays, "down"),
                        bm=bm, layout="n", block=arrays.block, **t2)                 # [R, D] f32
     return y[blk.pos], blk.here
+
+
+def _dequantized_layer(arrays: ExpertArrays, dtype) -> ExpertArrays:
+    """This layer's FP8 experts as one `dtype` copy (XLA: a slice and a dequantize fused), for the
+    compute-bound sizes of kernels.FP8_DEQUANTIZE_MIN_ROWS."""
+    e, block = arrays.num_experts, arrays.block
+
+    def layer(w, scale, axis):
+        sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=arrays.offset, slice_size=e, axis=0)
+        return dequantize(sl(w), sl(scale), axis, block, dtype)
+    return ExpertArrays(layer(arrays.gate, arrays.gate_scale, 1), layer(arrays.up, arrays.up_scale, 1),
+                        layer(arrays.down, arrays.down_scale, 2), block=block, num_experts=e)
 
 
 def moe_ffn_stacked(x_nd, weights_nk, experts_nk, gate, up, down, layer, groups=None):
