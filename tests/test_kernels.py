@@ -856,6 +856,22 @@ def test_gpu_model_with_kernels_matches_plain_xla_prefill_and_decode():
             assert rel(b, e) < max(1.5 * rel(a, e), 5e-3), (fp8, rel(b, e), rel(a, e))
 
 
+def test_prefill_matmul_sweep_times_the_fp8_kernel_and_the_dequantized_copy():
+    """benchmarks/gemv_sweeps.py prefill's logic on tiny shapes (interpret mode, large-block tiles
+    via 64 rows per expert): each FP8 variant runs the FP8 kernel, one row the bf16 copy, all agree
+    with XLA, and kernels.FP8_DEQUANTIZE_MIN_ROWS is restored."""
+    from qwen3_jax.kernels import tune
+
+    before = kernels.FP8_DEQUANTIZE_MIN_ROWS
+    with kernels.kernels_enabled(True):
+        rows = tune.sweep_prefill_matmul(1e12, e=4, d=256, f=128, k=2, layers=1, tokens=128, reps=1,
+                                         variants=[dict(convert="cast"), dict(convert="f16", bk=128)],
+                                         log=lambda s: None)
+    assert [(r["kind"], r["variant"]) for r in rows] == [("bf16", "default"), ("fp8", "convert=cast"),
+                                                         ("fp8", "convert=f16,bk=128"), ("fp8", "dequantized=bf16")]
+    assert all(r["rel_err"] < 1e-2 for r in rows) and kernels.FP8_DEQUANTIZE_MIN_ROWS == before
+
+
 def test_gemv_shape_sweep_gives_the_same_numbers_for_every_tile_choice(monkeypatch):
     """serve.bench --sweep-gemv's logic on tiny shapes (interpret mode; the device time, read from
     the GPU profiler, is stubbed): every decode gemv shape runs under each tile variant and each

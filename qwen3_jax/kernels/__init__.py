@@ -104,10 +104,12 @@ def active(ctx, dtype) -> bool:
 # engines run them (gemv.py's module doc has the numerics). Prefill matmuls stay w8a16.
 FP8_GEMM = {"w8a16": "f16", "w8a8": "e4m3"}
 # FP8 weights multiplied by at least this many rows per weight (a projection's tokens; an MoE
-# layer's assignments per expert held) are dequantized to bf16 by XLA and multiplied on the bf16
-# path. There the matmul is compute-bound, and converting FP8 in the kernel's registers is what
-# bounds it (run 27: an 8k-token FP8 MoE layer 1.5x bf16's time). One bf16 copy of the layer's
-# weights, written once, costs less. 0 = never. Measured in run 28 (benchmarks/NOTES.md).
+# layer's assignments per expert held, which on a mesh counts every token's assignments: an upper
+# bound) are dequantized to bf16 by XLA and multiplied on the bf16 path. There the matmul is
+# compute-bound, and converting FP8 in the kernel's registers is what bounds it (run 27: an
+# 8k-token FP8 MoE layer took 1.5x bf16's time); one bf16 copy of the layer's weights, written
+# once, costs less. 0 = never. Run 29 (H100, benchmarks/NOTES.md): FP8 8k prefill 292.6 ->
+# 225.9 ms (35.7% -> 46.2% of the matmul rate), 1k 49.3 -> 44.0 ms.
 FP8_DEQUANTIZE_MIN_ROWS = 512
 
 

@@ -5,7 +5,9 @@ Why: inside the scan over layers XLA slices each layer's weight out of the stack
 dot (a copy: the attention weights crossed memory three times per decode step), and for FP8
 it writes the whole dequantized bf16 weight first (2x slower than bf16 on an H100). Few rows
 (decode) go to gemv; more rows to grouped_matmul with a single group for FP8 (bf16 with many
-rows stays with XLA/cuBLAS, where the slice copy is small next to the matmul).
+rows stays with XLA/cuBLAS, where the slice copy is small next to the matmul, and so does FP8
+from kernels.FP8_DEQUANTIZE_MIN_ROWS rows: there a dequantized bf16 copy beats converting in
+the kernel).
 """
 
 from __future__ import annotations

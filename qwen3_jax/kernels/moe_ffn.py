@@ -4,7 +4,8 @@ Two strategies, chosen statically from the number of (token, expert) assignments
   A <= gemv_max_assignments(fp8): gemv, one row per assignment, each reading only its expert (no
     sort; an expert routed twice is read twice, cheap while A is small).
   otherwise: sort by expert into row blocks (moe_blocks) and grouped_matmul, so each touched
-    expert is read once per block of rows.
+    expert is read once per block of rows. FP8 experts with kernels.FP8_DEQUANTIZE_MIN_ROWS
+    assignments each (prefill) are first dequantized to one bf16 copy of the layer by XLA.
 Weights are read in place from the stacked [L*E, ...] params: `offset` (= layer * E, traced)
 picks the layer, so the scan over layers never copies a layer's experts.
 
@@ -32,7 +33,6 @@ import jax.numpy as jnp
 
 from .. import kernels
 from ..fp8 import dequantize
-
 from .gemv import gemv, gemv_tiles
 from .gemv_inputs import SwigluX, materialize
 from . import x_load

@@ -288,22 +288,31 @@ PREFILL_FP8_VARIANTS = [dict(convert="cast"), dict(convert="f16"), dict(convert=
 def sweep_prefill_matmul(matmul_rate: float, *, e=128, d=2048, f=768, k=8, layers=4, tokens=8192,
                          variants=None, log=print, reps=5):
     """One FP8 MoE layer of a `tokens` prompt on the blocks path per "large" matmul variant
-    (grouped_matmul tiles and FP8 MMA dtype), against bf16 weights with the defaults: time per
-    layer, % of the matmul rate, error against the plain-XLA layer. -> rows of dicts."""
+    (grouped_matmul tiles and FP8 MMA dtype; kernels.FP8_DEQUANTIZE_MIN_ROWS off, so the FP8
+    kernel runs), then through the dequantized bf16 copy, against bf16 weights with the defaults:
+    time per layer, % of the matmul rate, error against the plain-XLA layer. -> rows of dicts."""
+    from .. import kernels
     rows = []
+    saved = kernels.FP8_DEQUANTIZE_MIN_ROWS
     for fp8 in (False, True):
         arrays = random_experts(jax.random.key(1), layers, e, d, f, fp8)
         w, ex = routing(jax.random.key(100 + tokens), tokens, e, k)
         sets = (jax.random.normal(jax.random.key(7), (tokens, d), jnp.bfloat16), w, ex, _tensors(arrays))
         ref = np.asarray(xla_layer_fn(arrays, layers)(*sets), np.float64)
-        for v in (variants or PREFILL_FP8_VARIANTS) if fp8 else [{}]:
+        cases = [(v, 0) for v in variants or PREFILL_FP8_VARIANTS] + [({}, 1)] if fp8 else [({}, saved)]
+        for v, min_rows in cases:
             fn = moe_layer_fn(arrays, "blocks", None, {"large": v}, layers=layers)
+            kernels.FP8_DEQUANTIZE_MIN_ROWS = min_rows   # read at trace time: the first call below
             try:
                 got = np.asarray(fn(*sets), np.float64)
                 t = median_time(fn, sets, reps=reps) / layers
             except Exception as exc:
                 log(f"  {'fp8' if fp8 else 'bf16'} {_fmt(v)}: FAILED {type(exc).__name__}: {str(exc)[:160]}")
                 continue
+            finally:
+                kernels.FP8_DEQUANTIZE_MIN_ROWS = saved
+            if fp8 and min_rows:
+                v = {"dequantized": "bf16"}
             err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
             pct = 100 * 2 * tokens * k * 3 * d * f / t / matmul_rate
             rows.append(dict(kind="fp8" if fp8 else "bf16", variant=_fmt(v), us=t * 1e6, pct_matmul=pct, rel_err=err))
