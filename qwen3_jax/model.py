@@ -524,9 +524,7 @@ def _qkv_partials(attn_full, h, layer):
 def _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, group, st, ctx):
     """Decode attention over the cache (new K/V already written) and o_proj: -> (x + out, k_all, v_all)."""
     rows = np.arange(x.shape[0], dtype=np.int32) if slots_b is None else slots_b
-    # x_load("attention"): the key splits unmerged, for o_proj's gemv to merge as it loads x
-    out = kernels.decode_attention_cached(q16, k_all, v_all, layer, rows, positions_bt, blk.attn.scale, group=group,
-                                          combine=not kernels.x_load("attention"))
+    out = kernels.decode_attention_cached(q16, k_all, v_all, layer, rows, positions_bt, blk.attn.scale, group=group)
     return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all
 
 

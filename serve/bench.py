@@ -72,7 +72,7 @@ def parse_args(argv=None):
                    help="layers per scan iteration of the decode step to time, comma-separated (default: the library's)")
     p.add_argument("--x-loads", default="",
                    help="decode: producer outputs finished in gemv x loads, variants comma-separated, each "
-                        "'+'-joined from norm, swiglu, attention, or 'none' (default: the library's)")
+                        "'+'-joined from norm, swiglu, or 'none' (default: the library's)")
     p.add_argument("--prologue-programs", default="",
                    help="decode prologue: programs its grid aims for, comma-separated (default: the library's)")
     p.add_argument("--fp8-matmul", default="",
@@ -81,9 +81,6 @@ def parse_args(argv=None):
     p.add_argument("--fp8-dequantize-rows", default="",
                    help="FP8 models: rows per weight from which XLA dequantizes to bf16 for the matmul "
                         "(prefill), comma-separated; 0 = never (default: the library's)")
-    p.add_argument("--attention-splits", default="",
-                   help="decode attention: most key splits that o_proj merges in its x load, comma-separated "
-                        "(default: the library's)")
     p.add_argument("--baseline-batch", default=None, help="with --kernels both: batches timed without kernels")
     p.add_argument("--baseline-prefill", default=None, help="with --kernels both: prompts timed without kernels")
     p.add_argument("--sweep", action="store_true", help="time kernel tiles first and install the fastest")
@@ -731,7 +728,7 @@ def _decode_knobs(args, cfg):
     the kernels path has it)]."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import decode_attention, grouped_matmul, qk_prologue
+    from qwen3_jax.kernels import grouped_matmul, qk_prologue
 
     def listed(text, parse=str):
         return [parse(v) for v in text.split(",") if v] or [None]
@@ -753,8 +750,6 @@ def _decode_knobs(args, cfg):
     return [
         ("", listed(args.fp8_gemm) if cfg.fp8 else [None], kernels.fp8_gemm, put_gemm, True),
         ("unroll ", listed(args.decode_unroll, int), *module_value(model_mod, "DECODE_UNROLL"), False),
-        ("splits ", listed(args.attention_splits, int), *module_value(decode_attention, "COMBINED_MAX_SPLITS"),
-         False),
         ("x ", listed(args.x_loads), lambda: "+".join(sorted(kernels.X_LOADS)) or "none",
          lambda v: kernels.set_x_loads([n for n in v.split("+") if n and n != "none"]), False),
         ("prologue ", listed(args.prologue_programs, int), *module_value(qk_prologue, "TARGET_PROGRAMS"), False),

@@ -7,7 +7,7 @@ step routes to, read every weight where it lies in the stacked [L, ...] params (
 slice handed to a custom call would be copied first), and fuse the FP8 block dequantize.
 
 Files: gemv.py (one output row per program: decode), gemv_inputs.py (what a gemv can finish in
-its x load: a norm, the swiglu, the attention split merge), grouped_matmul.py (row blocks of one
+its x load: a norm, the swiglu), grouped_matmul.py (row blocks of one
 group each, tensor cores: prefill and large decode batches), moe_blocks.py (routing -> row
 blocks), moe_ffn.py (the MoE expert FFN on either kernel), linear.py (projections read in
 place, FP8 fused), prefill_attention.py (cuDNN fused attention for prompts from position 0),
@@ -134,9 +134,9 @@ def fp8_gemm() -> str:
 #     per layer for ~1.3 us more gemv time: H200 batch 1 bf16 -0.085 ms, FP8 -0.10 ms per step.
 #   "swiglu": into the MoE down gemv, where gate/up ran unsplit (moe_ffn.py): H200 batch 8 bf16
 #     -0.29 ms. With split partials it cost more (FP8 batch 1 +0.19 ms), so it is skipped there.
-#   "attention": the key-split combine into o_proj. Slower (H100 +4.5 us per layer at batch 1, and
-#     more at batch 8: every K step reduces over the splits in series with it). Off by default.
-X_LOADS_ALL = ("norm", "swiglu", "attention")
+# Decode attention's key-split combine was measured slower in o_proj's x load in both forms tried
+# (runs 16 and 24), so it stays an XLA fusion and is not an option here.
+X_LOADS_ALL = ("norm", "swiglu")
 X_LOADS = {"norm", "swiglu"}
 
 

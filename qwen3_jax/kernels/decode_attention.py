@@ -8,8 +8,8 @@ not fit next to the weights (benchmarks/NOTES.md, run 2). Here each program read
   grid (B, K, NS); program (b, h, p): the G query heads of kv head h (padded to 16 rows for the
   MMA), keys s in split p in blocks of `bs`, online softmax in float32, partial (max, sum,
   weighted values) written per split; then a few XLA ops merge the NS splits (a one-kernel
-  Pallas merge was measured slower on an H100: run 6 in benchmarks/NOTES.md; the merge in
-  o_proj's x load, combine=False, too: run 16).
+  Pallas merge was measured slower on an H100: run 6 in benchmarks/NOTES.md; so was the merge
+  in o_proj's x load, in two forms: runs 16 and 24).
 Only keys s < lengths[b] are read (blocks past the length are skipped). The clip of the
 lengths to the cache length (and the model's positions + 1) happen inside the kernel: each
 would be one more XLA kernel per layer in front of it.
@@ -31,38 +31,31 @@ from jax.experimental.pallas import triton as plt
 
 from . import interpret as _interpret
 from . import pick_tile
-from .gemv_inputs import AttentionX
 
 NEG = -1e30
 TARGET_PROGRAMS = 264
-# Key splits when o_proj's x load combines them (combine=False, gemv_inputs.AttentionX): every
-# o_proj program reads splits x bk float32 per K step from L2, so the combine's cost grows with
-# the splits (at 64 splits, ~16 MB of L2 reads per layer at batch 1).
-COMBINED_MAX_SPLITS = 16
 
 
-def plan(batch: int, kv_heads: int, seq: int, bs_target: int = 64, max_splits: int | None = None):
+def plan(batch: int, kv_heads: int, seq: int, bs_target: int = 64):
     """(bs, splits) for this shape, or None (seq not a multiple of 16: use XLA)."""
     bs = pick_tile(seq, bs_target)
     if bs is None:
         return None
     blocks = seq // bs
     splits = 1
-    while (batch * kv_heads * splits < TARGET_PROGRAMS and blocks % (splits * 2) == 0
-           and (max_splits is None or splits * 2 <= max_splits)):
+    while batch * kv_heads * splits < TARGET_PROGRAMS and blocks % (splits * 2) == 0:
         splits *= 2
     return bs, splits
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "bs", "splits", "group", "num_warps", "num_stages", "interpret",
-                                             "length_offset", "combine"))
+                                             "length_offset"))
 def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scale: float, bs: int, splits: int,
                      group: int | None = None, num_warps: int = 4, num_stages: int = 2, interpret=None,
-                     length_offset: int = 0, combine: bool = True):
+                     length_offset: int = 0):
     """q [B, H, Q]; k/v cache [L, N, S, K, Q]; layer int32; slots [B] (cache row of each
     sequence); lengths [B] (keys 0..lengths[b]+length_offset-1 attend, clipped to S)
-    -> [B, H, Q] in q's dtype; with combine=False the splits unmerged, as a
-    gemv_inputs.AttentionX of shape [B, 1, H, Q] (o_proj's gemv merges them as it loads x).
+    -> [B, H, Q] in q's dtype.
 
     With `group` = G, q is already padded per kv head: [B, K, 16, Q], rows 0..G-1 of kv head h
     the query heads h*G..h*G+G-1 (qk_prologue.qk_norm_rope's q16), so no pad runs here; the
@@ -132,8 +125,18 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
         name="qwen3_decode_attention",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), slots_b.astype(jnp.int32), lengths_b.astype(jnp.int32),
       q16, k_cache, v_cache)
-    out = AttentionX(acc, m, l_sum, g, cdt)
-    return out.materialize()[:, 0] if combine else out
+    return combine_splits(acc, m, l_sum, g, cdt)
+
+
+def combine_splits(acc_bkprq, m_bkpr, l_bkpr, group: int, dtype):
+    """The key splits merged with XLA ops: acc [B, K, NS, 16, Q], m (running max) and l (sum of
+    exponentials) [B, K, NS, 16], all float32 -> [B, K*G, Q] in `dtype` (rows 0..G-1 of each kv
+    head). Each split is weighted by exp(m - max over splits); normalized at the end."""
+    b, k, _, _, qd = acc_bkprq.shape
+    top = jnp.max(m_bkpr, axis=2, keepdims=True)
+    w = jnp.exp(m_bkpr - top)                                                 # [B, K, NS, 16]
+    out = jnp.sum(acc_bkprq * w[..., None], axis=2) / jnp.sum(l_bkpr * w, axis=2)[..., None]
+    return out[:, :, :group].reshape(b, k * group, qd).astype(dtype)
 
 
 def covered(q_bthq, k_all, group: int | None = None) -> bool:
@@ -151,18 +154,16 @@ def covered(q_bthq, k_all, group: int | None = None) -> bool:
 
 
 def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float,
-                            group: int | None = None, combine: bool = True):
+                            group: int | None = None):
     """The model's entry: one new token per row (T == 1) -> attention output [B, 1, H, Q], or
     None when not covered (T > 1, dtypes differ, a cache length with no 16-multiple tiling).
-    With `group` = G, q is qk_prologue's q16 [B, K, 16, Q] (no pad kernel) and H = K*G.
-    combine=False: a gemv_inputs.AttentionX standing for that output (at most
-    COMBINED_MAX_SPLITS key splits), for o_proj's gemv to merge as it loads x."""
+    With `group` = G, q is qk_prologue's q16 [B, K, 16, Q] (no pad kernel) and H = K*G."""
     if not covered(q_bthq, k_all, group):
         return None
     b = q_bthq.shape[0]
-    bs, splits = plan(b, k_all.shape[3], k_all.shape[2], max_splits=None if combine else COMBINED_MAX_SPLITS)
+    bs, splits = plan(b, k_all.shape[3], k_all.shape[2])
     q = q_bthq if group is not None else q_bthq[:, 0]
     # positions [B] go in as they are: the kernel adds the 1 (keys 0..position attend)
     out = decode_attention(q, k_all, v_all, jnp.asarray(layer, jnp.int32), rows_b, positions_bt[:, 0],
-                           scale=float(scale), bs=bs, splits=splits, group=group, length_offset=1, combine=combine)
-    return out[:, None] if combine else out
+                           scale=float(scale), bs=bs, splits=splits, group=group, length_offset=1)
+    return out[:, None]

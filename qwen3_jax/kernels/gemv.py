@@ -11,8 +11,8 @@ the product of each K block per column; layout "n" folds the per-row scale into 
 for "fma"; for "dot", x * scale is rounded to x's dtype before the MMA).
 
 Shapes (G groups, K in, N out, R output rows, S = split_k):
-  x [M, K] (any float), or a gemv_inputs source standing for one (RmsNormX, SwigluX,
-    AttentionX: a producer's output finished in each program's x load, no XLA kernel between),
+  x [M, K] (any float), or a gemv_inputs source standing for one (RmsNormX, SwigluX: a
+    producer's output finished in each program's x load, no XLA kernel between),
   rows [R] int32 in [0, M); or with row_div=d (static) the int R, and output row r reads x row
     r // d (d=1: row r; d=k: the k assignments of each token), with no index operand,
   groups [R] int32 in [-1, G) (-1: row is zeros, no weight read), or [1]: one group for every
@@ -361,18 +361,16 @@ GEMV_LAYOUT_DEFAULTS = {
 }
 
 
-def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int, max_bk: int | None = None,
-               **override):
+def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int, **override):
     """gemv keyword arguments for this shape: defaults (GEMV_DEFAULTS, GEMV_LAYOUT_DEFAULTS, then
     override) shrunk until they divide the shape, then K split for enough programs. None if
     nothing divides.
-    n_dim: an int, or a tuple of widths laid side by side (gemv concat=True; bn divides each).
-    max_bk: a cap on the K tile (an x source's, e.g. one attention head per tile)."""
+    n_dim: an int, or a tuple of widths laid side by side (gemv concat=True; bn divides each)."""
     from . import pick_tile
     widths = tuple(n_dim) if isinstance(n_dim, tuple) else (n_dim,)
     kind = "fp8" if fp8 else "bf16"
     cfg = {**GEMV_DEFAULTS[kind], **GEMV_LAYOUT_DEFAULTS.get((kind, layout), {}), **override}
-    bn, bk = cfg["bn"], min(cfg["bk"], max_bk or cfg["bk"])
+    bn, bk = cfg["bn"], cfg["bk"]
     bn_t = pick_tile(math.gcd(*widths), min(bn, block) if fp8 and layout == "n" else bn)
     bk_t = pick_tile(k_dim, min(bk, block) if fp8 and layout == "k" else bk)
     if bn_t is None or bk_t is None:

@@ -10,12 +10,11 @@ run 14). Each source below removes XLA kernels without adding a launch:
     MoE gate/up.
   SwigluX: the MoE gate/up gemv's float32 split-K partials [S, M, F]: silu(sum g) * sum u,
     rounded to the activation dtype. Removes the fusion between the two MoE gemvs.
-  AttentionX: decode attention's per-split (weighted values, running max, sum of exponentials):
-    the flash-decoding combine of one head's splits. Removes the three combine kernels in front
-    of o_proj.
   PlainX: x as it is.
 Where they pay: a source that reduces over split partials does so in every K step, in series
-with the step, and that costs more than the XLA kernel it saves (SwigluX with S > 1, AttentionX).
+with the step, and that costs more than the XLA kernel it saves (SwigluX with S > 1). So did
+decode attention's split combine, in either form measured (a per-step reduction over the splits,
+run 16; the splits as the MMA's x rows, run 24 in benchmarks/NOTES.md): it stays an XLA fusion.
 kernels.X_LOADS says which the model uses, with the measurements.
 
 Every source has the logical `shape` and `dtype` of the x it stands for, `reshape` to gemv's
@@ -55,11 +54,9 @@ class _Source:
                              f"as {shape}")
         return dataclasses.replace(self, shape=shape)
 
-    max_bk = None   # the largest K tile the source loads (gemv_tiles' max_bk), if it has one
-
     def covered(self, bk: int) -> bool:
-        """The kernel can load this source in K tiles of bk (a tile divides max_bk)."""
-        return self.max_bk is None or self.max_bk % bk == 0
+        """The kernel can load this source in K tiles of bk."""
+        return True
 
     def prepare(self, refs, row):
         return None
@@ -171,56 +168,6 @@ class SwigluX(_Source):
         g = jnp.sum(g_ref[:, row, pl.ds(k0, bk)], axis=0)
         u = jnp.sum(u_ref[:, row, pl.ds(k0, bk)], axis=0)
         return (g * jax.nn.sigmoid(g) * u).astype(self.dtype).astype(jnp.float32)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class AttentionX(_Source):
-    """Decode attention before its split combine (decode_attention.py): acc [B, KV, NS, 16, Q]
-    (weighted values), m (running max), l (sum of exponentials) [B, KV, NS, 16], float32; rows
-    0..group-1 of kv head h are query heads h*group.. -> x [B, 1, KV*group, Q] in `dtype`, whose
-    [B, H*Q] view o_proj reads. Each split is weighted by exp(m - max over splits)."""
-
-    acc: jax.Array
-    m: jax.Array
-    l: jax.Array
-    group: int = dataclasses.field(default=1, **_STATIC)
-    dtype: object = dataclasses.field(default=jnp.bfloat16, **_STATIC)
-    shape: tuple = dataclasses.field(default=None, **_STATIC)
-
-    def _natural_shape(self):
-        b, kv, _, _, qd = self.acc.shape
-        return (b, 1, kv * self.group, qd)
-
-    @property
-    def k_dim(self) -> int:
-        return self.acc.shape[1] * self.group * self.acc.shape[4]
-
-    @property
-    def max_bk(self) -> int:
-        """A gemv K tile lies within one head."""
-        return self.acc.shape[4]
-
-    def operands(self):
-        return (self.acc, self.m, self.l)
-
-    def materialize(self):
-        b, kv, _, _, qd = self.acc.shape
-        top = jnp.max(self.m, axis=2, keepdims=True)
-        w = jnp.exp(self.m - top)                                                  # [B, KV, NS, 16]
-        out = jnp.sum(self.acc * w[..., None], axis=2) / jnp.sum(self.l * w, axis=2)[..., None]
-        return out[:, :, :self.group].reshape(b, kv * self.group, qd).astype(self.dtype).reshape(self.shape)
-
-    def load(self, refs, state, row, k0, bk):
-        acc_ref, m_ref, l_ref = refs
-        qd = self.acc.shape[4]
-        head = k0 // qd
-        kvh, r = head // self.group, head % self.group
-        m = m_ref[row, kvh, :, r]                                                  # [NS]
-        w = jnp.exp(m - jnp.max(m))
-        den = jnp.sum(l_ref[row, kvh, :, r] * w)
-        acc = acc_ref[row, kvh, :, r, pl.ds(k0 % qd, bk)]                          # [NS, bk]
-        return (jnp.sum(acc * w[:, None], axis=0) / den).astype(self.dtype).astype(jnp.float32)
 
 
 def as_source(x):

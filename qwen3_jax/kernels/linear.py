@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from .. import kernels
 from .gemv import gemv, gemv_tiles
-from .gemv_inputs import as_source, materialize
+from .gemv_inputs import materialize
 from .grouped_matmul import grouped_matmul, matmul_tiles
 
 GEMV_MAX_ROWS = 16
@@ -135,8 +135,7 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     fp8 = scale is not None
     scales = (scale,) if fp8 else None
     if m <= GEMV_MAX_ROWS:
-        t = gemv_tiles(k_dim, n_dim, m, fp8, layout, block, max_bk=as_source(x_mk).max_bk,
-                       **projection_tiles(fp8, layout))
+        t = gemv_tiles(k_dim, n_dim, m, fp8, layout, block, **projection_tiles(fp8, layout))
         if t is None:
             return None
         # rows by row_div and a [1] group: no operand / a bitcast, where arange / full are kernels
