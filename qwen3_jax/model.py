@@ -445,15 +445,15 @@ def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
     b = q_bthq.shape[0]
     if not kernels.usable(q_bthq.dtype) or not kernels.decode_attention_covered(q_bthq, k_all):
         return None
-    rows = jnp.arange(b, dtype=jnp.int32) if slots_b is None else slots_b
     if kernels.single_device(ctx):
-        return kernels.decode_attention_cached(q_bthq, k_all, v_all, layer, rows, positions_bt, scale)
+        return kernels.decode_attention_cached(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale)
+    rows = jnp.arange(b, dtype=jnp.int32) if slots_b is None else slots_b
     if view_size(ctx.spec, "data") > 1 and (slots_b is not None or k_all.shape[1] != b):
         return None
 
     def local(q, k, v, i, r, p):
         if view_size(ctx.spec, "data") > 1:
-            r = jnp.arange(q.shape[0], dtype=jnp.int32)   # local row b is local slot b
+            r = None   # local row b is local slot b
         return kernels.decode_attention_cached(q, k, v, i, r, p, scale)
 
     act = ("batch", "seq", "heads", "head_dim")
@@ -523,8 +523,8 @@ def _qkv_partials(attn_full, h, layer):
 
 def _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, group, st, ctx):
     """Decode attention over the cache (new K/V already written) and o_proj: -> (x + out, k_all, v_all)."""
-    rows = np.arange(x.shape[0], dtype=np.int32) if slots_b is None else slots_b
-    out = kernels.decode_attention_cached(q16, k_all, v_all, layer, rows, positions_bt, blk.attn.scale, group=group)
+    out = kernels.decode_attention_cached(q16, k_all, v_all, layer, slots_b, positions_bt, blk.attn.scale,
+                                          group=group)
     return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all
 
 

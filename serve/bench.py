@@ -740,6 +740,10 @@ def _decode_knobs(args, cfg):
         if kind in kernels.FP8_GEMM:
             kernels.set_fp8_gemm(kind)
 
+    def put_fp8_matmul(convert):   # both block sizes' MMA dtype
+        for cfg in grouped_matmul.MATMUL_DEFAULTS.values():
+            cfg["convert"] = convert
+
     unknown = [k for k in listed(args.fp8_gemm) if k is not None and k not in kernels.FP8_GEMM]
     if unknown:
         raise ValueError(f"--fp8-gemm {','.join(unknown)}: unknown; use {', '.join(sorted(kernels.FP8_GEMM))}")
@@ -754,8 +758,7 @@ def _decode_knobs(args, cfg):
          lambda v: kernels.set_x_loads([n for n in v.split("+") if n and n != "none"]), False),
         ("prologue ", listed(args.prologue_programs, int), *module_value(qk_prologue, "TARGET_PROGRAMS"), False),
         ("fp8-matmul ", listed(args.fp8_matmul) if cfg.fp8 else [None],
-         lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"],
-         lambda v: [c.update(convert=v) for c in grouped_matmul.MATMUL_DEFAULTS.values()], True),
+         lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"], put_fp8_matmul, True),
         ("fp8-dequantize ", listed(args.fp8_dequantize_rows, int) if cfg.fp8 else [None],
          *module_value(kernels, "FP8_DEQUANTIZE_MIN_ROWS"), True),
     ]

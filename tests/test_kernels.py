@@ -289,6 +289,11 @@ def test_grouped_matmul_fp8_through_the_f16_mma(x_dtype):
     y = grouped_matmul(x, groups, (w8n,), (sn,), layout="n", **kw)
     # the row scale rounded to f16 and the f16 product: ~2^-11 relative per weight
     assert rel(y[:2 * bm], np.concatenate([xf[:bm] @ wdn[1], xf[bm:2 * bm] @ wdn[0]])) < 2e-3
+    # scales of blocks whose weights are all under 0.0005 (f16 subnormals unless pre-scaled)
+    tiny = sn * 1e-4
+    wdt = np.asarray(dequantize(w8n, tiny, 2, block, jnp.float32), np.float64)
+    y = grouped_matmul(x, groups, (w8n,), (tiny,), layout="n", **kw)
+    assert rel(y[:2 * bm], np.concatenate([xf[:bm] @ wdt[1], xf[bm:2 * bm] @ wdt[0]])) < 2e-3
     with pytest.raises(ValueError, match="convert must be"):
         grouped_matmul(x, groups, (w8,), (sk,), layout="k", **dict(kw, convert="bits"))
 
@@ -421,6 +426,13 @@ def test_decode_attention_reads_the_cache_in_place_like_the_xla_path(bs, splits)
     sc = jnp.where(mask[:, None, None], sc, jnp.finfo(jnp.float32).min)
     want = jnp.einsum("bkgts,bskq->btkgq", jax.nn.softmax(sc, -1).astype(jnp.bfloat16), vals).reshape(2, h, q_dim)
     assert got.shape == (2, h, q_dim) and rel(got, want) < 1e-2
+    # slots None: row b reads slot b, with no index operand (no iota for XLA to run every layer)
+    kw = dict(scale=q_dim ** -0.5, bs=bs, splits=splits)
+    ident = decode_attention(q, kc[:, 1:], vc[:, 1:], jnp.int32(1), None, lengths, **kw)
+    np.testing.assert_array_equal(np.asarray(ident), np.asarray(
+        decode_attention(q, kc[:, 1:], vc[:, 1:], jnp.int32(1), jnp.arange(2), lengths, **kw)))
+    closed = jax.make_jaxpr(lambda *a: decode_attention(*a, None, lengths, **kw))(q, kc, vc, jnp.int32(1))
+    assert _primitives_outside_kernels(closed.jaxpr)["iota"] == 0
 
 
 def test_switch_defaults_off_on_cpu_and_honours_overrides(monkeypatch):

@@ -113,6 +113,12 @@ FP8_GEMM = {"w8a16": "f16", "w8a8": "e4m3"}
 FP8_DEQUANTIZE_MIN_ROWS = 512
 
 
+def fp8_dequantized(rows_per_weight: int) -> bool:
+    """True when FP8 weights multiplied by this many rows each take the bf16 copy (read at trace
+    time, see FP8_DEQUANTIZE_MIN_ROWS)."""
+    return 0 < FP8_DEQUANTIZE_MIN_ROWS <= rows_per_weight
+
+
 def set_fp8_gemm(kind: str) -> None:
     """Choose the FP8 GEMV numerics for this process (read at trace time): 'w8a8' or 'w8a16'."""
     from .gemv import GEMV_DEFAULTS
@@ -173,7 +179,7 @@ from .router import route_in_place  # noqa: E402
 from . import qk_prologue, sharded  # noqa: E402
 
 __all__ = ["enabled", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret",
-           "pick_tile", "FP8_GEMM", "set_fp8_gemm", "fp8_gemm", "X_LOADS_ALL", "set_x_loads", "x_load",
+           "pick_tile", "FP8_GEMM", "set_fp8_gemm", "fp8_gemm", "fp8_dequantized", "X_LOADS_ALL", "set_x_loads", "x_load",
            "linear_einsum", "projections_partials",
            "causal_prefill_attention", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked",
            "moe_ffn_in_place", "ExpertArrays", "route_in_place",

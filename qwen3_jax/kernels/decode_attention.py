@@ -54,8 +54,9 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
                      group: int | None = None, num_warps: int = 4, num_stages: int = 2, interpret=None,
                      length_offset: int = 0):
     """q [B, H, Q]; k/v cache [L, N, S, K, Q]; layer int32; slots [B] (cache row of each
-    sequence); lengths [B] (keys 0..lengths[b]+length_offset-1 attend, clipped to S)
-    -> [B, H, Q] in q's dtype.
+    sequence), or None: row b is slot b, with no index operand (an arange, even a numpy constant,
+    would be an iota kernel every layer); lengths [B] (keys 0..lengths[b]+length_offset-1 attend,
+    clipped to S) -> [B, H, Q] in q's dtype.
 
     With `group` = G, q is already padded per kv head: [B, K, 16, Q], rows 0..G-1 of kv head h
     the query heads h*G..h*G+G-1 (qk_prologue.qk_norm_rope's q16), so no pad runs here; the
@@ -80,10 +81,12 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
     chunk = s // splits
     steps = chunk // bs
 
-    def kernel(layer_ref, slots_ref, len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref):
+    def kernel(layer_ref, *refs):
+        slots_ref, (len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref) = \
+            (None, refs) if slots_b is None else (refs[0], refs[1:])
         bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         li = layer_ref[0]
-        slot = slots_ref[bi]
+        slot = bi if slots_ref is None else slots_ref[bi]
         n = jnp.minimum(len_ref[bi] + length_offset, s)
         q = q_ref[bi, hi, :, :]                                               # [16, Q]
 
@@ -123,8 +126,8 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=_interpret() if interpret is None else interpret,
         name="qwen3_decode_attention",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), slots_b.astype(jnp.int32), lengths_b.astype(jnp.int32),
-      q16, k_cache, v_cache)
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), *(() if slots_b is None else (slots_b.astype(jnp.int32),)),
+      lengths_b.astype(jnp.int32), q16, k_cache, v_cache)
     return combine_splits(acc, m, l_sum, g, cdt)
 
 
@@ -155,8 +158,8 @@ def covered(q_bthq, k_all, group: int | None = None) -> bool:
 
 def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float,
                             group: int | None = None):
-    """The model's entry: one new token per row (T == 1) -> attention output [B, 1, H, Q], or
-    None when not covered (T > 1, dtypes differ, a cache length with no 16-multiple tiling).
+    """The model's entry: one new token per row (T == 1), rows_b the cache slot of each row or
+    None (row b is slot b) -> attention output [B, 1, H, Q], or None when not covered (T > 1, dtypes differ, a cache length with no 16-multiple tiling).
     With `group` = G, q is qk_prologue's q16 [B, K, 16, Q] (no pad kernel) and H = K*G."""
     if not covered(q_bthq, k_all, group):
         return None

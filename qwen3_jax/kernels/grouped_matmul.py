@@ -17,7 +17,10 @@ convert="f16" (FP8 weights): the MMA runs in float16, as gemv's w8a16 does. e4m3
 packed instruction per two values (-> bf16 takes a trip through float32), and at prefill sizes
 that conversion, not HBM, bounds the kernel. x is rounded to f16 (pass it as f16 to skip the
 per-tile conversion: 11 significant bits, range +-65504); layout "n" multiplies the converted
-tile by its per-row scale in f16 (the dequantized weight to 11 bits rather than bf16's 8).
+tile by its per-row scale in f16 (the dequantized weight to 11 bits rather than bf16's 8). A
+block scale is amax / 448, below f16's smallest normal (6e-5) for a block whose largest weight
+is under 0.027, so the scale is pre-multiplied by 2^10 (gemv's trick) and the float32 product
+divided by it, exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from . import interpret as _interpret
+
+
+F16_SCALE_PRE = 1024.0   # keeps an FP8 block scale a normal f16 number (module doc)
 
 
 @functools.partial(jax.jit, static_argnames=("bm", "layout", "block", "bn", "bk", "num_warps",
@@ -54,6 +60,7 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
     steps = k_dim // bk
     cdt = x_rk.dtype
     mdt = jnp.float16 if fp8 and convert == "f16" else cdt   # the MMA's operand dtype
+    pre = F16_SCALE_PRE if fp8 and layout == "n" and mdt == jnp.float16 else 1.0
     nw = len(weights)
 
     def kernel(groups_ref, x_ref, *refs):
@@ -76,7 +83,7 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
                         acc = acc + part * s_refs[i][g, k0 // block, pl.ds(n0, bn)][None, :]
                     else:
                         if fp8 and mdt == jnp.float16:
-                            col = s_refs[i][g, pl.ds(k0, bk), n0 // block].astype(mdt)
+                            col = (s_refs[i][g, pl.ds(k0, bk), n0 // block] * pre).astype(mdt)
                             w = w.astype(mdt) * col[:, None]
                         elif fp8:
                             col = s_refs[i][g, pl.ds(k0, bk), n0 // block]
@@ -87,6 +94,8 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
 
             accs = jax.lax.fori_loop(0, steps, body,
                                      tuple(jnp.zeros((bm, bn), jnp.float32) for _ in w_refs))
+            if pre != 1.0:
+                accs = tuple(acc * (1.0 / pre) for acc in accs)
             if pair:
                 a, u = accs
                 res = (a / (1.0 + jnp.exp(-a)) * u).astype(o_ref.dtype)

@@ -84,7 +84,7 @@ def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None,
     x2, w3, s3, layout, lead, out_dims = mats
     if s3 is None and x2.shape[0] > GEMV_MAX_ROWS:
         return None
-    if s3 is not None and 0 < kernels.FP8_DEQUANTIZE_MIN_ROWS <= x2.shape[0]:
+    if s3 is not None and kernels.fp8_dequantized(x2.shape[0]):
         return None   # XLA dequantizes the layer's weight and runs cuBLAS (kernels.FP8_DEQUANTIZE_MIN_ROWS)
     group = jnp.asarray(layer if layer is not None else 0, jnp.int32)
     y = linear(x2, w3, s3, layout, block, group, partials=partials)

@@ -35,7 +35,6 @@ from .. import kernels
 from ..fp8 import dequantize
 from .gemv import gemv, gemv_tiles
 from .gemv_inputs import SwigluX, materialize
-from . import x_load
 from .grouped_matmul import grouped_matmul, matmul_tiles
 from .moe_blocks import block_rows, expert_blocks
 
@@ -139,7 +138,7 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, inter
     # In the down gemv's x load only without split partials to sum: a sum per K step in series
     # with the step cost more than the XLA kernel (run 17, H200: batch 1 FP8 +0.19 ms, gate/up
     # split 8; batch 8 bf16 -0.29 ms, split 1).
-    if not (x_load("swiglu") and g.shape[0] == 1):
+    if not (kernels.x_load("swiglu") and g.shape[0] == 1):
         h = h.materialize()
     t2 = gemv_tiles(f, d, a, arrays.fp8, "n", arrays.block)
     (y,) = gemv(h, a, groups, (arrays.down,), _scales(arrays, "down"), row_div=1,
@@ -152,7 +151,7 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
     k = experts_nk.shape[1]
     a = n * k
     f = arrays.gate.shape[2]
-    if arrays.fp8 and 0 < kernels.FP8_DEQUANTIZE_MIN_ROWS <= a // arrays.num_experts:
+    if arrays.fp8 and kernels.fp8_dequantized(a // arrays.num_experts):
         arrays = _dequantized_layer(arrays, x_nd.dtype)
     bm = block_rows(a, arrays.num_experts)
     blk = expert_blocks(experts_nk, arrays.num_experts, bm, first_expert)
