@@ -7,6 +7,7 @@
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -23,13 +24,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", help="comma-separated: gemv, prefill")
     p.add_argument("--kinds", default="w8a16,bf16,w8a8", help="gemv: comma-separated bf16, w8a16, w8a8")
+    p.add_argument("--variants", default=None,
+                   help='gemv: a JSON list of tile overrides, e.g. \'[{}, {"w_nk": true, "bk": 128}]\' '
+                        "(default: the storage-order set of run 22)")
     args = p.parse_args(argv)
     log = lambda m: print(m, flush=True)   # noqa: E731
     ceil = measure_ceilings(True, reps=20)
     log(f"copy {ceil['bandwidth'] / 1e12:.3f} TB/s, matmul {ceil['matmul_flops'] / 1e12:.1f} TFLOP/s")
     for what in args.what.split(","):
         if what == "gemv":
-            tune.sweep_gemv_shapes(ceil["bandwidth"], kinds=tuple(args.kinds.split(",")), variants=ORDER_VARIANTS,
+            tune.sweep_gemv_shapes(ceil["bandwidth"], kinds=tuple(args.kinds.split(",")), variants=json.loads(args.variants) if args.variants else ORDER_VARIANTS,
                                    log=log)
         elif what == "prefill":
             tune.sweep_prefill_matmul(ceil["matmul_flops"], log=log)

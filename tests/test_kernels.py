@@ -891,7 +891,7 @@ def test_gemv_shape_sweep_gives_the_same_numbers_for_every_tile_choice(monkeypat
     from qwen3_jax.kernels import tune
 
     calls = []
-    monkeypatch.setattr(tune, "_gemv_device_seconds", lambda call: (calls.append(call()), 1e-6)[1])
+    monkeypatch.setattr(tune, "_gemv_device_seconds", lambda call: (calls.append(call()), (1e-6, ""))[1])
     with kernels.kernels_enabled(True):
         rows = tune.sweep_gemv_shapes(1e12, d=256, heads=4, kv=2, hd=32, f=128, k=2, layers=2,
                                       kinds=("w8a16",), variants=[{}, dict(bn=64)], log=lambda s: None)

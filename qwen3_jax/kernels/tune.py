@@ -57,8 +57,10 @@ def median_time(fn, args, reps: int = 10, warmup: int = 1) -> float:
 
 def device_timeline(call):
     """Run `call` once under the profiler (after one untraced run) and read the first GPU's
-    stream lines: {"by_name": {kernel: (count, total ns)}, "lines", "first_ns", "last_ns"}, or
-    None when no trace was written. Device time per kernel, without host or launch gaps."""
+    stream lines: {"by_name": {kernel: (count, total ns)}, "details": {kernel: CUPTI's launch
+    details (registers, shared memory, grid, block, occupancy) where the trace has them},
+    "lines", "first_ns", "last_ns"}, or None when no trace was written. Device time per kernel,
+    without host or launch gaps."""
     import glob
     import os
     import tempfile
@@ -71,7 +73,7 @@ def device_timeline(call):
         if not paths:
             return None
         data = jax.profiler.ProfileData.from_file(paths[0])
-    by_name, lines, first, last = {}, set(), None, None
+    by_name, details, lines, first, last = {}, {}, set(), None, None
     # One device's timeline (the first GPU): on a mesh every device runs the same program.
     gpus = sorted(p.name for p in data.planes if p.name.startswith("/device:GPU"))
     for plane in data.planes:
@@ -84,9 +86,11 @@ def device_timeline(call):
             for ev in line.events:
                 n, dur = by_name.get(ev.name, (0, 0.0))
                 by_name[ev.name] = (n + 1, dur + ev.duration_ns)
+                if ev.name not in details:
+                    details[ev.name] = next((str(v) for k, v in ev.stats if k == "kernel_details"), "")
                 first = ev.start_ns if first is None else min(first, ev.start_ns)
                 last = ev.start_ns + ev.duration_ns if last is None else max(last, ev.start_ns + ev.duration_ns)
-    return {"by_name": by_name, "lines": lines, "first_ns": first, "last_ns": last}
+    return {"by_name": by_name, "details": details, "lines": lines, "first_ns": first, "last_ns": last}
 
 
 def random_experts(key, layers, e, d, f, fp8: bool, block=128):
@@ -442,7 +446,8 @@ def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768
                     return jnp.concatenate([o.sum(0) for o in outs], axis=1)
                 try:
                     got = np.asarray(first(x, ws_v, ss), np.float64)
-                    tm = _gemv_device_seconds(lambda: run(x, ws_v, ss)) / layers
+                    tm, launch = _gemv_device_seconds(lambda: run(x, ws_v, ss))
+                    tm /= layers
                 except Exception as exc:
                     log(f"  {kind} {name} {_fmt(v)}: FAILED {type(exc).__name__}: {str(exc)[:160]}")
                     continue
@@ -451,20 +456,24 @@ def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768
                 err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
                 floor = nbytes / bandwidth
                 row = dict(kind=kind, shape=name, variant=_fmt(v), cfg=cfg, tiles=t, us=tm * 1e6,
-                           floor_us=floor * 1e6, pct_floor=100 * floor / tm, rel_err=err)
+                           floor_us=floor * 1e6, pct_floor=100 * floor / tm, rel_err=err, launch=launch)
                 out.append(row)
                 log(f"  {kind:5s} {name:11s} {_fmt(v):34s} {tm * 1e6:7.2f} us  floor {floor * 1e6:6.2f} us  "
-                    f"{row['pct_floor']:5.1f}%  err {err:.1e}  split {t['split_k']}")
+                    f"{row['pct_floor']:5.1f}%  err {err:.1e}  split {t['split_k']}  {launch}")
     return out
 
 
-def _gemv_device_seconds(call) -> float:
+def _gemv_device_seconds(call) -> tuple[float, str]:
     """Device time of the gemv kernels in one call (the profiler's, not wall time: a timed
-    fori_loop of small kernels measures the loop's overhead; run 11 in benchmarks/NOTES.md)."""
+    fori_loop of small kernels measures the loop's overhead; run 11 in benchmarks/NOTES.md), and
+    the gemv kernel's launch details (registers per thread, shared memory, occupancy), which say
+    how many programs an SM holds at once."""
     tl = device_timeline(call)
     if tl is None:
         raise RuntimeError("no profile written (is this a GPU?)")
-    return sum(ns for name, (_, ns) in tl["by_name"].items() if name.startswith("qwen3_gemv")) / 1e9
+    names = [n for n in tl["by_name"] if n.startswith("qwen3_gemv")]
+    return (sum(tl["by_name"][n][1] for n in names) / 1e9,
+            " | ".join(tl["details"][n] for n in names if tl["details"][n]))
 
 
 def _w8a8(kind: str, cfg) -> bool:
