@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from .config import Qwen3MoeConfig
+from . import fp8 as fp8_format
 from .fp8 import kind_kept_unquantized
 from .safetensors_io import CheckpointError, SafetensorsCheckpoint
 
@@ -31,7 +32,9 @@ class HfTensor:
     `to_ours(array)` maps one HF array (weight or expanded scale) to our per-layer layout
     (the model dim written as -1 so the same transform serves block scales);
     `hf_shape` is the HF shape of each; `d_is_input` says which HF axis holds the model dim;
-    `kv_axis` is our axis to repeat for KV-head replication.
+    `kv_axis` is our axis to repeat for KV-head replication; `fp8_to_ours`, where given, replaces
+    `to_ours` for an FP8 weight (not its scale): the model's FP8 experts keep HF's [out, in]
+    (model.Weight's nk), so theirs is the identity.
     """
 
     names: Callable[[int | None], list[str]]
@@ -41,6 +44,7 @@ class HfTensor:
     kv_axis: int | None = None
     quantizable: bool = False
     stacked: bool = False  # names() gives one tensor per expert, stacked on our axis 0
+    fp8_to_ours: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def param_sources(cfg: Qwen3MoeConfig) -> dict[tuple, HfTensor]:
@@ -83,7 +87,8 @@ def param_sources(cfg: Qwen3MoeConfig) -> dict[tuple, HfTensor]:
     for proj, shape, d_in in (("gate_proj", (f, d), True), ("up_proj", (f, d), True), ("down_proj", (d, f), False)):
         src[("moe", proj)] = HfTensor(
             lambda layer, p=proj: [f"model.layers.{layer}.mlp.experts.{x}.{p}.weight" for x in range(e)],
-            shape, lambda w: w.T, d_is_input=d_in, quantizable=True, stacked=True)
+            shape, lambda w: w.T, d_is_input=d_in, quantizable=True, stacked=True,
+            fp8_to_ours=(lambda w: w) if fp8_format.EXPERTS_NK else None)
     return src
 
 
@@ -125,6 +130,8 @@ class LayerReader:
                 s = np.repeat(s, fp8.block_in, axis=1)[:, : w_shape[1]]
             return src.to_ours(s)
         w = ckpt.array(name)
+        if _is_fp8(target_dtype) and src.fp8_to_ours is not None:
+            return src.fp8_to_ours(w)
         if _is_fp8(w.dtype) and not _is_fp8(target_dtype):
             # Stored FP8 but kept unquantized here (modules_to_not_convert): dequantize on the host.
             from .fp8 import dequantize_blocks

@@ -40,7 +40,8 @@ from .safetensors_io import CheckpointError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: FP8 expert weights stored [E, out, in] (model.Weight nk); bf16 params are as in version 1.
+FORMAT_VERSION = 2
 META_FILE = "qwen3_jax_orbax.json"
 PARAMS_DIR = "params"
 KV_AXIS = "kv_heads"
@@ -268,7 +269,7 @@ def read_meta(path: str) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{meta_path} is unreadable ({e}); the checkpoint copy is damaged, copy it again") from e
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION and not (version == 1 and not meta.get("fp8")):   # v2 changed FP8 experts only
         raise CheckpointError(f"{path} is Orbax checkpoint format version {version}; this qwen3_jax reads version "
                               f"{FORMAT_VERSION}; convert the Hugging Face checkpoint again")
     if meta.get("kv_rep") != 1:

@@ -81,6 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--fp8-dequantize-rows", default="",
                    help="FP8 models: rows per weight from which XLA dequantizes to bf16 for the matmul "
                         "(prefill), comma-separated; 0 = never (default: the library's)")
+    p.add_argument("--fp8-experts", default="",
+                   help="FP8 models: the expert weights' storage order to time, comma-separated: nk (the "
+                        "checkpoint's [out, in]), kn (the einsum order); one model built per order "
+                        "(default: the library's)")
     p.add_argument("--baseline-batch", default=None, help="with --kernels both: batches timed without kernels")
     p.add_argument("--baseline-prefill", default=None, help="with --kernels both: prompts timed without kernels")
     p.add_argument("--sweep", action="store_true", help="time kernel tiles first and install the fastest")
@@ -628,8 +632,17 @@ def main(argv=None) -> dict:
                                       k=c.num_experts_per_tok, log=log)
         sweep = {**(sweep or {}), "gemv_shapes": rows}
     results = []
-    for name in models:
-        res = bench_model(args, name, ceilings, log)
+    orders = [o for o in args.fp8_experts.split(",") if o]
+    if any(o not in ("nk", "kn") for o in orders):
+        raise ValueError(f"--fp8-experts {args.fp8_experts}: use nk, kn or both")
+    from qwen3_jax import fp8 as fp8_format
+    default_order = fp8_format.EXPERTS_NK
+    runs = [(name, order) for name in models
+            for order in (orders if orders and resolve_bench_config(name, args.layers).fp8 else [None])]
+    for name, order in runs:
+        fp8_format.EXPERTS_NK = default_order if order is None else order == "nk"
+        res = bench_model(args, name, ceilings, log, tag=f" experts {order}" if order else "")
+        fp8_format.EXPERTS_NK = default_order
         res["hf_peer"] = hf
         res["sweep"] = sweep
         text = summary_text(res, args.markdown)
@@ -654,7 +667,8 @@ def run_sweep(args, cfg, ceilings, log) -> dict:
     return {"moe": rows, "fp8_linear": lin, "installed": {"/".join(k): v for k, v in best.items()}}
 
 
-def bench_model(args, name: str, ceilings: dict, log) -> dict:
+def bench_model(args, name: str, ceilings: dict, log, tag: str = "") -> dict:
+    """One model's figures; `tag` ends every row's kernels label (e.g. the FP8 experts' order)."""
     import jax
 
     from qwen3_jax import kernels, random_model
@@ -684,7 +698,7 @@ def bench_model(args, name: str, ceilings: dict, log) -> dict:
         *[[None] if m == "off" and kernels_only else values for _, values, _, _, kernels_only in knobs])]
     for mode, values in variants:
         kernels.set_enabled({"on": True, "off": False, "auto": None}[mode])
-        label = mode if mode != "auto" else ("on" if kernels.enabled() else "off")
+        label = (mode if mode != "auto" else ("on" if kernels.enabled() else "off")) + tag
         for (prefix, _, _, put, _), value, default in zip(knobs, values, defaults):
             put(default if value is None else value)
             if value is not None:

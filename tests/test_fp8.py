@@ -189,6 +189,26 @@ def test_fp8_logits_match_transformers_on_dequantized_weights(ckpts, fp8_single)
     assert rms < 0.25 and top1 >= 0.7
 
 
+def test_expert_storage_orders_give_the_same_logits(ckpts, monkeypatch):
+    """FP8 experts stored [E, out, in] (fp8.EXPERTS_NK, the default) or in the einsum order: the
+    loader reads the same checkpoint into either and the kernels (interpret mode here) give the
+    same logits and greedy tokens. (The XLA path with the default order is checked against
+    transformers above.)"""
+    from qwen3_jax import fp8, kernels
+    tokens = _tokens((2, 6), seed=7)
+    out = {}
+    for nk in (True, False):
+        monkeypatch.setattr(fp8, "EXPERTS_NK", nk)
+        m = qwen3_jax.load(ckpts["fp8"], dtype="bfloat16", progress=False)
+        w = m.state["segments"][0]["block"]["mlp"]["down_proj"]["w"].get_value()
+        assert w.shape[-2:] == ((FP8_TINY["hidden_size"], FP8_TINY["moe_intermediate_size"]) if nk else
+                                (FP8_TINY["moe_intermediate_size"], FP8_TINY["hidden_size"]))
+        with kernels.kernels_enabled(True):
+            out[nk] = (m.logits(tokens), m.generate_greedy(tokens, max_new_tokens=2))
+    assert rel_err(out[True][0], out[False][0]) < 1e-6
+    np.testing.assert_array_equal(np.asarray(out[True][1]), np.asarray(out[False][1]))
+
+
 def test_bf16_and_float32_scales_load_the_same(ckpts, tmp_path):
     """Scales stored bf16 load; the same bf16-exact values stored float32 give identical logits."""
     src = SafetensorsCheckpoint(ckpts["fp8_bf16"])
@@ -243,14 +263,17 @@ def test_fp8_under_mesh_equals_one_device(ckpts, fp8_single, mesh):
     experts = sharded.config.num_experts // sharded.mesh_spec.ep
     split, width = MESHES[mesh]
     assert sharded.mesh_spec.etp == split
-    # Expert gate W[L, E, D, F] stays FP8 with 192- or 96-wide F shards; its scale [L, E, D/128, F]
-    # is split exactly like it (D, never split, is the dim held in blocks).
+    # Expert gate W stays FP8, stored [L, E, F, D] (the checkpoint's [out, in]) with 192- or 96-wide
+    # F shards; its scale [L, E, D/128, F] (einsum order) is split exactly like it (D, never split,
+    # is the dim held in blocks).
     w = _param(sharded, "segments", 0, "block", "mlp", "gate_proj", "w")
     scale = _param(sharded, "segments", 0, "block", "mlp", "gate_proj", "scale")
     assert w.dtype == FP8 and scale.dtype == np.float32
-    assert {sh.data.shape for sh in w.addressable_shards} == {(2, experts, 320, width)}
+    assert {sh.data.shape for sh in w.addressable_shards} == {(2, experts, width, 320)}
     assert {sh.data.shape for sh in scale.addressable_shards} == {(2, experts, 3, width)}
-    assert scale.sharding.spec == w.sharding.spec
+    w_spec = tuple(w.sharding.spec) + (None,) * (4 - len(w.sharding.spec))
+    s_spec = tuple(scale.sharding.spec) + (None,) * (4 - len(scale.sharding.spec))
+    assert s_spec == (*w_spec[:2], w_spec[3], w_spec[2])
     err = rel_err(sharded.logits(tokens), fp8_single.logits(tokens))
     print(f"{mesh}: {sharded.mesh_spec.describe()}, expert F shards {width} wide, rel err vs one device {err:.2e}")
     assert err <= TOL

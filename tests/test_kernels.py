@@ -266,6 +266,21 @@ def test_grouped_matmul_single_and_fused_silu_pair():
     assert rel(y[:2 * bm], np.concatenate([xf[:bm] @ wdn[1], xf[bm:2 * bm] @ wdn[0]])) < 1e-6
 
 
+@pytest.mark.parametrize("layout,convert", [("k", "cast"), ("n", "cast"), ("k", "f16"), ("n", "f16")])
+def test_grouped_matmul_reads_weights_stored_n_by_k(layout, convert):
+    """w_nk: the same products from FP8 weights stored [G, N, K] (scales as before)."""
+    rng = np.random.default_rng(6)
+    bm, block = 16, 64
+    x = jnp.asarray(rng.standard_normal((3 * bm, 128)), jnp.bfloat16)
+    groups = jnp.array([1, -1, 0])
+    w8, s = fp8_weights(rng, (2, 128, 64), 1 if layout == "k" else 2, block)
+    kw = dict(bm=bm, layout=layout, block=block, bn=32, bk=32, convert=convert)
+    want = grouped_matmul(x, groups, (w8,), (s,), **kw)
+    got = grouped_matmul(x, groups, (jnp.swapaxes(w8, 1, 2),), (s,), w_nk=True, **kw)
+    rows = np.r_[0:bm, 2 * bm:3 * bm]   # block 1 is skipped: its rows are never written
+    assert rel(np.asarray(got)[rows], np.asarray(want)[rows]) < 1e-6
+
+
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float16])
 def test_grouped_matmul_fp8_through_the_f16_mma(x_dtype):
     """convert="f16": FP8 tiles converted to f16 (layout "n": times the row scale in f16), x
@@ -317,7 +332,8 @@ def test_expert_blocks_put_every_assignment_in_a_block_of_its_expert(bm, first):
     assert np.all(used[:used.sum()])                              # used blocks come first
 
 
-def _moe_case(rng, fp8, n, e=6, d=128, f=64, k=2, block=64):
+def _moe_case(rng, fp8, n, e=6, d=128, f=64, k=2, block=64, nk=False):
+    """A routed MoE FFN case; nk: FP8 weights stored [E, out, in] (ExpertArrays.w_nk, the model's)."""
     x = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
     logits = rng.standard_normal((n, e))
     experts = jnp.asarray(np.argsort(-logits, axis=1)[:, :k], jnp.int32)
@@ -325,7 +341,8 @@ def _moe_case(rng, fp8, n, e=6, d=128, f=64, k=2, block=64):
     if fp8:
         (g, gs), (u, us), (dn, ds) = (fp8_weights(rng, (e, d, f), 1, block), fp8_weights(rng, (e, d, f), 1, block),
                                       fp8_weights(rng, (e, f, d), 2, block))
-        arrays = ExpertArrays(g, u, dn, gs, us, ds, block=block, num_experts=e)
+        swap = (lambda a: jnp.swapaxes(a, 1, 2)) if nk else (lambda a: a)
+        arrays = ExpertArrays(swap(g), swap(u), swap(dn), gs, us, ds, block=block, num_experts=e, w_nk=nk)
         mats = [dequantize(g, gs, 1, block, jnp.float32), dequantize(u, us, 1, block, jnp.float32),
                 dequantize(dn, ds, 2, block, jnp.float32)]
     else:
@@ -335,22 +352,24 @@ def _moe_case(rng, fp8, n, e=6, d=128, f=64, k=2, block=64):
     return x, weights, experts, arrays, want
 
 
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", [False, True, "nk"])
 @pytest.mark.parametrize("strategy", ["gemv", "blocks"])
 def test_moe_ffn_kernels_match_the_reference_expert_ffn(fp8, strategy):
     rng = np.random.default_rng(11)
-    x, weights, experts, arrays, want = _moe_case(rng, fp8, n=9)
+    x, weights, experts, arrays, want = _moe_case(rng, bool(fp8), n=9, nk=fp8 == "nk")
     got = moe_ffn(x, weights, experts, arrays, strategy=strategy)
     # bf16 activations and the bf16 hidden activation bound the agreement with a float32 reference
     assert rel(got, want) < 1e-2
 
 
-def test_fp8_at_compute_bound_sizes_runs_on_a_dequantized_bf16_copy(monkeypatch):
+@pytest.mark.parametrize("nk", [False, True])
+def test_fp8_at_compute_bound_sizes_runs_on_a_dequantized_bf16_copy(monkeypatch, nk):
     """kernels.FP8_DEQUANTIZE_MIN_ROWS: from that many rows per weight, the blocks-path MoE runs
-    the bf16 kernel on this layer's experts dequantized by XLA, and an FP8 projection is left to
-    XLA (linear_einsum gives None); below it both stay on the FP8 kernels. Same numbers."""
+    the bf16 kernel on this layer's experts dequantized by XLA (swapped back from [E, out, in]
+    with nk), and an FP8 projection is left to XLA (linear_einsum gives None); below it both stay
+    on the FP8 kernels. Same numbers."""
     rng = np.random.default_rng(29)
-    x, weights, experts, arrays, want = _moe_case(rng, True, n=24, e=6, k=2)   # 8 rows per expert
+    x, weights, experts, arrays, want = _moe_case(rng, True, n=24, e=6, k=2, nk=nk)   # 8 rows per expert
     two = {f: jnp.concatenate([jnp.zeros_like(getattr(arrays, f)), getattr(arrays, f)])
            for f in ("gate", "up", "down", "gate_scale", "up_scale", "down_scale")}
     stacked = dataclasses.replace(arrays, **two, offset=jnp.int32(6))   # layer 1 of 2 (layer 0: zeros)
@@ -700,11 +719,13 @@ def test_decode_attention_lowers_to_triton_for_30b_cache():
 # -- GPU: compiled kernels against the plain-XLA path -------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp8", [False, "w8a16", "w8a8"])
+@pytest.mark.parametrize("fp8", [False, "w8a16", "w8a8", "w8a16-nk"])
 @pytest.mark.parametrize("n", [1, 8, 64, 512])
 def test_gpu_moe_ffn_matches_xla_at_30b_layer_shapes(fp8, n):
     rng = np.random.default_rng(n)
-    x, weights, experts, arrays, want = _moe_case(rng, bool(fp8), n=n, e=32, d=2048, f=768, k=8, block=128)
+    nk = bool(fp8) and fp8.endswith("-nk")
+    fp8 = fp8 and fp8.removesuffix("-nk")
+    x, weights, experts, arrays, want = _moe_case(rng, bool(fp8), n=n, e=32, d=2048, f=768, k=8, block=128, nk=nk)
     before = kernels.fp8_gemm()
     if fp8:
         kernels.set_fp8_gemm(fp8)

@@ -359,17 +359,26 @@ GEMV_DEFAULTS = {
 GEMV_LAYOUT_DEFAULTS = {
     ("fp8", "n"): dict(short_loop_steps=3),
 }
+# Over those for weights stored [G, N, K] (w_nk; the model's FP8 experts). Run 32 (H200, device
+# time per gemv at batch 1, benchmarks/NOTES.md): MoE gate/up 12.22 us ([G, K, N], the defaults)
+# -> 11.49 (w_nk) -> 11.12 us (w_nk, bk=128); MoE down 7.49 -> 6.54 -> 6.37 us (w_nk, bk=128, 8
+# warps, 3 stages). [G, K, N] with those tiles was slower (gate/up bk=128 + 8 warps: 15.46 us).
+GEMV_NK_DEFAULTS = {
+    ("fp8", "k"): dict(bk=128),
+    ("fp8", "n"): dict(bk=128, num_warps=8, num_stages=3),
+}
 
 
-def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int, **override):
-    """gemv keyword arguments for this shape: defaults (GEMV_DEFAULTS, GEMV_LAYOUT_DEFAULTS, then
-    override) shrunk until they divide the shape, then K split for enough programs. None if
-    nothing divides.
+def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int, w_nk: bool = False, **override):
+    """gemv keyword arguments for this shape: defaults (GEMV_DEFAULTS, GEMV_LAYOUT_DEFAULTS, with
+    w_nk GEMV_NK_DEFAULTS, then override) shrunk until they divide the shape, then K split for
+    enough programs; w_nk is passed through. None if nothing divides.
     n_dim: an int, or a tuple of widths laid side by side (gemv concat=True; bn divides each)."""
     from . import pick_tile
     widths = tuple(n_dim) if isinstance(n_dim, tuple) else (n_dim,)
     kind = "fp8" if fp8 else "bf16"
-    cfg = {**GEMV_DEFAULTS[kind], **GEMV_LAYOUT_DEFAULTS.get((kind, layout), {}), **override}
+    cfg = {**GEMV_DEFAULTS[kind], **GEMV_LAYOUT_DEFAULTS.get((kind, layout), {}),
+           **(GEMV_NK_DEFAULTS.get((kind, layout), {}) if w_nk else {}), **override}
     bn, bk = cfg["bn"], cfg["bk"]
     bn_t = pick_tile(math.gcd(*widths), min(bn, block) if fp8 and layout == "n" else bn)
     bk_t = pick_tile(k_dim, min(bk, block) if fp8 and layout == "k" else bk)
@@ -384,4 +393,4 @@ def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int,
     if stages is None:
         stages = 2 if k_dim // (bk_t * split) <= cfg["short_loop_steps"] else 3
     return dict(bn=bn_t, bk=bk_t, split_k=split, num_warps=cfg["num_warps"], num_stages=stages,
-                acc2d=cfg["acc2d"], convert=cfg["convert"], mode=cfg["mode"])
+                acc2d=cfg["acc2d"], convert=cfg["convert"], mode=cfg["mode"], w_nk=w_nk)

@@ -8,6 +8,7 @@ Shapes (G groups, K in, N out, R = NB * bm rows):
   x [R, K] bf16/f16, groups [NB] int32 in [-1, G) (-1: block skipped, its rows left unwritten),
   weights: 1 array [G, K, N] -> float32 [R, N]; or 2 (gate, up) -> silu(x@W0) * (x@W1) in x's
   dtype (the MoE hidden activation, as the reference computes it from float32 products).
+  With w_nk the weights are stored [G, N, K] (the checkpoint's [out, in]); scales never swap.
   scales: None or per weight float32, layout "k" [G, ceil(K/block), N] or "n" [G, K, ceil(N/block)].
 
 Numerics: float32 accumulation. Layout "k" multiplies the exactly converted FP8 tile product by
@@ -39,12 +40,15 @@ F16_SCALE_PRE = 1024.0   # keeps an FP8 block scale a normal f16 number (module 
 
 
 @functools.partial(jax.jit, static_argnames=("bm", "layout", "block", "bn", "bk", "num_warps",
-                                             "num_stages", "convert", "interpret"))
+                                             "num_stages", "convert", "w_nk", "interpret"))
 def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", block=128, bn=64, bk=64,
-                   num_warps=4, num_stages=3, convert="cast", interpret=None):
+                   num_warps=4, num_stages=3, convert="cast", w_nk=False, interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
+    if w_nk:
+        n_dim, k_dim = k_dim, n_dim
+    dims = (((1,), (1 if w_nk else 0,)), ((), ()))   # x tile [bm, bk] against the weight tile as stored
     r_count = x_rk.shape[0]
     nb = groups_b.shape[0]
     fp8 = len(scales) > 0
@@ -77,18 +81,26 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
                 xt = x_ref[pl.ds(m0, bm), pl.ds(k0, bk)].astype(mdt)
                 out = []
                 for i, (w_ref, acc) in enumerate(zip(w_refs, accs)):
-                    w = w_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)]
+                    if w_nk:
+                        w = w_ref[g, pl.ds(n0, bn), pl.ds(k0, bk)]     # [bn, bk]
+                    else:
+                        w = w_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)]     # [bk, bn]
+
+                    def dot(w):
+                        return jax.lax.dot_general(xt, w.astype(mdt), dims, preferred_element_type=jnp.float32)
+
+                    def by_k(col):   # a per-K-row scale against the tile as stored
+                        return col[None, :] if w_nk else col[:, None]
                     if fp8 and layout == "k":
-                        part = jnp.dot(xt, w.astype(mdt), preferred_element_type=jnp.float32)
-                        acc = acc + part * s_refs[i][g, k0 // block, pl.ds(n0, bn)][None, :]
+                        acc = acc + dot(w) * s_refs[i][g, k0 // block, pl.ds(n0, bn)][None, :]
                     else:
                         if fp8 and mdt == jnp.float16:
                             col = (s_refs[i][g, pl.ds(k0, bk), n0 // block] * pre).astype(mdt)
-                            w = w.astype(mdt) * col[:, None]
+                            w = w.astype(mdt) * by_k(col)
                         elif fp8:
                             col = s_refs[i][g, pl.ds(k0, bk), n0 // block]
-                            w = (w.astype(jnp.float32) * col[:, None]).astype(cdt)
-                        acc = acc + jnp.dot(xt, w.astype(mdt), preferred_element_type=jnp.float32)
+                            w = (w.astype(jnp.float32) * by_k(col)).astype(cdt)
+                        acc = acc + dot(w)
                     out.append(acc)
                 return tuple(out)
 

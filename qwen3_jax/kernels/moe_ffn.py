@@ -50,8 +50,10 @@ def gemv_max_assignments(fp8: bool) -> int:
 @dataclasses.dataclass
 class ExpertArrays:
     """Expert weights as the kernels read them (G = layers * E, or E for one layer):
-    gate, up [G, D, F], down [G, F, D] in the compute dtype or FP8; *_scale float32 (FP8 only):
-    gate/up [G, ceil(D/block), F] (layout "k"), down [G, F, ceil(D/block)] (layout "n")."""
+    gate, up [G, D, F], down [G, F, D] in the compute dtype or FP8, or with w_nk the last two
+    axes swapped (gate/up [G, F, D], down [G, D, F]: the checkpoint's [out, in], K contiguous);
+    *_scale float32 (FP8 only), never swapped: gate/up [G, ceil(D/block), F] (layout "k"), down
+    [G, F, ceil(D/block)] (layout "n")."""
 
     gate: jax.Array
     up: jax.Array
@@ -62,28 +64,35 @@ class ExpertArrays:
     block: int = 128
     num_experts: int = 0           # experts per layer held here
     offset: jax.Array | int = 0    # group of this layer's expert 0 (layer * num_experts)
+    w_nk: bool = False
 
     @property
     def fp8(self) -> bool:
         return self.gate_scale is not None
 
+    @property
+    def d_f(self) -> tuple[int, int]:
+        """(D, F): the model and expert hidden widths."""
+        a, b = self.gate.shape[1:]
+        return (b, a) if self.w_nk else (a, b)
+
     @classmethod
-    def from_stacked(cls, gate, up, down, scales=None, block=128, layer=None):
+    def from_stacked(cls, gate, up, down, scales=None, block=128, layer=None, w_nk=False):
         """From [L, E, ...] (or [E, ...] with layer None) params; scales = (gate, up, down) or None."""
         def fold(a):
             return a if a is None or layer is None else a.reshape(-1, *a.shape[2:])
         e = gate.shape[1] if layer is not None else gate.shape[0]
         s = scales or (None, None, None)
         off = 0 if layer is None else jnp.asarray(layer, jnp.int32) * e
-        return cls(fold(gate), fold(up), fold(down), fold(s[0]), fold(s[1]), fold(s[2]), block, e, off)
+        return cls(fold(gate), fold(up), fold(down), fold(s[0]), fold(s[1]), fold(s[2]), block, e, off, w_nk)
 
 
 def supported(arrays: ExpertArrays, assignments: int) -> bool:
     """True when tiles divide the shapes (else the caller keeps the XLA path)."""
-    d, f = arrays.gate.shape[1:]
+    d, f = arrays.d_f
     if assignments <= gemv_max_assignments(arrays.fp8):
-        return (gemv_tiles(d, f, assignments, arrays.fp8, "k", arrays.block) is not None
-                and gemv_tiles(f, d, assignments, arrays.fp8, "n", arrays.block) is not None)
+        return (gemv_tiles(d, f, assignments, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk) is not None
+                and gemv_tiles(f, d, assignments, arrays.fp8, "n", arrays.block, w_nk=arrays.w_nk) is not None)
     bm = block_rows(assignments, arrays.num_experts)
     return (matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block) is not None
             and matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block) is not None)
@@ -122,7 +131,7 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, inter
     n, d = x_nd.shape
     k = experts_nk.shape[1]
     a = n * k
-    f = arrays.gate.shape[2]
+    f = arrays.d_f[1]
     w_nk = weights_nk.astype(jnp.float32)
     if groups is None:
         local = experts_nk.reshape(-1).astype(jnp.int32) - first_expert
@@ -131,7 +140,7 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, inter
         w_nk = jnp.where(here.reshape(n, k), w_nk, 0.0)
     # rows by row_div (assignment r reads token r // k): an index array, even a numpy constant,
     # becomes an iota / broadcast kernel every layer (seen in the H100 profile, run 11)
-    t1 = gemv_tiles(d, f, a, arrays.fp8, "k", arrays.block)
+    t1 = gemv_tiles(d, f, a, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk)
     g, u = gemv(x_nd, a, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"), row_div=k,
                 layout="k", block=arrays.block, interpret=interpret, **t1)
     h = SwigluX(g, u, x_nd.dtype)   # silu(g) * u [A, F]
@@ -140,7 +149,7 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, inter
     # split 8; batch 8 bf16 -0.29 ms, split 1).
     if not (kernels.x_load("swiglu") and g.shape[0] == 1):
         h = h.materialize()
-    t2 = gemv_tiles(f, d, a, arrays.fp8, "n", arrays.block)
+    t2 = gemv_tiles(f, d, a, arrays.fp8, "n", arrays.block, w_nk=arrays.w_nk)
     (y,) = gemv(h, a, groups, (arrays.down,), _scales(arrays, "down"), row_div=1,
                 layout="n", block=arrays.block, interpret=interpret, **t2)
     return jnp.sum((jnp.sum(y, axis=0) * w_nk.reshape(-1)[:, None]).reshape(n, k, d), axis=1)
@@ -150,7 +159,7 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
     n, d = x_nd.shape
     k = experts_nk.shape[1]
     a = n * k
-    f = arrays.gate.shape[2]
+    d, f = arrays.d_f
     if arrays.fp8 and kernels.fp8_dequantized(a // arrays.num_experts):
         arrays = _dequantized_layer(arrays, x_nd.dtype)
     bm = block_rows(a, arrays.num_experts)
@@ -160,21 +169,22 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
     # f16 MMA (FP8 weights): x converted once here, not per tile in the kernel; h comes out f16
     xs = materialize(x_nd).astype(jnp.float16 if t1["convert"] == "f16" else x_nd.dtype)[blk.rows]   # [R, D]
     h = grouped_matmul(xs, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
-                       bm=bm, layout="k", block=arrays.block, **t1)                 # [R, F]
+                       bm=bm, layout="k", block=arrays.block, w_nk=arrays.w_nk, **t1)   # [R, F]
     t2 = matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block)
     y = grouped_matmul(h, groups, (arrays.down,), _scales(arrays, "down"),
-                       bm=bm, layout="n", block=arrays.block, **t2)                 # [R, D] f32
+                       bm=bm, layout="n", block=arrays.block, w_nk=arrays.w_nk, **t2)   # [R, D] f32
     return y[blk.pos], blk.here
 
 
 def _dequantized_layer(arrays: ExpertArrays, dtype) -> ExpertArrays:
-    """This layer's FP8 experts as one `dtype` copy (XLA: a slice and a dequantize fused), for the
-    compute-bound sizes of kernels.FP8_DEQUANTIZE_MIN_ROWS."""
+    """This layer's FP8 experts as one `dtype` copy in [G, K, N] (XLA: a slice, the swap back from
+    w_nk and the dequantize fused), for the compute-bound sizes of kernels.FP8_DEQUANTIZE_MIN_ROWS."""
     e, block = arrays.num_experts, arrays.block
 
     def layer(w, scale, axis):
         sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=arrays.offset, slice_size=e, axis=0)
-        return dequantize(sl(w), sl(scale), axis, block, dtype)
+        w = sl(w)
+        return dequantize(jnp.swapaxes(w, 1, 2) if arrays.w_nk else w, sl(scale), axis, block, dtype)
     return ExpertArrays(layer(arrays.gate, arrays.gate_scale, 1), layer(arrays.up, arrays.up_scale, 1),
                         layer(arrays.down, arrays.down_scale, 2), block=block, num_experts=e)
 
@@ -190,15 +200,16 @@ def moe_ffn_stacked(x_nd, weights_nk, experts_nk, gate, up, down, layer, groups=
         return None
     scales = tuple(w.scale[...] for w in ws) if all(fp8) else None
     return moe_ffn_in_place(x_nd, weights_nk, experts_nk, gate.w[...], up.w[...], down.w[...], scales,
-                            gate.fp8_block or 128, layer, groups=groups)
+                            gate.fp8_block or 128, layer, groups=groups, w_nk=gate.nk)
 
 
 def moe_ffn_in_place(x_nd, weights_nk, experts_nk, gate, up, down, scales, block, layer, first_expert=0, *,
-                     groups=None, interpret=None):
+                     groups=None, interpret=None, w_nk=False):
     """moe_ffn on layer `layer` of stacked [L, E_local, ...] arrays (this device's experts
-    first_expert.. on a mesh; scales (gate, up, down) or None) -> [N, D] float32, or None when
-    no tiling fits these shapes. groups, interpret: see moe_ffn (groups on one device only)."""
-    arrays = ExpertArrays.from_stacked(gate, up, down, scales, block=block, layer=layer)
+    first_expert.. on a mesh; scales (gate, up, down) or None; w_nk: the weights stored [out, in],
+    see ExpertArrays) -> [N, D] float32, or None when no tiling fits these shapes. groups,
+    interpret: see moe_ffn (groups on one device only)."""
+    arrays = ExpertArrays.from_stacked(gate, up, down, scales, block=block, layer=layer, w_nk=w_nk)
     if not supported(arrays, experts_nk.size):
         return None
     return moe_ffn(x_nd, weights_nk, experts_nk, arrays, first_expert, groups=groups, interpret=interpret)

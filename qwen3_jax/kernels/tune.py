@@ -421,11 +421,10 @@ def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768
                 cfg = {**proj, **base, **{a: b for a, b in v.items() if a != "w_nk"}}
                 w_nk = v.get("w_nk", False)   # a storage order, not a tile: the weights are transposed
                 t = gemv_tiles(kk, widths if len(widths) > 1 and not pair else widths[0], rows, fp8, layout, 128,
-                               **cfg)   # over GEMV_DEFAULTS and GEMV_LAYOUT_DEFAULTS
+                               w_nk=w_nk, **cfg)   # over GEMV_DEFAULTS, GEMV_LAYOUT_DEFAULTS, GEMV_NK_DEFAULTS
                 if t is None:
                     continue
 
-                t = {**t, "w_nk": w_nk}
                 ws_v = [jnp.swapaxes(w, 1, 2) for w in ws] if w_nk else ws
 
                 @jax.jit
