@@ -773,8 +773,8 @@ def test_gpu_qkv_in_one_launch_matches_three(fp8):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,layout", [("bf16", "k"), ("w8a16", "k"), ("w8a16", "n"), ("w8a8", "k")])
 def test_gpu_gemv_reads_weights_stored_n_by_k_at_30b_shapes(kind, layout):
-    """Compiled: the [G, N, K] storage equals the default gemv (MoE gate/up and down shapes at
-    batch 1)."""
+    """Compiled: the [G, N, K] storage with its own tiles equals the default gemv (MoE gate/up
+    and down shapes at batch 1)."""
     from qwen3_jax.kernels.gemv import gemv_tiles
 
     rng = np.random.default_rng(3)
@@ -789,7 +789,8 @@ def test_gpu_gemv_reads_weights_stored_n_by_k_at_30b_shapes(kind, layout):
         w, ss, conv = jnp.asarray(rng.standard_normal((32, k_dim, n_dim)), jnp.bfloat16), None, {}
     t = gemv_tiles(k_dim, n_dim, 8, fp8, layout, 128, **conv)
     (want,) = gemv(x, 8, groups, (w,), ss, row_div=8, layout=layout, **t)
-    (got,) = gemv(x, 8, groups, (jnp.swapaxes(w, 1, 2),), ss, row_div=8, layout=layout, w_nk=True, **t)
+    t_nk = gemv_tiles(k_dim, n_dim, 8, fp8, layout, 128, w_nk=True, **conv)   # GEMV_NK_DEFAULTS, as the model
+    (got,) = gemv(x, 8, groups, (jnp.swapaxes(w, 1, 2),), ss, row_div=8, layout=layout, **t_nk)
     assert rel(got.sum(0), want.sum(0)) < 1e-5
 
 
