@@ -32,9 +32,10 @@ class HfTensor:
     `to_ours(array)` maps one HF array (weight or expanded scale) to our per-layer layout
     (the model dim written as -1 so the same transform serves block scales);
     `hf_shape` is the HF shape of each; `d_is_input` says which HF axis holds the model dim;
-    `kv_axis` is our axis to repeat for KV-head replication; `fp8_to_ours`, where given, replaces
-    `to_ours` for an FP8 weight (not its scale): the model's FP8 experts keep HF's [out, in]
-    (model.Weight's nk), so theirs is the identity.
+    `kv_axis` is our axis to repeat for KV-head replication; `fp8_to_ours` and `fp8_kv_axis`,
+    where given, replace `to_ours` and `kv_axis` for an FP8 weight (not its scale): the model
+    keeps FP8 experts and attention weights in HF's [out, in] order (model.Weight's nk), only
+    reshaped.
     """
 
     names: Callable[[int | None], list[str]]
@@ -45,6 +46,7 @@ class HfTensor:
     quantizable: bool = False
     stacked: bool = False  # names() gives one tensor per expert, stacked on our axis 0
     fp8_to_ours: Callable[[np.ndarray], np.ndarray] | None = None
+    fp8_kv_axis: int | None = None
 
 
 def param_sources(cfg: Qwen3MoeConfig) -> dict[tuple, HfTensor]:
@@ -56,6 +58,11 @@ def param_sources(cfg: Qwen3MoeConfig) -> dict[tuple, HfTensor]:
     def one(name):
         return lambda layer: [name.format(layer)]
 
+    nk = fp8_format.NK_ORDER
+
+    def fp8_order(fn):   # the FP8 weight's transform where the model stores [out, in] (fp8.NK_ORDER)
+        return fn if nk else None
+
     src = {
         ("embed",): HfTensor(one("model.embed_tokens.weight"), (v, d), lambda w: w),
         ("final_norm",): HfTensor(one("model.norm.weight"), (d,), lambda w: w),
@@ -65,13 +72,17 @@ def param_sources(cfg: Qwen3MoeConfig) -> dict[tuple, HfTensor]:
         ("L", "attn", "q_norm"): HfTensor(one(lp + "self_attn.q_norm.weight"), (q,), lambda w: w),
         ("L", "attn", "k_norm"): HfTensor(one(lp + "self_attn.k_norm.weight"), (q,), lambda w: w),
         ("L", "attn", "q_proj"): HfTensor(one(lp + "self_attn.q_proj.weight"), (h * q, d),
-                                          lambda w: w.T.reshape(-1, h, q), quantizable=True),
+                                          lambda w: w.T.reshape(-1, h, q), quantizable=True,
+                                          fp8_to_ours=fp8_order(lambda w: w.reshape(h, q, -1))),
         ("L", "attn", "k_proj"): HfTensor(one(lp + "self_attn.k_proj.weight"), (k * q, d),
-                                          lambda w: w.T.reshape(-1, k, q), kv_axis=1, quantizable=True),
+                                          lambda w: w.T.reshape(-1, k, q), kv_axis=1, quantizable=True,
+                                          fp8_to_ours=fp8_order(lambda w: w.reshape(k, q, -1)), fp8_kv_axis=0),
         ("L", "attn", "v_proj"): HfTensor(one(lp + "self_attn.v_proj.weight"), (k * q, d),
-                                          lambda w: w.T.reshape(-1, k, q), kv_axis=1, quantizable=True),
+                                          lambda w: w.T.reshape(-1, k, q), kv_axis=1, quantizable=True,
+                                          fp8_to_ours=fp8_order(lambda w: w.reshape(k, q, -1)), fp8_kv_axis=0),
         ("L", "attn", "o_proj"): HfTensor(one(lp + "self_attn.o_proj.weight"), (d, h * q),
-                                          lambda w: w.T.reshape(h, q, -1), d_is_input=False, quantizable=True),
+                                          lambda w: w.T.reshape(h, q, -1), d_is_input=False, quantizable=True,
+                                          fp8_to_ours=fp8_order(lambda w: w.reshape(-1, h, q))),
         ("L", "attn", "q_bias"): HfTensor(one(lp + "self_attn.q_proj.bias"), (h * q,), lambda w: w.reshape(h, q)),
         ("L", "attn", "k_bias"): HfTensor(one(lp + "self_attn.k_proj.bias"), (k * q,),
                                           lambda w: w.reshape(k, q), kv_axis=0),
@@ -87,8 +98,7 @@ def param_sources(cfg: Qwen3MoeConfig) -> dict[tuple, HfTensor]:
     for proj, shape, d_in in (("gate_proj", (f, d), True), ("up_proj", (f, d), True), ("down_proj", (d, f), False)):
         src[("moe", proj)] = HfTensor(
             lambda layer, p=proj: [f"model.layers.{layer}.mlp.experts.{x}.{p}.weight" for x in range(e)],
-            shape, lambda w: w.T, d_is_input=d_in, quantizable=True, stacked=True,
-            fp8_to_ours=(lambda w: w) if fp8_format.EXPERTS_NK else None)
+            shape, lambda w: w.T, d_is_input=d_in, quantizable=True, stacked=True, fp8_to_ours=fp8_order(lambda w: w))
     return src
 
 
@@ -117,7 +127,9 @@ class LayerReader:
     def view(self, src: HfTensor, layer: int | None, scale: bool, target_dtype) -> "LazyView":
         names = src.names(layer)
         views = [self._one(src, n, scale, target_dtype) for n in names]
-        return LazyView(views, stacked=src.stacked, kv_axis=src.kv_axis, kv_rep=self.kv_rep)
+        stored_nk = not scale and _is_fp8(target_dtype) and src.fp8_to_ours is not None
+        return LazyView(views, stacked=src.stacked, kv_axis=src.fp8_kv_axis if stored_nk else src.kv_axis,
+                        kv_rep=self.kv_rep)
 
     def _one(self, src: HfTensor, name: str, scale: bool, target_dtype):
         ckpt, fp8 = self.ckpt, self.cfg.fp8

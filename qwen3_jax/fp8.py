@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-# FP8 expert weights are stored [E, out, in], the checkpoint's own order (model.Weight's nk): the
-# decode GEMVs read 8-bit tiles with K contiguous 9-19% faster (benchmarks/NOTES.md, runs 32-33).
-# Read when a model is built or loaded; False (the einsum order [E, in, out]) is for A/B timing
-# (serve.bench --fp8-experts).
-EXPERTS_NK = True
+# FP8 expert and attention weights are stored [out, in], the checkpoint's own order
+# (model.Weight's nk): the decode GEMVs read 8-bit tiles with K contiguous 5-18% faster
+# (benchmarks/NOTES.md, runs 32-34). Read when a model is built or loaded; False (the einsum
+# order [in, out]) is for A/B timing (serve.bench --fp8-order).
+NK_ORDER = True
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 SCALE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}

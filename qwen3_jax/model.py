@@ -55,15 +55,17 @@ class Weight(nnx.Module):
     `block_axis` is the model-dim axis D of the per-layer shape; FP8 scales keep D in blocks of
     `block` and every other dim per element (see fp8.py for why).
 
-    `nk=True` (expert matrices): an FP8 `w` is stored with its last two axes swapped, [..., N,
-    K] (out, in: the checkpoint's own order, K contiguous), while `scale` and `shape` stay in
-    the einsum layout [..., K, N]. The FP8 GEMVs read 8-bit tiles with K contiguous 9-19%
-    faster (benchmarks/NOTES.md, runs 32-33). bf16 weights ignore it.
+    `nk=(lead, n_in)`: the per-layer einsum layout is [lead axes, n_in input axes, output axes]
+    (experts gate [E, D, F]: (1, 1); q_proj [D, H, Q]: (0, 1); o_proj [H, Q, D]: (0, 2)). An FP8
+    `w` is then stored [lead, out, in] (the checkpoint's [out, in], K contiguous: experts gate [E,
+    F, D], q_proj [H, Q, D], o_proj [D, H, Q]) while `scale` stays in the einsum layout. The FP8
+    GEMVs read 8-bit tiles with K contiguous 5-18% faster (benchmarks/NOTES.md, runs 32-34). bf16
+    weights ignore it; `nk` (the property) says whether `w` is stored so.
     """
 
     def __init__(self, shape, axes, *, dtype, rngs, stack=None, fp8_block: int | None = None,
                  block_axis: int = 0, init: str = "normal", repeat: tuple[int, int] | None = None,
-                 nk: bool = False):
+                 nk: tuple[int, int] | None = None):
         """`repeat=(axis, r)`: random init draws shape[axis] // r values and repeats each r times,
         so KV-head replication (tp > kv heads) gives the same random model as one device."""
         self.block_axis = block_axis
@@ -80,14 +82,15 @@ class Weight(nnx.Module):
             return jnp.repeat(_init(init, tuple(base), dt, rngs, std), repeat[1], axis=axis)
 
         if fp8_block is None:
-            self.nk = False
+            self.nk_split = None
             self.w = nnx.Param(draw(dtype), logical_axes=full_axes)
             return
         # Random FP8 weights: values in the e4m3 range with a scale that gives std ~0.02.
-        self.nk = nk
+        self.nk_split = nk
         w8 = draw(jnp.float32, std=1.0).astype(FP8_DTYPE)
         if nk:
-            w8, full_axes = jnp.swapaxes(w8, -1, -2), (*full_axes[:-2], full_axes[-1], full_axes[-2])
+            order = self._stored_order(len(full_shape))
+            w8, full_axes = jnp.transpose(w8, order), tuple(full_axes[a] for a in order)
         self.w = nnx.Param(w8, logical_axes=full_axes)
         scale_shape = list(shape)
         scale_shape[block_axis] = -(-shape[block_axis] // fp8_block)
@@ -100,6 +103,30 @@ class Weight(nnx.Module):
     def is_fp8(self) -> bool:
         return self.fp8_block is not None
 
+    @property
+    def nk(self) -> bool:
+        """w is stored [lead, out, in] (FP8 with nk given), not in the einsum layout."""
+        return self.nk_split is not None
+
+    def _stored_order(self, ndim: int) -> list[int]:
+        """Axis order of the stored w as a transpose of the einsum-layout array of rank ndim
+        (any leading dims: the layer stack, a layer's slice)."""
+        lead, n_in = self.nk_split
+        first = ndim - self.rank + lead          # the first input axis
+        axes = list(range(ndim))
+        return axes[:first] + axes[first + n_in:] + axes[first:first + n_in]
+
+    def to_einsum(self, w):
+        """An array of this weight as stored (the stack, a layer's slice, a device's shard) in the
+        einsum layout."""
+        return jnp.transpose(w, np.argsort(self._stored_order(w.ndim))) if self.nk else w
+
+    @property
+    def einsum_shape(self) -> tuple[int, ...]:
+        """The shape of w in the einsum layout (the stored shape unless nk)."""
+        shape = tuple(self.w.shape)
+        return tuple(shape[a] for a in np.argsort(self._stored_order(len(shape)))) if self.nk else shape
+
     def __call__(self, dtype):
         """The weight in `dtype`, in the einsum layout (dequantized in-graph for FP8)."""
         if not self.is_fp8:
@@ -108,8 +135,8 @@ class Weight(nnx.Module):
 
     def dequantize(self, w, scale, dtype):
         """Arrays of this weight as stored (a layer's slice, a device's shard) -> `dtype` in the
-        einsum layout: an nk weight's last two axes swapped back, then the block dequantize."""
-        w = jnp.swapaxes(w, -1, -2) if self.nk else w
+        einsum layout: an nk weight put back in einsum order, then the block dequantize."""
+        w = self.to_einsum(w)
         return dequantize(w, scale, self.block_axis - self.rank, self.fp8_block, dtype)   # from the end: any leading dims
 
 
@@ -170,7 +197,7 @@ def _einsum_w(eq, x, weight: Weight, ctx, stacked=None):
         full, i = stacked
         w, scale = full.w[...], (full.scale[...] if weight.is_fp8 else None)
         if kernels.single_device(ctx):
-            y = kernels.linear_einsum(eq, x, w, scale, weight.block_axis, weight.fp8_block, layer=i)
+            y = kernels.linear_einsum(eq, x, w, scale, weight.block_axis, weight.fp8_block, layer=i, w_nk=full.nk)
             if y is not None:
                 return y
         else:
@@ -186,6 +213,9 @@ def _einsum_w_per_device(eq, x, full: Weight, layer, ctx):
     x_axes = tuple(_LETTER_AXES[c] for c in xs)
     out_axes = tuple(_LETTER_AXES[c] for c in out)
     w_axes = tuple(full.w.get_metadata()["logical_axes"])
+    if full.nk:   # stored [out..., in...]: the weight's letters in storage order
+        n_in = full.nk_split[1]
+        ws = ws[n_in:] + ws[:n_in]
     contracted = [1 + ws.index(c) for c in ws if c in xs and c not in out]   # +1: the layers dim
     psum_over = kernels.sharded.mesh_axes_of(ctx, w_axes, full.w.shape, contracted)
     sizes = dict(zip(xs, x.shape)) | dict(zip(ws, full.w.shape[1:]))
@@ -200,7 +230,7 @@ def _einsum_w_per_device(eq, x, full: Weight, layer, ctx):
     def local(x_l, w_l, *rest):
         scale_l, i = (rest[0], rest[1]) if full.is_fp8 else (None, rest[0])
         y = kernels.linear_einsum(eq, x_l, w_l, scale_l, full.block_axis, full.fp8_block, layer=i,
-                                  out_dtype=jnp.float32)
+                                  out_dtype=jnp.float32, w_nk=full.nk)
         if y is None:   # no tiling fits the local shape: XLA on this layer's local slice
             w_i = w_l[i] if scale_l is None else full.dequantize(w_l[i], scale_l[i], x_l.dtype)
             y = jnp.einsum(eq, x_l, w_i.astype(x_l.dtype), preferred_element_type=jnp.float32)
@@ -217,13 +247,14 @@ class Attention(nnx.Module):
         self.num_kv = k
         self.scale = q ** -0.5
         mk = dict(dtype=dtype, rngs=rngs, stack=stack)
-        self.q_proj = Weight((d, h, q), ("embed", "heads", "head_dim"), block_axis=0,
+        nk_in = (lambda n_in: (0, n_in)) if fp8_format.NK_ORDER else (lambda n_in: None)   # FP8: [out, in]
+        self.q_proj = Weight((d, h, q), ("embed", "heads", "head_dim"), block_axis=0, nk=nk_in(1),
                              fp8_block=_fp8_block(cfg, "self_attn.q_proj", True), **mk)
         self.k_proj = Weight((d, k, q), ("embed", "kv_heads", "head_dim"), block_axis=0, repeat=(1, kv_rep),
-                             fp8_block=_fp8_block(cfg, "self_attn.k_proj", True), **mk)
+                             nk=nk_in(1), fp8_block=_fp8_block(cfg, "self_attn.k_proj", True), **mk)
         self.v_proj = Weight((d, k, q), ("embed", "kv_heads", "head_dim"), block_axis=0, repeat=(1, kv_rep),
-                             fp8_block=_fp8_block(cfg, "self_attn.v_proj", True), **mk)
-        self.o_proj = Weight((h, q, d), ("heads", "head_dim", "embed"), block_axis=2,
+                             nk=nk_in(1), fp8_block=_fp8_block(cfg, "self_attn.v_proj", True), **mk)
+        self.o_proj = Weight((h, q, d), ("heads", "head_dim", "embed"), block_axis=2, nk=nk_in(2),
                              fp8_block=_fp8_block(cfg, "self_attn.o_proj", False), **mk)
         self.q_norm = RMSNorm(q, cfg.rms_norm_eps, dtype=dtype, stack=stack, axis_name="head_dim")
         self.k_norm = RMSNorm(q, cfg.rms_norm_eps, dtype=dtype, stack=stack, axis_name="head_dim")
@@ -381,7 +412,7 @@ class MoE(nnx.Module):
         mk = dict(dtype=dtype, rngs=rngs, stack=stack)
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.router = Weight((d, e), ("embed", "router"), **mk)
-        nk = fp8_format.EXPERTS_NK   # FP8 experts stored [E, out, in]: the kernels read them K-contiguous
+        nk = (1, 1) if fp8_format.NK_ORDER else None   # FP8 experts stored [E, out, in]
         self.gate_proj = Weight((e, d, f), ("experts", "embed", "expert_mlp"), block_axis=1, nk=nk,
                                 fp8_block=_fp8_block(cfg, "mlp.experts.gate_proj", True), **mk)
         self.up_proj = Weight((e, d, f), ("experts", "embed", "expert_mlp"), block_axis=1, nk=nk,
@@ -486,7 +517,7 @@ def _fused_decode_prologue(x_btd, k_all, attn_full: "Attention", ctx) -> bool:
     """Decode (T == 1) on one device with kernels on, shapes the prologue and decode-attention
     kernels cover: q/k norm + RoPE + q padding run as one kernel (kernels/qk_prologue.py)."""
     b, t, _ = x_btd.shape
-    h, qd = attn_full.q_proj.w.shape[2], attn_full.q_proj.w.shape[3]
+    h, qd = attn_full.q_proj.einsum_shape[2:4]
     kv = k_all.shape[3]
     q_like = jax.ShapeDtypeStruct((b, t, h, qd), x_btd.dtype)
     return (t == 1 and kernels.active(ctx, x_btd.dtype) and kernels.qk_prologue.covered(h, kv, qd)
@@ -503,7 +534,7 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
     st = (attn_full, layer)
     norm_rope = (attn_full.q_norm.weight[...], attn_full.k_norm.weight[...], layer, cos[:, 0], sin[:, 0],
                  blk.attn.q_norm.eps)
-    heads, kv = attn_full.q_proj.w.shape[2], k_all.shape[3]
+    heads, kv = attn_full.q_proj.einsum_shape[2], k_all.shape[3]
     fused = None
     parts = None if blk.attn.bias else _qkv_partials(attn_full, h, layer)   # a bias would need the sums
     if parts is not None:
@@ -517,7 +548,7 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
         fused = kernels.qk_prologue.qk_norm_rope_partials(q_p, k_p, *norm_rope, heads=heads, dtype=h.dtype)
     if fused is not None:   # e.g. a cache dtype the writing prologue does not take
         q16, k_rot = fused
-        v = jnp.sum(v_p, axis=0).reshape(*h.shape[:-1], *attn_full.v_proj.w.shape[2:]).astype(h.dtype)
+        v = jnp.sum(v_p, axis=0).reshape(*h.shape[:-1], *attn_full.v_proj.einsum_shape[2:]).astype(h.dtype)
     else:
         q, k, v = blk.attn.projections(h, ctx, st)
         q16, k_rot = kernels.qk_prologue.qk_norm_rope(q[:, 0], k[:, 0], *norm_rope)
@@ -534,9 +565,11 @@ def _qkv_partials(attn_full, h, layer):
              ("btd,dkq->btkq", attn_full.v_proj))
     specs = [(eq, h, full.w[...], full.scale[...] if full.is_fp8 else None, full.block_axis) for eq, full in projs]
     blocks = {full.fp8_block for _, full in projs}
-    parts = kernels.projections_partials(specs, blocks.pop(), layer) if len(blocks) == 1 else None
+    orders = {full.nk for _, full in projs}
+    parts = (kernels.projections_partials(specs, blocks.pop(), layer, w_nk=orders.pop())
+             if len(blocks) == 1 and len(orders) == 1 else None)
     if parts is None:
-        parts = [kernels.linear_einsum(*spec, full.fp8_block, layer=layer, partials=True)
+        parts = [kernels.linear_einsum(*spec, full.fp8_block, layer=layer, partials=True, w_nk=full.nk)
                  for spec, (_, full) in zip(specs, projs)]
     return None if any(p is None for p in parts) else parts
 

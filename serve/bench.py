@@ -81,10 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--fp8-dequantize-rows", default="",
                    help="FP8 models: rows per weight from which XLA dequantizes to bf16 for the matmul "
                         "(prefill), comma-separated; 0 = never (default: the library's)")
-    p.add_argument("--fp8-experts", default="",
-                   help="FP8 models: the expert weights' storage order to time, comma-separated: nk (the "
-                        "checkpoint's [out, in]), kn (the einsum order); one model built per order "
-                        "(default: the library's)")
+    p.add_argument("--fp8-order", default="",
+                   help="FP8 models: the storage order of the expert and attention weights to time, "
+                        "comma-separated: nk (the checkpoint's [out, in]), kn (the einsum order [in, out]); "
+                        "one model built per order (default: the library's)")
     p.add_argument("--baseline-batch", default=None, help="with --kernels both: batches timed without kernels")
     p.add_argument("--baseline-prefill", default=None, help="with --kernels both: prompts timed without kernels")
     p.add_argument("--sweep", action="store_true", help="time kernel tiles first and install the fastest")
@@ -632,17 +632,17 @@ def main(argv=None) -> dict:
                                       k=c.num_experts_per_tok, log=log)
         sweep = {**(sweep or {}), "gemv_shapes": rows}
     results = []
-    orders = [o for o in args.fp8_experts.split(",") if o]
+    orders = [o for o in args.fp8_order.split(",") if o]
     if any(o not in ("nk", "kn") for o in orders):
-        raise ValueError(f"--fp8-experts {args.fp8_experts}: use nk, kn or both")
+        raise ValueError(f"--fp8-order {args.fp8_order}: use nk, kn or both")
     from qwen3_jax import fp8 as fp8_format
-    default_order = fp8_format.EXPERTS_NK
+    default_order = fp8_format.NK_ORDER
     runs = [(name, order) for name in models
             for order in (orders if orders and resolve_bench_config(name, args.layers).fp8 else [None])]
     for name, order in runs:
-        fp8_format.EXPERTS_NK = default_order if order is None else order == "nk"
-        res = bench_model(args, name, ceilings, log, tag=f" experts {order}" if order else "")
-        fp8_format.EXPERTS_NK = default_order
+        fp8_format.NK_ORDER = default_order if order is None else order == "nk"
+        res = bench_model(args, name, ceilings, log, tag=f" order {order}" if order else "")
+        fp8_format.NK_ORDER = default_order
         res["hf_peer"] = hf
         res["sweep"] = sweep
         text = summary_text(res, args.markdown)

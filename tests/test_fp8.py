@@ -190,7 +190,7 @@ def test_fp8_logits_match_transformers_on_dequantized_weights(ckpts, fp8_single)
 
 
 def test_expert_storage_orders_give_the_same_logits(ckpts, monkeypatch):
-    """FP8 experts stored [E, out, in] (fp8.EXPERTS_NK, the default) or in the einsum order: the
+    """FP8 experts and attention weights stored [out, in] (fp8.NK_ORDER, the default) or in the einsum order: the
     loader reads the same checkpoint into either and the kernels (interpret mode here) agree to
     bf16 rounding: each order has its own gemv tiles, so float32 sums run in another order
     (measured 6.4e-3 here; a weight read in the wrong order is off by O(1)). The XLA path with the
@@ -199,7 +199,7 @@ def test_expert_storage_orders_give_the_same_logits(ckpts, monkeypatch):
     tokens = _tokens((2, 6), seed=7)
     out = {}
     for nk in (True, False):
-        monkeypatch.setattr(fp8, "EXPERTS_NK", nk)
+        monkeypatch.setattr(fp8, "NK_ORDER", nk)
         m = qwen3_jax.load(ckpts["fp8"], dtype="bfloat16", progress=False)
         w = m.state["segments"][0]["block"]["mlp"]["down_proj"]["w"].get_value()
         assert w.shape[-2:] == ((FP8_TINY["hidden_size"], FP8_TINY["moe_intermediate_size"]) if nk else

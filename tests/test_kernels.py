@@ -402,6 +402,8 @@ def test_moe_ffn_reads_the_right_layer_of_stacked_experts():
 
 @pytest.mark.parametrize("m", [3, 40])
 def test_fp8_einsum_projections_read_layer_in_place(m):
+    """q and o projections from FP8 weights read in place, in the einsum order and stored [out,
+    in] (w_nk: q [L, H, Q, D], o [L, D, H, Q], as the model keeps them): the same products."""
     rng = np.random.default_rng(m)
     block = 64
     wq, sq = fp8_weights(rng, (2, 128, 4, 16), 1, block)        # [L, D, H, Q], D blocked
@@ -410,7 +412,11 @@ def test_fp8_einsum_projections_read_layer_in_place(m):
     q = linear_einsum("btd,dhq->bthq", x, wq, sq, 0, block, layer=jnp.int32(1))
     want = jnp.einsum("btd,dhq->bthq", x.astype(jnp.float32), dequantize(wq[1], sq[1], 0, block, jnp.float32))
     assert q.shape == (1, m, 4, 16) and q.dtype == jnp.bfloat16 and rel(q, want) < 5e-3
+    q_nk = linear_einsum("btd,dhq->bthq", x, jnp.moveaxis(wq, 1, 3), sq, 0, block, layer=jnp.int32(1), w_nk=True)
+    assert rel(q_nk, q) < 1e-2
+    o_nk = linear_einsum("bthq,hqd->btd", q, jnp.moveaxis(wo, 3, 1), so, 2, block, layer=jnp.int32(0), w_nk=True)
     o = linear_einsum("bthq,hqd->btd", q, wo, so, 2, block, layer=jnp.int32(0))
+    assert rel(o_nk, o) < 1e-2
     want = jnp.einsum("bthq,hqd->btd", q.astype(jnp.float32), dequantize(wo[0], so[0], 2, block, jnp.float32))
     assert o.shape == (1, m, 128) and rel(o, want) < 5e-3
 
@@ -755,18 +761,19 @@ def test_gpu_w8a8_gemv_matches_its_emulation_at_30b_shapes(layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", [False, True, "nk"])
 def test_gpu_qkv_in_one_launch_matches_three(fp8):
     rng = np.random.default_rng(37)
     x = jnp.asarray(rng.standard_normal((1, 1, 2048)), jnp.bfloat16)
+    nk = fp8 == "nk"
     specs = []
     for shape in ((3, 2048, 32, 128), (3, 2048, 4, 128), (3, 2048, 4, 128)):
         w, s = fp8_weights(rng, shape, 1) if fp8 else (jnp.asarray(rng.standard_normal(shape) * 0.02, jnp.bfloat16), None)
-        specs.append(("btd,dhq->bthq", x, w, s, 0))
-    parts = projections_partials(specs, 128, jnp.int32(2))
+        specs.append(("btd,dhq->bthq", x, jnp.moveaxis(w, 1, 3) if nk else w, s, 0))
+    parts = projections_partials(specs, 128, jnp.int32(2), w_nk=nk)
     assert parts is not None
     for p, spec in zip(parts, specs):
-        one = linear_einsum(*spec, 128, layer=jnp.int32(2), partials=True)
+        one = linear_einsum(*spec, 128, layer=jnp.int32(2), partials=True, w_nk=nk)
         assert rel(p.sum(0), one.sum(0)) < 1e-5
 
 
@@ -817,12 +824,19 @@ def test_gpu_fp8_prefill_moe_and_projection_through_either_mma(convert, monkeypa
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 300])
 def test_gpu_fp8_einsum_matches_dequantized_einsum(m):
+    """q and o projections at 30B shapes, in the einsum order and stored [out, in] (w_nk, the model's)."""
     rng = np.random.default_rng(m)
     wq, sq = fp8_weights(rng, (3, 2048, 32, 128), 1)
     x = jnp.asarray(rng.standard_normal((1, m, 2048)), jnp.bfloat16)
     q = linear_einsum("btd,dhq->bthq", x, wq, sq, 0, 128, layer=jnp.int32(2))
     want = jnp.einsum("btd,dhq->bthq", x.astype(jnp.float32), dequantize(wq[2], sq[2], 0, 128, jnp.float32))
     assert rel(q, want) < 5e-3
+    q_nk = linear_einsum("btd,dhq->bthq", x, jnp.moveaxis(wq, 1, 3), sq, 0, 128, layer=jnp.int32(2), w_nk=True)
+    assert rel(q_nk, want) < 5e-3
+    wo, so = fp8_weights(rng, (3, 32, 128, 2048), 3)
+    o_nk = linear_einsum("bthq,hqd->btd", q, jnp.moveaxis(wo, 3, 1), so, 2, 128, layer=jnp.int32(1), w_nk=True)
+    want = jnp.einsum("bthq,hqd->btd", q.astype(jnp.float32), dequantize(wo[1], so[1], 2, 128, jnp.float32))
+    assert rel(o_nk, want) < 5e-3
 
 
 @pytest.mark.gpu

@@ -27,7 +27,9 @@ GEMV_MAX_ROWS = 16
 # batch-1 qkv gemv 8.06 -> 7.27 us. More programs (target 528) were faster still alone (6.63 us)
 # but split K 16 ways, and the prologue that sums the partials went 3.9 -> 7.0 us per layer; the
 # MoE gate/up (bk=128 + target 528 in the sweep) lost in the model: its norm x load runs per program.
-PROJECTION_TILES = {("fp8", "k"): dict(bk=128)}
+# With the weights stored [out, in] (w_nk), o_proj (layout "n") was fastest at bk=256 and 8 warps
+# (run 32, H200: 6.24 us in [K, N], 5.94 nk with the defaults, 5.26 with these).
+PROJECTION_TILES = {("fp8", "k"): dict(bk=128), ("fp8", "n", "nk"): dict(bk=256, num_warps=8)}
 TARGET_PROGRAMS = 264   # two per SM of an H100: below this a memory-bound matmul starves
 
 
@@ -38,14 +40,18 @@ def _parse(eq: str):
     return xs, ws, out, contracted
 
 
-def _as_matrices(eq: str, x, w, scale, block_axis: int, layer):
-    """einsum(eq, x, W) as x2 [M, K] @ w3 [G, K, N]: (x2, w3, s3, layout, x's leading dims, the
-    weight's output dims), or None when the equation or the FP8 block axis is not covered."""
+def _as_matrices(eq: str, x, w, scale, block_axis: int, layer, w_nk: bool = False):
+    """einsum(eq, x, W) as x2 [M, K] @ w3 [G, K, N] ([G, N, K] with w_nk: w stored [out..., in...],
+    the weight's subscript with its contracted letters moved last): (x2, w3, s3, layout, x's
+    leading dims, the weight's output dims), or None when the equation or the FP8 block axis is
+    not covered."""
     xs, ws, out, contracted = _parse(eq)
     nc = len(contracted)
     if ws[:nc] != "".join(contracted) or xs[-nc:] != "".join(contracted) or out != xs[:-nc] + ws[nc:]:
         return None
     wshape = w.shape[1:] if layer is not None else w.shape
+    if w_nk:
+        wshape = wshape[-nc:] + wshape[:-nc]   # as stored [out..., in...] -> the einsum's [in..., out...]
     k_dim, n_dim = math.prod(wshape[:nc]), math.prod(wshape[nc:])
     fp8 = scale is not None
     if not fp8:
@@ -57,7 +63,7 @@ def _as_matrices(eq: str, x, w, scale, block_axis: int, layer):
     else:
         return None
     lead = x.shape[:-nc]
-    w3 = w.reshape(-1, k_dim, n_dim)
+    w3 = w.reshape(-1, n_dim, k_dim) if w_nk else w.reshape(-1, k_dim, n_dim)
     s3 = None
     if fp8:
         s3 = scale.reshape(w3.shape[0], -1, n_dim) if layout == "k" else scale.reshape(w3.shape[0], k_dim, -1)
@@ -65,7 +71,7 @@ def _as_matrices(eq: str, x, w, scale, block_axis: int, layer):
 
 
 def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None, out_dtype=None,
-                  partials: bool = False):
+                  partials: bool = False, w_nk: bool = False):
     """einsum(eq, x, W[layer]) in `out_dtype` (default x's dtype), W = w (bf16, scale None) or dequantize(w, scale);
     None when the equation, shapes or row count are not covered (the caller uses XLA).
 
@@ -76,9 +82,10 @@ def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None,
     Supported: the weight's contracted letters lead its subscript and end x's (q/k/v:
     'btd,dhq->bthq'; o_proj: 'bthq,hqd->btd'); for FP8 the block axis (per-layer weight axis)
     is the contracted axis (layout 'k', one contracted dim) or the last axis (layout 'n').
-    w / scale are [L, ...] when `layer` is given, else per-layer.
+    w / scale are [L, ...] when `layer` is given, else per-layer. w_nk: w is stored with the
+    contracted axes last ([out..., in...], model.Weight's nk); scale is always in eq's order.
     """
-    mats = _as_matrices(eq, x, w, scale, block_axis, layer)
+    mats = _as_matrices(eq, x, w, scale, block_axis, layer, w_nk)
     if mats is None:
         return None
     x2, w3, s3, layout, lead, out_dims = mats
@@ -87,21 +94,22 @@ def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None,
     if s3 is not None and kernels.fp8_dequantized(x2.shape[0]):
         return None   # XLA dequantizes the layer's weight and runs cuBLAS (kernels.FP8_DEQUANTIZE_MIN_ROWS)
     group = jnp.asarray(layer if layer is not None else 0, jnp.int32)
-    y = linear(x2, w3, s3, layout, block, group, partials=partials)
+    y = linear(x2, w3, s3, layout, block, group, partials=partials, w_nk=w_nk)
     if y is None or partials:
         return y
     return y.reshape(*lead, *out_dims).astype(out_dtype or x.dtype)
 
 
-def projections_partials(specs, block: int, layer):
+def projections_partials(specs, block: int, layer, w_nk: bool = False):
     """Several projections of the same x in one gemv launch (decode: q, k and v side by side).
 
     specs [(eq, x, w [L, ...], scale or None, block_axis)], x the same in each -> one float32
     [S, M, N_i] partial sum per spec (see linear_einsum's partials), or None when one launch does
     not cover them (rows above the gemv limit, mixed bf16/FP8 or layouts, a gemv mode without
     side-by-side tiles): the caller then runs them one by one. Saves a launch per extra
-    projection (k and v of 30B-A3B at batch 1: -0.31 ms per step on an H200, NOTES run 10)."""
-    mats = [_as_matrices(eq, x, w, scale, axis, layer) for eq, x, w, scale, axis in specs]
+    projection (k and v of 30B-A3B at batch 1: -0.31 ms per step on an H200, NOTES run 10).
+    w_nk: every w stored [out..., in...] (see linear_einsum)."""
+    mats = [_as_matrices(eq, x, w, scale, axis, layer, w_nk) for eq, x, w, scale, axis in specs]
     if any(m is None for m in mats):
         return None
     x2 = mats[0][0]
@@ -111,8 +119,8 @@ def projections_partials(specs, block: int, layer):
     if m > GEMV_MAX_ROWS or len(fp8) > 1 or len(layouts) > 1 or any(mt[0].shape != x2.shape for mt in mats):
         return None
     fp8, layout = fp8.pop(), layouts.pop()
-    t = gemv_tiles(k_dim, tuple(mt[1].shape[2] for mt in mats), m, fp8, layout, block,
-                   **projection_tiles(fp8, layout))
+    t = gemv_tiles(k_dim, tuple(mt[1].shape[1 if w_nk else 2] for mt in mats), m, fp8, layout, block,
+                   w_nk=w_nk, **projection_tiles(fp8, layout, w_nk))
     if t is None or t["mode"] != "dot":
         return None
     group = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
@@ -120,22 +128,23 @@ def projections_partials(specs, block: int, layer):
                      row_div=1, layout=layout, block=block, concat=True, **t))
 
 
-def projection_tiles(fp8: bool, layout: str) -> dict:
-    """PROJECTION_TILES for this weight kind and layout (gemv_tiles overrides)."""
-    return PROJECTION_TILES.get(("fp8" if fp8 else "bf16", layout), {})
+def projection_tiles(fp8: bool, layout: str, w_nk: bool = False) -> dict:
+    """PROJECTION_TILES for this weight kind, layout and storage order (gemv_tiles overrides)."""
+    key = ("fp8" if fp8 else "bf16", layout)
+    return PROJECTION_TILES.get((*key, "nk"), {}) if w_nk else PROJECTION_TILES.get(key, {})
 
 
-def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = False):
+def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = False, w_nk: bool = False):
     """x [M, K] (an array or a gemv_inputs source) @ W[group] (dequantized if `scale`) -> [M, N]
-    float32, or None if no tiling fits.
+    float32, or None if no tiling fits. w [G, K, N], or [G, N, K] with w_nk.
     partials=True: [S, M, N] float32 whose sum over S is that (S = the gemv's split_k; 1 for the
     matmul), the reduction left to the caller."""
     m, k_dim = x_mk.shape
-    n_dim = w_gkn.shape[2]
+    n_dim = w_gkn.shape[1 if w_nk else 2]
     fp8 = scale is not None
     scales = (scale,) if fp8 else None
     if m <= GEMV_MAX_ROWS:
-        t = gemv_tiles(k_dim, n_dim, m, fp8, layout, block, **projection_tiles(fp8, layout))
+        t = gemv_tiles(k_dim, n_dim, m, fp8, layout, block, w_nk=w_nk, **projection_tiles(fp8, layout, w_nk))
         if t is None:
             return None
         # rows by row_div and a [1] group: no operand / a bitcast, where arange / full are kernels
@@ -156,5 +165,5 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     x2 = materialize(x_mk)
     xp = jnp.pad(x2.astype(jnp.float16) if t["convert"] == "f16" else x2, ((0, nb * bm - m), (0, 0)))
     y = grouped_matmul(xp, jnp.full((nb,), group, jnp.int32), (w_gkn,), scales, bm=bm,
-                       layout=layout, block=block, **t)
+                       layout=layout, block=block, w_nk=w_nk, **t)
     return y[None, :m] if partials else y[:m]
