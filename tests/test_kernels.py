@@ -796,7 +796,8 @@ def test_gpu_gemv_reads_weights_stored_n_by_k_at_30b_shapes(kind, layout):
         w, ss, conv = jnp.asarray(rng.standard_normal((32, k_dim, n_dim)), jnp.bfloat16), None, {}
     t = gemv_tiles(k_dim, n_dim, 8, fp8, layout, 128, **conv)
     (want,) = gemv(x, 8, groups, (w,), ss, row_div=8, layout=layout, **t)
-    t_nk = gemv_tiles(k_dim, n_dim, 8, fp8, layout, 128, w_nk=True, **conv)   # GEMV_NK_DEFAULTS, as the model
+    # GEMV_NK_DEFAULTS, as the model; w8a8 keeps bk, the width of its activation quantization groups
+    t_nk = gemv_tiles(k_dim, n_dim, 8, fp8, layout, 128, w_nk=True, **conv, **({"bk": t["bk"]} if kind == "w8a8" else {}))
     (got,) = gemv(x, 8, groups, (jnp.swapaxes(w, 1, 2),), ss, row_div=8, layout=layout, **t_nk)
     assert rel(got.sum(0), want.sum(0)) < 1e-5
 
