@@ -139,20 +139,6 @@ class Weight(nnx.Module):
         w = self.to_einsum(w)
         return dequantize(w, scale, self.block_axis - self.rank, self.fp8_block, dtype)   # from the end: any leading dims
 
-    def einsum_operand(self, eq: str, dtype):
-        """(eq, this layer's weight in `dtype`) for jnp.einsum. An nk weight is dequantized as
-        stored and eq's weight subscript put in storage order: the dot takes either operand
-        order, and a dequantize that also transposes (the bf16 copy XLA writes for a prefill) was
-        8% slower at 8k tokens (benchmarks/NOTES.md, run 35)."""
-        if not self.nk:
-            return eq, self(dtype)
-        ins, out = eq.replace(" ", "").split("->")
-        xs, ws = ins.split(",")
-        order = self._stored_order(len(ws))
-        scale = jnp.transpose(self.scale[...], order)   # D in blocks: small
-        w = dequantize(self.w[...], scale, order.index(self.block_axis), self.fp8_block, dtype)
-        return f"{xs},{''.join(ws[a] for a in order)}->{out}", w
-
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype, stack=None, axis_name="embed"):
@@ -216,8 +202,7 @@ def _einsum_w(eq, x, weight: Weight, ctx, stacked=None):
                 return y
         else:
             return _einsum_w_per_device(eq, materialize(x), full, i, ctx)
-    eq_w, w = weight.einsum_operand(eq, x.dtype)
-    return jnp.einsum(eq_w, materialize(x), w)
+    return jnp.einsum(eq, materialize(x), weight(x.dtype))
 
 
 def _einsum_w_per_device(eq, x, full: Weight, layer, ctx):

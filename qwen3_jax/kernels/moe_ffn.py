@@ -177,20 +177,18 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
 
 
 def _dequantized_layer(arrays: ExpertArrays, dtype) -> ExpertArrays:
-    """This layer's FP8 experts as one `dtype` copy in their storage order (XLA: a slice and a
-    dequantize fused), for the compute-bound sizes of kernels.FP8_DEQUANTIZE_MIN_ROWS. With w_nk
-    the small scale is swapped to the weight's order, not the weight to the scale's: a copy that
-    also transposes was 8% slower at 8k tokens (benchmarks/NOTES.md, run 35)."""
+    """This layer's FP8 experts as one `dtype` copy in [E, K, N] (XLA: a slice, the swap back from
+    w_nk and the dequantize fused), for the compute-bound sizes of kernels.FP8_DEQUANTIZE_MIN_ROWS.
+    The bf16 grouped matmul on an [E, N, K] copy was slower at 8k tokens (H200, run 38 in
+    benchmarks/NOTES.md: 226.8 against 215.4 ms; other tiles 250-260 ms)."""
     e, block = arrays.num_experts, arrays.block
 
-    def layer(w, scale, axis):   # axis: the block axis in [E, K, N] order
+    def layer(w, scale, axis):
         sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=arrays.offset, slice_size=e, axis=0)
-        w, scale = sl(w), sl(scale)
-        if arrays.w_nk:
-            return dequantize(w, jnp.swapaxes(scale, 1, 2), 3 - axis, block, dtype)
-        return dequantize(w, scale, axis, block, dtype)
+        w = sl(w)
+        return dequantize(jnp.swapaxes(w, 1, 2) if arrays.w_nk else w, sl(scale), axis, block, dtype)
     return ExpertArrays(layer(arrays.gate, arrays.gate_scale, 1), layer(arrays.up, arrays.up_scale, 1),
-                        layer(arrays.down, arrays.down_scale, 2), block=block, num_experts=e, w_nk=arrays.w_nk)
+                        layer(arrays.down, arrays.down_scale, 2), block=block, num_experts=e)
 
 
 def moe_ffn_stacked(x_nd, weights_nk, experts_nk, gate, up, down, layer, groups=None):
