@@ -40,7 +40,8 @@ from .safetensors_io import CheckpointError
 
 log = logging.getLogger(__name__)
 
-# 2: FP8 expert weights stored [E, out, in] (model.Weight nk); bf16 params are as in version 1.
+# 2: FP8 expert and attention weights stored [out, in] (fp8.NK_ORDER, model.Weight nk); bf16 params
+# are as in version 1, which is still read.
 FORMAT_VERSION = 2
 META_FILE = "qwen3_jax_orbax.json"
 PARAMS_DIR = "params"

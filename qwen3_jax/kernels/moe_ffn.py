@@ -132,12 +132,12 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, inter
     k = experts_nk.shape[1]
     a = n * k
     f = arrays.d_f[1]
-    w_nk = weights_nk.astype(jnp.float32)
+    route_w = weights_nk.astype(jnp.float32)   # [N, k] (not the storage flag arrays.w_nk)
     if groups is None:
         local = experts_nk.reshape(-1).astype(jnp.int32) - first_expert
         here = (local >= 0) & (local < arrays.num_experts)
         groups = jnp.where(here, local + arrays.offset, -1)
-        w_nk = jnp.where(here.reshape(n, k), w_nk, 0.0)
+        route_w = jnp.where(here.reshape(n, k), route_w, 0.0)
     # rows by row_div (assignment r reads token r // k): an index array, even a numpy constant,
     # becomes an iota / broadcast kernel every layer (seen in the H100 profile, run 11)
     t1 = gemv_tiles(d, f, a, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk)
@@ -152,7 +152,7 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, inter
     t2 = gemv_tiles(f, d, a, arrays.fp8, "n", arrays.block, w_nk=arrays.w_nk)
     (y,) = gemv(h, a, groups, (arrays.down,), _scales(arrays, "down"), row_div=1,
                 layout="n", block=arrays.block, interpret=interpret, **t2)
-    return jnp.sum((jnp.sum(y, axis=0) * w_nk.reshape(-1)[:, None]).reshape(n, k, d), axis=1)
+    return jnp.sum((jnp.sum(y, axis=0) * route_w.reshape(-1)[:, None]).reshape(n, k, d), axis=1)
 
 
 def _blocks_path(x_nd, experts_nk, arrays, first_expert):
