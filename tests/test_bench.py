@@ -104,3 +104,16 @@ def test_variant_flags_time_each_setting_and_restore_the_defaults():
     assert settings() == before
     with pytest.raises(ValueError, match="--fp8-matmul bits: unknown"):
         bench.main(["--model", "tiny-FP8", "--batch", "1", "--prefill=", "--fp8-matmul", "bits"])
+
+
+def test_fp8_order_builds_one_model_per_storage_order():
+    """--fp8-order nk,kn: one FP8 model per storage order in the same process, rows labelled, the
+    library's order restored; an unknown order is refused before anything is built."""
+    from qwen3_jax import fp8
+    before = fp8.NK_ORDER
+    res = bench.main(["--model", "tiny-FP8", "--batch", "1", "--context", "16", "--prefill=", "--steps", "1",
+                      "--reps", "1", "--single-step=", "--kernels", "off", "--fp8-order", "kn"])
+    assert [r["kernels"] for r in res["decode"]] == ["off order kn"] and res["decode"][0]["step_ms"] > 0
+    assert fp8.NK_ORDER == before
+    with pytest.raises(ValueError, match="--fp8-order nm: use nk, kn or both"):
+        bench.main(["--model", "tiny-FP8", "--batch", "1", "--prefill=", "--fp8-order", "nm"])

@@ -359,7 +359,7 @@ GEMV_DEFAULTS = {
 GEMV_LAYOUT_DEFAULTS = {
     ("fp8", "n"): dict(short_loop_steps=3),
 }
-# Over those for weights stored [G, N, K] (w_nk; the model's FP8 experts). Run 32 (H200, device
+# Over those for weights stored [G, N, K] (w_nk; the model's FP8 weights). Run 32 (H200, device
 # time per gemv at batch 1, benchmarks/NOTES.md): MoE gate/up 12.22 us ([G, K, N], the defaults)
 # -> 11.49 (w_nk) -> 11.12 us (w_nk, bk=128); MoE down 7.49 -> 6.54 -> 6.37 us (w_nk, bk=128, 8
 # warps, 3 stages). [G, K, N] with those tiles was slower (gate/up bk=128 + 8 warps: 15.46 us).
