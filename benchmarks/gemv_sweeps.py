@@ -1,9 +1,9 @@
 """Kernel sweeps at 30B-A3B shapes (GPU only):
   gemv: device time of every decode gemv shape (batch 1) with the weights stored [G, K, N] or
-    [G, N, K] (kernels.gemv w_nk; run 22 in NOTES.md), per tile variant;
+    [G, N, K] (kernels.gemv w_nk; runs 22 and 32 in NOTES.md), per tile variant;
   prefill: an 8k-token FP8 MoE layer per grouped-matmul variant (MMA dtype, tiles; run 27).
 
-    python benchmarks/gemv_sweeps.py gemv,prefill [--kinds bf16,w8a16,w8a8]
+    python benchmarks/gemv_sweeps.py gemv,prefill [--kinds bf16,w8a16,w8a8] [--variants JSON]
 """
 
 import argparse
@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qwen3_jax.kernels import tune          # noqa: E402
 from serve.bench import measure_ceilings    # noqa: E402
 
-ORDER_VARIANTS = [{}, dict(w_nk=True), dict(w_nk=True, bk=128), dict(w_nk=True, num_warps=8),
+# w_nk=True starts from gemv.GEMV_NK_DEFAULTS (the tiles the model runs for that order)
+ORDER_VARIANTS = [{}, dict(w_nk=True), dict(w_nk=True, num_warps=8), dict(w_nk=True, bk=256, num_warps=8),
                   dict(w_nk=True, target_programs=528)]
 
 
@@ -26,15 +27,15 @@ def main(argv=None):
     p.add_argument("--kinds", default="w8a16,bf16,w8a8", help="gemv: comma-separated bf16, w8a16, w8a8")
     p.add_argument("--variants", default=None,
                    help='gemv: a JSON list of tile overrides, e.g. \'[{}, {"w_nk": true, "bk": 128}]\' '
-                        "(default: the storage-order set of run 22)")
+                        "(default: ORDER_VARIANTS)")
     args = p.parse_args(argv)
     log = lambda m: print(m, flush=True)   # noqa: E731
     ceil = measure_ceilings(True, reps=20)
     log(f"copy {ceil['bandwidth'] / 1e12:.3f} TB/s, matmul {ceil['matmul_flops'] / 1e12:.1f} TFLOP/s")
     for what in args.what.split(","):
         if what == "gemv":
-            tune.sweep_gemv_shapes(ceil["bandwidth"], kinds=tuple(args.kinds.split(",")), variants=json.loads(args.variants) if args.variants else ORDER_VARIANTS,
-                                   log=log)
+            variants = json.loads(args.variants) if args.variants else ORDER_VARIANTS
+            tune.sweep_gemv_shapes(ceil["bandwidth"], kinds=tuple(args.kinds.split(",")), variants=variants, log=log)
         elif what == "prefill":
             tune.sweep_prefill_matmul(ceil["matmul_flops"], log=log)
         else:

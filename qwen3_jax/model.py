@@ -55,17 +55,18 @@ class Weight(nnx.Module):
     `block_axis` is the model-dim axis D of the per-layer shape; FP8 scales keep D in blocks of
     `block` and every other dim per element (see fp8.py for why).
 
-    `nk=(lead, n_in)`: the per-layer einsum layout is [lead axes, n_in input axes, output axes]
-    (experts gate [E, D, F]: (1, 1); q_proj [D, H, Q]: (0, 1); o_proj [H, Q, D]: (0, 2)). An FP8
-    `w` is then stored [lead, out, in] (the checkpoint's [out, in], K contiguous: experts gate [E,
-    F, D], q_proj [H, Q, D], o_proj [D, H, Q]) while `scale` stays in the einsum layout. The FP8
-    GEMVs read 8-bit tiles with K contiguous 5-18% faster (benchmarks/NOTES.md, runs 32-34). bf16
-    weights ignore it; `nk` (the property) says whether `w` is stored so.
+    `nk_split=(lead, n_in)`: the per-layer einsum layout is [lead axes, n_in input axes, output
+    axes] (experts gate [E, D, F]: (1, 1); q_proj [D, H, Q]: (0, 1); o_proj [H, Q, D]: (0, 2)).
+    With fp8.NK_ORDER (the default) an FP8 `w` is then stored [lead, out, in] (the checkpoint's
+    [out, in], K contiguous: experts gate [E, F, D], q_proj [H, Q, D], o_proj [D, H, Q]) while
+    `scale` stays in the einsum layout. The FP8 GEMVs read 8-bit tiles with K contiguous 5-18%
+    faster (benchmarks/NOTES.md, runs 32-35). bf16 weights ignore it; the `nk` property says
+    whether `w` is stored so.
     """
 
     def __init__(self, shape, axes, *, dtype, rngs, stack=None, fp8_block: int | None = None,
                  block_axis: int = 0, init: str = "normal", repeat: tuple[int, int] | None = None,
-                 nk: tuple[int, int] | None = None):
+                 nk_split: tuple[int, int] | None = None):
         """`repeat=(axis, r)`: random init draws shape[axis] // r values and repeats each r times,
         so KV-head replication (tp > kv heads) gives the same random model as one device."""
         self.block_axis = block_axis
@@ -86,9 +87,9 @@ class Weight(nnx.Module):
             self.w = nnx.Param(draw(dtype), logical_axes=full_axes)
             return
         # Random FP8 weights: values in the e4m3 range with a scale that gives std ~0.02.
-        self.nk_split = nk
+        self.nk_split = nk_split if fp8_format.NK_ORDER else None
         w8 = draw(jnp.float32, std=1.0).astype(FP8_DTYPE)
-        if nk:
+        if self.nk:
             order = self._stored_order(len(full_shape))
             w8, full_axes = jnp.transpose(w8, order), tuple(full_axes[a] for a in order)
         self.w = nnx.Param(w8, logical_axes=full_axes)
@@ -247,14 +248,13 @@ class Attention(nnx.Module):
         self.num_kv = k
         self.scale = q ** -0.5
         mk = dict(dtype=dtype, rngs=rngs, stack=stack)
-        nk_in = (lambda n_in: (0, n_in)) if fp8_format.NK_ORDER else (lambda n_in: None)   # FP8: [out, in]
-        self.q_proj = Weight((d, h, q), ("embed", "heads", "head_dim"), block_axis=0, nk=nk_in(1),
+        self.q_proj = Weight((d, h, q), ("embed", "heads", "head_dim"), block_axis=0, nk_split=(0, 1),
                              fp8_block=_fp8_block(cfg, "self_attn.q_proj", True), **mk)
         self.k_proj = Weight((d, k, q), ("embed", "kv_heads", "head_dim"), block_axis=0, repeat=(1, kv_rep),
-                             nk=nk_in(1), fp8_block=_fp8_block(cfg, "self_attn.k_proj", True), **mk)
+                             nk_split=(0, 1), fp8_block=_fp8_block(cfg, "self_attn.k_proj", True), **mk)
         self.v_proj = Weight((d, k, q), ("embed", "kv_heads", "head_dim"), block_axis=0, repeat=(1, kv_rep),
-                             nk=nk_in(1), fp8_block=_fp8_block(cfg, "self_attn.v_proj", True), **mk)
-        self.o_proj = Weight((h, q, d), ("heads", "head_dim", "embed"), block_axis=2, nk=nk_in(2),
+                             nk_split=(0, 1), fp8_block=_fp8_block(cfg, "self_attn.v_proj", True), **mk)
+        self.o_proj = Weight((h, q, d), ("heads", "head_dim", "embed"), block_axis=2, nk_split=(0, 2),
                              fp8_block=_fp8_block(cfg, "self_attn.o_proj", False), **mk)
         self.q_norm = RMSNorm(q, cfg.rms_norm_eps, dtype=dtype, stack=stack, axis_name="head_dim")
         self.k_norm = RMSNorm(q, cfg.rms_norm_eps, dtype=dtype, stack=stack, axis_name="head_dim")
@@ -412,12 +412,12 @@ class MoE(nnx.Module):
         mk = dict(dtype=dtype, rngs=rngs, stack=stack)
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.router = Weight((d, e), ("embed", "router"), **mk)
-        nk = (1, 1) if fp8_format.NK_ORDER else None   # FP8 experts stored [E, out, in]
-        self.gate_proj = Weight((e, d, f), ("experts", "embed", "expert_mlp"), block_axis=1, nk=nk,
+        mk["nk_split"] = (1, 1)   # FP8 experts stored [E, out, in] (Weight)
+        self.gate_proj = Weight((e, d, f), ("experts", "embed", "expert_mlp"), block_axis=1,
                                 fp8_block=_fp8_block(cfg, "mlp.experts.gate_proj", True), **mk)
-        self.up_proj = Weight((e, d, f), ("experts", "embed", "expert_mlp"), block_axis=1, nk=nk,
+        self.up_proj = Weight((e, d, f), ("experts", "embed", "expert_mlp"), block_axis=1,
                               fp8_block=_fp8_block(cfg, "mlp.experts.up_proj", True), **mk)
-        self.down_proj = Weight((e, f, d), ("experts", "expert_mlp", "embed"), block_axis=2, nk=nk,
+        self.down_proj = Weight((e, f, d), ("experts", "expert_mlp", "embed"), block_axis=2,
                                 fp8_block=_fp8_block(cfg, "mlp.experts.down_proj", False), **mk)
 
     def __call__(self, x_btd, ctx, stacked=None):

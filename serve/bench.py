@@ -641,8 +641,10 @@ def main(argv=None) -> dict:
             for order in (orders if orders and resolve_bench_config(name, args.layers).fp8 else [None])]
     for name, order in runs:
         fp8_format.NK_ORDER = default_order if order is None else order == "nk"
-        res = bench_model(args, name, ceilings, log, tag=f" order {order}" if order else "")
-        fp8_format.NK_ORDER = default_order
+        try:   # read when the model is built
+            res = bench_model(args, name, ceilings, log, tag=f" order {order}" if order else "")
+        finally:
+            fp8_format.NK_ORDER = default_order
         res["hf_peer"] = hf
         res["sweep"] = sweep
         text = summary_text(res, args.markdown)
@@ -668,7 +670,7 @@ def run_sweep(args, cfg, ceilings, log) -> dict:
 
 
 def bench_model(args, name: str, ceilings: dict, log, tag: str = "") -> dict:
-    """One model's figures; `tag` ends every row's kernels label (e.g. the FP8 experts' order)."""
+    """One model's figures; `tag` ends every row's kernels label (e.g. the FP8 storage order)."""
     import jax
 
     from qwen3_jax import kernels, random_model

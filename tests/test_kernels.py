@@ -413,12 +413,11 @@ def test_fp8_einsum_projections_read_layer_in_place(m):
     want = jnp.einsum("btd,dhq->bthq", x.astype(jnp.float32), dequantize(wq[1], sq[1], 0, block, jnp.float32))
     assert q.shape == (1, m, 4, 16) and q.dtype == jnp.bfloat16 and rel(q, want) < 5e-3
     q_nk = linear_einsum("btd,dhq->bthq", x, jnp.moveaxis(wq, 1, 3), sq, 0, block, layer=jnp.int32(1), w_nk=True)
-    assert rel(q_nk, q) < 1e-2
-    o_nk = linear_einsum("bthq,hqd->btd", q, jnp.moveaxis(wo, 3, 1), so, 2, block, layer=jnp.int32(0), w_nk=True)
+    assert q_nk.shape == q.shape and rel(q_nk, want) < 5e-3
     o = linear_einsum("bthq,hqd->btd", q, wo, so, 2, block, layer=jnp.int32(0))
-    assert rel(o_nk, o) < 1e-2
+    o_nk = linear_einsum("bthq,hqd->btd", q, jnp.moveaxis(wo, 3, 1), so, 2, block, layer=jnp.int32(0), w_nk=True)
     want = jnp.einsum("bthq,hqd->btd", q.astype(jnp.float32), dequantize(wo[0], so[0], 2, block, jnp.float32))
-    assert o.shape == (1, m, 128) and rel(o, want) < 5e-3
+    assert o.shape == o_nk.shape == (1, m, 128) and rel(o, want) < 5e-3 and rel(o_nk, want) < 5e-3
 
 
 def test_bf16_projection_reads_layer_in_place_and_leaves_many_rows_to_xla():
