@@ -75,6 +75,9 @@ def parse_args(argv=None):
                         "'+'-joined from norm, swiglu, or 'none' (default: the library's)")
     p.add_argument("--prologue-programs", default="",
                    help="decode prologue: programs its grid aims for, comma-separated (default: the library's)")
+    p.add_argument("--attention-combine", default="",
+                   help="decode attention: where its key splits merge, comma-separated: kernel (the last "
+                        "program of each row and kv head), xla (fusions after it) (default: the library's)")
     p.add_argument("--fp8-matmul", default="",
                    help="FP8 models: the grouped matmul's MMA dtype (prefill, large batches) to time, "
                         "comma-separated: cast (x's dtype), f16 (default: the library's)")
@@ -744,7 +747,7 @@ def _decode_knobs(args, cfg):
     the kernels path has it)]."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import grouped_matmul, qk_prologue
+    from qwen3_jax.kernels import decode_attention, grouped_matmul, qk_prologue
 
     def listed(text, parse=str):
         return [parse(v) for v in text.split(",") if v] or [None]
@@ -763,6 +766,10 @@ def _decode_knobs(args, cfg):
     unknown = [k for k in listed(args.fp8_gemm) if k is not None and k not in kernels.FP8_GEMM]
     if unknown:
         raise ValueError(f"--fp8-gemm {','.join(unknown)}: unknown; use {', '.join(sorted(kernels.FP8_GEMM))}")
+    unknown = [k for k in listed(args.attention_combine) if k not in (None, *decode_attention.COMBINES)]
+    if unknown:
+        raise ValueError(f"--attention-combine {','.join(unknown)}: unknown; use "
+                         f"{' or '.join(decode_attention.COMBINES)}")
     unknown = [k for k in listed(args.fp8_matmul) if k not in (None, "cast", "f16")]
     if unknown:
         raise ValueError(f"--fp8-matmul {','.join(unknown)}: unknown; use cast or f16")
@@ -773,6 +780,7 @@ def _decode_knobs(args, cfg):
         ("x ", listed(args.x_loads), lambda: "+".join(sorted(kernels.X_LOADS)) or "none",
          lambda v: kernels.set_x_loads([n for n in v.split("+") if n and n != "none"]), False),
         ("prologue ", listed(args.prologue_programs, int), *module_value(qk_prologue, "TARGET_PROGRAMS"), False),
+        ("merge ", listed(args.attention_combine), *module_value(decode_attention, "COMBINE"), True),
         ("fp8-matmul ", listed(args.fp8_matmul) if cfg.fp8 else [None],
          lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"], put_fp8_matmul, True),
         ("fp8-dequantize ", listed(args.fp8_dequantize_rows, int) if cfg.fp8 else [None],

@@ -7,9 +7,17 @@ not fit next to the weights (benchmarks/NOTES.md, run 2). Here each program read
 (sequence, kv head, key split) tile stream straight from the cache, flash-decoding style:
   grid (B, K, NS); program (b, h, p): the G query heads of kv head h (padded to 16 rows for the
   MMA), keys s in split p in blocks of `bs`, online softmax in float32, partial (max, sum,
-  weighted values) written per split; then a few XLA ops merge the NS splits (a one-kernel
-  Pallas merge was measured slower on an H100: run 6 in benchmarks/NOTES.md; so was the merge
-  in o_proj's x load, in two forms: runs 16 and 24).
+  weighted values) written per split. The NS splits of each (sequence, kv head) are merged
+  (COMBINE):
+  "kernel": in the same launch, by whichever of its NS programs finishes last. Each program
+    stores its partials, then bumps a per-(b, h) counter atomically (acquire-release at GPU
+    scope, after a CTA barrier, so its stores are visible first); the program that reads
+    NS - 1 reads back the NS partials (G real rows only) and writes the [G, Q] output. The
+    split-K "semaphore" fix-up of stream-K GEMMs, applied to flash-decoding. It saves the
+    merge's own launches: 4 XLA kernels per layer (~5.4 us on an H200, run 35's profile).
+  "xla": a few XLA ops after the kernel (combine_splits). A separate one-kernel Pallas merge was
+    measured slower (run 6 in benchmarks/NOTES.md), and so was the merge in o_proj's x load, in
+    two forms (runs 16 and 24).
 Only keys s < lengths[b] are read (blocks past the length are skipped). The clip of the
 lengths to the cache length (and the model's positions + 1) happen inside the kernel: each
 would be one more XLA kernel per layer in front of it.
@@ -34,6 +42,13 @@ from . import pick_tile
 
 NEG = -1e30
 TARGET_PROGRAMS = 264
+# Where the key splits are merged (see the module doc), read at trace time; serve.bench
+# --attention-combine times both.
+COMBINE = "kernel"
+COMBINES = ("kernel", "xla")
+# Splits whose partials the last program reads back per load: [CH, G, Q] float32 stays <= 16 KiB
+# (32 registers a thread at 4 warps) while the NS / CH loads are independent and in flight together.
+_COMBINE_BYTES = 16 * 1024
 
 
 def plan(batch: int, kv_heads: int, seq: int, bs_target: int = 64):
@@ -49,10 +64,10 @@ def plan(batch: int, kv_heads: int, seq: int, bs_target: int = 64):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "bs", "splits", "group", "num_warps", "num_stages", "interpret",
-                                             "length_offset"))
+                                             "length_offset", "combine"))
 def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scale: float, bs: int, splits: int,
                      group: int | None = None, num_warps: int = 4, num_stages: int = 2, interpret=None,
-                     length_offset: int = 0):
+                     length_offset: int = 0, combine: str = "kernel"):
     """q [B, H, Q]; k/v cache [L, N, S, K, Q]; layer int32; slots [B] (cache row of each
     sequence), or None: row b is slot b, with no index operand (an arange, even a numpy constant,
     would be an iota kernel every layer); lengths [B] (keys 0..lengths[b]+length_offset-1 attend,
@@ -60,7 +75,9 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
 
     With `group` = G, q is already padded per kv head: [B, K, 16, Q], rows 0..G-1 of kv head h
     the query heads h*G..h*G+G-1 (qk_prologue.qk_norm_rope's q16), so no pad runs here; the
-    result is still [B, K*G, Q]."""
+    result is still [B, K*G, Q].
+    combine: where the key splits merge, "kernel" or "xla" (module doc); "kernel" needs G a
+    power of two (a Triton block of G rows) and falls back to "xla" otherwise."""
     _, _, s, k, _ = k_cache.shape
     if group is None:
         b, h, qd = q_bhq.shape
@@ -73,6 +90,10 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
         g, h = group, group * k
     if g > 16:
         raise ValueError(f"decode_attention handles up to 16 query heads per kv head, got {g}")
+    if combine not in COMBINES:
+        raise ValueError(f"decode_attention combine={combine!r}: use one of {COMBINES}")
+    in_kernel = combine == "kernel" and g & (g - 1) == 0
+    interpret = _interpret() if interpret is None else interpret
     cdt = q_bhq.dtype
     if group is None:
         q16 = jnp.pad(q_bhq.reshape(b, k, g, qd), ((0, 0), (0, 0), (0, 16 - g), (0, 0)))
@@ -80,10 +101,31 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
         q16 = q_bhq
     chunk = s // splits
     steps = chunk // bs
+    ch = max(1, min(splits, _COMBINE_BYTES // (4 * g * qd)))   # splits per read-back load
+
+    def merge(bi, hi, acc_ref, m_ref, l_ref, o_ref):
+        """The last program of (bi, hi): the splits' partials (rows 0..G-1) -> o_ref rows
+        hi*G..hi*G+G-1. Plain loads: the acquiring atomic and the CTA barrier Triton puts after
+        a scalar atomic (to share its result) order them after the other programs' stores."""
+        def part(ref, *idx):
+            return ref[bi, hi, *idx]
+
+        top = jnp.max(part(m_ref, pl.ds(0, splits), pl.ds(0, g)), axis=0, keepdims=True)     # [1, G]
+        num = jnp.zeros((g, qd), jnp.float32)
+        den = jnp.zeros((1, g), jnp.float32)
+        for c in range(0, splits, ch):
+            w = jnp.exp(part(m_ref, pl.ds(c, ch), pl.ds(0, g)) - top)                          # [CH, G]
+            den = den + jnp.sum(w * part(l_ref, pl.ds(c, ch), pl.ds(0, g)), axis=0, keepdims=True)
+            num = num + jnp.sum(part(acc_ref, pl.ds(c, ch), pl.ds(0, g), slice(None)) * w[:, :, None], axis=0)
+        o_ref[bi, pl.ds(pl.multiple_of(hi * g, g), g), :] = (num / den.reshape(g, 1)).astype(cdt)
 
     def kernel(layer_ref, *refs):
-        slots_ref, (len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref) = \
-            (None, refs) if slots_b is None else (refs[0], refs[1:])
+        slots_ref, refs = (None, refs) if slots_b is None else (refs[0], refs[1:])
+        len_ref, q_ref, k_ref, v_ref, *refs = refs
+        if in_kernel:
+            _, acc_ref, m_ref, l_ref, o_ref, count_ref = refs     # counts in (aliased), partials, out, counts
+        else:
+            acc_ref, m_ref, l_ref = refs
         bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         li = layer_ref[0]
         slot = bi if slots_ref is None else slots_ref[bi]
@@ -116,19 +158,37 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
         acc_ref[bi, hi, pi, :, :] = acc
         m_ref[bi, hi, pi, :] = m
         l_ref[bi, hi, pi, :] = l_sum
+        if not in_kernel:
+            return
+        if not interpret:
+            plt.debug_barrier()   # every thread's stores before the release below
+        last = plt.atomic_add(count_ref, (bi, hi), jnp.int32(1)) == splits - 1
+        pl.when(last)(lambda: merge(bi, hi, acc_ref, m_ref, l_ref, o_ref))
 
-    acc, m, l_sum = pl.pallas_call(
+    partials = (jax.ShapeDtypeStruct((b, k, splits, 16, qd), jnp.float32),
+                jax.ShapeDtypeStruct((b, k, splits, 16), jnp.float32),
+                jax.ShapeDtypeStruct((b, k, splits, 16), jnp.float32))
+    operands = ((jnp.reshape(layer, (1,)).astype(jnp.int32),)
+                + (() if slots_b is None else (slots_b.astype(jnp.int32),))
+                + (lengths_b.astype(jnp.int32), q16, k_cache, v_cache))
+    extra = {}
+    if in_kernel:
+        counts = jnp.zeros((b, k), jnp.int32)     # per (b, h): programs done; aliased to the last output
+        extra = dict(input_output_aliases={len(operands): 4})
+        operands += (counts,)
+        partials += (jax.ShapeDtypeStruct((b, h, qd), cdt), counts)
+    outs = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((b, k, splits, 16, qd), jnp.float32),
-                   jax.ShapeDtypeStruct((b, k, splits, 16), jnp.float32),
-                   jax.ShapeDtypeStruct((b, k, splits, 16), jnp.float32)),
+        out_shape=partials,
         grid=(b, k, splits),
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=_interpret() if interpret is None else interpret,
+        interpret=interpret,
         name="qwen3_decode_attention",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), *(() if slots_b is None else (slots_b.astype(jnp.int32),)),
-      lengths_b.astype(jnp.int32), q16, k_cache, v_cache)
-    return combine_splits(acc, m, l_sum, g, cdt)
+        **extra,
+    )(*operands)
+    if in_kernel:
+        return outs[3]
+    return combine_splits(*outs, g, cdt)
 
 
 def combine_splits(acc_bkprq, m_bkpr, l_bkpr, group: int, dtype):
@@ -168,5 +228,5 @@ def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, s
     q = q_bthq if group is not None else q_bthq[:, 0]
     # positions [B] go in as they are: the kernel adds the 1 (keys 0..position attend)
     out = decode_attention(q, k_all, v_all, jnp.asarray(layer, jnp.int32), rows_b, positions_bt[:, 0],
-                           scale=float(scale), bs=bs, splits=splits, group=group, length_offset=1)
+                           scale=float(scale), bs=bs, splits=splits, group=group, length_offset=1, combine=COMBINE)
     return out[:, None]

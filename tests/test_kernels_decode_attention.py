@@ -1,0 +1,99 @@
+"""Decode attention's key-split merge (qwen3_jax/kernels/decode_attention.py, COMBINE): in the
+kernel by the last program of each (row, kv head), against the XLA merge and a plain softmax.
+
+CPU: Pallas interpret mode (programs run one after another, so the atomic counter is exercised
+but not raced). GPU (marked): compiled at 30B-A3B shapes, repeated to catch a race between the
+programs (the merge's order is fixed, so every repetition must give the same bits); on the device
+machine `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_kernels_decode_attention.py`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen3_jax.kernels.decode_attention import decode_attention, plan
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def cache_and_q(seed, b, h, k, qd, s, layers=2, slots=None):
+    rng = np.random.default_rng(seed)
+    slots = slots or b
+    kc = jnp.asarray(rng.standard_normal((layers, slots, s, k, qd)), jnp.bfloat16)
+    vc = jnp.asarray(rng.standard_normal((layers, slots, s, k, qd)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((b, h, qd)), jnp.bfloat16)
+    return q, kc, vc
+
+
+def softmax_attention(q, kc, vc, layer, rows, lengths, scale):
+    """Plain XLA attention of q [B, H, Q] over layer `layer`, cache rows `rows`, keys < lengths,
+    with the kernel's roundings (scores to bf16 before the scale, probabilities to bf16)."""
+    b, h, qd = q.shape
+    k = kc.shape[3]
+    keys, vals = kc[layer][rows], vc[layer][rows]
+    sc = jnp.einsum("bkgq,bskq->bkgs", q.reshape(b, k, h // k, qd), keys, preferred_element_type=jnp.float32)
+    sc = sc.astype(jnp.bfloat16).astype(jnp.float32) * scale
+    mask = jnp.arange(keys.shape[1])[None, :] < lengths[:, None]
+    sc = jnp.where(mask[:, None, None], sc, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(sc, -1).astype(jnp.bfloat16)
+    return jnp.einsum("bkgs,bskq->bkgq", p, vals, preferred_element_type=jnp.float32).reshape(b, h, qd)
+
+
+@pytest.mark.parametrize("h,k,splits", [(8, 2, 4), (16, 2, 8), (4, 2, 1), (12, 2, 4)])
+def test_merge_in_the_kernel_equals_the_xla_merge(h, k, splits):
+    """Groups of 4, 8 (merged in the kernel), one split (the program merges itself) and a group
+    of 6 (not a power of two: falls back to the XLA merge); a length that leaves splits empty and
+    one past the cache."""
+    b, qd, s = 3, 32, 128
+    q, kc, vc = cache_and_q(h * splits, b, h, k, qd, s, slots=4)
+    rows, lengths = jnp.array([3, 0, 1]), jnp.array([20, 128, 77])
+    kw = dict(scale=qd ** -0.5, bs=16, splits=splits)
+    got = decode_attention(q, kc, vc, jnp.int32(1), rows, lengths, combine="kernel", **kw)
+    xla = decode_attention(q, kc, vc, jnp.int32(1), rows, lengths, combine="xla", **kw)
+    want = softmax_attention(q, kc, vc, 1, rows, lengths, qd ** -0.5)
+    assert got.shape == (b, h, qd) and got.dtype == jnp.bfloat16
+    assert rel(got, xla) < 4e-3 and rel(got, want) < 1e-2
+    with pytest.raises(ValueError, match="combine='both'"):
+        decode_attention(q, kc, vc, jnp.int32(1), rows, lengths, combine="both", **kw)
+
+
+def test_merge_in_the_kernel_is_one_launch_with_no_xla_merge():
+    """The kernel merge leaves no exp / reduce around the Triton call (the XLA merge has both);
+    the counters are the only extra operand (aliased to an output, so no copy)."""
+    q, kc, vc = cache_and_q(0, 1, 32, 4, 128, 1024, layers=3)
+    bs, splits = plan(1, 4, 1024)
+
+    def text(combine):
+        def fn(q, kc, vc, lengths):
+            return decode_attention(q, kc, vc, jnp.int32(2), None, lengths, scale=128 ** -0.5, bs=bs, splits=splits,
+                                    combine=combine, interpret=False)
+        return jax.jit(fn).trace(q, kc, vc, jnp.array([700])).lower(lowering_platforms=("cuda",)).as_text()
+    merged, separate = text("kernel"), text("xla")
+    assert merged.count("xla.gpu.triton") == separate.count("xla.gpu.triton") == 1
+    assert "stablehlo.exponential" in separate and "stablehlo.exponential" not in merged
+    assert "stablehlo.reduce" not in merged and "output_operand_aliases" in merged
+
+
+# -- GPU: compiled, against XLA, repeated --------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 8, 64])
+def test_gpu_merge_in_the_kernel_matches_xla_and_repeats_bit_for_bit(b):
+    h, k, qd, s = 32, 4, 128, 1024
+    q, kc, vc = cache_and_q(b, b, h, k, qd, s, layers=3)
+    bs, splits = plan(b, k, s)
+    rng = np.random.default_rng(b)
+    lengths = jnp.asarray(rng.integers(1, s + 1, b), jnp.int32).at[0].set(s)
+    rows = jnp.arange(b, dtype=jnp.int32)
+    fn = jax.jit(lambda q, lengths, combine: decode_attention(q, kc, vc, jnp.int32(2), None, lengths,
+                                                              scale=qd ** -0.5, bs=bs, splits=splits,
+                                                              combine=combine), static_argnums=2)
+    first = np.asarray(fn(q, lengths, "kernel"), np.float32)
+    for _ in range(50):
+        np.testing.assert_array_equal(np.asarray(fn(q, lengths, "kernel"), np.float32), first)
+    assert rel(first, fn(q, lengths, "xla")) < 4e-3
+    assert rel(first, softmax_attention(q, kc, vc, 2, rows, lengths, qd ** -0.5)) < 1e-2
