@@ -543,8 +543,9 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
         done = kernels.qk_prologue.qk_norm_rope_write_cache(
             q_p, k_p, v_p, *norm_rope, k_all, v_all, slots_b, positions_bt[:, 0], heads=heads, dtype=h.dtype)
         if done is not None:
-            q16, k_all, v_all = done
-            return _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, heads // kv, st, ctx)
+            q16, k_all, v_all, counts = done
+            return _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, heads // kv, st, ctx,
+                                  counts)
         fused = kernels.qk_prologue.qk_norm_rope_partials(q_p, k_p, *norm_rope, heads=heads, dtype=h.dtype)
     if fused is not None:   # e.g. a cache dtype the writing prologue does not take
         q16, k_rot = fused
@@ -574,10 +575,11 @@ def _qkv_partials(attn_full, h, layer):
     return None if any(p is None for p in parts) else parts
 
 
-def _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, group, st, ctx):
-    """Decode attention over the cache (new K/V already written) and o_proj: -> (x + out, k_all, v_all)."""
+def _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, group, st, ctx, counts=None):
+    """Decode attention over the cache (new K/V already written) and o_proj: -> (x + out, k_all, v_all).
+    counts: the prologue's zeroed merge counters, or None."""
     out = kernels.decode_attention_cached(q16, k_all, v_all, layer, slots_b, positions_bt, blk.attn.scale,
-                                          group=group)
+                                          group=group, counts=counts)
     return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all
 
 

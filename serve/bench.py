@@ -84,6 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--fp8-dequantize-rows", default="",
                    help="FP8 models: rows per weight from which XLA dequantizes to bf16 for the matmul "
                         "(prefill), comma-separated; 0 = never (default: the library's)")
+    p.add_argument("--fp8-copy", default="",
+                   help="FP8 models stored [out, in]: who writes the prefill's transposed bf16 copy of the "
+                        "experts, comma-separated: kernel, xla (default: the library's)")
     p.add_argument("--fp8-order", default="",
                    help="FP8 models: the storage order of the expert and attention weights to time, "
                         "comma-separated: nk (the checkpoint's [out, in]), kn (the einsum order [in, out]); "
@@ -747,7 +750,7 @@ def _decode_knobs(args, cfg):
     the kernels path has it)]."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import decode_attention, grouped_matmul, qk_prologue
+    from qwen3_jax.kernels import decode_attention, dequantize, grouped_matmul, qk_prologue
 
     def listed(text, parse=str):
         return [parse(v) for v in text.split(",") if v] or [None]
@@ -770,6 +773,9 @@ def _decode_knobs(args, cfg):
     if unknown:
         raise ValueError(f"--attention-combine {','.join(unknown)}: unknown; use "
                          f"{' or '.join(decode_attention.COMBINES)}")
+    unknown = [k for k in listed(args.fp8_copy) if k not in (None, *dequantize.COPIES)]
+    if unknown:
+        raise ValueError(f"--fp8-copy {','.join(unknown)}: unknown; use {' or '.join(dequantize.COPIES)}")
     unknown = [k for k in listed(args.fp8_matmul) if k not in (None, "cast", "f16")]
     if unknown:
         raise ValueError(f"--fp8-matmul {','.join(unknown)}: unknown; use cast or f16")
@@ -785,6 +791,7 @@ def _decode_knobs(args, cfg):
          lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"], put_fp8_matmul, True),
         ("fp8-dequantize ", listed(args.fp8_dequantize_rows, int) if cfg.fp8 else [None],
          *module_value(kernels, "FP8_DEQUANTIZE_MIN_ROWS"), True),
+        ("fp8-copy ", listed(args.fp8_copy) if cfg.fp8 else [None], *module_value(dequantize, "COPY"), True),
     ]
 
 

@@ -78,6 +78,40 @@ def test_merge_in_the_kernel_is_one_launch_with_no_xla_merge():
     assert "stablehlo.reduce" not in merged and "output_operand_aliases" in merged
 
 
+def test_prologue_zeroed_counters_leave_no_zeros_kernel():
+    """The cache-writing prologue's counters fed to the merge: the same result as counters made
+    inside, and the lowered step (prologue + attention) has no zeros op of its own."""
+    from qwen3_jax.kernels.qk_prologue import qk_norm_rope_write_cache
+
+    b, h, k, qd, s, layers = 2, 8, 2, 32, 64, 2
+    rng = np.random.default_rng(5)
+    qp, kp, vp = (jnp.asarray(rng.standard_normal((2, b, n * qd)), jnp.float32) for n in (h, k, k))
+    qn = kn = jnp.ones((layers, qd), jnp.bfloat16)
+    cos = jnp.asarray(rng.standard_normal((b, qd)), jnp.bfloat16)
+    sin = jnp.asarray(rng.standard_normal((b, qd)), jnp.bfloat16)
+    _, kc, vc = cache_and_q(1, b, h, k, qd, s, layers=layers)
+    pos = jnp.array([20, 63], jnp.int32)
+    kw = dict(scale=qd ** -0.5, bs=16, splits=4, group=h // k, length_offset=1)
+
+    def step(qp, kp, vp, kc, vc, pos, own_counts, interpret=None):
+        q16, kc, vc, counts = qk_norm_rope_write_cache(qp, kp, vp, qn, kn, jnp.int32(1), cos, sin, 1e-6, kc, vc,
+                                                       None, pos, heads=h, dtype=jnp.bfloat16, interpret=interpret)
+        return decode_attention(q16, kc, vc, jnp.int32(1), None, pos, counts=None if own_counts else counts,
+                                interpret=interpret, **kw)
+    args = (qp, kp, vp, kc, vc, pos)
+    np.testing.assert_array_equal(np.asarray(jax.jit(step, static_argnums=6)(*args, True), np.float32),
+                                  np.asarray(jax.jit(step, static_argnums=6)(*args, False), np.float32))
+
+    def zeros_ops(own_counts):
+        text = jax.jit(lambda *a: step(*a, own_counts, interpret=False)).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
+        return [ln for ln in text.splitlines() if "broadcast_in_dim" in ln and ln.endswith("tensor<2x2xi32>")]
+    assert len(zeros_ops(True)) == 1 and not zeros_ops(False)
+    with pytest.raises(ValueError, match="counts must be zeros"):
+        decode_attention(jnp.zeros((b, k, 16, qd), jnp.bfloat16), kc, vc, jnp.int32(1), None, pos,
+                         counts=jnp.zeros((b,), jnp.int32), **kw)
+
+
 # -- GPU: compiled, against XLA, repeated --------------------------------------------------------
 
 @pytest.mark.gpu

@@ -155,7 +155,7 @@ def test_prologue_writes_the_new_kv_into_the_cache_in_place(slots):
     v_all = jnp.asarray(rng.standard_normal((layers, 4, smax, k, qd)), jnp.bfloat16)
     pos = jnp.array([5, 0, smax], jnp.int32)            # row 2 is past the cache: dropped
     rows = None if slots is None else jnp.array(slots, jnp.int32)
-    got_q16, got_k, got_v = jax.jit(lambda *a: qk_norm_rope_write_cache(
+    got_q16, got_k, got_v, counts = jax.jit(lambda *a: qk_norm_rope_write_cache(
         *a[:3], qn, kn, jnp.int32(1), cos[:, 0], sin[:, 0], EPS, *a[3:], heads=h, dtype=jnp.bfloat16))(
         qp, kp, vp, k_all, v_all, rows, pos)
     q16, k_rot = qk_norm_rope_partials(qp, kp, qn, kn, 1, cos[:, 0], sin[:, 0], EPS, heads=h, dtype=jnp.bfloat16)
@@ -165,6 +165,8 @@ def test_prologue_writes_the_new_kv_into_the_cache_in_place(slots):
     np.testing.assert_array_equal(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32))
     np.testing.assert_array_equal(np.asarray(got_v, np.float32), np.asarray(want_v, np.float32))
     assert not np.array_equal(np.asarray(got_k, np.float32), np.asarray(k_all, np.float32))   # it did write
+    # decode attention's merge counters, zeroed for it (uninitialized memory otherwise)
+    assert counts.shape == (b, k) and counts.dtype == jnp.int32 and not np.any(np.asarray(counts))
 
 
 def test_prologue_split_over_query_heads_changes_no_bit(monkeypatch):
@@ -335,8 +337,9 @@ def test_gpu_cache_writing_prologue_equals_the_xla_write_at_30b_shapes():
         v = jnp.sum(vp, 0).astype(jnp.bfloat16).reshape(b, k, qd)
         return (q16, *cache_written_by_xla(k_all, v_all, 17, rows, pos, k_rot, v))
     want = jax.jit(old)(qp, kp, vp, k_all, v_all)
-    for a, w in zip(got, want):   # exact partials: the same bits
+    for a, w in zip(got[:3], want):   # exact partials: the same bits
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(w, np.float32))
+    assert not np.any(np.asarray(got[3]))   # the merge counters
 
 
 @pytest.mark.gpu

@@ -67,7 +67,7 @@ def plan(batch: int, kv_heads: int, seq: int, bs_target: int = 64):
                                              "length_offset", "combine"))
 def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scale: float, bs: int, splits: int,
                      group: int | None = None, num_warps: int = 4, num_stages: int = 2, interpret=None,
-                     length_offset: int = 0, combine: str = "kernel"):
+                     length_offset: int = 0, combine: str = "kernel", counts=None):
     """q [B, H, Q]; k/v cache [L, N, S, K, Q]; layer int32; slots [B] (cache row of each
     sequence), or None: row b is slot b, with no index operand (an arange, even a numpy constant,
     would be an iota kernel every layer); lengths [B] (keys 0..lengths[b]+length_offset-1 attend,
@@ -77,7 +77,9 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
     the query heads h*G..h*G+G-1 (qk_prologue.qk_norm_rope's q16), so no pad runs here; the
     result is still [B, K*G, Q].
     combine: where the key splits merge, "kernel" or "xla" (module doc); "kernel" needs G a
-    power of two (a Triton block of G rows) and falls back to "xla" otherwise."""
+    power of two (a Triton block of G rows) and falls back to "xla" otherwise. counts: the
+    kernel merge's counters, zeros [B, K] int32 that are not used again (the cache-writing
+    prologue's fourth output); None: made here (XLA then runs a zeros kernel or copy per call)."""
     _, _, s, k, _ = k_cache.shape
     if group is None:
         b, h, qd = q_bhq.shape
@@ -105,18 +107,17 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
 
     def merge(bi, hi, acc_ref, m_ref, l_ref, o_ref):
         """The last program of (bi, hi): the splits' partials (rows 0..G-1) -> o_ref rows
-        hi*G..hi*G+G-1. Plain loads: the acquiring atomic and the CTA barrier Triton puts after
+        hi*G..hi*G+G-1. Every load is issued before any arithmetic, so the read-back is one
+        round trip to L2. Plain loads: the acquiring atomic and the CTA barrier Triton puts after
         a scalar atomic (to share its result) order them after the other programs' stores."""
-        def part(ref, *idx):
-            return ref[bi, hi, *idx]
-
-        top = jnp.max(part(m_ref, pl.ds(0, splits), pl.ds(0, g)), axis=0, keepdims=True)     # [1, G]
-        num = jnp.zeros((g, qd), jnp.float32)
-        den = jnp.zeros((1, g), jnp.float32)
-        for c in range(0, splits, ch):
-            w = jnp.exp(part(m_ref, pl.ds(c, ch), pl.ds(0, g)) - top)                          # [CH, G]
-            den = den + jnp.sum(w * part(l_ref, pl.ds(c, ch), pl.ds(0, g)), axis=0, keepdims=True)
-            num = num + jnp.sum(part(acc_ref, pl.ds(c, ch), pl.ds(0, g), slice(None)) * w[:, :, None], axis=0)
+        chunks = [(pl.ds(c, ch), pl.ds(0, g)) for c in range(0, splits, ch)]
+        ms = [m_ref[bi, hi, *c] for c in chunks]                                             # [CH, G] each
+        ls = [l_ref[bi, hi, *c] for c in chunks]
+        accs = [acc_ref[bi, hi, *c, :] for c in chunks]                                      # [CH, G, Q] each
+        top = functools.reduce(jnp.maximum, [jnp.max(m, axis=0, keepdims=True) for m in ms])  # [1, G]
+        ws = [jnp.exp(m - top) for m in ms]
+        den = sum(jnp.sum(w * l, axis=0, keepdims=True) for w, l in zip(ws, ls))
+        num = sum(jnp.sum(a * w[:, :, None], axis=0) for w, a in zip(ws, accs))            # [G, Q]
         o_ref[bi, pl.ds(pl.multiple_of(hi * g, g), g), :] = (num / den.reshape(g, 1)).astype(cdt)
 
     def kernel(layer_ref, *refs):
@@ -173,7 +174,11 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
                 + (lengths_b.astype(jnp.int32), q16, k_cache, v_cache))
     extra = {}
     if in_kernel:
-        counts = jnp.zeros((b, k), jnp.int32)     # per (b, h): programs done; aliased to the last output
+        if counts is None:
+            counts = jnp.zeros((b, k), jnp.int32)
+        if counts.shape != (b, k) or counts.dtype != jnp.int32:
+            raise ValueError(f"decode_attention counts must be zeros [B, K] = [{b}, {k}] int32, got "
+                             f"{counts.shape} {counts.dtype}")
         extra = dict(input_output_aliases={len(operands): 4})
         operands += (counts,)
         partials += (jax.ShapeDtypeStruct((b, h, qd), cdt), counts)
@@ -217,10 +222,11 @@ def covered(q_bthq, k_all, group: int | None = None) -> bool:
 
 
 def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float,
-                            group: int | None = None):
+                            group: int | None = None, counts=None):
     """The model's entry: one new token per row (T == 1), rows_b the cache slot of each row or
     None (row b is slot b) -> attention output [B, 1, H, Q], or None when not covered (T > 1, dtypes differ, a cache length with no 16-multiple tiling).
-    With `group` = G, q is qk_prologue's q16 [B, K, 16, Q] (no pad kernel) and H = K*G."""
+    With `group` = G, q is qk_prologue's q16 [B, K, 16, Q] (no pad kernel) and H = K*G.
+    counts: the prologue's zeros for the in-kernel merge (decode_attention)."""
     if not covered(q_bthq, k_all, group):
         return None
     b = q_bthq.shape[0]
@@ -228,5 +234,6 @@ def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, s
     q = q_bthq if group is not None else q_bthq[:, 0]
     # positions [B] go in as they are: the kernel adds the 1 (keys 0..position attend)
     out = decode_attention(q, k_all, v_all, jnp.asarray(layer, jnp.int32), rows_b, positions_bt[:, 0],
-                           scale=float(scale), bs=bs, splits=splits, group=group, length_offset=1, combine=COMBINE)
+                           scale=float(scale), bs=bs, splits=splits, group=group, length_offset=1, combine=COMBINE,
+                           counts=counts)
     return out[:, None]

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import kernels
+from . import dequantize as dequantize_kernel
 from ..fp8 import dequantize
 from .gemv import gemv, gemv_tiles
 from .gemv_inputs import SwigluX, materialize
@@ -177,13 +178,18 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
 
 
 def _dequantized_layer(arrays: ExpertArrays, dtype) -> ExpertArrays:
-    """This layer's FP8 experts as one `dtype` copy in [E, K, N] (XLA: a slice, the swap back from
-    w_nk and the dequantize fused), for the compute-bound sizes of kernels.FP8_DEQUANTIZE_MIN_ROWS.
-    The bf16 grouped matmul on an [E, N, K] copy was slower at 8k tokens (H200, run 38 in
-    benchmarks/NOTES.md: 226.8 against 215.4 ms; other tiles 250-260 ms)."""
+    """This layer's FP8 experts as one `dtype` copy in [E, K, N], for the compute-bound sizes of
+    kernels.FP8_DEQUANTIZE_MIN_ROWS. Weights stored [E, N, K] (w_nk) are copied by the
+    transposing kernel (dequantize.py) where it covers them and dequantize.COPY says so; else XLA
+    slices, swaps back and dequantizes in one fusion. The bf16 grouped matmul on an [E, N, K]
+    copy was slower at 8k tokens (H200, run 38 in benchmarks/NOTES.md: 226.8 against 215.4 ms)."""
     e, block = arrays.num_experts, arrays.block
 
     def layer(w, scale, axis):
+        if arrays.w_nk and dequantize_kernel.COPY == "kernel" and dequantize_kernel.covered(*w.shape[1:], block):
+            return dequantize_kernel.dequantize_transposed(w, scale, arrays.offset, groups=e,
+                                                           layout="k" if axis == 1 else "n", block=block,
+                                                           dtype=dtype)
         sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=arrays.offset, slice_size=e, axis=0)
         w = sl(w)
         return dequantize(jnp.swapaxes(w, 1, 2) if arrays.w_nk else w, sl(scale), axis, block, dtype)

@@ -121,8 +121,10 @@ def qk_norm_rope_write_cache(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, c
     """qk_norm_rope_partials that also writes the new K/V into the cache: v [S, B, K*Q] float32
     partial sums like k; k_all, v_all [L, slots, S_max, K, Q] updated in place (aliased) at
     [layer, rows[b], positions[b]] (rows None: row b is slot b; a position outside the cache is
-    dropped, as the XLA scatter's mode="drop"). -> (q16 [B, K, 16, Q], k_all, v_all), or None
-    when not covered. Saves XLA's v reduction and the two cache-write kernel pairs per layer."""
+    dropped, as the XLA scatter's mode="drop"). -> (q16 [B, K, 16, Q], k_all, v_all, counts [B, K]
+    int32 zeros: decode attention's merge counters, written here so that no zeros kernel runs
+    per layer), or None when not covered. Saves XLA's v reduction and the two cache-write kernel
+    pairs per layer."""
     qd = q_norm_lq.shape[-1]
     if (v_sbn.ndim != 3 or v_sbn.dtype != jnp.float32 or k_all.ndim != 5 or v_all.shape != k_all.shape
             or k_all.dtype != jnp.dtype(dtype) or v_sbn.shape[1:] != k_sbn.shape[1:]):
@@ -164,7 +166,8 @@ def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, cache
     """q_in [B, H, Q] and k_in [B, K, Q] (dtype None: their own dtypes), or float32 partial sums
     q_in [Sq, B, H, Q] and k_in [Sk, B, K, Q] summed here and rounded to `dtype`. cache: None, or
     (v partials [Sv, B, K, Q], k_all, v_all, rows [B] or None, positions [B]) to write K/V into
-    the cache (aliased) instead of returning k_rot. parts: programs per (row, kv head), dividing G."""
+    the cache (aliased) instead of returning k_rot, and zeros [B, K] int32 (see
+    qk_norm_rope_write_cache). parts: programs per (row, kv head), dividing G."""
     summed = dtype is not None
     write = cache is not None
     b, h, qd = q_in.shape[-3:]
@@ -206,7 +209,7 @@ def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, cache
     def kernel(*refs):
         if write:
             (layer_ref, q_ref, k_ref, qw_ref, kw_ref, cos_ref, sin_ref, v_ref, *rows_ref, pos_ref, _, _,
-             q16_ref, kc_ref, vc_ref) = refs
+             q16_ref, kc_ref, vc_ref, count_ref) = refs
         else:
             layer_ref, q_ref, k_ref, qw_ref, kw_ref, cos_ref, sin_ref, q16_ref, krot_ref = refs
         bi, kh, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -236,6 +239,7 @@ def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, cache
                 krot_ref[bi, kh, lo] = k_lo
                 krot_ref[bi, kh, up] = k_hi
                 return
+            count_ref[bi, kh] = jnp.int32(0)
             slot = rows_ref[0][bi] if rows_ref else bi
             p = pos_ref[bi]
 
@@ -254,7 +258,8 @@ def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, cache
         extra = (v_in,) + (() if rows is None else (rows.astype(jnp.int32),)) + (pos.astype(jnp.int32), k_all, v_all)
         operands += extra
         n = len(operands)
-        out_shape = (q16, jax.ShapeDtypeStruct(k_all.shape, k_all.dtype), jax.ShapeDtypeStruct(v_all.shape, v_all.dtype))
+        out_shape = (q16, jax.ShapeDtypeStruct(k_all.shape, k_all.dtype), jax.ShapeDtypeStruct(v_all.shape, v_all.dtype),
+                     jax.ShapeDtypeStruct((b, k), jnp.int32))
         aliases = {n - 2: 1, n - 1: 2}   # the caches are updated in place
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(b, k, parts), input_output_aliases=aliases,
