@@ -32,9 +32,12 @@ from . import pick_tile
 # "xla" (fp8.dequantize of the swapped weight); serve.bench --fp8-copy times both.
 COPY = "kernel"
 COPIES = ("kernel", "xla")
-# Tile (bn, bk) and warps; both tile sides must divide the scale block (128).
-TILE = 64
-NUM_WARPS = 4
+# Tile (bn, bk) and warps; both tile sides must divide the scale block (128). Run 40 (H200,
+# benchmarks/dequantize_copy.py, one layer of 30B-A3B experts, us per copy against XLA's fusion):
+# gate 272 (XLA) / 246 (64, 4 warps) / 172 (128, 8 warps); down 251 / 253 / 182. Tiles of 32 were
+# slower than XLA for the down copy (360-371 us).
+TILE = 128
+NUM_WARPS = 8
 
 
 def covered(n_dim: int, k_dim: int, block: int) -> bool:
