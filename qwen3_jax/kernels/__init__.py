@@ -101,8 +101,11 @@ def active(ctx, dtype) -> bool:
 # FP8 weight GEMVs (decode: up to linear.GEMV_MAX_ROWS tokens, MoE up to GEMV_MAX_ASSIGNMENTS):
 # w8a16 keeps bf16 activations (rounded to float16 for an f16 MMA); w8a8 quantizes them to e4m3 per
 # bk-wide group, dynamically, as the checkpoints' `activation_scheme: dynamic` says and FP8 serving
-# engines run them (gemv.py's module doc has the numerics). Prefill matmuls stay w8a16.
-FP8_GEMM = {"w8a16": "f16", "w8a8": "e4m3"}
+# engines run them (gemv.py's module doc has the numerics); auto (the default) is w8a8 for the
+# layout-"k" gemvs (MoE gate/up, q/k/v) of at least gemv.W8A8_MIN_ROWS rows, where the e4m3 MMA
+# needs no weight conversion and was measured faster, and w8a16 elsewhere. Prefill matmuls stay
+# w8a16.
+FP8_GEMM = {"w8a16": "f16", "w8a8": "e4m3", "auto": "auto"}
 # FP8 weights multiplied by at least this many rows per weight (a projection's tokens; an MoE
 # layer's assignments per expert held, which on a mesh counts every token's assignments: an upper
 # bound) are dequantized to bf16 by XLA and multiplied on the bf16 path. There the matmul is
@@ -120,7 +123,7 @@ def fp8_dequantized(rows_per_weight: int) -> bool:
 
 
 def set_fp8_gemm(kind: str) -> None:
-    """Choose the FP8 GEMV numerics for this process (read at trace time): 'w8a8' or 'w8a16'."""
+    """Choose the FP8 GEMV numerics for this process (read at trace time): 'auto', 'w8a8' or 'w8a16'."""
     from .gemv import GEMV_DEFAULTS
     if kind not in FP8_GEMM:
         raise ValueError(f"unknown FP8 GEMM kind {kind!r}; use one of {sorted(FP8_GEMM)}")
@@ -128,7 +131,7 @@ def set_fp8_gemm(kind: str) -> None:
 
 
 def fp8_gemm() -> str:
-    """The FP8 GEMV numerics in force: 'w8a8', 'w8a16', or the raw gemv convert setting."""
+    """The FP8 GEMV numerics in force: 'auto', 'w8a8', 'w8a16', or the raw gemv convert setting."""
     from .gemv import GEMV_DEFAULTS
     convert = GEMV_DEFAULTS["fp8"]["convert"]
     return {v: k for k, v in FP8_GEMM.items()}.get(convert, f"w8a16 (convert={convert})")

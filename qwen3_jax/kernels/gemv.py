@@ -350,9 +350,14 @@ def _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block):
 GEMV_DEFAULTS = {
     "bf16": dict(bn=128, bk=64, num_warps=8, num_stages=None, acc2d=True, convert="cast", mode="dot",
                  target_programs=264, max_split=16, short_loop_steps=4),
-    "fp8": dict(bn=128, bk=64, num_warps=4, num_stages=None, acc2d=True, convert="f16", mode="dot",
+    "fp8": dict(bn=128, bk=64, num_warps=4, num_stages=None, acc2d=True, convert="auto", mode="dot",
                 target_programs=264, max_split=16, short_loop_steps=4),
 }
+# FP8 convert "auto" (kernels.FP8_GEMM): "e4m3" (W8A8) for layout "k" with at least this many rows,
+# else "f16" (W8A16). Run 41 (H200, 30B-A3B FP8 stored [out, in], benchmarks/NOTES.md): at batch 8
+# W8A8 took the MoE gate/up (64 rows) from 3641 to 2677 us per step, while the layout-"n" gemvs
+# (down, o_proj) were 4% slower with it and batch 1 (8 rows) was 3.9% slower as a whole.
+W8A8_MIN_ROWS = 16
 # Over GEMV_DEFAULTS by (kind, layout). Runs 17-18 (H200, FP8 w8a16, device time per gemv at
 # batch 1, benchmarks/NOTES.md): o_proj (layout "n", 4 K steps per program) 6.95 -> 6.32 us with 3
 # stages; the MoE down (3 steps) is best with 2. The q/k/v tiles are linear.PROJECTION_TILES.
@@ -392,5 +397,8 @@ def gemv_tiles(k_dim: int, n_dim, rows: int, fp8: bool, layout: str, block: int,
     stages = cfg["num_stages"]
     if stages is None:
         stages = 2 if k_dim // (bk_t * split) <= cfg["short_loop_steps"] else 3
+    convert = cfg["convert"]
+    if convert == "auto":
+        convert = "e4m3" if fp8 and layout == "k" and rows >= W8A8_MIN_ROWS else "f16"
     return dict(bn=bn_t, bk=bk_t, split_k=split, num_warps=cfg["num_warps"], num_stages=stages,
-                acc2d=cfg["acc2d"], convert=cfg["convert"], mode=cfg["mode"], w_nk=w_nk)
+                acc2d=cfg["acc2d"], convert=convert, mode=cfg["mode"], w_nk=w_nk)
