@@ -356,8 +356,11 @@ GEMV_DEFAULTS = {
 # FP8 convert "auto" (kernels.FP8_GEMM): "e4m3" (W8A8) for layout "k" with at least this many rows,
 # else "f16" (W8A16). Run 41 (H200, 30B-A3B FP8 stored [out, in], benchmarks/NOTES.md): at batch 8
 # W8A8 took the MoE gate/up (64 rows) from 3641 to 2677 us per step, while the layout-"n" gemvs
-# (down, o_proj) were 4% slower with it and batch 1 (8 rows) was 3.9% slower as a whole.
-W8A8_MIN_ROWS = 16
+# (down, o_proj) were 4% slower with it and batch 1 (8 rows) was 3.9% slower as a whole. Run 42
+# (W8A8 from 16 rows against W8A16, ms per step): batch 2 (16 MoE rows) 3.683 / 3.664, batch 4
+# 5.266 / 5.752, batch 8 7.569 / 8.526, batch 16 12.453 / 13.228. So from 32 rows: batch 2 keeps
+# the more precise 16-bit activations at no cost.
+W8A8_MIN_ROWS = 32
 # Over GEMV_DEFAULTS by (kind, layout). Runs 17-18 (H200, FP8 w8a16, device time per gemv at
 # batch 1, benchmarks/NOTES.md): o_proj (layout "n", 4 K steps per program) 6.95 -> 6.32 us with 3
 # stages; the MoE down (3 steps) is best with 2. The q/k/v tiles are linear.PROJECTION_TILES.
