@@ -80,7 +80,7 @@ def parse_args(argv=None):
                         "program of each row and kv head), xla (fusions after it) (default: the library's)")
     p.add_argument("--fp8-matmul", default="",
                    help="FP8 models: the grouped matmul's MMA dtype (prefill, large batches) to time, "
-                        "comma-separated: cast (x's dtype), f16, e4m3 (W8A8) (default: the library's)")
+                        "comma-separated: cast (x's dtype), f16 (default: the library's)")
     p.add_argument("--fp8-dequantize-rows", default="",
                    help="FP8 models: rows per weight from which XLA dequantizes to bf16 for the matmul "
                         "(prefill), comma-separated; 0 = never (default: the library's)")
@@ -789,9 +789,9 @@ def _decode_knobs(args, cfg):
     unknown = [k for k in listed(args.fp8_copy) if k not in (None, *dequantize.COPIES)]
     if unknown:
         raise ValueError(f"--fp8-copy {','.join(unknown)}: unknown; use {' or '.join(dequantize.COPIES)}")
-    unknown = [k for k in listed(args.fp8_matmul) if k not in (None, "cast", "f16", "e4m3")]
+    unknown = [k for k in listed(args.fp8_matmul) if k not in (None, "cast", "f16")]
     if unknown:
-        raise ValueError(f"--fp8-matmul {','.join(unknown)}: unknown; use cast, f16 or e4m3")
+        raise ValueError(f"--fp8-matmul {','.join(unknown)}: unknown; use cast or f16")
 
     return [
         ("", listed(args.fp8_gemm) if cfg.fp8 else [None], kernels.fp8_gemm, put_gemm, True),

@@ -22,9 +22,6 @@ tile by its per-row scale in f16 (the dequantized weight to 11 bits rather than 
 block scale is amax / 448, below f16's smallest normal (6e-5) for a block whose largest weight
 is under 0.027, so the scale is pre-multiplied by 2^10 (gemv's trick) and the float32 product
 divided by it, exactly.
-convert="e4m3" (FP8 weights): W8A8, as gemv's: each row's x is quantized to e4m3 per bk-wide
-group with a dynamic float32 scale amax/448 (layout "n": after folding the weight's per-K scale
-into x), the MMA runs e4m3 x e4m3 into float32, and no weight tile is converted at all.
 """
 
 from __future__ import annotations
@@ -37,7 +34,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from . import interpret as _interpret
-from .gemv import E4M3_MAX
 
 
 F16_SCALE_PRE = 1024.0   # keeps an FP8 block scale a normal f16 number (module doc)
@@ -63,14 +59,11 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
         raise ValueError(f"grouped_matmul tiles bn={bn}, bk={bk} do not divide K={k_dim}, N={n_dim}")
     if fp8 and ((layout == "k" and block % bk) or (layout == "n" and block % bn)):
         raise ValueError(f"FP8 layout {layout!r} needs the tile along the scale blocks to divide {block}")
-    if convert not in ("cast", "f16", "e4m3"):
-        raise ValueError(f"convert must be 'cast', 'f16' or 'e4m3', got {convert!r}")
-    if convert == "e4m3" and not fp8:
-        raise ValueError("convert='e4m3' (FP8 activations) needs FP8 weights")
+    if convert not in ("cast", "f16"):
+        raise ValueError(f"convert must be 'cast' or 'f16', got {convert!r}")
     steps = k_dim // bk
     cdt = x_rk.dtype
-    a8 = convert == "e4m3"
-    mdt = jnp.float16 if fp8 and convert == "f16" else cdt   # the MMA's operand dtype (W8A16)
+    mdt = jnp.float16 if fp8 and convert == "f16" else cdt   # the MMA's operand dtype
     pre = F16_SCALE_PRE if fp8 and layout == "n" and mdt == jnp.float16 else 1.0
     nw = len(weights)
 
@@ -85,23 +78,13 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
         def _compute():
             def body(t, accs):
                 k0 = pl.multiple_of(t * bk, bk)
-                xt = x_ref[pl.ds(m0, bm), pl.ds(k0, bk)].astype(jnp.float32 if a8 else mdt)
+                xt = x_ref[pl.ds(m0, bm), pl.ds(k0, bk)].astype(mdt)
                 out = []
                 for i, (w_ref, acc) in enumerate(zip(w_refs, accs)):
                     if w_nk:
                         w = w_ref[g, pl.ds(n0, bn), pl.ds(k0, bk)]     # [bn, bk]
                     else:
                         w = w_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)]     # [bk, bn]
-                    if a8:   # W8A8: x quantized per row of the tile, the weight as stored
-                        xs = xt if layout == "k" else xt * s_refs[i][g, pl.ds(k0, bk), n0 // block][None, :]
-                        amax = jnp.max(jnp.abs(xs), axis=1, keepdims=True)
-                        sx = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)                      # [bm, 1]
-                        part = jax.lax.dot_general((xs / sx).astype(jnp.float8_e4m3fn), w, dims,
-                                                   preferred_element_type=jnp.float32) * sx
-                        if layout == "k":
-                            part = part * s_refs[i][g, k0 // block, pl.ds(n0, bn)][None, :]
-                        out.append(acc + part)
-                        continue
 
                     def dot(w):
                         return jax.lax.dot_general(xt, w.astype(mdt), dims, preferred_element_type=jnp.float32)
