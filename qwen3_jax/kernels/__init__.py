@@ -11,7 +11,9 @@ its x load: a norm, the swiglu), grouped_matmul.py (row blocks of one
 group each, tensor cores: prefill and large decode batches), moe_blocks.py (routing -> row
 blocks), moe_ffn.py (the MoE expert FFN on either kernel), linear.py (projections read in
 place, FP8 fused), prefill_attention.py (cuDNN fused attention for prompts from position 0),
-decode_attention.py (one new token per row against the KV cache, read in place),
+decode_attention.py (one new token per row against the KV cache, read in place, the key
+splits merged by the last program), dequantize.py (FP8 [out, in] -> a transposed bf16 copy for
+prefill),
 qk_prologue.py (decode: q/k norm + RoPE + q padding in one kernel),
 router.py (MoE routing at decode: router logits read in place, softmax + top-k fused),
 sharded.py (the same kernels per device under shard_map on a mesh), tune.py (microbenchmarks
@@ -143,8 +145,8 @@ def fp8_gemm() -> str:
 #     per layer for ~1.3 us more gemv time: H200 batch 1 bf16 -0.085 ms, FP8 -0.10 ms per step.
 #   "swiglu": into the MoE down gemv, where gate/up ran unsplit (moe_ffn.py): H200 batch 8 bf16
 #     -0.29 ms. With split partials it cost more (FP8 batch 1 +0.19 ms), so it is skipped there.
-# Decode attention's key-split combine was measured slower in o_proj's x load in both forms tried
-# (runs 16 and 24), so it stays an XLA fusion and is not an option here.
+# Decode attention's key-split merge was measured slower in o_proj's x load in both forms tried
+# (runs 16 and 24); it runs in the attention kernel itself (decode_attention.COMBINE, run 40).
 X_LOADS_ALL = ("norm", "swiglu")
 X_LOADS = {"norm", "swiglu"}
 
