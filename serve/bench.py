@@ -567,8 +567,8 @@ def summary_text(res: dict, markdown: bool) -> str:
         + ("" if cfg["layers"] == cfg["full_layers"] else
            " (per-layer costs scale with layers; lm_head and embedding do not)")
         + f", mesh {cfg['mesh']}, context {res['context']}",
-        f"ceilings (this run): copy {c['bandwidth'] / 1e12:.3f} TB/s (read+write of {c['copy_bytes'] / 2**30:.1f} GiB), "
-        f"bf16 matmul {c['matmul_flops'] / 1e12:.1f} TFLOP/s ({c['matmul_n']}^3)",
+        f"ceilings (this run, best call of each): copy {c['bandwidth'] / 1e12:.3f} TB/s (read+write of "
+        f"{c['copy_bytes'] / 2**30:.1f} GiB), bf16 matmul {c['matmul_flops'] / 1e12:.1f} TFLOP/s ({c['matmul_n']}^3)",
         f"startup: create {res['create_s']:.1f} s + first decode compile {res.get('first_compile_s', 0):.1f} s",
     ]
     sep = "\n\n" if markdown else "\n"

@@ -72,7 +72,7 @@ def test_markdown_rows_for_benchmarks_md(tiny_run, capsys):
     assert "| kernels | batch | ms/step | tok/s | floor ms | % of floor |" in text
     assert "| kernels | prompt | ms (TTFT) |" in text
     assert text.count("\n| off | ") == 3   # two decode rows, one prefill row
-    assert "2 of 2 layers" in text and "ceilings (this run)" in text
+    assert "2 of 2 layers" in text and "ceilings (this run, best call of each)" in text
 
 
 def test_layers_option_keeps_shapes_and_says_so():

@@ -14,7 +14,8 @@ not fit next to the weights (benchmarks/NOTES.md, run 2). Here each program read
     scope, after a CTA barrier, so its stores are visible first); the program that reads
     NS - 1 reads back the NS partials (G real rows only) and writes the [G, Q] output. The
     split-K "semaphore" fix-up of stream-K GEMMs, applied to flash-decoding. It saves the
-    merge's own launches: 4 XLA kernels per layer (~5.4 us on an H200, run 35's profile).
+    merge's 3 XLA kernels per layer (~4 us on an H200) for a ~2.5 us tail on the last program
+    (fence, atomic, read-back): FP8 batch 1 -1.5%, batch 8 level (runs 39-40 in NOTES.md).
   "xla": a few XLA ops after the kernel (combine_splits). A separate one-kernel Pallas merge was
     measured slower (run 6 in benchmarks/NOTES.md), and so was the merge in o_proj's x load, in
     two forms (runs 16 and 24).
@@ -108,8 +109,9 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
     def merge(bi, hi, acc_ref, m_ref, l_ref, o_ref):
         """The last program of (bi, hi): the splits' partials (rows 0..G-1) -> o_ref rows
         hi*G..hi*G+G-1. Every load is issued before any arithmetic, so the read-back is one
-        round trip to L2. Plain loads: the acquiring atomic and the CTA barrier Triton puts after
-        a scalar atomic (to share its result) order them after the other programs' stores."""
+        round trip to L2 (run 40: the tail cost the same as with two; the fence and the atomic
+        dominate it). Plain loads: the acquiring atomic and the CTA barrier Triton puts after a
+        scalar atomic (to share its result) order them after the other programs' stores."""
         chunks = [(pl.ds(c, ch), pl.ds(0, g)) for c in range(0, splits, ch)]
         ms = [m_ref[bi, hi, *c] for c in chunks]                                             # [CH, G] each
         ls = [l_ref[bi, hi, *c] for c in chunks]

@@ -5,7 +5,8 @@ beats converting FP8 in the matmul's registers (kernels.FP8_DEQUANTIZE_MIN_ROWS)
 FP8 experts [E, N, K] (fp8.NK_ORDER) and the bf16 grouped matmul wants [E, K, N] tiles (run 38 in
 benchmarks/NOTES.md: [E, N, K] tiles were 5% slower at 8k tokens). XLA's fused dequantize +
 transpose writes the copy with strided accesses: 8k-token prefill took 215.7 ms against 198.7 ms
-when the weights were stored [E, K, N] (H200, run 35). Here each program reads an 8-bit [bn, bk]
+when the weights were stored [E, K, N] (H200, run 35); with this kernel, 201.3 ms (run 41).
+Here each program reads an 8-bit [bn, bk]
 tile row-contiguous, scales it in float32, and writes the transposed [bk, bn] tile
 row-contiguous; Triton moves the tile through shared memory for the transpose.
 
