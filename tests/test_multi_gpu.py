@@ -9,6 +9,7 @@ prefill and a decode step match one card to bf16 precision, with every kernel ca
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -72,16 +73,19 @@ def test_kernels_per_device_match_one_card(mesh, fp8):
     skip_unless_cards_for(mesh)
     cfg = small_config(fp8)
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (4, 12)), jnp.int32)
-    outs, calls = [], []
+    outs, names = [], []
     with kernels.kernels_enabled(True):
         for m in (qwen3_jax.random_model(cfg, seed=3), qwen3_jax.random_model(cfg, mesh=mesh, seed=3)):
             m = with_distinct_norms(m)
             fn = prefill_then_decode(m, tokens, 32)
-            calls.append(str(jax.make_jaxpr(fn)(m.state, tokens)).count("pallas_call"))
+            names.append(set(re.findall(r"name=(qwen3_\w+)", str(jax.make_jaxpr(fn)(m.state, tokens)))))
             outs.append([np.asarray(a, np.float64) for a in jax.jit(fn)(m.state, tokens)])
     errs = [np.linalg.norm(b - a) / np.linalg.norm(a) for a, b in zip(*outs)]
-    print(f"{mesh} fp8={fp8} kernels: rel err prefill {errs[0]:.2e} decode {errs[1]:.2e}, calls {calls}")
-    # Every kernel of one card runs per device; local shapes can let more calls take a kernel
-    # (e.g. bf16 prefill rows split over data-parallel groups fall under the gemv row limit).
-    assert calls[0] >= 7 and calls[1] >= calls[0]
+    print(f"{mesh} fp8={fp8} kernels: rel err prefill {errs[0]:.2e} decode {errs[1]:.2e}, kernels {names}")
+    # The decode attention, gemv and grouped-matmul kernels run per device as on one card; the
+    # decode fusions of one device only (the q/k prologue, the routing kernels with their gemv:
+    # kernels/__init__.py) do not, so the two sets differ by those.
+    fp8_tag = "_fp8" if fp8 else ""
+    per_device = {"qwen3_decode_attention", "qwen3_gemv_dot" + fp8_tag, "qwen3_grouped_matmul" + fp8_tag}
+    assert per_device <= names[0] and per_device <= names[1], names
     assert max(errs) < 2e-2        # bf16 rounding: 0.7-0.9% on 4 H100s; a wrong layer ~4% (test_kernels)
