@@ -214,9 +214,8 @@ def _einsum_w_per_device(eq, x, full: Weight, layer, ctx):
     x_axes = tuple(_LETTER_AXES[c] for c in xs)
     out_axes = tuple(_LETTER_AXES[c] for c in out)
     w_axes = tuple(full.w.get_metadata()["logical_axes"])
-    if full.nk:   # stored [out..., in...]: the weight's letters in storage order
-        n_in = full.nk_split[1]
-        ws = ws[n_in:] + ws[:n_in]
+    if full.nk:   # the weight's letters in storage order ([lead, out, in])
+        ws = "".join(ws[a] for a in full._stored_order(len(ws)))
     contracted = [1 + ws.index(c) for c in ws if c in xs and c not in out]   # +1: the layers dim
     psum_over = kernels.sharded.mesh_axes_of(ctx, w_axes, full.w.shape, contracted)
     sizes = dict(zip(xs, x.shape)) | dict(zip(ws, full.w.shape[1:]))

@@ -270,7 +270,7 @@ def read_meta(path: str) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{meta_path} is unreadable ({e}); the checkpoint copy is damaged, copy it again") from e
     version = meta.get("format_version")
-    if version != FORMAT_VERSION and not (version == 1 and not meta.get("fp8")):   # v2 changed FP8 experts only
+    if version != FORMAT_VERSION and not (version == 1 and not meta.get("fp8")):   # v2 changed FP8 weights only
         raise CheckpointError(f"{path} is Orbax checkpoint format version {version}; this qwen3_jax reads version "
                               f"{FORMAT_VERSION}; convert the Hugging Face checkpoint again")
     if meta.get("kv_rep") != 1:

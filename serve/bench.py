@@ -779,32 +779,31 @@ def _decode_knobs(args, cfg):
         for cfg in grouped_matmul.MATMUL_DEFAULTS.values():
             cfg["convert"] = convert
 
-    unknown = [k for k in listed(args.fp8_gemm) if k is not None and k not in kernels.FP8_GEMM]
-    if unknown:
-        raise ValueError(f"--fp8-gemm {','.join(unknown)}: unknown; use {', '.join(sorted(kernels.FP8_GEMM))}")
-    unknown = [k for k in listed(args.attention_combine) if k not in (None, *decode_attention.COMBINES)]
-    if unknown:
-        raise ValueError(f"--attention-combine {','.join(unknown)}: unknown; use "
-                         f"{' or '.join(decode_attention.COMBINES)}")
-    unknown = [k for k in listed(args.fp8_copy) if k not in (None, *dequantize.COPIES)]
-    if unknown:
-        raise ValueError(f"--fp8-copy {','.join(unknown)}: unknown; use {' or '.join(dequantize.COPIES)}")
-    unknown = [k for k in listed(args.fp8_matmul) if k not in (None, "cast", "f16")]
-    if unknown:
-        raise ValueError(f"--fp8-matmul {','.join(unknown)}: unknown; use cast or f16")
+    def choices(flag, text, allowed):
+        """listed(text), every value one of `allowed`, else a ValueError naming the flag."""
+        values = listed(text)
+        unknown = [v for v in values if v is not None and v not in allowed]
+        if unknown:
+            raise ValueError(f"{flag} {','.join(unknown)}: unknown; use {', '.join(allowed[:-1])} or {allowed[-1]}")
+        return values
+
+    gemm = choices("--fp8-gemm", args.fp8_gemm, sorted(kernels.FP8_GEMM))
+    merge = choices("--attention-combine", args.attention_combine, decode_attention.COMBINES)
+    copy = choices("--fp8-copy", args.fp8_copy, dequantize.COPIES)
+    fp8_matmul = choices("--fp8-matmul", args.fp8_matmul, ("cast", "f16"))
 
     return [
-        ("", listed(args.fp8_gemm) if cfg.fp8 else [None], kernels.fp8_gemm, put_gemm, True),
+        ("", gemm if cfg.fp8 else [None], kernels.fp8_gemm, put_gemm, True),
         ("unroll ", listed(args.decode_unroll, int), *module_value(model_mod, "DECODE_UNROLL"), False),
         ("x ", listed(args.x_loads), lambda: "+".join(sorted(kernels.X_LOADS)) or "none",
          lambda v: kernels.set_x_loads([n for n in v.split("+") if n and n != "none"]), False),
         ("prologue ", listed(args.prologue_programs, int), *module_value(qk_prologue, "TARGET_PROGRAMS"), False),
-        ("merge ", listed(args.attention_combine), *module_value(decode_attention, "COMBINE"), True),
-        ("fp8-matmul ", listed(args.fp8_matmul) if cfg.fp8 else [None],
+        ("merge ", merge, *module_value(decode_attention, "COMBINE"), True),
+        ("fp8-matmul ", fp8_matmul if cfg.fp8 else [None],
          lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"], put_fp8_matmul, True),
         ("fp8-dequantize ", listed(args.fp8_dequantize_rows, int) if cfg.fp8 else [None],
          *module_value(kernels, "FP8_DEQUANTIZE_MIN_ROWS"), True),
-        ("fp8-copy ", listed(args.fp8_copy) if cfg.fp8 else [None], *module_value(dequantize, "COPY"), True),
+        ("fp8-copy ", copy if cfg.fp8 else [None], *module_value(dequantize, "COPY"), True),
     ]
 
 

@@ -417,9 +417,9 @@ def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768
             ref = None
             for v in variants or SHAPE_VARIANTS:
                 # the projections' own tile overrides under the variant: "default" is what the model runs
-                proj = projection_tiles(fp8, layout) if name in ("qkv", "o_proj") else {}
-                cfg = {**proj, **base, **{a: b for a, b in v.items() if a != "w_nk"}}
                 w_nk = v.get("w_nk", False)   # a storage order, not a tile: the weights are transposed
+                proj = projection_tiles(fp8, layout, w_nk) if name in ("qkv", "o_proj") else {}
+                cfg = {**proj, **base, **{a: b for a, b in v.items() if a != "w_nk"}}
                 t = gemv_tiles(kk, widths if len(widths) > 1 and not pair else widths[0], rows, fp8, layout, 128,
                                w_nk=w_nk, **cfg)   # over GEMV_DEFAULTS, GEMV_LAYOUT_DEFAULTS, GEMV_NK_DEFAULTS
                 if t is None:
