@@ -1,9 +1,12 @@
 """Kernel sweeps at 30B-A3B shapes (GPU only):
   gemv: device time of every decode gemv shape (batch 1) with the weights stored [G, K, N] or
     [G, N, K] (kernels.gemv w_nk; runs 22 and 32 in NOTES.md), per tile variant;
-  prefill: an 8k-token FP8 MoE layer per grouped-matmul variant (MMA dtype, tiles; run 27).
+  prefill: an FP8 MoE layer of an 8k-token (or --tokens) prompt per grouped-matmul variant (MMA
+    dtype, tiles, the MMA's left operand; runs 27 and 47), the experts stored [E, in, out] or
+    with --nk [E, out, in].
 
     python benchmarks/gemv_sweeps.py gemv,prefill [--kinds bf16,w8a16,w8a8] [--variants JSON]
+    python benchmarks/gemv_sweeps.py prefill --nk --tokens 1024,8192 --prefill-variants '[{}, {"w_lhs": true}]'
 """
 
 import argparse
@@ -28,6 +31,11 @@ def main(argv=None):
     p.add_argument("--variants", default=None,
                    help='gemv: a JSON list of tile overrides, e.g. \'[{}, {"w_nk": true, "bk": 128}]\' '
                         "(default: ORDER_VARIANTS)")
+    p.add_argument("--tokens", default="8192", help="prefill: prompt lengths, comma-separated")
+    p.add_argument("--nk", action="store_true", help="prefill: FP8 experts stored [E, out, in], as the model holds them")
+    p.add_argument("--prefill-variants", default=None,
+                   help='prefill: a JSON list of "large" grouped-matmul overrides, e.g. \'[{}, {"w_lhs": true}]\' '
+                        "(default: tune.PREFILL_FP8_VARIANTS)")
     args = p.parse_args(argv)
     log = lambda m: print(m, flush=True)   # noqa: E731
     ceil = measure_ceilings(True, reps=20)
@@ -37,7 +45,10 @@ def main(argv=None):
             variants = json.loads(args.variants) if args.variants else ORDER_VARIANTS
             tune.sweep_gemv_shapes(ceil["bandwidth"], kinds=tuple(args.kinds.split(",")), variants=variants, log=log)
         elif what == "prefill":
-            tune.sweep_prefill_matmul(ceil["matmul_flops"], log=log)
+            variants = json.loads(args.prefill_variants) if args.prefill_variants else None
+            for tokens in (int(t) for t in args.tokens.split(",")):
+                log(f"prefill {tokens} tokens{' (nk)' if args.nk else ''}")
+                tune.sweep_prefill_matmul(ceil["matmul_flops"], tokens=tokens, variants=variants, nk=args.nk, log=log)
         else:
             raise SystemExit(f"unknown sweep {what!r}; use gemv or prefill")
 

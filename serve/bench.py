@@ -81,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--fp8-matmul", default="",
                    help="FP8 models: the grouped matmul's MMA dtype (prefill, large batches) to time, "
                         "comma-separated: cast (x's dtype), f16 (default: the library's)")
+    p.add_argument("--fp8-matmul-lhs", default="",
+                   help="FP8 models stored [out, in]: the grouped matmul's left MMA operand to time, "
+                        "comma-separated: x (the activations), w (the weight tile) (default: the library's)")
     p.add_argument("--fp8-dequantize-rows", default="",
                    help="FP8 models: rows per weight from which XLA dequantizes to bf16 for the matmul "
                         "(prefill), comma-separated; 0 = never (default: the library's)")
@@ -779,6 +782,10 @@ def _decode_knobs(args, cfg):
         for cfg in grouped_matmul.MATMUL_DEFAULTS.values():
             cfg["convert"] = convert
 
+    def put_fp8_lhs(side):   # both block sizes
+        for cfg in grouped_matmul.MATMUL_DEFAULTS.values():
+            cfg["w_lhs"] = side == "w"
+
     def choices(flag, text, allowed):
         """listed(text), every value one of `allowed`, else a ValueError naming the flag."""
         values = listed(text)
@@ -791,6 +798,7 @@ def _decode_knobs(args, cfg):
     merge = choices("--attention-combine", args.attention_combine, decode_attention.COMBINES)
     copy = choices("--fp8-copy", args.fp8_copy, dequantize.COPIES)
     fp8_matmul = choices("--fp8-matmul", args.fp8_matmul, ("cast", "f16"))
+    fp8_lhs = choices("--fp8-matmul-lhs", args.fp8_matmul_lhs, ("x", "w"))
 
     return [
         ("", gemm if cfg.fp8 else [None], kernels.fp8_gemm, put_gemm, True),
@@ -801,6 +809,8 @@ def _decode_knobs(args, cfg):
         ("merge ", merge, *module_value(decode_attention, "COMBINE"), True),
         ("fp8-matmul ", fp8_matmul if cfg.fp8 else [None],
          lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"], put_fp8_matmul, True),
+        ("fp8-lhs ", fp8_lhs if cfg.fp8 else [None],
+         lambda: "w" if grouped_matmul.MATMUL_DEFAULTS["large"].get("w_lhs") else "x", put_fp8_lhs, True),
         ("fp8-dequantize ", listed(args.fp8_dequantize_rows, int) if cfg.fp8 else [None],
          *module_value(kernels, "FP8_DEQUANTIZE_MIN_ROWS"), True),
         ("fp8-copy ", copy if cfg.fp8 else [None], *module_value(dequantize, "COPY"), True),

@@ -281,6 +281,30 @@ def test_grouped_matmul_reads_weights_stored_n_by_k(layout, convert):
     assert rel(np.asarray(got)[rows], np.asarray(want)[rows]) < 1e-6
 
 
+def test_grouped_matmul_weight_as_left_operand():
+    """w_lhs: the transposed tile product W x^T, stored transposed, equals the x-left product
+    (layout "k" gate/up pair with the silu, layout "n" single), and needs [G, N, K] storage."""
+    rng = np.random.default_rng(8)
+    bm, block = 16, 64
+    x = jnp.asarray(rng.standard_normal((3 * bm, 128)), jnp.float16)
+    groups = jnp.array([1, 0, -1])
+    rows = np.r_[0:2 * bm]   # block 2 is skipped: its rows are never written
+    kw = dict(bm=bm, block=block, bn=32, bk=32, convert="f16", w_nk=True)
+    w8, sk = fp8_weights(rng, (2, 128, 64), 1, block)
+    u8, su = fp8_weights(rng, (2, 128, 64), 1, block)
+    pair = ((jnp.swapaxes(w8, 1, 2), jnp.swapaxes(u8, 1, 2)), (sk, su))
+    want = np.asarray(grouped_matmul(x, groups, *pair, layout="k", **kw), np.float64)[rows]
+    got = np.asarray(grouped_matmul(x, groups, *pair, layout="k", w_lhs=True, **kw), np.float64)[rows]
+    assert rel(got, want) < 4e-3   # bf16-rounded h: an ulp apart at most where the sums' order differs
+    w8n, sn = fp8_weights(rng, (2, 128, 64), 2, block)
+    single = ((jnp.swapaxes(w8n, 1, 2),), (sn,))
+    want = np.asarray(grouped_matmul(x, groups, *single, layout="n", **kw))[rows]
+    got = np.asarray(grouped_matmul(x, groups, *single, layout="n", w_lhs=True, **kw))[rows]
+    assert rel(got, want) < 1e-6
+    with pytest.raises(ValueError, match="needs weights stored"):
+        grouped_matmul(x, groups, (w8n,), (sn,), layout="n", w_lhs=True, **dict(kw, w_nk=False))
+
+
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float16])
 def test_grouped_matmul_fp8_through_the_f16_mma(x_dtype):
     """convert="f16": FP8 tiles converted to f16 (layout "n": times the row scale in f16), x
@@ -745,21 +769,32 @@ def test_decode_attention_lowers_to_triton_for_30b_cache():
 # -- GPU: compiled kernels against the plain-XLA path -------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp8", [False, "w8a16", "w8a8", "w8a16-nk"])
+@pytest.mark.parametrize("fp8", [False, "w8a16", "w8a8", "w8a16-nk", "w8a16-nk-lhs"])
 @pytest.mark.parametrize("n", [1, 8, 64, 512])
 def test_gpu_moe_ffn_matches_xla_at_30b_layer_shapes(fp8, n):
+    """-nk: experts stored [E, out, in]; -lhs: the grouped matmul (n >= 64) with the weight as
+    the MMA's left operand."""
+    from qwen3_jax.kernels.grouped_matmul import MATMUL_DEFAULTS
+
     rng = np.random.default_rng(n)
+    lhs = bool(fp8) and fp8.endswith("-lhs")
+    fp8 = fp8 and fp8.removesuffix("-lhs")
     nk = bool(fp8) and fp8.endswith("-nk")
     fp8 = fp8 and fp8.removesuffix("-nk")
     x, weights, experts, arrays, want = _moe_case(rng, bool(fp8), n=n, e=32, d=2048, f=768, k=8, block=128, nk=nk)
     before = kernels.fp8_gemm()
+    lhs_before = {name: cfg["w_lhs"] for name, cfg in MATMUL_DEFAULTS.items()}
     if fp8:
         kernels.set_fp8_gemm(fp8)
+    for cfg in MATMUL_DEFAULTS.values():
+        cfg["w_lhs"] = lhs
     try:
         got = moe_ffn(x, weights, experts, arrays)
     finally:
         if before in kernels.FP8_GEMM:
             kernels.set_fp8_gemm(before)
+        for name, v in lhs_before.items():
+            MATMUL_DEFAULTS[name]["w_lhs"] = v
     # w8a8 on the gemv path (n <= 16): e4m3 activations, ~3% per product on random data
     assert rel(got, want) < (6e-2 if fp8 == "w8a8" and n <= 16 else 1e-2)
 
@@ -925,19 +960,21 @@ def test_gpu_model_with_kernels_matches_plain_xla_prefill_and_decode():
             assert rel(b, e) < max(1.5 * rel(a, e), 5e-3), (fp8, rel(b, e), rel(a, e))
 
 
-def test_prefill_matmul_sweep_times_the_fp8_kernel_and_the_dequantized_copy():
+@pytest.mark.parametrize("nk", [False, True])
+def test_prefill_matmul_sweep_times_the_fp8_kernel_and_the_dequantized_copy(nk):
     """benchmarks/gemv_sweeps.py prefill's logic on tiny shapes (interpret mode, large-block tiles
     via 64 rows per expert): each FP8 variant runs the FP8 kernel, one row the bf16 copy, all agree
-    with XLA, and kernels.FP8_DEQUANTIZE_MIN_ROWS is restored."""
+    with XLA, and kernels.FP8_DEQUANTIZE_MIN_ROWS is restored. nk: experts stored [E, out, in],
+    where the weight can be the MMA's left operand."""
     from qwen3_jax.kernels import tune
 
     before = kernels.FP8_DEQUANTIZE_MIN_ROWS
+    second = dict(convert="f16", bk=128, w_lhs=True) if nk else dict(convert="f16", bk=128)
     with kernels.kernels_enabled(True):
         rows = tune.sweep_prefill_matmul(1e12, e=4, d=256, f=128, k=2, layers=1, tokens=128, reps=1,
-                                         variants=[dict(convert="cast"), dict(convert="f16", bk=128)],
-                                         log=lambda s: None)
+                                         variants=[dict(convert="cast"), second], nk=nk, log=lambda s: None)
     assert [(r["kind"], r["variant"]) for r in rows] == [("bf16", "default"), ("fp8", "convert=cast"),
-                                                         ("fp8", "convert=f16,bk=128"), ("fp8", "dequantized=bf16")]
+                                                         ("fp8", tune._fmt(second)), ("fp8", "dequantized=bf16")]
     assert all(r["rel_err"] < 1e-2 for r in rows) and kernels.FP8_DEQUANTIZE_MIN_ROWS == before
 
 

@@ -22,6 +22,12 @@ tile by its per-row scale in f16 (the dequantized weight to 11 bits rather than 
 block scale is amax / 448, below f16's smallest normal (6e-5) for a block whose largest weight
 is under 0.027, so the scale is pre-multiplied by 2^10 (gemv's trick) and the float32 product
 divided by it, exactly.
+w_lhs=True (weights stored [G, N, K] only): the MMA computes the transposed tile, W [bn, bk] x
+x^T [bk, bm] -> [bn, bm], stored transposed. The weight, converted in registers, is then the
+MMA's left operand, which Hopper's wgmma takes from registers (its right operand must come from
+shared memory, so a converted right operand costs a trip through shared memory or the older
+mma.sync), and the tile's MMA height is bn rather than bm (wgmma needs 64 rows: decode blocks of
+16-32 rows fill it only this way). Same products, same float32 accumulation per K step.
 """
 
 from __future__ import annotations
@@ -40,15 +46,18 @@ F16_SCALE_PRE = 1024.0   # keeps an FP8 block scale a normal f16 number (module 
 
 
 @functools.partial(jax.jit, static_argnames=("bm", "layout", "block", "bn", "bk", "num_warps",
-                                             "num_stages", "convert", "w_nk", "interpret"))
+                                             "num_stages", "convert", "w_nk", "w_lhs", "interpret"))
 def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", block=128, bn=64, bk=64,
-                   num_warps=4, num_stages=3, convert="cast", w_nk=False, interpret=None):
+                   num_warps=4, num_stages=3, convert="cast", w_nk=False, w_lhs=False, interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
     if w_nk:
         n_dim, k_dim = k_dim, n_dim
-    dims = (((1,), (1 if w_nk else 0,)), ((), ()))   # x tile [bm, bk] against the weight tile as stored
+    if w_lhs and not w_nk:
+        raise ValueError("w_lhs=True (the weight as the MMA's left operand) needs weights stored [G, N, K] (w_nk=True)")
+    # x tile [bm, bk] against the weight tile as stored; w_lhs: weight tile [bn, bk] against x's
+    dims = (((1,), (1,)), ((), ())) if w_nk else (((1,), (0,)), ((), ()))
     r_count = x_rk.shape[0]
     nb = groups_b.shape[0]
     fp8 = len(scales) > 0
@@ -86,13 +95,15 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
                     else:
                         w = w_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)]     # [bk, bn]
 
-                    def dot(w):
-                        return jax.lax.dot_general(xt, w.astype(mdt), dims, preferred_element_type=jnp.float32)
+                    def dot(w):   # [bm, bn], or with w_lhs [bn, bm]
+                        a, b = (w.astype(mdt), xt) if w_lhs else (xt, w.astype(mdt))
+                        return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
                     def by_k(col):   # a per-K-row scale against the tile as stored
                         return col[None, :] if w_nk else col[:, None]
                     if fp8 and layout == "k":
-                        acc = acc + dot(w) * s_refs[i][g, k0 // block, pl.ds(n0, bn)][None, :]
+                        col = s_refs[i][g, k0 // block, pl.ds(n0, bn)]
+                        acc = acc + dot(w) * (col[:, None] if w_lhs else col[None, :])
                     else:
                         if fp8 and mdt == jnp.float16:
                             col = (s_refs[i][g, pl.ds(k0, bk), n0 // block] * pre).astype(mdt)
@@ -105,7 +116,9 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
                 return tuple(out)
 
             accs = jax.lax.fori_loop(0, steps, body,
-                                     tuple(jnp.zeros((bm, bn), jnp.float32) for _ in w_refs))
+                                     tuple(jnp.zeros((bn, bm) if w_lhs else (bm, bn), jnp.float32) for _ in w_refs))
+            if w_lhs:
+                accs = tuple(acc.T for acc in accs)
             if pre != 1.0:
                 accs = tuple(acc * (1.0 / pre) for acc in accs)
             if pair:
@@ -133,14 +146,17 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
 # convert: the FP8 MMA dtype (grouped_matmul's convert; ignored for bf16 weights). Runs 26-27
 # (H200, benchmarks/NOTES.md), "f16" against "cast": FP8 8k prefill 287.8 -> 274.6 ms, batch-64
 # decode 23.76 -> 21.54 ms, an 8k MoE layer 3758 -> 3442 us (bf16 weights: 2152 us).
+# w_lhs: FP8 weights stored [G, N, K] only (the weight as the MMA's left operand; module doc).
 MATMUL_DEFAULTS = {
-    "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="f16"),
-    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="f16"),
+    "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="f16", w_lhs=False),
+    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="f16", w_lhs=False),
 }
 
 
-def matmul_tiles(k_dim: int, n_dim: int, bm: int, fp8: bool, layout: str, block: int, **override):
-    """grouped_matmul keyword arguments (besides bm) for this shape, or None if nothing divides."""
+def matmul_tiles(k_dim: int, n_dim: int, bm: int, fp8: bool, layout: str, block: int, *, w_nk: bool = False,
+                 **override):
+    """grouped_matmul keyword arguments (besides bm and w_nk) for this shape, or None if nothing
+    divides."""
     from . import pick_tile
     cfg = {**MATMUL_DEFAULTS["large" if bm >= 64 else "small"], **override}
     bn, bk = cfg["bn"], cfg["bk"]
@@ -149,4 +165,4 @@ def matmul_tiles(k_dim: int, n_dim: int, bm: int, fp8: bool, layout: str, block:
     if bn_t is None or bk_t is None:
         return None
     return dict(bn=bn_t, bk=bk_t, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                convert=cfg["convert"] if fp8 else "cast")
+                convert=cfg["convert"] if fp8 else "cast", w_lhs=bool(cfg.get("w_lhs")) and fp8 and w_nk)

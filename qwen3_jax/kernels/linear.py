@@ -155,7 +155,7 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     while bm < 128 and bm < m:
         bm *= 2
     nb = -(-m // bm)
-    t = matmul_tiles(k_dim, n_dim, bm, fp8, layout, block)
+    t = matmul_tiles(k_dim, n_dim, bm, fp8, layout, block, w_nk=w_nk)
     if t is None:
         return None
     # One group means parallelism only from row blocks x column tiles: narrow the columns (and

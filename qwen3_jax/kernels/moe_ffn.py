@@ -95,8 +95,8 @@ def supported(arrays: ExpertArrays, assignments: int) -> bool:
         return (gemv_tiles(d, f, assignments, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk) is not None
                 and gemv_tiles(f, d, assignments, arrays.fp8, "n", arrays.block, w_nk=arrays.w_nk) is not None)
     bm = block_rows(assignments, arrays.num_experts)
-    return (matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block) is not None
-            and matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block) is not None)
+    return (matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk) is not None
+            and matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block, w_nk=arrays.w_nk) is not None)
 
 
 def moe_ffn(x_nd, weights_nk, experts_nk, arrays: ExpertArrays, first_expert=0, *, strategy=None, groups=None,
@@ -166,12 +166,12 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
     bm = block_rows(a, arrays.num_experts)
     blk = expert_blocks(experts_nk, arrays.num_experts, bm, first_expert)
     groups = jnp.where(blk.groups >= 0, blk.groups + arrays.offset, -1)
-    t1 = matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block)
+    t1 = matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk)
     # f16 MMA (FP8 weights): x converted once here, not per tile in the kernel; h comes out f16
     xs = materialize(x_nd).astype(jnp.float16 if t1["convert"] == "f16" else x_nd.dtype)[blk.rows]   # [R, D]
     h = grouped_matmul(xs, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
                        bm=bm, layout="k", block=arrays.block, w_nk=arrays.w_nk, **t1)   # [R, F]
-    t2 = matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block)
+    t2 = matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block, w_nk=arrays.w_nk)
     y = grouped_matmul(h, groups, (arrays.down,), _scales(arrays, "down"),
                        bm=bm, layout="n", block=arrays.block, w_nk=arrays.w_nk, **t2)   # [R, D] f32
     return y[blk.pos], blk.here

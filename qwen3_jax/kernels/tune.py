@@ -10,6 +10,8 @@ Weight arrays are jit arguments (a closed-over array would be baked into the exe
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import statistics
 import time
 
@@ -147,7 +149,7 @@ def moe_layer_fn(arrays, strategy, gemv_cfg=None, matmul_cfg=None, layers=1):
 
     def layer_fn(x, w, experts, t, layer):
         with _override(gemv_cfg, matmul_cfg):
-            arr = moe_mod.ExpertArrays(*t, block=block, num_experts=e, offset=layer * e)
+            arr = moe_mod.ExpertArrays(*t, block=block, num_experts=e, offset=layer * e, w_nk=arrays.w_nk)
             return moe_mod.moe_ffn(x, w, experts, arr, strategy=strategy)
     return _over_layers(layer_fn, layers)
 
@@ -290,11 +292,13 @@ PREFILL_FP8_VARIANTS = [dict(convert="cast"), dict(convert="f16"), dict(convert=
 
 
 def sweep_prefill_matmul(matmul_rate: float, *, e=128, d=2048, f=768, k=8, layers=4, tokens=8192,
-                         variants=None, log=print, reps=5):
+                         variants=None, nk=False, log=print, reps=5):
     """One FP8 MoE layer of a `tokens` prompt on the blocks path per "large" matmul variant
     (grouped_matmul tiles and FP8 MMA dtype; kernels.FP8_DEQUANTIZE_MIN_ROWS off, so the FP8
     kernel runs), then through the dequantized bf16 copy, against bf16 weights with the defaults:
-    time per layer, % of the matmul rate, error against the plain-XLA layer. -> rows of dicts."""
+    time per layer, % of the matmul rate, error against the plain-XLA layer. -> rows of dicts.
+    nk: the FP8 experts stored [E, out, in], as the model holds them (the reference reads the
+    same values in [E, in, out])."""
     from .. import kernels
     rows = []
     saved = kernels.FP8_DEQUANTIZE_MIN_ROWS
@@ -303,6 +307,11 @@ def sweep_prefill_matmul(matmul_rate: float, *, e=128, d=2048, f=768, k=8, layer
         w, ex = routing(jax.random.key(100 + tokens), tokens, e, k)
         sets = (jax.random.normal(jax.random.key(7), (tokens, d), jnp.bfloat16), w, ex, _tensors(arrays))
         ref = np.asarray(xla_layer_fn(arrays, layers)(*sets), np.float64)
+        if fp8 and nk:
+            sw = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+            arrays = dataclasses.replace(arrays, gate=sw(arrays.gate), up=sw(arrays.up), down=sw(arrays.down),
+                                         w_nk=True)
+            sets = sets[:3] + (_tensors(arrays),)
         cases = [(v, 0) for v in variants or PREFILL_FP8_VARIANTS] + [({}, 1)] if fp8 else [({}, saved)]
         for v, min_rows in cases:
             fn = moe_layer_fn(arrays, "blocks", None, {"large": v}, layers=layers)
