@@ -82,7 +82,7 @@ def parse_args(argv=None):
                    help="FP8 models: the grouped matmul's MMA dtype (prefill, large batches) to time, "
                         "comma-separated: cast (x's dtype), f16 (default: the library's)")
     p.add_argument("--fp8-matmul-lhs", default="",
-                   help="FP8 models stored [out, in]: the grouped matmul's left MMA operand to time, "
+                   help="FP8 models stored [out, in]: the prefill grouped matmul's left MMA operand to time, "
                         "comma-separated: x (the activations), w (the weight tile) (default: the library's)")
     p.add_argument("--fp8-dequantize-rows", default="",
                    help="FP8 models: rows per weight from which XLA dequantizes to bf16 for the matmul "
@@ -782,9 +782,8 @@ def _decode_knobs(args, cfg):
         for cfg in grouped_matmul.MATMUL_DEFAULTS.values():
             cfg["convert"] = convert
 
-    def put_fp8_lhs(side):   # both block sizes
-        for cfg in grouped_matmul.MATMUL_DEFAULTS.values():
-            cfg["w_lhs"] = side == "w"
+    def put_fp8_lhs(side):   # prefill-sized blocks, FP8 stored [out, in]
+        grouped_matmul.MATMUL_DEFAULTS["large"]["fp8_nk"]["w_lhs"] = side == "w"
 
     def choices(flag, text, allowed):
         """listed(text), every value one of `allowed`, else a ValueError naming the flag."""
@@ -810,7 +809,7 @@ def _decode_knobs(args, cfg):
         ("fp8-matmul ", fp8_matmul if cfg.fp8 else [None],
          lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"], put_fp8_matmul, True),
         ("fp8-lhs ", fp8_lhs if cfg.fp8 else [None],
-         lambda: "w" if grouped_matmul.MATMUL_DEFAULTS["large"].get("w_lhs") else "x", put_fp8_lhs, True),
+         lambda: "w" if grouped_matmul.MATMUL_DEFAULTS["large"]["fp8_nk"].get("w_lhs") else "x", put_fp8_lhs, True),
         ("fp8-dequantize ", listed(args.fp8_dequantize_rows, int) if cfg.fp8 else [None],
          *module_value(kernels, "FP8_DEQUANTIZE_MIN_ROWS"), True),
         ("fp8-copy ", copy if cfg.fp8 else [None], *module_value(dequantize, "COPY"), True),

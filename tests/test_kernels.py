@@ -783,18 +783,18 @@ def test_gpu_moe_ffn_matches_xla_at_30b_layer_shapes(fp8, n):
     fp8 = fp8 and fp8.removesuffix("-nk")
     x, weights, experts, arrays, want = _moe_case(rng, bool(fp8), n=n, e=32, d=2048, f=768, k=8, block=128, nk=nk)
     before = kernels.fp8_gemm()
-    lhs_before = {name: cfg["w_lhs"] for name, cfg in MATMUL_DEFAULTS.items()}
+    lhs_before = {name: dict(cfg["fp8_nk"]) for name, cfg in MATMUL_DEFAULTS.items()}
     if fp8:
         kernels.set_fp8_gemm(fp8)
     for cfg in MATMUL_DEFAULTS.values():
-        cfg["w_lhs"] = lhs
+        cfg["fp8_nk"]["w_lhs"] = lhs
     try:
         got = moe_ffn(x, weights, experts, arrays)
     finally:
         if before in kernels.FP8_GEMM:
             kernels.set_fp8_gemm(before)
         for name, v in lhs_before.items():
-            MATMUL_DEFAULTS[name]["w_lhs"] = v
+            MATMUL_DEFAULTS[name]["fp8_nk"] = v
     # w8a8 on the gemv path (n <= 16): e4m3 activations, ~3% per product on random data
     assert rel(got, want) < (6e-2 if fp8 == "w8a8" and n <= 16 else 1e-2)
 

@@ -146,10 +146,13 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
 # convert: the FP8 MMA dtype (grouped_matmul's convert; ignored for bf16 weights). Runs 26-27
 # (H200, benchmarks/NOTES.md), "f16" against "cast": FP8 8k prefill 287.8 -> 274.6 ms, batch-64
 # decode 23.76 -> 21.54 ms, an 8k MoE layer 3758 -> 3442 us (bf16 weights: 2152 us).
-# w_lhs: FP8 weights stored [G, N, K] only (the weight as the MMA's left operand; module doc).
+# fp8_nk: overrides for FP8 weights stored [G, N, K] (the model's storage); w_lhs: the weight as
+# the MMA's left operand (module doc). Run 47 (H200, benchmarks/NOTES.md), one FP8 MoE layer of a
+# 1k prompt: bk=64 904.7 us, w_lhs + bk=128 746.8 us (bf16 weights: 693.0 us); decode batches
+# (the "small" blocks) were 10-23% slower with w_lhs.
 MATMUL_DEFAULTS = {
-    "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="f16", w_lhs=False),
-    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="f16", w_lhs=False),
+    "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="f16", fp8_nk={}),
+    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="f16", fp8_nk=dict(w_lhs=True, bk=128)),
 }
 
 
@@ -158,7 +161,8 @@ def matmul_tiles(k_dim: int, n_dim: int, bm: int, fp8: bool, layout: str, block:
     """grouped_matmul keyword arguments (besides bm and w_nk) for this shape, or None if nothing
     divides."""
     from . import pick_tile
-    cfg = {**MATMUL_DEFAULTS["large" if bm >= 64 else "small"], **override}
+    base = MATMUL_DEFAULTS["large" if bm >= 64 else "small"]
+    cfg = {**base, **(base.get("fp8_nk", {}) if fp8 and w_nk else {}), **override}
     bn, bk = cfg["bn"], cfg["bk"]
     bn_t = pick_tile(n_dim, min(bn, block) if fp8 and layout == "n" else bn)
     bk_t = pick_tile(k_dim, min(bk, block) if fp8 and layout == "k" else bk)

@@ -179,8 +179,9 @@ class _override:
                       {k: dict(v) for k, v in gm_mod.MATMUL_DEFAULTS.items()})
         for key, cfg in (self.g or {}).items():
             gemv_mod.GEMV_DEFAULTS[key].update(cfg)
-        for key, cfg in (self.m or {}).items():
-            gm_mod.MATMUL_DEFAULTS[key].update(cfg)
+        for key, cfg in (self.m or {}).items():   # a variant's keys win over the FP8 [N, K] overrides too
+            d = gm_mod.MATMUL_DEFAULTS[key]
+            d.update(cfg, fp8_nk={**d.get("fp8_nk", {}), **cfg})
 
     def __exit__(self, *exc):
         gemv_mod.GEMV_DEFAULTS.clear()
