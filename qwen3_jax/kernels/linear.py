@@ -159,9 +159,11 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     if t is None:
         return None
     # One group means parallelism only from row blocks x column tiles: narrow the columns (and
-    # use 4 warps) until two programs per SM exist, or a k/v projection runs on 4 SMs.
+    # use 4 warps) until two programs per SM exist, or a k/v projection runs on 4 SMs. The weight
+    # as the MMA's left operand needs bn >= 64 (wgmma's height; run 48 in benchmarks/NOTES.md:
+    # with bn=32 it cost batch-64 decode +2.6%).
     while nb * (n_dim // t["bn"]) < TARGET_PROGRAMS and t["bn"] > 32 and n_dim % (t["bn"] // 2) == 0:
-        t = dict(t, bn=t["bn"] // 2, num_warps=4)
+        t = dict(t, bn=t["bn"] // 2, num_warps=4, w_lhs=t["w_lhs"] and t["bn"] // 2 >= 64)
     x2 = materialize(x_mk)
     xp = jnp.pad(x2.astype(jnp.float16) if t["convert"] == "f16" else x2, ((0, nb * bm - m), (0, 0)))
     y = grouped_matmul(xp, jnp.full((nb,), group, jnp.int32), (w_gkn,), scales, bm=bm,
