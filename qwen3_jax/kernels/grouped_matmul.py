@@ -147,9 +147,11 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
 # (H200, benchmarks/NOTES.md), "f16" against "cast": FP8 8k prefill 287.8 -> 274.6 ms, batch-64
 # decode 23.76 -> 21.54 ms, an 8k MoE layer 3758 -> 3442 us (bf16 weights: 2152 us).
 # fp8_nk: overrides for FP8 weights stored [G, N, K] (the model's storage); w_lhs: the weight as
-# the MMA's left operand (module doc). Run 47 (H200, benchmarks/NOTES.md), one FP8 MoE layer of a
-# 1k prompt: bk=64 904.7 us, w_lhs + bk=128 746.8 us (bf16 weights: 693.0 us); decode batches
-# (the "small" blocks) were 10-23% slower with w_lhs.
+# the MMA's left operand (module doc). H200, benchmarks/NOTES.md: one FP8 MoE layer of a 1k prompt
+# (run 48) bk=64 895.0 us, bk=128 804.8, w_lhs + bk=128 780.6 (bf16 weights: 728.0); the model,
+# old -> these overrides -> old in one process (run 50): 1k prefill 40.87 -> 36.41 -> 40.75 ms,
+# 256 17.89 -> 16.58 -> 17.79 ms, decode batch 64 17.68 -> 16.62 -> 17.67 ms (its projections'
+# bm=64 blocks), batch 32 level. Decode-sized blocks were 10-23% slower with w_lhs (run 47).
 MATMUL_DEFAULTS = {
     "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="f16", fp8_nk={}),
     "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="f16", fp8_nk=dict(w_lhs=True, bk=128)),
