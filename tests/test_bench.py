@@ -83,8 +83,8 @@ def test_layers_option_keeps_shapes_and_says_so():
 
 
 def test_variant_flags_time_each_setting_and_restore_the_defaults():
-    """--fp8-gemm, --decode-unroll, --x-loads, --attention-combine and --fp8-matmul time one row
-    per setting (labelled), then put the library's defaults back."""
+    """--fp8-gemm, --decode-unroll, --x-loads, --attention-combine, --fp8-matmul(-lhs) and
+    --fp8-copy time one row per setting (labelled), then put the library's defaults back."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
     from qwen3_jax.kernels import decode_attention, dequantize
@@ -93,19 +93,22 @@ def test_variant_flags_time_each_setting_and_restore_the_defaults():
     def settings():
         return (kernels.fp8_gemm(), model_mod.DECODE_UNROLL, set(kernels.X_LOADS), decode_attention.COMBINE,
                 dequantize.COPY,
-                [c["convert"] for c in MATMUL_DEFAULTS.values()])
+                [(c["convert"], dict(c["fp8_nk"])) for c in MATMUL_DEFAULTS.values()])
 
     before = settings()
     res = bench.main(["--model", "tiny-FP8", "--batch", "1", "--context", "16", "--prefill=", "--steps", "2",
                       "--reps", "1", "--single-step=", "--kernels", "on", "--fp8-gemm", "w8a8",
                       "--decode-unroll", "2", "--x-loads", "none,norm+swiglu", "--attention-combine", "xla",
-                      "--fp8-matmul", "f16", "--fp8-copy", "xla"])
+                      "--fp8-matmul", "f16", "--fp8-matmul-lhs", "x", "--fp8-copy", "xla"])
     labels = [r["kernels"] for r in res["decode"]]
-    assert labels == [f"on w8a8 unroll 2 x {x} merge xla fp8-matmul f16 fp8-copy xla" for x in ("none", "norm+swiglu")]
+    assert labels == [f"on w8a8 unroll 2 x {x} merge xla fp8-matmul f16 fp8-lhs x fp8-copy xla"
+                      for x in ("none", "norm+swiglu")]
     assert all(r["step_ms"] > 0 for r in res["decode"])
     assert settings() == before
     with pytest.raises(ValueError, match="--fp8-matmul bits: unknown"):
         bench.main(["--model", "tiny-FP8", "--batch", "1", "--prefill=", "--fp8-matmul", "bits"])
+    with pytest.raises(ValueError, match="--fp8-matmul-lhs y: unknown; use x or w"):
+        bench.main(["--model", "tiny-FP8", "--batch", "1", "--prefill=", "--fp8-matmul-lhs", "y"])
     with pytest.raises(ValueError, match="--fp8-copy cuda: unknown; use kernel or xla"):
         bench.main(["--model", "tiny-FP8", "--batch", "1", "--prefill=", "--fp8-copy", "cuda"])
     with pytest.raises(ValueError, match="--attention-combine o_proj: unknown; use kernel or xla"):

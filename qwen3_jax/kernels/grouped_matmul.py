@@ -26,8 +26,9 @@ w_lhs=True (weights stored [G, N, K] only): the MMA computes the transposed tile
 x^T [bk, bm] -> [bn, bm], stored transposed. The weight, converted in registers, is then the
 MMA's left operand, which Hopper's wgmma takes from registers (its right operand must come from
 shared memory, so a converted right operand costs a trip through shared memory or the older
-mma.sync), and the tile's MMA height is bn rather than bm (wgmma needs 64 rows: decode blocks of
-16-32 rows fill it only this way). Same products, same float32 accumulation per K step.
+mma.sync), and the tile's MMA height is bn rather than bm (wgmma's is 64). Same products, same
+float32 accumulation per K step. Measured faster for prefill-sized blocks and slower for decode-sized
+ones (MATMUL_DEFAULTS says where it runs).
 """
 
 from __future__ import annotations
