@@ -194,6 +194,7 @@ def _plan_nodes(args):
 
 
 def _serve(args, watchdog=None) -> int:
+    from qwen3_jax import kernels
     from qwen3_jax.config import Qwen3MoeConfig
     from sharding.layout import human_bytes
     from sharding.mesh import check_against_config, parse_mesh_spec
@@ -209,6 +210,7 @@ def _serve(args, watchdog=None) -> int:
     check_against_config(spec, cfg)
     log.info("model %s (%s%s) from %s", name, cfg.name, ", FP8 weights" if cfg.fp8 else "", path)
     log.info(spec.describe())
+    log.info(kernels.describe())
     if watchdog is not None:
         from .distributed import describe
         log.info(describe(args, spec.num_devices))

@@ -7,6 +7,10 @@ machine: `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_kernels.py`.
 """
 
 import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -515,6 +519,55 @@ def test_switch_defaults_off_on_cpu_and_honours_overrides(monkeypatch):
     monkeypatch.setenv("QWEN3_JAX_KERNELS", "sometimes")
     with pytest.raises(ValueError, match="QWEN3_JAX_KERNELS"):
         kernels.enabled()
+
+
+def test_describe_says_whether_the_kernels_run_and_why_not(monkeypatch):
+    monkeypatch.delenv("QWEN3_JAX_KERNELS", raising=False)
+    assert kernels.describe() == "kernels: off (no GPU, cpu; the plain-XLA path)"
+    with kernels.kernels_enabled(False):
+        assert kernels.describe().startswith("kernels: off (switched off: QWEN3_JAX_KERNELS=off")
+    with kernels.kernels_enabled(True):
+        assert kernels.describe().startswith("kernels: on (Pallas interpret mode, no GPU: slow; FP8 GEMV auto")
+    monkeypatch.setenv("QWEN3_JAX_KERNELS", "sometimes")
+    assert kernels.describe().startswith("kernels: not usable (QWEN3_JAX_KERNELS='sometimes' is not understood")
+
+
+def test_a_jax_without_pallas_triton_still_serves_on_the_xla_path():
+    """Pallas' Triton back end is deprecated from jax 0.11. Where it cannot be imported (blocked
+    here in a fresh interpreter), the package imports, the model runs on XLA with the kernels on
+    auto, and asking for the kernels is an error that names the cause and the way out."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["jax.experimental.pallas.triton"] = None   # what an import of a removed module meets
+        import dataclasses
+        import jax.numpy as jnp
+        from flax import nnx
+        sys.path.insert(0, "tests")
+        from reference import TINY
+        from qwen3_jax import Qwen3MoeConfig, kernels, random_model
+        from qwen3_jax.config import Fp8Config
+        assert kernels.TRITON_MISSING and "pallas.triton" in kernels.TRITON_MISSING, kernels.TRITON_MISSING
+        print(kernels.describe())
+        cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2))
+        m = random_model(dataclasses.replace(cfg, fp8=Fp8Config()), seed=2)
+        tokens = jnp.array([[1, 2, 3]])
+        logits = nnx.merge(m.graphdef, m.state)(tokens)[0]
+        print("logits", logits.shape, bool(jnp.isfinite(logits).all()))
+        kernels.set_enabled(True)
+        try:
+            nnx.merge(m.graphdef, m.state)(tokens)
+        except RuntimeError as err:
+            print("asked:", err)
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("QWEN3_JAX_KERNELS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("kernels: off (jax ") and "has no Pallas Triton back end" in lines[0]
+    assert lines[1] == "logits (1, 3, 128) True"   # TINY's vocabulary
+    assert lines[2].startswith("asked: the Pallas kernels were asked for") and "QWEN3_JAX_KERNELS=off" in lines[2]
 
 
 # Kernels on vs off for a whole bf16 model: measured 0.004-0.010 on the tiny models here (bf16

@@ -111,6 +111,8 @@ def test_models_and_health(main):
     models = client(main).models.list().data
     assert [m.id for m in models] == [NAME]
     assert models[0].model_extra["max_model_len"] == CTX
+    # the start-up lines say whether the Pallas kernels run (on CPU: no, and why)
+    assert "kernels: off (no GPU, cpu; the plain-XLA path)" in main.output()
 
 
 def test_completion_usage_and_streaming(main, tok):

@@ -21,7 +21,9 @@ and the tile sweep).
 
 The switch: `QWEN3_JAX_KERNELS` = auto (default: on when JAX's default backend is a GPU),
 1/on, 0/off; `set_enabled(True/False/None)` overrides it in-process (read at trace time, so set
-it before the first call of a jitted function). The plain-XLA path stays the reference. Kernels
+it before the first call of a jitted function). jax 0.11 deprecates Pallas' Triton back end, which
+every kernel here is written for: on a jax without it the package still imports, auto means off
+(with a warning on a GPU), and asking for the kernels is an error that says so (TRITON_MISSING). The plain-XLA path stays the reference. Kernels
 run only for a bf16/f16 compute dtype (float32 models keep XLA's numerics). On one device the
 model calls them directly; on a mesh it runs them per device inside shard_map on each device's
 shards (sharded.py), since a pallas_call under automatic SPMD partitioning would be replicated.
@@ -32,6 +34,7 @@ without a GPU they run in Pallas interpret mode: slow, for tests of the logic.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import jax
@@ -39,6 +42,20 @@ import jax.numpy as jnp
 
 _override: bool | None = None
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_log = logging.getLogger(__name__)
+
+
+def _probe_triton() -> str | None:
+    """None when Pallas' Triton back end imports, else why not (it is deprecated from jax 0.11)."""
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+TRITON_MISSING = _probe_triton()
+_warned_missing = False
 
 
 def _env_setting() -> bool | None:
@@ -57,11 +74,40 @@ def on_gpu() -> bool:
 
 
 def enabled() -> bool:
-    """Kernels requested (override, else env, else: on for GPU, off elsewhere)."""
-    if _override is not None:
-        return _override
-    env = _env_setting()
-    return on_gpu() if env is None else env
+    """Kernels requested (override, else env, else: on for GPU, off elsewhere). Without Pallas
+    Triton: False for auto, a RuntimeError when they were asked for."""
+    global _warned_missing
+    asked = _override if _override is not None else _env_setting()
+    if TRITON_MISSING is not None and asked is not False:
+        if asked:
+            raise RuntimeError(
+                f"the Pallas kernels were asked for (QWEN3_JAX_KERNELS=on or kernels.set_enabled(True)), but "
+                f"jax {jax.__version__} has no Pallas Triton back end ({TRITON_MISSING}). Install a jax that has "
+                "it (0.10 and 0.11 do), or run without the kernels: QWEN3_JAX_KERNELS=off")
+        if on_gpu() and not _warned_missing:
+            _warned_missing = True
+            _log.warning("Pallas kernels off: jax %s has no Pallas Triton back end (%s); decode and prefill "
+                         "run on the plain-XLA path, several times slower", jax.__version__, TRITON_MISSING)
+        return False
+    return on_gpu() if asked is None else asked
+
+
+def describe() -> str:
+    """One start-up line: whether the Pallas kernels run, and why not when they do not."""
+    try:
+        on = enabled()
+    except (ValueError, RuntimeError) as err:
+        return f"kernels: not usable ({err})"
+    if on:
+        how = "Pallas Triton" if on_gpu() else "Pallas interpret mode, no GPU: slow"
+        return f"kernels: on ({how}; FP8 GEMV {fp8_gemm()}; bf16/f16 compute only)"
+    if TRITON_MISSING is not None:
+        why = f"jax {jax.__version__} has no Pallas Triton back end"
+    elif _override is False or _env_setting() is False:
+        why = "switched off: QWEN3_JAX_KERNELS=off or kernels.set_enabled(False)"
+    else:
+        why = f"no GPU, {jax.default_backend()}"
+    return f"kernels: off ({why}; the plain-XLA path)"
 
 
 def set_enabled(value: bool | None) -> None:
@@ -176,14 +222,17 @@ def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
     return None
 
 
-from .linear import linear_einsum, projections_partials  # noqa: E402
-from .prefill_attention import causal_prefill_attention  # noqa: E402
-from .decode_attention import covered as decode_attention_covered, decode_attention_cached  # noqa: E402
-from .moe_ffn import ExpertArrays, moe_ffn_in_place, moe_ffn_stacked  # noqa: E402
-from .router import route_in_place  # noqa: E402
-from . import qk_prologue, sharded  # noqa: E402
+# The kernels import Pallas Triton; without it (TRITON_MISSING) enabled() is never True, so the
+# model never reaches these names.
+if TRITON_MISSING is None:
+    from .linear import linear_einsum, projections_partials  # noqa: E402
+    from .prefill_attention import causal_prefill_attention  # noqa: E402
+    from .decode_attention import covered as decode_attention_covered, decode_attention_cached  # noqa: E402
+    from .moe_ffn import ExpertArrays, moe_ffn_in_place, moe_ffn_stacked  # noqa: E402
+    from .router import route_in_place  # noqa: E402
+    from . import qk_prologue, sharded  # noqa: E402
 
-__all__ = ["enabled", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret",
+__all__ = ["enabled", "describe", "TRITON_MISSING", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret",
            "pick_tile", "FP8_GEMM", "set_fp8_gemm", "fp8_gemm", "fp8_dequantized", "X_LOADS_ALL", "set_x_loads", "x_load",
            "linear_einsum", "projections_partials",
            "causal_prefill_attention", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked",
