@@ -107,6 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--hf-batch", default="1,64")
     p.add_argument("--memory-check", action="store_true", help="planned (sharding.memory) vs measured device memory")
     p.add_argument("--profile-batch", default="", help="decode batches to profile (kernels on): time per kernel")
+    p.add_argument("--profile-prefill", default="", help="prompt lengths to profile (kernels on): time per kernel")
     p.add_argument("--out", default=None, help="write all results as JSON here")
     p.add_argument("--markdown", action="store_true", help="print BENCHMARKS.md rows")
     p.add_argument("--seed", type=int, default=0)
@@ -365,9 +366,9 @@ def bench_decode(model, inv, batch: int, context: int, steps: int, reps: int, si
     return res
 
 
-def profile_call(call, steps: int, log, top: int = 30) -> dict:
-    """Trace one call; per kernel name: total device time per decode step on the first GPU.
-    Printed and returned."""
+def profile_call(call, steps: int, log, top: int = 30, unit: str = "step") -> dict:
+    """Trace one call; per kernel name: total device time per decode step (a call runs `steps`;
+    a prefill is one `unit`) on the first GPU. Printed and returned."""
     from qwen3_jax.kernels.tune import device_timeline
 
     tl = device_timeline(call)
@@ -380,14 +381,14 @@ def profile_call(call, steps: int, log, top: int = 30) -> dict:
            "span_us_per_step": (last - first) / 1e3 / steps if first is not None else None,
            "top": sorted(((name, n / steps, d / 1e3 / steps) for name, (n, d) in by_name.items()),
                          key=lambda r: -r[2])[:top]}
-    log(f"  profile: {out['kernels_per_step']:.0f} kernels/step, busy {out['busy_us_per_step']:.0f} us/step "
+    log(f"  profile: {out['kernels_per_step']:.0f} kernels/{unit}, busy {out['busy_us_per_step']:.0f} us/{unit} "
         f"of a {out['span_us_per_step'] or 0:.0f} us span (lines: {', '.join(out['lines'])})")
     for name, n, us in out["top"]:
-        log(f"    {us:9.1f} us/step  x{n:6.1f}  {name[:110]}")
+        log(f"    {us:9.1f} us/{unit}  x{n:6.1f}  {name[:110]}")
     return out
 
 
-def bench_prefill(model, inv, tokens: int, reps: int, ceilings: dict, log) -> dict:
+def bench_prefill(model, inv, tokens: int, reps: int, ceilings: dict, log, profile: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -410,6 +411,8 @@ def bench_prefill(model, inv, tokens: int, reps: int, ceilings: dict, log) -> di
     t = median_seconds(call, reps)
     res.update(ms=1e3 * t, tok_s=tokens / t, tflops=flops / t / 1e12,
                pct_matmul=100 * flops / t / ceilings["matmul_flops"], pct_floor=100 * floor_s / t)
+    if profile:
+        res["profile"] = profile_call(call, 1, log, unit="prefill")
     return res
 
 
@@ -745,7 +748,8 @@ def bench_model(args, name: str, ceilings: dict, log, tag: str = "") -> dict:
             log(decode_table([r], False).splitlines()[-1])
         for t in prompts:
             try:
-                r = bench_prefill(model, inv, t, max(2, args.reps // 2), c, log)
+                r = bench_prefill(model, inv, t, max(2, args.reps // 2), c, log,
+                                  profile=label.startswith("on") and t in set(ints(args.profile_prefill)))
             except Exception as err:
                 r = {"tokens": t, "error": _short(err), "floor_ms": float("nan")}
             r["kernels"] = label
