@@ -469,6 +469,29 @@ def test_fp8_einsum_projections_read_layer_in_place(m):
     assert o.shape == o_nk.shape == (1, m, 128) and rel(o, want) < 5e-3 and rel(o_nk, want) < 5e-3
 
 
+def test_fp8_projection_with_the_weight_on_the_left(monkeypatch):
+    """A prefill-sized FP8 projection stored [out, in] whose tiles stay >= 64 wide runs with the
+    weight as the MMA's left operand (MATMUL_DEFAULTS' fp8_nk) and gives the same products; once
+    the tiles narrow below 64 it runs with x on the left."""
+    from qwen3_jax.kernels import grouped_matmul as gm_mod
+    from qwen3_jax.kernels import linear as linear_mod
+
+    calls = []
+    real = linear_mod.grouped_matmul
+    monkeypatch.setattr(linear_mod, "grouped_matmul", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    rng = np.random.default_rng(12)
+    block = 64
+    wq, sq = fp8_weights(rng, (2, 128, 8, 16), 1, block)        # [L, D, H, Q], N = 128
+    x = jnp.asarray(rng.standard_normal((1, 64, 128)), jnp.bfloat16)
+    want = jnp.einsum("btd,dhq->bthq", x.astype(jnp.float32), dequantize(wq[1], sq[1], 0, block, jnp.float32))
+    for target, lhs in ((1, True), (linear_mod.TARGET_PROGRAMS, False)):
+        monkeypatch.setattr(linear_mod, "TARGET_PROGRAMS", target)
+        q = linear_einsum("btd,dhq->bthq", x, jnp.moveaxis(wq, 1, 3), sq, 0, block, layer=jnp.int32(1), w_nk=True)
+        assert calls[-1]["w_lhs"] is lhs and (calls[-1]["bn"] >= 64) is lhs, calls[-1]
+        assert rel(q, want) < 5e-3
+    assert gm_mod.MATMUL_DEFAULTS["large"]["fp8_nk"]["w_lhs"]
+
+
 def test_bf16_projection_reads_layer_in_place_and_leaves_many_rows_to_xla():
     rng = np.random.default_rng(9)
     w = jnp.asarray(rng.standard_normal((3, 128, 4, 16)) * 0.1, jnp.bfloat16)   # [L, D, H, Q]
