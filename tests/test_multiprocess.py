@@ -11,8 +11,10 @@ data axis and half of the expert axis cross the process boundary. Everything is 
   server    `python -m serve --nnodes 2` (rank 0 serves, rank 1 follows) answers greedy and seeded
             requests with exactly the text a single-process server gives; then rank 1 is killed
             mid-stream and rank 0 must exit non-zero naming rank 1, within a bounded time. A second
-            pair, started with the rest, is stopped with SIGTERM: both ranks exit 0.
-Every process starts at once in one module fixture (about 2 minutes on a busy 2-core machine).
+            pair, started with the rest, is stopped with SIGTERM: both ranks exit 0 (it runs the
+            smallest mesh of two processes, tp=2: one device each, as how ranks stop does not depend on it).
+Every process starts at once in one module fixture (about a minute on a busy 2-core machine). The
+server tests run first: rank 0 of the workers waits out its --dist-timeout meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -94,8 +97,8 @@ from serve.builtin import CORPUS, builtin_checkpoint  # noqa: E402
 from serve.process import ServerProcess, free_port  # noqa: E402
 
 NAME = "qwen3-jax-builtin"
-COMMON = ["--dtype", "float32", "--context-length", "256", "--chunked-prefill-size", "32",
-          "--max-running-requests", "4", "--mesh", MESH]
+BASE = ["--dtype", "float32", "--context-length", "256", "--chunked-prefill-size", "32", "--max-running-requests", "4"]
+COMMON = BASE + ["--mesh", MESH]
 WORDS = CORPUS.split()
 PROMPTS = [" ".join(WORDS[3 * i: 3 * i + 2 + 5 * i]) for i in range(8)]  # 2 to ~40 words: 1 or 2 chunks
 
@@ -179,18 +182,30 @@ def procs(tmp_path_factory):
     workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(r), addr, ckpt, out],
                                 env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    # Rank 0 ends when its watchdog gives up on the frozen rank 1; its log and exit time are
+    # taken when that happens, whichever test runs then.
+    rank0_end: dict = {}
+
+    def wait_rank0():
+        try:
+            rank0_end["log"], _ = workers[0].communicate(timeout=400)
+        finally:
+            rank0_end["at"] = time.time()
+    waiter = threading.Thread(target=wait_rank0, name="worker-rank0", daemon=True)
+    waiter.start()
     dist = ["--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{free_port()}"]
     dist2 = ["--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{free_port()}"]
+    small = BASE + ["--mesh", "tp=2"]  # one device per process
     servers = {
         "single": ServerProcess(COMMON, env),
         "rank1": ServerProcess(COMMON + dist + ["--node-rank", "1"], env),
         "rank0": ServerProcess(COMMON + dist + ["--node-rank", "0"], env),
-        "stop1": ServerProcess(COMMON + dist2 + ["--node-rank", "1"], env),  # a second pair, to stop cleanly
-        "stop0": ServerProcess(COMMON + dist2 + ["--node-rank", "0"], env),
+        "stop1": ServerProcess(small + dist2 + ["--node-rank", "1"], env),  # a second pair, to stop cleanly
+        "stop0": ServerProcess(small + dist2 + ["--node-rank", "0"], env),
     }
     for s in servers.values():
         s.start()
-    yield dict(workers=workers, out=out, ckpt=ckpt, **servers)
+    yield dict(workers=workers, out=out, ckpt=ckpt, waiter=waiter, rank0_end=rank0_end, **servers)
     for w in workers:
         if w.poll() is None:
             w.kill()
@@ -204,8 +219,8 @@ def procs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def worker_results(procs):
     rank0, rank1 = procs["workers"]
-    log0, _ = rank0.communicate(timeout=400)  # ends when its watchdog gives up on the frozen rank 1
-    gone_at = time.time()
+    procs["waiter"].join(timeout=420)  # rank 0 ends when its watchdog gives up on the frozen rank 1
+    log0, gone_at = procs["rank0_end"].get("log") or "", procs["rank0_end"].get("at", time.time())
     rank1.kill()
     log1, _ = rank1.communicate(timeout=30)
     infos = []
@@ -215,50 +230,6 @@ def worker_results(procs):
         infos.append(json.load(open(path)))
     return dict(infos=infos, logits=np.load(os.path.join(procs["out"], "logits.npy")), rc0=rank0.returncode,
                 log0=log0, silent_s=gone_at - infos[1]["frozen_at"])
-
-
-def test_two_processes_form_one_mesh(worker_results):
-    infos = worker_results["infos"]
-    assert [(i["rank"], i["processes"], i["devices"], i["local"]) for i in infos] == [(0, 2, 8, 4), (1, 2, 8, 4)]
-
-
-def test_logits_equal_one_process(worker_results, procs):
-    from qwen3_jax import api
-
-    logits = worker_results["logits"]
-    ref = api.load(procs["ckpt"], dtype="float32", progress=False).logits(TOKENS)  # one process, one device
-    assert logits.shape == ref.shape == (2, 19, 576)
-    rel = float(np.max(np.abs(logits - ref)) / np.max(np.abs(ref)))
-    assert rel < 1e-5, f"2-process logits differ from one device by {rel:.2e} (relative)"
-    assert (logits.argmax(-1) == ref.argmax(-1)).all()
-
-
-def test_each_process_reads_only_its_slices(worker_results, procs):
-    """Experts are split over the processes, so each reads half of them; nothing reads more than a
-    single process loading the same mesh does (which reads every distinct slice once)."""
-    from qwen3_jax import api
-    from qwen3_jax.safetensors_io import SafetensorsCheckpoint
-
-    infos = worker_results["infos"]
-    counts, undo = count_reads()
-    try:
-        api.load(procs["ckpt"], mesh=MESH, dtype="float32", progress=False)  # one process, 8 devices
-    finally:
-        undo()
-    ckpt = SafetensorsCheckpoint(procs["ckpt"])
-    expert_elems = sum(int(np.prod(ckpt.shape(k))) for k in ckpt.keys() if ".mlp.experts." in k)
-    assert counts["experts"] == expert_elems
-    for info in infos:
-        assert info["reads"]["experts"] == expert_elems // 2, info
-        assert info["reads"]["other"] <= counts["other"], info
-
-
-def test_silent_rank_is_lost_after_the_timeout(worker_results):
-    """Rank 1 frozen: rank 0 exits 1 naming it, after --dist-timeout of silence (not never, not at once)."""
-    assert worker_results["rc0"] == 1, worker_results["log0"][-3000:]
-    assert "lost node rank 1 of 2 at 127.0.0.1:" in worker_results["log0"]
-    assert f"no heartbeat for {SILENCE_S}s" in worker_results["log0"]
-    assert SILENCE_S - 1 < worker_results["silent_s"] < SILENCE_S + 30, worker_results["silent_s"]
 
 
 def _client(srv):
@@ -336,6 +307,51 @@ def test_sigterm_stops_every_rank_cleanly(procs):
     assert time.monotonic() - t0 < 30
     assert "rank 0 stopped after" in rank1.output()
     assert "lost node" not in rank0.output() + rank1.output()
+
+
+# -- the worker pair (after the servers: rank 0 has waited out --dist-timeout by now) ---------
+def test_two_processes_form_one_mesh(worker_results):
+    infos = worker_results["infos"]
+    assert [(i["rank"], i["processes"], i["devices"], i["local"]) for i in infos] == [(0, 2, 8, 4), (1, 2, 8, 4)]
+
+
+def test_logits_equal_one_process(worker_results, procs):
+    from qwen3_jax import api
+
+    logits = worker_results["logits"]
+    ref = api.load(procs["ckpt"], dtype="float32", progress=False).logits(TOKENS)  # one process, one device
+    assert logits.shape == ref.shape == (2, 19, 576)
+    rel = float(np.max(np.abs(logits - ref)) / np.max(np.abs(ref)))
+    assert rel < 1e-5, f"2-process logits differ from one device by {rel:.2e} (relative)"
+    assert (logits.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_each_process_reads_only_its_slices(worker_results, procs):
+    """Experts are split over the processes, so each reads half of them; nothing reads more than a
+    single process loading the same mesh does (which reads every distinct slice once)."""
+    from qwen3_jax import api
+    from qwen3_jax.safetensors_io import SafetensorsCheckpoint
+
+    infos = worker_results["infos"]
+    counts, undo = count_reads()
+    try:
+        api.load(procs["ckpt"], mesh=MESH, dtype="float32", progress=False)  # one process, 8 devices
+    finally:
+        undo()
+    ckpt = SafetensorsCheckpoint(procs["ckpt"])
+    expert_elems = sum(int(np.prod(ckpt.shape(k))) for k in ckpt.keys() if ".mlp.experts." in k)
+    assert counts["experts"] == expert_elems
+    for info in infos:
+        assert info["reads"]["experts"] == expert_elems // 2, info
+        assert info["reads"]["other"] <= counts["other"], info
+
+
+def test_silent_rank_is_lost_after_the_timeout(worker_results):
+    """Rank 1 frozen: rank 0 exits 1 naming it, after --dist-timeout of silence (not never, not at once)."""
+    assert worker_results["rc0"] == 1, worker_results["log0"][-3000:]
+    assert "lost node rank 1 of 2 at 127.0.0.1:" in worker_results["log0"]
+    assert f"no heartbeat for {SILENCE_S}s" in worker_results["log0"]
+    assert SILENCE_S - 1 < worker_results["silent_s"] < SILENCE_S + 30, worker_results["silent_s"]
 
 
 if __name__ == "__main__":
