@@ -2,14 +2,26 @@
 
 QWEN3_JAX_REQUIRE_REFERENCE=1 (set by .ci/run) turns a skipped reference test into a failure,
 so CI can never pass by silently skipping the comparison with transformers.
+
+On CPU, JAX_DISABLE_MOST_OPTIMIZATIONS=1 (JAX's switch for when optimizing a program costs more
+than running it unoptimized; the environment, so the servers, notebooks and workers started
+here get it too): XLA's LLVM code generation runs at -O0. Compiling is most of this suite's
+time, and the flag takes a third to a half off each compile of the tiny models. XLA's HLO passes
+(fusion, SPMD partitioning, buffer assignment, hence the memory plan's workspace bytes) are the
+same; float results may differ in the last bits, within every tolerance here. Tests whose run
+time dominates take the `xla_optimized` fixture (test_serve_http's servers: the variable set to
+0). GPU runs (QWEN3_JAX_TEST_GPU=1) keep JAX's defaults.
 """
 
 import os
 
+ON_GPU_RUN = os.environ.get("QWEN3_JAX_TEST_GPU") == "1"
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-os.environ.setdefault("JAX_PLATFORMS", "cpu") if os.environ.get("QWEN3_JAX_TEST_GPU") != "1" else None
+if not ON_GPU_RUN:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # read when jax is imported
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -54,6 +66,18 @@ def require_reference():
         if os.environ.get("QWEN3_JAX_REQUIRE_REFERENCE") == "1":
             pytest.fail(f"reference test needs torch and transformers: {e}")
         pytest.skip(f"torch/transformers not installed: {e}")
+
+
+@pytest.fixture
+def xla_optimized():
+    """XLA's full optimization for this test's compiles (see the module docstring): for tests
+    whose run time, not compile time, dominates (loading ~100 MB, interpret-mode kernels on a
+    whole model), where -O0 code costs more than the compile saves. The flag is not part of
+    JAX's jit cache key: programs this process compiled before are reused as they are."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture

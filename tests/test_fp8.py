@@ -189,7 +189,7 @@ def test_fp8_logits_match_transformers_on_dequantized_weights(ckpts, fp8_single)
     assert rms < 0.25 and top1 >= 0.7
 
 
-def test_expert_storage_orders_give_the_same_logits(ckpts, monkeypatch):
+def test_expert_storage_orders_give_the_same_logits(ckpts, monkeypatch, xla_optimized):
     """FP8 experts and attention weights stored [out, in] (fp8.NK_ORDER, the default) or in the einsum order: the
     loader reads the same checkpoint into either and the kernels (interpret mode here) agree to
     bf16 rounding: each order has its own gemv tiles, so float32 sums run in another order

@@ -22,6 +22,9 @@ from qwen3_jax.config import Qwen3MoeConfig
 from qwen3_jax.safetensors_io import write_safetensors
 from sharding.layout import layout_rows
 
+# Loading ~100 MB through XLA takes longer than compiling its steps: optimized code (conftest.py).
+pytestmark = pytest.mark.usefixtures("xla_optimized")
+
 CONFIG = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=256, intermediate_size=512,
               moe_intermediate_size=512, num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=2,
               head_dim=64, num_experts=8, num_experts_per_tok=2, max_position_embeddings=64,

@@ -43,7 +43,9 @@ def servers(tmp_path_factory):
     ckpt = builtin_checkpoint(str(xdg / "qwen3-jax"))  # where the children look, given XDG_CACHE_HOME
     fp8_dir = str(tmp_path_factory.mktemp("fp8") / "builtin-fp8")
     quantize_checkpoint(ckpt, fp8_dir)
-    env = {"XDG_CACHE_HOME": str(xdg), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    # JAX_DISABLE_MOST_OPTIMIZATIONS=0: these servers run thousands of decode steps, which cost
+    # more as -O0 code than their few compiles save (conftest.py)
+    env = {"XDG_CACHE_HOME": str(xdg), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"}
     procs = {
         "main": ServerProcess(COMMON + ["--api-key", KEY], env),
         "mesh": ServerProcess(COMMON + ["--mesh", "tp=2,ep=4"], env),
