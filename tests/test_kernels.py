@@ -738,16 +738,10 @@ def test_unrolled_decode_layers_equal_the_layer_loop(monkeypatch):
             assert rel(a, b) < 1e-2, rel(a, b)   # measured: 0 (2 per iteration), 0.006-0.008 (no loop)
 
 
-# ep=2: data-parallel attention (local rows) + experts split; tp=8: heads split, and local
-# shapes below the smallest tiles (the XLA fallback on the local slice). The GPU test
-# (tests/test_multi_gpu.py) covers every mesh of the issue.
-@pytest.mark.parametrize("mesh", ["ep=2", "tp=8"])
-def test_kernels_run_per_device_on_a_mesh(mesh):
-    """On a mesh the kernels run inside shard_map on each device's shards (kernels/sharded.py):
-    projections on local heads, the MoE on local experts and F columns, decode attention on
-    local heads and rows. Same numbers as one device, to bf16 precision. At tp=8 each device
-    holds 8 of F=64 expert columns and one head, below the smallest tiles: those calls fall back
-    to XLA on the local slice, still with the same numbers."""
+@pytest.fixture(scope="module")
+def per_device_case():
+    """The FP8 model of test_kernels_run_per_device_on_a_mesh on one device, once for both meshes:
+    (config, tokens, its plain-XLA prefill + decode outputs, its pallas_call count with kernels on)."""
     from qwen3_jax import Qwen3MoeConfig, random_model
     from qwen3_jax.config import Fp8Config
     from reference import TINY, prefill_then_decode, with_distinct_norms
@@ -757,13 +751,31 @@ def test_kernels_run_per_device_on_a_mesh(mesh):
     cfg = dataclasses.replace(cfg, fp8=Fp8Config())
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 5)), jnp.int32)
     one = with_distinct_norms(random_model(cfg, seed=2))
-    sharded = with_distinct_norms(random_model(cfg, mesh=mesh, seed=2))
     with kernels.kernels_enabled(False):
         ref = [np.asarray(a) for a in jax.jit(prefill_then_decode(one, tokens, 16))(one.state, tokens)]
     with kernels.kernels_enabled(True):
-        calls = {}
-        for name, m in (("one", one), ("mesh", sharded)):
-            calls[name] = str(jax.make_jaxpr(prefill_then_decode(m, tokens, 16))(m.state, tokens)).count("pallas_call")
+        calls = str(jax.make_jaxpr(prefill_then_decode(one, tokens, 16))(one.state, tokens)).count("pallas_call")
+    return cfg, tokens, ref, calls
+
+
+# ep=2: data-parallel attention (local rows) + experts split; tp=8: heads split, and local
+# shapes below the smallest tiles (the XLA fallback on the local slice). The GPU test
+# (tests/test_multi_gpu.py) covers every mesh of the issue.
+@pytest.mark.parametrize("mesh", ["ep=2", "tp=8"])
+def test_kernels_run_per_device_on_a_mesh(mesh, per_device_case):
+    """On a mesh the kernels run inside shard_map on each device's shards (kernels/sharded.py):
+    projections on local heads, the MoE on local experts and F columns, decode attention on
+    local heads and rows. Same numbers as one device, to bf16 precision. At tp=8 each device
+    holds 8 of F=64 expert columns and one head, below the smallest tiles: those calls fall back
+    to XLA on the local slice, still with the same numbers."""
+    from qwen3_jax import random_model
+    from reference import prefill_then_decode, with_distinct_norms
+
+    cfg, tokens, ref, calls_one = per_device_case
+    sharded = with_distinct_norms(random_model(cfg, mesh=mesh, seed=2))
+    with kernels.kernels_enabled(True):
+        calls = {"one": calls_one,
+                 "mesh": str(jax.make_jaxpr(prefill_then_decode(sharded, tokens, 16))(sharded.state, tokens)).count("pallas_call")}
         out = [np.asarray(a) for a in jax.jit(prefill_then_decode(sharded, tokens, 16))(sharded.state, tokens)]
     # Every kernel call of one device is there on the mesh (the scan body holds one of each).
     assert calls["one"] >= 7
