@@ -80,7 +80,8 @@ def parse_args(argv=None):
                         "program of each row and kv head), xla (fusions after it) (default: the library's)")
     p.add_argument("--fp8-matmul", default="",
                    help="FP8 models: the grouped matmul's MMA dtype (prefill, large batches) to time, "
-                        "comma-separated: cast (x's dtype), f16 (default: the library's)")
+                        "comma-separated: cast (x's dtype), f16, e4m3 (W8A8: x quantized per token and 128-group) "
+                        "(default: the library's)")
     p.add_argument("--fp8-matmul-lhs", default="",
                    help="FP8 models stored [out, in]: the prefill grouped matmul's left MMA operand to time, "
                         "comma-separated: x (the activations), w (the weight tile) (default: the library's)")
@@ -800,7 +801,7 @@ def _decode_knobs(args, cfg):
     gemm = choices("--fp8-gemm", args.fp8_gemm, sorted(kernels.FP8_GEMM))
     merge = choices("--attention-combine", args.attention_combine, decode_attention.COMBINES)
     copy = choices("--fp8-copy", args.fp8_copy, dequantize.COPIES)
-    fp8_matmul = choices("--fp8-matmul", args.fp8_matmul, ("cast", "f16"))
+    fp8_matmul = choices("--fp8-matmul", args.fp8_matmul, ("cast", "f16", "e4m3"))
     fp8_lhs = choices("--fp8-matmul-lhs", args.fp8_matmul_lhs, ("x", "w"))
 
     return [

@@ -32,13 +32,22 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def fp8_weights(rng, shape, block_axis, block=128):
-    """Random FP8 weight (N(0,1) in e4m3) and a positive float32 scale in our in-memory layout."""
+def fp8_weights(rng, shape, block_axis, block=128, checkpoint_blocks=False):
+    """Random FP8 weight (N(0,1) in e4m3) and a positive float32 scale in our in-memory layout.
+    The expanded axes get a scale per element, which catches a kernel reading the wrong one;
+    checkpoint_blocks=True repeats each value over `block` elements there, as a checkpoint's
+    [block x block] scales are when expanded (what W8A8's layout "n" relies on)."""
     w8 = jnp.asarray(rng.standard_normal(shape), jnp.float8_e4m3fn)
     s_shape = list(shape)
     s_shape[block_axis] = -(-shape[block_axis] // block)
-    scale = jnp.asarray(rng.uniform(0.01, 0.03, s_shape), jnp.float32)
-    return w8, scale
+    if not checkpoint_blocks:
+        return w8, jnp.asarray(rng.uniform(0.01, 0.03, s_shape), jnp.float32)
+    coarse = [-(-n // block) if 0 < i != block_axis else n for i, n in enumerate(s_shape)]
+    scale = rng.uniform(0.01, 0.03, coarse)
+    for i in range(1, len(shape)):
+        if i != block_axis:
+            scale = np.repeat(scale, block, axis=i)[(slice(None),) * i + (slice(0, shape[i]),)]
+    return w8, jnp.asarray(scale, jnp.float32)
 
 
 def gemv_reference(x, rows, groups, w):
@@ -341,6 +350,90 @@ def test_grouped_matmul_fp8_through_the_f16_mma(x_dtype):
         grouped_matmul(x, groups, (w8,), (sk,), layout="k", **dict(kw, convert="bits"))
 
 
+def _w8a8_emulation(xq, sx, w_dq, groups, bm):
+    """What a W8A8 grouped matmul computes, in float64: the dequantized e4m3 x (per group of
+    K // sx.shape[1] columns) times each block's dequantized weight [G, K, N]."""
+    r, k_dim = xq.shape
+    xd = (np.asarray(xq.astype(jnp.float32), np.float64).reshape(r, sx.shape[1], -1)
+          * np.asarray(sx, np.float64)[..., None]).reshape(r, k_dim)
+    w = np.asarray(w_dq, np.float64)
+    return np.concatenate([xd[b * bm:(b + 1) * bm] @ w[max(g, 0)] for b, g in enumerate(np.asarray(groups))])
+
+
+@pytest.mark.parametrize("layout", ["k", "n"])
+@pytest.mark.parametrize("storage", ["kn", "nk", "nk-lhs"])
+def test_grouped_matmul_w8a8_on_prequantized_x(layout, storage):
+    """convert="e4m3": x arrives quantized (quantize_rows, here in 64-wide groups, two K steps of
+    32 each), the MMA runs e4m3 x e4m3 and the step's product takes x's group scale and the
+    weight's block scale. Equal to its float64 emulation; to W8A8's own bound from the exact
+    product. Bad inputs are refused with what to pass."""
+    rng = np.random.default_rng(9)
+    bm, block = 16, 64
+    x = jnp.asarray(rng.standard_normal((2 * bm, 128)), jnp.bfloat16)
+    groups = jnp.array([1, 0])
+    w8, s = fp8_weights(rng, (2, 128, 64), 1 if layout == "k" else 2, block, checkpoint_blocks=True)
+    wd = dequantize(w8, s, 1 if layout == "k" else 2, block, jnp.float32)
+    xq, sx = quantize_rows(x, 64)
+    kw = dict(bm=bm, layout=layout, block=block, bn=32, bk=32, convert="e4m3", x_scales=sx,
+              w_nk=storage != "kn", w_lhs=storage == "nk-lhs")
+    got = grouped_matmul(xq, groups, (w8 if storage == "kn" else jnp.swapaxes(w8, 1, 2),), (s,), **kw)
+    exact = np.concatenate([np.asarray(x[:bm], np.float64) @ np.asarray(wd[1], np.float64),
+                            np.asarray(x[bm:], np.float64) @ np.asarray(wd[0], np.float64)])
+    assert got.dtype == jnp.float32
+    assert rel(got, _w8a8_emulation(xq, sx, wd, groups, bm)) < 1e-5 and 1e-3 < rel(got, exact) < 6e-2
+    with pytest.raises(ValueError, match="takes x already quantized"):
+        grouped_matmul(x, groups, (w8,), (s,), **dict(kw, w_nk=False, w_lhs=False))
+    with pytest.raises(ValueError, match="needs FP8 weights"):
+        grouped_matmul(xq, groups, (wd.astype(jnp.bfloat16),), None, **dict(kw, w_nk=False, w_lhs=False))
+    with pytest.raises(ValueError, match="must divide block" if layout == "n" else "scale blocks to divide"):
+        grouped_matmul(xq, groups, (w8,), (s,), **dict(kw, w_nk=False, w_lhs=False, bk=128, block=64,
+                                                       x_scales=quantize_rows(x, 128)[1]))
+
+
+def test_grouped_matmul_w8a8_pair_leaves_the_silu_product_quantized():
+    """quantize_out=True: the gate/up pair's silu(g) * u leaves as e4m3 with one float32 scale
+    per row of each bn-wide tile (amax / 448), ready for the down's W8A8 matmul."""
+    rng = np.random.default_rng(10)
+    bm, block, bn = 16, 64, 32
+    x = jnp.asarray(rng.standard_normal((3 * bm, 128)), jnp.bfloat16)
+    groups = jnp.array([1, 0, -1])
+    (g8, gs), (u8, us) = (fp8_weights(rng, (2, 64, 128), 2, block) for _ in range(2))   # [G, N, K], nk
+    xq, sx = quantize_rows(x, 64)
+    hq, hs = grouped_matmul(xq, groups, (g8, u8), (jnp.swapaxes(gs, 1, 2), jnp.swapaxes(us, 1, 2)), bm=bm,
+                            layout="k", block=block, bn=bn, bk=32, convert="e4m3", w_nk=True, x_scales=sx,
+                            quantize_out=True)
+    assert hq.dtype == jnp.float8_e4m3fn and hs.shape == (3 * bm, 64 // bn)
+    a, u = (_w8a8_emulation(xq[:2 * bm], sx[:2 * bm], jnp.swapaxes(dequantize(w, sc, 2, block, jnp.float32), 1, 2),
+                            groups[:2], bm) for w, sc in ((g8, gs), (u8, us)))
+    h = a / (1 + np.exp(-a)) * u                                                     # [2 bm, N]
+    want_s = np.abs(h).reshape(2 * bm, -1, bn).max(-1) / 448.0
+    assert rel(hs[:2 * bm], want_s) < 1e-5
+    got_h = (np.asarray(hq[:2 * bm].astype(jnp.float32), np.float64).reshape(2 * bm, -1, bn)
+             * np.asarray(hs[:2 * bm], np.float64)[..., None]).reshape(2 * bm, -1)
+    # e4m3 keeps 3 mantissa bits: within 1/16 of each value (subnormals: half their spacing)
+    assert rel(got_h, h) < 4e-2 and np.all(np.abs(got_h - h) <= 1.001 * np.abs(h) / 16 + want_s.repeat(bn, 1) / 512)
+    with pytest.raises(ValueError, match="quantize_out=True needs"):
+        grouped_matmul(xq, groups, (g8,), (jnp.swapaxes(gs, 1, 2),), bm=bm, layout="k", block=block, bn=bn, bk=32,
+                       convert="e4m3", w_nk=True, x_scales=sx, quantize_out=True)
+
+
+@pytest.mark.parametrize("nk", [False, True])
+def test_moe_ffn_w8a8_blocks_quantize_each_token_once(monkeypatch, nk):
+    """MATMUL_DEFAULTS convert="e4m3": the blocks path quantizes x per token before the gather and
+    runs both matmuls W8A8 (h quantized by the gate/up kernel). Held to W8A8's bound against the
+    float32 reference, and above bf16's (it did run W8A8)."""
+    from qwen3_jax.kernels import grouped_matmul as gm_mod
+
+    for size in ("small", "large"):
+        monkeypatch.setitem(gm_mod.MATMUL_DEFAULTS, size, dict(gm_mod.MATMUL_DEFAULTS[size], convert="e4m3"))
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)
+    rng = np.random.default_rng(13)
+    x, weights, experts, arrays, want = _moe_case(rng, True, n=24, nk=nk, checkpoint_blocks=True)
+    fn = lambda *a: moe_ffn(*a, arrays, strategy="blocks")   # noqa: E731
+    assert str(jax.make_jaxpr(fn)(x, weights, experts)).count("qwen3_grouped_matmul_w8a8") == 2
+    assert 1e-2 < rel(fn(x, weights, experts), want) < 6e-2
+
+
 @pytest.mark.parametrize("bm,first", [(4, 0), (2, 3)])
 def test_expert_blocks_put_every_assignment_in_a_block_of_its_expert(bm, first):
     rng = np.random.default_rng(bm)
@@ -360,15 +453,16 @@ def test_expert_blocks_put_every_assignment_in_a_block_of_its_expert(bm, first):
     assert np.all(used[:used.sum()])                              # used blocks come first
 
 
-def _moe_case(rng, fp8, n, e=6, d=128, f=64, k=2, block=64, nk=False):
-    """A routed MoE FFN case; nk: FP8 weights stored [E, out, in] (ExpertArrays.w_nk, the model's)."""
+def _moe_case(rng, fp8, n, e=6, d=128, f=64, k=2, block=64, nk=False, checkpoint_blocks=False):
+    """A routed MoE FFN case; nk: FP8 weights stored [E, out, in] (ExpertArrays.w_nk, the model's);
+    checkpoint_blocks: see fp8_weights."""
     x = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
     logits = rng.standard_normal((n, e))
     experts = jnp.asarray(np.argsort(-logits, axis=1)[:, :k], jnp.int32)
     weights = jnp.asarray(rng.uniform(0.2, 0.8, (n, k)), jnp.float32)
     if fp8:
-        (g, gs), (u, us), (dn, ds) = (fp8_weights(rng, (e, d, f), 1, block), fp8_weights(rng, (e, d, f), 1, block),
-                                      fp8_weights(rng, (e, f, d), 2, block))
+        (g, gs), (u, us), (dn, ds) = (fp8_weights(rng, sh, ax, block, checkpoint_blocks)
+                                      for sh, ax in (((e, d, f), 1), ((e, d, f), 1), ((e, f, d), 2)))
         swap = (lambda a: jnp.swapaxes(a, 1, 2)) if nk else (lambda a: a)
         arrays = ExpertArrays(swap(g), swap(u), swap(dn), gs, us, ds, block=block, num_experts=e, w_nk=nk)
         mats = [dequantize(g, gs, 1, block, jnp.float32), dequantize(u, us, 1, block, jnp.float32),
@@ -467,6 +561,32 @@ def test_fp8_einsum_projections_read_layer_in_place(m):
     o_nk = linear_einsum("bthq,hqd->btd", q, jnp.moveaxis(wo, 3, 1), so, 2, block, layer=jnp.int32(0), w_nk=True)
     want = jnp.einsum("bthq,hqd->btd", q.astype(jnp.float32), dequantize(wo[0], so[0], 2, block, jnp.float32))
     assert o.shape == o_nk.shape == (1, m, 128) and rel(o, want) < 5e-3 and rel(o_nk, want) < 5e-3
+
+
+def test_fp8_projections_w8a8_quantize_x_once(monkeypatch):
+    """MATMUL_DEFAULTS convert="e4m3": a prefill-sized FP8 projection quantizes x per row and
+    K step and runs the W8A8 kernel, q (layout "k") and o (layout "n", checkpoint-block scales)
+    in either storage order, to W8A8's bound."""
+    from qwen3_jax.kernels import grouped_matmul as gm_mod
+
+    for size in ("small", "large"):
+        monkeypatch.setitem(gm_mod.MATMUL_DEFAULTS, size, dict(gm_mod.MATMUL_DEFAULTS[size], convert="e4m3"))
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)
+    rng = np.random.default_rng(14)
+    block = 64
+    wq, sq = fp8_weights(rng, (2, 128, 4, 16), 1, block, checkpoint_blocks=True)   # [L, D, H, Q]
+    wo, so = fp8_weights(rng, (2, 4, 16, 128), 3, block, checkpoint_blocks=True)   # [L, H, Q, D]
+    x = jnp.asarray(rng.standard_normal((1, 40, 128)), jnp.bfloat16)
+    want_q = jnp.einsum("btd,dhq->bthq", x.astype(jnp.float32), dequantize(wq[1], sq[1], 0, block, jnp.float32))
+    for w_nk, w in ((False, wq), (True, jnp.moveaxis(wq, 1, 3))):
+        fn = lambda x: linear_einsum("btd,dhq->bthq", x, w, sq, 0, block, layer=jnp.int32(1), w_nk=w_nk)  # noqa: E731,B023
+        assert "qwen3_grouped_matmul_w8a8" in str(jax.make_jaxpr(fn)(x))
+        assert 1e-3 < rel(fn(x), want_q) < 6e-2
+    q = want_q.astype(jnp.bfloat16)
+    want_o = jnp.einsum("bthq,hqd->btd", q.astype(jnp.float32), dequantize(wo[0], so[0], 2, block, jnp.float32))
+    for w_nk, w in ((False, wo), (True, jnp.moveaxis(wo, 3, 1))):
+        o = linear_einsum("bthq,hqd->btd", q, w, so, 2, block, layer=jnp.int32(0), w_nk=w_nk)
+        assert o.shape == (1, 40, 128) and 1e-3 < rel(o, want_o) < 6e-2
 
 
 def test_fp8_projection_with_the_weight_on_the_left(monkeypatch):
@@ -839,6 +959,27 @@ def test_w8a8_and_side_by_side_gemv_lower_to_triton_for_30b_shapes():
     assert text.count("xla.gpu.triton") == 2
 
 
+@pytest.mark.parametrize("w_lhs", [False, True])
+def test_w8a8_grouped_matmul_lowers_to_triton_for_30b_shapes(w_lhs):
+    """The prefill MoE's W8A8 pair (quantized output) and down on [E, out, in] experts."""
+    from qwen3_jax.kernels.grouped_matmul import matmul_tiles
+
+    e, d, f, e8, bm = 48 * 128, 2048, 768, jnp.float8_e4m3fn, 128
+    gate, gs = _sds((e, f, d), e8), _sds((e, d // 128, f), jnp.float32)
+    down, ds = _sds((e, d, f), e8), _sds((e, f, d // 128), jnp.float32)
+
+    def prefill(xq, sx, groups, gate, gs, down, ds):
+        t1 = matmul_tiles(d, f, bm, True, "k", 128, w_nk=True, convert="e4m3", w_lhs=w_lhs)
+        t2 = matmul_tiles(f, d, bm, True, "n", 128, w_nk=True, convert="e4m3", w_lhs=w_lhs)
+        hq, hs = grouped_matmul(xq, groups, (gate, gate), (gs, gs), bm=bm, layout="k", x_scales=sx, w_nk=True,
+                                quantize_out=True, interpret=False, **t1)
+        return grouped_matmul(hq, groups, (down,), (ds,), bm=bm, layout="n", x_scales=hs, w_nk=True,
+                              interpret=False, **t2)
+    args = (_sds((4 * bm, d), e8), _sds((4 * bm, d // 128), jnp.float32), _sds((4,), jnp.int32))
+    text = jax.jit(prefill).trace(*args, gate, gs, down, ds).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2
+
+
 def test_decode_attention_lowers_to_triton_for_30b_cache():
     from qwen3_jax.kernels.decode_attention import decode_attention, plan
 
@@ -946,23 +1087,30 @@ def test_gpu_gemv_reads_weights_stored_n_by_k_at_30b_shapes(kind, layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("convert", ["cast", "f16"])
+@pytest.mark.parametrize("convert", ["cast", "f16", "e4m3", "e4m3-nk", "e4m3-nk-lhs"])
 def test_gpu_fp8_prefill_moe_and_projection_through_either_mma(convert, monkeypatch):
     """Compiled, prefill-sized (512 tokens): the blocks-path MoE and an FP8 projection with the
-    FP8 matmul converting to x's dtype or to f16 match XLA's dequantized reference."""
+    FP8 matmul converting to x's dtype or to f16, or W8A8 (e4m3 x; experts also stored [E, out,
+    in], with the weight on either side), match XLA's dequantized reference (W8A8 to its bound)."""
     from qwen3_jax.kernels import grouped_matmul as gm_mod
 
+    nk, lhs = "-nk" in convert, convert.endswith("-lhs")
+    convert = convert.split("-")[0]
     for size in ("small", "large"):
-        monkeypatch.setitem(gm_mod.MATMUL_DEFAULTS, size, dict(gm_mod.MATMUL_DEFAULTS[size], convert=convert))
+        cfg = dict(gm_mod.MATMUL_DEFAULTS[size], convert=convert)
+        monkeypatch.setitem(gm_mod.MATMUL_DEFAULTS, size, dict(cfg, fp8_nk=dict(cfg["fp8_nk"], w_lhs=lhs)))
     monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)   # the FP8 kernels, not the bf16 copy
     rng = np.random.default_rng(5)
-    x, weights, experts, arrays, want = _moe_case(rng, True, n=512, e=32, d=2048, f=768, k=8, block=128)
-    assert rel(moe_ffn(x, weights, experts, arrays, strategy="blocks"), want) < 1e-2
+    a8 = convert == "e4m3"
+    x, weights, experts, arrays, want = _moe_case(rng, True, n=512, e=32, d=2048, f=768, k=8, block=128, nk=nk,
+                                                  checkpoint_blocks=True)
+    err = rel(moe_ffn(x, weights, experts, arrays, strategy="blocks"), want)
+    assert (1e-3 < err < 6e-2) if a8 else err < 1e-2
     wq, sq = fp8_weights(rng, (3, 2048, 32, 128), 1)
     xq = jnp.asarray(rng.standard_normal((1, 512, 2048)), jnp.bfloat16)
     q = linear_einsum("btd,dhq->bthq", xq, wq, sq, 0, 128, layer=jnp.int32(2))
     ref = jnp.einsum("btd,dhq->bthq", xq.astype(jnp.float32), dequantize(wq[2], sq[2], 0, 128, jnp.float32))
-    assert rel(q, ref) < 5e-3
+    assert rel(q, ref) < (6e-2 if a8 else 5e-3)
 
 
 @pytest.mark.gpu

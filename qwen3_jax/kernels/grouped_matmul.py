@@ -29,6 +29,15 @@ shared memory, so a converted right operand costs a trip through shared memory o
 mma.sync), and the tile's MMA height is bn rather than bm (wgmma's is 64). Same products, same
 float32 accumulation per K step. Measured faster for prefill-sized blocks and slower for decode-sized
 ones (MATMUL_DEFAULTS says where it runs).
+convert="e4m3" (FP8 weights): W8A8, the checkpoints' `activation_scheme: dynamic`. x arrives
+already quantized, e4m3 [R, K] with x_scales float32 [R, K // qg] (qg-wide groups along K, qg a
+multiple of bk: gemv.quantize_rows, run once per token before the rows are gathered, not once
+per tile). The MMA runs e4m3 x e4m3 into float32 per K step, the step's product is multiplied
+by x's group scale and the weight's block scale, and no tile is converted. Layout "n" reads one
+weight scale per tile (its first K row): exact for block scales, whose per-K-row values are
+constant over a `block`-aligned tile (bk divides block and the K width held here).
+quantize_out=True (a pair, e4m3): the silu product leaves quantized for the next W8A8 matmul, e4m3
+[R, N] and float32 scales [R, N // bn], one group per output tile.
 """
 
 from __future__ import annotations
@@ -41,15 +50,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from . import interpret as _interpret
+from .gemv import E4M3_MAX
 
 
 F16_SCALE_PRE = 1024.0   # keeps an FP8 block scale a normal f16 number (module doc)
 
 
 @functools.partial(jax.jit, static_argnames=("bm", "layout", "block", "bn", "bk", "num_warps",
-                                             "num_stages", "convert", "w_nk", "w_lhs", "interpret"))
+                                             "num_stages", "convert", "w_nk", "w_lhs", "quantize_out",
+                                             "interpret"))
 def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", block=128, bn=64, bk=64,
-                   num_warps=4, num_stages=3, convert="cast", w_nk=False, w_lhs=False, interpret=None):
+                   num_warps=4, num_stages=3, convert="cast", w_nk=False, w_lhs=False, x_scales=None,
+                   quantize_out=False, interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
@@ -69,8 +81,16 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
         raise ValueError(f"grouped_matmul tiles bn={bn}, bk={bk} do not divide K={k_dim}, N={n_dim}")
     if fp8 and ((layout == "k" and block % bk) or (layout == "n" and block % bn)):
         raise ValueError(f"FP8 layout {layout!r} needs the tile along the scale blocks to divide {block}")
-    if convert not in ("cast", "f16"):
-        raise ValueError(f"convert must be 'cast' or 'f16', got {convert!r}")
+    if convert not in ("cast", "f16", "e4m3"):
+        raise ValueError(f"convert must be 'cast', 'f16' or 'e4m3', got {convert!r}")
+    a8 = convert == "e4m3"
+    if a8:
+        _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block, layout)
+    elif x_scales is not None:
+        raise ValueError("x_scales are the scales of an e4m3 x; pass them with convert='e4m3' only")
+    if quantize_out and not (a8 and pair):
+        raise ValueError("quantize_out=True needs convert='e4m3' and a (gate, up) pair")
+    qg = k_dim // x_scales.shape[1] if a8 else 0
     steps = k_dim // bk
     cdt = x_rk.dtype
     mdt = jnp.float16 if fp8 and convert == "f16" else cdt   # the MMA's operand dtype
@@ -78,7 +98,10 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
     nw = len(weights)
 
     def kernel(groups_ref, x_ref, *refs):
-        w_refs, s_refs, o_ref = refs[:nw], refs[nw:nw + len(scales)], refs[-1]
+        if a8:
+            xs_ref, refs = refs[0], refs[1:]
+        w_refs, s_refs = refs[:nw], refs[nw:nw + len(scales)]
+        o_ref = refs[nw + len(scales)]
         b, j = pl.program_id(0), pl.program_id(1)
         g = groups_ref[b]
         m0 = pl.multiple_of(b * bm, bm)
@@ -102,7 +125,16 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
 
                     def by_k(col):   # a per-K-row scale against the tile as stored
                         return col[None, :] if w_nk else col[:, None]
-                    if fp8 and layout == "k":
+                    if a8:   # x's group scale per row, the weight's per column or per tile
+                        sx = xs_ref[pl.ds(m0, bm), k0 // qg]
+                        ws = (s_refs[i][g, k0 // block, pl.ds(n0, bn)] if layout == "k"
+                              else s_refs[i][g, k0, n0 // block])
+                        if layout == "k":
+                            scale = ws[:, None] * sx[None, :] if w_lhs else sx[:, None] * ws[None, :]
+                        else:
+                            scale = (sx[None, :] if w_lhs else sx[:, None]) * ws
+                        acc = acc + dot(w) * scale
+                    elif fp8 and layout == "k":
                         col = s_refs[i][g, k0 // block, pl.ds(n0, bn)]
                         acc = acc + dot(w) * (col[:, None] if w_lhs else col[None, :])
                     else:
@@ -124,18 +156,41 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
                 accs = tuple(acc * (1.0 / pre) for acc in accs)
             if pair:
                 a, u = accs
-                res = (a / (1.0 + jnp.exp(-a)) * u).astype(o_ref.dtype)
+                res = a / (1.0 + jnp.exp(-a)) * u
+                if quantize_out:   # one e4m3 group per row of this tile
+                    amax = jnp.max(jnp.abs(res), axis=1)
+                    hs = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+                    refs[-1][pl.ds(m0, bm), j] = hs
+                    res = res / hs[:, None]
+                res = res.astype(o_ref.dtype)
             else:
                 res = accs[0]
             o_ref[pl.ds(m0, bm), pl.ds(n0, bn)] = res
 
-    out_dtype = cdt if pair else jnp.float32
+    # a pair's silu product leaves in x's dtype (bf16 for an e4m3 x), or quantized
+    out_dtype = (jnp.float8_e4m3fn if quantize_out else jnp.bfloat16 if a8 else cdt) if pair else jnp.float32
+    out_shape = jax.ShapeDtypeStruct((r_count, n_dim), out_dtype)
+    if quantize_out:
+        out_shape = (out_shape, jax.ShapeDtypeStruct((r_count, n_dim // bn), jnp.float32))
     return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((r_count, n_dim), out_dtype), grid=(nb, n_dim // bn),
+        kernel, out_shape=out_shape, grid=(nb, n_dim // bn),
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=_interpret() if interpret is None else interpret,
-        name="qwen3_grouped_matmul_fp8" if fp8 else "qwen3_grouped_matmul",
-    )(groups_b.astype(jnp.int32), x_rk, *weights, *scales)
+        name=("qwen3_grouped_matmul_w8a8" if a8 else "qwen3_grouped_matmul_fp8") if fp8 else "qwen3_grouped_matmul",
+    )(groups_b.astype(jnp.int32), x_rk, *((x_scales,) if a8 else ()), *weights, *scales)
+
+
+def _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block, layout):
+    """convert='e4m3' preconditions (module doc), as ValueErrors that say what to pass."""
+    if not fp8:
+        raise ValueError("convert='e4m3' (FP8 activations) needs FP8 weights and their scales")
+    if x_rk.dtype != jnp.float8_e4m3fn or x_scales is None:
+        raise ValueError(f"convert='e4m3' takes x already quantized (float8_e4m3fn, got {x_rk.dtype}) and "
+                         "its x_scales: gemv.quantize_rows(x, group) gives both")
+    if x_scales.shape[0] != x_rk.shape[0] or k_dim % x_scales.shape[1] or (k_dim // x_scales.shape[1]) % bk:
+        raise ValueError(f"x_scales {x_scales.shape} do not give x {x_rk.shape} groups of a multiple of bk={bk}")
+    if block % bk:
+        raise ValueError(f"convert='e4m3' reads one weight scale per K step: bk={bk} must divide block={block}")
 
 
 # Defaults by block height, overridable in-process like gemv.GEMV_DEFAULTS: small blocks
@@ -167,9 +222,11 @@ def matmul_tiles(k_dim: int, n_dim: int, bm: int, fp8: bool, layout: str, block:
     base = MATMUL_DEFAULTS["large" if bm >= 64 else "small"]
     cfg = {**base, **(base.get("fp8_nk", {}) if fp8 and w_nk else {}), **override}
     bn, bk = cfg["bn"], cfg["bk"]
+    convert = cfg["convert"] if fp8 else "cast"
     bn_t = pick_tile(n_dim, min(bn, block) if fp8 and layout == "n" else bn)
-    bk_t = pick_tile(k_dim, min(bk, block) if fp8 and layout == "k" else bk)
+    # W8A8 reads one weight scale per K step in either layout
+    bk_t = pick_tile(k_dim, min(bk, block) if fp8 and (layout == "k" or convert == "e4m3") else bk)
     if bn_t is None or bk_t is None:
         return None
     return dict(bn=bn_t, bk=bk_t, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                convert=cfg["convert"] if fp8 else "cast", w_lhs=bool(cfg.get("w_lhs")) and fp8 and w_nk)
+                convert=convert, w_lhs=bool(cfg.get("w_lhs")) and fp8 and w_nk)

@@ -17,7 +17,7 @@ import math
 import jax.numpy as jnp
 
 from .. import kernels
-from .gemv import gemv, gemv_tiles
+from .gemv import gemv, gemv_tiles, quantize_rows
 from .gemv_inputs import materialize
 from .grouped_matmul import grouped_matmul, matmul_tiles
 
@@ -165,7 +165,13 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     while nb * (n_dim // t["bn"]) < TARGET_PROGRAMS and t["bn"] > 32 and n_dim % (t["bn"] // 2) == 0:
         t = dict(t, bn=t["bn"] // 2, num_warps=4, w_lhs=t["w_lhs"] and t["bn"] // 2 >= 64)
     x2 = materialize(x_mk)
-    xp = jnp.pad(x2.astype(jnp.float16) if t["convert"] == "f16" else x2, ((0, nb * bm - m), (0, 0)))
-    y = grouped_matmul(xp, jnp.full((nb,), group, jnp.int32), (w_gkn,), scales, bm=bm,
-                       layout=layout, block=block, w_nk=w_nk, **t)
+    pad = ((0, nb * bm - m), (0, 0))
+    extra = {}
+    if t["convert"] == "e4m3":   # W8A8: x quantized once here, in groups of the kernel's K step
+        x2, sx = quantize_rows(x2, t["bk"])
+        extra = dict(x_scales=jnp.pad(sx, pad, constant_values=1.0))
+    elif t["convert"] == "f16":
+        x2 = x2.astype(jnp.float16)
+    y = grouped_matmul(jnp.pad(x2, pad), jnp.full((nb,), group, jnp.int32), (w_gkn,), scales, bm=bm,
+                       layout=layout, block=block, w_nk=w_nk, **t, **extra)
     return y[None, :m] if partials else y[:m]

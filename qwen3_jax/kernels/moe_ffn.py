@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 from .. import kernels
 from . import dequantize as dequantize_kernel
 from ..fp8 import dequantize
-from .gemv import gemv, gemv_tiles
+from .gemv import gemv, gemv_tiles, quantize_rows
 from .gemv_inputs import SwigluX, materialize
 from .grouped_matmul import grouped_matmul, matmul_tiles
 from .moe_blocks import block_rows, expert_blocks
@@ -167,13 +168,24 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
     blk = expert_blocks(experts_nk, arrays.num_experts, bm, first_expert)
     groups = jnp.where(blk.groups >= 0, blk.groups + arrays.offset, -1)
     t1 = matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk)
+    t2 = matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block, w_nk=arrays.w_nk)
+    common = dict(bm=bm, block=arrays.block, w_nk=arrays.w_nk)
+    if t1["convert"] == "e4m3":
+        # W8A8: x quantized once per token, before the gather (k times fewer rows, 1-byte values
+        # moved); h leaves the gate/up kernel quantized in groups of its tile width, which the
+        # down's K steps must divide
+        xq, sx = quantize_rows(materialize(x_nd), t1["bk"])
+        hq, hs = grouped_matmul(xq[blk.rows], groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
+                                layout="k", x_scales=sx[blk.rows], quantize_out=True, **common, **t1)
+        t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"]))
+        y = grouped_matmul(hq, groups, (arrays.down,), _scales(arrays, "down"), layout="n", x_scales=hs,
+                           **common, **t2)   # [R, D] f32
+        return y[blk.pos], blk.here
     # f16 MMA (FP8 weights): x converted once here, not per tile in the kernel; h comes out f16
     xs = materialize(x_nd).astype(jnp.float16 if t1["convert"] == "f16" else x_nd.dtype)[blk.rows]   # [R, D]
     h = grouped_matmul(xs, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
-                       bm=bm, layout="k", block=arrays.block, w_nk=arrays.w_nk, **t1)   # [R, F]
-    t2 = matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block, w_nk=arrays.w_nk)
-    y = grouped_matmul(h, groups, (arrays.down,), _scales(arrays, "down"),
-                       bm=bm, layout="n", block=arrays.block, w_nk=arrays.w_nk, **t2)   # [R, D] f32
+                       layout="k", **common, **t1)   # [R, F]
+    y = grouped_matmul(h, groups, (arrays.down,), _scales(arrays, "down"), layout="n", **common, **t2)   # [R, D] f32
     return y[blk.pos], blk.here
 
 
