@@ -82,6 +82,10 @@ def parse_args(argv=None):
                    help="FP8 models: the grouped matmul's MMA dtype (prefill, large batches) to time, "
                         "comma-separated: cast (x's dtype), f16, e4m3 (W8A8: x quantized per token and 128-group) "
                         "(default: the library's)")
+    p.add_argument("--fp8-dot-acc", default="",
+                   help="FP8 models: how the tensor cores accumulate an e4m3 x e4m3 dot (W8A8 kernels) to time, "
+                        "comma-separated: mma (the whole dot, promoted per K step), f32 (Triton's default: every "
+                        "32-deep MMA added into float32) (default: the library's)")
     p.add_argument("--fp8-matmul-lhs", default="",
                    help="FP8 models stored [out, in]: the prefill grouped matmul's left MMA operand to time, "
                         "comma-separated: x (the activations), w (the weight tile) (default: the library's)")
@@ -771,7 +775,7 @@ def _decode_knobs(args, cfg):
     the kernels path has it)]."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import decode_attention, dequantize, grouped_matmul, qk_prologue
+    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, grouped_matmul, qk_prologue
 
     def listed(text, parse=str):
         return [parse(v) for v in text.split(",") if v] or [None]
@@ -803,6 +807,7 @@ def _decode_knobs(args, cfg):
     copy = choices("--fp8-copy", args.fp8_copy, dequantize.COPIES)
     fp8_matmul = choices("--fp8-matmul", args.fp8_matmul, ("cast", "f16", "e4m3"))
     fp8_lhs = choices("--fp8-matmul-lhs", args.fp8_matmul_lhs, ("x", "w"))
+    dot_acc = choices("--fp8-dot-acc", args.fp8_dot_acc, fp8_dot.ACCUMULATE_CHOICES)
 
     return [
         ("", gemm if cfg.fp8 else [None], kernels.fp8_gemm, put_gemm, True),
@@ -818,6 +823,7 @@ def _decode_knobs(args, cfg):
         ("fp8-dequantize ", listed(args.fp8_dequantize_rows, int) if cfg.fp8 else [None],
          *module_value(kernels, "FP8_DEQUANTIZE_MIN_ROWS"), True),
         ("fp8-copy ", copy if cfg.fp8 else [None], *module_value(dequantize, "COPY"), True),
+        ("fp8-dot-acc ", dot_acc if cfg.fp8 else [None], *module_value(fp8_dot, "ACCUMULATE"), True),
     ]
 
 

@@ -980,6 +980,32 @@ def test_w8a8_grouped_matmul_lowers_to_triton_for_30b_shapes(w_lhs):
     assert text.count("xla.gpu.triton") == 2
 
 
+@pytest.mark.parametrize("accumulate", ["mma", "f32"])
+def test_fp8_dots_lower_with_the_mma_accumulating_each_dot(accumulate, monkeypatch, capfd):
+    """fp8_dot: an e4m3 x e4m3 dot reaches Triton with maxNumImpreciseAcc unlimited (its default
+    0 makes Hopper wait for and add every 32-deep wgmma into float32); bf16 dots and the "f32"
+    setting lower as Pallas does."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+    from qwen3_jax.kernels import fp8_dot
+
+    monkeypatch.setattr(fp8_dot, "ACCUMULATE", accumulate)
+    assert fp8_dot.install()   # already installed by the package: a no-op that says so
+
+    def kernel(x_ref, w_ref, o_ref):
+        o_ref[...] = jax.lax.dot_general(x_ref[...], w_ref[...], (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+    lines = {}
+    for dt in (jnp.float8_e4m3fn, jnp.bfloat16):
+        call = pl.pallas_call(kernel, out_shape=_sds((64, 64), jnp.float32), debug=True,   # prints the Triton IR
+                              compiler_params=plt.CompilerParams(num_warps=4, num_stages=1))
+        jax.jit(call).trace(_sds((64, 128), dt), _sds((64, 128), dt)).lower(lowering_platforms=("cuda",))
+        lines[dt] = [ln for ln in capfd.readouterr().out.splitlines() if "tt.dot" in ln]
+    assert len(lines[jnp.float8_e4m3fn]) == len(lines[jnp.bfloat16]) == 1
+    assert ("maxNumImpreciseAcc = 1073741824" in lines[jnp.float8_e4m3fn][0]) == (accumulate == "mma")
+    assert "maxNumImpreciseAcc" not in lines[jnp.bfloat16][0]
+
+
 def test_decode_attention_lowers_to_triton_for_30b_cache():
     from qwen3_jax.kernels.decode_attention import decode_attention, plan
 

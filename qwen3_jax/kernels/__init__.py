@@ -13,7 +13,7 @@ blocks), moe_ffn.py (the MoE expert FFN on either kernel), linear.py (projection
 place, FP8 fused), prefill_attention.py (cuDNN fused attention for prompts from position 0),
 decode_attention.py (one new token per row against the KV cache, read in place, the key
 splits merged by the last program), dequantize.py (FP8 [out, in] -> a transposed bf16 copy for
-prefill),
+prefill), fp8_dot.py (how an e4m3 x e4m3 dot accumulates on the tensor cores),
 qk_prologue.py (decode: q/k norm + RoPE + q padding in one kernel),
 router.py (MoE routing at decode: router logits read in place, softmax + top-k fused),
 sharded.py (the same kernels per device under shard_map on a mesh), tune.py (microbenchmarks
@@ -225,6 +225,8 @@ def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
 # The kernels import Pallas Triton; without it (TRITON_MISSING) enabled() is never True, so the
 # model never reaches these names.
 if TRITON_MISSING is None:
+    from . import fp8_dot  # noqa: E402
+    fp8_dot.install()   # e4m3 dots keep their MMAs in flight (fp8_dot.py)
     from .linear import linear_einsum, projections_partials  # noqa: E402
     from .prefill_attention import causal_prefill_attention  # noqa: E402
     from .decode_attention import covered as decode_attention_covered, decode_attention_cached  # noqa: E402
