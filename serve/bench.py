@@ -90,8 +90,12 @@ def parse_args(argv=None):
                    help="FP8 models stored [out, in]: the prefill grouped matmul's left MMA operand to time, "
                         "comma-separated: x (the activations), w (the weight tile) (default: the library's)")
     p.add_argument("--fp8-dequantize-rows", default="",
-                   help="FP8 models: rows per weight from which XLA dequantizes to bf16 for the matmul "
-                        "(prefill), comma-separated; 0 = never (default: the library's)")
+                   help="FP8 models: rows per projection weight from which XLA dequantizes it to bf16 for "
+                        "the matmul (prefill), comma-separated; 0 = never (default: the library's)")
+    p.add_argument("--fp8-dequantize-moe-rows", default="",
+                   help="FP8 models: assignments per expert from which an MoE layer's experts are "
+                        "dequantized to one bf16 copy (long prefills), comma-separated; 0 = never "
+                        "(default: the library's)")
     p.add_argument("--fp8-copy", default="",
                    help="FP8 models stored [out, in]: who writes the prefill's transposed bf16 copy of the "
                         "experts, comma-separated: kernel, xla (default: the library's)")
@@ -822,6 +826,8 @@ def _decode_knobs(args, cfg):
          lambda: "w" if grouped_matmul.MATMUL_DEFAULTS["large"]["fp8_nk"].get("w_lhs") else "x", put_fp8_lhs, True),
         ("fp8-dequantize ", listed(args.fp8_dequantize_rows, int) if cfg.fp8 else [None],
          *module_value(kernels, "FP8_DEQUANTIZE_MIN_ROWS"), True),
+        ("fp8-dequantize-moe ", listed(args.fp8_dequantize_moe_rows, int) if cfg.fp8 else [None],
+         *module_value(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS"), True),
         ("fp8-copy ", copy if cfg.fp8 else [None], *module_value(dequantize, "COPY"), True),
         ("fp8-dot-acc ", dot_acc if cfg.fp8 else [None], *module_value(fp8_dot, "ACCUMULATE"), True),
     ]

@@ -81,11 +81,16 @@ def xla_optimized():
 
 
 @pytest.fixture
-def fp8_w8a16():
-    """FP8 GEMVs in W8A16 for this test. The default, 'auto', runs W8A8 from gemv.W8A8_MIN_ROWS
-    rows on, whose e4m3 activations move results ~3% on random data: tests that hold the FP8
-    kernels to bf16 precision pin W8A16 with this."""
+def fp8_w8a16(monkeypatch):
+    """FP8 kernels in W8A16 for this test: the GEMVs and the grouped matmuls. The defaults run
+    W8A8 (GEMVs from gemv.W8A8_MIN_ROWS rows, grouped matmuls always), whose e4m3 activations move
+    results ~3% on random data: tests that hold the FP8 kernels to bf16 precision pin W8A16 with
+    this. (W8A8's layout "n" also needs checkpoint-block scales, which fp8_weights gives only when
+    asked.)"""
     from qwen3_jax import kernels
+    from qwen3_jax.kernels import grouped_matmul as gm_mod
+    for size, cfg in gm_mod.MATMUL_DEFAULTS.items():
+        monkeypatch.setitem(gm_mod.MATMUL_DEFAULTS, size, dict(cfg, convert="f16"))
     before = kernels.fp8_gemm()
     kernels.set_fp8_gemm("w8a16")
     yield

@@ -419,14 +419,13 @@ def test_grouped_matmul_w8a8_pair_leaves_the_silu_product_quantized():
 
 @pytest.mark.parametrize("nk", [False, True])
 def test_moe_ffn_w8a8_blocks_quantize_each_token_once(monkeypatch, nk):
-    """MATMUL_DEFAULTS convert="e4m3": the blocks path quantizes x per token before the gather and
-    runs both matmuls W8A8 (h quantized by the gate/up kernel). Held to W8A8's bound against the
-    float32 reference, and above bf16's (it did run W8A8)."""
+    """MATMUL_DEFAULTS convert="e4m3" (the default): the blocks path quantizes x per token before
+    the gather and runs both matmuls W8A8 (h quantized by the gate/up kernel). Held to W8A8's
+    bound against the float32 reference, and above bf16's (it did run W8A8)."""
     from qwen3_jax.kernels import grouped_matmul as gm_mod
 
-    for size in ("small", "large"):
-        monkeypatch.setitem(gm_mod.MATMUL_DEFAULTS, size, dict(gm_mod.MATMUL_DEFAULTS[size], convert="e4m3"))
-    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)
+    assert {cfg["convert"] for cfg in gm_mod.MATMUL_DEFAULTS.values()} == {"e4m3"}
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS", 0)
     rng = np.random.default_rng(13)
     x, weights, experts, arrays, want = _moe_case(rng, True, n=24, nk=nk, checkpoint_blocks=True)
     fn = lambda *a: moe_ffn(*a, arrays, strategy="blocks")   # noqa: E731
@@ -506,11 +505,12 @@ def test_fp8_gemv_auto_numerics_quantize_activations_from_32_rows(nk):
 
 
 @pytest.mark.parametrize("nk", [False, True])
-def test_fp8_at_compute_bound_sizes_runs_on_a_dequantized_bf16_copy(monkeypatch, nk):
-    """kernels.FP8_DEQUANTIZE_MIN_ROWS: from that many rows per weight, the blocks-path MoE runs
-    the bf16 kernel on this layer's experts dequantized by XLA (swapped back from [E, out, in]
-    with nk), and an FP8 projection is left to XLA (linear_einsum gives None); below it both stay
-    on the FP8 kernels. Same numbers."""
+def test_fp8_at_compute_bound_sizes_runs_on_a_dequantized_bf16_copy(monkeypatch, nk, fp8_w8a16):
+    """kernels.FP8_DEQUANTIZE_MOE_MIN_ROWS: from that many assignments per expert the blocks-path
+    MoE runs the bf16 kernel on this layer's experts dequantized by XLA (swapped back from [E,
+    out, in] with nk); kernels.FP8_DEQUANTIZE_MIN_ROWS: from that many rows an FP8 projection is
+    left to XLA (linear_einsum gives None). Below them both stay on the FP8 kernels (W8A16
+    here, to compare at bf16 precision). Same numbers."""
     rng = np.random.default_rng(29)
     x, weights, experts, arrays, want = _moe_case(rng, True, n=24, e=6, k=2, nk=nk)   # 8 rows per expert
     two = {f: jnp.concatenate([jnp.zeros_like(getattr(arrays, f)), getattr(arrays, f)])
@@ -518,15 +518,18 @@ def test_fp8_at_compute_bound_sizes_runs_on_a_dequantized_bf16_copy(monkeypatch,
     stacked = dataclasses.replace(arrays, **two, offset=jnp.int32(6))   # layer 1 of 2 (layer 0: zeros)
 
     def kernel_names(min_rows):
-        monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", min_rows)
+        monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS", min_rows)
         jaxpr = str(jax.make_jaxpr(lambda *a: moe_ffn(*a, stacked, strategy="blocks"))(x, weights, experts))
         return jaxpr.count("qwen3_grouped_matmul_fp8"), jaxpr.count("qwen3_grouped_matmul")
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 4)   # projections only: no effect on the MoE
     assert kernel_names(0) == (2, 2) and kernel_names(9) == (2, 2) and kernel_names(8) == (0, 2)
     got = moe_ffn(x, weights, experts, stacked, strategy="blocks")
-    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS", 0)
     assert rel(got, moe_ffn(x, weights, experts, stacked, strategy="blocks")) < 5e-3 and rel(got, want) < 1e-2
     wq, sq = fp8_weights(rng, (2, 128, 4, 32), 1, 64)
     xq = jnp.asarray(rng.standard_normal((1, 40, 128)), jnp.bfloat16)
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 41)
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS", 1)   # the MoE's only: no effect here
     assert linear_einsum("btd,dhq->bthq", xq, wq, sq, 0, 64, layer=jnp.int32(1)) is not None
     monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 40)
     assert linear_einsum("btd,dhq->bthq", xq, wq, sq, 0, 64, layer=jnp.int32(1)) is None
@@ -544,7 +547,7 @@ def test_moe_ffn_reads_the_right_layer_of_stacked_experts():
 
 
 @pytest.mark.parametrize("m", [3, 40])
-def test_fp8_einsum_projections_read_layer_in_place(m):
+def test_fp8_einsum_projections_read_layer_in_place(m, fp8_w8a16):
     """q and o projections from FP8 weights read in place, in the einsum order and stored [out,
     in] (w_nk: q [L, H, Q, D], o [L, D, H, Q], as the model keeps them): the same products."""
     rng = np.random.default_rng(m)
@@ -564,13 +567,9 @@ def test_fp8_einsum_projections_read_layer_in_place(m):
 
 
 def test_fp8_projections_w8a8_quantize_x_once(monkeypatch):
-    """MATMUL_DEFAULTS convert="e4m3": a prefill-sized FP8 projection quantizes x per row and
-    K step and runs the W8A8 kernel, q (layout "k") and o (layout "n", checkpoint-block scales)
-    in either storage order, to W8A8's bound."""
-    from qwen3_jax.kernels import grouped_matmul as gm_mod
-
-    for size in ("small", "large"):
-        monkeypatch.setitem(gm_mod.MATMUL_DEFAULTS, size, dict(gm_mod.MATMUL_DEFAULTS[size], convert="e4m3"))
+    """MATMUL_DEFAULTS convert="e4m3" (the default): a prefill-sized FP8 projection quantizes x
+    per row and K step and runs the W8A8 kernel, q (layout "k") and o (layout "n",
+    checkpoint-block scales) in either storage order, to W8A8's bound."""
     monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)
     rng = np.random.default_rng(14)
     block = 64
@@ -589,7 +588,7 @@ def test_fp8_projections_w8a8_quantize_x_once(monkeypatch):
         assert o.shape == (1, 40, 128) and 1e-3 < rel(o, want_o) < 6e-2
 
 
-def test_fp8_projection_with_the_weight_on_the_left(monkeypatch):
+def test_fp8_projection_with_the_weight_on_the_left(monkeypatch, fp8_w8a16):
     """A prefill-sized FP8 projection stored [out, in] whose tiles stay >= 64 wide runs with the
     weight as the MMA's left operand (MATMUL_DEFAULTS' fp8_nk) and gives the same products; once
     the tiles narrow below 64 it runs with x on the left."""
@@ -778,9 +777,9 @@ def test_decode_step_on_the_kernels_matches_plain_xla(monkeypatch):
     assert rel(wrong[1], outs[0][1]) > 1.5 * TOL_BF16_MODEL
 
 
-def test_fp8_decode_of_many_rows_writes_the_cache_in_the_prologue():
+def test_fp8_decode_of_many_rows_writes_the_cache_in_the_prologue(fp8_w8a16):
     """FP8, 18 rows (above the gemv's 16): q/k/v come from the FP8 matmul as separate partials,
-    and still go through the cache-writing prologue. Kernels on vs off, to bf16 precision."""
+    and still go through the cache-writing prologue. Kernels (W8A16) on vs off, to bf16 precision."""
     import dataclasses
 
     from qwen3_jax import Qwen3MoeConfig, random_model
@@ -928,8 +927,8 @@ def test_kernels_lower_to_triton_for_30b_shapes(fp8):
         g, u = gemv(xn, rows, rows, (gate, gate), (gs, gs) if fp8 else None, layout="k", interpret=False, **t1)
         return gemv(SwigluX(g, u), rows, rows, (down,), (ds,) if fp8 else None, layout="n", interpret=False, **t2)
 
-    def prefill(xr, groups, gate, down, gs, ds):
-        t1, t2 = matmul_tiles(d, f, 128, fp8, "k", 128), matmul_tiles(f, d, 128, fp8, "n", 128)
+    def prefill(xr, groups, gate, down, gs, ds):   # FP8 W8A16 here; W8A8: the test after this one
+        t1, t2 = matmul_tiles(d, f, 128, fp8, "k", 128, convert="f16"), matmul_tiles(f, d, 128, fp8, "n", 128, convert="f16")
         h = grouped_matmul(xr, groups, (gate, gate), (gs, gs) if fp8 else None, bm=128, layout="k",
                            interpret=False, **t1)
         return grouped_matmul(h, groups, (down,), (ds,) if fp8 else None, bm=128, layout="n",
@@ -1125,7 +1124,8 @@ def test_gpu_fp8_prefill_moe_and_projection_through_either_mma(convert, monkeypa
     for size in ("small", "large"):
         cfg = dict(gm_mod.MATMUL_DEFAULTS[size], convert=convert)
         monkeypatch.setitem(gm_mod.MATMUL_DEFAULTS, size, dict(cfg, fp8_nk=dict(cfg["fp8_nk"], w_lhs=lhs)))
-    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)   # the FP8 kernels, not the bf16 copy
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)   # the FP8 kernels, not the bf16 copies
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS", 0)
     rng = np.random.default_rng(5)
     a8 = convert == "e4m3"
     x, weights, experts, arrays, want = _moe_case(rng, True, n=512, e=32, d=2048, f=768, k=8, block=128, nk=nk,
@@ -1226,18 +1226,18 @@ def test_gpu_model_with_kernels_matches_plain_xla_prefill_and_decode():
 def test_prefill_matmul_sweep_times_the_fp8_kernel_and_the_dequantized_copy(nk):
     """benchmarks/gemv_sweeps.py prefill's logic on tiny shapes (interpret mode, large-block tiles
     via 64 rows per expert): each FP8 variant runs the FP8 kernel, one row the bf16 copy, all agree
-    with XLA, and kernels.FP8_DEQUANTIZE_MIN_ROWS is restored. nk: experts stored [E, out, in],
+    with XLA, and kernels.FP8_DEQUANTIZE_MOE_MIN_ROWS is restored. nk: experts stored [E, out, in],
     where the weight can be the MMA's left operand."""
     from qwen3_jax.kernels import tune
 
-    before = kernels.FP8_DEQUANTIZE_MIN_ROWS
+    before = kernels.FP8_DEQUANTIZE_MOE_MIN_ROWS
     second = dict(convert="f16", bk=128, w_lhs=True) if nk else dict(convert="f16", bk=128)
     with kernels.kernels_enabled(True):
         rows = tune.sweep_prefill_matmul(1e12, e=4, d=256, f=128, k=2, layers=1, tokens=128, reps=1,
                                          variants=[dict(convert="cast"), second], nk=nk, log=lambda s: None)
     assert [(r["kind"], r["variant"]) for r in rows] == [("bf16", "default"), ("fp8", "convert=cast"),
                                                          ("fp8", tune._fmt(second)), ("fp8", "dequantized=bf16")]
-    assert all(r["rel_err"] < 1e-2 for r in rows) and kernels.FP8_DEQUANTIZE_MIN_ROWS == before
+    assert all(r["rel_err"] < 1e-2 for r in rows) and kernels.FP8_DEQUANTIZE_MOE_MIN_ROWS == before
 
 
 def test_gemv_shape_sweep_gives_the_same_numbers_for_every_tile_choice(monkeypatch):

@@ -151,23 +151,26 @@ def active(ctx, dtype) -> bool:
 # bk-wide group, dynamically, as the checkpoints' `activation_scheme: dynamic` says and FP8 serving
 # engines run them (gemv.py's module doc has the numerics); auto (the default) is w8a8 for the
 # layout-"k" gemvs (MoE gate/up, q/k/v) of at least gemv.W8A8_MIN_ROWS rows, where the e4m3 MMA
-# needs no weight conversion and was measured faster, and w8a16 elsewhere. Prefill matmuls stay
-# w8a16.
+# needs no weight conversion and was measured faster, and w8a16 elsewhere. The grouped matmuls
+# (prefill, large batches) have their own setting, grouped_matmul.MATMUL_DEFAULTS["convert"].
 FP8_GEMM = {"w8a16": "f16", "w8a8": "e4m3", "auto": "auto"}
-# FP8 weights multiplied by at least this many rows per weight (a projection's tokens; an MoE
-# layer's assignments per expert held, which on a mesh counts every token's assignments: an upper
-# bound) are dequantized to bf16 by XLA and multiplied on the bf16 path. There the matmul is
-# compute-bound, and converting FP8 in the kernel's registers is what bounds it (run 27: an
-# 8k-token FP8 MoE layer took 1.5x bf16's time); one bf16 copy of the layer's weights, written
-# once, costs less. 0 = never. Run 29 (H100, benchmarks/NOTES.md): FP8 8k prefill 292.6 ->
-# 225.9 ms (35.7% -> 46.2% of the matmul rate), 1k 49.3 -> 44.0 ms.
+# FP8 weights multiplied by at least this many rows per weight are dequantized to bf16 by XLA and
+# multiplied on the bf16 path; 0 = never. Projections: a bf16 copy + cuBLAS beats the W8A8 kernel
+# from 1k rows (run 56, H200: 1k prefill 30.83 ms with copies against 31.46 with W8A8
+# projections; 8k 203.1 against 214.0). Run 29 (H100) set 512 for the W8A16 kernel of then.
 FP8_DEQUANTIZE_MIN_ROWS = 512
+# The MoE (an MoE layer's assignments per expert held, which on a mesh counts every token's
+# assignments: an upper bound). The W8A8 grouped matmul beat the layer's bf16 copy at 512 rows
+# per expert (an 8k prompt; run 55, H200: 2521 against 2718 us per layer) and at 64; the copy's
+# cost is fixed per layer while the kernel's deficit to bf16 weights grows with the rows.
+FP8_DEQUANTIZE_MOE_MIN_ROWS = 1024
 
 
-def fp8_dequantized(rows_per_weight: int) -> bool:
+def fp8_dequantized(rows_per_weight: int, moe: bool = False) -> bool:
     """True when FP8 weights multiplied by this many rows each take the bf16 copy (read at trace
-    time, see FP8_DEQUANTIZE_MIN_ROWS)."""
-    return 0 < FP8_DEQUANTIZE_MIN_ROWS <= rows_per_weight
+    time, see FP8_DEQUANTIZE_MIN_ROWS and FP8_DEQUANTIZE_MOE_MIN_ROWS)."""
+    limit = FP8_DEQUANTIZE_MOE_MIN_ROWS if moe else FP8_DEQUANTIZE_MIN_ROWS
+    return 0 < limit <= rows_per_weight
 
 
 def set_fp8_gemm(kind: str) -> None:
@@ -235,7 +238,7 @@ if TRITON_MISSING is None:
     from . import qk_prologue, sharded  # noqa: E402
 
 __all__ = ["enabled", "describe", "TRITON_MISSING", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret",
-           "pick_tile", "FP8_GEMM", "set_fp8_gemm", "fp8_gemm", "fp8_dequantized", "X_LOADS_ALL", "set_x_loads", "x_load",
+           "pick_tile", "FP8_GEMM", "set_fp8_gemm", "fp8_gemm", "fp8_dequantized", "FP8_DEQUANTIZE_MIN_ROWS", "FP8_DEQUANTIZE_MOE_MIN_ROWS", "X_LOADS_ALL", "set_x_loads", "x_load",
            "linear_einsum", "projections_partials",
            "causal_prefill_attention", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked",
            "moe_ffn_in_place", "ExpertArrays", "route_in_place",

@@ -208,9 +208,13 @@ def _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block, layout):
 # old -> these overrides -> old in one process (run 50): 1k prefill 40.87 -> 36.41 -> 40.75 ms,
 # 256 17.89 -> 16.58 -> 17.79 ms, decode batch 64 17.68 -> 16.62 -> 17.67 ms (its projections'
 # bm=64 blocks), batch 32 level. Decode-sized blocks were 10-23% slower with w_lhs (run 47).
+# convert="e4m3" (W8A8) once the FP8 MMA could accumulate a whole dot (fp8_dot.py; before that
+# it lost to f16 by 12-24%, runs 44 and 54). H200, one process (runs 55-56): an FP8 MoE layer of
+# a 1k prompt 777 -> 645 us (bf16 weights 715), of an 8k prompt 3401 -> 2521 us (bf16 2186);
+# the model's 1k prefill 36.29 -> 30.83 ms (bf16 29.20), decode batch 64 16.62 -> 16.44 ms.
 MATMUL_DEFAULTS = {
-    "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="f16", fp8_nk={}),
-    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="f16", fp8_nk=dict(w_lhs=True, bk=128)),
+    "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="e4m3", fp8_nk={}),
+    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="e4m3", fp8_nk=dict(w_lhs=True, bk=128)),
 }
 
 

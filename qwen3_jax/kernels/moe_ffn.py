@@ -4,8 +4,8 @@ Two strategies, chosen statically from the number of (token, expert) assignments
   A <= gemv_max_assignments(fp8): gemv, one row per assignment, each reading only its expert (no
     sort; an expert routed twice is read twice, cheap while A is small).
   otherwise: sort by expert into row blocks (moe_blocks) and grouped_matmul, so each touched
-    expert is read once per block of rows. FP8 experts with kernels.FP8_DEQUANTIZE_MIN_ROWS
-    assignments each (prefill) are first dequantized to one bf16 copy of the layer by XLA.
+    expert is read once per block of rows. FP8 experts with kernels.FP8_DEQUANTIZE_MOE_MIN_ROWS
+    assignments each (long prefills) are first dequantized to one bf16 copy of the layer.
 Weights are read in place from the stacked [L*E, ...] params: `offset` (= layer * E, traced)
 picks the layer, so the scan over layers never copies a layer's experts.
 
@@ -162,7 +162,7 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
     k = experts_nk.shape[1]
     a = n * k
     d, f = arrays.d_f
-    if arrays.fp8 and kernels.fp8_dequantized(a // arrays.num_experts):
+    if arrays.fp8 and kernels.fp8_dequantized(a // arrays.num_experts, moe=True):
         arrays = _dequantized_layer(arrays, x_nd.dtype)
     bm = block_rows(a, arrays.num_experts)
     blk = expert_blocks(experts_nk, arrays.num_experts, bm, first_expert)
@@ -191,7 +191,7 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
 
 def _dequantized_layer(arrays: ExpertArrays, dtype) -> ExpertArrays:
     """This layer's FP8 experts as one `dtype` copy in [E, K, N], for the compute-bound sizes of
-    kernels.FP8_DEQUANTIZE_MIN_ROWS. Weights stored [E, N, K] (w_nk) are copied by the
+    kernels.FP8_DEQUANTIZE_MOE_MIN_ROWS. Weights stored [E, N, K] (w_nk) are copied by the
     transposing kernel (dequantize.py) where it covers them and dequantize.COPY says so; else XLA
     slices, swaps back and dequantizes in one fusion. The bf16 grouped matmul on an [E, N, K]
     copy was slower at 8k tokens (H200, run 38 in benchmarks/NOTES.md: 226.8 against 215.4 ms)."""

@@ -295,14 +295,14 @@ PREFILL_FP8_VARIANTS = [dict(convert="cast"), dict(convert="f16"), dict(convert=
 def sweep_prefill_matmul(matmul_rate: float, *, e=128, d=2048, f=768, k=8, layers=4, tokens=8192,
                          variants=None, nk=False, log=print, reps=5):
     """One FP8 MoE layer of a `tokens` prompt on the blocks path per "large" matmul variant
-    (grouped_matmul tiles and FP8 MMA dtype; kernels.FP8_DEQUANTIZE_MIN_ROWS off, so the FP8
+    (grouped_matmul tiles and FP8 MMA dtype; kernels.FP8_DEQUANTIZE_MOE_MIN_ROWS off, so the FP8
     kernel runs), then through the dequantized bf16 copy, against bf16 weights with the defaults:
     time per layer, % of the matmul rate, error against the plain-XLA layer. -> rows of dicts.
     nk: the FP8 experts stored [E, out, in], as the model holds them (the reference reads the
     same values in [E, in, out])."""
     from .. import kernels
     rows = []
-    saved = kernels.FP8_DEQUANTIZE_MIN_ROWS
+    saved = kernels.FP8_DEQUANTIZE_MOE_MIN_ROWS
     for fp8 in (False, True):
         arrays = random_experts(jax.random.key(1), layers, e, d, f, fp8)
         w, ex = routing(jax.random.key(100 + tokens), tokens, e, k)
@@ -316,7 +316,7 @@ def sweep_prefill_matmul(matmul_rate: float, *, e=128, d=2048, f=768, k=8, layer
         cases = [(v, 0) for v in variants or PREFILL_FP8_VARIANTS] + [({}, 1)] if fp8 else [({}, saved)]
         for v, min_rows in cases:
             fn = moe_layer_fn(arrays, "blocks", None, {"large": v}, layers=layers)
-            kernels.FP8_DEQUANTIZE_MIN_ROWS = min_rows   # read at trace time: the first call below
+            kernels.FP8_DEQUANTIZE_MOE_MIN_ROWS = min_rows   # read at trace time: the first call below
             try:
                 got = np.asarray(fn(*sets), np.float64)
                 t = median_time(fn, sets, reps=reps) / layers
@@ -324,7 +324,7 @@ def sweep_prefill_matmul(matmul_rate: float, *, e=128, d=2048, f=768, k=8, layer
                 log(f"  {'fp8' if fp8 else 'bf16'} {_fmt(v)}: FAILED {type(exc).__name__}: {str(exc)[:160]}")
                 continue
             finally:
-                kernels.FP8_DEQUANTIZE_MIN_ROWS = saved
+                kernels.FP8_DEQUANTIZE_MOE_MIN_ROWS = saved
             if fp8 and min_rows:
                 v = {"dequantized": "bf16"}
             err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
