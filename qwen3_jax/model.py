@@ -65,12 +65,16 @@ class Weight(nnx.Module):
     """
 
     def __init__(self, shape, axes, *, dtype, rngs, stack=None, fp8_block: int | None = None,
-                 block_axis: int = 0, init: str = "normal", repeat: tuple[int, int] | None = None,
-                 nk_split: tuple[int, int] | None = None):
+                 fp8_scale_run: int | None = None, block_axis: int = 0, init: str = "normal",
+                 repeat: tuple[int, int] | None = None, nk_split: tuple[int, int] | None = None):
         """`repeat=(axis, r)`: random init draws shape[axis] // r values and repeats each r times,
-        so KV-head replication (tp > kv heads) gives the same random model as one device."""
+        so KV-head replication (tp > kv heads) gives the same random model as one device.
+        fp8_scale_run: the checkpoint's block along the non-D dims, where the expanded scale
+        repeats in runs of that length (default fp8_block: square blocks); W8A8 kernels keep their
+        K steps inside one run."""
         self.block_axis = block_axis
         self.fp8_block = fp8_block
+        self.fp8_scale_run = fp8_scale_run or fp8_block
         self.rank = len(shape)   # per layer
         full_shape, full_axes = _stacked(shape, axes, stack)
 
@@ -168,16 +172,19 @@ def apply_rope(x_bthq, cos_btq, sin_btq):
     return x_bthq * cos_btq[:, :, None, :] + rotated * sin_btq[:, :, None, :]
 
 
-def _fp8_block(cfg: Qwen3MoeConfig, hf_module: str, d_is_input: bool) -> int | None:
-    """FP8 block size along D for one projection kind, or None to keep it in the compute dtype.
+def _fp8(cfg: Qwen3MoeConfig, hf_module: str, d_is_input: bool) -> dict:
+    """Weight's FP8 arguments for one projection kind: fp8_block, the block size along D (None to
+    keep the kind in the compute dtype), and fp8_scale_run, the checkpoint's block along the
+    other dim (where the in-memory scale repeats in runs of that length).
 
     A projection any module of which modules_to_not_convert names (transformers' matching, see
     fp8.kind_kept_unquantized) stays unquantized in every layer; the loader dequantizes any FP8
     tensors of that kind, so numerics are unchanged.
     """
     if cfg.fp8 is None or kind_kept_unquantized(cfg, hf_module):
-        return None
-    return cfg.fp8.block_in if d_is_input else cfg.fp8.block_out
+        return dict(fp8_block=None)
+    blocks = (cfg.fp8.block_in, cfg.fp8.block_out)   # HF [out, in]: D is `in` when d_is_input
+    return dict(fp8_block=blocks[not d_is_input], fp8_scale_run=blocks[d_is_input])
 
 
 def _sub(stacked, name):
@@ -198,7 +205,8 @@ def _einsum_w(eq, x, weight: Weight, ctx, stacked=None):
         full, i = stacked
         w, scale = full.w[...], (full.scale[...] if weight.is_fp8 else None)
         if kernels.single_device(ctx):
-            y = kernels.linear_einsum(eq, x, w, scale, weight.block_axis, weight.fp8_block, layer=i, w_nk=full.nk)
+            y = kernels.linear_einsum(eq, x, w, scale, weight.block_axis, weight.fp8_block, layer=i, w_nk=full.nk,
+                                      scale_run=weight.fp8_scale_run)
             if y is not None:
                 return y
         else:
@@ -230,7 +238,7 @@ def _einsum_w_per_device(eq, x, full: Weight, layer, ctx):
     def local(x_l, w_l, *rest):
         scale_l, i = (rest[0], rest[1]) if full.is_fp8 else (None, rest[0])
         y = kernels.linear_einsum(eq, x_l, w_l, scale_l, full.block_axis, full.fp8_block, layer=i,
-                                  out_dtype=jnp.float32, w_nk=full.nk)
+                                  out_dtype=jnp.float32, w_nk=full.nk, scale_run=full.fp8_scale_run)
         if y is None:   # no tiling fits the local shape: XLA on this layer's local slice
             w_i = w_l[i] if scale_l is None else full.dequantize(w_l[i], scale_l[i], x_l.dtype)
             y = jnp.einsum(eq, x_l, w_i.astype(x_l.dtype), preferred_element_type=jnp.float32)
@@ -248,13 +256,13 @@ class Attention(nnx.Module):
         self.scale = q ** -0.5
         mk = dict(dtype=dtype, rngs=rngs, stack=stack)
         self.q_proj = Weight((d, h, q), ("embed", "heads", "head_dim"), block_axis=0, nk_split=(0, 1),
-                             fp8_block=_fp8_block(cfg, "self_attn.q_proj", True), **mk)
+                             **_fp8(cfg, "self_attn.q_proj", True), **mk)
         self.k_proj = Weight((d, k, q), ("embed", "kv_heads", "head_dim"), block_axis=0, repeat=(1, kv_rep),
-                             nk_split=(0, 1), fp8_block=_fp8_block(cfg, "self_attn.k_proj", True), **mk)
+                             nk_split=(0, 1), **_fp8(cfg, "self_attn.k_proj", True), **mk)
         self.v_proj = Weight((d, k, q), ("embed", "kv_heads", "head_dim"), block_axis=0, repeat=(1, kv_rep),
-                             nk_split=(0, 1), fp8_block=_fp8_block(cfg, "self_attn.v_proj", True), **mk)
+                             nk_split=(0, 1), **_fp8(cfg, "self_attn.v_proj", True), **mk)
         self.o_proj = Weight((h, q, d), ("heads", "head_dim", "embed"), block_axis=2, nk_split=(0, 2),
-                             fp8_block=_fp8_block(cfg, "self_attn.o_proj", False), **mk)
+                             **_fp8(cfg, "self_attn.o_proj", False), **mk)
         self.q_norm = RMSNorm(q, cfg.rms_norm_eps, dtype=dtype, stack=stack, axis_name="head_dim")
         self.k_norm = RMSNorm(q, cfg.rms_norm_eps, dtype=dtype, stack=stack, axis_name="head_dim")
         self.bias = cfg.attention_bias
@@ -399,7 +407,7 @@ class StackedExpertWeights(ExpertWeights):
             e_local = mats[0].shape[1]
             y = kernels.moe_ffn_in_place(x_nd, weights_nk, experts_nk, *mats, scales,
                                          self.weights[0].fp8_block or 128, layer, shard * e_local,
-                                         w_nk=self.weights[0].nk)
+                                         w_nk=self.weights[0].nk, scale_run=self.weights[2].fp8_scale_run)
         if y is None:   # no tiling fits the local shapes: XLA on this layer's slice
             y = super().local_ffn(x_nd, weights_nk, experts_nk, [a[layer] for a in raw], shard)
         return y
@@ -413,11 +421,11 @@ class MoE(nnx.Module):
         self.router = Weight((d, e), ("embed", "router"), **mk)
         mk["nk_split"] = (1, 1)   # FP8 experts stored [E, out, in] (Weight)
         self.gate_proj = Weight((e, d, f), ("experts", "embed", "expert_mlp"), block_axis=1,
-                                fp8_block=_fp8_block(cfg, "mlp.experts.gate_proj", True), **mk)
+                                **_fp8(cfg, "mlp.experts.gate_proj", True), **mk)
         self.up_proj = Weight((e, d, f), ("experts", "embed", "expert_mlp"), block_axis=1,
-                              fp8_block=_fp8_block(cfg, "mlp.experts.up_proj", True), **mk)
+                              **_fp8(cfg, "mlp.experts.up_proj", True), **mk)
         self.down_proj = Weight((e, f, d), ("experts", "expert_mlp", "embed"), block_axis=2,
-                                fp8_block=_fp8_block(cfg, "mlp.experts.down_proj", False), **mk)
+                                **_fp8(cfg, "mlp.experts.down_proj", False), **mk)
 
     def __call__(self, x_btd, ctx, stacked=None):
         """`stacked` = (this MoE with [L, ...] params, layer): the kernels read experts in place.
@@ -449,11 +457,11 @@ class DenseMLP(nnx.Module):
         d, i = cfg.hidden_size, cfg.intermediate_size
         mk = dict(dtype=dtype, rngs=rngs, stack=stack)
         self.gate_proj = Weight((d, i), ("embed", "mlp"), block_axis=0,
-                                fp8_block=_fp8_block(cfg, "mlp.gate_proj", True), **mk)
+                                **_fp8(cfg, "mlp.gate_proj", True), **mk)
         self.up_proj = Weight((d, i), ("embed", "mlp"), block_axis=0,
-                              fp8_block=_fp8_block(cfg, "mlp.up_proj", True), **mk)
+                              **_fp8(cfg, "mlp.up_proj", True), **mk)
         self.down_proj = Weight((i, d), ("mlp", "embed"), block_axis=1,
-                                fp8_block=_fp8_block(cfg, "mlp.down_proj", False), **mk)
+                                **_fp8(cfg, "mlp.down_proj", False), **mk)
 
     def __call__(self, x_btd, ctx, stacked=None):
         x_btd = materialize(x_btd)   # a gemv_inputs source on the fused decode path
@@ -569,7 +577,8 @@ def _qkv_partials(attn_full, h, layer):
     parts = (kernels.projections_partials(specs, blocks.pop(), layer, w_nk=orders.pop())
              if len(blocks) == 1 and len(orders) == 1 else None)
     if parts is None:
-        parts = [kernels.linear_einsum(*spec, full.fp8_block, layer=layer, partials=True, w_nk=full.nk)
+        parts = [kernels.linear_einsum(*spec, full.fp8_block, layer=layer, partials=True, w_nk=full.nk,
+                                       scale_run=full.fp8_scale_run)
                  for spec, (_, full) in zip(specs, projs)]
     return None if any(p is None for p in parts) else parts
 

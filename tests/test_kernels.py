@@ -7,6 +7,7 @@ machine: `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_kernels.py`.
 """
 
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -35,18 +36,19 @@ def rel(a, b):
 def fp8_weights(rng, shape, block_axis, block=128, checkpoint_blocks=False):
     """Random FP8 weight (N(0,1) in e4m3) and a positive float32 scale in our in-memory layout.
     The expanded axes get a scale per element, which catches a kernel reading the wrong one;
-    checkpoint_blocks=True repeats each value over `block` elements there, as a checkpoint's
-    [block x block] scales are when expanded (what W8A8's layout "n" relies on)."""
+    checkpoint_blocks=True repeats each value over `block` elements there (an int: over that
+    many), as a checkpoint's block scales are when expanded (what W8A8's layout "n" relies on)."""
     w8 = jnp.asarray(rng.standard_normal(shape), jnp.float8_e4m3fn)
     s_shape = list(shape)
     s_shape[block_axis] = -(-shape[block_axis] // block)
     if not checkpoint_blocks:
         return w8, jnp.asarray(rng.uniform(0.01, 0.03, s_shape), jnp.float32)
-    coarse = [-(-n // block) if 0 < i != block_axis else n for i, n in enumerate(s_shape)]
+    run = block if checkpoint_blocks is True else checkpoint_blocks
+    coarse = [-(-n // run) if 0 < i != block_axis else n for i, n in enumerate(s_shape)]
     scale = rng.uniform(0.01, 0.03, coarse)
     for i in range(1, len(shape)):
         if i != block_axis:
-            scale = np.repeat(scale, block, axis=i)[(slice(None),) * i + (slice(0, shape[i]),)]
+            scale = np.repeat(scale, run, axis=i)[(slice(None),) * i + (slice(0, shape[i]),)]
     return w8, jnp.asarray(scale, jnp.float32)
 
 
@@ -588,6 +590,35 @@ def test_fp8_projections_w8a8_quantize_x_once(monkeypatch):
         assert o.shape == (1, 40, 128) and 1e-3 < rel(o, want_o) < 6e-2
 
 
+def test_w8a8_layout_n_keeps_each_k_step_inside_one_scale_run(monkeypatch):
+    """A checkpoint whose blocks are not square ([out 64, in 16] here): o_proj's scale repeats
+    in runs of 16 along K while its D block is 64. Told the run (model.Weight.fp8_scale_run), the
+    W8A8 projection and MoE down narrow their K steps to it and stay within W8A8's bound; assuming
+    square blocks they would read one scale for four runs."""
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS", 0)
+    rng = np.random.default_rng(15)
+    wo, so = fp8_weights(rng, (2, 4, 32, 128), 3, 64, checkpoint_blocks=16)   # [L, H, Q, D]
+    q = jnp.asarray(rng.standard_normal((1, 40, 4, 32)), jnp.bfloat16)
+    want = jnp.einsum("bthq,hqd->btd", q.astype(jnp.float32), dequantize(wo[0], so[0], 2, 64, jnp.float32))
+    w_nk = jnp.moveaxis(wo, 3, 1)
+    errs = [rel(linear_einsum("bthq,hqd->btd", q, w_nk, so, 2, 64, layer=jnp.int32(0), w_nk=True, scale_run=run),
+                want) for run in (16, None)]
+    assert 1e-3 < errs[0] < 6e-2 and errs[1] > 0.1, errs
+    (g, gs), (u, us), (dn, ds) = (fp8_weights(rng, sh, ax, 64, checkpoint_blocks=run)
+                                  for sh, ax, run in (((6, 128, 64), 1, 64), ((6, 128, 64), 1, 64), ((6, 64, 128), 2, 16)))
+    x = jnp.asarray(rng.standard_normal((24, 128)), jnp.bfloat16)
+    experts = jnp.asarray(np.argsort(-rng.standard_normal((24, 6)), axis=1)[:, :2], jnp.int32)
+    weights = jnp.asarray(rng.uniform(0.2, 0.8, (24, 2)), jnp.float32)
+    mats = [dequantize(a, s_, ax, 64, jnp.float32) for a, s_, ax in ((g, gs, 1), (u, us, 1), (dn, ds, 2))]
+    want = expert_ffn(x.astype(jnp.float32), weights, experts, *mats)
+    sw = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+    errs = [rel(moe_ffn(x, weights, experts, ExpertArrays(sw(g), sw(u), sw(dn), gs, us, ds, block=64, num_experts=6,
+                                                          w_nk=True, scale_run=run), strategy="blocks"), want)
+            for run in (16, None)]
+    assert 1e-3 < errs[0] < 6e-2 and errs[1] > 0.1, errs
+
+
 def test_fp8_projection_with_the_weight_on_the_left(monkeypatch, fp8_w8a16):
     """A prefill-sized FP8 projection stored [out, in] whose tiles stay >= 64 wide runs with the
     weight as the MMA's left operand (MATMUL_DEFAULTS' fp8_nk) and gives the same products; once
@@ -1023,34 +1054,31 @@ def test_decode_attention_lowers_to_triton_for_30b_cache():
 # -- GPU: compiled kernels against the plain-XLA path -------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp8", [False, "w8a16", "w8a8", "w8a16-nk", "w8a16-nk-lhs"])
+@pytest.mark.parametrize("fp8", [False, "w8a16", "w8a8", "w8a16-nk", "w8a16-nk-lhs", "w8a8-nk-lhs"])
 @pytest.mark.parametrize("n", [1, 8, 64, 512])
-def test_gpu_moe_ffn_matches_xla_at_30b_layer_shapes(fp8, n):
-    """-nk: experts stored [E, out, in]; -lhs: the grouped matmul (n >= 64) with the weight as
-    the MMA's left operand."""
-    from qwen3_jax.kernels.grouped_matmul import MATMUL_DEFAULTS
+def test_gpu_moe_ffn_matches_xla_at_30b_layer_shapes(fp8, n, monkeypatch):
+    """w8a16 / w8a8: the FP8 GEMVs and grouped matmuls with bf16 / e4m3 activations (w8a8-nk-lhs
+    is the model's default form); -nk: experts stored [E, out, in]; -lhs: the grouped matmul (n >=
+    64) with the weight as the MMA's left operand. W8A8 on checkpoint-block scales, to its bound."""
+    from qwen3_jax.kernels import grouped_matmul as gm_mod
 
     rng = np.random.default_rng(n)
-    lhs = bool(fp8) and fp8.endswith("-lhs")
-    fp8 = fp8 and fp8.removesuffix("-lhs")
-    nk = bool(fp8) and fp8.endswith("-nk")
-    fp8 = fp8 and fp8.removesuffix("-nk")
-    x, weights, experts, arrays, want = _moe_case(rng, bool(fp8), n=n, e=32, d=2048, f=768, k=8, block=128, nk=nk)
+    kind, nk, lhs = (fp8 or "").split("-")[0], "-nk" in (fp8 or ""), (fp8 or "").endswith("-lhs")
+    x, weights, experts, arrays, want = _moe_case(rng, bool(fp8), n=n, e=32, d=2048, f=768, k=8, block=128, nk=nk,
+                                                  checkpoint_blocks=True)
+    for size, cfg in gm_mod.MATMUL_DEFAULTS.items():
+        monkeypatch.setitem(gm_mod.MATMUL_DEFAULTS, size, dict(cfg, convert="f16" if kind == "w8a16" else "e4m3",
+                                                               fp8_nk=dict(cfg["fp8_nk"], w_lhs=lhs)))
     before = kernels.fp8_gemm()
-    lhs_before = {name: dict(cfg["fp8_nk"]) for name, cfg in MATMUL_DEFAULTS.items()}
     if fp8:
-        kernels.set_fp8_gemm(fp8)
-    for cfg in MATMUL_DEFAULTS.values():
-        cfg["fp8_nk"]["w_lhs"] = lhs
+        kernels.set_fp8_gemm(kind)
     try:
         got = moe_ffn(x, weights, experts, arrays)
     finally:
         if before in kernels.FP8_GEMM:
             kernels.set_fp8_gemm(before)
-        for name, v in lhs_before.items():
-            MATMUL_DEFAULTS[name]["fp8_nk"] = v
-    # w8a8 on the gemv path (n <= 16): e4m3 activations, ~3% per product on random data
-    assert rel(got, want) < (6e-2 if fp8 == "w8a8" and n <= 16 else 1e-2)
+    # w8a8: e4m3 activations, ~3% per product on random data
+    assert rel(got, want) < (6e-2 if kind == "w8a8" else 1e-2)
 
 
 @pytest.mark.gpu

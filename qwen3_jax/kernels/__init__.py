@@ -160,10 +160,12 @@ FP8_GEMM = {"w8a16": "f16", "w8a8": "e4m3", "auto": "auto"}
 # projections; 8k 203.1 against 214.0). Run 29 (H100) set 512 for the W8A16 kernel of then.
 FP8_DEQUANTIZE_MIN_ROWS = 512
 # The MoE (an MoE layer's assignments per expert held, which on a mesh counts every token's
-# assignments: an upper bound). The W8A8 grouped matmul beat the layer's bf16 copy at 512 rows
-# per expert (an 8k prompt; run 55, H200: 2521 against 2718 us per layer) and at 64; the copy's
-# cost is fixed per layer while the kernel's deficit to bf16 weights grows with the rows.
-FP8_DEQUANTIZE_MOE_MIN_ROWS = 1024
+# assignments: an upper bound). The W8A8 grouped matmul beat the layer's bf16 copy at every size
+# measured (H200, benchmarks/NOTES.md): 64 and 512 rows per expert in one layer (run 55: 8k
+# prompt 2521 against 2718 us), and the model's 16k prefill, 1024 rows (run 57: 443.3 against
+# 453.8 ms). So never by default; the relative gap narrows with the rows (5.7% at 8k, 2.3% at 16k),
+# and 32k did not fit the benchmark (run 58).
+FP8_DEQUANTIZE_MOE_MIN_ROWS = 0
 
 
 def fp8_dequantized(rows_per_weight: int, moe: bool = False) -> bool:

@@ -34,8 +34,9 @@ already quantized, e4m3 [R, K] with x_scales float32 [R, K // qg] (qg-wide group
 multiple of bk: gemv.quantize_rows, run once per token before the rows are gathered, not once
 per tile). The MMA runs e4m3 x e4m3 into float32 per K step, the step's product is multiplied
 by x's group scale and the weight's block scale, and no tile is converted. Layout "n" reads one
-weight scale per tile (its first K row): exact for block scales, whose per-K-row values are
-constant over a `block`-aligned tile (bk divides block and the K width held here).
+weight scale per tile (its first K row): exact for a checkpoint's block scales, whose expanded
+per-K-row values repeat in runs of the checkpoint's block (model.Weight.fp8_scale_run), when bk
+divides that run and the K width held here (the callers, moe_ffn.py and linear.py, choose so).
 quantize_out=True (a pair, e4m3): the silu product leaves quantized for the next W8A8 matmul, e4m3
 [R, N] and float32 scales [R, N // bn], one group per output tile.
 """

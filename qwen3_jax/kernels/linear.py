@@ -71,7 +71,7 @@ def _as_matrices(eq: str, x, w, scale, block_axis: int, layer, w_nk: bool = Fals
 
 
 def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None, out_dtype=None,
-                  partials: bool = False, w_nk: bool = False):
+                  partials: bool = False, w_nk: bool = False, scale_run: int | None = None):
     """einsum(eq, x, W[layer]) in `out_dtype` (default x's dtype), W = w (bf16, scale None) or dequantize(w, scale);
     None when the equation, shapes or row count are not covered (the caller uses XLA).
 
@@ -84,6 +84,8 @@ def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None,
     is the contracted axis (layout 'k', one contracted dim) or the last axis (layout 'n').
     w / scale are [L, ...] when `layer` is given, else per-layer. w_nk: w is stored with the
     contracted axes last ([out..., in...], model.Weight's nk); scale is always in eq's order.
+    scale_run: the checkpoint's block along the non-block dims (model.Weight.fp8_scale_run;
+    None: `block`), which a W8A8 K step of layout 'n' must not cross.
     """
     mats = _as_matrices(eq, x, w, scale, block_axis, layer, w_nk)
     if mats is None:
@@ -94,7 +96,7 @@ def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None,
     if s3 is not None and kernels.fp8_dequantized(x2.shape[0]):
         return None   # XLA dequantizes the layer's weight and runs cuBLAS (kernels.FP8_DEQUANTIZE_MIN_ROWS)
     group = jnp.asarray(layer if layer is not None else 0, jnp.int32)
-    y = linear(x2, w3, s3, layout, block, group, partials=partials, w_nk=w_nk)
+    y = linear(x2, w3, s3, layout, block, group, partials=partials, w_nk=w_nk, scale_run=scale_run)
     if y is None or partials:
         return y
     return y.reshape(*lead, *out_dims).astype(out_dtype or x.dtype)
@@ -134,9 +136,11 @@ def projection_tiles(fp8: bool, layout: str, w_nk: bool = False) -> dict:
     return PROJECTION_TILES.get((*key, "nk"), {}) if w_nk else PROJECTION_TILES.get(key, {})
 
 
-def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = False, w_nk: bool = False):
+def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = False, w_nk: bool = False,
+           scale_run: int | None = None):
     """x [M, K] (an array or a gemv_inputs source) @ W[group] (dequantized if `scale`) -> [M, N]
-    float32, or None if no tiling fits. w [G, K, N], or [G, N, K] with w_nk.
+    float32, or None if no tiling fits. w [G, K, N], or [G, N, K] with w_nk. scale_run: see
+    linear_einsum.
     partials=True: [S, M, N] float32 whose sum over S is that (S = the gemv's split_k; 1 for the
     matmul), the reduction left to the caller."""
     m, k_dim = x_mk.shape
@@ -158,6 +162,8 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     t = matmul_tiles(k_dim, n_dim, bm, fp8, layout, block, w_nk=w_nk)
     if t is None:
         return None
+    if t["convert"] == "e4m3" and layout == "n":   # one weight scale per K step (grouped_matmul)
+        t = dict(t, bk=math.gcd(t["bk"], scale_run or block))
     # One group means parallelism only from row blocks x column tiles: narrow the columns (and
     # use 4 warps) until two programs per SM exist, or a k/v projection runs on 4 SMs. The weight
     # as the MMA's left operand needs bn >= 64 (wgmma's height; run 48 in benchmarks/NOTES.md:

@@ -55,7 +55,8 @@ class ExpertArrays:
     gate, up [G, D, F], down [G, F, D] in the compute dtype or FP8, or with w_nk the last two
     axes swapped (gate/up [G, F, D], down [G, D, F]: the checkpoint's [out, in], K contiguous);
     *_scale float32 (FP8 only), never swapped: gate/up [G, ceil(D/block), F] (layout "k"), down
-    [G, F, ceil(D/block)] (layout "n")."""
+    [G, F, ceil(D/block)] (layout "n"); scale_run: the checkpoint's block along F, where the
+    expanded scales repeat (model.Weight.fp8_scale_run; None: `block`)."""
 
     gate: jax.Array
     up: jax.Array
@@ -67,6 +68,7 @@ class ExpertArrays:
     num_experts: int = 0           # experts per layer held here
     offset: jax.Array | int = 0    # group of this layer's expert 0 (layer * num_experts)
     w_nk: bool = False
+    scale_run: int | None = None
 
     @property
     def fp8(self) -> bool:
@@ -79,14 +81,15 @@ class ExpertArrays:
         return (b, a) if self.w_nk else (a, b)
 
     @classmethod
-    def from_stacked(cls, gate, up, down, scales=None, block=128, layer=None, w_nk=False):
+    def from_stacked(cls, gate, up, down, scales=None, block=128, layer=None, w_nk=False, scale_run=None):
         """From [L, E, ...] (or [E, ...] with layer None) params; scales = (gate, up, down) or None."""
         def fold(a):
             return a if a is None or layer is None else a.reshape(-1, *a.shape[2:])
         e = gate.shape[1] if layer is not None else gate.shape[0]
         s = scales or (None, None, None)
         off = 0 if layer is None else jnp.asarray(layer, jnp.int32) * e
-        return cls(fold(gate), fold(up), fold(down), fold(s[0]), fold(s[1]), fold(s[2]), block, e, off, w_nk)
+        return cls(fold(gate), fold(up), fold(down), fold(s[0]), fold(s[1]), fold(s[2]), block, e, off, w_nk,
+                   scale_run)
 
 
 def supported(arrays: ExpertArrays, assignments: int) -> bool:
@@ -177,7 +180,7 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
         xq, sx = quantize_rows(materialize(x_nd), t1["bk"])
         hq, hs = grouped_matmul(xq[blk.rows], groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
                                 layout="k", x_scales=sx[blk.rows], quantize_out=True, **common, **t1)
-        t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"]))
+        t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], arrays.scale_run or arrays.block))   # inside one scale run
         y = grouped_matmul(hq, groups, (arrays.down,), _scales(arrays, "down"), layout="n", x_scales=hs,
                            **common, **t2)   # [R, D] f32
         return y[blk.pos], blk.here
@@ -220,16 +223,17 @@ def moe_ffn_stacked(x_nd, weights_nk, experts_nk, gate, up, down, layer, groups=
         return None
     scales = tuple(w.scale[...] for w in ws) if all(fp8) else None
     return moe_ffn_in_place(x_nd, weights_nk, experts_nk, gate.w[...], up.w[...], down.w[...], scales,
-                            gate.fp8_block or 128, layer, groups=groups, w_nk=gate.nk)
+                            gate.fp8_block or 128, layer, groups=groups, w_nk=gate.nk, scale_run=down.fp8_scale_run)
 
 
 def moe_ffn_in_place(x_nd, weights_nk, experts_nk, gate, up, down, scales, block, layer, first_expert=0, *,
-                     groups=None, interpret=None, w_nk=False):
+                     groups=None, interpret=None, w_nk=False, scale_run=None):
     """moe_ffn on layer `layer` of stacked [L, E_local, ...] arrays (this device's experts
-    first_expert.. on a mesh; scales (gate, up, down) or None; w_nk: the weights stored [out, in],
-    see ExpertArrays) -> [N, D] float32, or None when no tiling fits these shapes. groups,
-    interpret: see moe_ffn (groups on one device only)."""
-    arrays = ExpertArrays.from_stacked(gate, up, down, scales, block=block, layer=layer, w_nk=w_nk)
+    first_expert.. on a mesh; scales (gate, up, down) or None; w_nk, scale_run: see ExpertArrays)
+    -> [N, D] float32, or None when no tiling fits these shapes. groups, interpret: see moe_ffn
+    (groups on one device only)."""
+    arrays = ExpertArrays.from_stacked(gate, up, down, scales, block=block, layer=layer, w_nk=w_nk,
+                                       scale_run=scale_run)
     if not supported(arrays, experts_nk.size):
         return None
     return moe_ffn(x_nd, weights_nk, experts_nk, arrays, first_expert, groups=groups, interpret=interpret)
