@@ -241,8 +241,9 @@ def _parse_quantization(q: dict[str, Any] | None) -> Fp8Config | None:
     if fmt != "e4m3":
         raise ConfigError(f"quantization_config.fmt={fmt!r} is not supported; only e4m3 is")
     if q.get("activation_scheme", "dynamic") != "dynamic":
-        raise ConfigError(f"activation_scheme={q.get('activation_scheme')!r} is not supported; "
-                          "weights are FP8, activations stay in the compute dtype ('dynamic')")
+        raise ConfigError(f"activation_scheme={q.get('activation_scheme')!r} is not supported; only 'dynamic' is "
+                          "(no static activation scales are read: the GPU kernels quantize activations per "
+                          "token group as they run, the plain-XLA path keeps them in the compute dtype)")
     block = q.get("weight_block_size")
     if not block or len(block) != 2:
         raise ConfigError("quantization_config.weight_block_size must be [out, in], e.g. [128, 128]; "
