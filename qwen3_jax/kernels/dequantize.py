@@ -1,7 +1,9 @@
 """FP8 weights stored [out, in] -> a bf16 copy in the einsum order [in, out], in one pass.
 
 Prefill multiplies each FP8 expert by hundreds of rows, where the bf16 MMA on a dequantized copy
-beats converting FP8 in the matmul's registers (kernels.FP8_DEQUANTIZE_MIN_ROWS). The model stores
+beat converting FP8 in the matmul's registers (kernels.FP8_DEQUANTIZE_MOE_MIN_ROWS; since the
+W8A8 grouped matmul, run 55, the copy is off by default and this kernel runs when that threshold
+is set). The model stores
 FP8 experts [E, N, K] (fp8.NK_ORDER) and the bf16 grouped matmul wants [E, K, N] tiles (run 38 in
 benchmarks/NOTES.md: [E, N, K] tiles were 5% slower at 8k tokens). XLA's fused dequantize +
 transpose writes the copy with strided accesses: 8k-token prefill took 215.7 ms against 198.7 ms
