@@ -100,7 +100,7 @@ def describe() -> str:
         return f"kernels: not usable ({err})"
     if on:
         how = "Pallas Triton" if on_gpu() else "Pallas interpret mode, no GPU: slow"
-        return f"kernels: on ({how}; FP8 GEMV {fp8_gemm()}; bf16/f16 compute only)"
+        return f"kernels: on ({how}; FP8 GEMV {fp8_gemm()}, FP8 matmul {fp8_matmul()}; bf16/f16 compute only)"
     if TRITON_MISSING is not None:
         why = f"jax {jax.__version__} has no Pallas Triton back end"
     elif _override is False or _env_setting() is False:
@@ -175,6 +175,14 @@ def fp8_dequantized(rows_per_weight: int, moe: bool = False) -> bool:
     return 0 < limit <= rows_per_weight
 
 
+def fp8_matmul() -> str:
+    """The FP8 grouped matmuls' numerics in force (prefill, large batches): 'w8a8' (e4m3
+    activations, the default) or 'w8a16' (with the MMA dtype)."""
+    from .grouped_matmul import MATMUL_DEFAULTS
+    converts = sorted({cfg["convert"] for cfg in MATMUL_DEFAULTS.values()})
+    return "/".join("w8a8" if c == "e4m3" else f"w8a16 ({c})" for c in converts)
+
+
 def set_fp8_gemm(kind: str) -> None:
     """Choose the FP8 GEMV numerics for this process (read at trace time): 'auto', 'w8a8' or 'w8a16'."""
     from .gemv import GEMV_DEFAULTS
@@ -240,7 +248,7 @@ if TRITON_MISSING is None:
     from . import qk_prologue, sharded  # noqa: E402
 
 __all__ = ["enabled", "describe", "TRITON_MISSING", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret",
-           "pick_tile", "FP8_GEMM", "set_fp8_gemm", "fp8_gemm", "fp8_dequantized", "FP8_DEQUANTIZE_MIN_ROWS", "FP8_DEQUANTIZE_MOE_MIN_ROWS", "X_LOADS_ALL", "set_x_loads", "x_load",
+           "pick_tile", "FP8_GEMM", "set_fp8_gemm", "fp8_gemm", "fp8_matmul", "fp8_dequantized", "FP8_DEQUANTIZE_MIN_ROWS", "FP8_DEQUANTIZE_MOE_MIN_ROWS", "X_LOADS_ALL", "set_x_loads", "x_load",
            "linear_einsum", "projections_partials",
            "causal_prefill_attention", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked",
            "moe_ffn_in_place", "ExpertArrays", "route_in_place",
