@@ -36,8 +36,9 @@ def rel(a, b):
 def fp8_weights(rng, shape, block_axis, block=128, checkpoint_blocks=False):
     """Random FP8 weight (N(0,1) in e4m3) and a positive float32 scale in our in-memory layout.
     The expanded axes get a scale per element, which catches a kernel reading the wrong one;
-    checkpoint_blocks=True repeats each value over `block` elements there (an int: over that
-    many), as a checkpoint's block scales are when expanded (what W8A8's layout "n" relies on)."""
+    checkpoint_blocks=True repeats each value over `block` elements along each expanded axis (an
+    int: over that many), as a checkpoint's block scales are when expanded (what W8A8's layout
+    "n" relies on; runs are per axis, so a flattened axis pair repeats with its inner one)."""
     w8 = jnp.asarray(rng.standard_normal(shape), jnp.float8_e4m3fn)
     s_shape = list(shape)
     s_shape[block_axis] = -(-shape[block_axis] // block)
@@ -426,12 +427,17 @@ def test_moe_ffn_w8a8_blocks_quantize_each_token_once(monkeypatch, nk):
     bound against the float32 reference, and above bf16's (it did run W8A8)."""
     from qwen3_jax.kernels import grouped_matmul as gm_mod
 
+    from qwen3_jax.kernels import moe_ffn as moe_mod
+
     assert {cfg["convert"] for cfg in gm_mod.MATMUL_DEFAULTS.values()} == {"e4m3"}
     monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS", 0)
+    quantized = []
+    monkeypatch.setattr(moe_mod, "quantize_rows", lambda x, g: quantized.append(x.shape) or quantize_rows(x, g))
     rng = np.random.default_rng(13)
     x, weights, experts, arrays, want = _moe_case(rng, True, n=24, nk=nk, checkpoint_blocks=True)
     fn = lambda *a: moe_ffn(*a, arrays, strategy="blocks")   # noqa: E731
     assert str(jax.make_jaxpr(fn)(x, weights, experts)).count("qwen3_grouped_matmul_w8a8") == 2
+    assert quantized == [x.shape]   # the 24 tokens, not their 48 gathered assignment rows
     assert 1e-2 < rel(fn(x, weights, experts), want) < 6e-2
 
 

@@ -86,7 +86,7 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
         raise ValueError(f"convert must be 'cast', 'f16' or 'e4m3', got {convert!r}")
     a8 = convert == "e4m3"
     if a8:
-        _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block, layout)
+        _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block)
     elif x_scales is not None:
         raise ValueError("x_scales are the scales of an e4m3 x; pass them with convert='e4m3' only")
     if quantize_out and not (a8 and pair):
@@ -181,7 +181,7 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
     )(groups_b.astype(jnp.int32), x_rk, *((x_scales,) if a8 else ()), *weights, *scales)
 
 
-def _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block, layout):
+def _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block):
     """convert='e4m3' preconditions (module doc), as ValueErrors that say what to pass."""
     if not fp8:
         raise ValueError("convert='e4m3' (FP8 activations) needs FP8 weights and their scales")

@@ -173,22 +173,22 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
     t1 = matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk)
     t2 = matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block, w_nk=arrays.w_nk)
     common = dict(bm=bm, block=arrays.block, w_nk=arrays.w_nk)
-    if t1["convert"] == "e4m3":
+    a8 = t1["convert"] == "e4m3"
+    if a8:
         # W8A8: x quantized once per token, before the gather (k times fewer rows, 1-byte values
         # moved); h leaves the gate/up kernel quantized in groups of its tile width, which the
-        # down's K steps must divide
+        # down's K steps must divide, as they must stay inside one scale run
         xq, sx = quantize_rows(materialize(x_nd), t1["bk"])
-        hq, hs = grouped_matmul(xq[blk.rows], groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
-                                layout="k", x_scales=sx[blk.rows], quantize_out=True, **common, **t1)
-        t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], arrays.scale_run or arrays.block))   # inside one scale run
-        y = grouped_matmul(hq, groups, (arrays.down,), _scales(arrays, "down"), layout="n", x_scales=hs,
-                           **common, **t2)   # [R, D] f32
-        return y[blk.pos], blk.here
-    # f16 MMA (FP8 weights): x converted once here, not per tile in the kernel; h comes out f16
-    xs = materialize(x_nd).astype(jnp.float16 if t1["convert"] == "f16" else x_nd.dtype)[blk.rows]   # [R, D]
+        xs, in1 = xq[blk.rows], dict(x_scales=sx[blk.rows], quantize_out=True)
+        t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], arrays.scale_run or arrays.block))
+    else:
+        # f16 MMA (FP8 weights): x converted once here, not per tile in the kernel; h comes out f16
+        xs, in1 = materialize(x_nd).astype(jnp.float16 if t1["convert"] == "f16" else x_nd.dtype)[blk.rows], {}
     h = grouped_matmul(xs, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
-                       layout="k", **common, **t1)   # [R, F]
-    y = grouped_matmul(h, groups, (arrays.down,), _scales(arrays, "down"), layout="n", **common, **t2)   # [R, D] f32
+                       layout="k", **common, **t1, **in1)   # [R, F], or (e4m3 [R, F], scales) with W8A8
+    h, in2 = (h[0], dict(x_scales=h[1])) if a8 else (h, {})
+    y = grouped_matmul(h, groups, (arrays.down,), _scales(arrays, "down"), layout="n",
+                       **common, **t2, **in2)   # [R, D] f32
     return y[blk.pos], blk.here
 
 
