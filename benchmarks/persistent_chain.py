@@ -15,9 +15,6 @@ bytes; 4 MiB in e4m3). Variants:
              (CTA barrier, then an acquire-release atomic at GPU scope);
   prefetch:  as wait, but W[p]'s rows are loaded before the spin (in flight during it);
   prefetch2: as prefetch, but W[p+1]'s rows are loaded before link p's spin (a link ahead);
-  flags:     as prefetch, but without one contended counter: program i sets its own flag for
-             link p+1 (an acquire-release exchange), and a waiter polls all G flags of link p
-             with one volatile load, then fences (acquire) before reading x[p];
   nowait:    one kernel, no counters (a race: timing only), the same loads: the streaming floor;
   *-s3:      the same with Triton's software pipelining over the link loop (num_stages=3).
 G <= the SM count, so every program is resident and the spin cannot deadlock; a spin also gives
@@ -49,7 +46,7 @@ G = int(os.environ.get("CHAIN_PROGRAMS", 128))
 BN = D // G
 SPIN_LIMIT = 1 << 22   # polls before a spin gives up (~seconds): a missed signal cannot hang
 NUM_WARPS = int(os.environ.get("CHAIN_WARPS", 8))
-VARIANTS = ("separate", "wait", "prefetch", "prefetch2", "flags", "nowait", "prefetch-s3", "flags-s3", "nowait-s3")
+VARIANTS = ("separate", "wait", "prefetch", "prefetch2", "nowait", "prefetch-s3", "nowait-s3")
 
 
 def _link_rows(w, x):
@@ -79,29 +76,13 @@ def separate(xs0, w_all):
 def persistent(xs0, w_all, *, variant: str):
     """One kernel for the whole chain -> (xs [ROWS, D], spins that hit SPIN_LIMIT)."""
     base, stages = variant.removesuffix("-s3"), 3 if variant.endswith("-s3") else 1
-    flags = base == "flags"
-    # counters [ROWS] (link p ready when G), or flags [ROWS, G] (ready when all are 1); x[0] is ready
-    counts0 = (jnp.zeros((ROWS, G), jnp.int32).at[0].set(1) if flags else jnp.zeros((ROWS,), jnp.int32).at[0].set(G))
+    counts0 = jnp.zeros((ROWS,), jnp.int32).at[0].set(G)   # link p's input is ready when counts[p] == G
     give_ups0 = jnp.zeros((G,), jnp.int32)
 
     def body(xs_in, w_ref, counts_in, gu_in, xs_ref, counts_ref, gu_ref):
         del xs_in, counts_in, gu_in   # aliased to the outputs
         i = pl.program_id(0)
         rows = pl.ds(pl.multiple_of(i * BN, BN), BN)
-
-        def spin_flags(p):
-            """-> (gave up 0/1, a 0 the compiler cannot see through: add it to p before reading x)."""
-            def cond(c):
-                return (jnp.min(c[0]) < 1) & (c[1] < SPIN_LIMIT)
-
-            def poll(c):
-                return plt.load(counts_ref.at[p, :], volatile=True), c[1] + 1
-            got, polls = jax.lax.while_loop(cond, poll, (plt.load(counts_ref.at[p, :], volatile=True), 0))
-            # acquire: the flags were read relaxed; x[p]'s address depends on the fence's output,
-            # since Pallas marks inline asm pure (it could otherwise move)
-            (fenced,) = plt.elementwise_inline_asm("fence.acq_rel.gpu;\nmov.b32 $0, $1;", args=[got], constraints="=r,r",
-                                                   pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct((G,), jnp.int32)])
-            return (polls >= SPIN_LIMIT).astype(jnp.int32), jnp.min(fenced) - 1
 
         def spin(p):
             def cond(c):
@@ -117,24 +98,17 @@ def persistent(xs0, w_all, *, variant: str):
             if base == "prefetch2":
                 w = w_next[0]
                 w_next = (w_ref[jnp.minimum(p + 1, L - 1), rows, :],)    # next link's rows, in flight
-            elif base in ("prefetch", "flags"):
+            elif base == "prefetch":
                 w = w_ref[p, rows, :]                                    # issued before the spin
-            zero = 0
-            if flags:
-                g, zero = spin_flags(p)
-                gave_up = gave_up + g
-            elif base != "nowait":
+            if base != "nowait":
                 gave_up = gave_up + spin(p)
             if base in ("wait", "nowait"):
                 w = w_ref[p, rows, :]
-            x = xs_ref[p + zero, :]
+            x = xs_ref[p, :]
             xs_ref[p + 1, rows] = _link_rows(w, x).astype(xs_ref.dtype)
             if base != "nowait":
                 plt.debug_barrier()                                      # every thread's stores first
-                if flags:
-                    plt.atomic_xchg(counts_ref, (p + 1, i), jnp.int32(1))
-                else:
-                    plt.atomic_add(counts_ref, (p + 1,), jnp.int32(1))
+                plt.atomic_add(counts_ref, (p + 1,), jnp.int32(1))
             return (gave_up, *w_next)
 
         init = (jnp.int32(0),) + ((w_ref[0, rows, :],) if base == "prefetch2" else ())
