@@ -76,7 +76,7 @@ def separate(x0, w_all):
 
 
 def persistent(x0, w_all, *, variant: str):
-    """One kernel for the chain -> xs [L + 1, G * V] f32 (row 0 = x0)."""
+    """One kernel for the chain -> xs [L + 1, G * V] f32 (rows 1..L; row 0 unwritten)."""
     depth = 1 if variant == "wait-first" else int(variant.rsplit("-", 1)[1])
     wait = not variant.startswith("nowait")
     early = variant != "wait-first"
@@ -130,7 +130,7 @@ def persistent(x0, w_all, *, variant: str):
                        plgpu.Barrier(num_arrivals=1)],
         grid=(G,), grid_names=("c",),
     )(x0, w_all)
-    return xs.at[0].set(x0)   # row 0 is never written by the kernel
+    return xs   # row 0 is never written (XLA 0.11.2 refused an update-slice of this output)
 
 
 def chain(x0, w_all, variant: str):
@@ -163,9 +163,9 @@ def main():
     for variant in VARIANTS:
         try:
             fn = jax.jit(functools.partial(chain, variant=variant))
-            err = float(jnp.max(jnp.abs(fn(x0, w_all) - want)))
+            err = float(jnp.max(jnp.abs(fn(x0, w_all)[1:] - want[1:])))
             t = median_time(fn, (x0, w_all), reps=20, warmup=2)
-            err2 = float(jnp.max(jnp.abs(fn(x0, w_all) - want)))   # the semaphores were reset between calls
+            err2 = float(jnp.max(jnp.abs(fn(x0, w_all)[1:] - want[1:])))   # the semaphores were reset between calls
             tl = device_timeline(lambda: fn(x0, w_all))
         except Exception as e:   # one variant's failure must not hide the others' figures
             print(f"  {variant:10s} FAILED: {type(e).__name__}: {str(e)[:600]}", flush=True)
