@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from sharding.context import ShardingContext, constrain
 from sharding.rules import partition_spec, view_size
 
+from .attention import attention, query_block
 from .config import Qwen3MoeConfig, yarn_inv_freq
 from . import fp8 as fp8_format
 from .fp8 import FP8_DTYPE, dequantize, kind_kept_unquantized
@@ -192,6 +193,13 @@ def _sub(stacked, name):
     return None if stacked is None else (getattr(stacked[0], name), stacked[1])
 
 
+def _per_device_shape(shape, logical_axes, ctx) -> tuple[int, ...]:
+    """What one device holds of an activation of `shape` constrained to `logical_axes`."""
+    if ctx is None:
+        return tuple(shape)
+    return ctx.sharding(logical_axes, shape).shard_shape(tuple(shape))
+
+
 # Logical axis of each einsum letter of the attention projections (see the legend above).
 _LETTER_AXES = {"b": "batch", "t": "seq", "d": "embed", "h": "heads", "k": "kv_heads", "q": "head_dim"}
 
@@ -295,17 +303,14 @@ class Attention(nnx.Module):
     def attend(self, q_bthq, k_bskq, v_bskq, mask_bts, ctx=None, stacked=None, positions_bt=None):
         """Grouped-query attention; softmax in float32 as transformers does. -> [B, T, D].
         With kernels on, a GPU and `positions_bt`, a prompt starting at position 0 uses cuDNN's
-        fused attention (kernels/prefill_attention.py); anything else this plain-XLA math."""
-        b, t, h, qd = q_bthq.shape
-        kv = k_bskq.shape[2]
+        fused attention (kernels/prefill_attention.py); anything else the plain-XLA math
+        (attention.py), in blocks of queries when one device's scores would be large."""
+        t, s = q_bthq.shape[1], k_bskq.shape[1]
+        b_local, _, h_local, _ = _per_device_shape(q_bthq.shape, ("batch", "seq", "heads", "head_dim"), ctx)
+        block = query_block(t, s, h_local, b_local)
 
         def xla_attention():
-            q = q_bthq.reshape(b, t, kv, h // kv, qd)
-            scores = jnp.einsum("btkgq,bskq->bkgts", q, k_bskq, preferred_element_type=jnp.float32)
-            scores = scores.astype(q.dtype).astype(jnp.float32) * self.scale
-            scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-            return jnp.einsum("bkgts,bskq->btkgq", probs, v_bskq).reshape(b, t, h, qd)
+            return attention(q_bthq, k_bskq, v_bskq, mask_bts, self.scale, block)
 
         if positions_bt is not None and t > 1 and kernels.on_gpu() and kernels.active(ctx, q_bthq.dtype):
             out = kernels.causal_prefill_attention(q_bthq, k_bskq, v_bskq, positions_bt, self.scale, xla_attention)

@@ -1,11 +1,13 @@
 """Prefill attention through cuDNN's fused (flash) attention when the prompt starts at position 0.
 
-The plain-XLA attention materializes float32 scores [B, K, G, T, S]: 8.6 GB per layer for one
-8k prompt, ~80% of an 8k prefill's time on an H100 (run 2, benchmarks/NOTES.md). cuDNN's fused
-kernel never writes them. Its causal mask is aligned at the top left (query t sees keys
-s <= t), which is the model's mask (s <= positions[b, t]) exactly when positions[b, t] == t for
-every row; otherwise (a chunk continuing a cached prompt, left padding) the plain-XLA
-attention runs instead, chosen at run time by lax.cond, so results never depend on the guess.
+The plain-XLA attention (../attention.py) materializes float32 scores [B, K, G, T, S]: 8.6 GB
+per layer for one 8k prompt, ~80% of an 8k prefill's time on an H100 (run 2,
+benchmarks/NOTES.md); past 1 GiB per device it does so one block of queries at a time, which
+also bounds what XLA reserves for the fallback branch below. cuDNN's fused kernel never writes
+them. Its causal mask is aligned at the top left (query t sees keys s <= t), which is the
+model's mask (s <= positions[b, t]) exactly when positions[b, t] == t for every row; otherwise
+(a chunk continuing a cached prompt, left padding) the plain-XLA attention runs instead,
+chosen at run time by lax.cond, so results never depend on the guess.
 
 Numerics: cuDNN keeps the scores in float32 through the softmax; the reference (as
 transformers in bf16) rounds them to bf16 first. Agreement is to bf16 precision.
