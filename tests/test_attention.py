@@ -46,13 +46,14 @@ def test_block_rule():
     assert query_block(1, 40960, heads=32) is None
     assert query_block(2048, 2048, heads=32) is None                      # 512 MiB of scores
     assert query_block(MIN_QUERY_BLOCK, 10**6, heads=64) is None         # never below the minimum
-    # Qwen3-30B-A3B, one 32k prompt on one device: 4 MiB of scores per query -> 512 per block.
-    assert attn_mod.SCORE_BLOCK_BYTES == 2 * GiB
-    assert query_block(32768, 32768, heads=32) == 512
-    # A 512-token server chunk into a 40960-position cache: 2.5 GiB untiled at 32 heads per
-    # device (tp=1) -> 2 blocks of 256; at 8 heads per device (tp=4) 640 MiB, one block.
-    assert query_block(512, 40960, heads=32) == 256
-    assert query_block(512, 40960, heads=8) is None
+    # Qwen3-30B-A3B, one 32k prompt on one device: 4 MiB of scores per query -> 1024 per block.
+    assert attn_mod.SCORE_BLOCK_BYTES == 4 * GiB
+    assert query_block(32768, 32768, heads=32) == 1024
+    # A 512-token server chunk into a 40960-position cache: 2.5 GiB at 32 heads per device
+    # (tp=1), one block (2 blocks were measured 12% slower per step); a 2048-token chunk, 10 GiB,
+    # 3 blocks of 768 (the equal split of 2048 rounded up to 128).
+    assert query_block(512, 40960, heads=32) is None
+    assert query_block(2048, 40960, heads=32) == 768
     # Equal blocks, a multiple of the minimum, each within the budget where the minimum allows.
     for t, s, h, budget in [(1000, 4096, 8, 64 * MiB), (5000, 5000, 16, GiB), (129, 10**6, 64, 1)]:
         block = query_block(t, s, heads=h, budget=budget)
