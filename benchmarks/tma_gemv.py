@@ -1,0 +1,119 @@
+"""An FP8 batch-1 gemv in Mosaic GPU, its weights streamed by TMA, against the model's Pallas
+Triton gemv at the FP8 o_proj shape (GPU only; run 66 in NOTES.md).
+
+Run 64 found a Mosaic GPU kernel streaming 8 MiB by TMA in 3.96 us where a Pallas Triton kernel
+took 4.83 (run 61), with stand-in arithmetic. This is the real arithmetic: y = x @ W^T for x [K]
+bf16, W [N, K] e4m3 stored [out, in] as the checkpoints are, scales [N / 128, K / 128] float32
+(one per 128 x 128 block). CTA (r, s) of the grid (N / 64, S) owns 64 output rows and the s-th
+K / S columns: TMA copies [64, 128] weight chunks (8 KiB each) and its x slice into shared
+memory, then each of the 128 threads multiplies column t of every chunk (64 rows) by x[t] and
+the chunk's scale in float32, so the 64 x 128 products need no reduction until the end; the
+column sums go through shared memory once, reloaded in the WGMMA register layout where a
+reduction over columns exists. Out: float32 partials [S, N] (the caller sums them, as it sums
+the Triton gemv's split-K partials). Numerics: W8A16 with float32 products (the Triton gemv
+rounds x to f16 for an f16 MMA).
+
+    python benchmarks/tma_gemv.py
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax                                    # noqa: E402
+import jax.numpy as jnp                       # noqa: E402
+import numpy as np                            # noqa: E402
+from jax.experimental import pallas as pl     # noqa: E402
+from jax.experimental.pallas import mosaic_gpu as plgpu   # noqa: E402
+
+BM, CK, BLOCK = 64, 128, 128   # rows per CTA, K per TMA chunk, checkpoint block
+LAYERS = 16
+
+
+def tma_gemv(x_k, w_all, s_all, layer, *, split: int = 4):
+    """x [K] bf16, w_all [L, N, K] e4m3, s_all [L, N / 128, K / 128] f32 -> partials [S, N] f32
+    (sum over S = x @ dequantized W[layer]^T). `layer` is a Python int (the weights are read in
+    place at that layer)."""
+    n, k = w_all.shape[1:]
+    ks = k // split
+    chunks = ks // CK
+
+    def body(x_hbm, w_hbm, s_hbm, o_hbm, w_smem, x_smem, s_smem, acc_smem, o_smem, bar_w, bar_x):
+        r, s = jax.lax.axis_index("r"), jax.lax.axis_index("s")
+        for j in range(chunks):
+            plgpu.copy_gmem_to_smem(w_hbm.at[layer, pl.ds(r * BM, BM), pl.ds(s * ks + j * CK, CK)],
+                                    w_smem.at[j], bar_w)
+        for j in range(chunks):   # a TMA box is at most 256 elements along each dimension
+            plgpu.copy_gmem_to_smem(x_hbm.at[pl.ds(s * ks + j * CK, CK)], x_smem.at[j], bar_x)
+        plgpu.copy_gmem_to_smem(s_hbm.at[layer], s_smem, bar_x)
+        plgpu.barrier_wait(bar_x)
+        plgpu.barrier_wait(bar_w)
+        strided = plgpu.Layout.WG_STRIDED((BM, CK), vec_size=1)   # thread t: column t of every row
+        acc = None
+        for j in range(chunks):
+            kb = (s * ks + j * CK) // BLOCK
+            xs = x_smem[j].astype(jnp.float32) * s_smem[(r * BM) // BLOCK, kb]
+            w = plgpu.load(w_smem.at[j], (), layout=strided, optimized=False).astype(jnp.float32)
+            term = w * jnp.broadcast_to(xs[None, :], (BM, CK))
+            acc = term if acc is None else acc + term
+        acc_smem[...] = acc
+        plgpu.commit_smem()
+        rows = jnp.sum(plgpu.load(acc_smem, (), layout=plgpu.Layout.WGMMA, optimized=False), axis=1)   # [BM]
+        o_smem[...] = rows
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_hbm.at[s, pl.ds(r * BM, BM)])
+        plgpu.wait_smem_to_gmem(0)
+
+    return plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((split, n), jnp.float32),
+        scratch_types=[plgpu.SMEM((chunks, BM, CK), w_all.dtype), plgpu.SMEM((chunks, CK), x_k.dtype),
+                       plgpu.SMEM(s_all.shape[1:], jnp.float32), plgpu.SMEM((BM, CK), jnp.float32),
+                       plgpu.SMEM((BM,), jnp.float32), plgpu.Barrier(num_arrivals=chunks),
+                       plgpu.Barrier(num_arrivals=chunks + 1)],
+        grid=(n // BM, split), grid_names=("r", "s"),
+    )(x_k, w_all, s_all)
+
+
+def reference(x_k, w, s):
+    """float64: x @ (w * block scales)^T -> [N]."""
+    wd = np.asarray(w.astype(jnp.float32), np.float64) * np.repeat(np.repeat(np.asarray(s, np.float64), BLOCK, 0), BLOCK, 1)
+    return wd @ np.asarray(x_k.astype(jnp.float32), np.float64)
+
+
+def main():
+    from benchmarks.l2_warm import case
+    from qwen3_jax.kernels.tune import device_timeline
+    from serve.bench import measure_ceilings
+    bw = measure_ceilings(True, reps=20)["bandwidth"]
+    print(f"device {jax.devices()[0].device_kind}; copy {bw / 1e12:.3f} TB/s (best call)", flush=True)
+    n, k = 2048, 4096
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    w_all = jax.random.normal(k1, (LAYERS, n, k), jnp.float32).astype(jnp.float8_e4m3fn)
+    s_all = jax.random.uniform(k2, (LAYERS, n // BLOCK, k // BLOCK), jnp.float32, 0.01, 0.03)
+    x = jax.random.normal(k3, (k,), jnp.bfloat16)
+    want = reference(x, w_all[3], s_all[3])
+    for split in (2, 4, 8):
+        got = np.asarray(jnp.sum(jax.jit(lambda x, w, s: tma_gemv(x, w, s, 3, split=split))(x, w_all, s_all), axis=0))
+        err = np.linalg.norm(got - want) / np.linalg.norm(want)
+
+        @jax.jit
+        def run(x, w, s, split=split):
+            acc = jnp.float32(0)
+            for i in range(LAYERS):   # layer i's weights: every call reads HBM, as the model's layers do
+                xi = (x.astype(jnp.float32) + 0.0 * acc).astype(x.dtype)
+                acc = acc + tma_gemv(xi, w, s, i, split=split)[0, 0]
+            return acc
+        tl = device_timeline(lambda: run(x, w_all, s_all))
+        # each layer's call is a kernel of its own name; the XLA glue between them is "*fusion*"
+        mine = {name: v for name, v in tl["by_name"].items() if "fusion" not in name and "memcpy" not in name.lower()}
+        g = sum(ns for _, ns in mine.values()) / LAYERS
+        print(f"  tma gemv split {split}: rel err {err:.2e}, {g / 1e3:6.2f} us per gemv "
+              f"(floor {n * k / bw * 1e6:5.2f}); {sum(c for c, _ in mine.values())} kernels, e.g. {sorted(mine)[:2]}",
+              flush=True)
+    # the model's o_proj gemv (Pallas Triton, linear.PROJECTION_TILES for FP8 [out, in])
+    case("fp8 o_proj", k, n, 1, "n", True, False, bw, w_nk=True, bk=256, num_warps=8)
+
+
+if __name__ == "__main__":
+    main()
