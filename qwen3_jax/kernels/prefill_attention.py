@@ -2,8 +2,8 @@
 
 The plain-XLA attention (../attention.py) materializes float32 scores [B, K, G, T, S]: 8.6 GB
 per layer for one 8k prompt, ~80% of an 8k prefill's time on an H100 (run 2,
-benchmarks/NOTES.md); past 1 GiB per device it does so one block of queries at a time, which
-also bounds what XLA reserves for the fallback branch below. cuDNN's fused kernel never writes
+benchmarks/NOTES.md); past attention.SCORE_BLOCK_BYTES per device it does so one block of
+queries at a time, which also bounds what XLA reserves for the fallback branch below. cuDNN's fused kernel never writes
 them. Its causal mask is aligned at the top left (query t sees keys s <= t), which is the
 model's mask (s <= positions[b, t]) exactly when positions[b, t] == t for every row; otherwise
 (a chunk continuing a cached prompt, left padding) the plain-XLA attention runs instead,
