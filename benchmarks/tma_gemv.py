@@ -142,9 +142,26 @@ def reference(x_k, w, s):
     return wd @ np.asarray(x_k.astype(jnp.float32), np.float64)
 
 
+def _us_per_call(one, args) -> float:
+    """Device microseconds per `one(*args, layer)` call, over LAYERS calls that each read their
+    own layer's weights from HBM, as the model's layers do. Each call is a kernel of its own name;
+    the XLA glue between them ("*fusion*") is not counted."""
+    from qwen3_jax.kernels.tune import device_timeline
+
+    @jax.jit
+    def run(*args):
+        acc = jnp.float32(0)
+        for i in range(LAYERS):
+            first = (args[0].astype(jnp.float32) + 0.0 * acc).astype(args[0].dtype)   # keeps the calls in order
+            acc = acc + one(first, *args[1:], i)
+        return acc
+    tl = device_timeline(lambda: run(*args))
+    return sum(ns for name, (_, ns) in tl["by_name"].items()
+               if "fusion" not in name and "memcpy" not in name.lower()) / LAYERS / 1e3
+
+
 def main():
     from benchmarks.l2_warm import case
-    from qwen3_jax.kernels.tune import device_timeline
     from serve.bench import measure_ceilings
     bw = measure_ceilings(True, reps=20)["bandwidth"]
     print(f"device {jax.devices()[0].device_kind}; copy {bw / 1e12:.3f} TB/s (best call)", flush=True)
@@ -157,20 +174,8 @@ def main():
     for split in (8,):   # run 66 timed 2 and 4 too: 13.71 and 7.45 us
         got = np.asarray(jnp.sum(jax.jit(lambda x, w, s: tma_gemv(x, w, s, 3, split=split))(x, w_all, s_all), axis=0))
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
-
-        @jax.jit
-        def run(x, w, s, split=split):
-            acc = jnp.float32(0)
-            for i in range(LAYERS):   # layer i's weights: every call reads HBM, as the model's layers do
-                xi = (x.astype(jnp.float32) + 0.0 * acc).astype(x.dtype)
-                acc = acc + tma_gemv(xi, w, s, i, split=split)[0, 0]
-            return acc
-        tl = device_timeline(lambda: run(x, w_all, s_all))
-        # each layer's call is a kernel of its own name; the XLA glue between them is "*fusion*"
-        mine = {name: v for name, v in tl["by_name"].items() if "fusion" not in name and "memcpy" not in name.lower()}
-        g = sum(ns for _, ns in mine.values()) / LAYERS
-        print(f"  tma gemv split {split}: rel err {err:.2e}, {g / 1e3:6.2f} us per gemv "
-              f"(floor {n * k / bw * 1e6:5.2f}); {sum(c for c, _ in mine.values())} kernels, e.g. {sorted(mine)[:2]}",
+        us = _us_per_call(lambda x, w, s, i: tma_gemv(x, w, s, i, split=split)[0, 0], (x, w_all, s_all))
+        print(f"  tma gemv split {split}: rel err {err:.2e}, {us:6.2f} us per gemv (floor {n * k / bw * 1e6:5.2f})",
               flush=True)
     xq, sx = quantize_x(x)
     # W8A8's exact answer: the quantized x, dequantized
@@ -184,19 +189,10 @@ def main():
             continue
         err = np.linalg.norm(got - want8) / np.linalg.norm(want8)
         err_x = np.linalg.norm(got - want) / np.linalg.norm(want)
-
-        @jax.jit
-        def run8(a, b, w, s_, split=split):
-            acc = jnp.float32(0)
-            for i in range(LAYERS):
-                ai = (a.astype(jnp.float32) + 0.0 * acc).astype(a.dtype)
-                acc = acc + tma_gemv_w8a8(ai, b, w, s_, i, split=split)[0, 0, 0]
-            return acc
-        tl = device_timeline(lambda: run8(xq, sx, w_all, s_all))
-        mine = {name: v for name, v in tl["by_name"].items() if "fusion" not in name and "memcpy" not in name.lower()}
-        g = sum(ns for _, ns in mine.values()) / LAYERS
+        us = _us_per_call(lambda a, b, w, s_, i: tma_gemv_w8a8(a, b, w, s_, i, split=split)[0, 0, 0],
+                          (xq, sx, w_all, s_all))
         print(f"  tma w8a8 wgmma split {split}: rel err {err:.2e} to W8A8's own answer ({err_x:.2e} to bf16 x), "
-              f"{g / 1e3:6.2f} us per gemv (floor {n * k / bw * 1e6:5.2f})", flush=True)
+              f"{us:6.2f} us per gemv (floor {n * k / bw * 1e6:5.2f})", flush=True)
     # the model's o_proj gemv (Pallas Triton, linear.PROJECTION_TILES for FP8 [out, in])
     case("fp8 o_proj", k, n, 1, "n", True, False, bw, w_nk=True, bk=256, num_warps=8)
 
