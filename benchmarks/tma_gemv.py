@@ -17,7 +17,8 @@ at 256 CTAs against the Triton gemv's 5.25).
 tma_gemv_w8a8 is the tensor-core form (run 67): x quantized to e4m3 per 128-wide group (the
 model's W8A8 gemv numerics) as the 8-row B operand of a 64 x 8 x 128 wgmma per chunk.
 
-    python benchmarks/tma_gemv.py
+    python benchmarks/tma_gemv.py            # o_proj: both forms against the Triton gemv
+    python benchmarks/tma_gemv.py routed     # the MoE down at batch 1 (8 experts)
 """
 
 import os
@@ -128,6 +129,61 @@ def tma_gemv_w8a8(xq_8k, sx_kb, w_all, s_all, layer, *, split: int = 4):
     )(xq_8k, sx_kb, w_all, s_all)
 
 
+def tma_gemv_routed_w8a8(hq_a8k, sh_akb, groups_a, w_all, s_all):
+    """The MoE down form at batch 1: assignment a multiplies its own expert. hq_a8k [A, 8, K] e4m3
+    (row 0 of each: assignment a's h quantized per 128; rows 1-7 zero), sh_akb [A, K / 128] f32,
+    groups_a [A] int32 (the expert's index into w_all), w_all [G, N, K] e4m3, s_all
+    [G, N / 128, KB] f32 with KB >= K / 128 padded so a row is a multiple of 16 bytes (TMA's
+    stride rule; the 30B down's 6 blocks stored as 8) -> [A, N, 8] f32 (column 0). CTA (r, a): 64 rows of expert
+    groups[a], all of K; the expert id is read first (its TMA row start depends on it)."""
+    a_count, _, k = hq_a8k.shape
+    n = w_all.shape[1]
+    chunks = k // CK
+    swizzled = (plgpu.TilingTransform((8, CK)), plgpu.SwizzleTransform(128))
+    # a copy moves a multiple of 128 bytes (the warpgroup's threads): pad the small operands
+    groups_a = jnp.pad(groups_a.astype(jnp.int32), (0, -a_count % 32))
+    sh_akb = jnp.pad(sh_akb, ((0, 0), (0, -sh_akb.shape[1] % 32)))
+
+    def body(x_hbm, sx_hbm, g_hbm, w_hbm, s_hbm, o_hbm, w_smem, x_smem, sx_smem, g_smem, s_smem, o_smem,
+             bar_g, bar_w, bar_x):
+        r, a = jax.lax.axis_index("r"), jax.lax.axis_index("a")
+        plgpu.copy_gmem_to_smem(g_hbm, g_smem, bar_g)
+        for j in range(chunks):   # x needs no expert id: in flight while the id arrives
+            plgpu.copy_gmem_to_smem(x_hbm.at[a, :, pl.ds(j * CK, CK)], x_smem.at[j], bar_x)
+        plgpu.copy_gmem_to_smem(sx_hbm.at[a], sx_smem, bar_x)
+        plgpu.barrier_wait(bar_g)
+        e = g_smem[a]
+        for j in range(chunks):
+            plgpu.copy_gmem_to_smem(w_hbm.at[e, pl.ds(r * BM, BM), pl.ds(j * CK, CK)], w_smem.at[j], bar_w)
+        plgpu.copy_gmem_to_smem(s_hbm.at[e], s_smem, bar_w)
+        plgpu.barrier_wait(bar_x)
+        plgpu.barrier_wait(bar_w)
+        total = None
+        for j in range(chunks):
+            def chunk(acc_ref, j=j):
+                plgpu.wgmma(acc_ref, w_smem.at[j], plgpu.transpose_ref(x_smem.at[j], (1, 0)))
+                plgpu.wgmma_wait(0)
+                return acc_ref[...]
+            part = pl.run_scoped(chunk, plgpu.ACC((BM, 8), jnp.float32))
+            part = part * (s_smem[(r * BM) // BLOCK, j * CK // BLOCK] * sx_smem[j * CK // BLOCK])
+            total = part if total is None else total + part
+        o_smem[...] = total
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_hbm.at[a, pl.ds(r * BM, BM)])
+        plgpu.wait_smem_to_gmem(0)
+
+    return plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((a_count, n, 8), jnp.float32),
+        scratch_types=[plgpu.SMEM((chunks, BM, CK), w_all.dtype, transforms=swizzled),
+                       plgpu.SMEM((chunks, 8, CK), hq_a8k.dtype, transforms=swizzled),
+                       plgpu.SMEM(sh_akb.shape[1:], jnp.float32), plgpu.SMEM(groups_a.shape, jnp.int32),
+                       plgpu.SMEM(s_all.shape[1:], jnp.float32), plgpu.SMEM((BM, 8), jnp.float32),
+                       plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=chunks + 1),
+                       plgpu.Barrier(num_arrivals=chunks + 1)],
+        grid=(n // BM, a_count), grid_names=("r", "a"),
+    )(hq_a8k, sh_akb, groups_a, w_all, s_all)
+
+
 def quantize_x(x_k):
     """x [K] -> ([8, K] e4m3 with row 0 = x / its 128-group scale, [K / 128] f32 scales)."""
     g = x_k.astype(jnp.float32).reshape(-1, BLOCK)
@@ -195,7 +251,35 @@ def main():
               f"{us:6.2f} us per gemv (floor {n * k / bw * 1e6:5.2f})", flush=True)
     # the model's o_proj gemv (Pallas Triton, linear.PROJECTION_TILES for FP8 [out, in])
     case("fp8 o_proj", k, n, 1, "n", True, False, bw, w_nk=True, bk=256, num_warps=8)
+    routed_down(bw)
+
+
+def routed_down(bw):
+    """The MoE down at batch 1 (8 assignments, 8 distinct experts per layer, [2048, 768] each)
+    against the model's Triton gemv on the same shapes (l2_warm's case, the w_nk defaults)."""
+    from benchmarks.l2_warm import case
+    n, k, a, stride = 2048, 768, 8, 16
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    w_all = jax.random.normal(k1, (LAYERS * stride, n, k), jnp.float32).astype(jnp.float8_e4m3fn)
+    # scale rows padded from 6 to 8 blocks: TMA wants 16-byte strides (see tma_gemv_routed_w8a8)
+    s_all = jax.random.uniform(k2, (LAYERS * stride, n // BLOCK, 8), jnp.float32, 0.01, 0.03)
+    h = jax.random.normal(k3, (a, k), jnp.bfloat16)
+    hq, sh = jax.vmap(quantize_x)(h)                                    # [A, 8, K], [A, K / 128]
+    groups = 3 * stride + jnp.arange(a, dtype=jnp.int32)
+    got = np.asarray(jax.jit(tma_gemv_routed_w8a8)(hq, sh, groups, w_all, s_all)[:, :, 0])
+    want = np.stack([reference((hq[i, 0].astype(jnp.float32).reshape(-1, BLOCK) * sh[i][:, None]).reshape(-1),
+                               w_all[int(groups[i])], s_all[int(groups[i])][:, :k // BLOCK]) for i in range(a)])
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    us = _us_per_call(lambda hq, sh, w, s_, i: tma_gemv_routed_w8a8(
+        hq, sh, i * stride + jnp.arange(a, dtype=jnp.int32), w, s_)[0, 0, 0], (hq, sh, w_all, s_all))
+    print(f"  tma routed w8a8 (MoE down, 8 experts): rel err {err:.2e} to W8A8's float64 answer, {us:6.2f} us "
+          f"per gemv (floor {a * n * k / bw * 1e6:5.2f})", flush=True)
+    case("fp8 moe_down", k, n, a, "n", True, False, bw, w_nk=True)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["routed"]:   # the MoE down form only (run 68)
+        from serve.bench import measure_ceilings
+        routed_down(measure_ceilings(True, reps=20)["bandwidth"])
+    else:
+        main()
