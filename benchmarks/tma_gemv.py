@@ -80,6 +80,24 @@ def tma_gemv(x_k, w_all, s_all, layer, *, split: int = 4):
     )(x_k, w_all, s_all)
 
 
+def _promoted_wgmma_chunks(w_smem, x_smem, chunks: int, scale, o_smem, o_dst):
+    """In a kernel: sum over j < chunks of (w_smem[j] [64, 128] @ x_smem[j]^T [128, 8]) * scale(j),
+    each chunk one wgmma group into a fresh accumulator promoted in float32 (e4m3 MMAs keep
+    fewer accumulator bits), -> o_dst [64, 8] in GMEM through o_smem."""
+    total = None
+    for j in range(chunks):
+        def chunk(acc_ref, j=j):
+            plgpu.wgmma(acc_ref, w_smem.at[j], plgpu.transpose_ref(x_smem.at[j], (1, 0)))
+            plgpu.wgmma_wait(0)
+            return acc_ref[...]
+        part = pl.run_scoped(chunk, plgpu.ACC((BM, 8), jnp.float32)) * scale(j)
+        total = part if total is None else total + part
+    o_smem[...] = total
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
 def tma_gemv_w8a8(xq_8k, sx_kb, w_all, s_all, layer, *, split: int = 4):
     """The tensor-core form: xq_8k [8, K] e4m3 (row 0 = x quantized per 128-wide group, rows 1-7
     zero: wgmma's narrowest N), sx_kb [K / 128] f32 (x's group scales), w_all [L, N, K] e4m3,
@@ -102,21 +120,10 @@ def tma_gemv_w8a8(xq_8k, sx_kb, w_all, s_all, layer, *, split: int = 4):
         plgpu.copy_gmem_to_smem(s_hbm.at[layer], s_smem, bar_x)
         plgpu.barrier_wait(bar_x)
         plgpu.barrier_wait(bar_w)
-        total = None
-        for j in range(chunks):
+        def scale(j):
             kb = (s * ks + j * CK) // BLOCK
-
-            def chunk(acc_ref, j=j):
-                plgpu.wgmma(acc_ref, w_smem.at[j], plgpu.transpose_ref(x_smem.at[j], (1, 0)))
-                plgpu.wgmma_wait(0)
-                return acc_ref[...]
-            part = pl.run_scoped(chunk, plgpu.ACC((BM, 8), jnp.float32))          # [64, 8]
-            part = part * (s_smem[(r * BM) // BLOCK, kb] * sx_smem[kb])
-            total = part if total is None else total + part
-        o_smem[...] = total
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_hbm.at[s, pl.ds(r * BM, BM)])
-        plgpu.wait_smem_to_gmem(0)
+            return s_smem[(r * BM) // BLOCK, kb] * sx_smem[kb]
+        _promoted_wgmma_chunks(w_smem, x_smem, chunks, scale, o_smem, o_hbm.at[s, pl.ds(r * BM, BM)])
 
     return plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((split, n, 8), jnp.float32),
@@ -158,19 +165,9 @@ def tma_gemv_routed_w8a8(hq_a8k, sh_akb, groups_a, w_all, s_all):
         plgpu.copy_gmem_to_smem(s_hbm.at[e], s_smem, bar_w)
         plgpu.barrier_wait(bar_x)
         plgpu.barrier_wait(bar_w)
-        total = None
-        for j in range(chunks):
-            def chunk(acc_ref, j=j):
-                plgpu.wgmma(acc_ref, w_smem.at[j], plgpu.transpose_ref(x_smem.at[j], (1, 0)))
-                plgpu.wgmma_wait(0)
-                return acc_ref[...]
-            part = pl.run_scoped(chunk, plgpu.ACC((BM, 8), jnp.float32))
-            part = part * (s_smem[(r * BM) // BLOCK, j * CK // BLOCK] * sx_smem[j * CK // BLOCK])
-            total = part if total is None else total + part
-        o_smem[...] = total
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_hbm.at[a, pl.ds(r * BM, BM)])
-        plgpu.wait_smem_to_gmem(0)
+        _promoted_wgmma_chunks(w_smem, x_smem, chunks,
+                               lambda j: s_smem[(r * BM) // BLOCK, j * CK // BLOCK] * sx_smem[j * CK // BLOCK],
+                               o_smem, o_hbm.at[a, pl.ds(r * BM, BM)])
 
     return plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((a_count, n, 8), jnp.float32),
