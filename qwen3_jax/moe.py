@@ -58,6 +58,15 @@ from jax.sharding import PartitionSpec as P
 from sharding.context import ShardingContext
 from sharding.rules import view_size
 
+# XLA lowers ragged_dot to a dense computation over the experts: float32 and int32 buffers of
+# [E_local, assignments, max(D, F)] (seen in the compiled CPU program: 30B-A3B, one layer, a
+# 4k-token prompt, f32 and s32 [128, 32768, 2048], 18.5 GiB of temp; one 32k-token prompt ran out
+# of memory on a 141 GB H200 with kernels off). So expert_ffn takes the tokens in chunks whose
+# such buffer stays within this budget (`token_chunk`), one chunk at a time. 4 GiB keeps the
+# server's default 512-token prefill chunk of 30B-A3B (8 x 512 assignments x 128 experts x 2048
+# x 4 B = 4 GiB) in one piece on one device.
+RAGGED_BLOCK_BYTES = 4 << 30
+
 
 def route(x_nd, router_de, top_k: int, norm_topk_prob: bool):
     """Router in float32: softmax over E, top-k, renormalize. -> (weights [N,k] f32, experts [N,k] i32)."""
@@ -69,13 +78,54 @@ def route(x_nd, router_de, top_k: int, norm_topk_prob: bool):
     return weights, experts.astype(jnp.int32)
 
 
+def token_chunk(n: int, k: int, e_local: int, width: int, budget: int | None = None) -> int | None:
+    """Tokens per chunk for expert_ffn over N tokens, or None: all at once. Chunks only when the
+    dense ragged_dot buffer of all N tokens, 4 B x E_local x N*k x width (width = max(D, F)),
+    exceeds `budget` (default RAGGED_BLOCK_BYTES, read at trace time); then equal chunks, as
+    few as the budget allows, at least one token each."""
+    budget = RAGGED_BLOCK_BYTES if budget is None else budget
+    per_token = 4 * e_local * k * width
+    if n <= 1 or n * per_token <= budget:
+        return None
+    most = max(1, budget // per_token)
+    chunks = -(-n // most)
+    return -(-n // chunks)
+
+
 def expert_ffn(x_nd, weights_nk, experts_nk, gate_edf, up_edf, down_efd, first_expert=0):
     """Drop-free grouped FFN over the experts held here: sum_k w * down(silu(gate(x)) * up(x)).
 
     gate/up [E_local, D, F_local], down [E_local, F_local, D]; assignments to experts outside
     [first_expert, first_expert + E_local) contribute nothing (another device holds them).
-    Returns [N, D] float32 (partial over F when F is split).
+    Returns [N, D] float32 (partial over F when F is split). Long inputs run in token chunks
+    (token_chunk), one at a time; each token's result is computed the same way either way.
     """
+    n, d = x_nd.shape
+    e_local, _, f = gate_edf.shape
+    k = experts_nk.shape[1]
+    chunk = token_chunk(n, k, e_local, max(d, f))
+    if chunk is None:
+        return _expert_ffn(x_nd, weights_nk, experts_nk, gate_edf, up_edf, down_efd, first_expert)
+    chunks = -(-n // chunk)
+    pad = chunks * chunk - n
+    # padded tokens route nowhere (expert -1 is outside every device's range) with weight 0
+    x_nd = jnp.pad(x_nd, ((0, pad), (0, 0)))
+    weights_nk = jnp.pad(weights_nk, ((0, pad), (0, 0)))
+    experts_nk = jnp.pad(experts_nk, ((0, pad), (0, 0)), constant_values=-1)
+
+    def one_chunk(i, out_nd):
+        start = i * chunk
+        part = [jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in (x_nd, weights_nk, experts_nk)]
+        y = _expert_ffn(*part, gate_edf, up_edf, down_efd, first_expert)
+        return jax.lax.dynamic_update_slice_in_dim(out_nd, y, start, axis=0)
+
+    # a loop, not chunks side by side: XLA could run those at once, holding every chunk's buffers
+    out = jax.lax.fori_loop(0, chunks, one_chunk, jnp.zeros((chunks * chunk, d), jnp.float32))
+    return out[:n]
+
+
+def _expert_ffn(x_nd, weights_nk, experts_nk, gate_edf, up_edf, down_efd, first_expert):
+    """expert_ffn on all N tokens at once."""
     n, d = x_nd.shape
     e_local = gate_edf.shape[0]
     k = experts_nk.shape[1]
