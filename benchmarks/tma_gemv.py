@@ -32,6 +32,8 @@ import numpy as np                            # noqa: E402
 from jax.experimental import pallas as pl     # noqa: E402
 from jax.experimental.pallas import mosaic_gpu as plgpu   # noqa: E402
 
+from qwen3_jax.kernels.gemv import quantize_rows          # noqa: E402
+
 BM, CK, BLOCK = 64, 128, 128   # rows per CTA, K per TMA chunk, checkpoint block
 LAYERS = 16
 
@@ -182,11 +184,10 @@ def tma_gemv_routed_w8a8(hq_a8k, sh_akb, groups_a, w_all, s_all):
 
 
 def quantize_x(x_k):
-    """x [K] -> ([8, K] e4m3 with row 0 = x / its 128-group scale, [K / 128] f32 scales)."""
-    g = x_k.astype(jnp.float32).reshape(-1, BLOCK)
-    sx = jnp.maximum(jnp.max(jnp.abs(g), axis=1), 1e-12) / 448.0
-    xq = (g / sx[:, None]).astype(jnp.float8_e4m3fn).reshape(1, -1)
-    return jnp.pad(xq, ((0, 7), (0, 0))), sx
+    """x [K] -> ([8, K] e4m3 with row 0 = x quantized per 128-group as the model's W8A8 kernels
+    do (gemv.quantize_rows), rows 1-7 zero: wgmma's narrowest N; [K / 128] f32 scales)."""
+    xq, sx = quantize_rows(x_k[None], BLOCK)
+    return jnp.pad(xq, ((0, 7), (0, 0))), sx[0]
 
 
 def reference(x_k, w, s):
