@@ -193,13 +193,6 @@ def _sub(stacked, name):
     return None if stacked is None else (getattr(stacked[0], name), stacked[1])
 
 
-def _per_device_shape(shape, logical_axes, ctx) -> tuple[int, ...]:
-    """What one device holds of an activation of `shape` constrained to `logical_axes`."""
-    if ctx is None:
-        return tuple(shape)
-    return ctx.sharding(logical_axes, shape).shard_shape(tuple(shape))
-
-
 # Logical axis of each einsum letter of the attention projections (see the legend above).
 _LETTER_AXES = {"b": "batch", "t": "seq", "d": "embed", "h": "heads", "k": "kv_heads", "q": "head_dim"}
 
@@ -306,7 +299,8 @@ class Attention(nnx.Module):
         fused attention (kernels/prefill_attention.py); anything else the plain-XLA math
         (attention.py), in blocks of queries when one device's scores would be large."""
         t, s = q_bthq.shape[1], k_bskq.shape[1]
-        b_local, _, h_local, _ = _per_device_shape(q_bthq.shape, ("batch", "seq", "heads", "head_dim"), ctx)
+        act = ("batch", "seq", "heads", "head_dim")
+        b_local, _, h_local, _ = q_bthq.shape if ctx is None else ctx.shard_shape(act, q_bthq.shape)
         block = query_block(t, s, h_local, b_local)
 
         def xla_attention():

@@ -25,6 +25,10 @@ class ShardingContext:
     def pspec(self, logical_axes, shape=None):
         return partition_spec(self.spec, tuple(logical_axes), shape)
 
+    def shard_shape(self, logical_axes, shape) -> tuple[int, ...]:
+        """What one device holds of an array of `shape` laid out by `logical_axes`."""
+        return self.sharding(logical_axes, shape).shard_shape(tuple(shape))
+
 
 def constrain(x, logical_axes, ctx: ShardingContext | None):
     """with_sharding_constraint by logical names; dims the mesh does not divide stay replicated."""

@@ -112,7 +112,7 @@ def kv_bytes_per_token(cfg, mesh: MeshSpec, dtype: str = "bfloat16") -> int:
     # dp slots of one token: each data group holds one slot, so a device's shard is one token.
     for shapes in cache_shapes(cfg, mesh.dp, 1, kv_replication(mesh, cfg)):
         for shape in shapes:
-            total += math.prod(ctx.sharding(KVCache.AXES, shape).shard_shape(shape)) * itemsize
+            total += math.prod(ctx.shard_shape(KVCache.AXES, shape)) * itemsize
     return total
 
 
