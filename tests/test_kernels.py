@@ -577,8 +577,12 @@ def test_fp8_einsum_projections_read_layer_in_place(m, fp8_w8a16):
 def test_fp8_projections_w8a8_quantize_x_once(monkeypatch):
     """MATMUL_DEFAULTS convert="e4m3" (the default): a prefill-sized FP8 projection quantizes x
     per row and K step and runs the W8A8 kernel, q (layout "k") and o (layout "n",
-    checkpoint-block scales) in either storage order, to W8A8's bound."""
+    checkpoint-block scales) in either storage order, to W8A8's bound. x is quantized once per
+    call, as one [40, K] array (not per tile: the kernel gets it quantized)."""
+    from qwen3_jax.kernels import linear as linear_mod
     monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)
+    quantized = []
+    monkeypatch.setattr(linear_mod, "quantize_rows", lambda x, g: quantized.append(x.shape) or quantize_rows(x, g))
     rng = np.random.default_rng(14)
     block = 64
     wq, sq = fp8_weights(rng, (2, 128, 4, 16), 1, block, checkpoint_blocks=True)   # [L, D, H, Q]
@@ -587,12 +591,16 @@ def test_fp8_projections_w8a8_quantize_x_once(monkeypatch):
     want_q = jnp.einsum("btd,dhq->bthq", x.astype(jnp.float32), dequantize(wq[1], sq[1], 0, block, jnp.float32))
     for w_nk, w in ((False, wq), (True, jnp.moveaxis(wq, 1, 3))):
         fn = lambda x: linear_einsum("btd,dhq->bthq", x, w, sq, 0, block, layer=jnp.int32(1), w_nk=w_nk)  # noqa: E731,B023
-        assert "qwen3_grouped_matmul_w8a8" in str(jax.make_jaxpr(fn)(x))
+        quantized.clear()
+        assert str(jax.make_jaxpr(fn)(x)).count("qwen3_grouped_matmul_w8a8") == 1
+        assert quantized == [(40, 128)]
         assert 1e-3 < rel(fn(x), want_q) < 6e-2
     q = want_q.astype(jnp.bfloat16)
     want_o = jnp.einsum("bthq,hqd->btd", q.astype(jnp.float32), dequantize(wo[0], so[0], 2, block, jnp.float32))
     for w_nk, w in ((False, wo), (True, jnp.moveaxis(wo, 3, 1))):
+        quantized.clear()
         o = linear_einsum("bthq,hqd->btd", q, w, so, 2, block, layer=jnp.int32(0), w_nk=w_nk)
+        assert quantized == [(40, 64)]
         assert o.shape == (1, 40, 128) and 1e-3 < rel(o, want_o) < 6e-2
 
 
