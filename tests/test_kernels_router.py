@@ -36,7 +36,9 @@ def with_ties(w_lde, x_nd, layer):
 
 @pytest.mark.parametrize("n", [1, 5, 20])       # 5: 3 masked rows in a block of 8; 20: 16 + 4 rows
 @pytest.mark.parametrize("norm", [True, False])
-def test_route_in_place_matches_route_on_layer_2_with_exact_ties(n, norm):
+@pytest.mark.parametrize("method", router.TOPK_CHOICES)
+def test_route_in_place_matches_route_on_layer_2_with_exact_ties(n, norm, method, monkeypatch):
+    monkeypatch.setattr(router, "TOPK", method)
     rng = np.random.default_rng(n)
     layers, d, e, k = 3, 64, 16, 4
     w = stacked_router(rng, layers, d, e)
@@ -73,16 +75,56 @@ def test_route_in_place_writes_each_assignments_stacked_group(n):
 
 
 @pytest.mark.parametrize("row_block", [1, 4])
-def test_topk_from_partials_sums_splits_and_masks_rows(row_block):
+@pytest.mark.parametrize("method", router.TOPK_CHOICES)
+def test_topk_from_partials_sums_splits_and_masks_rows(row_block, method):
     """S = 3 split-K partials, k = 3 (output tile 4 wide, one column masked), N = 10 rows in
     blocks of 4 (last block half empty) or 1."""
     rng = np.random.default_rng(row_block)
     parts = jnp.asarray(rng.standard_normal((3, 10, 32)), jnp.float32)
-    got_w, got_e = topk_from_partials(parts, top_k=3, norm_topk_prob=False, row_block=row_block, interpret=True)
+    got_w, got_e = topk_from_partials(parts, top_k=3, norm_topk_prob=False, row_block=row_block, method=method,
+                                      interpret=True)
     probs = jax.nn.softmax(jnp.sum(parts, axis=0), axis=-1)
     want_w, want_e = jax.lax.top_k(probs, 3)
     np.testing.assert_array_equal(np.asarray(got_e), np.asarray(want_e))
     np.testing.assert_allclose(np.asarray(got_w), np.asarray(want_w), rtol=2e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])   # rank: blocks of 1 and 2 rows at E = 128; 3 rows: blocks of 4 (rounds)
+@pytest.mark.parametrize("norm", [True, False])
+def test_topk_by_rank_equals_rounds_at_128_experts_with_ties(n, norm):
+    """30B-A3B's E = 128, k = 8: the rank form gives the rounds form's and jax.lax.top_k's
+    experts, with a row of ties in the top 8 (experts 5, 40, 77 share the largest logit; the next
+    group of equal logits spans the cut at k) and, for n > 1, a NaN row (experts stay real)."""
+    rng = np.random.default_rng(n)
+    logits = rng.standard_normal((n, 128)).astype(np.float32)
+    logits[0, [5, 40, 77]] = 6.0
+    logits[0, [3, 9, 100, 101, 120, 127]] = 4.0          # ranks 3..8: two of them fall outside k
+    if n > 1:
+        logits[1, 17] = np.nan
+    parts = jnp.asarray(np.stack([logits - 1.0, np.ones_like(logits)]))   # S = 2 partials
+    if n >= 3:
+        assert 4 * 128 * 128 > router.RANK_MAX_ELEMENTS    # n = 3 (block of 4 rows) takes the rounds form
+    outs = {m: topk_from_partials(parts, top_k=8, norm_topk_prob=norm, method=m, interpret=True)
+            for m in router.TOPK_CHOICES}
+    # same experts; weights to float32 rounding (interpret mode's XLA may fuse the softmax and
+    # renormalizing divides differently around the two forms)
+    np.testing.assert_array_equal(np.asarray(outs["rank"][1][:1]), np.asarray(outs["rounds"][1][:1]))
+    np.testing.assert_allclose(np.asarray(outs["rank"][0][:1]), np.asarray(outs["rounds"][0][:1]), rtol=1e-6)
+    got_w, got_e = outs["rank"]
+    want_w, want_e = jax.lax.top_k(jax.nn.softmax(jnp.asarray(logits[:1]), axis=-1), 8)
+    assert list(np.asarray(got_e[0])) == [5, 40, 77, 3, 9, 100, 101, 120]
+    np.testing.assert_array_equal(np.asarray(got_e[0]), np.asarray(want_e[0]))
+    if not norm:
+        np.testing.assert_allclose(np.asarray(got_w[0]), np.asarray(want_w[0]), rtol=2e-6)
+    if n > 1:
+        for w, e in outs.values():
+            assert ((0 <= np.asarray(e[1])) & (np.asarray(e[1]) < 128)).all()
+            assert np.isnan(np.asarray(w[1])).any()
+
+
+def test_topk_rejects_an_unknown_method():
+    with pytest.raises(ValueError, match="rank"):
+        topk_from_partials(jnp.zeros((1, 1, 16)), top_k=2, norm_topk_prob=True, method="sort")
 
 
 def test_route_in_place_declines_what_it_does_not_cover():

@@ -52,6 +52,15 @@ ROW_BLOCK = 16          # token rows per top-k program (16 x 128 float32 = 8 KiB
 # program streams (more partials: 16 x E float32 per row, read once by the top-k kernel).
 ROUTER_GEMV = dict(max_split=16)
 
+# How the top-k kernel picks: "rank" (every expert's rank from all pairs at once, 3 reductions)
+# where a row block's [bm, E, E] pairs fit RANK_MAX_ELEMENTS (batch 1-2 at E = 128), else
+# "rounds" (top_k rounds of 2 dependent reductions each; its cost hardly grows with bm). At
+# batch 1 the kernel is latency: 16 reductions in a row with one warp (benchmarks/NOTES.md).
+TOPK = "rank"
+TOPK_CHOICES = ("rank", "rounds")
+RANK_MAX_ELEMENTS = 2 * 128 * 128
+RANK_WARPS = 4          # 32768 pairs: 256 per thread
+
 
 def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
@@ -97,9 +106,43 @@ def _num_warps(bm: int, e: int) -> int:
     return max(1, min(4, bm * e // 512))
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "norm_topk_prob", "row_block", "interpret"))
+def _topk_by_rounds(probs, kcol, top_k):
+    """probs [bm, E] -> (weights [bm, kp] float32, experts [bm, kp] int32) in top_k rounds of
+    (max, lowest index attaining it, mask it out): two dependent reductions a round."""
+    bm, e = probs.shape
+    col = jax.lax.broadcasted_iota(jnp.int32, (bm, e), 1)
+    w_out = jnp.zeros(kcol.shape, jnp.float32)
+    e_out = jnp.zeros(kcol.shape, jnp.int32)
+    for j in range(top_k):
+        best = jnp.max(probs, axis=1, keepdims=True)                                 # [bm, 1]
+        # Lowest index attaining the max (jax.lax.top_k's tie order); the clamp keeps a NaN
+        # row (no index attains a NaN max) pointing at a real expert.
+        idx = jnp.minimum(jnp.min(jnp.where(probs == best, col, e), axis=1, keepdims=True), e - 1)
+        w_out = jnp.where(kcol == j, best, w_out)
+        e_out = jnp.where(kcol == j, idx, e_out)
+        probs = jnp.where(col == idx, -1.0, probs)     # probabilities are >= 0: -1 is never picked
+    return w_out, e_out
+
+
+def _topk_by_rank(probs, kcol, top_k):
+    """The same result as _topk_by_rounds from three reductions instead of 2 * top_k: expert i's
+    rank is how many experts come before it (a higher probability, or an equal one at a lower
+    index: jax.lax.top_k's order), from all [bm, E, E] pairs at once; output column j is the
+    expert of rank j. A NaN row ranks every expert 0: its experts are clamped to real ones."""
+    bm, e = probs.shape
+    col = jax.lax.broadcasted_iota(jnp.int32, (bm, e), 1)
+    p_i, p_j = probs[:, :, None], probs[:, None, :]
+    c_i, c_j = col[:, :, None], col[:, None, :]
+    before = (p_j > p_i) | ((p_j == p_i) & (c_j < c_i))                  # [bm, E(i), E(j)]
+    rank = jnp.sum(before.astype(jnp.int32), axis=2)                     # [bm, E]
+    pick = (rank[:, :, None] == kcol[:, None, :]) & (kcol[:, None, :] < top_k)   # [bm, E, kp]
+    w_out = jnp.sum(jnp.where(pick, probs[:, :, None], 0.0), axis=1)
+    e_out = jnp.minimum(jnp.sum(jnp.where(pick, col[:, :, None], 0), axis=1), e - 1)
+    return w_out, e_out
+
+
 def topk_from_partials(partials_sne, layer_1=None, *, top_k: int, norm_topk_prob: bool,
-                       row_block: int = ROW_BLOCK, interpret=None):
+                       row_block: int = ROW_BLOCK, method: str | None = None, interpret=None):
     """float32 logit partials [S, N, E] (E a power of two) -> softmax top-k: (weights [N, k]
     float32, experts [N, k] int32), ties to the lower expert index, renormalized when
     `norm_topk_prob`. Rows past N in the last block are masked on load and store.
@@ -112,7 +155,18 @@ def topk_from_partials(partials_sne, layer_1=None, *, top_k: int, norm_topk_prob
     bm = min(_pow2(row_block), _pow2(n))
     kp = _pow2(top_k)   # the output tile is a power of two wide; columns >= top_k are not stored
 
+    method = TOPK if method is None else method   # read here, outside jit's cache
+    if method not in TOPK_CHOICES:
+        raise ValueError(f"top-k method {method!r} is not one of {TOPK_CHOICES}")
+    return _topk_from_partials(partials_sne, layer_1, top_k=top_k, norm_topk_prob=norm_topk_prob, bm=bm, kp=kp,
+                               by_rank=method == "rank" and bm * e * e <= RANK_MAX_ELEMENTS, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "norm_topk_prob", "bm", "kp", "by_rank", "interpret"))
+def _topk_from_partials(partials_sne, layer_1, *, top_k, norm_topk_prob, bm, kp, by_rank, interpret):
+    s_count, n, e = partials_sne.shape
     with_groups = layer_1 is not None
+    warps = RANK_WARPS if by_rank else _num_warps(bm, e)
 
     def kernel(p_ref, *refs):
         if with_groups:
@@ -127,18 +181,8 @@ def topk_from_partials(partials_sne, layer_1=None, *, top_k: int, norm_topk_prob
         ex = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
         probs = ex / jnp.sum(ex, axis=1, keepdims=True)
 
-        col = jax.lax.broadcasted_iota(jnp.int32, (bm, e), 1)
         kcol = jax.lax.broadcasted_iota(jnp.int32, (bm, kp), 1)
-        w_out = jnp.zeros((bm, kp), jnp.float32)
-        e_out = jnp.zeros((bm, kp), jnp.int32)
-        for j in range(top_k):
-            best = jnp.max(probs, axis=1, keepdims=True)                                 # [bm, 1]
-            # Lowest index attaining the max (jax.lax.top_k's tie order); the clamp keeps a NaN
-            # row (no index attains a NaN max) pointing at a real expert.
-            idx = jnp.minimum(jnp.min(jnp.where(probs == best, col, e), axis=1, keepdims=True), e - 1)
-            w_out = jnp.where(kcol == j, best, w_out)
-            e_out = jnp.where(kcol == j, idx, e_out)
-            probs = jnp.where(col == idx, -1.0, probs)     # probabilities are >= 0: -1 is never picked
+        w_out, e_out = (_topk_by_rank if by_rank else _topk_by_rounds)(probs, kcol, top_k)
         if norm_topk_prob:
             w_out = w_out / jnp.sum(w_out, axis=1, keepdims=True)   # columns >= top_k hold 0
         out_rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, kp), 0)
@@ -155,7 +199,7 @@ def topk_from_partials(partials_sne, layer_1=None, *, top_k: int, norm_topk_prob
         kernel,
         out_shape=out_shape,
         grid=(pl.cdiv(n, bm),),
-        compiler_params=plt.CompilerParams(num_warps=_num_warps(bm, e), num_stages=1),
+        compiler_params=plt.CompilerParams(num_warps=warps, num_stages=1),
         interpret=_interpret() if interpret is None else interpret,
         name="qwen3_router_topk",
     )(*operands)
