@@ -201,9 +201,11 @@ def assert_same_routing(got_w, got_e, want_w, probs, tol=1e-5):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [1, 7, 64])
+@pytest.mark.parametrize("n", [1, 2, 7, 64])
 @pytest.mark.parametrize("norm", [True, False])
-def test_gpu_route_in_place_matches_route_at_30b_shapes(n, norm):
+@pytest.mark.parametrize("method", router.TOPK_CHOICES)   # "rank" covers n <= 2 (RANK_MAX_ELEMENTS)
+def test_gpu_route_in_place_matches_route_at_30b_shapes(n, norm, method, monkeypatch):
+    monkeypatch.setattr(router, "TOPK", method)
     rng = np.random.default_rng(n)
     w = jnp.asarray(0.02 * rng.standard_normal((48, 2048, 128)), jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((n, 2048)), jnp.bfloat16)
