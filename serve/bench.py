@@ -79,8 +79,9 @@ def parse_args(argv=None):
                    help="decode attention: where its key splits merge, comma-separated: kernel (the last "
                         "program of each row and kv head), xla (fusions after it) (default: the library's)")
     p.add_argument("--router-topk", default="",
-                   help="decode routing: how the top-k kernel picks, comma-separated: rank (all pairs at once, "
-                        "batch 1-2), rounds (k rounds of max + argmin) (default: the library's)")
+                   help="decode routing: how the top-k kernel picks each of its k rounds, comma-separated: argmax "
+                        "(one arg-max beside the max), rounds (the max, then the lowest index attaining it) "
+                        "(default: the library's)")
     p.add_argument("--fp8-matmul", default="",
                    help="FP8 models: the grouped matmul's MMA dtype (prefill, large batches) to time, "
                         "comma-separated: cast (x's dtype), f16, e4m3 (W8A8: x quantized per token and 128-group) "

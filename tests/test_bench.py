@@ -115,7 +115,7 @@ def test_variant_flags_time_each_setting_and_restore_the_defaults():
                                  ("--fp8-matmul-lhs", "y", "--fp8-matmul-lhs y: unknown; use x or w"),
                                  ("--fp8-copy", "cuda", "--fp8-copy cuda: unknown; use kernel or xla"),
                                  ("--fp8-dot-acc", "tf32", "--fp8-dot-acc tf32: unknown; use mma or f32"),
-                                 ("--router-topk", "sort", "--router-topk sort: unknown; use rank or rounds"),
+                                 ("--router-topk", "sort", "--router-topk sort: unknown; use argmax or rounds"),
                                  ("--attention-combine", "o_proj",
                                   "--attention-combine o_proj: unknown; use kernel or xla")):
         args = bench.parse_args(["--model", "tiny-FP8", "--batch", "1", "--prefill=", flag, value])

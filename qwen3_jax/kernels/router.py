@@ -52,14 +52,13 @@ ROW_BLOCK = 16          # token rows per top-k program (16 x 128 float32 = 8 KiB
 # program streams (more partials: 16 x E float32 per row, read once by the top-k kernel).
 ROUTER_GEMV = dict(max_split=16)
 
-# How the top-k kernel picks: "rank" (every expert's rank from all pairs at once, 3 reductions)
-# where a row block's [bm, E, E] pairs fit RANK_MAX_ELEMENTS (batch 1-2 at E = 128), else
-# "rounds" (top_k rounds of 2 dependent reductions each; its cost hardly grows with bm). At
-# batch 1 the kernel is latency: 16 reductions in a row with one warp (benchmarks/NOTES.md).
-TOPK = "rank"
-TOPK_CHOICES = ("rank", "rounds")
-RANK_MAX_ELEMENTS = 2 * 128 * 128
-RANK_WARPS = 4          # 32768 pairs: 256 per thread
+# How the top-k kernel picks, in top_k rounds: "rounds" (the max, then the lowest index attaining
+# it: two reductions in a row per round) or "argmax" (the index from one arg-max reduction beside
+# the max). At batch 1 the kernel is latency: ~19 reductions in a row with one warp. Run 69 (H200,
+# benchmarks/NOTES.md): a third form, every expert's rank from all [E, E] pairs at once (3
+# reductions, 4 warps), took 4.1 us per layer against the rounds' 2.75.
+TOPK = "argmax"
+TOPK_CHOICES = ("argmax", "rounds")
 
 
 def _pow2(n: int) -> int:
@@ -124,20 +123,21 @@ def _topk_by_rounds(probs, kcol, top_k):
     return w_out, e_out
 
 
-def _topk_by_rank(probs, kcol, top_k):
-    """The same result as _topk_by_rounds from three reductions instead of 2 * top_k: expert i's
-    rank is how many experts come before it (a higher probability, or an equal one at a lower
-    index: jax.lax.top_k's order), from all [bm, E, E] pairs at once; output column j is the
-    expert of rank j. A NaN row ranks every expert 0: its experts are clamped to real ones."""
+def _topk_by_argmax(probs, kcol, top_k):
+    """_topk_by_rounds with each round's index from one arg-max reduction (ties to the lower
+    index, as jax.lax.top_k) beside the max, instead of a min-index reduction that waits for the
+    max: half the reductions in a row. A NaN row still yields real experts (the arg-max of
+    values that compare false is some index in range)."""
     bm, e = probs.shape
     col = jax.lax.broadcasted_iota(jnp.int32, (bm, e), 1)
-    p_i, p_j = probs[:, :, None], probs[:, None, :]
-    c_i, c_j = col[:, :, None], col[:, None, :]
-    before = (p_j > p_i) | ((p_j == p_i) & (c_j < c_i))                  # [bm, E(i), E(j)]
-    rank = jnp.sum(before.astype(jnp.int32), axis=2)                     # [bm, E]
-    pick = (rank[:, :, None] == kcol[:, None, :]) & (kcol[:, None, :] < top_k)   # [bm, E, kp]
-    w_out = jnp.sum(jnp.where(pick, probs[:, :, None], 0.0), axis=1)
-    e_out = jnp.minimum(jnp.sum(jnp.where(pick, col[:, :, None], 0), axis=1), e - 1)
+    w_out = jnp.zeros(kcol.shape, jnp.float32)
+    e_out = jnp.zeros(kcol.shape, jnp.int32)
+    for j in range(top_k):
+        best = jnp.max(probs, axis=1, keepdims=True)                                 # [bm, 1]
+        idx = jnp.argmax(probs, axis=1).astype(jnp.int32)[:, None]                   # [bm, 1]
+        w_out = jnp.where(kcol == j, best, w_out)
+        e_out = jnp.where(kcol == j, idx, e_out)
+        probs = jnp.where(col == idx, -1.0, probs)     # probabilities are >= 0: -1 is never picked
     return w_out, e_out
 
 
@@ -159,14 +159,14 @@ def topk_from_partials(partials_sne, layer_1=None, *, top_k: int, norm_topk_prob
     if method not in TOPK_CHOICES:
         raise ValueError(f"top-k method {method!r} is not one of {TOPK_CHOICES}")
     return _topk_from_partials(partials_sne, layer_1, top_k=top_k, norm_topk_prob=norm_topk_prob, bm=bm, kp=kp,
-                               by_rank=method == "rank" and bm * e * e <= RANK_MAX_ELEMENTS, interpret=interpret)
+                               method=method, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "norm_topk_prob", "bm", "kp", "by_rank", "interpret"))
-def _topk_from_partials(partials_sne, layer_1, *, top_k, norm_topk_prob, bm, kp, by_rank, interpret):
+@functools.partial(jax.jit, static_argnames=("top_k", "norm_topk_prob", "bm", "kp", "method", "interpret"))
+def _topk_from_partials(partials_sne, layer_1, *, top_k, norm_topk_prob, bm, kp, method, interpret):
     s_count, n, e = partials_sne.shape
     with_groups = layer_1 is not None
-    warps = RANK_WARPS if by_rank else _num_warps(bm, e)
+    pick = _topk_by_argmax if method == "argmax" else _topk_by_rounds
 
     def kernel(p_ref, *refs):
         if with_groups:
@@ -182,7 +182,7 @@ def _topk_from_partials(partials_sne, layer_1, *, top_k, norm_topk_prob, bm, kp,
         probs = ex / jnp.sum(ex, axis=1, keepdims=True)
 
         kcol = jax.lax.broadcasted_iota(jnp.int32, (bm, kp), 1)
-        w_out, e_out = (_topk_by_rank if by_rank else _topk_by_rounds)(probs, kcol, top_k)
+        w_out, e_out = pick(probs, kcol, top_k)
         if norm_topk_prob:
             w_out = w_out / jnp.sum(w_out, axis=1, keepdims=True)   # columns >= top_k hold 0
         out_rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, kp), 0)
@@ -199,7 +199,7 @@ def _topk_from_partials(partials_sne, layer_1, *, top_k, norm_topk_prob, bm, kp,
         kernel,
         out_shape=out_shape,
         grid=(pl.cdiv(n, bm),),
-        compiler_params=plt.CompilerParams(num_warps=warps, num_stages=1),
+        compiler_params=plt.CompilerParams(num_warps=_num_warps(bm, e), num_stages=1),
         interpret=_interpret() if interpret is None else interpret,
         name="qwen3_router_topk",
     )(*operands)
