@@ -78,10 +78,6 @@ def parse_args(argv=None):
     p.add_argument("--attention-combine", default="",
                    help="decode attention: where its key splits merge, comma-separated: kernel (the last "
                         "program of each row and kv head), xla (fusions after it) (default: the library's)")
-    p.add_argument("--router-topk", default="",
-                   help="decode routing: how the top-k kernel picks each of its k rounds, comma-separated: argmax "
-                        "(one arg-max beside the max), rounds (the max, then the lowest index attaining it) "
-                        "(default: the library's)")
     p.add_argument("--fp8-matmul", default="",
                    help="FP8 models: the grouped matmul's MMA dtype (prefill, large batches) to time, "
                         "comma-separated: cast (x's dtype), f16, e4m3 (W8A8: x quantized per token and 128-group) "
@@ -783,7 +779,7 @@ def _decode_knobs(args, cfg):
     the kernels path has it)]."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, grouped_matmul, qk_prologue, router
+    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, grouped_matmul, qk_prologue
 
     def listed(text, parse=str):
         return [parse(v) for v in text.split(",") if v] or [None]
@@ -813,7 +809,6 @@ def _decode_knobs(args, cfg):
     gemm = choices("--fp8-gemm", args.fp8_gemm, sorted(kernels.FP8_GEMM))
     merge = choices("--attention-combine", args.attention_combine, decode_attention.COMBINES)
     copy = choices("--fp8-copy", args.fp8_copy, dequantize.COPIES)
-    topk = choices("--router-topk", args.router_topk, router.TOPK_CHOICES)
     fp8_matmul = choices("--fp8-matmul", args.fp8_matmul, ("cast", "f16", "e4m3"))
     fp8_lhs = choices("--fp8-matmul-lhs", args.fp8_matmul_lhs, ("x", "w"))
     dot_acc = choices("--fp8-dot-acc", args.fp8_dot_acc, fp8_dot.ACCUMULATE_CHOICES)
@@ -825,7 +820,6 @@ def _decode_knobs(args, cfg):
          lambda v: kernels.set_x_loads([n for n in v.split("+") if n and n != "none"]), False),
         ("prologue ", listed(args.prologue_programs, int), *module_value(qk_prologue, "TARGET_PROGRAMS"), False),
         ("merge ", merge, *module_value(decode_attention, "COMBINE"), True),
-        ("topk ", topk, *module_value(router, "TOPK"), True),
         ("fp8-matmul ", fp8_matmul if cfg.fp8 else [None],
          lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"], put_fp8_matmul, True),
         ("fp8-lhs ", fp8_lhs if cfg.fp8 else [None],

@@ -83,27 +83,27 @@ def test_layers_option_keeps_shapes_and_says_so():
 
 
 def test_variant_flags_time_each_setting_and_restore_the_defaults():
-    """--fp8-gemm, --decode-unroll, --x-loads, --attention-combine, --router-topk, --fp8-matmul(-lhs),
+    """--fp8-gemm, --decode-unroll, --x-loads, --attention-combine, --fp8-matmul(-lhs),
     --fp8-copy and --fp8-dot-acc time one row per setting (labelled), then put the library's
     defaults back."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, router
+    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot
     from qwen3_jax.kernels.grouped_matmul import MATMUL_DEFAULTS
 
     def settings():
         return (kernels.fp8_gemm(), model_mod.DECODE_UNROLL, set(kernels.X_LOADS), decode_attention.COMBINE,
-                router.TOPK, dequantize.COPY, fp8_dot.ACCUMULATE,
+                dequantize.COPY, fp8_dot.ACCUMULATE,
                 [(c["convert"], dict(c["fp8_nk"])) for c in MATMUL_DEFAULTS.values()])
 
     before = settings()
     res = bench.main(["--model", "tiny-FP8", "--batch", "1", "--context", "16", "--prefill=", "--steps", "2",
                       "--reps", "1", "--single-step=", "--kernels", "on", "--fp8-gemm", "w8a8",
                       "--decode-unroll", "2", "--x-loads", "none,norm+swiglu", "--attention-combine", "xla",
-                      "--router-topk", "rounds", "--fp8-matmul", "f16", "--fp8-matmul-lhs", "x", "--fp8-copy", "xla",
+                      "--fp8-matmul", "f16", "--fp8-matmul-lhs", "x", "--fp8-copy", "xla",
                       "--fp8-dot-acc", "f32"])
     labels = [r["kernels"] for r in res["decode"]]
-    assert labels == [f"on w8a8 unroll 2 x {x} merge xla topk rounds fp8-matmul f16 fp8-lhs x fp8-copy xla fp8-dot-acc f32"
+    assert labels == [f"on w8a8 unroll 2 x {x} merge xla fp8-matmul f16 fp8-lhs x fp8-copy xla fp8-dot-acc f32"
                       for x in ("none", "norm+swiglu")]
     assert all(r["step_ms"] > 0 for r in res["decode"])
     assert settings() == before
@@ -115,7 +115,6 @@ def test_variant_flags_time_each_setting_and_restore_the_defaults():
                                  ("--fp8-matmul-lhs", "y", "--fp8-matmul-lhs y: unknown; use x or w"),
                                  ("--fp8-copy", "cuda", "--fp8-copy cuda: unknown; use kernel or xla"),
                                  ("--fp8-dot-acc", "tf32", "--fp8-dot-acc tf32: unknown; use mma or f32"),
-                                 ("--router-topk", "sort", "--router-topk sort: unknown; use argmax or rounds"),
                                  ("--attention-combine", "o_proj",
                                   "--attention-combine o_proj: unknown; use kernel or xla")):
         args = bench.parse_args(["--model", "tiny-FP8", "--batch", "1", "--prefill=", flag, value])

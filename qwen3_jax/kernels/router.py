@@ -52,14 +52,6 @@ ROW_BLOCK = 16          # token rows per top-k program (16 x 128 float32 = 8 KiB
 # program streams (more partials: 16 x E float32 per row, read once by the top-k kernel).
 ROUTER_GEMV = dict(max_split=16)
 
-# How the top-k kernel picks, in top_k rounds: "rounds" (the max, then the lowest index attaining
-# it: two reductions in a row per round) or "argmax" (the index from one arg-max reduction beside
-# the max). At batch 1 the kernel is latency: ~19 reductions in a row with one warp. Run 69 (H200,
-# benchmarks/NOTES.md): a third form, every expert's rank from all [E, E] pairs at once (3
-# reductions, 4 warps), took 4.1 us per layer against the rounds' 2.75.
-TOPK = "argmax"
-TOPK_CHOICES = ("argmax", "rounds")
-
 
 def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
@@ -105,44 +97,9 @@ def _num_warps(bm: int, e: int) -> int:
     return max(1, min(4, bm * e // 512))
 
 
-def _topk_by_rounds(probs, kcol, top_k):
-    """probs [bm, E] -> (weights [bm, kp] float32, experts [bm, kp] int32) in top_k rounds of
-    (max, lowest index attaining it, mask it out): two dependent reductions a round."""
-    bm, e = probs.shape
-    col = jax.lax.broadcasted_iota(jnp.int32, (bm, e), 1)
-    w_out = jnp.zeros(kcol.shape, jnp.float32)
-    e_out = jnp.zeros(kcol.shape, jnp.int32)
-    for j in range(top_k):
-        best = jnp.max(probs, axis=1, keepdims=True)                                 # [bm, 1]
-        # Lowest index attaining the max (jax.lax.top_k's tie order); the clamp keeps a NaN
-        # row (no index attains a NaN max) pointing at a real expert.
-        idx = jnp.minimum(jnp.min(jnp.where(probs == best, col, e), axis=1, keepdims=True), e - 1)
-        w_out = jnp.where(kcol == j, best, w_out)
-        e_out = jnp.where(kcol == j, idx, e_out)
-        probs = jnp.where(col == idx, -1.0, probs)     # probabilities are >= 0: -1 is never picked
-    return w_out, e_out
-
-
-def _topk_by_argmax(probs, kcol, top_k):
-    """_topk_by_rounds with each round's index from one arg-max reduction (ties to the lower
-    index, as jax.lax.top_k) beside the max, instead of a min-index reduction that waits for the
-    max: half the reductions in a row. A NaN row still yields real experts (the arg-max of
-    values that compare false is some index in range)."""
-    bm, e = probs.shape
-    col = jax.lax.broadcasted_iota(jnp.int32, (bm, e), 1)
-    w_out = jnp.zeros(kcol.shape, jnp.float32)
-    e_out = jnp.zeros(kcol.shape, jnp.int32)
-    for j in range(top_k):
-        best = jnp.max(probs, axis=1, keepdims=True)                                 # [bm, 1]
-        idx = jnp.argmax(probs, axis=1).astype(jnp.int32)[:, None]                   # [bm, 1]
-        w_out = jnp.where(kcol == j, best, w_out)
-        e_out = jnp.where(kcol == j, idx, e_out)
-        probs = jnp.where(col == idx, -1.0, probs)     # probabilities are >= 0: -1 is never picked
-    return w_out, e_out
-
-
+@functools.partial(jax.jit, static_argnames=("top_k", "norm_topk_prob", "row_block", "interpret"))
 def topk_from_partials(partials_sne, layer_1=None, *, top_k: int, norm_topk_prob: bool,
-                       row_block: int = ROW_BLOCK, method: str | None = None, interpret=None):
+                       row_block: int = ROW_BLOCK, interpret=None):
     """float32 logit partials [S, N, E] (E a power of two) -> softmax top-k: (weights [N, k]
     float32, experts [N, k] int32), ties to the lower expert index, renormalized when
     `norm_topk_prob`. Rows past N in the last block are masked on load and store.
@@ -155,18 +112,7 @@ def topk_from_partials(partials_sne, layer_1=None, *, top_k: int, norm_topk_prob
     bm = min(_pow2(row_block), _pow2(n))
     kp = _pow2(top_k)   # the output tile is a power of two wide; columns >= top_k are not stored
 
-    method = TOPK if method is None else method   # read here, outside jit's cache
-    if method not in TOPK_CHOICES:
-        raise ValueError(f"top-k method {method!r} is not one of {TOPK_CHOICES}")
-    return _topk_from_partials(partials_sne, layer_1, top_k=top_k, norm_topk_prob=norm_topk_prob, bm=bm, kp=kp,
-                               method=method, interpret=interpret)
-
-
-@functools.partial(jax.jit, static_argnames=("top_k", "norm_topk_prob", "bm", "kp", "method", "interpret"))
-def _topk_from_partials(partials_sne, layer_1, *, top_k, norm_topk_prob, bm, kp, method, interpret):
-    s_count, n, e = partials_sne.shape
     with_groups = layer_1 is not None
-    pick = _topk_by_argmax if method == "argmax" else _topk_by_rounds
 
     def kernel(p_ref, *refs):
         if with_groups:
@@ -181,8 +127,20 @@ def _topk_from_partials(partials_sne, layer_1, *, top_k, norm_topk_prob, bm, kp,
         ex = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
         probs = ex / jnp.sum(ex, axis=1, keepdims=True)
 
+        col = jax.lax.broadcasted_iota(jnp.int32, (bm, e), 1)
         kcol = jax.lax.broadcasted_iota(jnp.int32, (bm, kp), 1)
-        w_out, e_out = pick(probs, kcol, top_k)
+        w_out = jnp.zeros((bm, kp), jnp.float32)
+        e_out = jnp.zeros((bm, kp), jnp.int32)
+        for j in range(top_k):
+            # The index from an arg-max reduction (ties to the lower index: jax.lax.top_k's order)
+            # beside the max, not a min-index reduction that waits for it: half the reductions in
+            # a row (run 69: 2.54-2.62 against 2.73 us per layer at batch 1). A NaN row still
+            # yields experts in range (no value compares greater than NaN).
+            best = jnp.max(probs, axis=1, keepdims=True)                                 # [bm, 1]
+            idx = jnp.argmax(probs, axis=1).astype(jnp.int32)[:, None]                   # [bm, 1]
+            w_out = jnp.where(kcol == j, best, w_out)
+            e_out = jnp.where(kcol == j, idx, e_out)
+            probs = jnp.where(col == idx, -1.0, probs)     # probabilities are >= 0: -1 is never picked
         if norm_topk_prob:
             w_out = w_out / jnp.sum(w_out, axis=1, keepdims=True)   # columns >= top_k hold 0
         out_rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, kp), 0)
