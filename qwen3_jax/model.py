@@ -432,16 +432,6 @@ class MoE(nnx.Module):
         the gate/up gemv's x load); XLA paths use it materialized."""
         b, t, d = x_btd.shape
         x = x_btd.reshape(b * t, d)
-        if (stacked is not None and kernels.x_load("topk") and kernels.active(ctx, x.dtype)
-                and b * t * self.top_k <= kernels.moe_gemv_max_assignments(stacked[0].gate_proj.is_fp8)):
-            # the router gemv, then gate/up routes each assignment in its own programs: no top-k
-            # kernel between (None where the kernels do not cover the shapes)
-            full, i = stacked
-            tk = kernels.routed_groups(x, full.router.w[...], i, self.top_k, self.norm_topk_prob)
-            y = None if tk is None else kernels.moe_ffn_stacked(x, None, None, full.gate_proj, full.up_proj,
-                                                                 full.down_proj, i, tk)
-            if y is not None:
-                return y.astype(x.dtype).reshape(b, t, d)
         routed, groups = None, None
         if stacked is not None and kernels.active(ctx, x.dtype):   # router read in place, 2 kernels
             routed = kernels.route_in_place(x, stacked[0].router.w[...], stacked[1], self.top_k, self.norm_topk_prob,

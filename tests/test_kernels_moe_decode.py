@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen3_jax.kernels.gemv import GEMV_DEFAULTS, gemv, gemv_tiles
+from qwen3_jax.kernels.gemv import GEMV_DEFAULTS
 from qwen3_jax.kernels.moe_ffn import ExpertArrays, moe_ffn, moe_ffn_in_place
-from qwen3_jax.kernels.router import route_in_place, routed_groups
+from qwen3_jax.kernels.router import route_in_place
 
 L30, E30, D30, F30, K30 = 48, 128, 2048, 768, 8       # Qwen3-30B-A3B: layers, experts, D, F, top-k
 
@@ -67,41 +67,6 @@ def test_routed_groups_equal_the_derived_groups(fp8, n):
     assert rel(moe_ffn(x, w, ex, arrays0), old) > 0.3
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("n", [1, 3])
-def test_groups_routed_in_the_gemv_equal_the_top_k_kernels(fp8, n):
-    """router.TopKGroups: every gate/up program routes its own assignment from the router's
-    logit partials. Same experts, same routing weights, same MoE output (bit for bit) as the
-    top-k kernel's groups; the gemv's two routing outputs equal the top-k kernel's."""
-    rng = np.random.default_rng(20 * n + fp8)
-    layers, e, d, f, k = 3, 16, 128, 64, 4
-    x = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
-    router = jnp.asarray(0.1 * rng.standard_normal((layers, d, e)), jnp.bfloat16)
-    gate, up, down, scales = stacked_experts(n, layers, e, d, f, fp8)
-    layer = jnp.int32(2)
-    w, ex, groups = route_in_place(x, router, layer, k, True, with_groups=True, interpret=True)
-    want = moe_ffn_in_place(x, w, ex, gate, up, down, scales, 64, layer, groups=groups)
-    tk = routed_groups(x, router, layer, k, True, interpret=True)
-    got = moe_ffn_in_place(x, None, None, gate, up, down, scales, 64, layer, groups=tk)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    # the gemv alone: its last two outputs are the routing, [N, k] each
-    arrays = ExpertArrays.from_stacked(gate, up, down, scales, block=64, layer=layer)
-    tiles = gemv_tiles(d, f, n * k, fp8, "k", 64)
-    outs = gemv(x, n * k, tk, (arrays.gate, arrays.up), scales and (arrays.gate_scale, arrays.up_scale),
-                row_div=k, layout="k", block=64, interpret=True, **tiles)
-    assert len(outs) == 4
-    np.testing.assert_array_equal(np.asarray(outs[2]), np.asarray(w))
-    np.testing.assert_array_equal(np.asarray(outs[3]), np.asarray(groups).reshape(n, k))
-    for a, b in zip(tk.reference(interpret=True), (w, groups.reshape(n, k))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # misuse is refused with what to do instead
-    with pytest.raises(ValueError, match="row_div=4"):
-        gemv(x, n * k, tk, (arrays.gate, arrays.up), scales and (arrays.gate_scale, arrays.up_scale),
-             row_div=1, layout="k", block=64, interpret=True, **tiles)
-    with pytest.raises(ValueError, match="gemv strategy"):
-        moe_ffn(x, None, None, arrays, groups=tk, strategy="blocks")
-
-
 def test_a_devices_share_of_experts_derives_its_groups():
     """The mesh case (experts 3..5 of 6 held here): assignments to experts held elsewhere
     contribute nothing, against the reference expert FFN; precomputed groups are refused."""
@@ -124,16 +89,11 @@ def test_a_devices_share_of_experts_derives_its_groups():
 # -- CPU: Triton lowering of a 30B-A3B layer (no GPU needed, nothing allocated) ----------------
 
 def _layer_fn(fp8, groups=True):
-    """route + expert FFN of one 30B-A3B layer read in place from the stacked params; groups:
-    True (the top-k kernel writes them), False (derived from the expert ids in XLA), "gemv" (the
-    gate/up gemv routes: router.TopKGroups)."""
+    """route + expert FFN of one 30B-A3B layer read in place from the stacked params."""
     def fn(x, router, layer, gate, up, down, *scales):
-        arrays = ExpertArrays.from_stacked(gate, up, down, scales if fp8 else None, layer=layer)
-        if groups == "gemv":
-            tk = routed_groups(x, router, layer, K30, True, interpret=False)
-            return moe_ffn(x, None, None, arrays, groups=tk, interpret=False)
         routed = route_in_place(x, router, layer, K30, True, with_groups=groups, interpret=False)
         w, ex, grp = routed if groups else (*routed, None)
+        arrays = ExpertArrays.from_stacked(gate, up, down, scales if fp8 else None, layer=layer)
         return moe_ffn(x, w, ex, arrays, groups=grp, interpret=False)
     return fn
 
@@ -152,21 +112,18 @@ def _layer_shapes(n, fp8):
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("n", [1, 8])
 def test_30b_layer_lowers_to_four_kernels_and_no_index_arithmetic(fp8, n):
-    ops_of, names = {}, {}
-    for groups in ("gemv", True, False):
+    ops_of = {}
+    for groups in (True, False):
         text = jax.jit(_layer_fn(fp8, groups)).trace(*_layer_shapes(n, fp8)).lower(
             lowering_platforms=("cuda",)).as_text()
         ops_of[groups] = set(re.findall(r"(stablehlo\.[a-z_]+)", text))
         if groups:
-            names[groups] = re.findall(r'name = "(qwen3_[a-z0-9_]+)"', text)
+            names = re.findall(r'name = "(qwen3_[a-z0-9_]+)"', text)
     mode = GEMV_DEFAULTS["fp8" if fp8 else "bf16"]["mode"]   # the kernel's name follows the gemv mode
-    base = "qwen3_gemv" + ("_dot" if mode == "dot" else "")
-    suffix = "_fp8" if fp8 else ""
-    assert names[True] == ["qwen3_gemv_dot", "qwen3_router_topk", base + suffix, base + suffix]
-    assert names["gemv"] == ["qwen3_gemv_dot", base + "_routed" + suffix, base + suffix]   # no top-k kernel
+    gemv = "qwen3_gemv" + ("_dot" if mode == "dot" else "") + ("_fp8" if fp8 else "")
+    assert names == ["qwen3_gemv_dot", "qwen3_router_topk", gemv, gemv]
     index_ops = {"stablehlo.iota", "stablehlo.compare", "stablehlo.select"}
-    for groups in (True, "gemv"):
-        assert not ops_of[groups] & index_ops, (groups, ops_of[groups] & index_ops)
+    assert not ops_of[True] & index_ops, ops_of[True] & index_ops
     assert ops_of[False] & index_ops          # the derived-groups path has them: the check bites
 
 
@@ -185,8 +142,6 @@ def test_gpu_routed_groups_match_the_derived_groups_at_30b_shapes(fp8, n):
     layer = jnp.int32(1)
     new = jax.jit(_layer_fn(fp8))(x, router, layer, gate, up, down, *sc)
     old = jax.jit(_layer_fn(fp8, groups=False))(x, router, layer, gate, up, down, *sc)
-    in_gemv = jax.jit(_layer_fn(fp8, groups="gemv"))(x, router, layer, gate, up, down, *sc)
     # Same groups -> same experts and the same kernels; the two XLA programs around them may
     # order a float32 sum differently (1 ulp on an H100 at n=8, run 12); a wrong group is O(1).
     np.testing.assert_allclose(np.asarray(new), np.asarray(old), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(in_gemv), np.asarray(old), rtol=1e-5, atol=1e-5)

@@ -204,13 +204,10 @@ def fp8_gemm() -> str:
 #     per layer for ~1.3 us more gemv time: H200 batch 1 bf16 -0.085 ms, FP8 -0.10 ms per step.
 #   "swiglu": into the MoE down gemv, where gate/up ran unsplit (moe_ffn.py): H200 batch 8 bf16
 #     -0.29 ms. With split partials it cost more (FP8 batch 1 +0.19 ms), so it is skipped there.
-#   "topk": the routing's softmax top-k into the MoE gate/up gemv's group read (router.TopKGroups:
-#     every program routes its own assignment; one device, the gemv path), instead of a top-k
-#     kernel between the router gemv and gate/up.
 # Decode attention's key-split merge was measured slower in o_proj's x load in both forms tried
 # (runs 16 and 24); it runs in the attention kernel itself (decode_attention.COMBINE, run 40).
-X_LOADS_ALL = ("norm", "swiglu", "topk")
-X_LOADS = {"norm", "swiglu", "topk"}
+X_LOADS_ALL = ("norm", "swiglu")
+X_LOADS = {"norm", "swiglu"}
 
 
 def set_x_loads(names) -> None:
@@ -247,13 +244,12 @@ if TRITON_MISSING is None:
     from .prefill_attention import causal_prefill_attention  # noqa: E402
     from .decode_attention import covered as decode_attention_covered, decode_attention_cached  # noqa: E402
     from .moe_ffn import ExpertArrays, moe_ffn_in_place, moe_ffn_stacked  # noqa: E402
-    from .moe_ffn import gemv_max_assignments as moe_gemv_max_assignments  # noqa: E402
-    from .router import route_in_place, routed_groups  # noqa: E402
+    from .router import route_in_place  # noqa: E402
     from . import qk_prologue, sharded  # noqa: E402
 
 __all__ = ["enabled", "describe", "TRITON_MISSING", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret",
            "pick_tile", "FP8_GEMM", "set_fp8_gemm", "fp8_gemm", "fp8_matmul", "fp8_dequantized", "FP8_DEQUANTIZE_MIN_ROWS", "FP8_DEQUANTIZE_MOE_MIN_ROWS", "X_LOADS_ALL", "set_x_loads", "x_load",
            "linear_einsum", "projections_partials",
            "causal_prefill_attention", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked",
-           "moe_ffn_in_place", "moe_gemv_max_assignments", "ExpertArrays", "route_in_place", "routed_groups",
+           "moe_ffn_in_place", "ExpertArrays", "route_in_place",
            "qk_prologue", "sharded"]

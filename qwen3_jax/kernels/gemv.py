@@ -16,9 +16,7 @@ Shapes (G groups, K in, N out, R output rows, S = split_k):
   rows [R] int32 in [0, M); or with row_div=d (static) the int R, and output row r reads x row
     r // d (d=1: row r; d=k: the k assignments of each token), with no index operand,
   groups [R] int32 in [-1, G) (-1: row is zeros, no weight read), or [1]: one group for every
-    row (a projection's layer, with no broadcast kernel), or a router.TopKGroups: each program
-    routes its row itself (MoE gate/up at decode; row_div = top_k), and the gemv returns the
-    routing weights [N, k] and groups [N, k] after its partial sums,
+    row (a projection's layer, with no broadcast kernel),
   weights: 1 or 2 arrays [G, K, N] of one dtype (2 = gate and up, sharing x and every tile), or
     with concat=True (mode "dot") any number [G, K, N_i] laid side by side along the grid's
     column axis: q, k, v in one launch, each with its own output [S, R, N_i],
@@ -107,19 +105,11 @@ def _gemv(x_mk, rows_r, groups_r, weights, scales=None, *, layout="k", block=128
     steps = k_dim // (bk * split_k)
     nw = len(weights)
     rows_r = _RowMap(rows_r, rows_r.shape[0] if row_div is None else n_rows, row_div)
-    routed = _routed(groups_r)
-    if routed is not None:
-        if row_div != routed.top_k or rows_r.count != routed.rows:
-            raise ValueError(f"groups routed in the gemv (top_k={routed.top_k}, {routed.rows} assignments) need "
-                             f"row_div={routed.top_k} and {routed.rows} rows, got row_div={row_div} and "
-                             f"{rows_r.count} rows")
-        per_row = True
-    else:
-        per_row = groups_r.shape[0] == rows_r.count
-        if not per_row and groups_r.shape[0] != 1:
-            raise ValueError(f"groups has {groups_r.shape[0]} entries; give one per row ({rows_r.count}) or one for all")
-    program = functools.partial(_program, rows_r=rows_r, per_row=per_row, routed=routed, nx=len(x_mk.operands()),
-                                nw=nw, ns=len(scales))
+    per_row = groups_r.shape[0] == rows_r.count
+    if not per_row and groups_r.shape[0] != 1:
+        raise ValueError(f"groups has {groups_r.shape[0]} entries; give one per row ({rows_r.count}) or one for all")
+    program = functools.partial(_program, rows_r=rows_r, per_row=per_row, nx=len(x_mk.operands()), nw=nw,
+                                ns=len(scales))
     bits = fp8 and convert == "bits" and mode == "fma"
     cdt = x_mk.dtype if x_mk.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
     if convert == "e4m3" and not (fp8 and mode == "dot"):
@@ -293,35 +283,21 @@ class _RowMap:
         return () if self.rows is None else (self.rows.astype(jnp.int32),)
 
     def reader(self, refs):
-        """kernel refs -> (r -> row, the refs after the row operand)."""
+        """kernel refs -> (r -> row, the groups ref, the rest)."""
         if self.rows is None:
-            return (lambda r: r // self.div), refs
+            return (lambda r: r // self.div), refs[0], refs[1:]
         rows_ref = refs[0]
-        return (lambda r: rows_ref[r]), refs[1:]
+        return (lambda r: rows_ref[r]), refs[1], refs[2:]
 
 
-def _routed(groups_r):
-    """groups_r when it is routed in the gemv (router.TopKGroups: its group() runs in each
-    program), else None (an int32 array of groups)."""
-    return groups_r if callable(getattr(groups_r, "group", None)) else None
-
-
-def _program(refs, *, rows_r, per_row, routed, nx, nw, ns):
+def _program(refs, *, rows_r, per_row, nx, nw, ns):
     """A gemv kernel's refs -> (x refs, weight refs, scale refs, output refs, program ids (row,
-    column tile, split), its group, the x row it reads). With routed groups the group comes from
-    routed.group, which also owns the last two outputs (not among the returned output refs)."""
-    row_of, refs = rows_r.reader(refs)
-    ng = 1 if routed is None else len(routed.operands())
-    g_refs, refs = refs[:ng], refs[ng:]
+    column tile, split), its group, the x row it reads)."""
+    row_of, groups_ref, refs = rows_r.reader(refs)
     x_refs, refs = refs[:nx], refs[nx:]
     w_refs, s_refs, o_refs = refs[:nw], refs[nw:nw + ns], refs[nw + ns:]
     r, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    if routed is None:
-        g = g_refs[0][r if per_row else 0]
-    else:
-        o_refs, route_refs = o_refs[:-2], o_refs[-2:]
-        g = routed.group(g_refs, route_refs, r, (j == 0) & (s == 0))
-    return x_refs, w_refs, s_refs, o_refs, (r, j, s), g, row_of(r)
+    return x_refs, w_refs, s_refs, o_refs, (r, j, s), groups_ref[r if per_row else 0], row_of(r)
 
 
 def _write_zeros(o_refs, s, r, n0, bn):
@@ -333,21 +309,17 @@ def _write_zeros(o_refs, s, r, n0, bn):
 def _launch(kernel, name, x_mk, rows_r, groups_r, weights, scales, bn, split_k, num_warps, num_stages,
             interpret, n_tiles=None, w_nk=False):
     """Grid (rows, column tiles (N / bn unless given), split_k); outputs [split_k, rows, N_i]
-    float32 per weight, then with routed groups their two outputs (router.TopKGroups)."""
+    float32 per weight."""
     r_count = rows_r.count
     widths = [_gkn(w, w_nk)[2] for w in weights]
     n_tiles = widths[0] // bn if n_tiles is None else n_tiles
     out_shape = tuple(jax.ShapeDtypeStruct((split_k, r_count, n), jnp.float32) for n in widths)
-    routed = _routed(groups_r)
-    if routed is not None:
-        out_shape += routed.out_shapes()
-    groups_ops = (groups_r.astype(jnp.int32),) if routed is None else routed.operands()
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(r_count, n_tiles, split_k),
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=_interpret() if interpret is None else interpret,
-        name=name + ("_routed" if routed is not None else "") + ("_fp8" if scales else ""),
-    )(*rows_r.operands(), *groups_ops, *x_mk.operands(), *weights, *scales)
+        name=name + "_fp8" if scales else name,
+    )(*rows_r.operands(), groups_r.astype(jnp.int32), *x_mk.operands(), *weights, *scales)
 
 
 def _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block):

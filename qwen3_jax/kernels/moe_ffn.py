@@ -11,10 +11,8 @@ picks the layer, so the scan over layers never copies a layer's experts.
 
 The gemv path at batch 1 is launch-bound (benchmarks/results/run5_h100.log: ~25 XLA kernels of
 1-3.5 us per layer, back to back). What runs between the GEMVs:
-  - groups: on one device chosen in the gate/up gemv's programs from the router's logits
-    (router.TopKGroups: no top-k kernel between), or precomputed by the routing kernel
-    (router.route_in_place with_groups); on a mesh (a device holds experts first_expert.. only)
-    still derived here in XLA;
+  - groups: precomputed by the routing kernel on one device (router.route_in_place with_groups);
+    on a mesh (a device holds experts first_expert.. only) still derived here in XLA;
   - row indices: none, gemv's static row_div (an index array operand, even a numpy constant,
     is an iota or broadcast kernel every layer);
   - the swiglu of the gate/up outputs: with kernels.x_load("swiglu") (default) and no split-K
@@ -41,7 +39,6 @@ from .gemv import gemv, gemv_tiles, quantize_rows
 from .gemv_inputs import SwigluX, materialize
 from .grouped_matmul import grouped_matmul, matmul_tiles
 from .moe_blocks import block_rows, expert_blocks
-from .router import TopKGroups
 
 # Measured crossover (benchmarks/NOTES.md, run 2): gemv while it is faster than blocks, by
 # weight kind. bf16: gemv wins to 8 tokens (64 assignments), ties at 16; FP8 wins to 16 tokens.
@@ -114,20 +111,14 @@ def moe_ffn(x_nd, weights_nk, experts_nk, arrays: ExpertArrays, first_expert=0, 
     groups [N*k] int32 (optional, gemv path): each assignment's group in `arrays`, i.e. expert +
     arrays.offset, precomputed (router.route_in_place with_groups); only where every expert is
     held here (first_expert 0, arrays holding all E of the router). The blocks path ignores it.
-    Or a router.TopKGroups (gemv path only): the gate/up gemv routes each assignment itself, and
-    weights_nk / experts_nk are None.
     interpret: Pallas interpret mode for the gemv path (None: when there is no GPU)."""
     n, d = x_nd.shape
-    routed = isinstance(groups, TopKGroups)
-    k = groups.top_k if routed else experts_nk.shape[1]
+    k = experts_nk.shape[1]
     a = n * k
     if groups is not None and not (isinstance(first_expert, int) and first_expert == 0):
         raise ValueError(f"precomputed groups assume every expert is held here, but first_expert="
                          f"{first_expert}; on a mesh pass groups=None (they are derived from experts)")
     strategy = strategy or ("gemv" if a <= gemv_max_assignments(arrays.fp8) else "blocks")
-    if routed and strategy != "gemv":
-        raise ValueError(f"groups routed in the gemv need the gemv strategy, but {a} assignments take "
-                         f"{strategy!r}; route first (router.route_in_place) for this batch")
     if strategy == "gemv":
         return _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, interpret)
     y_ad, here = _blocks_path(x_nd, experts_nk, arrays, first_expert)
@@ -143,11 +134,10 @@ def _scales(arrays, *names):
 
 def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, interpret):
     n, d = x_nd.shape
-    routed = isinstance(groups, TopKGroups)
-    k = groups.top_k if routed else experts_nk.shape[1]
+    k = experts_nk.shape[1]
     a = n * k
     f = arrays.d_f[1]
-    route_w = None if routed else weights_nk.astype(jnp.float32)   # [N, k] (not the storage flag arrays.w_nk)
+    route_w = weights_nk.astype(jnp.float32)   # [N, k] (not the storage flag arrays.w_nk)
     if groups is None:
         local = experts_nk.reshape(-1).astype(jnp.int32) - first_expert
         here = (local >= 0) & (local < arrays.num_experts)
@@ -156,10 +146,8 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, inter
     # rows by row_div (assignment r reads token r // k): an index array, even a numpy constant,
     # becomes an iota / broadcast kernel every layer (seen in the H100 profile, run 11)
     t1 = gemv_tiles(d, f, a, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk)
-    g, u, *routing = gemv(x_nd, a, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"), row_div=k,
-                          layout="k", block=arrays.block, interpret=interpret, **t1)
-    if routed:   # the weights and groups the gate/up programs chose, [N, k] each
-        route_w, groups = routing[0], routing[1].reshape(a)
+    g, u = gemv(x_nd, a, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"), row_div=k,
+                layout="k", block=arrays.block, interpret=interpret, **t1)
     h = SwigluX(g, u, x_nd.dtype)   # silu(g) * u [A, F]
     # In the down gemv's x load only without split partials to sum: a sum per K step in series
     # with the step cost more than the XLA kernel (run 17, H200: batch 1 FP8 +0.19 ms, gate/up
@@ -227,9 +215,8 @@ def _dequantized_layer(arrays: ExpertArrays, dtype) -> ExpertArrays:
 def moe_ffn_stacked(x_nd, weights_nk, experts_nk, gate, up, down, layer, groups=None):
     """The model's entry on one device: gate/up/down are model.Weight objects holding [L, E, ...]
     params (bf16, or FP8 + scale); `layer` the traced layer index; groups [N*k] int32 = experts
-    + layer * E, a router.TopKGroups (weights_nk, experts_nk None) or None (see moe_ffn).
-    -> [N, D] float32, or None when the kernels do not cover this case (mixed FP8/bf16 experts,
-    tiles that divide nothing, TopKGroups past the gemv path's assignments)."""
+    + layer * E or None (see moe_ffn). -> [N, D] float32, or None when the kernels do not cover
+    this case (mixed FP8/bf16 experts, tiles that divide nothing)."""
     ws = (gate, up, down)
     fp8 = [w.is_fp8 for w in ws]
     if any(fp8) and not all(fp8):
@@ -247,7 +234,6 @@ def moe_ffn_in_place(x_nd, weights_nk, experts_nk, gate, up, down, scales, block
     (groups on one device only)."""
     arrays = ExpertArrays.from_stacked(gate, up, down, scales, block=block, layer=layer, w_nk=w_nk,
                                        scale_run=scale_run)
-    a = groups.rows if isinstance(groups, TopKGroups) else experts_nk.size
-    if not supported(arrays, a) or (isinstance(groups, TopKGroups) and a > gemv_max_assignments(arrays.fp8)):
+    if not supported(arrays, experts_nk.size):
         return None
     return moe_ffn(x_nd, weights_nk, experts_nk, arrays, first_expert, groups=groups, interpret=interpret)

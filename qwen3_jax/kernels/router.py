@@ -26,7 +26,6 @@ gemv's smallest column tile), top_k <= E, and gemv tiles that divide D and E.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -78,7 +77,12 @@ def route_in_place(x_nd, router_lde, layer, top_k: int, norm_topk_prob: bool, *,
     e = router_lde.shape[2]
     if not covered(n, d, e, top_k, x_nd.dtype, router_lde.dtype):
         return None
-    partials, layer_1 = _router_partials(x_nd, router_lde, layer, interpret)
+    tiles = gemv_tiles(d, e, n, False, "k", 128, **ROUTER_GEMV)
+    layer = jnp.asarray(layer, jnp.int32)
+    # One group for every row (a reshape of the scalar is a bitcast, not a broadcast kernel) and
+    # rows by row_div (no index array, which would be an iota kernel).
+    layer_1 = layer.reshape(1)
+    (partials,) = gemv(x_nd, n, layer_1, (router_lde,), None, row_div=1, layout="k", interpret=interpret, **tiles)
     out = topk_from_partials(partials, layer_1 if with_groups else None, top_k=top_k,
                              norm_topk_prob=norm_topk_prob, interpret=interpret)
     if with_groups:
@@ -87,125 +91,10 @@ def route_in_place(x_nd, router_lde, layer, top_k: int, norm_topk_prob: bool, *,
     return out
 
 
-def _router_partials(x_nd, router_lde, layer, interpret):
-    """The router gemv: x [N, D] against router_lde[layer] read in place -> (logit partials
-    [S, N, E] float32, layer [1] int32)."""
-    n, d = x_nd.shape
-    tiles = gemv_tiles(d, router_lde.shape[2], n, False, "k", 128, **ROUTER_GEMV)
-    # One group for every row (a reshape of the scalar is a bitcast, not a broadcast kernel) and
-    # rows by row_div (no index array, which would be an iota kernel).
-    layer_1 = jnp.asarray(layer, jnp.int32).reshape(1)
-    (partials,) = gemv(x_nd, n, layer_1, (router_lde,), None, row_div=1, layout="k", interpret=interpret, **tiles)
-    return partials, layer_1
-
-
-def routed_groups(x_nd, router_lde, layer, top_k: int, norm_topk_prob: bool, *, interpret=None):
-    """The routing of route_in_place(with_groups=True) left to the MoE gate/up gemv: the router
-    gemv's logit partials as a TopKGroups, which every gate/up program routes itself, or None
-    where route_in_place would not cover the shapes. Saves the top-k kernel and its dependency
-    (~2.6 us per layer at batch 1 on an H200, run 69)."""
-    n, d = x_nd.shape
-    e = router_lde.shape[2]
-    if not covered(n, d, e, top_k, x_nd.dtype, router_lde.dtype):
-        return None
-    return TopKGroups(*_router_partials(x_nd, router_lde, layer, interpret), top_k, norm_topk_prob)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TopKGroups:
-    """A grouped gemv's groups [N*k] (gemv.py), routed in the gemv's own programs: the program
-    of assignment r (token r // k, its (r % k)-th expert) sums its token's router logit partials,
-    runs the softmax top-k of `_softmax_topk` (the top-k kernel's arithmetic: the same experts
-    and weights) and reads expert + layer * E's weights. One program per token (slot 0, first
-    column tile and split) also writes the token's routing weights [N, k] float32 and groups
-    [N, k] int32, gemv's two extra outputs, which the rest of the MoE reads.
-    partials [S, N, E] float32 (router gemv split-K sums), layer_1 [1] int32."""
-
-    partials: jax.Array
-    layer_1: jax.Array
-    top_k: int = dataclasses.field(metadata=dict(static=True))
-    norm_topk_prob: bool = dataclasses.field(metadata=dict(static=True))
-
-    @property
-    def rows(self) -> int:
-        """Assignments: N * k."""
-        return self.partials.shape[1] * self.top_k
-
-    def operands(self):
-        return (self.partials, self.layer_1)
-
-    def out_shapes(self):
-        n = self.partials.shape[1]
-        return (jax.ShapeDtypeStruct((n, self.top_k), jnp.float32), jax.ShapeDtypeStruct((n, self.top_k), jnp.int32))
-
-    def group(self, refs, outs, r, write):
-        """In a gemv program: assignment r's group, an int32 scalar; where `write` (a traced
-        bool: the program's column tile and split are the first), token r // k's slot-0 program
-        stores the token's weights and groups in outs (the two out_shapes refs)."""
-        p_ref, layer_ref = refs
-        k, kp, e = self.top_k, _pow2(self.top_k), p_ref.shape[2]
-        token, slot = r // k, r % k
-        w_out, e_out = _softmax_topk(_logits(p_ref, token, 1, p_ref.shape[1]), k, self.norm_topk_prob)
-        g_out = e_out + layer_ref[0] * e                                        # [1, kp]
-        kcol = jax.lax.broadcasted_iota(jnp.int32, (1, kp), 1)
-
-        @pl.when(write & (slot == 0))
-        def _store():
-            plt.store(outs[0].at[pl.ds(token, 1), pl.ds(0, kp)], w_out, mask=kcol < k)
-            plt.store(outs[1].at[pl.ds(token, 1), pl.ds(0, kp)], g_out, mask=kcol < k)
-
-        return jnp.sum(jnp.where(kcol == slot, g_out, 0))
-
-    def reference(self, interpret=None):
-        """The same routing by the top-k kernel: (weights [N, k] float32, groups [N, k] int32)."""
-        w, _, g = topk_from_partials(self.partials, self.layer_1, top_k=self.top_k,
-                                     norm_topk_prob=self.norm_topk_prob, interpret=interpret)
-        return w, g
-
-
 def _num_warps(bm: int, e: int) -> int:
     """One warp per 512 elements of the [bm, E] block (>= 16 per thread), 1 to 4: at N = 1 a
     single warp keeps every reduction within shuffles (no shared-memory round trips)."""
     return max(1, min(4, bm * e // 512))
-
-
-def _logits(p_ref, r0, bm: int, n: int):
-    """In a kernel: rows r0.. r0+bm of the split-K logit partials [S, N, E], summed -> [bm, E]
-    float32 (rows past N read as 0)."""
-    s_count, _, e = p_ref.shape
-    row = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, e), 0)
-    logits = jnp.zeros((bm, e), jnp.float32)
-    for s in range(s_count):
-        logits = logits + plt.load(p_ref.at[jnp.int32(s), pl.ds(r0, bm), :], mask=row < n, other=0.0)
-    return logits
-
-
-def _softmax_topk(logits, top_k: int, norm_topk_prob: bool):
-    """In a kernel: logits [bm, E] float32 -> (weights [bm, kp] float32, experts [bm, kp] int32),
-    kp = top_k rounded up to a power of two (columns >= top_k hold 0): softmax, then top_k rounds
-    of the max and its index, renormalized when norm_topk_prob."""
-    bm, e = logits.shape
-    kp = _pow2(top_k)
-    ex = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
-    probs = ex / jnp.sum(ex, axis=1, keepdims=True)
-    col = jax.lax.broadcasted_iota(jnp.int32, (bm, e), 1)
-    kcol = jax.lax.broadcasted_iota(jnp.int32, (bm, kp), 1)
-    w_out = jnp.zeros((bm, kp), jnp.float32)
-    e_out = jnp.zeros((bm, kp), jnp.int32)
-    for j in range(top_k):
-        # The index from an arg-max reduction (ties to the lower index: jax.lax.top_k's order)
-        # beside the max, not a min-index reduction that waits for it: half the reductions in a
-        # row (run 69: 2.54-2.62 against 2.73 us per layer at batch 1). A NaN row still yields
-        # experts in range (no value compares greater than NaN).
-        best = jnp.max(probs, axis=1, keepdims=True)                                 # [bm, 1]
-        idx = jnp.argmax(probs, axis=1).astype(jnp.int32)[:, None]                   # [bm, 1]
-        w_out = jnp.where(kcol == j, best, w_out)
-        e_out = jnp.where(kcol == j, idx, e_out)
-        probs = jnp.where(col == idx, -1.0, probs)     # probabilities are >= 0: -1 is never picked
-    if norm_topk_prob:
-        w_out = w_out / jnp.sum(w_out, axis=1, keepdims=True)   # columns >= top_k hold 0
-    return w_out, e_out
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "norm_topk_prob", "row_block", "interpret"))
@@ -231,8 +120,29 @@ def topk_from_partials(partials_sne, layer_1=None, *, top_k: int, norm_topk_prob
         else:
             w_ref, e_ref = refs
         r0 = pl.program_id(0) * bm
-        w_out, e_out = _softmax_topk(_logits(p_ref, r0, bm, n), top_k, norm_topk_prob)
+        row = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, e), 0)
+        logits = jnp.zeros((bm, e), jnp.float32)
+        for s in range(s_count):
+            logits = logits + plt.load(p_ref.at[jnp.int32(s), pl.ds(r0, bm), :], mask=row < n, other=0.0)
+        ex = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
+        probs = ex / jnp.sum(ex, axis=1, keepdims=True)
+
+        col = jax.lax.broadcasted_iota(jnp.int32, (bm, e), 1)
         kcol = jax.lax.broadcasted_iota(jnp.int32, (bm, kp), 1)
+        w_out = jnp.zeros((bm, kp), jnp.float32)
+        e_out = jnp.zeros((bm, kp), jnp.int32)
+        for j in range(top_k):
+            # The index from an arg-max reduction (ties to the lower index: jax.lax.top_k's order)
+            # beside the max, not a min-index reduction that waits for it: half the reductions in
+            # a row (run 69: 2.54-2.62 against 2.73 us per layer at batch 1). A NaN row still
+            # yields experts in range (no value compares greater than NaN).
+            best = jnp.max(probs, axis=1, keepdims=True)                                 # [bm, 1]
+            idx = jnp.argmax(probs, axis=1).astype(jnp.int32)[:, None]                   # [bm, 1]
+            w_out = jnp.where(kcol == j, best, w_out)
+            e_out = jnp.where(kcol == j, idx, e_out)
+            probs = jnp.where(col == idx, -1.0, probs)     # probabilities are >= 0: -1 is never picked
+        if norm_topk_prob:
+            w_out = w_out / jnp.sum(w_out, axis=1, keepdims=True)   # columns >= top_k hold 0
         out_rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, kp), 0)
         keep = (out_rows < n) & (kcol < top_k)
         plt.store(w_ref.at[pl.ds(r0, bm), pl.ds(0, kp)], w_out, mask=keep)
