@@ -52,6 +52,7 @@ def case(name, k_dim, n_dim, rows, layout, fp8, pair, bandwidth, w_nk=False, **t
         outs = gemv(x, rows, groups, ws, ss, row_div=1, layout=layout, block=128, **t)
         return sum(o[0, 0, 0] for o in outs)
 
+    us = {}
     for mode in ("cold", "hot"):
         @jax.jit
         def run(x, ws_, ss_, mode=mode):
@@ -63,6 +64,8 @@ def case(name, k_dim, n_dim, rows, layout, fp8, pair, bandwidth, w_nk=False, **t
         g_ns = sum(ns for n, (_, ns) in tl["by_name"].items() if n.startswith("qwen3_gemv")) / LAYERS
         print(f"  {name + (' nk' if w_nk else ''):19s} {mode:8s} gemv {g_ns / 1e3:6.2f} us (floor "
               f"{nbytes / bandwidth * 1e6:5.2f})", flush=True)
+        us[mode] = g_ns / 1e3
+    return us
 
 
 def main():
