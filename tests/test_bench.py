@@ -134,3 +134,25 @@ def test_fp8_order_builds_one_model_per_storage_order():
     assert fp8.NK_ORDER == before
     with pytest.raises(ValueError, match="--fp8-order nm: use nk, kn or both"):
         bench.main(["--model", "tiny-FP8", "--batch", "1", "--prefill=", "--fp8-order", "nm"])
+
+
+@pytest.mark.parametrize("span_us,warned", [(2562.0, False), (2774.0, True)])
+def test_profile_says_when_the_gpu_waited_for_the_host(monkeypatch, span_us, warned):
+    """profile_call's summary of a timeline (the profiler itself needs a GPU): runs 62 and 72's
+    FP8 batch-1 shapes, 8 steps of 564 kernels busy 2578 us each, over a span of 2562 us (two
+    streams overlap a little: no idle) or 2774 us (196 us idle per step: the warning)."""
+    from qwen3_jax.kernels import tune
+
+    steps = 8
+    timeline = {"by_name": {"qwen3_gemv_dot_fp8": (steps * 100, steps * 1000e3),
+                            "loop_add_fusion": (steps * 464, steps * 1578e3)},
+                "lines": ["Stream #14(Compute)"], "first_ns": 0, "last_ns": steps * span_us * 1e3}
+    monkeypatch.setattr(tune, "device_timeline", lambda call: timeline)
+    lines = []
+    out = bench.profile_call(lambda: None, steps, lines.append)
+    assert out["kernels_per_step"] == 564 and out["busy_us_per_step"] == pytest.approx(2578.0)
+    assert out["idle_us_per_step"] == pytest.approx(max(0.0, span_us - 2578.0))
+    warnings = [s for s in lines if "WARNING" in s]
+    assert bool(warnings) == warned
+    if warned:
+        assert "idle 196 us per step (7% of the span)" in warnings[0] and "fresh process" in warnings[0]
