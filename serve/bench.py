@@ -375,6 +375,9 @@ def bench_decode(model, inv, batch: int, context: int, steps: int, reps: int, si
     return res
 
 
+IDLE_WARN_FRACTION = 0.03   # runs 62-73: busy within 0-1% of the span, or ~7% short in the slow process
+
+
 def profile_call(call, steps: int, log, top: int = 30, unit: str = "step") -> dict:
     """Trace one call; per kernel name: total device time per decode step (a call runs `steps`;
     a prefill is one `unit`) on the first GPU. Printed and returned."""
@@ -405,9 +408,6 @@ def profile_call(call, steps: int, log, top: int = 30, unit: str = "step") -> di
     for name, n, us in out["top"]:
         log(f"    {us:9.1f} us/{unit}  x{n:6.1f}  {name[:110]}")
     return out
-
-
-IDLE_WARN_FRACTION = 0.03   # runs 62-73: busy within 0-1% of the span, or ~7% short in the slow process
 
 
 def bench_prefill(model, inv, tokens: int, reps: int, ceilings: dict, log, profile: bool = False) -> dict:

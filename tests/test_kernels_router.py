@@ -88,13 +88,12 @@ def test_topk_from_partials_sums_splits_and_masks_rows(row_block):
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("norm", [True, False])
 def test_topk_at_128_experts_with_ties(n, norm):
-    """30B-A3B's E = 128, k = 8: jax.lax.top_k's experts, with a row of ties in
-    the top 8 (experts 5, 40, 77 share the largest logit; the next group of equal logits spans
+    """30B-A3B's E = 128, k = 8: jax.lax.top_k's experts, with a row of ties in the top 8 (experts 5, 40, 77 share the largest logit; the next group of equal logits spans
     the cut at k) and, for n > 1, a NaN row (its experts stay real ones)."""
     rng = np.random.default_rng(n)
     logits = rng.standard_normal((n, 128)).astype(np.float32)
     logits[0, [5, 40, 77]] = 6.0
-    logits[0, [3, 9, 100, 101, 120, 127]] = 4.0          # ranks 3..8: two of them fall outside k
+    logits[0, [3, 9, 100, 101, 120, 127]] = 4.0          # ranks 3..8: the last (127) falls outside k
     if n > 1:
         logits[1, 17] = np.nan
     parts = jnp.asarray(np.stack([logits - 1.0, np.ones_like(logits)]))   # S = 2 partials
