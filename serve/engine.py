@@ -15,9 +15,11 @@ step at position S, where their cache writes are dropped.
 Because every decode step has the same shape and rows never mix, a request's tokens do not
 depend on what else is running: 16 concurrent greedy requests give what each gives alone.
 
-The price of that fixed shape: each decode step attends over every slot's whole row, reading
-slots x context_length cached tokens whatever the requests' real lengths. Serving short
-requests, a --context-length near what they need keeps that read small.
+What a decode step reads of the cache: with the kernels (GPU), each live row up to its own
+position, and an idle slot (position S) nothing at all (qwen3_jax/kernels/decode_attention.py;
+before, every idle slot read its whole row each step); on the plain-XLA path, every slot up to
+a KV window just past the longest live row (decode_windows). The fixed shape still runs the
+idle rows through the projections and the MoE.
 
 `_prefill_chunk` and `_decode_step` are also compiled by the memory planner (serve/dry_run.py)
 for XLA's memory analysis: keep their signatures in step with it.

@@ -823,6 +823,44 @@ def test_decode_step_on_the_kernels_matches_plain_xla(monkeypatch):
     assert rel(wrong[1], outs[0][1]) > 1.5 * TOL_BF16_MODEL
 
 
+def test_decode_step_with_an_idle_row_at_the_cache_end(monkeypatch):
+    """The engine's decode step on the kernels (interpret mode): rows 0-1 live after a 5-token
+    prefill, row 2 an idle slot at position S (the cache length). The live rows' logits are the
+    plain-XLA path's; the idle row reads no key (decode attention: zeros), stays finite and
+    leaves the cache as it was."""
+    from flax import nnx
+
+    from qwen3_jax import Qwen3MoeConfig, random_model
+    from qwen3_jax import model as model_mod
+    from reference import TINY, with_distinct_norms
+
+    monkeypatch.setattr(model_mod, "DECODE_UNROLL", 1)
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, head_dim=32,
+                                        num_experts=16))
+    m = with_distinct_norms(random_model(cfg, seed=5))
+    s = 16
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (3, 5)), jnp.int32)
+    positions = jnp.asarray([[5], [5], [s]], jnp.int32)
+
+    def run(st, tok):   # a new function per call: JAX caches traces per function
+        model = nnx.merge(m.graphdef, st)
+        _, cache = model(tok, None, m.init_cache(3, s))
+        step, after = model(tok[:, -1:], positions, cache)
+        return step, cache, after
+    outs = []
+    for on in (False, True):
+        with kernels.kernels_enabled(on):
+            fn = jax.jit(lambda st, tok: run(st, tok))
+            if on:
+                assert "qwen3_decode_attention" in str(jax.make_jaxpr(fn)(m.state, tokens))
+            outs.append(fn(m.state, tokens))
+    (ref, _, _), (got, before, after) = outs
+    assert rel(got[:2], ref[:2]) < TOL_BF16_MODEL
+    assert np.all(np.isfinite(np.asarray(got, np.float32)))
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):   # row 2's write was dropped
+        np.testing.assert_array_equal(np.asarray(a[:, 2], np.float32), np.asarray(b[:, 2], np.float32))
+
+
 def test_fp8_decode_of_many_rows_writes_the_cache_in_the_prologue(fp8_w8a16):
     """FP8, 18 rows (above the gemv's 16): q/k/v come from the FP8 matmul as separate partials,
     and still go through the cache-writing prologue. Kernels (W8A16) on vs off, to bf16 precision."""

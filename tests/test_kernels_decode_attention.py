@@ -64,6 +64,24 @@ def test_merge_in_the_kernel_equals_the_xla_merge(h, k, splits):
         decode_attention(q, kc, vc, jnp.int32(1), rows, lengths, combine="both", **kw)
 
 
+@pytest.mark.parametrize("combine", ["kernel", "xla"])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_a_row_past_the_cache_reads_nothing(combine, splits):
+    """The engine parks an idle slot at position S (its cache write is dropped). Its row used to
+    read the whole cache row every step; now a length past S reads no key: the row is zeros (no
+    0/0 in either merge), and the other rows are exactly what they are without it."""
+    b, h, k, qd, s = 3, 8, 2, 32, 128
+    q, kc, vc = cache_and_q(7, b, h, k, qd, s, slots=4)
+    rows, pos = jnp.array([3, 0, 1]), jnp.array([40, s, 127])      # row 1 idle, row 2 the last position
+    kw = dict(scale=qd ** -0.5, bs=16, splits=splits, combine=combine, length_offset=1)
+    got = np.asarray(decode_attention(q, kc, vc, jnp.int32(1), rows, pos, **kw), np.float32)
+    assert np.all(got[1] == 0) and np.all(np.isfinite(got))
+    live = np.asarray(decode_attention(q[::2], kc, vc, jnp.int32(1), rows[::2], pos[::2], **kw), np.float32)
+    np.testing.assert_array_equal(got[::2], live)
+    want = softmax_attention(q[::2], kc, vc, 1, rows[::2], pos[::2] + 1, qd ** -0.5)
+    assert rel(live, want) < 1e-2
+
+
 def test_merge_in_the_kernel_is_one_launch_with_no_xla_merge():
     """The kernel merge leaves no exp / reduce around the Triton call (the XLA merge has both);
     the counters are the only extra operand (aliased to an output, so no copy)."""

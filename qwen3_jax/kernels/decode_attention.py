@@ -19,9 +19,11 @@ not fit next to the weights (benchmarks/NOTES.md, run 2). Here each program read
   "xla": a few XLA ops after the kernel (combine_splits). A separate one-kernel Pallas merge was
     measured slower (run 6 in benchmarks/NOTES.md), and so was the merge in o_proj's x load, in
     two forms (runs 16 and 24).
-Only keys s < lengths[b] are read (blocks past the length are skipped). The clip of the
-lengths to the cache length (and the model's positions + 1) happen inside the kernel: each
-would be one more XLA kernel per layer in front of it.
+Only keys s < lengths[b] are read (blocks past the length are skipped). A length past the
+cache reads nothing and gives zeros: that is a row at position S = the cache length, where the
+cache-writing prologue drops its write, i.e. the engine's idle slots (serve/engine.py), which
+before this read their whole cache row every step. The model's positions + 1 and that rule are
+applied inside the kernel: each would be one more XLA kernel per layer in front of it.
 
 Numerics as the reference where they are cheap to match: scores are float32 dot products
 rounded to the compute dtype before scaling (as transformers in bf16 does), softmax in float32,
@@ -71,8 +73,8 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
                      length_offset: int = 0, combine: str = "kernel", counts=None):
     """q [B, H, Q]; k/v cache [L, N, S, K, Q]; layer int32; slots [B] (cache row of each
     sequence), or None: row b is slot b, with no index operand (an arange, even a numpy constant,
-    would be an iota kernel every layer); lengths [B] (keys 0..lengths[b]+length_offset-1 attend,
-    clipped to S) -> [B, H, Q] in q's dtype.
+    would be an iota kernel every layer); lengths [B] (keys 0..lengths[b]+length_offset-1 attend;
+    past S: none, the row is zeros) -> [B, H, Q] in q's dtype.
 
     With `group` = G, q is already padded per kv head: [B, K, 16, Q], rows 0..G-1 of kv head h
     the query heads h*G..h*G+G-1 (qk_prologue.qk_norm_rope's q16), so no pad runs here; the
@@ -120,7 +122,7 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
         ws = [jnp.exp(m - top) for m in ms]
         den = sum(jnp.sum(w * l, axis=0, keepdims=True) for w, l in zip(ws, ls))
         num = sum(jnp.sum(a * w[:, :, None], axis=0) for w, a in zip(ws, accs))            # [G, Q]
-        o_ref[bi, pl.ds(pl.multiple_of(hi * g, g), g), :] = (num / den.reshape(g, 1)).astype(cdt)
+        o_ref[bi, pl.ds(pl.multiple_of(hi * g, g), g), :] = _normalized(num, den.reshape(g, 1)).astype(cdt)
 
     def kernel(layer_ref, *refs):
         slots_ref, refs = (None, refs) if slots_b is None else (refs[0], refs[1:])
@@ -132,7 +134,8 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
         bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         li = layer_ref[0]
         slot = bi if slots_ref is None else slots_ref[bi]
-        n = jnp.minimum(len_ref[bi] + length_offset, s)
+        n = len_ref[bi] + length_offset
+        n = jnp.where(n > s, 0, n)   # past the cache: an idle row, nothing to read
         q = q_ref[bi, hi, :, :]                                               # [16, Q]
 
         def body(t, carry):
@@ -205,8 +208,13 @@ def combine_splits(acc_bkprq, m_bkpr, l_bkpr, group: int, dtype):
     b, k, _, _, qd = acc_bkprq.shape
     top = jnp.max(m_bkpr, axis=2, keepdims=True)
     w = jnp.exp(m_bkpr - top)                                                 # [B, K, NS, 16]
-    out = jnp.sum(acc_bkprq * w[..., None], axis=2) / jnp.sum(l_bkpr * w, axis=2)[..., None]
+    out = _normalized(jnp.sum(acc_bkprq * w[..., None], axis=2), jnp.sum(l_bkpr * w, axis=2)[..., None])
     return out[:, :, :group].reshape(b, k * group, qd).astype(dtype)
+
+
+def _normalized(num, den):
+    """num / den, and 0 where no key was read (den 0: a row past the cache), not 0 / 0."""
+    return num / jnp.where(den > 0, den, 1.0)
 
 
 def covered(q_bthq, k_all, group: int | None = None) -> bool:
