@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=16, help="decode steps per jitted call")
     p.add_argument("--reps", type=int, default=5, help="timed calls per figure (median)")
     p.add_argument("--single-step", default="1", help="batches also timed one jitted call per step")
+    p.add_argument("--idle-slots", type=int, default=0,
+                   help="decode: this many more cache rows parked at position S (the context) ride along in "
+                        "every step, as the engine's idle slots do; tok/s and the floor count the live rows")
     p.add_argument("--kernels", choices=["auto", "on", "off", "both"], default="auto",
                    help="Pallas kernels (auto: on for GPU); both: with, then without (the XLA baseline)")
     p.add_argument("--fp8-gemm", default="",
@@ -321,7 +324,9 @@ def is_oom(err: Exception) -> bool:
 # -- measurements --------------------------------------------------------------------------------
 
 def bench_decode(model, inv, batch: int, context: int, steps: int, reps: int, single: bool,
-                 ceilings: dict, log, profile: bool = False, dump_hlo: str | None = None) -> dict:
+                 ceilings: dict, log, profile: bool = False, dump_hlo: str | None = None, idle: int = 0) -> dict:
+    """`batch` live rows, plus `idle` rows at position `context` (past the cache, as the engine
+    parks a free slot: writes dropped, decode attention reads nothing) in the same step."""
     import jax
     import jax.numpy as jnp
 
@@ -329,16 +334,19 @@ def bench_decode(model, inv, batch: int, context: int, steps: int, reps: int, si
     floor = decode_floor_bytes(model, inv, batch, context)
     res = {"batch": batch, "context": context, "floor_bytes": floor["total"],
            "floor_ms": 1e3 * floor["total"] / ceilings["bandwidth"], "floor_parts": floor}
-    need = floor["kv"] * 1.0
+    if idle:
+        res["idle_slots"] = idle
+    need = floor["kv"] * (batch + idle) / batch
     free = _free_device_bytes()
     if free is not None and need > free:
         res["error"] = f"does not fit: KV cache {need / 2**30:.1f} GiB > {free / 2**30:.1f} GiB free"
         log(f"  decode B={batch}: {res['error']}")
         return res
-    cache = model.init_cache(batch, context)
+    cache = model.init_cache(batch + idle, context)
     cache = fill_cache(cache, jax.random.key(batch))
-    tok = jax.random.randint(jax.random.key(1), (batch,), 0, cfg.vocab_size, jnp.int32)
+    tok = jax.random.randint(jax.random.key(1), (batch + idle,), 0, cfg.vocab_size, jnp.int32)
     pos0 = jnp.full((batch,), max(context - steps, 0), jnp.int32)  # steps attend to <= context positions
+    pos0 = jnp.concatenate([pos0, jnp.full((idle,), context, jnp.int32)])   # idle rows: past the cache
     fn = make_decode(model.graphdef, steps)
     t0 = time.perf_counter()
     compiled = fn.lower(model.state, tok, pos0, cache).compile()
@@ -557,7 +565,8 @@ def decode_table(rows, markdown: bool) -> str:
         if "error" in r:
             body.append([r.get("kernels", ""), str(r["batch"]), r["error"], "", f"{r['floor_ms']:.3f}", "", "", ""])
             continue
-        body.append([r.get("kernels", ""), str(r["batch"]), f"{r['step_ms']:.3f}", f"{r['tok_s']:.1f}",
+        batch = f"{r['batch']}+{r['idle_slots']} idle" if r.get("idle_slots") else str(r["batch"])
+        body.append([r.get("kernels", ""), batch, f"{r['step_ms']:.3f}", f"{r['tok_s']:.1f}",
                      f"{r['floor_ms']:.3f}", f"{r['pct_floor']:.1f}%",
                      f"{r['single_step_ms']:.3f}" if "single_step_ms" in r else "", f"{r['compile_s']:.1f}"])
     return _table(head, body, markdown)
@@ -759,7 +768,7 @@ def bench_model(args, name: str, ceilings: dict, log, tag: str = "") -> dict:
             try:
                 r = bench_decode(model, inv, b, args.context, args.steps, args.reps, b in single, c, log,
                                  profile=label.startswith("on") and b in set(ints(args.profile_batch)),
-                                 dump_hlo=args.dump_hlo)
+                                 dump_hlo=args.dump_hlo, idle=args.idle_slots)
             except Exception as err:   # one failed figure (OOM, a kernel Triton rejects) must not lose the rest
                 r = {"batch": b, "error": _short(err),
                      "floor_ms": 1e3 * decode_floor_bytes(model, inv, b, args.context)["total"] / c["bandwidth"]}

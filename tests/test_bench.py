@@ -42,6 +42,20 @@ def test_tiny_bench_reports_every_figure_next_to_its_floor(tiny_run, capsys):
     assert res["create_s"] > 0 and res["first_compile_s"] > 0
 
 
+def test_idle_slots_ride_along_as_in_the_engine(tiny_run, capsys):
+    """--idle-slots 2: the batch-1 step carries 2 more cache rows parked past the cache (the
+    engine's free slots), kernels on (interpret mode): the floor and tok/s count the live row
+    only, and the table says so."""
+    res = bench.main(["--model", "tiny", "--batch", "1", "--context", "16", "--prefill=", "--steps", "2",
+                      "--reps", "1", "--single-step=", "--idle-slots", "2", "--kernels", "on"])
+    (r,) = res["decode"]
+    plain = tiny_run[0]["decode"][0]
+    assert r["idle_slots"] == 2 and r["batch"] == 1
+    assert r["floor_bytes"] == plain["floor_bytes"]          # what the live row must read
+    assert r["tok_s"] == pytest.approx(1e3 / r["step_ms"])
+    assert "1+2 idle" in capsys.readouterr().out
+
+
 def test_tiny_floors_are_the_bytes_and_flops_of_the_config(tiny_run):
     res, _ = tiny_run
     t = bench.TINY
