@@ -19,6 +19,17 @@ log = logging.getLogger("serve")
 BUILTIN_NAME = "qwen3-jax-builtin"
 
 
+def _sizes(text: str) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8] (argparse type: a bad list is a usage error naming it)."""
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of positive batch sizes; write e.g. 1,2,4,8")
+    return sizes
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serve",
@@ -36,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of each device's memory for weights + KV cache (the rest is workspace)")
     p.add_argument("--max-running-requests", metavar="N", type=int, default=None,
                    help="most requests decoding at once (KV-cache slots); default: as many as memory allows, at most 64 (16 on CPU)")
+    p.add_argument("--decode-batch-sizes", metavar="B,B,...", type=_sizes, default=None,
+                   help="decode batch sizes compiled at start-up (a step runs at the smallest holding its requests; "
+                        "the slot count is always added); default on a GPU: 1,2,4,... below the slot count, so one "
+                        "request decodes as a batch of 1; pass the slot count alone for one shape whatever the load")
     p.add_argument("--max-queued-requests", metavar="N", type=int, default=1024,
                    help="most requests waiting for a slot; more are refused with HTTP 503")
     p.add_argument("--context-length", metavar="TOKENS", type=int, default=None,
@@ -232,7 +247,8 @@ def _serve(args, watchdog=None) -> int:
                         max_running_requests=args.max_running_requests,
                         mem_fraction_static=args.mem_fraction_static, kv_cache_tokens=kv_tokens,
                         max_queued_requests=args.max_queued_requests,
-                        chunked_prefill_size=args.chunked_prefill_size)
+                        chunked_prefill_size=args.chunked_prefill_size,
+                        decode_batch_sizes=args.decode_batch_sizes)
     except (CapacityError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

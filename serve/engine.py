@@ -5,15 +5,21 @@
     prefill    a new request takes a free slot; its prompt is written to that row in chunks of
                at most `chunked_prefill_size` tokens, each padded to a length bucket (powers of
                two from 32), so after warm-up no prompt length compiles anything new
-    decode     one jitted step over *all* slots (fixed shape: compiled once, cache donated),
-               with sampling inside the jit so only [slots] int32 ids come back to the host
+    decode     one jitted step over the running requests' slots, padded to the smallest of
+               `decode_batch_sizes` that holds them (each size compiled once at warm-up, cache
+               donated), with sampling inside the jit so only [batch] int32 ids come back
 
 Between two decode steps the scheduler frees cancelled slots, admits queued requests into
-free slots and runs up to one chunk budget of prefill. Idle slots ride along in the decode
-step at position S, where their cache writes are dropped.
+free slots and runs up to one chunk budget of prefill. Slots that pad a decode batch ride along
+at position S, where their cache writes are dropped.
 
-Because every decode step has the same shape and rows never mix, a request's tokens do not
-depend on what else is running: 16 concurrent greedy requests give what each gives alone.
+Decode batch sizes (SGLang's CUDA-graph batch sizes, vLLM's capture sizes): on an accelerator
+with one data-parallel group and one process, powers of two below the slot count, then the
+slot count, so one request decodes as a batch of 1 rather than of every slot. Elsewhere, or
+with `decode_batch_sizes=[num_slots]`, every step has one shape: rows never mix and a request's
+tokens do not depend on what else is running (16 concurrent greedy requests give what each
+gives alone). With several sizes they can, in the last bits of a float and hence in a sampled
+token, as in SGLang and vLLM: a batch of 1 and a batch of 8 may run different kernels.
 
 What a decode step reads of the cache: with the kernels (GPU), each live row up to its own
 position, and an idle slot (position S) nothing at all (qwen3_jax/kernels/decode_attention.py;
@@ -97,6 +103,37 @@ def _decode_step(graphdef, kv_window, state, cache, tokens_b, positions_b, tempe
     return sample(logits[:, 0], temperature_b, top_p_b, top_k_b, seed_b, step_b), cache
 
 
+def _decode_rows(graphdef, kv_window, state, cache, slots_b, tokens_b, positions_b, temperature_b, top_p_b,
+                 top_k_b, seed_b, step_b):
+    """_decode_step for the slots `slots_b` [B] only (B a decode batch size below the slot count)."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens_b[:, None], positions_b[:, None], cache, slots_b, kv_window=kv_window)
+    return sample(logits[:, 0], temperature_b, top_p_b, top_k_b, seed_b, step_b), cache
+
+
+def pick_decode_batch_sizes(num_slots: int, asked: Sequence[int] | None = None, *, dp: int = 1, processes: int = 1,
+                            accelerator: bool = True) -> list[int]:
+    """The decode batch sizes an engine compiles, ascending, the slot count last.
+
+    asked None: powers of two below the slot count, then it, on an accelerator with one
+    data-parallel group in one process; else the slot count alone (a CPU compiles slowly; a
+    batch split over dp groups, or steps announced to other processes, keep one shape).
+    asked: those sizes (above the slot count: dropped), then the slot count."""
+    if asked is None:
+        if not accelerator or dp > 1 or processes > 1:
+            return [num_slots]
+        return [b for b in (1 << i for i in range(num_slots.bit_length())) if b < num_slots] + [num_slots]
+    sizes = sorted({int(b) for b in asked})
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"decode batch sizes must be positive integers, got {list(asked)}; e.g. 1,2,4,8 "
+                         "(the slot count is always added)")
+    if (dp > 1 or processes > 1) and sizes[0] < num_slots:
+        why = f"the batch is split over dp={dp} groups" if dp > 1 else f"steps are announced to {processes} processes"
+        raise ValueError(f"decode batch sizes below the slot count ({num_slots}) need one data-parallel group in "
+                         f"one process, but {why}; leave --decode-batch-sizes unset")
+    return [b for b in sizes if b < num_slots] + [num_slots]
+
+
 def _prefill_chunk(graphdef, state, cache, tokens_1t, positions_1t, slot_1, logits_at_1,
                    temperature_1, top_p_1, top_k_1, seed_1, step_1):
     """One prompt chunk [1, T] into cache row slot_1[0] -> (id sampled after logits_at [1], cache)."""
@@ -120,7 +157,7 @@ class Engine:
                  context_length: int | None = None, max_running_requests: int | None = None,
                  mem_fraction_static: float = DEFAULT_MEM_FRACTION_STATIC, kv_cache_tokens: int | None = None,
                  max_queued_requests: int = 1024, chunked_prefill_size: int = 512,
-                 warmup: bool = True, progress: bool = True):
+                 decode_batch_sizes: Sequence[int] | None = None, warmup: bool = True, progress: bool = True):
         from qwen3_jax import api
 
         path = None
@@ -162,6 +199,9 @@ class Engine:
         self.cache = model.init_cache(self.num_slots, self.context_length)
         if model.ctx is None:  # committed like the step outputs, so the first real step does not recompile
             self.cache = jax.device_put(self.cache, devices[0])
+        self.decode_batch_sizes = pick_decode_batch_sizes(
+            self.num_slots, decode_batch_sizes, dp=model.mesh_spec.dp, processes=jax.process_count(),
+            accelerator=devices[0].platform != "cpu")
         self._build_steps()
 
         n = self.num_slots
@@ -180,6 +220,7 @@ class Engine:
         self._stopping = False
         self.error: BaseException | None = None
         self.steps = 0
+        self.decode_batches: dict[int, int] = {}   # decode steps run per batch size
         self.finish_hooks: list[Callable[[Request], None]] = []  # called on the scheduler thread
         if self._channel is not None and not self._channel.leader:
             self._thread = None  # a follower: no scheduler; follow() runs rank 0's steps, its warm-up too
@@ -204,6 +245,9 @@ class Engine:
         self.windows = decode_windows(self.context_length)
         self._decode_jits = {w: jax.jit(functools.partial(_decode_step, g, w), donate_argnums=(1,), **kw)
                              for w in self.windows}
+        # below the slot count: the rows' slots go in as an operand (one device group only)
+        self._rows_jits = {w: jax.jit(functools.partial(_decode_rows, g, w), donate_argnums=(1,), **kw)
+                           for w in self.windows}
         self._prefill_jit = jax.jit(lambda *a: _prefill_chunk(g, *a), donate_argnums=(1,), **kw)
         self._channel = None
         if jax.process_count() > 1:  # several processes: rank 0 announces each step, the others run it too
@@ -224,7 +268,8 @@ class Engine:
     def warmup(self, progress: bool = True):
         """Compile every prefill bucket and the decode step now, so no request waits for XLA."""
         t0 = time.perf_counter()
-        bar = progress_bar(len(self.buckets) + len(self.windows), "compiling", "step", progress)
+        bar = progress_bar(len(self.buckets) + len(self.windows) * len(self.decode_batch_sizes), "compiling", "step",
+                           progress)
         s = self.context_length
         one = lambda v, dt: np.full((1,), v, dt)  # noqa: E731
         for t in self.buckets:
@@ -235,14 +280,16 @@ class Engine:
             jax.block_until_ready(ids)
             bar.update(1)
             log.debug("compiled prefill bucket %d", t)
-        for w in self.windows:
-            ids, self.cache = self._decode_jits[w](self.model.state, self.cache, self._tok, self._pos, self._temp,
-                                                   self._top_p, self._top_k, self._seed, self._step)
-            jax.block_until_ready(ids)
-            bar.update(1)
+        for b in self.decode_batch_sizes:
+            idle = np.arange(self.num_slots - b, self.num_slots, dtype=np.int32)   # slots at position S
+            for w in self.windows:
+                ids, self.cache = self._decode_call(b, w, idle)
+                jax.block_until_ready(ids)
+                bar.update(1)
         bar.close()
-        log.info("compiled %d prefill buckets %s and the decode step (%d slots, KV windows %s) in %.1fs",
-                 len(self.buckets), self.buckets, self.num_slots, self.windows, time.perf_counter() - t0)
+        log.info("compiled %d prefill buckets %s and the decode step (%d slots, batch sizes %s, KV windows %s) "
+                 "in %.1fs", len(self.buckets), self.buckets, self.num_slots, self.decode_batch_sizes, self.windows,
+                 time.perf_counter() - t0)
 
     # -- submission (any thread) -------------------------------------------------------------
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -528,17 +575,32 @@ class Engine:
         return t
 
     def _decode(self):
-        live = [int(p) for p, req in zip(self._pos, self._slots) if req is not None and p < self.context_length]
-        need = max(live, default=0) + 1
+        live = [s for s, req in enumerate(self._slots)
+                if req is not None and req.prefilled == req.prompt_len and self._pos[s] < self.context_length]
+        if not live:
+            return
+        need = int(max(self._pos[s] for s in live)) + 1
         window = next(w for w in self.windows if w >= need)
-        ids, self.cache = self._decode_jits[window](self.model.state, self.cache, self._tok, self._pos, self._temp,
-                                                    self._top_p, self._top_k, self._seed, self._step)
+        b = next(b for b in self.decode_batch_sizes if b >= len(live))
+        taken = set(live)   # padding rows: other slots, all at position S (free or still prefilling)
+        rows = np.asarray(live + [s for s in range(self.num_slots) if s not in taken][:b - len(live)], np.int32)
+        ids, self.cache = self._decode_call(b, window, rows)
         ids = np.asarray(ids)
         self.steps += 1
-        for s, req in enumerate(self._slots):
-            if req is not None and req.prefilled == req.prompt_len and self._pos[s] < self.context_length:
-                self._pos[s] += 1
-                self._deliver(req, int(ids[s]))
+        self.decode_batches[b] = self.decode_batches.get(b, 0) + 1
+        for i, s in enumerate(live):
+            self._pos[s] += 1
+            self._deliver(self._slots[s], int(ids[s if b == self.num_slots else i]))
+
+    def _decode_call(self, b: int, window: int, rows):
+        """One decode step of batch size b: all slots in slot order (b = num_slots), else the
+        slots `rows` [b] -> (ids [b], cache)."""
+        if b == self.num_slots:
+            return self._decode_jits[window](self.model.state, self.cache, self._tok, self._pos, self._temp,
+                                             self._top_p, self._top_k, self._seed, self._step)
+        return self._rows_jits[window](self.model.state, self.cache, rows, self._tok[rows], self._pos[rows],
+                                       self._temp[rows], self._top_p[rows], self._top_k[rows], self._seed[rows],
+                                       self._step[rows])
 
     def _deliver(self, req: Request, token: int):
         """Hand one sampled id to its request; set up its next decode input or free the slot."""

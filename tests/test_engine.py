@@ -171,6 +171,44 @@ def engine(ckpt):
     eng.shutdown()
 
 
+def test_decode_batch_sizes_rule():
+    from serve.engine import pick_decode_batch_sizes as pick
+
+    assert pick(21) == [1, 2, 4, 8, 16, 21] and pick(16) == [1, 2, 4, 8, 16] and pick(1) == [1]
+    assert pick(16, accelerator=False) == [16]                  # a CPU: one shape, fast start-up
+    assert pick(16, dp=2) == pick(16, processes=2) == [16]      # rows split over groups / announced steps
+    assert pick(16, [8, 1, 2, 2, 64], accelerator=False) == [1, 2, 8, 16]
+    with pytest.raises(ValueError, match="positive integers"):
+        pick(16, [0, 4])
+    with pytest.raises(ValueError, match="dp=2 groups; leave --decode-batch-sizes unset"):
+        pick(16, [1, 2], dp=2)
+    assert pick(16, [16], dp=2) == [16]
+
+
+def test_small_decode_batches_give_the_full_batchs_tokens(ckpt, engine):
+    """decode_batch_sizes [1, 2] on 4 slots: one request decodes at batch 1, two at batch 2
+    (their slots handed to the step), three at the full 4; greedy tokens equal the one-shape
+    engine's (the module's engine: 4 slots, one size), and the padding rows (other slots, at
+    position S) leave the running requests' tokens alone."""
+    assert engine.decode_batch_sizes == [4]
+    small = Engine(ckpt, dtype="float32", context_length=128, max_running_requests=4, chunked_prefill_size=32,
+                   decode_batch_sizes=[1, 2], progress=False)
+    try:
+        assert small.decode_batch_sizes == [1, 2, 4]
+        rng = np.random.default_rng(7)
+        prompts = [rng.integers(0, 500, size=n).tolist() for n in (45, 20, 33)]
+        sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        for k, size in ((1, 1), (2, 2), (3, 4)):
+            before = dict(small.decode_batches)
+            got = [o.token_ids for o in small.generate(prompts[:k], sp)]
+            want = [o.token_ids for o in engine.generate(prompts[:k], sp)]
+            assert got == want
+            ran = {b: n - before.get(b, 0) for b, n in small.decode_batches.items() if n > before.get(b, 0)}
+            assert max(ran) == size, ran          # the largest batch the k requests needed
+    finally:
+        small.shutdown()
+
+
 def test_kv_bytes_formula_matches_the_cache(engine):
     m, cs = engine.model, engine.cache_size
     per = kv_bytes_per_token(m.config, m.mesh_spec, m.dtype)

@@ -861,6 +861,41 @@ def test_decode_step_with_an_idle_row_at_the_cache_end(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a[:, 2], np.float32), np.asarray(b[:, 2], np.float32))
 
 
+def test_decode_step_on_chosen_slots_equals_the_full_batch(monkeypatch):
+    """The engine's small decode batches (serve/engine.py decode_batch_sizes): kernels on
+    (interpret mode), a decode step over slots [2, 0] of a 3-slot cache (slot 1 not in the
+    batch) gives those rows' logits and cache writes of the step over all 3 slots."""
+    from flax import nnx
+
+    from qwen3_jax import Qwen3MoeConfig, random_model
+    from qwen3_jax import model as model_mod
+    from reference import TINY, with_distinct_norms
+
+    monkeypatch.setattr(model_mod, "DECODE_UNROLL", 1)
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, head_dim=32,
+                                        num_experts=16))
+    m = with_distinct_norms(random_model(cfg, seed=8))
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (3, 5)), jnp.int32)
+    slots = jnp.asarray([2, 0], jnp.int32)
+
+    def run(st, tok):
+        model = nnx.merge(m.graphdef, st)
+        _, cache = model(tok, None, m.init_cache(3, 16))
+        pos = jnp.full((3, 1), 5, jnp.int32)
+        full, full_cache = model(tok[:, -1:], pos, cache)
+        part, part_cache = model(tok[slots, -1:], pos[slots], cache, slots)
+        return full, full_cache, part, part_cache
+    with kernels.kernels_enabled(True):
+        fn = jax.jit(run)
+        text = str(jax.make_jaxpr(fn)(m.state, tokens))
+        assert "qwen3_decode_attention" in text and "qwen3_qk_norm_rope_kv" in text
+        full, full_cache, part, part_cache = fn(m.state, tokens)
+    assert rel(part, np.asarray(full, np.float32)[np.asarray(slots)]) < TOL_BF16_MODEL
+    for a, b in zip(jax.tree.leaves(part_cache), jax.tree.leaves(full_cache)):   # the same writes, slots 0 and 2
+        for sl in (0, 2):
+            np.testing.assert_array_equal(np.asarray(a[:, sl], np.float32), np.asarray(b[:, sl], np.float32))
+
+
 def test_fp8_decode_of_many_rows_writes_the_cache_in_the_prologue(fp8_w8a16):
     """FP8, 18 rows (above the gemv's 16): q/k/v come from the FP8 matmul as separate partials,
     and still go through the cache-writing prologue. Kernels (W8A16) on vs off, to bf16 precision."""
