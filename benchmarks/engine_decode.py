@@ -1,0 +1,87 @@
+"""What a served request pays per decode step: the engine (serve/engine.py) with its decode batch
+sizes against the same engine with one shape (every slot in every step), in one process.
+
+Random weights of a preset's shapes (serve.bench's configs), token-id prompts, greedy. Per
+setting and number of concurrent requests R: the engine generates T tokens for each of R
+prompts, then 1 token; (time(T) - time(1)) / (T - 1) is the decode time per step with the
+prefill taken out, next to the batch sizes the steps ran at. The one-shape engine is the
+baseline measured in the same run.
+
+    python benchmarks/engine_decode.py --model Qwen3-30B-A3B-FP8 --context 8192 --slots 16
+    python benchmarks/engine_decode.py --model tiny --context 128 --slots 4 --sizes 1,2 --tokens 8   # CPU: works
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def decode_ms(engine, prompts, tokens: int) -> tuple[float, dict]:
+    """-> (ms per decode step for these prompts at once, {batch size: steps})."""
+    from serve import SamplingParams
+
+    def timed(n):
+        before = dict(engine.decode_batches)
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        assert all(len(o.token_ids) == n for o in outs)
+        used = {b: k - before.get(b, 0) for b, k in engine.decode_batches.items() if k > before.get(b, 0)}
+        return time.perf_counter() - t0, used
+
+    timed(tokens)                      # warm: first-call costs out of the figures
+    one, _ = timed(1)
+    full, used = timed(tokens)
+    return 1e3 * (full - one) / (tokens - 1), used
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="Qwen3-30B-A3B-FP8", help="a serve.bench preset (random weights)")
+    p.add_argument("--context", type=int, default=8192, help="the engine's context length")
+    p.add_argument("--slots", type=int, default=16, help="max running requests (KV-cache slots)")
+    p.add_argument("--requests", default="1,4,16", help="concurrent requests, comma-separated")
+    p.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per request")
+    p.add_argument("--sizes", default=None,
+                   help="decode batch sizes of the second engine, comma-separated (default: the engine's own)")
+    args = p.parse_args(argv)
+
+    import jax
+    import numpy as np
+
+    import qwen3_jax
+    from serve.bench import resolve_bench_config
+    from serve.engine import Engine
+
+    cfg = resolve_bench_config(args.model, None)
+    model = qwen3_jax.random_model(cfg, dtype="bfloat16")
+    rng = np.random.default_rng(0)
+    counts = [int(r) for r in args.requests.split(",") if r]
+    prompts = [rng.integers(0, cfg.vocab_size, args.prompt).tolist() for _ in range(max(counts))]
+    print(f"device {jax.devices()[0].device_kind}; {args.model}, context {args.context}, {args.slots} slots, "
+          f"{args.prompt}-token prompts, {args.tokens} tokens each", flush=True)
+    results = {}
+    sizes_asked = [int(b) for b in args.sizes.split(",")] if args.sizes else None
+    for name, sizes in (("one shape", [args.slots]), ("batch sizes", sizes_asked)):
+        engine = Engine(model, context_length=args.context, max_running_requests=args.slots,
+                        decode_batch_sizes=sizes, progress=False)
+        try:
+            print(f"  {name}: compiled sizes {engine.decode_batch_sizes}", flush=True)
+            for r in counts:
+                ms, used = decode_ms(engine, prompts[:r], args.tokens)
+                results[name, r] = ms
+                print(f"    {r:3d} requests: {ms:8.3f} ms per decode step, steps by batch size {used}", flush=True)
+        finally:
+            engine.shutdown()
+    for r in counts:
+        base, new = results["one shape", r], results["batch sizes", r]
+        print(f"  {r:3d} requests: batch sizes {new:.3f} ms against one shape {base:.3f} ms per step: "
+              f"{base / new:.2f}x", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
