@@ -24,8 +24,8 @@ token, as in SGLang and vLLM: a batch of 1 and a batch of 8 may run different ke
 What a decode step reads of the cache: with the kernels (GPU), each live row up to its own
 position, and an idle slot (position S) nothing at all (qwen3_jax/kernels/decode_attention.py;
 before, every idle slot read its whole row each step); on the plain-XLA path, every slot up to
-a KV window just past the longest live row (decode_windows). The fixed shape still runs the
-idle rows through the projections and the MoE.
+a KV window just past the longest live row (decode_windows). A step's padding rows still run
+through the projections and the MoE.
 
 `_prefill_chunk` and `_decode_step` are also compiled by the memory planner (serve/dry_run.py)
 for XLA's memory analysis: keep their signatures in step with it.
