@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily
 
 from .request import Request
 
@@ -43,6 +44,7 @@ class Metrics:
                               buckets=TPOT_BUCKETS, registry=r)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Arrival to last token",
                              buckets=E2E_BUCKETS, registry=r)
+        r.register(_DecodeSteps(engine))
         engine.finish_hooks.append(self.request_done)
 
     def request_done(self, req: Request):
@@ -60,3 +62,19 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _DecodeSteps:
+    """qwen3_jax_decode_steps_total{batch_size}: decode steps run at each of the engine's decode
+    batch sizes (serve/engine.py), read from the engine when scraped: how often the load let a
+    step run smaller than every slot."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        family = CounterMetricFamily(PREFIX + "decode_steps", "Decode steps by the batch size they ran at",
+                                     labels=["batch_size"])
+        for size, steps in sorted(dict(self.engine.decode_batches).items()):
+            family.add_metric([str(size)], steps)
+        yield family

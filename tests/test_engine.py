@@ -205,6 +205,13 @@ def test_small_decode_batches_give_the_full_batchs_tokens(ckpt, engine):
             assert got == want
             ran = {b: n - before.get(b, 0) for b, n in small.decode_batches.items() if n > before.get(b, 0)}
             assert max(ran) == size, ran          # the largest batch the k requests needed
+        # /metrics counts the steps by batch size, read from the engine when scraped
+        from prometheus_client import generate_latest
+
+        from serve.metrics import Metrics
+        text = generate_latest(Metrics(small, "tiny").registry).decode()
+        for size, steps in small.decode_batches.items():
+            assert f'qwen3_jax_decode_steps_total{{batch_size="{size}"}} {float(steps)}' in text
     finally:
         small.shutdown()
 
