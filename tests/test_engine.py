@@ -216,6 +216,25 @@ def test_small_decode_batches_give_the_full_batchs_tokens(ckpt, engine):
         small.shutdown()
 
 
+def test_small_decode_batches_on_a_tensor_parallel_mesh(ckpt):
+    """tp=2 (one data-parallel group): sizes [1, 2] give the one-shape engine's greedy tokens,
+    the rows' slots handed to the sharded step."""
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 500, size=n).tolist() for n in (30, 12)]
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    outs, used = {}, {}
+    for sizes in ([4], [1, 2]):
+        e = Engine(ckpt, mesh="tp=2", dtype="float32", context_length=128, max_running_requests=4,
+                   chunked_prefill_size=32, decode_batch_sizes=sizes, progress=False)
+        try:
+            outs[len(sizes)] = [[o.token_ids for o in e.generate(prompts[:k], sp)] for k in (1, 2)]
+            used[len(sizes)] = set(e.decode_batches)
+        finally:
+            e.shutdown()
+    assert outs[1] == outs[2]
+    assert used == {1: {4}, 2: {1, 2}}
+
+
 def test_kv_bytes_formula_matches_the_cache(engine):
     m, cs = engine.model, engine.cache_size
     per = kv_bytes_per_token(m.config, m.mesh_spec, m.dtype)
