@@ -36,6 +36,15 @@ def test_mem_fraction_default_is_the_planners():
     assert build_parser().parse_args([]).mem_fraction_static == DEFAULT_MEM_FRACTION_STATIC
 
 
+def test_decode_batch_sizes_flag(capsys):
+    assert build_parser().parse_args(["--decode-batch-sizes", "1,2, 8"]).decode_batch_sizes == [1, 2, 8]
+    assert build_parser().parse_args([]).decode_batch_sizes is None     # the engine's default
+    for bad in ("0,2", "x", ""):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--decode-batch-sizes", bad])
+        assert "is not a list of positive batch sizes; write e.g. 1,2,4,8" in capsys.readouterr().err
+
+
 def test_bad_mesh_is_refused_with_a_way_out():
     r = run("--mesh", "tp=3", "--port", "0")
     assert r.returncode == 2
