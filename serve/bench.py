@@ -344,6 +344,7 @@ def bench_decode(model, inv, batch: int, context: int, steps: int, reps: int, si
         return res
     cache = model.init_cache(batch + idle, context)
     cache = fill_cache(cache, jax.random.key(batch))
+    res["rows"] = cache.k[0].shape[1]   # rows each step runs: live + idle
     tok = jax.random.randint(jax.random.key(1), (batch + idle,), 0, cfg.vocab_size, jnp.int32)
     pos0 = jnp.full((batch,), max(context - steps, 0), jnp.int32)  # steps attend to <= context positions
     pos0 = jnp.concatenate([pos0, jnp.full((idle,), context, jnp.int32)])   # idle rows: past the cache

@@ -96,16 +96,9 @@ def decode_windows(context_length: int) -> list[int]:
 
 
 def _decode_step(graphdef, kv_window, state, cache, tokens_b, positions_b, temperature_b, top_p_b, top_k_b,
-                 seed_b, step_b):
-    """tokens/positions [B] (one new token per slot) -> (sampled ids [B], cache)."""
-    model = nnx.merge(graphdef, state)
-    logits, cache = model(tokens_b[:, None], positions_b[:, None], cache, kv_window=kv_window)
-    return sample(logits[:, 0], temperature_b, top_p_b, top_k_b, seed_b, step_b), cache
-
-
-def _decode_rows(graphdef, kv_window, state, cache, slots_b, tokens_b, positions_b, temperature_b, top_p_b,
-                 top_k_b, seed_b, step_b):
-    """_decode_step for the slots `slots_b` [B] only (B a decode batch size below the slot count)."""
+                 seed_b, step_b, slots_b=None):
+    """tokens/positions [B] (one new token per row) -> (sampled ids [B], cache). Row b is slot b
+    (slots_b None: B = every slot), or slot slots_b[b] (a decode batch size below the slot count)."""
     model = nnx.merge(graphdef, state)
     logits, cache = model(tokens_b[:, None], positions_b[:, None], cache, slots_b, kv_window=kv_window)
     return sample(logits[:, 0], temperature_b, top_p_b, top_k_b, seed_b, step_b), cache
@@ -245,9 +238,6 @@ class Engine:
         self.windows = decode_windows(self.context_length)
         self._decode_jits = {w: jax.jit(functools.partial(_decode_step, g, w), donate_argnums=(1,), **kw)
                              for w in self.windows}
-        # below the slot count: the rows' slots go in as an operand (one device group only)
-        self._rows_jits = {w: jax.jit(functools.partial(_decode_rows, g, w), donate_argnums=(1,), **kw)
-                           for w in self.windows}
         self._prefill_jit = jax.jit(lambda *a: _prefill_chunk(g, *a), donate_argnums=(1,), **kw)
         self._channel = None
         if jax.process_count() > 1:  # several processes: rank 0 announces each step, the others run it too
@@ -598,9 +588,10 @@ class Engine:
         if b == self.num_slots:
             return self._decode_jits[window](self.model.state, self.cache, self._tok, self._pos, self._temp,
                                              self._top_p, self._top_k, self._seed, self._step)
-        return self._rows_jits[window](self.model.state, self.cache, rows, self._tok[rows], self._pos[rows],
-                                       self._temp[rows], self._top_p[rows], self._top_k[rows], self._seed[rows],
-                                       self._step[rows])
+        # below the slot count the rows' slots go in as an operand (one data-parallel group only)
+        return self._decode_jits[window](self.model.state, self.cache, self._tok[rows], self._pos[rows],
+                                         self._temp[rows], self._top_p[rows], self._top_k[rows], self._seed[rows],
+                                         self._step[rows], rows)
 
     def _deliver(self, req: Request, token: int):
         """Hand one sampled id to its request; set up its next decode input or free the slot."""

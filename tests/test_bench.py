@@ -50,7 +50,7 @@ def test_idle_slots_ride_along_as_in_the_engine(tiny_run, capsys):
                       "--reps", "1", "--single-step=", "--idle-slots", "2", "--kernels", "on"])
     (r,) = res["decode"]
     plain = tiny_run[0]["decode"][0]
-    assert r["idle_slots"] == 2 and r["batch"] == 1
+    assert r["idle_slots"] == 2 and r["batch"] == 1 and r["rows"] == 3 and plain["rows"] == 1
     assert r["floor_bytes"] == plain["floor_bytes"]          # what the live row must read
     assert r["tok_s"] == pytest.approx(1e3 / r["step_ms"])
     assert "1+2 idle" in capsys.readouterr().out
