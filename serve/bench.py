@@ -124,7 +124,10 @@ def parse_args(argv=None):
     p.add_argument("--markdown", action="store_true", help="print BENCHMARKS.md rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-peer-child", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.idle_slots < 0:
+        p.error(f"--idle-slots {args.idle_slots}: give a count of 0 or more")
+    return args
 
 
 def ints(text: str) -> list[int]:

@@ -54,6 +54,9 @@ def test_idle_slots_ride_along_as_in_the_engine(tiny_run, capsys):
     assert r["floor_bytes"] == plain["floor_bytes"]          # what the live row must read
     assert r["tok_s"] == pytest.approx(1e3 / r["step_ms"])
     assert "1+2 idle" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--idle-slots", "-1"])
+    assert "--idle-slots -1: give a count of 0 or more" in capsys.readouterr().err
 
 
 def test_tiny_floors_are_the_bytes_and_flops_of_the_config(tiny_run):

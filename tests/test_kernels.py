@@ -826,8 +826,8 @@ def test_decode_step_on_the_kernels_matches_plain_xla(monkeypatch):
 def test_decode_step_with_an_idle_row_at_the_cache_end(monkeypatch):
     """The engine's decode step on the kernels (interpret mode): rows 0-1 live after a 5-token
     prefill, row 2 an idle slot at position S (the cache length). The live rows' logits are the
-    plain-XLA path's; the idle row reads no key (decode attention: zeros), stays finite and
-    leaves the cache as it was."""
+    plain-XLA path's; the idle row (which reads no key: test_kernels_decode_attention checks the
+    zeros) stays finite, as an empty softmax's 0 / 0 would not, and leaves the cache as it was."""
     from flax import nnx
 
     from qwen3_jax import Qwen3MoeConfig, random_model
