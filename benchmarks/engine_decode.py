@@ -1,11 +1,12 @@
 """What a served request pays per decode step: the engine (serve/engine.py) with its decode batch
-sizes against the same engine with one shape (every slot in every step), in one process.
+sizes, with and without the overlap scheduler, against the engine with one shape (every slot in
+every step) and no overlap, in one process.
 
 Random weights of a preset's shapes (serve.bench's configs), token-id prompts, greedy. Per
 setting and number of concurrent requests R: the engine generates T tokens for each of R
 prompts, then 1 token; (time(T) - time(1)) / (T - 1) is the decode time per step with the
-prefill taken out, next to the batch sizes the steps ran at. The one-shape engine is the
-baseline measured in the same run.
+prefill taken out, next to the batch sizes the steps ran at. The one-shape serial engine is the
+baseline measured in the same run; the serial engine with the same sizes isolates the overlap.
 
     python benchmarks/engine_decode.py --model Qwen3-30B-A3B-FP8 --context 8192 --slots 16
     python benchmarks/engine_decode.py --model tiny --context 128 --slots 4 --sizes 1,2 --tokens 8   # CPU: works
@@ -65,9 +66,11 @@ def main(argv=None):
           f"{args.prompt}-token prompts, {args.tokens} tokens each", flush=True)
     results = {}
     sizes_asked = [int(b) for b in args.sizes.split(",")] if args.sizes else None
-    for name, sizes in (("one shape", [args.slots]), ("batch sizes", sizes_asked)):
+    settings = (("one shape", [args.slots], False), ("batch sizes", sizes_asked, False),
+                ("batch sizes + overlap", sizes_asked, True))
+    for name, sizes, overlap in settings:
         engine = Engine(model, context_length=args.context, max_running_requests=args.slots,
-                        decode_batch_sizes=sizes, progress=False)
+                        decode_batch_sizes=sizes, overlap=overlap, progress=False)
         try:
             print(f"  {name}: compiled sizes {engine.decode_batch_sizes}", flush=True)
             for r in counts:
@@ -77,9 +80,9 @@ def main(argv=None):
         finally:
             engine.shutdown()
     for r in counts:
-        base, new = results["one shape", r], results["batch sizes", r]
-        print(f"  {r:3d} requests: batch sizes {new:.3f} ms against one shape {base:.3f} ms per step: "
-              f"{base / new:.2f}x", flush=True)
+        base, sized, both = (results[name, r] for name, _, _ in settings)
+        print(f"  {r:3d} requests: one shape {base:.3f} ms per step; batch sizes {sized:.3f} ms ({base / sized:.2f}x); "
+              f"+ overlap {both:.3f} ms ({base / both:.2f}x, overlap alone {sized / both:.3f}x)", flush=True)
     return results
 
 

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode batch sizes compiled at start-up (a step runs at the smallest holding its requests; "
                         "the slot count is always added); default on a GPU: 1,2,4,... below the slot count, so one "
                         "request decodes as a batch of 1; pass the slot count alone for one shape whatever the load")
+    p.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="read each decode step's tokens back before launching the next (default: the next step is "
+                        "launched first, so detokenizing and streaming overlap the device's work)")
     p.add_argument("--max-queued-requests", metavar="N", type=int, default=1024,
                    help="most requests waiting for a slot; more are refused with HTTP 503")
     p.add_argument("--context-length", metavar="TOKENS", type=int, default=None,
@@ -248,7 +251,7 @@ def _serve(args, watchdog=None) -> int:
                         mem_fraction_static=args.mem_fraction_static, kv_cache_tokens=kv_tokens,
                         max_queued_requests=args.max_queued_requests,
                         chunked_prefill_size=args.chunked_prefill_size,
-                        decode_batch_sizes=args.decode_batch_sizes)
+                        decode_batch_sizes=args.decode_batch_sizes, overlap=not args.disable_overlap_schedule)
     except (CapacityError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

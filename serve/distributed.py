@@ -483,7 +483,7 @@ class StepChannel:
 def engine_capacity(num_slots: int, max_bucket: int) -> int:
     """int32s of inputs the engine's largest step carries (see StepChannel)."""
     prefill = 2 * max_bucket + 8        # tokens, positions [1, T]; slot, logits_at and 5 sampling scalars
-    decode = 8 * num_slots              # tokens, positions and 5 sampling vectors [slots]
+    decode = 7 * num_slots              # positions, 5 sampling vectors and the rows' slots [slots]
     return max(prefill, decode)
 
 

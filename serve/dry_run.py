@@ -46,14 +46,23 @@ def engine_steps():
 
     Decode is planned at its largest KV window, the whole context: the most one step reads.
     """
+    import jax.numpy as jnp
+
     from sharding.workspace import StepSet
 
     from .engine import _decode_step, _prefill_chunk
 
-    def decode(graphdef, state, cache, *args):
-        return _decode_step(graphdef, cache.k[0].shape[2], state, cache, *args)
+    # The engine carries each slot's last id beside the cache ([slots] int32, a few bytes): the
+    # planner's tokens stand in for it.
+    def prefill(graphdef, state, cache, *args):
+        ids, (cache, _) = _prefill_chunk(graphdef, state, (cache, jnp.zeros(cache.k[0].shape[1], jnp.int32)), *args)
+        return ids, cache
 
-    return StepSet(_prefill_chunk, decode, SAMPLING_DTYPES, "serve engine steps")
+    def decode(graphdef, state, cache, tokens_b, *args):
+        ids, (cache, _) = _decode_step(graphdef, cache.k[0].shape[2], state, (cache, tokens_b), *args)
+        return ids, cache
+
+    return StepSet(prefill, decode, SAMPLING_DTYPES, "serve engine steps")
 
 
 def parse_memory(text: str) -> int:

@@ -13,6 +13,14 @@ Between two decode steps the scheduler frees cancelled slots, admits queued requ
 free slots and runs up to one chunk budget of prefill. Slots that pad a decode batch ride along
 at position S, where their cache writes are dropped.
 
+Overlap (SGLang's overlap scheduler; `overlap=False` / --disable-overlap-schedule turns it off):
+each slot's last sampled id stays on the device in the steps' carry and is the next step's input,
+so step t+1 is launched before step t's ids are read back; the host then delivers step t's
+tokens (detokenize, stop rules, streaming) while the device runs step t+1. A request that
+stops at step t (a stop id or string) has had one more token computed for it, dropped. A
+request's tokens are the same either way (the same seeds and steps); with several decode batch
+sizes the batch a step runs at can differ.
+
 Decode batch sizes (SGLang's CUDA-graph batch sizes, vLLM's capture sizes): on an accelerator
 with one data-parallel group and one process, powers of two below the slot count, then the
 slot count, so one request decodes as a batch of 1 rather than of every slot. Elsewhere, or
@@ -45,6 +53,7 @@ import time
 from typing import Callable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -95,13 +104,20 @@ def decode_windows(context_length: int) -> list[int]:
     return windows
 
 
-def _decode_step(graphdef, kv_window, state, cache, tokens_b, positions_b, temperature_b, top_p_b, top_k_b,
-                 seed_b, step_b, slots_b=None):
-    """tokens/positions [B] (one new token per row) -> (sampled ids [B], cache). Row b is slot b
-    (slots_b None: B = every slot), or slot slots_b[b] (a decode batch size below the slot count)."""
+def _decode_step(graphdef, kv_window, state, carry, positions_b, temperature_b, top_p_b, top_k_b, seed_b, step_b,
+                 slots_b=None):
+    """One new token per row -> (sampled ids [B], carry). carry = (cache, last ids [slots]): each
+    row's input token is its slot's last sampled id, kept on the device so the host never sends
+    it back (a step can start before the previous one's ids reach the host). Row b is slot b
+    (slots_b None: B = every slot), or slot slots_b[b] (a decode batch size below the slot count).
+    Rows at position S (idle or padding) leave their slot's last id as it was."""
+    cache, last = carry
+    tokens_b = last if slots_b is None else last[slots_b]
     model = nnx.merge(graphdef, state)
     logits, cache = model(tokens_b[:, None], positions_b[:, None], cache, slots_b, kv_window=kv_window)
-    return sample(logits[:, 0], temperature_b, top_p_b, top_k_b, seed_b, step_b), cache
+    ids = sample(logits[:, 0], temperature_b, top_p_b, top_k_b, seed_b, step_b)
+    ids = jnp.where(positions_b < cache.k[0].shape[2], ids, tokens_b)
+    return ids, (cache, ids if slots_b is None else last.at[slots_b].set(ids))
 
 
 def pick_decode_batch_sizes(num_slots: int, asked: Sequence[int] | None = None, *, dp: int = 1, processes: int = 1,
@@ -127,12 +143,15 @@ def pick_decode_batch_sizes(num_slots: int, asked: Sequence[int] | None = None, 
     return [b for b in sizes if b < num_slots] + [num_slots]
 
 
-def _prefill_chunk(graphdef, state, cache, tokens_1t, positions_1t, slot_1, logits_at_1,
+def _prefill_chunk(graphdef, state, carry, tokens_1t, positions_1t, slot_1, logits_at_1,
                    temperature_1, top_p_1, top_k_1, seed_1, step_1):
-    """One prompt chunk [1, T] into cache row slot_1[0] -> (id sampled after logits_at [1], cache)."""
+    """One prompt chunk [1, T] into cache row slot_1[0] -> (id sampled after logits_at [1], carry),
+    the id also kept as the slot's last id (meaningful after the prompt's last chunk)."""
+    cache, last = carry
     model = nnx.merge(graphdef, state)
     logits, cache = model(tokens_1t, positions_1t, cache, slot_1, logits_at_1)
-    return sample(logits[:, 0], temperature_1, top_p_1, top_k_1, seed_1, step_1), cache
+    ids = sample(logits[:, 0], temperature_1, top_p_1, top_k_1, seed_1, step_1)
+    return ids, (cache, last.at[slot_1].set(ids))
 
 
 class Engine:
@@ -150,7 +169,8 @@ class Engine:
                  context_length: int | None = None, max_running_requests: int | None = None,
                  mem_fraction_static: float = DEFAULT_MEM_FRACTION_STATIC, kv_cache_tokens: int | None = None,
                  max_queued_requests: int = 1024, chunked_prefill_size: int = 512,
-                 decode_batch_sizes: Sequence[int] | None = None, warmup: bool = True, progress: bool = True):
+                 decode_batch_sizes: Sequence[int] | None = None, overlap: bool = True, warmup: bool = True,
+                 progress: bool = True):
         from qwen3_jax import api
 
         path = None
@@ -189,16 +209,19 @@ class Engine:
         self.chunk = max(1, min(chunked_prefill_size, self.context_length))
         self.buckets = prefill_buckets(self.context_length, self.chunk)
         self.max_queued_requests = max_queued_requests
-        self.cache = model.init_cache(self.num_slots, self.context_length)
-        if model.ctx is None:  # committed like the step outputs, so the first real step does not recompile
-            self.cache = jax.device_put(self.cache, devices[0])
+        # The steps' carry: the KV cache and each slot's last sampled id (its next input token).
+        carry = (model.init_cache(self.num_slots, self.context_length), np.zeros(self.num_slots, np.int32))
+        where = devices[0] if model.ctx is None else jax.sharding.NamedSharding(model.ctx.mesh, jax.sharding.PartitionSpec())
+        # committed like the step outputs, so the first real step does not recompile
+        self._carry = (carry[0] if model.ctx is not None else jax.device_put(carry[0], where),
+                       jax.device_put(carry[1], where))
+        self.overlap = overlap
         self.decode_batch_sizes = pick_decode_batch_sizes(
             self.num_slots, decode_batch_sizes, dp=model.mesh_spec.dp, processes=jax.process_count(),
             accelerator=devices[0].platform != "cpu")
         self._build_steps()
 
         n = self.num_slots
-        self._tok = np.zeros(n, np.int32)
         self._pos = np.full(n, self.context_length, np.int32)  # position S: an idle slot, writes dropped
         self._temp = np.zeros(n, np.float32)
         self._top_p = np.ones(n, np.float32)
@@ -209,6 +232,8 @@ class Engine:
         self._pending: collections.deque[Request] = collections.deque()
         self._prefilling: collections.deque[Request] = collections.deque()
         self._cancels: list[Request] = []
+        # Launched steps whose ids the host has not read yet: (ids [rows], [(row, request)]), oldest first.
+        self._inflight: collections.deque[tuple[jax.Array, list[tuple[int, Request]]]] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
         self.error: BaseException | None = None
@@ -223,6 +248,11 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
         self._thread.start()
 
+    @property
+    def cache(self):
+        """The KV cache (KVCache, [L, slots, S, K, Q] per segment)."""
+        return self._carry[0]
+
     # -- compiled steps ----------------------------------------------------------------------
     def _devices(self):
         ctx = self.model.ctx
@@ -234,7 +264,7 @@ class Engine:
         if self.model.ctx is not None:
             replicated = jax.sharding.NamedSharding(self.model.ctx.mesh, jax.sharding.PartitionSpec())
             # Pin the cache's output sharding to its input's, so donation reuses the same buffers.
-            kw["out_shardings"] = (replicated, jax.tree.map(lambda a: a.sharding, self.cache))
+            kw["out_shardings"] = (replicated, jax.tree.map(lambda a: a.sharding, self._carry))
         self.windows = decode_windows(self.context_length)
         self._decode_jits = {w: jax.jit(functools.partial(_decode_step, g, w), donate_argnums=(1,), **kw)
                              for w in self.windows}
@@ -251,7 +281,7 @@ class Engine:
     def follow(self) -> int:
         """A follower rank (serve/distributed.py): run each step rank 0 announces until it stops. -> steps."""
         def run(step, inputs):
-            ids, self.cache = step(self.model.state, self.cache, *inputs)
+            ids, self._carry = step(self.model.state, self._carry, *inputs)
             return ids
         return self._channel.follow(run)
 
@@ -263,8 +293,8 @@ class Engine:
         s = self.context_length
         one = lambda v, dt: np.full((1,), v, dt)  # noqa: E731
         for t in self.buckets:
-            ids, self.cache = self._prefill_jit(
-                self.model.state, self.cache, np.zeros((1, t), np.int32), np.full((1, t), s, np.int32),
+            ids, self._carry = self._prefill_jit(
+                self.model.state, self._carry, np.zeros((1, t), np.int32), np.full((1, t), s, np.int32),
                 one(0, np.int32), one(0, np.int32), one(0, np.float32), one(1, np.float32), one(-1, np.int32),
                 one(0, np.int32), one(0, np.int32))
             jax.block_until_ready(ids)
@@ -273,7 +303,7 @@ class Engine:
         for b in self.decode_batch_sizes:
             idle = np.arange(self.num_slots - b, self.num_slots, dtype=np.int32)   # slots at position S
             for w in self.windows:
-                ids, self.cache = self._decode_call(b, w, idle)
+                ids = self._decode_call(b, w, idle)
                 jax.block_until_ready(ids)
                 bar.update(1)
         bar.close()
@@ -491,9 +521,12 @@ class Engine:
                         r.slot = self._slots.index(None)
                         self._slots[r.slot] = r
                         self._prefilling.append(r)
-                self._run_prefills()
-                if any(r is not None and r.prefilled == r.prompt_len for r in self._slots):
-                    self._decode()
+                launched = self._run_prefills()
+                launched = self._decode() or launched
+                # Overlap: the step just launched runs on the device while the host reads back and
+                # hands out the ones before it (detokenize, stop checks, streaming), then schedules
+                # the next; the host work between two steps leaves the device's critical path.
+                self._collect(keep=1 if self.overlap and launched else 0)
         except BaseException as e:  # noqa: BLE001 - reported to every waiting request below
             log.exception("engine step failed; ending all requests")
             self.error = e
@@ -528,11 +561,12 @@ class Engine:
     def _set_row(self, req: Request):
         s, p = req.slot, req.params
         self._temp[s], self._top_p[s], self._top_k[s] = p.temperature, p.top_p, p.top_k
-        self._seed[s] = device_seed(req.seed)
+        self._seed[s], self._step[s] = device_seed(req.seed), 0
 
-    def _run_prefills(self):
-        """Up to one chunk budget of prompt tokens (at least one chunk), oldest request first."""
-        budget = self.chunk
+    def _run_prefills(self) -> bool:
+        """Launch up to one chunk budget of prompt tokens (at least one chunk), oldest request first.
+        -> whether anything was launched."""
+        budget, launched = self.chunk, False
         while self._prefilling and budget > 0:
             req = self._prefilling[0]
             if req.cancelled.is_set():
@@ -542,6 +576,8 @@ class Engine:
             if req.prompt_len - req.prefilled <= self.chunk:  # its last chunk: leaves the prefill queue
                 self._prefilling.popleft()
             budget -= self._prefill_one_chunk(req)
+            launched = True
+        return launched
 
     def _prefill_one_chunk(self, req: Request) -> int:
         start = req.prefilled
@@ -553,57 +589,78 @@ class Engine:
         positions[0, :n] = np.arange(start, start + n)
         self._set_row(req)
         s = req.slot
-        ids, self.cache = self._prefill_jit(
-            self.model.state, self.cache, tokens, positions, np.array([s], np.int32), np.array([n - 1], np.int32),
-            self._temp[s:s + 1], self._top_p[s:s + 1], self._top_k[s:s + 1], self._seed[s:s + 1],
-            np.zeros(1, np.int32))
+        slot = np.array([s], np.int32)
+        ids, self._carry = self._prefill_jit(self.model.state, self._carry, tokens, positions, slot,
+                                             np.array([n - 1], np.int32), *self._sampling_inputs(slot))
         req.prefilled = start + n
         if req.prefilled == req.prompt_len:  # the last chunk's id is the first generated token
-            self._step[s] = 0
-            self._pos[s] = req.prompt_len
-            self._deliver(req, int(np.asarray(ids)[0]))
+            self._step[s], self._pos[s] = 1, req.prompt_len  # the inputs of its first decode step
+            req.launched = 1
+            self._inflight.append((ids, [(0, req)]))
         return t
 
-    def _decode(self):
+    def _decode(self) -> bool:
+        """Launch one decode step over the requests that still need tokens. -> whether it launched.
+
+        A request is decoded from its launched count, not its delivered one: with overlap its
+        previous token may still be on the device (the step reads it from the carry)."""
         live = [s for s, req in enumerate(self._slots)
-                if req is not None and req.prefilled == req.prompt_len and self._pos[s] < self.context_length]
+                if req is not None and req.prefilled == req.prompt_len and not req.finished
+                and req.launched < req.max_tokens]
         if not live:
-            return
+            return False
         need = int(max(self._pos[s] for s in live)) + 1
         window = next(w for w in self.windows if w >= need)
         b = next(b for b in self.decode_batch_sizes if b >= len(live))
         taken = set(live)   # padding rows: other slots, all at position S (free or still prefilling)
         rows = np.asarray(live + [s for s in range(self.num_slots) if s not in taken][:b - len(live)], np.int32)
-        ids, self.cache = self._decode_call(b, window, rows)
-        ids = np.asarray(ids)
+        ids = self._decode_call(b, window, rows)
         self.steps += 1
         self.decode_batches[b] = self.decode_batches.get(b, 0) + 1
-        for i, s in enumerate(live):
-            self._pos[s] += 1
-            self._deliver(self._slots[s], int(ids[s if b == self.num_slots else i]))
+        self._pos[live] += 1
+        self._step[live] += 1
+        for s in live:
+            self._slots[s].launched += 1
+        self._inflight.append((ids, [(s if b == self.num_slots else i, self._slots[s]) for i, s in enumerate(live)]))
+        return True
 
-    def _decode_call(self, b: int, window: int, rows):
-        """One decode step of batch size b: all slots in slot order (b = num_slots), else the
-        slots `rows` [b] -> (ids [b], cache)."""
-        if b == self.num_slots:
-            return self._decode_jits[window](self.model.state, self.cache, self._tok, self._pos, self._temp,
-                                             self._top_p, self._top_k, self._seed, self._step)
+    def _decode_call(self, b: int, window: int, rows) -> jax.Array:
+        """Launch one decode step of batch size b: all slots in slot order (b = num_slots), else the
+        slots `rows` [b]. -> ids [b] (not yet on the host); the carry moves on."""
+        full = b == self.num_slots
+        if full:
+            rows = np.arange(b, dtype=np.int32)
+        step = self._decode_jits[window]
+        inputs = (self._pos[rows], *self._sampling_inputs(rows))
         # below the slot count the rows' slots go in as an operand (one data-parallel group only)
-        return self._decode_jits[window](self.model.state, self.cache, self._tok[rows], self._pos[rows],
-                                         self._temp[rows], self._top_p[rows], self._top_k[rows], self._seed[rows],
-                                         self._step[rows], rows)
+        ids, self._carry = step(self.model.state, self._carry, *inputs) if full else \
+            step(self.model.state, self._carry, *inputs, rows)
+        return ids
+
+    def _sampling_inputs(self, rows) -> tuple[np.ndarray, ...]:
+        """temperature, top_p, top_k, seed, step of slots `rows`, as copies: JAX on CPU may alias a
+        numpy argument instead of copying it, and these vectors change while a step is in flight."""
+        return self._temp[rows], self._top_p[rows], self._top_k[rows], self._seed[rows], self._step[rows]
+
+    def _collect(self, keep: int = 0):
+        """Read back launched steps' ids, oldest first, until `keep` remain in flight; hand each to
+        its request. A request that finished or was cancelled meanwhile drops the extra id a later
+        step already computed for it (that step's KV write lies past its end; the slot's next
+        request writes each position before it reads it)."""
+        while len(self._inflight) > keep:
+            ids, rows = self._inflight.popleft()
+            ids = np.asarray(ids)
+            for i, req in rows:
+                if not req.finished and self._slots[req.slot] is req:
+                    self._deliver(req, int(ids[i]))
 
     def _deliver(self, req: Request, token: int):
-        """Hand one sampled id to its request; set up its next decode input or free the slot."""
-        s = req.slot
+        """Hand one sampled id to its request; free the slot when it finishes."""
         out = req.accept(token)
         self._emit(req, out)
         if out.finished:
             with self._cv:
                 self._free(req)
-            return
-        self._tok[s] = token
-        self._step[s] += 1
 
 
 class AsyncStream:

@@ -69,6 +69,7 @@ class Request:
         self.finish_reason: str | None = None
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens already written to the cache
+        self.launched = 0   # generated tokens whose step was launched (ahead of output_ids while in flight)
         self.cancelled = threading.Event()
 
     @property

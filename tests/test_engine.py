@@ -235,6 +235,40 @@ def test_small_decode_batches_on_a_tensor_parallel_mesh(ckpt):
     assert used == {1: {4}, 2: {1, 2}}
 
 
+def test_overlap_schedule_gives_the_same_tokens(ckpt, engine):
+    """The module's engine overlaps (step t+1 launched before step t's ids are read back); one
+    with overlap=False must give the same outputs for a mixed load: 6 sampled and greedy requests
+    on 4 slots (slots reused), prompts 5-45 tokens (chunked), one ended early by a stop id. And
+    overlap shows in the step count: a request stopped by a stop id had one step launched past
+    its end (its id dropped), which the serial engine does not run."""
+    assert engine.overlap
+    serial = Engine(ckpt, dtype="float32", context_length=128, max_running_requests=4, chunked_prefill_size=32,
+                    overlap=False, progress=False)
+    try:
+        rng = np.random.default_rng(11)
+        prompts = [rng.integers(0, 500, size=n).tolist() for n in (45, 5, 33, 20, 9, 40)]
+        greedy = engine.generate(prompts[0], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+        stop_at = greedy.token_ids[6]
+        k = greedy.token_ids.index(stop_at)   # the stop id is the (k+1)-th token
+        params = [SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[stop_at])] + [
+            SamplingParams(max_tokens=m, temperature=0.8, top_p=0.9, seed=s, ignore_eos=True)
+            for s, m in zip(range(5), (14, 3, 1, 9, 12))]
+        got, want = engine.generate(prompts, params), serial.generate(prompts, params)
+        assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in want]
+        assert got[0].token_ids == greedy.token_ids[:k + 1] and got[0].finish_reason == "stop"
+        assert [len(o.token_ids) for o in got[1:]] == [14, 3, 1, 9, 12]
+        # One request stopped at its (k+1)-th token: the serial engine ran k decode steps (the first
+        # token comes from the prefill), the overlapping one k + 1.
+        steps = []
+        for e in (serial, engine):
+            before = e.steps
+            assert e.generate(prompts[0], params[0])[0].token_ids == got[0].token_ids
+            steps.append(e.steps - before)
+        assert steps == [k, k + 1]
+    finally:
+        serial.shutdown()
+
+
 def test_kv_bytes_formula_matches_the_cache(engine):
     m, cs = engine.model, engine.cache_size
     per = kv_bytes_per_token(m.config, m.mesh_spec, m.dtype)
