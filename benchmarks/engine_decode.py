@@ -20,22 +20,23 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def decode_ms(engine, prompts, tokens: int) -> tuple[float, dict]:
-    """-> (ms per decode step for these prompts at once, {batch size: steps})."""
+def decode_ms(engine, prompts, tokens: int) -> tuple[float, dict, list]:
+    """-> (ms per decode step for these prompts at once, {batch size: steps}, token ids per prompt)."""
     from serve import SamplingParams
 
     def timed(n):
         before = dict(engine.decode_batches)
         t0 = time.perf_counter()
         outs = engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        dt = time.perf_counter() - t0
         assert all(len(o.token_ids) == n for o in outs)
         used = {b: k - before.get(b, 0) for b, k in engine.decode_batches.items() if k > before.get(b, 0)}
-        return time.perf_counter() - t0, used
+        return dt, used, [o.token_ids for o in outs]
 
     timed(tokens)                      # warm: first-call costs out of the figures
-    one, _ = timed(1)
-    full, used = timed(tokens)
-    return 1e3 * (full - one) / (tokens - 1), used
+    one, _, _ = timed(1)
+    full, used, ids = timed(tokens)
+    return 1e3 * (full - one) / (tokens - 1), used, ids
 
 
 def main(argv=None):
@@ -64,7 +65,7 @@ def main(argv=None):
     prompts = [rng.integers(0, cfg.vocab_size, args.prompt).tolist() for _ in range(max(counts))]
     print(f"device {jax.devices()[0].device_kind}; {args.model}, context {args.context}, {args.slots} slots, "
           f"{args.prompt}-token prompts, {args.tokens} tokens each", flush=True)
-    results = {}
+    results, tokens = {}, {}
     sizes_asked = [int(b) for b in args.sizes.split(",")] if args.sizes else None
     settings = (("one shape", [args.slots], False), ("batch sizes", sizes_asked, False),
                 ("batch sizes + overlap", sizes_asked, True))
@@ -74,11 +75,14 @@ def main(argv=None):
         try:
             print(f"  {name}: compiled sizes {engine.decode_batch_sizes}", flush=True)
             for r in counts:
-                ms, used = decode_ms(engine, prompts[:r], args.tokens)
+                ms, used, tokens[name, r] = decode_ms(engine, prompts[:r], args.tokens)
                 results[name, r] = ms
                 print(f"    {r:3d} requests: {ms:8.3f} ms per decode step, steps by batch size {used}", flush=True)
         finally:
             engine.shutdown()
+    for r in counts:   # same sizes, same batches (no stop ids): overlap must not change a token
+        same = tokens["batch sizes", r] == tokens["batch sizes + overlap", r]
+        print(f"  {r:3d} requests: tokens with overlap equal the serial engine's: {same}", flush=True)
     for r in counts:
         base, sized, both = (results[name, r] for name, _, _ in settings)
         print(f"  {r:3d} requests: one shape {base:.3f} ms per step; batch sizes {sized:.3f} ms ({base / sized:.2f}x); "
