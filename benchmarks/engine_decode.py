@@ -39,6 +39,43 @@ def decode_ms(engine, prompts, tokens: int) -> tuple[float, dict, list]:
     return 1e3 * (full - one) / (tokens - 1), used, ids
 
 
+def model_step_ms(model, batch: int, context: int, position: int, steps: int = 8, reps: int = 5) -> float:
+    """The model's decode step alone, as serve.bench times it (one jitted call runs `steps`
+    greedy steps, so the host never waits): what an engine step could cost. ms per step."""
+    import jax.numpy as jnp
+
+    from serve.bench import make_decode, median_seconds
+
+    fn = make_decode(model.graphdef, steps)
+    tok, pos = jnp.zeros(batch, jnp.int32), jnp.full(batch, position, jnp.int32)
+    holder = {"cache": model.init_cache(batch, context)}
+
+    def call():
+        out, holder["cache"] = fn(model.state, tok, pos, holder["cache"])
+        return out
+
+    return 1e3 * median_seconds(call, reps) / steps
+
+
+def profile_generate(engine, prompt, tokens: int):
+    """Trace one request's `tokens` tokens: kernels and device-busy time per decode step against
+    the span from the first kernel to the last (prefill included, so busy/span is a lower bound
+    for the decode steps). Idle time is the device waiting for the host."""
+    from serve import SamplingParams
+    from qwen3_jax.kernels.tune import device_timeline
+
+    tl = device_timeline(lambda: engine.generate(prompt, SamplingParams(max_tokens=tokens, temperature=0,
+                                                                        ignore_eos=True))[0].token_ids)
+    if tl is None or tl["first_ns"] is None:
+        print("    profile: no GPU kernels traced", flush=True)
+        return
+    busy = sum(d for _, d in tl["by_name"].values()) / 1e3
+    span = (tl["last_ns"] - tl["first_ns"]) / 1e3
+    n = sum(k for k, _ in tl["by_name"].values())
+    print(f"    profile, 1 request x {tokens} tokens: {n / tokens:.0f} kernels/step, device busy {busy / tokens:.0f} "
+          f"us/step of a {span / tokens:.0f} us/step span ({100 * busy / span:.0f}% busy)", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="Qwen3-30B-A3B-FP8", help="a serve.bench preset (random weights)")
@@ -49,6 +86,8 @@ def main(argv=None):
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens per request")
     p.add_argument("--sizes", default=None,
                    help="decode batch sizes of the second engine, comma-separated (default: the engine's own)")
+    p.add_argument("--profile", action="store_true",
+                   help="trace one request's generation on each engine: device busy time against the span")
     args = p.parse_args(argv)
 
     import jax
@@ -66,6 +105,11 @@ def main(argv=None):
     print(f"device {jax.devices()[0].device_kind}; {args.model}, context {args.context}, {args.slots} slots, "
           f"{args.prompt}-token prompts, {args.tokens} tokens each", flush=True)
     results, tokens = {}, {}
+    from serve.engine import decode_windows
+    window = next(w for w in decode_windows(args.context) if w > args.prompt + args.tokens)
+    alone = {r: model_step_ms(model, min(r, args.slots), window, args.prompt + args.tokens // 2) for r in counts}
+    for r, ms in alone.items():
+        print(f"  model step alone, batch {min(r, args.slots)}, KV window {window}: {ms:.3f} ms", flush=True)
     sizes_asked = [int(b) for b in args.sizes.split(",")] if args.sizes else None
     settings = (("one shape", [args.slots], False), ("batch sizes", sizes_asked, False),
                 ("batch sizes + overlap", sizes_asked, True))
@@ -74,6 +118,8 @@ def main(argv=None):
                         decode_batch_sizes=sizes, overlap=overlap, progress=False)
         try:
             print(f"  {name}: compiled sizes {engine.decode_batch_sizes}", flush=True)
+            if args.profile:
+                profile_generate(engine, prompts[0], args.tokens)
             for r in counts:
                 ms, used, tokens[name, r] = decode_ms(engine, prompts[:r], args.tokens)
                 results[name, r] = ms
@@ -86,7 +132,8 @@ def main(argv=None):
     for r in counts:
         base, sized, both = (results[name, r] for name, _, _ in settings)
         print(f"  {r:3d} requests: one shape {base:.3f} ms per step; batch sizes {sized:.3f} ms ({base / sized:.2f}x); "
-              f"+ overlap {both:.3f} ms ({base / both:.2f}x, overlap alone {sized / both:.3f}x)", flush=True)
+              f"+ overlap {both:.3f} ms ({base / both:.2f}x, overlap alone {sized / both:.3f}x); "
+              f"the model step alone {alone[r]:.3f} ms = {100 * alone[r] / both:.0f}% of the served step", flush=True)
     return results
 
 

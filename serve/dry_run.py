@@ -46,21 +46,21 @@ def engine_steps():
 
     Decode is planned at its largest KV window, the whole context: the most one step reads.
     """
-    import jax.numpy as jnp
-
     from sharding.workspace import StepSet
 
-    from .engine import _decode_step, _prefill_chunk
+    from .engine import _decode_forward, _prefill_forward
+    from .sampling import sample
 
-    # The engine carries each slot's last id beside the cache ([slots] int32, a few bytes): the
-    # planner's tokens stand in for it.
-    def prefill(graphdef, state, cache, *args):
-        ids, (cache, _) = _prefill_chunk(graphdef, state, (cache, jnp.zeros(cache.k[0].shape[1], jnp.int32)), *args)
-        return ids, cache
+    # The engine runs a forward, then a sampler as its own call; planned here as one program with
+    # the full-vocabulary sampler (the most it can hold at once). The planner's tokens stand in
+    # for the slots' last ids.
+    def prefill(graphdef, state, cache, tokens, positions, slot, logits_at, *sampling):
+        logits, cache = _prefill_forward(graphdef, state, cache, tokens, positions, slot, logits_at)
+        return sample(logits, *sampling, mode="full"), cache
 
-    def decode(graphdef, state, cache, tokens_b, *args):
-        ids, (cache, _) = _decode_step(graphdef, cache.k[0].shape[2], state, (cache, tokens_b), *args)
-        return ids, cache
+    def decode(graphdef, state, cache, tokens_b, positions_b, *sampling):
+        logits, cache = _decode_forward(graphdef, cache.k[0].shape[2], state, cache, tokens_b, positions_b)
+        return sample(logits, *sampling, mode="full"), cache
 
     return StepSet(prefill, decode, SAMPLING_DTYPES, "serve engine steps")
 

@@ -5,9 +5,11 @@
     prefill    a new request takes a free slot; its prompt is written to that row in chunks of
                at most `chunked_prefill_size` tokens, each padded to a length bucket (powers of
                two from 32), so after warm-up no prompt length compiles anything new
-    decode     one jitted step over the running requests' slots, padded to the smallest of
+    decode     one jitted forward over the running requests' slots, padded to the smallest of
                `decode_batch_sizes` that holds them (each size compiled once at warm-up, cache
-               donated), with sampling inside the jit so only [batch] int32 ids come back
+               donated), then a jitted sampler of the mode the rows need (greedy, top-64 or the
+               full vocabulary: picked on the host, since a device conditional would block the
+               launch on a GPU), so only [batch] int32 ids come back
 
 Between two decode steps the scheduler frees cancelled slots, admits queued requests into
 free slots and runs up to one chunk budget of prefill. Slots that pad a decode batch ride along
@@ -35,8 +37,8 @@ before, every idle slot read its whole row each step); on the plain-XLA path, ev
 a KV window just past the longest live row (decode_windows). A step's padding rows still run
 through the projections and the MoE.
 
-`_prefill_chunk` and `_decode_step` are also compiled by the memory planner (serve/dry_run.py)
-for XLA's memory analysis: keep their signatures in step with it.
+`_prefill_forward`, `_decode_forward` and `sample` are also compiled by the memory planner
+(serve/dry_run.py) for XLA's memory analysis: keep their signatures in step with it.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from sharding.memory import DEFAULT_MEM_FRACTION_STATIC
 
 from .capacity import CacheSize, size_cache
 from .request import CompletionOutput, Request, RequestOutput
-from .sampling import SamplingParams, device_seed, sample
+from .sampling import SAMPLING_MODES, SamplingParams, device_seed, sample, sampling_mode
 from .tokenizer import DetokenizeStream, Tokenizer
 
 log = logging.getLogger("serve.engine")
@@ -104,20 +106,30 @@ def decode_windows(context_length: int) -> list[int]:
     return windows
 
 
-def _decode_step(graphdef, kv_window, state, carry, positions_b, temperature_b, top_p_b, top_k_b, seed_b, step_b,
-                 slots_b=None):
-    """One new token per row -> (sampled ids [B], carry). carry = (cache, last ids [slots]): each
-    row's input token is its slot's last sampled id, kept on the device so the host never sends
-    it back (a step can start before the previous one's ids reach the host). Row b is slot b
-    (slots_b None: B = every slot), or slot slots_b[b] (a decode batch size below the slot count).
-    Rows at position S (idle or padding) leave their slot's last id as it was."""
-    cache, last = carry
+def _decode_forward(graphdef, kv_window, state, cache, last, positions_b, slots_b=None):
+    """One new token per row -> (logits [B, V], cache). Row b's input is its slot's last sampled
+    id, read from `last` [slots] on the device (the host never sends ids back, so a step can be
+    launched before the previous one's ids reach the host). Row b is slot b (slots_b None: B =
+    every slot), or slot slots_b[b] (a decode batch size below the slot count)."""
     tokens_b = last if slots_b is None else last[slots_b]
     model = nnx.merge(graphdef, state)
     logits, cache = model(tokens_b[:, None], positions_b[:, None], cache, slots_b, kv_window=kv_window)
-    ids = sample(logits[:, 0], temperature_b, top_p_b, top_k_b, seed_b, step_b)
-    ids = jnp.where(positions_b < cache.k[0].shape[2], ids, tokens_b)
-    return ids, (cache, ids if slots_b is None else last.at[slots_b].set(ids))
+    return logits[:, 0], cache
+
+
+def _prefill_forward(graphdef, state, cache, tokens_1t, positions_1t, slot_1, logits_at_1):
+    """One prompt chunk [1, T] into cache row slot_1[0] -> (logits at logits_at [1, V], cache)."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens_1t, positions_1t, cache, slot_1, logits_at_1)
+    return logits[:, 0], cache
+
+
+def _sample_into(mode, last, logits_bv, slots_b, live_b, temperature_b, top_p_b, top_k_b, seed_b, step_b):
+    """Sample one id per row ([B], sampling.sample with a static mode) and keep the live rows' ids
+    as their slots' last ids -> (ids [B], last [slots]). A separate jitted call from the forward:
+    the host picks the mode, so no conditional sits in a step (see sampling.sample)."""
+    ids = sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, mode)
+    return ids, last.at[slots_b].set(jnp.where(live_b, ids, last[slots_b]))
 
 
 def pick_decode_batch_sizes(num_slots: int, asked: Sequence[int] | None = None, *, dp: int = 1, processes: int = 1,
@@ -141,17 +153,6 @@ def pick_decode_batch_sizes(num_slots: int, asked: Sequence[int] | None = None, 
         raise ValueError(f"decode batch sizes below the slot count ({num_slots}) need one data-parallel group in "
                          f"one process, but {why}; leave --decode-batch-sizes unset")
     return [b for b in sizes if b < num_slots] + [num_slots]
-
-
-def _prefill_chunk(graphdef, state, carry, tokens_1t, positions_1t, slot_1, logits_at_1,
-                   temperature_1, top_p_1, top_k_1, seed_1, step_1):
-    """One prompt chunk [1, T] into cache row slot_1[0] -> (id sampled after logits_at [1], carry),
-    the id also kept as the slot's last id (meaningful after the prompt's last chunk)."""
-    cache, last = carry
-    model = nnx.merge(graphdef, state)
-    logits, cache = model(tokens_1t, positions_1t, cache, slot_1, logits_at_1)
-    ids = sample(logits[:, 0], temperature_1, top_p_1, top_k_1, seed_1, step_1)
-    return ids, (cache, last.at[slot_1].set(ids))
 
 
 class Engine:
@@ -259,24 +260,49 @@ class Engine:
         return list(ctx.mesh.devices.flat) if ctx is not None else [jax.devices()[0]]
 
     def _build_steps(self):
+        """Jit the forwards and samplers, and compose them into the steps the scheduler runs (and,
+        with several processes, announces): each `step(state, carry, *host inputs) -> (ids, carry)`."""
         g = self.model.graphdef
-        kw = {}
+        fwd_kw, smp_kw = {}, {}
         if self.model.ctx is not None:
             replicated = jax.sharding.NamedSharding(self.model.ctx.mesh, jax.sharding.PartitionSpec())
             # Pin the cache's output sharding to its input's, so donation reuses the same buffers.
-            kw["out_shardings"] = (replicated, jax.tree.map(lambda a: a.sharding, self._carry))
+            fwd_kw["out_shardings"] = (replicated, jax.tree.map(lambda a: a.sharding, self._carry[0]))
+            smp_kw["out_shardings"] = (replicated, replicated)
         self.windows = decode_windows(self.context_length)
-        self._decode_jits = {w: jax.jit(functools.partial(_decode_step, g, w), donate_argnums=(1,), **kw)
-                             for w in self.windows}
-        self._prefill_jit = jax.jit(lambda *a: _prefill_chunk(g, *a), donate_argnums=(1,), **kw)
+        forwards = {w: jax.jit(functools.partial(_decode_forward, g, w), donate_argnums=(1,), **fwd_kw)
+                    for w in self.windows}
+        prefill_forward = jax.jit(functools.partial(_prefill_forward, g), donate_argnums=(1,), **fwd_kw)
+        self._samplers = {m: jax.jit(functools.partial(_sample_into, m), donate_argnums=(0,), **smp_kw)
+                          for m in SAMPLING_MODES}
+        s = self.context_length
+
+        def decode(w, mode):
+            def step(state, carry, positions_b, temperature_b, top_p_b, top_k_b, seed_b, step_b, slots_b):
+                cache, last = carry
+                rows = () if len(slots_b) == self.num_slots else (slots_b,)  # every slot: row b is slot b
+                logits, cache = forwards[w](state, cache, last, positions_b, *rows)
+                ids, last = self._samplers[mode](last, logits, slots_b, positions_b < s, temperature_b, top_p_b,
+                                                 top_k_b, seed_b, step_b)
+                return ids, (cache, last)
+            return step
+
+        def prefill(mode):
+            def step(state, carry, tokens_1t, positions_1t, slot_1, logits_at_1, *sampling_1):
+                cache, last = carry
+                logits, cache = prefill_forward(state, cache, tokens_1t, positions_1t, slot_1, logits_at_1)
+                ids, last = self._samplers[mode](last, logits, slot_1, np.ones(1, bool), *sampling_1)
+                return ids, (cache, last)
+            return step
+
+        steps = {f"prefill/{m}": prefill(m) for m in SAMPLING_MODES}
+        steps.update({f"decode/{w}/{m}": decode(w, m) for w in self.windows for m in SAMPLING_MODES})
         self._channel = None
         if jax.process_count() > 1:  # several processes: rank 0 announces each step, the others run it too
             from .distributed import StepChannel, engine_capacity
             self._channel = StepChannel(engine_capacity(self.num_slots, self.buckets[-1]))
-            steps = self._channel.attach({"prefill": self._prefill_jit,
-                                          **{f"decode/{w}": f for w, f in self._decode_jits.items()}})
-            self._prefill_jit = steps["prefill"]
-            self._decode_jits = {w: steps[f"decode/{w}"] for w in self.windows}
+            steps = self._channel.attach(steps)
+        self._steps = steps
 
     def follow(self) -> int:
         """A follower rank (serve/distributed.py): run each step rank 0 announces until it stops. -> steps."""
@@ -286,30 +312,36 @@ class Engine:
         return self._channel.follow(run)
 
     def warmup(self, progress: bool = True):
-        """Compile every prefill bucket and the decode step now, so no request waits for XLA."""
+        """Compile every prefill bucket, each decode batch size at each KV window, and the samplers
+        (SAMPLING_MODES) at each of those batch sizes now, so no request waits for XLA."""
         t0 = time.perf_counter()
-        bar = progress_bar(len(self.buckets) + len(self.windows) * len(self.decode_batch_sizes), "compiling", "step",
-                           progress)
+        sizes = sorted(set(self.decode_batch_sizes) | {1})   # prefill samples one row
+        bar = progress_bar(len(self.buckets) + len(self.windows) * len(self.decode_batch_sizes)
+                           + (len(SAMPLING_MODES) - 1) * len(sizes), "compiling", "step", progress)
         s = self.context_length
-        one = lambda v, dt: np.full((1,), v, dt)  # noqa: E731
-        for t in self.buckets:
-            ids, self._carry = self._prefill_jit(
-                self.model.state, self._carry, np.zeros((1, t), np.int32), np.full((1, t), s, np.int32),
-                one(0, np.int32), one(0, np.int32), one(0, np.float32), one(1, np.float32), one(-1, np.int32),
-                one(0, np.int32), one(0, np.int32))
+        for t in self.buckets:   # positions S: the writes are dropped
+            ids = self._prefill_call(np.zeros((1, t), np.int32), np.full((1, t), s, np.int32), 0, 0)
             jax.block_until_ready(ids)
             bar.update(1)
             log.debug("compiled prefill bucket %d", t)
         for b in self.decode_batch_sizes:
             idle = np.arange(self.num_slots - b, self.num_slots, dtype=np.int32)   # slots at position S
             for w in self.windows:
-                ids = self._decode_call(b, w, idle)
+                jax.block_until_ready(self._decode_call(b, w, idle))
+                bar.update(1)
+        for mode in SAMPLING_MODES[1:]:   # the forwards above ran the greedy sampler
+            for b in sizes:
+                rows = np.arange(b, dtype=np.int32)
+                logits = jnp.zeros((b, self.model.config.vocab_size), jnp.float32)
+                ids, last = self._samplers[mode](self._carry[1], logits, rows, np.zeros(b, bool),
+                                                 *self._sampling_inputs(rows))
+                self._carry = (self._carry[0], last)
                 jax.block_until_ready(ids)
                 bar.update(1)
         bar.close()
-        log.info("compiled %d prefill buckets %s and the decode step (%d slots, batch sizes %s, KV windows %s) "
-                 "in %.1fs", len(self.buckets), self.buckets, self.num_slots, self.decode_batch_sizes, self.windows,
-                 time.perf_counter() - t0)
+        log.info("compiled %d prefill buckets %s and the decode step (%d slots, batch sizes %s, KV windows %s, "
+                 "samplers %s) in %.1fs", len(self.buckets), self.buckets, self.num_slots, self.decode_batch_sizes,
+                 self.windows, "/".join(SAMPLING_MODES), time.perf_counter() - t0)
 
     # -- submission (any thread) -------------------------------------------------------------
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -589,9 +621,7 @@ class Engine:
         positions[0, :n] = np.arange(start, start + n)
         self._set_row(req)
         s = req.slot
-        slot = np.array([s], np.int32)
-        ids, self._carry = self._prefill_jit(self.model.state, self._carry, tokens, positions, slot,
-                                             np.array([n - 1], np.int32), *self._sampling_inputs(slot))
+        ids = self._prefill_call(tokens, positions, s, n - 1)
         req.prefilled = start + n
         if req.prefilled == req.prompt_len:  # the last chunk's id is the first generated token
             self._step[s], self._pos[s] = 1, req.prompt_len  # the inputs of its first decode step
@@ -624,17 +654,25 @@ class Engine:
         self._inflight.append((ids, [(s if b == self.num_slots else i, self._slots[s]) for i, s in enumerate(live)]))
         return True
 
+    def _prefill_call(self, tokens_1t, positions_1t, slot: int, logits_at: int) -> jax.Array:
+        """Launch one prompt chunk [1, T] into `slot`'s cache row. -> the id sampled after
+        position logits_at [1] (not yet on the host), also kept as the slot's last id."""
+        rows = np.array([slot], np.int32)
+        inputs = (tokens_1t, positions_1t, rows, np.array([logits_at], np.int32), *self._sampling_inputs(rows))
+        mode = sampling_mode(self._temp[rows], self._top_k[rows])
+        ids, self._carry = self._steps[f"prefill/{mode}"](self.model.state, self._carry, *inputs)
+        return ids
+
     def _decode_call(self, b: int, window: int, rows) -> jax.Array:
         """Launch one decode step of batch size b: all slots in slot order (b = num_slots), else the
         slots `rows` [b]. -> ids [b] (not yet on the host); the carry moves on."""
-        full = b == self.num_slots
-        if full:
+        if b == self.num_slots:
             rows = np.arange(b, dtype=np.int32)
-        step = self._decode_jits[window]
-        inputs = (self._pos[rows], *self._sampling_inputs(rows))
-        # below the slot count the rows' slots go in as an operand (one data-parallel group only)
-        ids, self._carry = step(self.model.state, self._carry, *inputs) if full else \
-            step(self.model.state, self._carry, *inputs, rows)
+        positions = self._pos[rows]
+        live = positions < self.context_length   # the sampler's mode follows the live rows alone
+        mode = sampling_mode(self._temp[rows][live], self._top_k[rows][live])
+        ids, self._carry = self._steps[f"decode/{window}/{mode}"](self.model.state, self._carry, positions,
+                                                                  *self._sampling_inputs(rows), rows)
         return ids
 
     def _sampling_inputs(self, rows) -> tuple[np.ndarray, ...]:

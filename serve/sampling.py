@@ -96,27 +96,44 @@ def _sample_rows(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, wid
     return jnp.take_along_axis(idx, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
 
 
-def sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b):
+SAMPLING_MODES = ("greedy", "top64", "full")
+
+
+def sampling_mode(temperature_b, top_k_b) -> str:
+    """The cheapest exact sampler for these rows (host arrays [B]): 'greedy' when no row samples,
+    'top64' when every sampling row has 0 < top_k <= 64, else 'full' (a row sorts the vocabulary)."""
+    sampling = np.asarray(temperature_b) > 0
+    if not sampling.any():
+        return "greedy"
+    k = np.asarray(top_k_b)[sampling]
+    return "top64" if ((k > 0) & (k <= TOP_K_FAST)).all() else "full"
+
+
+def sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, mode: str | None = None):
     """logits float32 [B, V] + per-row params [B] -> token ids int32 [B].
 
-    Greedy rows (temperature 0) are the plain argmax; an all-greedy batch pays for one argmax.
-    When every sampling row has 0 < top_k <= 64 (Qwen3's generation_config asks top_k=20) the
-    candidates come from lax.top_k(64), exact for those rows and far cheaper than sorting a
-    152k vocabulary; otherwise the whole row is sorted.
+    Greedy rows (temperature 0) are the plain argmax. When every sampling row has 0 < top_k <= 64
+    (Qwen3's generation_config asks top_k=20) the candidates come from lax.top_k(64), exact for
+    those rows and far cheaper than sorting a 152k vocabulary; otherwise the whole row is sorted.
+
+    `mode` (SAMPLING_MODES, from `sampling_mode` on the host) compiles that path alone. None picks
+    on the device with a lax.switch, which on a GPU blocks the host until the device reaches it
+    (XLA's conditional reads its branch index back): the engine passes a mode so that a step's
+    launch returns at once and the next can be queued behind it.
     """
     v = logits_bv.shape[-1]
     greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     sampling = temperature_b > 0
     args = (logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b)
 
-    def pick(drawn):
-        return jnp.where(sampling, drawn, greedy)
+    def pick(width):
+        return lambda: jnp.where(sampling, _sample_rows(*args, width=min(width, v)), greedy)
 
+    paths = {"greedy": lambda: greedy, "top64": pick(TOP_K_FAST), "full": pick(v)}
+    if mode is not None:
+        return paths[mode]()
     if v <= TOP_K_FAST:
-        full = lambda: pick(_sample_rows(*args, width=v))  # noqa: E731
-        return jax.lax.cond(jnp.any(sampling), full, lambda: greedy)
+        return jax.lax.cond(jnp.any(sampling), paths["full"], paths["greedy"])
     narrow_ok = jnp.all(~sampling | ((top_k_b > 0) & (top_k_b <= TOP_K_FAST)))
     branch = jnp.where(jnp.any(sampling), jnp.where(narrow_ok, 1, 2), 0)
-    return jax.lax.switch(branch, [lambda: greedy,
-                                   lambda: pick(_sample_rows(*args, width=TOP_K_FAST)),
-                                   lambda: pick(_sample_rows(*args, width=v))])
+    return jax.lax.switch(branch, [paths[m] for m in SAMPLING_MODES])

@@ -84,6 +84,24 @@ def test_sampler_greedy_rows_and_reproducible_keys():
 
 
 # -- text --------------------------------------------------------------------------------------
+def test_sampler_modes_pick_the_cheapest_exact_path():
+    """The host's mode choice (the engine compiles one path per mode, no device conditional) gives
+    the device switch's ids, row for row, on rows of every kind."""
+    from serve.sampling import sampling_mode
+
+    assert sampling_mode([0, 0], [-1, 5]) == "greedy"
+    assert sampling_mode([0, 0.7, 1.0], [-1, 20, 64]) == "top64"
+    assert sampling_mode([0.7, 0.7], [20, -1]) == sampling_mode([0.7], [65]) == "full"
+    logits = jax.random.normal(jax.random.key(1), (6, 300)) * 3
+    for temp, top_k in (([0] * 6, [-1] * 6), ([0, 0.8, 0, 1.2, 0.5, 0], [-1, 20, 3, 64, 1, -1]),
+                        ([0.9, 0.8, 0, 1.2, 0.5, 0.7], [-1, 20, 3, 200, 1, 64])):
+        t, k = np.asarray(temp, np.float32), np.asarray(top_k, np.int32)
+        args = (logits, jnp.asarray(t), jnp.full(6, 0.9, jnp.float32), jnp.asarray(k), jnp.arange(6, dtype=jnp.int32),
+                jnp.full(6, 3, jnp.int32))
+        mode = sampling_mode(t, k)
+        assert (np.asarray(jax.jit(sample, static_argnums=6)(*args, mode)) == np.asarray(_sample(*args))).all(), mode
+
+
 def test_detokenize_stream_never_splits_characters(tok):
     text = "Hello 你好, robots 🤖 paint: naïve café!"
     ids = tok.encode(text)
@@ -267,6 +285,27 @@ def test_overlap_schedule_gives_the_same_tokens(ckpt, engine):
         assert steps == [k, k + 1]
     finally:
         serial.shutdown()
+
+
+def test_engine_steps_hold_no_device_conditional(engine):
+    """XLA:GPU runs a conditional by copying its branch index to the host and blocking until the
+    device gets there, so a step holding one would not return from its launch until its forward
+    had run, and no next step could queue behind it (what kept run 75's overlap from working).
+    The engine's forwards and samplers must lower without one."""
+    import functools
+
+    from serve.engine import _decode_forward
+    from serve.sampling import SAMPLING_MODES
+
+    b, v = engine.num_slots, engine.model.config.vocab_size
+    rows = np.arange(b, dtype=np.int32)
+    texts = [jax.jit(functools.partial(_decode_forward, engine.model.graphdef, w)).lower(
+        engine.model.state, engine.cache, engine._carry[1], np.zeros(b, np.int32)).as_text() for w in engine.windows]
+    texts += [engine._samplers[m].lower(engine._carry[1], jnp.zeros((b, v)), rows, np.ones(b, bool),
+                                        *engine._sampling_inputs(rows)).as_text() for m in SAMPLING_MODES]
+    assert texts and not [t for t in texts if "stablehlo.case" in t or "stablehlo.if" in t]
+    # the device switch the engine avoids does lower to one (the check can fail)
+    assert "stablehlo.case" in jax.jit(sample).lower(jnp.zeros((b, v)), *engine._sampling_inputs(rows)).as_text()
 
 
 def test_kv_bytes_formula_matches_the_cache(engine):
