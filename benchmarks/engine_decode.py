@@ -57,7 +57,7 @@ def model_step_ms(model, batch: int, context: int, position: int, steps: int = 8
     return 1e3 * median_seconds(call, reps) / steps
 
 
-def profile_generate(engine, prompt, tokens: int):
+def profile_generate(engine, prompt, tokens: int, top_kernels: int = 25):
     """Trace one request's `tokens` tokens: kernels and device-busy time per decode step against
     the span from the first kernel to the last (prefill included, so busy/span is a lower bound
     for the decode steps). Idle time is the device waiting for the host."""
@@ -74,6 +74,9 @@ def profile_generate(engine, prompt, tokens: int):
     n = sum(k for k, _ in tl["by_name"].values())
     print(f"    profile, 1 request x {tokens} tokens: {n / tokens:.0f} kernels/step, device busy {busy / tokens:.0f} "
           f"us/step of a {span / tokens:.0f} us/step span ({100 * busy / span:.0f}% busy)", flush=True)
+    top = sorted(tl["by_name"].items(), key=lambda kv: -kv[1][1])[:top_kernels]
+    for name, (count, ns) in top:
+        print(f"      {ns / 1e3 / tokens:9.1f} us/step  x {count / tokens:6.1f}  {name[:90]}", flush=True)
 
 
 def main(argv=None):
@@ -88,6 +91,8 @@ def main(argv=None):
                    help="decode batch sizes of the second engine, comma-separated (default: the engine's own)")
     p.add_argument("--profile", action="store_true",
                    help="trace one request's generation on each engine: device busy time against the span")
+    p.add_argument("--only-overlap", action="store_true",
+                   help="run only the engine with batch sizes and overlap (no baselines)")
     args = p.parse_args(argv)
 
     import jax
@@ -113,6 +118,8 @@ def main(argv=None):
     sizes_asked = [int(b) for b in args.sizes.split(",")] if args.sizes else None
     settings = (("one shape", [args.slots], False), ("batch sizes", sizes_asked, False),
                 ("batch sizes + overlap", sizes_asked, True))
+    if args.only_overlap:
+        settings = settings[2:]
     for name, sizes, overlap in settings:
         engine = Engine(model, context_length=args.context, max_running_requests=args.slots,
                         decode_batch_sizes=sizes, overlap=overlap, progress=False)
@@ -126,6 +133,8 @@ def main(argv=None):
                 print(f"    {r:3d} requests: {ms:8.3f} ms per decode step, steps by batch size {used}", flush=True)
         finally:
             engine.shutdown()
+    if len(settings) < 3:
+        return results
     for r in counts:   # same sizes, same batches (no stop ids): overlap must not change a token
         same = tokens["batch sizes", r] == tokens["batch sizes + overlap", r]
         print(f"  {r:3d} requests: tokens with overlap equal the serial engine's: {same}", flush=True)
