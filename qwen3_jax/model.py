@@ -493,7 +493,7 @@ class KVCache:
     AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
 
-def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale, ctx):
+def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale, ctx, kv_window=None):
     """The decode-attention kernel reading layer `layer` of the cache in place
     (kernels/decode_attention.py), or None where it does not apply (XLA attention then).
     On a mesh it runs per device on local heads and local rows. With the batch split over
@@ -503,7 +503,8 @@ def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
     if not kernels.usable(q_bthq.dtype) or not kernels.decode_attention_covered(q_bthq, k_all):
         return None
     if kernels.single_device(ctx):
-        return kernels.decode_attention_cached(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale)
+        return kernels.decode_attention_cached(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
+                                               kv_window=kv_window)
     rows = jnp.arange(b, dtype=jnp.int32) if slots_b is None else slots_b
     if view_size(ctx.spec, "data") > 1 and (slots_b is not None or k_all.shape[1] != b):
         return None
@@ -511,7 +512,7 @@ def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
     def local(q, k, v, i, r, p):
         if view_size(ctx.spec, "data") > 1:
             r = None   # local row b is local slot b
-        return kernels.decode_attention_cached(q, k, v, i, r, p, scale)
+        return kernels.decode_attention_cached(q, k, v, i, r, p, scale, kv_window=kv_window)
 
     act = ("batch", "seq", "heads", "head_dim")
     return kernels.sharded.per_device(
@@ -534,8 +535,8 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
                             kv_window, ctx):
     """_layer_attention for a decode step on the kernels (see _fused_decode_prologue): q/k/v in
     one gemv launch, one prologue kernel (q/k norm, RoPE, q padded per kv head, and the new K/V
-    written into the cache in place), decode attention (which reads only each row's positions,
-    so kv_window is not needed), o_proj. Where a kernel does not cover a piece, that piece falls
+    written into the cache in place), decode attention (which reads only each row's positions;
+    kv_window bounds its grid), o_proj. Where a kernel does not cover a piece, that piece falls
     back to XLA (projections, the cache write). -> (x + attention output, k_all, v_all)."""
     st = (attn_full, layer)
     norm_rope = (attn_full.q_norm.weight[...], attn_full.k_norm.weight[...], layer, cos[:, 0], sin[:, 0],
@@ -551,7 +552,7 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
         if done is not None:
             q16, k_all, v_all, counts = done
             return _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, heads // kv, st, ctx,
-                                  counts)
+                                  kv_window, counts)
         fused = kernels.qk_prologue.qk_norm_rope_partials(q_p, k_p, *norm_rope, heads=heads, dtype=h.dtype)
     if fused is not None:   # e.g. a cache dtype the writing prologue does not take
         q16, k_rot = fused
@@ -561,7 +562,7 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
         q16, k_rot = kernels.qk_prologue.qk_norm_rope(q[:, 0], k[:, 0], *norm_rope)
     rows = np.arange(x.shape[0], dtype=np.int32) if slots_b is None else slots_b
     k_all, v_all = _write_cache(k_all, v_all, layer, rows, positions_bt, k_rot[:, None], v)
-    return _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, heads // kv, st, ctx)
+    return _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, heads // kv, st, ctx, kv_window)
 
 
 def _qkv_partials(attn_full, h, layer):
@@ -582,11 +583,12 @@ def _qkv_partials(attn_full, h, layer):
     return None if any(p is None for p in parts) else parts
 
 
-def _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, group, st, ctx, counts=None):
+def _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, group, st, ctx, kv_window=None,
+                   counts=None):
     """Decode attention over the cache (new K/V already written) and o_proj: -> (x + out, k_all, v_all).
-    counts: the prologue's zeroed merge counters, or None."""
+    kv_window: bounds the keys the kernel's grid covers; counts: the prologue's zeroed merge counters, or None."""
     out = kernels.decode_attention_cached(q16, k_all, v_all, layer, slots_b, positions_bt, blk.attn.scale,
-                                          group=group, counts=counts)
+                                          group=group, counts=counts, kv_window=kv_window)
     return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all
 
 
@@ -609,7 +611,7 @@ def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all,
         return x + blk.attn.attend(q, k, v, mask, ctx, stacked=st, positions_bt=positions_bt), k_all, v_all
     rows = jnp.arange(x.shape[0]) if slots_b is None else slots_b
     k_all, v_all = _write_cache(k_all, v_all, layer, rows, positions_bt, k, v)
-    out = _decode_attention(q, k_all, v_all, layer, slots_b, positions_bt, blk.attn.scale, ctx)
+    out = _decode_attention(q, k_all, v_all, layer, slots_b, positions_bt, blk.attn.scale, ctx, kv_window)
     if out is not None:
         return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all
     # Attend over the first kv_window cache positions only: the caller guarantees every row's

@@ -864,7 +864,8 @@ def test_decode_step_with_an_idle_row_at_the_cache_end(monkeypatch):
 def test_decode_step_on_chosen_slots_equals_the_full_batch(monkeypatch):
     """The engine's small decode batches (serve/engine.py decode_batch_sizes): kernels on
     (interpret mode), a decode step over slots [2, 0] of a 3-slot cache (slot 1 not in the
-    batch) gives those rows' logits and cache writes of the step over all 3 slots."""
+    batch) gives those rows' logits and cache writes of the step over all 3 slots; so does it with
+    a KV window of 16 of the 64 positions (the decode-attention grid planned over 16 keys)."""
     from flax import nnx
 
     from qwen3_jax import Qwen3MoeConfig, random_model
@@ -880,17 +881,19 @@ def test_decode_step_on_chosen_slots_equals_the_full_batch(monkeypatch):
 
     def run(st, tok):
         model = nnx.merge(m.graphdef, st)
-        _, cache = model(tok, None, m.init_cache(3, 16))
+        _, cache = model(tok, None, m.init_cache(3, 64))
         pos = jnp.full((3, 1), 5, jnp.int32)
         full, full_cache = model(tok[:, -1:], pos, cache)
         part, part_cache = model(tok[slots, -1:], pos[slots], cache, slots)
-        return full, full_cache, part, part_cache
+        windowed, _ = model(tok[slots, -1:], pos[slots], cache, slots, kv_window=16)
+        return full, full_cache, part, part_cache, windowed
     with kernels.kernels_enabled(True):
         fn = jax.jit(run)
         text = str(jax.make_jaxpr(fn)(m.state, tokens))
         assert "qwen3_decode_attention" in text and "qwen3_qk_norm_rope_kv" in text
-        full, full_cache, part, part_cache = fn(m.state, tokens)
+        full, full_cache, part, part_cache, windowed = fn(m.state, tokens)
     assert rel(part, np.asarray(full, np.float32)[np.asarray(slots)]) < TOL_BF16_MODEL
+    assert rel(windowed, np.asarray(full, np.float32)[np.asarray(slots)]) < TOL_BF16_MODEL
     for a, b in zip(jax.tree.leaves(part_cache), jax.tree.leaves(full_cache)):   # the same writes, slots 0 and 2
         for sl in (0, 2):
             np.testing.assert_array_equal(np.asarray(a[:, sl], np.float32), np.asarray(b[:, sl], np.float32))

@@ -82,6 +82,28 @@ def test_a_row_past_the_cache_reads_nothing(combine, splits):
     assert rel(live, want) < 1e-2
 
 
+def test_a_kv_window_bounds_the_grid_not_the_answer():
+    """The engine's decode window (every live row's keys below it) sets the grid: planned over
+    64 keys of a 512-key cache the kernel runs 4x fewer splits, and gives the whole cache's
+    answer (keys past a row's length are masked either way); an idle row past S still reads
+    nothing. A window the plan cannot tile is refused with the way out."""
+    from qwen3_jax.kernels.decode_attention import decode_attention_cached
+
+    b, h, k, qd, s, w = 3, 8, 2, 32, 512, 64
+    q, kc, vc = cache_and_q(5, b, h, k, qd, s, slots=4)
+    rows, pos = jnp.array([3, 0, 1]), jnp.array([40, s, 63])     # row 1 idle
+    assert plan(b, k, w)[1] < plan(b, k, s)[1]
+    got = decode_attention_cached(q[:, None], kc, vc, 1, rows, pos[:, None], qd ** -0.5, kv_window=w)
+    whole = decode_attention_cached(q[:, None], kc, vc, 1, rows, pos[:, None], qd ** -0.5)
+    got, whole = np.asarray(got[:, 0], np.float32), np.asarray(whole[:, 0], np.float32)
+    assert np.all(got[1] == 0)
+    live = np.array([0, 2])
+    want = softmax_attention(q[live], kc, vc, 1, rows[live], pos[live] + 1, qd ** -0.5)
+    assert rel(got[live], whole[live]) < 4e-3 and rel(got[live], want) < 1e-2
+    with pytest.raises(ValueError, match="multiple of bs \\* splits"):
+        decode_attention(q, kc, vc, jnp.int32(1), rows, pos, scale=1.0, bs=16, splits=4, window=40)
+
+
 def test_merge_in_the_kernel_is_one_launch_with_no_xla_merge():
     """The kernel merge leaves no exp / reduce around the Triton call (the XLA merge has both);
     the counters are the only extra operand (aliased to an output, so no copy)."""

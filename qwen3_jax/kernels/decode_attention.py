@@ -67,10 +67,10 @@ def plan(batch: int, kv_heads: int, seq: int, bs_target: int = 64):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "bs", "splits", "group", "num_warps", "num_stages", "interpret",
-                                             "length_offset", "combine"))
+                                             "length_offset", "combine", "window"))
 def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scale: float, bs: int, splits: int,
                      group: int | None = None, num_warps: int = 4, num_stages: int = 2, interpret=None,
-                     length_offset: int = 0, combine: str = "kernel", counts=None):
+                     length_offset: int = 0, combine: str = "kernel", counts=None, window: int | None = None):
     """q [B, H, Q]; k/v cache [L, N, S, K, Q]; layer int32; slots [B] (cache row of each
     sequence), or None: row b is slot b, with no index operand (an arange, even a numpy constant,
     would be an iota kernel every layer); lengths [B] (keys 0..lengths[b]+length_offset-1 attend;
@@ -82,8 +82,15 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
     combine: where the key splits merge, "kernel" or "xla" (module doc); "kernel" needs G a
     power of two (a Triton block of G rows) and falls back to "xla" otherwise. counts: the
     kernel merge's counters, zeros [B, K] int32 that are not used again (the cache-writing
-    prologue's fourth output); None: made here (XLA then runs a zeros kernel or copy per call)."""
+    prologue's fourth output); None: made here (XLA then runs a zeros kernel or copy per call).
+    window: the grid covers keys 0..window-1 only (a multiple of bs * splits, at most S; None:
+    S); every live row's keys must lie below it (the engine's KV window), a row past S still
+    reads nothing."""
     _, _, s, k, _ = k_cache.shape
+    window = s if window is None else window
+    if window > s or window % (bs * splits):
+        raise ValueError(f"decode_attention window={window} must be at most the cache length {s} and a multiple "
+                         f"of bs * splits = {bs * splits}; plan it with plan(batch, kv_heads, window)")
     if group is None:
         b, h, qd = q_bhq.shape
         g = h // k
@@ -104,7 +111,7 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
         q16 = jnp.pad(q_bhq.reshape(b, k, g, qd), ((0, 0), (0, 0), (0, 16 - g), (0, 0)))
     else:
         q16 = q_bhq
-    chunk = s // splits
+    chunk = window // splits
     steps = chunk // bs
     ch = max(1, min(splits, _COMBINE_BYTES // (4 * g * qd)))   # splits per read-back load
 
@@ -232,18 +239,23 @@ def covered(q_bthq, k_all, group: int | None = None) -> bool:
 
 
 def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float,
-                            group: int | None = None, counts=None):
+                            group: int | None = None, counts=None, kv_window: int | None = None):
     """The model's entry: one new token per row (T == 1), rows_b the cache slot of each row or
     None (row b is slot b) -> attention output [B, 1, H, Q], or None when not covered (T > 1, dtypes differ, a cache length with no 16-multiple tiling).
     With `group` = G, q is qk_prologue's q16 [B, K, 16, Q] (no pad kernel) and H = K*G.
-    counts: the prologue's zeros for the in-kernel merge (decode_attention)."""
+    counts: the prologue's zeros for the in-kernel merge (decode_attention).
+    kv_window: every live row's position is below it (the engine's decode window): the grid is
+    planned over those keys, not the whole cache. One request at position ~160 of a 8192-key
+    cache otherwise ran 128 key splits of which 3 had keys, and the merge of all 128: 32 us a
+    layer instead of ~6 (run 77, benchmarks/NOTES.md)."""
     if not covered(q_bthq, k_all, group):
         return None
-    b = q_bthq.shape[0]
-    bs, splits = plan(b, k_all.shape[3], k_all.shape[2])
+    b, s = q_bthq.shape[0], k_all.shape[2]
+    window = s if kv_window is None or kv_window >= s or plan(b, k_all.shape[3], kv_window) is None else kv_window
+    bs, splits = plan(b, k_all.shape[3], window)
     q = q_bthq if group is not None else q_bthq[:, 0]
     # positions [B] go in as they are: the kernel adds the 1 (keys 0..position attend)
     out = decode_attention(q, k_all, v_all, jnp.asarray(layer, jnp.int32), rows_b, positions_bt[:, 0],
                            scale=float(scale), bs=bs, splits=splits, group=group, length_offset=1, combine=COMBINE,
-                           counts=counts)
+                           counts=counts, window=window)
     return out[:, None]
