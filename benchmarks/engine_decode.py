@@ -41,14 +41,17 @@ def decode_ms(engine, prompts, tokens: int) -> tuple[float, dict, list]:
 
 def model_step_ms(model, batch: int, context: int, position: int, steps: int = 8, reps: int = 5) -> float:
     """The model's decode step alone, as serve.bench times it (one jitted call runs `steps`
-    greedy steps, so the host never waits): what an engine step could cost. ms per step."""
+    greedy steps, so the host never waits; random tokens and K/V, so rows route to different
+    experts as the engine's distinct prompts do): what an engine step could cost. ms per step."""
+    import jax
     import jax.numpy as jnp
 
-    from serve.bench import make_decode, median_seconds
+    from serve.bench import fill_cache, make_decode, median_seconds
 
     fn = make_decode(model.graphdef, steps)
-    tok, pos = jnp.zeros(batch, jnp.int32), jnp.full(batch, position, jnp.int32)
-    holder = {"cache": model.init_cache(batch, context)}
+    tok = jax.random.randint(jax.random.key(batch), (batch,), 0, model.config.vocab_size, jnp.int32)
+    pos = jnp.full(batch, position, jnp.int32)
+    holder = {"cache": fill_cache(model.init_cache(batch, context), jax.random.key(batch + 1))}
 
     def call():
         out, holder["cache"] = fn(model.state, tok, pos, holder["cache"])
