@@ -315,9 +315,9 @@ class Engine:
         """Compile every prefill bucket, each decode batch size at each KV window, and the samplers
         (SAMPLING_MODES) at each of those batch sizes now, so no request waits for XLA."""
         t0 = time.perf_counter()
-        sizes = sorted(set(self.decode_batch_sizes) | {1})   # prefill samples one row
         bar = progress_bar(len(self.buckets) + len(self.windows) * len(self.decode_batch_sizes)
-                           + (len(SAMPLING_MODES) - 1) * len(sizes), "compiling", "step", progress)
+                           + (len(SAMPLING_MODES) - 1) * (1 + len(self.decode_batch_sizes)), "compiling", "step",
+                           progress)
         s = self.context_length
         for t in self.buckets:   # positions S: the writes are dropped
             ids = self._prefill_call(np.zeros((1, t), np.int32), np.full((1, t), s, np.int32), 0, 0)
@@ -329,14 +329,16 @@ class Engine:
             for w in self.windows:
                 jax.block_until_ready(self._decode_call(b, w, idle))
                 bar.update(1)
-        for mode in SAMPLING_MODES[1:]:   # the forwards above ran the greedy sampler
-            for b in sizes:
-                rows = np.arange(b, dtype=np.int32)
-                logits = jnp.zeros((b, self.model.config.vocab_size), jnp.float32)
-                ids, last = self._samplers[mode](self._carry[1], logits, rows, np.zeros(b, bool),
-                                                 *self._sampling_inputs(rows))
-                self._carry = (self._carry[0], last)
-                jax.block_until_ready(ids)
+        # The steps above ran the greedy sampler; the others compile at each batch size through
+        # whole steps (with several processes every rank must run each jitted call).
+        for mode in SAMPLING_MODES[1:]:
+            ids = self._prefill_call(np.zeros((1, self.buckets[0]), np.int32),
+                                     np.full((1, self.buckets[0]), s, np.int32), 0, 0, mode)
+            jax.block_until_ready(ids)
+            bar.update(1)
+            for b in self.decode_batch_sizes:
+                idle = np.arange(self.num_slots - b, self.num_slots, dtype=np.int32)
+                jax.block_until_ready(self._decode_call(b, self.windows[0], idle, mode))
                 bar.update(1)
         bar.close()
         log.info("compiled %d prefill buckets %s and the decode step (%d slots, batch sizes %s, KV windows %s, "
@@ -654,23 +656,26 @@ class Engine:
         self._inflight.append((ids, [(s if b == self.num_slots else i, self._slots[s]) for i, s in enumerate(live)]))
         return True
 
-    def _prefill_call(self, tokens_1t, positions_1t, slot: int, logits_at: int) -> jax.Array:
+    def _prefill_call(self, tokens_1t, positions_1t, slot: int, logits_at: int, mode: str | None = None
+                      ) -> jax.Array:
         """Launch one prompt chunk [1, T] into `slot`'s cache row. -> the id sampled after
-        position logits_at [1] (not yet on the host), also kept as the slot's last id."""
+        position logits_at [1] (not yet on the host), also kept as the slot's last id. mode:
+        the sampler's (None: the one the slot's settings need)."""
         rows = np.array([slot], np.int32)
         inputs = (tokens_1t, positions_1t, rows, np.array([logits_at], np.int32), *self._sampling_inputs(rows))
-        mode = sampling_mode(self._temp[rows], self._top_k[rows])
+        mode = mode or sampling_mode(self._temp[rows], self._top_k[rows])
         ids, self._carry = self._steps[f"prefill/{mode}"](self.model.state, self._carry, *inputs)
         return ids
 
-    def _decode_call(self, b: int, window: int, rows) -> jax.Array:
+    def _decode_call(self, b: int, window: int, rows, mode: str | None = None) -> jax.Array:
         """Launch one decode step of batch size b: all slots in slot order (b = num_slots), else the
-        slots `rows` [b]. -> ids [b] (not yet on the host); the carry moves on."""
+        slots `rows` [b]. -> ids [b] (not yet on the host); the carry moves on. mode: the
+        sampler's (None: the one the live rows' settings need)."""
         if b == self.num_slots:
             rows = np.arange(b, dtype=np.int32)
         positions = self._pos[rows]
         live = positions < self.context_length   # the sampler's mode follows the live rows alone
-        mode = sampling_mode(self._temp[rows][live], self._top_k[rows][live])
+        mode = mode or sampling_mode(self._temp[rows][live], self._top_k[rows][live])
         ids, self._carry = self._steps[f"decode/{window}/{mode}"](self.model.state, self._carry, positions,
                                                                   *self._sampling_inputs(rows), rows)
         return ids
