@@ -11,7 +11,8 @@ import pytest
 from serve.cli import build_parser
 
 FLAGS = ["--model", "--mesh", "--host", "--port", "--mem-fraction-static", "--max-running-requests",
-         "--context-length", "--dtype", "--served-model-name", "--api-key", "--log-level"]
+         "--context-length", "--dtype", "--served-model-name", "--api-key", "--log-level", "--decode-batch-sizes",
+         "--disable-overlap-schedule"]
 
 
 def run(*args, timeout=120):
@@ -39,6 +40,8 @@ def test_mem_fraction_default_is_the_planners():
 def test_decode_batch_sizes_flag(capsys):
     assert build_parser().parse_args(["--decode-batch-sizes", "1,2, 8"]).decode_batch_sizes == [1, 2, 8]
     assert build_parser().parse_args([]).decode_batch_sizes is None     # the engine's default
+    assert not build_parser().parse_args([]).disable_overlap_schedule  # overlap on by default
+    assert build_parser().parse_args(["--disable-overlap-schedule"]).disable_overlap_schedule
     for bad in ("0,2", "x", ""):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["--decode-batch-sizes", bad])
