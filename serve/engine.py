@@ -210,12 +210,15 @@ class Engine:
         self.chunk = max(1, min(chunked_prefill_size, self.context_length))
         self.buckets = prefill_buckets(self.context_length, self.chunk)
         self.max_queued_requests = max_queued_requests
-        # The steps' carry: the KV cache and each slot's last sampled id (its next input token).
-        carry = (model.init_cache(self.num_slots, self.context_length), np.zeros(self.num_slots, np.int32))
-        where = devices[0] if model.ctx is None else jax.sharding.NamedSharding(model.ctx.mesh, jax.sharding.PartitionSpec())
-        # committed like the step outputs, so the first real step does not recompile
-        self._carry = (carry[0] if model.ctx is not None else jax.device_put(carry[0], where),
-                       jax.device_put(carry[1], where))
+        # The steps' carry: the KV cache and each slot's last sampled id (its next input token),
+        # committed like the step outputs, so the first real step does not recompile.
+        cache = model.init_cache(self.num_slots, self.context_length)
+        if model.ctx is None:
+            where = devices[0]
+            cache = jax.device_put(cache, where)
+        else:
+            where = jax.sharding.NamedSharding(model.ctx.mesh, jax.sharding.PartitionSpec())
+        self._carry = (cache, jax.device_put(np.zeros(self.num_slots, np.int32), where))
         self.overlap = overlap
         self.decode_batch_sizes = pick_decode_batch_sizes(
             self.num_slots, decode_batch_sizes, dp=model.mesh_spec.dp, processes=jax.process_count(),
