@@ -426,10 +426,12 @@ class MoE(nnx.Module):
         self.down_proj = Weight((e, f, d), ("experts", "expert_mlp", "embed"), block_axis=2,
                                 **_fp8(cfg, "mlp.experts.down_proj", False), **mk)
 
-    def __call__(self, x_btd, ctx, stacked=None):
+    def __call__(self, x_btd, ctx, stacked=None, live_n=None):
         """`stacked` = (this MoE with [L, ...] params, layer): the kernels read experts in place.
         x_btd may be a gemv_inputs.RmsNormX (the post-attention norm, applied in the router's and
-        the gate/up gemv's x load); XLA paths use it materialized."""
+        the gate/up gemv's x load); XLA paths use it materialized. live_n [B*T] bool (optional):
+        rows False route to no expert where the kernels' gemv path runs (no expert weight read,
+        output zeros); elsewhere they route as any row."""
         b, t, d = x_btd.shape
         x = x_btd.reshape(b * t, d)
         routed, groups = None, None
@@ -438,6 +440,8 @@ class MoE(nnx.Module):
                                             with_groups=True)
         if routed is not None:   # groups = experts + layer * E, written by the top-k kernel (one device)
             weights, experts, groups = routed
+            if live_n is not None:   # group -1: the gemv reads nothing (run 76: 20 such rows cost 3.9x one live row)
+                groups = jnp.where(jnp.repeat(live_n, self.top_k), groups, -1)
         else:
             weights, experts = route(materialize(x), self.router(jnp.float32), self.top_k, self.norm_topk_prob)
         if stacked is not None and kernels.usable(x.dtype):
@@ -462,7 +466,7 @@ class DenseMLP(nnx.Module):
         self.down_proj = Weight((i, d), ("mlp", "embed"), block_axis=1,
                                 **_fp8(cfg, "mlp.down_proj", False), **mk)
 
-    def __call__(self, x_btd, ctx, stacked=None):
+    def __call__(self, x_btd, ctx, stacked=None, live_n=None):
         x_btd = materialize(x_btd)   # a gemv_inputs source on the fused decode path
         dt = x_btd.dtype
         h = jax.nn.silu(jnp.einsum("btd,di->bti", x_btd, self.gate_proj(dt)))
@@ -650,6 +654,9 @@ class Segment(nnx.Module):
         k0, v0 = cache_kv if cache_kv is not None else (None, None)
         fused = k0 is not None and _fused_decode_prologue(x_btd, k0, full.attn, ctx)   # same for every layer
         attention = _decode_layer_attention if fused else _layer_attention
+        # Decode rows past the cache (an engine's padding rows and idle slots: writes dropped,
+        # output discarded) route to no expert on the kernel path (MoE.__call__).
+        live_n = positions_bt[:, 0] < k0.shape[2] if fused and x_btd.shape[0] > 1 else None
 
         def norm(blk_norm, full_norm, x, i):
             """On the fused path the norm is applied in the next gemv's x load (gemv_inputs.RmsNormX),
@@ -665,7 +672,7 @@ class Segment(nnx.Module):
             h = norm(blk.input_norm, full.input_norm, x, i)
             x, k_all, v_all = attention(blk, full.attn, i, x, h, cos, sin, positions_bt, k_all, v_all, slots_b,
                                         kv_window, ctx)
-            x = x + blk.mlp(norm(blk.post_norm, full.post_norm, x, i), ctx, stacked=(full.mlp, i))
+            x = x + blk.mlp(norm(blk.post_norm, full.post_norm, x, i), ctx, stacked=(full.mlp, i), live_n=live_n)
             x = constrain(x, ("batch", "seq", "embed"), ctx)
             return (x, k_all, v_all), None
 
