@@ -256,7 +256,8 @@ def test_small_decode_batches_on_a_tensor_parallel_mesh(ckpt):
 def test_overlap_schedule_gives_the_same_tokens(ckpt, engine):
     """The module's engine overlaps (step t+1 launched before step t's ids are read back); one
     with overlap=False must give the same outputs for a mixed load: 6 sampled and greedy requests
-    on 4 slots (slots reused), prompts 5-45 tokens (chunked), one ended early by a stop id. And
+    on 4 slots (slots reused), prompts 5-45 tokens (chunked), top-k 20 and the full vocabulary
+    (both samplers), one ended early by a stop id and one by a stop string. And
     overlap shows in the step count: a request stopped by a stop id had one step launched past
     its end (its id dropped), which the serial engine does not run."""
     assert engine.overlap
@@ -268,13 +269,19 @@ def test_overlap_schedule_gives_the_same_tokens(ckpt, engine):
         greedy = engine.generate(prompts[0], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
         stop_at = greedy.token_ids[6]
         k = greedy.token_ids.index(stop_at)   # the stop id is the (k+1)-th token
+        # a stop string: the text of greedy tokens 3..4, which the request must end on
+        stop_text = engine.tokenizer.decode(greedy.token_ids[3:5])
         params = [SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[stop_at])] + [
-            SamplingParams(max_tokens=m, temperature=0.8, top_p=0.9, seed=s, ignore_eos=True)
-            for s, m in zip(range(5), (14, 3, 1, 9, 12))]
+            SamplingParams(max_tokens=m, temperature=0.8, top_p=0.9, top_k=k_, seed=s, ignore_eos=True)
+            for s, m, k_ in zip(range(5), (14, 3, 1, 9, 12), (-1, 20, -1, 20, -1))]
+        params.append(SamplingParams(max_tokens=16, temperature=0, stop=[stop_text], ignore_eos=True))
+        prompts.append(prompts[0])
         got, want = engine.generate(prompts, params), serial.generate(prompts, params)
-        assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in want]
+        assert [(o.token_ids, o.text, o.finish_reason) for o in got] == [
+            (o.token_ids, o.text, o.finish_reason) for o in want]
         assert got[0].token_ids == greedy.token_ids[:k + 1] and got[0].finish_reason == "stop"
-        assert [len(o.token_ids) for o in got[1:]] == [14, 3, 1, 9, 12]
+        assert [len(o.token_ids) for o in got[1:6]] == [14, 3, 1, 9, 12]
+        assert got[6].finish_reason == "stop" and stop_text not in got[6].text and len(got[6].token_ids) < 16
         # One request stopped at its (k+1)-th token: the serial engine ran k decode steps (the first
         # token comes from the prefill), the overlapping one k + 1.
         steps = []
