@@ -430,8 +430,9 @@ class MoE(nnx.Module):
         """`stacked` = (this MoE with [L, ...] params, layer): the kernels read experts in place.
         x_btd may be a gemv_inputs.RmsNormX (the post-attention norm, applied in the router's and
         the gate/up gemv's x load); XLA paths use it materialized. live_n [B*T] bool (optional):
-        rows False route to no expert where the kernels' gemv path runs (no expert weight read,
-        output zeros); elsewhere they route as any row."""
+        rows False route to no expert on the kernel path on one device (the gemv reads no weight
+        for them, the grouped matmul gives them no block; output zeros); elsewhere they route as
+        any row."""
         b, t, d = x_btd.shape
         x = x_btd.reshape(b * t, d)
         routed, groups = None, None
@@ -440,8 +441,9 @@ class MoE(nnx.Module):
                                             with_groups=True)
         if routed is not None:   # groups = experts + layer * E, written by the top-k kernel (one device)
             weights, experts, groups = routed
-            if live_n is not None:   # group -1: the gemv reads nothing (run 76: 20 such rows cost 3.9x one live row)
-                groups = jnp.where(jnp.repeat(live_n, self.top_k), groups, -1)
+            if live_n is not None:   # route nowhere: run 76 measured 20 such rows at 3.9x one live row
+                groups = jnp.where(jnp.repeat(live_n, self.top_k), groups, -1)   # gemv path: no weight read
+                experts = jnp.where(live_n[:, None], experts, -1)   # grouped path: no block (expert not here)
         else:
             weights, experts = route(materialize(x), self.router(jnp.float32), self.top_k, self.norm_topk_prob)
         if stacked is not None and kernels.usable(x.dtype):

@@ -864,8 +864,8 @@ def test_decode_step_with_an_idle_row_at_the_cache_end(monkeypatch):
 def test_rows_past_the_cache_route_to_no_expert(monkeypatch):
     """A decode row at position S (an engine's padding row or idle slot) gets group -1 in every
     layer's MoE gemv (no expert weight read: run 76 measured 20 such rows at 3.9x the cost of the
-    one live row when they routed as live rows), live rows their experts; the live rows' logits
-    are the plain-XLA path's."""
+    one live row when they routed as live rows) and expert -1 for the grouped matmul (no block),
+    live rows their experts; the live rows' logits are the plain-XLA path's, on either path."""
     from flax import nnx
 
     from qwen3_jax import Qwen3MoeConfig, random_model
@@ -877,32 +877,36 @@ def test_rows_past_the_cache_route_to_no_expert(monkeypatch):
     stacked = kernels.moe_ffn_stacked
 
     def recording(x, weights, experts, gate, up, down, layer, groups=None):
-        seen.append(groups)
+        seen.append((groups, experts))
         return stacked(x, weights, experts, gate, up, down, layer, groups)
     monkeypatch.setattr(kernels, "moe_ffn_stacked", recording)
     cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, head_dim=32,
                                         num_experts=16))
     m = with_distinct_norms(random_model(cfg, seed=6))
-    s = 16
-    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (3, 5)), jnp.int32)
-    positions = jnp.asarray([[5], [s], [5]], jnp.int32)    # row 1 parked past the cache
+    s, k = 16, cfg.num_experts_per_tok
+    # 3 rows: the gemv path; 40 rows (80 assignments, over bf16's 64): the grouped matmul's
+    for b, idle in ((3, [1]), (40, [1, 7, 30, 39])):
+        tokens = jnp.asarray(np.random.default_rng(b).integers(0, cfg.vocab_size, (b, 5)), jnp.int32)
+        positions = np.full((b, 1), 5, np.int32)
+        positions[idle] = s                                   # rows parked past the cache
+        live = np.setdiff1d(np.arange(b), idle)
 
-    def run(st, tok):
-        model = nnx.merge(m.graphdef, st)
-        _, cache = model(tok, None, m.init_cache(3, s))
-        del seen[:]   # the prefill's (T > 1: no mask)
-        logits, _ = model(tok[:, -1:], positions, cache)
-        return logits, list(seen)
-    with kernels.kernels_enabled(False):   # a new function per jit: JAX caches traces per function
-        ref, _ = jax.jit(lambda st, tok: run(st, tok))(m.state, tokens)
-    with kernels.kernels_enabled(True):
-        got, groups = jax.jit(lambda st, tok: run(st, tok))(m.state, tokens)
-    assert len(groups) == cfg.num_hidden_layers
-    for g in groups:
-        g = np.asarray(g).reshape(3, cfg.num_experts_per_tok)
-        assert (g[1] == -1).all() and (g[[0, 2]] >= 0).all()
-    live = np.array([0, 2])
-    assert rel(got[live], ref[live]) < TOL_BF16_MODEL
+        def run(st, tok):
+            model = nnx.merge(m.graphdef, st)
+            _, cache = model(tok, None, m.init_cache(b, s))
+            del seen[:]   # the prefill's (T > 1: no mask)
+            logits, _ = model(tok[:, -1:], jnp.asarray(positions), cache)
+            return logits, list(seen)
+        with kernels.kernels_enabled(False):   # a new function per jit: JAX caches traces per function
+            ref, _ = jax.jit(lambda st, tok: run(st, tok))(m.state, tokens)
+        with kernels.kernels_enabled(True):
+            got, routed = jax.jit(lambda st, tok: run(st, tok))(m.state, tokens)
+        assert len(routed) == cfg.num_hidden_layers
+        for groups, experts in routed:
+            g, e = np.asarray(groups).reshape(b, k), np.asarray(experts)
+            assert (g[idle] == -1).all() and (g[live] >= 0).all()
+            assert (e[idle] == -1).all() and (e[live] >= 0).all()
+        assert rel(got[live], ref[live]) < TOL_BF16_MODEL
 
 
 def test_decode_step_on_chosen_slots_equals_the_full_batch(monkeypatch):
