@@ -294,23 +294,35 @@ def test_overlap_schedule_gives_the_same_tokens(ckpt, engine):
         serial.shutdown()
 
 
-def test_engine_steps_hold_no_device_conditional(engine):
+def test_engine_steps_hold_no_device_conditional(ckpt, engine, monkeypatch):
     """XLA:GPU runs a conditional by copying its branch index to the host and blocking until the
     device gets there, so a step holding one would not return from its launch until its forward
     had run, and no next step could queue behind it (what kept run 75's overlap from working).
-    The engine's forwards and samplers must lower without one."""
+    The engine's forwards (plain XLA, and bf16 on the kernels as a GPU compiles them: lowered
+    for CUDA here) and samplers must lower without one."""
     import functools
 
+    from qwen3_jax import api, kernels
     from serve.engine import _decode_forward
     from serve.sampling import SAMPLING_MODES
 
-    b, v = engine.num_slots, engine.model.config.vocab_size
+    b, v, last = engine.num_slots, engine.model.config.vocab_size, engine._carry[1]
     rows = np.arange(b, dtype=np.int32)
-    texts = [jax.jit(functools.partial(_decode_forward, engine.model.graphdef, w)).lower(
-        engine.model.state, engine.cache, engine._carry[1], np.zeros(b, np.int32)).as_text() for w in engine.windows]
-    texts += [engine._samplers[m].lower(engine._carry[1], jnp.zeros((b, v)), rows, np.ones(b, bool),
-                                        *engine._sampling_inputs(rows)).as_text() for m in SAMPLING_MODES]
-    assert texts and not [t for t in texts if "stablehlo.case" in t or "stablehlo.if" in t]
+
+    def forward(m, w, platforms=None, *slots):
+        n = len(slots[0]) if slots else b
+        fn = jax.jit(functools.partial(_decode_forward, m.graphdef, w))
+        args = (m.state, m.init_cache(b, engine.context_length), last, np.zeros(n, np.int32), *slots)
+        return fn.trace(*args).lower(lowering_platforms=platforms).as_text()
+    texts = [forward(engine.model, w) for w in engine.windows]
+    monkeypatch.setattr(kernels, "on_gpu", lambda: True)   # Triton kernels, not interpret mode
+    with kernels.kernels_enabled(True):
+        m16 = api.load(ckpt, dtype="bfloat16", progress=False)
+        gpu = [forward(m16, engine.windows[0], ("cuda",), *slots) for slots in ((), (np.array([2, 0], np.int32),))]
+    assert all("xla.gpu.triton" in t for t in gpu)
+    texts += gpu + [engine._samplers[s].lower(last, jnp.zeros((b, v)), rows, np.ones(b, bool),
+                                              *engine._sampling_inputs(rows)).as_text() for s in SAMPLING_MODES]
+    assert not [t for t in texts if "stablehlo.case" in t or "stablehlo.if" in t]
     # the device switch the engine avoids does lower to one (the check can fail)
     assert "stablehlo.case" in jax.jit(sample).lower(jnp.zeros((b, v)), *engine._sampling_inputs(rows)).as_text()
 
