@@ -430,9 +430,8 @@ class MoE(nnx.Module):
         """`stacked` = (this MoE with [L, ...] params, layer): the kernels read experts in place.
         x_btd may be a gemv_inputs.RmsNormX (the post-attention norm, applied in the router's and
         the gate/up gemv's x load); XLA paths use it materialized. live_n [B*T] bool (optional):
-        rows False route to no expert on the kernel path on one device (the gemv reads no weight
-        for them, the grouped matmul gives them no block; output zeros); elsewhere they route as
-        any row."""
+        rows False route to no expert (expert -1, held by no device: the gemv reads no weight for
+        them, the grouped matmul gives them no block, ragged_dot no group; their output is zeros)."""
         b, t, d = x_btd.shape
         x = x_btd.reshape(b * t, d)
         routed, groups = None, None
@@ -441,11 +440,12 @@ class MoE(nnx.Module):
                                             with_groups=True)
         if routed is not None:   # groups = experts + layer * E, written by the top-k kernel (one device)
             weights, experts, groups = routed
-            if live_n is not None:   # route nowhere: run 76 measured 20 such rows at 3.9x one live row
-                groups = jnp.where(jnp.repeat(live_n, self.top_k), groups, -1)   # gemv path: no weight read
-                experts = jnp.where(live_n[:, None], experts, -1)   # grouped path: no block (expert not here)
         else:
             weights, experts = route(materialize(x), self.router(jnp.float32), self.top_k, self.norm_topk_prob)
+        if live_n is not None:   # route nowhere: run 76 measured 20 such rows at 3.9x one live row
+            experts = jnp.where(live_n[:, None], experts, -1)   # outside every device's range: not here
+            if groups is not None:   # the gemv path's groups: -1 reads no weight
+                groups = jnp.where(jnp.repeat(live_n, self.top_k), groups, -1)
         if stacked is not None and kernels.usable(x.dtype):
             full, i = stacked
             if not kernels.single_device(ctx):
@@ -657,8 +657,9 @@ class Segment(nnx.Module):
         fused = k0 is not None and _fused_decode_prologue(x_btd, k0, full.attn, ctx)   # same for every layer
         attention = _decode_layer_attention if fused else _layer_attention
         # Decode rows past the cache (an engine's padding rows and idle slots: writes dropped,
-        # output discarded) route to no expert on the kernel path (MoE.__call__).
-        live_n = positions_bt[:, 0] < k0.shape[2] if fused and x_btd.shape[0] > 1 else None
+        # output discarded) route to no expert (MoE.__call__).
+        b, t = x_btd.shape[:2]
+        live_n = positions_bt[:, 0] < k0.shape[2] if k0 is not None and t == 1 and b > 1 else None
 
         def norm(blk_norm, full_norm, x, i):
             """On the fused path the norm is applied in the next gemv's x load (gemv_inputs.RmsNormX),

@@ -35,7 +35,7 @@ What a decode step reads of the cache: with the kernels (GPU), each live row up 
 position, and an idle slot (position S) nothing at all (qwen3_jax/kernels/decode_attention.py;
 before, every idle slot read its whole row each step); on the plain-XLA path, every slot up to
 a KV window just past the longest live row (decode_windows). A step's padding rows still run
-through the projections; on the kernels' gemv path they route to no expert (model.MoE).
+through the projections but route to no expert (model.MoE: expert -1, no weight read).
 
 `_prefill_forward`, `_decode_forward` and `sample` are also compiled by the memory planner
 (serve/dry_run.py) for XLA's memory analysis: keep their signatures in step with it.

@@ -124,3 +124,21 @@ def test_model_with_tiny_budget_gives_the_same_logits(monkeypatch, mesh):
     got, chunked_loops = logits()
     assert chunked_loops > loops   # the chunk loop is there (the layers' scan was already)
     assert rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("mesh", [None, "ep=2"])
+def test_rows_marked_not_live_route_nowhere(mesh):
+    """MoE(live_n=): a decode row past the cache (an engine's padding row or idle slot) gets
+    expert -1, held by no device, so the plain-XLA FFN (one device, and the experts split over 2)
+    gives it exactly zeros and the live rows exactly what they get without the mask."""
+    cfg = Qwen3MoeConfig.from_dict({**TINY, "model_type": "qwen3_moe"})
+    model = qwen3_jax.random_model(cfg, dtype="float32", mesh=mesh, seed=4)
+    graphdef, params = nnx.split(nnx.merge(model.graphdef, model.state).segments[0].block)
+    blk = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], params))   # layer 0
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((6, 1, cfg.hidden_size)), jnp.float32)
+    live = np.array([True, False, True, True, False, True])
+    with qwen3_jax.kernels.kernels_enabled(False):
+        masked = np.asarray(blk.mlp(x, model.ctx, live_n=jnp.asarray(live)))
+        whole = np.asarray(blk.mlp(x, model.ctx))
+    assert np.all(masked[~live] == 0) and np.all(whole[~live] != 0)
+    np.testing.assert_array_equal(masked[live], whole[live])
