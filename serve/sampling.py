@@ -1,4 +1,5 @@
-"""Per-request sampling parameters and the on-device sampler that runs inside the jitted step.
+"""Per-request sampling parameters and the on-device sampler (the engine jits it as its own call
+after each forward, in the mode the rows need: `sampling_mode`).
 
 Each row of a batch carries its own temperature, top_p, top_k, seed and step; the sampler turns
 logits [B, V] into token ids [B] on the device, so only B int32s come back to the host per step.
