@@ -330,7 +330,7 @@ class Engine:
         for b in self.decode_batch_sizes:
             idle = np.arange(self.num_slots - b, self.num_slots, dtype=np.int32)   # slots at position S
             for w in self.windows:
-                jax.block_until_ready(self._decode_call(b, w, idle))
+                jax.block_until_ready(self._decode_call(w, idle))
                 bar.update(1)
         # The steps above ran the greedy sampler; the others compile at each batch size through
         # whole steps (with several processes every rank must run each jitted call).
@@ -341,7 +341,7 @@ class Engine:
             bar.update(1)
             for b in self.decode_batch_sizes:
                 idle = np.arange(self.num_slots - b, self.num_slots, dtype=np.int32)
-                jax.block_until_ready(self._decode_call(b, self.windows[0], idle, mode))
+                jax.block_until_ready(self._decode_call(self.windows[0], idle, mode))
                 bar.update(1)
         bar.close()
         log.info("compiled %d prefill buckets %s and the decode step (%d slots, batch sizes %s, KV windows %s, "
@@ -647,16 +647,19 @@ class Engine:
         need = int(max(self._pos[s] for s in live)) + 1
         window = next(w for w in self.windows if w >= need)
         b = next(b for b in self.decode_batch_sizes if b >= len(live))
-        taken = set(live)   # padding rows: other slots, all at position S (free or still prefilling)
-        rows = np.asarray(live + [s for s in range(self.num_slots) if s not in taken][:b - len(live)], np.int32)
-        ids = self._decode_call(b, window, rows)
+        taken = set(live)
+        if b == self.num_slots:   # every slot, row b is slot b
+            rows = np.arange(b, dtype=np.int32)
+        else:   # the live slots, padded with others, all at position S (free or still prefilling)
+            rows = np.asarray(live + [s for s in range(self.num_slots) if s not in taken][:b - len(live)], np.int32)
+        ids = self._decode_call(window, rows)
         self.steps += 1
         self.decode_batches[b] = self.decode_batches.get(b, 0) + 1
         self._pos[live] += 1
         self._step[live] += 1
         for s in live:
             self._slots[s].launched += 1
-        self._inflight.append((ids, [(s if b == self.num_slots else i, self._slots[s]) for i, s in enumerate(live)]))
+        self._inflight.append((ids, [(i, self._slots[s]) for i, s in enumerate(rows) if s in taken]))
         return True
 
     def _prefill_call(self, tokens_1t, positions_1t, slot: int, logits_at: int, mode: str | None = None
@@ -670,12 +673,10 @@ class Engine:
         ids, self._carry = self._steps[f"prefill/{mode}"](self.model.state, self._carry, *inputs)
         return ids
 
-    def _decode_call(self, b: int, window: int, rows, mode: str | None = None) -> jax.Array:
-        """Launch one decode step of batch size b: all slots in slot order (b = num_slots), else the
-        slots `rows` [b]. -> ids [b] (not yet on the host); the carry moves on. mode: the
-        sampler's (None: the one the live rows' settings need)."""
-        if b == self.num_slots:
-            rows = np.arange(b, dtype=np.int32)
+    def _decode_call(self, window: int, rows, mode: str | None = None) -> jax.Array:
+        """Launch one decode step over the slots `rows` [B] (B = the slot count: every slot, in slot
+        order). -> ids [B] (not yet on the host); the carry moves on. mode: the sampler's (None:
+        the one the live rows' settings need)."""
         positions = self._pos[rows]
         live = positions < self.context_length   # the sampler's mode follows the live rows alone
         mode = mode or sampling_mode(self._temp[rows][live], self._top_k[rows][live])

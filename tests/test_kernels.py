@@ -921,6 +921,13 @@ def test_decode_step_on_chosen_slots_equals_the_full_batch(monkeypatch):
     from reference import TINY, with_distinct_norms
 
     monkeypatch.setattr(model_mod, "DECODE_UNROLL", 1)
+    da = sys.modules["qwen3_jax.kernels.decode_attention"]
+    windows, kernel = [], da.decode_attention
+
+    def recording(*args, **kw):   # the grid's key window of each decode-attention call traced
+        windows.append(kw["window"])
+        return kernel(*args, **kw)
+    monkeypatch.setattr(da, "decode_attention", recording)
     cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, head_dim=32,
                                         num_experts=16))
     m = with_distinct_norms(random_model(cfg, seed=8))
@@ -940,6 +947,7 @@ def test_decode_step_on_chosen_slots_equals_the_full_batch(monkeypatch):
         text = str(jax.make_jaxpr(fn)(m.state, tokens))
         assert "qwen3_decode_attention" in text and "qwen3_qk_norm_rope_kv" in text
         full, full_cache, part, part_cache, windowed = fn(m.state, tokens)
+    assert set(windows) == {64, 16}   # the whole cache, and the kv_window reaching the kernel
     assert rel(part, np.asarray(full, np.float32)[np.asarray(slots)]) < TOL_BF16_MODEL
     assert rel(windowed, np.asarray(full, np.float32)[np.asarray(slots)]) < TOL_BF16_MODEL
     for a, b in zip(jax.tree.leaves(part_cache), jax.tree.leaves(full_cache)):   # the same writes, slots 0 and 2

@@ -82,19 +82,27 @@ def test_a_row_past_the_cache_reads_nothing(combine, splits):
     assert rel(live, want) < 1e-2
 
 
-def test_a_kv_window_bounds_the_grid_not_the_answer():
+def test_a_kv_window_bounds_the_grid_not_the_answer(monkeypatch):
     """The engine's decode window (every live row's keys below it) sets the grid: planned over
-    64 keys of a 512-key cache the kernel runs 4x fewer splits, and gives the whole cache's
-    answer (keys past a row's length are masked either way); an idle row past S still reads
-    nothing. A window the plan cannot tile is refused with the way out."""
-    from qwen3_jax.kernels.decode_attention import decode_attention_cached
+    64 keys of a 512-key cache the kernel covers 64 keys in fewer splits, and gives the whole
+    cache's answer (keys past a row's length are masked either way); an idle row past S still
+    reads nothing. A window the plan cannot tile is refused with the way out."""
+    import sys
+
+    da = sys.modules["qwen3_jax.kernels.decode_attention"]
+    grids = []
+
+    def recording(*args, **kw):
+        grids.append((kw["window"], kw["bs"], kw["splits"]))
+        return decode_attention(*args, **kw)
+    monkeypatch.setattr(da, "decode_attention", recording)
 
     b, h, k, qd, s, w = 3, 8, 2, 32, 512, 64
     q, kc, vc = cache_and_q(5, b, h, k, qd, s, slots=4)
     rows, pos = jnp.array([3, 0, 1]), jnp.array([40, s, 63])     # row 1 idle
-    assert plan(b, k, w)[1] < plan(b, k, s)[1]
-    got = decode_attention_cached(q[:, None], kc, vc, 1, rows, pos[:, None], qd ** -0.5, kv_window=w)
-    whole = decode_attention_cached(q[:, None], kc, vc, 1, rows, pos[:, None], qd ** -0.5)
+    got = da.decode_attention_cached(q[:, None], kc, vc, 1, rows, pos[:, None], qd ** -0.5, kv_window=w)
+    whole = da.decode_attention_cached(q[:, None], kc, vc, 1, rows, pos[:, None], qd ** -0.5)
+    assert grids == [(w, *plan(b, k, w)), (s, *plan(b, k, s))] and plan(b, k, w)[1] < plan(b, k, s)[1]
     got, whole = np.asarray(got[:, 0], np.float32), np.asarray(whole[:, 0], np.float32)
     assert np.all(got[1] == 0)
     live = np.array([0, 2])

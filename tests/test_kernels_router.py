@@ -88,8 +88,9 @@ def test_topk_from_partials_sums_splits_and_masks_rows(row_block):
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("norm", [True, False])
 def test_topk_at_128_experts_with_ties(n, norm):
-    """30B-A3B's E = 128, k = 8: jax.lax.top_k's experts, with a row of ties in the top 8 (experts 5, 40, 77 share the largest logit; the next group of equal logits spans
-    the cut at k) and, for n > 1, a NaN row (its experts stay real ones)."""
+    """30B-A3B's E = 128, k = 8: jax.lax.top_k's experts, with a row of ties in the top 8
+    (experts 5, 40, 77 share the largest logit; the next group of equal logits spans the cut at
+    k) and, for n > 1, a NaN row (its experts stay real ones)."""
     rng = np.random.default_rng(n)
     logits = rng.standard_normal((n, 128)).astype(np.float32)
     logits[0, [5, 40, 77]] = 6.0
