@@ -537,28 +537,45 @@ def _fused_decode_prologue(x_btd, k_all, attn_full: "Attention", ctx) -> bool:
             and kernels.decode_attention_covered(q_like, k_all))
 
 
+def _attention_with_prologue(x_btd, k_all, attn_full: "Attention") -> bool:
+    """On the fused decode path (_fused_decode_prologue), the prologue runs inside the attention
+    kernel (kernels.decode_attention.PROLOGUE "fused") for these shapes."""
+    h, qd = attn_full.q_proj.einsum_shape[2:4]
+    return (kernels.decode_attention.PROLOGUE == "fused" and k_all.dtype == x_btd.dtype
+            and kernels.decode_attention.rope_covered(h, k_all.shape[3], qd, x_btd.shape[0], k_all.shape[2]))
+
+
 def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all, v_all, slots_b,
-                            kv_window, ctx):
+                            kv_window, ctx, counts=None):
     """_layer_attention for a decode step on the kernels (see _fused_decode_prologue): q/k/v in
-    one gemv launch, one prologue kernel (q/k norm, RoPE, q padded per kv head, and the new K/V
-    written into the cache in place), decode attention (which reads only each row's positions;
-    kv_window bounds its grid), o_proj. Where a kernel does not cover a piece, that piece falls
-    back to XLA (projections, the cache write). -> (x + attention output, k_all, v_all)."""
+    one gemv launch, then decode attention with its prologue in the same kernel (q/k norm, RoPE,
+    the new K/V written into the cache in place: kernels.decode_attention.decode_attention_rope,
+    given `counts`, its merge counters carried from layer to layer), or the prologue as a kernel
+    of its own in front of it; the attention reads only each row's positions (kv_window bounds
+    its grid); o_proj. Where a kernel does not cover a piece, that piece falls back to XLA
+    (projections, the cache write). -> (x + attention output, k_all, v_all, counts)."""
     st = (attn_full, layer)
     norm_rope = (attn_full.q_norm.weight[...], attn_full.k_norm.weight[...], layer, cos[:, 0], sin[:, 0],
                  blk.attn.q_norm.eps)
     heads, kv = attn_full.q_proj.einsum_shape[2], k_all.shape[3]
     fused = None
     parts = None if blk.attn.bias else _qkv_partials(attn_full, h, layer)   # a bias would need the sums
+    if parts is not None and counts is not None:
+        done = kernels.decode_attention.decode_attention_rope(
+            *parts, *norm_rope, k_all, v_all, slots_b, positions_bt[:, 0], counts, heads=heads,
+            scale=blk.attn.scale, kv_window=kv_window)
+        if done is not None:
+            out, k_all, v_all, counts = done
+            return x + blk.attn.output(out[:, None], ctx, stacked=st), k_all, v_all, counts
     if parts is not None:
         q_p, k_p, v_p = parts
         # one kernel: q/k norm + RoPE, and the new K/V written into the cache in place
         done = kernels.qk_prologue.qk_norm_rope_write_cache(
             q_p, k_p, v_p, *norm_rope, k_all, v_all, slots_b, positions_bt[:, 0], heads=heads, dtype=h.dtype)
         if done is not None:
-            q16, k_all, v_all, counts = done
-            return _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, heads // kv, st, ctx,
-                                  kv_window, counts)
+            q16, k_all, v_all, zeros = done
+            return (*_decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, heads // kv, st, ctx,
+                                    kv_window, zeros), counts)
         fused = kernels.qk_prologue.qk_norm_rope_partials(q_p, k_p, *norm_rope, heads=heads, dtype=h.dtype)
     if fused is not None:   # e.g. a cache dtype the writing prologue does not take
         q16, k_rot = fused
@@ -568,7 +585,8 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
         q16, k_rot = kernels.qk_prologue.qk_norm_rope(q[:, 0], k[:, 0], *norm_rope)
     rows = np.arange(x.shape[0], dtype=np.int32) if slots_b is None else slots_b
     k_all, v_all = _write_cache(k_all, v_all, layer, rows, positions_bt, k_rot[:, None], v)
-    return _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, heads // kv, st, ctx, kv_window)
+    return (*_decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, heads // kv, st, ctx,
+                            kv_window), counts)
 
 
 def _qkv_partials(attn_full, h, layer):
@@ -606,20 +624,21 @@ def _write_cache(k_all, v_all, layer, rows_b, positions_bt, k_btkq, v_btkq):
     return k_all, v_all
 
 
-def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all, v_all, slots_b, kv_window, ctx):
+def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all, v_all, slots_b, kv_window, ctx,
+                     counts=None):
     """The attention half of a layer: without a cache (k_all None) over the tokens themselves;
     with one, the new K/V are written first, then the decode-attention kernel where it applies,
-    else XLA attention over the cache. -> (x + attention output, k_all, v_all)."""
+    else XLA attention over the cache. -> (x + attention output, k_all, v_all, counts as given)."""
     st = (attn_full, layer)
     q, k, v = blk.attn.project(h, cos, sin, ctx, stacked=st)
     if k_all is None:
         mask = positions_bt[:, None, :] <= positions_bt[:, :, None]
-        return x + blk.attn.attend(q, k, v, mask, ctx, stacked=st, positions_bt=positions_bt), k_all, v_all
+        return x + blk.attn.attend(q, k, v, mask, ctx, stacked=st, positions_bt=positions_bt), k_all, v_all, counts
     rows = jnp.arange(x.shape[0]) if slots_b is None else slots_b
     k_all, v_all = _write_cache(k_all, v_all, layer, rows, positions_bt, k, v)
     out = _decode_attention(q, k_all, v_all, layer, slots_b, positions_bt, blk.attn.scale, ctx, kv_window)
     if out is not None:
-        return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all
+        return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all, counts
     # Attend over the first kv_window cache positions only: the caller guarantees every row's
     # positions are below it, so the rest is masked anyway and need not be read.
     window = k_all.shape[2] if kv_window is None else kv_window
@@ -629,7 +648,7 @@ def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all,
     mask = jnp.arange(keys.shape[1])[None, None, :] <= positions_bt[:, :, None]
     x = x + blk.attn.attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask, ctx, stacked=st,
                             positions_bt=positions_bt)
-    return x, k_all, v_all
+    return x, k_all, v_all, counts
 
 
 # Layers per iteration of the decode step's scan on the fused kernel path (read at trace time).
@@ -669,28 +688,31 @@ class Segment(nnx.Module):
             return blk_norm(x)
 
         def layer(carry, xs):
-            x, k_all, v_all = carry
+            x, k_all, v_all, counts = carry
             layer_params, i = xs
             blk = nnx.merge(graphdef, layer_params)
             h = norm(blk.input_norm, full.input_norm, x, i)
-            x, k_all, v_all = attention(blk, full.attn, i, x, h, cos, sin, positions_bt, k_all, v_all, slots_b,
-                                        kv_window, ctx)
+            x, k_all, v_all, counts = attention(blk, full.attn, i, x, h, cos, sin, positions_bt, k_all, v_all,
+                                                slots_b, kv_window, ctx, counts)
             x = x + blk.mlp(norm(blk.post_norm, full.post_norm, x, i), ctx, stacked=(full.mlp, i), live_n=live_n)
             x = constrain(x, ("batch", "seq", "embed"), ctx)
-            return (x, k_all, v_all), None
+            return (x, k_all, v_all, counts), None
 
+        # The fused attention's merge counters: zeros once per step, which each layer's kernel
+        # leaves zeroed for the next (None: that kernel does not run).
+        counts = (jnp.zeros((b, k0.shape[3]), jnp.int32)
+                  if fused and _attention_with_prologue(x_btd, k0, full.attn) else None)
         # Unrolled only on the fused decode path, whose kernels read every weight in place: on the
         # XLA path each unrolled layer slices its weights out of the stack, and those copies
         # would be live together (the 235B plan's decode workspace grew 4x).
         unroll = DECODE_UNROLL if fused else 1
+        carry = (x_btd, k0, v0, counts)
         if unroll >= self.count:   # no loop at all (scan keeps a while even for one layer)
-            carry = (x_btd, k0, v0)
             for i in range(self.count):
                 carry, _ = layer(carry, (jax.tree.map(lambda a, i=i: a[i], params), jnp.int32(i)))
-            x, k_all, v_all = carry
         else:
-            (x, k_all, v_all), _ = jax.lax.scan(layer, (x_btd, k0, v0), (params, jnp.arange(self.count)),
-                                                unroll=unroll)
+            carry, _ = jax.lax.scan(layer, carry, (params, jnp.arange(self.count)), unroll=unroll)
+        x, k_all, v_all, _ = carry
         return x, (k_all, v_all)
 
 

@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from . import interpret as _interpret
-from . import pick_tile
+from . import KERNEL_DTYPES, pick_tile, qk_prologue
 
 NEG = -1e30
 TARGET_PROGRAMS = 264
@@ -115,22 +115,6 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
     steps = chunk // bs
     ch = max(1, min(splits, _COMBINE_BYTES // (4 * g * qd)))   # splits per read-back load
 
-    def merge(bi, hi, acc_ref, m_ref, l_ref, o_ref):
-        """The last program of (bi, hi): the splits' partials (rows 0..G-1) -> o_ref rows
-        hi*G..hi*G+G-1. Every load is issued before any arithmetic, so the read-back is one
-        round trip to L2 (run 40: the tail cost the same as with two; the fence and the atomic
-        dominate it). Plain loads: the acquiring atomic and the CTA barrier Triton puts after a
-        scalar atomic (to share its result) order them after the other programs' stores."""
-        chunks = [(pl.ds(c, ch), pl.ds(0, g)) for c in range(0, splits, ch)]
-        ms = [m_ref[bi, hi, *c] for c in chunks]                                             # [CH, G] each
-        ls = [l_ref[bi, hi, *c] for c in chunks]
-        accs = [acc_ref[bi, hi, *c, :] for c in chunks]                                      # [CH, G, Q] each
-        top = functools.reduce(jnp.maximum, [jnp.max(m, axis=0, keepdims=True) for m in ms])  # [1, G]
-        ws = [jnp.exp(m - top) for m in ms]
-        den = sum(jnp.sum(w * l, axis=0, keepdims=True) for w, l in zip(ws, ls))
-        num = sum(jnp.sum(a * w[:, :, None], axis=0) for w, a in zip(ws, accs))            # [G, Q]
-        o_ref[bi, pl.ds(pl.multiple_of(hi * g, g), g), :] = _normalized(num, den.reshape(g, 1)).astype(cdt)
-
     def kernel(layer_ref, *refs):
         slots_ref, refs = (None, refs) if slots_b is None else (refs[0], refs[1:])
         len_ref, q_ref, k_ref, v_ref, *refs = refs
@@ -145,29 +129,14 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
         n = jnp.where(n > s, 0, n)   # past the cache: an idle row, nothing to read
         q = q_ref[bi, hi, :, :]                                               # [16, Q]
 
-        def body(t, carry):
-            m, l_sum, acc = carry
-            s0 = pl.multiple_of(pi * chunk + t * bs, bs)
+        def scores(s0):
+            kt = k_ref[li, slot, pl.ds(s0, bs), hi, :]                        # [bs, Q]
+            return jnp.dot(q, kt.T, preferred_element_type=jnp.float32)       # [16, bs]
 
-            def visit(c):
-                m, l_sum, acc = c
-                kt = k_ref[li, slot, pl.ds(s0, bs), hi, :]                    # [bs, Q]
-                vt = v_ref[li, slot, pl.ds(s0, bs), hi, :]
-                sc = jnp.dot(q, kt.T, preferred_element_type=jnp.float32)     # [16, bs]
-                sc = sc.astype(cdt).astype(jnp.float32) * scale
-                pos = s0 + jax.lax.broadcasted_iota(jnp.int32, (16, bs), 1)
-                sc = jnp.where(pos < n, sc, NEG)
-                m_new = jnp.maximum(m, jnp.max(sc, axis=1))
-                alpha = jnp.exp(m - m_new)
-                p = jnp.exp(sc - m_new[:, None])
-                l_new = l_sum * alpha + jnp.sum(p, axis=1)
-                acc_new = acc * alpha[:, None] + jnp.dot(p.astype(cdt), vt, preferred_element_type=jnp.float32)
-                return m_new, l_new, acc_new
+        def values(s0):
+            return v_ref[li, slot, pl.ds(s0, bs), hi, :]
 
-            return jax.lax.cond(s0 < n, visit, lambda c: c, (m, l_sum, acc))
-
-        init = (jnp.full((16,), NEG, jnp.float32), jnp.zeros((16,), jnp.float32), jnp.zeros((16, qd), jnp.float32))
-        m, l_sum, acc = jax.lax.fori_loop(0, steps, body, init)
+        m, l_sum, acc = _attend_keys(scores, values, n, pi * chunk, steps, bs, scale, cdt, _empty(qd))
         acc_ref[bi, hi, pi, :, :] = acc
         m_ref[bi, hi, pi, :] = m
         l_ref[bi, hi, pi, :] = l_sum
@@ -176,7 +145,7 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
         if not interpret:
             plt.debug_barrier()   # every thread's stores before the release below
         last = plt.atomic_add(count_ref, (bi, hi), jnp.int32(1)) == splits - 1
-        pl.when(last)(lambda: merge(bi, hi, acc_ref, m_ref, l_ref, o_ref))
+        pl.when(last)(lambda: _merge(acc_ref, m_ref, l_ref, o_ref, bi, hi, 0, g, splits, ch, cdt))
 
     partials = (jax.ShapeDtypeStruct((b, k, splits, 16, qd), jnp.float32),
                 jax.ShapeDtypeStruct((b, k, splits, 16), jnp.float32),
@@ -206,6 +175,59 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
     if in_kernel:
         return outs[3]
     return combine_splits(*outs, g, cdt)
+
+
+def _empty(qd: int):
+    """The online softmax before any key: (running max, sum of exponentials [16], acc [16, Q])."""
+    return (jnp.full((16,), NEG, jnp.float32), jnp.zeros((16,), jnp.float32), jnp.zeros((16, qd), jnp.float32))
+
+
+def _softmax_step(carry, sc, value_product):
+    """One online-softmax step over keys with scores sc [16, n] (float32, masked with NEG);
+    value_product(p [16, n] float32) -> [16, Q] float32, the probabilities times the keys' values."""
+    m, l_sum, acc = carry
+    m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(sc - m_new[:, None])
+    return m_new, l_sum * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + value_product(p)
+
+
+def _attend_keys(scores, values, n, first, steps, bs, scale, cdt, carry):
+    """In a kernel: a program's key loop, `steps` blocks of bs keys from position `first`, keys
+    below n only (blocks past it are skipped). scores(s0) -> [16, bs] float32 q.k of the block at
+    s0, values(s0) -> its values [bs, Q]. Scores are rounded to cdt before scaling and the
+    probabilities to cdt for the value product, as the reference does."""
+
+    def body(t, carry):
+        s0 = pl.multiple_of(first + t * bs, bs)
+
+        def visit(c):
+            vt = values(s0)   # requested before the scores' dot, so both tiles' loads are in flight together
+            sc = scores(s0).astype(cdt).astype(jnp.float32) * scale
+            pos = s0 + jax.lax.broadcasted_iota(jnp.int32, sc.shape, 1)
+            sc = jnp.where(pos < n, sc, NEG)
+            return _softmax_step(c, sc, lambda p: jnp.dot(p.astype(cdt), vt, preferred_element_type=jnp.float32))
+
+        return jax.lax.cond(s0 < n, visit, lambda c: c, carry)
+
+    return jax.lax.fori_loop(0, steps, body, carry)
+
+
+def _merge(acc_ref, m_ref, l_ref, o_ref, bi, hi, r0, g, splits, ch, cdt):
+    """The last program of (bi, hi): rows r0..r0+G-1 of the splits' partials -> o_ref rows
+    hi*G..hi*G+G-1. Every load is issued before any arithmetic, so the read-back is one round
+    trip to L2 (run 40: the tail cost the same as with two; the fence and the atomic dominate
+    it). Plain loads: the acquiring atomic and the CTA barrier Triton puts after a scalar atomic
+    (to share its result) order them after the other programs' stores. ch: splits per load."""
+    chunks = [(pl.ds(c, ch), pl.ds(r0, g)) for c in range(0, splits, ch)]
+    ms = [m_ref[bi, hi, *c] for c in chunks]                                             # [CH, G] each
+    ls = [l_ref[bi, hi, *c] for c in chunks]
+    accs = [acc_ref[bi, hi, *c, :] for c in chunks]                                      # [CH, G, Q] each
+    top = functools.reduce(jnp.maximum, [jnp.max(m, axis=0, keepdims=True) for m in ms])  # [1, G]
+    ws = [jnp.exp(m - top) for m in ms]
+    den = sum(jnp.sum(w * l, axis=0, keepdims=True) for w, l in zip(ws, ls))
+    num = sum(jnp.sum(a * w[:, :, None], axis=0) for w, a in zip(ws, accs))            # [G, Q]
+    o_ref[bi, pl.ds(pl.multiple_of(hi * g, g), g), :] = _normalized(num, den.reshape(g, 1)).astype(cdt)
 
 
 def combine_splits(acc_bkprq, m_bkpr, l_bkpr, group: int, dtype):
@@ -259,3 +281,159 @@ def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, s
                            scale=float(scale), bs=bs, splits=splits, group=group, length_offset=1, combine=COMBINE,
                            counts=counts, window=window)
     return out[:, None]
+
+
+# The decode step's prologue (q/k RMSNorm, RoPE, the new K/V written to the cache) in this
+# kernel ("fused", decode_attention_rope), or as its own kernel in front of it ("separate",
+# qk_prologue.qk_norm_rope_write_cache). Read at trace time; serve.bench --attention-prologue
+# times both.
+PROLOGUE = "fused"
+PROLOGUES = ("fused", "separate")
+
+
+def rope_covered(heads: int, kv_heads: int, head_dim: int, batch: int, cache_len: int) -> bool:
+    """decode_attention_rope handles these shapes: qk_prologue's (G = H/K a power of two <= 16,
+    Q/2 a power of two >= 16), at least 16 query heads (a program's q tile is 16 consecutive
+    heads holding its G), and a cache length decode_attention can tile."""
+    return (qk_prologue.covered(heads, kv_heads, head_dim) and heads >= 16
+            and plan(batch, kv_heads, cache_len) is not None)
+
+
+def decode_attention_rope(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps: float,
+                          k_all, v_all, rows_b, positions_b, counts, *, heads: int, scale: float,
+                          kv_window: int | None = None, interpret=None, num_warps: int = 4, num_stages: int = 2):
+    """Decode attention with its prologue in the same kernel: one launch per layer where
+    qk_prologue.qk_norm_rope_write_cache + decode_attention took two (~3 us of a ~53 us FP8
+    batch-1 layer on an H200 was the prologue's own launch: benchmarks/NOTES.md, run 77).
+
+    q [Sq, B, H*Q], k and v [Sk, B, K*Q]: the projections' float32 split-K partial sums
+    (kernels.linear_einsum(partials=True)), summed and rounded to the cache dtype here; q_norm,
+    k_norm [L, Q] stacked weights read at `layer`; cos, sin [B, Q] at each row's position;
+    k_all, v_all [L, slots, S, K, Q] the cache, updated in place (aliased) at [layer, rows[b],
+    positions[b]] (rows None: row b is slot b); positions [B] int32, a row at position >= S is
+    idle (no write, zeros out); counts [B, K] int32 zeros, the merge's counters, returned zeroed
+    again (the last program of each (row, kv head) resets its own), so one zeros array serves
+    every layer of a step. kv_window as decode_attention_cached's.
+    -> (out [B, H, Q] in the cache dtype, k_all, v_all, counts), or None when not covered.
+
+    Every program of (b, kv head h) normalizes and rotates the 16 query heads from
+    min(h*G, H-16) (its G among them: no padding rows, no q16 array) from the partials; the
+    program of split 0 also the new k and v, which it writes to the cache and counts as key
+    position p itself, so the cache is read below p only (no program reads what another
+    writes). Numerics as qk_prologue then decode_attention, except that the new key's
+    probability is not rounded to the compute dtype before its value product."""
+    qd = q_norm_lq.shape[-1]
+    b, s_len = positions_b.shape[0], k_all.shape[2]
+    if (q_sbn.ndim != 3 or k_sbn.ndim != 3 or v_sbn.shape[1:] != k_sbn.shape[1:] or qd <= 0
+            or {q_sbn.dtype, k_sbn.dtype, v_sbn.dtype} != {jnp.dtype(jnp.float32)}):
+        return None
+    kv = k_sbn.shape[2] // qd
+    if (q_sbn.shape[1:] != (b, heads * qd) or k_sbn.shape[1:] != (b, kv * qd) or k_all.ndim != 5
+            or k_all.shape[3:] != (kv, qd) or v_all.shape != k_all.shape or k_all.dtype not in KERNEL_DTYPES
+            or not rope_covered(heads, kv, qd, b, s_len) or q_norm_lq.shape != k_norm_lq.shape
+            or cos_bq.shape != (b, qd) or sin_bq.shape != (b, qd) or counts.shape != (b, kv)
+            or counts.dtype != jnp.int32 or (rows_b is not None and rows_b.shape != (b,))):
+        return None
+    window = s_len if kv_window is None or kv_window >= s_len or plan(b, kv, kv_window) is None else kv_window
+    bs, splits = plan(b, kv, window)
+    return _attention_rope(
+        q_sbn.reshape(q_sbn.shape[0], b, heads, qd), k_sbn.reshape(k_sbn.shape[0], b, kv, qd),
+        v_sbn.reshape(v_sbn.shape[0], b, kv, qd), q_norm_lq, k_norm_lq, jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
+        cos_bq, sin_bq, k_all, v_all, None if rows_b is None else rows_b.astype(jnp.int32),
+        positions_b.astype(jnp.int32), counts, scale=float(scale), eps=float(eps), bs=bs, splits=splits,
+        window=window, num_warps=num_warps, num_stages=num_stages,
+        interpret=_interpret() if interpret is None else bool(interpret))
+
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "eps", "bs", "splits", "window", "num_warps", "num_stages",
+                                             "interpret"))
+def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, k_cache, v_cache, rows_b,
+                    positions_b, counts, *, scale, eps, bs, splits, window, num_warps, num_stages, interpret):
+    """decode_attention_rope's kernel: q_in [Sq, B, H, Q], k_in / v_in [Sk, B, K, Q] partials,
+    layer [1] int32; the rest as there."""
+    _, b, h, qd = q_in.shape
+    _, _, s, k, _ = k_cache.shape
+    g = h // k
+    cdt = k_cache.dtype
+    lo, up = pl.ds(0, qd // 2), pl.ds(qd // 2, qd // 2)   # RoPE's halves of Q, loaded apart
+    chunk = window // splits
+    steps = chunk // bs
+    ch = max(1, min(splits, _COMBINE_BYTES // (4 * g * qd)))
+
+    def kernel(layer_ref, *refs):
+        rows_ref, refs = (None, refs) if rows_b is None else (refs[0], refs[1:])
+        (pos_ref, q_ref, kp_ref, vp_ref, qw_ref, kw_ref, cos_ref, sin_ref, k_ref, v_ref, _,
+         acc_ref, m_ref, l_ref, o_ref, kc_ref, vc_ref, count_ref) = refs
+        bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        li = layer_ref[0]
+        slot = bi if rows_ref is None else rows_ref[bi]
+        p = pos_ref[bi]
+        live = (p >= 0) & (p < s)
+        n = jnp.where(live, p, 0)   # cache keys 0..p-1; key p is this step's, from registers
+        cs = (cos_ref[bi, lo], cos_ref[bi, up], sin_ref[bi, lo], sin_ref[bi, up])   # [Q/2] each
+
+        first = jnp.minimum(hi * g, h - 16)   # the 16 query heads this program multiplies
+        heads16 = pl.ds(first, 16)
+        q_lo, q_hi = qk_prologue.norm_rope_halves(
+            qk_prologue.sum_partials(q_ref, cdt, bi, heads16, lo), qk_prologue.sum_partials(q_ref, cdt, bi, heads16, up),
+            qw_ref[li, lo][None, :], qw_ref[li, up][None, :], *(c[None, :] for c in cs), cdt, eps)   # [16, Q/2]
+        # The new key and value (loaded by every program, so their loads overlap q's; used by split 0)
+        k_lo, k_hi = qk_prologue.norm_rope_halves(
+            qk_prologue.sum_partials(kp_ref, cdt, bi, hi, lo), qk_prologue.sum_partials(kp_ref, cdt, bi, hi, up),
+            kw_ref[li, lo], kw_ref[li, up], *cs, cdt, eps)                                        # [Q/2]
+        v_new = qk_prologue.sum_partials(vp_ref, cdt, bi, hi, pl.ds(0, qd))                      # [Q] float32
+        own = live & (pi == 0)
+
+        @pl.when(own)
+        def _write():
+            kc_ref[li, slot, p, hi, lo] = k_lo
+            kc_ref[li, slot, p, hi, up] = k_hi
+            vc_ref[li, slot, p, hi, :] = v_new.astype(cdt)
+
+        # Key p alone as the online softmax's first step: max = its score, sum = 1, acc = its value.
+        f32 = jnp.float32
+        sc_new = (jnp.sum(q_lo.astype(f32) * k_lo.astype(f32)[None, :], axis=1)
+                  + jnp.sum(q_hi.astype(f32) * k_hi.astype(f32)[None, :], axis=1))                 # [16]
+        sc_new = sc_new.astype(cdt).astype(f32) * scale
+        m0, l0, acc0 = _empty(qd)
+        carry = (jnp.where(own, sc_new, m0), jnp.where(own, 1.0, l0), jnp.where(own, v_new[None, :], acc0))
+
+        def scores(s0):
+            k_lo_t = k_ref[li, slot, pl.ds(s0, bs), hi, lo]                   # [bs, Q/2]
+            k_hi_t = k_ref[li, slot, pl.ds(s0, bs), hi, up]
+            return (jnp.dot(q_lo, k_lo_t.T, preferred_element_type=f32)
+                    + jnp.dot(q_hi, k_hi_t.T, preferred_element_type=f32))   # [16, bs]
+
+        def values(s0):
+            return v_ref[li, slot, pl.ds(s0, bs), hi, :]
+
+        m, l_sum, acc = _attend_keys(scores, values, n, pi * chunk, steps, bs, scale, cdt, carry)
+        acc_ref[bi, hi, pi, :, :] = acc
+        m_ref[bi, hi, pi, :] = m
+        l_ref[bi, hi, pi, :] = l_sum
+        if not interpret:
+            plt.debug_barrier()   # every thread's stores before the release below
+        last = plt.atomic_add(count_ref, (bi, hi), jnp.int32(1)) == splits - 1
+
+        @pl.when(last)
+        def _last():
+            _merge(acc_ref, m_ref, l_ref, o_ref, bi, hi, hi * g - first, g, splits, ch, cdt)
+            count_ref[bi, hi] = jnp.int32(0)   # zeros again for the next layer's launch
+
+    operands = ((layer,) + (() if rows_b is None else (rows_b,))
+                + (positions_b, q_in, k_in, v_in, q_norm_lq, k_norm_lq, cos_bq, sin_bq, k_cache, v_cache, counts))
+    n_in = len(operands)
+    out_shape = (jax.ShapeDtypeStruct((b, k, splits, 16, qd), jnp.float32),
+                 jax.ShapeDtypeStruct((b, k, splits, 16), jnp.float32),
+                 jax.ShapeDtypeStruct((b, k, splits, 16), jnp.float32),
+                 jax.ShapeDtypeStruct((b, h, qd), cdt),
+                 jax.ShapeDtypeStruct(k_cache.shape, cdt), jax.ShapeDtypeStruct(v_cache.shape, cdt),
+                 jax.ShapeDtypeStruct(counts.shape, jnp.int32))
+    outs = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(b, k, splits),
+        input_output_aliases={n_in - 3: 4, n_in - 2: 5, n_in - 1: 6},   # the caches and counters in place
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="qwen3_decode_attention_rope",
+    )(*operands)
+    return outs[3:]

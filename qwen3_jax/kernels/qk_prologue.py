@@ -160,6 +160,39 @@ def unpad_q16(q16_bkrq, heads: int):
     return q16_bkrq[:, :, :heads // k].reshape(b, heads, qd)
 
 
+def sum_partials(ref, dt, *idx):
+    """In a kernel: ref[:, *idx] summed over the leading split axis S (float32 split-K partials,
+    in order s = 0..S-1; S is small, so unrolled), rounded to dt (what linear_einsum returns),
+    as float32."""
+    acc = ref[(0, *idx)]
+    for si in range(1, ref.shape[0]):
+        acc = acc + ref[(si, *idx)]
+    return acc.astype(dt).astype(jnp.float32)
+
+
+def norm_rope_halves(x_lo, x_hi, w_lo, w_hi, c_lo, c_hi, s_lo, s_hi, dt, eps: float):
+    """In a kernel: RMSNorm over head_dim then RoPE, on the two halves of Q loaded apart (Triton
+    has no concatenate). x halves [..., Q/2] float32, w the norm weight's halves, c/s the
+    cos/sin halves -> rotated halves in dt, each op rounded to dt as model.RMSNorm +
+    model.apply_rope round."""
+    f32 = jnp.float32
+    qd = 2 * x_lo.shape[-1]
+    ss = jnp.sum(x_lo * x_lo, axis=-1, keepdims=True) + jnp.sum(x_hi * x_hi, axis=-1, keepdims=True)
+    r = jax.lax.rsqrt(ss / qd + eps)
+
+    def scaled(x, w):   # RMSNorm: float32 normalize, round, times the weight, round
+        return (w.astype(f32) * (x * r).astype(dt).astype(f32)).astype(dt).astype(f32)
+
+    def rd(x):
+        return x.astype(dt).astype(f32)
+
+    n_lo, n_hi = scaled(x_lo, w_lo), scaled(x_hi, w_hi)
+    c_lo, c_hi, s_lo, s_hi = (v.astype(f32) for v in (c_lo, c_hi, s_lo, s_hi))
+    out_lo = rd(n_lo * c_lo) + rd(-n_hi * s_lo)
+    out_hi = rd(n_hi * c_hi) + rd(n_lo * s_hi)
+    return out_lo.astype(dt), out_hi.astype(dt)
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "dtype", "interpret", "num_warps", "parts"))
 def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, cache=None, *, eps, dtype, interpret,
                   num_warps, parts=1):
@@ -180,31 +213,10 @@ def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, cache
     f32 = jnp.float32
 
     def load(ref, dt, *idx):
-        """ref[idx] as float32; for partial sums, the sum over the leading S axis rounded to dt
-        (in order s = 0..S-1, as the values arrive; S is small, so unrolled)."""
-        if not summed:
-            return ref[idx].astype(f32)
-        acc = ref[(0, *idx)]
-        for si in range(1, ref.shape[0]):
-            acc = acc + ref[(si, *idx)]
-        return acc.astype(dt).astype(f32)
+        return sum_partials(ref, dt, *idx) if summed else ref[idx].astype(f32)
 
     def norm_rope(x_lo, x_hi, w_lo, w_hi, c_lo, c_hi, s_lo, s_hi, dt):
-        """x halves [..., Q/2] float32 -> rotated halves in dt, each op rounded to dt as the reference."""
-        ss = jnp.sum(x_lo * x_lo, axis=-1, keepdims=True) + jnp.sum(x_hi * x_hi, axis=-1, keepdims=True)
-        r = jax.lax.rsqrt(ss / qd + eps)
-
-        def scaled(x, w):   # RMSNorm: float32 normalize, round, times the weight, round
-            return (w.astype(f32) * (x * r).astype(dt).astype(f32)).astype(dt).astype(f32)
-
-        def rd(x):
-            return x.astype(dt).astype(f32)
-
-        n_lo, n_hi = scaled(x_lo, w_lo), scaled(x_hi, w_hi)
-        c_lo, c_hi, s_lo, s_hi = (v.astype(f32) for v in (c_lo, c_hi, s_lo, s_hi))
-        out_lo = rd(n_lo * c_lo) + rd(-n_hi * s_lo)
-        out_hi = rd(n_hi * c_hi) + rd(n_lo * s_hi)
-        return out_lo.astype(dt), out_hi.astype(dt)
+        return norm_rope_halves(x_lo, x_hi, w_lo, w_hi, c_lo, c_hi, s_lo, s_hi, dt, eps)
 
     def kernel(*refs):
         if write:
