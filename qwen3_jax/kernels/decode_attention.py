@@ -54,14 +54,16 @@ COMBINES = ("kernel", "xla")
 _COMBINE_BYTES = 16 * 1024
 
 
-def plan(batch: int, kv_heads: int, seq: int, bs_target: int = 64):
-    """(bs, splits) for this shape, or None (seq not a multiple of 16: use XLA)."""
+def plan(batch: int, kv_heads: int, seq: int, bs_target: int = 64, target: int | None = None):
+    """(bs, splits) for this shape, or None (seq not a multiple of 16: use XLA). target: the
+    programs to aim for (TARGET_PROGRAMS)."""
     bs = pick_tile(seq, bs_target)
     if bs is None:
         return None
+    target = TARGET_PROGRAMS if target is None else target
     blocks = seq // bs
     splits = 1
-    while batch * kv_heads * splits < TARGET_PROGRAMS and blocks % (splits * 2) == 0:
+    while batch * kv_heads * splits < target and blocks % (splits * 2) == 0:
         splits *= 2
     return bs, splits
 
@@ -289,6 +291,9 @@ def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, s
 # times both.
 PROLOGUE = "fused"
 PROLOGUES = ("fused", "separate")
+# The programs decode_attention_rope's key splits aim for (plan's target): each program also sums
+# its query heads' projection partials, so splits cost more here than in decode_attention.
+ROPE_TARGET_PROGRAMS = TARGET_PROGRAMS
 
 
 def rope_covered(heads: int, kv_heads: int, head_dim: int, batch: int, cache_len: int) -> bool:
@@ -335,7 +340,7 @@ def decode_attention_rope(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, cos_
             or counts.dtype != jnp.int32 or (rows_b is not None and rows_b.shape != (b,))):
         return None
     window = s_len if kv_window is None or kv_window >= s_len or plan(b, kv, kv_window) is None else kv_window
-    bs, splits = plan(b, kv, window)
+    bs, splits = plan(b, kv, window, target=ROPE_TARGET_PROGRAMS)
     return _attention_rope(
         q_sbn.reshape(q_sbn.shape[0], b, heads, qd), k_sbn.reshape(k_sbn.shape[0], b, kv, qd),
         v_sbn.reshape(v_sbn.shape[0], b, kv, qd), q_norm_lq, k_norm_lq, jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
@@ -375,8 +380,12 @@ def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_b
 
         first = jnp.minimum(hi * g, h - 16)   # the 16 query heads this program multiplies
         heads16 = pl.ds(first, 16)
+        # Only its own G of them are loaded (the others read 0: zero rows, as q16's padding)
+        head = first + jax.lax.broadcasted_iota(jnp.int32, (16, qd // 2), 0)
+        mine = (head >= hi * g) & (head < hi * g + g)
         q_lo, q_hi = qk_prologue.norm_rope_halves(
-            qk_prologue.sum_partials(q_ref, cdt, bi, heads16, lo), qk_prologue.sum_partials(q_ref, cdt, bi, heads16, up),
+            qk_prologue.sum_partials(q_ref, cdt, bi, heads16, lo, mask=mine),
+            qk_prologue.sum_partials(q_ref, cdt, bi, heads16, up, mask=mine),
             qw_ref[li, lo][None, :], qw_ref[li, up][None, :], *(c[None, :] for c in cs), cdt, eps)   # [16, Q/2]
         # The new key and value (loaded by every program, so their loads overlap q's; used by split 0)
         k_lo, k_hi = qk_prologue.norm_rope_halves(

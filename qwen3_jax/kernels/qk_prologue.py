@@ -160,13 +160,18 @@ def unpad_q16(q16_bkrq, heads: int):
     return q16_bkrq[:, :, :heads // k].reshape(b, heads, qd)
 
 
-def sum_partials(ref, dt, *idx):
+def sum_partials(ref, dt, *idx, mask=None):
     """In a kernel: ref[:, *idx] summed over the leading split axis S (float32 split-K partials,
     in order s = 0..S-1; S is small, so unrolled), rounded to dt (what linear_einsum returns),
-    as float32."""
-    acc = ref[(0, *idx)]
+    as float32. mask: elements where it is False are not loaded and read 0."""
+    def part(si):
+        if mask is None:
+            return ref[(si, *idx)]
+        return plt.load(ref.at[(jnp.int32(si), *idx)], mask=mask, other=0.0)
+
+    acc = part(0)
     for si in range(1, ref.shape[0]):
-        acc = acc + ref[(si, *idx)]
+        acc = acc + part(si)
     return acc.astype(dt).astype(jnp.float32)
 
 
