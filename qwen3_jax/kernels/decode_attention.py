@@ -131,14 +131,13 @@ def decode_attention(q_bhq, k_cache, v_cache, layer, slots_b, lengths_b, *, scal
         n = jnp.where(n > s, 0, n)   # past the cache: an idle row, nothing to read
         q = q_ref[bi, hi, :, :]                                               # [16, Q]
 
-        def scores(s0):
-            kt = k_ref[li, slot, pl.ds(s0, bs), hi, :]                        # [bs, Q]
-            return jnp.dot(q, kt.T, preferred_element_type=jnp.float32)       # [16, bs]
+        def load(s0):   # [bs, Q] each, both requested before the scores' dot
+            return k_ref[li, slot, pl.ds(s0, bs), hi, :], v_ref[li, slot, pl.ds(s0, bs), hi, :]
 
-        def values(s0):
-            return v_ref[li, slot, pl.ds(s0, bs), hi, :]
+        def scores(tiles):
+            return jnp.dot(q, tiles[0].T, preferred_element_type=jnp.float32)   # [16, bs]
 
-        m, l_sum, acc = _attend_keys(scores, values, n, pi * chunk, steps, bs, scale, cdt, _empty(qd))
+        m, l_sum, acc = _attend_keys(load, scores, n, pi * chunk, steps, bs, scale, cdt, _empty(qd))
         acc_ref[bi, hi, pi, :, :] = acc
         m_ref[bi, hi, pi, :] = m
         l_ref[bi, hi, pi, :] = l_sum
@@ -194,25 +193,28 @@ def _softmax_step(carry, sc, value_product):
     return m_new, l_sum * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + value_product(p)
 
 
-def _attend_keys(scores, values, n, first, steps, bs, scale, cdt, carry):
+def _attend_keys(load, scores, n, first, steps, bs, scale, cdt, carry, preloaded=None):
     """In a kernel: a program's key loop, `steps` blocks of bs keys from position `first`, keys
-    below n only (blocks past it are skipped). scores(s0) -> [16, bs] float32 q.k of the block at
-    s0, values(s0) -> its values [bs, Q]. Scores are rounded to cdt before scaling and the
-    probabilities to cdt for the value product, as the reference does."""
+    below n only (blocks past it are skipped). load(s0) -> the block's tiles, its values [bs, Q]
+    last; scores(tiles) -> [16, bs] float32 q.k. preloaded: block 0's tiles, loaded by the caller
+    before other work so that their latency overlaps it. Scores are rounded to cdt before
+    scaling and the probabilities to cdt for the value product, as the reference does."""
+
+    def visit(c, s0, tiles):
+        sc = scores(tiles).astype(cdt).astype(jnp.float32) * scale
+        pos = s0 + jax.lax.broadcasted_iota(jnp.int32, sc.shape, 1)
+        sc = jnp.where(pos < n, sc, NEG)
+        return _softmax_step(c, sc, lambda p: jnp.dot(p.astype(cdt), tiles[-1], preferred_element_type=jnp.float32))
 
     def body(t, carry):
         s0 = pl.multiple_of(first + t * bs, bs)
+        return jax.lax.cond(s0 < n, lambda c: visit(c, s0, load(s0)), lambda c: c, carry)
 
-        def visit(c):
-            vt = values(s0)   # requested before the scores' dot, so both tiles' loads are in flight together
-            sc = scores(s0).astype(cdt).astype(jnp.float32) * scale
-            pos = s0 + jax.lax.broadcasted_iota(jnp.int32, sc.shape, 1)
-            sc = jnp.where(pos < n, sc, NEG)
-            return _softmax_step(c, sc, lambda p: jnp.dot(p.astype(cdt), vt, preferred_element_type=jnp.float32))
-
-        return jax.lax.cond(s0 < n, visit, lambda c: c, carry)
-
-    return jax.lax.fori_loop(0, steps, body, carry)
+    start = 0
+    if preloaded is not None:
+        carry = jax.lax.cond(first < n, lambda c: visit(c, first, preloaded), lambda c: c, carry)
+        start = 1
+    return jax.lax.fori_loop(start, steps, body, carry)
 
 
 def _merge(acc_ref, m_ref, l_ref, o_ref, bi, hi, r0, g, splits, ch, cdt):
@@ -361,7 +363,7 @@ def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_b
     _, _, s, k, _ = k_cache.shape
     g = h // k
     cdt = k_cache.dtype
-    lo, up = pl.ds(0, qd // 2), pl.ds(qd // 2, qd // 2)   # RoPE's halves of Q, loaded apart
+    lo, up, full = pl.ds(0, qd // 2), pl.ds(qd // 2, qd // 2), pl.ds(0, qd)   # RoPE's halves of Q, loaded apart
     chunk = window // splits
     steps = chunk // bs
     ch = max(1, min(splits, _COMBINE_BYTES // (4 * g * qd)))
@@ -378,6 +380,21 @@ def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_b
         n = jnp.where(live, p, 0)   # cache keys 0..p-1; key p is this step's, from registers
         cs = (cos_ref[bi, lo], cos_ref[bi, up], sin_ref[bi, lo], sin_ref[bi, up])   # [Q/2] each
 
+        # Block 0's keys and values first (those below n only): their HBM latency then overlaps
+        # the prologue's work below instead of following it (run 82: in series, the fused kernel
+        # cost what the two did).
+        s_first = pl.multiple_of(pi * chunk, bs)
+
+        def block(s0, mask=None):   # (k halves [bs, Q/2], v [bs, Q])
+            def ld(ref, cols, width):
+                tile = ref.at[li, slot, pl.ds(s0, bs), hi, cols]
+                if mask is None:
+                    return tile[...]
+                rows = s0 + jax.lax.broadcasted_iota(jnp.int32, (bs, width), 0)
+                return plt.load(tile, mask=rows < mask, other=0.0)
+            return ld(k_ref, lo, qd // 2), ld(k_ref, up, qd // 2), ld(v_ref, full, qd)
+
+        block0 = block(s_first, mask=n)
         first = jnp.minimum(hi * g, h - 16)   # the 16 query heads this program multiplies
         heads16 = pl.ds(first, 16)
         # Only its own G of them are loaded (the others read 0: zero rows, as q16's padding)
@@ -391,7 +408,7 @@ def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_b
         k_lo, k_hi = qk_prologue.norm_rope_halves(
             qk_prologue.sum_partials(kp_ref, cdt, bi, hi, lo), qk_prologue.sum_partials(kp_ref, cdt, bi, hi, up),
             kw_ref[li, lo], kw_ref[li, up], *cs, cdt, eps)                                        # [Q/2]
-        v_new = qk_prologue.sum_partials(vp_ref, cdt, bi, hi, pl.ds(0, qd))                      # [Q] float32
+        v_new = qk_prologue.sum_partials(vp_ref, cdt, bi, hi, full)                              # [Q] float32
         own = live & (pi == 0)
 
         @pl.when(own)
@@ -408,16 +425,11 @@ def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_b
         m0, l0, acc0 = _empty(qd)
         carry = (jnp.where(own, sc_new, m0), jnp.where(own, 1.0, l0), jnp.where(own, v_new[None, :], acc0))
 
-        def scores(s0):
-            k_lo_t = k_ref[li, slot, pl.ds(s0, bs), hi, lo]                   # [bs, Q/2]
-            k_hi_t = k_ref[li, slot, pl.ds(s0, bs), hi, up]
-            return (jnp.dot(q_lo, k_lo_t.T, preferred_element_type=f32)
-                    + jnp.dot(q_hi, k_hi_t.T, preferred_element_type=f32))   # [16, bs]
+        def scores(tiles):
+            return (jnp.dot(q_lo, tiles[0].T, preferred_element_type=f32)
+                    + jnp.dot(q_hi, tiles[1].T, preferred_element_type=f32))   # [16, bs]
 
-        def values(s0):
-            return v_ref[li, slot, pl.ds(s0, bs), hi, :]
-
-        m, l_sum, acc = _attend_keys(scores, values, n, pi * chunk, steps, bs, scale, cdt, carry)
+        m, l_sum, acc = _attend_keys(block, scores, n, s_first, steps, bs, scale, cdt, carry, preloaded=block0)
         acc_ref[bi, hi, pi, :, :] = acc
         m_ref[bi, hi, pi, :] = m
         l_ref[bi, hi, pi, :] = l_sum
