@@ -6,7 +6,7 @@ nearly all of it in one kernel: the MoE gate/up gemv (548 -> 746-828 us per step
 without the norm in its x load, while the MoE down gemv (also routed, one weight) kept its
 time. The gate/up gemv reads two arrays at the same tile offsets in every program, so one
 suspect is their distance in memory: if up - gate maps both streams onto the same DRAM
-channels, the two halve each other's bandwidth. Here the gate and up weights (16 layers' worth
+channels, the two halve each other's bandwidth. Here the gate and up weights (8 layers' worth
 of 30B-A3B FP8 experts, stored [G, N, K]) are allocated with a spacer of `gap` MiB between them,
 and the gemv (batch 1: 8 routed experts, the model's tiles) is timed per layer, cold (layer i's
 weights, read from HBM), from the profiler.
@@ -26,7 +26,9 @@ from qwen3_jax.kernels.gemv import gemv, gemv_tiles   # noqa: E402
 from qwen3_jax.kernels.tune import device_timeline   # noqa: E402
 from serve.bench import measure_ceilings    # noqa: E402
 
-LAYERS, EXPERTS, ROWS, K_DIM, N_DIM = 16, 128, 8, 2048, 768
+# 8 layers: 1.6 GB per weight. 16 (3.2 GB) crashed (run 86): Pallas Triton indexes a 1-byte
+# array of 2-4 GiB with int32 offsets (kernels.index_overflows).
+LAYERS, EXPERTS, ROWS, K_DIM, N_DIM = 8, 128, 8, 2048, 768
 GAPS_MIB = (0, 1, 2, 3, 4, 8, 16, 32, 64, 96, 128, 256)
 
 
