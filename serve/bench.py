@@ -87,9 +87,6 @@ def parse_args(argv=None):
     p.add_argument("--attention-rope-programs", default="",
                    help="decode attention with the prologue fused: programs its key splits aim for, "
                         "comma-separated (default: the library's)")
-    p.add_argument("--gemv-preload", default="",
-                   help="decode gemvs whose x load normalizes: request the first weight tiles before reading x, "
-                        "comma-separated: on, off (default: the library's)")
     p.add_argument("--fp8-matmul", default="",
                    help="FP8 models: the grouped matmul's MMA dtype (prefill, large batches) to time, "
                         "comma-separated: cast (x's dtype), f16, e4m3 (W8A8: x quantized per token and 128-group) "
@@ -814,7 +811,7 @@ def _decode_knobs(args, cfg):
     the kernels path has it)]."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, gemv, grouped_matmul, qk_prologue
+    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, grouped_matmul, qk_prologue
 
     def listed(text, parse=str):
         return [parse(v) for v in text.split(",") if v] or [None]
@@ -857,9 +854,6 @@ def _decode_knobs(args, cfg):
         ("prologue ", listed(args.prologue_programs, int), *module_value(qk_prologue, "TARGET_PROGRAMS"), False),
         ("merge ", merge, *module_value(decode_attention, "COMBINE"), True),
         ("attention-prologue ", prologue, *module_value(decode_attention, "PROLOGUE"), True),
-        ("gemv-preload ", choices("--gemv-preload", args.gemv_preload, ("on", "off")),
-         lambda: "on" if gemv.PRELOAD_FIRST_TILE else "off",
-         lambda v: setattr(gemv, "PRELOAD_FIRST_TILE", v == "on"), True),
         ("rope-programs ", listed(args.attention_rope_programs, int),
          *module_value(decode_attention, "ROPE_TARGET_PROGRAMS"), False),
         ("fp8-matmul ", fp8_matmul if cfg.fp8 else [None],

@@ -241,36 +241,6 @@ def test_gemv_finishes_a_producer_output_in_its_x_load(source, fp8):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("w_nk", [False, True])
-@pytest.mark.parametrize("fp8", [False, True])
-def test_gemv_first_tiles_requested_before_the_norm_change_no_bit(fp8, w_nk, monkeypatch):
-    """gemv.PRELOAD_FIRST_TILE (K step 0's weight tiles loaded before RmsNormX reads its row, the
-    loop from step 1) gives the plain loop's bits: two weights sharing x (gate/up), 1 and 4 K
-    steps per program, weights as [G, K, N] and as stored [G, N, K]."""
-    from qwen3_jax.kernels import gemv as gemv_mod
-
-    rng = np.random.default_rng(43)
-    src = _x_sources(rng)["rmsnorm"]
-    if fp8:
-        (w1, s1), (w2, s2) = fp8_weights(rng, (3, 256, 64), 1, 64), fp8_weights(rng, (3, 256, 64), 1, 64)
-        ws, ss = (w1, w2), (s1, s2)
-    else:
-        ws, ss = tuple(jnp.asarray(rng.standard_normal((3, 256, 64)), jnp.bfloat16) for _ in range(2)), None
-    if w_nk:
-        ws = tuple(jnp.swapaxes(w, 1, 2) for w in ws)
-    groups = jnp.array([2, 0], jnp.int32)
-    for split_k, bk in ((2, 32), (4, 64)):   # 4 and 1 K steps per program
-        kw = dict(block=64, bn=32, bk=bk, split_k=split_k, mode="dot", convert="f16" if fp8 else "cast", w_nk=w_nk)
-        outs = []
-        for preload in (True, False):
-            monkeypatch.setattr(gemv_mod, "PRELOAD_FIRST_TILE", preload)
-            outs.append(jax.jit(lambda src, ws, ss: gemv(src, jnp.arange(2), groups, ws, ss, **kw))(src, ws, ss))
-        for a, b in zip(*outs):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        want = gemv(src.materialize(), jnp.arange(2), groups, ws, ss, **kw)
-        assert all(rel(a, b) < 1e-6 for a, b in zip(outs[0], want))
-
-
 def test_decode_attention_split_combine_is_the_softmax_over_all_keys():
     """combine_splits of 4 key splits' (weighted values, running max, sum of exponentials) equals
     the softmax over all 64 keys; rows past the group (the MMA padding) are dropped."""

@@ -175,18 +175,6 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, b
     dims = (((1,), (1 if w_nk else 0,)), ((), ()))   # x16 [16, bk] against the tile as stored
 
     def compute(w_idx, x_refs, w_refs, s_refs, o_refs, g, row, s, r, n0, first):
-        def k_at(t):
-            return pl.multiple_of((s * steps + t) * bk, bk)
-
-        def tiles(k0):   # the weight tiles of one K step, as stored
-            if w_nk:
-                return tuple(w_refs[i][g, pl.ds(n0, bn), pl.ds(k0, bk)] for i in w_idx)
-            return tuple(w_refs[i][g, pl.ds(k0, bk), pl.ds(n0, bn)] for i in w_idx)
-
-        # A source that reads its row first (RmsNormX's statistic) would otherwise delay the first
-        # weight request by that L2 round trip and reduction: request K step 0's tiles before it.
-        preload = PRELOAD_FIRST_TILE and x_mk.prepares
-        tiles0 = tiles(k_at(0)) if preload else None
         state = x_mk.prepare(x_refs, row)
 
         def quantized(xs):
@@ -195,13 +183,16 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, b
             sx = _dynamic_scale(xs)
             return jnp.where(first, jnp.broadcast_to((xs / sx)[None, :], (16, bk)), 0.0).astype(cdt), sx
 
-        def step(t, accs, ws):
-            k0 = k_at(t)
+        def body(t, accs):
+            k0 = pl.multiple_of((s * steps + t) * bk, bk)
             xk = x_mk.load(x_refs, state, row, k0, bk)
             shared = quantized(xk) if not (fp8 and layout == "n") else None   # one x tile for every weight
             out = []
-            for i, acc, w in zip(w_idx, accs, ws):
-                w = w.astype(cdt)
+            for i, acc in zip(w_idx, accs):
+                if w_nk:
+                    w = w_refs[i][g, pl.ds(n0, bn), pl.ds(k0, bk)].astype(cdt)
+                else:
+                    w = w_refs[i][g, pl.ds(k0, bk), pl.ds(n0, bn)].astype(cdt)
                 x16, sx = shared or quantized(xk * (s_refs[i][g, pl.ds(k0, bk), n0 // block] * pre))
                 part = jax.lax.dot_general(x16, w, dims, preferred_element_type=jnp.float32)
                 if a8:
@@ -213,10 +204,7 @@ def _gemv_dot(x_mk, rows_r, groups_r, weights, scales, program, layout, block, b
                 out.append(acc + part)
             return tuple(out)
 
-        accs = tuple(jnp.zeros((16, bn), jnp.float32) for _ in w_idx)
-        if preload:
-            accs = step(0, accs, tiles0)
-        accs = jax.lax.fori_loop(int(preload), steps, lambda t, a: step(t, a, tiles(k_at(t))), accs)
+        accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((16, bn), jnp.float32) for _ in w_idx))
         for i, acc in zip(w_idx, accs):
             o_refs[i][s, r, pl.ds(n0, bn)] = jnp.sum(acc, axis=0)   # rows 1..15 are exact zeros
 
@@ -345,11 +333,6 @@ def _check(k_dim, n_dim, bn, bk, split_k, fp8, layout, block):
     if layout not in ("k", "n"):
         raise ValueError(f"layout must be 'k' or 'n', got {layout!r}")
 
-
-# mode "dot" with an x source that reads its row before the loop (gemv_inputs.RmsNormX: q/k/v,
-# the router, the MoE gate/up): K step 0's weight tiles are requested before that read, so
-# their HBM latency overlaps it (read at trace time; serve.bench --gemv-preload times both).
-PRELOAD_FIRST_TILE = True
 
 # Defaults by weight kind, overridable in-process (serve.bench --sweep installs the fastest
 # measured; benchmarks/NOTES.md has the numbers). target_programs: split K until rows x column

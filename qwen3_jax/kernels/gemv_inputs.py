@@ -61,9 +61,6 @@ class _Source:
     def prepare(self, refs, row):
         return None
 
-    # prepare() reads memory before the first K step (the gemv requests weights ahead of it)
-    prepares = False
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +126,6 @@ class RmsNormX(_Source):
         xf = self.x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return (self.weight[self.layer] * xf.astype(self.x.dtype)).reshape(self.shape)
-
-    prepares = True
 
     def prepare(self, refs, row):
         x_ref = refs[0]
