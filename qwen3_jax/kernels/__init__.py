@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 
 import jax
@@ -222,6 +223,34 @@ def set_x_loads(names) -> None:
 def x_load(name: str) -> bool:
     """True when the decode step finishes `name` (one of X_LOADS_ALL) in a gemv's x load."""
     return name in X_LOADS
+
+
+def index_overflows(*arrays) -> bool:
+    """True when a kernel must not take one of `arrays` (None entries skipped): Pallas' Triton
+    lowering computes a ref's element offsets in int32 unless the array is larger than 2**32
+    bytes, so a one-byte array (FP8 weights) of more than 2**31 elements and at most 4 GiB is
+    read at wrapped offsets, silently. Measured on an H200 with jax 0.11.2 (run 86 in
+    benchmarks/NOTES.md): a 3 GiB uint8 or e4m3 array read the wrong memory, 2 and 4 GiB did not.
+    The kernel entries then return None and the XLA path runs (slower, right); the first time
+    per shape it is logged with a way out. 30B-A3B's FP8 experts are 2.4 GB per weight at
+    ep=4 or tp=4; ep=2 or ep=8 avoids it."""
+    for a in arrays:
+        if a is None or jnp.dtype(a.dtype).itemsize != 1:
+            continue
+        size = math.prod(a.shape)
+        if 2 ** 31 < size <= 2 ** 32:
+            key = (tuple(a.shape), str(a.dtype))
+            if key not in _overflow_logged:
+                _overflow_logged.add(key)
+                _log.warning("kernels: a %s array of %.2f GiB %s lies in Pallas Triton's int32-offset gap "
+                             "(2-4 GiB of one-byte elements per device): its layers run on the XLA path, slower. "
+                             "A mesh that shards it to under 2 GiB or over 4 GiB per device avoids this (e.g. "
+                             "another ep or tp size).", a.dtype, size / 2 ** 30, tuple(a.shape))
+            return True
+    return False
+
+
+_overflow_logged: set = set()
 
 
 def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:

@@ -44,7 +44,9 @@ def _as_matrices(eq: str, x, w, scale, block_axis: int, layer, w_nk: bool = Fals
     """einsum(eq, x, W) as x2 [M, K] @ w3 [G, K, N] ([G, N, K] with w_nk: w stored [out..., in...],
     the weight's subscript with its contracted letters moved last): (x2, w3, s3, layout, x's
     leading dims, the weight's output dims), or None when the equation or the FP8 block axis is
-    not covered."""
+    not covered (or w is a one-byte array Pallas would index wrongly: kernels.index_overflows)."""
+    if kernels.index_overflows(w):
+        return None
     xs, ws, out, contracted = _parse(eq)
     nc = len(contracted)
     if ws[:nc] != "".join(contracted) or xs[-nc:] != "".join(contracted) or out != xs[:-nc] + ws[nc:]:

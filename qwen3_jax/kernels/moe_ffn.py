@@ -93,7 +93,10 @@ class ExpertArrays:
 
 
 def supported(arrays: ExpertArrays, assignments: int) -> bool:
-    """True when tiles divide the shapes (else the caller keeps the XLA path)."""
+    """True when tiles divide the shapes and Pallas indexes the weights right
+    (kernels.index_overflows); else the caller keeps the XLA path."""
+    if kernels.index_overflows(arrays.gate, arrays.up, arrays.down):
+        return False
     d, f = arrays.d_f
     if assignments <= gemv_max_assignments(arrays.fp8):
         return (gemv_tiles(d, f, assignments, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk) is not None
