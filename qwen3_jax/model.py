@@ -528,7 +528,8 @@ def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
 
 def _fused_decode_prologue(x_btd, k_all, attn_full: "Attention", ctx) -> bool:
     """Decode (T == 1) on one device with kernels on, shapes the prologue and decode-attention
-    kernels cover: q/k norm + RoPE + q padding run as one kernel (kernels/qk_prologue.py)."""
+    kernels cover: q/k norm + RoPE + the cache write run inside the attention kernel
+    (_attention_with_prologue) or as one kernel before it (kernels/qk_prologue.py)."""
     b, t, _ = x_btd.shape
     h, qd = attn_full.q_proj.einsum_shape[2:4]
     kv = k_all.shape[3]

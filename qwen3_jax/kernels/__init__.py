@@ -12,9 +12,11 @@ group each, tensor cores: prefill and large decode batches), moe_blocks.py (rout
 blocks), moe_ffn.py (the MoE expert FFN on either kernel), linear.py (projections read in
 place, FP8 fused), prefill_attention.py (cuDNN fused attention for prompts from position 0),
 decode_attention.py (one new token per row against the KV cache, read in place, the key
-splits merged by the last program), dequantize.py (FP8 [out, in] -> a transposed bf16 copy for
+splits merged by the last program; with the step's prologue in the same kernel where it
+covers the shapes), dequantize.py (FP8 [out, in] -> a transposed bf16 copy for
 prefill), fp8_dot.py (how an e4m3 x e4m3 dot accumulates on the tensor cores),
-qk_prologue.py (decode: q/k norm + RoPE + q padding in one kernel),
+qk_prologue.py (decode: q/k norm + RoPE + q padding in one kernel, where the attention
+kernel does not take them itself),
 router.py (MoE routing at decode: router logits read in place, softmax + top-k fused),
 sharded.py (the same kernels per device under shard_map on a mesh), tune.py (microbenchmarks
 and the tile sweep).

@@ -25,6 +25,13 @@ cache-writing prologue drops its write, i.e. the engine's idle slots (serve/engi
 before this read their whole cache row every step. The model's positions + 1 and that rule are
 applied inside the kernel: each would be one more XLA kernel per layer in front of it.
 
+decode_attention_rope (PROLOGUE "fused", the model's default where it covers the shapes) is
+the same kernel with the step's prologue inside: q/k RMSNorm and RoPE from the q/k/v gemv's
+split-K partials, and the new K/V written into the cache by the split-0 program, which counts
+that key itself. One launch per layer instead of two (with qk_prologue's kernel): FP8 batch 1
+-3.3%, bf16 -2.7% on an H200 (run 83), once each program requested its first key block before
+the prologue's work (in series, run 81, it saved nothing).
+
 Numerics as the reference where they are cheap to match: scores are float32 dot products
 rounded to the compute dtype before scaling (as transformers in bf16 does), softmax in float32,
 probabilities cast to the compute dtype for the value product; the softmax is normalized at the
