@@ -76,11 +76,10 @@ def component_of(path: tuple[str, ...], segment_kinds: list[str]) -> str:
     return "other"
 
 
-@functools.lru_cache(maxsize=256)
-def weights_per_device(cfg, mesh: MeshSpec, dtype: str = "bfloat16") -> dict[str, int]:
-    """{component: bytes each device holds}, from the model's abstract params and their shardings."""
+def _param_shards(cfg, mesh: MeshSpec, dtype: str):
+    """(component, nnx path names, one device's shard shape, dtype) per param, from the model's
+    abstract params and their shardings (nothing allocated)."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from qwen3_jax.api import abstract_model, resolve_dtype, state_shardings
@@ -89,13 +88,39 @@ def weights_per_device(cfg, mesh: MeshSpec, dtype: str = "bfloat16") -> dict[str
     abstract = nnx.state(abstract_model(cfg, resolve_dtype(dtype), kv_replication(mesh, cfg), ctx))
     shardings = state_shardings(abstract, ctx)
     kinds = [kind for kind, _, _ in cfg.layer_segments()]
-    out = dict.fromkeys(COMPONENTS, 0)
     for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(shardings)):
         names = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
         names = names[:-1] if names[-1] == "value" else names
-        shard = sharding.shard_shape(tuple(leaf.shape))
-        out[component_of(names, kinds)] += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+        yield component_of(names, kinds), names, sharding.shard_shape(tuple(leaf.shape)), leaf.dtype
+
+
+@functools.lru_cache(maxsize=256)
+def weights_per_device(cfg, mesh: MeshSpec, dtype: str = "bfloat16") -> dict[str, int]:
+    """{component: bytes each device holds}, from the model's abstract params and their shardings."""
+    import jax.numpy as jnp
+
+    out = dict.fromkeys(COMPONENTS, 0)
+    for component, _, shard, dt in _param_shards(cfg, mesh, dtype):
+        out[component] += math.prod(shard) * jnp.dtype(dt).itemsize
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def kernel_notes(cfg, mesh: MeshSpec, dtype: str = "bfloat16") -> tuple[str, ...]:
+    """What the plan should say about the GPU kernels before anything is allocated: FP8 weights
+    whose per-device shard lies in Pallas Triton's int32-offset gap (qwen3_jax.kernels.
+    index_overflows) run their layers on the XLA path."""
+    from qwen3_jax import kernels
+
+    gaps = {}
+    for component, names, shard, dt in _param_shards(cfg, mesh, dtype):
+        if kernels.in_index_gap(shard, dt):
+            gaps.setdefault(component, []).append((names[-2] if len(names) > 1 else names[-1], math.prod(shard)))
+    return tuple(f"kernels: {', '.join(sorted({n for n, _ in found}))} ({component}) hold "
+            f"{human_bytes(max(b for _, b in found))} of FP8 each per device, inside Pallas Triton's int32-offset gap "
+            f"(2-4 GiB of one-byte elements): on a GPU those layers run on the XLA path, slower; a mesh that "
+            f"puts them under 2 GiB or over 4 GiB per device (another ep or tp) keeps them on the kernels"
+            for component, found in gaps.items())
 
 
 @functools.lru_cache(maxsize=256)
@@ -134,6 +159,7 @@ class MemoryPlan:
     kv_bytes_per_token: int
     workspace: Workspace | None
     options: dict = dataclasses.field(default_factory=dict, repr=False)  # to re-plan suggestions
+    notes: list = dataclasses.field(default_factory=list)   # kernel_notes: said with the plan
 
     # -- numbers ---------------------------------------------------------------------------
     @property
@@ -256,6 +282,7 @@ class MemoryPlan:
                      f"tokens per data group x {self.mesh.dp} = {self.kv_cache_tokens:,} tokens "
                      f"({self.kv_bytes_per_token:,} bytes per token per device)")
         lines.append(f"  total       {human_bytes(self.total_bytes):>12}   of {human_bytes(self.limit_bytes)}")
+        lines += [f"note: {n}" for n in self.notes]
         if self.fits:
             lines.append(f"verdict: fits; {_count(self.max_concurrent_requests, 'concurrent request')} at context "
                          f"{self.context_length}")
@@ -288,6 +315,7 @@ class MemoryPlan:
             "context_length": self.context_length, "max_concurrent_requests": self.max_concurrent_requests,
             "problem": self.problem(),
             "suggestions": [] if self.fits else self.suggestions(),
+            "notes": list(self.notes),
         }
 
 
@@ -318,7 +346,7 @@ def plan_memory(cfg, mesh_spec, *, device_memory_bytes: int, mem_fraction_static
                    devices=devices)
     plan = MemoryPlan(cfg, spec, dtype, int(device_memory_bytes), mem_fraction_static, context_length,
                       max_running_requests, chunked_prefill_size, dict(weights_per_device(cfg, spec, dtype)),
-                      kv_bytes_per_token(cfg, spec, dtype), None, options)
+                      kv_bytes_per_token(cfg, spec, dtype), None, options, list(kernel_notes(cfg, spec, dtype)))
     if workspace:
         # The decode step runs every slot, and the slots are what the KV cache holds after the
         # workspace: start from what it holds without workspace (an upper bound), then compile

@@ -237,10 +237,8 @@ def index_overflows(*arrays) -> bool:
     per shape it is logged with a way out. 30B-A3B's FP8 experts are 2.4 GB per weight at
     ep=4 or tp=4; ep=2 or ep=8 avoids it."""
     for a in arrays:
-        if a is None or jnp.dtype(a.dtype).itemsize != 1:
-            continue
-        size = math.prod(a.shape)
-        if 2 ** 31 < size <= 2 ** 32:
+        if a is not None and in_index_gap(a.shape, a.dtype):
+            size = math.prod(a.shape)
             key = (tuple(a.shape), str(a.dtype))
             if key not in _overflow_logged:
                 _overflow_logged.add(key)
@@ -253,6 +251,12 @@ def index_overflows(*arrays) -> bool:
 
 
 _overflow_logged: set = set()
+
+
+def in_index_gap(shape, dtype) -> bool:
+    """An array of this shape and dtype is one index_overflows refuses (no logging): one-byte
+    elements, more than 2**31 of them, at most 2**32 bytes."""
+    return jnp.dtype(dtype).itemsize == 1 and 2 ** 31 < math.prod(shape) <= 2 ** 32
 
 
 def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
