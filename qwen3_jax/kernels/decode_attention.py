@@ -359,7 +359,6 @@ def decode_attention_rope(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, cos_
         interpret=_interpret() if interpret is None else bool(interpret))
 
 
-
 @functools.partial(jax.jit, static_argnames=("scale", "eps", "bs", "splits", "window", "num_warps", "num_stages",
                                              "interpret"))
 def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, k_cache, v_cache, rows_b,
@@ -392,16 +391,16 @@ def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_b
         # cost what the two did).
         s_first = pl.multiple_of(pi * chunk, bs)
 
-        def block(s0, mask=None):   # (k halves [bs, Q/2], v [bs, Q])
+        def block(s0, below=None):   # (k halves [bs, Q/2], v [bs, Q]); with `below`, keys under it only
             def ld(ref, cols, width):
                 tile = ref.at[li, slot, pl.ds(s0, bs), hi, cols]
-                if mask is None:
+                if below is None:
                     return tile[...]
                 rows = s0 + jax.lax.broadcasted_iota(jnp.int32, (bs, width), 0)
-                return plt.load(tile, mask=rows < mask, other=0.0)
+                return plt.load(tile, mask=rows < below, other=0.0)
             return ld(k_ref, lo, qd // 2), ld(k_ref, up, qd // 2), ld(v_ref, full, qd)
 
-        block0 = block(s_first, mask=n)
+        block0 = block(s_first, below=n)
         first = jnp.minimum(hi * g, h - 16)   # the 16 query heads this program multiplies
         heads16 = pl.ds(first, 16)
         # Only its own G of them are loaded (the others read 0: zero rows, as q16's padding)
