@@ -538,12 +538,60 @@ def _fused_decode_prologue(x_btd, k_all, attn_full: "Attention", ctx) -> bool:
             and kernels.decode_attention_covered(q_like, k_all))
 
 
-def _attention_with_prologue(x_btd, k_all, attn_full: "Attention") -> bool:
-    """On the fused decode path (_fused_decode_prologue), the prologue runs inside the attention
-    kernel (kernels.decode_attention.PROLOGUE "fused") for these shapes."""
+def _attention_with_prologue(x_btd, k_all, attn_full: "Attention", ctx=None) -> bool:
+    """The decode step's prologue runs inside the attention kernel (kernels.decode_attention.
+    PROLOGUE "fused") for these shapes: on one device on the fused decode path
+    (_fused_decode_prologue), on a mesh per device on its local heads and rows
+    (_decode_attention_rope_per_device), where each device's rows are its own slots."""
+    b, t, _ = x_btd.shape
     h, qd = attn_full.q_proj.einsum_shape[2:4]
+    kv, s = k_all.shape[3], k_all.shape[2]
+    if not kernels.single_device(ctx):
+        if (t != 1 or not kernels.usable(x_btd.dtype) or attn_full.bias
+                or (view_size(ctx.spec, "data") > 1 and k_all.shape[1] != b)):
+            return False
+        b, _, h, _ = ctx.shard_shape(("batch", "seq", "heads", "head_dim"), (b, t, h, qd))
+        kv = ctx.shard_shape(KVCache.AXES, k_all.shape)[3]
     return (kernels.decode_attention.PROLOGUE == "fused" and k_all.dtype == x_btd.dtype
-            and kernels.decode_attention.rope_covered(h, k_all.shape[3], qd, x_btd.shape[0], k_all.shape[2]))
+            and kernels.decode_attention.rope_covered(h, kv, qd, b, s))
+
+
+def _decode_attention_rope_per_device(blk, attn_full, layer, h, cos, sin, positions_bt, k_all, v_all, slots_b,
+                                      kv_window, counts, ctx):
+    """Decode attention with its prologue (kernels.decode_attention.decode_attention_rope) on a
+    mesh: the projections as on the XLA path (per-device kernels), then on every device its
+    local heads, rows and cache shard in one kernel: q/k norm, RoPE, the cache write and
+    attention, where XLA ran the norms, RoPE and the cache scatter. With the batch split over
+    data-parallel groups each device's rows are its own slots (the engine's one-shape step;
+    _attention_with_prologue checked it). -> (attention output [B, 1, H, Q], k_all, v_all, counts)."""
+    st = (attn_full, layer)
+    q, k, v = blk.attn.projections(h, ctx, st)
+    b = h.shape[0]
+    rows = jnp.arange(b, dtype=jnp.int32) if slots_b is None else slots_b
+    data = view_size(ctx.spec, "data") > 1
+    eps, scale = blk.attn.q_norm.eps, blk.attn.scale
+
+    def local(q, k, v, qn, kn, i, c, s_, kc, vc, r, p, cnt):
+        parts = [a[:, 0].reshape(1, a.shape[0], -1).astype(jnp.float32) for a in (q, k, v)]   # one "split"
+        done = kernels.decode_attention.decode_attention_rope(
+            *parts, qn, kn, i, c, s_, eps, kc, vc, None if data else r, p[:, 0], cnt, heads=q.shape[2], scale=scale,
+            kv_window=kv_window)
+        if done is None:
+            raise RuntimeError(f"decode_attention_rope does not cover the local shapes q {q.shape}, cache "
+                               f"{kc.shape}, which _attention_with_prologue accepted")
+        out, kc, vc, cnt = done
+        return out[:, None], kc, vc, cnt
+
+    act = ("batch", "seq", "heads", "head_dim")
+    kv_act = ("batch", "seq", "kv_heads", "head_dim")
+    counts_axes = ("batch", "kv_heads")
+    return kernels.sharded.per_device(
+        local, ctx,
+        (q, k, v, attn_full.q_norm.weight[...], attn_full.k_norm.weight[...], jnp.asarray(layer, jnp.int32),
+         cos[:, 0], sin[:, 0], k_all, v_all, rows, positions_bt, counts),
+        (act, kv_act, kv_act, None, None, None, ("batch", "head_dim"), ("batch", "head_dim"), KVCache.AXES,
+         KVCache.AXES, ("batch",), ("batch", "seq"), counts_axes),
+        [act, KVCache.AXES, KVCache.AXES, counts_axes], [q.shape, k_all.shape, v_all.shape, counts.shape])
 
 
 def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all, v_all, slots_b,
@@ -629,8 +677,14 @@ def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all,
                      counts=None):
     """The attention half of a layer: without a cache (k_all None) over the tokens themselves;
     with one, the new K/V are written first, then the decode-attention kernel where it applies,
-    else XLA attention over the cache. -> (x + attention output, k_all, v_all, counts as given)."""
+    else XLA attention over the cache; on a mesh with `counts` (Segment found the fused kernel
+    covers the local shapes) all of it per device in that kernel.
+    -> (x + attention output, k_all, v_all, counts)."""
     st = (attn_full, layer)
+    if k_all is not None and counts is not None:   # a mesh's decode step, the fused kernel covering it
+        out, k_all, v_all, counts = _decode_attention_rope_per_device(
+            blk, attn_full, layer, h, cos, sin, positions_bt, k_all, v_all, slots_b, kv_window, counts, ctx)
+        return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all, counts
     q, k, v = blk.attn.project(h, cos, sin, ctx, stacked=st)
     if k_all is None:
         mask = positions_bt[:, None, :] <= positions_bt[:, :, None]
@@ -701,8 +755,9 @@ class Segment(nnx.Module):
 
         # The fused attention's merge counters: zeros once per step, which each layer's kernel
         # leaves zeroed for the next (None: that kernel does not run).
-        counts = (jnp.zeros((b, k0.shape[3]), jnp.int32)
-                  if fused and _attention_with_prologue(x_btd, k0, full.attn) else None)
+        rope = k0 is not None and (fused or not kernels.single_device(ctx)) and _attention_with_prologue(
+            x_btd, k0, full.attn, None if fused else ctx)
+        counts = constrain(jnp.zeros((b, k0.shape[3]), jnp.int32), ("batch", "kv_heads"), ctx) if rope else None
         # Unrolled only on the fused decode path, whose kernels read every weight in place: on the
         # XLA path each unrolled layer slices its weights out of the stack, and those copies
         # would be live together (the 235B plan's decode workspace grew 4x).

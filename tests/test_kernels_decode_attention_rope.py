@@ -230,3 +230,32 @@ def test_gpu_fused_matches_the_two_kernels_and_repeats_bit_for_bit(b):
                                   jnp.zeros((b, k), jnp.int32), heads=h, scale=qd ** -0.5)[0])
     for _ in range(20):
         np.testing.assert_array_equal(np.asarray(fn(*args), np.float32), first)
+
+
+@pytest.mark.parametrize("mesh", ["tp=2", "ep=2"])
+def test_on_a_mesh_the_fused_kernel_runs_per_device(mesh, monkeypatch):
+    """A 32-head model on a mesh (kernels forced on, interpret mode): decode attention with its
+    prologue runs per device on its local heads (tp=2: 16 of 32, G = 8) or rows (ep=2: the
+    attention batch split over data-parallel groups), where the mesh ran XLA's norms, RoPE and
+    cache scatter before. Prefill + decode logits equal one device's plain XLA to bf16 precision,
+    and PROLOGUE "separate" keeps the XLA path on the mesh."""
+    from qwen3_jax import model as model_mod
+    from reference import prefill_then_decode
+
+    monkeypatch.setattr(model_mod, "DECODE_UNROLL", 1)
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, head_dim=32,
+                                        num_attention_heads=32, num_key_value_heads=4, num_experts=16))
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 5)), jnp.int32)
+    one = with_distinct_norms(random_model(cfg, seed=3))
+    with kernels.kernels_enabled(False):
+        ref = [np.asarray(a, np.float32) for a in jax.jit(prefill_then_decode(one, tokens, 16))(one.state, tokens)]
+    sharded = with_distinct_norms(random_model(cfg, mesh=mesh, seed=3))
+    for prologue in ("fused", "separate"):
+        monkeypatch.setattr(da, "PROLOGUE", prologue)
+        with kernels.kernels_enabled(True):
+            fn = prefill_then_decode(sharded, tokens, 16)   # a new function per setting
+            text = str(jax.make_jaxpr(fn)(sharded.state, tokens))
+            out = [np.asarray(a, np.float32) for a in jax.jit(fn)(sharded.state, tokens)]
+        assert ("qwen3_decode_attention_rope" in text) == (prologue == "fused"), prologue
+        for a, b in zip(out, ref):
+            assert rel(a, b) < TOL_BF16_MODEL, (prologue, rel(a, b))

@@ -24,11 +24,13 @@ pytestmark = pytest.mark.gpu
 MESHES = ["tp=2", "ep=2", "tp=2,ep=2", "tp=4", "ep=4", "tp=2,ep=4", "dp=2,tp=2,ep=4"]
 
 
-def small_config(fp8: bool):
+def small_config(fp8: bool, heads: int = 8):
     # 30B-A3B's structure at a size that compiles in seconds; dims > 128 so FP8 has several blocks.
+    # heads=32 (4 kv heads): 16 or more per device on some meshes, where decode attention runs
+    # with its prologue inside (kernels.decode_attention.decode_attention_rope).
     cfg = dataclasses.replace(load_preset("Qwen3-30B-A3B"), num_hidden_layers=4, hidden_size=512,
-                              num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=16,
-                              moe_intermediate_size=384, intermediate_size=1024, vocab_size=4096,
+                              num_attention_heads=heads, num_key_value_heads=heads // 4, head_dim=64,
+                              num_experts=16, moe_intermediate_size=384, intermediate_size=1024, vocab_size=4096,
                               fp8=Fp8Config() if fp8 else None)
     return cfg
 
@@ -64,7 +66,7 @@ def test_mesh_matches_one_card(mesh, fp8):
     np.testing.assert_array_equal(sharded.generate_greedy(tokens, 16), ref_tokens)
 
 
-@pytest.mark.parametrize("weights", ["bf16", "fp8-w8a16", "fp8-default"])
+@pytest.mark.parametrize("weights", ["bf16", "fp8-w8a16", "fp8-default", "bf16-32-heads"])
 @pytest.mark.parametrize("mesh", MESHES)
 def test_kernels_per_device_match_one_card(mesh, weights, request):
     """FP8 with W8A16 kernels is held to bf16 precision. Under the defaults (W8A8 where the rows
@@ -75,10 +77,11 @@ def test_kernels_per_device_match_one_card(mesh, weights, request):
     from reference import prefill_then_decode, with_distinct_norms
 
     skip_unless_cards_for(mesh)
-    fp8 = weights != "bf16"
+    fp8 = weights.startswith("fp8")
     if weights == "fp8-w8a16":
         request.getfixturevalue("fp8_w8a16")
-    cfg = small_config(fp8)
+    heads = 32 if weights == "bf16-32-heads" else 8
+    cfg = small_config(fp8, heads)
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (4, 12)), jnp.int32)
     outs, names = [], []
     with kernels.kernels_enabled(True):
@@ -90,14 +93,18 @@ def test_kernels_per_device_match_one_card(mesh, weights, request):
     errs = [np.linalg.norm(b - a) / np.linalg.norm(a) for a, b in zip(*outs)]
     print(f"{mesh} {weights} kernels: rel err prefill {errs[0]:.2e} decode {errs[1]:.2e}, kernels {names}")
     # The decode attention, gemv and grouped-matmul kernels run per device as on one card; the
-    # decode fusions of one device only (the q/k prologue, the routing kernels with their gemv:
+    # decode fusions of one device only (the separate q/k prologue, the routing kernels with their gemv:
     # kernels/__init__.py) do not, so the two sets differ by those.
     # FP8 grouped matmuls are named by numerics: W8A8 (the default) or W8A16
     from qwen3_jax.kernels.grouped_matmul import MATMUL_DEFAULTS
     w8a8 = MATMUL_DEFAULTS["small"]["convert"] == "e4m3"
     fp8_tag = "_fp8" if fp8 else ""
-    per_device = {"qwen3_decode_attention", "qwen3_gemv_dot" + fp8_tag,
-                  "qwen3_grouped_matmul" + ("_w8a8" if fp8 and w8a8 else fp8_tag)}
+    per_device = {"qwen3_gemv_dot" + fp8_tag, "qwen3_grouped_matmul" + ("_w8a8" if fp8 and w8a8 else fp8_tag)}
     assert per_device <= names[0] and per_device <= names[1], names
+    # Decode attention: with its prologue inside where a device holds 16 query heads or more
+    spec = qwen3_jax.api.parse_mesh_spec(mesh)
+    for n, local_heads in zip(names, (heads, heads // spec.tp)):
+        want = "qwen3_decode_attention_rope" if local_heads >= 16 else "qwen3_decode_attention"
+        assert want in n, (want, n)
     # bf16 rounding: 0.7-0.9% on 4 H100s; a wrong layer ~4% (test_kernels); + W8A8's bound (6e-2)
     assert max(errs) < 2e-2 + (6e-2 if weights == "fp8-default" else 0)

@@ -37,11 +37,15 @@ def per_device(fn: Callable, ctx, operands: Sequence, in_axes: Sequence, out_axe
     """fn(*local operands) on every device's shards -> one global array.
 
     operands[i] has logical axes in_axes[i] (None: replicated, e.g. a layer index); the result
-    has logical axes `out_axes` and global shape `out_shape`. `psum_over` (mesh axes): the
-    local results are partial sums over those axes.
+    has logical axes `out_axes` and global shape `out_shape` (lists of them: fn returns a tuple,
+    one global array each). `psum_over` (mesh axes): the local results are partial sums over
+    those axes.
     """
     in_specs = tuple(_spec(ctx, a, jax.numpy.shape(x)) for x, a in zip(operands, in_axes))
-    out_spec = _spec(ctx, out_axes, out_shape)
+    if isinstance(out_axes, list):   # several outputs: lists of axes and shapes
+        out_spec = tuple(_spec(ctx, a, sh) for a, sh in zip(out_axes, out_shape))
+    else:
+        out_spec = _spec(ctx, out_axes, out_shape)
 
     def body(*local):
         y = fn(*local)
