@@ -7,9 +7,11 @@ lent is a fresh one, so a session cannot choose; this script says which kind it 
 the suspects, each on 8 layers' worth of 30B-A3B FP8 experts stored [G, N, K], batch 1 (8
 routed experts), the model's tiles, per layer cold (layer i's weights, read from HBM), from the
 profiler:
-  default: the clocks and power (nvidia-smi), then the gate/up pair, gate alone (one weight of
-    the same layout: do two weights in one kernel matter?) and the down gemv (the kernel that
-    kept its time), each as us and TB/s of weight bytes;
+  default: the clocks and power (nvidia-smi), then the gate/up pair (with the model's 4 warps,
+    and with 8), gate alone (one weight of the same layout: do two weights in one kernel
+    matter?) and the down gemv (the kernel that kept its time), each as us and TB/s of weight
+    bytes. The kernels that slowed in run 84 (gate/up, q/k/v) are the FP8 gemvs of 4 warps; those
+    that did not (down, o_proj) run 8: a lower SM clock would hit the former harder;
   --gaps: the gate/up pair with a spacer of 0-256 MiB allocated between gate and up (run 86:
     15.5-15.9 us at every gap, so their distance is not it).
 
@@ -74,9 +76,10 @@ def diagnose(bw):
     gate, up = weight(jax.random.key(3)), weight(jax.random.key(4))
     t = gemv_tiles(K_DIM, N_DIM, ROWS, True, "k", 128, w_nk=True, bk=128)
     one = ROWS * N_DIM * K_DIM   # bytes of one weight a gemv reads
-    for name, ws, ss, nbytes in (("gate/up pair", (gate[0], up[0]), (gate[1], up[1]), 2 * one),
-                                 ("gate alone", (gate[0],), (gate[1],), one)):
-        us = time_gemv(x, ws, ss, t, "k")
+    for name, ws, ss, nbytes, warps in (("gate/up pair", (gate[0], up[0]), (gate[1], up[1]), 2 * one, t["num_warps"]),
+                                        ("  8 warps", (gate[0], up[0]), (gate[1], up[1]), 2 * one, 8),
+                                        ("gate alone", (gate[0],), (gate[1],), one, t["num_warps"])):
+        us = time_gemv(x, ws, ss, dict(t, num_warps=warps), "k")
         print(f"  {name:13s} {us:6.2f} us, {nbytes / us / 1e6:5.2f} TB/s (floor {nbytes / bw * 1e6:5.2f} us)", flush=True)
     del gate, up
     down = jax.random.normal(jax.random.key(5), (LAYERS * EXPERTS, K_DIM, N_DIM), jnp.float32).astype(jnp.float8_e4m3fn)
