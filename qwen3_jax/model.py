@@ -538,17 +538,18 @@ def _fused_decode_prologue(x_btd, k_all, attn_full: "Attention", ctx) -> bool:
             and kernels.decode_attention_covered(q_like, k_all))
 
 
-def _attention_with_prologue(x_btd, k_all, attn_full: "Attention", ctx=None) -> bool:
+def _attention_with_prologue(x_btd, k_all, attn_full: "Attention", ctx=None, slots_b=None) -> bool:
     """The decode step's prologue runs inside the attention kernel (kernels.decode_attention.
     PROLOGUE "fused") for these shapes: on one device on the fused decode path
     (_fused_decode_prologue), on a mesh per device on its local heads and rows
-    (_decode_attention_rope_per_device), where each device's rows are its own slots."""
+    (_decode_attention_rope_per_device); with the batch split over data-parallel groups only
+    where row b is slot b (no slots_b), so that each device's rows are its own slots."""
     b, t, _ = x_btd.shape
     h, qd = attn_full.q_proj.einsum_shape[2:4]
     kv, s = k_all.shape[3], k_all.shape[2]
     if not kernels.single_device(ctx):
         if (t != 1 or not kernels.usable(x_btd.dtype) or attn_full.bias
-                or (view_size(ctx.spec, "data") > 1 and k_all.shape[1] != b)):
+                or (view_size(ctx.spec, "data") > 1 and (slots_b is not None or k_all.shape[1] != b))):
             return False
         b, _, h, _ = ctx.shard_shape(("batch", "seq", "heads", "head_dim"), (b, t, h, qd))
         kv = ctx.shard_shape(KVCache.AXES, k_all.shape)[3]
@@ -756,7 +757,7 @@ class Segment(nnx.Module):
         # The fused attention's merge counters: zeros once per step, which each layer's kernel
         # leaves zeroed for the next (None: that kernel does not run).
         rope = k0 is not None and (fused or not kernels.single_device(ctx)) and _attention_with_prologue(
-            x_btd, k0, full.attn, None if fused else ctx)
+            x_btd, k0, full.attn, None if fused else ctx, slots_b)
         counts = constrain(jnp.zeros((b, k0.shape[3]), jnp.int32), ("batch", "kv_heads"), ctx) if rope else None
         # Unrolled only on the fused decode path, whose kernels read every weight in place: on the
         # XLA path each unrolled layer slices its weights out of the stack, and those copies

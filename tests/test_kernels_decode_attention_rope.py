@@ -259,3 +259,34 @@ def test_on_a_mesh_the_fused_kernel_runs_per_device(mesh, monkeypatch):
         assert ("qwen3_decode_attention_rope" in text) == (prologue == "fused"), prologue
         for a, b in zip(out, ref):
             assert rel(a, b) < TOL_BF16_MODEL, (prologue, rel(a, b))
+
+
+def test_on_data_parallel_groups_chosen_slots_keep_the_xla_path():
+    """ep=2 splits the attention batch over data-parallel groups: the kernel would take device d's
+    rows as its own slots, which a step on chosen slots (slots_b) breaks. Such a step keeps XLA's
+    path on the mesh, with one device's answer, where the same step without slots_b runs the
+    kernel."""
+    from flax import nnx
+
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, head_dim=32,
+                                        num_attention_heads=32, num_key_value_heads=4, num_experts=16))
+    tok = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 6)), jnp.int32)
+    pos, slots = jnp.full((2, 1), 5, jnp.int32), jnp.asarray([1, 0], jnp.int32)
+
+    def step(m, slotted):
+        def run(st, tok):
+            model = nnx.merge(m.graphdef, st)
+            _, cache = model(tok[:, :5], None, m.init_cache(2, 16))
+            return model(tok[slots, 5:] if slotted else tok[:, 5:], pos, cache, slots if slotted else None)[0]
+        return run
+
+    one = with_distinct_norms(random_model(cfg, seed=7))
+    sharded = with_distinct_norms(random_model(cfg, mesh="ep=2", seed=7))
+    with kernels.kernels_enabled(True):
+        for slotted in (True, False):
+            want = np.asarray(jax.jit(step(one, slotted))(one.state, tok), np.float32)
+            fn = step(sharded, slotted)
+            text = str(jax.make_jaxpr(fn)(sharded.state, tok))
+            got = np.asarray(jax.jit(fn)(sharded.state, tok), np.float32)
+            assert ("qwen3_decode_attention_rope" in text) == (not slotted)
+            assert rel(got, want) < TOL_BF16_MODEL
