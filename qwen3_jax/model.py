@@ -512,7 +512,7 @@ def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
         return kernels.decode_attention_cached(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
                                                kv_window=kv_window)
     rows = jnp.arange(b, dtype=jnp.int32) if slots_b is None else slots_b
-    if view_size(ctx.spec, "data") > 1 and (slots_b is not None or k_all.shape[1] != b):
+    if not _rows_are_local_slots(ctx, slots_b, k_all, b):
         return None
 
     def local(q, k, v, i, r, p):
@@ -524,6 +524,13 @@ def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
     return kernels.sharded.per_device(
         local, ctx, (q_bthq, k_all, v_all, jnp.asarray(layer, jnp.int32), rows, positions_bt),
         (act, KVCache.AXES, KVCache.AXES, None, ("batch",), ("batch", "seq")), act, q_bthq.shape)
+
+
+def _rows_are_local_slots(ctx, slots_b, k_all, b: int) -> bool:
+    """A per-device decode kernel can find each row's cache slot on its own device: true unless the
+    batch is split over data-parallel groups and row b is not slot b (chosen slots, or fewer rows
+    than slots), since then a device's rows and its cache shard's slots differ."""
+    return view_size(ctx.spec, "data") == 1 or (slots_b is None and k_all.shape[1] == b)
 
 
 def _fused_decode_prologue(x_btd, k_all, attn_full: "Attention", ctx) -> bool:
@@ -548,8 +555,8 @@ def _attention_with_prologue(x_btd, k_all, attn_full: "Attention", ctx=None, slo
     h, qd = attn_full.q_proj.einsum_shape[2:4]
     kv, s = k_all.shape[3], k_all.shape[2]
     if not kernels.single_device(ctx):
-        if (t != 1 or not kernels.usable(x_btd.dtype) or attn_full.bias
-                or (view_size(ctx.spec, "data") > 1 and (slots_b is not None or k_all.shape[1] != b))):
+        if t != 1 or not kernels.usable(x_btd.dtype) or attn_full.bias or not _rows_are_local_slots(
+                ctx, slots_b, k_all, b):
             return False
         b, _, h, _ = ctx.shard_shape(("batch", "seq", "heads", "head_dim"), (b, t, h, qd))
         kv = ctx.shard_shape(KVCache.AXES, k_all.shape)[3]

@@ -84,9 +84,6 @@ def parse_args(argv=None):
     p.add_argument("--attention-prologue", default="",
                    help="decode attention: where q/k norm + RoPE and the cache write run, comma-separated: fused "
                         "(in the attention kernel), separate (a kernel of their own before it) (default: the library's)")
-    p.add_argument("--attention-rope-programs", default="",
-                   help="decode attention with the prologue fused: programs its key splits aim for, "
-                        "comma-separated (default: the library's)")
     p.add_argument("--fp8-matmul", default="",
                    help="FP8 models: the grouped matmul's MMA dtype (prefill, large batches) to time, "
                         "comma-separated: cast (x's dtype), f16, e4m3 (W8A8: x quantized per token and 128-group) "
@@ -854,8 +851,6 @@ def _decode_knobs(args, cfg):
         ("prologue ", listed(args.prologue_programs, int), *module_value(qk_prologue, "TARGET_PROGRAMS"), False),
         ("merge ", merge, *module_value(decode_attention, "COMBINE"), True),
         ("attention-prologue ", prologue, *module_value(decode_attention, "PROLOGUE"), True),
-        ("rope-programs ", listed(args.attention_rope_programs, int),
-         *module_value(decode_attention, "ROPE_TARGET_PROGRAMS"), False),
         ("fp8-matmul ", fp8_matmul if cfg.fp8 else [None],
          lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"], put_fp8_matmul, True),
         ("fp8-lhs ", fp8_lhs if cfg.fp8 else [None],

@@ -110,31 +110,24 @@ def sampling_mode(temperature_b, top_k_b) -> str:
     return "top64" if ((k > 0) & (k <= TOP_K_FAST)).all() else "full"
 
 
-def sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, mode: str | None = None):
+def sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, mode: str):
     """logits float32 [B, V] + per-row params [B] -> token ids int32 [B].
 
     Greedy rows (temperature 0) are the plain argmax. When every sampling row has 0 < top_k <= 64
     (Qwen3's generation_config asks top_k=20) the candidates come from lax.top_k(64), exact for
     those rows and far cheaper than sorting a 152k vocabulary; otherwise the whole row is sorted.
 
-    `mode` (SAMPLING_MODES, from `sampling_mode` on the host) compiles that path alone. None picks
-    on the device with a lax.switch, which on a GPU blocks the host until the device reaches it
-    (XLA's conditional reads its branch index back): the engine passes a mode so that a step's
-    launch returns at once and the next can be queued behind it.
+    `mode` (one of SAMPLING_MODES, static) is which of those paths compiles: `sampling_mode` picks
+    it on the host from the rows' settings. Not on the device: a lax.switch there made XLA:GPU
+    copy the branch index to the host and block until the device reached it, so a step's launch
+    only returned once its forward had run (run 76 in benchmarks/NOTES.md).
     """
-    v = logits_bv.shape[-1]
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"sampling mode {mode!r}: use one of {SAMPLING_MODES} (sampling_mode picks it)")
     greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    sampling = temperature_b > 0
-    args = (logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b)
-
-    def pick(width):
-        return lambda: jnp.where(sampling, _sample_rows(*args, width=min(width, v)), greedy)
-
-    paths = {"greedy": lambda: greedy, "top64": pick(TOP_K_FAST), "full": pick(v)}
-    if mode is not None:
-        return paths[mode]()
-    if v <= TOP_K_FAST:
-        return jax.lax.cond(jnp.any(sampling), paths["full"], paths["greedy"])
-    narrow_ok = jnp.all(~sampling | ((top_k_b > 0) & (top_k_b <= TOP_K_FAST)))
-    branch = jnp.where(jnp.any(sampling), jnp.where(narrow_ok, 1, 2), 0)
-    return jax.lax.switch(branch, [paths[m] for m in SAMPLING_MODES])
+    if mode == "greedy":
+        return greedy
+    v = logits_bv.shape[-1]
+    width = min(TOP_K_FAST, v) if mode == "top64" else v
+    drawn = _sample_rows(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, width=width)
+    return jnp.where(temperature_b > 0, drawn, greedy)

@@ -16,7 +16,7 @@ from serve.capacity import CapacityError, size_cache
 from sharding.memory import kv_bytes_per_token
 from serve.engine import Engine, EngineClosed, QueueFull, prefill_buckets
 from serve.request import Request
-from serve.sampling import SamplingParams, sample
+from serve.sampling import SamplingParams, sample, sampling_mode
 from serve.tokenizer import DetokenizeStream, Tokenizer
 
 
@@ -31,7 +31,13 @@ def tok(ckpt):
 
 
 # -- sampling ----------------------------------------------------------------------------------
-_sample = jax.jit(sample)
+_sample_jit = jax.jit(sample, static_argnums=6)
+
+
+def _sample(logits, temperature, top_p, top_k, seed, step):
+    """sample in the mode the engine would pick for these rows (sampling_mode, on the host)."""
+    return _sample_jit(logits, temperature, top_p, top_k, seed, step,
+                       sampling_mode(np.asarray(temperature), np.asarray(top_k)))
 
 
 def _draw(probs, n, temperature=1.0, top_p=1.0, top_k=-1, step=0):
@@ -85,21 +91,29 @@ def test_sampler_greedy_rows_and_reproducible_keys():
 
 # -- text --------------------------------------------------------------------------------------
 def test_sampler_modes_pick_the_cheapest_exact_path():
-    """The host's mode choice (the engine compiles one path per mode, no device conditional) gives
-    the device switch's ids, row for row, on rows of every kind."""
-    from serve.sampling import sampling_mode
-
+    """The host picks the sampler's mode from the rows' settings (the engine compiles one path per
+    mode, no device conditional): greedy when no row samples, top64 when every sampling row asks
+    top_k <= 64, else the full sort. In every mode greedy rows get the argmax, and each sampling
+    row an id among its own top_k best (top64 is exact for such rows); a mode the sampler does not
+    have is refused."""
     assert sampling_mode([0, 0], [-1, 5]) == "greedy"
     assert sampling_mode([0, 0.7, 1.0], [-1, 20, 64]) == "top64"
     assert sampling_mode([0.7, 0.7], [20, -1]) == sampling_mode([0.7], [65]) == "full"
     logits = jax.random.normal(jax.random.key(1), (6, 300)) * 3
-    for temp, top_k in (([0] * 6, [-1] * 6), ([0, 0.8, 0, 1.2, 0.5, 0], [-1, 20, 3, 64, 1, -1]),
-                        ([0.9, 0.8, 0, 1.2, 0.5, 0.7], [-1, 20, 3, 200, 1, 64])):
-        t, k = np.asarray(temp, np.float32), np.asarray(top_k, np.int32)
+    argmax = np.asarray(jnp.argmax(logits, -1))
+    rank = np.argsort(np.argsort(-np.asarray(logits), axis=1), axis=1)   # each id's rank in its row
+    t = np.asarray([0, 0.8, 0, 1.2, 0.5, 0], np.float32)
+    k = np.asarray([-1, 20, 3, 64, 1, -1], np.int32)
+    for step in range(4):
         args = (logits, jnp.asarray(t), jnp.full(6, 0.9, jnp.float32), jnp.asarray(k), jnp.arange(6, dtype=jnp.int32),
-                jnp.full(6, 3, jnp.int32))
-        mode = sampling_mode(t, k)
-        assert (np.asarray(jax.jit(sample, static_argnums=6)(*args, mode)) == np.asarray(_sample(*args))).all(), mode
+                jnp.full(6, step, jnp.int32))
+        for mode in ("top64", "full"):
+            ids = np.asarray(_sample_jit(*args, mode))
+            assert (ids[t == 0] == argmax[t == 0]).all(), mode
+            assert (rank[np.arange(6), ids][t > 0] < k[t > 0]).all(), mode
+        assert (np.asarray(_sample_jit(*args, "greedy")) == argmax).all()
+    with pytest.raises(ValueError, match="sampling mode 'beam'"):
+        sample(*args, "beam")
 
 
 def test_detokenize_stream_never_splits_characters(tok):
@@ -323,8 +337,9 @@ def test_engine_steps_hold_no_device_conditional(ckpt, engine, monkeypatch):
     texts += gpu + [engine._samplers[s].lower(last, jnp.zeros((b, v)), rows, np.ones(b, bool),
                                               *engine._sampling_inputs(rows)).as_text() for s in SAMPLING_MODES]
     assert not [t for t in texts if "stablehlo.case" in t or "stablehlo.if" in t]
-    # the device switch the engine avoids does lower to one (the check can fail)
-    assert "stablehlo.case" in jax.jit(sample).lower(jnp.zeros((b, v)), *engine._sampling_inputs(rows)).as_text()
+    # a device switch (what the sampler ran before) does lower to one: the check can fail
+    switch = jax.jit(lambda i, x: jax.lax.switch(i, [lambda: x, lambda: -x]))
+    assert "stablehlo.case" in switch.lower(jnp.int32(0), jnp.zeros(b)).as_text()
 
 
 def test_kv_bytes_formula_matches_the_cache(engine):

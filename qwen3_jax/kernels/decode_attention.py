@@ -61,16 +61,14 @@ COMBINES = ("kernel", "xla")
 _COMBINE_BYTES = 16 * 1024
 
 
-def plan(batch: int, kv_heads: int, seq: int, bs_target: int = 64, target: int | None = None):
-    """(bs, splits) for this shape, or None (seq not a multiple of 16: use XLA). target: the
-    programs to aim for (TARGET_PROGRAMS)."""
+def plan(batch: int, kv_heads: int, seq: int, bs_target: int = 64):
+    """(bs, splits) for this shape, or None (seq not a multiple of 16: use XLA)."""
     bs = pick_tile(seq, bs_target)
     if bs is None:
         return None
-    target = TARGET_PROGRAMS if target is None else target
     blocks = seq // bs
     splits = 1
-    while batch * kv_heads * splits < target and blocks % (splits * 2) == 0:
+    while batch * kv_heads * splits < TARGET_PROGRAMS and blocks % (splits * 2) == 0:
         splits *= 2
     return bs, splits
 
@@ -300,9 +298,6 @@ def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, s
 # times both.
 PROLOGUE = "fused"
 PROLOGUES = ("fused", "separate")
-# The programs decode_attention_rope's key splits aim for (plan's target): each program also sums
-# its query heads' projection partials, so splits cost more here than in decode_attention.
-ROPE_TARGET_PROGRAMS = TARGET_PROGRAMS
 
 
 def rope_covered(heads: int, kv_heads: int, head_dim: int, batch: int, cache_len: int) -> bool:
@@ -349,7 +344,7 @@ def decode_attention_rope(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, cos_
             or counts.dtype != jnp.int32 or (rows_b is not None and rows_b.shape != (b,))):
         return None
     window = s_len if kv_window is None or kv_window >= s_len or plan(b, kv, kv_window) is None else kv_window
-    bs, splits = plan(b, kv, window, target=ROPE_TARGET_PROGRAMS)
+    bs, splits = plan(b, kv, window)   # fewer splits: slower (run 82, the key blocks then in series)
     return _attention_rope(
         q_sbn.reshape(q_sbn.shape[0], b, heads, qd), k_sbn.reshape(k_sbn.shape[0], b, kv, qd),
         v_sbn.reshape(v_sbn.shape[0], b, kv, qd), q_norm_lq, k_norm_lq, jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
