@@ -105,22 +105,33 @@ def weights_per_device(cfg, mesh: MeshSpec, dtype: str = "bfloat16") -> dict[str
     return out
 
 
-@functools.lru_cache(maxsize=256)
 def kernel_notes(cfg, mesh: MeshSpec, dtype: str = "bfloat16") -> tuple[str, ...]:
     """What the plan should say about the GPU kernels before anything is allocated: FP8 weights
-    whose per-device shard lies in Pallas Triton's int32-offset gap (qwen3_jax.kernels.
-    index_overflows) run their layers on the XLA path."""
-    from qwen3_jax import kernels
+    whose per-device shard lies in Pallas Triton's int32-offset gap run their layers on the XLA
+    path where this jax's lowering could not be given wider offsets (qwen3_jax.kernels.
+    index_overflows); with them (index_width.widened, the usual case) there is nothing to say."""
+    from qwen3_jax.kernels import index_width
+
+    if index_width.widened():
+        return ()
+    return tuple(f"kernels: {', '.join(sorted({n for n, _ in found}))} ({component}) hold "
+                 f"{human_bytes(max(b for _, b in found))} of FP8 each per device, inside Pallas Triton's int32-offset "
+                 f"gap (2-4 GiB of one-byte elements), and this jax's lowering could not be widened: on a GPU those "
+                 f"layers run on the XLA path, slower; a mesh that puts them under 2 GiB or over 4 GiB per device "
+                 f"(another ep or tp) keeps them on the kernels"
+                 for component, found in _index_gap_shards(cfg, mesh, dtype).items())
+
+
+@functools.lru_cache(maxsize=256)
+def _index_gap_shards(cfg, mesh: MeshSpec, dtype: str) -> dict:
+    """{component: [(weight name, elements per device)]} of the shards in the int32-offset gap."""
+    from qwen3_jax.kernels import index_width
 
     gaps = {}
     for component, names, shard, dt in _param_shards(cfg, mesh, dtype):
-        if kernels.in_index_gap(shard, dt):
+        if index_width.in_gap(shard, dt):
             gaps.setdefault(component, []).append((names[-2] if len(names) > 1 else names[-1], math.prod(shard)))
-    return tuple(f"kernels: {', '.join(sorted({n for n, _ in found}))} ({component}) hold "
-            f"{human_bytes(max(b for _, b in found))} of FP8 each per device, inside Pallas Triton's int32-offset gap "
-            f"(2-4 GiB of one-byte elements): on a GPU those layers run on the XLA path, slower; a mesh that "
-            f"puts them under 2 GiB or over 4 GiB per device (another ep or tp) keeps them on the kernels"
-            for component, found in gaps.items())
+    return gaps
 
 
 @functools.lru_cache(maxsize=256)

@@ -280,13 +280,21 @@ def test_measure_model_memory_reports_held_next_to_planned(tiny_ckpts):
     ("Qwen3-30B-A3B-FP8", "ep=2", set()), ("Qwen3-30B-A3B-FP8", "ep=8", set()),
     ("Qwen3-30B-A3B", "ep=4", set()),   # bf16: two-byte elements, never in the gap
     ("Qwen3-235B-A22B-FP8", "tp=4,ep=8", set()), ("Qwen3-235B-A22B-FP8", "ep=32", {"attention", "experts"})])
-def test_plan_says_which_fp8_weights_fall_in_the_kernels_index_gap(preset, mesh, gapped):
-    """FP8 weights whose per-device shard is 2-4 GiB (kernels.index_overflows: Pallas indexes them
-    with int32 offsets) run on XLA; the plan says so before anything is allocated, with the way out,
-    in its text and JSON. 30B-A3B's experts are 2.25 GiB per device at ep=4 and tp=4."""
-    plan = plan_memory(resolve_config(preset), mesh, device_memory_bytes=141 * GiB, workspace=False)
-    said = {note.split("(")[1].split(")")[0] for note in plan.notes}
-    assert said == gapped
-    assert plan.to_json()["notes"] == plan.notes
+def test_plan_says_which_fp8_weights_fall_in_the_kernels_index_gap(preset, mesh, gapped, monkeypatch):
+    """FP8 weights whose per-device shard is 2-4 GiB (Pallas indexes them with int32 offsets) get
+    int64 offsets (kernels/index_width.py), so the plan says nothing of them. Where this jax's
+    lowering cannot be widened (WIDEN off stands for that) they run on XLA and the plan says so
+    before anything is allocated, with the way out, in its text and JSON. 30B-A3B's experts are
+    2.25 GiB per device at ep=4 and tp=4."""
+    from qwen3_jax.kernels import index_width
+
+    def notes():
+        plan = plan_memory(resolve_config(preset), mesh, device_memory_bytes=141 * GiB, workspace=False)
+        assert plan.to_json()["notes"] == plan.notes
+        return plan
+    assert index_width.widened() and notes().notes == []
+    monkeypatch.setattr(index_width, "WIDEN", False)
+    plan = notes()
+    assert {note.split("(")[1].split(")")[0] for note in plan.notes} == gapped
     for note in plan.notes:
         assert note in plan.format() and "another ep or tp" in note and "GiB of FP8 each per device" in note

@@ -15,6 +15,7 @@ decode_attention.py (one new token per row against the KV cache, read in place, 
 splits merged by the last program; with the step's prologue in the same kernel where it
 covers the shapes), dequantize.py (FP8 [out, in] -> a transposed bf16 copy for
 prefill), fp8_dot.py (how an e4m3 x e4m3 dot accumulates on the tensor cores),
+index_width.py (int64 offsets for one-byte arrays of 2-4 GiB, which Pallas indexes wrongly),
 qk_prologue.py (decode: q/k norm + RoPE + q padding in one kernel, where the attention
 kernel does not take them itself),
 router.py (MoE routing at decode: router logits read in place, softmax + top-k fused),
@@ -229,14 +230,12 @@ def x_load(name: str) -> bool:
 
 
 def index_overflows(*arrays) -> bool:
-    """True when a kernel must not take one of `arrays` (None entries skipped): Pallas' Triton
-    lowering computes a ref's element offsets in int32 unless the array is larger than 2**32
-    bytes, so a one-byte array (FP8 weights) of more than 2**31 elements and at most 4 GiB is
-    read at wrapped offsets, silently. Measured on an H200 with jax 0.11.2 (run 86 in
-    benchmarks/NOTES.md): a 3 GiB uint8 or e4m3 array read the wrong memory, 2 and 4 GiB did not.
-    The kernel entries then return None and the XLA path runs (slower, right); the first time
-    per shape it is logged with a way out. 30B-A3B's FP8 experts are 2.4 GB per weight at
-    ep=4 or tp=4; ep=2 or ep=8 avoids it."""
+    """True when a kernel must not take one of `arrays` (None entries skipped): a one-byte array
+    of more than 2**31 elements and at most 4 GiB, which Pallas' Triton lowering indexes with
+    wrapping int32 offsets (read wrong, silently: run 86 in benchmarks/NOTES.md), and this jax
+    could not be given wider ones (index_width.install). The kernel entries then return None and
+    the XLA path runs (slower, right); the first time per shape it is logged with a way out.
+    30B-A3B's FP8 experts are 2.4 GB per weight at ep=4 or tp=4."""
     for a in arrays:
         if a is not None and in_index_gap(a.shape, a.dtype):
             size = math.prod(a.shape)
@@ -244,9 +243,10 @@ def index_overflows(*arrays) -> bool:
             if key not in _overflow_logged:
                 _overflow_logged.add(key)
                 _log.warning("kernels: a %s array of %.2f GiB %s lies in Pallas Triton's int32-offset gap "
-                             "(2-4 GiB of one-byte elements per device): its layers run on the XLA path, slower. "
-                             "A mesh that shards it to under 2 GiB or over 4 GiB per device avoids this (e.g. "
-                             "another ep or tp size).", a.dtype, size / 2 ** 30, tuple(a.shape))
+                             "(2-4 GiB of one-byte elements per device) and this jax's lowering could not be "
+                             "widened: its layers run on the XLA path, slower. A mesh that shards it to under "
+                             "2 GiB or over 4 GiB per device avoids this (e.g. another ep or tp size).",
+                             a.dtype, size / 2 ** 30, tuple(a.shape))
             return True
     return False
 
@@ -255,9 +255,10 @@ _overflow_logged: set = set()
 
 
 def in_index_gap(shape, dtype) -> bool:
-    """An array of this shape and dtype is one index_overflows refuses (no logging): one-byte
-    elements, more than 2**31 of them, at most 2**32 bytes."""
-    return jnp.dtype(dtype).itemsize == 1 and 2 ** 31 < math.prod(shape) <= 2 ** 32
+    """An array of this shape and dtype is one index_overflows refuses (no logging): in Pallas'
+    int32-offset gap (index_width.in_gap) while the kernels are not lowered with wider offsets."""
+    from . import index_width
+    return index_width.in_gap(shape, dtype) and not index_width.widened()
 
 
 def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
@@ -276,6 +277,8 @@ def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
 if TRITON_MISSING is None:
     from . import fp8_dot  # noqa: E402
     fp8_dot.install()   # e4m3 dots keep their MMAs in flight (fp8_dot.py)
+    from . import index_width  # noqa: E402
+    index_width.install()   # FP8 weights of 2-4 GiB get int64 offsets (index_width.py)
     from .linear import linear_einsum, projections_partials  # noqa: E402
     from .prefill_attention import causal_prefill_attention  # noqa: E402
     from .decode_attention import covered as decode_attention_covered, decode_attention_cached  # noqa: E402
