@@ -103,9 +103,10 @@ def moe_layer(x, weights, experts, gate, up, down, scales, layer):
 
 
 def expert_shapes(layers):
-    """gate/up, down and their (gate, up, down) block scales, 30B-A3B's experts stored [L, E, out, in]."""
+    """gate/up, down and their (gate, up, down) scales, 30B-A3B's experts stored [L, E, out, in];
+    the scales as the kernels read them (moe_ffn.ExpertArrays: expanded along F)."""
     gate, down = (layers, E30, F30, D30), (layers, E30, D30, F30)
-    scales = ((layers, E30, F30 // 128, D30 // 128),) * 2 + ((layers, E30, D30 // 128, F30 // 128),)
+    scales = ((layers, E30, D30 // 128, F30),) * 2 + ((layers, E30, F30, D30 // 128),)
     return gate, down, scales
 
 
