@@ -305,7 +305,9 @@ PROLOGUES = ("fused", "separate")
 TOUCH = "on"
 TOUCHES = ("on", "off")
 TOUCH_MAX_PROGRAMS = 128   # attention programs at most (an H100 has 132 SMs): batch 1 and 8 at 30B
-_TOUCH_ROW_BYTES, _TOUCH_TILE_ROWS = 1024, 32
+# Each touch program reads one [32, 1024-byte] tile: one load in flight per program was too few
+# (run 90: 64 programs reading 4 tiles each lengthened the attention launch by 1.7 us FP8)
+_TOUCH_ROW_BYTES, _TOUCH_TILE_ROWS, _TOUCH_MAX_ROWS = 1024, 32, 8
 
 
 def rope_covered(heads: int, kv_heads: int, head_dim: int, batch: int, cache_len: int) -> bool:
@@ -366,15 +368,16 @@ def decode_attention_rope(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, cos_
         interpret=_interpret() if interpret is None else bool(interpret))
 
 
-def _touch_rows(w, layers: int, programs: int, touchers: int):
+def _touch_rows(w, layers: int, programs: int, per_row: int):
     """w [L, ...] as [L, R, row] (a free reshape: rows of _TOUCH_ROW_BYTES) when TOUCH is on, the
-    attention grid has at most TOUCH_MAX_PROGRAMS programs and a layer splits into `touchers`
-    equal runs of whole tiles; else None (no touch programs)."""
+    attention grid has at most TOUCH_MAX_PROGRAMS programs and a layer is a whole number of grid
+    rows of `per_row` touch programs of one tile each, at most _TOUCH_MAX_ROWS; else None."""
     if w is None or TOUCH != "on" or programs > TOUCH_MAX_PROGRAMS or w.ndim < 2 or w.shape[0] != layers:
         return None
     row = _TOUCH_ROW_BYTES // w.dtype.itemsize
     per_layer = w.size // layers
-    if per_layer % (touchers * _TOUCH_TILE_ROWS * row):
+    tiles, rest = divmod(per_layer, _TOUCH_TILE_ROWS * row)
+    if rest or tiles % per_row or tiles // per_row > _TOUCH_MAX_ROWS:
         return None
     return w.reshape(layers, per_layer // row, row)
 
@@ -385,8 +388,8 @@ def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_b
                     positions_b, counts, touch, *, scale, eps, bs, splits, window, num_warps, num_stages, interpret):
     """decode_attention_rope's kernel: q_in [Sq, B, H, Q], k_in / v_in [Sk, B, K, Q] partials,
     layer [1] int32, touch None or [L, R, row] (_touch_rows); the rest as there. With touch the
-    grid has one more row b = B of K * NS programs, each reading R / (K * NS) rows of layer
-    `layer` and writing the sum of their bits to an output nobody reads (what keeps the loads)."""
+    grid has T more rows b >= B of K * NS programs, each reading one tile of layer `layer` and
+    writing the sum of its bits to an output nobody reads (what keeps the loads)."""
     _, b, h, qd = q_in.shape
     _, _, s, k, _ = k_cache.shape
     g = h // k
@@ -395,6 +398,7 @@ def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_b
     chunk = window // splits
     steps = chunk // bs
     ch = max(1, min(splits, _COMBINE_BYTES // (4 * g * qd)))
+    touchers = 0 if touch is None else touch.shape[1] // _TOUCH_TILE_ROWS
 
     def kernel(layer_ref, *refs):
         rows_ref, refs = (None, refs) if rows_b is None else (refs[0], refs[1:])
@@ -477,7 +481,8 @@ def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_b
             attend()
         else:
             pl.when(bi < b)(attend)
-            pl.when(bi == b)(lambda: _touch(touch_ref, touched_ref[0], li, hi * splits + pi, k * splits))
+            pl.when(bi >= b)(lambda: _touch(touch_ref, touched_ref[0], li, ((bi - b) * k + hi) * splits + pi,
+                                            touchers))
 
     operands = ((layer,) + (() if rows_b is None else (rows_b,)) + (() if touch is None else (touch,))
                 + (positions_b, q_in, k_in, v_in, q_norm_lq, k_norm_lq, cos_bq, sin_bq, k_cache, v_cache, counts))
@@ -489,9 +494,9 @@ def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_b
                  jax.ShapeDtypeStruct(k_cache.shape, cdt), jax.ShapeDtypeStruct(v_cache.shape, cdt),
                  jax.ShapeDtypeStruct(counts.shape, jnp.int32))
     if touch is not None:
-        out_shape += (jax.ShapeDtypeStruct((k * splits,), jnp.int32),)
+        out_shape += (jax.ShapeDtypeStruct((touchers,), jnp.int32),)
     outs = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(b + (touch is not None), k, splits),
+        kernel, out_shape=out_shape, grid=(b + touchers // (k * splits), k, splits),
         input_output_aliases={n_in - 3: 4, n_in - 2: 5, n_in - 1: 6},   # the caches and counters in place
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="qwen3_decode_attention_rope",
