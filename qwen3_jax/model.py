@@ -620,7 +620,7 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
     if parts is not None and counts is not None:
         done = kernels.decode_attention.decode_attention_rope(
             *parts, *norm_rope, k_all, v_all, slots_b, positions_bt[:, 0], counts, heads=heads,
-            scale=blk.attn.scale, kv_window=kv_window, touch=attn_full.o_proj.w[...])   # o_proj's next
+            scale=blk.attn.scale, kv_window=kv_window)
         if done is not None:
             out, k_all, v_all, counts = done
             return x + blk.attn.output(out[:, None], ctx, stacked=st), k_all, v_all, counts

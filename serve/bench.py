@@ -84,9 +84,6 @@ def parse_args(argv=None):
     p.add_argument("--attention-prologue", default="",
                    help="decode attention: where q/k norm + RoPE and the cache write run, comma-separated: fused "
                         "(in the attention kernel), separate (a kernel of their own before it) (default: the library's)")
-    p.add_argument("--attention-touch", default="",
-                   help="decode attention: whether spare programs of a small attention launch read o_proj's weight "
-                        "into L2 for the gemv after it, comma-separated: on, off (default: the library's)")
     p.add_argument("--fp8-matmul", default="",
                    help="FP8 models: the grouped matmul's MMA dtype (prefill, large batches) to time, "
                         "comma-separated: cast (x's dtype), f16, e4m3 (W8A8: x quantized per token and 128-group) "
@@ -841,7 +838,6 @@ def _decode_knobs(args, cfg):
     gemm = choices("--fp8-gemm", args.fp8_gemm, sorted(kernels.FP8_GEMM))
     merge = choices("--attention-combine", args.attention_combine, decode_attention.COMBINES)
     prologue = choices("--attention-prologue", args.attention_prologue, decode_attention.PROLOGUES)
-    touch = choices("--attention-touch", args.attention_touch, decode_attention.TOUCHES)
     copy = choices("--fp8-copy", args.fp8_copy, dequantize.COPIES)
     fp8_matmul = choices("--fp8-matmul", args.fp8_matmul, ("cast", "f16", "e4m3"))
     fp8_lhs = choices("--fp8-matmul-lhs", args.fp8_matmul_lhs, ("x", "w"))
@@ -855,7 +851,6 @@ def _decode_knobs(args, cfg):
         ("prologue ", listed(args.prologue_programs, int), *module_value(qk_prologue, "TARGET_PROGRAMS"), False),
         ("merge ", merge, *module_value(decode_attention, "COMBINE"), True),
         ("attention-prologue ", prologue, *module_value(decode_attention, "PROLOGUE"), True),
-        ("attention-touch ", touch, *module_value(decode_attention, "TOUCH"), True),
         ("fp8-matmul ", fp8_matmul if cfg.fp8 else [None],
          lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"], put_fp8_matmul, True),
         ("fp8-lhs ", fp8_lhs if cfg.fp8 else [None],

@@ -110,17 +110,17 @@ def test_variant_flags_time_each_setting_and_restore_the_defaults():
 
     def settings():
         return (kernels.fp8_gemm(), model_mod.DECODE_UNROLL, set(kernels.X_LOADS), decode_attention.COMBINE,
-                decode_attention.PROLOGUE, decode_attention.TOUCH, dequantize.COPY, fp8_dot.ACCUMULATE,
+                decode_attention.PROLOGUE, dequantize.COPY, fp8_dot.ACCUMULATE,
                 [(c["convert"], dict(c["fp8_nk"])) for c in MATMUL_DEFAULTS.values()])
 
     before = settings()
     res = bench.main(["--model", "tiny-FP8", "--batch", "1", "--context", "16", "--prefill=", "--steps", "2",
                       "--reps", "1", "--single-step=", "--kernels", "on", "--fp8-gemm", "w8a8",
                       "--decode-unroll", "2", "--x-loads", "none,norm+swiglu", "--attention-combine", "xla",
-                      "--attention-prologue", "separate", "--attention-touch", "off", "--fp8-matmul", "f16", "--fp8-matmul-lhs", "x", "--fp8-copy", "xla",
+                      "--attention-prologue", "separate", "--fp8-matmul", "f16", "--fp8-matmul-lhs", "x", "--fp8-copy", "xla",
                       "--fp8-dot-acc", "f32"])
     labels = [r["kernels"] for r in res["decode"]]
-    assert labels == [f"on w8a8 unroll 2 x {x} merge xla attention-prologue separate attention-touch off fp8-matmul f16 fp8-lhs x fp8-copy xla fp8-dot-acc f32"
+    assert labels == [f"on w8a8 unroll 2 x {x} merge xla attention-prologue separate fp8-matmul f16 fp8-lhs x fp8-copy xla fp8-dot-acc f32"
                       for x in ("none", "norm+swiglu")]
     assert all(r["step_ms"] > 0 for r in res["decode"])
     assert settings() == before
@@ -135,8 +135,7 @@ def test_variant_flags_time_each_setting_and_restore_the_defaults():
                                  ("--attention-combine", "o_proj",
                                   "--attention-combine o_proj: unknown; use kernel or xla"),
                                  ("--attention-prologue", "xla",
-                                  "--attention-prologue xla: unknown; use fused or separate"),
-                                 ("--attention-touch", "yes", "--attention-touch yes: unknown; use on or off")):
+                                  "--attention-prologue xla: unknown; use fused or separate")):
         args = bench.parse_args(["--model", "tiny-FP8", "--batch", "1", "--prefill=", flag, value])
         with pytest.raises(ValueError, match=message):
             bench._decode_knobs(args, cfg)

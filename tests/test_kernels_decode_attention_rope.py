@@ -61,17 +61,9 @@ def two_kernels(qp, kp, vp, qn, kn, layer, cos, sin, kc, vc, rows, pos, *, heads
     return out[:, 0], kc, vc
 
 
-def fused(qp, kp, vp, qn, kn, layer, cos, sin, kc, vc, rows, pos, counts, *, heads, scale, kv_window=None,
-          touch=None):
+def fused(qp, kp, vp, qn, kn, layer, cos, sin, kc, vc, rows, pos, counts, *, heads, scale, kv_window=None):
     return decode_attention_rope(qp, kp, vp, qn, kn, layer, cos, sin, EPS, kc, vc, rows, pos, counts, heads=heads,
-                                 scale=scale, kv_window=kv_window, touch=touch)
-
-
-def touch_weight(seed, layers, touchers, tiles=2):
-    """An FP8 stacked weight of `touchers` x `tiles` touch tiles a layer."""
-    rows = touchers * tiles * da._TOUCH_TILE_ROWS
-    w = jax.random.normal(jax.random.key(seed), (layers, rows, da._TOUCH_ROW_BYTES), jnp.float32)
-    return w.astype(jnp.float8_e4m3fn)
+                                 scale=scale, kv_window=kv_window)
 
 
 def check_against_two_kernels(b, h, k, qd, s, slots, rows, pos, layer, seed, kv_window=None, tol=4e-3, layers=3):
@@ -143,52 +135,6 @@ def test_counters_carry_from_layer_to_layer():
     assert not np.any(np.asarray(counts))
 
 
-def test_touch_programs_leave_the_attention_bit_for_bit():
-    """With o_proj's weight to touch (TOUCH on) the grid gains a row of touch programs; the
-    output, cache writes and counters are the bits of the launch without them. A weight whose
-    layer does not split into the touch programs' tiles, and a grid over TOUCH_MAX_PROGRAMS, get
-    no touch programs (the same call)."""
-    b, h, k, qd, s = 3, 16, 2, 32, 256
-    pos = jnp.array([0, 200, 77], jnp.int32)
-    args = step_inputs(5, b, h, k, qd, s, 3, b, pos)
-    touchers = k * da.plan(b, k, s)[1]
-    kw = dict(heads=h, scale=qd ** -0.5)
-    zeros = jnp.zeros((b, k), jnp.int32)
-
-    def run(touch):
-        return jax.jit(lambda *a: fused(*a[:5], jnp.int32(2), *a[5:], None, pos, zeros, touch=touch, **kw))(*args)
-    w = touch_weight(0, 3, touchers)
-    assert da._touch_rows(w, 3, b * touchers, touchers) is not None
-    assert da._touch_rows(w[:, :-1], 3, b * touchers, touchers) is None
-    assert da._touch_rows(w, 3, da.TOUCH_MAX_PROGRAMS + 1, touchers) is None
-    plain = run(None)
-    for got in (run(w), run(w.astype(jnp.bfloat16))):
-        for a, want in zip(got, plain):
-            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(want, np.float32))
-
-
-@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16])
-def test_each_touch_program_reads_its_run_of_the_layer(dtype):
-    """_touch over a grid of its programs alone: program t's stored sum equals the sum of the
-    bits of its rows of layer 1 (not layer 0's, not another run's)."""
-    from jax.experimental import pallas as pl
-
-    touchers, layer = 4, 1
-    w = touch_weight(1, 3, touchers, tiles=3).astype(dtype)
-    w = w.reshape(3, -1, da._TOUCH_ROW_BYTES // w.dtype.itemsize)
-
-    def kernel(layer_ref, w_ref, o_ref):
-        da._touch(w_ref, o_ref, layer_ref[0], pl.program_id(0), touchers)
-    got = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((touchers,), jnp.int32), grid=(touchers,),
-                         interpret=True)(jnp.array([layer], jnp.int32), w)
-    bits = np.asarray(jax.lax.bitcast_convert_type(w, jnp.uint8 if w.dtype.itemsize == 1 else jnp.uint16))
-    def sums(a):
-        return a.reshape(touchers, -1).astype(np.int64).sum(axis=1).astype(np.int32)
-    want = sums(bits[layer])
-    np.testing.assert_array_equal(np.asarray(got), want)
-    assert len(set(want.tolist())) == touchers and not set(want.tolist()) & set(sums(bits[0]).tolist())
-
-
 def test_uncovered_shapes_return_none():
     """Fewer than 16 query heads, G = 3, a float32 cache: None (the model keeps the two kernels)."""
     b, qd, s = 2, 32, 64
@@ -251,18 +197,14 @@ def test_lowers_to_one_triton_call_for_30b_shapes(b):
     bf, f32 = jnp.bfloat16, jnp.float32
     cache = sds((n_layers, b, 8192, k, qd), bf)
 
-    def fn(qp, kp, vp, qn, kn, cos, sin, kc, vc, pos, counts, o_proj):
+    def fn(qp, kp, vp, qn, kn, cos, sin, kc, vc, pos, counts):
         return decode_attention_rope(qp, kp, vp, qn, kn, jnp.int32(3), cos, sin, EPS, kc, vc, None, pos, counts,
-                                     heads=h, scale=qd ** -0.5, kv_window=1024, touch=o_proj, interpret=False)
+                                     heads=h, scale=qd ** -0.5, kv_window=1024, interpret=False)
     text = jax.jit(fn).trace(sds((8, b, h * qd), f32), sds((8, b, k * qd), f32), sds((8, b, k * qd), f32),
                              sds((n_layers, qd), bf), sds((n_layers, qd), bf), sds((b, qd), bf), sds((b, qd), bf),
-                             cache, cache, sds((b,), jnp.int32), sds((b, k), jnp.int32),
-                             sds((n_layers, 2048, h, qd), jnp.float8_e4m3fn)).lower(
+                             cache, cache, sds((b,), jnp.int32), sds((b, k), jnp.int32)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 1
-    # batch 1 touches o_proj's weight (one more output), batch 64 has no spare SMs to
-    call = text.split("xla.gpu.triton")[1].split("\n")[0]
-    assert bool(re.search(r"tensor<256xi32>\)", call)) == (b == 1)   # 8 MiB a layer in 32 KiB tiles
     assert not {"stablehlo.pad", "stablehlo.scatter", "stablehlo.broadcast_in_dim"} & set(re.findall(r"stablehlo\.\w+", text))
 
 
@@ -288,11 +230,6 @@ def test_gpu_fused_matches_the_two_kernels_and_repeats_bit_for_bit(b):
                                   jnp.zeros((b, k), jnp.int32), heads=h, scale=qd ** -0.5)[0])
     for _ in range(20):
         np.testing.assert_array_equal(np.asarray(fn(*args), np.float32), first)
-    # with o_proj's FP8 weight [24, D, H*Q] to touch (batch 1 and 8): the same bits
-    o_proj = jax.random.normal(jax.random.key(b), (24, 2048, h * qd), jnp.float32).astype(jnp.float8_e4m3fn)
-    touched = jax.jit(lambda *a: fused(*a[:5], jnp.int32(17), *a[5:], jnp.asarray(rows, jnp.int32), pos,
-                                       jnp.zeros((b, k), jnp.int32), heads=h, scale=qd ** -0.5, touch=o_proj)[0])
-    np.testing.assert_array_equal(np.asarray(touched(*args), np.float32), first)
 
 
 @pytest.mark.parametrize("mesh", ["tp=2", "ep=2"])

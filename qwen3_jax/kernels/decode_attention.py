@@ -298,16 +298,6 @@ def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, s
 # times both.
 PROLOGUE = "fused"
 PROLOGUES = ("fused", "separate")
-# The spare SMs of a small decode-attention launch read the next kernel's weight (o_proj's, of
-# the same layer) into L2, in extra programs of the same grid, so o_proj then streams it from L2
-# (run 33: an FP8 o_proj gemv 5.2 us cold, 4.1 us with its weight in L2). "on" / "off", read at
-# trace time; serve.bench --attention-touch times both.
-TOUCH = "on"
-TOUCHES = ("on", "off")
-TOUCH_MAX_PROGRAMS = 128   # attention programs at most (an H100 has 132 SMs): batch 1 and 8 at 30B
-# Each touch program reads one [32, 1024-byte] tile: one load in flight per program was too few
-# (run 90: 64 programs reading 4 tiles each lengthened the attention launch by 1.7 us FP8)
-_TOUCH_ROW_BYTES, _TOUCH_TILE_ROWS, _TOUCH_MAX_ROWS = 1024, 32, 8
 
 
 def rope_covered(heads: int, kv_heads: int, head_dim: int, batch: int, cache_len: int) -> bool:
@@ -320,8 +310,7 @@ def rope_covered(heads: int, kv_heads: int, head_dim: int, batch: int, cache_len
 
 def decode_attention_rope(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, eps: float,
                           k_all, v_all, rows_b, positions_b, counts, *, heads: int, scale: float,
-                          kv_window: int | None = None, touch=None, interpret=None, num_warps: int = 4,
-                          num_stages: int = 2):
+                          kv_window: int | None = None, interpret=None, num_warps: int = 4, num_stages: int = 2):
     """Decode attention with its prologue in the same kernel: one launch per layer where
     qk_prologue.qk_norm_rope_write_cache + decode_attention took two (~3 us of a ~53 us FP8
     batch-1 layer on an H200 was the prologue's own launch: benchmarks/NOTES.md, run 77).
@@ -333,9 +322,7 @@ def decode_attention_rope(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, cos_
     positions[b]] (rows None: row b is slot b); positions [B] int32, a row at position >= S is
     idle (no write, zeros out); counts [B, K] int32 zeros, the merge's counters, returned zeroed
     again (the last program of each (row, kv head) resets its own), so one zeros array serves
-    every layer of a step. kv_window as decode_attention_cached's. touch: None or a stacked
-    weight [L, ...] (o_proj's) whose layer `layer` extra programs read into L2 (TOUCH; only
-    where the attention grid is small, and the layer splits into their rows).
+    every layer of a step. kv_window as decode_attention_cached's.
     -> (out [B, H, Q] in the cache dtype, k_all, v_all, counts), or None when not covered.
 
     Every program of (b, kv head h) normalizes and rotates the 16 query heads from
@@ -358,38 +345,21 @@ def decode_attention_rope(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, cos_
         return None
     window = s_len if kv_window is None or kv_window >= s_len or plan(b, kv, kv_window) is None else kv_window
     bs, splits = plan(b, kv, window)   # fewer splits: slower (run 82, the key blocks then in series)
-    touch = _touch_rows(touch, q_norm_lq.shape[0], b * kv * splits, kv * splits)
     return _attention_rope(
         q_sbn.reshape(q_sbn.shape[0], b, heads, qd), k_sbn.reshape(k_sbn.shape[0], b, kv, qd),
         v_sbn.reshape(v_sbn.shape[0], b, kv, qd), q_norm_lq, k_norm_lq, jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
         cos_bq, sin_bq, k_all, v_all, None if rows_b is None else rows_b.astype(jnp.int32),
-        positions_b.astype(jnp.int32), counts, touch, scale=float(scale), eps=float(eps), bs=bs, splits=splits,
+        positions_b.astype(jnp.int32), counts, scale=float(scale), eps=float(eps), bs=bs, splits=splits,
         window=window, num_warps=num_warps, num_stages=num_stages,
         interpret=_interpret() if interpret is None else bool(interpret))
-
-
-def _touch_rows(w, layers: int, programs: int, per_row: int):
-    """w [L, ...] as [L, R, row] (a free reshape: rows of _TOUCH_ROW_BYTES) when TOUCH is on, the
-    attention grid has at most TOUCH_MAX_PROGRAMS programs and a layer is a whole number of grid
-    rows of `per_row` touch programs of one tile each, at most _TOUCH_MAX_ROWS; else None."""
-    if w is None or TOUCH != "on" or programs > TOUCH_MAX_PROGRAMS or w.ndim < 2 or w.shape[0] != layers:
-        return None
-    row = _TOUCH_ROW_BYTES // w.dtype.itemsize
-    per_layer = w.size // layers
-    tiles, rest = divmod(per_layer, _TOUCH_TILE_ROWS * row)
-    if rest or tiles % per_row or tiles // per_row > _TOUCH_MAX_ROWS:
-        return None
-    return w.reshape(layers, per_layer // row, row)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "eps", "bs", "splits", "window", "num_warps", "num_stages",
                                              "interpret"))
 def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, k_cache, v_cache, rows_b,
-                    positions_b, counts, touch, *, scale, eps, bs, splits, window, num_warps, num_stages, interpret):
+                    positions_b, counts, *, scale, eps, bs, splits, window, num_warps, num_stages, interpret):
     """decode_attention_rope's kernel: q_in [Sq, B, H, Q], k_in / v_in [Sk, B, K, Q] partials,
-    layer [1] int32, touch None or [L, R, row] (_touch_rows); the rest as there. With touch the
-    grid has T more rows b >= B of K * NS programs, each reading one tile of layer `layer` and
-    writing the sum of its bits to an output nobody reads (what keeps the loads)."""
+    layer [1] int32; the rest as there."""
     _, b, h, qd = q_in.shape
     _, _, s, k, _ = k_cache.shape
     g = h // k
@@ -398,93 +368,82 @@ def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_b
     chunk = window // splits
     steps = chunk // bs
     ch = max(1, min(splits, _COMBINE_BYTES // (4 * g * qd)))
-    touchers = 0 if touch is None else touch.shape[1] // _TOUCH_TILE_ROWS
 
     def kernel(layer_ref, *refs):
         rows_ref, refs = (None, refs) if rows_b is None else (refs[0], refs[1:])
-        touch_ref, refs = (None, refs) if touch is None else (refs[0], refs[1:])
         (pos_ref, q_ref, kp_ref, vp_ref, qw_ref, kw_ref, cos_ref, sin_ref, k_ref, v_ref, _,
-         acc_ref, m_ref, l_ref, o_ref, kc_ref, vc_ref, count_ref, *touched_ref) = refs
+         acc_ref, m_ref, l_ref, o_ref, kc_ref, vc_ref, count_ref) = refs
         bi, hi, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         li = layer_ref[0]
+        slot = bi if rows_ref is None else rows_ref[bi]
+        p = pos_ref[bi]
+        live = (p >= 0) & (p < s)
+        n = jnp.where(live, p, 0)   # cache keys 0..p-1; key p is this step's, from registers
+        cs = (cos_ref[bi, lo], cos_ref[bi, up], sin_ref[bi, lo], sin_ref[bi, up])   # [Q/2] each
 
-        def attend():
-            slot = bi if rows_ref is None else rows_ref[bi]
-            p = pos_ref[bi]
-            live = (p >= 0) & (p < s)
-            n = jnp.where(live, p, 0)   # cache keys 0..p-1; key p is this step's, from registers
-            cs = (cos_ref[bi, lo], cos_ref[bi, up], sin_ref[bi, lo], sin_ref[bi, up])   # [Q/2] each
+        # Block 0's keys and values first (those below n only): their HBM latency then overlaps
+        # the prologue's work below instead of following it (run 82: in series, the fused kernel
+        # cost what the two did).
+        s_first = pl.multiple_of(pi * chunk, bs)
 
-            # Block 0's keys and values first (those below n only): their HBM latency then overlaps
-            # the prologue's work below instead of following it (run 82: in series, the fused kernel
-            # cost what the two did).
-            s_first = pl.multiple_of(pi * chunk, bs)
+        def block(s0, below=None):   # (k halves [bs, Q/2], v [bs, Q]); with `below`, keys under it only
+            def ld(ref, cols, width):
+                tile = ref.at[li, slot, pl.ds(s0, bs), hi, cols]
+                if below is None:
+                    return tile[...]
+                rows = s0 + jax.lax.broadcasted_iota(jnp.int32, (bs, width), 0)
+                return plt.load(tile, mask=rows < below, other=0.0)
+            return ld(k_ref, lo, qd // 2), ld(k_ref, up, qd // 2), ld(v_ref, full, qd)
 
-            def block(s0, below=None):   # (k halves [bs, Q/2], v [bs, Q]); with `below`, keys under it only
-                def ld(ref, cols, width):
-                    tile = ref.at[li, slot, pl.ds(s0, bs), hi, cols]
-                    if below is None:
-                        return tile[...]
-                    rows = s0 + jax.lax.broadcasted_iota(jnp.int32, (bs, width), 0)
-                    return plt.load(tile, mask=rows < below, other=0.0)
-                return ld(k_ref, lo, qd // 2), ld(k_ref, up, qd // 2), ld(v_ref, full, qd)
+        block0 = block(s_first, below=n)
+        first = jnp.minimum(hi * g, h - 16)   # the 16 query heads this program multiplies
+        heads16 = pl.ds(first, 16)
+        # Only its own G of them are loaded (the others read 0: zero rows, as q16's padding)
+        head = first + jax.lax.broadcasted_iota(jnp.int32, (16, qd // 2), 0)
+        mine = (head >= hi * g) & (head < hi * g + g)
+        q_lo, q_hi = qk_prologue.norm_rope_halves(
+            qk_prologue.sum_partials(q_ref, cdt, bi, heads16, lo, mask=mine),
+            qk_prologue.sum_partials(q_ref, cdt, bi, heads16, up, mask=mine),
+            qw_ref[li, lo][None, :], qw_ref[li, up][None, :], *(c[None, :] for c in cs), cdt, eps)   # [16, Q/2]
+        # The new key and value (loaded by every program, so their loads overlap q's; used by split 0)
+        k_lo, k_hi = qk_prologue.norm_rope_halves(
+            qk_prologue.sum_partials(kp_ref, cdt, bi, hi, lo), qk_prologue.sum_partials(kp_ref, cdt, bi, hi, up),
+            kw_ref[li, lo], kw_ref[li, up], *cs, cdt, eps)                                        # [Q/2]
+        v_new = qk_prologue.sum_partials(vp_ref, cdt, bi, hi, full)                              # [Q] float32
+        own = live & (pi == 0)
 
-            block0 = block(s_first, below=n)
-            first = jnp.minimum(hi * g, h - 16)   # the 16 query heads this program multiplies
-            heads16 = pl.ds(first, 16)
-            # Only its own G of them are loaded (the others read 0: zero rows, as q16's padding)
-            head = first + jax.lax.broadcasted_iota(jnp.int32, (16, qd // 2), 0)
-            mine = (head >= hi * g) & (head < hi * g + g)
-            q_lo, q_hi = qk_prologue.norm_rope_halves(
-                qk_prologue.sum_partials(q_ref, cdt, bi, heads16, lo, mask=mine),
-                qk_prologue.sum_partials(q_ref, cdt, bi, heads16, up, mask=mine),
-                qw_ref[li, lo][None, :], qw_ref[li, up][None, :], *(c[None, :] for c in cs), cdt, eps)   # [16, Q/2]
-            # The new key and value (loaded by every program, so their loads overlap q's; used by split 0)
-            k_lo, k_hi = qk_prologue.norm_rope_halves(
-                qk_prologue.sum_partials(kp_ref, cdt, bi, hi, lo), qk_prologue.sum_partials(kp_ref, cdt, bi, hi, up),
-                kw_ref[li, lo], kw_ref[li, up], *cs, cdt, eps)                                        # [Q/2]
-            v_new = qk_prologue.sum_partials(vp_ref, cdt, bi, hi, full)                              # [Q] float32
-            own = live & (pi == 0)
+        @pl.when(own)
+        def _write():
+            kc_ref[li, slot, p, hi, lo] = k_lo
+            kc_ref[li, slot, p, hi, up] = k_hi
+            vc_ref[li, slot, p, hi, :] = v_new.astype(cdt)
 
-            @pl.when(own)
-            def _write():
-                kc_ref[li, slot, p, hi, lo] = k_lo
-                kc_ref[li, slot, p, hi, up] = k_hi
-                vc_ref[li, slot, p, hi, :] = v_new.astype(cdt)
+        # Key p alone as the online softmax's first step: max = its score, sum = 1, acc = its value.
+        f32 = jnp.float32
+        sc_new = (jnp.sum(q_lo.astype(f32) * k_lo.astype(f32)[None, :], axis=1)
+                  + jnp.sum(q_hi.astype(f32) * k_hi.astype(f32)[None, :], axis=1))                 # [16]
+        sc_new = sc_new.astype(cdt).astype(f32) * scale
+        m0, l0, acc0 = _empty(qd)
+        carry = (jnp.where(own, sc_new, m0), jnp.where(own, 1.0, l0), jnp.where(own, v_new[None, :], acc0))
 
-            # Key p alone as the online softmax's first step: max = its score, sum = 1, acc = its value.
-            f32 = jnp.float32
-            sc_new = (jnp.sum(q_lo.astype(f32) * k_lo.astype(f32)[None, :], axis=1)
-                      + jnp.sum(q_hi.astype(f32) * k_hi.astype(f32)[None, :], axis=1))                 # [16]
-            sc_new = sc_new.astype(cdt).astype(f32) * scale
-            m0, l0, acc0 = _empty(qd)
-            carry = (jnp.where(own, sc_new, m0), jnp.where(own, 1.0, l0), jnp.where(own, v_new[None, :], acc0))
+        def scores(tiles):
+            return (jnp.dot(q_lo, tiles[0].T, preferred_element_type=f32)
+                    + jnp.dot(q_hi, tiles[1].T, preferred_element_type=f32))   # [16, bs]
 
-            def scores(tiles):
-                return (jnp.dot(q_lo, tiles[0].T, preferred_element_type=f32)
-                        + jnp.dot(q_hi, tiles[1].T, preferred_element_type=f32))   # [16, bs]
+        m, l_sum, acc = _attend_keys(block, scores, n, s_first, steps, bs, scale, cdt, carry, preloaded=block0)
+        acc_ref[bi, hi, pi, :, :] = acc
+        m_ref[bi, hi, pi, :] = m
+        l_ref[bi, hi, pi, :] = l_sum
+        if not interpret:
+            plt.debug_barrier()   # every thread's stores before the release below
+        last = plt.atomic_add(count_ref, (bi, hi), jnp.int32(1)) == splits - 1
 
-            m, l_sum, acc = _attend_keys(block, scores, n, s_first, steps, bs, scale, cdt, carry, preloaded=block0)
-            acc_ref[bi, hi, pi, :, :] = acc
-            m_ref[bi, hi, pi, :] = m
-            l_ref[bi, hi, pi, :] = l_sum
-            if not interpret:
-                plt.debug_barrier()   # every thread's stores before the release below
-            last = plt.atomic_add(count_ref, (bi, hi), jnp.int32(1)) == splits - 1
+        @pl.when(last)
+        def _last():
+            _merge(acc_ref, m_ref, l_ref, o_ref, bi, hi, hi * g - first, g, splits, ch, cdt)
+            count_ref[bi, hi] = jnp.int32(0)   # zeros again for the next layer's launch
 
-            @pl.when(last)
-            def _last():
-                _merge(acc_ref, m_ref, l_ref, o_ref, bi, hi, hi * g - first, g, splits, ch, cdt)
-                count_ref[bi, hi] = jnp.int32(0)   # zeros again for the next layer's launch
-
-        if touch_ref is None:
-            attend()
-        else:
-            pl.when(bi < b)(attend)
-            pl.when(bi >= b)(lambda: _touch(touch_ref, touched_ref[0], li, ((bi - b) * k + hi) * splits + pi,
-                                            touchers))
-
-    operands = ((layer,) + (() if rows_b is None else (rows_b,)) + (() if touch is None else (touch,))
+    operands = ((layer,) + (() if rows_b is None else (rows_b,))
                 + (positions_b, q_in, k_in, v_in, q_norm_lq, k_norm_lq, cos_bq, sin_bq, k_cache, v_cache, counts))
     n_in = len(operands)
     out_shape = (jax.ShapeDtypeStruct((b, k, splits, 16, qd), jnp.float32),
@@ -493,27 +452,10 @@ def _attention_rope(q_in, k_in, v_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_b
                  jax.ShapeDtypeStruct((b, h, qd), cdt),
                  jax.ShapeDtypeStruct(k_cache.shape, cdt), jax.ShapeDtypeStruct(v_cache.shape, cdt),
                  jax.ShapeDtypeStruct(counts.shape, jnp.int32))
-    if touch is not None:
-        out_shape += (jax.ShapeDtypeStruct((touchers,), jnp.int32),)
     outs = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(b + touchers // (k * splits), k, splits),
+        kernel, out_shape=out_shape, grid=(b, k, splits),
         input_output_aliases={n_in - 3: 4, n_in - 2: 5, n_in - 1: 6},   # the caches and counters in place
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="qwen3_decode_attention_rope",
     )(*operands)
-    return outs[3:7]
-
-
-def _touch(w_ref, out_ref, layer, t, touchers: int):
-    """Program t of `touchers` reads its run of layer `layer`'s rows of w_ref [L, R, row] in
-    [_TOUCH_TILE_ROWS, row] tiles (into L2, kept there: evict_last) and stores the sum of their
-    bits (int32, wrapping), which keeps the loads from being removed."""
-    _, r, row = w_ref.shape
-    per = r // touchers
-    udt = jnp.uint8 if w_ref.dtype.itemsize == 1 else jnp.uint16
-
-    def body(i, m):
-        r0 = pl.multiple_of(t * per + i * _TOUCH_TILE_ROWS, _TOUCH_TILE_ROWS)
-        tile = plt.load(w_ref.at[layer, pl.ds(r0, _TOUCH_TILE_ROWS), :], eviction_policy="evict_last")
-        return m + jnp.sum(jax.lax.bitcast_convert_type(tile, udt).astype(jnp.int32))
-    out_ref[t] = jax.lax.fori_loop(0, per // _TOUCH_TILE_ROWS, body, jnp.int32(0))
+    return outs[3:]
