@@ -44,7 +44,8 @@ constexpr int ROWS = K / CTAS;           // 16 output rows per CTA
 constexpr int THREADS = 256;
 constexpr int SLICE = ROWS * K;          // bf16 elements of W per CTA per link
 constexpr int SLICE_BYTES = SLICE * 2;   // 64 KiB
-constexpr size_t SMEM = 2 * SLICE_BYTES + K * 4;   // persistent: two W buffers and x
+constexpr int BUFS = 3;                            // persistent: W copies run two links ahead
+constexpr size_t SMEM = BUFS * SLICE_BYTES + K * 4;
 constexpr size_t SMEM_ONE = SLICE_BYTES + K * 4;   // a launch per link: one buffer, so 3 CTAs fit an SM and
                                                    // the next launch's CTAs can start beside this one's (PDL)
 
@@ -71,7 +72,8 @@ __device__ __forceinline__ int load_acquire(const int* p) {
   return v;
 }
 
-// One link for this CTA: x_out[rows] = W_slice (in shared memory) . x_in, x_in read from global.
+// One link for this CTA: x_out[rows] = W_slice (in shared memory) . x_in, x_in read from global once
+// into shared memory, then each lane's 64 values into registers (reused by both of its warp's rows).
 __device__ __forceinline__ void link(const __nv_bfloat16* w, const float* x_in, float* x_out, float* xs) {
   for (int i = threadIdx.x; i < K / 4; i += THREADS) {
     float4 v = __ldcg(reinterpret_cast<const float4*>(x_in) + i);   // from L2: another CTA wrote it
@@ -79,12 +81,16 @@ __device__ __forceinline__ void link(const __nv_bfloat16* w, const float* x_in, 
   }
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float2 xr[K / 64];
+#pragma unroll
+  for (int t = 0; t < K / 64; ++t) xr[t] = reinterpret_cast<const float2*>(xs)[lane + 32 * t];
   for (int r = warp; r < ROWS; r += THREADS / 32) {
     const __nv_bfloat162* row = reinterpret_cast<const __nv_bfloat162*>(w + r * K);
     float acc = 0.f;
-    for (int j = lane; j < K / 2; j += 32) {
-      float2 wf = __bfloat1622float2(row[j]);
-      acc += wf.x * xs[2 * j] + wf.y * xs[2 * j + 1];
+#pragma unroll
+    for (int t = 0; t < K / 64; ++t) {
+      float2 wf = __bfloat1622float2(row[lane + 32 * t]);
+      acc += wf.x * xr[t].x + wf.y * xr[t].y;
     }
     for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (lane == 0) x_out[blockIdx.x * ROWS + r] = acc;
@@ -126,34 +132,36 @@ __global__ void __launch_bounds__(THREADS) one_link(const __nv_bfloat16* w_all, 
   link(wbuf, x_in, x_out, xs);
 }
 
-// Every link in one launch (WAIT0, WAIT, NOWAIT); flags[p] counts the CTAs that wrote x[p].
+// Every link in one launch (WAIT0, WAIT, NOWAIT); flags[p] counts the CTAs that wrote x[p]. WAIT and
+// NOWAIT keep the weights of the next two links in flight while a link waits and works.
 template <Mode kMode>
 __global__ void __launch_bounds__(THREADS) chain(const __nv_bfloat16* w_all, float* xs_all, int* flags, int* bail) {
   extern __shared__ __align__(16) unsigned char smem[];
   auto* wbuf = reinterpret_cast<__nv_bfloat16*>(smem);
-  auto* xs = reinterpret_cast<float*>(smem + 2 * SLICE_BYTES);
+  auto* xs = reinterpret_cast<float*>(smem + BUFS * SLICE_BYTES);
   const size_t mine = (size_t)blockIdx.x * SLICE;
-  if (kMode != WAIT0) copy_slice(wbuf, w_all + mine);
+  auto slice = [&](int p) { return w_all + (size_t)p * K * K + mine; };
+  if (kMode != WAIT0) {
+    copy_slice(wbuf, slice(0));
+    copy_slice(wbuf + SLICE, slice(1));
+  }
   for (int p = 0; p < L; ++p) {
-    __nv_bfloat16* cur = wbuf + (p & 1) * SLICE;
+    __nv_bfloat16* cur = wbuf + (p % BUFS) * SLICE;
     if (kMode == WAIT0) {
       if (p > 0 && !await(&flags[p], bail)) return;
-      copy_slice(cur, w_all + (size_t)p * K * K + mine);
+      copy_slice(cur, slice(p));
       copies_done<0>();
     } else {
-      if (p + 1 < L) {   // the next link's weights, in flight during this link's wait and work
-        copy_slice(wbuf + ((p + 1) & 1) * SLICE, w_all + (size_t)(p + 1) * K * K + mine);
-        if (kMode == WAIT && p > 0 && !await(&flags[p], bail)) return;
-        copies_done<1>();
-      } else {
-        if (kMode == WAIT && p > 0 && !await(&flags[p], bail)) return;
-        copies_done<0>();
-      }
+      if (p + 2 < L) copy_slice(wbuf + ((p + 2) % BUFS) * SLICE, slice(p + 2));
+      if (kMode == WAIT && p > 0 && !await(&flags[p], bail)) return;
+      if (p + 2 < L) copies_done<2>();
+      else if (p + 1 < L) copies_done<1>();
+      else copies_done<0>();
     }
     __syncthreads();
     link(cur, xs_all + (size_t)p * K, xs_all + (size_t)(p + 1) * K, xs);
     signal(&flags[p + 1]);
-    __syncthreads();   // this buffer is refilled by the next iteration's copy
+    __syncthreads();   // this buffer is refilled two iterations on
   }
 }
 
