@@ -28,7 +28,7 @@ import jax.numpy as jnp                      # noqa: E402
 
 from qwen3_jax.kernels.gemv import gemv, gemv_tiles   # noqa: E402
 from qwen3_jax.kernels.tune import device_timeline   # noqa: E402
-from serve.bench import measure_ceilings    # noqa: E402
+from serve.bench import gpu_clocks, measure_ceilings    # noqa: E402
 
 # 8 layers: 1.6 GB per weight. 16 (3.2 GB) crashed (run 86): Pallas Triton indexes a 1-byte
 # array of 2-4 GiB with int32 offsets (kernels.index_overflows).
@@ -59,19 +59,8 @@ def time_gemv(x, ws, ss, t, layout):
     return sum(ns for n, (_, ns) in tl["by_name"].items() if n.startswith("qwen3_gemv")) / LAYERS / 1e3
 
 
-def clocks() -> str:
-    """The card's clocks and power as nvidia-smi reports them, or why not."""
-    import subprocess
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit,"
-                              "temperature.gpu,pstate", "--format=csv"], capture_output=True, text=True, timeout=20)
-        return out.stdout.strip() or out.stderr.strip()
-    except (OSError, subprocess.SubprocessError) as err:
-        return f"nvidia-smi: {err}"
-
-
 def diagnose(bw):
-    print(clocks(), flush=True)
+    print(gpu_clocks() or "clocks: no nvidia-smi", flush=True)
     x = jax.random.normal(jax.random.key(2), (ROWS, K_DIM), jnp.bfloat16)
     gate, up = weight(jax.random.key(3)), weight(jax.random.key(4))
     t = gemv_tiles(K_DIM, N_DIM, ROWS, True, "k", 128, w_nk=True, bk=128)

@@ -562,7 +562,32 @@ def environment(args) -> dict:
             commit = None
     return {"card": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "jax": jax.__version__,
             "date": datetime.date.today().isoformat(), "commit": commit or "unknown",
-            "host": platform.node(), "command": "python -m serve.bench " + " ".join(sys.argv[1:])}
+            "host": platform.node(), "command": "python -m serve.bench " + " ".join(sys.argv[1:]),
+            "clocks": gpu_clocks() if dev.platform == "gpu" else None}
+
+
+_CLOCK_QUERY = "clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit,temperature.gpu,pstate"
+
+
+def gpu_clocks(query=None) -> str | None:
+    """GPU 0's clocks and power as one line ("SM 1905 of 1980 MHz, memory 3201 MHz, 365 W of 700 W,
+    47 C, P0"), or None without nvidia-smi. Machines of one kind differ (benchmarks/NOTES.md, runs
+    84-92: on some the FP8 gate/up gemv is ~40% slower), so every log says what it ran on.
+    `query`: a callable returning nvidia-smi's CSV line (tests)."""
+    if query is None:
+        def query():
+            out = subprocess.run(["nvidia-smi", "-i", "0", f"--query-gpu={_CLOCK_QUERY}", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=20)
+            return out.stdout if out.returncode == 0 else ""
+    try:
+        fields = [f.strip() for f in query().strip().splitlines()[0].split(",")]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+    if len(fields) != 7:
+        return None
+    sm, sm_max, mem, watts, limit, temp, pstate = fields
+    return (f"SM {sm} of {sm_max} MHz, memory {mem} MHz, {float(watts):.0f} W of {float(limit):.0f} W, "
+            f"{temp} C, {pstate}")
 
 
 def decode_table(rows, markdown: bool) -> str:
@@ -605,7 +630,8 @@ def _table(head, body, markdown: bool) -> str:
 def summary_text(res: dict, markdown: bool) -> str:
     env, c, cfg = res["env"], res["ceilings"], res["config"]
     lines = [
-        f"card: {env['card']} | jax {env['jax']} | {env['date']} | commit {env['commit']}",
+        f"card: {env['card']} | jax {env['jax']} | {env['date']} | commit {env['commit']}"
+        + (f" | {env['clocks']}" if env.get("clocks") else ""),
         f"command: {env['command']}",
         f"model: {cfg['name']} ({cfg['weights']}), {cfg['layers']} of {cfg['full_layers']} layers"
         + ("" if cfg["layers"] == cfg["full_layers"] else

@@ -92,6 +92,19 @@ def test_markdown_rows_for_benchmarks_md(tiny_run, capsys):
     assert "2 of 2 layers" in text and "ceilings (this run, best call of each)" in text
 
 
+def test_gpu_clocks_line_from_nvidia_smi(tiny_run):
+    """The card's clocks and power in one line, in the summary's card line when there is one; None
+    from unreadable output (no nvidia-smi: the CPU run here has clocks None and no such text)."""
+    line = bench.gpu_clocks(lambda: "1905, 1980, 3201, 364.94, 700.00, 47, P0\n")
+    assert line == "SM 1905 of 1980 MHz, memory 3201 MHz, 365 W of 700 W, 47 C, P0"
+    assert bench.gpu_clocks(lambda: "") is None and bench.gpu_clocks(lambda: "[N/A], 1980\n") is None
+    res, _ = tiny_run
+    assert res["env"]["clocks"] is None and " MHz" not in bench.summary_text(res, markdown=True)
+    env = dict(res["env"], clocks=line)
+    assert bench.summary_text(dict(res, env=env), markdown=True).startswith(f"- card: {env['card']}") and \
+        f"commit {env['commit']} | {line}" in bench.summary_text(dict(res, env=env), markdown=True)
+
+
 def test_layers_option_keeps_shapes_and_says_so():
     cfg = bench.resolve_bench_config("Qwen3-30B-A3B-FP8", 4)
     assert cfg.num_hidden_layers == 4 and cfg.hidden_size == 2048 and cfg.fp8 is not None
