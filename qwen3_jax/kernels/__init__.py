@@ -45,6 +45,8 @@ import os
 import jax
 import jax.numpy as jnp
 
+from . import index_width  # no Pallas import of its own; install() (below) needs Triton
+
 _override: bool | None = None
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _log = logging.getLogger(__name__)
@@ -257,7 +259,6 @@ _overflow_logged: set = set()
 def in_index_gap(shape, dtype) -> bool:
     """An array of this shape and dtype is one index_overflows refuses (no logging): in Pallas'
     int32-offset gap (index_width.in_gap) while the kernels are not lowered with wider offsets."""
-    from . import index_width
     return index_width.in_gap(shape, dtype) and not index_width.widened()
 
 
@@ -277,7 +278,6 @@ def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:
 if TRITON_MISSING is None:
     from . import fp8_dot  # noqa: E402
     fp8_dot.install()   # e4m3 dots keep their MMAs in flight (fp8_dot.py)
-    from . import index_width  # noqa: E402
     index_width.install()   # FP8 weights of 2-4 GiB get int64 offsets (index_width.py)
     from .linear import linear_einsum, projections_partials  # noqa: E402
     from .prefill_attention import causal_prefill_attention  # noqa: E402
