@@ -586,8 +586,13 @@ def gpu_clocks(query=None) -> str | None:
     if len(fields) != 7:
         return None
     sm, sm_max, mem, watts, limit, temp, pstate = fields
-    return (f"SM {sm} of {sm_max} MHz, memory {mem} MHz, {float(watts):.0f} W of {float(limit):.0f} W, "
-            f"{temp} C, {pstate}")
+
+    def whole(v):   # "364.94" -> "365"; "[N/A]" as it is
+        try:
+            return f"{float(v):.0f}"
+        except ValueError:
+            return v
+    return f"SM {sm} of {sm_max} MHz, memory {mem} MHz, {whole(watts)} W of {whole(limit)} W, {temp} C, {pstate}"
 
 
 def decode_table(rows, markdown: bool) -> str:

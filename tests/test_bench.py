@@ -98,6 +98,8 @@ def test_gpu_clocks_line_from_nvidia_smi(tiny_run):
     line = bench.gpu_clocks(lambda: "1905, 1980, 3201, 364.94, 700.00, 47, P0\n")
     assert line == "SM 1905 of 1980 MHz, memory 3201 MHz, 365 W of 700 W, 47 C, P0"
     assert bench.gpu_clocks(lambda: "") is None and bench.gpu_clocks(lambda: "[N/A], 1980\n") is None
+    assert bench.gpu_clocks(lambda: "1410, 1980, 2619, [N/A], [N/A], 40, P0") == \
+        "SM 1410 of 1980 MHz, memory 2619 MHz, [N/A] W of [N/A] W, 40 C, P0"
     res, _ = tiny_run
     assert res["env"]["clocks"] is None and " MHz" not in bench.summary_text(res, markdown=True)
     env = dict(res["env"], clocks=line)
