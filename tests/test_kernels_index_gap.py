@@ -53,6 +53,8 @@ def read_last_row(rows):
 
 
 def test_the_gap_is_one_byte_arrays_of_2_to_4_gib_and_refused_only_unwidened(caplog, narrow):
+    """Which arrays lie in the gap; the guard refuses them, logged once per shape, only while the
+    offsets are not widened."""
     gap = [sds((2 ** 31 + 1,), E4M3), sds((3, GIB), jnp.uint8), sds((4, GIB), E4M3), sds((12, 256, 1 << 20), jnp.int8)]
     safe = [sds((2 ** 31,), E4M3), sds((4 * GIB + 1,), E4M3), sds((3 * GIB // 2,), jnp.bfloat16),
             sds((3 * GIB // 4,), jnp.float32), sds((48, 128, 768, 2048), E4M3), None]
