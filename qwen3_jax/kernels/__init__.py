@@ -238,8 +238,10 @@ def index_overflows(*arrays) -> bool:
     could not be given wider ones (index_width.install). The kernel entries then return None and
     the XLA path runs (slower, right); the first time per shape it is logged with a way out.
     30B-A3B's FP8 experts are 2.4 GB per weight at ep=4 or tp=4."""
+    if index_width.widened():
+        return False
     for a in arrays:
-        if a is not None and in_index_gap(a.shape, a.dtype):
+        if a is not None and index_width.in_gap(a.shape, a.dtype):
             size = math.prod(a.shape)
             key = (tuple(a.shape), str(a.dtype))
             if key not in _overflow_logged:
@@ -254,12 +256,6 @@ def index_overflows(*arrays) -> bool:
 
 
 _overflow_logged: set = set()
-
-
-def in_index_gap(shape, dtype) -> bool:
-    """An array of this shape and dtype is one index_overflows refuses (no logging): in Pallas'
-    int32-offset gap (index_width.in_gap) while the kernels are not lowered with wider offsets."""
-    return index_width.in_gap(shape, dtype) and not index_width.widened()
 
 
 def pick_tile(dim: int, target: int, minimum: int = 16) -> int | None:

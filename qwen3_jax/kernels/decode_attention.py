@@ -269,6 +269,14 @@ def covered(q_bthq, k_all, group: int | None = None) -> bool:
             and plan(b, k_all.shape[3], k_all.shape[2]) is not None)
 
 
+def grid_window(batch: int, kv_heads: int, cache_len: int, kv_window: int | None) -> int:
+    """The keys a decode-attention grid covers: the engine's kv_window where it is below the
+    cache length and plan() can tile it, else the whole cache."""
+    if kv_window is None or kv_window >= cache_len or plan(batch, kv_heads, kv_window) is None:
+        return cache_len
+    return kv_window
+
+
 def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float,
                             group: int | None = None, counts=None, kv_window: int | None = None):
     """The model's entry: one new token per row (T == 1), rows_b the cache slot of each row or
@@ -281,8 +289,8 @@ def decode_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, s
     layer instead of ~6 (run 77, benchmarks/NOTES.md)."""
     if not covered(q_bthq, k_all, group):
         return None
-    b, s = q_bthq.shape[0], k_all.shape[2]
-    window = s if kv_window is None or kv_window >= s or plan(b, k_all.shape[3], kv_window) is None else kv_window
+    b = q_bthq.shape[0]
+    window = grid_window(b, k_all.shape[3], k_all.shape[2], kv_window)
     bs, splits = plan(b, k_all.shape[3], window)
     q = q_bthq if group is not None else q_bthq[:, 0]
     # positions [B] go in as they are: the kernel adds the 1 (keys 0..position attend)
@@ -343,7 +351,7 @@ def decode_attention_rope(q_sbn, k_sbn, v_sbn, q_norm_lq, k_norm_lq, layer, cos_
             or cos_bq.shape != (b, qd) or sin_bq.shape != (b, qd) or counts.shape != (b, kv)
             or counts.dtype != jnp.int32 or (rows_b is not None and rows_b.shape != (b,))):
         return None
-    window = s_len if kv_window is None or kv_window >= s_len or plan(b, kv, kv_window) is None else kv_window
+    window = grid_window(b, kv, s_len, kv_window)
     bs, splits = plan(b, kv, window)   # fewer splits: slower (run 82, the key blocks then in series)
     return _attention_rope(
         q_sbn.reshape(q_sbn.shape[0], b, heads, qd), k_sbn.reshape(k_sbn.shape[0], b, kv, qd),

@@ -220,8 +220,7 @@ def _qk_norm_rope(q_in, k_in, q_norm_lq, k_norm_lq, layer, cos_bq, sin_bq, cache
     def load(ref, dt, *idx):
         return sum_partials(ref, dt, *idx) if summed else ref[idx].astype(f32)
 
-    def norm_rope(x_lo, x_hi, w_lo, w_hi, c_lo, c_hi, s_lo, s_hi, dt):
-        return norm_rope_halves(x_lo, x_hi, w_lo, w_hi, c_lo, c_hi, s_lo, s_hi, dt, eps)
+    norm_rope = functools.partial(norm_rope_halves, eps=eps)
 
     def kernel(*refs):
         if write:
