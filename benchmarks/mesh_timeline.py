@@ -90,6 +90,7 @@ def main():
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=6, help="host threads shown (most events first)")
+    p.add_argument("--events", action="store_true", help="list one step's collectives per GPU (start+duration us)")
     p.add_argument("--names", type=int, default=8, help="event names shown per host thread (most time first)")
     p.add_argument("--argmax", choices=["xla", "packed"], default="xla",
                    help="greedy pick: jnp.argmax (XLA all-gathers max and index apart) or one packed all-gather")
@@ -143,6 +144,11 @@ def main():
                     top[n[:60]] += (b - a)
             for n, t in top.most_common(4):
                 print(f"    {t / 1e3 / s:8.1f} us/step  {n}")
+            if args.events:   # the collectives of the call's middle step, in order: start (us from the step's
+                t0 = first + (last - first) * (s // 2) / s                 # nominal start) and duration
+                mid = sorted((a, b, n) for n, a, b in evs if any(c in n.lower() for c in COLLECTIVE)
+                             and t0 <= a < t0 + (last - first) / s)
+                print("    " + "; ".join(f"{(a - t0) / 1e3:.0f}+{(b - a) / 1e3:.0f} {n[:24]}" for a, b, n in mid))
         elif plane.name.startswith("/host"):
             lines = sorted(((ln.name, list(ln.events)) for ln in plane.lines), key=lambda t: -len(t[1]))
             for name, evs in lines[:args.threads]:
