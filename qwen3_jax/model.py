@@ -780,6 +780,30 @@ class Segment(nnx.Module):
         return x, (k_all, v_all)
 
 
+def embed_rows(table_vd, tokens_bt, ctx: ShardingContext | None):
+    """table [V, D] looked up at tokens [B, T] -> [B, T, D].
+
+    With the vocabulary split over devices, each device takes the ids that fall in its own rows
+    (zeros for the rest) and a psum over the vocab axes completes every row; the sum adds zeros
+    only, so it is exact. Left to XLA's partitioner, a lookup of one row (decode at batch 1: a
+    dynamic-slice) all-gathers the whole table first, every step: bf16 [151936, 2048] took
+    1.2 ms of a 2.27 ms tp=2 step on 2 H200s (benchmarks/NOTES.md, run 99).
+    """
+    vocab_axes = () if ctx is None else kernels.sharded.mesh_axes_of(ctx, ("vocab", "embed"), table_vd.shape, (0,))
+    if not vocab_axes:
+        return table_vd[tokens_bt]
+
+    def local(rows_vd, ids_bt):
+        n = rows_vd.shape[0]
+        rel = ids_bt - jax.lax.axis_index(vocab_axes) * n
+        mine = (rel >= 0) & (rel < n)
+        return jnp.where(mine[..., None], rows_vd[jnp.where(mine, rel, 0)], jnp.zeros((), rows_vd.dtype))
+
+    return kernels.sharded.per_device(local, ctx, (table_vd, tokens_bt), (("vocab", "embed"), ("batch", "seq")),
+                                      ("batch", "seq", "embed"), (*tokens_bt.shape, table_vd.shape[1]),
+                                      psum_over=vocab_axes)
+
+
 class Qwen3Moe(nnx.Module):
     """The causal LM. `kv_rep` copies each KV head so tp > num_key_value_heads shards evenly."""
 
@@ -809,7 +833,7 @@ class Qwen3Moe(nnx.Module):
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         ctx = self.ctx
-        x = self.embed(self.dtype)[tokens_bt]
+        x = embed_rows(self.embed(self.dtype), tokens_bt, ctx)
         x = constrain(x, ("batch", "seq", "embed"), ctx)
         cos, sin = rope_tables(self.cfg, positions_bt, self.dtype)
         new_k, new_v = [], []

@@ -108,3 +108,25 @@ def test_kernels_per_device_match_one_card(mesh, weights, request):
         assert want in n, (want, n)
     # bf16 rounding: 0.7-0.9% on 4 H100s; a wrong layer ~4% (test_kernels); + W8A8's bound (6e-2)
     assert max(errs) < 2e-2 + (6e-2 if weights == "fp8-default" else 0)
+
+
+@pytest.mark.parametrize("mesh", ["tp=2", "tp=4"])
+def test_batch1_decode_never_gathers_the_embedding_table(mesh):
+    """At batch 1 the token lookup is a one-row dynamic-slice, which XLA's partitioner served by
+    all-gathering the whole vocab-split table every step: 1.2 ms of a 2.27 ms step on 2 H200s
+    (benchmarks/NOTES.md, run 99). model.embed_rows looks up per shard; no collective in the
+    compiled step may carry a vocab-sized array, and the tokens must match one card."""
+    from serve.bench import make_decode
+
+    skip_unless_cards_for(mesh)
+    cfg = dataclasses.replace(small_config(False), vocab_size=151936)
+    tok, pos = jnp.asarray([7], jnp.int32), jnp.asarray([5], jnp.int32)
+    outs = []
+    for m in (qwen3_jax.random_model(cfg, seed=3), qwen3_jax.random_model(cfg, mesh=mesh, seed=3)):
+        fn = make_decode(m.graphdef, 4).lower(m.state, tok, pos, m.init_cache(1, 64)).compile()
+        outs.append(np.asarray(fn(m.state, tok, pos, m.init_cache(1, 64))[0]))
+    hlo = fn.as_text()
+    big = [ln.strip()[:160] for ln in hlo.splitlines()
+           if re.search(r"= .*\b(all-gather|all-gather-start|all-reduce|all-reduce-start)\(", ln) and "151936" in ln]
+    assert not big, big
+    np.testing.assert_array_equal(outs[1], outs[0])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -203,3 +204,23 @@ def test_expert_weights_split_eight_ways_under_ep8(spec, load):
         assert starts == list(range(8)), name  # expert j lives on exactly one device
         assert all(s.data.shape[e] == 1 for s in arr.addressable_shards)
         assert all(s.data.nbytes * 8 == arr.nbytes for s in arr.addressable_shards)
+
+
+@pytest.mark.parametrize("spec,vocab", [("tp=2", 64), ("tp=4", 64), ("tp=2,ep=4", 64), ("tp=4", 66)])
+def test_embedding_lookup_per_vocab_shard_equals_the_whole_table(spec, vocab):
+    """model.embed_rows: each device looks up the ids in its own rows, a psum completes them; the
+    same rows, bit for bit, as indexing the whole table, for ids at every shard's first and last
+    row, at batch 1 (the case XLA partitions by all-gathering the table) and batch 4. vocab 66 does
+    not split 4 ways, so the table stays whole and the plain lookup runs."""
+    from qwen3_jax.model import embed_rows
+
+    ctx = qwen3_jax.api.build_context(qwen3_jax.config.load_preset("Qwen3-30B-A3B"), spec, None)[1]
+    tp = qwen3_jax.api.parse_mesh_spec(spec).tp
+    table = np.random.RandomState(0).randn(vocab, 16).astype(np.float32)
+    sharded = jax.device_put(table, ctx.sharding(("vocab", "embed"), table.shape))
+    rows = vocab // tp if vocab % tp == 0 else vocab
+    assert {len(s.data) for s in sharded.addressable_shards} == {rows}
+    edges = sorted({i for p in range(0, vocab, rows) for i in (p, p + rows - 1)} | {vocab // 2 + 1})
+    for ids in (np.array([[edges[-2]]]), np.array((edges * 4)[:8]).reshape(4, 2)):
+        got = jax.jit(lambda t, i: embed_rows(t, i, ctx))(sharded, jnp.asarray(ids, jnp.int32))
+        np.testing.assert_array_equal(np.asarray(got), table[ids])
