@@ -1,4 +1,4 @@
-"""Where a mesh's batch-1 decode step goes, on every GPU and host thread (GPU only; run 97 in NOTES.md).
+"""Where a mesh's batch-1 decode step goes, on every GPU and host thread (GPU only; runs 97-100 in NOTES.md).
 
 serve.bench's profile reads the first GPU only. On a mesh at batch 1 that GPU spends much of a step
 inside collectives (waiting for the other devices) or idle (waiting for launches). This traces one
@@ -21,7 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax                                   # noqa: E402
 import jax.numpy as jnp                      # noqa: E402
-from jax.sharding import PartitionSpec as P   # noqa: E402
 
 from qwen3_jax.api import random_model       # noqa: E402
 from qwen3_jax.config import load_preset     # noqa: E402
@@ -43,44 +42,6 @@ def union_ns(intervals):
     return total
 
 
-def packed_argmax(logits_bv, ctx):
-    """argmax over a vocab-sharded [B, V]: each device's max and global index packed into one
-    float32 [B, 2] (ids < 2**24 are exact), one all-gather, then the first maximum wins (the lowest
-    index, as jnp.argmax)."""
-    spec = ctx.pspec(("batch", "vocab"), logits_bv.shape)
-    vaxis = spec[1]
-    if vaxis is None:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-
-    def local(part):
-        n = part.shape[-1]
-        idx = jnp.argmax(part, axis=-1) + jax.lax.axis_index(vaxis) * n
-        packed = jnp.stack([jnp.max(part, axis=-1), idx.astype(jnp.float32)], axis=-1)
-        every = jax.lax.all_gather(packed, vaxis, axis=1)           # [b, shards, 2]
-        best = jnp.argmax(every[..., 0], axis=-1)
-        return jnp.take_along_axis(every[..., 1], best[:, None], axis=1)[:, 0].astype(jnp.int32)
-
-    return jax.shard_map(local, mesh=ctx.mesh, in_specs=spec, out_specs=P(spec[0]), check_vma=False)(logits_bv)
-
-
-def packed_decode(model, steps):
-    """serve.bench.make_decode with packed_argmax for the greedy pick."""
-    from flax import nnx
-
-    def run(state, tok, pos, cache):
-        m = nnx.merge(model.graphdef, state)
-
-        def step(carry, _):
-            tok, pos, cache = carry
-            logits, cache = m(tok[:, None], pos[:, None], cache)
-            return (packed_argmax(logits[:, 0], model.ctx), pos + 1, cache), None
-
-        (tok, _, cache), _ = jax.lax.scan(step, (tok, pos, cache), None, length=steps)
-        return tok, cache
-
-    return jax.jit(run, donate_argnums=(3,))
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="Qwen3-30B-A3B")
@@ -92,8 +53,6 @@ def main():
     p.add_argument("--threads", type=int, default=6, help="host threads shown (most events first)")
     p.add_argument("--events", action="store_true", help="list one step's collectives per GPU (start+duration us)")
     p.add_argument("--names", type=int, default=8, help="event names shown per host thread (most time first)")
-    p.add_argument("--argmax", choices=["xla", "packed"], default="xla",
-                   help="greedy pick: jnp.argmax (XLA all-gathers max and index apart) or one packed all-gather")
     args = p.parse_args()
 
     import dataclasses
@@ -103,8 +62,7 @@ def main():
     cache = fill_cache(model.init_cache(args.batch, args.context), jax.random.key(0))
     tok = jnp.zeros((args.batch,), jnp.int32)
     pos = jnp.full((args.batch,), args.context - args.steps, jnp.int32)
-    fn = make_decode(model.graphdef, args.steps) if args.argmax == "xla" else packed_decode(model, args.steps)
-    compiled = fn.lower(model.state, tok, pos, cache).compile()
+    compiled = make_decode(model.graphdef, args.steps).lower(model.state, tok, pos, cache).compile()
     holder = {"cache": cache}
 
     def call():
@@ -118,7 +76,7 @@ def main():
         t0 = time.perf_counter()
         jax.block_until_ready(call())
         times.append(time.perf_counter() - t0)
-    print(f"step {1e3 * sorted(times)[2] / args.steps:.3f} ms (median of 5 calls, argmax {args.argmax})")
+    print(f"step {1e3 * sorted(times)[2] / args.steps:.3f} ms (median of 5 calls)")
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             jax.block_until_ready(call())
