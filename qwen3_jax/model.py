@@ -17,6 +17,7 @@ grow with depth.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ from . import fp8 as fp8_format
 from .fp8 import FP8_DTYPE, dequantize, kind_kept_unquantized
 from . import kernels
 from .kernels.gemv_inputs import RmsNormX, materialize
-from .moe import expert_ffn, moe_ffn, route
+from .moe import GatheredRouting, expert_ffn, moe_ffn, route
 
 
 def _init(kind: str, shape, dtype, rngs: nnx.Rngs | None, std: float = 0.02):
@@ -412,6 +413,15 @@ class StackedExpertWeights(ExpertWeights):
         return y
 
 
+def _route_stacked(x_nd, router_lde, layer, *, top_k: int, norm: bool):
+    """Routing with layer `layer` of the stacked router [L, D, E]: the routing kernels read it in
+    place where they cover x (kernels/router.py), else moe.route on the layer's slice."""
+    routed = kernels.route_in_place(x_nd, router_lde, layer, top_k, norm)
+    if routed is not None:
+        return routed
+    return route(x_nd, router_lde[layer].astype(jnp.float32), top_k, norm)
+
+
 class MoE(nnx.Module):
     def __init__(self, cfg: Qwen3MoeConfig, *, dtype, stack, rngs):
         d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
@@ -434,6 +444,12 @@ class MoE(nnx.Module):
         them, the grouped matmul gives them no block, ragged_dot no group; their output is zeros)."""
         b, t, d = x_btd.shape
         x = x_btd.reshape(b * t, d)
+        if stacked is not None and kernels.usable(x.dtype) and not kernels.single_device(ctx):
+            full, i = stacked   # each device routes its data group's gathered tokens (moe.GatheredRouting)
+            routing = GatheredRouting(functools.partial(_route_stacked, top_k=self.top_k, norm=self.norm_topk_prob),
+                                      (full.router.w[...], jnp.asarray(i, jnp.int32)), live_n)
+            return moe_ffn(materialize(x), None, None, StackedExpertWeights(full, i, x.dtype), ctx,
+                           routing=routing).reshape(b, t, d)
         routed, groups = None, None
         if stacked is not None and kernels.active(ctx, x.dtype):   # router read in place, 2 kernels
             routed = kernels.route_in_place(x, stacked[0].router.w[...], stacked[1], self.top_k, self.norm_topk_prob,
@@ -448,9 +464,6 @@ class MoE(nnx.Module):
                 groups = jnp.where(jnp.repeat(live_n, self.top_k), groups, -1)
         if stacked is not None and kernels.usable(x.dtype):
             full, i = stacked
-            if not kernels.single_device(ctx):
-                return moe_ffn(materialize(x), weights, experts, StackedExpertWeights(full, i, x.dtype),
-                               ctx).reshape(b, t, d)
             y = kernels.moe_ffn_stacked(x, weights, experts, full.gate_proj, full.up_proj, full.down_proj, i, groups)
             if y is not None:
                 return y.astype(x.dtype).reshape(b, t, d)

@@ -3,8 +3,8 @@
 Legend: N tokens (B*T flattened), D model dim, E experts, F expert intermediate, k top-k.
 
 Expert parallelism (`ep > 1` or any multi-device mesh) runs the FFN inside `shard_map` over the
-whole mesh: each device all-gathers the token activations (and their routing) of its data
-group, computes only its own E/ep experts' slice F/etp for every token routed to them
+whole mesh: each device all-gathers the token activations of its data group (and routes them
+itself, GatheredRouting, on the kernels' path; the XLA path gathers the routing too), computes only its own E/ep experts' slice F/etp for every token routed to them
 (`ragged_dot`, drop-free: no capacity factor, every token gets all k experts), then a
 reduce-scatter over the data axes and a psum over the rest return each token's sum, in
 float32, to the devices that own the token.
@@ -36,10 +36,10 @@ touch (what an ideal kernel reads); times at 450 GB/s NVLink, 2.43 TB/s HBM, 647
 Decode (1-256 tokens): the bytes moved are 0.1-2% of the expert bytes read, under 15 us a
 layer against 4-250 us of reading; an all-to-all would save microseconds, and it needs
 data-dependent sizes or a capacity factor (drops) where this keeps every shape static. At
-batch 1 what costs is the number of collectives (3 all-gathers + reduce-scatter + psum, each
-with a fixed launch latency, typically microseconds on NVLink; not measured here), not their
-bytes: gathering only x and re-routing on every device (the router is replicated) would cut
-that to 2-3.
+batch 1 what costs is the number of collectives and kernels, not their bytes: on 2 H200s an
+ep=2 step at batch 1 was bound by the host's launches (benchmarks/NOTES.md, run 97). So on the
+kernels' path only x is gathered and every device re-routes it (the router is replicated):
+GatheredRouting.
 
 Prefill (8k tokens): the all-gather + float32 reduce moves 84-96 MiB a layer for 30B, ~190-220
 us at 450 GB/s, against ~120 us of expert matmuls (77 GFLOP a device); for 235B 170-190 MiB
@@ -153,10 +153,33 @@ def _linear_index(axes: tuple[str, ...], ctx: ShardingContext):
     return idx
 
 
-def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext | None):
+class GatheredRouting:
+    """Routing done inside moe_ffn's shard_map, after the tokens are gathered.
+
+    The router is replicated, so every device of a data group can route the group's tokens
+    itself: only x (and a [N] live mask) cross devices, where routing first and gathering after
+    moves x, weights and experts. On the GPU this also lets the routing run as each device's own
+    kernels (kernels/router.py: 2 a layer) instead of ~8 XLA kernels. At batch 1 on an ep mesh
+    the host's launches are the limit (benchmarks/NOTES.md, run 97), so kernels count, not bytes.
+
+    route(x [N, D], *arrays) -> (weights [N, k] float32, experts [N, k] int32); `arrays` are
+    replicated operands (the stacked router, the layer index); live_n [N] bool or None: rows
+    False route to expert -1 (no device's).
+    """
+
+    def __init__(self, route, arrays, live_n=None):
+        self.route, self.arrays, self.live_n = route, tuple(arrays), live_n
+
+
+def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext | None,
+            routing: GatheredRouting | None = None):
     """x [N, D] -> [N, D] in x's dtype. `expert_weights` (model.ExpertWeights) hands over the
     raw arrays with their PartitionSpecs and computes, where the shards live, the FFN of one
-    device's experts: dequantized for XLA's ragged_dot, or read in place by the kernels."""
+    device's experts: dequantized for XLA's ragged_dot, or read in place by the kernels.
+    With `routing` (a mesh only) weights_nk and experts_nk are None: each device routes the
+    gathered tokens itself."""
+    if routing is not None and (ctx is None or ctx.spec.num_devices == 1):
+        raise ValueError("GatheredRouting is for a multi-device mesh; route first on one device")
     if ctx is None or ctx.spec.num_devices == 1:
         gate, up, down = expert_weights.materialize()
         return expert_ffn(x_nd, weights_nk, experts_nk, gate, up, down).astype(x_nd.dtype)
@@ -168,23 +191,37 @@ def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext |
     dp = view_size(spec, "data")
     n = x_nd.shape[0]
     pad = (-n) % dp
+    if routing is None:
+        per_token = (weights_nk, experts_nk)
+        extra = ()
+    else:   # with padding rows a live mask is needed either way: they route nowhere
+        live = routing.live_n if routing.live_n is not None or not pad else jnp.ones((n,), jnp.bool_)
+        per_token = () if live is None else (live,)
+        extra = routing.arrays
     if pad:
         x_nd = jnp.pad(x_nd, ((0, pad), (0, 0)))
-        weights_nk = jnp.pad(weights_nk, ((0, pad), (0, 0)))
-        experts_nk = jnp.pad(experts_nk, ((0, pad), (0, 0)))
+        per_token = tuple(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in per_token)
     tok = P(data_axes, None)
     raw = expert_weights.arrays()
     raw_specs = expert_weights.pspecs(ctx)
+    m = len(per_token)
 
-    def body(x, w, e, *local_raw):
-        x = jax.lax.all_gather(x, data_axes, axis=0, tiled=True)
-        w = jax.lax.all_gather(w, data_axes, axis=0, tiled=True)
-        e = jax.lax.all_gather(e, data_axes, axis=0, tiled=True)
+    def body(x, *rest):
+        gathered = [jax.lax.all_gather(a, data_axes, axis=0, tiled=True) for a in (x, *rest[:m])]
+        x = gathered[0]
+        if routing is None:
+            w, e = gathered[1:]
+        else:
+            w, e = routing.route(x, *rest[m:m + len(extra)])
+            if m:
+                e = jnp.where(gathered[1][:, None], e, -1)
+        local_raw = rest[m + len(extra):]
         y = expert_weights.local_ffn(x, w, e, local_raw, _linear_index(expert_axes, ctx))
         y = jax.lax.psum_scatter(y, data_axes, scatter_dimension=0, tiled=True)
         rest = tuple(a for a in all_axes if a not in data_axes)
         return jax.lax.psum(y, rest) if rest else y
 
-    y = jax.shard_map(body, mesh=ctx.mesh, in_specs=(tok, tok, tok, *raw_specs), out_specs=tok,
-                      check_vma=False)(x_nd, weights_nk, experts_nk, *raw)
+    in_specs = (tok, *(P(data_axes, *[None] * (a.ndim - 1)) for a in per_token), *(P() for _ in extra), *raw_specs)
+    y = jax.shard_map(body, mesh=ctx.mesh, in_specs=in_specs, out_specs=tok,
+                      check_vma=False)(x_nd, *per_token, *extra, *raw)
     return y[:n].astype(x_nd.dtype)

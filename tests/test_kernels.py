@@ -1081,6 +1081,35 @@ def test_kernels_run_per_device_on_a_mesh(mesh, per_device_case):
         assert rel(a, b) < TOL_BF16_MODEL
 
 
+@pytest.mark.parametrize("mesh", ["ep=2", "tp=2,ep=4"])
+def test_on_a_mesh_each_device_routes_the_gathered_tokens(mesh):
+    """moe.GatheredRouting: on a mesh the MoE's shard_map gathers only x and every device routes
+    its data group's tokens with the routing kernels (16 experts: covered), where routing first
+    gathered x, the routing weights and the experts (3 all-gathers). Same numbers as one device to
+    bf16 precision, and the same as routing first: the routing arithmetic is the kernels' on both."""
+    from qwen3_jax import random_model
+    from qwen3_jax.config import load_preset
+    from reference import prefill_then_decode, with_distinct_norms
+
+    cfg = dataclasses.replace(load_preset("Qwen3-30B-A3B"), num_hidden_layers=2, hidden_size=256,
+                              num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=16,
+                              moe_intermediate_size=128, intermediate_size=512, vocab_size=512)
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (4, 6)), jnp.int32)
+    outs, jaxprs = [], []
+    with kernels.kernels_enabled(True):
+        for m in (random_model(cfg, seed=3), random_model(cfg, mesh=mesh, seed=3)):
+            m = with_distinct_norms(m)
+            fn = prefill_then_decode(m, tokens, 16)
+            jaxprs.append(str(jax.make_jaxpr(fn)(m.state, tokens)))
+            outs.append([np.asarray(a, np.float64) for a in jax.jit(fn)(m.state, tokens)])
+    assert "qwen3_router_topk" in jaxprs[1]
+    # one MoE shard_map in prefill, one in decode: x in each, and decode's live-row mask (batch 4);
+    # routing first gathered weights and experts too (6)
+    assert jaxprs[1].count("= all_gather[") == 3, jaxprs[1].count("= all_gather[")
+    for a, b in zip(*outs):
+        assert rel(b, a) < TOL_BF16_MODEL
+
+
 # -- CPU: Triton lowering of the real shapes (no GPU needed, nothing allocated) ------------------
 
 def _sds(shape, dtype):

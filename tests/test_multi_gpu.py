@@ -92,14 +92,15 @@ def test_kernels_per_device_match_one_card(mesh, weights, request):
             outs.append([np.asarray(a, np.float64) for a in jax.jit(fn)(m.state, tokens)])
     errs = [np.linalg.norm(b - a) / np.linalg.norm(a) for a, b in zip(*outs)]
     print(f"{mesh} {weights} kernels: rel err prefill {errs[0]:.2e} decode {errs[1]:.2e}, kernels {names}")
-    # The decode attention, gemv and grouped-matmul kernels run per device as on one card; the
-    # decode fusions of one device only (the separate q/k prologue, the routing kernels with their gemv:
-    # kernels/__init__.py) do not, so the two sets differ by those.
+    # The decode attention, gemv, grouped-matmul and routing kernels run per device as on one card
+    # (the routing inside the MoE's shard_map, on the gathered tokens: moe.GatheredRouting); the
+    # separate q/k prologue runs on one device only (kernels/__init__.py), so the sets differ by it.
     # FP8 grouped matmuls are named by numerics: W8A8 (the default) or W8A16
     from qwen3_jax.kernels.grouped_matmul import MATMUL_DEFAULTS
     w8a8 = MATMUL_DEFAULTS["small"]["convert"] == "e4m3"
     fp8_tag = "_fp8" if fp8 else ""
-    per_device = {"qwen3_gemv_dot" + fp8_tag, "qwen3_grouped_matmul" + ("_w8a8" if fp8 and w8a8 else fp8_tag)}
+    per_device = {"qwen3_gemv_dot" + fp8_tag, "qwen3_grouped_matmul" + ("_w8a8" if fp8 and w8a8 else fp8_tag),
+                  "qwen3_router_topk"}
     assert per_device <= names[0] and per_device <= names[1], names
     # Decode attention: with its prologue inside where a device holds 16 query heads or more
     spec = qwen3_jax.api.parse_mesh_spec(mesh)
