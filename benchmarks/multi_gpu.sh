@@ -3,7 +3,9 @@
 # tp-only vs expert-parallel meshes next to one card (same run), and a served request on tp=2,ep=2.
 # Usage (device machine): bash benchmarks/multi_gpu.sh $OUT
 # Optional: MESHES="tp=1 tp=4" (bench meshes; "none" skips), TESTS="<pytest -k expr>" ("none" skips),
-# LAYERS=8, SKIP_SERVE=1.
+# LAYERS=8, MODELS="Qwen3-30B-A3B Qwen3-30B-A3B-FP8", TIMELINE=1 (benchmarks/mesh_timeline.py at
+# batch 1 on each mesh: every GPU's compute / collective / idle time), SKIP_SERVE=1.
+# The test file takes ~8 s a case on 2 H200s (run 95: 15 cases in 250 s), so give it its time.
 set -u
 OUT=${1:-/tmp/out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
@@ -13,7 +15,7 @@ python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__versi
 
 if [ "${TESTS:-}" != "none" ]; then
 echo "== equivalence tests"
-QWEN3_JAX_TEST_GPU=1 timeout 330 python3 -m pytest -q -s -p no:cacheprovider tests/test_multi_gpu.py ${TESTS:+-k "$TESTS"} 2>&1 \
+QWEN3_JAX_TEST_GPU=1 timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -s -p no:cacheprovider tests/test_multi_gpu.py ${TESTS:+-k "$TESTS"} 2>&1 \
   | grep -E "rel err|passed|failed|skipped|Error|error" | tee "$OUT/equivalence.txt"
 fi
 
@@ -23,11 +25,18 @@ if [ -z "${MESHES:-}" ]; then
   [ "$N" -ge 4 ] && MESHES="$MESHES tp=4 ep=4 tp=2,ep=4"
 fi
 [ "$MESHES" = "none" ] && MESHES=""
+for model in ${MODELS:-Qwen3-30B-A3B}; do
 for m in $MESHES; do
-  timeout 90 python3 -m serve.bench --model Qwen3-30B-A3B --mesh "$m" --layers "$LAYERS" --batch 1,8,64 \
-    --prefill '' --steps 8 --reps 3 --single-step '' --memory-check --markdown --out "$OUT/bench_${m//[=,]/_}.json" \
-    > "$OUT/bench_${m//[=,]/_}.log" 2>&1
-  echo "-- $m (exit $?)"; grep -E "^\| (on|off) \||weights planned|peak over" "$OUT/bench_${m//[=,]/_}.log"
+  tag="${model#Qwen3-30B-A3B}_${m//[=,]/_}"
+  timeout 90 python3 -m serve.bench --model "$model" --mesh "$m" --layers "$LAYERS" --batch 1,8,64 \
+    --prefill '' --steps 8 --reps 3 --single-step '' --memory-check --markdown --out "$OUT/bench$tag.json" \
+    > "$OUT/bench$tag.log" 2>&1
+  echo "-- $model $m (exit $?)"; grep -E "^\| (on|off) \||weights planned|peak over" "$OUT/bench$tag.log"
+  if [ -n "${TIMELINE:-}" ] && [ "$m" != "tp=1" ]; then
+    timeout 60 python3 benchmarks/mesh_timeline.py --model "$model" --mesh "$m" --layers "$LAYERS" --threads 2 --names 4 \
+      2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tee "$OUT/timeline$tag.txt"
+  fi
+done
 done
 
 [ -n "${SKIP_SERVE:-}" ] && exit 0
