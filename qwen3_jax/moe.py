@@ -4,10 +4,11 @@ Legend: N tokens (B*T flattened), D model dim, E experts, F expert intermediate,
 
 Expert parallelism (`ep > 1` or any multi-device mesh) runs the FFN inside `shard_map` over the
 whole mesh: each device all-gathers the token activations of its data group (and routes them
-itself, GatheredRouting, on the kernels' path; the XLA path gathers the routing too), computes only its own E/ep experts' slice F/etp for every token routed to them
-(`ragged_dot`, drop-free: no capacity factor, every token gets all k experts), then a
-reduce-scatter over the data axes and a psum over the rest return each token's sum, in
-float32, to the devices that own the token.
+itself on the kernels' path, GatheredRouting; the XLA path gathers the routing too), computes
+only its own E/ep experts' slice F/etp for every token routed to them (`ragged_dot`,
+drop-free: no capacity factor, every token gets all k experts), then a reduce-scatter over the
+data axes and a psum over the rest return each token's sum, in float32, to the devices that own
+the token.
 
 Why an all-gather + reduce and not an all-to-all dispatch, in numbers. Per device per MoE layer,
 bf16 activations and experts, 8 devices; "moved" = all-gather received (x bf16 + routing 8k
@@ -194,8 +195,10 @@ def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext |
     if routing is None:
         per_token = (weights_nk, experts_nk)
         extra = ()
-    else:   # with padding rows a live mask is needed either way: they route nowhere
-        live = routing.live_n if routing.live_n is not None or not pad else jnp.ones((n,), jnp.bool_)
+    else:
+        live = routing.live_n
+        if live is None and pad:   # padding rows must route nowhere
+            live = jnp.ones((n,), jnp.bool_)
         per_token = () if live is None else (live,)
         extra = routing.arrays
     if pad:
@@ -206,16 +209,16 @@ def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext |
     raw_specs = expert_weights.pspecs(ctx)
     m = len(per_token)
 
-    def body(x, *rest):
-        gathered = [jax.lax.all_gather(a, data_axes, axis=0, tiled=True) for a in (x, *rest[:m])]
+    def body(x, *operands):
+        gathered = [jax.lax.all_gather(a, data_axes, axis=0, tiled=True) for a in (x, *operands[:m])]
         x = gathered[0]
         if routing is None:
             w, e = gathered[1:]
         else:
-            w, e = routing.route(x, *rest[m:m + len(extra)])
+            w, e = routing.route(x, *operands[m:m + len(extra)])
             if m:
                 e = jnp.where(gathered[1][:, None], e, -1)
-        local_raw = rest[m + len(extra):]
+        local_raw = operands[m + len(extra):]
         y = expert_weights.local_ffn(x, w, e, local_raw, _linear_index(expert_axes, ctx))
         y = jax.lax.psum_scatter(y, data_axes, scatter_dimension=0, tiled=True)
         rest = tuple(a for a in all_axes if a not in data_axes)
