@@ -195,11 +195,8 @@ def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext |
     if routing is None:
         per_token = (weights_nk, experts_nk)
         extra = ()
-    else:
-        live = routing.live_n
-        if live is None and pad:   # padding rows must route nowhere
-            live = jnp.ones((n,), jnp.bool_)
-        per_token = () if live is None else (live,)
+    else:   # padding rows route nowhere: they are the gathered rows from n on (all_gather keeps order)
+        per_token = () if routing.live_n is None else (routing.live_n,)
         extra = routing.arrays
     if pad:
         x_nd = jnp.pad(x_nd, ((0, pad), (0, 0)))
@@ -216,8 +213,9 @@ def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext |
             w, e = gathered[1:]
         else:
             w, e = routing.route(x, *operands[m:m + len(extra)])
-            if m:
-                e = jnp.where(gathered[1][:, None], e, -1)
+            live = gathered[1] if m else (jnp.arange(x.shape[0]) < n if pad else None)
+            if live is not None:
+                e = jnp.where(live[:, None], e, -1)
         local_raw = operands[m + len(extra):]
         y = expert_weights.local_ffn(x, w, e, local_raw, _linear_index(expert_axes, ctx))
         y = jax.lax.psum_scatter(y, data_axes, scatter_dimension=0, tiled=True)
