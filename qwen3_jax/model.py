@@ -449,7 +449,7 @@ class MoE(nnx.Module):
             routing = GatheredRouting(functools.partial(_route_stacked, top_k=self.top_k, norm=self.norm_topk_prob),
                                       (full.router.w[...], jnp.asarray(i, jnp.int32)), live_n)
             return moe_ffn(materialize(x), None, None, StackedExpertWeights(full, i, x.dtype), ctx,
-                           routing=routing).reshape(b, t, d)
+                           routing=routing, batch=b).reshape(b, t, d)
         routed, groups = None, None
         if stacked is not None and kernels.active(ctx, x.dtype):   # router read in place, 2 kernels
             routed = kernels.route_in_place(x, stacked[0].router.w[...], stacked[1], self.top_k, self.norm_topk_prob,
@@ -467,7 +467,7 @@ class MoE(nnx.Module):
             y = kernels.moe_ffn_stacked(x, weights, experts, full.gate_proj, full.up_proj, full.down_proj, i, groups)
             if y is not None:
                 return y.astype(x.dtype).reshape(b, t, d)
-        return moe_ffn(materialize(x), weights, experts, ExpertWeights(self, x.dtype), ctx).reshape(b, t, d)
+        return moe_ffn(materialize(x), weights, experts, ExpertWeights(self, x.dtype), ctx, batch=b).reshape(b, t, d)
 
 
 class DenseMLP(nnx.Module):

@@ -8,7 +8,8 @@ itself on the kernels' path, GatheredRouting; the XLA path gathers the routing t
 only its own E/ep experts' slice F/etp for every token routed to them (`ragged_dot`,
 drop-free: no capacity factor, every token gets all k experts), then a reduce-scatter over the
 data axes and a psum over the rest return each token's sum, in float32, to the devices that own
-the token.
+the token. A batch the data axes do not divide (batch 1 on ep=2) is whole on every device
+already: no gather, one psum (moe_ffn's `batch`).
 
 Why an all-gather + reduce and not an all-to-all dispatch, in numbers. Per device per MoE layer,
 bf16 activations and experts, 8 devices; "moved" = all-gather received (x bf16 + routing 8k
@@ -173,12 +174,18 @@ class GatheredRouting:
 
 
 def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext | None,
-            routing: GatheredRouting | None = None):
+            routing: GatheredRouting | None = None, batch: int | None = None):
     """x [N, D] -> [N, D] in x's dtype. `expert_weights` (model.ExpertWeights) hands over the
     raw arrays with their PartitionSpecs and computes, where the shards live, the FFN of one
     device's experts: dequantized for XLA's ragged_dot, or read in place by the kernels.
     With `routing` (a mesh only) weights_nk and experts_nk are None: each device routes the
-    gathered tokens itself."""
+    gathered tokens itself.
+
+    `batch`: the B of x's N = B*T rows. Where the data axes do not divide it (decode below one
+    sequence per data group: batch 1 on ep=2), x is whole on every device already (sharding.rules
+    leaves such a dim replicated), so nothing is gathered: each device runs its experts on every
+    row and one psum over the mesh returns the sums everywhere. Splitting instead took a pad, an
+    all-gather, a reduce-scatter and an all-gather back to the replicated layout a layer."""
     if routing is not None and (ctx is None or ctx.spec.num_devices == 1):
         raise ValueError("GatheredRouting is for a multi-device mesh; route first on one device")
     if ctx is None or ctx.spec.num_devices == 1:
@@ -191,6 +198,8 @@ def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext |
     all_axes = tuple(ctx.mesh.axis_names)
     dp = view_size(spec, "data")
     n = x_nd.shape[0]
+    if dp > 1 and batch is not None and batch % dp:
+        return _moe_ffn_whole(x_nd, weights_nk, experts_nk, expert_weights, ctx, routing)
     pad = (-n) % dp
     if routing is None:
         per_token = (weights_nk, experts_nk)
@@ -226,3 +235,29 @@ def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext |
     y = jax.shard_map(body, mesh=ctx.mesh, in_specs=in_specs, out_specs=tok,
                       check_vma=False)(x_nd, *per_token, *extra, *raw)
     return y[:n].astype(x_nd.dtype)
+
+
+def _moe_ffn_whole(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext, routing):
+    """moe_ffn for rows every device holds whole: no gather, each device's experts on all rows,
+    one psum over the mesh."""
+    expert_axes = ctx.spec.axes["expert"]
+    per_token = (weights_nk, experts_nk) if routing is None else (() if routing.live_n is None else (routing.live_n,))
+    extra = () if routing is None else routing.arrays
+    m = len(per_token)
+
+    def body(x, *operands):
+        if routing is None:
+            w, e = operands[:2]
+        else:
+            w, e = routing.route(x, *operands[m:m + len(extra)])
+            if m:
+                e = jnp.where(operands[0][:, None], e, -1)
+        y = expert_weights.local_ffn(x, w, e, operands[m + len(extra):], _linear_index(expert_axes, ctx))
+        return jax.lax.psum(y, tuple(ctx.mesh.axis_names))
+
+    whole = P(None, None)
+    in_specs = (whole, *(P(*[None] * a.ndim) for a in per_token), *(P() for _ in extra),
+                *expert_weights.pspecs(ctx))
+    y = jax.shard_map(body, mesh=ctx.mesh, in_specs=in_specs, out_specs=whole,
+                      check_vma=False)(x_nd, *per_token, *extra, *expert_weights.arrays())
+    return y.astype(x_nd.dtype)
