@@ -580,39 +580,58 @@ def _attention_with_prologue(x_btd, k_all, attn_full: "Attention", ctx=None, slo
 def _decode_attention_rope_per_device(blk, attn_full, layer, h, cos, sin, positions_bt, k_all, v_all, slots_b,
                                       kv_window, counts, ctx):
     """Decode attention with its prologue (kernels.decode_attention.decode_attention_rope) on a
-    mesh: the projections as on the XLA path (per-device kernels), then on every device its
-    local heads, rows and cache shard in one kernel: q/k norm, RoPE, the cache write and
-    attention, where XLA ran the norms, RoPE and the cache scatter. With the batch split over
-    data-parallel groups each device's rows are its own slots (the engine's one-shape step;
-    _attention_with_prologue checked it). -> (attention output [B, 1, H, Q], k_all, v_all, counts)."""
-    st = (attn_full, layer)
-    q, k, v = blk.attn.projections(h, ctx, st)
+    mesh, per device on its local heads, rows and cache shard, as on one device: q/k/v in one
+    gemv launch (their split-K partials go to the attention kernel unsummed), the input norm in
+    that gemv's x load where h is a gemv_inputs.RmsNormX, then one kernel for the q/k norm, RoPE,
+    the cache write and attention. With the batch split over data-parallel groups each device's
+    rows are its own slots (the engine's one-shape step; _attention_with_prologue checked it).
+    -> (attention output [B, 1, H, Q], k_all, v_all, counts)."""
     b = h.shape[0]
     rows = jnp.arange(b, dtype=jnp.int32) if slots_b is None else slots_b
     data = view_size(ctx.spec, "data") > 1
     eps, scale = blk.attn.q_norm.eps, blk.attn.scale
+    projs = _qkv_weights(attn_full)
+    normed = isinstance(h, RmsNormX)
+    x_in = (h.x, h.weight) if normed else (h,)
+    weights = [(full.w[...], full.scale[...] if full.is_fp8 else None) for _, full in projs]
+    flat_w = [a for pair in weights for a in pair if a is not None]
+    w_axes = [tuple(a.get_metadata()["logical_axes"]) for _, full in projs
+              for a in ((full.w, full.scale) if full.is_fp8 else (full.w,))]
+    act = ("batch", "seq", "heads", "head_dim")
+    x_axes = (("batch", "seq", "embed"),) + ((None,) if normed else ())
 
-    def local(q, k, v, qn, kn, i, c, s_, kc, vc, r, p, cnt):
-        parts = [a[:, 0].reshape(1, a.shape[0], -1).astype(jnp.float32) for a in (q, k, v)]   # one "split"
+    def local(*ops):
+        x_ops, ops = ops[:len(x_in)], ops[len(x_in):]
+        w_ops, (qn, kn, i, c, s_, kc, vc, r, p, cnt) = ops[:len(flat_w)], ops[len(flat_w):]
+        h_l = RmsNormX(x_ops[0], x_ops[1], i, h.eps) if normed else x_ops[0]
+        it = iter(w_ops)
+        local_w = [(next(it), next(it) if full.is_fp8 else None) for _, full in projs]
+        parts = _qkv_partials(attn_full, h_l, i, arrays=local_w)
+        if parts is None:   # no gemv tiling fits the local shapes: XLA on the layer's local slices
+            x_l = materialize(h_l)
+            parts = []
+            for (eq, full), (w_l, s_l) in zip(projs, local_w):
+                w_i = w_l[i] if s_l is None else full.dequantize(w_l[i], s_l[i], x_l.dtype)
+                y = jnp.einsum(eq, x_l, w_i.astype(x_l.dtype), preferred_element_type=jnp.float32)
+                parts.append(y[:, 0].reshape(1, y.shape[0], -1))   # one "split"
         done = kernels.decode_attention.decode_attention_rope(
-            *parts, qn, kn, i, c, s_, eps, kc, vc, None if data else r, p[:, 0], cnt, heads=q.shape[2], scale=scale,
-            kv_window=kv_window)
+            *parts, qn, kn, i, c, s_, eps, kc, vc, None if data else r, p[:, 0], cnt,
+            heads=parts[0].shape[2] // qn.shape[-1], scale=scale, kv_window=kv_window)
         if done is None:
-            raise RuntimeError(f"decode_attention_rope does not cover the local shapes q {q.shape}, cache "
+            raise RuntimeError(f"decode_attention_rope does not cover the local shapes q {parts[0].shape}, cache "
                                f"{kc.shape}, which _attention_with_prologue accepted")
         out, kc, vc, cnt = done
         return out[:, None], kc, vc, cnt
 
-    act = ("batch", "seq", "heads", "head_dim")
-    kv_act = ("batch", "seq", "kv_heads", "head_dim")
     counts_axes = ("batch", "kv_heads")
+    heads, qd = attn_full.q_proj.einsum_shape[2:4]
     return kernels.sharded.per_device(
         local, ctx,
-        (q, k, v, attn_full.q_norm.weight[...], attn_full.k_norm.weight[...], jnp.asarray(layer, jnp.int32),
+        (*x_in, *flat_w, attn_full.q_norm.weight[...], attn_full.k_norm.weight[...], jnp.asarray(layer, jnp.int32),
          cos[:, 0], sin[:, 0], k_all, v_all, rows, positions_bt, counts),
-        (act, kv_act, kv_act, None, None, None, ("batch", "head_dim"), ("batch", "head_dim"), KVCache.AXES,
+        (*x_axes, *w_axes, None, None, None, ("batch", "head_dim"), ("batch", "head_dim"), KVCache.AXES,
          KVCache.AXES, ("batch",), ("batch", "seq"), counts_axes),
-        [act, KVCache.AXES, KVCache.AXES, counts_axes], [q.shape, k_all.shape, v_all.shape, counts.shape])
+        [act, KVCache.AXES, KVCache.AXES, counts_axes], [(b, 1, heads, qd), k_all.shape, v_all.shape, counts.shape])
 
 
 def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all, v_all, slots_b,
@@ -659,13 +678,21 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
                             kv_window), counts)
 
 
-def _qkv_partials(attn_full, h, layer):
+def _qkv_weights(attn_full):
+    """[(einsum, Weight)] of the q, k and v projections."""
+    return (("btd,dhq->bthq", attn_full.q_proj), ("btd,dkq->btkq", attn_full.k_proj),
+            ("btd,dkq->btkq", attn_full.v_proj))
+
+
+def _qkv_partials(attn_full, h, layer, arrays=None):
     """q, k, v of the decode step as float32 split-K partial sums [S, B, N] (kernels.linear_einsum
     partials): one gemv launch side by side where it covers them, else one kernel each (the FP8
-    matmul for more than 16 rows). None when a projection is not covered."""
-    projs = (("btd,dhq->bthq", attn_full.q_proj), ("btd,dkq->btkq", attn_full.k_proj),
-             ("btd,dkq->btkq", attn_full.v_proj))
-    specs = [(eq, h, full.w[...], full.scale[...] if full.is_fp8 else None, full.block_axis) for eq, full in projs]
+    matmul for more than 16 rows). None when a projection is not covered. `arrays` [(w, scale)]
+    per projection stand in for attn_full's own (a device's shards, inside shard_map)."""
+    projs = _qkv_weights(attn_full)
+    if arrays is None:
+        arrays = [(full.w[...], full.scale[...] if full.is_fp8 else None) for _, full in projs]
+    specs = [(eq, h, w, scale, full.block_axis) for (eq, full), (w, scale) in zip(projs, arrays)]
     blocks = {full.fp8_block for _, full in projs}
     orders = {full.nk for _, full in projs}
     parts = (kernels.projections_partials(specs, blocks.pop(), layer, w_nk=orders.pop())
@@ -756,10 +783,11 @@ class Segment(nnx.Module):
         b, t = x_btd.shape[:2]
         live_n = positions_bt[:, 0] < k0.shape[2] if k0 is not None and t == 1 and b > 1 else None
 
-        def norm(blk_norm, full_norm, x, i):
-            """On the fused path the norm is applied in the next gemv's x load (gemv_inputs.RmsNormX),
+        def norm(blk_norm, full_norm, x, i, in_load=False):
+            """On the fused path (and with `in_load`: the mesh's per-device attention, whose q/k/v
+            gemv takes it) the norm is applied in the next gemv's x load (gemv_inputs.RmsNormX),
             which saves XLA's reduce and multiply kernels; elsewhere in XLA."""
-            if fused and kernels.x_load("norm"):
+            if (fused or in_load) and kernels.x_load("norm"):
                 return RmsNormX(x, full_norm.weight[...], i, blk_norm.eps)
             return blk_norm(x)
 
@@ -767,7 +795,7 @@ class Segment(nnx.Module):
             x, k_all, v_all, counts = carry
             layer_params, i = xs
             blk = nnx.merge(graphdef, layer_params)
-            h = norm(blk.input_norm, full.input_norm, x, i)
+            h = norm(blk.input_norm, full.input_norm, x, i, in_load=counts is not None and not fused)
             x, k_all, v_all, counts = attention(blk, full.attn, i, x, h, cos, sin, positions_bt, k_all, v_all,
                                                 slots_b, kv_window, ctx, counts)
             x = x + blk.mlp(norm(blk.post_norm, full.post_norm, x, i), ctx, stacked=(full.mlp, i), live_n=live_n)

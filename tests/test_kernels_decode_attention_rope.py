@@ -237,10 +237,22 @@ def test_on_a_mesh_the_fused_kernel_runs_per_device(mesh, monkeypatch):
     """A 32-head model on a mesh (kernels forced on, interpret mode): decode attention with its
     prologue runs per device on its local heads (tp=2: 16 of 32, G = 8) or rows (ep=2: the
     attention batch split over data-parallel groups), where the mesh ran XLA's norms, RoPE and
-    cache scatter before. Prefill + decode logits equal one device's plain XLA to bf16 precision,
-    and PROLOGUE "separate" keeps the XLA path on the mesh."""
+    cache scatter before. As on one device, q/k/v go in one gemv launch side by side and the
+    input norm in its x load. Prefill + decode logits equal one device's plain XLA to bf16
+    precision, and PROLOGUE "separate" keeps the XLA path on the mesh (q, k, v one launch each)."""
     from qwen3_jax import model as model_mod
+    from qwen3_jax.kernels import gemv as gemv_mod
+    from qwen3_jax.kernels.gemv_inputs import RmsNormX
     from reference import prefill_then_decode
+
+    launches = []   # (weights per launch, side by side, x is a norm source) of every gemv traced
+    traced = gemv_mod._gemv
+
+    def spy(x, rows, groups, weights, *a, **kw):
+        launches.append((len(weights), bool(kw.get("concat")), isinstance(x, RmsNormX)))
+        return traced(x, rows, groups, weights, *a, **kw)
+
+    monkeypatch.setattr(gemv_mod, "_gemv", spy)
 
     monkeypatch.setattr(model_mod, "DECODE_UNROLL", 1)
     cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, head_dim=32,
@@ -252,11 +264,14 @@ def test_on_a_mesh_the_fused_kernel_runs_per_device(mesh, monkeypatch):
     sharded = with_distinct_norms(random_model(cfg, mesh=mesh, seed=3))
     for prologue in ("fused", "separate"):
         monkeypatch.setattr(da, "PROLOGUE", prologue)
+        launches.clear()
         with kernels.kernels_enabled(True):
             fn = prefill_then_decode(sharded, tokens, 16)   # a new function per setting
             text = str(jax.make_jaxpr(fn)(sharded.state, tokens))
             out = [np.asarray(a, np.float32) for a in jax.jit(fn)(sharded.state, tokens)]
         assert ("qwen3_decode_attention_rope" in text) == (prologue == "fused"), prologue
+        qkv = [lz for lz in launches if lz[:2] == (3, True)]
+        assert qkv == ([(3, True, True)] if prologue == "fused" else []), (prologue, launches)
         for a, b in zip(out, ref):
             assert rel(a, b) < TOL_BF16_MODEL, (prologue, rel(a, b))
 
