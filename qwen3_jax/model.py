@@ -371,7 +371,8 @@ class ExpertWeights:
         """This device's share of the FFN: its E_local experts (global ids from shard * E_local)
         and F columns -> [N, D] float32, a partial sum."""
         gate, up, down = self.materialize(local_raw)
-        return expert_ffn(x_nd, weights_nk, experts_nk, gate, up, down, first_expert=shard * gate.shape[0])
+        return expert_ffn(materialize(x_nd), weights_nk, experts_nk, gate, up, down,
+                          first_expert=shard * gate.shape[0])
 
 
 def _unstacked_axes(var) -> tuple:
@@ -413,13 +414,19 @@ class StackedExpertWeights(ExpertWeights):
         return y
 
 
+def _rms_norm_view(x_nd, weight_ld, layer, *, eps: float):
+    """x [N, D] seen through the norm weight_ld[layer] (gemv_inputs.RmsNormX): a moe.GatheredRouting
+    view, so the post-attention norm runs in the routing's and the experts' x loads."""
+    return RmsNormX(x_nd, weight_ld, jnp.asarray(layer, jnp.int32), eps)
+
+
 def _route_stacked(x_nd, router_lde, layer, *, top_k: int, norm: bool):
     """Routing with layer `layer` of the stacked router [L, D, E]: the routing kernels read it in
     place where they cover x (kernels/router.py), else moe.route on the layer's slice."""
     routed = kernels.route_in_place(x_nd, router_lde, layer, top_k, norm)
     if routed is not None:
         return routed
-    return route(x_nd, router_lde[layer].astype(jnp.float32), top_k, norm)
+    return route(materialize(x_nd), router_lde[layer].astype(jnp.float32), top_k, norm)
 
 
 class MoE(nnx.Module):
@@ -446,8 +453,12 @@ class MoE(nnx.Module):
         x = x_btd.reshape(b * t, d)
         if stacked is not None and kernels.usable(x.dtype) and not kernels.single_device(ctx):
             full, i = stacked   # each device routes its data group's gathered tokens (moe.GatheredRouting)
+            view, view_arrays = None, ()
+            if isinstance(x, RmsNormX):   # the norm in the routing's and gate/up's x loads, after the gather
+                view, view_arrays = functools.partial(_rms_norm_view, eps=x.eps), (x.weight, x.layer)
+                x = x.x.reshape(b * t, d)
             routing = GatheredRouting(functools.partial(_route_stacked, top_k=self.top_k, norm=self.norm_topk_prob),
-                                      (full.router.w[...], jnp.asarray(i, jnp.int32)), live_n)
+                                      (full.router.w[...], jnp.asarray(i, jnp.int32)), live_n, view, view_arrays)
             return moe_ffn(materialize(x), None, None, StackedExpertWeights(full, i, x.dtype), ctx,
                            routing=routing, batch=b).reshape(b, t, d)
         routed, groups = None, None
@@ -782,6 +793,10 @@ class Segment(nnx.Module):
         # output discarded) route to no expert (MoE.__call__).
         b, t = x_btd.shape[:2]
         live_n = positions_bt[:, 0] < k0.shape[2] if k0 is not None and t == 1 and b > 1 else None
+        # A mesh's decode step on the kernels: the MoE takes its norm in the x loads after the
+        # gather (moe.GatheredRouting's view).
+        mesh_decode = (not fused and k0 is not None and t == 1 and not kernels.single_device(ctx)
+                       and kernels.usable(x_btd.dtype))
 
         def norm(blk_norm, full_norm, x, i, in_load=False):
             """On the fused path (and with `in_load`: the mesh's per-device attention, whose q/k/v
@@ -798,7 +813,8 @@ class Segment(nnx.Module):
             h = norm(blk.input_norm, full.input_norm, x, i, in_load=counts is not None and not fused)
             x, k_all, v_all, counts = attention(blk, full.attn, i, x, h, cos, sin, positions_bt, k_all, v_all,
                                                 slots_b, kv_window, ctx, counts)
-            x = x + blk.mlp(norm(blk.post_norm, full.post_norm, x, i), ctx, stacked=(full.mlp, i), live_n=live_n)
+            x = x + blk.mlp(norm(blk.post_norm, full.post_norm, x, i, in_load=mesh_decode), ctx, stacked=(full.mlp, i),
+                            live_n=live_n)
             x = constrain(x, ("batch", "seq", "embed"), ctx)
             return (x, k_all, v_all, counts), None
 

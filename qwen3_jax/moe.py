@@ -166,11 +166,25 @@ class GatheredRouting:
 
     route(x [N, D], *arrays) -> (weights [N, k] float32, experts [N, k] int32); `arrays` are
     replicated operands (the stacked router, the layer index); live_n [N] bool or None: rows
-    False route to expert -1 (no device's).
+    False route to expert -1 (no device's). view(x, *view_arrays) (replicated operands too), or
+    None: what the routing and the experts take for the gathered x, e.g. x with the
+    post-attention norm applied in the kernels' x loads (gemv_inputs.RmsNormX), so x crosses
+    devices raw and no XLA norm kernel runs.
     """
 
-    def __init__(self, route, arrays, live_n=None):
+    def __init__(self, route, arrays, live_n=None, view=None, view_arrays=()):
         self.route, self.arrays, self.live_n = route, tuple(arrays), live_n
+        self.view, self.view_arrays = view, tuple(view_arrays)
+
+    def operands(self):
+        """The replicated operands the shard_map body needs: the route's, then the view's."""
+        return (*self.arrays, *self.view_arrays)
+
+    def apply(self, x, operands):
+        """(x the routing and experts take, weights, experts) from the gathered x and operands()."""
+        xs = self.view(x, *operands[len(self.arrays):]) if self.view is not None else x
+        w, e = self.route(xs, *operands[:len(self.arrays)])
+        return xs, w, e
 
 
 def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext | None,
@@ -206,7 +220,7 @@ def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext |
         extra = ()
     else:   # padding rows route nowhere: they are the gathered rows from n on (all_gather keeps order)
         per_token = () if routing.live_n is None else (routing.live_n,)
-        extra = routing.arrays
+        extra = routing.operands()
     if pad:
         x_nd = jnp.pad(x_nd, ((0, pad), (0, 0)))
         per_token = tuple(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in per_token)
@@ -221,7 +235,7 @@ def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext |
         if routing is None:
             w, e = gathered[1:]
         else:
-            w, e = routing.route(x, *operands[m:m + len(extra)])
+            x, w, e = routing.apply(x, operands[m:m + len(extra)])
             live = gathered[1] if m else (jnp.arange(x.shape[0]) < n if pad else None)
             if live is not None:
                 e = jnp.where(live[:, None], e, -1)
@@ -242,14 +256,14 @@ def _moe_ffn_whole(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingCo
     one psum over the mesh."""
     expert_axes = ctx.spec.axes["expert"]
     per_token = (weights_nk, experts_nk) if routing is None else (() if routing.live_n is None else (routing.live_n,))
-    extra = () if routing is None else routing.arrays
+    extra = () if routing is None else routing.operands()
     m = len(per_token)
 
     def body(x, *operands):
         if routing is None:
             w, e = operands[:2]
         else:
-            w, e = routing.route(x, *operands[m:m + len(extra)])
+            x, w, e = routing.apply(x, operands[m:m + len(extra)])
             if m:
                 e = jnp.where(operands[0][:, None], e, -1)
         y = expert_weights.local_ffn(x, w, e, operands[m + len(extra):], _linear_index(expert_axes, ctx))

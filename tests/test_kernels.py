@@ -1082,16 +1082,29 @@ def test_kernels_run_per_device_on_a_mesh(mesh, per_device_case):
 
 
 @pytest.mark.parametrize("mesh,batch", [("ep=2", 4), ("tp=2,ep=4", 4), ("ep=2", 1)])
-def test_on_a_mesh_each_device_routes_the_gathered_tokens(mesh, batch):
+def test_on_a_mesh_each_device_routes_the_gathered_tokens(mesh, batch, monkeypatch):
     """moe.GatheredRouting: on a mesh the MoE's shard_map gathers only x and every device routes
     its data group's tokens with the routing kernels (16 experts: covered), where routing first
     gathered x, the routing weights and the experts (3 all-gathers). Same numbers as one device to
     bf16 precision, and the same as routing first: the routing arithmetic is the kernels' on both.
     Batch 1 on ep=2 does not split over the 2 data groups, so its rows are whole on each device:
-    nothing is gathered or scattered, one psum sums the experts (moe._moe_ffn_whole)."""
+    nothing is gathered or scattered, one psum sums the experts (moe._moe_ffn_whole). In the
+    decode step x crosses devices raw and the post-attention norm runs in the router's and the
+    gate/up gemv's x loads (GatheredRouting's view), as on one device."""
     from qwen3_jax import random_model
     from qwen3_jax.config import load_preset
+    from qwen3_jax.kernels import gemv as gemv_mod
+    from qwen3_jax.kernels.gemv_inputs import RmsNormX
     from reference import prefill_then_decode, with_distinct_norms
+
+    norm_loads = []   # per traced gemv launch: does its x load apply a norm?
+    traced = gemv_mod._gemv
+
+    def spy(x, *a, **kw):
+        norm_loads.append(isinstance(x, RmsNormX))
+        return traced(x, *a, **kw)
+
+    monkeypatch.setattr(gemv_mod, "_gemv", spy)
 
     cfg = dataclasses.replace(load_preset("Qwen3-30B-A3B"), num_hidden_layers=2, hidden_size=256,
                               num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=16,
@@ -1102,9 +1115,11 @@ def test_on_a_mesh_each_device_routes_the_gathered_tokens(mesh, batch):
         for m in (random_model(cfg, seed=3), random_model(cfg, mesh=mesh, seed=3)):
             m = with_distinct_norms(m)
             fn = prefill_then_decode(m, tokens, 16)
+            norm_loads.clear()
             jaxprs.append(str(jax.make_jaxpr(fn)(m.state, tokens)))
             outs.append([np.asarray(a, np.float64) for a in jax.jit(fn)(m.state, tokens)])
     assert "qwen3_router_topk" in jaxprs[1]
+    assert sum(norm_loads) == 2, norm_loads   # the mesh's decode: the router and gate/up gemvs
     # one MoE shard_map in prefill, one in decode: x in each, and decode's live-row mask at batch 4
     # (the engine's idle slots); routing first gathered weights and experts too (6)
     gathers, scatters = jaxprs[1].count("= all_gather["), jaxprs[1].count("= reduce_scatter[")
