@@ -823,10 +823,12 @@ class Segment(nnx.Module):
         rope = k0 is not None and (fused or not kernels.single_device(ctx)) and _attention_with_prologue(
             x_btd, k0, full.attn, None if fused else ctx, slots_b)
         counts = constrain(jnp.zeros((b, k0.shape[3]), jnp.int32), ("batch", "kv_heads"), ctx) if rope else None
-        # Unrolled only on the fused decode path, whose kernels read every weight in place: on the
-        # XLA path each unrolled layer slices its weights out of the stack, and those copies
-        # would be live together (the 235B plan's decode workspace grew 4x).
-        unroll = DECODE_UNROLL if fused else 1
+        # Unrolled only on the kernels' decode paths (one device's fused path, a mesh's per-device
+        # kernels), which read every weight in place: on the XLA path each unrolled layer slices
+        # its weights out of the stack, and those copies would be live together (the 235B plan's
+        # decode workspace grew 4x). On a mesh at batch 1 the host's launches are the limit
+        # (benchmarks/NOTES.md, run 97), and each loop iteration has kernels of its own.
+        unroll = DECODE_UNROLL if fused or mesh_decode else 1
         carry = (x_btd, k0, v0, counts)
         if unroll >= self.count:   # no loop at all (scan keeps a while even for one layer)
             for i in range(self.count):

@@ -996,6 +996,33 @@ def _primitives_outside_kernels(jaxpr, counts=None):
     return counts
 
 
+@pytest.mark.parametrize("mesh", ["tp=2", "ep=2"])
+def test_on_a_mesh_unrolled_decode_layers_equal_the_layer_loop(mesh, monkeypatch):
+    """On a mesh with the kernels on (every weight read in place per device) the decode step's
+    layer loop unrolls as on one device: DECODE_UNROLL 2 traces a scan of 2-layer iterations
+    and gives the DECODE_UNROLL 1 step's logits and cache."""
+    from flax import nnx
+
+    from qwen3_jax import Qwen3MoeConfig, random_model
+    from qwen3_jax import model as model_mod
+    from reference import TINY, with_distinct_norms
+
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", head_dim=32, num_experts=16))
+    m = with_distinct_norms(random_model(cfg, mesh=mesh, seed=6))
+    cache = m.init_cache(2, 16)
+    tok, pos = jnp.asarray([[3], [7]], jnp.int32), jnp.asarray([[4], [9]], jnp.int32)
+    outs = []
+    with kernels.kernels_enabled(True):
+        for unroll in (1, 2):
+            monkeypatch.setattr(model_mod, "DECODE_UNROLL", unroll)
+            step = jax.jit(lambda st, t, c: nnx.merge(m.graphdef, st)(t, pos, c))   # a new trace each time
+            assert ("unroll=2" in str(jax.make_jaxpr(step)(m.state, tok, cache))) == (unroll == 2)
+            logits, new = step(m.state, tok, cache)
+            outs.append([np.asarray(logits, np.float32)] + [np.asarray(a, np.float32) for a in new.k])
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-2)
+
+
 def test_unrolled_decode_layers_equal_the_layer_loop(monkeypatch):
     """Kernels on (interpret mode), 3 layers, every gemv x-load fusion on: model.DECODE_UNROLL 1
     (a while loop, traced layer index), 2 (a loop of 2-layer iterations and a remainder) and 3
@@ -1091,6 +1118,7 @@ def test_on_a_mesh_each_device_routes_the_gathered_tokens(mesh, batch, monkeypat
     nothing is gathered or scattered, one psum sums the experts (moe._moe_ffn_whole). In the
     decode step x crosses devices raw and the post-attention norm runs in the router's and the
     gate/up gemv's x loads (GatheredRouting's view), as on one device."""
+    from qwen3_jax import model as model_mod
     from qwen3_jax import random_model
     from qwen3_jax.config import load_preset
     from qwen3_jax.kernels import gemv as gemv_mod
@@ -1105,6 +1133,7 @@ def test_on_a_mesh_each_device_routes_the_gathered_tokens(mesh, batch, monkeypat
         return traced(x, *a, **kw)
 
     monkeypatch.setattr(gemv_mod, "_gemv", spy)
+    monkeypatch.setattr(model_mod, "DECODE_UNROLL", 1)   # one traced layer body
 
     cfg = dataclasses.replace(load_preset("Qwen3-30B-A3B"), num_hidden_layers=2, hidden_size=256,
                               num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=16,
