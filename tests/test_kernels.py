@@ -1163,6 +1163,36 @@ def _sds(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
+@pytest.mark.parametrize("preset,mesh,batch", [("Qwen3-30B-A3B-FP8", "tp=2", 1), ("Qwen3-30B-A3B", "ep=2", 8)])
+def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, monkeypatch):
+    """The whole decode step on a mesh, lowered for CUDA with 30B-A3B's per-device shapes (abstract
+    arrays, nothing allocated): every kernel of the one-card layer is there per device (attention
+    with its prologue, the gemvs, the routing kernels) and no expert matmul fell back to XLA."""
+    from flax import nnx
+
+    from qwen3_jax.api import abstract_model, build_context, state_shardings
+    from qwen3_jax.config import load_preset
+    from qwen3_jax.model import KVCache, cache_shapes
+    from serve.bench import make_decode
+
+    monkeypatch.setattr(kernels, "on_gpu", lambda: True)   # Pallas lowers to Triton, not interpret mode
+    cfg = dataclasses.replace(load_preset(preset), num_hidden_layers=2)
+    _, ctx, kv_rep = build_context(cfg, mesh, None)
+    graphdef, abstract = nnx.split(abstract_model(cfg, jnp.bfloat16, kv_rep, ctx))
+    state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
+                                                                     sharding=s.get_value())),
+                         abstract, state_shardings(abstract, ctx), is_leaf=lambda v: isinstance(v, nnx.Variable))
+    cache = KVCache(*[[jax.ShapeDtypeStruct(shapes[j], jnp.bfloat16, sharding=ctx.sharding(KVCache.AXES, shapes[j]))
+                       for shapes in cache_shapes(cfg, batch, 1024, kv_rep)] for j in (0, 1)])
+    ids = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    with kernels.kernels_enabled(True):
+        text = make_decode(graphdef, 2).trace(state, ids, ids, cache).lower(lowering_platforms=("cuda",)).as_text()
+    gemv = "qwen3_gemv_dot_fp8" if "FP8" in preset else "qwen3_gemv_dot"
+    for name in ("qwen3_decode_attention_rope", gemv, "qwen3_router_topk"):
+        assert name in text, name
+    assert "__gpu$xla.gpu.triton" in text and "ragged_dot" not in text
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_kernels_lower_to_triton_for_30b_shapes(fp8):
     from qwen3_jax.kernels.grouped_matmul import matmul_tiles
