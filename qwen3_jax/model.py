@@ -604,16 +604,15 @@ def _decode_attention_rope_per_device(blk, attn_full, layer, h, cos, sin, positi
     projs = _qkv_weights(attn_full)
     normed = isinstance(h, RmsNormX)
     x_in = (h.x, h.weight) if normed else (h,)
-    weights = [(full.w[...], full.scale[...] if full.is_fp8 else None) for _, full in projs]
-    flat_w = [a for pair in weights for a in pair if a is not None]
-    w_axes = [tuple(a.get_metadata()["logical_axes"]) for _, full in projs
-              for a in ((full.w, full.scale) if full.is_fp8 else (full.w,))]
+    params = [p for _, full in projs for p in ((full.w, full.scale) if full.is_fp8 else (full.w,))]
+    flat_w = [p[...] for p in params]   # q's weight (and scale), k's, v's
+    w_axes = [tuple(p.get_metadata()["logical_axes"]) for p in params]
     act = ("batch", "seq", "heads", "head_dim")
     x_axes = (("batch", "seq", "embed"),) + ((None,) if normed else ())
 
-    def local(*ops):
-        x_ops, ops = ops[:len(x_in)], ops[len(x_in):]
-        w_ops, (qn, kn, i, c, s_, kc, vc, r, p, cnt) = ops[:len(flat_w)], ops[len(flat_w):]
+    def local(*operands):
+        x_ops, w_ops = operands[:len(x_in)], operands[len(x_in):len(x_in) + len(flat_w)]
+        qn, kn, i, c, s_, kc, vc, r, p, cnt = operands[len(x_in) + len(flat_w):]
         h_l = RmsNormX(x_ops[0], x_ops[1], i, h.eps) if normed else x_ops[0]
         it = iter(w_ops)
         local_w = [(next(it), next(it) if full.is_fp8 else None) for _, full in projs]
@@ -793,8 +792,9 @@ class Segment(nnx.Module):
         # output discarded) route to no expert (MoE.__call__).
         b, t = x_btd.shape[:2]
         live_n = positions_bt[:, 0] < k0.shape[2] if k0 is not None and t == 1 and b > 1 else None
-        # A mesh's decode step on the kernels: the MoE takes its norm in the x loads after the
-        # gather (moe.GatheredRouting's view).
+        # A mesh's decode step on the kernels (every weight read in place per device): the MoE
+        # takes its norm in the x loads after the gather (moe.GatheredRouting's view), and the
+        # layer loop unrolls as on one device.
         mesh_decode = (not fused and k0 is not None and t == 1 and not kernels.single_device(ctx)
                        and kernels.usable(x_btd.dtype))
 

@@ -9,6 +9,7 @@ CPU: Pallas interpret mode, and the Triton lowering at 30B-A3B shapes. GPU (mark
 `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_kernels_decode_attention_rope.py`.
 """
 
+import dataclasses
 import re
 
 import jax
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from qwen3_jax import Qwen3MoeConfig, kernels, random_model
+from qwen3_jax.config import Fp8Config
 from qwen3_jax.kernels import decode_attention as da
 from qwen3_jax.kernels.decode_attention import decode_attention_cached, decode_attention_rope
 from qwen3_jax.kernels.qk_prologue import qk_norm_rope_write_cache
@@ -232,8 +234,8 @@ def test_gpu_fused_matches_the_two_kernels_and_repeats_bit_for_bit(b):
         np.testing.assert_array_equal(np.asarray(fn(*args), np.float32), first)
 
 
-@pytest.mark.parametrize("mesh", ["tp=2", "ep=2"])
-def test_on_a_mesh_the_fused_kernel_runs_per_device(mesh, monkeypatch):
+@pytest.mark.parametrize("mesh,fp8", [("tp=2", False), ("ep=2", False), ("tp=2", True)])
+def test_on_a_mesh_the_fused_kernel_runs_per_device(mesh, fp8, monkeypatch):
     """A 32-head model on a mesh (kernels forced on, interpret mode): decode attention with its
     prologue runs per device on its local heads (tp=2: 16 of 32, G = 8) or rows (ep=2: the
     attention batch split over data-parallel groups), where the mesh ran XLA's norms, RoPE and
@@ -257,6 +259,8 @@ def test_on_a_mesh_the_fused_kernel_runs_per_device(mesh, monkeypatch):
     monkeypatch.setattr(model_mod, "DECODE_UNROLL", 1)
     cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, head_dim=32,
                                         num_attention_heads=32, num_key_value_heads=4, num_experts=16))
+    if fp8:   # the projections' weights and block scales go into the per-device kernel side by side
+        cfg = dataclasses.replace(cfg, fp8=Fp8Config())
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 5)), jnp.int32)
     one = with_distinct_norms(random_model(cfg, seed=3))
     with kernels.kernels_enabled(False):
@@ -270,6 +274,7 @@ def test_on_a_mesh_the_fused_kernel_runs_per_device(mesh, monkeypatch):
             text = str(jax.make_jaxpr(fn)(sharded.state, tokens))
             out = [np.asarray(a, np.float32) for a in jax.jit(fn)(sharded.state, tokens)]
         assert ("qwen3_decode_attention_rope" in text) == (prologue == "fused"), prologue
+        assert ("qwen3_gemv_dot_fp8" in text) == fp8
         qkv = [lz for lz in launches if lz[:2] == (3, True)]
         assert qkv == ([(3, True, True)] if prologue == "fused" else []), (prologue, launches)
         for a, b in zip(out, ref):
