@@ -64,7 +64,7 @@ from sharding.memory import DEFAULT_MEM_FRACTION_STATIC
 
 from .capacity import CacheSize, size_cache
 from .request import CompletionOutput, Request, RequestOutput
-from .sampling import SAMPLING_MODES, SamplingParams, device_seed, sample, sampling_mode
+from .sampling import SAMPLING_MODES, SamplingParams, device_seed, sample, sampling_mode, vocab_axes
 from .tokenizer import DetokenizeStream, Tokenizer
 
 log = logging.getLogger("serve.engine")
@@ -124,11 +124,12 @@ def _prefill_forward(graphdef, state, cache, tokens_1t, positions_1t, slot_1, lo
     return logits[:, 0], cache
 
 
-def _sample_into(mode, last, logits_bv, slots_b, live_b, temperature_b, top_p_b, top_k_b, seed_b, step_b):
+def _sample_into(mode, ctx, last, logits_bv, slots_b, live_b, temperature_b, top_p_b, top_k_b, seed_b, step_b):
     """Sample one id per row ([B], sampling.sample with a static mode) and keep the live rows' ids
     as their slots' last ids -> (ids [B], last [slots]). A separate jitted call from the forward:
-    the host picks the mode, so no conditional sits in a step (see sampling.sample)."""
-    ids = sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, mode)
+    the host picks the mode, so no conditional sits in a step (see sampling.sample). The logits
+    arrive split over the vocab axes of `ctx`'s mesh (or whole)."""
+    ids = sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, mode, ctx)
     return ids, last.at[slots_b].set(jnp.where(live_b, ids, last[slots_b]))
 
 
@@ -267,16 +268,22 @@ class Engine:
         with several processes, announces): each `step(state, carry, *host inputs) -> (ids, carry)`."""
         g = self.model.graphdef
         fwd_kw, smp_kw = {}, {}
-        if self.model.ctx is not None:
-            replicated = jax.sharding.NamedSharding(self.model.ctx.mesh, jax.sharding.PartitionSpec())
-            # Pin the cache's output sharding to its input's, so donation reuses the same buffers.
-            fwd_kw["out_shardings"] = (replicated, jax.tree.map(lambda a: a.sharding, self._carry[0]))
+        ctx = self.model.ctx
+        if ctx is not None:
+            replicated = jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec())
+            # Logits stay split over the vocab axes as the LM head leaves them (whole rows would be
+            # an all-gather of [B, V] float32 every step; the sampler needs [B, 64 x shards] at
+            # most: sampling.top_k_over_vocab). Pin the cache's output sharding to its input's, so
+            # donation reuses the same buffers.
+            logits = jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec(
+                None, vocab_axes(ctx, (1, self.model.config.vocab_size)) or None))
+            fwd_kw["out_shardings"] = (logits, jax.tree.map(lambda a: a.sharding, self._carry[0]))
             smp_kw["out_shardings"] = (replicated, replicated)
         self.windows = decode_windows(self.context_length)
         forwards = {w: jax.jit(functools.partial(_decode_forward, g, w), donate_argnums=(1,), **fwd_kw)
                     for w in self.windows}
         prefill_forward = jax.jit(functools.partial(_prefill_forward, g), donate_argnums=(1,), **fwd_kw)
-        self._samplers = {m: jax.jit(functools.partial(_sample_into, m), donate_argnums=(0,), **smp_kw)
+        self._samplers = {m: jax.jit(functools.partial(_sample_into, m, ctx), donate_argnums=(0,), **smp_kw)
                           for m in SAMPLING_MODES}
         s = self.context_length
 

@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 
 @dataclasses.dataclass
@@ -70,14 +71,46 @@ def device_seed(seed: int) -> np.int32:
 TOP_K_FAST = 64  # rows all asking top_k <= this are sampled from a top_k(64) instead of a full sort
 
 
-def _sample_rows(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, width: int):
+def vocab_axes(ctx, shape) -> tuple[str, ...]:
+    """The mesh axes that split the vocabulary of logits [B, V] (none on one device or where the
+    mesh does not divide V)."""
+    if ctx is None:
+        return ()
+    entry = ctx.pspec(("batch", "vocab"), shape)[1]
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def top_k_over_vocab(x_bv, width: int, ctx=None):
+    """jax.lax.top_k(x, width) -> (values, ids) [B, width]. Where the vocabulary is split over
+    devices (the engine keeps the forward's logits so), each device takes its own best `width`
+    first and the best `width` of those gathered candidates are the answer: exact, since a row's
+    best `width` are among them, with ties to the lower id as lax.top_k. [B, width x shards]
+    cross devices instead of the whole [B, V] row (XLA's partitioning of top_k gathers it)."""
+    axes = vocab_axes(ctx, x_bv.shape)
+    shards = 1 if not axes else int(np.prod([ctx.mesh.shape[a] for a in axes]))
+    if shards == 1 or x_bv.shape[1] // shards < width:
+        return jax.lax.top_k(x_bv, width)
+
+    def local(part):
+        vals, ids = jax.lax.top_k(part, width)
+        ids = ids + jax.lax.axis_index(axes) * part.shape[1]
+        vals = jax.lax.all_gather(vals, axes, axis=1, tiled=True)   # shard order: ids ascending by shard
+        ids = jax.lax.all_gather(ids, axes, axis=1, tiled=True)
+        best, at = jax.lax.top_k(vals, width)
+        return best, jnp.take_along_axis(ids, at, axis=1)
+
+    return jax.shard_map(local, mesh=ctx.mesh, in_specs=P(None, axes), out_specs=(P(), P()),
+                         check_vma=False)(x_bv)
+
+
+def _sample_rows(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, width: int, ctx=None):
     """Temperature, then top-k, then top-p (each renormalizing, as transformers' warpers do),
     then one categorical draw per row, over the `width` best logits (width = V: all of them)."""
     b, v = logits_bv.shape
     t = jnp.where(temperature_b > 0, temperature_b, 1.0)
     scaled = logits_bv / t[:, None]
     if width < v:
-        sorted_logits, idx = jax.lax.top_k(scaled, width)
+        sorted_logits, idx = top_k_over_vocab(scaled, width, ctx)
     else:
         order = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v))
         neg_sorted, idx = jax.lax.sort((-scaled, order), dimension=1, num_keys=1)
@@ -110,8 +143,9 @@ def sampling_mode(temperature_b, top_k_b) -> str:
     return "top64" if ((k > 0) & (k <= TOP_K_FAST)).all() else "full"
 
 
-def sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, mode: str):
-    """logits float32 [B, V] + per-row params [B] -> token ids int32 [B].
+def sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, mode: str, ctx=None):
+    """logits float32 [B, V] + per-row params [B] -> token ids int32 [B]. `ctx` (the model's
+    ShardingContext, static): the vocabulary may be split over its devices (top_k_over_vocab).
 
     Greedy rows (temperature 0) are the plain argmax. When every sampling row has 0 < top_k <= 64
     (Qwen3's generation_config asks top_k=20) the candidates come from lax.top_k(64), exact for
@@ -129,5 +163,5 @@ def sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, mode: str
         return greedy
     v = logits_bv.shape[-1]
     width = min(TOP_K_FAST, v) if mode == "top64" else v
-    drawn = _sample_rows(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, width=width)
+    drawn = _sample_rows(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, width=width, ctx=ctx)
     return jnp.where(temperature_b > 0, drawn, greedy)

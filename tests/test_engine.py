@@ -248,6 +248,50 @@ def test_small_decode_batches_give_the_full_batchs_tokens(ckpt, engine):
         small.shutdown()
 
 
+def _split_vocab(mesh, shape):
+    """(ShardingContext, NamedSharding of logits [B, V] split over the vocab axes as the engine keeps them)."""
+    from qwen3_jax.api import build_context
+    from qwen3_jax.config import load_preset
+    from serve.sampling import vocab_axes
+
+    ctx = build_context(load_preset("Qwen3-30B-A3B"), mesh, None)[1]
+    return ctx, jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec(None, vocab_axes(ctx, shape)))
+
+
+@pytest.mark.parametrize("mesh", ["tp=2", "tp=4", "tp=2,ep=4"])
+def test_top_k_over_a_split_vocabulary_equals_top_k_of_the_whole_row(mesh):
+    """sampling.top_k_over_vocab: each device's best 64, then the best 64 of those gathered: the
+    values and ids of lax.top_k on the whole row, bit for bit, with ties across shards and within
+    one (70 equal logits, more than the 64 taken) going to the lower ids as lax.top_k's do."""
+    from serve.sampling import top_k_over_vocab
+
+    x = np.random.default_rng(4).standard_normal((3, 1024)).astype(np.float32)
+    x[0, [5, 700, 900, 1023]] = 9.0
+    x[1, 10:80] = 3.0
+    x[2, 250:260] = x[2, 770:780] = 4.0
+    ctx, split = _split_vocab(mesh, x.shape)
+    got = jax.jit(lambda a: top_k_over_vocab(a, 64, ctx))(jax.device_put(x, split))
+    want = jax.lax.top_k(jnp.asarray(x), 64)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_sampling_a_split_vocabulary_moves_candidates_not_rows():
+    """On tp=2 the top-64 sampler's compiled step gathers [B, 64 x 2] candidates; XLA's own
+    partitioning of top_k gathered the whole [B, 151936] float32 row (seen in this compile before
+    top_k_over_vocab). Greedy moves only the argmax's [B, 2]."""
+    import re
+
+    b, v = 8, 151936
+    ctx, split = _split_vocab("tp=2", (b, v))
+    rows = [jax.ShapeDtypeStruct((b,), dt) for dt in (jnp.float32, jnp.float32, jnp.int32, jnp.int32, jnp.int32)]
+    for mode in ("greedy", "top64"):
+        text = jax.jit(lambda lg, *r: sample(lg, *r, mode, ctx)).lower(
+            jax.ShapeDtypeStruct((b, v), jnp.float32, sharding=split), *rows).compile().as_text()
+        moved = [ln for ln in text.splitlines() if re.search(r"= \S+ all-(gather|reduce|to-all)(-start)?\(", ln)]
+        assert moved and not any(str(v) in ln or str(v // 2) in ln for ln in moved), (mode, moved)
+
+
 def test_small_decode_batches_on_a_tensor_parallel_mesh(ckpt):
     """tp=2 (one data-parallel group): sizes [1, 2] give the one-shape engine's greedy tokens,
     the rows' slots handed to the sharded step."""
