@@ -20,14 +20,20 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def decode_ms(engine, prompts, tokens: int) -> tuple[float, dict, list]:
-    """-> (ms per decode step for these prompts at once, {batch size: steps}, token ids per prompt)."""
+# --sample: Qwen3's generation_config (the engine's top-64 sampler), seeded so engines compare
+QWEN3_SAMPLING = dict(temperature=0.6, top_p=0.95, top_k=20, seed=0)
+
+
+def decode_ms(engine, prompts, tokens: int, sampling: dict | None = None) -> tuple[float, dict, list]:
+    """-> (ms per decode step for these prompts at once, {batch size: steps}, token ids per prompt).
+    sampling: SamplingParams fields (default greedy)."""
     from serve import SamplingParams
 
     def timed(n):
         before = dict(engine.decode_batches)
         t0 = time.perf_counter()
-        outs = engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        outs = engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True,
+                                                       **(sampling or dict(temperature=0))))
         dt = time.perf_counter() - t0
         assert all(len(o.token_ids) == n for o in outs)
         used = {b: k - before.get(b, 0) for b, k in engine.decode_batches.items() if k > before.get(b, 0)}
@@ -96,6 +102,11 @@ def main(argv=None):
                    help="trace one request's generation on each engine: device busy time against the span")
     p.add_argument("--only-overlap", action="store_true",
                    help="run only the engine with batch sizes and overlap (no baselines)")
+    p.add_argument("--mesh", default="tp=1", help="device mesh, e.g. tp=2 or ep=2 (random weights created sharded)")
+    p.add_argument("--layers", type=int, default=None, help="build only N layers")
+    p.add_argument("--sample", action="store_true",
+                   help="sample as Qwen3's generation_config asks (temperature 0.6, top_p 0.95, top_k 20; seeded) "
+                        "instead of greedy")
     args = p.parse_args(argv)
 
     import jax
@@ -105,13 +116,15 @@ def main(argv=None):
     from serve.bench import resolve_bench_config
     from serve.engine import Engine
 
-    cfg = resolve_bench_config(args.model, None)
-    model = qwen3_jax.random_model(cfg, dtype="bfloat16")
+    cfg = resolve_bench_config(args.model, args.layers)
+    model = qwen3_jax.random_model(cfg, mesh=args.mesh, dtype="bfloat16")
+    sampling = QWEN3_SAMPLING if args.sample else None
     rng = np.random.default_rng(0)
     counts = [int(r) for r in args.requests.split(",") if r]
     prompts = [rng.integers(0, cfg.vocab_size, args.prompt).tolist() for _ in range(max(counts))]
-    print(f"device {jax.devices()[0].device_kind}; {args.model}, context {args.context}, {args.slots} slots, "
-          f"{args.prompt}-token prompts, {args.tokens} tokens each", flush=True)
+    print(f"device {jax.devices()[0].device_kind}; {args.model}, mesh {args.mesh}, context {args.context}, "
+          f"{args.slots} slots, {args.prompt}-token prompts, {args.tokens} tokens each, "
+          f"{'sampled ' + str(sampling) if sampling else 'greedy'}", flush=True)
     results, tokens = {}, {}
     from serve.engine import decode_windows
     window = next(w for w in decode_windows(args.context) if w > args.prompt + args.tokens)
@@ -131,7 +144,7 @@ def main(argv=None):
             if args.profile:
                 profile_generate(engine, prompts[0], args.tokens)
             for r in counts:
-                ms, used, tokens[name, r] = decode_ms(engine, prompts[:r], args.tokens)
+                ms, used, tokens[name, r] = decode_ms(engine, prompts[:r], args.tokens, sampling)
                 results[name, r] = ms
                 print(f"    {r:3d} requests: {ms:8.3f} ms per decode step, steps by batch size {used}", flush=True)
         finally:
