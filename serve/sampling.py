@@ -74,10 +74,9 @@ TOP_K_FAST = 64  # rows all asking top_k <= this are sampled from a top_k(64) in
 def vocab_axes(ctx, shape) -> tuple[str, ...]:
     """The mesh axes that split the vocabulary of logits [B, V] (none on one device or where the
     mesh does not divide V)."""
-    if ctx is None:
-        return ()
-    entry = ctx.pspec(("batch", "vocab"), shape)[1]
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    from qwen3_jax.kernels.sharded import mesh_axes_of
+
+    return () if ctx is None else mesh_axes_of(ctx, ("batch", "vocab"), shape, (1,))
 
 
 def top_k_over_vocab(x_bv, width: int, ctx=None):
