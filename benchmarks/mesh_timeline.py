@@ -10,10 +10,8 @@ events per step and the span they cover, to see which thread launches what and h
 """
 
 import argparse
-import glob
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 
@@ -24,9 +22,14 @@ import jax.numpy as jnp                      # noqa: E402
 
 from qwen3_jax.api import random_model       # noqa: E402
 from qwen3_jax.config import load_preset     # noqa: E402
+from qwen3_jax.kernels.tune import profile_data   # noqa: E402
 from serve.bench import fill_cache, make_decode   # noqa: E402
 
 COLLECTIVE = ("nccl", "all-reduce", "all_reduce", "all-gather", "all_gather", "reduce-scatter", "psum")
+
+
+def is_collective(name: str) -> bool:
+    return any(c in name.lower() for c in COLLECTIVE)
 
 
 def union_ns(intervals):
@@ -77,10 +80,7 @@ def main():
         jax.block_until_ready(call())
         times.append(time.perf_counter() - t0)
     print(f"step {1e3 * sorted(times)[2] / args.steps:.3f} ms (median of 5 calls)")
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            jax.block_until_ready(call())
-        data = jax.profiler.ProfileData.from_file(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0])
+    data = profile_data(call)
     s = args.steps
     print(f"{args.model} {args.layers} layers, mesh {args.mesh}, batch {args.batch}, {s} steps in one call")
     for plane in sorted(data.planes, key=lambda q: q.name):
@@ -91,21 +91,20 @@ def main():
                 continue
             first, last = min(e[1] for e in evs), max(e[2] for e in evs)
             busy = union_ns([(a, b) for _, a, b in evs])
-            coll = [(a, b) for n, a, b in evs if any(c in n.lower() for c in COLLECTIVE)]
-            compute = union_ns([(a, b) for n, a, b in evs if not any(c in n.lower() for c in COLLECTIVE)])
+            coll = [(a, b) for n, a, b in evs if is_collective(n)]
+            compute = union_ns([(a, b) for n, a, b in evs if not is_collective(n)])
             print(f"{plane.name}: {len(evs) / s:.0f} kernels/step, span {(last - first) / 1e3 / s:.0f} us/step, "
                   f"busy {busy / 1e3 / s:.0f}, compute {compute / 1e3 / s:.0f}, in collectives "
                   f"{union_ns(coll) / 1e3 / s:.0f} ({len(coll) / s:.0f}/step), idle {(last - first - busy) / 1e3 / s:.0f}")
             top = Counter()
             for n, a, b in evs:
-                if any(c in n.lower() for c in COLLECTIVE):
+                if is_collective(n):
                     top[n[:60]] += (b - a)
             for n, t in top.most_common(4):
                 print(f"    {t / 1e3 / s:8.1f} us/step  {n}")
             if args.events:   # the collectives of the call's middle step, in order: start (us from the step's
                 t0 = first + (last - first) * (s // 2) / s                 # nominal start) and duration
-                mid = sorted((a, b, n) for n, a, b in evs if any(c in n.lower() for c in COLLECTIVE)
-                             and t0 <= a < t0 + (last - first) / s)
+                mid = sorted((a, b, n) for n, a, b in evs if is_collective(n) and t0 <= a < t0 + (last - first) / s)
                 print("    " + "; ".join(f"{(a - t0) / 1e3:.0f}+{(b - a) / 1e3:.0f} {n[:24]}" for a, b, n in mid))
         elif plane.name.startswith("/host"):
             lines = sorted(((ln.name, list(ln.events)) for ln in plane.lines), key=lambda t: -len(t[1]))

@@ -216,6 +216,13 @@ def _einsum_w(eq, x, weight: Weight, ctx, stacked=None):
     return jnp.einsum(eq, materialize(x), weight(x.dtype))
 
 
+def _einsum_local_slice(eq, x, full: Weight, w_l, scale_l, layer):
+    """einsum(eq, x, layer `layer` of a device's shard w_l (+ scale_l)) by XLA, float32: where no
+    kernel tiling fits the local shapes, on the layer's local slice."""
+    w_i = w_l[layer] if scale_l is None else full.dequantize(w_l[layer], scale_l[layer], x.dtype)
+    return jnp.einsum(eq, x, w_i.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
 def _einsum_w_per_device(eq, x, full: Weight, layer, ctx):
     """_einsum_w on a mesh: the projection kernel on local shards (heads split over tp); a
     split contracted dim (o_proj's heads) is summed across devices in float32."""
@@ -241,10 +248,7 @@ def _einsum_w_per_device(eq, x, full: Weight, layer, ctx):
         scale_l, i = (rest[0], rest[1]) if full.is_fp8 else (None, rest[0])
         y = kernels.linear_einsum(eq, x_l, w_l, scale_l, full.block_axis, full.fp8_block, layer=i,
                                   out_dtype=jnp.float32, w_nk=full.nk, scale_run=full.fp8_scale_run)
-        if y is None:   # no tiling fits the local shape: XLA on this layer's local slice
-            w_i = w_l[i] if scale_l is None else full.dequantize(w_l[i], scale_l[i], x_l.dtype)
-            y = jnp.einsum(eq, x_l, w_i.astype(x_l.dtype), preferred_element_type=jnp.float32)
-        return y
+        return _einsum_local_slice(eq, x_l, full, w_l, scale_l, i) if y is None else y
 
     y = kernels.sharded.per_device(local, ctx, operands, in_axes, out_axes, out_shape, psum_over)
     return y.astype(x.dtype)
@@ -619,11 +623,8 @@ def _decode_attention_rope_per_device(blk, attn_full, layer, h, cos, sin, positi
         parts = _qkv_partials(attn_full, h_l, i, arrays=local_w)
         if parts is None:   # no gemv tiling fits the local shapes: XLA on the layer's local slices
             x_l = materialize(h_l)
-            parts = []
-            for (eq, full), (w_l, s_l) in zip(projs, local_w):
-                w_i = w_l[i] if s_l is None else full.dequantize(w_l[i], s_l[i], x_l.dtype)
-                y = jnp.einsum(eq, x_l, w_i.astype(x_l.dtype), preferred_element_type=jnp.float32)
-                parts.append(y[:, 0].reshape(1, y.shape[0], -1))   # one "split"
+            ys = [_einsum_local_slice(eq, x_l, full, w_l, s_l, i) for (eq, full), (w_l, s_l) in zip(projs, local_w)]
+            parts = [y[:, 0].reshape(1, y.shape[0], -1) for y in ys]   # one "split" each
         done = kernels.decode_attention.decode_attention_rope(
             *parts, qn, kn, i, c, s_, eps, kc, vc, None if data else r, p[:, 0], cnt,
             heads=parts[0].shape[2] // qn.shape[-1], scale=scale, kv_window=kv_window)

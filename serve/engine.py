@@ -64,7 +64,7 @@ from sharding.memory import DEFAULT_MEM_FRACTION_STATIC
 
 from .capacity import CacheSize, size_cache
 from .request import CompletionOutput, Request, RequestOutput
-from .sampling import SAMPLING_MODES, SamplingParams, device_seed, sample, sampling_mode, vocab_axes
+from .sampling import SAMPLING_MODES, SamplingParams, device_seed, sample, sampling_mode
 from .tokenizer import DetokenizeStream, Tokenizer
 
 log = logging.getLogger("serve.engine")
@@ -275,8 +275,7 @@ class Engine:
             # an all-gather of [B, V] float32 every step; the sampler needs [B, 64 x shards] at
             # most: sampling.top_k_over_vocab). Pin the cache's output sharding to its input's, so
             # donation reuses the same buffers.
-            logits = jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec(
-                None, vocab_axes(ctx, (1, self.model.config.vocab_size)) or None))
+            logits = ctx.sharding((None, "vocab"), (1, self.model.config.vocab_size))
             fwd_kw["out_shardings"] = (logits, jax.tree.map(lambda a: a.sharding, self._carry[0]))
             smp_kw["out_shardings"] = (replicated, replicated)
         self.windows = decode_windows(self.context_length)

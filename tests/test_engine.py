@@ -252,10 +252,9 @@ def _split_vocab(mesh, shape):
     """(ShardingContext, NamedSharding of logits [B, V] split over the vocab axes as the engine keeps them)."""
     from qwen3_jax.api import build_context
     from qwen3_jax.config import load_preset
-    from serve.sampling import vocab_axes
 
     ctx = build_context(load_preset("Qwen3-30B-A3B"), mesh, None)[1]
-    return ctx, jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec(None, vocab_axes(ctx, shape)))
+    return ctx, ctx.sharding((None, "vocab"), shape)
 
 
 @pytest.mark.parametrize("mesh", ["tp=2", "tp=4", "tp=2,ep=4"])

@@ -1019,8 +1019,8 @@ def test_on_a_mesh_unrolled_decode_layers_equal_the_layer_loop(mesh, monkeypatch
             assert ("unroll=2" in str(jax.make_jaxpr(step)(m.state, tok, cache))) == (unroll == 2)
             logits, new = step(m.state, tok, cache)
             outs.append([np.asarray(logits, np.float32)] + [np.asarray(a, np.float32) for a in new.k])
-    for a, b in zip(*outs):
-        np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-2)
+    for a, b in zip(*outs):   # the same kernels on the same slices: the same bits (measured: 0 difference)
+        np.testing.assert_array_equal(b, a)
 
 
 def test_unrolled_decode_layers_equal_the_layer_loop(monkeypatch):
@@ -1179,11 +1179,11 @@ def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, mo
     cfg = dataclasses.replace(load_preset(preset), num_hidden_layers=2)
     _, ctx, kv_rep = build_context(cfg, mesh, None)
     graphdef, abstract = nnx.split(abstract_model(cfg, jnp.bfloat16, kv_rep, ctx))
-    state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
-                                                                     sharding=s.get_value())),
-                         abstract, state_shardings(abstract, ctx), is_leaf=lambda v: isinstance(v, nnx.Variable))
-    cache = KVCache(*[[jax.ShapeDtypeStruct(shapes[j], jnp.bfloat16, sharding=ctx.sharding(KVCache.AXES, shapes[j]))
-                       for shapes in cache_shapes(cfg, batch, 1024, kv_rep)] for j in (0, 1)])
+    # as sharding.workspace compiles the server's steps: arguments with the loader's shardings
+    state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                         abstract, state_shardings(abstract, ctx))
+    cache = KVCache(*[[jax.ShapeDtypeStruct(kv, jnp.bfloat16, sharding=ctx.sharding(KVCache.AXES, kv))
+                       for kv in shapes] for shapes in zip(*cache_shapes(cfg, batch, 1024, kv_rep))])
     ids = jax.ShapeDtypeStruct((batch,), jnp.int32)
     with kernels.kernels_enabled(True):
         text = make_decode(graphdef, 2).trace(state, ids, ids, cache).lower(lowering_platforms=("cuda",)).as_text()

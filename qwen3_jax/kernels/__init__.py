@@ -30,8 +30,10 @@ every kernel here is written for: on a jax without it the package still imports,
 run only for a bf16/f16 compute dtype (float32 models keep XLA's numerics). On one device the
 model calls them directly; on a mesh it runs them per device inside shard_map on each device's
 shards (sharded.py), since a pallas_call under automatic SPMD partitioning would be replicated.
-The decode-only fusions (router.py, qk_prologue.py) run on one device only so far; decode
-attention with its prologue inside runs per device on a mesh too. Forced on
+On a mesh the routing kernels (router.py) run per device on the MoE's gathered tokens
+(moe.GatheredRouting) and decode attention takes its prologue inside per device where a device
+holds 16 query heads or more; the separate q/k prologue (qk_prologue.py) runs on one device
+only. Forced on
 without a GPU they run in Pallas interpret mode: slow, for tests of the logic.
 """
 

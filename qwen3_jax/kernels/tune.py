@@ -57,24 +57,30 @@ def median_time(fn, args, reps: int = 10, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def profile_data(call):
+    """One run of `call` under the profiler -> jax.profiler.ProfileData (every device and host
+    thread), or None when no trace was written."""
+    import glob
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="qwen3_prof_") as d:
+        with jax.profiler.trace(d):
+            jax.block_until_ready(call())
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        return jax.profiler.ProfileData.from_file(paths[0]) if paths else None
+
+
 def device_timeline(call):
     """Run `call` once under the profiler (after one untraced run) and read the first GPU's
     stream lines: {"by_name": {kernel: (count, total ns)}, "details": {kernel: CUPTI's launch
     details (registers, shared memory, grid, block, occupancy) where the trace has them},
     "lines", "first_ns", "last_ns"}, or None when no trace was written. Device time per kernel,
     without host or launch gaps."""
-    import glob
-    import os
-    import tempfile
-
     jax.block_until_ready(call())
-    with tempfile.TemporaryDirectory(prefix="qwen3_prof_") as d:
-        with jax.profiler.trace(d):
-            jax.block_until_ready(call())
-        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        if not paths:
-            return None
-        data = jax.profiler.ProfileData.from_file(paths[0])
+    data = profile_data(call)
+    if data is None:
+        return None
     by_name, details, lines, first, last = {}, {}, set(), None, None
     # One device's timeline (the first GPU): on a mesh every device runs the same program.
     gpus = sorted(p.name for p in data.planes if p.name.startswith("/device:GPU"))
