@@ -9,7 +9,7 @@ prefill taken out, next to the batch sizes the steps ran at. The one-shape seria
 baseline measured in the same run; the serial engine with the same sizes isolates the overlap.
 
     python benchmarks/engine_decode.py --model Qwen3-30B-A3B-FP8 --context 8192 --slots 16
-    python benchmarks/engine_decode.py --model tiny --context 128 --slots 4 --sizes 1,2 --tokens 8   # CPU: works
+    python benchmarks/engine_decode.py --model tiny --context 128 --prompt 16 --slots 4 --sizes 1,2 --tokens 8   # CPU: works
 """
 
 import argparse
@@ -107,7 +107,13 @@ def main(argv=None):
     p.add_argument("--sample", action="store_true",
                    help="sample as Qwen3's generation_config asks (temperature 0.6, top_p 0.95, top_k 20; seeded) "
                         "instead of greedy")
+    p.add_argument("--top-k-chunk", type=int, default=None,
+                   help="the top-64 sampler's vocabulary chunk (serve.sampling.TOP_K_CHUNK; 0: one lax.top_k "
+                        "over the whole row, the sampler before run 105)")
     args = p.parse_args(argv)
+    if args.prompt + args.tokens >= args.context:
+        p.error(f"--prompt {args.prompt} + --tokens {args.tokens} must stay below --context {args.context}: "
+                f"raise --context or shorten the prompt")
 
     import jax
     import numpy as np
@@ -116,6 +122,9 @@ def main(argv=None):
     from serve.bench import resolve_bench_config
     from serve.engine import Engine
 
+    if args.top_k_chunk is not None:   # read when the engine traces its sampler
+        from serve import sampling as sampling_module
+        sampling_module.TOP_K_CHUNK = args.top_k_chunk
     cfg = resolve_bench_config(args.model, args.layers)
     model = qwen3_jax.random_model(cfg, mesh=args.mesh, dtype="bfloat16")
     sampling = QWEN3_SAMPLING if args.sample else None
@@ -124,7 +133,8 @@ def main(argv=None):
     prompts = [rng.integers(0, cfg.vocab_size, args.prompt).tolist() for _ in range(max(counts))]
     print(f"device {jax.devices()[0].device_kind}; {args.model}, mesh {args.mesh}, context {args.context}, "
           f"{args.slots} slots, {args.prompt}-token prompts, {args.tokens} tokens each, "
-          f"{'sampled ' + str(sampling) if sampling else 'greedy'}", flush=True)
+          f"{'sampled ' + str(sampling) if sampling else 'greedy'}"
+          f"{'' if args.top_k_chunk is None else f', top-k chunk {args.top_k_chunk}'}", flush=True)
     results, tokens = {}, {}
     from serve.engine import decode_windows
     window = next(w for w in decode_windows(args.context) if w > args.prompt + args.tokens)

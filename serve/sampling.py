@@ -79,6 +79,33 @@ def vocab_axes(ctx, shape) -> tuple[str, ...]:
     return () if ctx is None else mesh_axes_of(ctx, ("batch", "vocab"), shape, (1,))
 
 
+# Vocabulary chunk of the two-stage top-k (top_k_chunked). Set from run 105 (benchmarks/top_k.py).
+TOP_K_CHUNK = 2048
+
+
+def top_k_chunked(x_bv, width: int, chunk: int | None = None):
+    """jax.lax.top_k(x, width) -> (values, ids) [B, width], exact, in two stages: each `chunk`
+    columns' best `width`, then the best `width` of those candidates.
+
+    Why: XLA:GPU lowers a top_k with k = 64 over a 152k vocabulary to a sort of the whole row
+    (~40 us a row on an H200, run 104). Sorting chunks and then [B, width x chunks] candidates
+    is the same answer at a fraction of the work. Ties go to the lower id as in lax.top_k: the
+    candidates lie in chunk order and, within a chunk, lower ids first among equals, so the
+    second top_k's stable order is the ids' order. The last chunk is padded with -inf at ids
+    past V, after every real entry, so a pad is never picked while V >= width. chunk: default
+    TOP_K_CHUNK; below `width` (e.g. 0) it is the plain lax.top_k."""
+    b, v = x_bv.shape
+    chunk = TOP_K_CHUNK if chunk is None else chunk   # read at trace time (benchmarks/top_k.py sets it)
+    if chunk < width or v <= chunk:
+        return jax.lax.top_k(x_bv, width)
+    n = -(-v // chunk)
+    padded = jnp.pad(x_bv, ((0, 0), (0, n * chunk - v)), constant_values=-jnp.inf)
+    vals, ids = jax.lax.top_k(padded.reshape(b, n, chunk), width)               # [B, n, width]
+    ids = ids + (jnp.arange(n, dtype=ids.dtype) * chunk)[None, :, None]
+    best, at = jax.lax.top_k(vals.reshape(b, n * width), width)
+    return best, jnp.take_along_axis(ids.reshape(b, n * width), at, axis=1)
+
+
 def top_k_over_vocab(x_bv, width: int, ctx=None):
     """jax.lax.top_k(x, width) -> (values, ids) [B, width]. Where the vocabulary is split over
     devices (the engine keeps the forward's logits so), each device takes its own best `width`
@@ -88,10 +115,10 @@ def top_k_over_vocab(x_bv, width: int, ctx=None):
     axes = vocab_axes(ctx, x_bv.shape)
     shards = 1 if not axes else int(np.prod([ctx.mesh.shape[a] for a in axes]))
     if shards == 1 or x_bv.shape[1] // shards < width:
-        return jax.lax.top_k(x_bv, width)
+        return top_k_chunked(x_bv, width)
 
     def local(part):
-        vals, ids = jax.lax.top_k(part, width)
+        vals, ids = top_k_chunked(part, width)
         ids = ids + jax.lax.axis_index(axes) * part.shape[1]
         vals = jax.lax.all_gather(vals, axes, axis=1, tiled=True)   # shard order: ids ascending by shard
         ids = jax.lax.all_gather(ids, axes, axis=1, tiled=True)
