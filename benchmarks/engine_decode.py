@@ -107,9 +107,10 @@ def main(argv=None):
     p.add_argument("--sample", action="store_true",
                    help="sample as Qwen3's generation_config asks (temperature 0.6, top_p 0.95, top_k 20; seeded) "
                         "instead of greedy")
-    p.add_argument("--top-k-chunk", type=int, default=None,
-                   help="the top-64 sampler's vocabulary chunk (serve.sampling.TOP_K_CHUNK; 0: one lax.top_k "
-                        "over the whole row, the sampler before run 105)")
+    p.add_argument("--top-k", choices=("kernel", "chunked", "lax"), default=None,
+                   help="how the top-64 sampler takes a row's best 64 (serve.sampling.TOP_K; default: the "
+                        "module's): the Pallas kernel, XLA's top_k over vocabulary chunks, or one lax.top_k "
+                        "over the whole row (the sampler before run 105)")
     args = p.parse_args(argv)
     if args.prompt + args.tokens >= args.context:
         p.error(f"--prompt {args.prompt} + --tokens {args.tokens} must stay below --context {args.context}: "
@@ -122,9 +123,9 @@ def main(argv=None):
     from serve.bench import resolve_bench_config
     from serve.engine import Engine
 
-    if args.top_k_chunk is not None:   # read when the engine traces its sampler
+    if args.top_k is not None:   # read when the engine traces its sampler
         from serve import sampling as sampling_module
-        sampling_module.TOP_K_CHUNK = args.top_k_chunk
+        sampling_module.TOP_K = args.top_k
     cfg = resolve_bench_config(args.model, args.layers)
     model = qwen3_jax.random_model(cfg, mesh=args.mesh, dtype="bfloat16")
     sampling = QWEN3_SAMPLING if args.sample else None
@@ -134,7 +135,7 @@ def main(argv=None):
     print(f"device {jax.devices()[0].device_kind}; {args.model}, mesh {args.mesh}, context {args.context}, "
           f"{args.slots} slots, {args.prompt}-token prompts, {args.tokens} tokens each, "
           f"{'sampled ' + str(sampling) if sampling else 'greedy'}"
-          f"{'' if args.top_k_chunk is None else f', top-k chunk {args.top_k_chunk}'}", flush=True)
+          f"{'' if args.top_k is None else f', top-k form {args.top_k}'}", flush=True)
     results, tokens = {}, {}
     from serve.engine import decode_windows
     window = next(w for w in decode_windows(args.context) if w > args.prompt + args.tokens)

@@ -1,17 +1,18 @@
-"""The sampler's top-64 over a 152k vocabulary: lax.top_k against the two-stage chunked top-k
-(serve.sampling.top_k_chunked), and the whole top-64 sampler with each (run 105 in NOTES.md).
+"""The sampler's top-64 over a 152k vocabulary: lax.top_k against the two-stage forms of
+serve.sampling.top_k_chunked (XLA's top_k over chunks; the Pallas kernel, kernels.top_k), and
+the whole top-64 sampler with each (runs 105-106 in NOTES.md).
 
 Per batch B of float32 logits [B, 151936]: device time of one call (the profiler's span, first
 kernel to last, so no host gap counts), for the greedy argmax (the one read every sampler pays),
-lax.top_k(64), top_k_chunked(64) at several chunk sizes, and serve.sampling.sample in "top64"
-mode (Qwen3's temperature 0.6, top_p 0.95, top_k 20) with lax.top_k and with the chunked top-k,
-and in "full" mode (top_k off: the whole row sorted), what a request that turns top_k off pays.
+lax.top_k(64), each two-stage form at several chunk sizes, and serve.sampling.sample in "top64"
+mode (Qwen3's temperature 0.6, top_p 0.95, top_k 20) with each form, and in "full" mode (top_k
+off: the whole row sorted), what a request that turns top_k off pays.
 Each time is shown against the read of the logits at the copy bandwidth measured in the same run,
 and the chunked forms against lax.top_k in the same run. Also checks each form's ids against
 lax.top_k's (exactness, ties included: the logits are rounded to bf16, so ties are common).
 
     python benchmarks/top_k.py                       # GPU: the figures
-    python benchmarks/top_k.py --batch 2 --vocab 8192 --chunks 1024   # CPU: works
+    python benchmarks/top_k.py --batch 2 --vocab 8192 --chunks 1024   # CPU: works (XLA forms)
 """
 
 import argparse
@@ -24,6 +25,7 @@ import jax                                   # noqa: E402
 import jax.numpy as jnp                      # noqa: E402
 import numpy as np                           # noqa: E402
 
+from qwen3_jax import kernels                # noqa: E402
 from qwen3_jax.kernels.tune import device_timeline   # noqa: E402
 from serve import sampling                   # noqa: E402
 from serve.bench import ints, measure_ceilings   # noqa: E402
@@ -41,19 +43,19 @@ def device_us(fn, *args) -> float:
     return (tl["last_ns"] - tl["first_ns"]) / 1e3
 
 
-def sampler(b: int, chunk: int, mode: str = "top64"):
-    """sampling.sample in `mode` with TOP_K_CHUNK = chunk (0: lax.top_k), jitted; Qwen3's
-    temperature 0.6 and top_p 0.95, top_k 20 ("full": top_k off, the whole row sorted)."""
+def sampler(b: int, form: str, mode: str = "top64"):
+    """sampling.sample in `mode` with TOP_K = form, jitted; Qwen3's temperature 0.6 and top_p
+    0.95, top_k 20 ("full": top_k off, the whole row sorted)."""
     params = (jnp.full(b, 0.6, jnp.float32), jnp.full(b, 0.95, jnp.float32),
               jnp.full(b, 20 if mode == "top64" else -1, jnp.int32), jnp.arange(b, dtype=jnp.int32),
               jnp.zeros(b, jnp.int32))
 
     def run(x):
-        saved, sampling.TOP_K_CHUNK = sampling.TOP_K_CHUNK, chunk   # read while tracing
+        saved, sampling.TOP_K = sampling.TOP_K, form   # read while tracing
         try:
             return sampling.sample(x, *params, mode=mode)
         finally:
-            sampling.TOP_K_CHUNK = saved
+            sampling.TOP_K = saved
     return jax.jit(run)
 
 
@@ -61,7 +63,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=ints, default=[1, 16, 64, 256], help="rows, comma-separated")
     ap.add_argument("--vocab", type=int, default=151936, help="columns (Qwen3: 151936)")
-    ap.add_argument("--chunks", type=ints, default=[1024, 2048, 4096, 8192], help="chunk sizes to time")
+    ap.add_argument("--chunks", type=ints, default=[1024, 2048, 4096], help="chunk sizes to time")
     ap.add_argument("--width", type=int, default=sampling.TOP_K_FAST, help="k of the top-k")
     args = ap.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
@@ -85,17 +87,21 @@ def main(argv=None):
 
         row("argmax (greedy)", device_us(argmax, x))
         row("lax.top_k", base, "ref")
-        for c in args.chunks:
-            fn = jax.jit(lambda a, c=c: sampling.top_k_chunked(a, args.width, c))
-            vals, ids = fn(x)
-            same = bool(np.array_equal(np.asarray(ids), np.asarray(ref_ids))
-                        and np.array_equal(np.asarray(vals), np.asarray(ref_vals)))
-            row(f"chunked {c}", device_us(fn, x), "yes" if same else "NO")
-        old, new = sampler(b, 0), sampler(b, sampling.TOP_K_CHUNK)
-        same = bool(np.array_equal(np.asarray(old(x)), np.asarray(new(x))))
-        row("sample top64, top_k", device_us(old, x))
-        row(f"sample top64, chunk {sampling.TOP_K_CHUNK}", device_us(new, x), "same ids" if same else "DIFFERENT")
-        row("sample full (sort)", device_us(sampler(b, 0, "full"), x))
+        forms = ("chunked", "kernel") if kernels.enabled() else ("chunked",)
+        for form in forms:
+            for c in args.chunks:
+                fn = jax.jit(lambda a, c=c, form=form: sampling.top_k_chunked(a, args.width, c, form))
+                vals, ids = fn(x)
+                same = bool(np.array_equal(np.asarray(ids), np.asarray(ref_ids))
+                            and np.array_equal(np.asarray(vals), np.asarray(ref_vals)))
+                row(f"{form} {c}", device_us(fn, x), "yes" if same else "NO")
+        first = None
+        for form in ("lax",) + forms:
+            fn = sampler(b, form)
+            ids = np.asarray(fn(x))
+            first = ids if first is None else first
+            row(f"sample top64, {form}", device_us(fn, x), "same ids" if np.array_equal(ids, first) else "DIFFERENT")
+        row("sample full (sort)", device_us(sampler(b, "lax", "full"), x))
 
 
 if __name__ == "__main__":

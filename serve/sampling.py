@@ -79,25 +79,43 @@ def vocab_axes(ctx, shape) -> tuple[str, ...]:
     return () if ctx is None else mesh_axes_of(ctx, ("batch", "vocab"), shape, (1,))
 
 
-# Vocabulary chunk of the two-stage top-k (top_k_chunked). Set from run 105 (benchmarks/top_k.py).
-TOP_K_CHUNK = 2048
+# How the top-64 sampler takes a row's best 64 (read at trace time; benchmarks set it):
+# "kernel": kernels.top_k (two Pallas launches, selection instead of sorting) where the Pallas
+# kernels are on, else "chunked"; "chunked": XLA's top_k over TOP_K_CHUNK-column chunks, then
+# over their candidates; "lax": one jax.lax.top_k over the whole row. Measured in run 105-106
+# (benchmarks/top_k.py, benchmarks/NOTES.md).
+TOP_K_FORMS = ("kernel", "chunked", "lax")
+TOP_K = "kernel"
+TOP_K_CHUNK = 1024
 
 
-def top_k_chunked(x_bv, width: int, chunk: int | None = None):
+def top_k_chunked(x_bv, width: int, chunk: int | None = None, form: str | None = None):
     """jax.lax.top_k(x, width) -> (values, ids) [B, width], exact, in two stages: each `chunk`
     columns' best `width`, then the best `width` of those candidates.
 
     Why: XLA:GPU lowers a top_k with k = 64 over a 152k vocabulary to a sort of the whole row
-    (~40 us a row on an H200, run 104). Sorting chunks and then [B, width x chunks] candidates
-    is the same answer at a fraction of the work. Ties go to the lower id as in lax.top_k: the
-    candidates lie in chunk order and, within a chunk, lower ids first among equals, so the
-    second top_k's stable order is the ids' order. The last chunk is padded with -inf at ids
-    past V, after every real entry, so a pad is never picked while V >= width. chunk: default
-    TOP_K_CHUNK; below `width` (e.g. 0) it is the plain lax.top_k."""
+    (38 us a row at B = 16 on an H200, run 105); sorting 1024-column chunks and then their
+    candidates costs 3x less, and the Pallas form (kernels.top_k: selection in registers, no
+    sort) less again. Ties go to the lower id as in lax.top_k: the candidates lie in chunk
+    order and, within a chunk, lower ids first among equals, so the second stage's stable order
+    is the ids' order. XLA's last chunk is padded with -inf at ids past V, after every real
+    entry, so a pad is never picked while V >= width. chunk / form: default TOP_K_CHUNK /
+    TOP_K (module settings, read at trace time)."""
+    from qwen3_jax import kernels
+
     b, v = x_bv.shape
-    chunk = TOP_K_CHUNK if chunk is None else chunk   # read at trace time (benchmarks/top_k.py sets it)
-    if chunk < width or v <= chunk:
+    chunk = TOP_K_CHUNK if chunk is None else chunk
+    form = TOP_K if form is None else form
+    if form not in TOP_K_FORMS:
+        raise ValueError(f"top-k form {form!r}: use one of {TOP_K_FORMS}")
+    if form == "lax" or v <= chunk or chunk < width:
         return jax.lax.top_k(x_bv, width)
+    if form == "kernel" and kernels.enabled():
+        from qwen3_jax.kernels.top_k import top_k
+
+        done = top_k(x_bv, width, chunk=chunk)
+        if done is not None:
+            return done
     n = -(-v // chunk)
     padded = jnp.pad(x_bv, ((0, 0), (0, n * chunk - v)), constant_values=-jnp.inf)
     vals, ids = jax.lax.top_k(padded.reshape(b, n, chunk), width)               # [B, n, width]
