@@ -1,10 +1,10 @@
-"""The sampler's top-64 over a 152k vocabulary: lax.top_k against the two-stage forms of
-serve.sampling.top_k_chunked (XLA's top_k over chunks; the Pallas kernel, kernels.top_k), and
-the whole top-64 sampler with each (runs 105-106 in NOTES.md).
+"""The sampler's top-64 over a 152k vocabulary: lax.top_k against the exact forms of
+serve.sampling.top_k_rows (pruned by block maxima; XLA's top_k over chunks; the Pallas
+kernel, kernels.top_k), and the whole top-64 sampler with each (runs 105-107 in NOTES.md).
 
 Per batch B of float32 logits [B, 151936]: device time of one call (the profiler's span, first
 kernel to last, so no host gap counts), for the greedy argmax (the one read every sampler pays),
-lax.top_k(64), each two-stage form at several chunk sizes, and serve.sampling.sample in "top64"
+lax.top_k(64), each form at several block / chunk sizes, and serve.sampling.sample in "top64"
 mode (Qwen3's temperature 0.6, top_p 0.95, top_k 20) with each form, and in "full" mode (top_k
 off: the whole row sorted), what a request that turns top_k off pays.
 Each time is shown against the read of the logits at the copy bandwidth measured in the same run,
@@ -12,7 +12,7 @@ and the chunked forms against lax.top_k in the same run. Also checks each form's
 lax.top_k's (exactness, ties included: the logits are rounded to bf16, so ties are common).
 
     python benchmarks/top_k.py                       # GPU: the figures
-    python benchmarks/top_k.py --batch 2 --vocab 8192 --chunks 1024   # CPU: works (XLA forms)
+    python benchmarks/top_k.py --batch 2 --vocab 8192 --sizes pruned:64,chunked:1024   # CPU: works
 """
 
 import argparse
@@ -63,9 +63,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=ints, default=[1, 16, 64, 256], help="rows, comma-separated")
     ap.add_argument("--vocab", type=int, default=151936, help="columns (Qwen3: 151936)")
-    ap.add_argument("--chunks", type=ints, default=[1024, 2048, 4096], help="chunk sizes to time")
+    ap.add_argument("--sizes", default="pruned:64,pruned:128,pruned:256,chunked:1024,kernel:4096",
+                    help="form:size pairs to time (sampling.TOP_K_FORMS; kernel only where the kernels are on)")
     ap.add_argument("--width", type=int, default=sampling.TOP_K_FAST, help="k of the top-k")
     args = ap.parse_args(argv)
+    pairs = [(f, int(n)) for f, n in (p.split(":") for p in args.sizes.split(","))]
+    pairs = [(f, n) for f, n in pairs if f != "kernel" or kernels.enabled()]
     on_gpu = jax.default_backend() == "gpu"
     ceil = measure_ceilings(on_gpu, reps=10)
     bw = ceil["bandwidth"] / 2   # copy bandwidth counts read + write; a read of x counts once
@@ -87,16 +90,14 @@ def main(argv=None):
 
         row("argmax (greedy)", device_us(argmax, x))
         row("lax.top_k", base, "ref")
-        forms = ("chunked", "kernel") if kernels.enabled() else ("chunked",)
-        for form in forms:
-            for c in args.chunks:
-                fn = jax.jit(lambda a, c=c, form=form: sampling.top_k_chunked(a, args.width, c, form))
-                vals, ids = fn(x)
-                same = bool(np.array_equal(np.asarray(ids), np.asarray(ref_ids))
-                            and np.array_equal(np.asarray(vals), np.asarray(ref_vals)))
-                row(f"{form} {c}", device_us(fn, x), "yes" if same else "NO")
+        for form, size in pairs:
+            fn = jax.jit(lambda a, form=form, size=size: sampling.top_k_rows(a, args.width, form, size))
+            vals, ids = fn(x)
+            same = bool(np.array_equal(np.asarray(ids), np.asarray(ref_ids))
+                        and np.array_equal(np.asarray(vals), np.asarray(ref_vals)))
+            row(f"{form} {size}", device_us(fn, x), "yes" if same else "NO")
         first = None
-        for form in ("lax",) + forms:
+        for form in ["lax"] + list(dict.fromkeys(f for f, _ in pairs)):
             fn = sampler(b, form)
             ids = np.asarray(fn(x))
             first = ids if first is None else first

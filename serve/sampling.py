@@ -79,47 +79,59 @@ def vocab_axes(ctx, shape) -> tuple[str, ...]:
     return () if ctx is None else mesh_axes_of(ctx, ("batch", "vocab"), shape, (1,))
 
 
-# How the top-64 sampler takes a row's best 64 (read at trace time; benchmarks set it):
-# "kernel": kernels.top_k (two Pallas launches, selection instead of sorting) where the Pallas
-# kernels are on, else "chunked"; "chunked": XLA's top_k over TOP_K_CHUNK-column chunks, then
-# over their candidates; "lax": one jax.lax.top_k over the whole row. Measured in run 105-106
-# (benchmarks/top_k.py, benchmarks/NOTES.md).
-TOP_K_FORMS = ("kernel", "chunked", "lax")
-TOP_K = "kernel"
-TOP_K_CHUNK = 1024
+# How the top-64 sampler takes a row's best 64 (read at trace time; benchmarks set it), each
+# exact (top_k_rows). Measured in runs 105-106 (benchmarks/top_k.py, benchmarks/NOTES.md).
+TOP_K_FORMS = ("pruned", "chunked", "kernel", "lax")
+TOP_K = "pruned"
+TOP_K_SIZE = {"pruned": 128, "chunked": 1024, "kernel": 4096}   # block / chunk columns
 
 
-def top_k_chunked(x_bv, width: int, chunk: int | None = None, form: str | None = None):
-    """jax.lax.top_k(x, width) -> (values, ids) [B, width], exact, in two stages: each `chunk`
-    columns' best `width`, then the best `width` of those candidates.
+def top_k_rows(x_bv, width: int, form: str | None = None, size: int | None = None):
+    """jax.lax.top_k(x, width) -> (values, ids) [B, width], exactly (ties to the lower id), in
+    one of TOP_K_FORMS (default TOP_K; `size` default TOP_K_SIZE[form]):
 
-    Why: XLA:GPU lowers a top_k with k = 64 over a 152k vocabulary to a sort of the whole row
-    (38 us a row at B = 16 on an H200, run 105); sorting 1024-column chunks and then their
-    candidates costs 3x less, and the Pallas form (kernels.top_k: selection in registers, no
-    sort) less again. Ties go to the lower id as in lax.top_k: the candidates lie in chunk
-    order and, within a chunk, lower ids first among equals, so the second stage's stable order
-    is the ids' order. XLA's last chunk is padded with -inf at ids past V, after every real
-    entry, so a pad is never picked while V >= width. chunk / form: default TOP_K_CHUNK /
-    TOP_K (module settings, read at trace time)."""
+      "pruned": the row's `size`-column blocks' maxima; the `width` blocks with the best maxima
+        hold the row's best `width` (any other block's maximum is at or below the width-th best
+        block maximum, and `width` values reach it), so one top_k over those width x size
+        columns, taken in id order, gives the answer. Maxima compare as XLA's total order
+        (kernels.top_k.total_order_key), as top_k does. Where tied block maxima leave blocks
+        out, those blocks lie after every chosen one of that maximum, so the lower ids are kept.
+      "chunked": XLA's top_k of each `size`-column chunk, then of their candidates in chunk order.
+      "kernel": kernels.top_k, selection in Pallas launches (where the kernels are on; else
+        "chunked").
+      "lax": one jax.lax.top_k over the whole row.
+
+    Why: XLA:GPU lowers a top_k with k = 64 over a 152k vocabulary to a sort of the whole row: 38
+    us a row at B = 16 on an H200 (run 105), where reading the row takes ~0.3 us. The last
+    block or chunk is padded with -inf at ids past V, after every real entry, so a pad is never
+    picked while V >= width."""
     from qwen3_jax import kernels
 
     b, v = x_bv.shape
-    chunk = TOP_K_CHUNK if chunk is None else chunk
     form = TOP_K if form is None else form
     if form not in TOP_K_FORMS:
         raise ValueError(f"top-k form {form!r}: use one of {TOP_K_FORMS}")
-    if form == "lax" or v <= chunk or chunk < width:
+    size = TOP_K_SIZE.get(form, 0) if size is None else size
+    n = -(-v // max(size, 1))
+    if form == "lax" or (form == "pruned" and n <= width) or (form != "pruned" and (n == 1 or size < width)):
         return jax.lax.top_k(x_bv, width)
     if form == "kernel" and kernels.enabled():
         from qwen3_jax.kernels.top_k import top_k
 
-        done = top_k(x_bv, width, chunk=chunk)
+        done = top_k(x_bv, width, chunk=size)
         if done is not None:
             return done
-    n = -(-v // chunk)
-    padded = jnp.pad(x_bv, ((0, 0), (0, n * chunk - v)), constant_values=-jnp.inf)
-    vals, ids = jax.lax.top_k(padded.reshape(b, n, chunk), width)               # [B, n, width]
-    ids = ids + (jnp.arange(n, dtype=ids.dtype) * chunk)[None, :, None]
+    blocks_bns = jnp.pad(x_bv, ((0, 0), (0, n * size - v)), constant_values=-jnp.inf).reshape(b, n, size)
+    if form == "pruned":
+        from qwen3_jax.kernels.top_k import total_order_key
+
+        _, best = jax.lax.top_k(jnp.max(total_order_key(blocks_bns), axis=2), width)    # [B, width]
+        best = jnp.sort(best, axis=1)                                                    # id order
+        cand = jnp.take_along_axis(blocks_bns, best[:, :, None], axis=1).reshape(b, width * size)
+        vals, at = jax.lax.top_k(cand, width)
+        return vals, jnp.take_along_axis(best, at // size, axis=1) * size + at % size
+    vals, ids = jax.lax.top_k(blocks_bns, width)                                      # [B, n, width]
+    ids = ids + (jnp.arange(n, dtype=ids.dtype) * size)[None, :, None]
     best, at = jax.lax.top_k(vals.reshape(b, n * width), width)
     return best, jnp.take_along_axis(ids.reshape(b, n * width), at, axis=1)
 
@@ -133,10 +145,10 @@ def top_k_over_vocab(x_bv, width: int, ctx=None):
     axes = vocab_axes(ctx, x_bv.shape)
     shards = 1 if not axes else int(np.prod([ctx.mesh.shape[a] for a in axes]))
     if shards == 1 or x_bv.shape[1] // shards < width:
-        return top_k_chunked(x_bv, width)
+        return top_k_rows(x_bv, width)
 
     def local(part):
-        vals, ids = top_k_chunked(part, width)
+        vals, ids = top_k_rows(part, width)
         ids = ids + jax.lax.axis_index(axes) * part.shape[1]
         vals = jax.lax.all_gather(vals, axes, axis=1, tiled=True)   # shard order: ids ascending by shard
         ids = jax.lax.all_gather(ids, axes, axis=1, tiled=True)

@@ -257,38 +257,16 @@ def _split_vocab(mesh, shape):
     return ctx, ctx.sharding((None, "vocab"), shape)
 
 
-@pytest.mark.parametrize("chunk", [64, 100, 256, 999])
-def test_chunked_top_k_equals_top_k_bit_for_bit(chunk):
-    """sampling.top_k_chunked (each chunk's best 64, then the best 64 of those) gives lax.top_k's
-    values and ids: ties within and across chunks going to the lower ids (70 equal logits over a
-    chunk boundary, a row all equal), -inf logits, fewer than 64 finite ones (the last chunk's
-    -inf padding must lose to them), and a vocabulary no chunk size divides."""
-    from serve.sampling import top_k_chunked
-
-    x = np.random.default_rng(5).standard_normal((6, 1000)).astype(np.float32)
-    x[0, 60:130] = 3.0
-    x[1] = 1.5
-    x[2, [3, 400, 998, 999]] = 9.0
-    x[3, :] = -np.inf
-    x[3, [7, 500, 990]] = [1.0, 2.0, 1.0]
-    x[4, 200:900] = -np.inf
-    x[5] = np.round(x[5] * 4) / 4   # many ties of every value
-    got = jax.jit(lambda a: top_k_chunked(a, 64, chunk))(jnp.asarray(x))
-    want = jax.lax.top_k(jnp.asarray(x), 64)
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-
-
 @pytest.mark.parametrize("mesh", ["tp=2", "tp=4", "tp=2,ep=4"])
 def test_top_k_over_a_split_vocabulary_equals_top_k_of_the_whole_row(mesh, monkeypatch):
     """sampling.top_k_over_vocab: each device's best 64, then the best 64 of those gathered: the
     values and ids of lax.top_k on the whole row, bit for bit, with ties across shards and within
     one (70 equal logits, more than the 64 taken) going to the lower ids as lax.top_k's do.
-    Each device's part is chunked (top_k_chunked) as a 152k vocabulary's is."""
+    Each device's part is pruned by blocks (sampling.top_k_rows) as a 152k vocabulary's is."""
     from serve import sampling
     from serve.sampling import top_k_over_vocab
 
-    monkeypatch.setattr(sampling, "TOP_K_CHUNK", 128)   # each device's part chunked, as at 152k
+    monkeypatch.setattr(sampling, "TOP_K_SIZE", {"pruned": 4})   # 512 columns a device: 128 blocks, as at 152k
     x = np.random.default_rng(4).standard_normal((3, 1024)).astype(np.float32)
     x[0, [5, 700, 900, 1023]] = 9.0
     x[1, 10:80] = 3.0

@@ -1,8 +1,10 @@
-"""The sampler's top-k kernel (qwen3_jax/kernels/top_k.py) against jax.lax.top_k, bit for bit.
+"""The sampler's top-k forms (serve.sampling.top_k_rows: pruned by block maxima, chunked, the
+Pallas kernel of qwen3_jax/kernels/top_k.py) against jax.lax.top_k, bit for bit.
 
-CPU: Pallas interpret mode on small rows (ties within and across chunks, -inf, -0.0, fewer than
-k finite values, a vocabulary no chunk divides, k not a power of two), the sampler through it,
-and the Triton lowering at Qwen3's 151936 columns. GPU (marked): the compiled kernel at 151936
+CPU: the XLA forms and the kernel in Pallas interpret mode on small rows (ties within and
+across blocks, -inf, -0.0, fewer than k finite values, a vocabulary no block divides, k not a
+power of two), the sampler through each, and the kernel's Triton lowering at Qwen3's 151936
+columns. GPU (marked): the compiled kernel at 151936
 columns; on the device machine: `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_kernels_top_k.py`.
 """
 
@@ -38,6 +40,21 @@ def assert_top_k_equal(got, x, k):
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
 
 
+@pytest.mark.parametrize("form,size", [("pruned", 4), ("pruned", 7), ("pruned", 10), ("pruned", 15),
+                                       ("chunked", 64), ("chunked", 100), ("chunked", 999)])
+@pytest.mark.parametrize("k", [64, 20])
+def test_xla_top_k_forms_equal_lax_top_k(form, size, k):
+    """size 10 with k = 64: 100 blocks, so blocks with tied maxima are left out (rows 1, 5, 6)."""
+    x = hard_rows()
+    got = jax.jit(lambda a: sampling.top_k_rows(a, k, form, size))(jnp.asarray(x))
+    assert_top_k_equal(got, x, k)
+
+
+def test_unknown_top_k_form_is_named():
+    with pytest.raises(ValueError, match="top-k form 'sorted'.*pruned"):
+        sampling.top_k_rows(jnp.zeros((1, 100)), 8, "sorted")
+
+
 @pytest.mark.parametrize("k,chunk", [(64, 256), (64, 64), (20, 128), (1, 256), (64, 4096), (128, 256)])
 def test_top_k_kernel_equals_lax_top_k(k, chunk):
     x = hard_rows()
@@ -50,19 +67,20 @@ def test_top_k_kernel_not_covered_returns_none():
     assert top_k(jnp.zeros((2, 10), jnp.float32), 64, interpret=True) is None      # k past V
 
 
-def test_sampler_through_the_kernel_draws_the_ids_lax_top_k_gives(monkeypatch):
-    """sampling.sample in top64 mode (Qwen3's settings) with the kernel's top-64 and with one
+@pytest.mark.parametrize("form,size", [("pruned", 16), ("chunked", 256), ("kernel", 256)])
+def test_sampler_through_each_form_draws_the_ids_lax_top_k_gives(monkeypatch, form, size):
+    """sampling.sample in top64 mode (Qwen3's settings) through each top-k form and through one
     lax.top_k: the same ids for every row (the same candidates in the same order)."""
     x = jnp.asarray(hard_rows(2048)[[0, 1, 2, 5]])
     params = (jnp.full(4, 0.6), jnp.full(4, 0.95), jnp.full(4, 20, jnp.int32), jnp.arange(4, dtype=jnp.int32),
               jnp.full(4, 3, jnp.int32))
-    monkeypatch.setattr(sampling, "TOP_K_CHUNK", 256)
+    monkeypatch.setattr(sampling, "TOP_K_SIZE", {form: size})
     got = {}
-    for form in ("kernel", "lax"):
-        monkeypatch.setattr(sampling, "TOP_K", form)
+    for f in (form, "lax"):
+        monkeypatch.setattr(sampling, "TOP_K", f)
         with kernels.kernels_enabled(True):
-            got[form] = np.asarray(jax.jit(lambda a: sampling.sample(a, *params, mode="top64"))(x))
-    np.testing.assert_array_equal(got["kernel"], got["lax"])
+            got[f] = np.asarray(jax.jit(lambda a: sampling.sample(a, *params, mode="top64"))(x))
+    np.testing.assert_array_equal(got[form], got["lax"])
 
 
 @pytest.mark.parametrize("b", [1, 64])
@@ -79,7 +97,7 @@ def test_top_k_kernel_lowers_to_triton_at_qwen3_vocab(b):
 @pytest.mark.parametrize("chunk", [1024, 2048])
 def test_gpu_top_k_kernel_equals_lax_top_k_at_qwen3_vocab(b, chunk):
     x = np.random.default_rng(b).standard_normal((b, 151936)).astype(np.float32)
-    x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))   # bf16 logits: many ties
+    x = np.array(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))     # bf16 logits: many ties (writable)
     x[0, 5000:5100] = 6.0                                               # ties across chunks
     assert_top_k_equal(jax.jit(lambda a: top_k(a, 64, chunk=chunk))(jnp.asarray(x)), x, 64)
 

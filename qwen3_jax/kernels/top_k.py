@@ -46,9 +46,10 @@ def covered(shape, dtype, k: int) -> bool:
     return (len(shape) == 2 and jnp.dtype(dtype) == jnp.float32 and 1 <= k <= MAX_K and k <= shape[1])
 
 
-def _key(x):
-    """float32 -> int32 in XLA's total order of floats. Its own inverse on the int32 bits, so
-    _value(key) gives the float back."""
+def total_order_key(x):
+    """float32 -> int32 in XLA's total order of floats (what lax.top_k and sort compare). Its own
+    inverse on the int32 bits, so _value(key) gives the float back. Plain jnp: also used in XLA
+    (serve.sampling's pruned top-k)."""
     bits = jax.lax.bitcast_convert_type(x, jnp.int32)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
@@ -102,7 +103,7 @@ def _top_k(x_bv, *, k: int, chunk: int, interpret: bool):
         bi, ci = pl.program_id(0), pl.program_id(1)
         col = ci * chunk + jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
         x = plt.load(x_ref.at[bi, pl.ds(ci * chunk, chunk)], mask=col < v, other=0.0)
-        keys = jnp.where(col < v, _key(x), TAKEN)
+        keys = jnp.where(col < v, total_order_key(x), TAKEN)
         best, best_ids = _select(keys, None, k, kp)
         key_ref[bi, ci, :] = best
         id_ref[bi, ci, :] = best_ids + ci * chunk
