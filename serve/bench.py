@@ -102,6 +102,9 @@ def parse_args(argv=None):
                    help="FP8 models: assignments per expert from which an MoE layer's experts are "
                         "dequantized to one bf16 copy (long prefills), comma-separated; 0 = never "
                         "(default: the library's)")
+    p.add_argument("--projection-matmul", default="",
+                   help="attention projections of 17-511 rows (one group of the grouped matmul): 'narrow' (tiles "
+                        "narrowed for parallelism) and/or 'split' (split-K programs), comma-separated: A/B")
     p.add_argument("--fp8-copy", default="",
                    help="FP8 models stored [out, in]: who writes the prefill's transposed bf16 copy of the "
                         "experts, comma-separated: kernel, xla (default: the library's)")
@@ -839,7 +842,7 @@ def _decode_knobs(args, cfg):
     the kernels path has it)]."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, grouped_matmul, qk_prologue
+    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, grouped_matmul, linear, qk_prologue
 
     def listed(text, parse=str):
         return [parse(v) for v in text.split(",") if v] or [None]
@@ -873,6 +876,8 @@ def _decode_knobs(args, cfg):
     fp8_matmul = choices("--fp8-matmul", args.fp8_matmul, ("cast", "f16", "e4m3"))
     fp8_lhs = choices("--fp8-matmul-lhs", args.fp8_matmul_lhs, ("x", "w"))
     dot_acc = choices("--fp8-dot-acc", args.fp8_dot_acc, fp8_dot.ACCUMULATE_CHOICES)
+    presets = linear.PROJECTION_MATMUL_PRESETS
+    projection = choices("--projection-matmul", args.projection_matmul, sorted(presets))
 
     return [
         ("", gemm if cfg.fp8 else [None], kernels.fp8_gemm, put_gemm, True),
@@ -892,6 +897,9 @@ def _decode_knobs(args, cfg):
          *module_value(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS"), True),
         ("fp8-copy ", copy if cfg.fp8 else [None], *module_value(dequantize, "COPY"), True),
         ("fp8-dot-acc ", dot_acc if cfg.fp8 else [None], *module_value(fp8_dot, "ACCUMULATE"), True),
+        ("projection ", projection,
+         lambda: next((k for k, v in presets.items() if v == linear.PROJECTION_MATMUL), "custom"),
+         lambda v: setattr(linear, "PROJECTION_MATMUL", dict(presets[v])), True),
     ]
 
 

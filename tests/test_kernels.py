@@ -436,7 +436,7 @@ def test_moe_ffn_w8a8_blocks_quantize_each_token_once(monkeypatch, nk):
     rng = np.random.default_rng(13)
     x, weights, experts, arrays, want = _moe_case(rng, True, n=24, nk=nk, checkpoint_blocks=True)
     fn = lambda *a: moe_ffn(*a, arrays, strategy="blocks")   # noqa: E731
-    assert str(jax.make_jaxpr(fn)(x, weights, experts)).count("qwen3_grouped_matmul_w8a8") == 2
+    assert str(jax.make_jaxpr(fn)(x, weights, experts)).count("name=qwen3_grouped_matmul_w8a8") == 2
     assert quantized == [x.shape]   # the 24 tokens, not their 48 gathered assignment rows
     assert 1e-2 < rel(fn(x, weights, experts), want) < 6e-2
 
@@ -528,7 +528,7 @@ def test_fp8_at_compute_bound_sizes_runs_on_a_dequantized_bf16_copy(monkeypatch,
     def kernel_names(min_rows):
         monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS", min_rows)
         jaxpr = str(jax.make_jaxpr(lambda *a: moe_ffn(*a, stacked, strategy="blocks"))(x, weights, experts))
-        return jaxpr.count("qwen3_grouped_matmul_fp8"), jaxpr.count("qwen3_grouped_matmul")
+        return jaxpr.count("name=qwen3_grouped_matmul_fp8"), jaxpr.count("name=qwen3_grouped_matmul")
     monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 4)   # projections only: no effect on the MoE
     assert kernel_names(0) == (2, 2) and kernel_names(9) == (2, 2) and kernel_names(8) == (0, 2)
     got = moe_ffn(x, weights, experts, stacked, strategy="blocks")
@@ -592,7 +592,7 @@ def test_fp8_projections_w8a8_quantize_x_once(monkeypatch):
     for w_nk, w in ((False, wq), (True, jnp.moveaxis(wq, 1, 3))):
         fn = lambda x: linear_einsum("btd,dhq->bthq", x, w, sq, 0, block, layer=jnp.int32(1), w_nk=w_nk)  # noqa: E731,B023
         quantized.clear()
-        assert str(jax.make_jaxpr(fn)(x)).count("qwen3_grouped_matmul_w8a8") == 1
+        assert str(jax.make_jaxpr(fn)(x)).count("name=qwen3_grouped_matmul_w8a8") == 1
         assert quantized == [(40, 128)]
         assert 1e-3 < rel(fn(x), want_q) < 6e-2
     q = want_q.astype(jnp.bfloat16)
@@ -631,6 +631,41 @@ def test_w8a8_layout_n_keeps_each_k_step_inside_one_scale_run(monkeypatch):
                                                           w_nk=True, scale_run=run), strategy="blocks"), want)
             for run in (16, None)]
     assert 1e-3 < errs[0] < 6e-2 and errs[1] > 0.1, errs
+
+
+@pytest.mark.parametrize("narrow", [True, False])
+def test_projection_split_along_k_sums_to_the_unsplit_result(monkeypatch, narrow):
+    """linear.PROJECTION_MATMUL k_splits: S programs per tile each take K/S of the K steps and
+    leave float32 partials [S, M, N] (grouped_matmul's k_splits) whose sum is the unsplit
+    product up to float32 reassociation, for q (layout "k") and o (layout "n", K steps inside
+    the checkpoint's scale runs), W8A8 in either storage order; the partials come out as such
+    where the caller asks for them (the attention kernel sums q/k/v's itself). A split that does
+    not divide the K steps is not covered (XLA takes it)."""
+    from qwen3_jax.kernels import linear as linear_mod
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)
+    rng = np.random.default_rng(16)
+    block = 64
+    wq, sq = fp8_weights(rng, (2, 256, 4, 16), 1, block, checkpoint_blocks=True)   # [L, D, H, Q]
+    wo, so = fp8_weights(rng, (2, 4, 64, 128), 3, block, checkpoint_blocks=True)   # [L, H, Q, D]
+    x = jnp.asarray(rng.standard_normal((1, 40, 256)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((1, 40, 4, 64)), jnp.bfloat16)
+    cases = [("btd,dhq->bthq", x, wq, sq, 0, (False, True)), ("bthq,hqd->btd", q, wo, so, 2, (False, True))]
+    for eq, xin, w, sc, axis, orders in cases:
+        for w_nk in orders:
+            wt = jnp.moveaxis(w, 1, 3) if (w_nk and axis == 0) else jnp.moveaxis(w, 3, 1) if w_nk else w
+
+            def run(**over):
+                monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(narrow=narrow, **over))
+                return linear_einsum(eq, xin, wt, sc, axis, block, layer=jnp.int32(1), w_nk=w_nk, partials=True)
+            whole = run()
+            split = run(k_splits=4)
+            assert whole.shape[0] == 1 and split.shape == (4, *whole.shape[1:])
+            np.testing.assert_allclose(np.asarray(split.sum(0)), np.asarray(whole[0]), rtol=2e-5, atol=2e-5)
+            assert rel(split[0], whole[0]) > 0.1          # a split holds part of the sum, not all of it
+            assert run(k_splits=3) is None
+            auto = run(k_splits="auto")                   # as many as the K steps allow here (2 each)
+            assert auto.shape[0] > 1
+            np.testing.assert_allclose(np.asarray(auto.sum(0)), np.asarray(whole[0]), rtol=2e-5, atol=2e-5)
 
 
 def test_fp8_projection_with_the_weight_on_the_left(monkeypatch, fp8_w8a16):

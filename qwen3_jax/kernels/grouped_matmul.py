@@ -8,6 +8,9 @@ Shapes (G groups, K in, N out, R = NB * bm rows):
   x [R, K] bf16/f16, groups [NB] int32 in [-1, G) (-1: block skipped, its rows left unwritten),
   weights: 1 array [G, K, N] -> float32 [R, N]; or 2 (gate, up) -> silu(x@W0) * (x@W1) in x's
   dtype (the MoE hidden activation, as the reference computes it from float32 products).
+  k_splits=S (one weight): S programs per tile split the K steps, -> float32 partial sums
+  [S, R, N] for the caller to add (a projection of few rows has too few tiles to keep the SMs
+  streaming otherwise: linear.py).
   With w_nk the weights are stored [G, N, K] (the checkpoint's [out, in]); scales never swap.
   scales: None or per weight float32, layout "k" [G, ceil(K/block), N] or "n" [G, K, ceil(N/block)].
 
@@ -59,10 +62,10 @@ F16_SCALE_PRE = 1024.0   # keeps an FP8 block scale a normal f16 number (module 
 
 @functools.partial(jax.jit, static_argnames=("bm", "layout", "block", "bn", "bk", "num_warps",
                                              "num_stages", "convert", "w_nk", "w_lhs", "quantize_out",
-                                             "interpret"))
+                                             "k_splits", "interpret"))
 def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", block=128, bn=64, bk=64,
                    num_warps=4, num_stages=3, convert="cast", w_nk=False, w_lhs=False, x_scales=None,
-                   quantize_out=False, interpret=None):
+                   quantize_out=False, k_splits=1, interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
@@ -93,6 +96,9 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
         raise ValueError("quantize_out=True needs convert='e4m3' and a (gate, up) pair")
     qg = k_dim // x_scales.shape[1] if a8 else 0
     steps = k_dim // bk
+    if k_splits > 1 and (pair or steps % k_splits):
+        raise ValueError(f"k_splits={k_splits} needs one weight and K steps ({steps} of bk={bk}) it divides")
+    steps //= k_splits   # per program: split s runs K steps s*steps .. (s+1)*steps - 1
     cdt = x_rk.dtype
     mdt = jnp.float16 if fp8 and convert == "f16" else cdt   # the MMA's operand dtype
     pre = F16_SCALE_PRE if fp8 and layout == "n" and mdt == jnp.float16 else 1.0
@@ -103,7 +109,8 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
             xs_ref, refs = refs[0], refs[1:]
         w_refs, s_refs = refs[:nw], refs[nw:nw + len(scales)]
         o_ref = refs[nw + len(scales)]
-        b, j = pl.program_id(0), pl.program_id(1)
+        b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        first = split * steps   # the split's first K step
         g = groups_ref[b]
         m0 = pl.multiple_of(b * bm, bm)
         n0 = pl.multiple_of(j * bn, bn)
@@ -111,7 +118,7 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
         @pl.when(g >= 0)
         def _compute():
             def body(t, accs):
-                k0 = pl.multiple_of(t * bk, bk)
+                k0 = pl.multiple_of((first + t) * bk, bk)
                 xt = x_ref[pl.ds(m0, bm), pl.ds(k0, bk)].astype(mdt)
                 out = []
                 for i, (w_ref, acc) in enumerate(zip(w_refs, accs)):
@@ -166,15 +173,18 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
                 res = res.astype(o_ref.dtype)
             else:
                 res = accs[0]
-            o_ref[pl.ds(m0, bm), pl.ds(n0, bn)] = res
+            if k_splits > 1:
+                o_ref[split, pl.ds(m0, bm), pl.ds(n0, bn)] = res
+            else:
+                o_ref[pl.ds(m0, bm), pl.ds(n0, bn)] = res
 
     # a pair's silu product leaves in x's dtype (bf16 for an e4m3 x), or quantized
     out_dtype = (jnp.float8_e4m3fn if quantize_out else jnp.bfloat16 if a8 else cdt) if pair else jnp.float32
-    out_shape = jax.ShapeDtypeStruct((r_count, n_dim), out_dtype)
+    out_shape = jax.ShapeDtypeStruct((k_splits, r_count, n_dim) if k_splits > 1 else (r_count, n_dim), out_dtype)
     if quantize_out:
         out_shape = (out_shape, jax.ShapeDtypeStruct((r_count, n_dim // bn), jnp.float32))
     return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(nb, n_dim // bn),
+        kernel, out_shape=out_shape, grid=(nb, n_dim // bn, k_splits),
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=_interpret() if interpret is None else interpret,
         name=("qwen3_grouped_matmul_w8a8" if a8 else "qwen3_grouped_matmul_fp8") if fp8 else "qwen3_grouped_matmul",

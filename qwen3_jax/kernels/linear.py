@@ -31,6 +31,13 @@ GEMV_MAX_ROWS = 16
 # (run 32, H200: 6.24 us in [K, N], 5.94 nk with the defaults, 5.26 with these).
 PROJECTION_TILES = {("fp8", "k"): dict(bk=128), ("fp8", "n", "nk"): dict(bk=256, num_warps=8)}
 TARGET_PROGRAMS = 264   # two per SM of an H100: below this a memory-bound matmul starves
+# Overrides of the single-group matmul's tiles for projections of GEMV_MAX_ROWS+ rows (read at
+# trace time; benchmarks/projection_matmul.py and serve.bench --projection-matmul set them):
+# matmul_tiles keys, plus "narrow" (False: keep the tile width instead of narrowing it to reach
+# TARGET_PROGRAMS) and "k_splits" (programs per tile along K, float32 partials summed by the
+# caller; "auto": the fewest that reach TARGET_PROGRAMS, each split at least 2 K steps).
+PROJECTION_MATMUL: dict = {}
+PROJECTION_MATMUL_PRESETS = {"narrow": {}, "split": dict(narrow=False, k_splits="auto")}
 
 
 def _parse(eq: str):
@@ -161,7 +168,9 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     while bm < 128 and bm < m:
         bm *= 2
     nb = -(-m // bm)
-    t = matmul_tiles(k_dim, n_dim, bm, fp8, layout, block, w_nk=w_nk)
+    over = dict(PROJECTION_MATMUL)
+    narrow, k_splits = over.pop("narrow", True), over.pop("k_splits", 1)
+    t = matmul_tiles(k_dim, n_dim, bm, fp8, layout, block, w_nk=w_nk, **over)
     if t is None:
         return None
     if t["convert"] == "e4m3" and layout == "n":   # one weight scale per K step (grouped_matmul)
@@ -170,8 +179,16 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     # use 4 warps) until two programs per SM exist, or a k/v projection runs on 4 SMs. The weight
     # as the MMA's left operand needs bn >= 64 (wgmma's height; run 48 in benchmarks/NOTES.md:
     # with bn=32 it cost batch-64 decode +2.6%).
-    while nb * (n_dim // t["bn"]) < TARGET_PROGRAMS and t["bn"] > 32 and n_dim % (t["bn"] // 2) == 0:
+    while (narrow and nb * (n_dim // t["bn"]) < TARGET_PROGRAMS and t["bn"] > 32
+           and n_dim % (t["bn"] // 2) == 0):
         t = dict(t, bn=t["bn"] // 2, num_warps=4, w_lhs=t["w_lhs"] and t["bn"] // 2 >= 64)
+    steps = k_dim // t["bk"]
+    if k_splits == "auto":   # the fewest splits that give TARGET_PROGRAMS, each at least 2 K steps
+        k_splits = 1
+        while nb * (n_dim // t["bn"]) * k_splits < TARGET_PROGRAMS and steps % (2 * k_splits * 2) == 0:
+            k_splits *= 2
+    if steps % k_splits:
+        return None
     x2 = materialize(x_mk)
     pad = ((0, nb * bm - m), (0, 0))
     extra = {}
@@ -181,5 +198,6 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     elif t["convert"] == "f16":
         x2 = x2.astype(jnp.float16)
     y = grouped_matmul(jnp.pad(x2, pad), jnp.full((nb,), group, jnp.int32), (w_gkn,), scales, bm=bm,
-                       layout=layout, block=block, w_nk=w_nk, **t, **extra)
-    return y[None, :m] if partials else y[:m]
+                       layout=layout, block=block, w_nk=w_nk, k_splits=k_splits, **t, **extra)
+    y = y[:, :m] if k_splits > 1 else y[None, :m]
+    return y if partials else jnp.sum(y, axis=0)
