@@ -35,7 +35,8 @@ TARGET_PROGRAMS = 264   # two per SM of an H100: below this a memory-bound matmu
 # trace time; benchmarks/projection_matmul.py and serve.bench --projection-matmul set them):
 # matmul_tiles keys, plus "narrow" (False: keep the tile width instead of narrowing it to reach
 # TARGET_PROGRAMS) and "k_splits" (programs per tile along K, float32 partials summed by the
-# caller; "auto": the fewest that reach TARGET_PROGRAMS, each split at least 2 K steps).
+# caller; "auto": below 128-row blocks the fewest that reach TARGET_PROGRAMS, each split at least
+# 2 K steps; from 128-row blocks 4 splits of 64-wide tiles, as run 108 measured best).
 PROJECTION_MATMUL: dict = {}
 PROJECTION_MATMUL_PRESETS = {"narrow": {}, "split": dict(narrow=False, k_splits="auto")}
 
@@ -183,10 +184,15 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
            and n_dim % (t["bn"] // 2) == 0):
         t = dict(t, bn=t["bn"] // 2, num_warps=4, w_lhs=t["w_lhs"] and t["bn"] // 2 >= 64)
     steps = k_dim // t["bk"]
-    if k_splits == "auto":   # the fewest splits that give TARGET_PROGRAMS, each at least 2 K steps
+    if k_splits == "auto":
         k_splits = 1
-        while nb * (n_dim // t["bn"]) * k_splits < TARGET_PROGRAMS and steps % (2 * k_splits * 2) == 0:
-            k_splits *= 2
+        if bm >= 128:   # [S, M, N] partials grow with the rows: 64-wide tiles, 4 splits (run 108)
+            if t["bn"] > 64 and n_dim % 64 == 0:
+                t = dict(t, bn=64)
+            k_splits = 4 if steps % 8 == 0 else 1
+        else:           # the fewest splits that give TARGET_PROGRAMS, each at least 2 K steps
+            while nb * (n_dim // t["bn"]) * k_splits < TARGET_PROGRAMS and steps % (4 * k_splits) == 0:
+                k_splits *= 2
     if steps % k_splits:
         return None
     x2 = materialize(x_mk)
