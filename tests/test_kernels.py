@@ -1456,7 +1456,7 @@ def test_gpu_fp8_prefill_moe_and_projection_through_either_mma(convert, monkeypa
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 300])
+@pytest.mark.parametrize("m", [1, 48, 300])   # the gemv; split-K projections in 64- and 128-row blocks
 def test_gpu_fp8_einsum_matches_dequantized_einsum(m, fp8_w8a16):
     """q and o projections at 30B shapes, in the einsum order and stored [out, in] (w_nk, the
     model's), W8A16 to bf16 precision (W8A8: test_gpu_fp8_prefill_moe_and_projection...)."""
@@ -1545,6 +1545,31 @@ def test_gpu_model_with_kernels_matches_plain_xla_prefill_and_decode(numerics, r
         w8a8 = fp8 and numerics == "default"
         for e, a, b in zip(exact, off, on):
             assert rel(b, e) < max(1.5 * rel(a, e), 5e-3) + (6e-2 if w8a8 else 0), (fp8, rel(b, e), rel(a, e))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [48, 200])
+def test_gpu_decode_step_with_split_k_projections_matches_narrow_tiles(batch, monkeypatch):
+    """Two 30B-A3B-FP8 layers, one decode step at 48 and 200 rows: the projections split along K
+    (linear.PROJECTION_MATMUL "split", the default; q/k/v's partials summed by the attention
+    kernel, o's by XLA) against the narrowed tiles ("narrow"): the same logits up to float32
+    reassociation of the projections' sums."""
+    import qwen3_jax
+    from qwen3_jax.kernels import linear as linear_mod
+    from serve.bench import fill_cache, resolve_bench_config
+
+    model = qwen3_jax.random_model(resolve_bench_config("Qwen3-30B-A3B-FP8", 2), dtype="bfloat16")
+    cache = fill_cache(model.init_cache(batch, 256), jax.random.key(1))
+    tok = jax.random.randint(jax.random.key(2), (batch, 1), 0, model.config.vocab_size, jnp.int32)
+    pos = jnp.full((batch, 1), 100, jnp.int32)
+    from flax import nnx
+
+    out = {}
+    for preset in ("split", "narrow"):   # a fresh function each: the setting is read while tracing
+        monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS[preset]))
+        logits, _ = jax.jit(lambda st, c: nnx.merge(model.graphdef, st)(tok, pos, c))(model.state, cache)
+        out[preset] = np.asarray(logits, np.float64)
+    assert rel(out["split"], out["narrow"]) < 2e-3
 
 
 @pytest.mark.parametrize("nk", [False, True])
