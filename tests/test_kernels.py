@@ -1552,9 +1552,13 @@ def test_gpu_model_with_kernels_matches_plain_xla_prefill_and_decode(numerics, r
 def test_gpu_decode_step_with_split_k_projections_matches_narrow_tiles(batch, monkeypatch):
     """Two 30B-A3B-FP8 layers, one decode step at 48 and 200 rows: the projections split along K
     (linear.PROJECTION_MATMUL "split", the default; q/k/v's partials summed by the attention
-    kernel, o's by XLA) against the narrowed tiles ("narrow"): the same logits up to float32
-    reassociation of the projections' sums."""
+    kernel, o's by XLA) and the narrowed tiles ("narrow") both against the plain-XLA path: split
+    as close to it as narrow. Not against each other bit for bit: a float32 reassociation moves
+    a bf16 rounding, and a router near a tie then picks another expert for that row (run 110: the
+    two 1.1-1.4% apart over all rows)."""
     import qwen3_jax
+    from flax import nnx
+
     from qwen3_jax.kernels import linear as linear_mod
     from serve.bench import fill_cache, resolve_bench_config
 
@@ -1562,14 +1566,15 @@ def test_gpu_decode_step_with_split_k_projections_matches_narrow_tiles(batch, mo
     cache = fill_cache(model.init_cache(batch, 256), jax.random.key(1))
     tok = jax.random.randint(jax.random.key(2), (batch, 1), 0, model.config.vocab_size, jnp.int32)
     pos = jnp.full((batch, 1), 100, jnp.int32)
-    from flax import nnx
-
     out = {}
-    for preset in ("split", "narrow"):   # a fresh function each: the setting is read while tracing
-        monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS[preset]))
-        logits, _ = jax.jit(lambda st, c: nnx.merge(model.graphdef, st)(tok, pos, c))(model.state, cache)
+    for preset in ("split", "narrow", "xla"):   # a fresh function each: settings are read while tracing
+        if preset != "xla":
+            monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS[preset]))
+        with kernels.kernels_enabled(preset != "xla"):
+            logits, _ = jax.jit(lambda st, c: nnx.merge(model.graphdef, st)(tok, pos, c))(model.state, cache)
         out[preset] = np.asarray(logits, np.float64)
-    assert rel(out["split"], out["narrow"]) < 2e-3
+    assert rel(out["split"], out["xla"]) < 1.2 * rel(out["narrow"], out["xla"]) + 2e-3, (
+        rel(out["split"], out["xla"]), rel(out["narrow"], out["xla"]))
 
 
 @pytest.mark.parametrize("nk", [False, True])
