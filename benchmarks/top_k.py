@@ -1,6 +1,6 @@
 """The sampler's top-64 over a 152k vocabulary: lax.top_k against the exact forms of
-serve.sampling.top_k_rows (pruned by block maxima; XLA's top_k over chunks; the Pallas
-kernel, kernels.top_k), and the whole top-64 sampler with each (runs 105-107 in NOTES.md).
+serve.sampling.top_k_rows (pruned by block maxima; XLA's top_k over chunks), and the whole
+top-64 sampler with each (runs 105-107 in NOTES.md).
 
 Per batch B of float32 logits [B, 151936]: device time of one call (the profiler's span, first
 kernel to last, so no host gap counts), for the greedy argmax (the one read every sampler pays),
@@ -25,7 +25,6 @@ import jax                                   # noqa: E402
 import jax.numpy as jnp                      # noqa: E402
 import numpy as np                           # noqa: E402
 
-from qwen3_jax import kernels                # noqa: E402
 from qwen3_jax.kernels.tune import device_timeline   # noqa: E402
 from serve import sampling                   # noqa: E402
 from serve.bench import ints, measure_ceilings   # noqa: E402
@@ -63,12 +62,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=ints, default=[1, 16, 64, 256], help="rows, comma-separated")
     ap.add_argument("--vocab", type=int, default=151936, help="columns (Qwen3: 151936)")
-    ap.add_argument("--sizes", default="pruned:64,pruned:128,pruned:256,chunked:1024,kernel:4096",
-                    help="form:size pairs to time (sampling.TOP_K_FORMS; kernel only where the kernels are on)")
+    ap.add_argument("--sizes", default="pruned:64,pruned:128,pruned:256,chunked:1024",
+                    help="form:size pairs to time (sampling.TOP_K_FORMS)")
     ap.add_argument("--width", type=int, default=sampling.TOP_K_FAST, help="k of the top-k")
     args = ap.parse_args(argv)
     pairs = [(f, int(n)) for f, n in (p.split(":") for p in args.sizes.split(","))]
-    pairs = [(f, n) for f, n in pairs if f != "kernel" or kernels.enabled()]
     on_gpu = jax.default_backend() == "gpu"
     ceil = measure_ceilings(on_gpu, reps=10)
     bw = ceil["bandwidth"] / 2   # copy bandwidth counts read + write; a read of x counts once

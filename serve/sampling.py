@@ -80,10 +80,19 @@ def vocab_axes(ctx, shape) -> tuple[str, ...]:
 
 
 # How the top-64 sampler takes a row's best 64 (read at trace time; benchmarks set it), each
-# exact (top_k_rows). Measured in runs 105-106 (benchmarks/top_k.py, benchmarks/NOTES.md).
-TOP_K_FORMS = ("pruned", "chunked", "kernel", "lax")
+# exact (top_k_rows). Measured in runs 105-107 (benchmarks/top_k.py, benchmarks/NOTES.md); a
+# Pallas kernel selecting by rounds of max / arg-max (run 106) lost to "pruned" everywhere.
+TOP_K_FORMS = ("pruned", "chunked", "lax")
 TOP_K = "pruned"
-TOP_K_SIZE = {"pruned": 128, "chunked": 1024, "kernel": 4096}   # block / chunk columns
+TOP_K_SIZE = {"pruned": 64, "chunked": 1024}   # block / chunk columns
+
+
+def total_order_key(x):
+    """float32 -> int32 in XLA's total order of floats (what lax.top_k and sort compare: -NaN <
+    -inf < finite < inf < NaN, and -0.0 < 0.0): the bits, with the magnitude bits of negatives
+    flipped."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def top_k_rows(x_bv, width: int, form: str | None = None, size: int | None = None):
@@ -93,38 +102,26 @@ def top_k_rows(x_bv, width: int, form: str | None = None, size: int | None = Non
       "pruned": the row's `size`-column blocks' maxima; the `width` blocks with the best maxima
         hold the row's best `width` (any other block's maximum is at or below the width-th best
         block maximum, and `width` values reach it), so one top_k over those width x size
-        columns, taken in id order, gives the answer. Maxima compare as XLA's total order
-        (kernels.top_k.total_order_key), as top_k does. Where tied block maxima leave blocks
-        out, those blocks lie after every chosen one of that maximum, so the lower ids are kept.
+        columns, taken in id order, gives the answer. Maxima compare in XLA's total order
+        (total_order_key), as top_k does. Where tied block maxima leave blocks out, those blocks
+        lie after every chosen one of that maximum, so the lower ids are kept.
       "chunked": XLA's top_k of each `size`-column chunk, then of their candidates in chunk order.
-      "kernel": kernels.top_k, selection in Pallas launches (where the kernels are on; else
-        "chunked").
       "lax": one jax.lax.top_k over the whole row.
 
     Why: XLA:GPU lowers a top_k with k = 64 over a 152k vocabulary to a sort of the whole row: 38
-    us a row at B = 16 on an H200 (run 105), where reading the row takes ~0.3 us. The last
-    block or chunk is padded with -inf at ids past V, after every real entry, so a pad is never
-    picked while V >= width."""
-    from qwen3_jax import kernels
-
+    us a row at B = 16 on an H200, where reading the row takes ~0.3 us; pruned takes 4 us a row
+    there and 0.7 at B = 256 (runs 105-107). The last block or chunk is padded with -inf at ids
+    past V, after every real entry, so a pad is never picked while V >= width."""
     b, v = x_bv.shape
     form = TOP_K if form is None else form
     if form not in TOP_K_FORMS:
         raise ValueError(f"top-k form {form!r}: use one of {TOP_K_FORMS}")
     size = TOP_K_SIZE.get(form, 0) if size is None else size
     n = -(-v // max(size, 1))
-    if form == "lax" or (form == "pruned" and n <= width) or (form != "pruned" and (n == 1 or size < width)):
+    if form == "lax" or (form == "pruned" and n <= width) or (form == "chunked" and (n == 1 or size < width)):
         return jax.lax.top_k(x_bv, width)
-    if form == "kernel" and kernels.enabled():
-        from qwen3_jax.kernels.top_k import top_k
-
-        done = top_k(x_bv, width, chunk=size)
-        if done is not None:
-            return done
     blocks_bns = jnp.pad(x_bv, ((0, 0), (0, n * size - v)), constant_values=-jnp.inf).reshape(b, n, size)
     if form == "pruned":
-        from qwen3_jax.kernels.top_k import total_order_key
-
         _, best = jax.lax.top_k(jnp.max(total_order_key(blocks_bns), axis=2), width)    # [B, width]
         best = jnp.sort(best, axis=1)                                                    # id order
         cand = jnp.take_along_axis(blocks_bns, best[:, :, None], axis=1).reshape(b, width * size)

@@ -1,0 +1,87 @@
+"""The sampler's top-k forms (serve.sampling.top_k_rows: pruned by block maxima, chunked) against
+jax.lax.top_k, bit for bit.
+
+CPU: small rows with every case a selection can get wrong (ties within and across blocks, tied
+block maxima that leave blocks out, -inf, -0.0 against 0.0, fewer than k finite values, a
+vocabulary no block divides, k = 20 and 64), and the sampler through each form. GPU (marked):
+the same against the GPU's own lax.top_k, and Qwen3's 151936 columns; on the device machine:
+`QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_sampling_top_k.py`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from serve import sampling
+
+
+def hard_rows(v: int = 1000) -> np.ndarray:
+    """float32 [7, v]: the cases a selection can get wrong and lax.top_k orders exactly."""
+    x = np.random.default_rng(5).standard_normal((7, v)).astype(np.float32)
+    x[0, 60:130] = 3.0                       # 70 equal maxima across a block boundary
+    x[1] = 1.5                               # a row of ties
+    x[2, [3, 400, v - 2, v - 1]] = 9.0       # the best in the first and the last (partial) block
+    x[3, :] = -np.inf                        # three finite values, the rest -inf
+    x[3, [7, 500, v - 10]] = [1.0, 2.0, 1.0]
+    x[4, 200:900] = -np.inf
+    x[5] = np.round(x[5] * 4) / 4            # many ties of every value
+    x[6, :] = 0.0                            # -0.0 below 0.0 (XLA's total order, as lax.top_k)
+    x[6, ::3] = -0.0
+    x[6, 10] = -1e-30
+    return x
+
+
+def assert_top_k_equal(got, x, k):
+    want = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+
+
+FORMS = [("pruned", 4), ("pruned", 7), ("pruned", 10), ("pruned", 15), ("chunked", 64), ("chunked", 100),
+         ("chunked", 999)]
+
+
+@pytest.mark.parametrize("form,size", FORMS)
+@pytest.mark.parametrize("k", [64, 20])
+def test_top_k_forms_equal_lax_top_k(form, size, k):
+    """pruned 10 with k = 64: 100 blocks, so blocks with tied maxima are left out (rows 1, 5, 6)."""
+    x = hard_rows()
+    got = jax.jit(lambda a: sampling.top_k_rows(a, k, form, size))(jnp.asarray(x))
+    assert_top_k_equal(got, x, k)
+
+
+def test_unknown_top_k_form_is_named():
+    with pytest.raises(ValueError, match="top-k form 'sorted'.*pruned"):
+        sampling.top_k_rows(jnp.zeros((1, 100)), 8, "sorted")
+
+
+@pytest.mark.parametrize("form,size", [("pruned", 16), ("chunked", 256)])
+def test_sampler_through_each_form_draws_the_ids_lax_top_k_gives(monkeypatch, form, size):
+    """sampling.sample in top64 mode (Qwen3's settings) through each top-k form and through one
+    lax.top_k: the same ids for every row (the same candidates in the same order)."""
+    x = jnp.asarray(hard_rows(2048)[[0, 1, 2, 5]])
+    params = (jnp.full(4, 0.6), jnp.full(4, 0.95), jnp.full(4, 20, jnp.int32), jnp.arange(4, dtype=jnp.int32),
+              jnp.full(4, 3, jnp.int32))
+    monkeypatch.setattr(sampling, "TOP_K_SIZE", {form: size})
+    got = {}
+    for f in (form, "lax"):
+        monkeypatch.setattr(sampling, "TOP_K", f)
+        got[f] = np.asarray(jax.jit(lambda a: sampling.sample(a, *params, mode="top64"))(x))
+    np.testing.assert_array_equal(got[form], got["lax"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form,size", FORMS)
+def test_gpu_top_k_forms_on_the_hard_rows(form, size):
+    x = hard_rows()
+    assert_top_k_equal(jax.jit(lambda a: sampling.top_k_rows(a, 64, form, size))(jnp.asarray(x)), x, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 16, 256])
+def test_gpu_default_top_k_at_qwen3_vocab(b):
+    x = np.random.default_rng(b).standard_normal((b, 151936)).astype(np.float32)
+    x = np.array(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))     # bf16 logits: many ties (writable)
+    x[0, 5000:5100] = 6.0                                               # ties across blocks
+    assert_top_k_equal(jax.jit(lambda a: sampling.top_k_rows(a, 64))(jnp.asarray(x)), x, 64)
