@@ -671,7 +671,8 @@ def test_projection_split_along_k_sums_to_the_unsplit_result(monkeypatch, narrow
 def test_fp8_projection_with_the_weight_on_the_left(monkeypatch, fp8_w8a16):
     """A prefill-sized FP8 projection stored [out, in] whose tiles stay >= 64 wide runs with the
     weight as the MMA's left operand (MATMUL_DEFAULTS' fp8_nk) and gives the same products; once
-    the tiles narrow below 64 it runs with x on the left."""
+    the tiles narrow below 64 (the "narrow" rule) it runs with x on the left. The default rule
+    ("split") keeps the tile and the weight on the left."""
     from qwen3_jax.kernels import grouped_matmul as gm_mod
     from qwen3_jax.kernels import linear as linear_mod
 
@@ -683,8 +684,11 @@ def test_fp8_projection_with_the_weight_on_the_left(monkeypatch, fp8_w8a16):
     wq, sq = fp8_weights(rng, (2, 128, 8, 16), 1, block)        # [L, D, H, Q], N = 128
     x = jnp.asarray(rng.standard_normal((1, 64, 128)), jnp.bfloat16)
     want = jnp.einsum("btd,dhq->bthq", x.astype(jnp.float32), dequantize(wq[1], sq[1], 0, block, jnp.float32))
-    for target, lhs in ((1, True), (linear_mod.TARGET_PROGRAMS, False)):
+    narrow = linear_mod.PROJECTION_MATMUL_PRESETS["narrow"]
+    for target, lhs, rule in ((1, True, narrow), (linear_mod.TARGET_PROGRAMS, False, narrow),
+                              (linear_mod.TARGET_PROGRAMS, True, linear_mod.PROJECTION_MATMUL)):
         monkeypatch.setattr(linear_mod, "TARGET_PROGRAMS", target)
+        monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(rule))
         q = linear_einsum("btd,dhq->bthq", x, jnp.moveaxis(wq, 1, 3), sq, 0, block, layer=jnp.int32(1), w_nk=True)
         assert calls[-1]["w_lhs"] is lhs and (calls[-1]["bn"] >= 64) is lhs, calls[-1]
         assert rel(q, want) < 5e-3

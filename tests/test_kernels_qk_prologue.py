@@ -195,7 +195,8 @@ def test_prologue_split_over_query_heads_changes_no_bit(monkeypatch):
 @pytest.mark.parametrize("fp8,m", [(False, 3), (True, 40)])
 def test_linear_partials_sum_to_the_projection(fp8, m):
     """linear_einsum(partials=True) -> [S, M, N] float32 whose sum, cast, is the default output
-    (gemv: S = split_k; the FP8 matmul for many rows: S = 1); bf16 with many rows is not covered."""
+    (gemv: S = split_k; the FP8 matmul for many rows: S = its K splits, here 2 of its 4 K steps:
+    linear.PROJECTION_MATMUL); bf16 with many rows is not covered."""
     rng = np.random.default_rng(m)
     w = jnp.asarray(rng.standard_normal((2, 256, 4, 32)) * 0.1, jnp.bfloat16)       # [L, D, H, Q]
     scale = None
@@ -206,7 +207,7 @@ def test_linear_partials_sum_to_the_projection(fp8, m):
     p = linear_einsum("btd,dhq->bthq", x, w, scale, 0, 128, layer=jnp.int32(1), partials=True)
     y = linear_einsum("btd,dhq->bthq", x, w, scale, 0, 128, layer=jnp.int32(1))
     assert p.dtype == jnp.float32 and p.ndim == 3 and p.shape[1:] == (m, 4 * 32)
-    assert p.shape[0] == 1 if m > 16 else p.shape[0] > 1      # the gemv splits K for 3 rows
+    assert p.shape[0] == 2 if m > 16 else p.shape[0] > 1      # the matmul and the gemv both split K here
     np.testing.assert_array_equal(np.asarray(jnp.sum(p, 0).astype(jnp.bfloat16).reshape(y.shape), np.float32),
                                   np.asarray(y, np.float32))
     if not fp8:
