@@ -105,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--projection-matmul", default="",
                    help="attention projections of 17-511 rows (one group of the grouped matmul): 'narrow' (tiles "
                         "narrowed for parallelism) and/or 'split' (split-K programs), comma-separated: A/B")
+    p.add_argument("--moe-rank", default="",
+                   help="how the MoE's grouped-matmul path places assignments in their experts' blocks: 'sort' "
+                        "and/or 'compare' (kernels.moe_blocks.RANK), comma-separated: A/B")
     p.add_argument("--fp8-copy", default="",
                    help="FP8 models stored [out, in]: who writes the prefill's transposed bf16 copy of the "
                         "experts, comma-separated: kernel, xla (default: the library's)")
@@ -704,6 +707,11 @@ def main(argv=None) -> dict:
         return {}
     log = lambda s: print(s, flush=True)  # noqa: E731
     models = [m for m in args.model.split(",") if m]
+    for name in models:   # a mistyped A/B value fails here, not after the ceilings and a model build
+        try:
+            _decode_knobs(args, resolve_bench_config(name, args.layers))
+        except ValueError as err:
+            raise SystemExit(f"serve.bench: {err}") from None
     hf = None
     if args.hf_peer:   # before JAX allocates the GPU
         hf = run_hf_peer(args, models[0], log)
@@ -842,7 +850,8 @@ def _decode_knobs(args, cfg):
     the kernels path has it)]."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, grouped_matmul, linear, qk_prologue
+    from qwen3_jax.kernels import (decode_attention, dequantize, fp8_dot, grouped_matmul, linear, moe_blocks,
+                                   qk_prologue)
 
     def listed(text, parse=str):
         return [parse(v) for v in text.split(",") if v] or [None]
@@ -877,6 +886,7 @@ def _decode_knobs(args, cfg):
     fp8_lhs = choices("--fp8-matmul-lhs", args.fp8_matmul_lhs, ("x", "w"))
     dot_acc = choices("--fp8-dot-acc", args.fp8_dot_acc, fp8_dot.ACCUMULATE_CHOICES)
     presets = linear.PROJECTION_MATMUL_PRESETS
+    rank = choices("--moe-rank", args.moe_rank, moe_blocks.RANKS)
     projection = choices("--projection-matmul", args.projection_matmul, sorted(presets))
 
     return [
@@ -900,6 +910,7 @@ def _decode_knobs(args, cfg):
         ("projection ", projection,
          lambda: next((k for k, v in presets.items() if v == linear.PROJECTION_MATMUL), "custom"),
          lambda v: setattr(linear, "PROJECTION_MATMUL", dict(presets[v])), True),
+        ("moe-rank ", rank, *module_value(moe_blocks, "RANK"), True),
     ]
 
 
