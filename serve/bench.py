@@ -103,8 +103,9 @@ def parse_args(argv=None):
                         "dequantized to one bf16 copy (long prefills), comma-separated; 0 = never "
                         "(default: the library's)")
     p.add_argument("--projection-matmul", default="",
-                   help="attention projections of 17-511 rows (one group of the grouped matmul): 'narrow' (tiles "
-                        "narrowed for parallelism) and/or 'split' (split-K programs), comma-separated: A/B")
+                   help="FP8 attention projections of 17-511 rows (one group of the grouped matmul): 'narrow' "
+                        "(tiles narrowed for parallelism), 'split' (split-K programs, the default) and/or "
+                        "'split-qkv' (split, q/k/v in one launch), comma-separated: A/B")
     p.add_argument("--moe-rank", default="",
                    help="how the MoE's grouped-matmul path places assignments in their experts' blocks: 'sort' "
                         "and/or 'compare' (kernels.moe_blocks.RANK), comma-separated: A/B")

@@ -151,7 +151,8 @@ def test_variant_flags_time_each_setting_and_restore_the_defaults():
                                   "--attention-combine o_proj: unknown; use kernel or xla"),
                                  ("--attention-prologue", "xla",
                                   "--attention-prologue xla: unknown; use fused or separate"),
-                                 ("--projection-matmul", "wide", "--projection-matmul wide: unknown; use narrow or split"),
+                                 ("--projection-matmul", "wide",
+                                  "--projection-matmul wide: unknown; use narrow, split or split-qkv"),
                                  ("--moe-rank", "radix", "--moe-rank radix: unknown; use sort or compare")):
         args = bench.parse_args(["--model", "tiny-FP8", "--batch", "1", "--prefill=", flag, value])
         with pytest.raises(ValueError, match=message):

@@ -697,6 +697,64 @@ def test_projection_split_along_k_sums_to_the_unsplit_result(monkeypatch, narrow
             np.testing.assert_allclose(np.asarray(auto.sum(0)), np.asarray(whole[0]), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("w_nk", [False, True])
+def test_qkv_side_by_side_in_one_matmul_launch_equal_one_by_one(monkeypatch, w_nk):
+    """linear.PROJECTION_MATMUL "split-qkv": q, k and v of 40 rows in one grouped_matmul launch
+    (concat: each its own N and output, the grid's tiles over all three) give each projection's
+    own launch's partial sums up to float32 reassociation (their K splits may differ), W8A8; the
+    default leaves many rows to one launch each (None)."""
+    from qwen3_jax.kernels import linear as linear_mod
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)
+    rng = np.random.default_rng(17)
+    block = 64
+    x = jnp.asarray(rng.standard_normal((1, 40, 256)), jnp.bfloat16)
+    specs = []
+    for heads in (8, 2, 2):                                                   # q, k, v: N = 128, 32, 32
+        w, sc = fp8_weights(rng, (2, 256, heads, 16), 1, block)              # [L, D, H, Q]
+        specs.append(("btd,dhq->bthq", x, jnp.moveaxis(w, 1, 3) if w_nk else w, sc, 0))
+    assert projections_partials(specs, block, jnp.int32(1), w_nk=w_nk) is None
+    monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS["split-qkv"]))
+    calls = []
+    real = linear_mod.grouped_matmul
+    monkeypatch.setattr(linear_mod, "grouped_matmul", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    together = projections_partials(specs, block, jnp.int32(1), w_nk=w_nk)
+    assert len(calls) == 1 and calls[0]["concat"]
+    for got, (eq, xi, w, sc, axis) in zip(together, specs):
+        alone = linear_einsum(eq, xi, w, sc, axis, block, layer=jnp.int32(1), partials=True, w_nk=w_nk)
+        assert got.shape[1:] == alone.shape[1:]
+        np.testing.assert_allclose(np.asarray(got.sum(0)), np.asarray(alone.sum(0)), rtol=2e-5, atol=2e-5)
+
+
+def test_qkv_side_by_side_lowers_to_one_triton_launch_at_30b_shapes(monkeypatch):
+    """q/k/v of 30B-A3B-FP8 ([out, in], W8A8) at 64 rows under "split-qkv": one Triton launch."""
+    from qwen3_jax.kernels import linear as linear_mod
+    monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS["split-qkv"]))
+    monkeypatch.setattr(kernels, "on_gpu", lambda: True)   # Pallas lowers to Triton, not interpret mode
+    sds = jax.ShapeDtypeStruct
+
+    def fn(x, wq, sq, wk, sk, wv, sv):
+        specs = [("btd,dhq->bthq", x, wq, sq, 0), ("btd,dkq->btkq", x, wk, sk, 0), ("btd,dkq->btkq", x, wv, sv, 0)]
+        with kernels.kernels_enabled(True):
+            return projections_partials(specs, 128, jnp.int32(3), w_nk=True)
+    f8, f32 = jnp.float8_e4m3fn, jnp.float32
+    args = (sds((1, 64, 2048), jnp.bfloat16), sds((48, 32, 128, 2048), f8), sds((48, 16, 32, 128), f32),
+            sds((48, 4, 128, 2048), f8), sds((48, 16, 4, 128), f32), sds((48, 4, 128, 2048), f8),
+            sds((48, 16, 4, 128), f32))
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
+
+
+def test_grouped_matmul_concat_refuses_weights_it_cannot_put_side_by_side():
+    x = jnp.zeros((16, 64), jnp.bfloat16)
+    g = jnp.zeros((1,), jnp.int32)
+    with pytest.raises(ValueError, match="same groups and K"):
+        grouped_matmul(x, g, (jnp.zeros((1, 64, 32), jnp.bfloat16), jnp.zeros((1, 32, 32), jnp.bfloat16)),
+                       bm=16, bn=16, bk=16, concat=True, interpret=True)
+    with pytest.raises(ValueError, match="bn=32 to divide every N"):
+        grouped_matmul(x, g, (jnp.zeros((1, 64, 32), jnp.bfloat16), jnp.zeros((1, 64, 48), jnp.bfloat16)),
+                       bm=16, bn=32, bk=16, concat=True, interpret=True)
+
+
 def test_fp8_projection_with_the_weight_on_the_left(monkeypatch, fp8_w8a16):
     """A prefill-sized FP8 projection stored [out, in] whose tiles stay >= 64 wide runs with the
     weight as the MMA's left operand (MATMUL_DEFAULTS' fp8_nk) and gives the same products; once

@@ -8,9 +8,11 @@ Shapes (G groups, K in, N out, R = NB * bm rows):
   x [R, K] bf16/f16, groups [NB] int32 in [-1, G) (-1: block skipped, its rows left unwritten),
   weights: 1 array [G, K, N] -> float32 [R, N]; or 2 (gate, up) -> silu(x@W0) * (x@W1) in x's
   dtype (the MoE hidden activation, as the reference computes it from float32 products).
-  k_splits=S (one weight): S programs per tile split the K steps, -> float32 partial sums
+  k_splits=S (not a pair): S programs per tile split the K steps, -> float32 partial sums
   [S, R, N] for the caller to add (a projection of few rows has too few tiles to keep the SMs
   streaming otherwise: linear.py).
+  concat=True: 1-3 weights of the same K side by side (q, k and v), each with its own N and
+  float32 output; the grid's column tiles run over all of them, one launch for the three.
   With w_nk the weights are stored [G, N, K] (the checkpoint's [out, in]); scales never swap.
   scales: None or per weight float32, layout "k" [G, ceil(K/block), N] or "n" [G, K, ceil(N/block)].
 
@@ -62,15 +64,22 @@ F16_SCALE_PRE = 1024.0   # keeps an FP8 block scale a normal f16 number (module 
 
 @functools.partial(jax.jit, static_argnames=("bm", "layout", "block", "bn", "bk", "num_warps",
                                              "num_stages", "convert", "w_nk", "w_lhs", "quantize_out",
-                                             "k_splits", "interpret"))
+                                             "k_splits", "concat", "interpret"))
 def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", block=128, bn=64, bk=64,
                    num_warps=4, num_stages=3, convert="cast", w_nk=False, w_lhs=False, x_scales=None,
-                   quantize_out=False, k_splits=1, interpret=None):
+                   quantize_out=False, k_splits=1, concat=False, interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
     if w_nk:
         n_dim, k_dim = k_dim, n_dim
+    n_dims = [w.shape[1 if w_nk else 2] for w in weights]
+    if concat:   # side by side: each weight its own N and output; the grid's tiles run over all of them
+        if any(w.shape[0] != g_count or w.shape[2 if w_nk else 1] != k_dim for w in weights):
+            raise ValueError(f"concat weights need the same groups and K, got {[w.shape for w in weights]}")
+        if quantize_out or any(n % bn for n in n_dims):
+            raise ValueError(f"concat needs bn={bn} to divide every N {n_dims} and no quantize_out")
+        n_dim = sum(n_dims)
     if w_lhs and not w_nk:
         raise ValueError("w_lhs=True (the weight as the MMA's left operand) needs weights stored [G, N, K] (w_nk=True)")
     # x tile [bm, bk] against the weight tile as stored; w_lhs: weight tile [bn, bk] against x's
@@ -78,7 +87,7 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
     r_count = x_rk.shape[0]
     nb = groups_b.shape[0]
     fp8 = len(scales) > 0
-    pair = len(weights) == 2
+    pair = len(weights) == 2 and not concat
     if r_count != nb * bm:
         raise ValueError(f"x has {r_count} rows, expected {nb} blocks x bm={bm}")
     if n_dim % bn or k_dim % bk:
@@ -97,7 +106,7 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
     qg = k_dim // x_scales.shape[1] if a8 else 0
     steps = k_dim // bk
     if k_splits > 1 and (pair or steps % k_splits):
-        raise ValueError(f"k_splits={k_splits} needs one weight and K steps ({steps} of bk={bk}) it divides")
+        raise ValueError(f"k_splits={k_splits} needs no (gate, up) pair and K steps ({steps} of bk={bk}) it divides")
     steps //= k_splits   # per program: split s runs K steps s*steps .. (s+1)*steps - 1
     cdt = x_rk.dtype
     mdt = jnp.float16 if fp8 and convert == "f16" else cdt   # the MMA's operand dtype
@@ -108,20 +117,19 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
         if a8:
             xs_ref, refs = refs[0], refs[1:]
         w_refs, s_refs = refs[:nw], refs[nw:nw + len(scales)]
-        o_ref = refs[nw + len(scales)]
+        o_refs = refs[nw + len(scales):nw + len(scales) + (nw if concat else 1)]
         b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         first = split * steps   # the split's first K step
         g = groups_ref[b]
         m0 = pl.multiple_of(b * bm, bm)
-        n0 = pl.multiple_of(j * bn, bn)
 
-        @pl.when(g >= 0)
-        def _compute():
+        def tile(ws, ss, n0):
+            """float32 [bm, bn] sums of x's rows against columns n0.. of each weight in ws (scales ss)."""
             def body(t, accs):
                 k0 = pl.multiple_of((first + t) * bk, bk)
                 xt = x_ref[pl.ds(m0, bm), pl.ds(k0, bk)].astype(mdt)
                 out = []
-                for i, (w_ref, acc) in enumerate(zip(w_refs, accs)):
+                for i, (w_ref, acc) in enumerate(zip(ws, accs)):
                     if w_nk:
                         w = w_ref[g, pl.ds(n0, bn), pl.ds(k0, bk)]     # [bn, bk]
                     else:
@@ -135,33 +143,56 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
                         return col[None, :] if w_nk else col[:, None]
                     if a8:   # x's group scale per row, the weight's per column or per tile
                         sx = xs_ref[pl.ds(m0, bm), k0 // qg]
-                        ws = (s_refs[i][g, k0 // block, pl.ds(n0, bn)] if layout == "k"
-                              else s_refs[i][g, k0, n0 // block])
+                        ws_ = (ss[i][g, k0 // block, pl.ds(n0, bn)] if layout == "k"
+                               else ss[i][g, k0, n0 // block])
                         if layout == "k":
-                            scale = ws[:, None] * sx[None, :] if w_lhs else sx[:, None] * ws[None, :]
+                            scale = ws_[:, None] * sx[None, :] if w_lhs else sx[:, None] * ws_[None, :]
                         else:
-                            scale = (sx[None, :] if w_lhs else sx[:, None]) * ws
+                            scale = (sx[None, :] if w_lhs else sx[:, None]) * ws_
                         acc = acc + dot(w) * scale
                     elif fp8 and layout == "k":
-                        col = s_refs[i][g, k0 // block, pl.ds(n0, bn)]
+                        col = ss[i][g, k0 // block, pl.ds(n0, bn)]
                         acc = acc + dot(w) * (col[:, None] if w_lhs else col[None, :])
                     else:
                         if fp8 and mdt == jnp.float16:
-                            col = (s_refs[i][g, pl.ds(k0, bk), n0 // block] * pre).astype(mdt)
+                            col = (ss[i][g, pl.ds(k0, bk), n0 // block] * pre).astype(mdt)
                             w = w.astype(mdt) * by_k(col)
                         elif fp8:
-                            col = s_refs[i][g, pl.ds(k0, bk), n0 // block]
+                            col = ss[i][g, pl.ds(k0, bk), n0 // block]
                             w = (w.astype(jnp.float32) * by_k(col)).astype(cdt)
                         acc = acc + dot(w)
                     out.append(acc)
                 return tuple(out)
 
             accs = jax.lax.fori_loop(0, steps, body,
-                                     tuple(jnp.zeros((bn, bm) if w_lhs else (bm, bn), jnp.float32) for _ in w_refs))
+                                     tuple(jnp.zeros((bn, bm) if w_lhs else (bm, bn), jnp.float32) for _ in ws))
             if w_lhs:
                 accs = tuple(acc.T for acc in accs)
             if pre != 1.0:
                 accs = tuple(acc * (1.0 / pre) for acc in accs)
+            return accs
+
+        def store(o_ref, res, n0):
+            if k_splits > 1:
+                o_ref[split, pl.ds(m0, bm), pl.ds(n0, bn)] = res
+            else:
+                o_ref[pl.ds(m0, bm), pl.ds(n0, bn)] = res
+
+        if concat:   # the program's tile lies in one weight: tiles [start, start + N_i / bn) are weight i's
+            start = 0
+            for i, n_i in enumerate(n_dims):
+                @pl.when((g >= 0) & (j >= start) & (j < start + n_i // bn))
+                def _one(i=i, start=start):
+                    n0 = pl.multiple_of((j - start) * bn, bn)
+                    (acc,) = tile((w_refs[i],), (s_refs[i],) if fp8 else (), n0)
+                    store(o_refs[i], acc, n0)
+                start += n_i // bn
+            return
+
+        @pl.when(g >= 0)
+        def _compute():
+            n0 = pl.multiple_of(j * bn, bn)
+            accs = tile(w_refs, s_refs, n0)
             if pair:
                 a, u = accs
                 res = a / (1.0 + jnp.exp(-a)) * u
@@ -170,17 +201,17 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
                     hs = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
                     refs[-1][pl.ds(m0, bm), j] = hs
                     res = res / hs[:, None]
-                res = res.astype(o_ref.dtype)
+                res = res.astype(o_refs[0].dtype)
             else:
                 res = accs[0]
-            if k_splits > 1:
-                o_ref[split, pl.ds(m0, bm), pl.ds(n0, bn)] = res
-            else:
-                o_ref[pl.ds(m0, bm), pl.ds(n0, bn)] = res
+            store(o_refs[0], res, n0)
 
     # a pair's silu product leaves in x's dtype (bf16 for an e4m3 x), or quantized
     out_dtype = (jnp.float8_e4m3fn if quantize_out else jnp.bfloat16 if a8 else cdt) if pair else jnp.float32
-    out_shape = jax.ShapeDtypeStruct((k_splits, r_count, n_dim) if k_splits > 1 else (r_count, n_dim), out_dtype)
+    lead = (k_splits,) if k_splits > 1 else ()
+    out_shape = jax.ShapeDtypeStruct((*lead, r_count, n_dim), out_dtype)
+    if concat:
+        out_shape = tuple(jax.ShapeDtypeStruct((*lead, r_count, n), out_dtype) for n in n_dims)
     if quantize_out:
         out_shape = (out_shape, jax.ShapeDtypeStruct((r_count, n_dim // bn), jnp.float32))
     return pl.pallas_call(

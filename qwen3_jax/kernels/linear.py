@@ -39,7 +39,10 @@ TARGET_PROGRAMS = 264   # two per SM of an H100: below this a memory-bound matmu
 # 2 K steps; from 128-row blocks 4 splits of 64-wide tiles, as run 108 measured best).
 # Measured (run 109, H200, FP8 decode, ms per step, narrow -> split): batch 32 14.144 -> 13.115,
 # 64 16.141 -> 14.597, 128 18.394 -> 16.979, 256 24.014 -> 23.204.
-PROJECTION_MATMUL_PRESETS = {"narrow": dict(narrow=True, k_splits=1), "split": dict(narrow=False, k_splits="auto")}
+# "concat": q, k and v in one launch side by side (projections_partials), one x quantize; not yet
+# timed on a GPU (serve.bench --projection-matmul split,split-qkv).
+PROJECTION_MATMUL_PRESETS = {"narrow": dict(narrow=True, k_splits=1), "split": dict(narrow=False, k_splits="auto"),
+                             "split-qkv": dict(narrow=False, k_splits="auto", concat=True)}
 PROJECTION_MATMUL: dict = dict(PROJECTION_MATMUL_PRESETS["split"])
 
 
@@ -119,8 +122,9 @@ def projections_partials(specs, block: int, layer, w_nk: bool = False):
 
     specs [(eq, x, w [L, ...], scale or None, block_axis)], x the same in each -> one float32
     [S, M, N_i] partial sum per spec (see linear_einsum's partials), or None when one launch does
-    not cover them (rows above the gemv limit, mixed bf16/FP8 or layouts, a gemv mode without
-    side-by-side tiles): the caller then runs them one by one. Saves a launch per extra
+    not cover them (mixed bf16/FP8 or layouts, a gemv mode without side-by-side tiles; rows above
+    the gemv limit unless PROJECTION_MATMUL's "concat" puts FP8 weights side by side in one
+    grouped_matmul launch): the caller then runs them one by one. Saves a launch per extra
     projection (k and v of 30B-A3B at batch 1: -0.31 ms per step on an H200, NOTES run 10).
     w_nk: every w stored [out..., in...] (see linear_einsum)."""
     mats = [_as_matrices(eq, x, w, scale, axis, layer, w_nk) for eq, x, w, scale, axis in specs]
@@ -130,9 +134,14 @@ def projections_partials(specs, block: int, layer, w_nk: bool = False):
     m, k_dim = x2.shape
     fp8 = {mt[2] is not None for mt in mats}
     layouts = {mt[3] for mt in mats}
-    if m > GEMV_MAX_ROWS or len(fp8) > 1 or len(layouts) > 1 or any(mt[0].shape != x2.shape for mt in mats):
+    if len(fp8) > 1 or len(layouts) > 1 or any(mt[0].shape != x2.shape for mt in mats):
         return None
     fp8, layout = fp8.pop(), layouts.pop()
+    if m > GEMV_MAX_ROWS:   # the FP8 matmul, side by side where PROJECTION_MATMUL asks (bf16: XLA's)
+        if not (fp8 and PROJECTION_MATMUL.get("concat")) or kernels.fp8_dequantized(m):
+            return None
+        return _matmul(x2, [mt[1] for mt in mats], tuple(mt[2] for mt in mats), layout, block,
+                       jnp.asarray(layer, jnp.int32), w_nk, None)
     t = gemv_tiles(k_dim, tuple(mt[1].shape[1 if w_nk else 2] for mt in mats), m, fp8, layout, block,
                    w_nk=w_nk, **projection_tiles(fp8, layout, w_nk))
     if t is None or t["mode"] != "dot":
@@ -153,8 +162,8 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     """x [M, K] (an array or a gemv_inputs source) @ W[group] (dequantized if `scale`) -> [M, N]
     float32, or None if no tiling fits. w [G, K, N], or [G, N, K] with w_nk. scale_run: see
     linear_einsum.
-    partials=True: [S, M, N] float32 whose sum over S is that (S = the gemv's split_k; 1 for the
-    matmul), the reduction left to the caller."""
+    partials=True: [S, M, N] float32 whose sum over S is that (S = the gemv's split_k, or the
+    matmul's K splits: PROJECTION_MATMUL), the reduction left to the caller."""
     m, k_dim = x_mk.shape
     n_dim = w_gkn.shape[1 if w_nk else 2]
     fp8 = scale is not None
@@ -167,33 +176,53 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
         (y,) = gemv(x_mk, m, jnp.reshape(group, (1,)).astype(jnp.int32), (w_gkn,), scales, row_div=1,
                     layout=layout, block=block, **t)
         return y if partials else jnp.sum(y, axis=0)
+    parts = _matmul(x_mk, (w_gkn,), scales, layout, block, group, w_nk, scale_run)
+    if parts is None:
+        return None
+    return parts[0] if partials else jnp.sum(parts[0], axis=0)
+
+
+def _matmul(x_mk, ws, scales, layout: str, block: int, group, w_nk: bool, scale_run: int | None):
+    """x [M, K] @ W_i[group] for each weight in ws (one grouped_matmul launch, side by side when
+    several) -> [float32 [S, M, N_i]] partial sums over S K splits, or None if no tiling fits.
+    The tiles follow PROJECTION_MATMUL; ws share K, layout and storage order."""
+    m, k_dim = x_mk.shape
+    n_dims = [w.shape[1 if w_nk else 2] for w in ws]
+    fp8 = scales is not None
     bm = 16
     while bm < 128 and bm < m:
         bm *= 2
     nb = -(-m // bm)
     over = dict(PROJECTION_MATMUL)
     narrow, k_splits = over.pop("narrow", True), over.pop("k_splits", 1)
-    t = matmul_tiles(k_dim, n_dim, bm, fp8, layout, block, w_nk=w_nk, **over)
+    over.pop("concat", None)
+    t = matmul_tiles(k_dim, math.gcd(*n_dims), bm, fp8, layout, block, w_nk=w_nk, **over)
     if t is None:
         return None
+
+    def tiles(bn):
+        return nb * sum(n // bn for n in n_dims)
+
+    def divides(bn):
+        return all(n % bn == 0 for n in n_dims)
+
     if t["convert"] == "e4m3" and layout == "n":   # one weight scale per K step (grouped_matmul)
         t = dict(t, bk=math.gcd(t["bk"], scale_run or block))
     # One group means parallelism only from row blocks x column tiles: narrow the columns (and
     # use 4 warps) until two programs per SM exist, or a k/v projection runs on 4 SMs. The weight
     # as the MMA's left operand needs bn >= 64 (wgmma's height; run 48 in benchmarks/NOTES.md:
     # with bn=32 it cost batch-64 decode +2.6%).
-    while (narrow and nb * (n_dim // t["bn"]) < TARGET_PROGRAMS and t["bn"] > 32
-           and n_dim % (t["bn"] // 2) == 0):
+    while narrow and tiles(t["bn"]) < TARGET_PROGRAMS and t["bn"] > 32 and divides(t["bn"] // 2):
         t = dict(t, bn=t["bn"] // 2, num_warps=4, w_lhs=t["w_lhs"] and t["bn"] // 2 >= 64)
     steps = k_dim // t["bk"]
     if k_splits == "auto":
         k_splits = 1
         if bm >= 128:   # [S, M, N] partials grow with the rows: 64-wide tiles, 4 splits (run 108)
-            if t["bn"] > 64 and n_dim % 64 == 0:
+            if t["bn"] > 64 and divides(64):
                 t = dict(t, bn=64)
             k_splits = 4 if steps % 8 == 0 else 1
         else:           # the fewest splits that give TARGET_PROGRAMS, each at least 2 K steps
-            while nb * (n_dim // t["bn"]) * k_splits < TARGET_PROGRAMS and steps % (4 * k_splits) == 0:
+            while tiles(t["bn"]) * k_splits < TARGET_PROGRAMS and steps % (4 * k_splits) == 0:
                 k_splits *= 2
     if steps % k_splits:
         return None
@@ -205,7 +234,7 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
         extra = dict(x_scales=jnp.pad(sx, pad, constant_values=1.0))
     elif t["convert"] == "f16":
         x2 = x2.astype(jnp.float16)
-    y = grouped_matmul(jnp.pad(x2, pad), jnp.full((nb,), group, jnp.int32), (w_gkn,), scales, bm=bm,
-                       layout=layout, block=block, w_nk=w_nk, k_splits=k_splits, **t, **extra)
-    y = y[:, :m] if k_splits > 1 else y[None, :m]
-    return y if partials else jnp.sum(y, axis=0)
+    ys = grouped_matmul(jnp.pad(x2, pad), jnp.full((nb,), group, jnp.int32), tuple(ws), scales, bm=bm,
+                        layout=layout, block=block, w_nk=w_nk, k_splits=k_splits, concat=len(ws) > 1, **t, **extra)
+    ys = ys if len(ws) > 1 else (ys,)
+    return [y[:, :m] if k_splits > 1 else y[None, :m] for y in ys]
