@@ -189,9 +189,10 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
                 start += n_i // bn
             return
 
+        n0 = pl.multiple_of(j * bn, bn)
+
         @pl.when(g >= 0)
         def _compute():
-            n0 = pl.multiple_of(j * bn, bn)
             accs = tile(w_refs, s_refs, n0)
             if pair:
                 a, u = accs
