@@ -215,12 +215,7 @@ def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext |
     if dp > 1 and batch is not None and batch % dp:
         return _moe_ffn_whole(x_nd, weights_nk, experts_nk, expert_weights, ctx, routing)
     pad = (-n) % dp
-    if routing is None:
-        per_token = (weights_nk, experts_nk)
-        extra = ()
-    else:   # padding rows route nowhere: they are the gathered rows from n on (all_gather keeps order)
-        per_token = () if routing.live_n is None else (routing.live_n,)
-        extra = routing.operands()
+    per_token, extra = _routing_operands(weights_nk, experts_nk, routing)
     if pad:
         x_nd = jnp.pad(x_nd, ((0, pad), (0, 0)))
         per_token = tuple(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in per_token)
@@ -231,14 +226,9 @@ def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext |
 
     def body(x, *operands):
         gathered = [jax.lax.all_gather(a, data_axes, axis=0, tiled=True) for a in (x, *operands[:m])]
-        x = gathered[0]
-        if routing is None:
-            w, e = gathered[1:]
-        else:
-            x, w, e = routing.apply(x, operands[m:m + len(extra)])
-            live = gathered[1] if m else (jnp.arange(x.shape[0]) < n if pad else None)
-            if live is not None:
-                e = jnp.where(live[:, None], e, -1)
+        # padding rows route nowhere: they are the gathered rows from n on (all_gather keeps order)
+        pad_live = jnp.arange(gathered[0].shape[0]) < n if pad else None
+        x, w, e = _routed(gathered[0], gathered[1:], operands[m:m + len(extra)], routing, pad_live)
         local_raw = operands[m + len(extra):]
         y = expert_weights.local_ffn(x, w, e, local_raw, _linear_index(expert_axes, ctx))
         y = jax.lax.psum_scatter(y, data_axes, scatter_dimension=0, tiled=True)
@@ -251,21 +241,36 @@ def moe_ffn(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext |
     return y[:n].astype(x_nd.dtype)
 
 
+def _routing_operands(weights_nk, experts_nk, routing):
+    """moe_ffn's shard_map operands besides x: (per-token arrays split like x: the routing, or
+    GatheredRouting's live mask if any; the routing's replicated operands)."""
+    if routing is None:
+        return (weights_nk, experts_nk), ()
+    return (() if routing.live_n is None else (routing.live_n,)), routing.operands()
+
+
+def _routed(x, per_token, extra, routing, pad_live=None):
+    """Inside the shard_map body: (x the experts take, weights, experts) from the rows' x and the
+    _routing_operands (per_token as the body holds them); rows not live (routing's mask, else
+    pad_live) route to expert -1."""
+    if routing is None:
+        return (x, *per_token)
+    x, w, e = routing.apply(x, extra)
+    live = per_token[0] if per_token else pad_live
+    if live is not None:
+        e = jnp.where(live[:, None], e, -1)
+    return x, w, e
+
+
 def _moe_ffn_whole(x_nd, weights_nk, experts_nk, expert_weights, ctx: ShardingContext, routing):
     """moe_ffn for rows every device holds whole: no gather, each device's experts on all rows,
     one psum over the mesh."""
     expert_axes = ctx.spec.axes["expert"]
-    per_token = (weights_nk, experts_nk) if routing is None else (() if routing.live_n is None else (routing.live_n,))
-    extra = () if routing is None else routing.operands()
+    per_token, extra = _routing_operands(weights_nk, experts_nk, routing)
     m = len(per_token)
 
     def body(x, *operands):
-        if routing is None:
-            w, e = operands[:2]
-        else:
-            x, w, e = routing.apply(x, operands[m:m + len(extra)])
-            if m:
-                e = jnp.where(operands[0][:, None], e, -1)
+        x, w, e = _routed(x, operands[:m], operands[m:m + len(extra)], routing)
         y = expert_weights.local_ffn(x, w, e, operands[m + len(extra):], _linear_index(expert_axes, ctx))
         return jax.lax.psum(y, tuple(ctx.mesh.axis_names))
 
