@@ -107,10 +107,10 @@ def main(argv=None):
     p.add_argument("--sample", action="store_true",
                    help="sample as Qwen3's generation_config asks (temperature 0.6, top_p 0.95, top_k 20; seeded) "
                         "instead of greedy")
-    p.add_argument("--top-k", choices=("pruned", "chunked", "lax"), default=None,
+    p.add_argument("--top-k", choices=("pruned", "lax"), default=None,
                    help="how the top-64 sampler takes a row's best 64 (serve.sampling.TOP_K; default: the "
-                        "module's): pruned by block maxima, XLA's top_k over vocabulary chunks, or one "
-                        "lax.top_k over the whole row (the sampler before run 105)")
+                        "module's): pruned by block maxima, or one lax.top_k over the whole row (the "
+                        "sampler before run 105)")
     args = p.parse_args(argv)
     if args.prompt + args.tokens >= args.context:
         p.error(f"--prompt {args.prompt} + --tokens {args.tokens} must stay below --context {args.context}: "

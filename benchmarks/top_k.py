@@ -1,18 +1,18 @@
-"""The sampler's top-64 over a 152k vocabulary: lax.top_k against the exact forms of
-serve.sampling.top_k_rows (pruned by block maxima; XLA's top_k over chunks), and the whole
-top-64 sampler with each (runs 105-107 in NOTES.md).
+"""The sampler's top-64 over a 152k vocabulary: lax.top_k against serve.sampling.top_k_rows'
+pruned form (block maxima first) at several block sizes, and the whole top-64 sampler with each
+(runs 105-107 in NOTES.md; the forms measured there and dropped are not here).
 
 Per batch B of float32 logits [B, 151936]: device time of one call (the profiler's span, first
 kernel to last, so no host gap counts), for the greedy argmax (the one read every sampler pays),
-lax.top_k(64), each form at several block / chunk sizes, and serve.sampling.sample in "top64"
-mode (Qwen3's temperature 0.6, top_p 0.95, top_k 20) with each form, and in "full" mode (top_k
-off: the whole row sorted), what a request that turns top_k off pays.
-Each time is shown against the read of the logits at the copy bandwidth measured in the same run,
-and the chunked forms against lax.top_k in the same run. Also checks each form's ids against
-lax.top_k's (exactness, ties included: the logits are rounded to bf16, so ties are common).
+lax.top_k(64), the pruned form at several block sizes, and serve.sampling.sample in "top64" mode
+(Qwen3's temperature 0.6, top_p 0.95, top_k 20) with each form, and in "full" mode (top_k off:
+the whole row sorted), what a request that turns top_k off pays. Each time is shown against the
+read of the logits at the copy bandwidth measured in the same run, and against lax.top_k in the
+same run. Also checks the pruned form's values and ids against lax.top_k's (exactness, ties
+included: the logits are rounded to bf16, so ties are common).
 
     python benchmarks/top_k.py                       # GPU: the figures
-    python benchmarks/top_k.py --batch 2 --vocab 8192 --sizes pruned:64,chunked:1024   # CPU: works
+    python benchmarks/top_k.py --batch 2 --vocab 8192 --blocks 16,64   # CPU: works
 """
 
 import argparse
@@ -62,11 +62,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=ints, default=[1, 16, 64, 256], help="rows, comma-separated")
     ap.add_argument("--vocab", type=int, default=151936, help="columns (Qwen3: 151936)")
-    ap.add_argument("--sizes", default="pruned:64,pruned:128,pruned:256,chunked:1024",
-                    help="form:size pairs to time (sampling.TOP_K_FORMS)")
+    ap.add_argument("--blocks", type=ints, default=[64, 128, 256], help="pruned-form block sizes to time")
     ap.add_argument("--width", type=int, default=sampling.TOP_K_FAST, help="k of the top-k")
     args = ap.parse_args(argv)
-    pairs = [(f, int(n)) for f, n in (p.split(":") for p in args.sizes.split(","))]
     on_gpu = jax.default_backend() == "gpu"
     ceil = measure_ceilings(on_gpu, reps=10)
     bw = ceil["bandwidth"] / 2   # copy bandwidth counts read + write; a read of x counts once
@@ -88,14 +86,14 @@ def main(argv=None):
 
         row("argmax (greedy)", device_us(argmax, x))
         row("lax.top_k", base, "ref")
-        for form, size in pairs:
-            fn = jax.jit(lambda a, form=form, size=size: sampling.top_k_rows(a, args.width, form, size))
+        for block in args.blocks:
+            fn = jax.jit(lambda a, block=block: sampling.top_k_rows(a, args.width, "pruned", block))
             vals, ids = fn(x)
             same = bool(np.array_equal(np.asarray(ids), np.asarray(ref_ids))
                         and np.array_equal(np.asarray(vals), np.asarray(ref_vals)))
-            row(f"{form} {size}", device_us(fn, x), "yes" if same else "NO")
+            row(f"pruned {block}", device_us(fn, x), "yes" if same else "NO")
         first = None
-        for form in ["lax"] + list(dict.fromkeys(f for f, _ in pairs)):
+        for form in ("lax", "pruned"):
             fn = sampler(b, form)
             ids = np.asarray(fn(x))
             first = ids if first is None else first

@@ -79,12 +79,13 @@ def vocab_axes(ctx, shape) -> tuple[str, ...]:
     return () if ctx is None else mesh_axes_of(ctx, ("batch", "vocab"), shape, (1,))
 
 
-# How the top-64 sampler takes a row's best 64 (read at trace time; benchmarks set it), each
-# exact (top_k_rows). Measured in runs 105-107 (benchmarks/top_k.py, benchmarks/NOTES.md); a
-# Pallas kernel selecting by rounds of max / arg-max (run 106) lost to "pruned" everywhere.
-TOP_K_FORMS = ("pruned", "chunked", "lax")
+# How the top-64 sampler takes a row's best 64 (read at trace time; benchmarks set it): "pruned"
+# (top_k_rows) or "lax", one jax.lax.top_k over the row. Measured in runs 105-107
+# (benchmarks/top_k.py, benchmarks/NOTES.md), where XLA's top_k over 1024-column chunks and a
+# Pallas kernel selecting by rounds of max / arg-max both lost to "pruned" everywhere.
+TOP_K_FORMS = ("pruned", "lax")
 TOP_K = "pruned"
-TOP_K_SIZE = {"pruned": 64, "chunked": 1024}   # block / chunk columns
+TOP_K_BLOCK = 64   # columns per block of the pruned form
 
 
 def total_order_key(x):
@@ -95,42 +96,35 @@ def total_order_key(x):
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
-def top_k_rows(x_bv, width: int, form: str | None = None, size: int | None = None):
-    """jax.lax.top_k(x, width) -> (values, ids) [B, width], exactly (ties to the lower id), in
-    one of TOP_K_FORMS (default TOP_K; `size` default TOP_K_SIZE[form]):
+def top_k_rows(x_bv, width: int, form: str | None = None, block: int | None = None):
+    """jax.lax.top_k(x, width) -> (values, ids) [B, width], exactly (ties to the lower id).
 
-      "pruned": the row's `size`-column blocks' maxima; the `width` blocks with the best maxima
-        hold the row's best `width` (any other block's maximum is at or below the width-th best
-        block maximum, and `width` values reach it), so one top_k over those width x size
-        columns, taken in id order, gives the answer. Maxima compare in XLA's total order
-        (total_order_key), as top_k does. Where tied block maxima leave blocks out, those blocks
-        lie after every chosen one of that maximum, so the lower ids are kept.
-      "chunked": XLA's top_k of each `size`-column chunk, then of their candidates in chunk order.
-      "lax": one jax.lax.top_k over the whole row.
+    form "pruned" (default TOP_K): the row's `block`-column blocks' maxima (default TOP_K_BLOCK);
+    the `width` blocks with the best maxima hold the row's best `width` (any other block's maximum
+    is at or below the width-th best block maximum, and `width` values reach it), so one top_k
+    over those width x block columns, taken in id order, gives the answer. Maxima compare in XLA's
+    total order (total_order_key), as top_k does. Where tied block maxima leave blocks out, those
+    blocks lie after every chosen one of that maximum, so the lower ids are kept. The last block
+    is padded with -inf at ids past V, after every real entry, so a pad is never picked while
+    V >= width. form "lax": one jax.lax.top_k over the whole row.
 
     Why: XLA:GPU lowers a top_k with k = 64 over a 152k vocabulary to a sort of the whole row: 38
     us a row at B = 16 on an H200, where reading the row takes ~0.3 us; pruned takes 4 us a row
-    there and 0.7 at B = 256 (runs 105-107). The last block or chunk is padded with -inf at ids
-    past V, after every real entry, so a pad is never picked while V >= width."""
+    there and 0.7 at B = 256 (runs 105-107)."""
     b, v = x_bv.shape
     form = TOP_K if form is None else form
     if form not in TOP_K_FORMS:
         raise ValueError(f"top-k form {form!r}: use one of {TOP_K_FORMS}")
-    size = TOP_K_SIZE.get(form, 0) if size is None else size
-    n = -(-v // max(size, 1))
-    if form == "lax" or (form == "pruned" and n <= width) or (form == "chunked" and (n == 1 or size < width)):
+    block = TOP_K_BLOCK if block is None else block
+    n = -(-v // block)
+    if form == "lax" or n <= width:
         return jax.lax.top_k(x_bv, width)
-    blocks_bns = jnp.pad(x_bv, ((0, 0), (0, n * size - v)), constant_values=-jnp.inf).reshape(b, n, size)
-    if form == "pruned":
-        _, best = jax.lax.top_k(jnp.max(total_order_key(blocks_bns), axis=2), width)    # [B, width]
-        best = jnp.sort(best, axis=1)                                                    # id order
-        cand = jnp.take_along_axis(blocks_bns, best[:, :, None], axis=1).reshape(b, width * size)
-        vals, at = jax.lax.top_k(cand, width)
-        return vals, jnp.take_along_axis(best, at // size, axis=1) * size + at % size
-    vals, ids = jax.lax.top_k(blocks_bns, width)                                      # [B, n, width]
-    ids = ids + (jnp.arange(n, dtype=ids.dtype) * size)[None, :, None]
-    best, at = jax.lax.top_k(vals.reshape(b, n * width), width)
-    return best, jnp.take_along_axis(ids.reshape(b, n * width), at, axis=1)
+    blocks_bns = jnp.pad(x_bv, ((0, 0), (0, n * block - v)), constant_values=-jnp.inf).reshape(b, n, block)
+    _, best = jax.lax.top_k(jnp.max(total_order_key(blocks_bns), axis=2), width)    # [B, width]
+    best = jnp.sort(best, axis=1)                                                    # id order
+    cand = jnp.take_along_axis(blocks_bns, best[:, :, None], axis=1).reshape(b, width * block)
+    vals, at = jax.lax.top_k(cand, width)
+    return vals, jnp.take_along_axis(best, at // block, axis=1) * block + at % block
 
 
 def top_k_over_vocab(x_bv, width: int, ctx=None):

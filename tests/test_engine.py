@@ -266,7 +266,7 @@ def test_top_k_over_a_split_vocabulary_equals_top_k_of_the_whole_row(mesh, monke
     from serve import sampling
     from serve.sampling import top_k_over_vocab
 
-    monkeypatch.setattr(sampling, "TOP_K_SIZE", {"pruned": 4})   # tp=2: 512 columns a device in 128 blocks
+    monkeypatch.setattr(sampling, "TOP_K_BLOCK", 4)   # tp=2: 512 columns a device in 128 blocks
     x = np.random.default_rng(4).standard_normal((3, 1024)).astype(np.float32)
     x[0, [5, 700, 900, 1023]] = 9.0
     x[1, 10:80] = 3.0

@@ -1,9 +1,9 @@
-"""The sampler's top-k forms (serve.sampling.top_k_rows: pruned by block maxima, chunked) against
-jax.lax.top_k, bit for bit.
+"""The sampler's top-k (serve.sampling.top_k_rows: pruned by block maxima) against jax.lax.top_k,
+bit for bit.
 
 CPU: small rows with every case a selection can get wrong (ties within and across blocks, tied
 block maxima that leave blocks out, -inf, -0.0 against 0.0, fewer than k finite values, a
-vocabulary no block divides, k = 20 and 64), and the sampler through each form. GPU (marked):
+vocabulary no block divides, k = 20 and 64), and the sampler through it. GPU (marked):
 the same against the GPU's own lax.top_k, and Qwen3's 151936 columns; on the device machine:
 `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_sampling_top_k.py`.
 """
@@ -38,16 +38,15 @@ def assert_top_k_equal(got, x, k):
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
 
 
-FORMS = [("pruned", 4), ("pruned", 7), ("pruned", 10), ("pruned", 15), ("chunked", 64), ("chunked", 100),
-         ("chunked", 999)]
+BLOCKS = [4, 7, 10, 15]
 
 
-@pytest.mark.parametrize("form,size", FORMS)
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("k", [64, 20])
-def test_top_k_forms_equal_lax_top_k(form, size, k):
-    """pruned 10 with k = 64: 100 blocks, so blocks with tied maxima are left out (rows 1, 5, 6)."""
+def test_pruned_top_k_equals_lax_top_k(block, k):
+    """Block 10 with k = 64: 100 blocks, so blocks with tied maxima are left out (rows 1, 5, 6)."""
     x = hard_rows()
-    got = jax.jit(lambda a: sampling.top_k_rows(a, k, form, size))(jnp.asarray(x))
+    got = jax.jit(lambda a: sampling.top_k_rows(a, k, "pruned", block))(jnp.asarray(x))
     assert_top_k_equal(got, x, k)
 
 
@@ -56,26 +55,25 @@ def test_unknown_top_k_form_is_named():
         sampling.top_k_rows(jnp.zeros((1, 100)), 8, "sorted")
 
 
-@pytest.mark.parametrize("form,size", [("pruned", 16), ("chunked", 256)])
-def test_sampler_through_each_form_draws_the_ids_lax_top_k_gives(monkeypatch, form, size):
-    """sampling.sample in top64 mode (Qwen3's settings) through each top-k form and through one
+def test_sampler_through_the_pruned_top_k_draws_the_ids_lax_top_k_gives(monkeypatch):
+    """sampling.sample in top64 mode (Qwen3's settings) through the pruned top-k and through one
     lax.top_k: the same ids for every row (the same candidates in the same order)."""
     x = jnp.asarray(hard_rows(2048)[[0, 1, 2, 5]])
     params = (jnp.full(4, 0.6), jnp.full(4, 0.95), jnp.full(4, 20, jnp.int32), jnp.arange(4, dtype=jnp.int32),
               jnp.full(4, 3, jnp.int32))
-    monkeypatch.setattr(sampling, "TOP_K_SIZE", {form: size})
+    monkeypatch.setattr(sampling, "TOP_K_BLOCK", 16)
     got = {}
-    for f in (form, "lax"):
-        monkeypatch.setattr(sampling, "TOP_K", f)
-        got[f] = np.asarray(jax.jit(lambda a: sampling.sample(a, *params, mode="top64"))(x))
-    np.testing.assert_array_equal(got[form], got["lax"])
+    for form in sampling.TOP_K_FORMS:
+        monkeypatch.setattr(sampling, "TOP_K", form)
+        got[form] = np.asarray(jax.jit(lambda a: sampling.sample(a, *params, mode="top64"))(x))
+    np.testing.assert_array_equal(got["pruned"], got["lax"])
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form,size", FORMS)
-def test_gpu_top_k_forms_on_the_hard_rows(form, size):
+@pytest.mark.parametrize("block", BLOCKS)
+def test_gpu_pruned_top_k_on_the_hard_rows(block):
     x = hard_rows()
-    assert_top_k_equal(jax.jit(lambda a: sampling.top_k_rows(a, 64, form, size))(jnp.asarray(x)), x, 64)
+    assert_top_k_equal(jax.jit(lambda a: sampling.top_k_rows(a, 64, "pruned", block))(jnp.asarray(x)), x, 64)
 
 
 @pytest.mark.gpu
