@@ -63,8 +63,8 @@ from qwen3_jax.progress import progress_bar
 from sharding.memory import DEFAULT_MEM_FRACTION_STATIC
 
 from .capacity import CacheSize, size_cache
-from .request import CompletionOutput, Request, RequestOutput
-from .sampling import SAMPLING_MODES, SamplingParams, device_seed, sample, sampling_mode
+from .request import CompletionOutput, Request, RequestOutput, TokenLogprob
+from .sampling import SAMPLING_MODES, SamplingParams, device_seed, sample, sampling_mode, token_logprobs
 from .tokenizer import DetokenizeStream, Tokenizer
 
 log = logging.getLogger("serve.engine")
@@ -237,8 +237,9 @@ class Engine:
         self._pending: collections.deque[Request] = collections.deque()
         self._prefilling: collections.deque[Request] = collections.deque()
         self._cancels: list[Request] = []
-        # Launched steps whose ids the host has not read yet: (ids [rows], [(row, request)]), oldest first.
-        self._inflight: collections.deque[tuple[jax.Array, list[tuple[int, Request]]]] = collections.deque()
+        # Launched steps whose ids the host has not read yet: (ids [rows] or (ids, logprobs...),
+        # [(row, request)]), oldest first.
+        self._inflight: collections.deque[tuple[object, list[tuple[int, Request]]]] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
         self.error: BaseException | None = None
@@ -284,28 +285,38 @@ class Engine:
         prefill_forward = jax.jit(functools.partial(_prefill_forward, g), donate_argnums=(1,), **fwd_kw)
         self._samplers = {m: jax.jit(functools.partial(_sample_into, m, ctx), donate_argnums=(0,), **smp_kw)
                           for m in SAMPLING_MODES}
+        # Only steps with a row that asked for logprobs run this (compiled on first use: ~1 s at
+        # each batch size, where the warm-up would add it to every start).
+        logprobs = jax.jit(functools.partial(token_logprobs, ctx=ctx),
+                           **({"out_shardings": (replicated,) * 3} if ctx is not None else {}))
         s = self.context_length
 
-        def decode(w, mode):
+        def sampled(mode, with_logprobs, last, logits, *sampler_inputs):
+            ids, last = self._samplers[mode](last, logits, *sampler_inputs)
+            return ((ids, *logprobs(logits, ids)) if with_logprobs else ids), last
+
+        def decode(w, mode, with_logprobs):
             def step(state, carry, positions_b, temperature_b, top_p_b, top_k_b, seed_b, step_b, slots_b):
                 cache, last = carry
                 rows = () if len(slots_b) == self.num_slots else (slots_b,)  # every slot: row b is slot b
                 logits, cache = forwards[w](state, cache, last, positions_b, *rows)
-                ids, last = self._samplers[mode](last, logits, slots_b, positions_b < s, temperature_b, top_p_b,
-                                                 top_k_b, seed_b, step_b)
-                return ids, (cache, last)
+                out, last = sampled(mode, with_logprobs, last, logits, slots_b, positions_b < s, temperature_b,
+                                    top_p_b, top_k_b, seed_b, step_b)
+                return out, (cache, last)
             return step
 
-        def prefill(mode):
+        def prefill(mode, with_logprobs):
             def step(state, carry, tokens_1t, positions_1t, slot_1, logits_at_1, *sampling_1):
                 cache, last = carry
                 logits, cache = prefill_forward(state, cache, tokens_1t, positions_1t, slot_1, logits_at_1)
-                ids, last = self._samplers[mode](last, logits, slot_1, np.ones(1, bool), *sampling_1)
-                return ids, (cache, last)
+                out, last = sampled(mode, with_logprobs, last, logits, slot_1, np.ones(1, bool), *sampling_1)
+                return out, (cache, last)
             return step
 
-        steps = {f"prefill/{m}": prefill(m) for m in SAMPLING_MODES}
-        steps.update({f"decode/{w}/{m}": decode(w, m) for w in self.windows for m in SAMPLING_MODES})
+        steps = {}
+        for lp, suffix in ((False, ""), (True, "/logprobs")):
+            steps.update({f"prefill/{m}{suffix}": prefill(m, lp) for m in SAMPLING_MODES})
+            steps.update({f"decode/{w}/{m}{suffix}": decode(w, m, lp) for w in self.windows for m in SAMPLING_MODES})
         self._channel = None
         if jax.process_count() > 1:  # several processes: rank 0 announces each step, the others run it too
             from .distributed import StepChannel, engine_capacity
@@ -632,9 +643,10 @@ class Engine:
         positions[0, :n] = np.arange(start, start + n)
         self._set_row(req)
         s = req.slot
-        ids = self._prefill_call(tokens, positions, s, n - 1)
         req.prefilled = start + n
-        if req.prefilled == req.prompt_len:  # the last chunk's id is the first generated token
+        done = req.prefilled == req.prompt_len
+        ids = self._prefill_call(tokens, positions, s, n - 1, logprobs=done and req.params.logprobs is not None)
+        if done:  # the last chunk's id is the first generated token
             self._step[s], self._pos[s] = 1, req.prompt_len  # the inputs of its first decode step
             req.launched = 1
             self._inflight.append((ids, [(0, req)]))
@@ -658,7 +670,7 @@ class Engine:
             rows = np.arange(b, dtype=np.int32)
         else:   # the live slots, padded with others, all at position S (free or still prefilling)
             rows = np.asarray(live + [s for s in range(self.num_slots) if s not in taken][:b - len(live)], np.int32)
-        ids = self._decode_call(window, rows)
+        ids = self._decode_call(window, rows, logprobs=any(self._slots[s].params.logprobs is not None for s in live))
         self.steps += 1
         self.decode_batches[b] = self.decode_batches.get(b, 0) + 1
         self._pos[live] += 1
@@ -668,27 +680,29 @@ class Engine:
         self._inflight.append((ids, [(i, self._slots[s]) for i, s in enumerate(rows) if s in taken]))
         return True
 
-    def _prefill_call(self, tokens_1t, positions_1t, slot: int, logits_at: int, mode: str | None = None
-                      ) -> jax.Array:
+    def _prefill_call(self, tokens_1t, positions_1t, slot: int, logits_at: int, mode: str | None = None,
+                      logprobs: bool = False):
         """Launch one prompt chunk [1, T] into `slot`'s cache row. -> the id sampled after
-        position logits_at [1] (not yet on the host), also kept as the slot's last id. mode:
-        the sampler's (None: the one the slot's settings need)."""
+        position logits_at [1] (not yet on the host), also kept as the slot's last id; with
+        `logprobs`, (ids, token_logprobs' three arrays). mode: the sampler's (None: the one the
+        slot's settings need)."""
         rows = np.array([slot], np.int32)
         inputs = (tokens_1t, positions_1t, rows, np.array([logits_at], np.int32), *self._sampling_inputs(rows))
         mode = mode or sampling_mode(self._temp[rows], self._top_k[rows])
-        ids, self._carry = self._steps[f"prefill/{mode}"](self.model.state, self._carry, *inputs)
-        return ids
+        out, self._carry = self._steps[f"prefill/{mode}{'/logprobs' if logprobs else ''}"](
+            self.model.state, self._carry, *inputs)
+        return out
 
-    def _decode_call(self, window: int, rows, mode: str | None = None) -> jax.Array:
+    def _decode_call(self, window: int, rows, mode: str | None = None, logprobs: bool = False):
         """Launch one decode step over the slots `rows` [B] (B = the slot count: every slot, in slot
-        order). -> ids [B] (not yet on the host); the carry moves on. mode: the sampler's (None:
-        the one the live rows' settings need)."""
+        order). -> ids [B] (not yet on the host), or with `logprobs` (ids, token_logprobs' three
+        arrays); the carry moves on. mode: the sampler's (None: the one the live rows' settings need)."""
         positions = self._pos[rows]
         live = positions < self.context_length   # the sampler's mode follows the live rows alone
         mode = mode or sampling_mode(self._temp[rows][live], self._top_k[rows][live])
-        ids, self._carry = self._steps[f"decode/{window}/{mode}"](self.model.state, self._carry, positions,
-                                                                  *self._sampling_inputs(rows), rows)
-        return ids
+        out, self._carry = self._steps[f"decode/{window}/{mode}{'/logprobs' if logprobs else ''}"](
+            self.model.state, self._carry, positions, *self._sampling_inputs(rows), rows)
+        return out
 
     def _sampling_inputs(self, rows) -> tuple[np.ndarray, ...]:
         """temperature, top_p, top_k, seed, step of slots `rows`, as copies: JAX on CPU may alias a
@@ -701,15 +715,18 @@ class Engine:
         step already computed for it (that step's KV write lies past its end; the slot's next
         request writes each position before it reads it)."""
         while len(self._inflight) > keep:
-            ids, rows = self._inflight.popleft()
-            ids = np.asarray(ids)
+            out, rows = self._inflight.popleft()
+            ids, *lp = jax.device_get(out) if isinstance(out, tuple) else (np.asarray(out),)
             for i, req in rows:
                 if not req.finished and self._slots[req.slot] is req:
-                    self._deliver(req, int(ids[i]))
+                    n = req.params.logprobs
+                    logprob = None if n is None or not lp else TokenLogprob(
+                        int(ids[i]), float(lp[0][i]), [(int(t), float(x)) for t, x in zip(lp[1][i, :n], lp[2][i, :n])])
+                    self._deliver(req, int(ids[i]), logprob)
 
-    def _deliver(self, req: Request, token: int):
-        """Hand one sampled id to its request; free the slot when it finishes."""
-        out = req.accept(token)
+    def _deliver(self, req: Request, token: int, logprob: TokenLogprob | None = None):
+        """Hand one sampled id (and its logprobs) to its request; free the slot when it finishes."""
+        out = req.accept(token, logprob)
         self._emit(req, out)
         if out.finished:
             with self._cv:
@@ -746,4 +763,5 @@ def _collect(req: Request, outs: list[RequestOutput]) -> CompletionOutput:
         request_id=req.id, text="".join(o.text for o in outs), token_ids=[t for o in outs for t in o.token_ids],
         finish_reason=last.finish_reason if last else "abort", prompt_tokens=req.prompt_len,
         completion_tokens=len(req.output_ids), stop_reason=last.stop_reason if last else None,
-        error=last.error if last else "no output")
+        error=last.error if last else "no output",
+        logprobs=[lp for o in outs for lp in o.logprobs or ()] if req.params.logprobs is not None else None)

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine import Engine, EngineClosed, QueueFull
 from .metrics import Metrics
 from .protocol import ApiError, GenerationRequest, bad, chat_request, completion_request, parse_json, usage
-from .request import RequestOutput
+from .request import RequestOutput, TokenLogprob
 from .tokenizer import TemplateError
 
 log = logging.getLogger("serve.http")
@@ -176,9 +176,10 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
 
         async def run():
             async for i, out in fan.outputs():
-                r = results.setdefault(i, {"text": "", "ids": []})
+                r = results.setdefault(i, {"text": "", "ids": [], "logprobs": []})
                 r["text"] += out.text
                 r["ids"] += out.token_ids
+                r["logprobs"] += out.logprobs or []
                 if out.finished:
                     r.update(finish_reason=out.finish_reason, stop_reason=out.stop_reason, error=out.error,
                              prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens)
@@ -242,10 +243,13 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = {i: (_prompt_text(engine, g.prompts[i // g.n]) if g.echo else "") for i in range(len(prompt_ids) * g.n)}
         if g.stream:
-            return CancellableStream(_completion_events(fan, g, rid, created, served_model_name, echo), fan.cancel)
+            return CancellableStream(_completion_events(fan, g, rid, created, served_model_name, echo,
+                                                        engine.tokenizer), fan.cancel)
         results = await collect(request, fan)
-        choices = [{"index": i, "text": echo[i] + r["text"], "logprobs": None, "finish_reason": r["finish_reason"],
-                    "stop_reason": r["stop_reason"]} for i, r in sorted(results.items())]
+        choices = [{"index": i, "text": echo[i] + r["text"],
+                    "logprobs": completion_logprobs(engine.tokenizer, r["logprobs"])[0] if g.logprobs else None,
+                    "finish_reason": r["finish_reason"], "stop_reason": r["stop_reason"]}
+                   for i, r in sorted(results.items())]
         return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
                 "choices": choices, "usage": _usage(results, g.n)}
 
@@ -264,9 +268,11 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
         count("chat_completions", 200)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if g.stream:
-            return CancellableStream(_chat_events(fan, g, rid, created, served_model_name), fan.cancel)
+            return CancellableStream(_chat_events(fan, g, rid, created, served_model_name, engine.tokenizer),
+                                     fan.cancel)
         results = await collect(request, fan)
-        choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
+        choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
+                    "logprobs": chat_logprobs(engine.tokenizer, r["logprobs"]) if g.logprobs else None,
                     "finish_reason": r["finish_reason"], "stop_reason": r["stop_reason"]}
                    for i, r in sorted(results.items())]
         return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name,
@@ -303,9 +309,10 @@ def _error_event(out: RequestOutput) -> str:
     return sse(ApiError(503, f"the request was aborted: {out.error}", "server_error", None, "aborted").body())
 
 
-async def _completion_events(fan: Fanout, g: GenerationRequest, rid, created, model, echo):
+async def _completion_events(fan: Fanout, g: GenerationRequest, rid, created, model, echo, tok):
     base = {"id": rid, "object": "text_completion", "created": created, "model": model}
     totals: dict[int, tuple[int, int]] = {}
+    offsets: dict[int, int] = {}  # each choice's text_offset so far
     extra = {"usage": None} if g.include_usage else {}
     try:
         for i, text in echo.items():
@@ -316,8 +323,11 @@ async def _completion_events(fan: Fanout, g: GenerationRequest, rid, created, mo
             if out.finish_reason == "abort":
                 yield _error_event(out)
                 break
-            if out.text or out.finished:
-                choice = {"index": i, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+            if out.text or out.finished or out.logprobs:
+                lp = None
+                if g.logprobs:
+                    lp, offsets[i] = completion_logprobs(tok, out.logprobs or [], offsets.get(i, 0))
+                choice = {"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
                 if out.finished:
                     choice["stop_reason"] = out.stop_reason
                     totals[i] = (out.prompt_tokens, out.completion_tokens)
@@ -337,13 +347,13 @@ def _stream_end(base, g: GenerationRequest, totals: dict[int, tuple[int, int]]) 
     return lines + ["data: [DONE]\n\n"]
 
 
-async def _chat_events(fan: Fanout, g: GenerationRequest, rid, created, model):
+async def _chat_events(fan: Fanout, g: GenerationRequest, rid, created, model, tok):
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     extra = {"usage": None} if g.include_usage else {}
     totals: dict[int, tuple[int, int]] = {}
 
-    def chunk(i, delta, finish=None, stop_reason=None):
-        choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def chunk(i, delta, finish=None, stop_reason=None, logprobs=None):
+        choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if finish:
             choice["stop_reason"] = stop_reason
         return sse({**base, "choices": [choice], **extra})
@@ -355,8 +365,8 @@ async def _chat_events(fan: Fanout, g: GenerationRequest, rid, created, model):
             if out.finish_reason == "abort":
                 yield _error_event(out)
                 break
-            if out.text:
-                yield chunk(i, {"content": out.text})
+            if out.text or (g.logprobs and out.logprobs):
+                yield chunk(i, {"content": out.text}, logprobs=chat_logprobs(tok, out.logprobs) if g.logprobs else None)
             if out.finished:
                 totals[i] = (out.prompt_tokens, out.completion_tokens)
                 yield chunk(i, {}, out.finish_reason, out.stop_reason)
@@ -364,3 +374,38 @@ async def _chat_events(fan: Fanout, g: GenerationRequest, rid, created, model):
             yield line
     finally:
         fan.cancel()
+
+
+# -- logprobs in OpenAI's two shapes -----------------------------------------------------------
+def _token_text(tok, token_id: int) -> str:
+    """One token as text (a piece of a multi-byte character decodes to U+FFFD, as in vLLM); with
+    no tokenizer, vLLM's "token_id:N"."""
+    return tok.decode([token_id], skip_special_tokens=False) if tok is not None else f"token_id:{token_id}"
+
+
+def completion_logprobs(tok, entries: list[TokenLogprob], offset: int = 0) -> tuple[dict, int]:
+    """/v1/completions' logprobs object for these tokens, text offsets counted from `offset`.
+    top_logprobs holds the asked-for alternatives and, as in vLLM, the sampled token too (a dict
+    by text: two tokens of one text are one entry, the likelier).
+    -> (object, the offset after them)."""
+    tokens, offsets = [], []
+    for e in entries:
+        offsets.append(offset)
+        tokens.append(_token_text(tok, e.token_id))
+        offset += len(tokens[-1])
+    top = []
+    for e in entries:   # tokens of one text (byte pieces) share a key: the likelier one keeps it
+        top.append({})
+        for t, x in [*e.top, (e.token_id, e.logprob)]:
+            top[-1].setdefault(_token_text(tok, t), x)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top,
+            "text_offset": offsets}, offset
+
+
+def chat_logprobs(tok, entries: list[TokenLogprob]) -> dict:
+    """/v1/chat/completions' logprobs object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def item(token_id, logprob):
+        text = _token_text(tok, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, x) for t, x in e.top]}
+                        for e in entries]}

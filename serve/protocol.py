@@ -3,7 +3,7 @@
 Every refusal is an ApiError rendered as {"error": {"message", "type", "param", "code"}} with
 the HTTP status OpenAI uses: 400 for a bad body, 401 bad key, 404 unknown model, 503 busy.
 Fields this server does not implement are refused by name rather than silently ignored when
-ignoring them would change the answer (logprobs, penalties, n > 1 with best_of, suffix).
+ignoring them would change the answer (prompt logprobs, penalties, best_of, suffix).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 import json
 from typing import Any
 
-from .sampling import SamplingParams
+from .sampling import LOGPROBS_MAX, SamplingParams
 
 
 class ApiError(Exception):
@@ -101,8 +101,18 @@ class GenerationRequest:
     include_usage: bool
     echo: bool = False
 
+    @property
+    def logprobs(self) -> bool:
+        return self.params.logprobs is not None
 
-def _sampling(body: dict, max_tokens) -> SamplingParams:
+
+def _logprobs(n, param: str) -> int | None:
+    if n is not None and not 0 <= n <= LOGPROBS_MAX:
+        raise bad(f"'{param}' must be between 0 and {LOGPROBS_MAX} (alternatives per token), got {n}", param=param)
+    return n
+
+
+def _sampling(body: dict, max_tokens, logprobs: int | None = None) -> SamplingParams:
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name):
             raise bad(f"'{name}' is not supported by this server; leave it unset or 0", param=name,
@@ -125,7 +135,7 @@ def _sampling(body: dict, max_tokens) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=t, top_p=p, top_k=body.get("top_k"), seed=seed,
                           stop=stop, stop_token_ids=list(body.get("stop_token_ids") or []),
                           ignore_eos=bool(body.get("ignore_eos", False)),
-                          skip_special_tokens=body.get("skip_special_tokens", True))
+                          skip_special_tokens=body.get("skip_special_tokens", True), logprobs=logprobs)
 
 
 def _n_and_stream(body: dict) -> tuple[int, bool, bool]:
@@ -155,15 +165,18 @@ def completion_request(body: dict) -> GenerationRequest:
     else:
         raise bad(f"'prompt' must be a string, an array of strings, an array of token ids or an array of "
                   f"token-id arrays (non-empty), got {json.dumps(prompt)[:80]}", param="prompt", code="invalid_type")
-    if body.get("logprobs") is not None:
-        raise bad("'logprobs' is not supported by this server; leave it unset", param="logprobs", code="unsupported")
+    logprobs = _logprobs(body.get("logprobs"), "logprobs")
+    if logprobs is not None and body.get("echo"):
+        raise bad("'logprobs' with 'echo' asks for the prompt's logprobs, which this server does not compute; "
+                  "drop one of them", param="logprobs", code="unsupported")
     if body.get("suffix"):
         raise bad("'suffix' is not supported by this server", param="suffix", code="unsupported")
     if body.get("best_of") not in (None, 1):
         raise bad("'best_of' other than 1 is not supported; use n", param="best_of", code="unsupported")
     n, stream, include = _n_and_stream(body)
     max_tokens = body.get("max_tokens", 16)  # OpenAI's default for completions
-    return GenerationRequest(prompts, _sampling(body, max_tokens), n, stream, include, bool(body.get("echo")))
+    return GenerationRequest(prompts, _sampling(body, max_tokens, logprobs), n, stream, include,
+                             bool(body.get("echo")))
 
 
 def chat_request(body: dict) -> tuple[GenerationRequest, list[dict], dict]:
@@ -185,9 +198,10 @@ def chat_request(body: dict) -> tuple[GenerationRequest, list[dict], dict]:
             raise bad(f"messages[{i}].content must be a string or an array of content parts, got {_json_type(c)}",
                       param=f"messages[{i}].content", code="invalid_type")
     msgs = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
-    if body.get("logprobs"):
-        raise bad("'logprobs' is not supported by this server; leave it unset or false", param="logprobs",
-                  code="unsupported")
+    top = _logprobs(body.get("top_logprobs"), "top_logprobs")
+    if top is not None and not body.get("logprobs"):
+        raise bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    logprobs = (top or 0) if body.get("logprobs") else None
     fmt = body.get("response_format")
     if fmt and fmt.get("type") not in (None, "text"):
         raise bad(f"response_format type {fmt.get('type')!r} is not supported; only 'text'", param="response_format",
@@ -197,7 +211,7 @@ def chat_request(body: dict) -> tuple[GenerationRequest, list[dict], dict]:
     kwargs = dict(body.get("chat_template_kwargs") or {})
     if body.get("tools"):
         kwargs["tools"] = body["tools"]
-    req = GenerationRequest([], _sampling(body, max_tokens), n, stream, include)
+    req = GenerationRequest([], _sampling(body, max_tokens, logprobs), n, stream, include)
     return req, msgs, kwargs
 
 

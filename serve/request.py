@@ -21,6 +21,16 @@ _ids = itertools.count()
 
 
 @dataclasses.dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model (before temperature / top-k / top-p)
+    and the `SamplingParams.logprobs` most likely tokens' at that step, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
 class RequestOutput:
     """What one step released for one request (a delta; `finished` on the last one)."""
 
@@ -33,6 +43,7 @@ class RequestOutput:
     completion_tokens: int
     stop_reason: str | int | None = None  # the stop string or stop id that ended it
     error: str | None = None  # why an aborted request ended
+    logprobs: list[TokenLogprob] | None = None  # one per id in token_ids, when the request asked
 
 
 @dataclasses.dataclass
@@ -47,6 +58,7 @@ class CompletionOutput:
     completion_tokens: int
     stop_reason: str | int | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per id in token_ids, when the request asked
 
 
 class Request:
@@ -77,8 +89,9 @@ class Request:
         return len(self.prompt_ids)
 
     # -- per token ---------------------------------------------------------------------------
-    def accept(self, token_id: int) -> RequestOutput:
-        """Take one sampled id; returns what to release (finished=True ends the request)."""
+    def accept(self, token_id: int, logprob: TokenLogprob | None = None) -> RequestOutput:
+        """Take one sampled id (and its logprobs, when asked for); returns what to release
+        (finished=True ends the request)."""
         now = time.perf_counter()
         if self.first_token_time is None:
             self.first_token_time = now
@@ -101,7 +114,10 @@ class Request:
                     reason, stop_reason = "stop", matched
         if reason:
             self.finished, self.finish_reason, self.finish_time = True, reason, now
-        return self._output(text, [token_id], reason, stop_reason)
+        out = self._output(text, [token_id], reason, stop_reason)
+        if logprob is not None:
+            out.logprobs = [logprob]
+        return out
 
     def abort(self, error: str) -> RequestOutput:
         self.finished, self.finish_reason = True, "abort"

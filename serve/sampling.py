@@ -18,6 +18,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 
+LOGPROBS_MAX = 20   # most alternatives a request may ask for (OpenAI's top_logprobs and vLLM's cap)
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """How one request generates. temperature 0 is greedy; top_k <= 0 and top_p = 1 are off.
@@ -27,6 +30,8 @@ class SamplingParams:
     length"; `seed` None draws a fresh seed.
     `stop` strings end generation and are not included in the text; `stop_token_ids` and the
     checkpoint's EOS ids (unless `ignore_eos`) end it too.
+    `logprobs` N (0..LOGPROBS_MAX): each generated token comes with its log-probability and the N
+    most likely tokens' (vLLM's meaning); None returns none and costs nothing.
     """
 
     max_tokens: int | None = 16
@@ -38,6 +43,7 @@ class SamplingParams:
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None
 
     def validate(self):
         """Raise ValueError naming the field and the allowed range."""
@@ -49,6 +55,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"seed must be a non-negative integer below 2**63, got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= LOGPROBS_MAX:
+            raise ValueError(f"logprobs must be in [0, {LOGPROBS_MAX}] (alternatives per token), got {self.logprobs}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not s for s in self.stop):
@@ -212,3 +220,18 @@ def sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, mode: str
     width = min(TOP_K_FAST, v) if mode == "top64" else v
     drawn = _sample_rows(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, width=width, ctx=ctx)
     return jnp.where(temperature_b > 0, drawn, greedy)
+
+
+def token_logprobs(logits_bv, ids_b, ctx=None):
+    """Log-probabilities of the model's distribution (before temperature / top-k / top-p, as vLLM
+    returns by default) -> (logprob of ids_b [B], top ids [B, LOGPROBS_MAX], their logprobs).
+
+    Reductions only over the vocabulary (a max, a sum of exps, a select-and-sum for the chosen id),
+    so logits split over devices stay split; the top ids come from top_k_over_vocab."""
+    b, v = logits_bv.shape
+    m = jax.lax.stop_gradient(jnp.max(logits_bv, axis=1, keepdims=True))
+    lse_b = m[:, 0] + jnp.log(jnp.sum(jnp.exp(logits_bv - m), axis=1))
+    hit = jnp.arange(v, dtype=jnp.int32)[None, :] == ids_b[:, None]
+    chosen_b = jnp.sum(jnp.where(hit, logits_bv, 0.0), axis=1) - lse_b
+    top, top_ids = top_k_over_vocab(logits_bv, min(LOGPROBS_MAX, v), ctx)
+    return chosen_b, top_ids.astype(jnp.int32), top - lse_b[:, None]

@@ -294,6 +294,23 @@ def test_sampling_a_split_vocabulary_moves_candidates_not_rows():
         assert moved and not any(str(v) in ln or str(v // 2) in ln for ln in moved), (mode, moved)
 
 
+@pytest.mark.parametrize("mesh", ["tp=2", "tp=2,ep=4"])
+def test_token_logprobs_over_a_split_vocabulary_equal_the_whole_rows(mesh):
+    """sampling.token_logprobs on logits split over the vocab axes (as the engine keeps them) gives
+    the whole row's log_softmax at the chosen ids and lax.top_k's top-20 ids and values."""
+    from serve.sampling import LOGPROBS_MAX, token_logprobs
+
+    x = 4 * np.random.default_rng(5).standard_normal((3, 1024)).astype(np.float32)
+    ids = np.array([7, 1000, 513], np.int32)
+    ctx, split = _split_vocab(mesh, x.shape)
+    chosen, top_ids, top = jax.jit(lambda a, i: token_logprobs(a, i, ctx))(jax.device_put(x, split), ids)
+    ref = jax.nn.log_softmax(jnp.asarray(x), axis=-1)
+    want, want_ids = jax.lax.top_k(ref, LOGPROBS_MAX)
+    np.testing.assert_allclose(np.asarray(chosen), np.asarray(ref)[np.arange(3), ids], rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(top_ids), np.asarray(want_ids))
+    np.testing.assert_allclose(np.asarray(top), np.asarray(want), rtol=0, atol=2e-6)
+
+
 def test_small_decode_batches_on_a_tensor_parallel_mesh(ckpt):
     """tp=2 (one data-parallel group): sizes [1, 2] give the one-shape engine's greedy tokens,
     the rows' slots handed to the sharded step."""
@@ -452,6 +469,35 @@ def test_stream_cancel_and_queue_full(engine):
     while engine.num_running and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.num_running == 0
+
+
+def test_logprobs_are_the_models_log_softmax(engine):
+    """Each generated token's logprob and top-N alternatives equal log_softmax of the model's own
+    logits (Model.logits over prompt + output, no cache) at that position, for a greedy row and a
+    sampled row (the raw distribution, before temperature and top-k), in one batch with a row that
+    asked for none (its output carries None and its tokens are unchanged)."""
+    rng = np.random.default_rng(21)
+    prompts = [rng.integers(0, 500, size=n).tolist() for n in (40, 7, 12)]   # 40: two prefill chunks
+    asks = [SamplingParams(max_tokens=8, temperature=0, logprobs=5, ignore_eos=True),
+            SamplingParams(max_tokens=8, temperature=0.8, top_k=20, seed=3, logprobs=0, ignore_eos=True),
+            SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)]
+    outs = engine.generate(prompts, asks)
+    assert outs[2].logprobs is None
+    assert outs[2].token_ids == engine.generate(prompts[2], asks[2])[0].token_ids
+    for prompt, out, sp in zip(prompts, outs[:2], asks):
+        assert [e.token_id for e in out.logprobs] == out.token_ids
+        ref = np.asarray(jax.nn.log_softmax(engine.model.logits(np.array([prompt + out.token_ids]))[0], axis=-1))
+        for j, e in enumerate(out.logprobs):
+            row = ref[len(prompt) - 1 + j]
+            assert abs(e.logprob - row[e.token_id]) < 1e-4
+            assert len(e.top) == sp.logprobs
+            best = np.argsort(-row, kind="stable")[:sp.logprobs]
+            assert [t for t, _ in e.top] == best.tolist()
+            np.testing.assert_allclose([x for _, x in e.top], row[best], rtol=0, atol=1e-4)
+        if sp.temperature == 0:   # greedy: the chosen token is the best one
+            assert all(e.top[0] == (e.token_id, e.logprob) for e in out.logprobs)
+    with pytest.raises(ValueError, match=r"logprobs must be in \[0, 20\]"):
+        engine.submit([1, 2], SamplingParams(logprobs=21))
 
 
 def test_length_errors_name_both_numbers(engine):

@@ -273,6 +273,19 @@ def test_server_seeded_sampling_equals_single_process(servers):
     assert sampled != _complete(servers["single"], PROMPTS[2], **dict(kw, seed=4321))
 
 
+def test_server_logprobs_equal_single_process(servers):
+    """A request with logprobs runs the steps' logprobs variant on both ranks (announced like the
+    others): the same tokens and logprobs as one process."""
+    def run(srv):
+        r = _client(srv).completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=6, temperature=0, logprobs=2,
+                                            extra_body={"ignore_eos": True})
+        return r.choices[0].logprobs
+
+    two, one = run(servers["rank0"]), run(servers["single"])
+    assert two.tokens == one.tokens and [t.keys() for t in two.top_logprobs] == [t.keys() for t in one.top_logprobs]
+    np.testing.assert_allclose(two.token_logprobs, one.token_logprobs, rtol=0, atol=1e-5)
+
+
 def test_rank1_killed_rank0_exits_naming_it(servers):
     rank0, rank1 = servers["rank0"], servers["rank1"]
     stream = _client(rank0).completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=200, temperature=0,

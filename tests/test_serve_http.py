@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import jax
 import numpy as np
 import pytest
 
@@ -227,6 +228,12 @@ def test_bad_inputs_then_still_correct(main, alone, tok):
         ("/v1/completions", {"model": NAME, "prompt": "hi"}, "wrong-key", 401, ["incorrect API key"], None),
         ("/v1/completions", {"model": NAME, "prompt": "hi"}, None, 401, ["missing API key", "Bearer"], None),
         ("/v1/no-such-route", {"model": NAME}, KEY, 404, ["/v1/no-such-route"], None),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "logprobs": 21}, KEY, 400, ["'logprobs'", "0 and 20"],
+         "logprobs"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "logprobs": 1, "echo": True}, KEY, 400,
+         ["prompt's logprobs", "drop one"], "logprobs"),
+        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+         KEY, 400, ["'logprobs': true"], "top_logprobs"),
     ]
     for path, body, key, status, words, param in table:
         r = _post(main, path, body, key)
@@ -315,6 +322,57 @@ def test_queue_full_503_then_recovers(main, alone, tok):
 
 
 # -- meshes and FP8 -------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["main", "mesh"])
+def test_logprobs_are_the_models(servers, tok, which):
+    """/v1/completions logprobs=3 and /v1/chat/completions top_logprobs=2, whole and streamed, on
+    one device and under tp=2,ep=4 (the vocabulary split over devices): the greedy tokens'
+    logprobs and alternatives equal log_softmax of qwen3_jax's own float32 logits over the prompt
+    and output; the texts, offsets and byte lists agree with the tokenizer."""
+    from qwen3_jax import load
+
+    srv = servers[which].wait_ready()
+    c = client(srv)
+    model = load(servers["ckpt"], dtype="float32", progress=False)
+    prompt = tok.encode(PROMPTS[4])
+    ids = model.generate_greedy(np.array([prompt]), 6)[0].tolist()
+    ref = np.asarray(jax.nn.log_softmax(model.logits(np.array([prompt + ids]))[0], axis=-1))
+    ref = ref[len(prompt) - 1:-1]   # the rows that predicted each output token
+    best = np.argsort(-ref, axis=-1, kind="stable")
+
+    kw = dict(model=NAME, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    whole = c.completions.create(prompt=prompt, logprobs=3, **kw).choices[0]
+    lp = whole.logprobs
+    assert lp.tokens == [tok.decode([i], skip_special_tokens=False) for i in ids]
+    np.testing.assert_allclose(lp.token_logprobs, ref[np.arange(6), ids], rtol=0, atol=1e-4)
+    for j, top in enumerate(lp.top_logprobs):   # the 3 best (the greedy token among them)
+        want = {}
+        for t in best[j, :3]:   # tokens of one text share a key: the likelier keeps it
+            want.setdefault(tok.decode([int(t)], skip_special_tokens=False), ref[j, t])
+        assert top.keys() == want.keys()
+        np.testing.assert_allclose([top[k] for k in want], list(want.values()), rtol=0, atol=1e-4)
+    assert lp.text_offset == np.cumsum([0] + [len(t) for t in lp.tokens[:-1]]).tolist()
+    assert "".join(lp.tokens) == whole.text
+    chunks = [ch.choices[0] for ch in c.completions.create(prompt=prompt, logprobs=3, stream=True, **kw)
+              if ch.choices and ch.choices[0].logprobs]
+    assert sum((ch.logprobs.tokens for ch in chunks), []) == lp.tokens
+    assert sum((ch.logprobs.token_logprobs for ch in chunks), []) == lp.token_logprobs
+    assert sum((ch.logprobs.text_offset for ch in chunks), []) == lp.text_offset
+
+    msgs = [{"role": "user", "content": PROMPTS[4]}]
+    chat_prompt = tok.encode(tok.apply_chat_template(msgs), add_special_tokens=False)
+    chat_ids = model.generate_greedy(np.array([chat_prompt]), 6)[0].tolist()
+    chat_ref = np.asarray(jax.nn.log_softmax(model.logits(np.array([chat_prompt + chat_ids]))[0], axis=-1))
+    chat_ref = chat_ref[len(chat_prompt) - 1:-1]
+    got = c.chat.completions.create(messages=msgs, logprobs=True, top_logprobs=2, **kw).choices[0].logprobs.content
+    assert [e.token for e in got] == [tok.decode([i], skip_special_tokens=False) for i in chat_ids]
+    np.testing.assert_allclose([e.logprob for e in got], chat_ref[np.arange(6), chat_ids], rtol=0, atol=1e-4)
+    assert all(e.bytes == list(e.token.encode()) and len(e.top_logprobs) == 2 for e in got)
+    assert all(e.top_logprobs[0].token == e.token for e in got)   # greedy: the best is the one taken
+    streamed = [x for ch in c.chat.completions.create(messages=msgs, logprobs=True, top_logprobs=2, stream=True, **kw)
+                if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in got]
+
+
 def test_mesh_tp2_ep4_matches_one_device(servers, alone):
     mesh = servers["mesh"].wait_ready()
     c = client(mesh)
