@@ -66,7 +66,7 @@ def size_cache(cfg, spec, dtype, devices, *, context_length: int,
     token per device are the planner's (sharding.memory.kv_bytes_per_token), so the engine and
     the start-up plan cannot disagree.
     """
-    from sharding.memory import kv_bytes_per_token
+    from sharding.memory import kv_bytes_per_token, sampler_bytes_per_slot, slots_that_fit
 
     per_token = kv_bytes_per_token(cfg, spec, dtype)
     dp = spec.dp
@@ -80,8 +80,9 @@ def size_cache(cfg, spec, dtype, devices, *, context_length: int,
             cap = max_running_requests or DEFAULT_SLOTS_CPU
             fit, source = cap, "no device memory figure: sized from --max-running-requests"
         else:
-            fit = max(budget, 0) // per_token * dp // context_length
             cap = max_running_requests or DEFAULT_SLOTS_ACCELERATOR
+            # each slot's KV cache and sampler state (penalty counts), as the memory plan counts them
+            fit = slots_that_fit(budget, context_length, per_token, sampler_bytes_per_slot(cfg, spec), dp, 2 ** 31)
             source = f"mem_fraction_static={mem_fraction_static}"
     slots = min(cap, fit)
     if slots >= dp:

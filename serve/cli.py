@@ -232,7 +232,7 @@ def _serve(args, watchdog=None) -> int:
     if watchdog is not None:
         from .distributed import describe
         log.info(describe(args, spec.num_devices))
-    kv_tokens = None
+    kv_tokens, max_running = None, args.max_running_requests
     plan = _memory_plan(args, cfg, spec)
     if plan is None:
         pass  # no planner figure (CPU): the engine sizes the cache and says how below
@@ -242,12 +242,13 @@ def _serve(args, watchdog=None) -> int:
                   "(plan above; `python -m serve --dry-run --sweep ...` compares meshes)", args.mem_fraction_static)
         return 1
     else:
-        kv_tokens = plan.kv_cache_tokens
+        # the plan's slots (KV cache and sampler state both fit them), at most --max-running-requests
+        kv_tokens, max_running = plan.kv_cache_tokens, plan.max_concurrent_requests
         log.info("%s", plan.format())
     t0 = time.perf_counter()
     try:
         engine = Engine(path, mesh=spec, dtype=args.dtype, context_length=args.context_length,
-                        max_running_requests=args.max_running_requests,
+                        max_running_requests=max_running,
                         mem_fraction_static=args.mem_fraction_static, kv_cache_tokens=kv_tokens,
                         max_queued_requests=args.max_queued_requests,
                         chunked_prefill_size=args.chunked_prefill_size,

@@ -482,8 +482,8 @@ class StepChannel:
 
 def engine_capacity(num_slots: int, max_bucket: int) -> int:
     """int32s of inputs the engine's largest step carries (see StepChannel)."""
-    prefill = 2 * max_bucket + 8        # tokens, positions [1, T]; slot, logits_at and 5 sampling scalars
-    decode = 7 * num_slots              # positions, 5 sampling vectors and the rows' slots [slots]
+    prefill = 2 * max_bucket + 10       # tokens, positions [1, T]; slot, logits_at and 7 sampling scalars
+    decode = 9 * num_slots              # positions, 7 sampling vectors (5 + 2 penalties), the rows' slots
     return max(prefill, decode)
 
 

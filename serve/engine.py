@@ -64,7 +64,7 @@ from sharding.memory import DEFAULT_MEM_FRACTION_STATIC
 
 from .capacity import CacheSize, size_cache
 from .request import CompletionOutput, Request, RequestOutput, TokenLogprob
-from .sampling import SAMPLING_MODES, SamplingParams, device_seed, sample, sampling_mode, token_logprobs
+from .sampling import SAMPLING_MODES, SamplingParams, device_seed, penalize, sample, sampling_mode, token_logprobs
 from .tokenizer import DetokenizeStream, Tokenizer
 
 log = logging.getLogger("serve.engine")
@@ -106,6 +106,15 @@ def decode_windows(context_length: int) -> list[int]:
     return windows
 
 
+# What a step computes beyond the ids, by key suffix: nothing, the ids' logprobs (a row asked for
+# logprobs), presence / frequency penalties from each slot's counts (a row asked for one), both.
+STEP_VARIANTS = ("", "/logprobs", "/penalties", "/logprobs/penalties")
+
+
+def step_variant(logprobs: bool, penalties: bool) -> str:
+    return ("/logprobs" if logprobs else "") + ("/penalties" if penalties else "")
+
+
 def _decode_forward(graphdef, kv_window, state, cache, last, positions_b, slots_b=None):
     """One new token per row -> (logits [B, V], cache). Row b's input is its slot's last sampled
     id, read from `last` [slots] on the device (the host never sends ids back, so a step can be
@@ -131,6 +140,19 @@ def _sample_into(mode, ctx, last, logits_bv, slots_b, live_b, temperature_b, top
     arrive split over the vocab axes of `ctx`'s mesh (or whole)."""
     ids = sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, mode, ctx)
     return ids, last.at[slots_b].set(jnp.where(live_b, ids, last[slots_b]))
+
+
+def _penalized_sample_into(mode, ctx, fresh, last, counts, logits_bv, slots_b, live_b, temperature_b, top_p_b,
+                           top_k_b, seed_b, step_b, presence_b, frequency_b):
+    """_sample_into after OpenAI's presence / frequency penalties, from each slot's counts of its
+    generated tokens (counts [slots, V] int32, split over the vocab like the logits), which then
+    count the live rows' new ids -> (ids [B], last [slots], counts). `fresh` (static, a prompt's
+    last chunk): the rows' counts start from zero (a slot's previous request left its own)."""
+    rows = jnp.zeros((len(slots_b), counts.shape[1]), counts.dtype) if fresh else counts[slots_b]
+    ids, last = _sample_into(mode, ctx, last, penalize(logits_bv, rows, presence_b, frequency_b), slots_b, live_b,
+                             temperature_b, top_p_b, top_k_b, seed_b, step_b)
+    hit = (jnp.arange(counts.shape[1], dtype=jnp.int32)[None, :] == ids[:, None]) & live_b[:, None]
+    return ids, last, counts.at[slots_b].set(rows + hit.astype(counts.dtype))
 
 
 def pick_decode_batch_sizes(num_slots: int, asked: Sequence[int] | None = None, *, dp: int = 1, processes: int = 1,
@@ -219,7 +241,11 @@ class Engine:
             cache = jax.device_put(cache, where)
         else:
             where = jax.sharding.NamedSharding(model.ctx.mesh, jax.sharding.PartitionSpec())
-        self._carry = (cache, jax.device_put(np.zeros(self.num_slots, np.int32), where))
+        # counts [slots, V]: each slot's generated tokens, for requests with presence / frequency
+        # penalties (only their steps read or write it); split over the vocab like the logits.
+        counts_at = where if model.ctx is None else model.ctx.sharding((None, "vocab"), (self.num_slots, cfg.vocab_size))
+        self._carry = (cache, jax.device_put(np.zeros(self.num_slots, np.int32), where),
+                       jax.device_put(np.zeros((self.num_slots, cfg.vocab_size), np.int32), counts_at))
         self.overlap = overlap
         self.decode_batch_sizes = pick_decode_batch_sizes(
             self.num_slots, decode_batch_sizes, dp=model.mesh_spec.dp, processes=jax.process_count(),
@@ -233,6 +259,8 @@ class Engine:
         self._top_k = np.full(n, -1, np.int32)
         self._seed = np.zeros(n, np.int32)
         self._step = np.zeros(n, np.int32)
+        self._presence = np.zeros(n, np.float32)
+        self._frequency = np.zeros(n, np.float32)
         self._slots: list[Request | None] = [None] * n
         self._pending: collections.deque[Request] = collections.deque()
         self._prefilling: collections.deque[Request] = collections.deque()
@@ -285,38 +313,50 @@ class Engine:
         prefill_forward = jax.jit(functools.partial(_prefill_forward, g), donate_argnums=(1,), **fwd_kw)
         self._samplers = {m: jax.jit(functools.partial(_sample_into, m, ctx), donate_argnums=(0,), **smp_kw)
                           for m in SAMPLING_MODES}
-        # Only steps with a row that asked for logprobs run this (compiled on first use: ~1 s at
-        # each batch size, where the warm-up would add it to every start).
-        logprobs = jax.jit(functools.partial(token_logprobs, ctx=ctx),
-                           **({"out_shardings": (replicated,) * 3} if ctx is not None else {}))
+        # Steps with a row that asked for logprobs or penalties run these (compiled on first use:
+        # ~1 s at each batch size, where the warm-up would add them to every start).
+        if ctx is not None:
+            counts_at = self._carry[2].sharding
+            smp_kw = {"out_shardings": (replicated, replicated, counts_at)}
+            lp_kw = {"out_shardings": (replicated,) * 3}
+        else:
+            lp_kw = {}
+        penalized = {(m, fresh): jax.jit(functools.partial(_penalized_sample_into, m, ctx, fresh),
+                                         donate_argnums=(0, 1), **smp_kw)
+                     for m in SAMPLING_MODES for fresh in (False, True)}
+        logprobs = jax.jit(functools.partial(token_logprobs, ctx=ctx), **lp_kw)
         s = self.context_length
 
-        def sampled(mode, with_logprobs, last, logits, *sampler_inputs):
-            ids, last = self._samplers[mode](last, logits, *sampler_inputs)
-            return ((ids, *logprobs(logits, ids)) if with_logprobs else ids), last
+        def sampled(mode, variant, fresh, carry, logits, *sampler_inputs):
+            """-> (ids [B], or (ids, logprob, top ids, top logprobs) with logprobs), carry."""
+            cache, last, counts = carry
+            if "penalties" in variant:
+                ids, last, counts = penalized[mode, fresh](last, counts, logits, *sampler_inputs)
+            else:
+                ids, last = self._samplers[mode](last, logits, *sampler_inputs)
+            out = (ids, *logprobs(logits, ids)) if "logprobs" in variant else ids
+            return out, (cache, last, counts)
 
-        def decode(w, mode, with_logprobs):
-            def step(state, carry, positions_b, temperature_b, top_p_b, top_k_b, seed_b, step_b, slots_b):
-                cache, last = carry
+        def decode(w, mode, variant):
+            def step(state, carry, positions_b, temperature_b, top_p_b, top_k_b, seed_b, step_b, slots_b, *penalty_b):
                 rows = () if len(slots_b) == self.num_slots else (slots_b,)  # every slot: row b is slot b
-                logits, cache = forwards[w](state, cache, last, positions_b, *rows)
-                out, last = sampled(mode, with_logprobs, last, logits, slots_b, positions_b < s, temperature_b,
-                                    top_p_b, top_k_b, seed_b, step_b)
-                return out, (cache, last)
+                logits, cache = forwards[w](state, carry[0], carry[1], positions_b, *rows)
+                return sampled(mode, variant, False, (cache, *carry[1:]), logits, slots_b, positions_b < s,
+                               temperature_b, top_p_b, top_k_b, seed_b, step_b, *penalty_b)
             return step
 
-        def prefill(mode, with_logprobs):
+        def prefill(mode, variant):
             def step(state, carry, tokens_1t, positions_1t, slot_1, logits_at_1, *sampling_1):
-                cache, last = carry
-                logits, cache = prefill_forward(state, cache, tokens_1t, positions_1t, slot_1, logits_at_1)
-                out, last = sampled(mode, with_logprobs, last, logits, slot_1, np.ones(1, bool), *sampling_1)
-                return out, (cache, last)
+                logits, cache = prefill_forward(state, carry[0], tokens_1t, positions_1t, slot_1, logits_at_1)
+                return sampled(mode, variant, True, (cache, *carry[1:]), logits, slot_1, np.ones(1, bool),
+                               *sampling_1)
             return step
 
         steps = {}
-        for lp, suffix in ((False, ""), (True, "/logprobs")):
-            steps.update({f"prefill/{m}{suffix}": prefill(m, lp) for m in SAMPLING_MODES})
-            steps.update({f"decode/{w}/{m}{suffix}": decode(w, m, lp) for w in self.windows for m in SAMPLING_MODES})
+        for variant in STEP_VARIANTS:
+            steps.update({f"prefill/{m}{variant}": prefill(m, variant) for m in SAMPLING_MODES})
+            steps.update({f"decode/{w}/{m}{variant}": decode(w, m, variant)
+                          for w in self.windows for m in SAMPLING_MODES})
         self._channel = None
         if jax.process_count() > 1:  # several processes: rank 0 announces each step, the others run it too
             from .distributed import StepChannel, engine_capacity
@@ -616,6 +656,7 @@ class Engine:
         s, p = req.slot, req.params
         self._temp[s], self._top_p[s], self._top_k[s] = p.temperature, p.top_p, p.top_k
         self._seed[s], self._step[s] = device_seed(req.seed), 0
+        self._presence[s], self._frequency[s] = p.presence_penalty, p.frequency_penalty
 
     def _run_prefills(self) -> bool:
         """Launch up to one chunk budget of prompt tokens (at least one chunk), oldest request first.
@@ -645,7 +686,9 @@ class Engine:
         s = req.slot
         req.prefilled = start + n
         done = req.prefilled == req.prompt_len
-        ids = self._prefill_call(tokens, positions, s, n - 1, logprobs=done and req.params.logprobs is not None)
+        p = req.params
+        ids = self._prefill_call(tokens, positions, s, n - 1,   # the extras matter for the last chunk's id only
+                                 variant=step_variant(done and p.logprobs is not None, done and p.penalized))
         if done:  # the last chunk's id is the first generated token
             self._step[s], self._pos[s] = 1, req.prompt_len  # the inputs of its first decode step
             req.launched = 1
@@ -670,7 +713,9 @@ class Engine:
             rows = np.arange(b, dtype=np.int32)
         else:   # the live slots, padded with others, all at position S (free or still prefilling)
             rows = np.asarray(live + [s for s in range(self.num_slots) if s not in taken][:b - len(live)], np.int32)
-        ids = self._decode_call(window, rows, logprobs=any(self._slots[s].params.logprobs is not None for s in live))
+        asks = [self._slots[s].params for s in live]
+        ids = self._decode_call(window, rows, variant=step_variant(any(p.logprobs is not None for p in asks),
+                                                                   any(p.penalized for p in asks)))
         self.steps += 1
         self.decode_batches[b] = self.decode_batches.get(b, 0) + 1
         self._pos[live] += 1
@@ -681,33 +726,36 @@ class Engine:
         return True
 
     def _prefill_call(self, tokens_1t, positions_1t, slot: int, logits_at: int, mode: str | None = None,
-                      logprobs: bool = False):
+                      variant: str = ""):
         """Launch one prompt chunk [1, T] into `slot`'s cache row. -> the id sampled after
         position logits_at [1] (not yet on the host), also kept as the slot's last id; with
-        `logprobs`, (ids, token_logprobs' three arrays). mode: the sampler's (None: the one the
-        slot's settings need)."""
+        "/logprobs" in `variant` (STEP_VARIANTS), (ids, token_logprobs' three arrays). mode: the
+        sampler's (None: the one the slot's settings need)."""
         rows = np.array([slot], np.int32)
-        inputs = (tokens_1t, positions_1t, rows, np.array([logits_at], np.int32), *self._sampling_inputs(rows))
+        inputs = (tokens_1t, positions_1t, rows, np.array([logits_at], np.int32), *self._sampling_inputs(rows, variant))
         mode = mode or sampling_mode(self._temp[rows], self._top_k[rows])
-        out, self._carry = self._steps[f"prefill/{mode}{'/logprobs' if logprobs else ''}"](
-            self.model.state, self._carry, *inputs)
+        out, self._carry = self._steps[f"prefill/{mode}{variant}"](self.model.state, self._carry, *inputs)
         return out
 
-    def _decode_call(self, window: int, rows, mode: str | None = None, logprobs: bool = False):
+    def _decode_call(self, window: int, rows, mode: str | None = None, variant: str = ""):
         """Launch one decode step over the slots `rows` [B] (B = the slot count: every slot, in slot
-        order). -> ids [B] (not yet on the host), or with `logprobs` (ids, token_logprobs' three
-        arrays); the carry moves on. mode: the sampler's (None: the one the live rows' settings need)."""
+        order). -> ids [B] (not yet on the host), or with "/logprobs" in `variant` (ids,
+        token_logprobs' three arrays); the carry moves on. mode: the sampler's (None: the one the
+        live rows' settings need)."""
         positions = self._pos[rows]
         live = positions < self.context_length   # the sampler's mode follows the live rows alone
         mode = mode or sampling_mode(self._temp[rows][live], self._top_k[rows][live])
-        out, self._carry = self._steps[f"decode/{window}/{mode}{'/logprobs' if logprobs else ''}"](
-            self.model.state, self._carry, positions, *self._sampling_inputs(rows), rows)
+        inputs = self._sampling_inputs(rows, variant)
+        out, self._carry = self._steps[f"decode/{window}/{mode}{variant}"](
+            self.model.state, self._carry, positions, *inputs[:5], rows, *inputs[5:])
         return out
 
-    def _sampling_inputs(self, rows) -> tuple[np.ndarray, ...]:
-        """temperature, top_p, top_k, seed, step of slots `rows`, as copies: JAX on CPU may alias a
-        numpy argument instead of copying it, and these vectors change while a step is in flight."""
-        return self._temp[rows], self._top_p[rows], self._top_k[rows], self._seed[rows], self._step[rows]
+    def _sampling_inputs(self, rows, variant: str = "") -> tuple[np.ndarray, ...]:
+        """temperature, top_p, top_k, seed, step of slots `rows` (and presence, frequency with
+        "/penalties" in `variant`), as copies: JAX on CPU may alias a numpy argument instead of
+        copying it, and these vectors change while a step is in flight."""
+        out = (self._temp[rows], self._top_p[rows], self._top_k[rows], self._seed[rows], self._step[rows])
+        return out + ((self._presence[rows], self._frequency[rows]) if "penalties" in variant else ())
 
     def _collect(self, keep: int = 0):
         """Read back launched steps' ids, oldest first, until `keep` remain in flight; hand each to

@@ -3,7 +3,7 @@
 Every refusal is an ApiError rendered as {"error": {"message", "type", "param", "code"}} with
 the HTTP status OpenAI uses: 400 for a bad body, 401 bad key, 404 unknown model, 503 busy.
 Fields this server does not implement are refused by name rather than silently ignored when
-ignoring them would change the answer (prompt logprobs, penalties, best_of, suffix).
+ignoring them would change the answer (prompt logprobs, repetition_penalty, best_of, suffix).
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ COMMON_FIELDS = {
     "model": "string", "max_tokens": "integer", "temperature": "number", "top_p": "number", "top_k": "integer",
     "n": "integer", "stream": "boolean", "stream_options": "object", "stop": "string or array of strings",
     "seed": "integer", "stop_token_ids": "array of integers", "ignore_eos": "boolean", "user": "string",
-    "presence_penalty": "number", "frequency_penalty": "number", "skip_special_tokens": "boolean",
+    "presence_penalty": "number", "frequency_penalty": "number", "repetition_penalty": "number",
+    "skip_special_tokens": "boolean",
 }
 COMPLETION_FIELDS = {**COMMON_FIELDS, "echo": "boolean", "logprobs": "integer", "best_of": "integer",
                      "suffix": "string"}
@@ -113,10 +114,15 @@ def _logprobs(n, param: str) -> int | None:
 
 
 def _sampling(body: dict, max_tokens, logprobs: int | None = None) -> SamplingParams:
+    penalties = {}
     for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name):
-            raise bad(f"'{name}' is not supported by this server; leave it unset or 0", param=name,
-                      code="unsupported")
+        v = body.get(name)
+        if v is not None and not -2 <= v <= 2:
+            raise bad(f"{name} must be in [-2, 2], got {v}", param=name)
+        penalties[name] = float(v or 0.0)
+    if body.get("repetition_penalty") not in (None, 1, 1.0):
+        raise bad("'repetition_penalty' is not supported by this server; use presence_penalty or "
+                  "frequency_penalty", param="repetition_penalty", code="unsupported")
     if max_tokens is not None and max_tokens <= 0:
         raise bad(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
     t = body.get("temperature")
@@ -135,7 +141,8 @@ def _sampling(body: dict, max_tokens, logprobs: int | None = None) -> SamplingPa
     return SamplingParams(max_tokens=max_tokens, temperature=t, top_p=p, top_k=body.get("top_k"), seed=seed,
                           stop=stop, stop_token_ids=list(body.get("stop_token_ids") or []),
                           ignore_eos=bool(body.get("ignore_eos", False)),
-                          skip_special_tokens=body.get("skip_special_tokens", True), logprobs=logprobs)
+                          skip_special_tokens=body.get("skip_special_tokens", True), logprobs=logprobs,
+                          **penalties)
 
 
 def _n_and_stream(body: dict) -> tuple[int, bool, bool]:

@@ -32,6 +32,8 @@ class SamplingParams:
     checkpoint's EOS ids (unless `ignore_eos`) end it too.
     `logprobs` N (0..LOGPROBS_MAX): each generated token comes with its log-probability and the N
     most likely tokens' (vLLM's meaning); None returns none and costs nothing.
+    `presence_penalty` / `frequency_penalty` (OpenAI's, in [-2, 2]): each step's logits lose
+    presence x [token generated before] + frequency x (times generated before), prompt excluded.
     """
 
     max_tokens: int | None = 16
@@ -44,6 +46,12 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     def validate(self):
         """Raise ValueError naming the field and the allowed range."""
@@ -57,6 +65,9 @@ class SamplingParams:
             raise ValueError(f"seed must be a non-negative integer below 2**63, got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= LOGPROBS_MAX:
             raise ValueError(f"logprobs must be in [0, {LOGPROBS_MAX}] (alternatives per token), got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not s for s in self.stop):
@@ -235,3 +246,12 @@ def token_logprobs(logits_bv, ids_b, ctx=None):
     chosen_b = jnp.sum(jnp.where(hit, logits_bv, 0.0), axis=1) - lse_b
     top, top_ids = top_k_over_vocab(logits_bv, min(LOGPROBS_MAX, v), ctx)
     return chosen_b, top_ids.astype(jnp.int32), top - lse_b[:, None]
+
+
+def penalize(logits_bv, counts_bv, presence_b, frequency_b):
+    """OpenAI's penalties: logits [B, V] - frequency [B] x counts [B, V] - presence [B] x
+    (counts > 0), where counts are the times each token was generated so far in that row. Rows
+    with both penalties 0 come back unchanged. Elementwise, so logits split over the vocabulary
+    stay split."""
+    c = counts_bv.astype(logits_bv.dtype)
+    return logits_bv - frequency_b[:, None] * c - presence_b[:, None] * (counts_bv > 0).astype(logits_bv.dtype)

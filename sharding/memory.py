@@ -152,6 +152,22 @@ def kv_bytes_per_token(cfg, mesh: MeshSpec, dtype: str = "bfloat16") -> int:
     return total
 
 
+def sampler_bytes_per_slot(cfg, mesh: MeshSpec) -> int:
+    """Bytes one request slot's sampler state costs each device: the counts of its generated
+    tokens [V] int32 (presence / frequency penalties), split over the vocab like the logits."""
+    ctx = _abstract_ctx(mesh)
+    return math.prod(ctx.shard_shape((None, "vocab"), (1, cfg.vocab_size))) * 4
+
+
+def slots_that_fit(free_bytes: int, context_length: int, kv_bytes_per_token: int, sampler_bytes_per_slot: int,
+                   dp: int, cap: int) -> int:
+    """Request slots (mesh-wide, a multiple of dp, at most cap) whose KV cache and sampler state
+    fit in `free_bytes` per device. A data group's slot costs its devices context x KV bytes per
+    token; every slot's sampler state costs every device (it is split over the vocab, not dp)."""
+    per_group = max(free_bytes, 0) // (context_length * kv_bytes_per_token + dp * sampler_bytes_per_slot)
+    return min(dp * per_group, cap - cap % dp)
+
+
 # -- the plan ----------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -171,6 +187,7 @@ class MemoryPlan:
     workspace: Workspace | None
     options: dict = dataclasses.field(default_factory=dict, repr=False)  # to re-plan suggestions
     notes: list = dataclasses.field(default_factory=list)   # kernel_notes: said with the plan
+    sampler_bytes_per_slot: int = 0
 
     # -- numbers ---------------------------------------------------------------------------
     @property
@@ -195,8 +212,25 @@ class MemoryPlan:
         return self.workspace.bytes if self.workspace else 0
 
     @property
-    def kv_tokens_per_group(self) -> int:
+    def slot_cap(self) -> int:
+        """The most request slots the server makes (max_running_requests, default 64, at least dp)."""
+        return max(self.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS, self.mesh.dp)
+
+    @property
+    def sampler_slots(self) -> int:
+        """The slots whose sampler state (penalty counts) the plan holds: as many as fit with their
+        KV cache, at most slot_cap."""
         free = self.budget_bytes - self.weight_bytes - self.workspace_bytes
+        return slots_that_fit(free, self.context_length, self.kv_bytes_per_token, self.sampler_bytes_per_slot,
+                              self.mesh.dp, self.slot_cap)
+
+    @property
+    def sampler_bytes(self) -> int:
+        return self.sampler_bytes_per_slot * self.sampler_slots
+
+    @property
+    def kv_tokens_per_group(self) -> int:
+        free = self.budget_bytes - self.weight_bytes - self.workspace_bytes - self.sampler_bytes
         return max(free, 0) // self.kv_bytes_per_token
 
     @property
@@ -214,12 +248,12 @@ class MemoryPlan:
         max_running_requests (default 64, as the server), a multiple of dp."""
         dp = self.mesh.dp
         n = dp * (self.kv_tokens_per_group // self.context_length)
-        cap = max(self.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS, dp)
-        return min(n, cap - cap % dp)
+        # the KV cache's leftover tokens may hold one more slot per group, but not its sampler state
+        return min(n, self.sampler_slots)
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.workspace_bytes + self.kv_cache_bytes
+        return self.weight_bytes + self.workspace_bytes + self.sampler_bytes + self.kv_cache_bytes
 
     @property
     def fits(self) -> bool:
@@ -238,9 +272,9 @@ class MemoryPlan:
         if self.weight_bytes > self.budget_bytes:
             return (f"the weights alone are {human_bytes(self.weight_bytes)} per device, over {budget}; "
                     f"the largest part is {name}: {human_bytes(size)}")
-        if self.weight_bytes + self.workspace_bytes > self.budget_bytes:
+        if self.weight_bytes + self.workspace_bytes + self.sampler_bytes > self.budget_bytes:
             return (f"weights {human_bytes(self.weight_bytes)} + workspace {human_bytes(self.workspace_bytes)} "
-                    f"per device exceed {budget}")
+                    f"+ sampler {human_bytes(self.sampler_bytes)} per device exceed {budget}")
         need = self.context_length * self.kv_bytes_per_token
         return (f"after weights ({human_bytes(self.weight_bytes)}) and workspace "
                 f"({human_bytes(self.workspace_bytes)}) the KV cache gets {human_bytes(self.kv_cache_bytes)} per device, {self.kv_tokens_per_group} tokens; one "
@@ -277,7 +311,7 @@ class MemoryPlan:
                  f"{self.dtype} compute)",
                  self.mesh.describe(),
                  f"per device: limit {human_bytes(self.limit_bytes)}, x mem_fraction_static {self.mem_fraction_static} "
-                 f"= {human_bytes(self.budget_bytes)} for weights + workspace + KV cache",
+                 f"= {human_bytes(self.budget_bytes)} for weights + workspace + sampler + KV cache",
                  f"  weights     {human_bytes(self.weight_bytes):>12}"]
         for name in COMPONENTS:
             if self.weights.get(name):
@@ -289,6 +323,9 @@ class MemoryPlan:
                          f"{human_bytes(w.prefill_bytes)}, decode {_count(w.decode_batch, 'request')}: "
                          f"{human_bytes(w.decode_bytes)}")
             lines.append(f"              (XLA memory analysis on {w.platform}: {w.compiled_as})")
+        if self.sampler_bytes:
+            lines.append(f"  sampler     {human_bytes(self.sampler_bytes):>12}   penalty counts, "
+                         f"{self.sampler_slots} slots x {human_bytes(self.sampler_bytes_per_slot)}")
         lines.append(f"  kv cache    {human_bytes(self.kv_cache_bytes):>12}   {self.kv_tokens_per_group:,} "
                      f"tokens per data group x {self.mesh.dp} = {self.kv_cache_tokens:,} tokens "
                      f"({self.kv_bytes_per_token:,} bytes per token per device)")
@@ -319,6 +356,7 @@ class MemoryPlan:
                 "weights_bytes": {k: v for k, v in self.weights.items() if v},
                 "weight_bytes": self.weight_bytes,
                 "workspace": w.to_json() if w else None, "workspace_bytes": self.workspace_bytes,
+                "sampler_bytes": self.sampler_bytes,
                 "kv_cache_bytes": self.kv_cache_bytes, "kv_bytes_per_token": self.kv_bytes_per_token,
                 "total_bytes": self.total_bytes,
             },
@@ -357,7 +395,8 @@ def plan_memory(cfg, mesh_spec, *, device_memory_bytes: int, mem_fraction_static
                    devices=devices)
     plan = MemoryPlan(cfg, spec, dtype, int(device_memory_bytes), mem_fraction_static, context_length,
                       max_running_requests, chunked_prefill_size, dict(weights_per_device(cfg, spec, dtype)),
-                      kv_bytes_per_token(cfg, spec, dtype), None, options, list(kernel_notes(cfg, spec, dtype)))
+                      kv_bytes_per_token(cfg, spec, dtype), None, options, list(kernel_notes(cfg, spec, dtype)),
+                      sampler_bytes_per_slot(cfg, spec))
     if workspace:
         # The decode step runs every slot, and the slots are what the KV cache holds after the
         # workspace: start from what it holds without workspace (an upper bound), then compile

@@ -107,3 +107,15 @@ def with_distinct_norms(m, seed: int = 0):
     out.__dict__.update(m.__dict__)
     out.state = jax.tree_util.tree_map_with_path(redraw, m.state)
     return out
+
+
+def penalized_greedy(model, prompt: list[int], n: int, presence: float, frequency: float) -> list[int]:
+    """Greedy decoding under OpenAI's presence / frequency penalties, on the host: each step's
+    full-context logits (qwen3_jax Model.logits, no cache) less the penalties of the tokens
+    generated so far. -> the n generated ids."""
+    ids: list[int] = []
+    for _ in range(n):
+        logits = np.asarray(model.logits(np.array([prompt + ids]))[0, -1], np.float64)
+        counts = np.bincount(np.array(ids, np.int64), minlength=logits.shape[0])
+        ids.append(int(np.argmax(logits - frequency * counts - presence * (counts > 0))))
+    return ids

@@ -3,6 +3,7 @@ and continuous batching checked against qwen3_jax's own greedy loop (float32, bu
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from reference import penalized_greedy
 from serve.builtin import builtin_checkpoint
 from serve.capacity import CapacityError, size_cache
 from sharding.memory import kv_bytes_per_token
@@ -498,6 +500,27 @@ def test_logprobs_are_the_models_log_softmax(engine):
             assert all(e.top[0] == (e.token_id, e.logprob) for e in out.logprobs)
     with pytest.raises(ValueError, match=r"logprobs must be in \[0, 20\]"):
         engine.submit([1, 2], SamplingParams(logprobs=21))
+
+
+def test_presence_and_frequency_penalties_match_a_host_reference(engine):
+    """Penalized greedy rows equal the host reference; a row without penalties in the same steps
+    keeps its plain greedy tokens; a penalized request that reuses a slot starts from zero counts
+    (the earlier request's counts are gone). The penalties really act: the tokens differ from
+    plain greedy once the model repeats itself."""
+    rng = np.random.default_rng(0)   # prompt 0's greedy output repeats itself from token 15
+    prompts = [rng.integers(0, 500, size=n).tolist() for n in (40, 7, 12)]
+    plain = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    asks = [dataclasses.replace(plain, presence_penalty=1.5, frequency_penalty=0.5), plain,
+            dataclasses.replace(plain, frequency_penalty=2.0)]
+    outs = engine.generate(prompts, asks)
+    want = [penalized_greedy(engine.model, p, 24, sp.presence_penalty, sp.frequency_penalty)
+            for p, sp in zip(prompts, asks)]
+    assert [o.token_ids for o in outs] == want
+    assert outs[0].token_ids != engine.generate(prompts[0], plain)[0].token_ids
+    again = engine.generate(prompts[2], asks[2])[0]   # a freed slot, counts left by a penalized request
+    assert again.token_ids == want[2]
+    with pytest.raises(ValueError, match=r"presence_penalty must be in \[-2, 2\]"):
+        engine.submit([1, 2], SamplingParams(presence_penalty=2.5))
 
 
 def test_length_errors_name_both_numbers(engine):

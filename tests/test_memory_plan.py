@@ -163,7 +163,10 @@ def test_235b_fp8_fits_on_8_devices_of_48gib(fp8_235b, mesh):
     # 3 matrices of 4096 x 1536 FP8 bytes; one token of K/V: 94 layers x 2 x 1 KV head x 128 x 2 bytes.
     assert plan.weights["experts"] == 94 * (128 // 8) * 3 * 4096 * 1536
     assert plan.kv_bytes_per_token == 94 * 2 * 1 * 128 * 2
-    free = int(48 * GiB * DEFAULT_MEM_FRACTION_STATIC) - plan.weight_bytes - plan.workspace_bytes
+    # The penalty counts: each slot's share of the vocabulary on a tensor-parallel device, int32.
+    assert plan.sampler_bytes == plan.max_concurrent_requests * (151936 // plan.mesh.tp) * 4
+    free = (int(48 * GiB * DEFAULT_MEM_FRACTION_STATIC) - plan.weight_bytes - plan.workspace_bytes
+            - plan.sampler_bytes)
     assert plan.kv_cache_tokens == plan.mesh.dp * (free // plan.kv_bytes_per_token) > 50_000
     assert plan.max_concurrent_requests >= 1
     assert 0 < plan.workspace.prefill_bytes < 12 * GiB and 0 < plan.workspace.decode_bytes < 8 * GiB

@@ -125,8 +125,11 @@ def test_engine_capacity_holds_its_largest_steps():
 
     size = HEADER + engine_capacity(num_slots=64, max_bucket=512)
     one = lambda dt: np.zeros(1, dt)  # noqa: E731
-    prefill = [np.zeros((1, 512), np.int32)] * 2 + [one(np.int32)] * 2 + [one(np.float32)] * 2 + [one(np.int32)] * 3
-    decode = [np.zeros(64, np.int32)] * 2 + [np.zeros(64, np.float32)] * 2 + [np.zeros(64, np.int32)] * 3
+    # with penalties: 2 more sampling scalars / vectors (presence, frequency)
+    prefill = ([np.zeros((1, 512), np.int32)] * 2 + [one(np.int32)] * 2 + [one(np.float32)] * 2 + [one(np.int32)] * 3
+               + [one(np.float32)] * 2)
+    decode = ([np.zeros(64, np.int32)] * 2 + [np.zeros(64, np.float32)] * 2 + [np.zeros(64, np.int32)] * 3
+              + [np.zeros(64, np.float32)] * 2)
     pack(3, 0, prefill, size)
     pack(4, 0, decode, size)
 
@@ -273,12 +276,14 @@ def test_server_seeded_sampling_equals_single_process(servers):
     assert sampled != _complete(servers["single"], PROMPTS[2], **dict(kw, seed=4321))
 
 
-def test_server_logprobs_equal_single_process(servers):
-    """A request with logprobs runs the steps' logprobs variant on both ranks (announced like the
-    others): the same tokens and logprobs as one process."""
+@pytest.mark.parametrize("penalty", [0.0, 1.5])
+def test_server_logprobs_and_penalties_equal_single_process(servers, penalty):
+    """A request with logprobs (and penalties: the counts live on every rank) runs those steps'
+    variants on both ranks, announced like the others: the same tokens and logprobs as one
+    process."""
     def run(srv):
-        r = _client(srv).completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=6, temperature=0, logprobs=2,
-                                            extra_body={"ignore_eos": True})
+        r = _client(srv).completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=12, temperature=0, logprobs=2,
+                                            presence_penalty=penalty, extra_body={"ignore_eos": True})
         return r.choices[0].logprobs
 
     two, one = run(servers["rank0"]), run(servers["single"])

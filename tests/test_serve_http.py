@@ -22,6 +22,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
+from reference import penalized_greedy  # noqa: E402
 from serve.builtin import CORPUS, builtin_checkpoint  # noqa: E402
 from serve.process import ServerProcess  # noqa: E402
 from serve.tokenizer import Tokenizer  # noqa: E402
@@ -234,6 +235,10 @@ def test_bad_inputs_then_still_correct(main, alone, tok):
          ["prompt's logprobs", "drop one"], "logprobs"),
         ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
          KEY, 400, ["'logprobs': true"], "top_logprobs"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "presence_penalty": 2.5}, KEY, 400,
+         ["presence_penalty", "[-2, 2]"], "presence_penalty"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "repetition_penalty": 1.1}, KEY, 400,
+         ["'repetition_penalty'", "presence_penalty"], "repetition_penalty"),
     ]
     for path, body, key, status, words, param in table:
         r = _post(main, path, body, key)
@@ -371,6 +376,28 @@ def test_logprobs_are_the_models(servers, tok, which):
     streamed = [x for ch in c.chat.completions.create(messages=msgs, logprobs=True, top_logprobs=2, stream=True, **kw)
                 if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.content]
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in got]
+
+
+@pytest.mark.parametrize("which", ["main", "mesh"])
+def test_penalties_are_the_host_references(servers, tok, which):
+    """presence_penalty / frequency_penalty on /v1/completions (one device, and tp=2,ep=4 where
+    the counts are split over the vocabulary like the logits) give the host reference's greedy
+    tokens (read back through logprobs' per-token texts), next to an unpenalized request running
+    in the same steps."""
+    from qwen3_jax import load
+
+    srv = servers[which].wait_ready()
+    c = client(srv)
+    prompt = np.random.default_rng(0).integers(0, 500, size=40).tolist()   # its greedy output repeats
+    model = load(servers["ckpt"], dtype="float32", progress=False)
+    want = penalized_greedy(model, prompt, 24, 1.5, 0.5)
+    kw = dict(model=NAME, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    with ThreadPoolExecutor(1) as ex:
+        beside = ex.submit(c.completions.create, prompt=PROMPTS[6], **kw)
+        got = c.completions.create(prompt=prompt, presence_penalty=1.5, frequency_penalty=0.5, logprobs=0, **kw)
+    assert got.choices[0].logprobs.tokens == [tok.decode([i], skip_special_tokens=False) for i in want]
+    assert want != model.generate_greedy(np.array([prompt]), 24)[0].tolist()   # the penalties acted
+    assert beside.result().choices[0].text == greedy(c, PROMPTS[6], 24)
 
 
 def test_mesh_tp2_ep4_matches_one_device(servers, alone):
