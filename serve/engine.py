@@ -315,14 +315,12 @@ class Engine:
                           for m in SAMPLING_MODES}
         # Steps with a row that asked for logprobs or penalties run these (compiled on first use:
         # ~1 s at each batch size, where the warm-up would add them to every start).
+        pen_kw, lp_kw = {}, {}
         if ctx is not None:
-            counts_at = self._carry[2].sharding
-            smp_kw = {"out_shardings": (replicated, replicated, counts_at)}
+            pen_kw = {"out_shardings": (replicated, replicated, self._carry[2].sharding)}
             lp_kw = {"out_shardings": (replicated,) * 3}
-        else:
-            lp_kw = {}
         penalized = {(m, fresh): jax.jit(functools.partial(_penalized_sample_into, m, ctx, fresh),
-                                         donate_argnums=(0, 1), **smp_kw)
+                                         donate_argnums=(0, 1), **pen_kw)
                      for m in SAMPLING_MODES for fresh in (False, True)}
         logprobs = jax.jit(functools.partial(token_logprobs, ctx=ctx), **lp_kw)
         s = self.context_length
