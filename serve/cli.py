@@ -14,6 +14,8 @@ import socket
 import sys
 import time
 
+from .chat_parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
+
 log = logging.getLogger("serve")
 
 BUILTIN_NAME = "qwen3-jax-builtin"
@@ -64,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype of weights and KV cache (FP8 checkpoints keep FP8 weights)")
     p.add_argument("--served-model-name", metavar="NAME", default=None,
                    help="model name clients send and /v1/models lists; default: the --model path as given")
+    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="split a chat reply's <think>...</think> into message.reasoning_content (as vLLM and "
+                        "SGLang do with the same flag); off: the thinking stays in content")
+    p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                   help="turn <tool_call>{json}</tool_call> blocks of a chat reply to a request with tools into "
+                        "message.tool_calls, finish_reason tool_calls (Qwen3's format: vLLM's hermes, SGLang's "
+                        "qwen25); off: they stay in content")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("QWEN3_JAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $QWEN3_JAX_API_KEY, else open)")
     p.add_argument("--compilation-cache", metavar="DIR", default=None,
@@ -273,7 +282,8 @@ def run_server(engine, name: str, args) -> int:
 
     from .openai_api import create_app
 
-    app = create_app(engine, name, api_key=args.api_key)
+    app = create_app(engine, name, api_key=args.api_key, reasoning_parser=args.reasoning_parser,
+                     tool_call_parser=args.tool_call_parser)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

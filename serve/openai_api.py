@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .chat_parsers import MessageParser, parse_message, prompt_opens_thinking
 from .engine import Engine, EngineClosed, QueueFull
 from .metrics import Metrics
 from .protocol import ApiError, GenerationRequest, bad, chat_request, completion_request, parse_json, usage
@@ -104,7 +105,9 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine: Engine, served_model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, served_model_name: str, api_key: str | None = None,
+               reasoning_parser: str | None = None, tool_call_parser: str | None = None) -> FastAPI:
+    """The API over `engine`. reasoning_parser / tool_call_parser: chat_parsers' names (None: off)."""
     app = FastAPI(title="qwen3-jax", description="OpenAI-compatible server for Qwen3-MoE in JAX")
     metrics = Metrics(engine, served_model_name)
     app.state.engine, app.state.metrics = engine, metrics
@@ -267,14 +270,20 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
             raise
         count("chat_completions", 200)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        opened = reasoning_parser is not None and prompt_opens_thinking(engine.tokenizer.decode(
+            ids[-8:], skip_special_tokens=False))
+        parsers = (reasoning_parser, tool_call_parser if g.tools else None, opened)
         if g.stream:
-            return CancellableStream(_chat_events(fan, g, rid, created, served_model_name, engine.tokenizer),
+            return CancellableStream(_chat_events(fan, g, rid, created, served_model_name, engine.tokenizer, parsers),
                                      fan.cancel)
         results = await collect(request, fan)
-        choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
-                    "logprobs": chat_logprobs(engine.tokenizer, r["logprobs"]) if g.logprobs else None,
-                    "finish_reason": r["finish_reason"], "stop_reason": r["stop_reason"]}
-                   for i, r in sorted(results.items())]
+        choices = []
+        for i, r in sorted(results.items()):
+            msg = parse_message(r["text"], *parsers)
+            finish = "tool_calls" if msg.get("tool_calls") and r["finish_reason"] == "stop" else r["finish_reason"]
+            choices.append({"index": i, "message": {"role": "assistant", **msg},
+                            "logprobs": chat_logprobs(engine.tokenizer, r["logprobs"]) if g.logprobs else None,
+                            "finish_reason": finish, "stop_reason": r["stop_reason"]})
         return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name,
                 "choices": choices, "usage": _usage(results, g.n)}
 
@@ -347,10 +356,11 @@ def _stream_end(base, g: GenerationRequest, totals: dict[int, tuple[int, int]]) 
     return lines + ["data: [DONE]\n\n"]
 
 
-async def _chat_events(fan: Fanout, g: GenerationRequest, rid, created, model, tok):
+async def _chat_events(fan: Fanout, g: GenerationRequest, rid, created, model, tok, parsers):
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     extra = {"usage": None} if g.include_usage else {}
     totals: dict[int, tuple[int, int]] = {}
+    split = {i: MessageParser(*parsers) for i in range(g.n)}   # each choice's reasoning / tool calls
 
     def chunk(i, delta, finish=None, stop_reason=None, logprobs=None):
         choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -365,11 +375,19 @@ async def _chat_events(fan: Fanout, g: GenerationRequest, rid, created, model, t
             if out.finish_reason == "abort":
                 yield _error_event(out)
                 break
-            if out.text or (g.logprobs and out.logprobs):
-                yield chunk(i, {"content": out.text}, logprobs=chat_logprobs(tok, out.logprobs) if g.logprobs else None)
+            reasoning, content, calls = split[i].push(out.text, final=out.finished)
+            delta = {"reasoning_content": reasoning} if reasoning else {}
+            if content or (g.logprobs and out.logprobs):
+                delta["content"] = content
+            if calls:
+                done = len(split[i].calls) - len(calls)
+                delta["tool_calls"] = [c.to_json(done + k) for k, c in enumerate(calls)]
+            if delta:
+                yield chunk(i, delta, logprobs=chat_logprobs(tok, out.logprobs) if g.logprobs else None)
             if out.finished:
                 totals[i] = (out.prompt_tokens, out.completion_tokens)
-                yield chunk(i, {}, out.finish_reason, out.stop_reason)
+                finish = "tool_calls" if split[i].calls and out.finish_reason == "stop" else out.finish_reason
+                yield chunk(i, {}, finish, out.stop_reason)
         for line in _stream_end(base, g, totals):
             yield line
     finally:

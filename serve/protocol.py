@@ -61,6 +61,7 @@ KINDS = {
     "array": lambda v: isinstance(v, list),
     "string or array of strings": lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
     "array of integers": _is_int_list,
+    "string or object": lambda v: isinstance(v, (str, dict)),
 }
 
 COMMON_FIELDS = {
@@ -74,7 +75,8 @@ COMPLETION_FIELDS = {**COMMON_FIELDS, "echo": "boolean", "logprobs": "integer", 
                      "suffix": "string"}
 CHAT_FIELDS = {**COMMON_FIELDS, "messages": "array", "max_completion_tokens": "integer", "tools": "array",
                "chat_template_kwargs": "object", "logprobs": "boolean", "top_logprobs": "integer",
-               "response_format": "object", "reasoning_effort": "string", "parallel_tool_calls": "boolean"}
+               "response_format": "object", "reasoning_effort": "string", "parallel_tool_calls": "boolean",
+               "tool_choice": "string or object"}
 
 
 def check_types(body: dict, fields: dict[str, str]):
@@ -101,6 +103,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     echo: bool = False
+    tools: bool = False   # chat: the request offers tools (tool_choice "auto"), so calls are parsed
 
     @property
     def logprobs(self) -> bool:
@@ -216,9 +219,14 @@ def chat_request(body: dict) -> tuple[GenerationRequest, list[dict], dict]:
     n, stream, include = _n_and_stream(body)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     kwargs = dict(body.get("chat_template_kwargs") or {})
-    if body.get("tools"):
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise bad(f"tool_choice {json.dumps(choice)[:80]} needs constrained decoding, which this server does not "
+                  "do; use \"auto\" (the model decides) or \"none\"", param="tool_choice", code="unsupported")
+    offered = bool(body.get("tools")) and choice != "none"   # "none": the tools are neither shown nor parsed
+    if offered:
         kwargs["tools"] = body["tools"]
-    req = GenerationRequest([], _sampling(body, max_tokens, logprobs), n, stream, include)
+    req = GenerationRequest([], _sampling(body, max_tokens, logprobs), n, stream, include, tools=offered)
     return req, msgs, kwargs
 
 

@@ -1,7 +1,8 @@
 """The real server (`python -m serve` as a child process) driven with the official `openai` client.
 
 Three servers start in parallel at the top of the module, all float32 so comparisons are exact:
-  main   built-in model on one device, API key required, 4 slots, 16 queue places
+  main   built-in model on one device, API key required, 4 slots, 16 queue places, the Qwen3
+         reasoning and tool-call parsers on
   mesh   the same model under --mesh tp=2,ep=4 (4 simulated CPU devices: dp=2 x tp=2, experts over 4)
   fp8    the built-in model quantized to Qwen's block-FP8 layout, under --mesh tp=2,ep=4
 Prompts longer than --chunked-prefill-size 32 are prefilled in chunks, so that path runs too.
@@ -49,7 +50,8 @@ def servers(tmp_path_factory):
     # more as -O0 code than their few compiles save (conftest.py)
     env = {"XDG_CACHE_HOME": str(xdg), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"}
     procs = {
-        "main": ServerProcess(COMMON + ["--api-key", KEY], env),
+        "main": ServerProcess(COMMON + ["--api-key", KEY, "--reasoning-parser", "qwen3", "--tool-call-parser",
+                                        "hermes"], env),
         "mesh": ServerProcess(COMMON + ["--mesh", "tp=2,ep=4"], env),
         "fp8": ServerProcess(COMMON + ["--mesh", "tp=2,ep=4", "--model", fp8_dir, "--served-model-name", "fp8"], env),
     }
@@ -158,6 +160,43 @@ def test_chat_template_usage_and_streaming(main, tok):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == r.choices[0].message.content
     assert chunks[-1].usage.prompt_tokens == len(want) and chunks[-1].usage.completion_tokens == 10
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_chat_reply_is_the_raw_completion_parsed(main, tok, thinking):
+    """With --reasoning-parser qwen3 --tool-call-parser hermes, a chat reply (whole and streamed)
+    is chat_parsers.parse_message of the raw text /v1/completions gives for the same rendered
+    prompt (tools included); tool_choice "none" leaves the tools out of the prompt, and a choice
+    that needs constrained decoding is refused by name."""
+    from serve.chat_parsers import parse_message, prompt_opens_thinking
+
+    c = client(main)
+    msgs = [{"role": "user", "content": PROMPTS[9]}]
+    prompt = tok.apply_chat_template(msgs, tools=TOOLS, enable_thinking=thinking)
+    kw = dict(model=NAME, max_tokens=40, temperature=0)
+    body = {"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": thinking}}
+    raw = c.completions.create(prompt=tok.encode(prompt, add_special_tokens=False), extra_body={"ignore_eos": True},
+                               **kw).choices[0].text
+    want = parse_message(raw, "qwen3", "hermes", prompt_opens_thinking(prompt))
+    r = c.chat.completions.create(messages=msgs, tools=TOOLS, extra_body=body, **kw)
+    msg = r.choices[0].message
+    assert msg.content == want["content"] and msg.model_extra.get("reasoning_content") == want["reasoning_content"]
+    assert [t.function.name for t in msg.tool_calls or []] == [t["function"]["name"] for t in want.get("tool_calls", [])]
+    assert r.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
+    chunks = [ch.choices[0].delta for ch in c.chat.completions.create(messages=msgs, tools=TOOLS, stream=True,
+                                                                        extra_body=body, **kw) if ch.choices]
+    assert "".join(d.content or "" for d in chunks) == (want["content"] or "")
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in chunks) == (want["reasoning_content"] or "")
+
+    plain = c.chat.completions.create(messages=msgs, tools=TOOLS, tool_choice="none", extra_body=body, **kw)
+    assert plain.usage.prompt_tokens == len(tok.encode(tok.apply_chat_template(msgs, enable_thinking=thinking),
+                                                       add_special_tokens=False))
+    with pytest.raises(openai.BadRequestError, match="constrained decoding"):
+        c.chat.completions.create(messages=msgs, tools=TOOLS, tool_choice="required", **kw)
 
 
 def test_seed_reproducibility(main):
