@@ -22,8 +22,8 @@ _ids = itertools.count()
 
 @dataclasses.dataclass
 class TokenLogprob:
-    """One generated token's log-probability under the model (before temperature / top-k / top-p)
-    and the `SamplingParams.logprobs` most likely tokens' at that step, best first."""
+    """One generated token's log-probability under the model (before penalties, temperature, top-k
+    and top-p) and the `SamplingParams.logprobs` most likely tokens' at that step, best first."""
 
     token_id: int
     logprob: float

@@ -234,8 +234,8 @@ def sample(logits_bv, temperature_b, top_p_b, top_k_b, seed_b, step_b, mode: str
 
 
 def token_logprobs(logits_bv, ids_b, ctx=None):
-    """Log-probabilities of the model's distribution (before temperature / top-k / top-p, as vLLM
-    returns by default) -> (logprob of ids_b [B], top ids [B, LOGPROBS_MAX], their logprobs).
+    """Log-probabilities of the model's distribution (before penalties, temperature, top-k and
+    top-p, as vLLM returns by default) -> (logprob of ids_b [B], top ids [B, LOGPROBS_MAX], their logprobs).
 
     Reductions only over the vocabulary (a max, a sum of exps, a select-and-sum for the chosen id),
     so logits split over devices stay split; the top ids come from top_k_over_vocab."""
