@@ -10,6 +10,9 @@ baseline measured in the same run; the serial engine with the same sizes isolate
 
     python benchmarks/engine_decode.py --model Qwen3-30B-A3B-FP8 --context 8192 --slots 16
     python benchmarks/engine_decode.py --model tiny --context 128 --prompt 16 --slots 4 --sizes 1,2 --tokens 8   # CPU: works
+
+--sample, --logprobs N and --presence-penalty P set every request's sampling; each setting in a
+process of its own against a greedy run gives what it adds to a served step.
 """
 
 import argparse
@@ -107,6 +110,10 @@ def main(argv=None):
     p.add_argument("--sample", action="store_true",
                    help="sample as Qwen3's generation_config asks (temperature 0.6, top_p 0.95, top_k 20; seeded) "
                         "instead of greedy")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="every request asks for logprobs with N alternatives (the steps' logprobs variant)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, metavar="P",
+                   help="every request asks for this presence penalty (the steps' penalties variant)")
     p.add_argument("--top-k", choices=("pruned", "lax"), default=None,
                    help="how the top-64 sampler takes a row's best 64 (serve.sampling.TOP_K; default: the "
                         "module's): pruned by block maxima, or one lax.top_k over the whole row (the "
@@ -128,13 +135,14 @@ def main(argv=None):
         sampling_module.TOP_K = args.top_k
     cfg = resolve_bench_config(args.model, args.layers)
     model = qwen3_jax.random_model(cfg, mesh=args.mesh, dtype="bfloat16")
-    sampling = QWEN3_SAMPLING if args.sample else None
+    sampling = dict(QWEN3_SAMPLING if args.sample else dict(temperature=0), logprobs=args.logprobs,
+                    presence_penalty=args.presence_penalty)
     rng = np.random.default_rng(0)
     counts = [int(r) for r in args.requests.split(",") if r]
     prompts = [rng.integers(0, cfg.vocab_size, args.prompt).tolist() for _ in range(max(counts))]
     print(f"device {jax.devices()[0].device_kind}; {args.model}, mesh {args.mesh}, context {args.context}, "
           f"{args.slots} slots, {args.prompt}-token prompts, {args.tokens} tokens each, "
-          f"{'sampled ' + str(sampling) if sampling else 'greedy'}"
+          f"{'sampled' if args.sample else 'greedy'} {sampling}"
           f"{'' if args.top_k is None else f', top-k form {args.top_k}'}", flush=True)
     results, tokens = {}, {}
     from serve.engine import decode_windows

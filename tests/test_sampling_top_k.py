@@ -4,7 +4,8 @@ bit for bit.
 CPU: small rows with every case a selection can get wrong (ties within and across blocks, tied
 block maxima that leave blocks out, -inf, -0.0 against 0.0, fewer than k finite values, a
 vocabulary no block divides, k = 20 and 64), and the sampler through it. GPU (marked):
-the same against the GPU's own lax.top_k, and Qwen3's 151936 columns; on the device machine:
+the same against the GPU's own lax.top_k, and Qwen3's 151936 columns, with the logprobs and
+penalties the steps add when a request asks; on the device machine:
 `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_sampling_top_k.py`.
 """
 
@@ -83,3 +84,30 @@ def test_gpu_default_top_k_at_qwen3_vocab(b):
     x = np.array(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))     # bf16 logits: many ties (writable)
     x[0, 5000:5100] = 6.0                                               # ties across blocks
     assert_top_k_equal(jax.jit(lambda a: sampling.top_k_rows(a, 64))(jnp.asarray(x)), x, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 64])
+def test_gpu_logprobs_and_penalties_at_qwen3_vocab(b):
+    """The steps' extras at 151936 columns on the GPU: token_logprobs against a float64 log_softmax
+    on the host (the chosen ids' and the top 20, ties to the lower id), and greedy over penalized
+    logits against the host's argmax of the same penalties."""
+    rng = np.random.default_rng(b)
+    x = np.array(jnp.asarray(4 * rng.standard_normal((b, 151936)), jnp.bfloat16).astype(jnp.float32))
+    ids = rng.integers(0, 151936, b).astype(np.int32)
+    chosen, top_ids, top = jax.jit(sampling.token_logprobs)(jnp.asarray(x), jnp.asarray(ids))
+    x64 = x.astype(np.float64)
+    ref = x64 - (x64.max(1, keepdims=True) + np.log(np.exp(x64 - x64.max(1, keepdims=True)).sum(1, keepdims=True)))
+    np.testing.assert_allclose(np.asarray(chosen), ref[np.arange(b), ids], rtol=0, atol=1e-4)
+    best = np.argsort(-x, axis=1, kind="stable")[:, :sampling.LOGPROBS_MAX]
+    np.testing.assert_array_equal(np.asarray(top_ids), best)
+    np.testing.assert_allclose(np.asarray(top), np.take_along_axis(ref, best, 1), rtol=0, atol=1e-4)
+
+    counts = rng.poisson(0.02, (b, 151936)).astype(np.int32)
+    counts[np.arange(b), x.argmax(1)] = 10                # the plain argmax was generated 10 times
+    presence, frequency = np.full(b, 1.5, np.float32), np.full(b, 0.5, np.float32)
+    penalized = jax.jit(sampling.penalize)(jnp.asarray(x), jnp.asarray(counts), jnp.asarray(presence),
+                                           jnp.asarray(frequency))
+    want = (x - 0.5 * counts - 1.5 * (counts > 0)).argmax(1)
+    assert (want != x.argmax(1)).all()
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(penalized, axis=1)), want)
