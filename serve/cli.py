@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-overlap-schedule", action="store_true",
                    help="read each decode step's tokens back before launching the next (default: the next step is "
                         "launched first, so detokenizing and streaming overlap the device's work)")
+    p.add_argument("--disable-prefix-caching", action="store_true",
+                   help="prefill every prompt whole (default: a request takes the free slot whose KV cache holds "
+                        "the longest start of its prompt, e.g. the conversation so far, and prefills only the rest)")
     p.add_argument("--max-queued-requests", metavar="N", type=int, default=1024,
                    help="most requests waiting for a slot; more are refused with HTTP 503")
     p.add_argument("--context-length", metavar="TOKENS", type=int, default=None,
@@ -261,7 +264,8 @@ def _serve(args, watchdog=None) -> int:
                         mem_fraction_static=args.mem_fraction_static, kv_cache_tokens=kv_tokens,
                         max_queued_requests=args.max_queued_requests,
                         chunked_prefill_size=args.chunked_prefill_size,
-                        decode_batch_sizes=args.decode_batch_sizes, overlap=not args.disable_overlap_schedule)
+                        decode_batch_sizes=args.decode_batch_sizes, overlap=not args.disable_overlap_schedule,
+                        prefix_caching=not args.disable_prefix_caching)
     except (CapacityError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

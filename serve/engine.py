@@ -155,6 +155,13 @@ def _penalized_sample_into(mode, ctx, fresh, last, counts, logits_bv, slots_b, l
     return ids, last, counts.at[slots_b].set(rows + hit.astype(counts.dtype))
 
 
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the common start of two id arrays."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
 def pick_decode_batch_sizes(num_slots: int, asked: Sequence[int] | None = None, *, dp: int = 1, processes: int = 1,
                             accelerator: bool = True) -> list[int]:
     """The decode batch sizes an engine compiles, ascending, the slot count last.
@@ -193,8 +200,8 @@ class Engine:
                  context_length: int | None = None, max_running_requests: int | None = None,
                  mem_fraction_static: float = DEFAULT_MEM_FRACTION_STATIC, kv_cache_tokens: int | None = None,
                  max_queued_requests: int = 1024, chunked_prefill_size: int = 512,
-                 decode_batch_sizes: Sequence[int] | None = None, overlap: bool = True, warmup: bool = True,
-                 progress: bool = True):
+                 decode_batch_sizes: Sequence[int] | None = None, overlap: bool = True, prefix_caching: bool = True,
+                 warmup: bool = True, progress: bool = True):
         from qwen3_jax import api
 
         path = None
@@ -247,6 +254,7 @@ class Engine:
         self._carry = (cache, jax.device_put(np.zeros(self.num_slots, np.int32), where),
                        jax.device_put(np.zeros((self.num_slots, cfg.vocab_size), np.int32), counts_at))
         self.overlap = overlap
+        self.prefix_caching = prefix_caching
         self.decode_batch_sizes = pick_decode_batch_sizes(
             self.num_slots, decode_batch_sizes, dp=model.mesh_spec.dp, processes=jax.process_count(),
             accelerator=devices[0].platform != "cpu")
@@ -262,6 +270,10 @@ class Engine:
         self._presence = np.zeros(n, np.float32)
         self._frequency = np.zeros(n, np.float32)
         self._slots: list[Request | None] = [None] * n
+        # Prefix caching: the token ids whose K/V each slot's cache holds from positions 0 on (what
+        # its last request wrote), and when each slot was freed (_place prefers the oldest).
+        self._cached = [np.zeros(0, np.int32)] * n
+        self._freed_at, self._tick = [0] * n, 0
         self._pending: collections.deque[Request] = collections.deque()
         self._prefilling: collections.deque[Request] = collections.deque()
         self._cancels: list[Request] = []
@@ -610,8 +622,7 @@ class Engine:
                         self._free(r, "cancelled")
                     while self._pending and None in self._slots:
                         r = self._pending.popleft()
-                        r.slot = self._slots.index(None)
-                        self._slots[r.slot] = r
+                        self._place(r)
                         self._prefilling.append(r)
                 launched = self._run_prefills()
                 launched = self._decode() or launched
@@ -639,14 +650,34 @@ class Engine:
                 except Exception:
                     log.exception("could not tell the other ranks to stop")
 
+    def _place(self, req: Request):
+        """Give a queued request a free slot. With prefix caching, the free slot whose cache holds
+        the longest start of its prompt (then the one freed longest ago, to keep the others'):
+        those tokens are not prefilled again. The last prompt token always is (its logits start
+        the generation)."""
+        free = [s for s, r in enumerate(self._slots) if r is None]
+        slot, reuse = free[0], 0
+        if self.prefix_caching:
+            prompt = np.asarray(req.prompt_ids[:-1], np.int32)
+            slot, reuse = max(((s, _common_prefix(self._cached[s], prompt)) for s in free),
+                              key=lambda sr: (sr[1], -self._freed_at[sr[0]]))
+        req.slot, req.prefilled, req.cached_tokens = slot, reuse, reuse
+        self._slots[slot] = req
+
     def _free(self, req: Request, reason: str | None = None):
-        """Give a request's slot back (idempotent). With `reason`, tell its consumer it was aborted."""
+        """Give a request's slot back (idempotent). With `reason`, tell its consumer it was aborted.
+        The slot's cache keeps the tokens whose K/V its steps wrote: the prompt chunks launched,
+        then every generated token but the last (never fed back), for prefix caching."""
         slot = req.slot
         if slot is not None and self._slots[slot] is req:
             self._slots[slot] = None
             self._pos[slot], self._temp[slot] = self.context_length, 0.0
             if req in self._prefilling:
                 self._prefilling.remove(req)
+            done = req.prompt_ids[:req.prefilled] + (req.output_ids[:-1] if req.prefilled == req.prompt_len else [])
+            self._cached[slot] = np.asarray(done, np.int32)
+            self._tick += 1
+            self._freed_at[slot] = self._tick
         if reason and not req.finished:
             self._emit(req, req.abort(reason))
 
@@ -810,4 +841,5 @@ def _collect(req: Request, outs: list[RequestOutput]) -> CompletionOutput:
         finish_reason=last.finish_reason if last else "abort", prompt_tokens=req.prompt_len,
         completion_tokens=len(req.output_ids), stop_reason=last.stop_reason if last else None,
         error=last.error if last else "no output",
-        logprobs=[lp for o in outs for lp in o.logprobs or ()] if req.params.logprobs is not None else None)
+        logprobs=[lp for o in outs for lp in o.logprobs or ()] if req.params.logprobs is not None else None,
+        cached_tokens=req.cached_tokens)

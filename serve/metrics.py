@@ -30,6 +30,10 @@ class Metrics:
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter(PREFIX + "request_finished", "Finished requests by finish reason",
                                 ["finish_reason"], registry=r)
+        self.prefix_queries = Counter(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter(PREFIX + "prefix_cache_hits", "Prompt tokens the prefix cache held (not prefilled)",
+                                   registry=r)
         running = Gauge(PREFIX + "num_requests_running", "Requests holding a KV-cache slot", registry=r)
         running.set_function(lambda: engine.num_running)
         waiting = Gauge(PREFIX + "num_requests_waiting", "Requests queued for a slot", registry=r)
@@ -50,6 +54,9 @@ class Metrics:
     def request_done(self, req: Request):
         """Record one engine request once it has finished (any reason, disconnects included)."""
         self.prompt_tokens.inc(req.prompt_len)
+        if req.slot is not None:   # it reached a slot, so the cache was looked up
+            self.prefix_queries.inc(req.prompt_len)
+            self.prefix_hits.inc(req.cached_tokens)
         n = len(req.output_ids)
         self.generation_tokens.inc(n)
         self.finished.labels(req.finish_reason or "abort").inc()

@@ -185,7 +185,8 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
                 r["logprobs"] += out.logprobs or []
                 if out.finished:
                     r.update(finish_reason=out.finish_reason, stop_reason=out.stop_reason, error=out.error,
-                             prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens)
+                             prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                             cached_tokens=out.cached_tokens)
 
         task = asyncio.create_task(run())
         try:
@@ -309,9 +310,12 @@ def _prompt_text(engine: Engine, prompt) -> str:
 
 
 def _usage(results: dict[int, dict], n: int) -> dict:
-    """Prompt tokens count once per prompt (not per choice), completion tokens for every choice."""
-    prompt = sum(r.get("prompt_tokens", 0) for i, r in results.items() if i % n == 0)
-    return usage(prompt, sum(r.get("completion_tokens", 0) for r in results.values()))
+    """Prompt tokens (and those of them the prefix cache held) count once per prompt, from its
+    first choice; completion tokens for every choice."""
+    first = [r for i, r in results.items() if i % n == 0]
+    return usage(sum(r.get("prompt_tokens", 0) for r in first),
+                 sum(r.get("completion_tokens", 0) for r in results.values()),
+                 sum(r.get("cached_tokens", 0) for r in first))
 
 
 def _error_event(out: RequestOutput) -> str:
@@ -320,7 +324,7 @@ def _error_event(out: RequestOutput) -> str:
 
 async def _completion_events(fan: Fanout, g: GenerationRequest, rid, created, model, echo, tok):
     base = {"id": rid, "object": "text_completion", "created": created, "model": model}
-    totals: dict[int, tuple[int, int]] = {}
+    totals: dict[int, tuple[int, int, int]] = {}
     offsets: dict[int, int] = {}  # each choice's text_offset so far
     extra = {"usage": None} if g.include_usage else {}
     try:
@@ -339,7 +343,7 @@ async def _completion_events(fan: Fanout, g: GenerationRequest, rid, created, mo
                 choice = {"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
                 if out.finished:
                     choice["stop_reason"] = out.stop_reason
-                    totals[i] = (out.prompt_tokens, out.completion_tokens)
+                    totals[i] = (out.prompt_tokens, out.completion_tokens, out.cached_tokens)
                 yield sse({**base, "choices": [choice], **extra})
         for line in _stream_end(base, g, totals):
             yield line
@@ -347,11 +351,12 @@ async def _completion_events(fan: Fanout, g: GenerationRequest, rid, created, mo
         fan.cancel()
 
 
-def _stream_end(base, g: GenerationRequest, totals: dict[int, tuple[int, int]]) -> list[str]:
+def _stream_end(base, g: GenerationRequest, totals: dict[int, tuple[int, int, int]]) -> list[str]:
     """The last SSE lines of a stream: the usage chunk (when asked for), then [DONE]."""
     lines = []
     if g.include_usage:
-        results = {i: {"prompt_tokens": p, "completion_tokens": c} for i, (p, c) in totals.items()}
+        results = {i: {"prompt_tokens": p, "completion_tokens": c, "cached_tokens": k}
+                   for i, (p, c, k) in totals.items()}
         lines.append(sse({**base, "choices": [], "usage": _usage(results, g.n)}))
     return lines + ["data: [DONE]\n\n"]
 
@@ -359,7 +364,7 @@ def _stream_end(base, g: GenerationRequest, totals: dict[int, tuple[int, int]]) 
 async def _chat_events(fan: Fanout, g: GenerationRequest, rid, created, model, tok, parsers):
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     extra = {"usage": None} if g.include_usage else {}
-    totals: dict[int, tuple[int, int]] = {}
+    totals: dict[int, tuple[int, int, int]] = {}
     split = {i: MessageParser(*parsers) for i in range(g.n)}   # each choice's reasoning / tool calls
 
     def chunk(i, delta, finish=None, stop_reason=None, logprobs=None):
@@ -385,7 +390,7 @@ async def _chat_events(fan: Fanout, g: GenerationRequest, rid, created, model, t
             if delta:
                 yield chunk(i, delta, logprobs=chat_logprobs(tok, out.logprobs) if g.logprobs else None)
             if out.finished:
-                totals[i] = (out.prompt_tokens, out.completion_tokens)
+                totals[i] = (out.prompt_tokens, out.completion_tokens, out.cached_tokens)
                 finish = "tool_calls" if split[i].calls and out.finish_reason == "stop" else out.finish_reason
                 yield chunk(i, {}, finish, out.stop_reason)
         for line in _stream_end(base, g, totals):

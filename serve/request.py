@@ -44,6 +44,7 @@ class RequestOutput:
     stop_reason: str | int | None = None  # the stop string or stop id that ended it
     error: str | None = None  # why an aborted request ended
     logprobs: list[TokenLogprob] | None = None  # one per id in token_ids, when the request asked
+    cached_tokens: int = 0  # prompt tokens the prefix cache held (not prefilled)
 
 
 @dataclasses.dataclass
@@ -59,6 +60,7 @@ class CompletionOutput:
     stop_reason: str | int | None = None
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per id in token_ids, when the request asked
+    cached_tokens: int = 0  # prompt tokens the prefix cache held (not prefilled)
 
 
 class Request:
@@ -81,6 +83,7 @@ class Request:
         self.finish_reason: str | None = None
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens already written to the cache
+        self.cached_tokens = 0  # of those, found in the slot's cache (prefix caching), not prefilled
         self.launched = 0   # generated tokens whose step was launched (ahead of output_ids while in flight)
         self.cancelled = threading.Event()
 
@@ -126,7 +129,7 @@ class Request:
 
     def _output(self, text, ids, reason, stop_reason, error=None) -> RequestOutput:
         return RequestOutput(self.id, text, ids, reason is not None, reason, self.prompt_len,
-                             len(self.output_ids), stop_reason, error)
+                             len(self.output_ids), stop_reason, error, cached_tokens=self.cached_tokens)
 
     # -- text and stop strings ---------------------------------------------------------------
     def _scan(self, delta: str, final: bool = False) -> tuple[str, str | None]:

@@ -523,6 +523,49 @@ def test_presence_and_frequency_penalties_match_a_host_reference(engine):
         engine.submit([1, 2], SamplingParams(presence_penalty=2.5))
 
 
+def test_prefix_caching_reuses_a_slots_tokens_and_changes_no_output(ckpt, engine):
+    """A follow-up turn (the last prompt + its reply + new text) prefills only what its slot's
+    cache lacks: cached_tokens = prompt + reply - 1 (the reply's last token was never fed back).
+    A prompt that leaves the cached one midway reuses exactly the common start; a cancelled
+    request leaves the prompt chunks it launched. Every output equals an engine without prefix
+    caching, where nothing is reused."""
+    off = Engine(ckpt, dtype="float32", context_length=128, max_running_requests=4, chunked_prefill_size=32,
+                 prefix_caching=False, progress=False)
+    try:
+        rng = np.random.default_rng(12)
+        sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        base = rng.integers(0, 500, size=45).tolist()          # two prefill chunks
+        first = engine.generate(base, sp)[0]
+        turn = base + first.token_ids + rng.integers(0, 500, size=8).tolist()
+        fork = base[:30] + rng.integers(0, 500, size=20).tolist()
+        outs = {}
+        for name, prompt in (("turn", turn), ("fork", fork)):
+            outs[name] = engine.generate(prompt, sp)[0]
+            assert outs[name].token_ids == off.generate(prompt, sp)[0].token_ids, name
+        assert first.cached_tokens == 0
+        assert outs["turn"].cached_tokens == len(base) + len(first.token_ids) - 1
+        # `fork` shares 30 tokens with `base`, whose slot now holds `turn`: the same 30 first tokens
+        assert outs["fork"].cached_tokens == 30
+
+        # cancelled (during its prefill, if the cancel is quick enough): the chunks launched stay
+        # in the slot; a repeat reuses them
+        long = rng.integers(0, 500, size=100).tolist()
+        req = engine.submit(long, sp)
+        deadline = time.monotonic() + 10
+        while req.prefilled < 64 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        engine.cancel(req)
+        while not req.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        again = engine.generate(long, sp)[0]
+        # the chunks launched before the cancel (all of them, if the prefill outran it)
+        assert again.cached_tokens == min(req.prefilled, len(long) - 1)
+        assert again.token_ids == off.generate(long, sp)[0].token_ids
+        assert all(o.cached_tokens == 0 for o in off.generate([base, turn], sp))
+    finally:
+        off.shutdown()
+
+
 def test_length_errors_name_both_numbers(engine):
     with pytest.raises(ValueError, match=r"prompt \(3 tokens\) plus max_tokens \(126\) is 129 tokens.*128"):
         engine.submit([1, 2, 3], SamplingParams(max_tokens=126))

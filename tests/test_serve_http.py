@@ -129,10 +129,16 @@ def test_completion_usage_and_streaming(main, tok):
     n_prompt = len(tok.encode(prompt))
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
 
+    hits = metric(main, "prefix_cache_hits_total")
     chunks = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True,
                                        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == r.usage.model_dump()
+    u, first = chunks[-1].usage, r.usage
+    assert chunks[-1].choices == [] and (u.prompt_tokens, u.completion_tokens) == (first.prompt_tokens, 12)
+    # prefix caching: the streamed repeat found all its prompt but the last token in the slot the
+    # first request left
+    assert u.prompt_tokens_details.cached_tokens == n_prompt - 1
+    assert wait_metric(main, "prefix_cache_hits_total", hits + n_prompt - 1) == hits + n_prompt - 1
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
 
     # The raw SSE stream ends with the literal `data: [DONE]`.
