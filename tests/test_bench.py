@@ -1,4 +1,5 @@
-"""serve.bench on CPU with the tiny config: it runs, and its floors are the arithmetic they claim."""
+"""serve.bench on CPU with the tiny config: it runs, and its floors are the arithmetic they claim;
+benchmarks/prefix_cache.py runs too."""
 
 import json
 
@@ -196,3 +197,20 @@ def test_profile_says_when_the_gpu_waited_for_the_host(monkeypatch, span_us, war
     assert bool(warnings) == warned
     if warned:
         assert "idle 196 us per step (7% of the span)" in warnings[0] and "fresh process" in warnings[0]
+
+
+def test_prefix_cache_benchmark_reuses_the_conversation_on_cpu(capsys):
+    """benchmarks/prefix_cache.py with the tiny preset: turn 2 finds turn 1's prompt and reply
+    (but the reply's last token) in the cache, and nothing without it."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "prefix_cache.py")
+    spec = importlib.util.spec_from_file_location("prefix_cache_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seconds = bench.main(["--model", "tiny", "--context", "256", "--prompt", "96", "--reply", "16", "--new", "8",
+                          "--reps", "1"])
+    out = capsys.readouterr().out
+    assert "(0 of 120 prompt tokens cached)" in out and "(111 of 120 prompt tokens cached)" in out
+    assert set(seconds) == {False, True} and all(s > 0 for s in seconds.values())
