@@ -34,10 +34,17 @@ def _held_tail(text: str, tag: str) -> int:
     return 0
 
 
-def prompt_opens_thinking(prompt: str) -> bool:
-    """Whether the rendered prompt leaves a <think> block open, so the output starts inside it
-    (templates of thinking-only models end the generation prompt with '<think>\\n')."""
-    return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
+ASSISTANT_TURN = "<|im_start|>assistant"
+
+
+def prompt_opens_thinking(prompt_tail: str) -> bool:
+    """Whether the generation prompt (the text after the prompt's last assistant-turn start; give
+    at least that much of the prompt's end) leaves a <think> block open, so the output starts
+    inside it (templates of thinking-only models end it with '<think>\\n'). A <think> in an
+    earlier turn, a user's message say, does not count."""
+    at = prompt_tail.rfind(ASSISTANT_TURN)
+    turn = prompt_tail[at:] if at >= 0 else ""
+    return turn.rfind(THINK_OPEN) > turn.rfind(THINK_CLOSE)
 
 
 class ReasoningParser:

@@ -272,7 +272,7 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
         count("chat_completions", 200)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         opened = reasoning_parser is not None and prompt_opens_thinking(engine.tokenizer.decode(
-            ids[-8:], skip_special_tokens=False))
+            ids[-32:], skip_special_tokens=False))   # the generation prompt is a few tokens
         parsers = (reasoning_parser, tool_call_parser if g.tools else None, opened)
         if g.stream:
             return CancellableStream(_chat_events(fan, g, rid, created, served_model_name, engine.tokenizer, parsers),

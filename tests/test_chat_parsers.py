@@ -98,6 +98,47 @@ def test_parsed_message_renders_back_to_the_reply():
     ("<|im_start|>assistant\n", False),
     ("<|im_start|>assistant\n<think>\n", True),
     ("<|im_start|>assistant\n<think>\n\n</think>\n\n", False),   # enable_thinking=false
+    ("<|im_start|>user\nWhat does <think> do?<|im_end|>\n<|im_start|>assistant\n", False),   # a user's tag
+    ("Explain <think>", False),   # no assistant turn in sight
 ])
 def test_prompt_opens_thinking(prompt, opened):
     assert prompt_opens_thinking(prompt) is opened
+
+
+def test_server_reply_of_an_opened_think_block_is_reasoning(tmp_path):
+    """The API's wiring, in process: under a template whose generation prompt opens <think> (as
+    thinking-only models' do), --reasoning-parser qwen3 puts the built-in model's reply in
+    reasoning_content, whole and streamed, as parse_message of the raw reply with the block open;
+    without the parser the reply stays in content."""
+    from fastapi.testclient import TestClient
+
+    from serve import SamplingParams
+    from serve.builtin import builtin_checkpoint
+    from serve.engine import Engine
+    from serve.openai_api import create_app
+
+    engine = Engine(builtin_checkpoint(str(tmp_path / "builtin")), dtype="float32", context_length=128,
+                    max_running_requests=2, chunked_prefill_size=32, progress=False)
+    try:
+        engine.tokenizer.chat_template = QWEN3_STYLE_TEMPLATE + "{{- '<think>\\n' if add_generation_prompt else '' -}}"
+        engine.tokenizer._compiled = None
+        msgs = [{"role": "user", "content": "What does <think> do?"}]
+        raw = engine.generate(engine.chat_prompt_ids(msgs), SamplingParams(max_tokens=12, temperature=0,
+                                                                           ignore_eos=True))[0].text
+        want = parse_message(raw, "qwen3", None, opened=True)
+        assert want["reasoning_content"] and want != parse_message(raw, "qwen3", None, opened=False)
+        body = {"model": "m", "messages": msgs, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        for parser in ("qwen3", None):
+            with TestClient(create_app(engine, "m", reasoning_parser=parser)) as client:
+                msg = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+                with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                    deltas = [json.loads(ln[6:])["choices"][0]["delta"] for ln in r.iter_lines()
+                              if ln.startswith("data: {")]
+            if parser:
+                assert (msg["reasoning_content"], msg["content"]) == (want["reasoning_content"], want["content"])
+            else:
+                assert "reasoning_content" not in msg and msg["content"] == raw
+            assert "".join(d.get("reasoning_content", "") for d in deltas) == (msg.get("reasoning_content") or "")
+            assert "".join(d.get("content") or "" for d in deltas) == msg["content"]
+    finally:
+        engine.shutdown()

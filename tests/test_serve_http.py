@@ -177,7 +177,9 @@ def test_chat_reply_is_the_raw_completion_parsed(main, tok, thinking):
     """With --reasoning-parser qwen3 --tool-call-parser hermes, a chat reply (whole and streamed)
     is chat_parsers.parse_message of the raw text /v1/completions gives for the same rendered
     prompt (tools included); tool_choice "none" leaves the tools out of the prompt, and a choice
-    that needs constrained decoding is refused by name."""
+    that needs constrained decoding is refused by name. (The built-in model's replies hold no
+    tags, so the parsing itself is tested in test_chat_parsers.py, the reasoning path end to end
+    there too.)"""
     from serve.chat_parsers import parse_message, prompt_opens_thinking
 
     c = client(main)
