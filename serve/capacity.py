@@ -82,7 +82,7 @@ def size_cache(cfg, spec, dtype, devices, *, context_length: int,
         else:
             cap = max_running_requests or DEFAULT_SLOTS_ACCELERATOR
             # each slot's KV cache and sampler state (penalty counts), as the memory plan counts them
-            fit = slots_that_fit(budget, context_length, per_token, sampler_bytes_per_slot(cfg, spec), dp, 2 ** 31)
+            fit = slots_that_fit(budget, context_length, per_token, sampler_bytes_per_slot(cfg, spec), dp, max(cap, dp))
             source = f"mem_fraction_static={mem_fraction_static}"
     slots = min(cap, fit)
     if slots >= dp:

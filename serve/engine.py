@@ -284,6 +284,7 @@ class Engine:
         self._stopping = False
         self.error: BaseException | None = None
         self.steps = 0
+        self.prefill_tokens = 0   # prompt tokens run through prefill (what prefix caching saves)
         self.decode_batches: dict[int, int] = {}   # decode steps run per batch size
         self.finish_hooks: list[Callable[[Request], None]] = []  # called on the scheduler thread
         if self._channel is not None and not self._channel.leader:
@@ -706,6 +707,7 @@ class Engine:
     def _prefill_one_chunk(self, req: Request) -> int:
         start = req.prefilled
         n = min(self.chunk, req.prompt_len - start)
+        self.prefill_tokens += n
         t = next(b for b in self.buckets if b >= n)
         tokens = np.zeros((1, t), np.int32)
         tokens[0, :n] = req.prompt_ids[start:start + n]

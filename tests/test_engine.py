@@ -539,13 +539,18 @@ def test_prefix_caching_reuses_a_slots_tokens_and_changes_no_output(ckpt, engine
         turn = base + first.token_ids + rng.integers(0, 500, size=8).tolist()
         fork = base[:30] + rng.integers(0, 500, size=20).tolist()
         outs = {}
+        prefilled = {}
         for name, prompt in (("turn", turn), ("fork", fork)):
+            before = engine.prefill_tokens
             outs[name] = engine.generate(prompt, sp)[0]
+            prefilled[name] = engine.prefill_tokens - before
             assert outs[name].token_ids == off.generate(prompt, sp)[0].token_ids, name
         assert first.cached_tokens == 0
         assert outs["turn"].cached_tokens == len(base) + len(first.token_ids) - 1
         # `fork` shares 30 tokens with `base`, whose slot now holds `turn`: the same 30 first tokens
         assert outs["fork"].cached_tokens == 30
+        # and only the rest was prefilled
+        assert prefilled == {"turn": len(turn) - outs["turn"].cached_tokens, "fork": len(fork) - 30}
 
         # cancelled (during its prefill, if the cancel is quick enough): the chunks launched stay
         # in the slot; a repeat reuses them
