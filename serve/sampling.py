@@ -237,11 +237,10 @@ def token_logprobs(logits_bv, ids_b, ctx=None):
     """Log-probabilities of the model's distribution (before penalties, temperature, top-k and
     top-p, as vLLM returns by default) -> (logprob of ids_b [B], top ids [B, LOGPROBS_MAX], their logprobs).
 
-    Reductions only over the vocabulary (a max, a sum of exps, a select-and-sum for the chosen id),
+    Reductions only over the vocabulary (a logsumexp, a select-and-sum for the chosen id),
     so logits split over devices stay split; the top ids come from top_k_over_vocab."""
     b, v = logits_bv.shape
-    m = jax.lax.stop_gradient(jnp.max(logits_bv, axis=1, keepdims=True))
-    lse_b = m[:, 0] + jnp.log(jnp.sum(jnp.exp(logits_bv - m), axis=1))
+    lse_b = jax.nn.logsumexp(logits_bv, axis=1)
     hit = jnp.arange(v, dtype=jnp.int32)[None, :] == ids_b[:, None]
     chosen_b = jnp.sum(jnp.where(hit, logits_bv, 0.0), axis=1) - lse_b
     top, top_ids = top_k_over_vocab(logits_bv, min(LOGPROBS_MAX, v), ctx)
