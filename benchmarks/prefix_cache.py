@@ -61,8 +61,11 @@ def main(argv=None):
           f"{args.prompt} prompt + {args.reply} reply tokens; turn 2 adds {args.new}", flush=True)
     seconds = {}
     for cached in (False, True):
+        t0 = time.perf_counter()
         engine = Engine(model, context_length=args.context, max_running_requests=args.slots,
                         prefix_caching=cached, progress=False)
+        print(f"  engine (prefix caching {'on' if cached else 'off'}) ready in {time.perf_counter() - t0:.1f} s",
+              flush=True)
         try:
             rng = np.random.default_rng(0)
             next_turn_seconds(engine, rng, cfg.vocab_size, args.prompt, args.reply, args.new)   # warm

@@ -1642,9 +1642,9 @@ def test_gpu_model_with_kernels_matches_plain_xla_prefill_and_decode(numerics, r
 @pytest.mark.parametrize("batch", [48, 200])
 def test_gpu_decode_step_with_split_k_projections_matches_narrow_tiles(batch, monkeypatch):
     """Two 30B-A3B-FP8 layers, one decode step at 48 and 200 rows: the projections split along K
-    (linear.PROJECTION_MATMUL "split", the default; q/k/v's partials summed by the attention
-    kernel, o's by XLA) and the narrowed tiles ("narrow") both against the plain-XLA path: split
-    as close to it as narrow. Not against each other bit for bit: a float32 reassociation moves
+    (linear.PROJECTION_MATMUL "split", and "split-qkv", the default, with q/k/v in one launch;
+    q/k/v's partials summed by the attention kernel, o's by XLA) and the narrowed tiles ("narrow")
+    all against the plain-XLA path: each split as close to it as narrow. Not against each other bit for bit: a float32 reassociation moves
     a bf16 rounding, and a router near a tie then picks another expert for that row (run 110: the
     two 1.1-1.4% apart over all rows)."""
     import qwen3_jax
@@ -1658,14 +1658,15 @@ def test_gpu_decode_step_with_split_k_projections_matches_narrow_tiles(batch, mo
     tok = jax.random.randint(jax.random.key(2), (batch, 1), 0, model.config.vocab_size, jnp.int32)
     pos = jnp.full((batch, 1), 100, jnp.int32)
     out = {}
-    for preset in ("split", "narrow", "xla"):   # a fresh function each: settings are read while tracing
+    for preset in ("split-qkv", "split", "narrow", "xla"):   # a fresh function each: settings are read while tracing
         if preset != "xla":
             monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS[preset]))
         with kernels.kernels_enabled(preset != "xla"):
             logits, _ = jax.jit(lambda st, c: nnx.merge(model.graphdef, st)(tok, pos, c))(model.state, cache)
         out[preset] = np.asarray(logits, np.float64)
-    assert rel(out["split"], out["xla"]) < 1.2 * rel(out["narrow"], out["xla"]) + 2e-3, (
-        rel(out["split"], out["xla"]), rel(out["narrow"], out["xla"]))
+    for preset in ("split-qkv", "split"):
+        assert rel(out[preset], out["xla"]) < 1.2 * rel(out["narrow"], out["xla"]) + 2e-3, (
+            preset, rel(out[preset], out["xla"]), rel(out["narrow"], out["xla"]))
 
 
 @pytest.mark.parametrize("nk", [False, True])

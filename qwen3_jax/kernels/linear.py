@@ -39,11 +39,12 @@ TARGET_PROGRAMS = 264   # two per SM of an H100: below this a memory-bound matmu
 # 2 K steps; from 128-row blocks 4 splits of 64-wide tiles, as run 108 measured best).
 # Measured (run 109, H200, FP8 decode, ms per step, narrow -> split): batch 32 14.144 -> 13.115,
 # 64 16.141 -> 14.597, 128 18.394 -> 16.979, 256 24.014 -> 23.204.
-# "concat": q, k and v in one launch side by side (projections_partials), one x quantize; not yet
-# timed on a GPU (serve.bench --projection-matmul split,split-qkv).
+# "concat": q, k and v in one launch side by side (projections_partials), one x quantize.
+# Measured (run 112, H200, FP8 decode, ms per step, split -> split-qkv): batch 32 13.130 -> 12.809,
+# 64 14.608 -> 14.339, 128 16.991 -> 16.614, 256 23.258 -> 22.836; the default since.
 PROJECTION_MATMUL_PRESETS = {"narrow": dict(narrow=True, k_splits=1), "split": dict(narrow=False, k_splits="auto"),
                              "split-qkv": dict(narrow=False, k_splits="auto", concat=True)}
-PROJECTION_MATMUL: dict = dict(PROJECTION_MATMUL_PRESETS["split"])
+PROJECTION_MATMUL: dict = dict(PROJECTION_MATMUL_PRESETS["split-qkv"])
 
 
 def _parse(eq: str):
