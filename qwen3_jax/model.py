@@ -528,17 +528,23 @@ class KVCache:
 
 
 def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale, ctx, kv_window=None):
-    """The decode-attention kernel reading layer `layer` of the cache in place
-    (kernels/decode_attention.py), or None where it does not apply (XLA attention then).
-    On a mesh it runs per device on local heads and local rows. With the batch split over
-    data-parallel groups that needs row b in slot b (the engine's decode step: slots None, one
-    row per slot), so each device's rows are its own slots; other cases stay with XLA."""
-    b = q_bthq.shape[0]
-    if not kernels.usable(q_bthq.dtype) or not kernels.decode_attention_covered(q_bthq, k_all):
+    """The kernel reading layer `layer` of the cache in place: one token per row, the decode-
+    attention kernel (kernels/decode_attention.py); T > 1, a prefill chunk continuing its row
+    (kernels/prefill_attention.py chunk_attention_cached). None where neither applies (XLA
+    attention then). On a mesh it runs per device on local heads and local rows. With the batch
+    split over data-parallel groups that needs row b in slot b (the engine's decode step: slots
+    None, one row per slot), so each device's rows are its own slots; other cases stay with XLA."""
+    b, t = q_bthq.shape[:2]
+    if not kernels.usable(q_bthq.dtype):
+        return None
+    if t == 1:
+        covered, attend = kernels.decode_attention_covered, kernels.decode_attention_cached
+    else:
+        covered, attend = kernels.chunk_covered, kernels.chunk_attention_cached
+    if not covered(q_bthq, k_all):
         return None
     if kernels.single_device(ctx):
-        return kernels.decode_attention_cached(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
-                                               kv_window=kv_window)
+        return attend(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale, kv_window=kv_window)
     rows = jnp.arange(b, dtype=jnp.int32) if slots_b is None else slots_b
     if not _rows_are_local_slots(ctx, slots_b, k_all, b):
         return None
@@ -546,7 +552,7 @@ def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
     def local(q, k, v, i, r, p):
         if view_size(ctx.spec, "data") > 1:
             r = None   # local row b is local slot b
-        return kernels.decode_attention_cached(q, k, v, i, r, p, scale, kv_window=kv_window)
+        return attend(q, k, v, i, r, p, scale, kv_window=kv_window)
 
     act = ("batch", "seq", "heads", "head_dim")
     return kernels.sharded.per_device(

@@ -10,7 +10,8 @@ Files: gemv.py (one output row per program: decode), gemv_inputs.py (what a gemv
 its x load: a norm, the swiglu), grouped_matmul.py (row blocks of one
 group each, tensor cores: prefill and large decode batches), moe_blocks.py (routing -> row
 blocks), moe_ffn.py (the MoE expert FFN on either kernel), linear.py (projections read in
-place, FP8 fused), prefill_attention.py (cuDNN fused attention for prompts from position 0),
+place, FP8 fused), prefill_attention.py (cuDNN fused attention for prompts from position 0; a chunk
+continuing a cached prompt against the cache, read in place),
 decode_attention.py (one new token per row against the KV cache, read in place, the key
 splits merged by the last program; with the step's prologue in the same kernel where it
 covers the shapes), dequantize.py (FP8 [out, in] -> a transposed bf16 copy for
@@ -278,7 +279,7 @@ if TRITON_MISSING is None:
     fp8_dot.install()   # e4m3 dots keep their MMAs in flight (fp8_dot.py)
     index_width.install()   # FP8 weights of 2-4 GiB get int64 offsets (index_width.py)
     from .linear import linear_einsum, projections_partials  # noqa: E402
-    from .prefill_attention import causal_prefill_attention  # noqa: E402
+    from .prefill_attention import causal_prefill_attention, chunk_attention_cached, chunk_covered  # noqa: E402
     from .decode_attention import covered as decode_attention_covered, decode_attention_cached  # noqa: E402
     from .moe_ffn import ExpertArrays, moe_ffn_in_place, moe_ffn_stacked  # noqa: E402
     from .router import route_in_place  # noqa: E402
@@ -287,6 +288,6 @@ if TRITON_MISSING is None:
 __all__ = ["enabled", "describe", "TRITON_MISSING", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret",
            "pick_tile", "FP8_GEMM", "set_fp8_gemm", "fp8_gemm", "fp8_matmul", "fp8_dequantized", "FP8_DEQUANTIZE_MIN_ROWS", "FP8_DEQUANTIZE_MOE_MIN_ROWS", "X_LOADS_ALL", "set_x_loads", "x_load",
            "linear_einsum", "projections_partials",
-           "causal_prefill_attention", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked",
+           "causal_prefill_attention", "chunk_attention_cached", "chunk_covered", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked",
            "moe_ffn_in_place", "ExpertArrays", "route_in_place",
            "qk_prologue", "sharded"]

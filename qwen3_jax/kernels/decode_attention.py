@@ -198,17 +198,19 @@ def _softmax_step(carry, sc, value_product):
     return m_new, l_sum * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + value_product(p)
 
 
-def _attend_keys(load, scores, n, first, steps, bs, scale, cdt, carry, preloaded=None):
+def _attend_keys(load, scores, n, first, steps, bs, scale, cdt, carry, preloaded=None, limit=None):
     """In a kernel: a program's key loop, `steps` blocks of bs keys from position `first`, keys
     below n only (blocks past it are skipped). load(s0) -> the block's tiles, its values [bs, Q]
-    last; scores(tiles) -> [16, bs] float32 q.k. preloaded: block 0's tiles, loaded by the caller
-    before other work so that their latency overlaps it. Scores are rounded to cdt before
+    last; scores(tiles) -> [R, bs] float32 q.k. preloaded: block 0's tiles, loaded by the caller
+    before other work so that their latency overlaps it. limit: [R, 1], each row's own bound
+    (keys below it; n is then their maximum), for causal chunks. Scores are rounded to cdt before
     scaling and the probabilities to cdt for the value product, as the reference does."""
+    bound = n if limit is None else limit
 
     def visit(c, s0, tiles):
         sc = scores(tiles).astype(cdt).astype(jnp.float32) * scale
         pos = s0 + jax.lax.broadcasted_iota(jnp.int32, sc.shape, 1)
-        sc = jnp.where(pos < n, sc, NEG)
+        sc = jnp.where(pos < bound, sc, NEG)
         return _softmax_step(c, sc, lambda p: jnp.dot(p.astype(cdt), tiles[-1], preferred_element_type=jnp.float32))
 
     def body(t, carry):

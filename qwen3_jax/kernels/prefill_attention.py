@@ -1,4 +1,5 @@
-"""Prefill attention through cuDNN's fused (flash) attention when the prompt starts at position 0.
+"""Prefill attention: cuDNN's fused (flash) attention for a prompt from position 0, and a Pallas
+kernel for a chunk that continues a prompt already in the KV cache.
 
 The plain-XLA attention (../attention.py) materializes float32 scores [B, K, G, T, S]: 8.6 GB
 per layer for one 8k prompt, ~80% of an 8k prefill's time on an H100 (run 2,
@@ -9,14 +10,43 @@ model's mask (s <= positions[b, t]) exactly when positions[b, t] == t for every 
 (a chunk continuing a cached prompt, left padding) the plain-XLA attention runs instead,
 chosen at run time by lax.cond, so results never depend on the guess.
 
+chunk_attention_cached: the engine's chunked prefill writes each chunk's K/V into the cache, then
+attends from the chunk's T queries to every cached key up to each query's position. The XLA math
+there scored all T queries against the whole cache row (float32 [K, G, T, S]: 1 GiB a layer for a
+512-token chunk of a 16k context) and masked most of it: an 8.5k-token prompt took 1.17 s to
+prefill in 512-token chunks where one 8k pass takes ~0.2 s (run 113, benchmarks/NOTES.md). The
+kernel reads the cache where it lies, flash-attention style:
+  grid (B, K, T*G / ROWS); program (b, h, i): ROWS query rows of kv head h (token-major: row r is
+  token i*ROWS/G + r // G, query head h*G + r % G, so one key block serves all G heads), keys from
+  0 up to its last token's position in blocks of `bs` (blocks past it are skipped), online softmax
+  in float32 (decode_attention's loop, with a causal limit per row).
+It needs each row's positions to be start, start+1, ... (padding: positions past the cache, at
+the end), as the engine writes them; anything else runs the XLA math, chosen by lax.cond.
+
 Numerics: cuDNN keeps the scores in float32 through the softmax; the reference (as
 transformers in bf16) rounds them to bf16 first. Agreement is to bf16 precision.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from . import interpret as _interpret
+from . import pick_tile
+from .decode_attention import NEG, _attend_keys, _normalized
+from ..attention import attention, query_block
+
+# Query rows (tokens x the G heads of one kv head) per program and keys per block of the chunk
+# kernel; CHUNK_KERNEL False sends chunks to the XLA math (read at trace time;
+# benchmarks/chunked_prefill.py times both).
+CHUNK_ROWS = 64
+CHUNK_KEYS = 64
+CHUNK_KERNEL = True
 
 
 def causal_prefill_attention(q_bthq, k_bskq, v_bskq, positions_bt, scale: float, fallback):
@@ -35,3 +65,97 @@ def causal_prefill_attention(q_bthq, k_bskq, v_bskq, positions_bt, scale: float,
 def _fused(q, k, v, scale):
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
                                         implementation="cudnn").astype(q.dtype)
+
+
+def chunk_covered(q_bthq, k_all) -> bool:
+    """chunk_attention_cached handles these shapes: T > 1 queries, cache dtype = q's, G = H/K a
+    power of two that divides the rows of a program, T*G a multiple of them, a key tiling of the
+    cache length. Shard-independent, as decode_attention.covered."""
+    b, t, h, qd = q_bthq.shape
+    k, s = k_all.shape[3], k_all.shape[2]
+    g = h // k
+    return (CHUNK_KERNEL and t > 1 and k_all.dtype == q_bthq.dtype and h % k == 0 and g & (g - 1) == 0
+            and g <= CHUNK_ROWS and (t * g) % CHUNK_ROWS == 0 and qd % 16 == 0
+            and pick_tile(s, CHUNK_KEYS) is not None)
+
+
+def chunk_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float,
+                           kv_window: int | None = None):
+    """A prompt chunk's attention over the cache rows it continues, its own K/V already written:
+    q [B, T, H, Q] (normed, roped); k/v cache [L, N, S, K, Q]; layer int32; rows [B] (cache slot
+    of each row) or None (row b is slot b); positions [B, T] -> [B, T, H, Q] in q's dtype. Query t
+    attends to keys 0..positions[b, t]; a position past the cache (padding) gives zeros.
+    kv_window: every position lies below it (keys past it are not visited)."""
+    b, t, h, qd = q_bthq.shape
+    s, k = k_all.shape[2], k_all.shape[3]
+    g = h // k
+    rows_b = jnp.arange(b, dtype=jnp.int32) if rows_b is None else rows_b.astype(jnp.int32)
+    positions_bt = positions_bt.astype(jnp.int32)
+    starts = positions_bt[:, 0]
+    valid = jnp.sum(positions_bt < s, axis=1, dtype=jnp.int32)
+    ts = jnp.arange(t, dtype=jnp.int32)[None, :]
+    in_order = jnp.all(jnp.where(ts < valid[:, None], positions_bt == starts[:, None] + ts, positions_bt >= s))
+    window = s if kv_window is None or kv_window >= s else kv_window
+    bs = pick_tile(window, CHUNK_KEYS) or pick_tile(s, CHUNK_KEYS)
+    window = -(-window // bs) * bs
+
+    def kernel_path(_):
+        q = q_bthq.reshape(b, t, k, g, qd).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, qd)
+        out = chunk_attention(q, k_all, v_all, jnp.asarray(layer, jnp.int32), rows_b, starts, valid, scale=float(scale),
+                              group=g, rows=CHUNK_ROWS, bs=bs, steps=window // bs)
+        return out.reshape(b, k, t, g, qd).transpose(0, 2, 1, 3, 4).reshape(b, t, h, qd)
+
+    def xla_path(_):
+        keys, values = k_all[layer][rows_b], v_all[layer][rows_b]               # [B, S, K, Q]
+        mask = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
+        out = attention(q_bthq, keys.astype(q_bthq.dtype), values.astype(q_bthq.dtype), mask, scale,
+                        query_block(t, s, h, b))
+        return jnp.where((positions_bt < s)[:, :, None, None], out, 0).astype(q_bthq.dtype)
+
+    return jax.lax.cond(in_order, kernel_path, xla_path, None)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "group", "rows", "bs", "steps", "num_warps", "num_stages",
+                                             "interpret"))
+def chunk_attention(q_bkrq, k_cache, v_cache, layer, slots_b, starts_b, valid_b, *, scale: float, group: int,
+                    rows: int, bs: int, steps: int, num_warps: int = 4, num_stages: int = 2, interpret=None):
+    """q [B, K, T*G, Q] (row t*G + j: token t, query head h*G + j of kv head h); k/v cache
+    [L, N, S, K, Q]; layer int32; slots [B]; starts [B] (token 0's position); valid [B] (tokens
+    0..valid-1 are at starts + t, the rest padding) -> [B, K, T*G, Q] in q's dtype, padding rows
+    zero. Keys in `steps` blocks of bs from 0 (blocks past a program's last position skipped)."""
+    b, k, tg, qd = q_bkrq.shape
+    bq = rows // group
+    cdt = q_bkrq.dtype
+    interpret = _interpret() if interpret is None else interpret
+
+    def kernel(layer_ref, slots_ref, starts_ref, valid_ref, q_ref, k_ref, v_ref, o_ref):
+        bi, hi, ri = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        li, slot, start, valid = layer_ref[0], slots_ref[bi], starts_ref[bi], valid_ref[bi]
+        t0 = ri * bq
+        tok = t0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group
+        limit = jnp.where(tok < valid, start + tok + 1, 0)                    # [rows, 1]: keys below it
+        n = jnp.where(t0 < valid, start + jnp.minimum(t0 + bq, valid), 0)     # the program's last key + 1
+        r0 = pl.multiple_of(ri * rows, rows)
+        q = q_ref[bi, hi, pl.ds(r0, rows), :]                                   # [rows, Q]
+
+        def load(s0):   # [bs, Q] each
+            return k_ref[li, slot, pl.ds(s0, bs), hi, :], v_ref[li, slot, pl.ds(s0, bs), hi, :]
+
+        def scores(tiles):
+            return jnp.dot(q, tiles[0].T, preferred_element_type=jnp.float32)   # [rows, bs]
+
+        empty = (jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
+                 jnp.zeros((rows, qd), jnp.float32))
+        _, l_sum, acc = _attend_keys(load, scores, n, 0, steps, bs, scale, cdt, empty, limit=limit)
+        # A padding row saw only masked keys (a uniform softmax over them): zeros instead.
+        o_ref[bi, hi, pl.ds(r0, rows), :] = jnp.where(limit > 0, _normalized(acc, l_sum[:, None]), 0.0).astype(cdt)
+
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((b, k, tg, qd), cdt),
+        grid=(b, k, tg // rows),
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="qwen3_chunk_attention",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), slots_b.astype(jnp.int32), starts_b.astype(jnp.int32),
+      valid_b.astype(jnp.int32), q_bkrq, k_cache, v_cache)

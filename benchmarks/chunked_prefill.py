@@ -1,0 +1,102 @@
+"""A prefill chunk that continues a prompt already in the KV cache, as the engine's chunked prefill
+runs it: the chunk-attention kernel (kernels/prefill_attention.py) against the XLA math it
+replaced, one process, one cache row of --context positions filled with random K/V.
+
+For each path, one compiled call [1, T] (positions are an input, so every start shares it), timed
+at each start; the floor is the chunk's FLOPs (its tokens through the weights, plus attention
+over start + T/2 keys on average) over the bf16 matmul rate measured in the same run.
+
+    python benchmarks/chunked_prefill.py --model Qwen3-30B-A3B-FP8 --context 16384 --chunk 512 --starts 0,2048,8192,15360
+    python benchmarks/chunked_prefill.py --model tiny --context 256 --chunk 32 --starts 0,64 --reps 1   # CPU: works
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def chunk_flops(model, inv: dict, tokens: int, start: int) -> float:
+    """FLOPs of one chunk: its tokens through the active weights and the lm_head row, and causal
+    attention over the cached start keys plus half of its own."""
+    from serve.bench import prefill_flops
+
+    cfg = model.config
+    cached = 4 * tokens * start * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+    return prefill_flops(model, inv, tokens) + cached
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="Qwen3-30B-A3B-FP8", help="a serve.bench preset (random weights)")
+    p.add_argument("--context", type=int, default=16384, help="cache positions of the row")
+    p.add_argument("--chunk", type=int, default=512, help="tokens per chunk (the engine's --chunked-prefill-size)")
+    p.add_argument("--starts", default="0,2048,8192,15360", help="chunk start positions, comma-separated")
+    p.add_argument("--reps", type=int, default=5, help="timed calls per figure (median)")
+    p.add_argument("--layers", type=int, default=None, help="build only N layers")
+    p.add_argument("--rows", default="64", help="the kernel's query rows per program (CHUNK_ROWS), comma-separated: A/B")
+    args = p.parse_args(argv)
+    starts = [int(s) for s in args.starts.split(",") if s]
+    if any(s < 0 or s + args.chunk > args.context for s in starts):
+        p.error(f"each start + --chunk ({args.chunk}) must lie within --context {args.context}")
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import qwen3_jax
+    from qwen3_jax import kernels
+    from qwen3_jax.kernels import prefill_attention
+    from serve.bench import fill_cache, measure_ceilings, median_seconds, resolve_bench_config, weight_inventory
+
+    rows_default = prefill_attention.CHUNK_ROWS
+    ceilings = measure_ceilings(kernels.on_gpu())
+    cfg = resolve_bench_config(args.model, args.layers)
+    model = qwen3_jax.random_model(cfg, dtype="bfloat16")
+    inv = weight_inventory(model)
+    print(f"device {jax.devices()[0].device_kind}; {args.model}, {cfg.num_hidden_layers} layers, a {args.context}-position "
+          f"cache row, {args.chunk}-token chunks; bf16 matmul {ceilings['matmul_flops'] / 1e12:.1f} TFLOP/s (this run)",
+          flush=True)
+    tokens = jax.random.randint(jax.random.key(0), (1, args.chunk), 0, cfg.vocab_size, jnp.int32)
+    rows, at = jnp.zeros((1,), jnp.int32), jnp.full((1,), args.chunk - 1, jnp.int32)
+
+    ms = {}
+    paths = [f"kernel/{r}" for r in args.rows.split(",") if r] + ["xla"]
+    for path in paths:
+        prefill_attention.CHUNK_KERNEL = path != "xla"   # read while tracing: a fresh function per path
+        if path != "xla":
+            prefill_attention.CHUNK_ROWS = int(path.split("/")[1])
+
+        def run(state, tok, pos, cache):
+            logits, cache = nnx.merge(model.graphdef, state)(tok, pos, cache, rows, at)
+            return jnp.argmax(logits[:, 0], axis=-1), cache
+
+        holder = {"cache": fill_cache(model.init_cache(1, args.context), jax.random.key(1))}
+        t0 = time.perf_counter()
+        fn = jax.jit(run, donate_argnums=(3,)).lower(model.state, tokens, jnp.zeros((1, args.chunk), jnp.int32),
+                                                     holder["cache"]).compile()
+        print(f"  {path}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+        for start in starts:
+            pos = jnp.asarray(np.arange(start, start + args.chunk)[None], jnp.int32)
+
+            def call():
+                out, holder["cache"] = fn(model.state, tokens, pos, holder["cache"])
+                return out
+
+            ms[path, start] = 1e3 * median_seconds(call, args.reps)
+        del holder
+    prefill_attention.CHUNK_KERNEL, prefill_attention.CHUNK_ROWS = True, rows_default
+    print(f"{'path':>11} {'start':>7} {'ms':>8} {'xla / it':>9} {'% of matmul':>12}")
+    for path in paths:
+        for start in starts:
+            floor_ms = 1e3 * chunk_flops(model, inv, args.chunk, start) / ceilings["matmul_flops"]
+            print(f"{path:>11} {start:>7} {ms[path, start]:>8.2f} {ms['xla', start] / ms[path, start]:>8.2f}x "
+                  f"{100 * floor_ms / ms[path, start]:>11.1f}%")
+    return ms
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""A prefill chunk's attention over the KV cache it continues (kernels/prefill_attention.py,
+chunk_attention_cached): the Pallas kernel against the plain-XLA masked attention.
+
+CPU: Pallas interpret mode, and the Triton lowering at 30B-A3B shapes. GPU (marked): compiled at
+30B-A3B shapes; on the device machine
+`QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_kernels_chunk_attention.py`.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen3_jax import Qwen3MoeConfig, kernels, random_model
+from qwen3_jax.attention import attention
+from qwen3_jax.kernels import prefill_attention as pa
+from reference import TINY
+
+TOL_BF16 = 2e-2   # two bf16 attention paths: scores and probabilities rounded at different points
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def worst_token(a, b) -> float:
+    """The largest relative error of one token's output [H, Q]: a key missed by one row shows."""
+    return max(rel(a[:, i], b[:, i]) for i in range(a.shape[1]))
+
+
+def chunk_inputs(seed, t, h, k, qd, s, layers=2, slots=3):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((1, t, h, qd)), jnp.bfloat16)
+    kc = jnp.asarray(rng.standard_normal((layers, slots, s, k, qd)), jnp.bfloat16)
+    vc = jnp.asarray(rng.standard_normal((layers, slots, s, k, qd)), jnp.bfloat16)
+    return q, kc, vc
+
+
+def positions(t, start, valid, s):
+    """The engine's chunk positions: start.. for `valid` tokens, then padding at the cache length."""
+    p = np.full((1, t), s, np.int32)
+    p[0, :valid] = np.arange(start, start + valid)
+    return jnp.asarray(p)
+
+
+def reference(q, kc, vc, layer, slot, pos, scale):
+    """Masked attention over the cache row (keys 0..position), zeros on padding rows, float32."""
+    s = kc.shape[2]
+    keys, values = kc[layer, slot][None].astype(jnp.float32), vc[layer, slot][None].astype(jnp.float32)
+    mask = jnp.arange(s)[None, None, :] <= pos[:, :, None]
+    out = attention(q.astype(jnp.float32), keys, values, mask, scale)
+    return np.where(np.asarray(pos < s)[:, :, None, None], np.asarray(out), 0.0)
+
+
+@pytest.mark.parametrize("t,h,k,start,valid", [
+    (32, 8, 2, 70, 27),     # G = 4: two programs a kv head, one holding the padding
+    (32, 8, 2, 0, 32),      # the prompt's first chunk
+    (16, 16, 2, 240, 16),   # G = 8, the chunk ending at the cache's last key
+    (64, 4, 4, 33, 40),     # G = 1, a key block split by the start
+    (32, 8, 2, 49, 32),     # a program's last key (64) alone in its block
+])
+def test_kernel_matches_masked_attention(t, h, k, start, valid):
+    qd, s = 32, 256
+    q, kc, vc = chunk_inputs(start + valid, t, h, k, qd, s)
+    pos = positions(t, start, valid, s)
+    with kernels.kernels_enabled(True):
+        out = jax.jit(lambda q, kc, vc, p: pa.chunk_attention_cached(q, kc, vc, jnp.int32(1), jnp.asarray([2]), p,
+                                                                    qd ** -0.5))(q, kc, vc, pos)
+    want = reference(q, kc, vc, 1, 2, pos, qd ** -0.5)
+    out = np.asarray(out, np.float32)
+    assert worst_token(out[:, :valid], want[:, :valid]) < TOL_BF16
+    np.testing.assert_array_equal(out[:, valid:], 0.0)   # padding rows
+
+
+def test_positions_out_of_order_take_the_xla_math():
+    """Positions that are not start, start+1, ... (here: reversed) run the XLA branch, which keeps
+    the model's mask exactly."""
+    t, h, k, qd, s = 32, 8, 2, 32, 128
+    q, kc, vc = chunk_inputs(5, t, h, k, qd, s)
+    pos = jnp.asarray(np.arange(40, 40 + t)[::-1][None].copy(), jnp.int32)
+    out = pa.chunk_attention_cached(q, kc, vc, jnp.int32(0), jnp.asarray([1]), pos, qd ** -0.5)
+    assert rel(np.asarray(out, np.float32), reference(q, kc, vc, 0, 1, pos, qd ** -0.5)) < TOL_BF16
+
+
+def test_kv_window_bounds_the_keys_visited():
+    """A window below the cache length (the positions under it) gives the same answer."""
+    t, h, k, qd, s = 32, 8, 2, 32, 512
+    q, kc, vc = chunk_inputs(6, t, h, k, qd, s)
+    pos = positions(t, 90, 30, s)
+    full = pa.chunk_attention_cached(q, kc, vc, jnp.int32(1), jnp.asarray([0]), pos, qd ** -0.5)
+    windowed = pa.chunk_attention_cached(q, kc, vc, jnp.int32(1), jnp.asarray([0]), pos, qd ** -0.5, kv_window=128)
+    np.testing.assert_array_equal(np.asarray(windowed, np.float32), np.asarray(full, np.float32))
+
+
+def test_uncovered_shapes():
+    sds = jax.ShapeDtypeStruct
+    cache = sds((2, 1, 256, 2, 32), jnp.bfloat16)
+    assert pa.chunk_covered(sds((1, 32, 8, 32), jnp.bfloat16), cache)
+    assert not pa.chunk_covered(sds((1, 1, 8, 32), jnp.bfloat16), cache)           # decode: one token
+    assert not pa.chunk_covered(sds((1, 32, 8, 32), jnp.float32), cache)            # dtypes differ
+    assert not pa.chunk_covered(sds((1, 32, 6, 32), jnp.bfloat16), cache)           # G = 3
+    assert not pa.chunk_covered(sds((1, 8, 4, 32), jnp.bfloat16), cache)            # T*G = 16 rows
+    assert not pa.chunk_covered(sds((1, 32, 8, 32), jnp.bfloat16), sds((2, 1, 250, 2, 32), jnp.bfloat16))
+
+
+def test_the_model_prefills_chunks_through_the_kernel():
+    """A tiny model (kernels forced on, interpret mode): a 96-token prompt written into cache row 1
+    in three 32-token chunks, the last one padded, gives the logits of plain XLA; the chunks after
+    the first run the chunk kernel (in the traced program)."""
+    from flax import nnx
+
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2))
+    m = random_model(cfg, seed=3)
+    s = 128
+    prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, 90)
+
+    def run(st, on):
+        model = nnx.merge(m.graphdef, st)
+        cache = m.init_cache(2, s)
+        for c0 in range(0, 90, 32):
+            n = min(32, 90 - c0)
+            tok = np.zeros((1, 32), np.int32)
+            tok[0, :n] = prompt[c0:c0 + n]
+            logits, cache = model(jnp.asarray(tok), positions(32, c0, n, s), cache, jnp.asarray([1], jnp.int32),
+                                  jnp.asarray([n - 1], jnp.int32))
+        return logits
+
+    out = {}
+    for on in (False, True):
+        with kernels.kernels_enabled(on):
+            fn = jax.jit(lambda st: run(st, on))
+            text = str(jax.make_jaxpr(fn)(m.state))
+            out[on] = np.asarray(fn(m.state), np.float32)
+        assert ("qwen3_chunk_attention" in text) == on
+    assert rel(out[True], out[False]) < TOL_BF16
+
+
+# -- CPU: Triton lowering of the 30B-A3B shapes (no GPU needed, nothing allocated) --------------
+
+def test_lowers_to_one_triton_call_for_30b_shapes():
+    h, k, qd, t, s = 32, 4, 128, 512, 16384
+    sds = jax.ShapeDtypeStruct
+    cache = sds((48, 4, s, k, qd), jnp.bfloat16)
+
+    def fn(q, kc, vc, pos):
+        qt = q.reshape(1, t, k, h // k, qd).transpose(0, 2, 1, 3, 4).reshape(1, k, t * h // k, qd)
+        return pa.chunk_attention(qt, kc, vc, jnp.int32(3), jnp.asarray([2], jnp.int32), pos[:, 0],
+                                  jnp.sum(pos < s, axis=1), scale=qd ** -0.5, group=h // k, rows=pa.CHUNK_ROWS,
+                                  bs=pa.CHUNK_KEYS, steps=s // pa.CHUNK_KEYS, interpret=False)
+    text = jax.jit(fn).trace(sds((1, t, h, qd), jnp.bfloat16), cache, cache, sds((1, t), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
+    assert "stablehlo.gather" not in set(re.findall(r"stablehlo\.\w+", text))   # the cache is read in place
+
+
+# -- GPU: compiled, at 30B-A3B shapes ------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("start,valid", [(0, 512), (1500, 400), (3584, 512)])
+def test_gpu_chunk_kernel_matches_masked_attention_at_30b_shapes(start, valid):
+    h, k, qd, t, s = 32, 4, 128, 512, 4096
+    q, kc, vc = chunk_inputs(start, t, h, k, qd, s, layers=3, slots=2)
+    pos = positions(t, start, valid, s)
+    out = jax.jit(lambda q, kc, vc, p: pa.chunk_attention_cached(q, kc, vc, jnp.int32(2), jnp.asarray([1]), p,
+                                                                qd ** -0.5))(q, kc, vc, pos)
+    want = reference(q, kc, vc, 2, 1, pos, qd ** -0.5)
+    out = np.asarray(out, np.float32)
+    assert worst_token(out[:, :valid], want[:, :valid]) < TOL_BF16
+    np.testing.assert_array_equal(out[:, valid:], 0.0)
