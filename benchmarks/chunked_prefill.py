@@ -36,7 +36,9 @@ def main(argv=None):
     p.add_argument("--starts", default="0,2048,8192,15360", help="chunk start positions, comma-separated")
     p.add_argument("--reps", type=int, default=5, help="timed calls per figure (median)")
     p.add_argument("--layers", type=int, default=None, help="build only N layers")
-    p.add_argument("--rows", default="64", help="the kernel's query rows per program (CHUNK_ROWS), comma-separated: A/B")
+    p.add_argument("--variants", default="64:64:4:2",
+                   help="kernel settings to time, rows:keys:warps:stages (CHUNK_ROWS, CHUNK_KEYS, CHUNK_WARPS, "
+                        "CHUNK_STAGES), comma-separated: A/B")
     args = p.parse_args(argv)
     starts = [int(s) for s in args.starts.split(",") if s]
     if any(s < 0 or s + args.chunk > args.context for s in starts):
@@ -52,7 +54,7 @@ def main(argv=None):
     from qwen3_jax.kernels import prefill_attention
     from serve.bench import fill_cache, measure_ceilings, median_seconds, resolve_bench_config, weight_inventory
 
-    rows_default = prefill_attention.CHUNK_ROWS
+    defaults = {k: getattr(prefill_attention, k) for k in ("CHUNK_ROWS", "CHUNK_KEYS", "CHUNK_WARPS", "CHUNK_STAGES")}
     ceilings = measure_ceilings(kernels.on_gpu())
     cfg = resolve_bench_config(args.model, args.layers)
     model = qwen3_jax.random_model(cfg, dtype="bfloat16")
@@ -64,11 +66,13 @@ def main(argv=None):
     rows, at = jnp.zeros((1,), jnp.int32), jnp.full((1,), args.chunk - 1, jnp.int32)
 
     ms = {}
-    paths = [f"kernel/{r}" for r in args.rows.split(",") if r] + ["xla"]
+    knobs = ("CHUNK_ROWS", "CHUNK_KEYS", "CHUNK_WARPS", "CHUNK_STAGES")
+    paths = [v for v in args.variants.split(",") if v] + ["xla"]
     for path in paths:
         prefill_attention.CHUNK_KERNEL = path != "xla"   # read while tracing: a fresh function per path
         if path != "xla":
-            prefill_attention.CHUNK_ROWS = int(path.split("/")[1])
+            for knob, v in zip(knobs, path.split(":")):
+                setattr(prefill_attention, knob, int(v))
 
         def run(state, tok, pos, cache):
             logits, cache = nnx.merge(model.graphdef, state)(tok, pos, cache, rows, at)
@@ -88,12 +92,14 @@ def main(argv=None):
 
             ms[path, start] = 1e3 * median_seconds(call, args.reps)
         del holder
-    prefill_attention.CHUNK_KERNEL, prefill_attention.CHUNK_ROWS = True, rows_default
-    print(f"{'path':>11} {'start':>7} {'ms':>8} {'xla / it':>9} {'% of matmul':>12}")
+    prefill_attention.CHUNK_KERNEL = True
+    for knob, v in defaults.items():
+        setattr(prefill_attention, knob, v)
+    print(f"{'kernel r:k:w:s':>14} {'start':>7} {'ms':>8} {'xla / it':>9} {'% of matmul':>12}")
     for path in paths:
         for start in starts:
             floor_ms = 1e3 * chunk_flops(model, inv, args.chunk, start) / ceilings["matmul_flops"]
-            print(f"{path:>11} {start:>7} {ms[path, start]:>8.2f} {ms['xla', start] / ms[path, start]:>8.2f}x "
+            print(f"{path:>14} {start:>7} {ms[path, start]:>8.2f} {ms['xla', start] / ms[path, start]:>8.2f}x "
                   f"{100 * floor_ms / ms[path, start]:>11.1f}%")
     return ms
 

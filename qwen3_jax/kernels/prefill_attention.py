@@ -46,6 +46,8 @@ from ..attention import attention, query_block
 # benchmarks/chunked_prefill.py times both).
 CHUNK_ROWS = 64
 CHUNK_KEYS = 64
+CHUNK_WARPS = 4
+CHUNK_STAGES = 2
 CHUNK_KERNEL = True
 
 
@@ -102,7 +104,8 @@ def chunk_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, sc
     def kernel_path(_):
         q = q_bthq.reshape(b, t, k, g, qd).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, qd)
         out = chunk_attention(q, k_all, v_all, jnp.asarray(layer, jnp.int32), rows_b, starts, valid, scale=float(scale),
-                              group=g, rows=CHUNK_ROWS, bs=bs, steps=window // bs)
+                              group=g, rows=CHUNK_ROWS, bs=bs, steps=window // bs, num_warps=CHUNK_WARPS,
+                              num_stages=CHUNK_STAGES)
         return out.reshape(b, k, t, g, qd).transpose(0, 2, 1, 3, 4).reshape(b, t, h, qd)
 
     def xla_path(_):
