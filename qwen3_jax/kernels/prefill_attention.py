@@ -45,7 +45,7 @@ from ..attention import attention, query_block
 # kernel; CHUNK_KERNEL False sends chunks to the XLA math (read at trace time;
 # benchmarks/chunked_prefill.py times both).
 CHUNK_ROWS = 64
-CHUNK_KEYS = 64
+CHUNK_KEYS = 128
 CHUNK_WARPS = 4
 CHUNK_STAGES = 2
 CHUNK_KERNEL = True
