@@ -104,11 +104,8 @@ def parse_args(argv=None):
                         "(default: the library's)")
     p.add_argument("--projection-matmul", default="",
                    help="FP8 attention projections of 17-511 rows (one group of the grouped matmul): 'narrow' "
-                        "(tiles narrowed for parallelism), 'split' (split-K programs, the default) and/or "
-                        "'split-qkv' (split, q/k/v in one launch), comma-separated: A/B")
-    p.add_argument("--moe-rank", default="",
-                   help="how the MoE's grouped-matmul path places assignments in their experts' blocks: 'sort' "
-                        "and/or 'compare' (kernels.moe_blocks.RANK), comma-separated: A/B")
+                        "(tiles narrowed for parallelism), 'split' (split-K programs) and/or 'split-qkv' (split, "
+                        "q/k/v in one launch, the default), comma-separated: A/B")
     p.add_argument("--fp8-copy", default="",
                    help="FP8 models stored [out, in]: who writes the prefill's transposed bf16 copy of the "
                         "experts, comma-separated: kernel, xla (default: the library's)")
@@ -851,8 +848,7 @@ def _decode_knobs(args, cfg):
     the kernels path has it)]."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import (decode_attention, dequantize, fp8_dot, grouped_matmul, linear, moe_blocks,
-                                   qk_prologue)
+    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, grouped_matmul, linear, qk_prologue
 
     def listed(text, parse=str):
         return [parse(v) for v in text.split(",") if v] or [None]
@@ -887,7 +883,6 @@ def _decode_knobs(args, cfg):
     fp8_lhs = choices("--fp8-matmul-lhs", args.fp8_matmul_lhs, ("x", "w"))
     dot_acc = choices("--fp8-dot-acc", args.fp8_dot_acc, fp8_dot.ACCUMULATE_CHOICES)
     presets = linear.PROJECTION_MATMUL_PRESETS
-    rank = choices("--moe-rank", args.moe_rank, moe_blocks.RANKS)
     projection = choices("--projection-matmul", args.projection_matmul, sorted(presets))
 
     return [
@@ -911,7 +906,6 @@ def _decode_knobs(args, cfg):
         ("projection ", projection,
          lambda: next((k for k, v in presets.items() if v == linear.PROJECTION_MATMUL), "custom"),
          lambda v: setattr(linear, "PROJECTION_MATMUL", dict(presets[v])), True),
-        ("moe-rank ", rank, *module_value(moe_blocks, "RANK"), True),
     ]
 
 

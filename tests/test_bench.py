@@ -1,5 +1,5 @@
 """serve.bench on CPU with the tiny config: it runs, and its floors are the arithmetic they claim;
-benchmarks/prefix_cache.py runs too."""
+benchmarks/prefix_cache.py and benchmarks/chunked_prefill.py run too."""
 
 import json
 
@@ -117,28 +117,28 @@ def test_layers_option_keeps_shapes_and_says_so():
 
 def test_variant_flags_time_each_setting_and_restore_the_defaults():
     """--fp8-gemm, --decode-unroll, --x-loads, --attention-combine/-prologue, --fp8-matmul(-lhs),
-    --fp8-copy, --fp8-dot-acc, --projection-matmul and --moe-rank time one row per setting
+    --fp8-copy, --fp8-dot-acc and --projection-matmul time one row per setting
     (labelled), then put the library's defaults back."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, linear, moe_blocks
+    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, linear
     from qwen3_jax.kernels.grouped_matmul import MATMUL_DEFAULTS
 
     def settings():
         return (kernels.fp8_gemm(), model_mod.DECODE_UNROLL, set(kernels.X_LOADS), decode_attention.COMBINE,
                 decode_attention.PROLOGUE, dequantize.COPY, fp8_dot.ACCUMULATE,
                 [(c["convert"], dict(c["fp8_nk"])) for c in MATMUL_DEFAULTS.values()],
-                dict(linear.PROJECTION_MATMUL), moe_blocks.RANK)
+                dict(linear.PROJECTION_MATMUL))
 
     before = settings()
     res = bench.main(["--model", "tiny-FP8", "--batch", "1", "--context", "16", "--prefill=", "--steps", "2",
                       "--reps", "1", "--single-step=", "--kernels", "on", "--fp8-gemm", "w8a8",
                       "--decode-unroll", "2", "--x-loads", "none,norm+swiglu", "--attention-combine", "xla",
                       "--attention-prologue", "separate", "--fp8-matmul", "f16", "--fp8-matmul-lhs", "x", "--fp8-copy", "xla",
-                      "--fp8-dot-acc", "f32", "--projection-matmul", "narrow", "--moe-rank", "compare"])
+                      "--fp8-dot-acc", "f32", "--projection-matmul", "narrow"])
     labels = [r["kernels"] for r in res["decode"]]
     assert labels == [f"on w8a8 unroll 2 x {x} merge xla attention-prologue separate fp8-matmul f16 fp8-lhs x fp8-copy xla "
-                      "fp8-dot-acc f32 projection narrow moe-rank compare" for x in ("none", "norm+swiglu")]
+                      "fp8-dot-acc f32 projection narrow" for x in ("none", "norm+swiglu")]
     assert all(r["step_ms"] > 0 for r in res["decode"])
     assert settings() == before
     # Unknown values: refused by the flag reader that bench.main ran above (bench._decode_knobs),
@@ -153,14 +153,13 @@ def test_variant_flags_time_each_setting_and_restore_the_defaults():
                                  ("--attention-prologue", "xla",
                                   "--attention-prologue xla: unknown; use fused or separate"),
                                  ("--projection-matmul", "wide",
-                                  "--projection-matmul wide: unknown; use narrow, split or split-qkv"),
-                                 ("--moe-rank", "radix", "--moe-rank radix: unknown; use sort or compare")):
+                                  "--projection-matmul wide: unknown; use narrow, split or split-qkv")):
         args = bench.parse_args(["--model", "tiny-FP8", "--batch", "1", "--prefill=", flag, value])
         with pytest.raises(ValueError, match=message):
             bench._decode_knobs(args, cfg)
     # bench.main refuses them first, before it measures a ceiling or builds a model
-    with pytest.raises(SystemExit, match="serve.bench: --moe-rank radix: unknown"):
-        bench.main(["--model", "tiny-FP8", "--batch", "1", "--prefill=", "--moe-rank", "radix"])
+    with pytest.raises(SystemExit, match="serve.bench: --projection-matmul wide: unknown"):
+        bench.main(["--model", "tiny-FP8", "--batch", "1", "--prefill=", "--projection-matmul", "wide"])
     assert settings() == before
 
 
@@ -199,18 +198,46 @@ def test_profile_says_when_the_gpu_waited_for_the_host(monkeypatch, span_us, war
         assert "idle 196 us per step (7% of the span)" in warnings[0] and "fresh process" in warnings[0]
 
 
-def test_prefix_cache_benchmark_reuses_the_conversation_on_cpu(capsys):
-    """benchmarks/prefix_cache.py with the tiny preset: turn 2 finds turn 1's prompt and reply
-    (but the reply's last token) in the cache, and nothing without it."""
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module."""
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "prefix_cache.py")
-    spec = importlib.util.spec_from_file_location("prefix_cache_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    seconds = bench.main(["--model", "tiny", "--context", "256", "--prompt", "96", "--reply", "16", "--new", "8",
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prefix_cache_benchmark_reuses_the_conversation_on_cpu(capsys):
+    """benchmarks/prefix_cache.py with the tiny preset: turn 2 finds turn 1's prompt and reply
+    (but the reply's last token) in the cache, and nothing without it."""
+    seconds = load_benchmark("prefix_cache").main(["--model", "tiny", "--context", "256", "--prompt", "96", "--reply", "16", "--new", "8",
                           "--reps", "1"])
     out = capsys.readouterr().out
     assert "(0 of 120 prompt tokens cached)" in out and "(111 of 120 prompt tokens cached)" in out
     assert set(seconds) == {False, True} and all(s > 0 for s in seconds.values())
+
+
+def test_chunked_prefill_benchmark_times_each_variant_and_restores_the_kernel_settings(capsys):
+    """benchmarks/chunked_prefill.py with the tiny preset: one figure per variant and start, the
+    kernel's module settings put back, and the floor's FLOPs as the docstring counts them."""
+    from qwen3_jax.kernels import prefill_attention as pa
+
+    before = (pa.CHUNK_KERNEL, pa.CHUNK_ROWS, pa.CHUNK_KEYS, pa.CHUNK_WARPS, pa.CHUNK_STAGES)
+    chunked = load_benchmark("chunked_prefill")
+    ms = chunked.main(["--model", "tiny", "--context", "128", "--chunk", "32", "--starts", "0,64", "--reps", "1",
+                       "--variants", "64:32:4:2,128:64:4:3"])
+    assert set(ms) == {(v, s) for v in ("64:32:4:2", "128:64:4:3", "xla") for s in (0, 64)}
+    assert all(t > 0 for t in ms.values())
+    assert (pa.CHUNK_KERNEL, pa.CHUNK_ROWS, pa.CHUNK_KEYS, pa.CHUNK_WARPS, pa.CHUNK_STAGES) == before
+    assert "128:64:4:3      64" in capsys.readouterr().out
+    import qwen3_jax
+    model = qwen3_jax.random_model(bench.resolve_bench_config("tiny", None), dtype="bfloat16")
+    inv = bench.weight_inventory(model)
+    cfg = model.config
+    assert chunked.chunk_flops(model, inv, 32, 64) == (bench.prefill_flops(model, inv, 32) + 4 * 32 * 64
+                                                     * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers)
+    with pytest.raises(SystemExit):
+        chunked.main(["--model", "tiny", "--context", "64", "--chunk", "32", "--starts", "48"])

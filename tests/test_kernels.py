@@ -443,9 +443,7 @@ def test_moe_ffn_w8a8_blocks_quantize_each_token_once(monkeypatch, nk):
 
 
 @pytest.mark.parametrize("bm,first", [(4, 0), (2, 3)])
-@pytest.mark.parametrize("rank", ["sort", "compare"])
-def test_expert_blocks_put_every_assignment_in_a_block_of_its_expert(bm, first, rank, monkeypatch):
-    monkeypatch.setattr(moe_blocks, "RANK", rank)
+def test_expert_blocks_put_every_assignment_in_a_block_of_its_expert(bm, first):
     rng = np.random.default_rng(bm)
     n, k, e_local = 7, 3, 5
     experts = jnp.asarray(np.stack([rng.choice(9, k, replace=False) for _ in range(n)]), jnp.int32)
@@ -461,32 +459,6 @@ def test_expert_blocks_put_every_assignment_in_a_block_of_its_expert(bm, first, 
     used = groups >= 0
     assert used.sum() == sum(-(-np.sum(ex == e) // bm) for e in range(e_local))
     assert np.all(used[:used.sum()])                              # used blocks come first
-
-
-@pytest.mark.parametrize("n,k,e_local,first,bm", [(1, 8, 128, 0, 16), (64, 8, 128, 0, 16), (256, 8, 64, 64, 32),
-                                                  (50, 4, 16, 5, 16)])
-def test_expert_blocks_rank_by_comparison_equals_the_sort(n, k, e_local, first, bm, monkeypatch):
-    """moe_blocks.RANK "compare" (each assignment counts the earlier ones of its expert) gives the
-    blocks of the stable sort exactly: the same rows, groups, positions and here-mask, with
-    experts held elsewhere (ep: first > 0) and the decode batch sizes of 30B-A3B (top-8 of 128)."""
-    rng = np.random.default_rng(n)
-    experts = jnp.asarray(np.stack([rng.choice(128, k, replace=False) for _ in range(n)]), jnp.int32)
-    got = {}
-    for rank in moe_blocks.RANKS:
-        monkeypatch.setattr(moe_blocks, "RANK", rank)
-        got[rank] = jax.jit(lambda ex: expert_blocks(ex, e_local, bm, first_expert=first))(experts)
-    for field in ("rows", "groups", "pos", "here"):
-        np.testing.assert_array_equal(np.asarray(getattr(got["compare"], field)),
-                                      np.asarray(getattr(got["sort"], field)), err_msg=field)
-    monkeypatch.setattr(moe_blocks, "RANK", "compare")
-    text = jax.jit(lambda ex: expert_blocks(ex, e_local, bm, first_expert=first)).lower(experts).as_text()
-    assert "stablehlo.sort" not in text
-
-
-def test_unknown_expert_rank_is_named(monkeypatch):
-    monkeypatch.setattr(moe_blocks, "RANK", "radix")
-    with pytest.raises(ValueError, match="RANK 'radix'.*compare"):
-        expert_blocks(jnp.zeros((2, 2), jnp.int32), 4, 4)
 
 
 def _moe_case(rng, fp8, n, e=6, d=128, f=64, k=2, block=64, nk=False, checkpoint_blocks=False):

@@ -5,13 +5,10 @@ Static sizes (jit needs them): with A = N*k assignments and E local experts, the
 blocks is at most A // bm + min(E, A) (each non-empty expert wastes less than one block), so
 R = NB * bm padded rows. Plain XLA, a handful of small fused ops.
 
-RANK: how an assignment finds its place in its expert's run (the same blocks either way):
-  "sort": a stable argsort of the expert ids, then gathers through the order;
-  "compare": each assignment counts the earlier assignments of its expert, an [A, A] comparison
-    reduced in one fusion, with no sort and no gathers through an order. It applies up to
-    COMPARE_MAX_ASSIGNMENTS (A^2 work: batch 256 of top-8 is 2048). Written for decode batches,
-    where run 106's FP8 profile had one XLA sort per layer (5 us at batch 64, 15 us at 256) plus
-    gathers. Not yet timed on a GPU: `serve.bench --moe-rank sort,compare` measures it.
+The place of each assignment in its expert's run comes from a stable argsort of the expert ids
+and gathers through the order. A sort-free rank (each assignment counting the earlier ones of
+its expert, an [A, A] comparison) was measured slower: XLA ran the comparison as a 28 us loop
+fusion a layer at batch 64 (run 112, benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -36,10 +33,6 @@ class ExpertBlocks:
     here: jax.Array
 
 
-RANKS = ("sort", "compare")
-RANK = "sort"
-COMPARE_MAX_ASSIGNMENTS = 4096
-
 
 def num_blocks(assignments: int, num_experts: int, bm: int) -> int:
     return assignments // bm + min(num_experts, assignments)
@@ -58,24 +51,14 @@ def expert_blocks(experts_nk, num_experts: int, bm: int, first_expert=0) -> Expe
     nblk = (counts + bm - 1) // bm
     blk_end = jnp.cumsum(nblk)
     blk_start = blk_end - nblk
-    if RANK not in RANKS:
-        raise ValueError(f"moe_blocks.RANK {RANK!r}: use one of {RANKS}")
-    if RANK == "compare" and a <= COMPARE_MAX_ASSIGNMENTS:
-        idx = jnp.arange(a, dtype=jnp.int32)
-        # the earlier assignments of the same expert: the place in the run a stable sort gives
-        rank = jnp.sum((key[None, :] == key[:, None]) & (idx[None, :] < idx[:, None]), axis=1, dtype=jnp.int32)
-        ek = jnp.minimum(key, num_experts - 1)
-        pos = jnp.where(here, blk_start[ek] * bm + rank, r)
-        rows = jnp.zeros((r,), jnp.int32).at[pos].set(idx // k, mode="drop")
-    else:
-        order = jnp.argsort(key, stable=True)
-        skey = key[order]
-        run_start = jnp.cumsum(counts) - counts             # first sorted index of each expert
-        ek = jnp.minimum(skey, num_experts - 1)
-        rank = jnp.arange(a, dtype=jnp.int32) - run_start[ek]
-        pos_sorted = jnp.where(skey < num_experts, blk_start[ek] * bm + rank, r)
-        rows = jnp.zeros((r,), jnp.int32).at[pos_sorted].set((order // k).astype(jnp.int32), mode="drop")
-        pos = jnp.zeros((a,), jnp.int32).at[order].set(jnp.minimum(pos_sorted, r - 1))
+    order = jnp.argsort(key, stable=True)
+    skey = key[order]
+    run_start = jnp.cumsum(counts) - counts             # first sorted index of each expert
+    ek = jnp.minimum(skey, num_experts - 1)
+    rank = jnp.arange(a, dtype=jnp.int32) - run_start[ek]
+    pos_sorted = jnp.where(skey < num_experts, blk_start[ek] * bm + rank, r)
+    rows = jnp.zeros((r,), jnp.int32).at[pos_sorted].set((order // k).astype(jnp.int32), mode="drop")
+    pos = jnp.zeros((a,), jnp.int32).at[order].set(jnp.minimum(pos_sorted, r - 1))
     b = jnp.arange(nb, dtype=jnp.int32)
     group = jnp.sum(blk_end[None, :] <= b[:, None], axis=1).astype(jnp.int32)
     groups = jnp.where(b < blk_end[-1], group, -1)
