@@ -168,7 +168,7 @@ def test_gemv_w8a8_quantizes_activations_per_group(layout):
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-def test_gemv_concat_runs_projections_of_different_widths_in_one_launch(fp8):
+def test_gemv_concat_runs_projections_of_different_widths_in_one_launch(fp8, monkeypatch):
     rng = np.random.default_rng(23)
     x = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
     widths = (128, 32, 32)                                       # q, k, v
@@ -192,6 +192,10 @@ def test_gemv_concat_runs_projections_of_different_widths_in_one_launch(fp8):
     layer1 = jnp.ones(3, jnp.int32)
     for p, w in zip(parts, want):
         assert rel(p.sum(0), gemv_reference(x, jnp.arange(3), layer1, w)) < 1e-5
+    # Rows past the gemv limit: one launch each, unless PROJECTION_MATMUL puts FP8 weights side by
+    # side in the grouped matmul ("split-qkv", the default; its own test below)
+    from qwen3_jax.kernels import linear as linear_mod
+    monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS["split"]))
     assert projections_partials([(specs[0][0], jnp.zeros((1, 40, 128), x.dtype), *specs[0][2:])] * 2, 64, 1) is None
 
 
@@ -673,8 +677,8 @@ def test_projection_split_along_k_sums_to_the_unsplit_result(monkeypatch, narrow
 def test_qkv_side_by_side_in_one_matmul_launch_equal_one_by_one(monkeypatch, w_nk):
     """linear.PROJECTION_MATMUL "split-qkv": q, k and v of 40 rows in one grouped_matmul launch
     (concat: each its own N and output, the grid's tiles over all three) give each projection's
-    own launch's partial sums up to float32 reassociation (their K splits may differ), W8A8; the
-    default leaves many rows to one launch each (None)."""
+    own launch's partial sums up to float32 reassociation (their K splits may differ), W8A8;
+    "split" leaves many rows to one launch each (None)."""
     from qwen3_jax.kernels import linear as linear_mod
     monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)
     rng = np.random.default_rng(17)
@@ -684,6 +688,7 @@ def test_qkv_side_by_side_in_one_matmul_launch_equal_one_by_one(monkeypatch, w_n
     for heads in (8, 2, 2):                                                   # q, k, v: N = 128, 32, 32
         w, sc = fp8_weights(rng, (2, 256, heads, 16), 1, block)              # [L, D, H, Q]
         specs.append(("btd,dhq->bthq", x, jnp.moveaxis(w, 1, 3) if w_nk else w, sc, 0))
+    monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS["split"]))
     assert projections_partials(specs, block, jnp.int32(1), w_nk=w_nk) is None
     monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS["split-qkv"]))
     calls = []
