@@ -887,13 +887,14 @@ class Qwen3Moe(nnx.Module):
             self.lm_head = Weight((d, v), ("embed", "vocab"), dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens_bt, positions_bt=None, cache: KVCache | None = None, slots_b=None,
-                 logits_at_b=None, kv_window: int | None = None):
+                 logits_at_b=None, kv_window: int | None = None, hidden: bool = False):
         """tokens [B, T] int -> (logits [B, T, V] float32, updated cache).
 
         positions [B, T] default to 0..T-1. With `cache`, each row's K/V are written at its
         positions in cache slot `slots[b]` (default b) and attention reads that slot.
         `logits_at` [B] picks one position per row: logits come back [B, 1, V].
         `kv_window` (static) bounds the cache positions attention reads; all positions must be below it.
+        `hidden`: the last layer's output [B, T, D] instead of logits (lm_logits makes them).
         """
         b, t = tokens_bt.shape
         if positions_bt is None:
@@ -908,12 +909,18 @@ class Qwen3Moe(nnx.Module):
             x, (k, v) = seg(x, cos, sin, positions_bt, ctx, kv, slots_b, kv_window)
             new_k.append(k)
             new_v.append(v)
+        cache = KVCache(new_k, new_v) if cache is not None else None
+        if hidden:
+            return x, cache
         if logits_at_b is not None:
             x = jnp.take_along_axis(x, logits_at_b[:, None, None].astype(jnp.int32), axis=1)
-        x = self.final_norm(x)
+        return self.lm_logits(x), cache
+
+    def lm_logits(self, x_btd):
+        """The last layer's output [B, T, D] -> logits [B, T, V] float32 (final norm, LM head)."""
+        x = self.final_norm(x_btd)
         head = self.embed(self.dtype).T if self.cfg.tie_word_embeddings else self.lm_head(self.dtype)
-        logits = jnp.einsum("btd,dv->btv", x, head).astype(jnp.float32)
-        return logits, (KVCache(new_k, new_v) if cache is not None else None)
+        return jnp.einsum("btd,dv->btv", x, head).astype(jnp.float32)
 
 
 def cache_shapes(cfg: Qwen3MoeConfig, num_slots: int, max_len: int, kv_rep: int = 1):

@@ -482,7 +482,7 @@ class StepChannel:
 
 def engine_capacity(num_slots: int, max_bucket: int) -> int:
     """int32s of inputs the engine's largest step carries (see StepChannel)."""
-    prefill = 2 * max_bucket + 10       # tokens, positions [1, T]; slot, logits_at and 7 sampling scalars
+    prefill = 3 * max_bucket + 10       # tokens, positions, prompt-logprob targets [1, T]; slot, logits_at, 7 sampling scalars
     decode = 9 * num_slots              # positions, 7 sampling vectors (5 + 2 penalties), the rows' slots
     return max(prefill, decode)
 

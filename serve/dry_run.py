@@ -48,15 +48,17 @@ def engine_steps():
     """
     from sharding.workspace import StepSet
 
-    from .engine import _decode_forward, _prefill_forward
+    from .engine import _decode_forward, _prefill_prompt_forward
     from .sampling import sample
 
     # The engine runs a forward, then a sampler as its own call; planned here as one program with
     # the full-vocabulary sampler (the most it can hold at once). The planner's tokens stand in
-    # for the slots' last ids.
+    # for the slots' last ids. Prefill is planned as its largest form, the one that also scores
+    # the prompt (prompt logprobs: blocks of logits rows past the plain forward's one row).
     def prefill(graphdef, state, cache, tokens, positions, slot, logits_at, *sampling):
-        logits, cache = _prefill_forward(graphdef, state, cache, tokens, positions, slot, logits_at)
-        return sample(logits, *sampling, mode="full"), cache
+        logits, cache, scored = _prefill_prompt_forward(graphdef, None, state, cache, tokens, positions, slot,
+                                                        logits_at, tokens)
+        return (sample(logits, *sampling, mode="full"), scored), cache
 
     def decode(graphdef, state, cache, tokens_b, positions_b, *sampling):
         logits, cache = _decode_forward(graphdef, cache.k[0].shape[2], state, cache, tokens_b, positions_b)

@@ -48,6 +48,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import math
 import queue
 import random
 import threading
@@ -131,6 +132,29 @@ def _prefill_forward(graphdef, state, cache, tokens_1t, positions_1t, slot_1, lo
     model = nnx.merge(graphdef, state)
     logits, cache = model(tokens_1t, positions_1t, cache, slot_1, logits_at_1)
     return logits[:, 0], cache
+
+
+# Prompt positions a prompt-logprobs prefill turns into logits at a time (the most; a divisor of
+# the chunk's bucket): its extra memory is this many rows of [V] float32, not the chunk's T rows.
+PROMPT_LOGPROB_ROWS = 64
+
+
+def _prefill_prompt_forward(graphdef, ctx, state, cache, tokens_1t, positions_1t, slot_1, logits_at_1, targets_1t):
+    """_prefill_forward that also scores the chunk's prompt tokens: position t's log-probability of
+    targets[t] (the prompt's next token) and the best LOGPROBS_MAX there, in blocks of positions
+    -> (logits at logits_at [1, V], cache, (logprob [T], top ids [T, LOGPROBS_MAX], top logprobs))."""
+    model = nnx.merge(graphdef, state)
+    h, cache = model(tokens_1t, positions_1t, cache, slot_1, hidden=True)
+    last = model.lm_logits(jnp.take_along_axis(h, logits_at_1[:, None, None].astype(jnp.int32), axis=1))
+    t, d = h.shape[1:]
+    r = math.gcd(t, PROMPT_LOGPROB_ROWS)
+
+    def score(block):
+        h_rd, targets_r = block
+        return token_logprobs(model.lm_logits(h_rd[None])[0], targets_r, ctx)
+
+    chosen, top_ids, top = jax.lax.map(score, (h[0].reshape(t // r, r, d), targets_1t[0].reshape(t // r, r)))
+    return last[:, 0], cache, (chosen.reshape(t), top_ids.reshape(t, -1), top.reshape(t, -1))
 
 
 def _sample_into(mode, ctx, last, logits_bv, slots_b, live_b, temperature_b, top_p_b, top_k_b, seed_b, step_b):
@@ -336,6 +360,8 @@ class Engine:
                                          donate_argnums=(0, 1), **pen_kw)
                      for m in SAMPLING_MODES for fresh in (False, True)}
         logprobs = jax.jit(functools.partial(token_logprobs, ctx=ctx), **lp_kw)
+        prompt_kw = {} if ctx is None else {"out_shardings": (*fwd_kw["out_shardings"], (replicated,) * 3)}
+        prompt_forward = jax.jit(functools.partial(_prefill_prompt_forward, g, ctx), donate_argnums=(1,), **prompt_kw)
         s = self.context_length
 
         def sampled(mode, variant, fresh, carry, logits, *sampler_inputs):
@@ -356,16 +382,26 @@ class Engine:
                                temperature_b, top_p_b, top_k_b, seed_b, step_b, *penalty_b)
             return step
 
-        def prefill(mode, variant):
-            def step(state, carry, tokens_1t, positions_1t, slot_1, logits_at_1, *sampling_1):
-                logits, cache = prefill_forward(state, carry[0], tokens_1t, positions_1t, slot_1, logits_at_1)
-                return sampled(mode, variant, True, (cache, *carry[1:]), logits, slot_1, np.ones(1, bool),
-                               *sampling_1)
+        def prefill(mode, variant, prompt=False):
+            """prompt: the step also scores the chunk's prompt tokens (an extra input, the targets
+            [1, T]) and returns (out, (logprob [T], top ids, top logprobs))."""
+            def step(state, carry, tokens_1t, positions_1t, slot_1, logits_at_1, *rest):
+                if prompt:
+                    targets_1t, *sampling_1 = rest
+                    logits, cache, scored = prompt_forward(state, carry[0], tokens_1t, positions_1t, slot_1,
+                                                           logits_at_1, targets_1t)
+                else:
+                    sampling_1 = rest
+                    logits, cache = prefill_forward(state, carry[0], tokens_1t, positions_1t, slot_1, logits_at_1)
+                out, carry = sampled(mode, variant, True, (cache, *carry[1:]), logits, slot_1, np.ones(1, bool),
+                                     *sampling_1)
+                return ((out, scored) if prompt else out), carry
             return step
 
         steps = {}
         for variant in STEP_VARIANTS:
             steps.update({f"prefill/{m}{variant}": prefill(m, variant) for m in SAMPLING_MODES})
+            steps.update({f"prefill/{m}{variant}/prompt": prefill(m, variant, True) for m in SAMPLING_MODES})
             steps.update({f"decode/{w}/{m}{variant}": decode(w, m, variant)
                           for w in self.windows for m in SAMPLING_MODES})
         self._channel = None
@@ -658,7 +694,7 @@ class Engine:
         the generation)."""
         free = [s for s, r in enumerate(self._slots) if r is None]
         slot, reuse = free[0], 0
-        if self.prefix_caching:
+        if self.prefix_caching and req.params.prompt_logprobs is None:   # prompt logprobs: every token scored
             prompt = np.asarray(req.prompt_ids[:-1], np.int32)
             slot, reuse = max(((s, _common_prefix(self._cached[s], prompt)) for s in free),
                               key=lambda sr: (sr[1], -self._freed_at[sr[0]]))
@@ -718,8 +754,15 @@ class Engine:
         req.prefilled = start + n
         done = req.prefilled == req.prompt_len
         p = req.params
-        ids = self._prefill_call(tokens, positions, s, n - 1,   # the extras matter for the last chunk's id only
-                                 variant=step_variant(done and p.logprobs is not None, done and p.penalized))
+        variant = step_variant(done and p.logprobs is not None, done and p.penalized)
+        if p.prompt_logprobs is None:
+            ids = self._prefill_call(tokens, positions, s, n - 1, variant=variant)  # extras: the last chunk's id only
+        else:   # position start + i scores prompt token start + i + 1, up to the prompt's last
+            targets = np.zeros((1, t), np.int32)
+            scored = min(n, req.prompt_len - 1 - start)
+            targets[0, :scored] = req.prompt_ids[start + 1:start + 1 + scored]
+            ids, out = self._prefill_call(tokens, positions, s, n - 1, variant=variant, prompt_targets=targets)
+            self._inflight.append((out, PromptChunk(req, start + 1, scored)))
         if done:  # the last chunk's id is the first generated token
             self._step[s], self._pos[s] = 1, req.prompt_len  # the inputs of its first decode step
             req.launched = 1
@@ -757,15 +800,19 @@ class Engine:
         return True
 
     def _prefill_call(self, tokens_1t, positions_1t, slot: int, logits_at: int, mode: str | None = None,
-                      variant: str = ""):
+                      variant: str = "", prompt_targets=None):
         """Launch one prompt chunk [1, T] into `slot`'s cache row. -> the id sampled after
         position logits_at [1] (not yet on the host), also kept as the slot's last id; with
         "/logprobs" in `variant` (STEP_VARIANTS), (ids, token_logprobs' three arrays). mode: the
-        sampler's (None: the one the slot's settings need)."""
+        sampler's (None: the one the slot's settings need). prompt_targets [1, T]: the chunk's
+        positions also score these ids; -> (that, (logprob [T], top ids, top logprobs))."""
         rows = np.array([slot], np.int32)
-        inputs = (tokens_1t, positions_1t, rows, np.array([logits_at], np.int32), *self._sampling_inputs(rows, variant))
+        targets = () if prompt_targets is None else (prompt_targets,)
+        inputs = (tokens_1t, positions_1t, rows, np.array([logits_at], np.int32), *targets,
+                  *self._sampling_inputs(rows, variant))
         mode = mode or sampling_mode(self._temp[rows], self._top_k[rows])
-        out, self._carry = self._steps[f"prefill/{mode}{variant}"](self.model.state, self._carry, *inputs)
+        key = f"prefill/{mode}{variant}" + ("/prompt" if targets else "")
+        out, self._carry = self._steps[key](self.model.state, self._carry, *inputs)
         return out
 
     def _decode_call(self, window: int, rows, mode: str | None = None, variant: str = ""):
@@ -795,6 +842,9 @@ class Engine:
         request writes each position before it reads it)."""
         while len(self._inflight) > keep:
             out, rows = self._inflight.popleft()
+            if isinstance(rows, PromptChunk):
+                rows.deliver(*jax.device_get(out))
+                continue
             ids, *lp = jax.device_get(out) if isinstance(out, tuple) else (np.asarray(out),)
             for i, req in rows:
                 if not req.finished and self._slots[req.slot] is req:
@@ -810,6 +860,26 @@ class Engine:
         if out.finished:
             with self._cv:
                 self._free(req)
+
+
+@dataclasses.dataclass
+class PromptChunk:
+    """A launched prefill chunk's prompt scores, owed to `req`: `count` prompt tokens from index
+    `first` (each given the ones before it)."""
+
+    req: Request
+    first: int
+    count: int
+
+    def deliver(self, logprob_t, top_ids_tn, top_tn):
+        """Keep the chunk's TokenLogprobs on the request (released with its first output)."""
+        req, n = self.req, self.req.params.prompt_logprobs
+        if req.finished or req.prompt_logprobs is None:
+            return
+        ids = req.prompt_ids[self.first:self.first + self.count]
+        req.prompt_logprobs += [TokenLogprob(tid, float(logprob_t[i]),
+                                             [(int(t), float(x)) for t, x in zip(top_ids_tn[i, :n], top_tn[i, :n])])
+                                for i, tid in enumerate(ids)]
 
 
 class AsyncStream:
@@ -844,4 +914,4 @@ def _collect(req: Request, outs: list[RequestOutput]) -> CompletionOutput:
         completion_tokens=len(req.output_ids), stop_reason=last.stop_reason if last else None,
         error=last.error if last else "no output",
         logprobs=[lp for o in outs for lp in o.logprobs or ()] if req.params.logprobs is not None else None,
-        cached_tokens=req.cached_tokens)
+        cached_tokens=req.cached_tokens, prompt_logprobs=req.prompt_logprobs)

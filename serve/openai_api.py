@@ -179,7 +179,9 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
 
         async def run():
             async for i, out in fan.outputs():
-                r = results.setdefault(i, {"text": "", "ids": [], "logprobs": []})
+                r = results.setdefault(i, {"text": "", "ids": [], "logprobs": [], "prompt_logprobs": None})
+                if out.prompt_logprobs is not None:
+                    r["prompt_logprobs"] = out.prompt_logprobs
                 r["text"] += out.text
                 r["ids"] += out.token_ids
                 r["logprobs"] += out.logprobs or []
@@ -246,12 +248,15 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
         count("completions", 200)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = {i: (_prompt_text(engine, g.prompts[i // g.n]) if g.echo else "") for i in range(len(prompt_ids) * g.n)}
+        first_ids = {i: prompt_ids[i // g.n][0] for i in echo}
         if g.stream:
             return CancellableStream(_completion_events(fan, g, rid, created, served_model_name, echo,
-                                                        engine.tokenizer), fan.cancel)
+                                                        engine.tokenizer, first_ids), fan.cancel)
         results = await collect(request, fan)
         choices = [{"index": i, "text": echo[i] + r["text"],
-                    "logprobs": completion_logprobs(engine.tokenizer, r["logprobs"])[0] if g.logprobs else None,
+                    "logprobs": completion_logprobs(
+                        engine.tokenizer, _echoed(first_ids[i], r["prompt_logprobs"]) + r["logprobs"])[0]
+                    if g.logprobs else None,
                     "finish_reason": r["finish_reason"], "stop_reason": r["stop_reason"]}
                    for i, r in sorted(results.items())]
         return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
@@ -322,25 +327,38 @@ def _error_event(out: RequestOutput) -> str:
     return sse(ApiError(503, f"the request was aborted: {out.error}", "server_error", None, "aborted").body())
 
 
-async def _completion_events(fan: Fanout, g: GenerationRequest, rid, created, model, echo, tok):
+def _echoed(first_id: int, prompt_logprobs) -> list:
+    """An echoed prompt's logprobs entries: its first token with none (nothing precedes it), then
+    the engine's; [] when the prompt is not echoed with logprobs."""
+    if prompt_logprobs is None:
+        return []
+    return [TokenLogprob(first_id, None, None), *prompt_logprobs[1:]]
+
+
+async def _completion_events(fan: Fanout, g: GenerationRequest, rid, created, model, echo, tok, first_ids):
     base = {"id": rid, "object": "text_completion", "created": created, "model": model}
     totals: dict[int, tuple[int, int, int]] = {}
     offsets: dict[int, int] = {}  # each choice's text_offset so far
     extra = {"usage": None} if g.include_usage else {}
+    # With logprobs the echo waits for the first output, which carries the prompt's logprobs.
+    pending = {i: text for i, text in echo.items() if text}
     try:
-        for i, text in echo.items():
-            if text:
+        if not g.logprobs:
+            for i, text in pending.items():
                 yield sse({**base, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}],
                            **extra})
+            pending = {}
         async for i, out in fan.outputs():
             if out.finish_reason == "abort":
                 yield _error_event(out)
                 break
-            if out.text or out.finished or out.logprobs:
+            echoed = pending.pop(i, "")
+            if out.text or out.finished or out.logprobs or echoed:
                 lp = None
                 if g.logprobs:
-                    lp, offsets[i] = completion_logprobs(tok, out.logprobs or [], offsets.get(i, 0))
-                choice = {"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+                    lp, offsets[i] = completion_logprobs(
+                        tok, _echoed(first_ids[i], out.prompt_logprobs) + (out.logprobs or []), offsets.get(i, 0))
+                choice = {"index": i, "text": echoed + out.text, "logprobs": lp, "finish_reason": out.finish_reason}
                 if out.finished:
                     choice["stop_reason"] = out.stop_reason
                     totals[i] = (out.prompt_tokens, out.completion_tokens, out.cached_tokens)
@@ -409,7 +427,8 @@ def _token_text(tok, token_id: int) -> str:
 def completion_logprobs(tok, entries: list[TokenLogprob], offset: int = 0) -> tuple[dict, int]:
     """/v1/completions' logprobs object for these tokens, text offsets counted from `offset`.
     top_logprobs holds the asked-for alternatives and, as in vLLM, the sampled token too (a dict
-    by text: two tokens of one text are one entry, the likelier).
+    by text: two tokens of one text are one entry, the likelier). An entry with logprob None (an
+    echoed prompt's first token) gets null for both.
     -> (object, the offset after them)."""
     tokens, offsets = [], []
     for e in entries:
@@ -418,6 +437,9 @@ def completion_logprobs(tok, entries: list[TokenLogprob], offset: int = 0) -> tu
         offset += len(tokens[-1])
     top = []
     for e in entries:   # tokens of one text (byte pieces) share a key: the likelier one keeps it
+        if e.logprob is None:   # an echoed prompt's first token: null, as OpenAI and vLLM give it
+            top.append(None)
+            continue
         top.append({})
         for t, x in [*e.top, (e.token_id, e.logprob)]:
             top[-1].setdefault(_token_text(tok, t), x)

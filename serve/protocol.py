@@ -176,17 +176,17 @@ def completion_request(body: dict) -> GenerationRequest:
         raise bad(f"'prompt' must be a string, an array of strings, an array of token ids or an array of "
                   f"token-id arrays (non-empty), got {json.dumps(prompt)[:80]}", param="prompt", code="invalid_type")
     logprobs = _logprobs(body.get("logprobs"), "logprobs")
-    if logprobs is not None and body.get("echo"):
-        raise bad("'logprobs' with 'echo' asks for the prompt's logprobs, which this server does not compute; "
-                  "drop one of them", param="logprobs", code="unsupported")
     if body.get("suffix"):
         raise bad("'suffix' is not supported by this server", param="suffix", code="unsupported")
     if body.get("best_of") not in (None, 1):
         raise bad("'best_of' other than 1 is not supported; use n", param="best_of", code="unsupported")
     n, stream, include = _n_and_stream(body)
     max_tokens = body.get("max_tokens", 16)  # OpenAI's default for completions
-    return GenerationRequest(prompts, _sampling(body, max_tokens, logprobs), n, stream, include,
-                             bool(body.get("echo")))
+    params = _sampling(body, max_tokens, logprobs)
+    echo = bool(body.get("echo"))
+    if echo and logprobs is not None:   # the echoed prompt's tokens come with their logprobs too
+        params = dataclasses.replace(params, prompt_logprobs=logprobs)
+    return GenerationRequest(prompts, params, n, stream, include, echo)
 
 
 def chat_request(body: dict) -> tuple[GenerationRequest, list[dict], dict]:

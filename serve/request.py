@@ -22,8 +22,9 @@ _ids = itertools.count()
 
 @dataclasses.dataclass
 class TokenLogprob:
-    """One generated token's log-probability under the model (before penalties, temperature, top-k
-    and top-p) and the `SamplingParams.logprobs` most likely tokens' at that step, best first."""
+    """One token's log-probability under the model (before penalties, temperature, top-k and
+    top-p) and the most likely tokens' at that position, best first (`SamplingParams.logprobs`
+    of them for a generated token, `prompt_logprobs` for a prompt token)."""
 
     token_id: int
     logprob: float
@@ -45,6 +46,8 @@ class RequestOutput:
     error: str | None = None  # why an aborted request ended
     logprobs: list[TokenLogprob] | None = None  # one per id in token_ids, when the request asked
     cached_tokens: int = 0  # prompt tokens the prefix cache held (not prefilled)
+    # On a request's first output, when it asked: one per prompt token, None for the first
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclasses.dataclass
@@ -61,6 +64,7 @@ class CompletionOutput:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per id in token_ids, when the request asked
     cached_tokens: int = 0  # prompt tokens the prefix cache held (not prefilled)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None first), when asked
 
 
 class Request:
@@ -85,6 +89,8 @@ class Request:
         self.prefilled = 0  # prompt tokens already written to the cache
         self.cached_tokens = 0  # of those, found in the slot's cache (prefix caching), not prefilled
         self.launched = 0   # generated tokens whose step was launched (ahead of output_ids while in flight)
+        # filled chunk by chunk as the prefill's results arrive; released with the first output
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
         self.cancelled = threading.Event()
 
     @property
@@ -120,6 +126,8 @@ class Request:
         out = self._output(text, [token_id], reason, stop_reason)
         if logprob is not None:
             out.logprobs = [logprob]
+        if len(self.output_ids) == 1:
+            out.prompt_logprobs = self.prompt_logprobs
         return out
 
     def abort(self, error: str) -> RequestOutput:

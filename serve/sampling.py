@@ -32,6 +32,9 @@ class SamplingParams:
     checkpoint's EOS ids (unless `ignore_eos`) end it too.
     `logprobs` N (0..LOGPROBS_MAX): each generated token comes with its log-probability and the N
     most likely tokens' (vLLM's meaning); None returns none and costs nothing.
+    `prompt_logprobs` N (0..LOGPROBS_MAX): each prompt token after the first comes with its
+    log-probability given the ones before it and the N most likely tokens' there (vLLM's
+    meaning); the whole prompt is prefilled then, none of it taken from the prefix cache.
     `presence_penalty` / `frequency_penalty` (OpenAI's, in [-2, 2]): each step's logits lose
     presence x [token generated before] + frequency x (times generated before), prompt excluded.
     """
@@ -46,6 +49,7 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
 
@@ -63,8 +67,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"seed must be a non-negative integer below 2**63, got {self.seed}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= LOGPROBS_MAX:
-            raise ValueError(f"logprobs must be in [0, {LOGPROBS_MAX}] (alternatives per token), got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and not 0 <= n <= LOGPROBS_MAX:
+                raise ValueError(f"{name} must be in [0, {LOGPROBS_MAX}] (alternatives per token), got {n}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

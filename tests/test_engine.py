@@ -502,6 +502,36 @@ def test_logprobs_are_the_models_log_softmax(engine):
         engine.submit([1, 2], SamplingParams(logprobs=21))
 
 
+def test_prompt_logprobs_are_the_models_log_softmax(engine):
+    """Each prompt token after the first comes with log_softmax of the model's own logits (no
+    cache) at the position before it and the N best there, across the engine's prefill chunks (70
+    tokens: three chunks of 32, the last padded), next to a request that asked for none. A prompt
+    the prefix cache holds is scored whole again (nothing taken from the cache), and the
+    generated tokens are those of a request without prompt logprobs."""
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(0, 500, size=n).tolist() for n in (70, 12)]
+    plain = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    asks = [dataclasses.replace(plain, prompt_logprobs=3, logprobs=1), plain]
+    outs = engine.generate(prompts, asks)
+    assert outs[1].prompt_logprobs is None
+    ref = np.asarray(jax.nn.log_softmax(engine.model.logits(np.array([prompts[0]]))[0], axis=-1))
+    got = outs[0].prompt_logprobs
+    assert len(got) == 70 and got[0] is None
+    for j, e in enumerate(got[1:], start=1):
+        row = ref[j - 1]
+        assert e.token_id == prompts[0][j]
+        assert abs(e.logprob - row[e.token_id]) < 1e-4, j
+        best = np.argsort(-row, kind="stable")[:3]
+        assert [t for t, _ in e.top] == best.tolist(), j
+        np.testing.assert_allclose([x for _, x in e.top], row[best], rtol=0, atol=1e-4)
+    assert outs[0].token_ids == engine.generate(prompts[0], plain)[0].token_ids
+    again = engine.generate(prompts[0], asks[0])[0]   # its slot's cache holds this prompt now
+    assert again.cached_tokens == 0 and len(again.prompt_logprobs) == 70
+    assert [(e.token_id, e.logprob) for e in again.prompt_logprobs[1:]] == [(e.token_id, e.logprob) for e in got[1:]]
+    with pytest.raises(ValueError, match=r"prompt_logprobs must be in \[0, 20\]"):
+        engine.submit([1, 2], SamplingParams(prompt_logprobs=21))
+
+
 def test_presence_and_frequency_penalties_match_a_host_reference(engine):
     """Penalized greedy rows equal the host reference; a row without penalties in the same steps
     keeps its plain greedy tokens; a penalized request that reuses a slot starts from zero counts

@@ -278,8 +278,6 @@ def test_bad_inputs_then_still_correct(main, alone, tok):
         ("/v1/no-such-route", {"model": NAME}, KEY, 404, ["/v1/no-such-route"], None),
         ("/v1/completions", {"model": NAME, "prompt": "hi", "logprobs": 21}, KEY, 400, ["'logprobs'", "0 and 20"],
          "logprobs"),
-        ("/v1/completions", {"model": NAME, "prompt": "hi", "logprobs": 1, "echo": True}, KEY, 400,
-         ["prompt's logprobs", "drop one"], "logprobs"),
         ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
          KEY, 400, ["'logprobs': true"], "top_logprobs"),
         ("/v1/completions", {"model": NAME, "prompt": "hi", "presence_penalty": 2.5}, KEY, 400,
@@ -423,6 +421,45 @@ def test_logprobs_are_the_models(servers, tok, which):
     streamed = [x for ch in c.chat.completions.create(messages=msgs, logprobs=True, top_logprobs=2, stream=True, **kw)
                 if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.content]
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in got]
+
+
+@pytest.mark.parametrize("which", ["main", "mesh"])
+def test_echo_with_logprobs_scores_the_prompt(servers, tok, which):
+    """/v1/completions echo + logprobs=2 (as lm-eval's loglikelihood asks), on one device and under
+    tp=2,ep=4: the prompt's tokens come first, the first with null logprobs, each later one with
+    log_softmax of qwen3_jax's float32 logits at the position before it; then the generated
+    tokens'. Streamed: the same entries, the echoed text in the first chunk that carries them."""
+    from qwen3_jax import load
+
+    srv = servers[which].wait_ready()
+    c = client(srv)
+    model = load(servers["ckpt"], dtype="float32", progress=False)
+    prompt = tok.encode(PROMPTS[2])
+    ids = model.generate_greedy(np.array([prompt]), 2)[0].tolist()
+    ref = np.asarray(jax.nn.log_softmax(model.logits(np.array([prompt + ids]))[0], axis=-1))
+    seq = prompt + ids
+    want = ref[np.arange(len(seq) - 1), seq[1:]]   # row j scores token j + 1
+
+    kw = dict(model=NAME, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=2,
+              extra_body={"ignore_eos": True})
+    whole = c.completions.create(**kw).choices[0]
+    lp = whole.logprobs
+    assert lp.tokens == [tok.decode([i], skip_special_tokens=False) for i in seq]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    np.testing.assert_allclose(lp.token_logprobs[1:], want, rtol=0, atol=1e-4)
+    for j, top in enumerate(lp.top_logprobs[1:]):   # the 2 best at the row before, the token itself too
+        row = ref[j]
+        assert top[lp.tokens[j + 1]] == pytest.approx(want[j], abs=1e-4)
+        for t in np.argsort(-row, kind="stable")[:2]:
+            assert top[tok.decode([int(t)], skip_special_tokens=False)] >= row[t] - 1e-4
+    assert whole.text == tok.decode(prompt, skip_special_tokens=False) + "".join(lp.tokens[len(prompt):])
+    assert lp.text_offset == np.cumsum([0] + [len(t) for t in lp.tokens[:-1]]).tolist()
+    chunks = [ch.choices[0] for ch in c.completions.create(stream=True, **kw) if ch.choices]
+    assert "".join(ch.text for ch in chunks) == whole.text
+    streamed = [ch.logprobs for ch in chunks if ch.logprobs]
+    assert sum((x.tokens for x in streamed), []) == lp.tokens
+    assert sum((x.token_logprobs for x in streamed), []) == lp.token_logprobs
+    assert sum((x.text_offset for x in streamed), []) == lp.text_offset
 
 
 @pytest.mark.parametrize("which", ["main", "mesh"])
