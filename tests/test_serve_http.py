@@ -372,20 +372,25 @@ def test_queue_full_503_then_recovers(main, alone, tok):
 
 
 # -- meshes and FP8 -------------------------------------------------------------------------
+def greedy_log_softmax(servers, prompt: list[int], n: int):
+    """qwen3_jax's own float32 model of the served checkpoint, its n greedy tokens after `prompt`,
+    and log_softmax of its logits over prompt + those tokens [len(prompt) + n, V]
+    -> (model, prompt, ids, that)."""
+    from qwen3_jax import load
+
+    model = load(servers["ckpt"], dtype="float32", progress=False)
+    ids = model.generate_greedy(np.array([prompt]), n)[0].tolist()
+    return model, prompt, ids, np.asarray(jax.nn.log_softmax(model.logits(np.array([prompt + ids]))[0], axis=-1))
+
+
 @pytest.mark.parametrize("which", ["main", "mesh"])
 def test_logprobs_are_the_models(servers, tok, which):
     """/v1/completions logprobs=3 and /v1/chat/completions top_logprobs=2, whole and streamed, on
     one device and under tp=2,ep=4 (the vocabulary split over devices): the greedy tokens'
     logprobs and alternatives equal log_softmax of qwen3_jax's own float32 logits over the prompt
     and output; the texts, offsets and byte lists agree with the tokenizer."""
-    from qwen3_jax import load
-
-    srv = servers[which].wait_ready()
-    c = client(srv)
-    model = load(servers["ckpt"], dtype="float32", progress=False)
-    prompt = tok.encode(PROMPTS[4])
-    ids = model.generate_greedy(np.array([prompt]), 6)[0].tolist()
-    ref = np.asarray(jax.nn.log_softmax(model.logits(np.array([prompt + ids]))[0], axis=-1))
+    c = client(servers[which].wait_ready())
+    model, prompt, ids, ref = greedy_log_softmax(servers, tok.encode(PROMPTS[4]), 6)
     ref = ref[len(prompt) - 1:-1]   # the rows that predicted each output token
     best = np.argsort(-ref, axis=-1, kind="stable")
 
@@ -429,14 +434,8 @@ def test_echo_with_logprobs_scores_the_prompt(servers, tok, which):
     tp=2,ep=4: the prompt's tokens come first, the first with null logprobs, each later one with
     log_softmax of qwen3_jax's float32 logits at the position before it; then the generated
     tokens'. Streamed: the same entries, the echoed text in the first chunk that carries them."""
-    from qwen3_jax import load
-
-    srv = servers[which].wait_ready()
-    c = client(srv)
-    model = load(servers["ckpt"], dtype="float32", progress=False)
-    prompt = tok.encode(PROMPTS[2])
-    ids = model.generate_greedy(np.array([prompt]), 2)[0].tolist()
-    ref = np.asarray(jax.nn.log_softmax(model.logits(np.array([prompt + ids]))[0], axis=-1))
+    c = client(servers[which].wait_ready())
+    _, prompt, ids, ref = greedy_log_softmax(servers, tok.encode(PROMPTS[2]), 2)
     seq = prompt + ids
     want = ref[np.arange(len(seq) - 1), seq[1:]]   # row j scores token j + 1
 
