@@ -65,7 +65,8 @@ from sharding.memory import DEFAULT_MEM_FRACTION_STATIC
 
 from .capacity import CacheSize, size_cache
 from .request import CompletionOutput, Request, RequestOutput, TokenLogprob
-from .sampling import SAMPLING_MODES, SamplingParams, device_seed, penalize, sample, sampling_mode, token_logprobs
+from .sampling import (PROMPT_FLAG, SAMPLING_MODES, SamplingParams, device_seed, penalize, sample, sampling_mode,
+                       token_logprobs)
 from .tokenizer import DetokenizeStream, Tokenizer
 
 log = logging.getLogger("serve.engine")
@@ -167,14 +168,20 @@ def _sample_into(mode, ctx, last, logits_bv, slots_b, live_b, temperature_b, top
 
 
 def _penalized_sample_into(mode, ctx, fresh, last, counts, logits_bv, slots_b, live_b, temperature_b, top_p_b,
-                           top_k_b, seed_b, step_b, presence_b, frequency_b):
-    """_sample_into after OpenAI's presence / frequency penalties, from each slot's counts of its
-    generated tokens (counts [slots, V] int32, split over the vocab like the logits), which then
-    count the live rows' new ids -> (ids [B], last [slots], counts). `fresh` (static, a prompt's
-    last chunk): the rows' counts start from zero (a slot's previous request left its own)."""
-    rows = jnp.zeros((len(slots_b), counts.shape[1]), counts.dtype) if fresh else counts[slots_b]
-    ids, last = _sample_into(mode, ctx, last, penalize(logits_bv, rows, presence_b, frequency_b), slots_b, live_b,
-                             temperature_b, top_p_b, top_k_b, seed_b, step_b)
+                           top_k_b, seed_b, step_b, presence_b, frequency_b, repetition_b, *prompt_1s):
+    """_sample_into after the penalties (sampling.penalize), from each slot's counts of its
+    generated tokens (counts [slots, V] int32, split over the vocab like the logits; the prompt's
+    tokens flagged PROMPT_FLAG), which then count the live rows' new ids -> (ids [B], last [slots],
+    counts). `fresh` (static, a prompt's last chunk, B = 1): the row starts from zero counts (a
+    slot's previous request left its own) and flags the ids of prompt_1s [1, S] (padding: V,
+    out of range, dropped)."""
+    if fresh:
+        rows = jnp.zeros((len(slots_b), counts.shape[1]), counts.dtype)
+        rows = rows.at[0, prompt_1s[0][0]].set(PROMPT_FLAG, mode="drop")
+    else:
+        rows = counts[slots_b]
+    ids, last = _sample_into(mode, ctx, last, penalize(logits_bv, rows, presence_b, frequency_b, repetition_b),
+                             slots_b, live_b, temperature_b, top_p_b, top_k_b, seed_b, step_b)
     hit = (jnp.arange(counts.shape[1], dtype=jnp.int32)[None, :] == ids[:, None]) & live_b[:, None]
     return ids, last, counts.at[slots_b].set(rows + hit.astype(counts.dtype))
 
@@ -272,8 +279,8 @@ class Engine:
             cache = jax.device_put(cache, where)
         else:
             where = jax.sharding.NamedSharding(model.ctx.mesh, jax.sharding.PartitionSpec())
-        # counts [slots, V]: each slot's generated tokens, for requests with presence / frequency
-        # penalties (only their steps read or write it); split over the vocab like the logits.
+        # counts [slots, V]: each slot's generated tokens (and its prompt's, flagged), for requests
+        # with penalties (only their steps read or write it); split over the vocab like the logits.
         counts_at = where if model.ctx is None else model.ctx.sharding((None, "vocab"), (self.num_slots, cfg.vocab_size))
         self._carry = (cache, jax.device_put(np.zeros(self.num_slots, np.int32), where),
                        jax.device_put(np.zeros((self.num_slots, cfg.vocab_size), np.int32), counts_at))
@@ -293,6 +300,7 @@ class Engine:
         self._step = np.zeros(n, np.int32)
         self._presence = np.zeros(n, np.float32)
         self._frequency = np.zeros(n, np.float32)
+        self._repetition = np.ones(n, np.float32)
         self._slots: list[Request | None] = [None] * n
         # Prefix caching: the token ids whose K/V each slot's cache holds from positions 0 on (what
         # its last request wrote), and when each slot was freed (_place prefers the oldest).
@@ -407,7 +415,7 @@ class Engine:
         self._channel = None
         if jax.process_count() > 1:  # several processes: rank 0 announces each step, the others run it too
             from .distributed import StepChannel, engine_capacity
-            self._channel = StepChannel(engine_capacity(self.num_slots, self.buckets[-1]))
+            self._channel = StepChannel(engine_capacity(self.num_slots, self.buckets[-1], self.context_length))
             steps = self._channel.attach(steps)
         self._steps = steps
 
@@ -722,7 +730,8 @@ class Engine:
         s, p = req.slot, req.params
         self._temp[s], self._top_p[s], self._top_k[s] = p.temperature, p.top_p, p.top_k
         self._seed[s], self._step[s] = device_seed(req.seed), 0
-        self._presence[s], self._frequency[s] = p.presence_penalty, p.frequency_penalty
+        self._presence[s], self._frequency[s], self._repetition[s] = (p.presence_penalty, p.frequency_penalty,
+                                                                      p.repetition_penalty)
 
     def _run_prefills(self) -> bool:
         """Launch up to one chunk budget of prompt tokens (at least one chunk), oldest request first.
@@ -755,13 +764,15 @@ class Engine:
         done = req.prefilled == req.prompt_len
         p = req.params
         variant = step_variant(done and p.logprobs is not None, done and p.penalized)
-        if p.prompt_logprobs is None:
-            ids = self._prefill_call(tokens, positions, s, n - 1, variant=variant)  # extras: the last chunk's id only
+        flags = self._prompt_flags(req) if "penalties" in variant else None
+        if p.prompt_logprobs is None:   # extras: the last chunk's id only
+            ids = self._prefill_call(tokens, positions, s, n - 1, variant=variant, prompt_flags=flags)
         else:   # position start + i scores prompt token start + i + 1, up to the prompt's last
             targets = np.zeros((1, t), np.int32)
             scored = min(n, req.prompt_len - 1 - start)
             targets[0, :scored] = req.prompt_ids[start + 1:start + 1 + scored]
-            ids, out = self._prefill_call(tokens, positions, s, n - 1, variant=variant, prompt_targets=targets)
+            ids, out = self._prefill_call(tokens, positions, s, n - 1, variant=variant, prompt_targets=targets,
+                                          prompt_flags=flags)
             self._inflight.append((out, PromptChunk(req, start + 1, scored)))
         if done:  # the last chunk's id is the first generated token
             self._step[s], self._pos[s] = 1, req.prompt_len  # the inputs of its first decode step
@@ -799,17 +810,27 @@ class Engine:
         self._inflight.append((ids, [(i, self._slots[s]) for i, s in enumerate(rows) if s in taken]))
         return True
 
+    def _prompt_flags(self, req: Request) -> np.ndarray:
+        """[1, S] int32: the prompt ids a repetition penalty acts on (the penalized sampler flags
+        them in the slot's counts), the rest V (dropped); all V without a repetition penalty."""
+        out = np.full((1, self.context_length), self.model.config.vocab_size, np.int32)
+        if req.params.repetition_penalty != 1:
+            out[0, :req.prompt_len] = req.prompt_ids
+        return out
+
     def _prefill_call(self, tokens_1t, positions_1t, slot: int, logits_at: int, mode: str | None = None,
-                      variant: str = "", prompt_targets=None):
+                      variant: str = "", prompt_targets=None, prompt_flags=None):
         """Launch one prompt chunk [1, T] into `slot`'s cache row. -> the id sampled after
         position logits_at [1] (not yet on the host), also kept as the slot's last id; with
         "/logprobs" in `variant` (STEP_VARIANTS), (ids, token_logprobs' three arrays). mode: the
         sampler's (None: the one the slot's settings need). prompt_targets [1, T]: the chunk's
-        positions also score these ids; -> (that, (logprob [T], top ids, top logprobs))."""
+        positions also score these ids; -> (that, (logprob [T], top ids, top logprobs)).
+        prompt_flags [1, S]: with "/penalties", the prompt ids to flag (_prompt_flags)."""
         rows = np.array([slot], np.int32)
         targets = () if prompt_targets is None else (prompt_targets,)
+        flags = () if "penalties" not in variant else (prompt_flags,)
         inputs = (tokens_1t, positions_1t, rows, np.array([logits_at], np.int32), *targets,
-                  *self._sampling_inputs(rows, variant))
+                  *self._sampling_inputs(rows, variant), *flags)
         mode = mode or sampling_mode(self._temp[rows], self._top_k[rows])
         key = f"prefill/{mode}{variant}" + ("/prompt" if targets else "")
         out, self._carry = self._steps[key](self.model.state, self._carry, *inputs)
@@ -829,11 +850,13 @@ class Engine:
         return out
 
     def _sampling_inputs(self, rows, variant: str = "") -> tuple[np.ndarray, ...]:
-        """temperature, top_p, top_k, seed, step of slots `rows` (and presence, frequency with
-        "/penalties" in `variant`), as copies: JAX on CPU may alias a numpy argument instead of
-        copying it, and these vectors change while a step is in flight."""
+        """temperature, top_p, top_k, seed, step of slots `rows` (and presence, frequency,
+        repetition with "/penalties" in `variant`), as copies: JAX on CPU may alias a numpy
+        argument instead of copying it, and these vectors change while a step is in flight."""
         out = (self._temp[rows], self._top_p[rows], self._top_k[rows], self._seed[rows], self._step[rows])
-        return out + ((self._presence[rows], self._frequency[rows]) if "penalties" in variant else ())
+        if "penalties" not in variant:
+            return out
+        return out + (self._presence[rows], self._frequency[rows], self._repetition[rows])
 
     def _collect(self, keep: int = 0):
         """Read back launched steps' ids, oldest first, until `keep` remain in flight; hand each to

@@ -3,7 +3,7 @@
 Every refusal is an ApiError rendered as {"error": {"message", "type", "param", "code"}} with
 the HTTP status OpenAI uses: 400 for a bad body, 401 bad key, 404 unknown model, 503 busy.
 Fields this server does not implement are refused by name rather than silently ignored when
-ignoring them would change the answer (prompt logprobs, repetition_penalty, best_of, suffix).
+ignoring them would change the answer (best_of, suffix, a forced tool_choice).
 """
 
 from __future__ import annotations
@@ -123,9 +123,10 @@ def _sampling(body: dict, max_tokens, logprobs: int | None = None) -> SamplingPa
         if v is not None and not -2 <= v <= 2:
             raise bad(f"{name} must be in [-2, 2], got {v}", param=name)
         penalties[name] = float(v or 0.0)
-    if body.get("repetition_penalty") not in (None, 1, 1.0):
-        raise bad("'repetition_penalty' is not supported by this server; use presence_penalty or "
-                  "frequency_penalty", param="repetition_penalty", code="unsupported")
+    rep = body.get("repetition_penalty")
+    if rep is not None and not 0 < rep <= 2:
+        raise bad(f"repetition_penalty must be in (0, 2] (1 is off), got {rep}", param="repetition_penalty")
+    penalties["repetition_penalty"] = 1.0 if rep is None else float(rep)
     if max_tokens is not None and max_tokens <= 0:
         raise bad(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
     t = body.get("temperature")

@@ -37,6 +37,9 @@ class SamplingParams:
     meaning); the whole prompt is prefilled then, none of it taken from the prefix cache.
     `presence_penalty` / `frequency_penalty` (OpenAI's, in [-2, 2]): each step's logits lose
     presence x [token generated before] + frequency x (times generated before), prompt excluded.
+    `repetition_penalty` (in (0, 2], 1 is off; transformers' and vLLM's): first, the logit of
+    every token seen in the prompt or generated is divided by it where positive, multiplied where
+    negative.
     """
 
     max_tokens: int | None = 16
@@ -52,10 +55,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     @property
     def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty)
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
     def validate(self):
         """Raise ValueError naming the field and the allowed range."""
@@ -74,6 +78,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 2:
+            raise ValueError(f"repetition_penalty must be in (0, 2] (1 is off), got {self.repetition_penalty}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not s for s in self.stop):
@@ -253,10 +259,19 @@ def token_logprobs(logits_bv, ids_b, ctx=None):
     return chosen_b, top_ids.astype(jnp.int32), top - lse_b[:, None]
 
 
-def penalize(logits_bv, counts_bv, presence_b, frequency_b):
-    """OpenAI's penalties: logits [B, V] - frequency [B] x counts [B, V] - presence [B] x
-    (counts > 0), where counts are the times each token was generated so far in that row. Rows
-    with both penalties 0 come back unchanged. Elementwise, so logits split over the vocabulary
-    stay split."""
-    c = counts_bv.astype(logits_bv.dtype)
-    return logits_bv - frequency_b[:, None] * c - presence_b[:, None] * (counts_bv > 0).astype(logits_bv.dtype)
+# A slot's counts [V] hold how often each token was generated (the low bits) and, on the tokens
+# of its prompt, this flag (set for requests with a repetition penalty).
+PROMPT_FLAG = 1 << 30
+
+
+def penalize(logits_bv, counts_bv, presence_b, frequency_b, repetition_b):
+    """The penalties in vLLM's order: repetition [B] on every token seen (counts [B, V] nonzero:
+    generated, or flagged PROMPT_FLAG as in the prompt), dividing positive logits [B, V] and
+    multiplying negative ones; then OpenAI's, - frequency [B] x times generated - presence [B] x
+    [generated]. Rows with no penalty come back unchanged. Elementwise, so logits split over the
+    vocabulary stay split."""
+    r = repetition_b[:, None]
+    logits_bv = jnp.where(counts_bv != 0, jnp.where(logits_bv > 0, logits_bv / r, logits_bv * r), logits_bv)
+    generated = counts_bv & (PROMPT_FLAG - 1)
+    c = generated.astype(logits_bv.dtype)
+    return logits_bv - frequency_b[:, None] * c - presence_b[:, None] * (generated > 0).astype(logits_bv.dtype)

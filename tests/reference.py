@@ -109,13 +109,18 @@ def with_distinct_norms(m, seed: int = 0):
     return out
 
 
-def penalized_greedy(model, prompt: list[int], n: int, presence: float, frequency: float) -> list[int]:
-    """Greedy decoding under OpenAI's presence / frequency penalties, on the host: each step's
-    full-context logits (qwen3_jax Model.logits, no cache) less the penalties of the tokens
-    generated so far. -> the n generated ids."""
+def penalized_greedy(model, prompt: list[int], n: int, presence: float, frequency: float,
+                     repetition: float = 1.0, on_prompt: bool = True) -> list[int]:
+    """Greedy decoding under the penalties, on the host: each step's full-context logits
+    (qwen3_jax Model.logits, no cache), first with transformers' repetition penalty on every
+    token of the prompt (on_prompt False: not the prompt's) and the output so far, then less
+    OpenAI's presence / frequency penalties of the tokens generated so far. -> the n generated ids."""
     ids: list[int] = []
     for _ in range(n):
         logits = np.asarray(model.logits(np.array([prompt + ids]))[0, -1], np.float64)
+        seen = np.zeros(logits.shape[0], bool)
+        seen[(prompt if on_prompt else []) + ids] = True
+        logits = np.where(seen, np.where(logits > 0, logits / repetition, logits * repetition), logits)
         counts = np.bincount(np.array(ids, np.int64), minlength=logits.shape[0])
         ids.append(int(np.argmax(logits - frequency * counts - presence * (counts > 0))))
     return ids

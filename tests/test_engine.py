@@ -553,6 +553,29 @@ def test_presence_and_frequency_penalties_match_a_host_reference(engine):
         engine.submit([1, 2], SamplingParams(presence_penalty=2.5))
 
 
+def test_repetition_penalty_matches_a_host_reference(engine):
+    """repetition_penalty (transformers' rule, on the prompt's tokens and the generated ones) on
+    its own and with a frequency penalty, next to a plain greedy row, equals the host reference
+    token for token. The prompt's part matters here: the same penalty on the generated tokens
+    alone gives other tokens. A slot reused by a request without it forgets the flagged prompt."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 500, size=n).tolist() for n in (40, 7, 12)]
+    plain = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    asks = [dataclasses.replace(plain, repetition_penalty=1.8), plain,
+            dataclasses.replace(plain, repetition_penalty=0.7, frequency_penalty=0.5)]
+    outs = engine.generate(prompts, asks)
+    want = [penalized_greedy(engine.model, p, 16, sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty)
+            for p, sp in zip(prompts, asks)]
+    assert [o.token_ids for o in outs] == want
+    assert any(w != penalized_greedy(engine.model, p, 16, sp.presence_penalty, sp.frequency_penalty,
+                                     sp.repetition_penalty, on_prompt=False)
+               for w, p, sp in zip(want, prompts, asks) if sp.repetition_penalty != 1)
+    for p in prompts:   # the slots the penalized requests left, reused without a penalty
+        assert engine.generate(p, plain)[0].token_ids == penalized_greedy(engine.model, p, 16, 0, 0)
+    with pytest.raises(ValueError, match=r"repetition_penalty must be in \(0, 2\]"):
+        engine.submit([1, 2], SamplingParams(repetition_penalty=0))
+
+
 def test_prefix_caching_reuses_a_slots_tokens_and_changes_no_output(ckpt, engine):
     """A follow-up turn (the last prompt + its reply + new text) prefills only what its slot's
     cache lacks: cached_tokens = prompt + reply - 1 (the reply's last token was never fed back).

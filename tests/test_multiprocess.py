@@ -123,13 +123,14 @@ def test_step_message_round_trip_is_bitwise():
 def test_engine_capacity_holds_its_largest_steps():
     from serve.distributed import HEADER, engine_capacity, pack
 
-    size = HEADER + engine_capacity(num_slots=64, max_bucket=512)
+    size = HEADER + engine_capacity(num_slots=64, max_bucket=512, context_length=4096)
     one = lambda dt: np.zeros(1, dt)  # noqa: E731
-    # with penalties: 2 more sampling scalars / vectors (presence, frequency)
-    prefill = ([np.zeros((1, 512), np.int32)] * 2 + [one(np.int32)] * 2 + [one(np.float32)] * 2 + [one(np.int32)] * 3
-               + [one(np.float32)] * 2)
+    # with prompt logprobs (targets [1, T]) and penalties: 3 more sampling scalars / vectors
+    # (presence, frequency, repetition) and, in prefill, the prompt ids to flag [1, S]
+    prefill = ([np.zeros((1, 512), np.int32)] * 3 + [one(np.int32)] * 2 + [one(np.float32)] * 2 + [one(np.int32)] * 3
+               + [one(np.float32)] * 3 + [np.zeros((1, 4096), np.int32)])
     decode = ([np.zeros(64, np.int32)] * 2 + [np.zeros(64, np.float32)] * 2 + [np.zeros(64, np.int32)] * 3
-              + [np.zeros(64, np.float32)] * 2)
+              + [np.zeros(64, np.float32)] * 3)
     pack(3, 0, prefill, size)
     pack(4, 0, decode, size)
 
@@ -276,19 +277,25 @@ def test_server_seeded_sampling_equals_single_process(servers):
     assert sampled != _complete(servers["single"], PROMPTS[2], **dict(kw, seed=4321))
 
 
-@pytest.mark.parametrize("penalty", [0.0, 1.5])
-def test_server_logprobs_and_penalties_equal_single_process(servers, penalty):
-    """A request with logprobs (and penalties: the counts live on every rank) runs those steps'
+@pytest.mark.parametrize("penalty,echo", [(0.0, False), (1.5, False), (1.5, True)])
+def test_server_logprobs_and_penalties_equal_single_process(servers, penalty, echo):
+    """A request with logprobs (and penalties: the counts live on every rank; and the echoed
+    prompt's logprobs with a repetition penalty, the largest step message) runs those steps'
     variants on both ranks, announced like the others: the same tokens and logprobs as one
     process."""
+    extra = {"ignore_eos": True, **({"repetition_penalty": 1.3} if echo else {})}
+
     def run(srv):
         r = _client(srv).completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=12, temperature=0, logprobs=2,
-                                            presence_penalty=penalty, extra_body={"ignore_eos": True})
+                                            presence_penalty=penalty, echo=echo, extra_body=extra)
         return r.choices[0].logprobs
 
     two, one = run(servers["rank0"]), run(servers["single"])
-    assert two.tokens == one.tokens and [t.keys() for t in two.top_logprobs] == [t.keys() for t in one.top_logprobs]
-    np.testing.assert_allclose(two.token_logprobs, one.token_logprobs, rtol=0, atol=1e-5)
+    assert two.tokens == one.tokens and [t and t.keys() for t in two.top_logprobs] == [
+        t and t.keys() for t in one.top_logprobs]
+    skip = 1 if echo else 0   # an echoed prompt's first token has none
+    assert two.token_logprobs[:skip] == one.token_logprobs[:skip] == [None] * skip
+    np.testing.assert_allclose(two.token_logprobs[skip:], one.token_logprobs[skip:], rtol=0, atol=1e-5)
 
 
 def test_rank1_killed_rank0_exits_naming_it(servers):

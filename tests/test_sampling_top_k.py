@@ -107,7 +107,13 @@ def test_gpu_logprobs_and_penalties_at_qwen3_vocab(b):
     counts[np.arange(b), x.argmax(1)] = 10                # the plain argmax was generated 10 times
     presence, frequency = np.full(b, 1.5, np.float32), np.full(b, 0.5, np.float32)
     penalized = jax.jit(sampling.penalize)(jnp.asarray(x), jnp.asarray(counts), jnp.asarray(presence),
-                                           jnp.asarray(frequency))
+                                           jnp.asarray(frequency), jnp.ones(b, jnp.float32))
     want = (x - 0.5 * counts - 1.5 * (counts > 0)).argmax(1)
     assert (want != x.argmax(1)).all()
     np.testing.assert_array_equal(np.asarray(jnp.argmax(penalized, axis=1)), want)
+    # repetition 1.3 on the prompt's tokens (flagged) and the generated ones, no OpenAI penalties
+    flagged = counts | np.where(rng.random(counts.shape) < 0.01, sampling.PROMPT_FLAG, 0).astype(np.int32)
+    rep = jax.jit(sampling.penalize)(jnp.asarray(x), jnp.asarray(flagged), jnp.zeros(b), jnp.zeros(b),
+                                     jnp.full(b, 1.3, jnp.float32))
+    want = np.where(flagged != 0, np.where(x > 0, x / 1.3, x * 1.3), x).argmax(1)
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(rep, axis=1)), want)

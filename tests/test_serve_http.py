@@ -282,8 +282,8 @@ def test_bad_inputs_then_still_correct(main, alone, tok):
          KEY, 400, ["'logprobs': true"], "top_logprobs"),
         ("/v1/completions", {"model": NAME, "prompt": "hi", "presence_penalty": 2.5}, KEY, 400,
          ["presence_penalty", "[-2, 2]"], "presence_penalty"),
-        ("/v1/completions", {"model": NAME, "prompt": "hi", "repetition_penalty": 1.1}, KEY, 400,
-         ["'repetition_penalty'", "presence_penalty"], "repetition_penalty"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "repetition_penalty": 0}, KEY, 400,
+         ["repetition_penalty", "(0, 2]", "1 is off"], "repetition_penalty"),
     ]
     for path, body, key, status, words, param in table:
         r = _post(main, path, body, key)
@@ -462,22 +462,27 @@ def test_echo_with_logprobs_scores_the_prompt(servers, tok, which):
 
 
 @pytest.mark.parametrize("which", ["main", "mesh"])
-def test_penalties_are_the_host_references(servers, tok, which):
-    """presence_penalty / frequency_penalty on /v1/completions (one device, and tp=2,ep=4 where
-    the counts are split over the vocabulary like the logits) give the host reference's greedy
-    tokens (read back through logprobs' per-token texts), next to an unpenalized request running
-    in the same steps."""
+@pytest.mark.parametrize("penalties", [dict(presence_penalty=1.5, frequency_penalty=0.5),
+                                       dict(repetition_penalty=1.8)])
+def test_penalties_are_the_host_references(servers, tok, which, penalties):
+    """presence_penalty / frequency_penalty, and repetition_penalty (an extra field, as vLLM and
+    SGLang take it), on /v1/completions (one device, and tp=2,ep=4 where the counts are split
+    over the vocabulary like the logits) give the host reference's greedy tokens (read back
+    through logprobs' per-token texts), next to an unpenalized request running in the same steps."""
     from qwen3_jax import load
 
     srv = servers[which].wait_ready()
     c = client(srv)
     prompt = np.random.default_rng(0).integers(0, 500, size=40).tolist()   # its greedy output repeats
     model = load(servers["ckpt"], dtype="float32", progress=False)
-    want = penalized_greedy(model, prompt, 24, 1.5, 0.5)
-    kw = dict(model=NAME, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    want = penalized_greedy(model, prompt, 24, penalties.get("presence_penalty", 0),
+                            penalties.get("frequency_penalty", 0), penalties.get("repetition_penalty", 1))
+    openai_fields = {k: v for k, v in penalties.items() if k != "repetition_penalty"}
+    extra = {"ignore_eos": True, **{k: v for k, v in penalties.items() if k == "repetition_penalty"}}
+    kw = dict(model=NAME, max_tokens=24, temperature=0)
     with ThreadPoolExecutor(1) as ex:
-        beside = ex.submit(c.completions.create, prompt=PROMPTS[6], **kw)
-        got = c.completions.create(prompt=prompt, presence_penalty=1.5, frequency_penalty=0.5, logprobs=0, **kw)
+        beside = ex.submit(c.completions.create, prompt=PROMPTS[6], extra_body={"ignore_eos": True}, **kw)
+        got = c.completions.create(prompt=prompt, logprobs=0, extra_body=extra, **openai_fields, **kw)
     assert got.choices[0].logprobs.tokens == [tok.decode([i], skip_special_tokens=False) for i in want]
     assert want != model.generate_greedy(np.array([prompt]), 24)[0].tolist()   # the penalties acted
     assert beside.result().choices[0].text == greedy(c, PROMPTS[6], 24)
