@@ -186,6 +186,17 @@ def _penalized_sample_into(mode, ctx, fresh, last, counts, logits_bv, slots_b, l
     return ids, last, counts.at[slots_b].set(rows + hit.astype(counts.dtype))
 
 
+def _copy_slot(cache, src, dst):
+    """Slot src's K/V row copied into slot dst of every [L, slots, S, K, Q] cache array, one layer
+    at a time (the temporary is one layer's row, not the slot's whole cache) -> (dst, cache)."""
+    def copy(a):
+        def layer(i, a):
+            row = jax.lax.dynamic_slice(a, (i, src, 0, 0, 0), (1, 1, *a.shape[2:]))
+            return jax.lax.dynamic_update_slice(a, row, (i, dst, 0, 0, 0))
+        return jax.lax.fori_loop(0, a.shape[0], layer, a)
+    return dst, jax.tree.map(copy, cache)
+
+
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """Length of the common start of two id arrays."""
     n = min(len(a), len(b))
@@ -317,6 +328,7 @@ class Engine:
         self.error: BaseException | None = None
         self.steps = 0
         self.prefill_tokens = 0   # prompt tokens run through prefill (what prefix caching saves)
+        self.prefix_copies = 0    # slot rows copied from a busy slot holding a longer prompt start
         self.decode_batches: dict[int, int] = {}   # decode steps run per batch size
         self.finish_hooks: list[Callable[[Request], None]] = []  # called on the scheduler thread
         if self._channel is not None and not self._channel.leader:
@@ -406,7 +418,15 @@ class Engine:
                 return ((out, scored) if prompt else out), carry
             return step
 
-        steps = {}
+        copy = jax.jit(_copy_slot, donate_argnums=(0,),
+                       **({} if ctx is None else {"out_shardings": (replicated, fwd_kw["out_shardings"][1])}))
+
+        def copy_slot(state, carry, src_1, dst_1):
+            """Prefix sharing: a running request's slot row into a newly placed one's."""
+            dst, cache = copy(carry[0], src_1[0], dst_1[0])
+            return dst, (cache, *carry[1:])
+
+        steps = {"copy": copy_slot}
         for variant in STEP_VARIANTS:
             steps.update({f"prefill/{m}{variant}": prefill(m, variant) for m in SAMPLING_MODES})
             steps.update({f"prefill/{m}{variant}/prompt": prefill(m, variant, True) for m in SAMPLING_MODES})
@@ -698,14 +718,25 @@ class Engine:
     def _place(self, req: Request):
         """Give a queued request a free slot. With prefix caching, the free slot whose cache holds
         the longest start of its prompt (then the one freed longest ago, to keep the others'):
-        those tokens are not prefilled again. The last prompt token always is (its logits start
-        the generation)."""
+        those tokens are not prefilled again. Where a busy slot's launched prompt chunks hold
+        more of it (a shared system prompt, n choices of one prompt), that slot's row is copied
+        into the chosen one first (one data-parallel group only: the slots are then on every
+        device). The last prompt token always is prefilled (its logits start the generation)."""
         free = [s for s, r in enumerate(self._slots) if r is None]
         slot, reuse = free[0], 0
         if self.prefix_caching and req.params.prompt_logprobs is None:   # prompt logprobs: every token scored
-            prompt = np.asarray(req.prompt_ids[:-1], np.int32)
+            prompt = req.prompt_array[:-1]
             slot, reuse = max(((s, _common_prefix(self._cached[s], prompt)) for s in free),
                               key=lambda sr: (sr[1], -self._freed_at[sr[0]]))
+            if self.model.mesh_spec.dp == 1:
+                src, held = max(((s, _common_prefix(r.prompt_array[:r.prefilled], prompt))
+                                 for s, r in enumerate(self._slots) if r is not None),
+                                key=lambda sh: sh[1], default=(None, 0))
+                if held > reuse:
+                    _, self._carry = self._steps["copy"](self.model.state, self._carry, np.array([src], np.int32),
+                                                         np.array([slot], np.int32))
+                    reuse = held
+                    self.prefix_copies += 1
         req.slot, req.prefilled, req.cached_tokens = slot, reuse, reuse
         self._slots[slot] = req
 

@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
+
 from .sampling import SamplingParams
 from .tokenizer import DetokenizeStream
 
@@ -75,6 +77,7 @@ class Request:
                  on_output: Callable[[RequestOutput], None], request_id: str | None = None):
         self.id = request_id or f"req-{next(_ids)}"
         self.prompt_ids, self.params, self.max_tokens, self.seed = prompt_ids, params, max_tokens, seed
+        self.prompt_array = np.asarray(prompt_ids, np.int32)   # for prefix matching, made once
         self.stop_ids, self.detok, self.on_output = stop_ids, detok, on_output
         self.stops = list(params.stop)
         self.output_ids: list[int] = []

@@ -576,6 +576,44 @@ def test_repetition_penalty_matches_a_host_reference(engine):
         engine.submit([1, 2], SamplingParams(repetition_penalty=0))
 
 
+@pytest.mark.parametrize("mesh", [None, "tp=2"])
+def test_a_busy_slots_prompt_is_copied_to_a_request_sharing_its_start(ckpt, engine, mesh):
+    """A request whose prompt starts like a running request's (a shared system prompt) gets that
+    slot's row copied into its own and prefills only the rest, while the first still decodes
+    (one device, and tp=2 where the rows are split over kv heads). The outputs equal an engine
+    without prefix caching."""
+    kw = dict(dtype="float32", context_length=128, max_running_requests=4, chunked_prefill_size=32, progress=False)
+    off = Engine(ckpt, prefix_caching=False, **kw)
+    on = engine if mesh is None else Engine(ckpt, mesh=mesh, **kw)
+    try:
+        rng = np.random.default_rng(31)
+        system = rng.integers(0, 500, size=70).tolist()        # three chunks
+        first_sp = SamplingParams(max_tokens=55, temperature=0, ignore_eos=True)
+        sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        second = system + rng.integers(0, 500, size=9).tolist()
+        for attempt in range(3):   # CI's 2 cores: `first` may finish before `second` is placed; try again
+            # fill the free slots with other prompts so no free slot holds `system`
+            on.generate([rng.integers(0, 500, size=20).tolist() for _ in range(4)], sp)
+            first = on.submit(system + [7], first_sp)
+            deadline = time.monotonic() + 10
+            while first.prefilled < len(system) + 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            copies, before = on.prefix_copies, on.prefill_tokens
+            out = on.generate(second, sp)[0]
+            if on.prefix_copies > copies or not first.finished:
+                break
+        assert out.cached_tokens == len(system) and on.prefix_copies == copies + 1
+        assert on.prefill_tokens - before == len(second) - len(system)
+        assert out.token_ids == off.generate(second, sp)[0].token_ids
+        while not first.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert first.output_ids == off.generate(system + [7], first_sp)[0].token_ids
+    finally:
+        off.shutdown()
+        if on is not engine:
+            on.shutdown()
+
+
 def test_prefix_caching_reuses_a_slots_tokens_and_changes_no_output(ckpt, engine):
     """A follow-up turn (the last prompt + its reply + new text) prefills only what its slot's
     cache lacks: cached_tokens = prompt + reply - 1 (the reply's last token was never fed back).
