@@ -685,10 +685,15 @@ class Engine:
                     cancels, self._cancels = self._cancels, []
                     for r in cancels:
                         self._free(r, "cancelled")
+                    held = []
                     while self._pending and None in self._slots:
                         r = self._pending.popleft()
+                        if self._waits_for_prefix(r):
+                            held.append(r)
+                            continue
                         self._place(r)
                         self._prefilling.append(r)
+                    self._pending.extendleft(reversed(held))   # first in line again, in their order
                 launched = self._run_prefills()
                 launched = self._decode() or launched
                 # Overlap: the step just launched runs on the device while the host reads back and
@@ -715,6 +720,25 @@ class Engine:
                 except Exception:
                     log.exception("could not tell the other ranks to stop")
 
+    def _shares(self) -> bool:
+        """Busy slots can lend their rows (prefix caching on, one data-parallel group)."""
+        return self.prefix_caching and self.model.mesh_spec.dp == 1
+
+    def _waits_for_prefix(self, req: Request) -> bool:
+        """Hold a queued request back while a slot is still prefilling at least a chunk of the
+        start its prompt shares (n choices of one prompt, a system prompt sent by many at once):
+        placed once those chunks are launched, it gets them copied (_place) instead of
+        prefilling them again."""
+        if not self._shares() or req.params.prompt_logprobs is not None:
+            return False
+        prompt = req.prompt_array[:-1]
+        for r in self._slots:
+            if r is not None and r.prefilled < r.prompt_len:
+                common = _common_prefix(r.prompt_array, prompt)
+                if common >= self.chunk and r.prefilled < common:
+                    return True
+        return False
+
     def _place(self, req: Request):
         """Give a queued request a free slot. With prefix caching, the free slot whose cache holds
         the longest start of its prompt (then the one freed longest ago, to keep the others'):
@@ -728,7 +752,7 @@ class Engine:
             prompt = req.prompt_array[:-1]
             slot, reuse = max(((s, _common_prefix(self._cached[s], prompt)) for s in free),
                               key=lambda sr: (sr[1], -self._freed_at[sr[0]]))
-            if self.model.mesh_spec.dp == 1:
+            if self._shares():
                 src, held = max(((s, _common_prefix(r.prompt_array[:r.prefilled], prompt))
                                  for s, r in enumerate(self._slots) if r is not None),
                                 key=lambda sh: sh[1], default=(None, 0))
