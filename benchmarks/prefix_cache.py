@@ -7,11 +7,17 @@ engine serves turn 1 (a P-token prompt, R tokens of reply), then turn 2 = turn 1
 the median of --reps conversations, each on fresh prompts. With the cache, turn 2 prefills M + 1
 tokens instead of P + R + M.
 
+--burst N: instead, N requests sent at once, each a shared P-token system prompt + M tokens of
+its own, max_tokens=1; the figure is the wall time until the last one's first token. With the
+cache the system prompt is prefilled once and copied into the other N - 1 slots.
+
     python benchmarks/prefix_cache.py --model Qwen3-30B-A3B-FP8 --context 16384 --prompt 8192 --reply 256 --new 64
+    python benchmarks/prefix_cache.py --model Qwen3-30B-A3B-FP8 --context 8192 --prompt 4096 --new 64 --burst 8
     python benchmarks/prefix_cache.py --model tiny --context 256 --prompt 96 --reply 16 --new 8 --reps 2   # CPU: works
 """
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -20,7 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def next_turn_seconds(engine, rng, vocab: int, prompt: int, reply: int, new: int) -> tuple[float, int]:
+def next_turn_seconds(engine, rng, vocab: int, prompt: int, new: int, reply: int) -> tuple[float, int]:
     """One conversation: -> (seconds for turn 2's first token, its prompt tokens found cached)."""
     from serve import SamplingParams
 
@@ -30,6 +36,18 @@ def next_turn_seconds(engine, rng, vocab: int, prompt: int, reply: int, new: int
     t0 = time.perf_counter()
     second = engine.generate(turn, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))[0]
     return time.perf_counter() - t0, second.cached_tokens
+
+
+def burst_seconds(engine, rng, vocab: int, prompt: int, new: int, n: int) -> tuple[float, int]:
+    """n requests at once, a shared system prompt each + `new` tokens of their own: -> (seconds
+    until the last one's first token, their prompt tokens found cached)."""
+    from serve import SamplingParams
+
+    system = rng.integers(0, vocab, prompt).tolist()
+    prompts = [system + rng.integers(0, vocab, new).tolist() for _ in range(n)]
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    return time.perf_counter() - t0, sum(o.cached_tokens for o in outs)
 
 
 def main(argv=None):
@@ -43,8 +61,14 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3, help="conversations per engine (the median is reported)")
     p.add_argument("--mesh", default="tp=1", help="device mesh, e.g. tp=2")
     p.add_argument("--layers", type=int, default=None, help="build only N layers")
+    p.add_argument("--burst", type=int, default=0,
+                   help="N > 0: N requests at once sharing a --prompt-token system prompt (slots raised to N)")
     args = p.parse_args(argv)
-    if args.prompt + args.reply + args.new >= args.context:
+    if args.burst:
+        args.slots = max(args.slots, args.burst)
+        if args.prompt + args.new >= args.context:
+            p.error(f"--prompt + --new ({args.prompt + args.new}) must stay below --context {args.context}")
+    elif args.prompt + args.reply + args.new >= args.context:
         p.error(f"--prompt + --reply + --new ({args.prompt + args.reply + args.new}) must stay below --context "
                 f"{args.context}: raise --context or shorten the turns")
 
@@ -57,8 +81,10 @@ def main(argv=None):
 
     cfg = resolve_bench_config(args.model, args.layers)
     model = qwen3_jax.random_model(cfg, mesh=args.mesh, dtype="bfloat16")
-    print(f"device {jax.devices()[0].device_kind}; {args.model}, mesh {args.mesh}, context {args.context}; turn 1: "
-          f"{args.prompt} prompt + {args.reply} reply tokens; turn 2 adds {args.new}", flush=True)
+    what = (f"{args.burst} requests at once, a {args.prompt}-token system prompt + {args.new} tokens each"
+            if args.burst else f"turn 1: {args.prompt} prompt + {args.reply} reply tokens; turn 2 adds {args.new}")
+    print(f"device {jax.devices()[0].device_kind}; {args.model}, mesh {args.mesh}, context {args.context}; {what}",
+          flush=True)
     seconds = {}
     for cached in (False, True):
         t0 = time.perf_counter()
@@ -68,15 +94,18 @@ def main(argv=None):
               flush=True)
         try:
             rng = np.random.default_rng(0)
-            next_turn_seconds(engine, rng, cfg.vocab_size, args.prompt, args.reply, args.new)   # warm
-            runs = [next_turn_seconds(engine, rng, cfg.vocab_size, args.prompt, args.reply, args.new)
-                    for _ in range(args.reps)]
+            once = (functools.partial(burst_seconds, n=args.burst) if args.burst else
+                    functools.partial(next_turn_seconds, reply=args.reply))
+            once(engine, rng, cfg.vocab_size, prompt=args.prompt, new=args.new)   # warm
+            runs = [once(engine, rng, cfg.vocab_size, prompt=args.prompt, new=args.new) for _ in range(args.reps)]
         finally:
             engine.shutdown()
         seconds[cached] = statistics.median(s for s, _ in runs)
-        print(f"  prefix caching {'on ' if cached else 'off'}: turn 2's first token in {1e3 * seconds[cached]:9.1f} ms "
-              f"({runs[-1][1]} of {args.prompt + args.reply + args.new} prompt tokens cached)", flush=True)
-    print(f"  turn 2's time to first token with the cache: {seconds[False] / seconds[True]:.1f}x faster", flush=True)
+        what = f"the last of {args.burst} first tokens" if args.burst else "turn 2's first token"
+        total = args.burst * (args.prompt + args.new) if args.burst else args.prompt + args.reply + args.new
+        print(f"  prefix caching {'on ' if cached else 'off'}: {what} in {1e3 * seconds[cached]:9.1f} ms "
+              f"({runs[-1][1]} of {total} prompt tokens cached)", flush=True)
+    print(f"  with the cache: {seconds[False] / seconds[True]:.1f}x faster", flush=True)
     return seconds
 
 

@@ -212,12 +212,18 @@ def load_benchmark(name: str):
 
 def test_prefix_cache_benchmark_reuses_the_conversation_on_cpu(capsys):
     """benchmarks/prefix_cache.py with the tiny preset: turn 2 finds turn 1's prompt and reply
-    (but the reply's last token) in the cache, and nothing without it."""
+    (but the reply's last token) in the cache, and nothing without it; --burst shares a system
+    prompt between requests sent together."""
     seconds = load_benchmark("prefix_cache").main(["--model", "tiny", "--context", "256", "--prompt", "96", "--reply", "16", "--new", "8",
                           "--reps", "1"])
     out = capsys.readouterr().out
     assert "(0 of 120 prompt tokens cached)" in out and "(111 of 120 prompt tokens cached)" in out
     assert set(seconds) == {False, True} and all(s > 0 for s in seconds.values())
+    # --burst: three requests at once sharing a 96-token system prompt: two copy it from the first
+    load_benchmark("prefix_cache").main(["--model", "tiny", "--context", "256", "--prompt", "96", "--new", "8",
+                                         "--reps", "1", "--burst", "3"])
+    out = capsys.readouterr().out
+    assert "(0 of 312 prompt tokens cached)" in out and "(192 of 312 prompt tokens cached)" in out
 
 
 def test_chunked_prefill_benchmark_times_each_variant_and_restores_the_kernel_settings(capsys):

@@ -616,19 +616,21 @@ def test_a_busy_slots_prompt_is_copied_to_a_request_sharing_its_start(ckpt, engi
 
 def test_requests_sharing_a_prompt_start_wait_for_it_and_copy_it(ckpt):
     """Three requests sent together, two of them with one 70-token prompt (n choices) and one with
-    its first 60 tokens and its own ending: the first prefills the shared start once; the others
+    its first 66 tokens and its own ending: the first prefills the shared start once; the others
     are held back until its chunks are launched, then copy its row and prefill only their own
-    rest. The outputs equal an engine without prefix caching."""
+    rest. A fourth sharing fewer than Engine.SHARE_MIN_TOKENS copies nothing. The outputs equal
+    an engine without prefix caching."""
     kw = dict(dtype="float32", context_length=128, max_running_requests=4, chunked_prefill_size=32, progress=False)
     with Engine(ckpt, **kw) as on, Engine(ckpt, prefix_caching=False, **kw) as off:
         rng = np.random.default_rng(44)
         prompt = rng.integers(0, 500, size=70).tolist()
-        prompts = [prompt, prompt, prompt[:60] + rng.integers(0, 500, size=5).tolist()]
+        prompts = [prompt, prompt, prompt[:66] + rng.integers(0, 500, size=5).tolist(),
+                   prompt[:40] + rng.integers(0, 500, size=30).tolist()]
         sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
         outs = on.generate(prompts, sp)
         assert [o.token_ids for o in outs] == [o.token_ids for o in off.generate(prompts, sp)]
-        assert [o.cached_tokens for o in outs] == [0, 69, 60] and on.prefix_copies == 2
-        assert on.prefill_tokens == 70 + 1 + 5
+        assert [o.cached_tokens for o in outs] == [0, 69, 66, 0] and on.prefix_copies == 2
+        assert on.prefill_tokens == 70 + 1 + 5 + 70
 
 
 def test_prefix_caching_reuses_a_slots_tokens_and_changes_no_output(ckpt, engine):
