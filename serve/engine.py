@@ -109,7 +109,8 @@ def decode_windows(context_length: int) -> list[int]:
 
 
 # What a step computes beyond the ids, by key suffix: nothing, the ids' logprobs (a row asked for
-# logprobs), presence / frequency penalties from each slot's counts (a row asked for one), both.
+# logprobs), the penalties from each slot's counts (a row asked for one), both. A prefill chunk
+# that also scores its prompt (prompt logprobs) adds "/prompt".
 STEP_VARIANTS = ("", "/logprobs", "/penalties", "/logprobs/penalties")
 
 
@@ -933,9 +934,7 @@ class Engine:
             for i, req in rows:
                 if not req.finished and self._slots[req.slot] is req:
                     n = req.params.logprobs
-                    logprob = None if n is None or not lp else TokenLogprob(
-                        int(ids[i]), float(lp[0][i]), [(int(t), float(x)) for t, x in zip(lp[1][i, :n], lp[2][i, :n])])
-                    self._deliver(req, int(ids[i]), logprob)
+                    self._deliver(req, int(ids[i]), None if n is None or not lp else _token_logprob(ids[i], *lp, i, n))
 
     def _deliver(self, req: Request, token: int, logprob: TokenLogprob | None = None):
         """Hand one sampled id (and its logprobs) to its request; free the slot when it finishes."""
@@ -944,6 +943,12 @@ class Engine:
         if out.finished:
             with self._cv:
                 self._free(req)
+
+
+def _token_logprob(token_id, logprob_r, top_ids_rn, top_rn, i: int, n: int) -> TokenLogprob:
+    """Row i of token_logprobs' three arrays (on the host) as a TokenLogprob with n alternatives."""
+    return TokenLogprob(int(token_id), float(logprob_r[i]),
+                        [(int(t), float(x)) for t, x in zip(top_ids_rn[i, :n], top_rn[i, :n])])
 
 
 @dataclasses.dataclass
@@ -961,9 +966,7 @@ class PromptChunk:
         if req.finished or req.prompt_logprobs is None:
             return
         ids = req.prompt_ids[self.first:self.first + self.count]
-        req.prompt_logprobs += [TokenLogprob(tid, float(logprob_t[i]),
-                                             [(int(t), float(x)) for t, x in zip(top_ids_tn[i, :n], top_tn[i, :n])])
-                                for i, tid in enumerate(ids)]
+        req.prompt_logprobs += [_token_logprob(tid, logprob_t, top_ids_tn, top_tn, i, n) for i, tid in enumerate(ids)]
 
 
 class AsyncStream:

@@ -117,36 +117,21 @@ def _logprobs(n, param: str) -> int | None:
 
 
 def _sampling(body: dict, max_tokens, logprobs: int | None = None) -> SamplingParams:
-    penalties = {}
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = body.get(name)
-        if v is not None and not -2 <= v <= 2:
-            raise bad(f"{name} must be in [-2, 2], got {v}", param=name)
-        penalties[name] = float(v or 0.0)
-    rep = body.get("repetition_penalty")
-    if rep is not None and not 0 < rep <= 2:
-        raise bad(f"repetition_penalty must be in (0, 2] (1 is off), got {rep}", param="repetition_penalty")
-    penalties["repetition_penalty"] = 1.0 if rep is None else float(rep)
-    if max_tokens is not None and max_tokens <= 0:
-        raise bad(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
-    t = body.get("temperature")
-    if t is not None and t < 0:
-        raise bad(f"temperature must be >= 0 (0 is greedy), got {t}", param="temperature")
-    p = body.get("top_p")
-    if p is not None and not 0 < p <= 1:
-        raise bad(f"top_p must be in (0, 1], got {p}", param="top_p")
-    seed = body.get("seed")
-    if seed is not None and not 0 <= seed < 2 ** 63:
-        raise bad(f"seed must be in [0, 2**63), got {seed}", param="seed")
+    """The body's sampling fields -> SamplingParams, checked by its own validate(): a value out of
+    range is a 400 naming the field (each of validate's messages starts with its name)."""
+    penalties = {k: float(body[k]) for k in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+                 if body.get(k) is not None}
     stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else list(stop)
-    if any(s == "" for s in stop):
-        raise bad("stop strings must be non-empty", param="stop")
-    return SamplingParams(max_tokens=max_tokens, temperature=t, top_p=p, top_k=body.get("top_k"), seed=seed,
-                          stop=stop, stop_token_ids=list(body.get("stop_token_ids") or []),
-                          ignore_eos=bool(body.get("ignore_eos", False)),
-                          skip_special_tokens=body.get("skip_special_tokens", True), logprobs=logprobs,
-                          **penalties)
+    params = SamplingParams(max_tokens=max_tokens, temperature=body.get("temperature"), top_p=body.get("top_p"),
+                            top_k=body.get("top_k"), seed=body.get("seed"),
+                            stop=[stop] if isinstance(stop, str) else list(stop),
+                            stop_token_ids=list(body.get("stop_token_ids") or []),
+                            ignore_eos=bool(body.get("ignore_eos", False)),
+                            skip_special_tokens=body.get("skip_special_tokens", True), logprobs=logprobs, **penalties)
+    try:
+        return params.validate()
+    except ValueError as e:
+        raise bad(str(e), param=str(e).split()[0]) from None
 
 
 def _n_and_stream(body: dict) -> tuple[int, bool, bool]:

@@ -85,13 +85,17 @@ def test_positions_out_of_order_take_the_xla_math():
     assert rel(np.asarray(out, np.float32), reference(q, kc, vc, 0, 1, pos, qd ** -0.5)) < TOL_BF16
 
 
-def test_kv_window_bounds_the_keys_visited():
-    """A window below the cache length (the positions under it) gives the same answer."""
+def test_kv_window_bounds_the_keys_visited(monkeypatch):
+    """A window below the cache length (the positions under it) plans the kernel's key loop over
+    the window only, and gives the same answer."""
     t, h, k, qd, s = 32, 8, 2, 32, 512
     q, kc, vc = chunk_inputs(6, t, h, k, qd, s)
     pos = positions(t, 90, 30, s)
+    keys, real = [], pa.chunk_attention
+    monkeypatch.setattr(pa, "chunk_attention", lambda *a, **kw: keys.append(kw["bs"] * kw["steps"]) or real(*a, **kw))
     full = pa.chunk_attention_cached(q, kc, vc, jnp.int32(1), jnp.asarray([0]), pos, qd ** -0.5)
     windowed = pa.chunk_attention_cached(q, kc, vc, jnp.int32(1), jnp.asarray([0]), pos, qd ** -0.5, kv_window=128)
+    assert keys == [s, 128]
     np.testing.assert_array_equal(np.asarray(windowed, np.float32), np.asarray(full, np.float32))
 
 
