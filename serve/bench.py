@@ -102,6 +102,14 @@ def parse_args(argv=None):
                    help="FP8 models: assignments per expert from which an MoE layer's experts are "
                         "dequantized to one bf16 copy (long prefills), comma-separated; 0 = never "
                         "(default: the library's)")
+    p.add_argument("--moe-routing", default="",
+                   help="MoE blocks path (decode batches of 17+ tokens, prefill chunks): how the row blocks "
+                        "are built, comma-separated: kernel (one routing kernel, x gathered in the gate/up "
+                        "kernel, real rows written only), xla (argsort, scatters, an x gather) (default: the "
+                        "library's)")
+    p.add_argument("--router-logits", default="",
+                   help="router logits of 17-256 tokens, comma-separated: matmul (one split-K grouped matmul), "
+                        "gemv (per-row programs, up to 64 tokens; XLA routing above) (default: the library's)")
     p.add_argument("--projection-matmul", default="",
                    help="FP8 attention projections of 17-511 rows (one group of the grouped matmul): 'narrow' "
                         "(tiles narrowed for parallelism), 'split' (split-K programs) and/or 'split-qkv' (split, "
@@ -849,6 +857,7 @@ def _decode_knobs(args, cfg):
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
     from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, grouped_matmul, linear, qk_prologue
+    from qwen3_jax.kernels import moe_ffn, router
 
     def listed(text, parse=str):
         return [parse(v) for v in text.split(",") if v] or [None]
@@ -884,6 +893,8 @@ def _decode_knobs(args, cfg):
     dot_acc = choices("--fp8-dot-acc", args.fp8_dot_acc, fp8_dot.ACCUMULATE_CHOICES)
     presets = linear.PROJECTION_MATMUL_PRESETS
     projection = choices("--projection-matmul", args.projection_matmul, sorted(presets))
+    moe_routing = choices("--moe-routing", args.moe_routing, moe_ffn.BLOCK_ROUTINGS)
+    router_logits = choices("--router-logits", args.router_logits, router.LOGITS_CHOICES)
 
     return [
         ("", gemm if cfg.fp8 else [None], kernels.fp8_gemm, put_gemm, True),
@@ -903,6 +914,8 @@ def _decode_knobs(args, cfg):
          *module_value(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS"), True),
         ("fp8-copy ", copy if cfg.fp8 else [None], *module_value(dequantize, "COPY"), True),
         ("fp8-dot-acc ", dot_acc if cfg.fp8 else [None], *module_value(fp8_dot, "ACCUMULATE"), True),
+        ("moe-routing ", moe_routing, *module_value(moe_ffn, "BLOCK_ROUTING"), True),
+        ("router ", router_logits, *module_value(router, "LOGITS"), True),
         ("projection ", projection,
          lambda: next((k for k, v in presets.items() if v == linear.PROJECTION_MATMUL), "custom"),
          lambda v: setattr(linear, "PROJECTION_MATMUL", dict(presets[v])), True),

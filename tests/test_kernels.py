@@ -465,6 +465,69 @@ def test_expert_blocks_put_every_assignment_in_a_block_of_its_expert(bm, first):
     assert np.all(used[:used.sum()])                              # used blocks come first
 
 
+@pytest.mark.parametrize("n,k,e,bm,first", [(64, 8, 128, 16, 0), (24, 8, 128, 16, 0), (64, 8, 64, 16, 64),
+                                             (7, 3, 5, 2, 3), (300, 8, 128, 32, 0)])
+def test_route_blocks_kernel_agrees_with_expert_blocks(n, k, e, bm, first):
+    """moe_blocks.route_blocks (one Pallas program, counting sort) against expert_blocks (XLA's
+    stable argsort): the same groups, rows and positions, each block's count of real rows, the
+    weights masked to the experts held here. Routed ids span two devices' ranges and one token
+    routes nowhere (-1, a padding row); first and offset are traced, as on a mesh."""
+    from qwen3_jax.kernels.moe_blocks import route_blocks
+
+    rng = np.random.default_rng(n + e)
+    ex = np.stack([rng.choice(max(128, first + e), k, replace=False) for _ in range(n)]).astype(np.int32)
+    ex[1] = -1
+    w = rng.uniform(0.1, 1.0, (n, k)).astype(np.float32)
+    rb = jax.jit(lambda ex, w, first, off: route_blocks(ex, w, e, bm, first, off, groups_per_layer=1))(
+        jnp.asarray(ex), jnp.asarray(w), jnp.int32(first), jnp.int32(7))
+    blk = expert_blocks(jnp.asarray(ex), e, bm, first_expert=first)
+    groups, valid, pos, rows = map(np.asarray, (rb.groups, rb.block_valid, rb.pos, rb.rows))
+    here = np.asarray(blk.here)
+    np.testing.assert_array_equal(groups, np.where(np.asarray(blk.groups) >= 0, np.asarray(blk.groups) + 7, -1))
+    np.testing.assert_array_equal(pos, np.asarray(blk.pos))
+    np.testing.assert_array_equal(np.asarray(rb.weights), np.where(here, w.reshape(-1), 0))
+    assert len(rows) == len(groups) * bm + 1   # a spare last entry
+    local = ex.reshape(-1)[here] - first
+    for b, g in enumerate(groups):   # blocks fill an expert's run in order; the last may be partial
+        if g < 0:
+            assert valid[b] == 0
+            continue
+        rank = b - np.flatnonzero(groups == g)[0]
+        assert valid[b] == min(bm, np.sum(local == g - 7) - rank * bm) > 0
+        np.testing.assert_array_equal(rows[b * bm:b * bm + valid[b]], np.asarray(blk.rows)[b * bm:b * bm + valid[b]])
+    assert valid.sum() == here.sum()
+
+
+@pytest.mark.parametrize("fp8", [False, True, "nk"])
+def test_moe_ffn_block_routing_kernel_matches_xla_routing(fp8, monkeypatch, fp8_w8a16):
+    """The blocks path with route_blocks (x gathered in the gate/up kernel, the down writing real
+    rows only) against the XLA routing (argsort, x gathered by XLA), both against the float32
+    reference, on the experts [3, 9) of a routing over 12 (a mesh device's share: tokens routed
+    elsewhere count nothing)."""
+    from qwen3_jax.kernels import moe_ffn as moe_mod
+
+    rng = np.random.default_rng(17)
+    x, weights, experts, arrays, _ = _moe_case(rng, bool(fp8), n=40, e=12, k=3, nk=fp8 == "nk")
+    mine = dataclasses.replace(arrays, **{f: getattr(arrays, f)[3:9] for f in
+                                          ("gate", "up", "down", "gate_scale", "up_scale", "down_scale")
+                                          if getattr(arrays, f) is not None}, num_experts=6)
+    part = [m.astype(jnp.float32) for m in (mine.gate, mine.up, mine.down)]
+    if fp8:
+        part = [dequantize(jnp.swapaxes(m, 1, 2) if fp8 == "nk" else m, s, ax, 64, jnp.float32)
+                for m, s, ax in zip((mine.gate, mine.up, mine.down),
+                                    (mine.gate_scale, mine.up_scale, mine.down_scale), (1, 1, 2))]
+    want = expert_ffn(x.astype(jnp.float32), weights, experts, *part, first_expert=3)
+    out = {}
+    for routing in moe_mod.BLOCK_ROUTINGS:
+        monkeypatch.setattr(moe_mod, "BLOCK_ROUTING", routing)
+        fn = jax.jit(lambda *a: moe_ffn(*a, mine, first_expert=3, strategy="blocks"))
+        text = str(fn.trace(x, weights, experts).jaxpr)
+        assert ("qwen3_route_blocks" in text) == (routing == "kernel") and ("sort[dimension" in text) == (routing == "xla")
+        out[routing] = fn(x, weights, experts)
+    assert rel(out["kernel"], want) < 1e-2 and rel(out["xla"], want) < 1e-2
+    assert rel(out["kernel"], out["xla"]) < 1e-6   # the same products in the same order
+
+
 def _moe_case(rng, fp8, n, e=6, d=128, f=64, k=2, block=64, nk=False, checkpoint_blocks=False):
     """A routed MoE FFN case; nk: FP8 weights stored [E, out, in] (ExpertArrays.w_nk, the model's);
     checkpoint_blocks: see fp8_weights."""
@@ -1366,6 +1429,26 @@ def test_w8a8_grouped_matmul_lowers_to_triton_for_30b_shapes(w_lhs):
     assert text.count("xla.gpu.triton") == 2
 
 
+@pytest.mark.parametrize("n", [64, 256])
+def test_decode_moe_blocks_lower_to_three_triton_calls_at_30b_shapes(n, monkeypatch):
+    """A decode batch's MoE on the blocks path (FP8 experts stored [L*E, out, in], W8A8): the
+    routing kernel and the two grouped matmuls, x gathered inside the first; no XLA sort and no
+    gather of x's rows."""
+    from qwen3_jax.kernels.moe_ffn import moe_ffn_in_place
+
+    monkeypatch.setattr(kernels, "on_gpu", lambda: True)   # Pallas lowers to Triton, not interpret mode
+    l, e, d, f, e8 = 48, 128, 2048, 768, jnp.float8_e4m3fn
+    gate, gs = _sds((l, e, f, d), e8), _sds((l, e, d // 128, f), jnp.float32)
+    down, ds = _sds((l, e, d, f), e8), _sds((l, e, f, d // 128), jnp.float32)
+
+    def decode(x, w, ex, gate, gs, down, ds):
+        return moe_ffn_in_place(x, w, ex, gate, gate, down, (gs, gs, ds), 128, jnp.int32(5), w_nk=True)
+    args = (_sds((n, d), jnp.bfloat16), _sds((n, 8), jnp.float32), _sds((n, 8), jnp.int32))
+    text = jax.jit(decode).trace(*args, gate, gs, down, ds).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 3 and "qwen3_route_blocks" in text
+    assert "stablehlo.sort" not in text and text.count('"stablehlo.gather"') <= 1   # y's rows, gathered back
+
+
 @pytest.mark.parametrize("accumulate", ["mma", "f32"])
 def test_fp8_dots_lower_with_the_mma_accumulating_each_dot(accumulate, monkeypatch, capfd):
     """fp8_dot: an e4m3 x e4m3 dot reaches Triton with maxNumImpreciseAcc unlimited (its default
@@ -1435,6 +1518,25 @@ def test_gpu_moe_ffn_matches_xla_at_30b_layer_shapes(fp8, n, monkeypatch):
             kernels.set_fp8_gemm(before)
     # w8a8: e4m3 activations, ~3% per product on random data
     assert rel(got, want) < (6e-2 if kind == "w8a8" else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [64, 256])
+def test_gpu_block_routing_kernel_matches_xla_routing_at_30b_shapes(n, monkeypatch):
+    """The decode batch's blocks path with route_blocks (x gathered in the kernel, real rows
+    written only) against the XLA routing, FP8 experts [E, out, in] (the model's form), W8A8."""
+    from qwen3_jax.kernels import moe_ffn as moe_mod
+
+    rng = np.random.default_rng(n + 1)
+    x, weights, experts, arrays, want = _moe_case(rng, True, n=n, e=128, d=2048, f=768, k=8, block=128, nk=True,
+                                                  checkpoint_blocks=True)
+    experts = experts.at[3].set(-1)   # a padding row: routed nowhere
+    out = {}
+    for routing in moe_mod.BLOCK_ROUTINGS:
+        monkeypatch.setattr(moe_mod, "BLOCK_ROUTING", routing)
+        out[routing] = np.asarray(moe_ffn(x, weights, experts, arrays, strategy="blocks"))
+    assert np.isfinite(out["kernel"]).all() and not out["kernel"][3].any()
+    assert rel(out["kernel"], out["xla"]) < 1e-6
 
 
 @pytest.mark.gpu

@@ -121,8 +121,42 @@ def test_route_in_place_declines_what_it_does_not_cover():
     assert route_in_place(x, stacked_router(rng, 1, 64, 1024), layer, 2, True) is None       # E > 512
     assert route_in_place(x.astype(jnp.float32), stacked_router(rng, 1, 64, 16).astype(jnp.float32),
                           layer, 2, True) is None                                            # float32
-    many = jnp.zeros((router.ROUTE_MAX_ROWS + 1, 64), jnp.bfloat16)
+    many = jnp.zeros((router.route_max_rows() + 1, 64), jnp.bfloat16)
     assert route_in_place(many, stacked_router(rng, 1, 64, 16), layer, 2, True) is None      # too many rows
+
+
+@pytest.mark.parametrize("n", [17, 40, 100])   # one block of 32, one of 64 (24 rows padded), two of 64
+def test_route_in_place_by_matmul_matches_route_with_exact_ties(n, monkeypatch):
+    """From LOGITS_MATMUL_MIN_ROWS rows the logits come from one split-K grouped matmul (every
+    block reading W[layer] in place) and the top-k takes fewer rows a program; same routing as
+    moe.route, ties included, and the gemv's logits agree. x arrives as the model passes it, an
+    RMSNorm view (gemv_inputs.RmsNormX), which the matmul path materializes."""
+    from qwen3_jax.kernels.gemv_inputs import RmsNormX
+
+    rng = np.random.default_rng(n)
+    layers, d, e, k = 3, 256, 32, 4
+    w = stacked_router(rng, layers, d, e)
+    x, w = with_ties(w, jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16), layer=1)
+    norm_w = jnp.asarray(1.0 + 0.1 * rng.standard_normal((layers, d)), jnp.bfloat16)
+    xn = RmsNormX(x, norm_w, jnp.int32(1), 1e-6)
+    text = str(jax.make_jaxpr(lambda x: route_in_place(xn, w, jnp.int32(1), k, True))(x))
+    assert "qwen3_grouped_matmul" in text and "qwen3_gemv" not in text
+    got_w, got_e = route_in_place(xn, w, jnp.int32(1), k, True, interpret=True)
+    want_w, want_e = route(xn.materialize(), w[1], k, True)
+    np.testing.assert_array_equal(np.asarray(got_e), np.asarray(want_e))
+    np.testing.assert_allclose(np.asarray(got_w), np.asarray(want_w), rtol=2e-6, atol=1e-7)
+    assert list(np.asarray(got_e[1, :2])) == [2, 9]
+    monkeypatch.setattr(router, "LOGITS", "gemv")
+    if n <= router.ROUTE_MAX_ROWS:
+        gemv_w, gemv_e = route_in_place(xn, w, jnp.int32(1), k, True, interpret=True)
+        np.testing.assert_array_equal(np.asarray(gemv_e), np.asarray(got_e))
+        np.testing.assert_allclose(np.asarray(gemv_w), np.asarray(got_w), rtol=2e-6, atol=1e-7)
+    else:
+        assert route_in_place(xn, w, jnp.int32(1), k, True) is None   # past the gemv's 64 rows
+
+
+def test_topk_row_block_keeps_the_programs_up():
+    assert [router.topk_row_block(n) for n in (1, 16, 64, 128, 256, 1024, 4096)] == [1, 1, 1, 2, 4, 16, 16]
 
 
 def test_model_moe_routes_with_the_kernels(monkeypatch):

@@ -6,6 +6,7 @@ dequantized tile by tile in registers (never materialized in memory).
 
 Shapes (G groups, K in, N out, R = NB * bm rows):
   x [R, K] bf16/f16, groups [NB] int32 in [-1, G) (-1: block skipped, its rows left unwritten),
+  or [1]: every block reads group groups[0] (one weight for all rows: the router's logits),
   weights: 1 array [G, K, N] -> float32 [R, N]; or 2 (gate, up) -> silu(x@W0) * (x@W1) in x's
   dtype (the MoE hidden activation, as the reference computes it from float32 products).
   k_splits=S (not a pair): S programs per tile split the K steps, -> float32 partial sums
@@ -15,6 +16,12 @@ Shapes (G groups, K in, N out, R = NB * bm rows):
   float32 output; the grid's column tiles run over all of them, one launch for the three.
   With w_nk the weights are stored [G, N, K] (the checkpoint's [out, in]); scales never swap.
   scales: None or per weight float32, layout "k" [G, ceil(K/block), N] or "n" [G, K, ceil(N/block)].
+
+rows [R] int32 (optional; longer is fine, the rest unread): x is [N, K] and padded row r reads
+x[rows[r]], gathered in the kernel (no [R, K] copy of x in memory). block_valid [NB] int32 (optional): only the first
+block_valid[b] rows of block b are real; the rest are not stored (their results are never read,
+so a down projection writes only its real rows) and, with rows, read x row 0 (rows[] holds
+anything there: moe_blocks.route_blocks leaves pad rows unwritten).
 
 Numerics: float32 accumulation. Layout "k" multiplies the exactly converted FP8 tile product by
 its per-column scale after each K block (more precise than dequantize-then-round); layout "n"
@@ -67,7 +74,7 @@ F16_SCALE_PRE = 1024.0   # keeps an FP8 block scale a normal f16 number (module 
                                              "k_splits", "concat", "interpret"))
 def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", block=128, bn=64, bk=64,
                    num_warps=4, num_stages=3, convert="cast", w_nk=False, w_lhs=False, x_scales=None,
-                   quantize_out=False, k_splits=1, concat=False, interpret=None):
+                   quantize_out=False, k_splits=1, concat=False, rows=None, block_valid=None, interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
@@ -84,12 +91,18 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
         raise ValueError("w_lhs=True (the weight as the MMA's left operand) needs weights stored [G, N, K] (w_nk=True)")
     # x tile [bm, bk] against the weight tile as stored; w_lhs: weight tile [bn, bk] against x's
     dims = (((1,), (1,)), ((), ())) if w_nk else (((1,), (0,)), ((), ()))
-    r_count = x_rk.shape[0]
-    nb = groups_b.shape[0]
+    gathered = rows is not None
+    r_count = rows.shape[0] if gathered else x_rk.shape[0]
+    nb = groups_b.shape[0] if groups_b.shape[0] > 1 else r_count // bm
+    shared = groups_b.shape[0] == 1   # one group for every block
     fp8 = len(scales) > 0
     pair = len(weights) == 2 and not concat
+    if gathered and r_count > nb * bm:   # entries past the blocks are spare (route_blocks)
+        r_count = nb * bm
     if r_count != nb * bm:
-        raise ValueError(f"x has {r_count} rows, expected {nb} blocks x bm={bm}")
+        raise ValueError(f"{'rows has' if gathered else 'x has'} {r_count} rows, expected {nb} blocks x bm={bm}")
+    if block_valid is not None and block_valid.shape != (nb,):
+        raise ValueError(f"block_valid must be [{nb}] (one count per block), got {block_valid.shape}")
     if n_dim % bn or k_dim % bk:
         raise ValueError(f"grouped_matmul tiles bn={bn}, bk={bk} do not divide K={k_dim}, N={n_dim}")
     if fp8 and ((layout == "k" and block % bk) or (layout == "n" and block % bn)):
@@ -113,21 +126,41 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
     pre = F16_SCALE_PRE if fp8 and layout == "n" and mdt == jnp.float16 else 1.0
     nw = len(weights)
 
-    def kernel(groups_ref, x_ref, *refs):
+    def kernel(groups_ref, *refs):
+        if gathered:
+            rows_ref, refs = refs[0], refs[1:]
+        if block_valid is not None:
+            valid_ref, refs = refs[0], refs[1:]
+        x_ref, refs = refs[0], refs[1:]
         if a8:
             xs_ref, refs = refs[0], refs[1:]
         w_refs, s_refs = refs[:nw], refs[nw:nw + len(scales)]
         o_refs = refs[nw + len(scales):nw + len(scales) + (nw if concat else 1)]
         b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         first = split * steps   # the split's first K step
-        g = groups_ref[b]
+        g = groups_ref[0 if shared else b]
         m0 = pl.multiple_of(b * bm, bm)
+        real = None   # [bm] bool: rows of the block that are real (block_valid)
+        if block_valid is not None:
+            real = jax.lax.broadcasted_iota(jnp.int32, (bm,), 0) < valid_ref[b]
+        if gathered:
+            src = rows_ref[pl.ds(m0, bm)]
+            if real is not None:
+                src = jnp.where(real, src, 0)   # a pad row's index is whatever was left there
+
+        def x_tile(k0):
+            if not gathered:
+                return x_ref[pl.ds(m0, bm), pl.ds(k0, bk)]
+            return x_ref[src, pl.ds(k0, bk)]   # [bm, bk] gathered: each row's bk values contiguous
+
+        def x_group_scale(col):
+            return xs_ref[src, col] if gathered else xs_ref[pl.ds(m0, bm), col]
 
         def tile(ws, ss, n0):
             """float32 [bm, bn] sums of x's rows against columns n0.. of each weight in ws (scales ss)."""
             def body(t, accs):
                 k0 = pl.multiple_of((first + t) * bk, bk)
-                xt = x_ref[pl.ds(m0, bm), pl.ds(k0, bk)].astype(mdt)
+                xt = x_tile(k0).astype(mdt)
                 out = []
                 for i, (w_ref, acc) in enumerate(zip(ws, accs)):
                     if w_nk:
@@ -142,7 +175,7 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
                     def by_k(col):   # a per-K-row scale against the tile as stored
                         return col[None, :] if w_nk else col[:, None]
                     if a8:   # x's group scale per row, the weight's per column or per tile
-                        sx = xs_ref[pl.ds(m0, bm), k0 // qg]
+                        sx = x_group_scale(k0 // qg)
                         ws_ = (ss[i][g, k0 // block, pl.ds(n0, bn)] if layout == "k"
                                else ss[i][g, k0, n0 // block])
                         if layout == "k":
@@ -173,10 +206,11 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
             return accs
 
         def store(o_ref, res, n0):
-            if k_splits > 1:
-                o_ref[split, pl.ds(m0, bm), pl.ds(n0, bn)] = res
+            idx = ((split,) if k_splits > 1 else ()) + (pl.ds(m0, bm), pl.ds(n0, bn))
+            if real is not None:   # pad rows stay unwritten: nothing reads them
+                plt.store(o_ref.at[idx], res, mask=jnp.broadcast_to(real[:, None], res.shape))
             else:
-                o_ref[pl.ds(m0, bm), pl.ds(n0, bn)] = res
+                o_ref[idx] = res
 
         if concat:   # the program's tile lies in one weight: tiles [start, start + N_i / bn) are weight i's
             start = 0
@@ -200,7 +234,10 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
                 if quantize_out:   # one e4m3 group per row of this tile
                     amax = jnp.max(jnp.abs(res), axis=1)
                     hs = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
-                    refs[-1][pl.ds(m0, bm), j] = hs
+                    if real is not None:
+                        plt.store(refs[-1].at[pl.ds(m0, bm), j], hs, mask=real)
+                    else:
+                        refs[-1][pl.ds(m0, bm), j] = hs
                     res = res / hs[:, None]
                 res = res.astype(o_refs[0].dtype)
             else:
@@ -220,7 +257,9 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=_interpret() if interpret is None else interpret,
         name=("qwen3_grouped_matmul_w8a8" if a8 else "qwen3_grouped_matmul_fp8") if fp8 else "qwen3_grouped_matmul",
-    )(groups_b.astype(jnp.int32), x_rk, *((x_scales,) if a8 else ()), *weights, *scales)
+    )(groups_b.astype(jnp.int32), *((rows.astype(jnp.int32),) if gathered else ()),
+      *((block_valid.astype(jnp.int32),) if block_valid is not None else ()),
+      x_rk, *((x_scales,) if a8 else ()), *weights, *scales)
 
 
 def _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block):

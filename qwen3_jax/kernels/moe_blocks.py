@@ -3,20 +3,33 @@ each expert's run to whole blocks of `bm` rows, so a block reads exactly one exp
 
 Static sizes (jit needs them): with A = N*k assignments and E local experts, the number of
 blocks is at most A // bm + min(E, A) (each non-empty expert wastes less than one block), so
-R = NB * bm padded rows. Plain XLA, a handful of small fused ops.
+R = NB * bm padded rows.
 
-The place of each assignment in its expert's run comes from a stable argsort of the expert ids
-and gathers through the order. A sort-free rank (each assignment counting the earlier ones of
-its expert, an [A, A] comparison) was measured slower: XLA ran the comparison as a 28 us loop
-fusion a layer at batch 64 (run 112, benchmarks/NOTES.md).
+Two ways to build them:
+  expert_blocks: plain XLA. The place of each assignment in its expert's run comes from a stable
+    argsort of the expert ids and gathers through the order: at batch 64 the sort, the
+    scatters, the cumsum and the gathers are ~10 kernels a layer (run 112's profile). A
+    sort-free rank in XLA (each assignment counting the earlier ones of its expert, an [A, A]
+    comparison) was slower: a 28 us loop fusion a layer (run 112, benchmarks/NOTES.md).
+  route_blocks: one Pallas program (A <= ROUTE_BLOCKS_MAX_ASSIGNMENTS, decode and short prefill
+    chunks). Counting-sort: a pass over the assignments in chunks counts each expert's rows,
+    cumsum gives each expert's first block, a second pass ranks each assignment among its
+    expert's (the rows seen in earlier chunks + an [C, C] comparison inside its chunk) and
+    scatters its token into its padded row. It also writes each block's count of real rows
+    (grouped_matmul's block_valid) and the routing weights masked to the experts held here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from . import interpret as _interpret
 
 
 @jax.tree_util.register_dataclass
@@ -73,3 +86,124 @@ def block_rows(assignments: int, num_experts: int) -> int:
     while bm < 128 and bm < mean:
         bm *= 2
     return bm
+
+
+# route_blocks: one program walks the assignments ROUTE_CHUNK at a time; up to a 512-token
+# prefill chunk of top-8 routing. Above that XLA's sort is parallel where this is one program.
+ROUTE_BLOCKS_MAX_ASSIGNMENTS = 4096
+ROUTE_CHUNK = 64
+MAX_LOCAL_EXPERTS = 512
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RoutedBlocks:
+    """route_blocks' output. rows [R + 1] int32: the token each padded row reads (pad rows and
+    the spare last entry: never written, any value; block_valid says which rows are real); groups [NB] int32: each block's
+    weight group (local expert + offset), -1 past the last used block; block_valid [NB] int32:
+    the real rows at the start of each block (0 for unused blocks); pos [A] int32: the padded
+    row of each assignment in (token, slot) order, 0 if its expert is not held here; weights
+    [A] float32: the routing weight, 0 where the expert is not held here."""
+
+    rows: jax.Array
+    groups: jax.Array
+    block_valid: jax.Array
+    pos: jax.Array
+    weights: jax.Array
+
+
+def route_blocks_covered(assignments: int, num_experts: int) -> bool:
+    return 0 < assignments <= ROUTE_BLOCKS_MAX_ASSIGNMENTS and 0 < num_experts <= MAX_LOCAL_EXPERTS
+
+
+def route_blocks(experts_nk, weights_nk, num_experts: int, bm: int, first_expert=0, layer=0, *,
+                 groups_per_layer: int | None = None, interpret=None) -> RoutedBlocks:
+    """experts [N, k] global ids (-1 or any id outside [first, first + num_experts): not held
+    here), weights [N, k] -> RoutedBlocks for grouped_matmul over the experts [first, first +
+    num_experts), whose weights are groups offset.. with offset = layer * groups_per_layer
+    (default num_experts: experts stacked [L*E, ...]). first_expert, layer: ints or traced
+    int32 scalars, passed as they are (the multiply runs in the kernel: no XLA kernel a layer).
+    Row order within an expert's run is (token, slot) order, as expert_blocks' stable sort gives."""
+    n, k = experts_nk.shape
+    if not route_blocks_covered(n * k, num_experts):
+        raise ValueError(f"route_blocks covers up to {ROUTE_BLOCKS_MAX_ASSIGNMENTS} assignments and "
+                         f"{MAX_LOCAL_EXPERTS} local experts, got {n * k} and {num_experts}; use expert_blocks")
+    scalars = [jnp.asarray(v, jnp.int32).reshape(1) for v in (first_expert, layer)]   # reshapes: bitcasts
+    return _route_blocks(experts_nk.reshape(-1).astype(jnp.int32), weights_nk.reshape(-1).astype(jnp.float32),
+                         *scalars, k=k, num_experts=num_experts, bm=bm,
+                         per_layer=num_experts if groups_per_layer is None else groups_per_layer,
+                         interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "num_experts", "bm", "per_layer", "interpret"))
+def _route_blocks(experts_a, weights_a, first_1, layer_1, *, k, num_experts, bm, per_layer, interpret):
+    a = experts_a.shape[0]
+    e = num_experts
+    ep = 1 << max(e - 1, 0).bit_length()   # Triton blocks are powers of two; columns >= e stay empty
+    nb = num_blocks(a, e, bm)
+    c = ROUTE_CHUNK
+    chunks = pl.cdiv(a, c)
+    nbp = 1 << max(nb - 1, 0).bit_length()
+
+    def kernel(first_ref, layer_ref, e_ref, w_ref, rows_ref, groups_ref, valid_ref, pos_ref, wout_ref):
+        first, offset = first_ref[0], layer_ref[0] * per_layer
+        col = jax.lax.broadcasted_iota(jnp.int32, (c, ep), 1)
+        lane = jax.lax.broadcasted_iota(jnp.int32, (c,), 0)
+
+        def load(i):
+            """Chunk i: (assignment index [C], local expert [C] (-1 past A), held here [C], one-hot [C, E])."""
+            idx = i * c + lane
+            key = plt.load(e_ref.at[pl.ds(i * c, c)], mask=idx < a, other=-1) - first
+            here = (idx < a) & (key >= 0) & (key < e)
+            key = jnp.where(here, key, -1)
+            return idx, key, here, key[:, None] == col
+
+        def count(i, counts):
+            return counts + jnp.sum(load(i)[3].astype(jnp.int32), axis=0)
+
+        counts = jax.lax.fori_loop(0, chunks, count, jnp.zeros((ep,), jnp.int32))
+        nblk = (counts + bm - 1) // bm
+        blk_end = jnp.cumsum(nblk)
+        blk_start = blk_end - nblk
+        total = jnp.sum(nblk)
+
+        def place(i, seen):
+            idx, key, here, hot = load(i)
+            before = jnp.sum(jnp.where(hot, seen[None, :], 0), axis=1)        # seen[key]
+            start = jnp.sum(jnp.where(hot, blk_start[None, :], 0), axis=1)    # blk_start[key]
+            earlier = (key[:, None] == key[None, :]) & (lane[None, :] < lane[:, None])
+            p = start * bm + before + jnp.sum(earlier.astype(jnp.int32), axis=1)
+            live = idx < a
+            plt.store(pos_ref.at[pl.ds(i * c, c)], jnp.where(here, p, 0), mask=live)
+            w = plt.load(w_ref.at[pl.ds(i * c, c)], mask=live, other=0.0)
+            plt.store(wout_ref.at[pl.ds(i * c, c)], jnp.where(here, w, 0.0), mask=live)
+            # lanes not held here aim at the spare last entry: a masked lane of a scatter must not
+            # share an index with a live one (interpret mode stores it back as read)
+            plt.store(rows_ref.at[jnp.where(here, p, nb * bm)], idx // k, mask=here)
+            return seen + jnp.sum(hot.astype(jnp.int32), axis=0)
+
+        jax.lax.fori_loop(0, chunks, place, jnp.zeros((ep,), jnp.int32))
+
+        b = jax.lax.broadcasted_iota(jnp.int32, (nbp,), 0)
+        bcol = jax.lax.broadcasted_iota(jnp.int32, (nbp, ep), 1)
+        grp = jnp.sum((blk_end[None, :] <= b[:, None]).astype(jnp.int32), axis=1)   # the expert owning block b
+        mine = bcol == grp[:, None]
+        cnt = jnp.sum(jnp.where(mine, counts[None, :], 0), axis=1)
+        first_blk = jnp.sum(jnp.where(mine, blk_start[None, :], 0), axis=1)
+        used = b < total
+        keep = b < nb
+        plt.store(groups_ref.at[pl.ds(0, nbp)], jnp.where(used, grp + offset, -1), mask=keep)
+        plt.store(valid_ref.at[pl.ds(0, nbp)],
+                  jnp.where(used, jnp.minimum(bm, cnt - (b - first_blk) * bm), 0), mask=keep)
+
+    i32 = jnp.int32
+    out_shape = (jax.ShapeDtypeStruct((nb * bm + 1,), i32), jax.ShapeDtypeStruct((nb,), i32),
+                 jax.ShapeDtypeStruct((nb,), i32), jax.ShapeDtypeStruct((a,), i32),
+                 jax.ShapeDtypeStruct((a,), jnp.float32))
+    rows, groups, valid, pos, w = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(1,),
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+        interpret=_interpret() if interpret is None else interpret,
+        name="qwen3_route_blocks",
+    )(first_1, layer_1, experts_a, weights_a)
+    return RoutedBlocks(rows=rows, groups=groups, block_valid=valid, pos=pos, weights=w)

@@ -38,11 +38,17 @@ from ..fp8 import dequantize
 from .gemv import gemv, gemv_tiles, quantize_rows
 from .gemv_inputs import SwigluX, materialize
 from .grouped_matmul import grouped_matmul, matmul_tiles
-from .moe_blocks import block_rows, expert_blocks
+from .moe_blocks import block_rows, expert_blocks, route_blocks, route_blocks_covered
 
 # Measured crossover (benchmarks/NOTES.md, run 2): gemv while it is faster than blocks, by
 # weight kind. bf16: gemv wins to 8 tokens (64 assignments), ties at 16; FP8 wins to 16 tokens.
 GEMV_MAX_ASSIGNMENTS = {"bf16": 64, "fp8": 128}
+
+# How the blocks path builds its row blocks (moe_blocks.py): "kernel" (route_blocks: one Pallas
+# program, x gathered inside the gate/up kernel, the down writing real rows only) where it
+# covers the assignments, else "xla" (expert_blocks: argsort, scatters and an x gather).
+BLOCK_ROUTINGS = ("kernel", "xla")
+BLOCK_ROUTING = "kernel"
 
 
 def gemv_max_assignments(fp8: bool) -> int:
@@ -69,6 +75,7 @@ class ExpertArrays:
     offset: jax.Array | int = 0    # group of this layer's expert 0 (layer * num_experts)
     w_nk: bool = False
     scale_run: int | None = None
+    layer: jax.Array | int | None = None   # offset's layer, when offset = layer * num_experts
 
     @property
     def fp8(self) -> bool:
@@ -89,7 +96,7 @@ class ExpertArrays:
         s = scales or (None, None, None)
         off = 0 if layer is None else jnp.asarray(layer, jnp.int32) * e
         return cls(fold(gate), fold(up), fold(down), fold(s[0]), fold(s[1]), fold(s[2]), block, e, off, w_nk,
-                   scale_run)
+                   scale_run, None if layer is None else jnp.asarray(layer, jnp.int32))
 
 
 def supported(arrays: ExpertArrays, assignments: int) -> bool:
@@ -124,9 +131,7 @@ def moe_ffn(x_nd, weights_nk, experts_nk, arrays: ExpertArrays, first_expert=0, 
     strategy = strategy or ("gemv" if a <= gemv_max_assignments(arrays.fp8) else "blocks")
     if strategy == "gemv":
         return _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, interpret)
-    y_ad, here = _blocks_path(x_nd, experts_nk, arrays, first_expert)
-    w = jnp.where(here, weights_nk.reshape(-1), 0.0).astype(jnp.float32)
-    return jnp.sum((y_ad * w[:, None]).reshape(n, k, d), axis=1)
+    return _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert)
 
 
 def _scales(arrays, *names):
@@ -163,7 +168,7 @@ def _gemv_path(x_nd, weights_nk, experts_nk, arrays, first_expert, groups, inter
     return jnp.sum((jnp.sum(y, axis=0) * route_w.reshape(-1)[:, None]).reshape(n, k, d), axis=1)
 
 
-def _blocks_path(x_nd, experts_nk, arrays, first_expert):
+def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
     n, d = x_nd.shape
     k = experts_nk.shape[1]
     a = n * k
@@ -171,8 +176,22 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
     if arrays.fp8 and kernels.fp8_dequantized(a // arrays.num_experts, moe=True):
         arrays = _dequantized_layer(arrays, x_nd.dtype)
     bm = block_rows(a, arrays.num_experts)
-    blk = expert_blocks(experts_nk, arrays.num_experts, bm, first_expert)
-    groups = jnp.where(blk.groups >= 0, blk.groups + arrays.offset, -1)
+    if BLOCK_ROUTING == "kernel" and route_blocks_covered(a, arrays.num_experts):
+        # one routing kernel; the gate/up kernel gathers x's rows and the down writes real rows only
+        by_layer = (arrays.layer, None) if arrays.layer is not None else (arrays.offset, 1)
+        rb = route_blocks(experts_nk, weights_nk, arrays.num_experts, bm, first_expert, by_layer[0],
+                          groups_per_layer=by_layer[1])
+        groups, pos, w = rb.groups, rb.pos, rb.weights
+        gather = dict(rows=rb.rows, block_valid=rb.block_valid)
+    else:
+        blk = expert_blocks(experts_nk, arrays.num_experts, bm, first_expert)
+        groups, pos = jnp.where(blk.groups >= 0, blk.groups + arrays.offset, -1), blk.pos
+        w = jnp.where(blk.here, weights_nk.reshape(-1), 0.0).astype(jnp.float32)
+        gather = None
+
+    def rows_of(v):   # v [N, ...] -> what the gate/up kernel takes: v itself when it gathers
+        return v if gather else v[blk.rows]
+
     t1 = matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk)
     t2 = matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block, w_nk=arrays.w_nk)
     common = dict(bm=bm, block=arrays.block, w_nk=arrays.w_nk)
@@ -182,17 +201,20 @@ def _blocks_path(x_nd, experts_nk, arrays, first_expert):
         # moved); h leaves the gate/up kernel quantized in groups of its tile width, which the
         # down's K steps must divide, as they must stay inside one scale run
         xq, sx = quantize_rows(materialize(x_nd), t1["bk"])
-        xs, in1 = xq[blk.rows], dict(x_scales=sx[blk.rows], quantize_out=True)
+        xs, in1 = rows_of(xq), dict(x_scales=rows_of(sx), quantize_out=True)
         t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], arrays.scale_run or arrays.block))
     else:
         # f16 MMA (FP8 weights): x converted once here, not per tile in the kernel; h comes out f16
-        xs, in1 = materialize(x_nd).astype(jnp.float16 if t1["convert"] == "f16" else x_nd.dtype)[blk.rows], {}
+        xs, in1 = rows_of(materialize(x_nd).astype(jnp.float16 if t1["convert"] == "f16" else x_nd.dtype)), {}
     h = grouped_matmul(xs, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
-                       layout="k", **common, **t1, **in1)   # [R, F], or (e4m3 [R, F], scales) with W8A8
+                       layout="k", **common, **t1, **in1, **(gather or {}))   # [R, F], or (e4m3, scales)
     h, in2 = (h[0], dict(x_scales=h[1])) if a8 else (h, {})
-    y = grouped_matmul(h, groups, (arrays.down,), _scales(arrays, "down"), layout="n",
-                       **common, **t2, **in2)   # [R, D] f32
-    return y[blk.pos], blk.here
+    y = grouped_matmul(h, groups, (arrays.down,), _scales(arrays, "down"), layout="n", **common, **t2,
+                       **in2, **(dict(block_valid=gather["block_valid"]) if gather else {}))   # [R, D] f32
+    # a select, not a product: rows never written (pad rows, unused blocks) may hold NaN bits,
+    # and an assignment not held here points at row 0 with weight 0
+    y_ad = jnp.where(w[:, None] != 0, y[pos] * w[:, None], 0.0)
+    return jnp.sum(y_ad.reshape(n, k, d), axis=1)
 
 
 def _dequantized_layer(arrays: ExpertArrays, dtype) -> ExpertArrays:

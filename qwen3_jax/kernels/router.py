@@ -6,7 +6,12 @@ and index prep), each 1-3 us on a GPU that runs them back to back (benchmarks/NO
 profile): only fewer kernels help. Here:
   1. logits: the grouped GEMV (gemv.py) with every row's group = `layer`, so W[layer] is read
      where it lies in the stacked [L, D, E] router param (a per-layer slice handed to a custom
-     call would be copied every layer) -> float32 partials [S, N, E] over S split-K slices;
+     call would be copied every layer) -> float32 partials [S, N, E] over S split-K slices.
+     From LOGITS_MATMUL_MIN_ROWS rows (LOGITS = "matmul"), one split-K grouped matmul
+     (grouped_matmul.py, every block reading group `layer`) instead: the GEMV gives each row its
+     own programs, which read W[layer] once per row (run 112's batch-64 profile: 7.2 us a layer
+     for 64 rows, against 3.4 us for one), where the matmul's tensor-core tiles read it once per
+     block of up to 64 rows;
   2. `topk_from_partials` (below): grid over blocks of `bm` token rows; each program sums the S
      partials, softmax in float32, k rounds of (max, lowest expert index attaining it, mask it
      out), renormalize -> weights [N, k] float32, experts [N, k] int32; with `with_groups` also
@@ -19,7 +24,11 @@ float32 (the order differs from XLA's dot, so logits agree to float32 rounding, 
 softmax exp(l - max) / sum in float32; top-k over the probabilities with ties going to the lower
 expert index (as jax.lax.top_k); weights / their sum when norm_topk_prob.
 
-Coverage (else None and the caller keeps `moe.route`): N <= ROUTE_MAX_ROWS, x and W of one
+The top-k kernel takes TOPK_ROW_BLOCK rows a program, fewer when that leaves under
+TOPK_PROGRAMS programs: its k rounds of max/argmax are a chain, so 64 rows in 4 programs of 16
+took 6.3 us a layer where one row takes 2.6 (run 112).
+
+Coverage (else None and the caller keeps `moe.route`): N <= route_max_rows(), x and W of one
 dtype in bf16/f16, E a power of two in [16, 512] (Triton block dims are powers of two; 16 is
 gemv's smallest column tile), top_k <= E, and gemv tiles that divide D and E.
 """
@@ -36,6 +45,8 @@ from jax.experimental.pallas import triton as plt
 from . import KERNEL_DTYPES
 from . import interpret as _interpret
 from .gemv import gemv, gemv_tiles
+from .gemv_inputs import materialize
+from .grouped_matmul import grouped_matmul
 
 # Row limit. The GEMV gives each token row its own programs, so N rows read the router weight N
 # times (30B: 512 KiB a layer; from L2 after the first row): 32 MiB of L2 reads at N = 64, ~128 MiB
@@ -47,6 +58,16 @@ ROUTE_MAX_ROWS = 64
 MAX_EXPERTS = 512
 ROW_BLOCK = 16          # token rows per top-k program (16 x 128 float32 = 8 KiB in registers)
 
+# The logits' kernel from this many rows: "matmul" (a split-K grouped matmul reading the router
+# once per block of MATMUL_ROWS rows, up to MATMUL_MAX_ROWS rows: the decode batches) or "gemv"
+# (the GEMV for every N, up to ROUTE_MAX_ROWS). Measured in benchmarks/NOTES.md, run 119.
+LOGITS_CHOICES = ("matmul", "gemv")
+LOGITS = "matmul"
+LOGITS_MATMUL_MIN_ROWS = 17
+MATMUL_ROWS = 64
+MATMUL_MAX_ROWS = 256
+TOPK_PROGRAMS = 64      # the top-k's row block shrinks (to 1) until it has this many programs
+
 # gemv tiles for the router (over gemv.GEMV_DEFAULTS["bf16"]): at N = 1 the default split of 8
 # gives 8 programs reading 64 KiB each; 16 splits of one 128-deep K block each halve the bytes a
 # program streams (more partials: 16 x E float32 per row, read once by the top-k kernel).
@@ -57,11 +78,43 @@ def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def _by_matmul(n: int) -> bool:
+    return LOGITS == "matmul" and n >= LOGITS_MATMUL_MIN_ROWS
+
+
+def route_max_rows() -> int:
+    return MATMUL_MAX_ROWS if LOGITS == "matmul" else ROUTE_MAX_ROWS
+
+
 def covered(n: int, d: int, e: int, top_k: int, x_dtype, w_dtype) -> bool:
     """True when route_in_place handles these shapes and dtypes (see the module docstring)."""
-    return (0 < n <= ROUTE_MAX_ROWS and jnp.dtype(x_dtype) == jnp.dtype(w_dtype)
+    tiles = _matmul_tiles(d, e) if _by_matmul(n) else gemv_tiles(d, e, n, False, "k", 128, **ROUTER_GEMV)
+    return (0 < n <= route_max_rows() and jnp.dtype(x_dtype) == jnp.dtype(w_dtype)
             and jnp.dtype(x_dtype) in KERNEL_DTYPES and 16 <= e <= MAX_EXPERTS and e == _pow2(e)
-            and 0 < top_k <= e and gemv_tiles(d, e, n, False, "k", 128, **ROUTER_GEMV) is not None)
+            and 0 < top_k <= e and tiles is not None)
+
+
+def _matmul_tiles(d: int, e: int) -> dict | None:
+    """grouped_matmul tiles for the logits: all E columns in one tile up to 128, K split in
+    128-deep slices (16 programs a block of rows at D = 2048), each its own float32 partial."""
+    from . import pick_tile
+    bn, bk = pick_tile(e, 128), pick_tile(d, 128)
+    if bn is None or bk is None:
+        return None
+    return dict(bn=bn, bk=bk, k_splits=d // bk, num_warps=4, num_stages=2)
+
+
+def _logits_by_matmul(x_nd, router_lde, layer_1, interpret):
+    """float32 logit partials [S, R, E] of x [N, D] (rows padded to R, a multiple of the block)."""
+    n, d = x_nd.shape
+    bm = min(MATMUL_ROWS, max(16, _pow2(n)))
+    r = -(-n // bm) * bm
+    x = materialize(x_nd)
+    if r != n:
+        x = jnp.pad(x, ((0, r - n), (0, 0)))
+    tiles = _matmul_tiles(d, router_lde.shape[2])
+    out = grouped_matmul(x, layer_1, (router_lde,), bm=bm, layout="k", interpret=interpret, **tiles)
+    return out if tiles["k_splits"] > 1 else out[None]   # one split: [R, E] (a reshape, no copy)
 
 
 def route_in_place(x_nd, router_lde, layer, top_k: int, norm_topk_prob: bool, *, with_groups: bool = False,
@@ -77,14 +130,18 @@ def route_in_place(x_nd, router_lde, layer, top_k: int, norm_topk_prob: bool, *,
     e = router_lde.shape[2]
     if not covered(n, d, e, top_k, x_nd.dtype, router_lde.dtype):
         return None
-    tiles = gemv_tiles(d, e, n, False, "k", 128, **ROUTER_GEMV)
     layer = jnp.asarray(layer, jnp.int32)
     # One group for every row (a reshape of the scalar is a bitcast, not a broadcast kernel) and
     # rows by row_div (no index array, which would be an iota kernel).
     layer_1 = layer.reshape(1)
-    (partials,) = gemv(x_nd, n, layer_1, (router_lde,), None, row_div=1, layout="k", interpret=interpret, **tiles)
+    if _by_matmul(n):
+        partials = _logits_by_matmul(x_nd, router_lde, layer_1, interpret)
+    else:
+        tiles = gemv_tiles(d, e, n, False, "k", 128, **ROUTER_GEMV)
+        (partials,) = gemv(x_nd, n, layer_1, (router_lde,), None, row_div=1, layout="k", interpret=interpret,
+                           **tiles)
     out = topk_from_partials(partials, layer_1 if with_groups else None, top_k=top_k,
-                             norm_topk_prob=norm_topk_prob, interpret=interpret)
+                             norm_topk_prob=norm_topk_prob, rows=n, interpret=interpret)
     if with_groups:
         w, ex, g = out
         return w, ex, g.reshape(n * top_k)     # row-major [N, k] -> [N*k]: a bitcast, no kernel
@@ -97,19 +154,30 @@ def _num_warps(bm: int, e: int) -> int:
     return max(1, min(4, bm * e // 512))
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "norm_topk_prob", "row_block", "interpret"))
+def topk_row_block(n: int) -> int:
+    """Rows per top-k program for N rows: ROW_BLOCK, halved (to 1) while that leaves fewer than
+    TOPK_PROGRAMS programs."""
+    bm = min(_pow2(ROW_BLOCK), _pow2(n))
+    while bm > 1 and -(-n // bm) < TOPK_PROGRAMS:
+        bm //= 2
+    return bm
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "norm_topk_prob", "row_block", "rows", "interpret"))
 def topk_from_partials(partials_sne, layer_1=None, *, top_k: int, norm_topk_prob: bool,
-                       row_block: int = ROW_BLOCK, interpret=None):
-    """float32 logit partials [S, N, E] (E a power of two) -> softmax top-k: (weights [N, k]
-    float32, experts [N, k] int32), ties to the lower expert index, renormalized when
-    `norm_topk_prob`. Rows past N in the last block are masked on load and store.
+                       row_block: int | None = None, rows: int | None = None, interpret=None):
+    """float32 logit partials [S, N', E] (E a power of two) -> softmax top-k of the first N =
+    `rows` (default N') rows: (weights [N, k] float32, experts [N, k] int32), ties to the lower
+    expert index, renormalized when `norm_topk_prob`. Rows past N in the last block are masked
+    on load and store. row_block: rows per program (default topk_row_block(N)).
     layer_1 [1] int32 (optional): a third output, groups [N, k] int32 = experts + layer * E (the
     multiply is done here, so the caller passes the layer index as it is: no XLA kernel)."""
     s_count, n, e = partials_sne.shape
+    n = n if rows is None else rows
     if e != _pow2(e) or not 0 < top_k <= e:
         raise ValueError(f"topk_from_partials needs E a power of two and 0 < top_k <= E, got E={e}, "
                          f"top_k={top_k}; use moe.route for these shapes")
-    bm = min(_pow2(row_block), _pow2(n))
+    bm = topk_row_block(n) if row_block is None else min(_pow2(row_block), _pow2(n))
     kp = _pow2(top_k)   # the output tile is a power of two wide; columns >= top_k are not stored
 
     with_groups = layer_1 is not None
