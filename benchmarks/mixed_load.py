@@ -3,11 +3,12 @@ requests against long prompts' time to first token (TTFT) and throughput, per
 `Engine(chunked_prefill_size=...)`, one process.
 
 Random weights of a preset's shapes (serve.bench's configs), built once; token-id prompts,
-greedy, ignore_eos. For each chunk size, a fresh Engine on that model:
+greedy, ignore_eos. For each chunk size, a fresh Engine on that model, and on it, for each
+--gap-ms:
 
     1. D decoders (short prompts, max_tokens = all the context left) start; once each has
        --solo-tokens tokens, their gaps so far give the ITL of decode alone (the "alone" column);
-    2. at t0, P long prompts (--prompt tokens, --long-tokens each) arrive --gap-ms apart (0: at
+    2. at t0, P long prompts (--prompt tokens, --long-tokens each) arrive gap ms apart (0: at
        once) while the decoders keep decoding; t_end = the last long prompt's last token;
     3. the decoders are cancelled.
 
@@ -15,13 +16,16 @@ Figures (times are when the engine hands a token to its consumer, as a streaming
 it, on the scheduler thread): ITL median / p99 / max over the decoders' gaps ending in
 (t0, t_end]; TTFT median of the long prompts (first token - submission, queueing included);
 tokens/s = (the long prompts' prompt + generated tokens + the decoders' tokens in
-(t0, t_end]) / (t_end - t0). The first chunk size is the baseline every row is divided by.
+(t0, t_end]) / (t_end - t0). Each row is also divided by the first chunk size's (the baseline,
+same run); that size given again last gives the run-to-run noise of those ratios.
 
 The engine prefills up to one chunk between two decode steps, so a decoder's gap is a decode
-step plus the chunk that ran before it: larger chunks cost fewer, longer stalls.
+step plus the chunk that ran before it: larger chunks cost fewer, longer stalls. Spaced
+arrivals (1000 ms for 8k prompts) leave the engine idle between prompts: latency; at once,
+the prompts queue: prefill throughput and TTFT with queueing.
 
-    python benchmarks/mixed_load.py --model Qwen3-30B-A3B-FP8 --context 10240 --decoders 16 --prompt 8192 --arrivals 4 --gap-ms 1000 --chunk-sizes 512,1024,2048 --compilation-cache /tmp/qwen3-xla
-    python benchmarks/mixed_load.py --model tiny --context 256 --decoders 2 --prompt 96 --arrivals 2 --gap-ms 0 --chunk-sizes 32,128 --solo-tokens 4 --long-tokens 4 --compilation-cache off   # CPU: works
+    python benchmarks/mixed_load.py --model Qwen3-30B-A3B-FP8 --context 10240 --decoders 16 --prompt 8192 --arrivals 4 --gap-ms 1000,0 --chunk-sizes 512,1024,2048,512 --compilation-cache /tmp/qwen3-xla
+    python benchmarks/mixed_load.py --model tiny --context 256 --decoders 2 --decoder-prompt 16 --prompt 96 --arrivals 2 --gap-ms 30,0 --chunk-sizes 32,128 --solo-tokens 4 --long-tokens 4 --compilation-cache off   # CPU: works
 
 Each fresh Engine compiles its steps again; with --compilation-cache (JAX's persistent cache, as
 `python -m serve` uses it) the second and later engines load every step but their new top

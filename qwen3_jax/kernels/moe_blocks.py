@@ -11,12 +11,15 @@ Two ways to build them:
     scatters, the cumsum and the gathers are ~10 kernels a layer (run 112's profile). A
     sort-free rank in XLA (each assignment counting the earlier ones of its expert, an [A, A]
     comparison) was slower: a 28 us loop fusion a layer (run 112, benchmarks/NOTES.md).
-  route_blocks: one Pallas program (A <= ROUTE_BLOCKS_MAX_ASSIGNMENTS, decode and short prefill
-    chunks). Counting-sort: a pass over the assignments in chunks counts each expert's rows,
-    cumsum gives each expert's first block, a second pass ranks each assignment among its
-    expert's (the rows seen in earlier chunks + an [C, C] comparison inside its chunk) and
-    scatters its token into its padded row. It also writes each block's count of real rows
-    (grouped_matmul's block_valid) and the routing weights masked to the experts held here.
+  route_blocks: two Pallas kernels, a counting sort over chunks of ROUTE_CHUNK assignments
+    (A <= ROUTE_BLOCKS_MAX_ASSIGNMENTS: decode batches and the engine's prefill chunks). The
+    first writes each chunk's rows per expert (a program a chunk); the second (a program a
+    chunk) sums them into each expert's count and the counts of the chunks before its own,
+    cumsums the blocks, ranks each of its assignments among its expert's (earlier chunks + an
+    [C, C] comparison inside the chunk) and scatters its token into its padded row; the same
+    programs write each block's expert and count of real rows (grouped_matmul's block_valid)
+    and the routing weights masked to the experts held here. One program walking every chunk
+    in turn cost 86 us a layer at batch 64 (run 119): the walk is a chain of ~1.7 us steps.
 """
 
 from __future__ import annotations
@@ -88,8 +91,8 @@ def block_rows(assignments: int, num_experts: int) -> int:
     return bm
 
 
-# route_blocks: one program walks the assignments ROUTE_CHUNK at a time; up to a 512-token
-# prefill chunk of top-8 routing. Above that XLA's sort is parallel where this is one program.
+# route_blocks: up to a 512-token prefill chunk of top-8 routing (each program of the second
+# kernel reads the whole [A / ROUTE_CHUNK, E] histogram).
 ROUTE_BLOCKS_MAX_ASSIGNMENTS = 4096
 ROUTE_CHUNK = 64
 MAX_LOCAL_EXPERTS = 512
@@ -139,71 +142,80 @@ def route_blocks(experts_nk, weights_nk, num_experts: int, bm: int, first_expert
 def _route_blocks(experts_a, weights_a, first_1, layer_1, *, k, num_experts, bm, per_layer, interpret):
     a = experts_a.shape[0]
     e = num_experts
-    ep = 1 << max(e - 1, 0).bit_length()   # Triton blocks are powers of two; columns >= e stay empty
+    ep = _pow2(e)   # Triton blocks are powers of two; columns >= e stay empty
     nb = num_blocks(a, e, bm)
     c = ROUTE_CHUNK
     chunks = pl.cdiv(a, c)
-    nbp = 1 << max(nb - 1, 0).bit_length()
+    cp = _pow2(chunks)
+    lane = functools.partial(jax.lax.broadcasted_iota, jnp.int32)
+    params = plt.CompilerParams(num_warps=4, num_stages=1)
+    interpret = _interpret() if interpret is None else interpret
 
-    def kernel(first_ref, layer_ref, e_ref, w_ref, rows_ref, groups_ref, valid_ref, pos_ref, wout_ref):
+    def chunk_keys(e_ref, first, i):
+        """Chunk i: (assignment index [C], local expert [C] (-1: not here or past A), one-hot [C, E])."""
+        idx = i * c + lane((c,), 0)
+        key = plt.load(e_ref.at[pl.ds(i * c, c)], mask=idx < a, other=-1) - first
+        key = jnp.where((idx < a) & (key >= 0) & (key < e), key, -1)
+        return idx, key, key[:, None] == lane((c, ep), 1)
+
+    def histogram(first_ref, e_ref, hist_ref):   # program i: chunk i's rows per expert
+        i = pl.program_id(0)
+        hist_ref[i, :] = jnp.sum(chunk_keys(e_ref, first_ref[0], i)[2].astype(jnp.int32), axis=0)
+
+    hist = pl.pallas_call(
+        histogram, out_shape=jax.ShapeDtypeStruct((chunks, ep), jnp.int32), grid=(chunks,),
+        compiler_params=params, interpret=interpret, name="qwen3_route_histogram",
+    )(first_1, experts_a)
+
+    def place(first_ref, layer_ref, e_ref, w_ref, hist_ref, rows_ref, groups_ref, valid_ref, pos_ref, wout_ref):
+        i = pl.program_id(0)
         first, offset = first_ref[0], layer_ref[0] * per_layer
-        col = jax.lax.broadcasted_iota(jnp.int32, (c, ep), 1)
-        lane = jax.lax.broadcasted_iota(jnp.int32, (c,), 0)
-
-        def load(i):
-            """Chunk i: (assignment index [C], local expert [C] (-1 past A), held here [C], one-hot [C, E])."""
-            idx = i * c + lane
-            key = plt.load(e_ref.at[pl.ds(i * c, c)], mask=idx < a, other=-1) - first
-            here = (idx < a) & (key >= 0) & (key < e)
-            key = jnp.where(here, key, -1)
-            return idx, key, here, key[:, None] == col
-
-        def count(i, counts):
-            return counts + jnp.sum(load(i)[3].astype(jnp.int32), axis=0)
-
-        counts = jax.lax.fori_loop(0, chunks, count, jnp.zeros((ep,), jnp.int32))
+        rows_i = lane((cp, ep), 0)
+        h = plt.load(hist_ref.at[pl.ds(0, cp), :], mask=rows_i < chunks, other=0)   # [chunks, E]
+        counts = jnp.sum(h, axis=0)
         nblk = (counts + bm - 1) // bm
         blk_end = jnp.cumsum(nblk)
         blk_start = blk_end - nblk
-        total = jnp.sum(nblk)
 
-        def place(i, seen):
-            idx, key, here, hot = load(i)
+        @pl.when(i < chunks)
+        def _assignments():   # this chunk's rows: rank = earlier chunks' + earlier in this chunk
+            idx, key, hot = chunk_keys(e_ref, first, i)
+            seen = jnp.sum(jnp.where(rows_i < i, h, 0), axis=0)
             before = jnp.sum(jnp.where(hot, seen[None, :], 0), axis=1)        # seen[key]
             start = jnp.sum(jnp.where(hot, blk_start[None, :], 0), axis=1)    # blk_start[key]
-            earlier = (key[:, None] == key[None, :]) & (lane[None, :] < lane[:, None])
+            j = lane((c,), 0)
+            earlier = (key[:, None] == key[None, :]) & (j[None, :] < j[:, None])
             p = start * bm + before + jnp.sum(earlier.astype(jnp.int32), axis=1)
-            live = idx < a
+            here, live = key >= 0, idx < a
             plt.store(pos_ref.at[pl.ds(i * c, c)], jnp.where(here, p, 0), mask=live)
             w = plt.load(w_ref.at[pl.ds(i * c, c)], mask=live, other=0.0)
             plt.store(wout_ref.at[pl.ds(i * c, c)], jnp.where(here, w, 0.0), mask=live)
             # lanes not held here aim at the spare last entry: a masked lane of a scatter must not
             # share an index with a live one (interpret mode stores it back as read)
             plt.store(rows_ref.at[jnp.where(here, p, nb * bm)], idx // k, mask=here)
-            return seen + jnp.sum(hot.astype(jnp.int32), axis=0)
 
-        jax.lax.fori_loop(0, chunks, place, jnp.zeros((ep,), jnp.int32))
-
-        b = jax.lax.broadcasted_iota(jnp.int32, (nbp,), 0)
-        bcol = jax.lax.broadcasted_iota(jnp.int32, (nbp, ep), 1)
-        grp = jnp.sum((blk_end[None, :] <= b[:, None]).astype(jnp.int32), axis=1)   # the expert owning block b
-        mine = bcol == grp[:, None]
-        cnt = jnp.sum(jnp.where(mine, counts[None, :], 0), axis=1)
-        first_blk = jnp.sum(jnp.where(mine, blk_start[None, :], 0), axis=1)
-        used = b < total
-        keep = b < nb
-        plt.store(groups_ref.at[pl.ds(0, nbp)], jnp.where(used, grp + offset, -1), mask=keep)
-        plt.store(valid_ref.at[pl.ds(0, nbp)],
-                  jnp.where(used, jnp.minimum(bm, cnt - (b - first_blk) * bm), 0), mask=keep)
+        @pl.when(i * c < nb)
+        def _blocks():   # blocks i*C..: the expert owning each, its real rows
+            b = i * c + lane((c,), 0)
+            grp = jnp.sum((blk_end[None, :] <= b[:, None]).astype(jnp.int32), axis=1)
+            mine = lane((c, ep), 1) == grp[:, None]
+            cnt = jnp.sum(jnp.where(mine, counts[None, :], 0), axis=1)
+            first_blk = jnp.sum(jnp.where(mine, blk_start[None, :], 0), axis=1)
+            used, keep = b < jnp.sum(nblk), b < nb
+            plt.store(groups_ref.at[pl.ds(i * c, c)], jnp.where(used, grp + offset, -1), mask=keep)
+            plt.store(valid_ref.at[pl.ds(i * c, c)],
+                      jnp.where(used, jnp.minimum(bm, cnt - (b - first_blk) * bm), 0), mask=keep)
 
     i32 = jnp.int32
     out_shape = (jax.ShapeDtypeStruct((nb * bm + 1,), i32), jax.ShapeDtypeStruct((nb,), i32),
                  jax.ShapeDtypeStruct((nb,), i32), jax.ShapeDtypeStruct((a,), i32),
                  jax.ShapeDtypeStruct((a,), jnp.float32))
     rows, groups, valid, pos, w = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(1,),
-        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
-        interpret=_interpret() if interpret is None else interpret,
-        name="qwen3_route_blocks",
-    )(first_1, layer_1, experts_a, weights_a)
+        place, out_shape=out_shape, grid=(max(chunks, pl.cdiv(nb, c)),),
+        compiler_params=params, interpret=interpret, name="qwen3_route_blocks",
+    )(first_1, layer_1, experts_a, weights_a, hist)
     return RoutedBlocks(rows=rows, groups=groups, block_valid=valid, pos=pos, weights=w)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
