@@ -63,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most requests waiting for a slot; more are refused with HTTP 503")
     p.add_argument("--context-length", metavar="TOKENS", type=int, default=None,
                    help="longest prompt + completion per request, in tokens; default: the model's max_position_embeddings")
-    p.add_argument("--chunked-prefill-size", metavar="TOKENS", type=int, default=512,
-                   help="longest prompt piece prefilled in one step (longer prompts go in chunks); bounds compiles and memory")
+    p.add_argument("--chunked-prefill-size", metavar="TOKENS", type=chunk_size, default="auto",
+                   help="longest prompt piece prefilled in one step (longer prompts go in chunks); bounds compiles and "
+                        "memory. auto (default): 2048 or 1024 where the memory plan's workspace for it costs at most "
+                        "10%% of the KV cache of 512 (long prompts' first token sooner, running requests paused "
+                        "longer), else 512; 512 without a plan (CPU)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                    help="compute dtype of weights and KV cache (FP8 checkpoints keep FP8 weights)")
     p.add_argument("--served-model-name", metavar="NAME", default=None,
@@ -133,6 +136,28 @@ def check_port(host: str, port: int):
             raise SystemExit(f"error: cannot listen on {host}:{port} ({e.strerror}); pass another --port")
 
 
+def chunk_size(text: str):
+    """--chunked-prefill-size: 'auto' or a positive token count."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count; pass a positive integer (e.g. 2048) or auto")
+    return n
+
+
+def resolved_chunk_size(args, plan=None) -> int:
+    """The chunk size to run: the one given, else the plan's choice, else (no plan) the base."""
+    from sharding.memory import AUTO_CHUNK_BASE
+
+    if args.chunked_prefill_size != "auto":
+        return args.chunked_prefill_size
+    return plan.chunked_prefill_size if plan is not None else AUTO_CHUNK_BASE
+
+
 def _memory_plan(args, cfg, spec):
     """The memory planner's plan for this device (sharding/memory.py), or None on CPU.
 
@@ -142,7 +167,7 @@ def _memory_plan(args, cfg, spec):
     import jax
 
     try:
-        from sharding.memory import plan_memory
+        from sharding.memory import plan_memory, plan_memory_auto_chunk
 
         from .dry_run import ENGINE_STEPS
     except ImportError:  # no planner: capacity.py sizes the cache from memory_stats() instead
@@ -153,10 +178,12 @@ def _memory_plan(args, cfg, spec):
         stats = None
     if not stats or "bytes_limit" not in stats:
         return None
-    return plan_memory(cfg, spec, device_memory_bytes=int(stats["bytes_limit"]),
-                       mem_fraction_static=args.mem_fraction_static, context_length=args.context_length,
-                       max_running_requests=args.max_running_requests,
-                       chunked_prefill_size=args.chunked_prefill_size, dtype=args.dtype, steps=ENGINE_STEPS)
+    kw = dict(device_memory_bytes=int(stats["bytes_limit"]), mem_fraction_static=args.mem_fraction_static,
+              context_length=args.context_length, max_running_requests=args.max_running_requests,
+              dtype=args.dtype, steps=ENGINE_STEPS)
+    if args.chunked_prefill_size == "auto":
+        return plan_memory_auto_chunk(cfg, spec, **kw)
+    return plan_memory(cfg, spec, chunked_prefill_size=args.chunked_prefill_size, **kw)
 
 
 def main(argv=None) -> int:
@@ -263,7 +290,7 @@ def _serve(args, watchdog=None) -> int:
                         max_running_requests=max_running,
                         mem_fraction_static=args.mem_fraction_static, kv_cache_tokens=kv_tokens,
                         max_queued_requests=args.max_queued_requests,
-                        chunked_prefill_size=args.chunked_prefill_size,
+                        chunked_prefill_size=resolved_chunk_size(args, plan),
                         decode_batch_sizes=args.decode_batch_sizes, overlap=not args.disable_overlap_schedule,
                         prefix_caching=not args.disable_prefix_caching)
     except (CapacityError, ValueError) as e:

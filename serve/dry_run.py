@@ -15,6 +15,7 @@ Also runs on its own: `python -m serve.dry_run --model ... --mesh ... --device-m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -132,22 +133,24 @@ def run(args) -> int:
     n = spec.num_devices
     devices = force_cpu(min(max(2 * n, 16), 64))  # room for the larger meshes suggestions try
 
-    from sharding.memory import DEFAULT_MEM_FRACTION_STATIC, format_sweep, plan_memory, sweep
+    from sharding.memory import (AUTO_CHUNK_BASE, DEFAULT_MEM_FRACTION_STATIC, format_sweep, plan_memory,
+                                 plan_memory_auto_chunk, sweep)
 
     kw = dict(device_memory_bytes=limit, mem_fraction_static=getattr(args, "mem_fraction_static", DEFAULT_MEM_FRACTION_STATIC),
               context_length=getattr(args, "context_length", None),
               max_running_requests=getattr(args, "max_running_requests", None),
-              chunked_prefill_size=getattr(args, "chunked_prefill_size", None) or 512,
               dtype=getattr(args, "dtype", "bfloat16"), steps=ENGINE_STEPS, devices=devices)
+    chunk = getattr(args, "chunked_prefill_size", None) or "auto"
+    plan_one = plan_memory_auto_chunk if chunk == "auto" else functools.partial(plan_memory, chunked_prefill_size=chunk)
     try:
         if getattr(args, "sweep", False):
-            plans = sweep(cfg, n, **kw)
+            plans = sweep(cfg, n, chunked_prefill_size=AUTO_CHUNK_BASE if chunk == "auto" else chunk, **kw)
             if getattr(args, "json", False):
                 print(json.dumps([p.to_json() for p in plans], indent=2))
             else:
                 print(format_sweep(plans))
             return 0 if any(p.fits for p in plans) else 1
-        plan = plan_memory(cfg, spec, **kw)
+        plan = plan_one(cfg, spec, **kw)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -48,6 +48,19 @@ def test_decode_batch_sizes_flag(capsys):
         assert "is not a list of positive batch sizes; write e.g. 1,2,4,8" in capsys.readouterr().err
 
 
+def test_chunked_prefill_size_flag(capsys):
+    from serve.cli import resolved_chunk_size
+    from sharding.memory import AUTO_CHUNK_BASE
+
+    args = build_parser().parse_args([])
+    assert args.chunked_prefill_size == "auto" and resolved_chunk_size(args) == AUTO_CHUNK_BASE == 512   # no plan
+    assert resolved_chunk_size(build_parser().parse_args(["--chunked-prefill-size", "1024"])) == 1024
+    for bad in ("0", "-5", "big"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--chunked-prefill-size", bad])
+        assert "is not a token count; pass a positive integer (e.g. 2048) or auto" in capsys.readouterr().err
+
+
 def test_bad_mesh_is_refused_with_a_way_out():
     r = run("--mesh", "tp=3", "--port", "0")
     assert r.returncode == 2
