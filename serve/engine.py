@@ -45,10 +45,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import logging
 import math
+import os
 import queue
 import random
 import threading
@@ -427,6 +429,7 @@ class Engine:
             dst, cache = copy(carry[0], src_1[0], dst_1[0])
             return dst, (cache, *carry[1:])
 
+        self._forwards = (prefill_forward, forwards)   # the compiles warmup() runs side by side
         steps = {"copy": copy_slot}
         for variant in STEP_VARIANTS:
             steps.update({f"prefill/{m}{variant}": prefill(m, variant) for m in SAMPLING_MODES})
@@ -447,13 +450,44 @@ class Engine:
             return ids
         return self._channel.follow(run)
 
+    # Threads compiling the model's forwards side by side at warm-up (1: one after another as the
+    # steps first run). XLA's compile runs outside Python's lock; tracing and lowering take turns.
+    COMPILE_THREADS = min(8, os.cpu_count() or 1)
+
+    def _compile_forwards(self, threads: int, bar) -> int:
+        """Compile every prefill bucket's and every (KV window, decode batch size)'s forward, `threads`
+        at a time, ahead of their first run: jit reuses an executable compiled from the same
+        lowering, so the warm-up's runs below find them compiled. -> how many were compiled."""
+        prefill_forward, forwards = self._forwards
+        state, (cache, last, _) = self.model.state, self._carry
+        zeros = functools.partial(np.zeros, dtype=np.int32)
+        jobs = [functools.partial(prefill_forward.lower, state, cache, zeros((1, t)), zeros((1, t)), zeros(1), zeros(1))
+                for t in self.buckets]
+        for b in self.decode_batch_sizes:
+            rows = () if b == self.num_slots else (zeros(b),)   # as decode's step passes them
+            jobs += [functools.partial(forwards[w].lower, state, cache, last, zeros(b), *rows) for w in self.windows]
+
+        def compile_one(lower):
+            lower().compile()
+            bar.update(1)
+        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="qwen3-compile") as pool:
+            for f in [pool.submit(compile_one, job) for job in jobs]:
+                f.result()   # a failed compile raises here, as it would at its first run
+        return len(jobs)
+
     def warmup(self, progress: bool = True):
         """Compile every prefill bucket, each decode batch size at each KV window, and the samplers
-        (SAMPLING_MODES) at each of those batch sizes now, so no request waits for XLA."""
+        (SAMPLING_MODES) at each of those batch sizes now, so no request waits for XLA. The
+        forwards compile COMPILE_THREADS at a time first; then each step runs once."""
         t0 = time.perf_counter()
-        bar = progress_bar(len(self.buckets) + len(self.windows) * len(self.decode_batch_sizes)
+        forwards = len(self.buckets) + len(self.windows) * len(self.decode_batch_sizes)
+        threads = max(1, self.COMPILE_THREADS) if jax.process_count() == 1 else 1
+        bar = progress_bar(forwards * (2 if threads > 1 else 1)
                            + (len(SAMPLING_MODES) - 1) * (1 + len(self.decode_batch_sizes)), "compiling", "step",
                            progress)
+        if threads > 1:
+            self._compile_forwards(threads, bar)
+            log.debug("compiled %d forwards on %d threads in %.1fs", forwards, threads, time.perf_counter() - t0)
         s = self.context_length
         for t in self.buckets:   # positions S: the writes are dropped
             ids = self._prefill_call(np.zeros((1, t), np.int32), np.full((1, t), s, np.int32), 0, 0)
@@ -478,8 +512,9 @@ class Engine:
                 bar.update(1)
         bar.close()
         log.info("compiled %d prefill buckets %s and the decode step (%d slots, batch sizes %s, KV windows %s, "
-                 "samplers %s) in %.1fs", len(self.buckets), self.buckets, self.num_slots, self.decode_batch_sizes,
-                 self.windows, "/".join(SAMPLING_MODES), time.perf_counter() - t0)
+                 "samplers %s) in %.1fs (%d compile thread%s)", len(self.buckets), self.buckets, self.num_slots,
+                 self.decode_batch_sizes, self.windows, "/".join(SAMPLING_MODES), time.perf_counter() - t0, threads,
+                 "s" if threads > 1 else "")
 
     # -- submission (any thread) -------------------------------------------------------------
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:

@@ -219,6 +219,31 @@ def test_decode_batch_sizes_rule():
     assert pick(16, [16], dp=2) == [16]
 
 
+def test_warmup_compiles_each_forward_once_on_threads(ckpt, monkeypatch, caplog):
+    """Engine.COMPILE_THREADS: the warm-up compiles the prefill buckets' and the (KV window, batch
+    size) forwards side by side first; the steps' first runs then reuse those executables. Each
+    forward compiles exactly once (a lowering that differed from the step's call, e.g. an input
+    of another dtype, would compile it twice)."""
+    import logging
+
+    monkeypatch.setattr(Engine, "COMPILE_THREADS", 2)
+    caplog.set_level(logging.WARNING, logger="jax")
+    jax.config.update("jax_log_compiles", True)   # the global flag: the context manager's is per thread
+    try:
+        eng = Engine(ckpt, dtype="float32", context_length=512, max_running_requests=4, chunked_prefill_size=64,
+                     decode_batch_sizes=[1, 2], progress=False)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    try:
+        names = [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling ")]
+        assert names.count("Compiling jit(_prefill_forward)") == len(eng.buckets) == 2
+        assert names.count("Compiling jit(_decode_forward)") == len(eng.windows) * len(eng.decode_batch_sizes) > 2
+        out = eng.generate([1, 2, 3], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+        assert len(out.token_ids) == 4
+    finally:
+        eng.shutdown()
+
+
 def test_small_decode_batches_give_the_full_batchs_tokens(ckpt, engine):
     """decode_batch_sizes [1, 2] on 4 slots: one request decodes at batch 1, two at batch 2
     (their slots handed to the step), three at the full 4; greedy tokens equal the one-shape
