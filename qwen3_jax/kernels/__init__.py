@@ -9,7 +9,7 @@ slice handed to a custom call would be copied first), and fuse the FP8 block deq
 Files: gemv.py (one output row per program: decode), gemv_inputs.py (what a gemv can finish in
 its x load: a norm, the swiglu), grouped_matmul.py (row blocks of one
 group each, tensor cores: prefill and large decode batches), moe_blocks.py (routing -> row
-blocks), moe_ffn.py (the MoE expert FFN on either kernel), linear.py (projections read in
+blocks: a counting sort in two kernels, or XLA's argsort), moe_ffn.py (the MoE expert FFN on either kernel), linear.py (projections read in
 place, FP8 fused), prefill_attention.py (cuDNN fused attention for prompts from position 0; a chunk
 continuing a cached prompt against the cache, read in place),
 decode_attention.py (one new token per row against the KV cache, read in place, the key
@@ -19,7 +19,8 @@ prefill), fp8_dot.py (how an e4m3 x e4m3 dot accumulates on the tensor cores),
 index_width.py (int64 offsets for one-byte arrays of 2-4 GiB, which Pallas indexes wrongly),
 qk_prologue.py (decode: q/k norm + RoPE + q padding in one kernel, where the attention
 kernel does not take them itself),
-router.py (MoE routing at decode: router logits read in place, softmax + top-k fused),
+router.py (MoE routing at decode: router logits read in place by a gemv, or from 17 rows a
+split-K grouped matmul; softmax + top-k fused),
 sharded.py (the same kernels per device under shard_map on a mesh), tune.py (microbenchmarks
 and the tile sweep).
 
