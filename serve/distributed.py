@@ -57,7 +57,7 @@ _HELLO = struct.Struct("!4sIQ")  # magic, rank, token
 _BEAT, _BYE = b".", b"B"
 
 # Step messages: [step id, sequence number, array count, per array (dtype, ndim, d0, d1, d2)] + payload.
-MAX_ARRAYS = 16            # the engine's largest: a prompt-logprobs prefill with penalties, 14
+MAX_ARRAYS = 16            # the engine's largest: a prompt-logprobs prefill with penalties and a mask, 15
 HEADER = 96                # int32s, >= 3 + 5 * MAX_ARRAYS
 STOP, NOOP = 0, 1           # step ids from 2 on name the engine's steps (sorted by name)
 _DTYPES = (np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.uint32))
@@ -480,12 +480,13 @@ class StepChannel:
             steps += 1
 
 
-def engine_capacity(num_slots: int, max_bucket: int, context_length: int) -> int:
-    """int32s of inputs the engine's largest step carries (see StepChannel)."""
+def engine_capacity(num_slots: int, max_bucket: int, context_length: int, mask_words: int = 0) -> int:
+    """int32s of inputs the engine's largest step carries (see StepChannel); mask_words: a
+    structured-output mask row's int32 words (ceil(V / 32))."""
     # tokens, positions, prompt-logprob targets [1, T]; slot, logits_at, 8 sampling scalars (5 + 3
-    # penalties); the prompt ids a repetition penalty flags [1, S]
-    prefill = 3 * max_bucket + 10 + context_length
-    decode = 10 * num_slots             # positions, 8 sampling vectors, the rows' slots
+    # penalties); the prompt ids a repetition penalty flags [1, S]; a mask row
+    prefill = 3 * max_bucket + 10 + context_length + mask_words
+    decode = (10 + mask_words) * num_slots   # positions, 8 sampling vectors, the rows' slots, masks
     return max(prefill, decode)
 
 

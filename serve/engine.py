@@ -67,8 +67,9 @@ from sharding.memory import DEFAULT_MEM_FRACTION_STATIC
 
 from .capacity import CacheSize, size_cache
 from .request import CompletionOutput, Request, RequestOutput, TokenLogprob
-from .sampling import (PROMPT_FLAG, SAMPLING_MODES, SamplingParams, device_seed, penalize, sample, sampling_mode,
-                       token_logprobs)
+from .sampling import (PROMPT_FLAG, SAMPLING_MODES, SamplingParams, device_seed, mask_logits, penalize, sample,
+                       sampling_mode, token_logprobs)
+from .structured import TokenMasks
 from .tokenizer import DetokenizeStream, Tokenizer
 
 log = logging.getLogger("serve.engine")
@@ -113,11 +114,12 @@ def decode_windows(context_length: int) -> list[int]:
 # What a step computes beyond the ids, by key suffix: nothing, the ids' logprobs (a row asked for
 # logprobs), the penalties from each slot's counts (a row asked for one), both. A prefill chunk
 # that also scores its prompt (prompt logprobs) adds "/prompt".
-STEP_VARIANTS = ("", "/logprobs", "/penalties", "/logprobs/penalties")
+STEP_VARIANTS = tuple(a + b + c for a in ("", "/logprobs") for b in ("", "/penalties") for c in ("", "/masked"))
 
 
-def step_variant(logprobs: bool, penalties: bool) -> str:
-    return ("/logprobs" if logprobs else "") + ("/penalties" if penalties else "")
+def step_variant(logprobs: bool, penalties: bool, masked: bool = False) -> str:
+    """The STEP_VARIANTS entry for rows asking logprobs, penalties, and a structured-output mask."""
+    return ("/logprobs" if logprobs else "") + ("/penalties" if penalties else "") + ("/masked" if masked else "")
 
 
 def _decode_forward(graphdef, kv_window, state, cache, last, positions_b, slots_b=None):
@@ -266,6 +268,9 @@ class Engine:
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer else cfg.eos_token_ids)
         gen = tokenizer.generation_config if tokenizer else {}
         self.default_sampling = {k: gen[k] for k in ("temperature", "top_p", "top_k") if k in gen}
+        # structured outputs (json_schema / regex): the vocabulary and compiled constraints
+        self._masks = TokenMasks(tokenizer, cfg.vocab_size) if tokenizer is not None else None
+        self._masked_launched = False   # the scheduler iteration launched a step with masked rows
 
         self.context_length = context_length or cfg.max_position_embeddings
         if self.context_length > cfg.max_position_embeddings:
@@ -387,13 +392,21 @@ class Engine:
         prompt_forward = jax.jit(functools.partial(_prefill_prompt_forward, g, ctx), donate_argnums=(1,), **prompt_kw)
         s = self.context_length
 
+        masker = jax.jit(mask_logits, **({} if ctx is None else {"out_shardings": fwd_kw["out_shardings"][0]}))
+
         def sampled(mode, variant, fresh, carry, logits, *sampler_inputs):
-            """-> (ids [B], or (ids, logprob, top ids, top logprobs) with logprobs), carry."""
+            """-> (ids [B], or (ids, logprob, top ids, top logprobs) with logprobs), carry. With
+            "/masked" the last input is the rows' structured-output words [B, W]: tokens they
+            leave out are never sampled (the logprobs stay the model's own, as vLLM's)."""
             cache, last, counts = carry
+            choose = logits
+            if "masked" in variant:
+                *sampler_inputs, words = sampler_inputs
+                choose = masker(logits, words)
             if "penalties" in variant:
-                ids, last, counts = penalized[mode, fresh](last, counts, logits, *sampler_inputs)
+                ids, last, counts = penalized[mode, fresh](last, counts, choose, *sampler_inputs)
             else:
-                ids, last = self._samplers[mode](last, logits, *sampler_inputs)
+                ids, last = self._samplers[mode](last, choose, *sampler_inputs)
             out = (ids, *logprobs(logits, ids)) if "logprobs" in variant else ids
             return out, (cache, last, counts)
 
@@ -439,7 +452,8 @@ class Engine:
         self._channel = None
         if jax.process_count() > 1:  # several processes: rank 0 announces each step, the others run it too
             from .distributed import StepChannel, engine_capacity
-            self._channel = StepChannel(engine_capacity(self.num_slots, self.buckets[-1], self.context_length))
+            self._channel = StepChannel(engine_capacity(self.num_slots, self.buckets[-1], self.context_length,
+                                                        -(-self.model.config.vocab_size // 32)))
             steps = self._channel.attach(steps)
         self._steps = steps
 
@@ -545,6 +559,14 @@ class Engine:
                              f"lower max_tokens to {max(c - prompt_len, 0)} or shorten the prompt")
         return max_tokens
 
+    def prepare_constraint(self, params: SamplingParams) -> None:
+        """Compile (and cache) params' structured-output constraint now, so a later submit() of it
+        costs nothing (the HTTP server calls this off its event loop). Raises ValueError
+        (StructuredOutputError) for a constraint that cannot be used."""
+        constraint = params.constraint
+        if constraint is not None and self._masks is not None:
+            self._masks.guide(*constraint)
+
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                on_output: Callable[[RequestOutput], None] | None = None, request_id: str | None = None,
                block: bool = False) -> Request:
@@ -558,7 +580,13 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         detok = DetokenizeStream(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
+        constraint = params.constraint
+        if constraint is not None and self._masks is None:
+            raise ValueError("structured output (json_schema / regex) needs the tokenizer's vocabulary; this "
+                             "engine has no tokenizer: pass Engine(tokenizer=checkpoint_dir)")
+        guide = self._masks.guide(*constraint) if constraint is not None else None   # compiled here, cached
         req = Request(ids, params, max_tokens, seed, stop_ids, detok, on_output or (lambda out: None), request_id)
+        req.guide = guide
         with self._cv:
             while True:
                 if self._stopping or self.error is not None:
@@ -730,12 +758,14 @@ class Engine:
                         self._place(r)
                         self._prefilling.append(r)
                     self._pending.extendleft(reversed(held))   # first in line again, in their order
+                self._masked_launched = False
                 launched = self._run_prefills()
                 launched = self._decode() or launched
                 # Overlap: the step just launched runs on the device while the host reads back and
                 # hands out the ones before it (detokenize, stop checks, streaming), then schedules
-                # the next; the host work between two steps leaves the device's critical path.
-                self._collect(keep=1 if self.overlap and launched else 0)
+                # the next; the host work between two steps leaves the device's critical path. Not
+                # for a step with structured-output rows: their next masks need these tokens.
+                self._collect(keep=1 if self.overlap and launched and not self._masked_launched else 0)
         except BaseException as e:  # noqa: BLE001 - reported to every waiting request below
             log.exception("engine step failed; ending all requests")
             self.error = e
@@ -860,7 +890,8 @@ class Engine:
         req.prefilled = start + n
         done = req.prefilled == req.prompt_len
         p = req.params
-        variant = step_variant(done and p.logprobs is not None, done and p.penalized)
+        variant = step_variant(done and p.logprobs is not None, done and p.penalized, done and req.guide is not None)
+        self._masked_launched |= "masked" in variant
         flags = self._prompt_flags(req) if "penalties" in variant else None
         if p.prompt_logprobs is None:   # extras: the last chunk's id only
             ids = self._prefill_call(tokens, positions, s, n - 1, variant=variant, prompt_flags=flags)
@@ -882,9 +913,10 @@ class Engine:
 
         A request is decoded from its launched count, not its delivered one: with overlap its
         previous token may still be on the device (the step reads it from the carry)."""
+        # A constrained request's next mask needs its last token: it sits out while that is in flight.
         live = [s for s, req in enumerate(self._slots)
                 if req is not None and req.prefilled == req.prompt_len and not req.finished
-                and req.launched < req.max_tokens]
+                and req.launched < req.max_tokens and (req.guide is None or req.launched == len(req.output_ids))]
         if not live:
             return False
         need = int(max(self._pos[s] for s in live)) + 1
@@ -896,8 +928,10 @@ class Engine:
         else:   # the live slots, padded with others, all at position S (free or still prefilling)
             rows = np.asarray(live + [s for s in range(self.num_slots) if s not in taken][:b - len(live)], np.int32)
         asks = [self._slots[s].params for s in live]
+        masked = any(self._slots[s].guide is not None for s in live)
+        self._masked_launched |= masked
         ids = self._decode_call(window, rows, variant=step_variant(any(p.logprobs is not None for p in asks),
-                                                                   any(p.penalized for p in asks)))
+                                                                   any(p.penalized for p in asks), masked))
         self.steps += 1
         self.decode_batches[b] = self.decode_batches.get(b, 0) + 1
         self._pos[live] += 1
@@ -926,8 +960,9 @@ class Engine:
         rows = np.array([slot], np.int32)
         targets = () if prompt_targets is None else (prompt_targets,)
         flags = () if "penalties" not in variant else (prompt_flags,)
+        masks = (self._mask_words(rows),) if "masked" in variant else ()
         inputs = (tokens_1t, positions_1t, rows, np.array([logits_at], np.int32), *targets,
-                  *self._sampling_inputs(rows, variant), *flags)
+                  *self._sampling_inputs(rows, variant), *flags, *masks)
         mode = mode or sampling_mode(self._temp[rows], self._top_k[rows])
         key = f"prefill/{mode}{variant}" + ("/prompt" if targets else "")
         out, self._carry = self._steps[key](self.model.state, self._carry, *inputs)
@@ -942,9 +977,20 @@ class Engine:
         live = positions < self.context_length   # the sampler's mode follows the live rows alone
         mode = mode or sampling_mode(self._temp[rows][live], self._top_k[rows][live])
         inputs = self._sampling_inputs(rows, variant)
+        masks = (self._mask_words(rows),) if "masked" in variant else ()
         out, self._carry = self._steps[f"decode/{window}/{mode}{variant}"](
-            self.model.state, self._carry, positions, *inputs[:5], rows, *inputs[5:])
+            self.model.state, self._carry, positions, *inputs[:5], rows, *inputs[5:], *masks)
         return out
+
+    def _mask_words(self, rows) -> np.ndarray:
+        """[B, W] int32: each row's structured-output mask (its guide's allowed tokens), every
+        token allowed for the rows without one."""
+        words = self._masks.all_allowed(len(rows))
+        for b, s in enumerate(rows):
+            req = self._slots[s]
+            if req is not None and req.guide is not None and not req.finished:
+                self._masks.write(req.guide, words[b])
+        return words
 
     def _sampling_inputs(self, rows, variant: str = "") -> tuple[np.ndarray, ...]:
         """temperature, top_p, top_k, seed, step of slots `rows` (and presence, frequency,
@@ -972,7 +1018,16 @@ class Engine:
                     self._deliver(req, int(ids[i]), None if n is None or not lp else _token_logprob(ids[i], *lp, i, n))
 
     def _deliver(self, req: Request, token: int, logprob: TokenLogprob | None = None):
-        """Hand one sampled id (and its logprobs) to its request; free the slot when it finishes."""
+        """Hand one sampled id (and its logprobs) to its request; free the slot when it finishes.
+        A constrained request's guide takes the token (the mask allowed only tokens it takes)."""
+        if req.guide is not None:
+            try:
+                self._masks.advance(req.guide, token)
+            except Exception as e:   # noqa: BLE001 - one request's guide must not stop the engine
+                self._emit(req, req.abort(f"structured output: token {token} left the constraint ({e})"))
+                with self._cv:
+                    self._free(req)
+                return
         out = req.accept(token, logprob)
         self._emit(req, out)
         if out.finished:

@@ -30,6 +30,7 @@ from .engine import Engine, EngineClosed, QueueFull
 from .metrics import Metrics
 from .protocol import ApiError, GenerationRequest, bad, chat_request, completion_request, parse_json, usage
 from .request import RequestOutput, TokenLogprob
+from .structured import StructuredOutputError
 from .tokenizer import TemplateError
 
 log = logging.getLogger("serve.http")
@@ -168,10 +169,22 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
         except EngineClosed as e:
             fan.cancel()
             raise ApiError(503, str(e), "server_error", None, "shutting_down")
+        except StructuredOutputError as e:
+            fan.cancel()
+            raise bad(str(e), param="regex" if g.params.regex is not None else "response_format")
         except ValueError as e:
             fan.cancel()
             raise bad(str(e))
         return fan
+
+    async def compiled(g: GenerationRequest):
+        """Compile the request's structured-output constraint off the event loop (seconds for a
+        new schema over a 150k vocabulary; cached after), so submit() finds it ready."""
+        if g.params.constraint is not None:
+            try:
+                await asyncio.to_thread(engine.prepare_constraint, g.params)
+            except StructuredOutputError as e:
+                raise bad(str(e), param="regex" if g.params.regex is not None else "response_format")
 
     async def collect(request: Request, fan: Fanout) -> dict[int, dict]:
         """Wait for every choice, cancelling everything if the client disconnects meanwhile."""
@@ -241,6 +254,7 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
         try:
             g = completion_request(await checked_body(request))
             prompt_ids = [_encode(engine, p) for p in g.prompts]
+            await compiled(g)
             fan = submit_all(g, prompt_ids)
         except ApiError as e:
             count("completions", e.status)
@@ -270,6 +284,7 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
                 ids = engine.chat_prompt_ids(messages, **kwargs)
             except (TemplateError, ValueError) as e:
                 raise bad(str(e), param="messages")
+            await compiled(g)
             fan = submit_all(g, [ids])
         except ApiError as e:
             count("chat_completions", e.status)

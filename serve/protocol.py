@@ -4,6 +4,8 @@ Every refusal is an ApiError rendered as {"error": {"message", "type", "param", 
 the HTTP status OpenAI uses: 400 for a bad body, 401 bad key, 404 unknown model, 503 busy.
 Fields this server does not implement are refused by name rather than silently ignored when
 ignoring them would change the answer (best_of, suffix, a forced tool_choice).
+`response_format` json_object / json_schema (chat and completions) and SGLang's `regex`
+constrain the output (serve/structured.py).
 """
 
 from __future__ import annotations
@@ -69,13 +71,13 @@ COMMON_FIELDS = {
     "n": "integer", "stream": "boolean", "stream_options": "object", "stop": "string or array of strings",
     "seed": "integer", "stop_token_ids": "array of integers", "ignore_eos": "boolean", "user": "string",
     "presence_penalty": "number", "frequency_penalty": "number", "repetition_penalty": "number",
-    "skip_special_tokens": "boolean",
+    "skip_special_tokens": "boolean", "response_format": "object", "regex": "string",
 }
 COMPLETION_FIELDS = {**COMMON_FIELDS, "echo": "boolean", "logprobs": "integer", "best_of": "integer",
                      "suffix": "string"}
 CHAT_FIELDS = {**COMMON_FIELDS, "messages": "array", "max_completion_tokens": "integer", "tools": "array",
                "chat_template_kwargs": "object", "logprobs": "boolean", "top_logprobs": "integer",
-               "response_format": "object", "reasoning_effort": "string", "parallel_tool_calls": "boolean",
+               "reasoning_effort": "string", "parallel_tool_calls": "boolean",
                "tool_choice": "string or object"}
 
 
@@ -116,6 +118,28 @@ def _logprobs(n, param: str) -> int | None:
     return n
 
 
+def _constraint(body: dict) -> dict:
+    """response_format (OpenAI's: text, json_object, json_schema) or `regex` (SGLang's) ->
+    SamplingParams' json_schema / regex fields; a malformed one is a 400 naming its part."""
+    fmt, regex = body.get("response_format") or {}, body.get("regex")
+    kind = fmt.get("type", "text")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise bad(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'",
+                  param="response_format.type", code="unsupported")
+    if kind != "text" and regex is not None:
+        raise bad("response_format and regex both constrain the output; give one of them", param="regex")
+    if kind == "json_object":
+        return {"json_schema": {"type": "object"}}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad("response_format json_schema needs 'json_schema': {'name': ..., 'schema': {a JSON schema "
+                      "object}}", param="response_format.json_schema.schema")
+        return {"json_schema": schema}
+    return {} if regex is None else {"regex": regex}
+
+
 def _sampling(body: dict, max_tokens, logprobs: int | None = None) -> SamplingParams:
     """The body's sampling fields -> SamplingParams, checked by its own validate(): a value out of
     range is a 400 naming the field (each of validate's messages starts with its name)."""
@@ -127,7 +151,8 @@ def _sampling(body: dict, max_tokens, logprobs: int | None = None) -> SamplingPa
                             stop=[stop] if isinstance(stop, str) else list(stop),
                             stop_token_ids=list(body.get("stop_token_ids") or []),
                             ignore_eos=bool(body.get("ignore_eos", False)),
-                            skip_special_tokens=body.get("skip_special_tokens", True), logprobs=logprobs, **penalties)
+                            skip_special_tokens=body.get("skip_special_tokens", True), logprobs=logprobs, **penalties,
+                            **_constraint(body))
     try:
         return params.validate()
     except ValueError as e:
@@ -198,10 +223,6 @@ def chat_request(body: dict) -> tuple[GenerationRequest, list[dict], dict]:
     if top is not None and not body.get("logprobs"):
         raise bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     logprobs = (top or 0) if body.get("logprobs") else None
-    fmt = body.get("response_format")
-    if fmt and fmt.get("type") not in (None, "text"):
-        raise bad(f"response_format type {fmt.get('type')!r} is not supported; only 'text'", param="response_format",
-                  code="unsupported")
     n, stream, include = _n_and_stream(body)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     kwargs = dict(body.get("chat_template_kwargs") or {})

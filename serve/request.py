@@ -95,6 +95,7 @@ class Request:
         # filled chunk by chunk as the prefill's results arrive; released with the first output
         self.prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
         self.cancelled = threading.Event()
+        self.guide = None   # structured outputs: the outlines-core Guide of its constraint (the engine's)
 
     @property
     def prompt_len(self) -> int:

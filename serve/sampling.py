@@ -40,6 +40,9 @@ class SamplingParams:
     `repetition_penalty` (in (0, 2], 1 is off; transformers' and vLLM's): first, the logit of
     every token seen in the prompt or generated is divided by it where positive, multiplied where
     negative.
+    `json_schema` (a JSON schema, as a dict or its text) or `regex` (SGLang's names): every token
+    keeps the text a prefix of a match (serve/structured.py); once the match is whole only an
+    EOS id remains, unless `ignore_eos`, where generation ends at max_tokens.
     """
 
     max_tokens: int | None = 16
@@ -56,6 +59,16 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    json_schema: str | dict | None = None
+    regex: str | None = None
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(kind, text) of the structured-output constraint ('json_schema' / 'regex'), or None."""
+        from .structured import constraint, json_schema_text
+
+        schema = None if self.json_schema is None else json_schema_text(self.json_schema)
+        return constraint(schema, self.regex)
 
     @property
     def penalized(self) -> bool:
@@ -84,6 +97,13 @@ class SamplingParams:
             self.stop = [self.stop]
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.json_schema is not None and self.regex is not None:
+            raise ValueError("json_schema and regex both constrain the output; give one of them")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise ValueError("regex must be a non-empty string (a regular expression the output must match)")
+        if self.json_schema is not None:
+            from .structured import json_schema_text
+            json_schema_text(self.json_schema)   # a ValueError naming the problem
         return self
 
     def resolved(self, defaults: dict) -> "SamplingParams":
@@ -91,6 +111,17 @@ class SamplingParams:
         fallback = {"temperature": 1.0, "top_p": 1.0, "top_k": -1}
         fill = {k: defaults.get(k, v) if getattr(self, k) is None else getattr(self, k) for k, v in fallback.items()}
         return dataclasses.replace(self, stop=list(self.stop), stop_token_ids=list(self.stop_token_ids), **fill)
+
+
+def mask_logits(logits_bv, words_bw):
+    """Structured outputs: logits [B, V] with every token whose bit is clear in words [B, W]
+    int32 (bit i % 32 of word i // 32) set to -inf; an all-ones row leaves its logits as they
+    are. Elementwise over V, so logits split over the vocabulary stay split."""
+    v = logits_bv.shape[-1]
+    ids = jnp.arange(v, dtype=jnp.int32)
+    word = jnp.take(words_bw, ids // 32, axis=1)                           # [B, V]
+    allowed = jax.lax.shift_right_logical(word, jnp.broadcast_to(ids % 32, word.shape)) & 1
+    return jnp.where(allowed.astype(bool), logits_bv, -jnp.inf)
 
 
 def device_seed(seed: int) -> np.int32:

@@ -123,16 +123,19 @@ def test_step_message_round_trip_is_bitwise():
 def test_engine_capacity_holds_its_largest_steps():
     from serve.distributed import HEADER, engine_capacity, pack
 
-    size = HEADER + engine_capacity(num_slots=64, max_bucket=512, context_length=4096)
+    words = -(-151936 // 32)   # a structured-output mask row of Qwen3's vocabulary
+    size = HEADER + engine_capacity(num_slots=64, max_bucket=512, context_length=4096, mask_words=words)
     one = lambda dt: np.zeros(1, dt)  # noqa: E731
     # with prompt logprobs (targets [1, T]) and penalties: 3 more sampling scalars / vectors
-    # (presence, frequency, repetition) and, in prefill, the prompt ids to flag [1, S]
+    # (presence, frequency, repetition) and, in prefill, the prompt ids to flag [1, S]; a mask [B, W]
     prefill = ([np.zeros((1, 512), np.int32)] * 3 + [one(np.int32)] * 2 + [one(np.float32)] * 2 + [one(np.int32)] * 3
-               + [one(np.float32)] * 3 + [np.zeros((1, 4096), np.int32)])
+               + [one(np.float32)] * 3 + [np.zeros((1, 4096), np.int32), np.zeros((1, words), np.int32)])
     decode = ([np.zeros(64, np.int32)] * 2 + [np.zeros(64, np.float32)] * 2 + [np.zeros(64, np.int32)] * 3
-              + [np.zeros(64, np.float32)] * 3)
+              + [np.zeros(64, np.float32)] * 3 + [np.zeros((64, words), np.int32)])
     pack(3, 0, prefill, size)
     pack(4, 0, decode, size)
+    with pytest.raises(ValueError):   # without the mask's room the masked decode step does not fit
+        pack(4, 0, decode, HEADER + engine_capacity(num_slots=64, max_bucket=512, context_length=4096))
 
 
 def _args(**kw):
@@ -296,6 +299,17 @@ def test_server_logprobs_and_penalties_equal_single_process(servers, penalty, ec
     skip = 1 if echo else 0   # an echoed prompt's first token has none
     assert two.token_logprobs[:skip] == one.token_logprobs[:skip] == [None] * skip
     np.testing.assert_allclose(two.token_logprobs[skip:], one.token_logprobs[skip:], rtol=0, atol=1e-5)
+
+
+def test_server_structured_output_equals_single_process(servers):
+    """A regex-constrained request: its mask rows travel with each step to rank 1 (the largest
+    decode message: [B, V / 32] words); the same text as one process, and it matches."""
+    def run(srv):
+        return _client(srv).completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                               extra_body={"regex": "[a-z]{2,6}( [a-z]{2,6}){1,2}"}).choices[0].text
+
+    two = run(servers["rank0"])
+    assert two == run(servers["single"]) and re.fullmatch("[a-z]{2,6}( [a-z]{2,6}){1,2}", two)
 
 
 def test_rank1_killed_rank0_exits_naming_it(servers):

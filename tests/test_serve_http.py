@@ -284,6 +284,14 @@ def test_bad_inputs_then_still_correct(main, alone, tok):
          ["presence_penalty", "[-2, 2]"], "presence_penalty"),
         ("/v1/completions", {"model": NAME, "prompt": "hi", "repetition_penalty": 0}, KEY, 400,
          ["repetition_penalty", "(0, 2]", "1 is off"], "repetition_penalty"),
+        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                                  "response_format": {"type": "xml"}}, KEY, 400, ["'xml'", "json_schema"],
+         "response_format.type"),
+        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                                  "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, KEY, 400,
+         ["'schema'"], "response_format.json_schema.schema"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "regex": "(unclosed"}, KEY, 400,
+         ["regex cannot be compiled"], "regex"),
     ]
     for path, body, key, status, words, param in table:
         r = _post(main, path, body, key)
@@ -486,6 +494,29 @@ def test_penalties_are_the_host_references(servers, tok, which, penalties):
     assert got.choices[0].logprobs.tokens == [tok.decode([i], skip_special_tokens=False) for i in want]
     assert want != model.generate_greedy(np.array([prompt]), 24)[0].tolist()   # the penalties acted
     assert beside.result().choices[0].text == greedy(c, PROMPTS[6], 24)
+
+
+def test_response_format_and_regex_constrain_the_reply(servers):
+    """response_format json_schema on /v1/chat/completions, whole and streamed, and SGLang's regex
+    on /v1/completions, on the tp=2,ep=4 server (the mask acts on logits split over the vocabulary):
+    the random-weight model's replies parse and match."""
+    srv = servers["mesh"].wait_ready()
+    c = client(srv)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                               "population": {"type": "integer"}},
+              "required": ["city", "population"]}
+    kw = dict(model=NAME, messages=[{"role": "user", "content": "A city, as JSON."}], max_tokens=200, temperature=0,
+              response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    whole = c.chat.completions.create(**kw)
+    doc = json.loads(whole.choices[0].message.content)
+    assert list(doc) == ["city", "population"] and isinstance(doc["population"], int)
+    assert whole.choices[0].finish_reason == "stop"
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(stream=True, **kw)
+                       if ch.choices)
+    assert streamed == whole.choices[0].message.content
+    year = c.completions.create(model=NAME, prompt="The year:", max_tokens=8, temperature=0.9, seed=5,
+                                extra_body={"regex": "(19|20)[0-9]{2}"})
+    assert re.fullmatch("(19|20)[0-9]{2}", year.choices[0].text)
 
 
 def test_mesh_tp2_ep4_matches_one_device(servers, alone):
