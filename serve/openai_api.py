@@ -293,7 +293,9 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         opened = reasoning_parser is not None and prompt_opens_thinking(engine.tokenizer.decode(
             ids[-32:], skip_special_tokens=False))   # the generation prompt is a few tokens
-        parsers = (reasoning_parser, tool_call_parser if g.tools else None, opened)
+        # a forced tool_choice's reply is calls from its first token, in Qwen3's (hermes) format
+        tools = (tool_call_parser or "hermes") if g.forced_tools else (tool_call_parser if g.tools else None)
+        parsers = (reasoning_parser, tools, opened and not g.forced_tools)
         if g.stream:
             return CancellableStream(_chat_events(fan, g, rid, created, served_model_name, engine.tokenizer, parsers),
                                      fan.cancel)

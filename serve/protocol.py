@@ -3,9 +3,9 @@
 Every refusal is an ApiError rendered as {"error": {"message", "type", "param", "code"}} with
 the HTTP status OpenAI uses: 400 for a bad body, 401 bad key, 404 unknown model, 503 busy.
 Fields this server does not implement are refused by name rather than silently ignored when
-ignoring them would change the answer (best_of, suffix, a forced tool_choice).
-`response_format` json_object / json_schema (chat and completions) and SGLang's `regex`
-constrain the output (serve/structured.py).
+ignoring them would change the answer (best_of, suffix).
+`response_format` json_object / json_schema (chat and completions), SGLang's `regex`, and a forced
+`tool_choice` ("required" or a named function) constrain the output (serve/structured.py).
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ class GenerationRequest:
     include_usage: bool
     echo: bool = False
     tools: bool = False   # chat: the request offers tools (tool_choice "auto"), so calls are parsed
+    forced_tools: bool = False   # chat: tool_choice "required" or a named function: the reply is calls
 
     @property
     def logprobs(self) -> bool:
@@ -227,14 +228,44 @@ def chat_request(body: dict) -> tuple[GenerationRequest, list[dict], dict]:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     kwargs = dict(body.get("chat_template_kwargs") or {})
     choice = body.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise bad(f"tool_choice {json.dumps(choice)[:80]} needs constrained decoding, which this server does not "
-                  "do; use \"auto\" (the model decides) or \"none\"", param="tool_choice", code="unsupported")
     offered = bool(body.get("tools")) and choice != "none"   # "none": the tools are neither shown nor parsed
     if offered:
         kwargs["tools"] = body["tools"]
-    req = GenerationRequest([], _sampling(body, max_tokens, logprobs), n, stream, include, tools=offered)
+    params = _sampling(body, max_tokens, logprobs)
+    forced = _forced_tool_call(body, choice)
+    if forced is not None:
+        if params.constraint is not None:
+            raise bad("a forced tool_choice and response_format / regex both constrain the reply; give one",
+                      param="tool_choice")
+        params = dataclasses.replace(params, regex=forced)
+    req = GenerationRequest([], params, n, stream, include, tools=offered, forced_tools=forced is not None)
     return req, msgs, kwargs
+
+
+def _forced_tool_call(body: dict, choice) -> str | None:
+    """tool_choice "required" or {"type": "function", "function": {"name": ...}} -> the regex the
+    reply must match (structured.tool_call_regex), else None ("auto", "none", unset)."""
+    from .structured import StructuredOutputError, tool_call_regex
+
+    if choice in (None, "auto", "none"):
+        return None
+    tools = body.get("tools") or []
+    if choice == "required":
+        name = None
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if not isinstance(name, str) or not any((t.get("function") or {}).get("name") == name for t in tools):
+            raise bad(f"tool_choice names the function {json.dumps(name)}, which is not among 'tools'",
+                      param="tool_choice.function.name")
+    else:
+        raise bad(f"tool_choice must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", "
+                  f"\"function\": {{\"name\": ...}}}}, got {json.dumps(choice)[:80]}", param="tool_choice")
+    if not tools:
+        raise bad("tool_choice forces a tool call, but the request offers no 'tools'", param="tool_choice")
+    try:
+        return tool_call_regex(tools, name, parallel=body.get("parallel_tool_calls") is not False)
+    except StructuredOutputError as e:
+        raise bad(str(e), param="tools") from None
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:

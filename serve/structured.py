@@ -9,7 +9,8 @@ At a final state the EOS id is allowed, so a finished match can end the request.
 
 A JSON schema becomes a regular expression first (outlines-core's json_schema module: objects
 with the listed properties in order, bounded whitespace); {"type": "json_object"} is the schema
-{"type": "object"}. Compiled indexes are cached by constraint, so a repeated schema costs nothing
+{"type": "object"}. A forced tool_choice is a regex over Qwen3's tool-call format
+(tool_call_regex). Compiled indexes are cached by constraint, so a repeated schema costs nothing
 after its first request.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import threading
 
 import numpy as np
@@ -138,6 +140,31 @@ class TokenMasks:
         """The guide's allowed tokens into one row of words [W] int32 (C-contiguous)."""
         out_w[:] = 0
         guide.write_mask_into(out_w.ctypes.data, out_w.size, 4)
+
+
+def tool_call_regex(tools: list[dict], name: str | None = None, parallel: bool = True) -> str:
+    """A forced tool_choice as a regex over Qwen3's tool-call format (its chat template's, the
+    hermes parser's): <tool_call>\n{"name": "<name>", "arguments": <JSON per the function's
+    parameters schema>}\n</tool_call>. name: that function only (else any of `tools`, OpenAI's
+    "required"); parallel: more calls may follow, one per line."""
+    from outlines_core.json_schema import build_regex_from_schema
+
+    calls = []
+    for tool in tools:
+        fn = tool.get("function") or {}
+        if name is not None and fn.get("name") != name:
+            continue
+        params = fn.get("parameters") or {"type": "object"}
+        try:
+            args = build_regex_from_schema(json.dumps(params))
+        except Exception as e:   # noqa: BLE001 - the library's message names the schema's problem
+            raise StructuredOutputError(f"function {fn.get('name')!r}: its parameters schema cannot be used: {e}") from None
+        calls.append('<tool_call>\n\{"name": "' + re.escape(str(fn.get("name"))) + '", "arguments": ' + args
+                     + '\}\n</tool_call>')
+    if not calls:
+        raise StructuredOutputError(f"no function named {name!r} among the request's tools")
+    one = "(" + "|".join(calls) + ")"
+    return one + ("(\n" + one + ")*" if parallel else "")
 
 
 def json_schema_text(schema) -> str:

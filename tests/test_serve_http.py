@@ -177,9 +177,8 @@ def test_chat_reply_is_the_raw_completion_parsed(main, tok, thinking):
     """With --reasoning-parser qwen3 --tool-call-parser hermes, a chat reply (whole and streamed)
     is chat_parsers.parse_message of the raw text /v1/completions gives for the same rendered
     prompt (tools included); tool_choice "none" leaves the tools out of the prompt, and a choice
-    that needs constrained decoding is refused by name. (The built-in model's replies hold no
-    tags, so the parsing itself is tested in test_chat_parsers.py, the reasoning path end to end
-    there too.)"""
+    (The built-in model's replies hold no tags, so the parsing itself is tested in
+    test_chat_parsers.py, the reasoning path end to end there too; a forced tool_choice below.)"""
     from serve.chat_parsers import parse_message, prompt_opens_thinking
 
     c = client(main)
@@ -203,8 +202,39 @@ def test_chat_reply_is_the_raw_completion_parsed(main, tok, thinking):
     plain = c.chat.completions.create(messages=msgs, tools=TOOLS, tool_choice="none", extra_body=body, **kw)
     assert plain.usage.prompt_tokens == len(tok.encode(tok.apply_chat_template(msgs, enable_thinking=thinking),
                                                        add_special_tokens=False))
-    with pytest.raises(openai.BadRequestError, match="constrained decoding"):
-        c.chat.completions.create(messages=msgs, tools=TOOLS, tool_choice="required", **kw)
+
+
+def test_forced_tool_choice_gives_calls_that_match_the_parameters(main):
+    """tool_choice naming a function, and "required" with parallel_tool_calls false: the reply is
+    one call in Qwen3's format (the random-weight model, constrained), parsed into tool_calls with
+    arguments that follow the function's parameters schema; a name not among the tools, or a
+    forced choice without tools, is a 400 naming the field."""
+    c = client(main)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+                 "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}},
+             {"type": "function", "function": {"name": "add", "parameters": {
+                 "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                 "required": ["a", "b"]}}}]
+    kw = dict(model=NAME, messages=[{"role": "user", "content": PROMPTS[4]}], tools=tools, max_tokens=120,
+              temperature=0, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    named = c.chat.completions.create(tool_choice={"type": "function", "function": {"name": "add"}}, **kw)
+    call, = named.choices[0].message.tool_calls
+    assert call.function.name == "add" and set(json.loads(call.function.arguments)) == {"a", "b"}
+    assert named.choices[0].finish_reason == "tool_calls" and not named.choices[0].message.content
+    required = c.chat.completions.create(tool_choice="required", parallel_tool_calls=False, **kw)
+    call, = required.choices[0].message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.function.name in {"get_weather", "add"} and args and isinstance(args, dict)
+    streamed = [ch.choices[0].delta for ch in c.chat.completions.create(
+        tool_choice={"type": "function", "function": {"name": "add"}}, stream=True, **kw) if ch.choices]
+    assert [t.function.name for d in streamed for t in d.tool_calls or [] if t.function.name] == ["add"]
+    for choice, param in (({"type": "function", "function": {"name": "nope"}}, "tool_choice.function.name"),
+                          ("sometimes", "tool_choice")):
+        r = _post(main, "/v1/chat/completions", {**{k: v for k, v in kw.items() if k != "extra_body"},
+                                                  "tool_choice": choice}, KEY)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = _post(main, "/v1/chat/completions", {"model": NAME, "messages": kw["messages"], "tool_choice": "required"}, KEY)
+    assert r.status_code == 400 and "offers no 'tools'" in r.json()["error"]["message"]
 
 
 def test_seed_reproducibility(main):
