@@ -112,8 +112,9 @@ def decode_windows(context_length: int) -> list[int]:
 
 
 # What a step computes beyond the ids, by key suffix: nothing, the ids' logprobs (a row asked for
-# logprobs), the penalties from each slot's counts (a row asked for one), both. A prefill chunk
-# that also scores its prompt (prompt logprobs) adds "/prompt".
+# logprobs), the penalties from each slot's counts (a row asked for one), a structured-output
+# mask over the logits (a row has a constraint: "/masked", an extra [B, V / 32] input), or any of
+# them together. A prefill chunk that also scores its prompt (prompt logprobs) adds "/prompt".
 STEP_VARIANTS = tuple(a + b + c for a in ("", "/logprobs") for b in ("", "/penalties") for c in ("", "/masked"))
 
 
