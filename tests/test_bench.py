@@ -117,28 +117,29 @@ def test_layers_option_keeps_shapes_and_says_so():
 
 def test_variant_flags_time_each_setting_and_restore_the_defaults():
     """--fp8-gemm, --decode-unroll, --x-loads, --attention-combine/-prologue, --fp8-matmul(-lhs),
-    --fp8-copy, --fp8-dot-acc and --projection-matmul time one row per setting
-    (labelled), then put the library's defaults back."""
+    --fp8-copy, --fp8-dot-acc, --moe-routing, --router-logits and --projection-matmul time one row
+    per setting (labelled), then put the library's defaults back."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, linear
+    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, linear, moe_ffn, router
     from qwen3_jax.kernels.grouped_matmul import MATMUL_DEFAULTS
 
     def settings():
         return (kernels.fp8_gemm(), model_mod.DECODE_UNROLL, set(kernels.X_LOADS), decode_attention.COMBINE,
                 decode_attention.PROLOGUE, dequantize.COPY, fp8_dot.ACCUMULATE,
                 [(c["convert"], dict(c["fp8_nk"])) for c in MATMUL_DEFAULTS.values()],
-                dict(linear.PROJECTION_MATMUL))
+                dict(linear.PROJECTION_MATMUL), moe_ffn.BLOCK_ROUTING, router.LOGITS)
 
     before = settings()
     res = bench.main(["--model", "tiny-FP8", "--batch", "1", "--context", "16", "--prefill=", "--steps", "2",
                       "--reps", "1", "--single-step=", "--kernels", "on", "--fp8-gemm", "w8a8",
                       "--decode-unroll", "2", "--x-loads", "none,norm+swiglu", "--attention-combine", "xla",
                       "--attention-prologue", "separate", "--fp8-matmul", "f16", "--fp8-matmul-lhs", "x", "--fp8-copy", "xla",
-                      "--fp8-dot-acc", "f32", "--projection-matmul", "narrow"])
+                      "--fp8-dot-acc", "f32", "--moe-routing", "xla", "--router-logits", "gemv",
+                      "--projection-matmul", "narrow"])
     labels = [r["kernels"] for r in res["decode"]]
     assert labels == [f"on w8a8 unroll 2 x {x} merge xla attention-prologue separate fp8-matmul f16 fp8-lhs x fp8-copy xla "
-                      "fp8-dot-acc f32 projection narrow" for x in ("none", "norm+swiglu")]
+                      "fp8-dot-acc f32 moe-routing xla router gemv projection narrow" for x in ("none", "norm+swiglu")]
     assert all(r["step_ms"] > 0 for r in res["decode"])
     assert settings() == before
     # Unknown values: refused by the flag reader that bench.main ran above (bench._decode_knobs),
@@ -148,12 +149,14 @@ def test_variant_flags_time_each_setting_and_restore_the_defaults():
                                  ("--fp8-matmul-lhs", "y", "--fp8-matmul-lhs y: unknown; use x or w"),
                                  ("--fp8-copy", "cuda", "--fp8-copy cuda: unknown; use kernel or xla"),
                                  ("--fp8-dot-acc", "tf32", "--fp8-dot-acc tf32: unknown; use mma or f32"),
+                                 ("--moe-routing", "sort", "--moe-routing sort: unknown; use kernel or xla"),
+                                 ("--router-logits", "dot", "--router-logits dot: unknown; use matmul or gemv"),
                                  ("--attention-combine", "o_proj",
                                   "--attention-combine o_proj: unknown; use kernel or xla"),
                                  ("--attention-prologue", "xla",
                                   "--attention-prologue xla: unknown; use fused or separate"),
                                  ("--projection-matmul", "wide",
-                                  "--projection-matmul wide: unknown; use narrow, split or split-qkv")):
+                                  "--projection-matmul wide: unknown; use narrow, narrow-qkv, split or split-qkv")):
         args = bench.parse_args(["--model", "tiny-FP8", "--batch", "1", "--prefill=", flag, value])
         with pytest.raises(ValueError, match=message):
             bench._decode_knobs(args, cfg)

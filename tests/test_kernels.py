@@ -736,9 +736,11 @@ def test_projection_split_along_k_sums_to_the_unsplit_result(monkeypatch, narrow
             np.testing.assert_allclose(np.asarray(auto.sum(0)), np.asarray(whole[0]), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("preset", ["split-qkv", "narrow-qkv"])
 @pytest.mark.parametrize("w_nk", [False, True])
-def test_qkv_side_by_side_in_one_matmul_launch_equal_one_by_one(monkeypatch, w_nk):
-    """linear.PROJECTION_MATMUL "split-qkv": q, k and v of 40 rows in one grouped_matmul launch
+def test_qkv_side_by_side_in_one_matmul_launch_equal_one_by_one(monkeypatch, w_nk, preset):
+    """linear.PROJECTION_MATMUL "split-qkv" (and "narrow-qkv", its narrower tiles and fewer K
+    splits): q, k and v of 40 rows in one grouped_matmul launch
     (concat: each its own N and output, the grid's tiles over all three) give each projection's
     own launch's partial sums up to float32 reassociation (their K splits may differ), W8A8;
     "split" leaves many rows to one launch each (None)."""
@@ -753,7 +755,7 @@ def test_qkv_side_by_side_in_one_matmul_launch_equal_one_by_one(monkeypatch, w_n
         specs.append(("btd,dhq->bthq", x, jnp.moveaxis(w, 1, 3) if w_nk else w, sc, 0))
     monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS["split"]))
     assert projections_partials(specs, block, jnp.int32(1), w_nk=w_nk) is None
-    monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS["split-qkv"]))
+    monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS[preset]))
     calls = []
     real = linear_mod.grouped_matmul
     monkeypatch.setattr(linear_mod, "grouped_matmul", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
@@ -782,6 +784,28 @@ def test_qkv_side_by_side_lowers_to_one_triton_launch_at_30b_shapes(monkeypatch)
             sds((48, 16, 4, 128), f32))
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 1
+
+
+def test_narrow_qkv_shrinks_the_partials_at_30b_shapes(monkeypatch):
+    """At 64 rows of 30B-A3B-FP8 q/k/v ([out, in], one launch): "split-qkv" writes 8 K splits of
+    float32 partials, "narrow-qkv" 2 (32-wide tiles: the same programs, a quarter of the bytes)."""
+    from qwen3_jax.kernels import linear as linear_mod
+    sds = jax.ShapeDtypeStruct
+    f8, f32 = jnp.float8_e4m3fn, jnp.float32
+    args = (sds((1, 64, 2048), jnp.bfloat16), sds((48, 32, 128, 2048), f8), sds((48, 16, 32, 128), f32),
+            sds((48, 4, 128, 2048), f8), sds((48, 16, 4, 128), f32), sds((48, 4, 128, 2048), f8),
+            sds((48, 16, 4, 128), f32))
+
+    def splits(preset):
+        monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS[preset]))
+
+        def fn(x, wq, sq, wk, sk, wv, sv):
+            specs = [("btd,dhq->bthq", x, wq, sq, 0), ("btd,dkq->btkq", x, wk, sk, 0),
+                     ("btd,dkq->btkq", x, wv, sv, 0)]
+            with kernels.kernels_enabled(True):
+                return projections_partials(specs, 128, jnp.int32(3), w_nk=True)
+        return {out.shape[0] for out in jax.eval_shape(fn, *args)}
+    assert splits("split-qkv") == {8} and splits("narrow-qkv") == {2}
 
 
 def test_grouped_matmul_concat_refuses_weights_it_cannot_put_side_by_side():
