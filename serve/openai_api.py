@@ -171,7 +171,7 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
             raise ApiError(503, str(e), "server_error", None, "shutting_down")
         except StructuredOutputError as e:
             fan.cancel()
-            raise bad(str(e), param="regex" if g.params.regex is not None else "response_format")
+            raise bad(str(e), param=g.constraint_param)
         except ValueError as e:
             fan.cancel()
             raise bad(str(e))
@@ -184,7 +184,7 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
             try:
                 await asyncio.to_thread(engine.prepare_constraint, g.params)
             except StructuredOutputError as e:
-                raise bad(str(e), param="regex" if g.params.regex is not None else "response_format")
+                raise bad(str(e), param=g.constraint_param)
 
     async def collect(request: Request, fan: Fanout) -> dict[int, dict]:
         """Wait for every choice, cancelling everything if the client disconnects meanwhile."""

@@ -4,14 +4,16 @@ Every refusal is an ApiError rendered as {"error": {"message", "type", "param", 
 the HTTP status OpenAI uses: 400 for a bad body, 401 bad key, 404 unknown model, 503 busy.
 Fields this server does not implement are refused by name rather than silently ignored when
 ignoring them would change the answer (best_of, suffix).
-`response_format` json_object / json_schema (chat and completions), SGLang's `regex`, and a forced
-`tool_choice` ("required" or a named function) constrain the output (serve/structured.py).
+`response_format` json_object / json_schema (chat and completions), SGLang's `regex` and
+`json_schema`, vLLM's `guided_json` / `guided_regex` / `guided_choice`, and a forced `tool_choice`
+("required" or a named function) constrain the output (serve/structured.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 from .sampling import LOGPROBS_MAX, SamplingParams
@@ -71,7 +73,8 @@ COMMON_FIELDS = {
     "n": "integer", "stream": "boolean", "stream_options": "object", "stop": "string or array of strings",
     "seed": "integer", "stop_token_ids": "array of integers", "ignore_eos": "boolean", "user": "string",
     "presence_penalty": "number", "frequency_penalty": "number", "repetition_penalty": "number",
-    "skip_special_tokens": "boolean", "response_format": "object", "regex": "string",
+    "skip_special_tokens": "boolean", "response_format": "object", "regex": "string", "json_schema": "string or object",
+    "guided_json": "string or object", "guided_regex": "string", "guided_choice": "array",
 }
 COMPLETION_FIELDS = {**COMMON_FIELDS, "echo": "boolean", "logprobs": "integer", "best_of": "integer",
                      "suffix": "string"}
@@ -107,6 +110,7 @@ class GenerationRequest:
     echo: bool = False
     tools: bool = False   # chat: the request offers tools (tool_choice "auto"), so calls are parsed
     forced_tools: bool = False   # chat: tool_choice "required" or a named function: the reply is calls
+    constraint_param: str | None = None   # the field that constrains the output (named in its errors)
 
     @property
     def logprobs(self) -> bool:
@@ -119,16 +123,22 @@ def _logprobs(n, param: str) -> int | None:
     return n
 
 
+# The other servers' names for a constraint, beside OpenAI's response_format: SGLang's regex and
+# json_schema, vLLM's guided_json / guided_regex / guided_choice.
+CONSTRAINT_FIELDS = ("regex", "json_schema", "guided_json", "guided_regex", "guided_choice")
+
+
 def _constraint(body: dict) -> dict:
-    """response_format (OpenAI's: text, json_object, json_schema) or `regex` (SGLang's) ->
+    """response_format (OpenAI's: text, json_object, json_schema) or one of CONSTRAINT_FIELDS ->
     SamplingParams' json_schema / regex fields; a malformed one is a 400 naming its part."""
-    fmt, regex = body.get("response_format") or {}, body.get("regex")
+    fmt = body.get("response_format") or {}
     kind = fmt.get("type", "text")
     if kind not in ("text", "json_object", "json_schema"):
         raise bad(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'",
                   param="response_format.type", code="unsupported")
-    if kind != "text" and regex is not None:
-        raise bad("response_format and regex both constrain the output; give one of them", param="regex")
+    given = [f for f in CONSTRAINT_FIELDS if body.get(f) is not None] + (["response_format"] if kind != "text" else [])
+    if len(given) > 1:
+        raise bad(f"{' and '.join(given)} each constrain the output; give one of them", param=given[-1])
     if kind == "json_object":
         return {"json_schema": {"type": "object"}}
     if kind == "json_schema":
@@ -138,7 +148,23 @@ def _constraint(body: dict) -> dict:
             raise bad("response_format json_schema needs 'json_schema': {'name': ..., 'schema': {a JSON schema "
                       "object}}", param="response_format.json_schema.schema")
         return {"json_schema": schema}
-    return {} if regex is None else {"regex": regex}
+    if not given:
+        return {}
+    field, value = given[0], body[given[0]]
+    if field in ("json_schema", "guided_json"):
+        return {"json_schema": value}
+    if field == "guided_choice":
+        if not value or not all(isinstance(c, str) and c for c in value):
+            raise bad("guided_choice must be a non-empty array of non-empty strings", param="guided_choice")
+        return {"regex": "(" + "|".join(re.escape(c) for c in value) + ")"}
+    return {"regex": value}
+
+
+def _constraint_param(body: dict) -> str | None:
+    """The body's field that constrains the output, if any (after _constraint accepted it)."""
+    if (body.get("response_format") or {}).get("type", "text") != "text":
+        return "response_format"
+    return next((f for f in CONSTRAINT_FIELDS if body.get(f) is not None), None)
 
 
 def _sampling(body: dict, max_tokens, logprobs: int | None = None) -> SamplingParams:
@@ -157,7 +183,10 @@ def _sampling(body: dict, max_tokens, logprobs: int | None = None) -> SamplingPa
     try:
         return params.validate()
     except ValueError as e:
-        raise bad(str(e), param=str(e).split()[0]) from None
+        param = str(e).split()[0]
+        if param in ("json_schema", "regex"):   # SamplingParams' names for the field the body used
+            param = _constraint_param(body) or param
+        raise bad(str(e), param=param) from None
 
 
 def _n_and_stream(body: dict) -> tuple[int, bool, bool]:
@@ -198,7 +227,7 @@ def completion_request(body: dict) -> GenerationRequest:
     echo = bool(body.get("echo"))
     if echo and logprobs is not None:   # the echoed prompt's tokens come with their logprobs too
         params = dataclasses.replace(params, prompt_logprobs=logprobs)
-    return GenerationRequest(prompts, params, n, stream, include, echo)
+    return GenerationRequest(prompts, params, n, stream, include, echo, constraint_param=_constraint_param(body))
 
 
 def chat_request(body: dict) -> tuple[GenerationRequest, list[dict], dict]:
@@ -238,7 +267,8 @@ def chat_request(body: dict) -> tuple[GenerationRequest, list[dict], dict]:
             raise bad("a forced tool_choice and response_format / regex both constrain the reply; give one",
                       param="tool_choice")
         params = dataclasses.replace(params, regex=forced)
-    req = GenerationRequest([], params, n, stream, include, tools=offered, forced_tools=forced is not None)
+    req = GenerationRequest([], params, n, stream, include, tools=offered, forced_tools=forced is not None,
+                            constraint_param="tool_choice" if forced is not None else _constraint_param(body))
     return req, msgs, kwargs
 
 

@@ -322,6 +322,12 @@ def test_bad_inputs_then_still_correct(main, alone, tok):
          ["'schema'"], "response_format.json_schema.schema"),
         ("/v1/completions", {"model": NAME, "prompt": "hi", "regex": "(unclosed"}, KEY, 400,
          ["regex cannot be compiled"], "regex"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "guided_regex": "(unclosed"}, KEY, 400,
+         ["regex cannot be compiled"], "guided_regex"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "guided_json": "{oops"}, KEY, 400,
+         ["not valid JSON"], "guided_json"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "regex": "a+", "guided_choice": ["a"]}, KEY, 400,
+         ["regex and guided_choice each constrain the output"], "guided_choice"),
     ]
     for path, body, key, status, words, param in table:
         r = _post(main, path, body, key)
@@ -547,6 +553,14 @@ def test_response_format_and_regex_constrain_the_reply(servers):
     year = c.completions.create(model=NAME, prompt="The year:", max_tokens=8, temperature=0.9, seed=5,
                                 extra_body={"regex": "(19|20)[0-9]{2}"})
     assert re.fullmatch("(19|20)[0-9]{2}", year.choices[0].text)
+    # vLLM's names: guided_choice (one of the strings, a "." and "+" in them taken literally), guided_json
+    choices = ["yes.", "no+", "maybe"]
+    picked = {c.completions.create(model=NAME, prompt=PROMPTS[i], max_tokens=8, temperature=1.0, seed=i,
+                                   extra_body={"guided_choice": choices}).choices[0].text for i in range(6)}
+    assert picked <= set(choices) and picked
+    doc = c.completions.create(model=NAME, prompt="JSON:", max_tokens=200, temperature=0,
+                               extra_body={"guided_json": schema}).choices[0].text
+    assert list(json.loads(doc)) == ["city", "population"]
 
 
 def test_mesh_tp2_ep4_matches_one_device(servers, alone):
