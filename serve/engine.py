@@ -891,8 +891,9 @@ class Engine:
         req.prefilled = start + n
         done = req.prefilled == req.prompt_len
         p = req.params
-        variant = step_variant(done and p.logprobs is not None, done and p.penalized, done and req.guide is not None)
-        self._masked_launched |= "masked" in variant
+        variant = step_variant(done and p.logprobs is not None, done and p.penalized,
+                               done and req.guide is not None and req.guide_on)
+        self._masked_launched |= done and req.guide is not None
         flags = self._prompt_flags(req) if "penalties" in variant else None
         if p.prompt_logprobs is None:   # extras: the last chunk's id only
             ids = self._prefill_call(tokens, positions, s, n - 1, variant=variant, prompt_flags=flags)
@@ -929,8 +930,9 @@ class Engine:
         else:   # the live slots, padded with others, all at position S (free or still prefilling)
             rows = np.asarray(live + [s for s in range(self.num_slots) if s not in taken][:b - len(live)], np.int32)
         asks = [self._slots[s].params for s in live]
-        masked = any(self._slots[s].guide is not None for s in live)
-        self._masked_launched |= masked
+        # rows with a constraint, active or still waiting for its start token: their next step waits
+        self._masked_launched |= any(self._slots[s].guide is not None for s in live)
+        masked = any(self._slots[s].guide is not None and self._slots[s].guide_on for s in live)
         ids = self._decode_call(window, rows, variant=step_variant(any(p.logprobs is not None for p in asks),
                                                                    any(p.penalized for p in asks), masked))
         self.steps += 1
@@ -989,7 +991,7 @@ class Engine:
         words = self._masks.all_allowed(len(rows))
         for b, s in enumerate(rows):
             req = self._slots[s]
-            if req is not None and req.guide is not None and not req.finished:
+            if req is not None and req.guide is not None and req.guide_on and not req.finished:
                 self._masks.write(req.guide, words[b])
         return words
 
@@ -1021,7 +1023,9 @@ class Engine:
     def _deliver(self, req: Request, token: int, logprob: TokenLogprob | None = None):
         """Hand one sampled id (and its logprobs) to its request; free the slot when it finishes.
         A constrained request's guide takes the token (the mask allowed only tokens it takes)."""
-        if req.guide is not None:
+        if req.guide is not None and not req.guide_on:   # free until its start token
+            req.guide_on = token == req.params.constraint_after
+        elif req.guide is not None:
             try:
                 self._masks.advance(req.guide, token)
             except Exception as e:   # noqa: BLE001 - one request's guide must not stop the engine

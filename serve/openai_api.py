@@ -285,17 +285,19 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
             except (TemplateError, ValueError) as e:
                 raise bad(str(e), param="messages")
             await compiled(g)
+            tail = engine.tokenizer.decode(ids[-32:], skip_special_tokens=False)   # the generation prompt
+            if reasoning_parser is not None and g.params.constraint is not None:
+                g.params = _after_thinking(engine, g.params, tail)
             fan = submit_all(g, [ids])
         except ApiError as e:
             count("chat_completions", e.status)
             raise
         count("chat_completions", 200)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        opened = reasoning_parser is not None and prompt_opens_thinking(engine.tokenizer.decode(
-            ids[-32:], skip_special_tokens=False))   # the generation prompt is a few tokens
-        # a forced tool_choice's reply is calls from its first token, in Qwen3's (hermes) format
+        opened = reasoning_parser is not None and prompt_opens_thinking(tail)
+        # a forced tool_choice's reply is calls (after any thinking), in Qwen3's (hermes) format
         tools = (tool_call_parser or "hermes") if g.forced_tools else (tool_call_parser if g.tools else None)
-        parsers = (reasoning_parser, tools, opened and not g.forced_tools)
+        parsers = (reasoning_parser, tools, opened)
         if g.stream:
             return CancellableStream(_chat_events(fan, g, rid, created, served_model_name, engine.tokenizer, parsers),
                                      fan.cancel)
@@ -316,6 +318,18 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
 def _with_seed(params, seed):
     import dataclasses
     return dataclasses.replace(params, seed=seed)
+
+
+def _after_thinking(engine: Engine, params, prompt_tail: str):
+    """With a reasoning parser, a constraint (response_format, a forced tool_choice) starts after
+    the model's </think>, as vLLM's reasoning-aware structured outputs do: the thinking stays free.
+    Not where the prompt already closed it (enable_thinking false), nor without a </think> token."""
+    import dataclasses
+
+    think_end = engine.tokenizer.tok.token_to_id("</think>")
+    if think_end is None or "</think>" in prompt_tail.split("<|im_start|>assistant")[-1]:
+        return params
+    return dataclasses.replace(params, constraint_after=think_end)
 
 
 def _encode(engine: Engine, prompt) -> list[int]:

@@ -95,7 +95,10 @@ class Request:
         # filled chunk by chunk as the prefill's results arrive; released with the first output
         self.prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
         self.cancelled = threading.Event()
-        self.guide = None   # structured outputs: the outlines-core Guide of its constraint (the engine's)
+        # structured outputs: the outlines-core Guide of its constraint (the engine's), and whether
+        # it constrains the tokens yet (not before params.constraint_after has been generated)
+        self.guide = None
+        self.guide_on = params.constraint_after is None
 
     @property
     def prompt_len(self) -> int:

@@ -43,6 +43,8 @@ class SamplingParams:
     `json_schema` (a JSON schema, as a dict or its text) or `regex` (SGLang's names): every token
     keeps the text a prefix of a match (serve/structured.py); once the match is whole only an
     EOS id remains, unless `ignore_eos`, where generation ends at max_tokens.
+    `constraint_after` (a token id): the constraint starts after that token is generated, the
+    tokens before it (a thinking model's reasoning, ended by </think>) free.
     """
 
     max_tokens: int | None = 16
@@ -61,6 +63,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     json_schema: str | dict | None = None
     regex: str | None = None
+    constraint_after: int | None = None
 
     @property
     def constraint(self) -> tuple[str, str] | None:
@@ -104,6 +107,8 @@ class SamplingParams:
         if self.json_schema is not None:
             from .structured import json_schema_text
             json_schema_text(self.json_schema)   # a ValueError naming the problem
+        if self.constraint_after is not None and (not isinstance(self.constraint_after, int) or self.constraint_after < 0):
+            raise ValueError(f"constraint_after must be a token id (a non-negative integer), got {self.constraint_after!r}")
         return self
 
     def resolved(self, defaults: dict) -> "SamplingParams":

@@ -159,12 +159,12 @@ def tool_call_regex(tools: list[dict], name: str | None = None, parallel: bool =
             args = build_regex_from_schema(json.dumps(params))
         except Exception as e:   # noqa: BLE001 - the library's message names the schema's problem
             raise StructuredOutputError(f"function {fn.get('name')!r}: its parameters schema cannot be used: {e}") from None
-        calls.append('<tool_call>\n\{"name": "' + re.escape(str(fn.get("name"))) + '", "arguments": ' + args
-                     + '\}\n</tool_call>')
+        calls.append(r'<tool_call>\n\{"name": "' + re.escape(str(fn.get("name"))) + r'", "arguments": ' + args
+                     + r'\}\n</tool_call>')
     if not calls:
         raise StructuredOutputError(f"no function named {name!r} among the request's tools")
     one = "(" + "|".join(calls) + ")"
-    return one + ("(\n" + one + ")*" if parallel else "")
+    return one + (r"(\n" + one + ")*" if parallel else "")
 
 
 def json_schema_text(schema) -> str:

@@ -144,3 +144,38 @@ def _parses(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def test_constraint_after_leaves_the_tokens_before_its_start_token_free(engine):
+    """constraint_after = a token the free greedy reply writes at position 5 (standing in for a
+    thinking model's </think>): the reply up to and including it is the free one, token for token;
+    from there on it matches the regex and ends."""
+    free = engine.generate("The quick brown", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    ids = free.token_ids
+    p = next(i for i in range(3, len(ids)) if ids[i] not in ids[:i])
+    pattern = "[0-9]{2,4}"
+    got = engine.generate("The quick brown", SamplingParams(max_tokens=24, temperature=0, regex=pattern,
+                                                            constraint_after=ids[p]))[0]
+    assert got.token_ids[:p + 1] == ids[:p + 1] and got.finish_reason == "stop"
+    rest = engine.tokenizer.decode(got.token_ids[p + 1:])
+    assert re.fullmatch(pattern, rest), rest
+
+
+def test_chat_constraint_starts_after_thinking_unless_the_prompt_closed_it():
+    """The HTTP layer's rule (openai_api._after_thinking): with a reasoning parser, a constrained
+    chat reply's constraint starts after </think>, unless the generation prompt already closed the
+    thinking (enable_thinking false) or the vocabulary has no </think>."""
+    from types import SimpleNamespace
+
+    from serve.openai_api import _after_thinking
+
+    def engine_with(think_end):
+        return SimpleNamespace(tokenizer=SimpleNamespace(tok=SimpleNamespace(token_to_id=lambda t: think_end)))
+    params = SamplingParams(regex="a+")
+    opened = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    closed = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    earlier = "</think>\nold<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert _after_thinking(engine_with(151668), params, opened).constraint_after == 151668
+    assert _after_thinking(engine_with(151668), params, earlier).constraint_after == 151668
+    assert _after_thinking(engine_with(151668), params, closed).constraint_after is None
+    assert _after_thinking(engine_with(None), params, opened).constraint_after is None
