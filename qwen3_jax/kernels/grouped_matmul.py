@@ -18,10 +18,10 @@ Shapes (G groups, K in, N out, R = NB * bm rows):
   scales: None or per weight float32, layout "k" [G, ceil(K/block), N] or "n" [G, K, ceil(N/block)].
 
 rows [R] int32 (optional; longer is fine, the rest unread): x is [N, K] and padded row r reads
-x[rows[r]], gathered in the kernel (no [R, K] copy of x in memory). block_valid [NB] int32 (optional): only the first
-block_valid[b] rows of block b are real; the rest are not stored (their results are never read,
-so a down projection writes only its real rows) and, with rows, read x row 0 (rows[] holds
-anything there: moe_blocks.route_blocks leaves pad rows unwritten).
+x[rows[r]], gathered in the kernel (no [R, K] copy of x in memory). block_valid [NB] int32
+(optional): only the first block_valid[b] rows of block b are real; the rest are not stored
+(their results are never read, so a down projection writes only its real rows) and, with rows,
+read x row 0 (rows[] holds anything there: moe_blocks.route_blocks leaves pad rows unwritten).
 
 Numerics: float32 accumulation. Layout "k" multiplies the exactly converted FP8 tile product by
 its per-column scale after each K block (more precise than dequantize-then-round); layout "n"
