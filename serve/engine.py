@@ -268,7 +268,11 @@ class Engine:
         self.tokenizer: Tokenizer | None = tokenizer
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer else cfg.eos_token_ids)
         gen = tokenizer.generation_config if tokenizer else {}
-        self.default_sampling = {k: gen[k] for k in ("temperature", "top_p", "top_k") if k in gen}
+        self.default_sampling = {k: gen[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")
+                                 if k in gen}
+        if self.default_sampling:   # as vLLM says it: these apply to every request that leaves them unset
+            log.info("sampling defaults from generation_config.json: %s",
+                     ", ".join(f"{k}={v}" for k, v in self.default_sampling.items()))
         # structured outputs (json_schema / regex): the vocabulary and compiled constraints
         self._masks = TokenMasks(tokenizer, cfg.vocab_size) if tokenizer is not None else None
         self._masked_launched = False   # the scheduler iteration launched a step with masked rows

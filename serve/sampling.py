@@ -25,8 +25,8 @@ LOGPROBS_MAX = 20   # most alternatives a request may ask for (OpenAI's top_logp
 class SamplingParams:
     """How one request generates. temperature 0 is greedy; top_k <= 0 and top_p = 1 are off.
 
-    temperature / top_p / top_k left None take the checkpoint's generation_config.json values
-    (as vLLM and SGLang do), else 1.0 / 1.0 / off. `max_tokens` None means "up to the context
+    temperature / top_p / top_k / repetition_penalty left None take the checkpoint's
+    generation_config.json values (as vLLM and SGLang do), else 1.0 / 1.0 / off / 1.0 (off). `max_tokens` None means "up to the context
     length"; `seed` None draws a fresh seed.
     `stop` strings end generation and are not included in the text; `stop_token_ids` and the
     checkpoint's EOS ids (unless `ignore_eos`) end it too.
@@ -60,7 +60,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     json_schema: str | dict | None = None
     regex: str | None = None
     constraint_after: int | None = None
@@ -75,7 +75,7 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty not in (None, 1))
 
     def validate(self):
         """Raise ValueError naming the field and the allowed range."""
@@ -94,7 +94,7 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if not 0 < self.repetition_penalty <= 2:
+        if self.repetition_penalty is not None and not 0 < self.repetition_penalty <= 2:
             raise ValueError(f"repetition_penalty must be in (0, 2] (1 is off), got {self.repetition_penalty}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
@@ -112,8 +112,9 @@ class SamplingParams:
         return self
 
     def resolved(self, defaults: dict) -> "SamplingParams":
-        """A copy with unset temperature/top_p/top_k taken from `defaults`, then 1.0 / 1.0 / -1."""
-        fallback = {"temperature": 1.0, "top_p": 1.0, "top_k": -1}
+        """A copy with unset temperature/top_p/top_k/repetition_penalty taken from `defaults`, then
+        1.0 / 1.0 / -1 / 1.0."""
+        fallback = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}
         fill = {k: defaults.get(k, v) if getattr(self, k) is None else getattr(self, k) for k, v in fallback.items()}
         return dataclasses.replace(self, stop=list(self.stop), stop_token_ids=list(self.stop_token_ids), **fill)
 

@@ -589,16 +589,42 @@ def test_repetition_penalty_matches_a_host_reference(engine):
     asks = [dataclasses.replace(plain, repetition_penalty=1.8), plain,
             dataclasses.replace(plain, repetition_penalty=0.7, frequency_penalty=0.5)]
     outs = engine.generate(prompts, asks)
-    want = [penalized_greedy(engine.model, p, 16, sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty)
+    want = [penalized_greedy(engine.model, p, 16, sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty or 1)
             for p, sp in zip(prompts, asks)]
     assert [o.token_ids for o in outs] == want
     assert any(w != penalized_greedy(engine.model, p, 16, sp.presence_penalty, sp.frequency_penalty,
                                      sp.repetition_penalty, on_prompt=False)
-               for w, p, sp in zip(want, prompts, asks) if sp.repetition_penalty != 1)
+               for w, p, sp in zip(want, prompts, asks) if sp.repetition_penalty not in (None, 1))
     for p in prompts:   # the slots the penalized requests left, reused without a penalty
         assert engine.generate(p, plain)[0].token_ids == penalized_greedy(engine.model, p, 16, 0, 0)
     with pytest.raises(ValueError, match=r"repetition_penalty must be in \(0, 2\]"):
         engine.submit([1, 2], SamplingParams(repetition_penalty=0))
+
+
+def test_generation_config_repetition_penalty_is_the_default(ckpt, tmp_path):
+    """A checkpoint whose generation_config.json sets repetition_penalty (as vLLM reads it): a
+    request that leaves it unset gets it (the host reference's tokens with it), one that sets
+    1.0 turns it off."""
+    import json
+    import shutil
+
+    ckpt2 = shutil.copytree(ckpt, tmp_path / "ckpt")
+    gen_path = ckpt2 / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    gen_path.write_text(json.dumps({**gen, "repetition_penalty": 1.6}))
+    eng = Engine(str(ckpt2), dtype="float32", context_length=128, max_running_requests=2, chunked_prefill_size=32,
+                 progress=False)
+    try:
+        assert eng.default_sampling["repetition_penalty"] == 1.6
+        prompt = np.random.default_rng(3).integers(0, 500, size=30).tolist()
+        unset = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+        got = eng.generate(prompt, unset)[0].token_ids
+        assert got == penalized_greedy(eng.model, prompt, 16, 0, 0, 1.6)
+        assert got != penalized_greedy(eng.model, prompt, 16, 0, 0)   # the default acted
+        off = eng.generate(prompt, dataclasses.replace(unset, repetition_penalty=1.0))[0].token_ids
+        assert off == penalized_greedy(eng.model, prompt, 16, 0, 0)
+    finally:
+        eng.shutdown()
 
 
 @pytest.mark.parametrize("mesh", [None, "tp=2"])
