@@ -130,7 +130,8 @@ def _parse_call(body: str) -> ToolCall | None:
 class ToolCallParser:
     """Qwen3's (Hermes') tool calls in the content: `<tool_call>\\n{json}\\n</tool_call>` blocks."""
 
-    def __init__(self):
+    def __init__(self, max_calls: int | None = None):
+        self.max_calls = max_calls   # OpenAI's parallel_tool_calls false: 1; later calls are dropped
         self.buf = ""
         self.gap = ""   # whitespace before the open block, dropped if it is a call
         self.inside = False
@@ -160,10 +161,14 @@ class ToolCallParser:
             call = _parse_call(block[len(CALL_OPEN):-len(CALL_CLOSE)])
             if call is None:
                 content += self.gap + block   # not a call after all: the model's text, unchanged
-            else:
+            elif self._room(len(done)):
                 done.append(call)
         self.calls += done
         return content, done
+
+    def _room(self, pending: int = 0) -> bool:
+        """Whether one more call may be kept (pending: calls found in this push, not yet kept)."""
+        return self.max_calls is None or len(self.calls) + pending < self.max_calls
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """The end of the output: an unclosed block is a call if its JSON is whole, else text."""
@@ -172,6 +177,8 @@ class ToolCallParser:
             self.inside = False
             call = _parse_call(rest[len(CALL_OPEN):])
             if call is not None:
+                if not self._room():
+                    return "", []
                 self.calls.append(call)
                 return "", [call]
             rest = self.gap + rest
@@ -179,11 +186,12 @@ class ToolCallParser:
 
 
 class MessageParser:
-    """Both parsers in a chain (reasoning first: a <tool_call> inside the thinking stays there)."""
+    """Both parsers in a chain (reasoning first: a <tool_call> inside the thinking stays there).
+    max_calls: see ToolCallParser."""
 
-    def __init__(self, reasoning: str | None, tools: str | None, opened: bool = False):
+    def __init__(self, reasoning: str | None, tools: str | None, opened: bool = False, max_calls: int | None = None):
         self.reasoning = ReasoningParser(opened) if reasoning else None
-        self.tools = ToolCallParser() if tools else None
+        self.tools = ToolCallParser(max_calls) if tools else None
 
     @property
     def active(self) -> bool:
@@ -208,10 +216,11 @@ class MessageParser:
         return self.tools.calls if self.tools else []
 
 
-def parse_message(text: str, reasoning: str | None, tools: str | None, opened: bool = False) -> dict:
+def parse_message(text: str, reasoning: str | None, tools: str | None, opened: bool = False,
+                  max_calls: int | None = None) -> dict:
     """A whole reply -> {"content", "reasoning_content" (with a reasoning parser), "tool_calls"
     (when there are any)}: `content` None when only tool calls remain, as OpenAI sends it."""
-    p = MessageParser(reasoning, tools, opened)
+    p = MessageParser(reasoning, tools, opened, max_calls)
     r, c, calls = p.push(text, final=True)
     msg = {"content": c}
     if reasoning:

@@ -297,7 +297,7 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
         opened = reasoning_parser is not None and prompt_opens_thinking(tail)
         # a forced tool_choice's reply is calls (after any thinking), in Qwen3's (hermes) format
         tools = (tool_call_parser or "hermes") if g.forced_tools else (tool_call_parser if g.tools else None)
-        parsers = (reasoning_parser, tools, opened)
+        parsers = (reasoning_parser, tools, opened, g.max_calls)
         if g.stream:
             return CancellableStream(_chat_events(fan, g, rid, created, served_model_name, engine.tokenizer, parsers),
                                      fan.cancel)

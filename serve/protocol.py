@@ -111,6 +111,7 @@ class GenerationRequest:
     tools: bool = False   # chat: the request offers tools (tool_choice "auto"), so calls are parsed
     forced_tools: bool = False   # chat: tool_choice "required" or a named function: the reply is calls
     constraint_param: str | None = None   # the field that constrains the output (named in its errors)
+    max_calls: int | None = None   # chat: parallel_tool_calls false -> 1 (later calls are dropped)
 
     @property
     def logprobs(self) -> bool:
@@ -268,7 +269,8 @@ def chat_request(body: dict) -> tuple[GenerationRequest, list[dict], dict]:
                       param="tool_choice")
         params = dataclasses.replace(params, regex=forced)
     req = GenerationRequest([], params, n, stream, include, tools=offered, forced_tools=forced is not None,
-                            constraint_param="tool_choice" if forced is not None else _constraint_param(body))
+                            constraint_param="tool_choice" if forced is not None else _constraint_param(body),
+                            max_calls=1 if body.get("parallel_tool_calls") is False else None)
     return req, msgs, kwargs
 
 

@@ -142,3 +142,16 @@ def test_server_reply_of_an_opened_think_block_is_reasoning(tmp_path):
             assert "".join(d.get("content") or "" for d in deltas) == msg["content"]
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("text", ["I will look both up.\n" + WEATHER + "\n" + TIME,
+                                  WEATHER + "\n" + TIME[:-len("</tool_call>")]])   # the second cut off
+def test_one_call_with_parallel_tool_calls_false(text):
+    """max_calls=1 (parallel_tool_calls false): the first call only, whole and streamed one
+    character at a time; the dropped call's text does not become content."""
+    msg = parse_message(text, None, "hermes", max_calls=1)
+    assert [c["function"]["name"] for c in msg["tool_calls"]] == ["get_weather"]
+    assert msg["content"] in (None, "I will look both up.")
+    p = MessageParser(None, "hermes", max_calls=1)
+    got = [call for k, ch in enumerate(text) for call in p.push(ch, final=k == len(text) - 1)[2]]
+    assert [c.name for c in got] == ["get_weather"] and [c.name for c in p.calls] == ["get_weather"]
