@@ -50,7 +50,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import queue
 import random
 import threading
@@ -471,7 +470,9 @@ class Engine:
 
     # Threads compiling the model's forwards side by side at warm-up (1: one after another as the
     # steps first run). XLA's compile runs outside Python's lock; tracing and lowering take turns.
-    COMPILE_THREADS = min(8, os.cpu_count() or 1)
+    # 1 until timed on a GPU (benchmarks/engine_warmup.py): there each compile also autotunes its
+    # XLA gemms by running them, and compiles side by side would time them on one busy device.
+    COMPILE_THREADS = 1
 
     def _compile_forwards(self, threads: int, bar) -> int:
         """Compile every prefill bucket's and every (KV window, decode batch size)'s forward, `threads`
