@@ -57,6 +57,22 @@ def test_mask_logits_keeps_exactly_the_set_bits():
     np.testing.assert_array_equal(got, np.where(allowed, logits, -np.inf))
 
 
+@pytest.mark.gpu
+def test_gpu_mask_logits_at_qwen3_vocab():
+    """The compiled mask at Qwen3's vocabulary (151936 columns, 4748 words) and 64 rows, some
+    rows all-allowed, against numpy."""
+    import jax
+
+    rng = np.random.default_rng(1)
+    b, v = 64, 151936
+    logits = rng.standard_normal((b, v)).astype(np.float32)
+    words = rng.integers(-2 ** 31, 2 ** 31, (b, -(-v // 32)), dtype=np.int64).astype(np.int32)
+    words[::4] = -1
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :v].astype(bool)
+    got = np.asarray(jax.jit(mask_logits)(jnp.asarray(logits), jnp.asarray(words)))
+    np.testing.assert_array_equal(got, np.where(bits, logits, -np.inf))
+
+
 def test_token_bytes_cover_every_byte_and_leave_out_special_tokens(ckpt):
     tok = Tokenizer(ckpt)
     table = token_bytes(tok)
