@@ -167,7 +167,7 @@ def _memory_plan(args, cfg, spec):
     import jax
 
     try:
-        from sharding.memory import plan_memory, plan_memory_auto_chunk
+        from sharding.memory import plan_memory_chunked
 
         from .dry_run import ENGINE_STEPS
     except ImportError:  # no planner: capacity.py sizes the cache from memory_stats() instead
@@ -178,12 +178,9 @@ def _memory_plan(args, cfg, spec):
         stats = None
     if not stats or "bytes_limit" not in stats:
         return None
-    kw = dict(device_memory_bytes=int(stats["bytes_limit"]), mem_fraction_static=args.mem_fraction_static,
-              context_length=args.context_length, max_running_requests=args.max_running_requests,
-              dtype=args.dtype, steps=ENGINE_STEPS)
-    if args.chunked_prefill_size == "auto":
-        return plan_memory_auto_chunk(cfg, spec, **kw)
-    return plan_memory(cfg, spec, chunked_prefill_size=args.chunked_prefill_size, **kw)
+    return plan_memory_chunked(cfg, spec, args.chunked_prefill_size, device_memory_bytes=int(stats["bytes_limit"]),
+                               mem_fraction_static=args.mem_fraction_static, context_length=args.context_length,
+                               max_running_requests=args.max_running_requests, dtype=args.dtype, steps=ENGINE_STEPS)
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,6 @@ Also runs on its own: `python -m serve.dry_run --model ... --mesh ... --device-m
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 
@@ -133,15 +132,13 @@ def run(args) -> int:
     n = spec.num_devices
     devices = force_cpu(min(max(2 * n, 16), 64))  # room for the larger meshes suggestions try
 
-    from sharding.memory import (AUTO_CHUNK_BASE, DEFAULT_MEM_FRACTION_STATIC, format_sweep, plan_memory,
-                                 plan_memory_auto_chunk, sweep)
+    from sharding.memory import AUTO_CHUNK_BASE, DEFAULT_MEM_FRACTION_STATIC, format_sweep, plan_memory_chunked, sweep
 
     kw = dict(device_memory_bytes=limit, mem_fraction_static=getattr(args, "mem_fraction_static", DEFAULT_MEM_FRACTION_STATIC),
               context_length=getattr(args, "context_length", None),
               max_running_requests=getattr(args, "max_running_requests", None),
               dtype=getattr(args, "dtype", "bfloat16"), steps=ENGINE_STEPS, devices=devices)
     chunk = getattr(args, "chunked_prefill_size", None) or "auto"
-    plan_one = plan_memory_auto_chunk if chunk == "auto" else functools.partial(plan_memory, chunked_prefill_size=chunk)
     try:
         if getattr(args, "sweep", False):
             plans = sweep(cfg, n, chunked_prefill_size=AUTO_CHUNK_BASE if chunk == "auto" else chunk, **kw)
@@ -150,7 +147,7 @@ def run(args) -> int:
             else:
                 print(format_sweep(plans))
             return 0 if any(p.fits for p in plans) else 1
-        plan = plan_one(cfg, spec, **kw)
+        plan = plan_memory_chunked(cfg, spec, chunk, **kw)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -274,7 +274,6 @@ class Engine:
                      ", ".join(f"{k}={v}" for k, v in self.default_sampling.items()))
         # structured outputs (json_schema / regex): the vocabulary and compiled constraints
         self._masks = TokenMasks(tokenizer, cfg.vocab_size) if tokenizer is not None else None
-        self._masked_launched = False   # the scheduler iteration launched a step with masked rows
 
         self.context_length = context_length or cfg.max_position_embeddings
         if self.context_length > cfg.max_position_embeddings:
@@ -474,10 +473,10 @@ class Engine:
     # XLA gemms by running them, and compiles side by side would time them on one busy device.
     COMPILE_THREADS = 1
 
-    def _compile_forwards(self, threads: int, bar) -> int:
+    def _compile_forwards(self, threads: int, bar):
         """Compile every prefill bucket's and every (KV window, decode batch size)'s forward, `threads`
         at a time, ahead of their first run: jit reuses an executable compiled from the same
-        lowering, so the warm-up's runs below find them compiled. -> how many were compiled."""
+        lowering, so the warm-up's runs below find them compiled."""
         prefill_forward, forwards = self._forwards
         state, (cache, last, _) = self.model.state, self._carry
         zeros = functools.partial(np.zeros, dtype=np.int32)
@@ -493,7 +492,6 @@ class Engine:
         with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="qwen3-compile") as pool:
             for f in [pool.submit(compile_one, job) for job in jobs]:
                 f.result()   # a failed compile raises here, as it would at its first run
-        return len(jobs)
 
     def warmup(self, progress: bool = True):
         """Compile every prefill bucket, each decode batch size at each KV window, and the samplers
@@ -764,14 +762,13 @@ class Engine:
                         self._place(r)
                         self._prefilling.append(r)
                     self._pending.extendleft(reversed(held))   # first in line again, in their order
-                self._masked_launched = False
                 launched = self._run_prefills()
                 launched = self._decode() or launched
                 # Overlap: the step just launched runs on the device while the host reads back and
                 # hands out the ones before it (detokenize, stop checks, streaming), then schedules
                 # the next; the host work between two steps leaves the device's critical path. Not
-                # for a step with structured-output rows: their next masks need these tokens.
-                self._collect(keep=1 if self.overlap and launched and not self._masked_launched else 0)
+                # while a step with structured-output rows is in flight: their next masks need its tokens.
+                self._collect(keep=1 if self.overlap and launched and not self._constrained_in_flight() else 0)
         except BaseException as e:  # noqa: BLE001 - reported to every waiting request below
             log.exception("engine step failed; ending all requests")
             self.error = e
@@ -898,7 +895,6 @@ class Engine:
         p = req.params
         variant = step_variant(done and p.logprobs is not None, done and p.penalized,
                                done and req.guide is not None and req.guide_on)
-        self._masked_launched |= done and req.guide is not None
         flags = self._prompt_flags(req) if "penalties" in variant else None
         if p.prompt_logprobs is None:   # extras: the last chunk's id only
             ids = self._prefill_call(tokens, positions, s, n - 1, variant=variant, prompt_flags=flags)
@@ -935,8 +931,6 @@ class Engine:
         else:   # the live slots, padded with others, all at position S (free or still prefilling)
             rows = np.asarray(live + [s for s in range(self.num_slots) if s not in taken][:b - len(live)], np.int32)
         asks = [self._slots[s].params for s in live]
-        # rows with a constraint, active or still waiting for its start token: their next step waits
-        self._masked_launched |= any(self._slots[s].guide is not None for s in live)
         masked = any(self._slots[s].guide is not None and self._slots[s].guide_on for s in live)
         ids = self._decode_call(window, rows, variant=step_variant(any(p.logprobs is not None for p in asks),
                                                                    any(p.penalized for p in asks), masked))
@@ -948,6 +942,10 @@ class Engine:
             self._slots[s].launched += 1
         self._inflight.append((ids, [(i, self._slots[s]) for i, s in enumerate(rows) if s in taken]))
         return True
+
+    def _constrained_in_flight(self) -> bool:
+        """A launched step holds a row with a constraint (active, or waiting for its start token)."""
+        return any(isinstance(rows, list) and any(r.guide is not None for _, r in rows) for _, rows in self._inflight)
 
     def _prompt_flags(self, req: Request) -> np.ndarray:
         """[1, S] int32: the prompt ids a repetition penalty acts on (the penalized sampler flags

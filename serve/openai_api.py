@@ -14,6 +14,7 @@ non-streamed answer) has its requests cancelled, which frees their slots before 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -161,7 +162,7 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
                 for j in range(g.n):
                     params = g.params
                     if g.n > 1 and params.seed is not None:  # n choices from one seed must still differ
-                        params = _with_seed(params, params.seed + j)
+                        params = dataclasses.replace(params, seed=params.seed + j)
                     fan.submit(p * g.n + j, ids, params)
         except QueueFull as e:
             fan.cancel()
@@ -315,17 +316,10 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
     return app
 
 
-def _with_seed(params, seed):
-    import dataclasses
-    return dataclasses.replace(params, seed=seed)
-
-
 def _after_thinking(engine: Engine, params, prompt_tail: str):
     """With a reasoning parser, a constraint (response_format, a forced tool_choice) starts after
     the model's </think>, as vLLM's reasoning-aware structured outputs do: the thinking stays free.
     Not where the prompt already closed it (enable_thinking false), nor without a </think> token."""
-    import dataclasses
-
     think_end = engine.tokenizer.tok.token_to_id("</think>")
     if think_end is None or "</think>" in prompt_tail.split("<|im_start|>assistant")[-1]:
         return params

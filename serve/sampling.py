@@ -68,10 +68,11 @@ class SamplingParams:
     @property
     def constraint(self) -> tuple[str, str] | None:
         """(kind, text) of the structured-output constraint ('json_schema' / 'regex'), or None."""
-        from .structured import constraint, json_schema_text
+        from .structured import json_schema_text
 
-        schema = None if self.json_schema is None else json_schema_text(self.json_schema)
-        return constraint(schema, self.regex)
+        if self.json_schema is not None:
+            return "json_schema", json_schema_text(self.json_schema)
+        return None if self.regex is None else ("regex", self.regex)
 
     @property
     def penalized(self) -> bool:

@@ -64,15 +64,6 @@ def token_bytes(tokenizer) -> dict[bytes, list[int]]:
     return out
 
 
-def constraint(json_schema: str | None = None, regex: str | None = None) -> tuple[str, str] | None:
-    """SamplingParams' fields -> (kind, text) or None (kind 'json_schema' or 'regex')."""
-    if json_schema is not None:
-        return "json_schema", json_schema
-    if regex is not None:
-        return "regex", regex
-    return None
-
-
 class TokenMasks:
     """One engine's constraints: the vocabulary built once (on first use), indexes cached.
 

@@ -428,10 +428,12 @@ AUTO_CHUNK_SIZES = (2048, 1024)
 AUTO_CHUNK_KV_COST = 0.10
 
 
-def plan_memory_auto_chunk(cfg, mesh_spec, **kw) -> MemoryPlan:
-    """plan_memory with the chunked prefill size chosen (AUTO_CHUNK_SIZES above): -> the plan of
-    the chosen size, its chunk_choice saying why. Plans 2-3 sizes (each a workspace compile)."""
-    kw.pop("chunked_prefill_size", None)
+def plan_memory_chunked(cfg, mesh_spec, chunked_prefill_size: int | str = "auto", **kw) -> MemoryPlan:
+    """plan_memory for a chunked prefill size, or "auto" (the server's default): the size chosen
+    as AUTO_CHUNK_SIZES above says, the plan's chunk_choice saying why (2-3 sizes planned, each a
+    workspace compile)."""
+    if chunked_prefill_size != "auto":
+        return plan_memory(cfg, mesh_spec, chunked_prefill_size=chunked_prefill_size, **kw)
     base = plan_memory(cfg, mesh_spec, chunked_prefill_size=AUTO_CHUNK_BASE, **kw)
     larger = [size for size in AUTO_CHUNK_SIZES if size < base.context_length]   # a chunk past the context is the context
     if not base.fits or not larger:

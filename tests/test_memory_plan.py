@@ -200,15 +200,15 @@ def test_auto_chunk_size_takes_2048_only_where_the_kv_cache_barely_notices(fp8_2
     """--chunked-prefill-size auto: 2048-token chunks on one 141 GB card for 30B-A3B-FP8 (a few %
     of the KV cache), 512 for 235B-A22B-FP8 on 8 x 48 GiB, where 2048 and 1024 would each cost
     more than AUTO_CHUNK_KV_COST of its KV cache (the README's worked example)."""
-    from sharding.memory import AUTO_CHUNK_KV_COST, plan_memory_auto_chunk
+    from sharding.memory import AUTO_CHUNK_KV_COST, plan_memory_chunked
 
-    roomy = plan_memory_auto_chunk(resolve_config("Qwen3-30B-A3B-FP8"), "tp=1", device_memory_bytes=139 * GiB)
+    roomy = plan_memory_chunked(resolve_config("Qwen3-30B-A3B-FP8"), "tp=1", device_memory_bytes=139 * GiB)
     base = roomy.replan(chunked_prefill_size=512)
     assert roomy.chunked_prefill_size == 2048 and roomy.workspace.prefill_tokens == 2048
     assert (1 - AUTO_CHUNK_KV_COST) * base.kv_cache_tokens <= roomy.kv_cache_tokens < base.kv_cache_tokens
     assert "chunked prefill: 2048 tokens (auto: its workspace costs" in roomy.format()
     assert roomy.to_json()["chunked_prefill_size"] == 2048
-    tight = plan_memory_auto_chunk(fp8_235b, "tp=4,ep=8", device_memory_bytes=48 * GiB)
+    tight = plan_memory_chunked(fp8_235b, "tp=4,ep=8", device_memory_bytes=48 * GiB)
     assert tight.chunked_prefill_size == 512 and tight.fits
     for size in (2048, 1024):
         assert tight.replan(chunked_prefill_size=size).kv_cache_tokens < (1 - AUTO_CHUNK_KV_COST) * tight.kv_cache_tokens
