@@ -2,7 +2,10 @@
 forwards compiled on N threads against one, each in a fresh process (no compile cache shared).
 
 Random weights of a preset's shapes (serve.bench's configs). Prints one row per thread count:
-the warm-up's seconds and its ratio to the first count's, measured in the same run.
+the warm-up's seconds and its ratio to the first count's, measured in the same run, and the
+served decode step after it with every slot busy (on a GPU each compile also autotunes its XLA
+gemms by running them; side by side, those timings share one device and could pick worse
+kernels, which the step time would show).
 
     python benchmarks/engine_warmup.py --model Qwen3-30B-A3B-FP8 --context 16384 --slots 4 --threads 1,8
     python benchmarks/engine_warmup.py --model tiny --context 512 --slots 4 --threads 1,2   # CPU: works
@@ -20,9 +23,14 @@ sys.path.insert(0, ROOT)
 
 
 def warmup_seconds(model: str, context: int, slots: int, threads: int, layers: int | None = None) -> dict:
-    """In this process: build the model, then an Engine with COMPILE_THREADS = threads.
-    -> {"threads", "warmup_s", "forwards"} (forwards: prefill buckets + windows x batch sizes)."""
+    """In this process: build the model, then an Engine with COMPILE_THREADS = threads, then
+    time its decode step with every slot running.
+    -> {"threads", "warmup_s", "forwards", "step_ms"} (forwards: prefill buckets + windows x
+    batch sizes)."""
+    import numpy as np
+
     import qwen3_jax
+    from benchmarks.engine_decode import decode_ms
     from serve.bench import resolve_bench_config
     from serve.engine import Engine
 
@@ -33,8 +41,11 @@ def warmup_seconds(model: str, context: int, slots: int, threads: int, layers: i
     engine = Engine(m, context_length=context, max_running_requests=slots, progress=False)
     seconds = time.perf_counter() - t0
     forwards = len(engine.buckets) + len(engine.windows) * len(engine.decode_batch_sizes)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, cfg.vocab_size, min(64, context // 4)).tolist() for _ in range(slots)]
+    step_ms, _, _ = decode_ms(engine, prompts, tokens=min(32, context // 4))
     engine.shutdown()
-    return {"threads": threads, "warmup_s": seconds, "forwards": forwards}
+    return {"threads": threads, "warmup_s": seconds, "forwards": forwards, "step_ms": step_ms}
 
 
 def main(argv=None):
@@ -62,9 +73,10 @@ def main(argv=None):
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"{args.model}, context {args.context}, {args.slots} slots, {rows[0]['forwards']} forwards; "
           f"cpus {os.cpu_count()}; each count in a fresh process")
-    print(f"{'threads':>8} {'warm-up s':>10} {'vs first':>9}")
+    print(f"{'threads':>8} {'warm-up s':>10} {'vs first':>9} {'step ms after':>14} {'vs first':>9}")
     for r in rows:
-        print(f"{r['threads']:>8} {r['warmup_s']:>10.1f} {r['warmup_s'] / rows[0]['warmup_s']:>8.2f}x")
+        print(f"{r['threads']:>8} {r['warmup_s']:>10.1f} {r['warmup_s'] / rows[0]['warmup_s']:>8.2f}x"
+              f" {r['step_ms']:>14.3f} {r['step_ms'] / rows[0]['step_ms']:>8.2f}x")
     return rows
 
 
