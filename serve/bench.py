@@ -112,8 +112,9 @@ def parse_args(argv=None):
                         "gemv (per-row programs, up to 64 tokens; XLA routing above) (default: the library's)")
     p.add_argument("--projection-matmul", default="",
                    help="FP8 attention projections of 17-511 rows (one group of the grouped matmul): 'narrow' "
-                        "(tiles narrowed for parallelism), 'split' (split-K programs) and/or 'split-qkv' (split, "
-                        "q/k/v in one launch, the default), comma-separated: A/B")
+                        "(tiles narrowed for parallelism), 'split' (split-K programs), 'split-qkv' (split, q/k/v "
+                        "in one launch) and/or 'narrow-qkv' (narrowed, then split; q/k/v in one launch; the "
+                        "default), comma-separated: A/B")
     p.add_argument("--fp8-copy", default="",
                    help="FP8 models stored [out, in]: who writes the prefill's transposed bf16 copy of the "
                         "experts, comma-separated: kernel, xla (default: the library's)")

@@ -193,7 +193,7 @@ def test_gemv_concat_runs_projections_of_different_widths_in_one_launch(fp8, mon
     for p, w in zip(parts, want):
         assert rel(p.sum(0), gemv_reference(x, jnp.arange(3), layer1, w)) < 1e-5
     # Rows past the gemv limit: one launch each, unless PROJECTION_MATMUL puts FP8 weights side by
-    # side in the grouped matmul ("split-qkv", the default; its own test below)
+    # side in the grouped matmul ("narrow-qkv", the default, and "split-qkv"; their own test below)
     from qwen3_jax.kernels import linear as linear_mod
     monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS["split"]))
     assert projections_partials([(specs[0][0], jnp.zeros((1, 40, 128), x.dtype), *specs[0][2:])] * 2, 64, 1) is None
@@ -822,8 +822,8 @@ def test_grouped_matmul_concat_refuses_weights_it_cannot_put_side_by_side():
 def test_fp8_projection_with_the_weight_on_the_left(monkeypatch, fp8_w8a16):
     """A prefill-sized FP8 projection stored [out, in] whose tiles stay >= 64 wide runs with the
     weight as the MMA's left operand (MATMUL_DEFAULTS' fp8_nk) and gives the same products; once
-    the tiles narrow below 64 (the "narrow" rule) it runs with x on the left. The default rule
-    ("split") keeps the tile and the weight on the left."""
+    the tiles narrow below 64 (the "narrow" rule, and "narrow-qkv", the default) it runs with x on
+    the left. The "split" rule keeps the tile and the weight on the left."""
     from qwen3_jax.kernels import grouped_matmul as gm_mod
     from qwen3_jax.kernels import linear as linear_mod
 
@@ -837,7 +837,7 @@ def test_fp8_projection_with_the_weight_on_the_left(monkeypatch, fp8_w8a16):
     want = jnp.einsum("btd,dhq->bthq", x.astype(jnp.float32), dequantize(wq[1], sq[1], 0, block, jnp.float32))
     narrow = linear_mod.PROJECTION_MATMUL_PRESETS["narrow"]
     for target, lhs, rule in ((1, True, narrow), (linear_mod.TARGET_PROGRAMS, False, narrow),
-                              (linear_mod.TARGET_PROGRAMS, True, linear_mod.PROJECTION_MATMUL)):
+                              (linear_mod.TARGET_PROGRAMS, True, linear_mod.PROJECTION_MATMUL_PRESETS["split"])):
         monkeypatch.setattr(linear_mod, "TARGET_PROGRAMS", target)
         monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(rule))
         q = linear_einsum("btd,dhq->bthq", x, jnp.moveaxis(wq, 1, 3), sq, 0, block, layer=jnp.int32(1), w_nk=True)
@@ -1745,8 +1745,9 @@ def test_gpu_model_with_kernels_matches_plain_xla_prefill_and_decode(numerics, r
 @pytest.mark.parametrize("batch", [48, 200])
 def test_gpu_decode_step_with_split_k_projections_matches_narrow_tiles(batch, monkeypatch):
     """Two 30B-A3B-FP8 layers, one decode step at 48 and 200 rows: the projections split along K
-    (linear.PROJECTION_MATMUL "split", and "split-qkv", the default, with q/k/v in one launch;
-    q/k/v's partials summed by the attention kernel, o's by XLA) and the narrowed tiles ("narrow")
+    (linear.PROJECTION_MATMUL "split", "split-qkv" with q/k/v in one launch, and "narrow-qkv", the
+    default, narrowed then split with q/k/v in one launch; q/k/v's partials summed by the attention
+    kernel, o's by XLA) and the narrowed tiles ("narrow")
     all against the plain-XLA path: each split as close to it as narrow. Not against each other bit for bit: a float32 reassociation moves
     a bf16 rounding, and a router near a tie then picks another expert for that row (run 110: the
     two 1.1-1.4% apart over all rows)."""
@@ -1761,13 +1762,13 @@ def test_gpu_decode_step_with_split_k_projections_matches_narrow_tiles(batch, mo
     tok = jax.random.randint(jax.random.key(2), (batch, 1), 0, model.config.vocab_size, jnp.int32)
     pos = jnp.full((batch, 1), 100, jnp.int32)
     out = {}
-    for preset in ("split-qkv", "split", "narrow", "xla"):   # a fresh function each: settings are read while tracing
+    for preset in ("narrow-qkv", "split-qkv", "split", "narrow", "xla"):   # a fresh function each: read while tracing
         if preset != "xla":
             monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS[preset]))
         with kernels.kernels_enabled(preset != "xla"):
             logits, _ = jax.jit(lambda st, c: nnx.merge(model.graphdef, st)(tok, pos, c))(model.state, cache)
         out[preset] = np.asarray(logits, np.float64)
-    for preset in ("split-qkv", "split"):
+    for preset in ("narrow-qkv", "split-qkv", "split"):
         assert rel(out[preset], out["xla"]) < 1.2 * rel(out["narrow"], out["xla"]) + 2e-3, (
             preset, rel(out[preset], out["xla"]), rel(out["narrow"], out["xla"]))
 

@@ -42,14 +42,16 @@ TARGET_PROGRAMS = 264   # two per SM of an H100: below this a memory-bound matmu
 # "concat": q, k and v in one launch side by side (projections_partials), one x quantize.
 # Measured (run 112, H200, FP8 decode, ms per step, split -> split-qkv): batch 32 13.130 -> 12.809,
 # 64 14.608 -> 14.339, 128 16.991 -> 16.614, 256 23.258 -> 22.836; the default since.
-# "narrow-qkv" (not yet timed): the columns narrowed first, then K split until TARGET_PROGRAMS:
-# at 64 rows of 30B-A3B q/k/v that is 32-wide tiles x 2 splits where "split-qkv" runs 128 x 8,
-# so the float32 partials [S, M, N] shrink 4x (10.5 MB a layer at 64 rows under split-qkv, as
-# many bytes as the FP8 weights the step reads); o_proj 8 splits instead of 16.
+# "narrow-qkv": the columns narrowed first, then K split until TARGET_PROGRAMS: at 64 rows of
+# 30B-A3B q/k/v that is 32-wide tiles x 2 splits where "split-qkv" runs 128 x 8, so the float32
+# partials [S, M, N] shrink 4x (10.5 MB a layer at 64 rows under split-qkv, as many bytes as the
+# FP8 weights the step reads); o_proj 8 splits instead of 16. Measured (run 126, H200, FP8
+# decode, ms per step, split-qkv -> narrow-qkv): batch 32 11.530 -> 10.899, 64 13.009 -> 12.608,
+# 128 15.228 -> 15.170 (q/k/v + o_proj 20.2 -> 15.4 us a layer at 64); the default since.
 PROJECTION_MATMUL_PRESETS = {"narrow": dict(narrow=True, k_splits=1), "split": dict(narrow=False, k_splits="auto"),
                              "split-qkv": dict(narrow=False, k_splits="auto", concat=True),
                              "narrow-qkv": dict(narrow=True, k_splits="auto", concat=True)}
-PROJECTION_MATMUL: dict = dict(PROJECTION_MATMUL_PRESETS["split-qkv"])
+PROJECTION_MATMUL: dict = dict(PROJECTION_MATMUL_PRESETS["narrow-qkv"])
 
 
 def _parse(eq: str):
