@@ -110,6 +110,10 @@ def parse_args(argv=None):
     p.add_argument("--router-logits", default="",
                    help="router logits of 17-256 tokens, comma-separated: matmul (one split-K grouped matmul), "
                         "gemv (per-row programs, up to 64 tokens; XLA routing above) (default: the library's)")
+    p.add_argument("--gemv-tokens", default="",
+                   help="decode batches up to N tokens run the GEMV kernels (per-row programs) for the attention "
+                        "projections, the router logits and the MoE experts; larger ones the grouped matmuls "
+                        "(tensor-core row blocks), comma-separated N: A/B (default: the library's)")
     p.add_argument("--projection-matmul", default="",
                    help="FP8 attention projections of 17-511 rows (one group of the grouped matmul): 'narrow' "
                         "(tiles narrowed for parallelism), 'split' (split-K programs), 'split-qkv' (split, q/k/v "
@@ -877,6 +881,16 @@ def _decode_knobs(args, cfg):
     def put_fp8_lhs(side):   # prefill-sized blocks, FP8 stored [out, in]
         grouped_matmul.MATMUL_DEFAULTS["large"]["fp8_nk"]["w_lhs"] = side == "w"
 
+    def gemv_tokens():   # the three small-batch limits together
+        return linear.GEMV_MAX_ROWS, dict(moe_ffn.GEMV_MAX_ASSIGNMENTS), router.LOGITS_MATMUL_MIN_ROWS
+
+    def put_gemv_tokens(n):   # an int from the command line, or gemv_tokens()' snapshot back
+        if isinstance(n, tuple):
+            linear.GEMV_MAX_ROWS, moe_ffn.GEMV_MAX_ASSIGNMENTS, router.LOGITS_MATMUL_MIN_ROWS = n
+            return
+        linear.GEMV_MAX_ROWS, router.LOGITS_MATMUL_MIN_ROWS = n, n + 1
+        moe_ffn.GEMV_MAX_ASSIGNMENTS = {kind: n * cfg.num_experts_per_tok for kind in moe_ffn.GEMV_MAX_ASSIGNMENTS}
+
     def choices(flag, text, allowed):
         """listed(text), every value one of `allowed`, else a ValueError naming the flag."""
         values = listed(text)
@@ -917,6 +931,7 @@ def _decode_knobs(args, cfg):
         ("fp8-dot-acc ", dot_acc if cfg.fp8 else [None], *module_value(fp8_dot, "ACCUMULATE"), True),
         ("moe-routing ", moe_routing, *module_value(moe_ffn, "BLOCK_ROUTING"), True),
         ("router ", router_logits, *module_value(router, "LOGITS"), True),
+        ("gemv-tokens ", listed(args.gemv_tokens, int), gemv_tokens, put_gemv_tokens, True),
         ("projection ", projection,
          lambda: next((k for k, v in presets.items() if v == linear.PROJECTION_MATMUL), "custom"),
          lambda v: setattr(linear, "PROJECTION_MATMUL", dict(presets[v])), True),
