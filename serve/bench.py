@@ -36,6 +36,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -113,7 +114,8 @@ def parse_args(argv=None):
     p.add_argument("--gemv-tokens", default="",
                    help="decode batches up to N tokens run the GEMV kernels (per-row programs) for the attention "
                         "projections, the router logits and the MoE experts; larger ones the grouped matmuls "
-                        "(tensor-core row blocks), comma-separated N: A/B (default: the library's)")
+                        "(tensor-core row blocks), comma-separated N, or N/P for projections up to P rows on "
+                        "the GEMV and the rest up to N: A/B (default: the library's)")
     p.add_argument("--projection-matmul", default="",
                    help="FP8 attention projections of 17-511 rows (one group of the grouped matmul): 'narrow' "
                         "(tiles narrowed for parallelism), 'split' (split-K programs), 'split-qkv' (split, q/k/v "
@@ -884,12 +886,13 @@ def _decode_knobs(args, cfg):
     def gemv_tokens():   # the three small-batch limits together
         return linear.GEMV_MAX_ROWS, dict(moe_ffn.GEMV_MAX_ASSIGNMENTS), router.LOGITS_MATMUL_MIN_ROWS
 
-    def put_gemv_tokens(n):   # an int from the command line, or gemv_tokens()' snapshot back
-        if isinstance(n, tuple):
-            linear.GEMV_MAX_ROWS, moe_ffn.GEMV_MAX_ASSIGNMENTS, router.LOGITS_MATMUL_MIN_ROWS = n
+    def put_gemv_tokens(v):   # "N" or "N/P" from the command line, or gemv_tokens()' snapshot back
+        if isinstance(v, tuple):
+            linear.GEMV_MAX_ROWS, moe_ffn.GEMV_MAX_ASSIGNMENTS, router.LOGITS_MATMUL_MIN_ROWS = v
             return
-        linear.GEMV_MAX_ROWS, router.LOGITS_MATMUL_MIN_ROWS = n, n + 1
-        moe_ffn.GEMV_MAX_ASSIGNMENTS = {kind: n * cfg.num_experts_per_tok for kind in moe_ffn.GEMV_MAX_ASSIGNMENTS}
+        n, _, rows = v.partition("/")
+        linear.GEMV_MAX_ROWS, router.LOGITS_MATMUL_MIN_ROWS = int(rows or n), int(n) + 1
+        moe_ffn.GEMV_MAX_ASSIGNMENTS = {kind: int(n) * cfg.num_experts_per_tok for kind in moe_ffn.GEMV_MAX_ASSIGNMENTS}
 
     def choices(flag, text, allowed):
         """listed(text), every value one of `allowed`, else a ValueError naming the flag."""
@@ -910,6 +913,9 @@ def _decode_knobs(args, cfg):
     projection = choices("--projection-matmul", args.projection_matmul, sorted(presets))
     moe_routing = choices("--moe-routing", args.moe_routing, moe_ffn.BLOCK_ROUTINGS)
     router_logits = choices("--router-logits", args.router_logits, router.LOGITS_CHOICES)
+    gemv_limits = listed(args.gemv_tokens)
+    if any(v is not None and not re.fullmatch(r"\d+(/\d+)?", v) for v in gemv_limits):
+        raise ValueError(f"--gemv-tokens {args.gemv_tokens}: give token counts N or N/P (projection rows), e.g. 16,4/1")
 
     return [
         ("", gemm if cfg.fp8 else [None], kernels.fp8_gemm, put_gemm, True),
@@ -931,7 +937,7 @@ def _decode_knobs(args, cfg):
         ("fp8-dot-acc ", dot_acc if cfg.fp8 else [None], *module_value(fp8_dot, "ACCUMULATE"), True),
         ("moe-routing ", moe_routing, *module_value(moe_ffn, "BLOCK_ROUTING"), True),
         ("router ", router_logits, *module_value(router, "LOGITS"), True),
-        ("gemv-tokens ", listed(args.gemv_tokens, int), gemv_tokens, put_gemv_tokens, True),
+        ("gemv-tokens ", gemv_limits, gemv_tokens, put_gemv_tokens, True),
         ("projection ", projection,
          lambda: next((k for k, v in presets.items() if v == linear.PROJECTION_MATMUL), "custom"),
          lambda v: setattr(linear, "PROJECTION_MATMUL", dict(presets[v])), True),
