@@ -704,7 +704,7 @@ def _qkv_weights(attn_full):
 def _qkv_partials(attn_full, h, layer, arrays=None):
     """q, k, v of the decode step as float32 split-K partial sums [S, B, N] (kernels.linear_einsum
     partials): one gemv launch side by side where it covers them, else one kernel each (the FP8
-    matmul for more than 16 rows). None when a projection is not covered. `arrays` [(w, scale)]
+    matmul above kernels.linear.GEMV_MAX_ROWS). None when a projection is not covered. `arrays` [(w, scale)]
     per projection stand in for attn_full's own (a device's shards, inside shard_map)."""
     projs = _qkv_weights(attn_full)
     if arrays is None:

@@ -104,12 +104,12 @@ def parse_args(argv=None):
                         "dequantized to one bf16 copy (long prefills), comma-separated; 0 = never "
                         "(default: the library's)")
     p.add_argument("--moe-routing", default="",
-                   help="MoE blocks path (decode batches of 17+ tokens, prefill chunks): how the row blocks "
+                   help="MoE blocks path (decode batches of 9+ tokens, prefill chunks): how the row blocks "
                         "are built, comma-separated: kernel (one routing kernel, x gathered in the gate/up "
                         "kernel, real rows written only), xla (argsort, scatters, an x gather) (default: the "
                         "library's)")
     p.add_argument("--router-logits", default="",
-                   help="router logits of 17-256 tokens, comma-separated: matmul (one split-K grouped matmul), "
+                   help="router logits of 9-256 tokens, comma-separated: matmul (one split-K grouped matmul), "
                         "gemv (per-row programs, up to 64 tokens; XLA routing above) (default: the library's)")
     p.add_argument("--gemv-tokens", default="",
                    help="decode batches up to N tokens run the GEMV kernels (per-row programs) for the attention "
@@ -117,7 +117,7 @@ def parse_args(argv=None):
                         "(tensor-core row blocks), comma-separated N, or N/P for projections up to P rows on "
                         "the GEMV and the rest up to N: A/B (default: the library's)")
     p.add_argument("--projection-matmul", default="",
-                   help="FP8 attention projections of 17-511 rows (one group of the grouped matmul): 'narrow' "
+                   help="FP8 attention projections of 3-511 rows (one group of the grouped matmul): 'narrow' "
                         "(tiles narrowed for parallelism), 'split' (split-K programs), 'split-qkv' (split, q/k/v "
                         "in one launch) and/or 'narrow-qkv' (narrowed, then split; q/k/v in one launch; the "
                         "default), comma-separated: A/B")
@@ -884,14 +884,15 @@ def _decode_knobs(args, cfg):
         grouped_matmul.MATMUL_DEFAULTS["large"]["fp8_nk"]["w_lhs"] = side == "w"
 
     def gemv_tokens():   # the three small-batch limits together
-        return linear.GEMV_MAX_ROWS, dict(moe_ffn.GEMV_MAX_ASSIGNMENTS), router.LOGITS_MATMUL_MIN_ROWS
+        return dict(linear.GEMV_MAX_ROWS), dict(moe_ffn.GEMV_MAX_ASSIGNMENTS), router.LOGITS_MATMUL_MIN_ROWS
 
     def put_gemv_tokens(v):   # "N" or "N/P" from the command line, or gemv_tokens()' snapshot back
         if isinstance(v, tuple):
             linear.GEMV_MAX_ROWS, moe_ffn.GEMV_MAX_ASSIGNMENTS, router.LOGITS_MATMUL_MIN_ROWS = v
             return
         n, _, rows = v.partition("/")
-        linear.GEMV_MAX_ROWS, router.LOGITS_MATMUL_MIN_ROWS = int(rows or n), int(n) + 1
+        linear.GEMV_MAX_ROWS = {kind: int(rows or n) for kind in linear.GEMV_MAX_ROWS}
+        router.LOGITS_MATMUL_MIN_ROWS = int(n) + 1
         moe_ffn.GEMV_MAX_ASSIGNMENTS = {kind: int(n) * cfg.num_experts_per_tok for kind in moe_ffn.GEMV_MAX_ASSIGNMENTS}
 
     def choices(flag, text, allowed):

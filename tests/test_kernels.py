@@ -186,6 +186,9 @@ def test_gemv_concat_runs_projections_of_different_widths_in_one_launch(fp8, mon
     with pytest.raises(ValueError, match="concat=True"):
         gemv(x, rows, groups, ws, ss, block=64, bn=32, bk=32, mode="dot")
     # The model's entry: einsums of one x (q as [L, D, H, Q]) -> their partial sums in one launch
+    # (3 rows: above FP8's own GEMV limit, raised here for this test)
+    from qwen3_jax.kernels import linear as linear_mod
+    monkeypatch.setattr(linear_mod, "GEMV_MAX_ROWS", {"bf16": 4, "fp8": 4})
     specs = [("btd,dhq->bthq", x[None], ws[0].reshape(2, 128, 4, 32), None if ss is None else ss[0].reshape(2, 2, 4, 32), 0)]
     specs += [("btd,dk->btk", x[None], w, None if ss is None else s, 0) for w, s in zip(ws[1:], (ss or (None,) * 3)[1:])]
     parts = projections_partials(specs, 64, jnp.int32(1))
@@ -194,7 +197,6 @@ def test_gemv_concat_runs_projections_of_different_widths_in_one_launch(fp8, mon
         assert rel(p.sum(0), gemv_reference(x, jnp.arange(3), layer1, w)) < 1e-5
     # Rows past the gemv limit: one launch each, unless PROJECTION_MATMUL puts FP8 weights side by
     # side in the grouped matmul ("narrow-qkv", the default, and "split-qkv"; their own test below)
-    from qwen3_jax.kernels import linear as linear_mod
     monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS["split"]))
     assert projections_partials([(specs[0][0], jnp.zeros((1, 40, 128), x.dtype), *specs[0][2:])] * 2, 64, 1) is None
 
@@ -954,7 +956,7 @@ def test_a_jax_without_pallas_triton_still_serves_on_the_xla_path():
 TOL_BF16_MODEL = 2e-2
 
 
-def test_tiny_model_with_kernels_matches_plain_xla():
+def test_tiny_model_with_kernels_matches_plain_xla(fp8_w8a16):
     from flax import nnx
 
     from qwen3_jax import Qwen3MoeConfig, random_model
@@ -962,7 +964,8 @@ def test_tiny_model_with_kernels_matches_plain_xla():
     from reference import TINY, with_distinct_norms
 
     # FP8 covers every kernel the model calls (q/k/v/o projections and the MoE); 2 layers check
-    # that layer 1 reads its own slice of the stacked params.
+    # that layer 1 reads its own slice of the stacked params. The 3 tokens take the projections'
+    # grouped matmul (above FP8's 2 GEMV rows), held to bf16 precision in W8A16 (fp8_w8a16).
     cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2))
     m = with_distinct_norms(random_model(dataclasses.replace(cfg, fp8=Fp8Config()), seed=2))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 3)), jnp.int32)
@@ -1276,7 +1279,7 @@ def per_device_case():
 # shapes below the smallest tiles (the XLA fallback on the local slice). The GPU test
 # (tests/test_multi_gpu.py) covers every mesh of the issue.
 @pytest.mark.parametrize("mesh", ["ep=2", "tp=8"])
-def test_kernels_run_per_device_on_a_mesh(mesh, per_device_case):
+def test_kernels_run_per_device_on_a_mesh(mesh, per_device_case, fp8_w8a16):
     """On a mesh the kernels run inside shard_map on each device's shards (kernels/sharded.py):
     projections on local heads, the MoE on local experts and F columns, decode attention on
     local heads and rows. Same numbers as one device, to bf16 precision. At tp=8 each device
@@ -1742,9 +1745,10 @@ def test_gpu_model_with_kernels_matches_plain_xla_prefill_and_decode(numerics, r
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch", [48, 200])
+@pytest.mark.parametrize("batch", [8, 48, 200])
 def test_gpu_decode_step_with_split_k_projections_matches_narrow_tiles(batch, monkeypatch):
-    """Two 30B-A3B-FP8 layers, one decode step at 48 and 200 rows: the projections split along K
+    """Two 30B-A3B-FP8 layers, one decode step at 8, 48 and 200 rows (8: the MoE on the GEMV, the
+    projections on the matmul, the default limits since run 129): the projections split along K
     (linear.PROJECTION_MATMUL "split", "split-qkv" with q/k/v in one launch, and "narrow-qkv", the
     default, narrowed then split with q/k/v in one launch; q/k/v's partials summed by the attention
     kernel, o's by XLA) and the narrowed tiles ("narrow")

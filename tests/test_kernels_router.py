@@ -125,7 +125,7 @@ def test_route_in_place_declines_what_it_does_not_cover():
     assert route_in_place(many, stacked_router(rng, 1, 64, 16), layer, 2, True) is None      # too many rows
 
 
-@pytest.mark.parametrize("n", [17, 40, 100])   # one block of 32, one of 64 (24 rows padded), two of 64
+@pytest.mark.parametrize("n", [9, 17, 40, 100])   # one block of 16, one of 32, one of 64 (24 rows padded), two of 64
 def test_route_in_place_by_matmul_matches_route_with_exact_ties(n, monkeypatch):
     """From LOGITS_MATMUL_MIN_ROWS rows the logits come from one split-K grouped matmul (every
     block reading W[layer] in place) and the top-k takes fewer rows a program; same routing as

@@ -157,7 +157,7 @@ def active(ctx, dtype) -> bool:
     return usable(dtype) and single_device(ctx)
 
 
-# FP8 weight GEMVs (decode: up to linear.GEMV_MAX_ROWS tokens, MoE up to GEMV_MAX_ASSIGNMENTS):
+# FP8 weight GEMVs (decode: projections up to linear.GEMV_MAX_ROWS rows, MoE up to GEMV_MAX_ASSIGNMENTS):
 # w8a16 keeps bf16 activations (rounded to float16 for an f16 MMA); w8a8 quantizes them to e4m3 per
 # bk-wide group, dynamically, as the checkpoints' `activation_scheme: dynamic` says and FP8 serving
 # engines run them (gemv.py's module doc has the numerics); auto (the default) is w8a8 for the

@@ -21,7 +21,19 @@ from .gemv import gemv, gemv_tiles, quantize_rows
 from .gemv_inputs import materialize
 from .grouped_matmul import grouped_matmul, matmul_tiles
 
-GEMV_MAX_ROWS = 16
+# Rows up to which a projection runs the GEMV, by weight kind; above, FP8 runs the grouped matmul
+# (PROJECTION_MATMUL) and bf16 XLA's dot. The GEMV gives each row its own programs, each reading
+# the weight (from L2 at best), so its cost grows with the rows where a matmul's tile reads it
+# once per block. Measured (runs 128-129, H200, 30B-A3B decode at 1k, ms per step, limit 16 ->
+# this): FP8 batch 4 5.009 -> 4.867, batch 8 (with the MoE's GEMV to 8 tokens) 7.335 -> 6.469, 16
+# 12.219 -> 8.731; bf16 batch 8 9.853 -> 9.473, 16 16.133 -> 12.972. FP8's matmul lost at 2 rows
+# (3.524 -> 3.813), bf16's XLA dot at 2 and 4 (4.074 -> 5.372, 6.074 -> 6.769).
+GEMV_MAX_ROWS = {"bf16": 4, "fp8": 2}
+
+
+def gemv_max_rows(fp8: bool) -> int:
+    return GEMV_MAX_ROWS["fp8" if fp8 else "bf16"]
+
 # gemv tiles for projections over gemv's defaults, by (kind, layout). FP8 q/k/v (H200, run 17-18 in
 # benchmarks/NOTES.md): an FP8 tile has half the bytes of a bf16 one in flight; bk=128 took the
 # batch-1 qkv gemv 8.06 -> 7.27 us. More programs (target 528) were faster still alone (6.63 us)
@@ -31,7 +43,7 @@ GEMV_MAX_ROWS = 16
 # (run 32, H200: 6.24 us in [K, N], 5.94 nk with the defaults, 5.26 with these).
 PROJECTION_TILES = {("fp8", "k"): dict(bk=128), ("fp8", "n", "nk"): dict(bk=256, num_warps=8)}
 TARGET_PROGRAMS = 264   # two per SM of an H100: below this a memory-bound matmul starves
-# Overrides of the single-group matmul's tiles for projections of GEMV_MAX_ROWS+ rows (read at
+# Overrides of the single-group matmul's tiles for projections above GEMV_MAX_ROWS (read at
 # trace time; benchmarks/projection_matmul.py and serve.bench --projection-matmul set them):
 # matmul_tiles keys, plus "narrow" (False: keep the tile width instead of narrowing it to reach
 # TARGET_PROGRAMS) and "k_splits" (programs per tile along K, float32 partials summed by the
@@ -114,7 +126,7 @@ def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None,
     if mats is None:
         return None
     x2, w3, s3, layout, lead, out_dims = mats
-    if s3 is None and x2.shape[0] > GEMV_MAX_ROWS:
+    if s3 is None and x2.shape[0] > gemv_max_rows(False):
         return None
     if s3 is not None and kernels.fp8_dequantized(x2.shape[0]):
         return None   # XLA dequantizes the layer's weight and runs cuBLAS (kernels.FP8_DEQUANTIZE_MIN_ROWS)
@@ -145,7 +157,7 @@ def projections_partials(specs, block: int, layer, w_nk: bool = False):
     if len(fp8) > 1 or len(layouts) > 1 or any(mt[0].shape != x2.shape for mt in mats):
         return None
     fp8, layout = fp8.pop(), layouts.pop()
-    if m > GEMV_MAX_ROWS:   # the FP8 matmul, side by side where PROJECTION_MATMUL asks (bf16: XLA's)
+    if m > gemv_max_rows(fp8):   # the FP8 matmul, side by side where PROJECTION_MATMUL asks (bf16: XLA's)
         if not (fp8 and PROJECTION_MATMUL.get("concat")) or kernels.fp8_dequantized(m):
             return None
         return _matmul(x2, [mt[1] for mt in mats], tuple(mt[2] for mt in mats), layout, block,
@@ -176,7 +188,7 @@ def linear(x_mk, w_gkn, scale, layout: str, block: int, group, partials: bool = 
     n_dim = w_gkn.shape[1 if w_nk else 2]
     fp8 = scale is not None
     scales = (scale,) if fp8 else None
-    if m <= GEMV_MAX_ROWS:
+    if m <= gemv_max_rows(fp8):
         t = gemv_tiles(k_dim, n_dim, m, fp8, layout, block, w_nk=w_nk, **projection_tiles(fp8, layout, w_nk))
         if t is None:
             return None

@@ -40,9 +40,13 @@ from .gemv_inputs import SwigluX, materialize
 from .grouped_matmul import grouped_matmul, matmul_tiles
 from .moe_blocks import block_rows, expert_blocks, route_blocks, route_blocks_covered
 
-# Measured crossover (benchmarks/NOTES.md, run 2): gemv while it is faster than blocks, by
-# weight kind. bf16: gemv wins to 8 tokens (64 assignments), ties at 16; FP8 wins to 16 tokens.
-GEMV_MAX_ASSIGNMENTS = {"bf16": 64, "fp8": 128}
+# Assignments (tokens x top-k) up to which the MoE runs the gemv, by weight kind; above, the
+# blocks path. Measured crossover (benchmarks/NOTES.md): run 2 had gemv winning to 8 tokens
+# (64 assignments) in bf16 and to 16 in FP8; after the blocks path's W8A8 matmul and routing
+# kernels, FP8 batch 16 ran 12.219 ms on the gemvs against 8.731 on the matmuls (run 128, H200;
+# the projections' share ~2.9 ms of it), and batch 8 6.469 ms with the MoE on the gemv against
+# 6.719 on the blocks (run 129, projections on the matmul in both): 8 tokens in either kind.
+GEMV_MAX_ASSIGNMENTS = {"bf16": 64, "fp8": 64}
 
 # How the blocks path builds its row blocks (moe_blocks.py): "kernel" (route_blocks: one Pallas
 # program, x gathered inside the gate/up kernel, the down writing real rows only) where it

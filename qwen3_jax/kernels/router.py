@@ -60,10 +60,12 @@ ROW_BLOCK = 16          # token rows per top-k program (16 x 128 float32 = 8 KiB
 
 # The logits' kernel from this many rows: "matmul" (a split-K grouped matmul reading the router
 # once per block of MATMUL_ROWS rows, up to MATMUL_MAX_ROWS rows: the decode batches) or "gemv"
-# (the GEMV for every N, up to ROUTE_MAX_ROWS). Measured in benchmarks/NOTES.md, run 119.
+# (the GEMV for every N, up to ROUTE_MAX_ROWS). Measured in benchmarks/NOTES.md, run 119; the
+# limit follows the MoE's (moe_ffn.GEMV_MAX_ASSIGNMENTS, 8 tokens: runs 128-129), so a batch
+# that takes the blocks path routes through the matmul.
 LOGITS_CHOICES = ("matmul", "gemv")
 LOGITS = "matmul"
-LOGITS_MATMUL_MIN_ROWS = 17
+LOGITS_MATMUL_MIN_ROWS = 9
 MATMUL_ROWS = 64
 MATMUL_MAX_ROWS = 256
 TOPK_PROGRAMS = 64      # the top-k's row block shrinks (to 1) until it has this many programs
