@@ -111,6 +111,9 @@ def parse_args(argv=None):
     p.add_argument("--router-logits", default="",
                    help="router logits of 9-256 tokens, comma-separated: matmul (one split-K grouped matmul), "
                         "gemv (per-row programs, up to 64 tokens; XLA routing above) (default: the library's)")
+    p.add_argument("--attention-programs", default="",
+                   help="decode attention: key splits grow until batch x kv heads x splits reaches this many "
+                        "programs (decode_attention.TARGET_PROGRAMS), comma-separated: A/B")
     p.add_argument("--gemv-tokens", default="",
                    help="decode batches up to N tokens run the GEMV kernels (per-row programs) for the attention "
                         "projections, the router logits and the MoE experts; larger ones the grouped matmuls "
@@ -925,6 +928,8 @@ def _decode_knobs(args, cfg):
          lambda v: kernels.set_x_loads([n for n in v.split("+") if n and n != "none"]), False),
         ("prologue ", listed(args.prologue_programs, int), *module_value(qk_prologue, "TARGET_PROGRAMS"), False),
         ("merge ", merge, *module_value(decode_attention, "COMBINE"), True),
+        ("attention-programs ", listed(args.attention_programs, int),
+         *module_value(decode_attention, "TARGET_PROGRAMS"), True),
         ("attention-prologue ", prologue, *module_value(decode_attention, "PROLOGUE"), True),
         ("fp8-matmul ", fp8_matmul if cfg.fp8 else [None],
          lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"], put_fp8_matmul, True),
