@@ -114,6 +114,9 @@ def parse_args(argv=None):
     p.add_argument("--attention-programs", default="",
                    help="decode attention: key splits grow until batch x kv heads x splits reaches this many "
                         "programs (decode_attention.TARGET_PROGRAMS), comma-separated: A/B")
+    p.add_argument("--attention-max-splits", default="",
+                   help="decode attention: at most this many key splits (decode_attention.MAX_SPLITS), "
+                        "comma-separated: A/B")
     p.add_argument("--gemv-tokens", default="",
                    help="decode batches up to N tokens run the GEMV kernels (per-row programs) for the attention "
                         "projections, the router logits and the MoE experts; larger ones the grouped matmuls "
@@ -930,6 +933,7 @@ def _decode_knobs(args, cfg):
         ("merge ", merge, *module_value(decode_attention, "COMBINE"), True),
         ("attention-programs ", listed(args.attention_programs, int),
          *module_value(decode_attention, "TARGET_PROGRAMS"), True),
+        ("attention-splits ", listed(args.attention_max_splits, int), *module_value(decode_attention, "MAX_SPLITS"), True),
         ("attention-prologue ", prologue, *module_value(decode_attention, "PROLOGUE"), True),
         ("fp8-matmul ", fp8_matmul if cfg.fp8 else [None],
          lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"], put_fp8_matmul, True),

@@ -235,13 +235,14 @@ def test_gpu_fused_matches_the_two_kernels_and_repeats_bit_for_bit(b):
 
 
 @pytest.mark.parametrize("mesh,fp8", [("tp=2", False), ("ep=2", False), ("tp=2", True)])
-def test_on_a_mesh_the_fused_kernel_runs_per_device(mesh, fp8, monkeypatch):
+def test_on_a_mesh_the_fused_kernel_runs_per_device(mesh, fp8, monkeypatch, fp8_w8a16):
     """A 32-head model on a mesh (kernels forced on, interpret mode): decode attention with its
     prologue runs per device on its local heads (tp=2: 16 of 32, G = 8) or rows (ep=2: the
     attention batch split over data-parallel groups), where the mesh ran XLA's norms, RoPE and
     cache scatter before. As on one device, q/k/v go in one gemv launch side by side and the
     input norm in its x load. Prefill + decode logits equal one device's plain XLA to bf16
-    precision, and PROLOGUE "separate" keeps the XLA path on the mesh (q, k, v one launch each)."""
+    precision (FP8 in W8A16: the prefill's 10 rows take the projections' grouped matmul), and
+    PROLOGUE "separate" keeps the XLA path on the mesh (q, k, v one launch each)."""
     from qwen3_jax import model as model_mod
     from qwen3_jax.kernels import gemv as gemv_mod
     from qwen3_jax.kernels.gemv_inputs import RmsNormX

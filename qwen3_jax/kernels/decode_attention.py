@@ -52,6 +52,11 @@ from . import KERNEL_DTYPES, pick_tile, qk_prologue
 
 NEG = -1e30
 TARGET_PROGRAMS = 264
+# At most this many key splits: each split's program also sums q's partials (the fused prologue)
+# and the last one merges every split's partials in serial loads, so past ~32 splits those costs
+# outgrow the parallel keys. Measured (run 131, H200, 30B-A3B-FP8 batch 1 at context 8192, ms
+# per step): 128 splits (the target alone) 5.435, 32 splits 2.996, 16 splits 3.401.
+MAX_SPLITS = 32
 # Where the key splits are merged (see the module doc), read at trace time; serve.bench
 # --attention-combine times both.
 COMBINE = "kernel"
@@ -68,7 +73,7 @@ def plan(batch: int, kv_heads: int, seq: int, bs_target: int = 64):
         return None
     blocks = seq // bs
     splits = 1
-    while batch * kv_heads * splits < TARGET_PROGRAMS and blocks % (splits * 2) == 0:
+    while batch * kv_heads * splits < TARGET_PROGRAMS and splits < MAX_SPLITS and blocks % (splits * 2) == 0:
         splits *= 2
     return bs, splits
 
