@@ -348,6 +348,12 @@ class Engine:
             return
         if warmup:
             self.warmup(progress)
+        # The step variants' extra pieces, compiled while the engine idles (see WARM_VARIANTS)
+        self._idle_warmups = collections.deque(self._variant_warmups() if warmup and self.WARM_VARIANTS else ())
+        self._idle_warm_s = 0.0
+        self.variants_warm = threading.Event()   # set once none is left
+        if not self._idle_warmups:
+            self.variants_warm.set()
         self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
         self._thread.start()
 
@@ -536,6 +542,50 @@ class Engine:
                  "samplers %s) in %.1fs (%d compile thread%s)", len(self.buckets), self.buckets, self.num_slots,
                  self.decode_batch_sizes, self.windows, "/".join(SAMPLING_MODES), time.perf_counter() - t0, threads,
                  "s" if threads > 1 else "")
+
+    # A step whose rows ask logprobs, penalties or a structured-output mask runs jits the plain
+    # step does not (token_logprobs, the penalized samplers, mask_logits), compiled at their first
+    # use: ~1 s a batch size on a GPU, which every running request would wait through. The engine
+    # compiles them while it idles instead, one step at a time, so a request arriving meanwhile
+    # waits for one compile at most. (Prompt logprobs' forward, a whole prefill per bucket, is
+    # left to its first use.)
+    WARM_VARIANTS = True
+
+    def _variant_warmups(self) -> list[tuple[str, Callable[[], object]]]:
+        """[(what, launch)]: idle steps (every row past the context: nothing written) that compile
+        each decode batch size's logprobs and mask (greedy) and its penalized sampler per mode,
+        then the prefill's penalized samplers (fresh counts) and, without a batch size of 1, its
+        logprobs and mask. Combined variants reuse these pieces."""
+        s, v = self.context_length, self.model.config.vocab_size
+        jobs = []
+        for b in self.decode_batch_sizes:
+            idle = np.arange(self.num_slots - b, self.num_slots, dtype=np.int32)
+            jobs.append((f"decode {b} logprobs+mask",
+                         functools.partial(self._decode_call, self.windows[0], idle, "greedy", "/logprobs/masked")))
+            jobs += [(f"decode {b} penalties {m}",
+                      functools.partial(self._decode_call, self.windows[0], idle, m, "/penalties"))
+                     for m in SAMPLING_MODES]
+        t = self.buckets[0]
+
+        def prefill(mode, variant):
+            flags = np.full((1, s), v, np.int32) if "penalties" in variant else None
+            return self._prefill_call(np.zeros((1, t), np.int32), np.full((1, t), s, np.int32), 0, 0, mode,
+                                      variant, prompt_flags=flags)
+        jobs += [(f"prefill penalties {m}", functools.partial(prefill, m, "/penalties")) for m in SAMPLING_MODES]
+        if 1 not in self.decode_batch_sizes:
+            jobs.append(("prefill logprobs+mask", functools.partial(prefill, "greedy", "/logprobs/masked")))
+        return jobs
+
+    def _warm_one_variant(self, what: str, launch: Callable[[], object]):
+        """Run one idle warm-up step (scheduler thread, engine idle) and log when the last is done."""
+        t0 = time.perf_counter()
+        jax.block_until_ready(launch())
+        self._idle_warm_s += time.perf_counter() - t0
+        log.debug("compiled the %s step variant while idle", what)
+        if not self._idle_warmups:
+            log.info("compiled the step variants (logprobs, penalties, structured-output masks) at batch sizes %s "
+                     "while idle, in %.1fs", self.decode_batch_sizes, self._idle_warm_s)
+            self.variants_warm.set()
 
     # -- submission (any thread) -------------------------------------------------------------
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -744,15 +794,23 @@ class Engine:
     def _loop(self):
         try:
             while True:
+                warm = None
                 with self._cv:
                     while not (self._stopping or self._pending or self._cancels or self._prefilling
                                or self.num_running):
+                        if self._idle_warmups:   # idle: one variant's compile, outside the lock
+                            warm = self._idle_warmups.popleft()
+                            break
                         if self._channel is None:
                             self._cv.wait()
                         elif not self._cv.wait(KEEPALIVE_S):  # idle: no follower sits in one collective for hours
                             self._channel.keepalive()
                     if self._stopping:
                         break
+                if warm is not None:
+                    self._warm_one_variant(*warm)
+                    continue
+                with self._cv:
                     cancels, self._cancels = self._cancels, []
                     for r in cancels:
                         self._free(r, "cancelled")

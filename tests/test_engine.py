@@ -244,6 +244,33 @@ def test_warmup_compiles_each_forward_once_on_threads(ckpt, monkeypatch, caplog)
         eng.shutdown()
 
 
+@pytest.mark.parametrize("warm", [True, False])
+def test_step_variants_compile_while_the_engine_idles(ckpt, monkeypatch, caplog, warm):
+    """Engine.WARM_VARIANTS: after the warm-up the idle engine compiles the logprobs, penalties
+    and mask pieces of its steps, so the first request asking logprobs and a presence penalty
+    (sampled: the top-64 sampler, prefill and decode) compiles nothing while it runs. Without it
+    (warm=False) that request compiles them: the count the test reads does move."""
+    import logging
+
+    monkeypatch.setattr(Engine, "WARM_VARIANTS", warm)
+    eng = Engine(ckpt, dtype="float32", context_length=128, max_running_requests=2, chunked_prefill_size=32,
+                 progress=False)
+    try:
+        assert eng.variants_warm.wait(120)
+        caplog.set_level(logging.WARNING, logger="jax")
+        jax.config.update("jax_log_compiles", True)
+        try:
+            outs = eng.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=6, temperature=0.7, top_k=20, seed=1,
+                                                                    logprobs=2, presence_penalty=0.5, ignore_eos=True))
+        finally:
+            jax.config.update("jax_log_compiles", False)
+        assert all(len(o.token_ids) == 6 and len(o.logprobs) == 6 for o in outs)
+        compiled = [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling ")]
+        assert (compiled == []) if warm else len(compiled) >= 3, compiled
+    finally:
+        eng.shutdown()
+
+
 def test_small_decode_batches_give_the_full_batchs_tokens(ckpt, engine):
     """decode_batch_sizes [1, 2] on 4 slots: one request decodes at batch 1, two at batch 2
     (their slots handed to the step), three at the full 4; greedy tokens equal the one-shape
