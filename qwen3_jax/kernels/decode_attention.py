@@ -54,8 +54,9 @@ NEG = -1e30
 TARGET_PROGRAMS = 264
 # At most this many key splits: each split's program also sums q's partials (the fused prologue)
 # and the last one merges every split's partials in serial loads, so past ~32 splits those costs
-# outgrow the parallel keys. Measured (run 131, H200, 30B-A3B-FP8 batch 1 at context 8192, ms
-# per step): 128 splits (the target alone) 5.435, 32 splits 2.996, 16 splits 3.401.
+# outgrow the parallel keys. Measured (runs 131-132, H200, 30B-A3B-FP8, ms per step): batch 1
+# at context 8192: 128 splits (the target alone) 5.435, 32 2.996, 16 3.401; at 32768: 128 6.314,
+# 64 4.178, 32 4.586; batch 2 at 32768: 64 6.685, 32 5.999. Batch 8 at 8192 keeps its 16.
 MAX_SPLITS = 32
 # Where the key splits are merged (see the module doc), read at trace time; serve.bench
 # --attention-combine times both.
