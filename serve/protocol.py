@@ -3,7 +3,8 @@
 Every refusal is an ApiError rendered as {"error": {"message", "type", "param", "code"}} with
 the HTTP status OpenAI uses: 400 for a bad body, 401 bad key, 404 unknown model, 503 busy.
 Fields this server does not implement are refused by name rather than silently ignored when
-ignoring them would change the answer (best_of, suffix).
+ignoring them would change the answer (best_of, suffix, UNSUPPORTED_SAMPLING: logit_bias, min_p,
+min_tokens, ...), unless they carry the value that changes nothing.
 `response_format` json_object / json_schema (chat and completions), SGLang's `regex` and
 `json_schema`, vLLM's `guided_json` / `guided_regex` / `guided_choice`, and a forced `tool_choice`
 ("required" or a named function) constrain the output (serve/structured.py).
@@ -75,6 +76,22 @@ COMMON_FIELDS = {
     "presence_penalty": "number", "frequency_penalty": "number", "repetition_penalty": "number",
     "skip_special_tokens": "boolean", "response_format": "object", "regex": "string", "json_schema": "string or object",
     "guided_json": "string or object", "guided_regex": "string", "guided_choice": "array",
+    # refused unless inert (UNSUPPORTED_SAMPLING)
+    "logit_bias": "object", "min_p": "number", "min_tokens": "integer", "bad_words": "array",
+    "use_beam_search": "boolean", "include_stop_str_in_output": "boolean", "no_stop_trim": "boolean",
+}
+# Sampling fields of OpenAI, vLLM or SGLang this server does not implement: -> (their values that
+# change nothing, which some clients send explicitly; what to use instead). Any other value is a
+# 400 naming the field: ignoring it would change the answer.
+UNSUPPORTED_SAMPLING = {
+    "logit_bias": (({},), "rule tokens out with a structured output (regex, guided_choice) or stop at them "
+                          "with stop_token_ids"),
+    "min_p": ((0, 0.0), "use top_p or top_k (Qwen3's model card recommends min_p 0)"),
+    "min_tokens": ((0,), "use ignore_eos with max_tokens for an exact length"),
+    "bad_words": (([],), "rule words out with a structured output (regex)"),
+    "use_beam_search": ((False,), "sample n choices instead"),
+    "include_stop_str_in_output": ((False,), "the stop string is always left out (OpenAI's behaviour)"),
+    "no_stop_trim": ((False,), "the stop string is always left out (OpenAI's behaviour)"),
 }
 COMPLETION_FIELDS = {**COMMON_FIELDS, "echo": "boolean", "logprobs": "integer", "best_of": "integer",
                      "suffix": "string"}
@@ -171,6 +188,10 @@ def _constraint_param(body: dict) -> str | None:
 def _sampling(body: dict, max_tokens, logprobs: int | None = None) -> SamplingParams:
     """The body's sampling fields -> SamplingParams, checked by its own validate(): a value out of
     range is a 400 naming the field (each of validate's messages starts with its name)."""
+    for field, (inert, instead) in UNSUPPORTED_SAMPLING.items():
+        if body.get(field) is not None and body[field] not in inert:
+            raise bad(f"'{field}' is not supported by this server (got {json.dumps(body[field])[:60]}); {instead}",
+                      param=field, code="unsupported")
     penalties = {k: float(body[k]) for k in ("presence_penalty", "frequency_penalty", "repetition_penalty")
                  if body.get(k) is not None}
     stop = body.get("stop") or []

@@ -328,6 +328,12 @@ def test_bad_inputs_then_still_correct(main, alone, tok):
          ["not valid JSON"], "guided_json"),
         ("/v1/completions", {"model": NAME, "prompt": "hi", "regex": "a+", "guided_choice": ["a"]}, KEY, 400,
          ["regex and guided_choice each constrain the output"], "guided_choice"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "min_p": 0.05}, KEY, 400,
+         ["'min_p' is not supported", "0.05", "top_p"], "min_p"),
+        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                                  "logit_bias": {"42": -100}}, KEY, 400, ["'logit_bias' is not supported"], "logit_bias"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "min_tokens": 4}, KEY, 400,
+         ["'min_tokens'", "ignore_eos"], "min_tokens"),
     ]
     for path, body, key, status, words, param in table:
         r = _post(main, path, body, key)
@@ -345,8 +351,10 @@ def test_bad_inputs_then_still_correct(main, alone, tok):
         c.completions.create(model="nope", prompt="hi")
     with pytest.raises(openai.AuthenticationError):
         client(main, key="bad").completions.create(model=NAME, prompt="hi")
-    # ...and the server still answers exactly as before.
+    # ...and the server still answers exactly as before, also to a body with the inert values of
+    # those fields (clients such as vLLM's send min_p 0 and an empty logit_bias explicitly).
     assert greedy(c, PROMPTS[2]) == alone[2]
+    assert greedy(c, PROMPTS[2], min_p=0, logit_bias={}, min_tokens=0, use_beam_search=False) == alone[2]
 
 
 def test_disconnect_frees_slot(main, tok):
