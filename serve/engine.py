@@ -553,15 +553,17 @@ class Engine:
 
     def _variant_warmups(self) -> list[tuple[str, Callable[[], object]]]:
         """[(what, launch)]: idle steps (every row past the context: nothing written) that compile
-        each decode batch size's logprobs and mask (greedy) and its penalized sampler per mode,
+        each decode batch size's logprobs and mask (greedy; the mask only with a tokenizer, which
+        constraints need) and its penalized sampler per mode,
         then the prefill's penalized samplers (fresh counts) and, without a batch size of 1, its
         logprobs and mask. Combined variants reuse these pieces."""
         s, v = self.context_length, self.model.config.vocab_size
+        extra = "/logprobs/masked" if self._masks is not None else "/logprobs"   # no tokenizer: no constraints
         jobs = []
         for b in self.decode_batch_sizes:
             idle = np.arange(self.num_slots - b, self.num_slots, dtype=np.int32)
-            jobs.append((f"decode {b} logprobs+mask",
-                         functools.partial(self._decode_call, self.windows[0], idle, "greedy", "/logprobs/masked")))
+            jobs.append((f"decode {b} {extra[1:]}",
+                         functools.partial(self._decode_call, self.windows[0], idle, "greedy", extra)))
             jobs += [(f"decode {b} penalties {m}",
                       functools.partial(self._decode_call, self.windows[0], idle, m, "/penalties"))
                      for m in SAMPLING_MODES]
@@ -573,7 +575,7 @@ class Engine:
                                       variant, prompt_flags=flags)
         jobs += [(f"prefill penalties {m}", functools.partial(prefill, m, "/penalties")) for m in SAMPLING_MODES]
         if 1 not in self.decode_batch_sizes:
-            jobs.append(("prefill logprobs+mask", functools.partial(prefill, "greedy", "/logprobs/masked")))
+            jobs.append((f"prefill {extra[1:]}", functools.partial(prefill, "greedy", extra)))
         return jobs
 
     def _warm_one_variant(self, what: str, launch: Callable[[], object]):

@@ -271,6 +271,22 @@ def test_step_variants_compile_while_the_engine_idles(ckpt, monkeypatch, caplog,
         eng.shutdown()
 
 
+def test_step_variants_warm_without_a_tokenizer(ckpt):
+    """A model handed in without a tokenizer (the benchmarks' random weights) has no structured
+    outputs, so its idle warm-up leaves the mask out; the engine then serves token-id prompts,
+    logprobs included."""
+    import qwen3_jax
+
+    eng = Engine(qwen3_jax.load(ckpt, dtype="float32", progress=False), context_length=128,
+                 max_running_requests=2, chunked_prefill_size=32, progress=False)
+    try:
+        assert eng.tokenizer is None and eng.variants_warm.wait(120) and eng.error is None
+        out = eng.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, logprobs=1, ignore_eos=True))[0]
+        assert len(out.token_ids) == 4 and len(out.logprobs) == 4
+    finally:
+        eng.shutdown()
+
+
 def test_small_decode_batches_give_the_full_batchs_tokens(ckpt, engine):
     """decode_batch_sizes [1, 2] on 4 slots: one request decodes at batch 1, two at batch 2
     (their slots handed to the step), three at the full 4; greedy tokens equal the one-shape
