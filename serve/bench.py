@@ -117,6 +117,10 @@ def parse_args(argv=None):
     p.add_argument("--attention-max-splits", default="",
                    help="decode attention: at most this many key splits (decode_attention.MAX_SPLITS), "
                         "comma-separated: A/B")
+    p.add_argument("--x-quantize", default="",
+                   help="W8A8 activation quantize in front of the FP8 grouped matmuls, comma-separated: xla "
+                        "(three XLA kernels), kernel (one Pallas kernel, the norm in its loads) (default: the "
+                        "library's, kernels.x_quantize.X_QUANTIZE)")
     p.add_argument("--gemv-tokens", default="",
                    help="decode batches up to N tokens run the GEMV kernels (per-row programs) for the attention "
                         "projections, the router logits and the MoE experts; larger ones the grouped matmuls "
@@ -870,7 +874,7 @@ def _decode_knobs(args, cfg):
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
     from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, grouped_matmul, linear, qk_prologue
-    from qwen3_jax.kernels import moe_ffn, router
+    from qwen3_jax.kernels import moe_ffn, router, x_quantize
 
     def listed(text, parse=str):
         return [parse(v) for v in text.split(",") if v] or [None]
@@ -920,6 +924,7 @@ def _decode_knobs(args, cfg):
     projection = choices("--projection-matmul", args.projection_matmul, sorted(presets))
     moe_routing = choices("--moe-routing", args.moe_routing, moe_ffn.BLOCK_ROUTINGS)
     router_logits = choices("--router-logits", args.router_logits, router.LOGITS_CHOICES)
+    x_quant = choices("--x-quantize", args.x_quantize, x_quantize.X_QUANTIZES)
     gemv_limits = listed(args.gemv_tokens)
     if any(v is not None and not re.fullmatch(r"\d+(/\d+)?", v) for v in gemv_limits):
         raise ValueError(f"--gemv-tokens {args.gemv_tokens}: give token counts N or N/P (projection rows), e.g. 16,4/1")
@@ -948,6 +953,7 @@ def _decode_knobs(args, cfg):
         ("moe-routing ", moe_routing, *module_value(moe_ffn, "BLOCK_ROUTING"), True),
         ("router ", router_logits, *module_value(router, "LOGITS"), True),
         ("gemv-tokens ", gemv_limits, gemv_tokens, put_gemv_tokens, True),
+        ("x-quantize ", x_quant if cfg.fp8 else [None], *module_value(x_quantize, "X_QUANTIZE"), True),
         ("projection ", projection,
          lambda: next((k for k, v in presets.items() if v == linear.PROJECTION_MATMUL), "custom"),
          lambda v: setattr(linear, "PROJECTION_MATMUL", dict(presets[v])), True),

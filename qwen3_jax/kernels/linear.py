@@ -17,9 +17,10 @@ import math
 import jax.numpy as jnp
 
 from .. import kernels
-from .gemv import gemv, gemv_tiles, quantize_rows
+from .gemv import gemv, gemv_tiles
 from .gemv_inputs import materialize
 from .grouped_matmul import grouped_matmul, matmul_tiles
+from .x_quantize import quantize_x
 
 # Rows up to which a projection runs the GEMV, by weight kind; above, FP8 runs the grouped matmul
 # (PROJECTION_MATMUL) and bf16 XLA's dot. The GEMV gives each row its own programs, each reading
@@ -246,15 +247,14 @@ def _matmul(x_mk, ws, scales, layout: str, block: int, group, w_nk: bool, scale_
                 k_splits *= 2
     if steps % k_splits:
         return None
-    x2 = materialize(x_mk)
-    pad = ((0, nb * bm - m), (0, 0))
     extra = {}
-    if t["convert"] == "e4m3":   # W8A8: x quantized once here, in groups of the kernel's K step
-        x2, sx = quantize_rows(x2, t["bk"])
-        extra = dict(x_scales=jnp.pad(sx, pad, constant_values=1.0))
-    elif t["convert"] == "f16":
-        x2 = x2.astype(jnp.float16)
-    ys = grouped_matmul(jnp.pad(x2, pad), jnp.full((nb,), group, jnp.int32), tuple(ws), scales, bm=bm,
+    if t["convert"] == "e4m3":   # W8A8: x quantized once here, in groups of the kernel's K step, rows padded
+        x2, sx = quantize_x(x_mk, t["bk"], nb * bm)
+        extra = dict(x_scales=sx)
+    else:
+        x2 = materialize(x_mk)
+        x2 = jnp.pad(x2.astype(jnp.float16) if t["convert"] == "f16" else x2, ((0, nb * bm - m), (0, 0)))
+    ys = grouped_matmul(x2, jnp.full((nb,), group, jnp.int32), tuple(ws), scales, bm=bm,
                         layout=layout, block=block, w_nk=w_nk, k_splits=k_splits, concat=len(ws) > 1, **t, **extra)
     ys = ys if len(ws) > 1 else (ys,)
     return [y[:, :m] if k_splits > 1 else y[None, :m] for y in ys]

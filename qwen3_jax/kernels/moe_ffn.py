@@ -35,10 +35,11 @@ import jax.numpy as jnp
 from .. import kernels
 from . import dequantize as dequantize_kernel
 from ..fp8 import dequantize
-from .gemv import gemv, gemv_tiles, quantize_rows
+from .gemv import gemv, gemv_tiles
 from .gemv_inputs import SwigluX, materialize
 from .grouped_matmul import grouped_matmul, matmul_tiles
 from .moe_blocks import block_rows, expert_blocks, route_blocks, route_blocks_covered
+from .x_quantize import quantize_x
 
 # Assignments (tokens x top-k) up to which the MoE runs the gemv, by weight kind; above, the
 # blocks path. Measured crossover (benchmarks/NOTES.md): run 2 had gemv winning to 8 tokens
@@ -204,7 +205,7 @@ def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
         # W8A8: x quantized once per token, before the gather (k times fewer rows, 1-byte values
         # moved); h leaves the gate/up kernel quantized in groups of its tile width, which the
         # down's K steps must divide, as they must stay inside one scale run
-        xq, sx = quantize_rows(materialize(x_nd), t1["bk"])
+        xq, sx = quantize_x(x_nd, t1["bk"])
         xs, in1 = rows_of(xq), dict(x_scales=rows_of(sx), quantize_out=True)
         t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], arrays.scale_run or arrays.block))
     else:
