@@ -280,7 +280,8 @@ def test_partials_prologue_lowers_to_triton_for_30b_shapes(b, monkeypatch):
         qp = linear_einsum("btd,dhq->bthq", x, wq, None, 0, 128, layer=jnp.int32(3), partials=True)
         kp = linear_einsum("btd,dkq->btkq", x, wk, None, 0, 128, layer=jnp.int32(3), partials=True)
         return qk_norm_rope_partials(qp, kp, qn, kn, jnp.int32(3), cos, sin, EPS, heads=h, dtype=bf, interpret=False)
-    bq = min(b, 16)   # the gemv covers up to 16 rows in bf16
+    from qwen3_jax.kernels.linear import GEMV_MAX_ROWS
+    bq = min(b, GEMV_MAX_ROWS["bf16"])   # the gemv's bf16 rows (above them XLA's dot, no partials)
     text = jax.jit(prologue).trace(_sds((bq, 1, d), bf), _sds((n_layers, d, h, qd), bf), _sds((n_layers, d, k, qd), bf),
                                    _sds((n_layers, qd), bf), _sds((n_layers, qd), bf), _sds((bq, qd), bf),
                                    _sds((bq, qd), bf)).lower(lowering_platforms=("cuda",)).as_text()
