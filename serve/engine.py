@@ -554,9 +554,9 @@ class Engine:
     def _variant_warmups(self) -> list[tuple[str, Callable[[], object]]]:
         """[(what, launch)]: idle steps (every row past the context: nothing written) that compile
         each decode batch size's logprobs and mask (greedy; the mask only with a tokenizer, which
-        constraints need) and its penalized sampler per mode,
-        then the prefill's penalized samplers (fresh counts) and, without a batch size of 1, its
-        logprobs and mask. Combined variants reuse these pieces."""
+        constraints need) and its penalized sampler per mode, then the prefill's penalized
+        samplers (fresh counts) and, without a batch size of 1, its logprobs and mask. Combined
+        variants reuse these pieces."""
         s, v = self.context_length, self.model.config.vocab_size
         extra = "/logprobs/masked" if self._masks is not None else "/logprobs"   # no tokenizer: no constraints
         jobs = []
