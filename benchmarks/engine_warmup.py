@@ -41,6 +41,7 @@ def warmup_seconds(model: str, context: int, slots: int, threads: int, layers: i
     engine = Engine(m, context_length=context, max_running_requests=slots, progress=False)
     seconds = time.perf_counter() - t0
     forwards = len(engine.buckets) + len(engine.windows) * len(engine.decode_batch_sizes)
+    engine.variants_warm.wait()   # its idle compiles (Engine.WARM_VARIANTS, after the warm-up timed) stay out of the step's
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, min(64, context // 4)).tolist() for _ in range(slots)]
     step_ms, _, _ = decode_ms(engine, prompts, tokens=min(32, context // 4))

@@ -26,6 +26,7 @@ from qwen3_jax.kernels.grouped_matmul import grouped_matmul
 from qwen3_jax.kernels import moe_blocks
 from qwen3_jax.kernels.moe_blocks import expert_blocks, num_blocks
 from qwen3_jax.kernels.moe_ffn import ExpertArrays, moe_ffn
+from qwen3_jax.kernels.x_quantize import quantize_x
 from qwen3_jax.moe import expert_ffn
 
 
@@ -439,7 +440,8 @@ def test_moe_ffn_w8a8_blocks_quantize_each_token_once(monkeypatch, nk):
     assert {cfg["convert"] for cfg in gm_mod.MATMUL_DEFAULTS.values()} == {"e4m3"}
     monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS", 0)
     quantized = []
-    monkeypatch.setattr(moe_mod, "quantize_rows", lambda x, g: quantized.append(x.shape) or quantize_rows(x, g))
+    monkeypatch.setattr(moe_mod, "quantize_x", lambda x, g, rows=None: quantized.append(tuple(x.shape))
+                        or quantize_x(x, g, rows))
     rng = np.random.default_rng(13)
     x, weights, experts, arrays, want = _moe_case(rng, True, n=24, nk=nk, checkpoint_blocks=True)
     fn = lambda *a: moe_ffn(*a, arrays, strategy="blocks")   # noqa: E731
@@ -652,7 +654,8 @@ def test_fp8_projections_w8a8_quantize_x_once(monkeypatch):
     from qwen3_jax.kernels import linear as linear_mod
     monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)
     quantized = []
-    monkeypatch.setattr(linear_mod, "quantize_rows", lambda x, g: quantized.append(x.shape) or quantize_rows(x, g))
+    monkeypatch.setattr(linear_mod, "quantize_x", lambda x, g, rows=None: quantized.append(tuple(x.shape))
+                        or quantize_x(x, g, rows))
     rng = np.random.default_rng(14)
     block = 64
     wq, sq = fp8_weights(rng, (2, 128, 4, 16), 1, block, checkpoint_blocks=True)   # [L, D, H, Q]
