@@ -579,11 +579,20 @@ class Engine:
         return jobs
 
     def _warm_one_variant(self, what: str, launch: Callable[[], object]):
-        """Run one idle warm-up step (scheduler thread, engine idle) and log when the last is done."""
+        """Run one idle warm-up step (scheduler thread, engine idle) and log when the last is done.
+        A compile that fails leaves the engine serving (a request asking for that variant meets
+        the error then, as it would have without the warm-up); a step that failed after taking the
+        cache (donated, now deleted) ends it, as any failed step does."""
         t0 = time.perf_counter()
-        jax.block_until_ready(launch())
+        try:
+            jax.block_until_ready(launch())
+            log.debug("compiled the %s step variant while idle", what)
+        except Exception:
+            if any(a.is_deleted() for a in jax.tree.leaves(self._carry)):
+                raise
+            log.warning("could not compile the %s step variant while idle; a request asking for it will compile "
+                        "it at its first step", what, exc_info=True)
         self._idle_warm_s += time.perf_counter() - t0
-        log.debug("compiled the %s step variant while idle", what)
         if not self._idle_warmups:
             log.info("compiled the step variants (logprobs, penalties, structured-output masks) at batch sizes %s "
                      "while idle, in %.1fs", self.decode_batch_sizes, self._idle_warm_s)

@@ -287,6 +287,30 @@ def test_step_variants_warm_without_a_tokenizer(ckpt):
         eng.shutdown()
 
 
+def test_a_variant_that_fails_to_compile_while_idle_leaves_the_engine_serving(ckpt, monkeypatch, caplog):
+    """An idle warm-up step whose compile fails (its cache untouched) is logged as a warning and
+    the engine goes on: the next warm-ups run and requests are served."""
+    import logging
+
+    real = Engine._variant_warmups
+
+    def with_a_failure(self):
+        def broken():
+            raise RuntimeError("compile failed (test)")
+        return [("broken", broken)] + real(self)
+    monkeypatch.setattr(Engine, "_variant_warmups", with_a_failure)
+    caplog.set_level(logging.WARNING, logger="serve.engine")
+    eng = Engine(ckpt, dtype="float32", context_length=128, max_running_requests=2, chunked_prefill_size=32,
+                 progress=False)
+    try:
+        assert eng.variants_warm.wait(120) and eng.error is None
+        assert any("could not compile the broken step variant" in r.getMessage() for r in caplog.records)
+        out = eng.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+        assert len(out.token_ids) == 4
+    finally:
+        eng.shutdown()
+
+
 def test_small_decode_batches_give_the_full_batchs_tokens(ckpt, engine):
     """decode_batch_sizes [1, 2] on 4 slots: one request decodes at batch 1, two at batch 2
     (their slots handed to the step), three at the full 4; greedy tokens equal the one-shape
