@@ -553,12 +553,11 @@ class Engine:
 
     def _variant_warmups(self) -> list[tuple[str, Callable[[], object]]]:
         """[(what, launch)]: idle steps (every row past the context: nothing written) that compile
-        each decode batch size's logprobs and mask (greedy; the mask only with a tokenizer, which
-        constraints need) and its penalized sampler per mode, then the prefill's penalized
-        samplers (fresh counts) and, without a batch size of 1, its logprobs and mask. Combined
-        variants reuse these pieces."""
+        each decode batch size's logprobs and mask (greedy) and its penalized sampler per mode,
+        then the prefill's penalized samplers (fresh counts) and, without a batch size of 1, its
+        logprobs and mask. Combined variants reuse these pieces."""
         s, v = self.context_length, self.model.config.vocab_size
-        extra = "/logprobs/masked" if self._masks is not None else "/logprobs"   # no tokenizer: no constraints
+        extra = "/logprobs/masked"
         jobs = []
         for b in self.decode_batch_sizes:
             idle = np.arange(self.num_slots - b, self.num_slots, dtype=np.int32)
@@ -966,7 +965,7 @@ class Engine:
         done = req.prefilled == req.prompt_len
         p = req.params
         variant = step_variant(done and p.logprobs is not None, done and p.penalized,
-                               done and req.guide is not None and req.guide_on)
+                               done and req.masked)
         flags = self._prompt_flags(req) if "penalties" in variant else None
         if p.prompt_logprobs is None:   # extras: the last chunk's id only
             ids = self._prefill_call(tokens, positions, s, n - 1, variant=variant, prompt_flags=flags)
@@ -1003,7 +1002,7 @@ class Engine:
         else:   # the live slots, padded with others, all at position S (free or still prefilling)
             rows = np.asarray(live + [s for s in range(self.num_slots) if s not in taken][:b - len(live)], np.int32)
         asks = [self._slots[s].params for s in live]
-        masked = any(self._slots[s].guide is not None and self._slots[s].guide_on for s in live)
+        masked = any(self._slots[s].masked for s in live)
         ids = self._decode_call(window, rows, variant=step_variant(any(p.logprobs is not None for p in asks),
                                                                    any(p.penalized for p in asks), masked))
         self.steps += 1
@@ -1061,13 +1060,20 @@ class Engine:
         return out
 
     def _mask_words(self, rows) -> np.ndarray:
-        """[B, W] int32: each row's structured-output mask (its guide's allowed tokens), every
-        token allowed for the rows without one."""
-        words = self._masks.all_allowed(len(rows))
+        """[B, W] int32, bit t % 32 of word t // 32 set where token t may be sampled: each row's
+        structured-output mask (its guide's allowed tokens), without its EOS and stop ids while
+        it is within min_tokens; every token for the other rows."""
+        v = self.model.config.vocab_size
+        words = np.full((len(rows), -(-v // 32)), -1, np.int32)
         for b, s in enumerate(rows):
             req = self._slots[s]
-            if req is not None and req.guide is not None and req.guide_on and not req.finished:
+            if req is None or req.finished:
+                continue
+            if req.guide is not None and req.guide_on:
                 self._masks.write(req.guide, words[b])
+            if req.launched < req.params.min_tokens:
+                ends = np.array([t for t in req.stop_ids if 0 <= t < v], np.int64)
+                np.bitwise_and.at(words[b].view(np.uint32), ends >> 5, ~(np.uint32(1) << (ends & 31).astype(np.uint32)))
         return words
 
     def _sampling_inputs(self, rows, variant: str = "") -> tuple[np.ndarray, ...]:

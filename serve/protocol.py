@@ -4,7 +4,7 @@ Every refusal is an ApiError rendered as {"error": {"message", "type", "param", 
 the HTTP status OpenAI uses: 400 for a bad body, 401 bad key, 404 unknown model, 503 busy.
 Fields this server does not implement are refused by name rather than silently ignored when
 ignoring them would change the answer (best_of, suffix, UNSUPPORTED_SAMPLING: logit_bias, min_p,
-min_tokens, ...), unless they carry the value that changes nothing.
+bad_words, ...), unless they carry the value that changes nothing.
 `response_format` json_object / json_schema (chat and completions), SGLang's `regex` and
 `json_schema`, vLLM's `guided_json` / `guided_regex` / `guided_choice`, and a forced `tool_choice`
 ("required" or a named function) constrain the output (serve/structured.py).
@@ -76,8 +76,9 @@ COMMON_FIELDS = {
     "presence_penalty": "number", "frequency_penalty": "number", "repetition_penalty": "number",
     "skip_special_tokens": "boolean", "response_format": "object", "regex": "string", "json_schema": "string or object",
     "guided_json": "string or object", "guided_regex": "string", "guided_choice": "array",
+    "min_tokens": "integer",
     # refused unless inert (UNSUPPORTED_SAMPLING)
-    "logit_bias": "object", "min_p": "number", "min_tokens": "integer", "bad_words": "array",
+    "logit_bias": "object", "min_p": "number", "bad_words": "array",
     "use_beam_search": "boolean", "include_stop_str_in_output": "boolean", "no_stop_trim": "boolean",
 }
 # Sampling fields of OpenAI, vLLM or SGLang this server does not implement: -> (their values that
@@ -87,7 +88,6 @@ UNSUPPORTED_SAMPLING = {
     "logit_bias": (({},), "rule tokens out with a structured output (regex, guided_choice) or stop at them "
                           "with stop_token_ids"),
     "min_p": ((0, 0.0), "use top_p or top_k (Qwen3's model card recommends min_p 0)"),
-    "min_tokens": ((0,), "use ignore_eos with max_tokens for an exact length"),
     "bad_words": (([],), "rule words out with a structured output (regex)"),
     "use_beam_search": ((False,), "sample n choices instead"),
     "include_stop_str_in_output": ((False,), "the stop string is always left out (OpenAI's behaviour)"),
@@ -200,7 +200,8 @@ def _sampling(body: dict, max_tokens, logprobs: int | None = None) -> SamplingPa
                             stop=[stop] if isinstance(stop, str) else list(stop),
                             stop_token_ids=list(body.get("stop_token_ids") or []),
                             ignore_eos=bool(body.get("ignore_eos", False)),
-                            skip_special_tokens=body.get("skip_special_tokens", True), logprobs=logprobs, **penalties,
+                            skip_special_tokens=body.get("skip_special_tokens", True), logprobs=logprobs,
+                            min_tokens=body.get("min_tokens") or 0, **penalties,
                             **_constraint(body))
     try:
         return params.validate()

@@ -104,6 +104,12 @@ class Request:
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
 
+    @property
+    def masked(self) -> bool:
+        """Its next launched token needs a logits mask: a structured output in force, or
+        min_tokens not reached yet (no EOS or stop id)."""
+        return (self.guide is not None and self.guide_on) or self.launched < self.params.min_tokens
+
     # -- per token ---------------------------------------------------------------------------
     def accept(self, token_id: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         """Take one sampled id (and its logprobs, when asked for); returns what to release
@@ -119,7 +125,7 @@ class Request:
             stop_reason = matched if matched is not None else token_id
         else:
             delta = self.detok.push(token_id) if self.detok else ""
-            text, matched = self._scan(delta)
+            text, matched = self._scan(delta, looking=len(self.output_ids) > self.params.min_tokens)
             if matched is not None:
                 reason, stop_reason = "stop", matched
             elif len(self.output_ids) >= self.max_tokens:
@@ -147,10 +153,12 @@ class Request:
                              len(self.output_ids), stop_reason, error, cached_tokens=self.cached_tokens)
 
     # -- text and stop strings ---------------------------------------------------------------
-    def _scan(self, delta: str, final: bool = False) -> tuple[str, str | None]:
-        """Append decoded text; -> (text to release now, the stop string that matched or None)."""
+    def _scan(self, delta: str, final: bool = False, looking: bool = True) -> tuple[str, str | None]:
+        """Append decoded text; -> (text to release now, the stop string that matched or None).
+        looking=False (within min_tokens): no stop string is looked for, and the text is released
+        whole, so none can match in it later (vLLM's rule)."""
         self.text += delta
-        if not self.stops:
+        if not self.stops or not looking:
             return self._release("", final=True), None
         # A match cannot start before `sent`: anything that could have begun one was held back.
         best, which = -1, None

@@ -45,6 +45,8 @@ class SamplingParams:
     EOS id remains, unless `ignore_eos`, where generation ends at max_tokens.
     `constraint_after` (a token id): the constraint starts after that token is generated, the
     tokens before it (a thinking model's reasoning, ended by </think>) free.
+    `min_tokens` (vLLM's): the first min_tokens generated tokens are never an EOS or stop id (their
+    logits are masked), and stop strings are looked for only in the text after them.
     """
 
     max_tokens: int | None = 16
@@ -64,6 +66,7 @@ class SamplingParams:
     json_schema: str | dict | None = None
     regex: str | None = None
     constraint_after: int | None = None
+    min_tokens: int = 0
 
     @property
     def constraint(self) -> tuple[str, str] | None:
@@ -108,6 +111,8 @@ class SamplingParams:
         if self.json_schema is not None:
             from .structured import json_schema_text
             json_schema_text(self.json_schema)   # a ValueError naming the problem
+        if not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
+            raise ValueError(f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}")
         if self.constraint_after is not None and (not isinstance(self.constraint_after, int) or self.constraint_after < 0):
             raise ValueError(f"constraint_after must be a token id (a non-negative integer), got {self.constraint_after!r}")
         return self

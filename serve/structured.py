@@ -117,10 +117,6 @@ class TokenMasks:
         with self._lock:
             return Guide(self._index(kind, text))
 
-    def all_allowed(self, rows: int) -> np.ndarray:
-        """[rows, W] int32 words with every token allowed (the rows no constraint limits)."""
-        return np.full((rows, self.words), -1, np.int32)
-
     def advance(self, guide, token: int) -> None:
         """The guide takes a sampled token. The EOS a finished match allows ends the text, so the
         guide stays where it is (with ignore_eos the row keeps being offered EOS alone)."""

@@ -311,6 +311,32 @@ def test_a_variant_that_fails_to_compile_while_idle_leaves_the_engine_serving(ck
         eng.shutdown()
 
 
+def test_min_tokens_holds_off_stop_ids_and_stop_strings(engine):
+    """SamplingParams.min_tokens (vLLM's): a stop id the greedy text reaches at token i ends it
+    there without min_tokens; with min_tokens = i + 3 the first i tokens are the same, that id is
+    masked out of the first i + 3 (the step runs with its logits mask) and at least i + 3 come.
+    A stop string found in the first tokens' text is not looked for there."""
+    prompt = [11, 12, 13]
+    free = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids
+    i = next(j for j in range(1, len(free)) if free[j] not in free[:j])
+    sp = dict(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[free[i]])
+    stopped = engine.generate([prompt], SamplingParams(**sp))[0]
+    assert stopped.token_ids == free[:i + 1] and stopped.finish_reason == "stop"
+    held = engine.generate([prompt], SamplingParams(**sp, min_tokens=i + 3))[0]
+    assert held.token_ids[:i] == free[:i] and free[i] not in held.token_ids[:i + 3]
+    assert len(held.token_ids) >= i + 3
+    # stop strings: the text of the first tokens, which ends generation at once without min_tokens
+    k = next(j for j in range(1, len(free)) if engine.tokenizer.decode(free[:j]).strip())
+    stop = engine.tokenizer.decode(free[:k]).strip()
+    early = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert len(early.token_ids) <= k and early.finish_reason == "stop"
+    late = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop],
+                                                    min_tokens=k + 2))[0]
+    assert late.token_ids[:k + 2] == free[:k + 2] and len(late.token_ids) >= k + 2
+    with pytest.raises(ValueError, match="min_tokens must be in"):
+        SamplingParams(max_tokens=4, min_tokens=5).validate()
+
+
 def test_small_decode_batches_give_the_full_batchs_tokens(ckpt, engine):
     """decode_batch_sizes [1, 2] on 4 slots: one request decodes at batch 1, two at batch 2
     (their slots handed to the step), three at the full 4; greedy tokens equal the one-shape
