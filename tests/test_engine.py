@@ -273,8 +273,8 @@ def test_step_variants_compile_while_the_engine_idles(ckpt, monkeypatch, caplog,
 
 def test_step_variants_warm_without_a_tokenizer(ckpt):
     """A model handed in without a tokenizer (the benchmarks' random weights) has no structured
-    outputs, so its idle warm-up leaves the mask out; the engine then serves token-id prompts,
-    logprobs included."""
+    outputs but still masks logits (min_tokens' stop ids), so its idle warm-up compiles the mask
+    too; the engine then serves token-id prompts, logprobs and min_tokens included."""
     import qwen3_jax
 
     eng = Engine(qwen3_jax.load(ckpt, dtype="float32", progress=False), context_length=128,
@@ -283,6 +283,9 @@ def test_step_variants_warm_without_a_tokenizer(ckpt):
         assert eng.tokenizer is None and eng.variants_warm.wait(120) and eng.error is None
         out = eng.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, logprobs=1, ignore_eos=True))[0]
         assert len(out.token_ids) == 4 and len(out.logprobs) == 4
+        held = eng.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, min_tokens=3,
+                                                        stop_token_ids=[out.token_ids[0]]))[0]
+        assert out.token_ids[0] not in held.token_ids[:3] and len(held.token_ids) >= 3
     finally:
         eng.shutdown()
 
