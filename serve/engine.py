@@ -67,8 +67,8 @@ from sharding.memory import DEFAULT_MEM_FRACTION_STATIC
 
 from .capacity import CacheSize, size_cache
 from .request import CompletionOutput, Request, RequestOutput, TokenLogprob
-from .sampling import (PROMPT_FLAG, SAMPLING_MODES, SamplingParams, device_seed, mask_logits, penalize, sample,
-                       sampling_mode, token_logprobs)
+from .sampling import (PROMPT_FLAG, SAMPLING_MODES, SamplingParams, device_seed, mask_logits, mask_words, penalize,
+                       sample, sampling_mode, token_logprobs)
 from .structured import TokenMasks
 from .tokenizer import DetokenizeStream, Tokenizer
 
@@ -463,7 +463,7 @@ class Engine:
         if jax.process_count() > 1:  # several processes: rank 0 announces each step, the others run it too
             from .distributed import StepChannel, engine_capacity
             self._channel = StepChannel(engine_capacity(self.num_slots, self.buckets[-1], self.context_length,
-                                                        -(-self.model.config.vocab_size // 32)))
+                                                        mask_words(self.model.config.vocab_size)))
             steps = self._channel.attach(steps)
         self._steps = steps
 
@@ -557,12 +557,11 @@ class Engine:
         then the prefill's penalized samplers (fresh counts) and, without a batch size of 1, its
         logprobs and mask. Combined variants reuse these pieces."""
         s, v = self.context_length, self.model.config.vocab_size
-        extra = "/logprobs/masked"
         jobs = []
         for b in self.decode_batch_sizes:
             idle = np.arange(self.num_slots - b, self.num_slots, dtype=np.int32)
-            jobs.append((f"decode {b} {extra[1:]}",
-                         functools.partial(self._decode_call, self.windows[0], idle, "greedy", extra)))
+            jobs.append((f"decode {b} logprobs+mask",
+                         functools.partial(self._decode_call, self.windows[0], idle, "greedy", "/logprobs/masked")))
             jobs += [(f"decode {b} penalties {m}",
                       functools.partial(self._decode_call, self.windows[0], idle, m, "/penalties"))
                      for m in SAMPLING_MODES]
@@ -574,7 +573,7 @@ class Engine:
                                       variant, prompt_flags=flags)
         jobs += [(f"prefill penalties {m}", functools.partial(prefill, m, "/penalties")) for m in SAMPLING_MODES]
         if 1 not in self.decode_batch_sizes:
-            jobs.append((f"prefill {extra[1:]}", functools.partial(prefill, "greedy", extra)))
+            jobs.append(("prefill logprobs+mask", functools.partial(prefill, "greedy", "/logprobs/masked")))
         return jobs
 
     def _warm_one_variant(self, what: str, launch: Callable[[], object]):
@@ -1064,7 +1063,7 @@ class Engine:
         structured-output mask (its guide's allowed tokens), without its EOS and stop ids while
         it is within min_tokens; every token for the other rows."""
         v = self.model.config.vocab_size
-        words = np.full((len(rows), -(-v // 32)), -1, np.int32)
+        words = np.full((len(rows), mask_words(v)), -1, np.int32)
         for b, s in enumerate(rows):
             req = self._slots[s]
             if req is None or req.finished:

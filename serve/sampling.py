@@ -125,10 +125,16 @@ class SamplingParams:
         return dataclasses.replace(self, stop=list(self.stop), stop_token_ids=list(self.stop_token_ids), **fill)
 
 
+def mask_words(vocab_size: int) -> int:
+    """W: int32 words of one row's logits mask (a bit per token)."""
+    return -(-vocab_size // 32)
+
+
 def mask_logits(logits_bv, words_bw):
-    """Structured outputs: logits [B, V] with every token whose bit is clear in words [B, W]
-    int32 (bit i % 32 of word i // 32) set to -inf; an all-ones row leaves its logits as they
-    are. Elementwise over V, so logits split over the vocabulary stay split."""
+    """Structured outputs and min_tokens: logits [B, V] with every token whose bit is clear in
+    words [B, W = mask_words(V)] int32 (bit i % 32 of word i // 32) set to -inf; an all-ones row
+    leaves its logits as they are. Elementwise over V, so logits split over the vocabulary stay
+    split."""
     v = logits_bv.shape[-1]
     ids = jnp.arange(v, dtype=jnp.int32)
     word = jnp.take(words_bw, ids // 32, axis=1)                           # [B, V]

@@ -23,6 +23,8 @@ import threading
 
 import numpy as np
 
+from .sampling import mask_words
+
 # Indexes kept (by kind and text): a server sees a few schemas again and again.
 INDEX_CACHE_SIZE = 64
 
@@ -71,7 +73,7 @@ class TokenMasks:
 
     def __init__(self, tokenizer, vocab_size: int):
         self.tokenizer, self.vocab_size = tokenizer, int(vocab_size)
-        self.words = -(-self.vocab_size // 32)
+        self.words = mask_words(self.vocab_size)
         # the EOS id a finished match allows (the first of the checkpoint's)
         self.eos = int(tokenizer.eos_token_ids[0]) if tokenizer.eos_token_ids else None
         self._lock = threading.Lock()   # submit() runs on callers' threads
