@@ -2,8 +2,9 @@
 forwards compiled on N threads against one, each in a fresh process (no compile cache shared).
 
 Random weights of a preset's shapes (serve.bench's configs). Prints one row per thread count:
-the warm-up's seconds and its ratio to the first count's, measured in the same run, and the
-served decode step after it with every slot busy (on a GPU each compile also autotunes its XLA
+the warm-up's seconds and its ratio to the first count's, measured in the same run, the seconds
+the step variants (Engine.WARM_VARIANTS) then compile while the engine idles, and the served
+decode step after it with every slot busy (on a GPU each compile also autotunes its XLA
 gemms by running them; side by side, those timings share one device and could pick worse
 kernels, which the step time would show).
 
@@ -25,8 +26,8 @@ sys.path.insert(0, ROOT)
 def warmup_seconds(model: str, context: int, slots: int, threads: int, layers: int | None = None) -> dict:
     """In this process: build the model, then an Engine with COMPILE_THREADS = threads, then
     time its decode step with every slot running.
-    -> {"threads", "warmup_s", "forwards", "step_ms"} (forwards: prefill buckets + windows x
-    batch sizes)."""
+    -> {"threads", "warmup_s", "variants_s", "forwards", "step_ms"} (forwards: prefill buckets +
+    windows x batch sizes; variants_s: the step variants compiled afterwards while idle)."""
     import numpy as np
 
     import qwen3_jax
@@ -41,12 +42,14 @@ def warmup_seconds(model: str, context: int, slots: int, threads: int, layers: i
     engine = Engine(m, context_length=context, max_running_requests=slots, progress=False)
     seconds = time.perf_counter() - t0
     forwards = len(engine.buckets) + len(engine.windows) * len(engine.decode_batch_sizes)
+    t0 = time.perf_counter()
     engine.variants_warm.wait()   # its idle compiles (Engine.WARM_VARIANTS, after the warm-up timed) stay out of the step's
+    variants_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, min(64, context // 4)).tolist() for _ in range(slots)]
     step_ms, _, _ = decode_ms(engine, prompts, tokens=min(32, context // 4))
     engine.shutdown()
-    return {"threads": threads, "warmup_s": seconds, "forwards": forwards, "step_ms": step_ms}
+    return {"threads": threads, "warmup_s": seconds, "variants_s": variants_s, "forwards": forwards, "step_ms": step_ms}
 
 
 def main(argv=None):
@@ -74,9 +77,9 @@ def main(argv=None):
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"{args.model}, context {args.context}, {args.slots} slots, {rows[0]['forwards']} forwards; "
           f"cpus {os.cpu_count()}; each count in a fresh process")
-    print(f"{'threads':>8} {'warm-up s':>10} {'vs first':>9} {'step ms after':>14} {'vs first':>9}")
+    print(f"{'threads':>8} {'warm-up s':>10} {'vs first':>9} {'then idle s':>12} {'step ms after':>14} {'vs first':>9}")
     for r in rows:
-        print(f"{r['threads']:>8} {r['warmup_s']:>10.1f} {r['warmup_s'] / rows[0]['warmup_s']:>8.2f}x"
+        print(f"{r['threads']:>8} {r['warmup_s']:>10.1f} {r['warmup_s'] / rows[0]['warmup_s']:>8.2f}x {r['variants_s']:>12.1f}"
               f" {r['step_ms']:>14.3f} {r['step_ms'] / rows[0]['step_ms']:>8.2f}x")
     return rows
 

@@ -233,11 +233,12 @@ def test_engine_warmup_benchmark_times_each_thread_count_in_its_own_process(caps
     """benchmarks/engine_warmup.py with the tiny preset: a row per thread count, each from a fresh
     process that ran an engine with that many compile threads over every forward (4 prefill
     buckets at context 256 with 512-token chunks, one KV window, the one CPU batch size), then
-    timed a decode step with both slots busy."""
+    timed its idle variant compiles and a decode step with both slots busy."""
     rows = load_benchmark("engine_warmup").main(["--model", "tiny", "--context", "256", "--slots", "2",
                                                  "--threads", "1,2"])
     assert [r["threads"] for r in rows] == [1, 2] and all(r["warmup_s"] > 0 for r in rows)
     assert {r["forwards"] for r in rows} == {4 + 1} and all(r["step_ms"] > 0 for r in rows)
+    assert all(r["variants_s"] > 0 for r in rows)   # the idle variant compiles, waited for and timed
     out = capsys.readouterr().out
     assert "5 forwards" in out and "1.00x" in out
     assert f"{rows[1]['warmup_s'] / rows[0]['warmup_s']:.2f}x" in out
