@@ -201,6 +201,12 @@ def main(argv=None) -> int:
         return dry_run.run(args)
     from sharding.mesh import MeshSpecError
 
+    missing = missing_http_modules() if args.node_rank == 0 else []
+    if missing:  # found now, not after minutes of loading and compiling
+        print(f"error: the HTTP server needs {', '.join(missing)}, not installed in this environment "
+              f"({sys.executable}); install the project with `pip install -e .` from the repository, or "
+              f"`pip install {' '.join(HTTP_MODULES[m] for m in missing)}`", file=sys.stderr)
+        return 2
     try:
         n = prepare_devices(args.mesh)
     except MeshSpecError as e:
@@ -229,6 +235,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log.info("interrupted before the server started")
         return 130
+
+
+# The modules rank 0's HTTP server imports (pyproject's dependencies), by their pip names.
+HTTP_MODULES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus_client": "prometheus-client"}
+
+
+def missing_http_modules() -> list[str]:
+    import importlib.util
+    return [m for m in HTTP_MODULES if importlib.util.find_spec(m) is None]
 
 
 def _plan_nodes(args):
@@ -297,12 +312,17 @@ def _serve(args, watchdog=None) -> int:
     log.info("weights: %s per device (%d device%s, %s)", human_bytes(max(weights.values())), len(weights),
              "s" if len(weights) > 1 else "", engine.model.dtype)
     log.info(engine.cache_size.describe())
-    if args.node_rank > 0:  # a follower: no HTTP; run rank 0's steps until it stops
-        from .distributed import run_follower
-        log.info("ready in %.1fs; following rank 0's steps", time.perf_counter() - t0)
-        return run_follower(engine, watchdog)
-    log.info("ready in %.1fs", time.perf_counter() - t0)
-    return run_server(engine, name, args)
+    try:
+        if args.node_rank > 0:  # a follower: no HTTP; run rank 0's steps until it stops
+            from .distributed import run_follower
+            log.info("ready in %.1fs; following rank 0's steps", time.perf_counter() - t0)
+            return run_follower(engine, watchdog)
+        log.info("ready in %.1fs", time.perf_counter() - t0)
+        return run_server(engine, name, args)
+    finally:
+        # Also on an error: the scheduler thread stopped before the interpreter exits (an exit
+        # with it still stepping on the device crashed, run 134).
+        engine.shutdown(timeout=10)
 
 
 def run_server(engine, name: str, args) -> int:
