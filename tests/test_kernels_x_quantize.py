@@ -50,8 +50,8 @@ def test_kernel_equals_quantize_rows_bit_for_bit(norm, rows):
 
 
 def test_quantize_x_picks_the_kernel_or_xla_with_the_same_numbers(monkeypatch):
-    """X_QUANTIZE "kernel" runs the kernel where covered and XLA where not (a group that is no
-    power of two, no Triton block); "xla" pads as the matmul needs. Both give the same bits."""
+    """X_QUANTIZE "kernel" runs the kernel where covered and XLA where not (a group or a row
+    width that is no power of two, no Triton block); "xla" pads as the matmul needs. Both give the same bits."""
     x, xn = case(np.random.default_rng(5), 6, 512)
     monkeypatch.setattr(kernels, "interpret", lambda: True)
     outs = {}
@@ -61,6 +61,7 @@ def test_quantize_x_picks_the_kernel_or_xla_with_the_same_numbers(monkeypatch):
         assert ("qwen3_quantize_x" in text) == (mode == "kernel")
         outs[mode] = quantize_x(xn, 128, 16)
         assert "qwen3_quantize_x" not in str(jax.make_jaxpr(lambda x: quantize_x(x[:, :384], 96))(x))
+        assert "qwen3_quantize_x" not in str(jax.make_jaxpr(lambda x: quantize_x(x[:, :384], 128))(x))
     np.testing.assert_array_equal(bits(outs["kernel"][0]), bits(outs["xla"][0]))
     np.testing.assert_array_equal(np.asarray(outs["kernel"][1]), np.asarray(outs["xla"][1]))
     with pytest.raises(ValueError, match="below x's 6 rows"):
