@@ -547,15 +547,16 @@ class Engine:
     # step does not (token_logprobs, the penalized samplers, mask_logits), compiled at their first
     # use: ~1 s a batch size on a GPU, which every running request would wait through. The engine
     # compiles them while it idles instead, one step at a time, so a request arriving meanwhile
-    # waits for one compile at most. (Prompt logprobs' forward, a whole prefill per bucket, is
-    # left to its first use.)
+    # waits for one compile at most (run 133: 12 s of idle compiles for 30B at context 16k), and
+    # last the prompt-logprobs forward (a whole prefill that also scores every position) per bucket.
     WARM_VARIANTS = True
 
     def _variant_warmups(self) -> list[tuple[str, Callable[[], object]]]:
         """[(what, launch)]: idle steps (every row past the context: nothing written) that compile
         each decode batch size's logprobs and mask (greedy) and its penalized sampler per mode,
         then the prefill's penalized samplers (fresh counts) and, without a batch size of 1, its
-        logprobs and mask. Combined variants reuse these pieces."""
+        logprobs and mask, then each bucket's prompt-logprobs forward. Combined variants reuse
+        these pieces."""
         s, v = self.context_length, self.model.config.vocab_size
         jobs = []
         for b in self.decode_batch_sizes:
@@ -574,6 +575,11 @@ class Engine:
         jobs += [(f"prefill penalties {m}", functools.partial(prefill, m, "/penalties")) for m in SAMPLING_MODES]
         if 1 not in self.decode_batch_sizes:
             jobs.append(("prefill logprobs+mask", functools.partial(prefill, "greedy", "/logprobs/masked")))
+
+        def prompt_prefill(t):
+            return self._prefill_call(np.zeros((1, t), np.int32), np.full((1, t), s, np.int32), 0, 0, "greedy",
+                                      prompt_targets=np.zeros((1, t), np.int32))
+        jobs += [(f"prefill {b} prompt logprobs", functools.partial(prompt_prefill, b)) for b in self.buckets]
         return jobs
 
     def _warm_one_variant(self, what: str, launch: Callable[[], object]):
@@ -593,7 +599,7 @@ class Engine:
         self._idle_warm_s += time.perf_counter() - t0
         if not self._idle_warmups:
             log.info("compiled the step variants (logprobs, penalties, structured-output masks) at batch sizes %s "
-                     "while idle, in %.1fs", self.decode_batch_sizes, self._idle_warm_s)
+                     "and prompt logprobs' forwards while idle, in %.1fs", self.decode_batch_sizes, self._idle_warm_s)
             self.variants_warm.set()
 
     # -- submission (any thread) -------------------------------------------------------------

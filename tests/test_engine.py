@@ -247,8 +247,9 @@ def test_warmup_compiles_each_forward_once_on_threads(ckpt, monkeypatch, caplog)
 @pytest.mark.parametrize("warm", [True, False])
 def test_step_variants_compile_while_the_engine_idles(ckpt, monkeypatch, caplog, warm):
     """Engine.WARM_VARIANTS: after the warm-up the idle engine compiles the logprobs, penalties
-    and mask pieces of its steps, so the first request asking logprobs and a presence penalty
-    (sampled: the top-64 sampler, prefill and decode) compiles nothing while it runs. Without it
+    and mask pieces of its steps and the prompt-logprobs forwards, so the first request asking
+    logprobs and a presence penalty (sampled: the top-64 sampler, prefill and decode) and the
+    first asking prompt logprobs compile nothing while they run. Without it
     (warm=False) that request compiles them: the count the test reads does move."""
     import logging
 
@@ -262,9 +263,12 @@ def test_step_variants_compile_while_the_engine_idles(ckpt, monkeypatch, caplog,
         try:
             outs = eng.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=6, temperature=0.7, top_k=20, seed=1,
                                                                     logprobs=2, presence_penalty=0.5, ignore_eos=True))
+            scored = eng.generate([list(range(5, 45))], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=1,
+                                                                       ignore_eos=True))[0]
         finally:
             jax.config.update("jax_log_compiles", False)
         assert all(len(o.token_ids) == 6 and len(o.logprobs) == 6 for o in outs)
+        assert len(scored.prompt_logprobs) == 40   # two chunks, 32 + 8 tokens
         compiled = [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling ")]
         assert (compiled == []) if warm else len(compiled) >= 3, compiled
     finally:
