@@ -5,7 +5,12 @@
 # Optional: MESHES="tp=1 tp=4" (bench meshes; "none" skips), TESTS="<pytest -k expr>" ("none" skips),
 # LAYERS=8, MODELS="Qwen3-30B-A3B Qwen3-30B-A3B-FP8", TIMELINE=1 (benchmarks/mesh_timeline.py at
 # batch 1 on each mesh: every GPU's compute / collective / idle time), SKIP_SERVE=1.
-# The test file takes ~8 s a case on 2 H200s (run 95: 15 cases in 250 s), so give it its time.
+# The test file takes ~16 s a case on 2 H200s (run 134: 19 cases in 308 s), so give it its time.
+# The served request needs the project's HTTP modules and the openai client, which the device
+# image lacks and cannot download: build a wheel folder here and carry it as `wheels`, e.g.
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     -d wheels fastapi uvicorn prometheus-client openai "outlines-core<0.3"
+# (run 137); without them the serve step is skipped with a message.
 set -u
 OUT=${1:-/tmp/out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
@@ -40,6 +45,12 @@ done
 done
 
 [ -n "${SKIP_SERVE:-}" ] && exit 0
+if ! python3 -c "import uvicorn, fastapi, openai" 2>/dev/null && [ -d wheels ]; then
+  python3 -m pip install -q --no-index --find-links wheels fastapi uvicorn prometheus-client openai "outlines-core<0.3"
+fi
+if ! python3 -c "import uvicorn, fastapi, openai" 2>/dev/null; then
+  echo "== serve skipped: uvicorn/fastapi/openai missing (see the wheel folder in this script's header)"; exit 0
+fi
 echo "== python -m serve --mesh tp=2,ep=2, one OpenAI client request"
 python3 -m serve --mesh tp=2,ep=2 --port 30123 --context-length 1024 --max-running-requests 8 > "$OUT/serve.log" 2>&1 &
 PID=$!
