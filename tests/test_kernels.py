@@ -773,7 +773,8 @@ def test_qkv_side_by_side_in_one_matmul_launch_equal_one_by_one(monkeypatch, w_n
 
 
 def test_qkv_side_by_side_lowers_to_one_triton_launch_at_30b_shapes(monkeypatch):
-    """q/k/v of 30B-A3B-FP8 ([out, in], W8A8) at 64 rows under "split-qkv": one Triton launch."""
+    """q/k/v of 30B-A3B-FP8 ([out, in], W8A8) at 64 rows under "split-qkv": one Triton launch for
+    the three matmuls, after the one that quantizes their x (x_quantize)."""
     from qwen3_jax.kernels import linear as linear_mod
     monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS["split-qkv"]))
     monkeypatch.setattr(kernels, "on_gpu", lambda: True)   # Pallas lowers to Triton, not interpret mode
@@ -788,7 +789,7 @@ def test_qkv_side_by_side_lowers_to_one_triton_launch_at_30b_shapes(monkeypatch)
             sds((48, 4, 128, 2048), f8), sds((48, 16, 4, 128), f32), sds((48, 4, 128, 2048), f8),
             sds((48, 16, 4, 128), f32))
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == 1
+    assert text.count("xla.gpu.triton") == 2 and text.count('"qwen3_quantize_x"') == 1
 
 
 def test_narrow_qkv_shrinks_the_partials_at_30b_shapes(monkeypatch):
@@ -1261,7 +1262,7 @@ def test_unrolled_decode_layers_equal_the_layer_loop(monkeypatch):
 @pytest.fixture(scope="module")
 def per_device_case():
     """The FP8 model of test_kernels_run_per_device_on_a_mesh on one device, once for both meshes:
-    (config, tokens, its plain-XLA prefill + decode outputs, its pallas_call count with kernels on)."""
+    (config, tokens, its plain-XLA prefill + decode outputs, the model)."""
     from qwen3_jax import Qwen3MoeConfig, random_model
     from qwen3_jax.config import Fp8Config
     from reference import TINY, prefill_then_decode, with_distinct_norms
@@ -1273,9 +1274,7 @@ def per_device_case():
     one = with_distinct_norms(random_model(cfg, seed=2))
     with kernels.kernels_enabled(False):
         ref = [np.asarray(a) for a in jax.jit(prefill_then_decode(one, tokens, 16))(one.state, tokens)]
-    with kernels.kernels_enabled(True):
-        calls = str(jax.make_jaxpr(prefill_then_decode(one, tokens, 16))(one.state, tokens)).count("pallas_call")
-    return cfg, tokens, ref, calls
+    return cfg, tokens, ref, one
 
 
 # ep=2: data-parallel attention (local rows) + experts split; tp=8: heads split, and local
@@ -1291,10 +1290,10 @@ def test_kernels_run_per_device_on_a_mesh(mesh, per_device_case, fp8_w8a16):
     from qwen3_jax import random_model
     from reference import prefill_then_decode, with_distinct_norms
 
-    cfg, tokens, ref, calls_one = per_device_case
+    cfg, tokens, ref, one = per_device_case
     sharded = with_distinct_norms(random_model(cfg, mesh=mesh, seed=2))
-    with kernels.kernels_enabled(True):
-        calls = {"one": calls_one,
+    with kernels.kernels_enabled(True):   # both counts under this test's settings (W8A16: no x quantize)
+        calls = {"one": str(jax.make_jaxpr(prefill_then_decode(one, tokens, 16))(one.state, tokens)).count("pallas_call"),
                  "mesh": str(jax.make_jaxpr(prefill_then_decode(sharded, tokens, 16))(sharded.state, tokens)).count("pallas_call")}
         out = [np.asarray(a) for a in jax.jit(prefill_then_decode(sharded, tokens, 16))(sharded.state, tokens)]
     # Every kernel call of one device is there on the mesh (the scan body holds one of each).
@@ -1460,10 +1459,10 @@ def test_w8a8_grouped_matmul_lowers_to_triton_for_30b_shapes(w_lhs):
 
 
 @pytest.mark.parametrize("n", [64, 256])
-def test_decode_moe_blocks_lower_to_four_triton_calls_at_30b_shapes(n, monkeypatch):
-    """A decode batch's MoE on the blocks path (FP8 experts stored [L*E, out, in], W8A8): the
-    two routing kernels and the two grouped matmuls, x gathered inside the first; no XLA sort
-    and no gather of x's rows."""
+def test_decode_moe_blocks_lower_to_five_triton_calls_at_30b_shapes(n, monkeypatch):
+    """A decode batch's MoE on the blocks path (FP8 experts stored [L*E, out, in], W8A8): x's
+    quantize, the two routing kernels and the two grouped matmuls, x gathered inside the first;
+    no XLA sort and no gather of x's rows."""
     from qwen3_jax.kernels.moe_ffn import moe_ffn_in_place
 
     monkeypatch.setattr(kernels, "on_gpu", lambda: True)   # Pallas lowers to Triton, not interpret mode
@@ -1475,7 +1474,7 @@ def test_decode_moe_blocks_lower_to_four_triton_calls_at_30b_shapes(n, monkeypat
         return moe_ffn_in_place(x, w, ex, gate, gate, down, (gs, gs, ds), 128, jnp.int32(5), w_nk=True)
     args = (_sds((n, d), jnp.bfloat16), _sds((n, 8), jnp.float32), _sds((n, 8), jnp.int32))
     text = jax.jit(decode).trace(*args, gate, gs, down, ds).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == 4 and "qwen3_route_blocks" in text
+    assert text.count("xla.gpu.triton") == 5 and "qwen3_route_blocks" in text and "qwen3_quantize_x" in text
     assert "stablehlo.sort" not in text and text.count('"stablehlo.gather"') <= 1   # y's rows, gathered back
 
 

@@ -5,9 +5,9 @@ batch (the groups' amax reduce, the scale's select, the divide-and-convert), and
 of it a fourth. Run 127's batch-64 HLO has such a chain at three places a layer, ~12 us of its
 ~21 us of XLA kernels (benchmarks/NOTES.md, "What is next (as of the nineteenth session)"): the
 attention output before o_proj, the post-attention RMSNorm before the MoE's gate/up, the input
-RMSNorm before q/k/v. Here one program per row loads it whole as [groups, group]; a gemv_inputs source
-(RmsNormX) is finished in the loads, and rows past M (the matmul's row padding) come out as
-zeros with scale 1, so XLA's pad goes too.
+RMSNorm before q/k/v. Here one program per row loads it whole as [groups, group]; a
+gemv_inputs source (RmsNormX) is finished in the loads, and rows past M (the matmul's row
+padding) come out as zeros with scale 1, so XLA's pad goes too.
 
 Numbers: quantize_rows' float32 ops on the same values (interpret mode: bit for bit; on a GPU
 Triton's float32 divide may differ from XLA's in the last bit, which can move a value across an
@@ -57,8 +57,11 @@ def covered(src, group: int) -> bool:
     if len(src.shape) != 2:
         return False
     k_dim = src.shape[1]
-    pow2 = lambda n: n & (n - 1) == 0
-    return group >= 16 and pow2(group) and pow2(k_dim) and k_dim >= group and src.covered(k_dim)
+    return group >= 16 and _pow2(group) and _pow2(k_dim) and k_dim >= group and src.covered(k_dim)
+
+
+def _pow2(n: int) -> bool:
+    return n & (n - 1) == 0
 
 
 def quantize_rows_kernel(x_mk, group: int, rows: int | None = None, *, interpret=None):
