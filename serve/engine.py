@@ -192,15 +192,54 @@ def _penalized_sample_into(mode, ctx, fresh, last, counts, logits_bv, slots_b, l
     return ids, last, counts.at[slots_b].set(rows + hit.astype(counts.dtype))
 
 
-def _copy_slot(cache, src, dst):
-    """Slot src's K/V row copied into slot dst of every [L, slots, S, K, Q] cache array, one layer
-    at a time (the temporary is one layer's row, not the slot's whole cache) -> (dst, cache)."""
-    def copy(a):
-        def layer(i, a):
-            row = jax.lax.dynamic_slice(a, (i, src, 0, 0, 0), (1, 1, *a.shape[2:]))
-            return jax.lax.dynamic_update_slice(a, row, (i, dst, 0, 0, 0))
-        return jax.lax.fori_loop(0, a.shape[0], layer, a)
-    return dst, jax.tree.map(copy, cache)
+def _copy_row(a, src, dst):
+    """a [L, slots, ...] with slot src's row copied into slot dst, one layer at a time (the
+    temporary is one layer's row, not the slot's whole cache)."""
+    def layer(i, a):
+        row = jax.lax.dynamic_slice(a, (i, src) + (0,) * (a.ndim - 2), (1, 1, *a.shape[2:]))
+        return jax.lax.dynamic_update_slice(a, row, (i, dst) + (0,) * (a.ndim - 2))
+    return jax.lax.fori_loop(0, a.shape[0], layer, a)
+
+
+def _copy_slot(cache, src, dst, mesh=None, specs=None):
+    """Slot src's K/V row copied into slot dst of every [L, slots, S, K, Q] cache array -> (dst,
+    cache). With `mesh` and the arrays' PartitionSpecs `specs` (a tree like cache), each device
+    copies within its own shards: where the slots are split over data-parallel groups, the group
+    holding both slots does the copy and the others keep theirs (the caller picks src and dst in
+    one group; an indexed slice of the split axis under XLA's partitioner would gather the
+    cache's slots instead)."""
+    if mesh is None:
+        return dst, jax.tree.map(lambda a: _copy_row(a, src, dst), cache)
+
+    def local(a, spec):
+        group = 0
+        for ax in _slot_axes(spec):   # the shard's index along the slot axis, major to minor
+            group = group * mesh.shape[ax] + jax.lax.axis_index(ax)
+        n = a.shape[1]
+        s_l, d_l = src - group * n, dst - group * n
+        own = (s_l >= 0) & (s_l < n) & (d_l >= 0) & (d_l < n)
+        return jax.lax.cond(own, lambda a: _copy_row(a, s_l, d_l), lambda a: a, a)
+
+    leaves, tree = jax.tree.flatten(cache)
+    spec_leaves = tree.flatten_up_to(specs)
+    copied = jax.shard_map(lambda *ls: [local(a, sp) for a, sp in zip(ls, spec_leaves)], mesh=mesh,
+                           in_specs=tuple(spec_leaves), out_specs=list(spec_leaves), check_vma=False)(*leaves)
+    return dst, jax.tree.unflatten(tree, copied)
+
+
+def slot_groups(cache) -> int:
+    """How many data-parallel groups the cache's slot axis (axis 1) is split over: slots
+    [g * n, (g + 1) * n) live on group g's devices, n = slots / groups."""
+    a = jax.tree.leaves(cache)[0]
+    if not isinstance(a.sharding, jax.sharding.NamedSharding):
+        return 1
+    return math.prod(a.sharding.mesh.shape[ax] for ax in _slot_axes(a.sharding.spec))
+
+
+def _slot_axes(spec) -> tuple[str, ...]:
+    """The mesh axes a cache array's PartitionSpec splits its slot axis (axis 1) over."""
+    entry = spec[1] if len(spec) > 1 else None
+    return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -309,6 +348,7 @@ class Engine:
                        jax.device_put(np.zeros((self.num_slots, cfg.vocab_size), np.int32), counts_at))
         self.overlap = overlap
         self.prefix_caching = prefix_caching
+        self._slot_group = self.num_slots // slot_groups(cache)   # slots a data-parallel group holds
         self.decode_batch_sizes = pick_decode_batch_sizes(
             self.num_slots, decode_batch_sizes, dp=model.mesh_spec.dp, processes=jax.process_count(),
             accelerator=devices[0].platform != "cpu")
@@ -444,8 +484,12 @@ class Engine:
                 return ((out, scored) if prompt else out), carry
             return step
 
-        copy = jax.jit(_copy_slot, donate_argnums=(0,),
-                       **({} if ctx is None else {"out_shardings": (replicated, fwd_kw["out_shardings"][1])}))
+        copy_kw = {}
+        if ctx is not None:
+            specs = jax.tree.map(lambda a: a.sharding.spec, self._carry[0])
+            copy_kw = {"out_shardings": (replicated, fwd_kw["out_shardings"][1])}
+        copy = jax.jit(functools.partial(_copy_slot, mesh=None if ctx is None else ctx.mesh,
+                                         specs=None if ctx is None else specs), donate_argnums=(0,), **copy_kw)
 
         def copy_slot(state, carry, src_1, dst_1):
             """Prefix sharing: a running request's slot row into a newly placed one's."""
@@ -871,8 +915,14 @@ class Engine:
     SHARE_MIN_TOKENS = 64
 
     def _shares(self) -> bool:
-        """Busy slots can lend their rows (prefix caching on, one data-parallel group)."""
-        return self.prefix_caching and self.model.mesh_spec.dp == 1
+        """Busy slots can lend their rows (prefix caching on; with the slots split over
+        data-parallel groups, to free slots of their own group: _copy_slot)."""
+        return self.prefix_caching
+
+    def _free_in_group(self, slot: int) -> list[int]:
+        """The free slots of `slot`'s data-parallel group (every free slot with one group)."""
+        g = slot // self._slot_group * self._slot_group
+        return [s for s in range(g, g + self._slot_group) if self._slots[s] is None]
 
     def _waits_for_prefix(self, req: Request) -> bool:
         """Hold a queued request back while a slot is still prefilling the start its prompt shares
@@ -884,7 +934,7 @@ class Engine:
             return False
         prompt = req.prompt_array[:-1]
         for r in self._slots:
-            if r is not None and r.prefilled < r.prompt_len:
+            if r is not None and r.prefilled < r.prompt_len and self._free_in_group(r.slot):
                 common = _common_prefix(r.prompt_array, prompt)
                 if common >= self.SHARE_MIN_TOKENS and r.prefilled < common:
                     return True
@@ -895,19 +945,26 @@ class Engine:
         the longest start of its prompt (then the one freed longest ago, to keep the others'):
         those tokens are not prefilled again. Where a busy slot's launched prompt chunks hold
         more of it (a shared system prompt, n choices of one prompt), that slot's row is copied
-        into the chosen one first (one data-parallel group only: the slots are then on every
-        device). The last prompt token always is prefilled (its logits start the generation)."""
+        into a free slot of its data-parallel group first (the slots are split over the groups'
+        devices, and a copy stays on them). The last prompt token always is prefilled (its logits
+        start the generation)."""
         free = [s for s, r in enumerate(self._slots) if r is None]
         slot, reuse = free[0], 0
         if self.prefix_caching and req.params.prompt_logprobs is None:   # prompt logprobs: every token scored
             prompt = req.prompt_array[:-1]
-            slot, reuse = max(((s, _common_prefix(self._cached[s], prompt)) for s in free),
-                              key=lambda sr: (sr[1], -self._freed_at[sr[0]]))
+            cached = {s: _common_prefix(self._cached[s], prompt) for s in free}
+
+            def best(slots):
+                return max(slots, key=lambda s: (cached[s], -self._freed_at[s]))
+            slot = best(free)
+            reuse = cached[slot]
             if self._shares():
                 src, held = max(((s, _common_prefix(r.prompt_array[:r.prefilled], prompt))
                                  for s, r in enumerate(self._slots) if r is not None),
                                 key=lambda sh: sh[1], default=(None, 0))
-                if held >= reuse + self.SHARE_MIN_TOKENS:
+                mine = self._free_in_group(src) if src is not None else []
+                if mine and held >= reuse + self.SHARE_MIN_TOKENS:
+                    slot = best(mine)
                     _, self._carry = self._steps["copy"](self.model.state, self._carry, np.array([src], np.int32),
                                                          np.array([slot], np.int32))
                     reuse = held

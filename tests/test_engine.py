@@ -727,12 +727,37 @@ def test_generation_config_repetition_penalty_is_the_default(ckpt, tmp_path):
         eng.shutdown()
 
 
-@pytest.mark.parametrize("mesh", [None, "tp=2"])
+def test_copy_slot_copies_within_a_data_parallel_group_only():
+    """_copy_slot on a mesh whose slots are split over 2 data groups (and kv heads over 4 tensor
+    devices): a copy between two slots of one group changes only the destination row; one
+    across groups (which _place never asks) changes nothing rather than gathering the slots."""
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+    from serve.engine import _copy_slot, slot_groups
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    spec = P(None, "data", None, "tensor", None)
+    host = np.arange(2 * 4 * 3 * 4 * 2, dtype=np.float32).reshape(2, 4, 3, 4, 2)   # [L, slots, S, K, Q]
+    cache = {"k": jax.device_put(host, NamedSharding(mesh, spec)), "v": jax.device_put(-host, NamedSharding(mesh, spec))}
+    assert slot_groups(cache) == 2
+    copy = jax.jit(lambda c, src, dst: _copy_slot(c, src, dst, mesh=mesh, specs={"k": spec, "v": spec}))
+    for src, dst, changed in [(2, 3, True), (1, 0, True), (1, 2, False)]:
+        _, out = copy(cache, jnp.int32(src), jnp.int32(dst))
+        want = host.copy()
+        if changed:
+            want[:, dst] = host[:, src]
+        np.testing.assert_array_equal(np.asarray(out["k"]), want)
+        np.testing.assert_array_equal(np.asarray(out["v"]), -want)
+        assert out["k"].sharding.spec == spec
+
+
+@pytest.mark.parametrize("mesh", [None, "tp=2", "tp=2,ep=4"])
 def test_a_busy_slots_prompt_is_copied_to_a_request_sharing_its_start(ckpt, engine, mesh):
     """A request whose prompt starts like a running request's (a shared system prompt) gets that
     slot's row copied into its own and prefills only the rest, while the first still decodes
-    (one device, and tp=2 where the rows are split over kv heads). The outputs equal an engine
-    without prefix caching."""
+    (one device; tp=2, where the rows are split over kv heads; tp=2,ep=4, where the slots are
+    split over 2 data-parallel groups and the copy stays in the first's). The outputs equal an
+    engine without prefix caching."""
     kw = dict(dtype="float32", context_length=128, max_running_requests=4, chunked_prefill_size=32, progress=False)
     off = Engine(ckpt, prefix_caching=False, **kw)
     on = engine if mesh is None else Engine(ckpt, mesh=mesh, **kw)
