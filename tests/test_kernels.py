@@ -1358,11 +1358,13 @@ def _sds(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-@pytest.mark.parametrize("preset,mesh,batch", [("Qwen3-30B-A3B-FP8", "tp=2", 1), ("Qwen3-30B-A3B", "ep=2", 8)])
+@pytest.mark.parametrize("preset,mesh,batch", [("Qwen3-30B-A3B-FP8", "tp=2", 1), ("Qwen3-30B-A3B", "ep=2", 8),
+                                                ("Qwen3-30B-A3B-FP8", "ep=2", 64)])
 def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, monkeypatch):
     """The whole decode step on a mesh, lowered for CUDA with 30B-A3B's per-device shapes (abstract
     arrays, nothing allocated): every kernel of the one-card layer is there per device (attention
-    with its prologue, the gemvs, the routing kernels) and no expert matmul fell back to XLA."""
+    with its prologue, the gemvs, the routing kernels; at 64 rows of FP8 the W8A8 matmuls and
+    their x quantize) and no expert matmul fell back to XLA."""
     from flax import nnx
 
     from qwen3_jax.api import abstract_model, build_context, state_shardings
@@ -1383,7 +1385,9 @@ def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, mo
     with kernels.kernels_enabled(True):
         text = make_decode(graphdef, 2).trace(state, ids, ids, cache).lower(lowering_platforms=("cuda",)).as_text()
     gemv = "qwen3_gemv_dot_fp8" if "FP8" in preset else "qwen3_gemv_dot"
-    for name in ("qwen3_decode_attention_rope", gemv, "qwen3_router_topk"):
+    names = ("qwen3_decode_attention_rope", "qwen3_router_topk") + (
+        (gemv,) if batch <= 8 else ("qwen3_grouped_matmul_w8a8", "qwen3_quantize_x", "qwen3_route_blocks"))
+    for name in names:
         assert name in text, name
     assert "__gpu$xla.gpu.triton" in text and "ragged_dot" not in text
 
