@@ -960,11 +960,10 @@ class Engine:
             reuse = cached[slot]
             if self._shares():
                 src, held = max(((s, _common_prefix(r.prompt_array[:r.prefilled], prompt))
-                                 for s, r in enumerate(self._slots) if r is not None),
+                                 for s, r in enumerate(self._slots) if r is not None and self._free_in_group(s)),
                                 key=lambda sh: sh[1], default=(None, 0))
-                mine = self._free_in_group(src) if src is not None else []
-                if mine and held >= reuse + self.SHARE_MIN_TOKENS:
-                    slot = best(mine)
+                if held >= reuse + self.SHARE_MIN_TOKENS:
+                    slot = best(self._free_in_group(src))
                     _, self._carry = self._steps["copy"](self.model.state, self._carry, np.array([src], np.int32),
                                                          np.array([slot], np.int32))
                     reuse = held

@@ -809,6 +809,22 @@ def test_requests_sharing_a_prompt_start_wait_for_it_and_copy_it(ckpt):
         assert on.prefill_tokens == 70 + 1 + 5 + 70
 
 
+def test_with_two_data_parallel_groups_each_group_prefills_a_shared_prompt_once(ckpt):
+    """ep=2 splits 4 slots over 2 data-parallel groups, and a row is copied only within a group.
+    Four requests sharing a 128-token start sent together: each group prefills it once and its
+    second request copies it, the fourth from the third's slot although the first's holds as
+    much (its group has no free slot). The outputs equal an engine without prefix caching."""
+    kw = dict(dtype="float32", context_length=256, max_running_requests=4, chunked_prefill_size=64, progress=False)
+    with Engine(ckpt, mesh="ep=2", **kw) as on, Engine(ckpt, prefix_caching=False, **kw) as off:
+        rng = np.random.default_rng(8)
+        system = rng.integers(0, 500, size=128).tolist()
+        prompts = [system + rng.integers(0, 500, size=16).tolist() for _ in range(4)]
+        sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        outs = on.generate(prompts, sp)
+        assert sorted(o.cached_tokens for o in outs) == [0, 0, 128, 128] and on.prefix_copies == 2
+        assert [o.token_ids for o in outs] == [o.token_ids for o in off.generate(prompts, sp)]
+
+
 def test_prefix_caching_reuses_a_slots_tokens_and_changes_no_output(ckpt, engine):
     """A follow-up turn (the last prompt + its reply + new text) prefills only what its slot's
     cache lacks: cached_tokens = prompt + reply - 1 (the reply's last token was never fed back).
