@@ -95,16 +95,18 @@ def test_fp8_decode_step_with_the_kernel_equals_xla_quantize(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
-def test_lowers_to_triton_at_30b_shapes():
-    """The two sources at 30B-A3B's widths: the attention output [64, 4096] and an RMSNorm'd
-    residual [61 -> 64 rows, 2048] with a traced layer."""
+@pytest.mark.parametrize("hidden,heads_x_q,layers", [(2048, 4096, 48), (4096, 8192, 94)], ids=["30b", "235b"])
+def test_lowers_to_triton_at_30b_and_235b_shapes(hidden, heads_x_q, layers):
+    """The two sources at the presets' widths: the attention output [64, heads x head_dim] (8192
+    values a row at 235B-A22B, one Triton block) and an RMSNorm'd residual [61 -> 64 rows,
+    hidden] with a traced layer."""
     sds = jax.ShapeDtypeStruct
 
     def fn(x, w, h):
         a = quantize_rows_kernel(RmsNormX(x, w, jnp.int32(3), 1e-6), 128, 64, interpret=False)
         return a, quantize_rows_kernel(h, 128, interpret=False)
-    text = jax.jit(fn).trace(sds((61, 2048), jnp.bfloat16), sds((48, 2048), jnp.bfloat16),
-                             sds((64, 4096), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(fn).trace(sds((61, hidden), jnp.bfloat16), sds((layers, hidden), jnp.bfloat16),
+                             sds((64, heads_x_q), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2 and "qwen3_quantize_x" in text
 
 
