@@ -51,7 +51,8 @@ def test_kernel_equals_quantize_rows_bit_for_bit(norm, rows):
 
 def test_quantize_x_picks_the_kernel_or_xla_with_the_same_numbers(monkeypatch):
     """X_QUANTIZE "kernel" runs the kernel where covered and XLA where not (a group or a row
-    width that is no power of two, no Triton block); "xla" pads as the matmul needs. Both give the same bits."""
+    width that is no power of two, no Triton block); "xla" pads as the matmul needs. Both give
+    the same bits."""
     x, xn = case(np.random.default_rng(5), 6, 512)
     monkeypatch.setattr(kernels, "interpret", lambda: True)
     outs = {}

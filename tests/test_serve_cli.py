@@ -115,6 +115,7 @@ def test_a_server_that_fails_after_loading_stops_its_engine(monkeypatch, tmp_pat
     monkeypatch.setattr(cli, "run_server", failing_server)
     with pytest.raises(OSError, match="could not start"):
         cli.main(["--port", "0", "--dtype", "float32", "--context-length", "64", "--chunked-prefill-size", "32",
-                  "--max-running-requests", "2", "--decode-batch-sizes", "2", "--log-level", "warning"])
+                  "--max-running-requests", "2", "--decode-batch-sizes", "2", "--log-level", "warning",
+                  "--compilation-cache", "off"])   # in this process: no persistent cache for the tests after it
     [engine] = engines
     assert not engine.accepting and not engine._thread.is_alive()
