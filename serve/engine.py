@@ -919,10 +919,9 @@ class Engine:
         data-parallel groups, to free slots of their own group: _copy_slot)."""
         return self.prefix_caching
 
-    def _free_in_group(self, slot: int) -> list[int]:
-        """The free slots of `slot`'s data-parallel group (every free slot with one group)."""
-        g = slot // self._slot_group * self._slot_group
-        return [s for s in range(g, g + self._slot_group) if self._slots[s] is None]
+    def _group(self, slot: int) -> int:
+        """The data-parallel group holding `slot` (0 with one group)."""
+        return slot // self._slot_group
 
     def _waits_for_prefix(self, req: Request) -> bool:
         """Hold a queued request back while a slot is still prefilling the start its prompt shares
@@ -933,8 +932,9 @@ class Engine:
         if not self._shares() or req.params.prompt_logprobs is not None:
             return False
         prompt = req.prompt_array[:-1]
+        open_groups = {self._group(s) for s, r in enumerate(self._slots) if r is None}   # a copy needs one
         for r in self._slots:
-            if r is not None and r.prefilled < r.prompt_len and self._free_in_group(r.slot):
+            if r is not None and r.prefilled < r.prompt_len and self._group(r.slot) in open_groups:
                 common = _common_prefix(r.prompt_array, prompt)
                 if common >= self.SHARE_MIN_TOKENS and r.prefilled < common:
                     return True
@@ -958,12 +958,13 @@ class Engine:
                 return max(slots, key=lambda s: (cached[s], -self._freed_at[s]))
             slot = best(free)
             reuse = cached[slot]
-            if self._shares():
+            if self._shares():   # the source: a busy slot whose group has a free slot to copy into
+                open_groups = {self._group(s) for s in free}
                 src, held = max(((s, _common_prefix(r.prompt_array[:r.prefilled], prompt))
-                                 for s, r in enumerate(self._slots) if r is not None and self._free_in_group(s)),
+                                 for s, r in enumerate(self._slots) if r is not None and self._group(s) in open_groups),
                                 key=lambda sh: sh[1], default=(None, 0))
                 if held >= reuse + self.SHARE_MIN_TOKENS:
-                    slot = best(self._free_in_group(src))
+                    slot = best([s for s in free if self._group(s) == self._group(src)])
                     _, self._carry = self._steps["copy"](self.model.state, self._carry, np.array([src], np.int32),
                                                          np.array([slot], np.int32))
                     reuse = held
