@@ -121,6 +121,11 @@ def parse_args(argv=None):
                    help="W8A8 activation quantize in front of the FP8 grouped matmuls, comma-separated: xla "
                         "(three XLA kernels), kernel (one Pallas kernel, the norm in its loads) (default: the "
                         "library's, kernels.x_quantize.X_QUANTIZE)")
+    p.add_argument("--x-residual", default="",
+                   help="decode: where o_proj's split partials are summed into the residual in front of a W8A8 "
+                        "MoE, comma-separated: xla (a fusion, then the quantize kernel reads it back), kernel (in "
+                        "the quantize kernel, which writes the residual) (default: the library's, "
+                        "kernels.x_quantize.RESIDUAL)")
     p.add_argument("--gemv-tokens", default="",
                    help="decode batches up to N tokens run the GEMV kernels (per-row programs) for the attention "
                         "projections, the router logits and the MoE experts; larger ones the grouped matmuls "
@@ -925,6 +930,7 @@ def _decode_knobs(args, cfg):
     moe_routing = choices("--moe-routing", args.moe_routing, moe_ffn.BLOCK_ROUTINGS)
     router_logits = choices("--router-logits", args.router_logits, router.LOGITS_CHOICES)
     x_quant = choices("--x-quantize", args.x_quantize, x_quantize.X_QUANTIZES)
+    x_residual = choices("--x-residual", args.x_residual, x_quantize.RESIDUALS)
     gemv_limits = listed(args.gemv_tokens)
     if any(v is not None and not re.fullmatch(r"\d+(/\d+)?", v) for v in gemv_limits):
         raise ValueError(f"--gemv-tokens {args.gemv_tokens}: give token counts N or N/P (projection rows), e.g. 16,4/1")
@@ -954,6 +960,7 @@ def _decode_knobs(args, cfg):
         ("router ", router_logits, *module_value(router, "LOGITS"), True),
         ("gemv-tokens ", gemv_limits, gemv_tokens, put_gemv_tokens, True),
         ("x-quantize ", x_quant if cfg.fp8 else [None], *module_value(x_quantize, "X_QUANTIZE"), True),
+        ("x-residual ", x_residual if cfg.fp8 else [None], *module_value(x_quantize, "RESIDUAL"), True),
         ("projection ", projection,
          lambda: next((k for k, v in presets.items() if v == linear.PROJECTION_MATMUL), "custom"),
          lambda v: setattr(linear, "PROJECTION_MATMUL", dict(presets[v])), True),

@@ -1359,12 +1359,13 @@ def _sds(shape, dtype):
 
 
 @pytest.mark.parametrize("preset,mesh,batch", [("Qwen3-30B-A3B-FP8", "tp=2", 1), ("Qwen3-30B-A3B", "ep=2", 8),
-                                                ("Qwen3-30B-A3B-FP8", "ep=2", 64)])
+                                                ("Qwen3-30B-A3B-FP8", "ep=2", 64), ("Qwen3-30B-A3B-FP8", "tp=1", 64)])
 def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, monkeypatch):
     """The whole decode step on a mesh, lowered for CUDA with 30B-A3B's per-device shapes (abstract
     arrays, nothing allocated): every kernel of the one-card layer is there per device (attention
     with its prologue, the gemvs, the routing kernels; at 64 rows of FP8 the W8A8 matmuls and
-    their x quantize) and no expert matmul fell back to XLA."""
+    their x quantize) and no expert matmul fell back to XLA. On one card (tp=1) at 64 rows the
+    MoE's x quantize also sums o_proj's partials into the residual (residual_norm_quantize)."""
     from flax import nnx
 
     from qwen3_jax.api import abstract_model, build_context, state_shardings
@@ -1377,9 +1378,12 @@ def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, mo
     _, ctx, kv_rep = build_context(cfg, mesh, None)
     graphdef, abstract = nnx.split(abstract_model(cfg, jnp.bfloat16, kv_rep, ctx))
     # as sharding.workspace compiles the server's steps: arguments with the loader's shardings
-    state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                         abstract, state_shardings(abstract, ctx))
-    cache = KVCache(*[[jax.ShapeDtypeStruct(kv, jnp.bfloat16, sharding=ctx.sharding(KVCache.AXES, kv))
+    if ctx is None:   # one card
+        state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abstract)
+    else:
+        state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                             abstract, state_shardings(abstract, ctx))
+    cache = KVCache(*[[jax.ShapeDtypeStruct(kv, jnp.bfloat16, sharding=ctx and ctx.sharding(KVCache.AXES, kv))
                        for kv in shapes] for shapes in zip(*cache_shapes(cfg, batch, 1024, kv_rep))])
     ids = jax.ShapeDtypeStruct((batch,), jnp.int32)
     with kernels.kernels_enabled(True):
@@ -1390,6 +1394,7 @@ def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, mo
     for name in names:
         assert name in text, name
     assert "__gpu$xla.gpu.triton" in text and "ragged_dot" not in text
+    assert ("qwen3_residual_quantize_x" in text) == (mesh == "tp=1" and batch > 8)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
