@@ -302,11 +302,14 @@ class Attention(nnx.Module):
         kv_act = ("batch", "seq", "kv_heads", "head_dim")
         return constrain(q, act, ctx), constrain(k, kv_act, ctx), constrain(v, kv_act, ctx)
 
-    def attend(self, q_bthq, k_bskq, v_bskq, mask_bts, ctx=None, stacked=None, positions_bt=None):
+    def attend(self, q_bthq, k_bskq, v_bskq, mask_bts, ctx=None, stacked=None, positions_bt=None,
+               from_zero: bool = False):
         """Grouped-query attention; softmax in float32 as transformers does. -> [B, T, D].
         With kernels on, a GPU and `positions_bt`, a prompt starting at position 0 uses cuDNN's
         fused attention (kernels/prefill_attention.py); anything else the plain-XLA math
-        (attention.py), in blocks of queries when one device's scores would be large."""
+        (attention.py), in blocks of queries when one device's scores would be large.
+        from_zero: the caller guarantees each row's tokens sit at positions 0.. from its first
+        column, any padding after them (no runtime check of the positions)."""
         t, s = q_bthq.shape[1], k_bskq.shape[1]
         act = ("batch", "seq", "heads", "head_dim")
         b_local, _, h_local, _ = q_bthq.shape if ctx is None else ctx.shard_shape(act, q_bthq.shape)
@@ -316,7 +319,8 @@ class Attention(nnx.Module):
             return attention(q_bthq, k_bskq, v_bskq, mask_bts, self.scale, block)
 
         if positions_bt is not None and t > 1 and kernels.on_gpu() and kernels.active(ctx, q_bthq.dtype):
-            out = kernels.causal_prefill_attention(q_bthq, k_bskq, v_bskq, positions_bt, self.scale, xla_attention)
+            out = kernels.causal_prefill_attention(q_bthq, k_bskq, v_bskq, positions_bt, self.scale, xla_attention,
+                                                   from_zero=from_zero)
         else:
             out = xla_attention()
         return self.output(out, ctx, stacked)
@@ -752,11 +756,12 @@ def _write_cache(k_all, v_all, layer, rows_b, positions_bt, k_btkq, v_btkq):
 
 
 def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all, v_all, slots_b, kv_window, ctx,
-                     counts=None):
+                     counts=None, fresh=False):
     """The attention half of a layer: without a cache (k_all None) over the tokens themselves;
     with one, the new K/V are written first, then the decode-attention kernel where it applies,
     else XLA attention over the cache; on a mesh with `counts` (Segment found the fused kernel
-    covers the local shapes) all of it per device in that kernel.
+    covers the local shapes) all of it per device in that kernel. `fresh` (see Qwen3Moe): a
+    prompt's first chunk on one device attends over its own K/V, as without a cache.
     -> (x + attention output, k_all, v_all, counts)."""
     st = (attn_full, layer)
     if k_all is not None and counts is not None:   # a mesh's decode step, the fused kernel covering it
@@ -764,11 +769,14 @@ def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all,
             blk, attn_full, layer, h, cos, sin, positions_bt, k_all, v_all, slots_b, kv_window, counts, ctx)
         return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all, counts
     q, k, v = blk.attn.project(h, cos, sin, ctx, stacked=st)
-    if k_all is None:
+    own = k_all is None or (fresh and FRESH_PREFILL and q.shape[1] > 1 and kernels.active(ctx, q.dtype))
+    if k_all is not None:
+        rows = jnp.arange(x.shape[0]) if slots_b is None else slots_b
+        k_all, v_all = _write_cache(k_all, v_all, layer, rows, positions_bt, k, v)
+    if own:
         mask = positions_bt[:, None, :] <= positions_bt[:, :, None]
-        return x + blk.attn.attend(q, k, v, mask, ctx, stacked=st, positions_bt=positions_bt), k_all, v_all, counts
-    rows = jnp.arange(x.shape[0]) if slots_b is None else slots_b
-    k_all, v_all = _write_cache(k_all, v_all, layer, rows, positions_bt, k, v)
+        return x + blk.attn.attend(q, k, v, mask, ctx, stacked=st, positions_bt=positions_bt,
+                                   from_zero=k_all is not None), k_all, v_all, counts
     out = _decode_attention(q, k_all, v_all, layer, slots_b, positions_bt, blk.attn.scale, ctx, kv_window)
     if out is not None:
         return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all, counts
@@ -817,6 +825,14 @@ def _post_attention_residual(res: ResidualX, blk: Block, full: Block, layer):
     return res.materialize(), None
 
 
+# A fresh prompt chunk's attention (Qwen3Moe's `fresh`) over its own K/V (cuDNN's fused causal
+# kernel) instead of chunk_attention_cached reading them back from the cache (read at trace time).
+# The chunk kernel runs at ~28% of the matmul rate (run 115); at start 0 a 512-token chunk took
+# the same time either way, but one 8192-token prompt went 176 -> 234 ms (bf16) when the kernel
+# replaced XLA's attention there (runs 93 and 140, H200).
+FRESH_PREFILL = True
+
+
 class Segment(nnx.Module):
     """`count` consecutive layers of one kind, run as a lax.scan over stacked params."""
 
@@ -824,14 +840,15 @@ class Segment(nnx.Module):
         self.kind, self.first, self.count = kind, first, count
         self.block = Block(cfg, kind, dtype=dtype, kv_rep=kv_rep, stack=count, rngs=rngs)
 
-    def __call__(self, x_btd, cos, sin, positions_bt, ctx, cache_kv=None, slots_b=None, kv_window=None):
+    def __call__(self, x_btd, cos, sin, positions_bt, ctx, cache_kv=None, slots_b=None, kv_window=None,
+                 fresh=False):
         graphdef, params = nnx.split(self.block)
         full = self.block  # [L, ...] params: kernels read layer i in place (a scanned slice handed
                            # to a custom call would be copied every layer)
 
         k0, v0 = cache_kv if cache_kv is not None else (None, None)
         fused = k0 is not None and _fused_decode_prologue(x_btd, k0, full.attn, ctx)   # same for every layer
-        attention = _decode_layer_attention if fused else _layer_attention
+        attention = _decode_layer_attention if fused else functools.partial(_layer_attention, fresh=fresh)
         # Decode rows past the cache (an engine's padding rows and idle slots: writes dropped,
         # output discarded) route to no expert (MoE.__call__).
         b, t = x_btd.shape[:2]
@@ -929,7 +946,7 @@ class Qwen3Moe(nnx.Module):
             self.lm_head = Weight((d, v), ("embed", "vocab"), dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens_bt, positions_bt=None, cache: KVCache | None = None, slots_b=None,
-                 logits_at_b=None, kv_window: int | None = None, hidden: bool = False):
+                 logits_at_b=None, kv_window: int | None = None, hidden: bool = False, fresh: bool = False):
         """tokens [B, T] int -> (logits [B, T, V] float32, updated cache).
 
         positions [B, T] default to 0..T-1. With `cache`, each row's K/V are written at its
@@ -937,6 +954,11 @@ class Qwen3Moe(nnx.Module):
         `logits_at` [B] picks one position per row: logits come back [B, 1, V].
         `kv_window` (static) bounds the cache positions attention reads; all positions must be below it.
         `hidden`: the last layer's output [B, T, D] instead of logits (lm_logits makes them).
+        `fresh` (static): every row is a prompt's first chunk, its tokens at positions 0.. from the
+        first column (padding after them, at positions past the cache), nothing of its slot read.
+        With a cache, on one device with kernels, attention then runs over the chunk's own K/V
+        (cuDNN's fused causal kernel on a GPU) rather than the kernel reading the cache back
+        (FRESH_PREFILL); the K/V are written all the same.
         """
         b, t = tokens_bt.shape
         if positions_bt is None:
@@ -948,7 +970,7 @@ class Qwen3Moe(nnx.Module):
         new_k, new_v = [], []
         for i, seg in enumerate(self.segments):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, (k, v) = seg(x, cos, sin, positions_bt, ctx, kv, slots_b, kv_window)
+            x, (k, v) = seg(x, cos, sin, positions_bt, ctx, kv, slots_b, kv_window, fresh)
             new_k.append(k)
             new_v.append(v)
         cache = KVCache(new_k, new_v) if cache is not None else None

@@ -121,6 +121,10 @@ def parse_args(argv=None):
                    help="W8A8 activation quantize in front of the FP8 grouped matmuls, comma-separated: xla "
                         "(three XLA kernels), kernel (one Pallas kernel, the norm in its loads) (default: the "
                         "library's, kernels.x_quantize.X_QUANTIZE)")
+    p.add_argument("--fresh-prefill", default="",
+                   help="prefill: a prompt's first chunk attends over its own K/V (on: cuDNN's fused causal "
+                        "kernel) or reads them back from the cache (off: the chunk-attention kernel), "
+                        "comma-separated (default: the library's, model.FRESH_PREFILL)")
     p.add_argument("--x-residual", default="",
                    help="decode: where o_proj's split partials are summed into the residual in front of a W8A8 "
                         "MoE, comma-separated: xla (a fusion, then the quantize kernel reads it back), kernel (in "
@@ -336,7 +340,7 @@ def make_prefill(graphdef):
         model = nnx.merge(graphdef, state)
         b, t = tokens.shape
         pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        logits, cache = model(tokens, pos, cache, None, jnp.full((b,), t - 1, jnp.int32))
+        logits, cache = model(tokens, pos, cache, None, jnp.full((b,), t - 1, jnp.int32), fresh=True)
         return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
 
     return jax.jit(run, donate_argnums=(2,))
@@ -931,6 +935,7 @@ def _decode_knobs(args, cfg):
     router_logits = choices("--router-logits", args.router_logits, router.LOGITS_CHOICES)
     x_quant = choices("--x-quantize", args.x_quantize, x_quantize.X_QUANTIZES)
     x_residual = choices("--x-residual", args.x_residual, x_quantize.RESIDUALS)
+    fresh = choices("--fresh-prefill", args.fresh_prefill, ("on", "off"))
     gemv_limits = listed(args.gemv_tokens)
     if any(v is not None and not re.fullmatch(r"\d+(/\d+)?", v) for v in gemv_limits):
         raise ValueError(f"--gemv-tokens {args.gemv_tokens}: give token counts N or N/P (projection rows), e.g. 16,4/1")
@@ -961,6 +966,8 @@ def _decode_knobs(args, cfg):
         ("gemv-tokens ", gemv_limits, gemv_tokens, put_gemv_tokens, True),
         ("x-quantize ", x_quant if cfg.fp8 else [None], *module_value(x_quantize, "X_QUANTIZE"), True),
         ("x-residual ", x_residual if cfg.fp8 else [None], *module_value(x_quantize, "RESIDUAL"), True),
+        ("fresh-prefill ", fresh, lambda: "on" if model_mod.FRESH_PREFILL else "off",
+         lambda v: setattr(model_mod, "FRESH_PREFILL", v == "on"), True),
         ("projection ", projection,
          lambda: next((k for k, v in presets.items() if v == linear.PROJECTION_MATMUL), "custom"),
          lambda v: setattr(linear, "PROJECTION_MATMUL", dict(presets[v])), True),

@@ -1365,7 +1365,8 @@ def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, mo
     arrays, nothing allocated): every kernel of the one-card layer is there per device (attention
     with its prologue, the gemvs, the routing kernels; at 64 rows of FP8 the W8A8 matmuls and
     their x quantize) and no expert matmul fell back to XLA. On one card (tp=1) at 64 rows the
-    MoE's x quantize also sums o_proj's partials into the residual (residual_norm_quantize)."""
+    MoE's x quantize also sums o_proj's partials into the residual (residual_norm_quantize, with
+    x_quantize.RESIDUAL "kernel")."""
     from flax import nnx
 
     from qwen3_jax.api import abstract_model, build_context, state_shardings
@@ -1374,6 +1375,7 @@ def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, mo
     from serve.bench import make_decode
 
     monkeypatch.setattr(kernels, "on_gpu", lambda: True)   # Pallas lowers to Triton, not interpret mode
+    monkeypatch.setattr(kernels.x_quantize, "RESIDUAL", "kernel")   # an option, off by default (run 141)
     cfg = dataclasses.replace(load_preset(preset), num_hidden_layers=2)
     _, ctx, kv_rep = build_context(cfg, mesh, None)
     graphdef, abstract = nnx.split(abstract_model(cfg, jnp.bfloat16, kv_rep, ctx))

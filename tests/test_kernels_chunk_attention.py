@@ -177,3 +177,78 @@ def test_gpu_chunk_kernel_matches_masked_attention_at_30b_shapes(start, valid):
     out = np.asarray(out, np.float32)
     assert worst_token(out[:, :valid], want[:, :valid]) < TOL_BF16
     np.testing.assert_array_equal(out[:, valid:], 0.0)
+
+
+def _fresh_then_next_chunk(m, prompt, s, t, fresh, chunks=2, first=40):
+    """A prompt into cache row 1 of `s` positions: its first `first` tokens as a `t`-token chunk
+    (padded at position s) with Qwen3Moe's `fresh`, the rest as one continuing chunk (chunks=1:
+    not). -> (first chunk's logits [1, first, V], the last token's logits [1, 1, V], the cache)."""
+    from flax import nnx
+
+    def run(st):
+        model = nnx.merge(m.graphdef, st)
+        n, rest = first, len(prompt) - first
+        tok = np.zeros((1, t), np.int32)
+        tok[0, :n] = prompt[:n]
+        head, cache = model(jnp.asarray(tok), positions(t, 0, n, s), m.init_cache(2, s), jnp.asarray([1]),
+                            None, fresh=fresh)
+        if chunks == 1:
+            return head[:, :n], None, cache
+        tok = np.zeros((1, t), np.int32)
+        tok[0, :rest] = prompt[n:]
+        last, cache = model(jnp.asarray(tok), positions(t, n, rest, s), cache, jnp.asarray([1]),
+                            jnp.asarray([rest - 1], jnp.int32))
+        return head[:, :n], last, cache
+    return run
+
+
+@pytest.mark.parametrize("fresh_prefill", [True, False])
+def test_a_fresh_first_chunk_attends_over_its_own_keys(monkeypatch, fresh_prefill):
+    """Kernels forced on (interpret mode): a prompt's first chunk with `fresh` (padded, as the
+    engine pads it) attends over its own K/V, not through the chunk kernel (FRESH_PREFILL on),
+    and writes the same cache: its logits, the next chunk's (which reads that cache back) and the
+    cache rows equal plain XLA's on the same prompt without `fresh`. FRESH_PREFILL off: the
+    chunk kernel, the same numbers."""
+    from qwen3_jax import model as model_mod
+
+    monkeypatch.setattr(model_mod, "FRESH_PREFILL", fresh_prefill)
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2))
+    m = random_model(cfg, seed=4)
+    s, t = 128, 64
+    prompt = np.random.default_rng(2).integers(0, cfg.vocab_size, 90)
+    with kernels.kernels_enabled(False):
+        want = jax.jit(_fresh_then_next_chunk(m, prompt, s, t, False))(m.state)
+    with kernels.kernels_enabled(True):
+        first_only = jax.make_jaxpr(_fresh_then_next_chunk(m, prompt, s, t, True, chunks=1))(m.state)
+        got = jax.jit(_fresh_then_next_chunk(m, prompt, s, t, True))(m.state)
+    assert ("qwen3_chunk_attention" in str(first_only)) != fresh_prefill
+    for a, b in zip(got[:2], want[:2]):
+        assert rel(np.asarray(a, np.float32), np.asarray(b, np.float32)) < TOL_BF16
+    for a, b in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):   # slot 1's 90 positions
+        assert rel(np.asarray(a[:, 1, :90], np.float32), np.asarray(b[:, 1, :90], np.float32)) < TOL_BF16
+        assert not np.asarray(a[:, 0], np.float32).any() and not np.asarray(a[:, 1, 90:], np.float32).any()
+
+
+@pytest.mark.gpu
+def test_gpu_fresh_first_chunk_matches_the_chunk_kernel(monkeypatch):
+    """Compiled, 30B-A3B's attention shapes (32 heads, 4 kv heads, head_dim 128), 2 layers: a
+    1000-token first chunk padded to 1024 through cuDNN over its own K/V (FRESH_PREFILL on)
+    against the chunk kernel reading them from the cache (off): the chunk's logits, the next
+    chunk's and the cache rows agree."""
+    from qwen3_jax import model as model_mod
+
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, hidden_size=512,
+                                        num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                        vocab_size=1024, max_position_embeddings=4096))
+    m = random_model(cfg, seed=5)
+    s, t = 2048, 1024
+    prompt = np.random.default_rng(3).integers(0, cfg.vocab_size, 1050)
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(model_mod, "FRESH_PREFILL", on)
+        with kernels.kernels_enabled(True):
+            outs[on] = jax.jit(_fresh_then_next_chunk(m, prompt, s, t, True, first=1000))(m.state)
+    for a, b in zip(outs[True][:2], outs[False][:2]):
+        assert rel(np.asarray(a, np.float32), np.asarray(b, np.float32)) < TOL_BF16
+    for a, b in zip(jax.tree.leaves(outs[True][2]), jax.tree.leaves(outs[False][2])):
+        assert rel(np.asarray(a, np.float32), np.asarray(b, np.float32)) < TOL_BF16

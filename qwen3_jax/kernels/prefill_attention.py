@@ -51,14 +51,19 @@ CHUNK_STAGES = 2
 CHUNK_KERNEL = True
 
 
-def causal_prefill_attention(q_bthq, k_bskq, v_bskq, positions_bt, scale: float, fallback):
+def causal_prefill_attention(q_bthq, k_bskq, v_bskq, positions_bt, scale: float, fallback, from_zero: bool = False):
     """-> attention output [B, T, H, Q] (before o_proj). `fallback()` computes the same with
-    the plain-XLA math; it runs whenever the positions are not 0..T-1 in every row."""
+    the plain-XLA math; it runs whenever the positions are not 0..T-1 in every row. from_zero:
+    the caller guarantees each row's tokens are at 0.. with any padding after them (whose
+    outputs are not used), so cuDNN runs with no check on the device (a conditional, whose
+    predicate XLA:GPU copies to the host every layer)."""
     t = q_bthq.shape[1]
     try:   # cuDNN refuses some shapes/versions at trace time: then this call is the XLA math
         jax.eval_shape(lambda: _fused(q_bthq, k_bskq, v_bskq, scale))
     except (NotImplementedError, RuntimeError, ValueError):
         return fallback()
+    if from_zero:
+        return _fused(q_bthq, k_bskq, v_bskq, scale)
     from_zero = jnp.all(positions_bt == jnp.arange(t, dtype=positions_bt.dtype)[None, :])
     return jax.lax.cond(from_zero, lambda _: _fused(q_bthq, k_bskq, v_bskq, scale),
                         lambda _: fallback().astype(q_bthq.dtype), None)
