@@ -41,7 +41,7 @@ def warmup_seconds(model: str, context: int, slots: int, threads: int, layers: i
     t0 = time.perf_counter()
     engine = Engine(m, context_length=context, max_running_requests=slots, progress=False)
     seconds = time.perf_counter() - t0
-    forwards = len(engine.buckets) + len(engine.windows) * len(engine.decode_batch_sizes)
+    forwards = len(engine._prefill_forms()) + len(engine.windows) * len(engine.decode_batch_sizes)
     t0 = time.perf_counter()
     engine.variants_warm.wait()   # its idle compiles (Engine.WARM_VARIANTS, after the warm-up timed) stay out of the step's
     variants_s = time.perf_counter() - t0

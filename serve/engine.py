@@ -62,6 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen3_jax import kernels
+from qwen3_jax import model as model_mod
 from qwen3_jax.progress import progress_bar
 from sharding.memory import DEFAULT_MEM_FRACTION_STATIC
 
@@ -134,10 +136,11 @@ def _decode_forward(graphdef, kv_window, state, cache, last, positions_b, slots_
     return logits[:, 0], cache
 
 
-def _prefill_forward(graphdef, state, cache, tokens_1t, positions_1t, slot_1, logits_at_1):
-    """One prompt chunk [1, T] into cache row slot_1[0] -> (logits at logits_at [1, V], cache)."""
+def _prefill_forward(graphdef, state, cache, tokens_1t, positions_1t, slot_1, logits_at_1, fresh=False):
+    """One prompt chunk [1, T] into cache row slot_1[0] -> (logits at logits_at [1, V], cache).
+    fresh (static): the prompt's first chunk, its tokens at 0.. (qwen3_jax Qwen3Moe's `fresh`)."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model(tokens_1t, positions_1t, cache, slot_1, logits_at_1)
+    logits, cache = model(tokens_1t, positions_1t, cache, slot_1, logits_at_1, fresh=fresh)
     return logits[:, 0], cache
 
 
@@ -425,7 +428,8 @@ class Engine:
         self.windows = decode_windows(self.context_length)
         forwards = {w: jax.jit(functools.partial(_decode_forward, g, w), donate_argnums=(1,), **fwd_kw)
                     for w in self.windows}
-        prefill_forward = jax.jit(functools.partial(_prefill_forward, g), donate_argnums=(1,), **fwd_kw)
+        prefill_forward = jax.jit(functools.partial(_prefill_forward, g), donate_argnums=(1,),
+                                  static_argnames=("fresh",), **fwd_kw)
         self._samplers = {m: jax.jit(functools.partial(_sample_into, m, ctx), donate_argnums=(0,), **smp_kw)
                           for m in SAMPLING_MODES}
         # Steps with a row that asked for logprobs or penalties run these (compiled on first use:
@@ -468,9 +472,10 @@ class Engine:
                                temperature_b, top_p_b, top_k_b, seed_b, step_b, *penalty_b)
             return step
 
-        def prefill(mode, variant, prompt=False):
+        def prefill(mode, variant, prompt=False, fresh=False):
             """prompt: the step also scores the chunk's prompt tokens (an extra input, the targets
-            [1, T]) and returns (out, (logprob [T], top ids, top logprobs))."""
+            [1, T]) and returns (out, (logprob [T], top ids, top logprobs)). fresh: a prompt's
+            first chunk (_prefill_forward's)."""
             def step(state, carry, tokens_1t, positions_1t, slot_1, logits_at_1, *rest):
                 if prompt:
                     targets_1t, *sampling_1 = rest
@@ -478,7 +483,8 @@ class Engine:
                                                            logits_at_1, targets_1t)
                 else:
                     sampling_1 = rest
-                    logits, cache = prefill_forward(state, carry[0], tokens_1t, positions_1t, slot_1, logits_at_1)
+                    logits, cache = prefill_forward(state, carry[0], tokens_1t, positions_1t, slot_1, logits_at_1,
+                                                    fresh=fresh)
                 out, carry = sampled(mode, variant, True, (cache, *carry[1:]), logits, slot_1, np.ones(1, bool),
                                      *sampling_1)
                 return ((out, scored) if prompt else out), carry
@@ -501,6 +507,7 @@ class Engine:
         for variant in STEP_VARIANTS:
             steps.update({f"prefill/{m}{variant}": prefill(m, variant) for m in SAMPLING_MODES})
             steps.update({f"prefill/{m}{variant}/prompt": prefill(m, variant, True) for m in SAMPLING_MODES})
+            steps.update({f"prefill/{m}{variant}/fresh": prefill(m, variant, fresh=True) for m in SAMPLING_MODES})
             steps.update({f"decode/{w}/{m}{variant}": decode(w, m, variant)
                           for w in self.windows for m in SAMPLING_MODES})
         self._channel = None
@@ -526,6 +533,25 @@ class Engine:
     # Half the cores up to 8; on 2 cores (CI) one thread, where no gain was measurable.
     COMPILE_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
+    # A prompt's first chunk of at least this many tokens (its bucket) runs the prefill forward
+    # whose attention reads the chunk's own K/V through cuDNN (Qwen3Moe's `fresh`), not the
+    # chunk kernel reading them back from the cache: run 142 (H200, 30B, one chunk from position
+    # 0): FP8 1024 / 2048 tokens 31.73 -> 29.76 / 57.77 -> 52.51 ms, bf16 30.79 -> 28.44 / 50.39 ->
+    # 44.80. Each such bucket compiles that form too (smaller ones were not measured, and would
+    # add a compile each to the warm-up); 0 turns it off.
+    FRESH_MIN_TOKENS = 1024
+
+    def _fresh_min_tokens(self) -> int:
+        """FRESH_MIN_TOKENS where the first-chunk form differs from the other (one device with
+        kernels on: qwen3_jax.model.FRESH_PREFILL), else 0: no form of its own."""
+        on = model_mod.FRESH_PREFILL and kernels.active(self.model.ctx, self.model.dtype)
+        return self.FRESH_MIN_TOKENS if on else 0
+
+    def _prefill_forms(self) -> list[tuple[int, bool]]:
+        """[(bucket, fresh)]: the prefill forwards the warm-up compiles."""
+        least = self._fresh_min_tokens()
+        return [(t, False) for t in self.buckets] + [(t, True) for t in self.buckets if 0 < least <= t]
+
     def _compile_forwards(self, threads: int, bar):
         """Compile every prefill bucket's and every (KV window, decode batch size)'s forward, `threads`
         at a time, ahead of their first run: jit reuses an executable compiled from the same
@@ -533,8 +559,8 @@ class Engine:
         prefill_forward, forwards = self._forwards
         state, (cache, last, _) = self.model.state, self._carry
         zeros = functools.partial(np.zeros, dtype=np.int32)
-        jobs = [functools.partial(prefill_forward.lower, state, cache, zeros((1, t)), zeros((1, t)), zeros(1), zeros(1))
-                for t in self.buckets]
+        jobs = [functools.partial(prefill_forward.lower, state, cache, zeros((1, t)), zeros((1, t)), zeros(1), zeros(1),
+                                  fresh=fresh) for t, fresh in self._prefill_forms()]
         for b in self.decode_batch_sizes:
             rows = () if b == self.num_slots else (zeros(b),)   # as decode's step passes them
             jobs += [functools.partial(forwards[w].lower, state, cache, last, zeros(b), *rows) for w in self.windows]
@@ -551,7 +577,7 @@ class Engine:
         (SAMPLING_MODES) at each of those batch sizes now, so no request waits for XLA. The
         forwards compile COMPILE_THREADS at a time first; then each step runs once."""
         t0 = time.perf_counter()
-        forwards = len(self.buckets) + len(self.windows) * len(self.decode_batch_sizes)
+        forwards = len(self._prefill_forms()) + len(self.windows) * len(self.decode_batch_sizes)
         threads = max(1, self.COMPILE_THREADS) if jax.process_count() == 1 else 1
         bar = progress_bar(forwards * (2 if threads > 1 else 1)
                            + (len(SAMPLING_MODES) - 1) * (1 + len(self.decode_batch_sizes)), "compiling", "step",
@@ -560,11 +586,11 @@ class Engine:
             self._compile_forwards(threads, bar)
             log.debug("compiled %d forwards on %d threads in %.1fs", forwards, threads, time.perf_counter() - t0)
         s = self.context_length
-        for t in self.buckets:   # positions S: the writes are dropped
-            ids = self._prefill_call(np.zeros((1, t), np.int32), np.full((1, t), s, np.int32), 0, 0)
+        for t, fresh in self._prefill_forms():   # positions S: the writes are dropped
+            ids = self._prefill_call(np.zeros((1, t), np.int32), np.full((1, t), s, np.int32), 0, 0, fresh=fresh)
             jax.block_until_ready(ids)
             bar.update(1)
-            log.debug("compiled prefill bucket %d", t)
+            log.debug("compiled prefill bucket %d%s", t, " (first chunks)" if fresh else "")
         for b in self.decode_batch_sizes:
             idle = np.arange(self.num_slots - b, self.num_slots, dtype=np.int32)   # slots at position S
             for w in self.windows:
@@ -1030,7 +1056,8 @@ class Engine:
                                done and req.masked)
         flags = self._prompt_flags(req) if "penalties" in variant else None
         if p.prompt_logprobs is None:   # extras: the last chunk's id only
-            ids = self._prefill_call(tokens, positions, s, n - 1, variant=variant, prompt_flags=flags)
+            fresh = start == 0 and 0 < self._fresh_min_tokens() <= t
+            ids = self._prefill_call(tokens, positions, s, n - 1, variant=variant, prompt_flags=flags, fresh=fresh)
         else:   # position start + i scores prompt token start + i + 1, up to the prompt's last
             targets = np.zeros((1, t), np.int32)
             scored = min(n, req.prompt_len - 1 - start)
@@ -1089,13 +1116,14 @@ class Engine:
         return out
 
     def _prefill_call(self, tokens_1t, positions_1t, slot: int, logits_at: int, mode: str | None = None,
-                      variant: str = "", prompt_targets=None, prompt_flags=None):
+                      variant: str = "", prompt_targets=None, prompt_flags=None, fresh: bool = False):
         """Launch one prompt chunk [1, T] into `slot`'s cache row. -> the id sampled after
         position logits_at [1] (not yet on the host), also kept as the slot's last id; with
         "/logprobs" in `variant` (STEP_VARIANTS), (ids, token_logprobs' three arrays). mode: the
         sampler's (None: the one the slot's settings need). prompt_targets [1, T]: the chunk's
         positions also score these ids; -> (that, (logprob [T], top ids, top logprobs)).
-        prompt_flags [1, S]: with "/penalties", the prompt ids to flag (_prompt_flags)."""
+        prompt_flags [1, S]: with "/penalties", the prompt ids to flag (_prompt_flags). fresh: the
+        prompt's first chunk (FRESH_MIN_TOKENS), not with prompt_targets."""
         rows = np.array([slot], np.int32)
         targets = () if prompt_targets is None else (prompt_targets,)
         flags = () if "penalties" not in variant else (prompt_flags,)
@@ -1103,7 +1131,7 @@ class Engine:
         inputs = (tokens_1t, positions_1t, rows, np.array([logits_at], np.int32), *targets,
                   *self._sampling_inputs(rows, variant), *flags, *masks)
         mode = mode or sampling_mode(self._temp[rows], self._top_k[rows])
-        key = f"prefill/{mode}{variant}" + ("/prompt" if targets else "")
+        key = f"prefill/{mode}{variant}" + ("/prompt" if targets else "/fresh" if fresh else "")
         out, self._carry = self._steps[key](self.model.state, self._carry, *inputs)
         return out
 

@@ -895,3 +895,37 @@ def test_shutdown_aborts_waiting_requests(ckpt, engine):
     assert got[-1].finish_reason == "abort" and got[-1].error == "test shutdown"
     with pytest.raises(EngineClosed):
         engine.submit("Hello")
+
+
+def test_a_prompts_first_chunk_runs_the_fresh_prefill(ckpt, monkeypatch):
+    """Kernels forced on (interpret mode), FRESH_MIN_TOKENS 32, chunks of 32: a 90-token prompt's
+    first chunk runs the prefill form attending over its own K/V (Qwen3Moe's `fresh`), the next
+    two the chunk kernel; the warm-up compiled that form for the 32-token bucket only. The first
+    token and its logprob equal an engine with FRESH_MIN_TOKENS 0's, which never runs it."""
+    from qwen3_jax import kernels
+
+    calls = []
+    real = Engine._prefill_call
+
+    def spy(self, tokens, positions, *a, fresh=False, **kw):
+        if positions[0, 0] < self.context_length:   # a prompt's chunk, not a warm-up's idle step
+            calls.append(fresh)
+        return real(self, tokens, positions, *a, fresh=fresh, **kw)
+    monkeypatch.setattr(Engine, "_prefill_call", spy)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(3, 200, 90)]
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=1)
+    outs = {}
+    for least in (32, 0):
+        monkeypatch.setattr(Engine, "FRESH_MIN_TOKENS", least)
+        with kernels.kernels_enabled(True):
+            eng = Engine(ckpt, dtype="bfloat16", context_length=128, max_running_requests=2,
+                         chunked_prefill_size=32, decode_batch_sizes=[2], progress=False)
+            try:
+                assert eng._prefill_forms() == [(t, False) for t in eng.buckets] + ([(32, True)] if least else [])
+                calls.clear()
+                outs[least] = eng.generate(prompt, params)[0]
+            finally:
+                eng.shutdown()
+        assert calls == ([True, False, False] if least else [False] * 3)
+    assert outs[32].token_ids == outs[0].token_ids
+    assert abs(outs[32].logprobs[0].logprob - outs[0].logprobs[0].logprob) < 2e-2
