@@ -827,9 +827,9 @@ def _post_attention_residual(res: ResidualX, blk: Block, full: Block, layer):
 
 # A fresh prompt chunk's attention (Qwen3Moe's `fresh`) over its own K/V (cuDNN's fused causal
 # kernel) instead of chunk_attention_cached reading them back from the cache (read at trace time).
-# The chunk kernel runs at ~28% of the matmul rate (run 115); at start 0 a 512-token chunk took
-# the same time either way, but one 8192-token prompt went 176 -> 234 ms (bf16) when the kernel
-# replaced XLA's attention there (runs 93 and 140, H200).
+# The chunk kernel runs at ~28% of the matmul rate (run 115). Run 142 (H200, 30B, one chunk from
+# position 0, own K/V against the kernel): FP8 1024 / 2048 / 8192 tokens 29.76 / 52.51 / 193.35
+# against 31.73 / 57.77 / 256.04 ms; bf16 28.44 / 44.80 / 172.44 against 30.79 / 50.39 / 233.31.
 FRESH_PREFILL = True
 
 

@@ -81,6 +81,19 @@ def xla_optimized():
 
 
 @pytest.fixture
+def cuda_lowering(monkeypatch):
+    """kernels.on_gpu() True for this test, so Pallas lowers to Triton rather than interpret mode
+    (lowering tests: nothing runs). JAX's trace caches are cleared after it: a jitted function
+    that reads the interpret setting while tracing keeps that trace, and a later test running
+    kernels on the CPU at the same shapes would get the Triton one ("Only interpret mode is
+    supported on CPU backend")."""
+    from qwen3_jax import kernels
+    monkeypatch.setattr(kernels, "on_gpu", lambda: True)
+    yield
+    jax.clear_caches()
+
+
+@pytest.fixture
 def fp8_w8a16(monkeypatch):
     """FP8 kernels in W8A16 for this test: the GEMVs and the grouped matmuls. The defaults run
     W8A8 (GEMVs from gemv.W8A8_MIN_ROWS rows, grouped matmuls always), whose e4m3 activations move

@@ -498,7 +498,7 @@ def test_overlap_schedule_gives_the_same_tokens(ckpt, engine):
         serial.shutdown()
 
 
-def test_engine_steps_hold_no_device_conditional(ckpt, engine, monkeypatch):
+def test_engine_steps_hold_no_device_conditional(ckpt, engine, monkeypatch, cuda_lowering):
     """XLA:GPU runs a conditional by copying its branch index to the host and blocking until the
     device gets there, so a step holding one would not return from its launch until its forward
     had run, and no next step could queue behind it (what kept run 75's overlap from working).
@@ -519,7 +519,6 @@ def test_engine_steps_hold_no_device_conditional(ckpt, engine, monkeypatch):
         args = (m.state, m.init_cache(b, engine.context_length), last, np.zeros(n, np.int32), *slots)
         return fn.trace(*args).lower(lowering_platforms=platforms).as_text()
     texts = [forward(engine.model, w) for w in engine.windows]
-    monkeypatch.setattr(kernels, "on_gpu", lambda: True)   # Triton kernels, not interpret mode
     with kernels.kernels_enabled(True):
         m16 = api.load(ckpt, dtype="bfloat16", progress=False)
         gpu = [forward(m16, engine.windows[0], ("cuda",), *slots) for slots in ((), (np.array([2, 0], np.int32),))]

@@ -772,12 +772,11 @@ def test_qkv_side_by_side_in_one_matmul_launch_equal_one_by_one(monkeypatch, w_n
         np.testing.assert_allclose(np.asarray(got.sum(0)), np.asarray(alone.sum(0)), rtol=2e-5, atol=2e-5)
 
 
-def test_qkv_side_by_side_lowers_to_one_triton_launch_at_30b_shapes(monkeypatch):
+def test_qkv_side_by_side_lowers_to_one_triton_launch_at_30b_shapes(monkeypatch, cuda_lowering):
     """q/k/v of 30B-A3B-FP8 ([out, in], W8A8) at 64 rows under "split-qkv": one Triton launch for
     the three matmuls, after the one that quantizes their x (x_quantize)."""
     from qwen3_jax.kernels import linear as linear_mod
     monkeypatch.setattr(linear_mod, "PROJECTION_MATMUL", dict(linear_mod.PROJECTION_MATMUL_PRESETS["split-qkv"]))
-    monkeypatch.setattr(kernels, "on_gpu", lambda: True)   # Pallas lowers to Triton, not interpret mode
     sds = jax.ShapeDtypeStruct
 
     def fn(x, wq, sq, wk, sk, wv, sv):
@@ -1360,7 +1359,7 @@ def _sds(shape, dtype):
 
 @pytest.mark.parametrize("preset,mesh,batch", [("Qwen3-30B-A3B-FP8", "tp=2", 1), ("Qwen3-30B-A3B", "ep=2", 8),
                                                 ("Qwen3-30B-A3B-FP8", "ep=2", 64), ("Qwen3-30B-A3B-FP8", "tp=1", 64)])
-def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, monkeypatch):
+def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, monkeypatch, cuda_lowering):
     """The whole decode step on a mesh, lowered for CUDA with 30B-A3B's per-device shapes (abstract
     arrays, nothing allocated): every kernel of the one-card layer is there per device (attention
     with its prologue, the gemvs, the routing kernels; at 64 rows of FP8 the W8A8 matmuls and
@@ -1374,7 +1373,6 @@ def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, mo
     from qwen3_jax.model import KVCache, cache_shapes
     from serve.bench import make_decode
 
-    monkeypatch.setattr(kernels, "on_gpu", lambda: True)   # Pallas lowers to Triton, not interpret mode
     monkeypatch.setattr(kernels.x_quantize, "RESIDUAL", "kernel")   # an option, off by default (run 141)
     cfg = dataclasses.replace(load_preset(preset), num_hidden_layers=2)
     _, ctx, kv_rep = build_context(cfg, mesh, None)
@@ -1470,13 +1468,12 @@ def test_w8a8_grouped_matmul_lowers_to_triton_for_30b_shapes(w_lhs):
 
 
 @pytest.mark.parametrize("n", [64, 256])
-def test_decode_moe_blocks_lower_to_five_triton_calls_at_30b_shapes(n, monkeypatch):
+def test_decode_moe_blocks_lower_to_five_triton_calls_at_30b_shapes(n, monkeypatch, cuda_lowering):
     """A decode batch's MoE on the blocks path (FP8 experts stored [L*E, out, in], W8A8): x's
     quantize, the two routing kernels and the two grouped matmuls, x gathered inside the first;
     no XLA sort and no gather of x's rows."""
     from qwen3_jax.kernels.moe_ffn import moe_ffn_in_place
 
-    monkeypatch.setattr(kernels, "on_gpu", lambda: True)   # Pallas lowers to Triton, not interpret mode
     l, e, d, f, e8 = 48, 128, 2048, 768, jnp.float8_e4m3fn
     gate, gs = _sds((l, e, f, d), e8), _sds((l, e, d // 128, f), jnp.float32)
     down, ds = _sds((l, e, d, f), e8), _sds((l, e, f, d // 128), jnp.float32)

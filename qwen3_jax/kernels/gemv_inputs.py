@@ -42,12 +42,17 @@ _STATIC = dict(metadata=dict(static=True))
 
 
 class _Source:
-    """Shared by the sources: shape bookkeeping (subclasses define shape, dtype, k_dim, and
-    _natural_shape() for a shape field left None)."""
+    """Shared by the sources: shape bookkeeping (subclasses define shape, dtype, and
+    _natural_shape() for a shape field left None; k_dim is x's last axis unless overridden)."""
 
     def __post_init__(self):
         if self.shape is None:
             object.__setattr__(self, "shape", self._natural_shape())
+
+    @property
+    def k_dim(self) -> int:
+        """The axis a gemv contracts: x's last (SwigluX's own)."""
+        return self.x.shape[-1]
 
     def reshape(self, *shape):
         """The same x under another shape of as many elements; a 2-D view must be [M, K], K the
@@ -78,10 +83,6 @@ class PlainX(_Source):
     @property
     def dtype(self):
         return self.x.dtype
-
-    @property
-    def k_dim(self) -> int:
-        return self.x.shape[-1]
 
     def reshape(self, *shape):
         return PlainX(self.x.reshape(*shape))
@@ -118,10 +119,6 @@ class RmsNormX(_Source):
     @property
     def dtype(self):
         return jnp.result_type(self.weight.dtype, self.x.dtype)
-
-    @property
-    def k_dim(self) -> int:
-        return self.x.shape[-1]
 
     def covered(self, bk: int) -> bool:
         """The row is loaded whole for its statistic: K a power of two (a Triton block)."""
@@ -201,10 +198,6 @@ class ResidualX(_Source):
     @property
     def dtype(self):
         return self.x.dtype
-
-    @property
-    def k_dim(self) -> int:
-        return self.x.shape[-1]
 
     def operands(self):
         return (self.x.reshape(-1, self.k_dim), self.partials)
