@@ -535,11 +535,12 @@ class Engine:
 
     # A prompt's first chunk of at least this many tokens (its bucket) runs the prefill forward
     # whose attention reads the chunk's own K/V through cuDNN (Qwen3Moe's `fresh`), not the
-    # chunk kernel reading them back from the cache: run 142 (H200, 30B, one chunk from position
-    # 0): FP8 1024 / 2048 tokens 31.73 -> 29.76 / 57.77 -> 52.51 ms, bf16 30.79 -> 28.44 / 50.39 ->
-    # 44.80. Each such bucket compiles that form too (smaller ones were not measured, and would
-    # add a compile each to the warm-up); 0 turns it off.
-    FRESH_MIN_TOKENS = 1024
+    # chunk kernel reading them back from the cache. Served time to the first token (H200, 30B,
+    # benchmarks/first_chunk.py): 500 tokens at the 512 chunk FP8 -7.1%, bf16 -6.1% (run 144;
+    # 250 tokens, bucket 256, level as the control); 1000 / 2000 tokens at the 2048 chunk FP8
+    # -8.9% / -10.5%, bf16 -7.2% / -9.3% (run 143). Each such bucket compiles that form too in
+    # the warm-up (one more forward at the 512 chunk); smaller buckets were not measured. 0: off.
+    FRESH_MIN_TOKENS = 512
 
     def _fresh_min_tokens(self) -> int:
         """FRESH_MIN_TOKENS where the first-chunk form differs from the other (one device with
