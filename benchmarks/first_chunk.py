@@ -20,7 +20,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(argv=None):
+def main(argv=None) -> list[tuple[int, list[float]]]:
+    """-> [(FRESH_MIN_TOKENS, [median ms per prompt length])], in the order run."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="Qwen3-30B-A3B-FP8", help="a serve.bench preset (random weights), or tiny")
     p.add_argument("--context", type=int, default=4096, help="the engine's context length")
@@ -50,25 +51,29 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     print(f"device {jax.devices()[0].device_kind}; {args.model}, context {args.context}, chunk {args.chunk}; "
           f"ms to the first token, median of {args.reps}")
-    base = None
-    for least in settings:
-        Engine.FRESH_MIN_TOKENS = least
-        engine = Engine(model, context_length=args.context, max_running_requests=2, chunked_prefill_size=args.chunk,
-                        progress=False)
-        engine.variants_warm.wait()   # the idle compiles stay out of the timings
-        row = []
-        for n in lengths:
-            times = []
-            for _ in range(args.reps):
-                prompt = rng.integers(0, cfg.vocab_size, n).tolist()
-                t0 = time.perf_counter()
-                engine.generate(prompt, params)
-                times.append(1e3 * (time.perf_counter() - t0))
-            row.append(statistics.median(times))
-        engine.shutdown()
-        base = base or row
-        cells = "  ".join(f"{n} tokens {ms:8.2f} ({ms / b:.3f}x)" for n, ms, b in zip(lengths, row, base))
-        print(f"  fresh-min {least:>5}: {cells}", flush=True)
+    rows, before = [], Engine.FRESH_MIN_TOKENS
+    try:
+        for least in settings:
+            Engine.FRESH_MIN_TOKENS = least
+            engine = Engine(model, context_length=args.context, max_running_requests=2,
+                            chunked_prefill_size=args.chunk, progress=False)
+            engine.variants_warm.wait()   # the idle compiles stay out of the timings
+            row = []
+            for n in lengths:
+                times = []
+                for _ in range(args.reps):
+                    prompt = rng.integers(0, cfg.vocab_size, n).tolist()
+                    t0 = time.perf_counter()
+                    engine.generate(prompt, params)
+                    times.append(1e3 * (time.perf_counter() - t0))
+                row.append(statistics.median(times))
+            engine.shutdown()
+            rows.append((least, row))
+            cells = "  ".join(f"{n} tokens {ms:8.2f} ({ms / b:.3f}x)" for n, ms, b in zip(lengths, row, rows[0][1]))
+            print(f"  fresh-min {least:>5}: {cells}", flush=True)
+    finally:
+        Engine.FRESH_MIN_TOKENS = before
+    return rows
 
 
 if __name__ == "__main__":
