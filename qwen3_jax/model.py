@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,7 @@ from .config import Qwen3MoeConfig, yarn_inv_freq
 from . import fp8 as fp8_format
 from .fp8 import FP8_DTYPE, dequantize, kind_kept_unquantized
 from . import kernels
-from .kernels.gemv_inputs import ResidualX, RmsNormX, materialize
+from .kernels.gemv_inputs import RmsNormX, materialize
 from .moe import GatheredRouting, expert_ffn, moe_ffn, route
 
 
@@ -199,24 +198,21 @@ def _sub(stacked, name):
 _LETTER_AXES = {"b": "batch", "t": "seq", "d": "embed", "h": "heads", "k": "kv_heads", "q": "head_dim"}
 
 
-def _einsum_w(eq, x, weight: Weight, ctx, stacked=None, partials=False):
+def _einsum_w(eq, x, weight: Weight, ctx, stacked=None):
     """einsum(eq, x, weight) in x's dtype. With kernels on (kernels.usable) and `stacked` =
     (the same Weight with [L, ...] params, layer index), the kernel reads layer i in place (no
     per-layer slice copy; FP8 dequantized in registers, not into a bf16 copy first); on a mesh
-    it does so on each device's shards (kernels/sharded.py). partials=True: on one device only,
-    the kernel's float32 partial sums [S, M, N] (kernels.linear_einsum), or None."""
+    it does so on each device's shards (kernels/sharded.py)."""
     if stacked is not None and kernels.usable(x.dtype):
         full, i = stacked
         w, scale = full.w[...], (full.scale[...] if weight.is_fp8 else None)
         if kernels.single_device(ctx):
             y = kernels.linear_einsum(eq, x, w, scale, weight.block_axis, weight.fp8_block, layer=i, w_nk=full.nk,
-                                      scale_run=weight.fp8_scale_run, partials=partials)
-            if y is not None or partials:
+                                      scale_run=weight.fp8_scale_run)
+            if y is not None:
                 return y
-        elif not partials:
+        else:
             return _einsum_w_per_device(eq, materialize(x), full, i, ctx)
-    if partials:
-        return None
     return jnp.einsum(eq, materialize(x), weight(x.dtype))
 
 
@@ -331,15 +327,6 @@ class Attention(nnx.Module):
         if self.bias:
             y = y + self.o_bias(out_bthq.dtype)
         return y
-
-    def residual(self, x_btd, out_bthq, ctx=None, stacked=None):
-        """x + o_proj(out): [B, T, D], or on one device's kernels a gemv_inputs.ResidualX, o_proj's
-        float32 split-K partials left for the MoE's input kernel to sum (Segment)."""
-        if stacked is not None and not self.bias and kernels.active(ctx, x_btd.dtype):
-            parts = _einsum_w("bthq,hqd->btd", out_bthq, self.o_proj, ctx, _sub(stacked, "o_proj"), partials=True)
-            if parts is not None:
-                return ResidualX(x_btd, parts)
-        return x_btd + self.output(out_bthq, ctx, stacked)
 
 
 class ExpertWeights:
@@ -689,7 +676,7 @@ def _decode_layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt,
             scale=blk.attn.scale, kv_window=kv_window)
         if done is not None:
             out, k_all, v_all, counts = done
-            return blk.attn.residual(x, out[:, None], ctx, stacked=st), k_all, v_all, counts
+            return x + blk.attn.output(out[:, None], ctx, stacked=st), k_all, v_all, counts
     if parts is not None:
         q_p, k_p, v_p = parts
         # one kernel: q/k norm + RoPE, and the new K/V written into the cache in place
@@ -744,7 +731,7 @@ def _decode_attend(blk, x, q16, k_all, v_all, layer, slots_b, positions_bt, grou
     kv_window: bounds the keys the kernel's grid covers; counts: the prologue's zeroed merge counters, or None."""
     out = kernels.decode_attention_cached(q16, k_all, v_all, layer, slots_b, positions_bt, blk.attn.scale,
                                           group=group, counts=counts, kv_window=kv_window)
-    return blk.attn.residual(x, out, ctx, stacked=st), k_all, v_all
+    return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all
 
 
 def _write_cache(k_all, v_all, layer, rows_b, positions_bt, k_btkq, v_btkq):
@@ -801,30 +788,6 @@ def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all,
 DECODE_UNROLL = 4
 
 
-def _post_attention_residual(res: ResidualX, blk: Block, full: Block, layer):
-    """The residual after attention, from o_proj's unsummed partials -> (x [B, T, D], the MoE's
-    input or None). Where the MoE quantizes its x for a W8A8 matmul (moe_ffn.x_quantize_group),
-    one kernel writes x and that quantized post-attention norm of it (x_quantize.
-    residual_norm_quantize), replacing XLA's sum + add and a quantize kernel reading x back; the
-    MoE's input is then the norm in the router's loads with the quantized x attached. Elsewhere
-    XLA sums (None: the caller applies the norm as before)."""
-    x_shape = res.x.shape
-    tokens = math.prod(x_shape[:-1])
-    if (isinstance(blk.mlp, MoE) and kernels.x_load("norm") and kernels.x_quantize.RESIDUAL == "kernel"
-            and kernels.x_quantize.X_QUANTIZE == "kernel"):
-        moe = full.mlp
-        group = kernels.moe_ffn.x_quantize_group(tokens, moe.top_k, moe.gate_proj, moe.up_proj, moe.down_proj)
-        eps = blk.post_norm.eps
-        done = None if group is None else kernels.x_quantize.residual_norm_quantize(
-            res, full.post_norm.weight[...], layer, eps, group)
-        if done is not None:
-            x, xq, sx = done
-            h = RmsNormX(x, full.post_norm.weight[...], jnp.asarray(layer, jnp.int32), eps, prequantized=(xq, sx),
-                         group=group)
-            return x.reshape(x_shape), h.reshape(x_shape)
-    return res.materialize(), None
-
-
 # A fresh prompt chunk's attention (Qwen3Moe's `fresh`) over its own K/V (cuDNN's fused causal
 # kernel) instead of chunk_attention_cached reading them back from the cache (read at trace time).
 # The chunk kernel runs at ~28% of the matmul rate (run 115). Run 142 (H200, 30B, one chunk from
@@ -874,13 +837,8 @@ class Segment(nnx.Module):
             h = norm(blk.input_norm, full.input_norm, x, i, in_load=counts is not None and not fused)
             x, k_all, v_all, counts = attention(blk, full.attn, i, x, h, cos, sin, positions_bt, k_all, v_all,
                                                 slots_b, kv_window, ctx, counts)
-            if isinstance(x, ResidualX):   # the fused path: o_proj's partials not yet summed
-                x, h = _post_attention_residual(x, blk, full, i)
-                if h is None:
-                    h = norm(blk.post_norm, full.post_norm, x, i)
-            else:
-                h = norm(blk.post_norm, full.post_norm, x, i, in_load=mesh_decode)
-            x = x + blk.mlp(h, ctx, stacked=(full.mlp, i), live_n=live_n)
+            x = x + blk.mlp(norm(blk.post_norm, full.post_norm, x, i, in_load=mesh_decode), ctx, stacked=(full.mlp, i),
+                            live_n=live_n)
             x = constrain(x, ("batch", "seq", "embed"), ctx)
             return (x, k_all, v_all, counts), None
 

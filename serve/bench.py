@@ -125,11 +125,6 @@ def parse_args(argv=None):
                    help="prefill: a prompt's first chunk attends over its own K/V (on: cuDNN's fused causal "
                         "kernel) or reads them back from the cache (off: the chunk-attention kernel), "
                         "comma-separated (default: the library's, model.FRESH_PREFILL)")
-    p.add_argument("--x-residual", default="",
-                   help="decode: where o_proj's split partials are summed into the residual in front of a W8A8 "
-                        "MoE, comma-separated: xla (a fusion, then the quantize kernel reads it back), kernel (in "
-                        "the quantize kernel, which writes the residual) (default: the library's, "
-                        "kernels.x_quantize.RESIDUAL)")
     p.add_argument("--gemv-tokens", default="",
                    help="decode batches up to N tokens run the GEMV kernels (per-row programs) for the attention "
                         "projections, the router logits and the MoE experts; larger ones the grouped matmuls "
@@ -934,7 +929,6 @@ def _decode_knobs(args, cfg):
     moe_routing = choices("--moe-routing", args.moe_routing, moe_ffn.BLOCK_ROUTINGS)
     router_logits = choices("--router-logits", args.router_logits, router.LOGITS_CHOICES)
     x_quant = choices("--x-quantize", args.x_quantize, x_quantize.X_QUANTIZES)
-    x_residual = choices("--x-residual", args.x_residual, x_quantize.RESIDUALS)
     fresh = choices("--fresh-prefill", args.fresh_prefill, ("on", "off"))
     gemv_limits = listed(args.gemv_tokens)
     if any(v is not None and not re.fullmatch(r"\d+(/\d+)?", v) for v in gemv_limits):
@@ -965,7 +959,6 @@ def _decode_knobs(args, cfg):
         ("router ", router_logits, *module_value(router, "LOGITS"), True),
         ("gemv-tokens ", gemv_limits, gemv_tokens, put_gemv_tokens, True),
         ("x-quantize ", x_quant if cfg.fp8 else [None], *module_value(x_quantize, "X_QUANTIZE"), True),
-        ("x-residual ", x_residual if cfg.fp8 else [None], *module_value(x_quantize, "RESIDUAL"), True),
         ("fresh-prefill ", fresh, lambda: "on" if model_mod.FRESH_PREFILL else "off",
          lambda v: setattr(model_mod, "FRESH_PREFILL", v == "on"), True),
         ("projection ", projection,

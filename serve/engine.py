@@ -335,6 +335,11 @@ class Engine:
         self.num_slots = self.cache_size.num_slots
         self.chunk = max(1, min(chunked_prefill_size, self.context_length))
         self.buckets = prefill_buckets(self.context_length, self.chunk)
+        # The smallest bucket whose prompts' first chunks take the form over their own K/V
+        # (FRESH_MIN_TOKENS), fixed here so the warm-up compiles exactly the forms the chunks run;
+        # 0 where that form would be the other one (a mesh, kernels off: qwen3_jax.model.FRESH_PREFILL)
+        fresh_on = model_mod.FRESH_PREFILL and kernels.active(model.ctx, model.dtype)
+        self.fresh_min_tokens = self.FRESH_MIN_TOKENS if fresh_on else 0
         self.max_queued_requests = max_queued_requests
         # The steps' carry: the KV cache and each slot's last sampled id (its next input token),
         # committed like the step outputs, so the first real step does not recompile.
@@ -542,15 +547,9 @@ class Engine:
     # the warm-up (one more forward at the 512 chunk); smaller buckets were not measured. 0: off.
     FRESH_MIN_TOKENS = 512
 
-    def _fresh_min_tokens(self) -> int:
-        """FRESH_MIN_TOKENS where the first-chunk form differs from the other (one device with
-        kernels on: qwen3_jax.model.FRESH_PREFILL), else 0: no form of its own."""
-        on = model_mod.FRESH_PREFILL and kernels.active(self.model.ctx, self.model.dtype)
-        return self.FRESH_MIN_TOKENS if on else 0
-
     def _prefill_forms(self) -> list[tuple[int, bool]]:
         """[(bucket, fresh)]: the prefill forwards the warm-up compiles."""
-        least = self._fresh_min_tokens()
+        least = self.fresh_min_tokens
         return [(t, False) for t in self.buckets] + [(t, True) for t in self.buckets if 0 < least <= t]
 
     def _compile_forwards(self, threads: int, bar):
@@ -1057,7 +1056,7 @@ class Engine:
                                done and req.masked)
         flags = self._prompt_flags(req) if "penalties" in variant else None
         if p.prompt_logprobs is None:   # extras: the last chunk's id only
-            fresh = start == 0 and 0 < self._fresh_min_tokens() <= t
+            fresh = start == 0 and 0 < self.fresh_min_tokens <= t
             ids = self._prefill_call(tokens, positions, s, n - 1, variant=variant, prompt_flags=flags, fresh=fresh)
         else:   # position start + i scores prompt token start + i + 1, up to the prompt's last
             targets = np.zeros((1, t), np.int32)

@@ -1,9 +1,8 @@
 """The W8A8 activation-quantize kernel (qwen3_jax/kernels/x_quantize.py) against gemv.quantize_rows.
 
-CPU: Pallas interpret mode, bit for bit (plain x and an RMSNorm source, zero groups, padding rows;
-the residual kernel's new residual and quantized norm against XLA's sum, add and quantize), the
-model's FP8 decode step with X_QUANTIZE / RESIDUAL "kernel" against "xla", and the Triton lowering
-at 30B-A3B and 235B-A22B shapes. GPU (marked): the compiled kernel at 30B shapes; on the device machine:
+CPU: Pallas interpret mode, bit for bit (plain x and an RMSNorm source, zero groups, padding rows),
+the model's FP8 decode step with X_QUANTIZE "kernel" against "xla", and the Triton lowering at
+30B-A3B shapes. GPU (marked): the compiled kernel at 30B shapes; on the device machine:
 `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_kernels_x_quantize.py`.
 """
 
@@ -15,8 +14,8 @@ import pytest
 from qwen3_jax import kernels
 from qwen3_jax.kernels import x_quantize
 from qwen3_jax.kernels.gemv import quantize_rows
-from qwen3_jax.kernels.gemv_inputs import ResidualX, RmsNormX
-from qwen3_jax.kernels.x_quantize import quantize_rows_kernel, quantize_x, residual_norm_quantize
+from qwen3_jax.kernels.gemv_inputs import RmsNormX
+from qwen3_jax.kernels.x_quantize import quantize_rows_kernel, quantize_x
 
 
 def bits(a):
@@ -70,37 +69,6 @@ def test_quantize_x_picks_the_kernel_or_xla_with_the_same_numbers(monkeypatch):
         quantize_x(x, 128, 4)
 
 
-def residual_case(rng, m, k, splits, layers=3):
-    """The residual x [m, k] bf16, o_proj's partials [splits, m, k] float32 (one all-zero row of
-    x + partials: a zero group), and a stacked norm weight [layers, k]."""
-    x = rng.standard_normal((m, k)) * 3
-    p = rng.standard_normal((splits, m, k))
-    x[1, :64], p[:, 1, :64] = 0.0, 0.0
-    w = jnp.asarray(1 + 0.1 * rng.standard_normal((layers, k)), jnp.bfloat16)
-    return ResidualX(jnp.asarray(x, jnp.bfloat16), jnp.asarray(p, jnp.float32)), w
-
-
-@pytest.mark.parametrize("splits", [1, 4])
-def test_residual_kernel_equals_xla_sum_add_and_quantize(splits):
-    """The new residual bit for bit ResidualX.materialize() (the model's x + o_proj in XLA); its
-    values and scales quantize_rows' of the post-attention norm of it; quantize_x hands these
-    back for their group only."""
-    res, w = residual_case(np.random.default_rng(4), 5, 256, splits)
-    h, q, s = residual_norm_quantize(res, w, jnp.int32(2), 1e-6, 64, interpret=True)
-    want_h = res.materialize()
-    want_q, want_s = quantize_rows(RmsNormX(want_h, w, jnp.int32(2), 1e-6).materialize(), 64)
-    np.testing.assert_array_equal(np.asarray(h).view(np.uint16), np.asarray(want_h).view(np.uint16))
-    np.testing.assert_array_equal(bits(q), bits(want_q))
-    np.testing.assert_array_equal(np.asarray(s), np.asarray(want_s))
-    assert np.asarray(s)[1, 0] == 1.0 and not bits(q[1, :64]).any()
-    src = RmsNormX(h, w, jnp.int32(2), 1e-6, prequantized=(q, s), group=64)
-    assert quantize_x(src, 64)[0] is q
-    q16, s16 = quantize_x(src, 64, 16)   # the matmul's row padding
-    np.testing.assert_array_equal(bits(q16[:5]), bits(q)) and (np.asarray(s16[5:]) == 1.0).all()
-    assert quantize_x(src, 128)[1].shape == (5, 2)   # another group: quantized again from the norm
-    assert residual_norm_quantize(res, w, jnp.int32(2), 1e-6, 96) is None   # no power of two: XLA's
-
-
 def test_fp8_decode_step_with_the_kernel_equals_xla_quantize(monkeypatch):
     """A 2-layer FP8 model, kernels forced on (interpret mode), 8 rows a step: the projections'
     and the MoE's W8A8 matmuls take x from the kernel (the o_proj input, the normed q/k/v and
@@ -128,49 +96,6 @@ def test_fp8_decode_step_with_the_kernel_equals_xla_quantize(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("rows", [8, 40])
-def test_fp8_decode_step_with_the_residual_kernel_equals_xla(monkeypatch, rows):
-    """A 2-layer FP8 model, kernels forced on (interpret mode), on the fused decode path: at 40 rows (80 assignments, the
-    MoE's W8A8 blocks path) the decode step's post-attention residual and the MoE's quantized x
-    come from residual_norm_quantize; at 8 rows (the MoE's gemv, which quantizes
-    in its loads) XLA sums as before. The logits equal RESIDUAL "xla"'s exactly, XLA held to
-    the model's roundings."""
-    from qwen3_jax import Qwen3MoeConfig, random_model
-    from qwen3_jax import model as model_mod
-    from qwen3_jax.config import Fp8Config
-    from reference import TINY, with_distinct_norms
-
-    import dataclasses
-    from flax import nnx
-    monkeypatch.setattr(model_mod, "DECODE_UNROLL", 1)
-    # head_dim 32: the fused decode path (q/k norm + RoPE in the attention kernel), the model's
-    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, num_experts=16,
-                                        head_dim=32))
-    m = with_distinct_norms(random_model(dataclasses.replace(cfg, fp8=Fp8Config()), seed=7))
-    rng = np.random.default_rng(2)
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (rows, 1)), jnp.int32)
-    positions = jnp.asarray(rng.integers(0, 12, (rows, 1)), jnp.int32)
-    cache = m.init_cache(rows, 16)
-
-    def step(st, tok, pos, cache):
-        return nnx.merge(m.graphdef, st)(tok, pos, cache)[0]
-    outs, texts = {}, {}
-    for mode in x_quantize.RESIDUALS:
-        monkeypatch.setattr(x_quantize, "RESIDUAL", mode)
-        fn = lambda *a: step(*a)   # a new function each time: settings are read while tracing
-        with kernels.kernels_enabled(True):
-            texts[mode] = str(jax.make_jaxpr(fn)(m.state, tokens, positions, cache))
-            # XLA may skip the rounding of o_proj's sum to bf16 before the add (its default
-            # xla_allow_excess_precision); the kernel rounds as the model's code says
-            exe = jax.jit(fn).lower(m.state, tokens, positions, cache).compile(
-                {"xla_allow_excess_precision": False})
-            outs[mode] = np.asarray(exe(m.state, tokens, positions, cache))
-    # one call in the scanned layer's body
-    assert texts["kernel"].count("name=qwen3_residual_quantize_x") == (1 if rows == 40 else 0)
-    assert "qwen3_residual_quantize_x" not in texts["xla"]
-    np.testing.assert_array_equal(outs["kernel"], outs["xla"])
-
-
 @pytest.mark.parametrize("hidden,heads_x_q,layers", [(2048, 4096, 48), (4096, 8192, 94)], ids=["30b", "235b"])
 def test_lowers_to_triton_at_30b_and_235b_shapes(hidden, heads_x_q, layers):
     """The two sources at the presets' widths: the attention output [64, heads x head_dim] (8192
@@ -178,14 +103,12 @@ def test_lowers_to_triton_at_30b_and_235b_shapes(hidden, heads_x_q, layers):
     hidden] with a traced layer."""
     sds = jax.ShapeDtypeStruct
 
-    def fn(x, w, h, p):
+    def fn(x, w, h):
         a = quantize_rows_kernel(RmsNormX(x, w, jnp.int32(3), 1e-6), 128, 64, interpret=False)
-        r = residual_norm_quantize(ResidualX(x, p), w, jnp.int32(3), 1e-6, 128, interpret=False)
-        return a, quantize_rows_kernel(h, 128, interpret=False), r
+        return a, quantize_rows_kernel(h, 128, interpret=False)
     text = jax.jit(fn).trace(sds((61, hidden), jnp.bfloat16), sds((layers, hidden), jnp.bfloat16),
-                             sds((64, heads_x_q), jnp.bfloat16), sds((8, 61, hidden), jnp.float32)
-                             ).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == 3 and "qwen3_quantize_x" in text and "qwen3_residual_quantize_x" in text
+                             sds((64, heads_x_q), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2 and "qwen3_quantize_x" in text
 
 
 @pytest.mark.gpu
@@ -204,21 +127,3 @@ def test_gpu_kernel_matches_quantize_rows_at_30b_shapes(norm):
     assert (np.abs(got - want) <= step).all()
     assert (np.asarray(got != want).mean()) < 1e-3
     assert not bits(q[61:]).any() and (np.asarray(s[61:]) == 1.0).all()
-
-
-@pytest.mark.gpu
-def test_gpu_residual_kernel_matches_xla_at_30b_shapes():
-    """Compiled, 8 split partials at 64 rows x 2048: the new residual within one bf16 step of
-    XLA's, rarely off (the float32 sum over the splits may be ordered differently), and the quantized norm
-    of the kernel's residual as quantize_rows gives it (within one e4m3 step)."""
-    res, w = residual_case(np.random.default_rng(12), 64, 2048, 8, layers=48)
-    h, q, s = jax.jit(lambda: residual_norm_quantize(res, w, jnp.int32(47), 1e-6, 128))()
-    # XLA held to the model's roundings (o_proj's sum rounded to bf16 before the add)
-    want_h = np.asarray(jax.jit(res.materialize).lower().compile({"xla_allow_excess_precision": False})(),
-                        np.float32)
-    got_h = np.asarray(h, np.float32)
-    assert (np.abs(got_h - want_h) <= np.abs(want_h) / 128 + 1e-30).all() and (got_h != want_h).mean() < 1e-3
-    want_q, want_s = jax.jit(lambda: quantize_rows(RmsNormX(h, w, jnp.int32(47), 1e-6).materialize(), 128))()
-    np.testing.assert_array_equal(np.asarray(s), np.asarray(want_s))
-    got, want = np.asarray(q, np.float32), np.asarray(want_q, np.float32)
-    assert (np.abs(got - want) <= np.maximum(np.abs(want) / 8, 2.0 ** -9)).all()

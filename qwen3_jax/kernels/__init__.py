@@ -284,11 +284,11 @@ if TRITON_MISSING is None:
     from .decode_attention import covered as decode_attention_covered, decode_attention_cached  # noqa: E402
     from .moe_ffn import ExpertArrays, moe_ffn_in_place, moe_ffn_stacked  # noqa: E402
     from .router import route_in_place  # noqa: E402
-    from . import moe_ffn, qk_prologue, sharded, x_quantize  # noqa: E402
+    from . import qk_prologue, sharded  # noqa: E402
 
 __all__ = ["enabled", "describe", "TRITON_MISSING", "set_enabled", "kernels_enabled", "active", "usable", "single_device", "interpret",
            "pick_tile", "FP8_GEMM", "set_fp8_gemm", "fp8_gemm", "fp8_matmul", "fp8_dequantized", "FP8_DEQUANTIZE_MIN_ROWS", "FP8_DEQUANTIZE_MOE_MIN_ROWS", "X_LOADS_ALL", "set_x_loads", "x_load",
            "linear_einsum", "projections_partials",
            "causal_prefill_attention", "chunk_attention_cached", "chunk_covered", "decode_attention_cached", "decode_attention_covered", "moe_ffn_stacked",
            "moe_ffn_in_place", "ExpertArrays", "route_in_place",
-           "moe_ffn", "qk_prologue", "sharded", "x_quantize"]
+           "qk_prologue", "sharded"]

@@ -10,10 +10,6 @@ run 14). Each source below removes XLA kernels without adding a launch:
     MoE gate/up.
   SwigluX: the MoE gate/up gemv's float32 split-K partials [S, M, F]: silu(sum g) * sum u,
     rounded to the activation dtype. Removes the fusion between the two MoE gemvs.
-  ResidualX: the residual stream after o_proj, x + round(sum_s partials[s]) with o_proj's
-    float32 split-K partials [S, M, K] unsummed. x_quantize.residual_norm_quantize takes it
-    with the post-attention norm: one kernel writes the new residual and the MoE's e4m3 x,
-    where XLA ran the sum + add and the quantize kernel read its output back.
   PlainX: x as it is.
 Where they pay: a source that reduces over split partials does so in every K step, in series
 with the step, and that costs more than the XLA kernel it saves (SwigluX with S > 1). So did
@@ -42,17 +38,12 @@ _STATIC = dict(metadata=dict(static=True))
 
 
 class _Source:
-    """Shared by the sources: shape bookkeeping (subclasses define shape, dtype, and
-    _natural_shape() for a shape field left None; k_dim is x's last axis unless overridden)."""
+    """Shared by the sources: shape bookkeeping (subclasses define shape, dtype, k_dim, and
+    _natural_shape() for a shape field left None)."""
 
     def __post_init__(self):
         if self.shape is None:
             object.__setattr__(self, "shape", self._natural_shape())
-
-    @property
-    def k_dim(self) -> int:
-        """The axis a gemv contracts: x's last (SwigluX's own)."""
-        return self.x.shape[-1]
 
     def reshape(self, *shape):
         """The same x under another shape of as many elements; a 2-D view must be [M, K], K the
@@ -84,6 +75,10 @@ class PlainX(_Source):
     def dtype(self):
         return self.x.dtype
 
+    @property
+    def k_dim(self) -> int:
+        return self.x.shape[-1]
+
     def reshape(self, *shape):
         return PlainX(self.x.reshape(*shape))
 
@@ -108,10 +103,6 @@ class RmsNormX(_Source):
     layer: jax.Array
     eps: float = dataclasses.field(default=1e-6, **_STATIC)
     shape: tuple = dataclasses.field(default=None, **_STATIC)
-    # (e4m3 [M, K], float32 scales [M, K / group]) of this x, written by the kernel that wrote x
-    # (x_quantize.residual_norm_quantize): x_quantize.quantize_x returns them for that group
-    prequantized: tuple | None = None
-    group: int = dataclasses.field(default=0, **_STATIC)
 
     def _natural_shape(self):
         return tuple(self.x.shape)
@@ -119,6 +110,10 @@ class RmsNormX(_Source):
     @property
     def dtype(self):
         return jnp.result_type(self.weight.dtype, self.x.dtype)
+
+    @property
+    def k_dim(self) -> int:
+        return self.x.shape[-1]
 
     def covered(self, bk: int) -> bool:
         """The row is loaded whole for its statistic: K a power of two (a Triton block)."""
@@ -133,22 +128,15 @@ class RmsNormX(_Source):
         return (self.weight[self.layer] * xf.astype(self.x.dtype)).reshape(self.shape)
 
     def prepare(self, refs, row):
-        return self.statistic(refs[0][row, pl.ds(0, self.k_dim)].astype(jnp.float32))
+        x_ref = refs[0]
+        xr = x_ref[row, pl.ds(0, self.k_dim)].astype(jnp.float32)
+        return jax.lax.rsqrt(jnp.sum(xr * xr) * (1.0 / self.k_dim) + self.eps)
 
     def load(self, refs, inv, row, k0, bk):
         x_ref, w_ref, layer_ref = refs
-        return self.apply(x_ref[row, pl.ds(k0, bk)].astype(jnp.float32), inv,
-                          w_ref[layer_ref[0], pl.ds(k0, bk)].astype(jnp.float32))
-
-    def statistic(self, xf):
-        """A row's x values (float32 [K]) -> its 1 / rms."""
-        return jax.lax.rsqrt(jnp.sum(xf * xf) * (1.0 / self.k_dim) + self.eps)
-
-    def apply(self, xf, inv, wf):
-        """x values, their row's statistic and the weight's values (float32 [bk]) -> the normed
-        values, rounded as materialize() rounds them."""
-        xn = (xf * inv).astype(self.x.dtype).astype(jnp.float32)
-        return (wf * xn).astype(self.dtype).astype(jnp.float32)   # exact product of two bf16, rounded
+        xn = (x_ref[row, pl.ds(k0, bk)].astype(jnp.float32) * inv).astype(self.x.dtype).astype(jnp.float32)
+        w = w_ref[layer_ref[0], pl.ds(k0, bk)].astype(jnp.float32)
+        return (w * xn).astype(self.dtype).astype(jnp.float32)   # exact product of two bf16, rounded
 
 
 @jax.tree_util.register_dataclass
@@ -180,36 +168,6 @@ class SwigluX(_Source):
         g = jnp.sum(g_ref[:, row, pl.ds(k0, bk)], axis=0)
         u = jnp.sum(u_ref[:, row, pl.ds(k0, bk)], axis=0)
         return (g * jax.nn.sigmoid(g) * u).astype(self.dtype).astype(jnp.float32)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ResidualX(_Source):
-    """x + round(sum_s partials[s]) in x's dtype: x [..., K] the residual stream, partials
-    [S, M, K] float32 (M = x's rows) a projection's split-K sums, as model code adds them."""
-
-    x: jax.Array
-    partials: jax.Array
-    shape: tuple = dataclasses.field(default=None, **_STATIC)
-
-    def _natural_shape(self):
-        return tuple(self.x.shape)
-
-    @property
-    def dtype(self):
-        return self.x.dtype
-
-    def operands(self):
-        return (self.x.reshape(-1, self.k_dim), self.partials)
-
-    def materialize(self):
-        y = jnp.sum(self.partials, axis=0).reshape(self.x.shape).astype(self.x.dtype)
-        return (self.x + y).reshape(self.shape)
-
-    def load(self, refs, state, row, k0, bk):
-        x_ref, p_ref = refs
-        y = jnp.sum(p_ref[:, row, pl.ds(k0, bk)], axis=0).astype(self.dtype).astype(jnp.float32)
-        return (x_ref[row, pl.ds(k0, bk)].astype(jnp.float32) + y).astype(self.dtype).astype(jnp.float32)
 
 
 def as_source(x):

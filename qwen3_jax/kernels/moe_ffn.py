@@ -180,7 +180,7 @@ def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
     d, f = arrays.d_f
     if arrays.fp8 and kernels.fp8_dequantized(a // arrays.num_experts, moe=True):
         arrays = _dequantized_layer(arrays, x_nd.dtype)
-    bm, t1 = _gate_up_tiles(arrays, a)
+    bm = block_rows(a, arrays.num_experts)
     if BLOCK_ROUTING == "kernel" and route_blocks_covered(a, arrays.num_experts):
         # one routing kernel; the gate/up kernel gathers x's rows and the down writes real rows only
         by_layer = (arrays.layer, None) if arrays.layer is not None else (arrays.offset, 1)
@@ -197,6 +197,7 @@ def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
     def rows_of(v):   # v [N, ...] -> what the gate/up kernel takes: v itself when it gathers
         return v if gather else v[blk.rows]
 
+    t1 = matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk)
     t2 = matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block, w_nk=arrays.w_nk)
     common = dict(bm=bm, block=arrays.block, w_nk=arrays.w_nk)
     a8 = t1["convert"] == "e4m3"
@@ -219,31 +220,6 @@ def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
     # and an assignment not held here points at row 0 with weight 0
     y_ad = jnp.where(w[:, None] != 0, y[pos] * w[:, None], 0.0)
     return jnp.sum(y_ad.reshape(n, k, d), axis=1)
-
-
-def _gate_up_tiles(arrays: ExpertArrays, assignments: int):
-    """The blocks path's row-block height and gate/up tiles (None: no tiling fits)."""
-    d, f = arrays.d_f
-    bm = block_rows(assignments, arrays.num_experts)
-    return bm, matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk)
-
-
-def x_quantize_group(tokens: int, top_k: int, gate, up, down) -> int | None:
-    """The group width moe_ffn_stacked quantizes its x in for `tokens` rows (kernels.x_quantize,
-    ahead of the W8A8 gate/up matmul), or None where it does not quantize x (the gemv path, which
-    quantizes in its loads; bf16 or dequantized experts; shapes the kernels do not take).
-    gate/up/down: model.Weight objects holding [L, E, ...] params."""
-    if not all(w.is_fp8 for w in (gate, up, down)):
-        return None
-    arrays = ExpertArrays.from_stacked(gate.w[...], up.w[...], down.w[...], (gate.scale[...], up.scale[...],
-                                       down.scale[...]), gate.fp8_block or 128, 0, w_nk=gate.nk,
-                                       scale_run=down.fp8_scale_run)
-    a = tokens * top_k
-    if (not supported(arrays, a) or a <= gemv_max_assignments(True)
-            or kernels.fp8_dequantized(a // arrays.num_experts, moe=True)):
-        return None
-    t1 = _gate_up_tiles(arrays, a)[1]
-    return t1["bk"] if t1["convert"] == "e4m3" else None
 
 
 def _dequantized_layer(arrays: ExpertArrays, dtype) -> ExpertArrays:
