@@ -1,12 +1,13 @@
 """A prefill chunk that continues a prompt already in the KV cache, as the engine's chunked prefill
-runs it: the chunk-attention kernel (kernels/prefill_attention.py) against the XLA math it
-replaced, one process, one cache row of --context positions filled with random K/V.
+runs it: the chunk-attention kernel (kernels/prefill_attention.py) and the cuDNN split
+(chunk_attention_split, variant "split") against the XLA math they replaced, one process, one
+cache row of --context positions filled with random K/V.
 
 For each path, one compiled call [1, T] (positions are an input, so every start shares it), timed
 at each start; the floor is the chunk's FLOPs (its tokens through the weights, plus attention
 over start + T/2 keys on average) over the bf16 matmul rate measured in the same run.
 
-    python benchmarks/chunked_prefill.py --model Qwen3-30B-A3B-FP8 --context 16384 --chunk 512 --starts 0,2048,8192,15360
+    python benchmarks/chunked_prefill.py --model Qwen3-30B-A3B-FP8 --context 16384 --chunk 512 --starts 0,2048,8192,15360 --variants 64:128:4:2,split
     python benchmarks/chunked_prefill.py --model tiny --context 256 --chunk 32 --starts 0,64 --reps 1   # CPU: works
 """
 
@@ -36,9 +37,10 @@ def main(argv=None):
     p.add_argument("--starts", default="0,2048,8192,15360", help="chunk start positions, comma-separated")
     p.add_argument("--reps", type=int, default=5, help="timed calls per figure (median)")
     p.add_argument("--layers", type=int, default=None, help="build only N layers")
-    p.add_argument("--variants", default="64:64:4:2",
-                   help="kernel settings to time, rows:keys:warps:stages (CHUNK_ROWS, CHUNK_KEYS, CHUNK_WARPS, "
-                        "CHUNK_STAGES), comma-separated: A/B")
+    p.add_argument("--variants", default="64:128:4:2,split",
+                   help="paths to time, comma-separated: kernel settings rows:keys:warps:stages (CHUNK_ROWS, "
+                        "CHUNK_KEYS, CHUNK_WARPS, CHUNK_STAGES), or 'split' (two cuDNN calls merged, the default "
+                        "kernel settings where cuDNN does not trace); the XLA math is always timed")
     args = p.parse_args(argv)
     starts = [int(s) for s in args.starts.split(",") if s]
     if any(s < 0 or s + args.chunk > args.context for s in starts):
@@ -54,7 +56,8 @@ def main(argv=None):
     from qwen3_jax.kernels import prefill_attention
     from serve.bench import fill_cache, measure_ceilings, median_seconds, resolve_bench_config, weight_inventory
 
-    defaults = {k: getattr(prefill_attention, k) for k in ("CHUNK_ROWS", "CHUNK_KEYS", "CHUNK_WARPS", "CHUNK_STAGES")}
+    defaults = {k: getattr(prefill_attention, k)
+                for k in ("CHUNK_ROWS", "CHUNK_KEYS", "CHUNK_WARPS", "CHUNK_STAGES", "SPLIT_MIN_TOKENS")}
     ceilings = measure_ceilings(kernels.on_gpu())
     cfg = resolve_bench_config(args.model, args.layers)
     model = qwen3_jax.random_model(cfg, dtype="bfloat16")
@@ -70,7 +73,8 @@ def main(argv=None):
     paths = [v for v in args.variants.split(",") if v] + ["xla"]
     for path in paths:
         prefill_attention.CHUNK_KERNEL = path != "xla"   # read while tracing: a fresh function per path
-        if path != "xla":
+        prefill_attention.SPLIT_MIN_TOKENS = 0 if path == "split" else None
+        if path not in ("xla", "split"):
             for knob, v in zip(knobs, path.split(":")):
                 setattr(prefill_attention, knob, int(v))
 

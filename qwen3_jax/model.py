@@ -531,10 +531,11 @@ class KVCache:
     AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
 
-def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale, ctx, kv_window=None):
+def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale, ctx, kv_window=None, own=None):
     """The kernel reading layer `layer` of the cache in place: one token per row, the decode-
     attention kernel (kernels/decode_attention.py); T > 1, a prefill chunk continuing its row
-    (kernels/prefill_attention.py chunk_attention_cached). None where neither applies (XLA
+    (kernels/prefill_attention.py chunk_attention_cached; `own`, the chunk's (k, v), lets one
+    device split it into two cuDNN calls there). None where neither applies (XLA
     attention then). On a mesh it runs per device on local heads and local rows. With the batch
     split over data-parallel groups that needs row b in slot b (the engine's decode step: slots
     None, one row per slot), so each device's rows are its own slots; other cases stay with XLA."""
@@ -548,6 +549,8 @@ def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
     if not covered(q_bthq, k_all):
         return None
     if kernels.single_device(ctx):
+        if t > 1:   # its own K/V let a chunk split into two cuDNN calls (chunk_attention_split)
+            attend = functools.partial(attend, own=own)
         return attend(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale, kv_window=kv_window)
     rows = jnp.arange(b, dtype=jnp.int32) if slots_b is None else slots_b
     if not _rows_are_local_slots(ctx, slots_b, k_all, b):
@@ -764,7 +767,7 @@ def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all,
         mask = positions_bt[:, None, :] <= positions_bt[:, :, None]
         return x + blk.attn.attend(q, k, v, mask, ctx, stacked=st, positions_bt=positions_bt,
                                    from_zero=k_all is not None), k_all, v_all, counts
-    out = _decode_attention(q, k_all, v_all, layer, slots_b, positions_bt, blk.attn.scale, ctx, kv_window)
+    out = _decode_attention(q, k_all, v_all, layer, slots_b, positions_bt, blk.attn.scale, ctx, kv_window, own=(k, v))
     if out is not None:
         return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all, counts
     # Attend over the first kv_window cache positions only: the caller guarantees every row's

@@ -252,3 +252,115 @@ def test_gpu_fresh_first_chunk_matches_the_chunk_kernel(monkeypatch):
         assert rel(np.asarray(a, np.float32), np.asarray(b, np.float32)) < TOL_BF16
     for a, b in zip(jax.tree.leaves(outs[True][2]), jax.tree.leaves(outs[False][2])):
         assert rel(np.asarray(a, np.float32), np.asarray(b, np.float32)) < TOL_BF16
+
+
+# -- A continuing chunk split into two flash-attention calls merged by log-sum-exp ---------------
+
+def xla_partial(q, k, v, scale, kv_len=None):
+    """_cudnn_partial's contract in float32 XLA: kv_len None, causal (query t sees keys s <= t);
+    else query t sees keys s < kv_len[b]. -> (out [B, T, H, Q], lse [B, T, H])."""
+    b, t, h, qd = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = h // kh
+    scores = jnp.einsum("btkgq,bskq->bkgts", q.reshape(b, t, kh, g, qd).astype(jnp.float32),
+                        k.astype(jnp.float32)) * scale
+    if kv_len is None:
+        mask = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])[None, None, None]
+    else:
+        mask = (jnp.arange(s)[None, :] < kv_len[:, None])[:, None, None, None, :]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    lse = jax.nn.logsumexp(scores, axis=-1)                                      # [B, K, G, T]
+    out = jnp.einsum("bkgts,bskq->btkgq", jnp.exp(scores - lse[..., None]), v.astype(jnp.float32))
+    return out.reshape(b, t, h, qd), lse.transpose(0, 3, 1, 2).reshape(b, t, h)
+
+
+def own_kv(kc, vc, layer, slot, start, t):
+    """The chunk's own K/V as the model holds them when it attends: the cache rows it just wrote."""
+    return kc[layer, slot, start:start + t][None], vc[layer, slot, start:start + t][None]
+
+
+@pytest.mark.parametrize("start,valid", [(70, 27), (0, 32), (128, 32), (96, 20)])
+def test_split_chunk_matches_masked_attention(start, valid):
+    """chunk_attention_split with the plain-XLA partial: cached keys 0..start-1 and the chunk's own
+    keys merged by their log-sum-exps equal one masked attention over the cache row (a first chunk,
+    start 0, has no cached part; padding rows give zeros)."""
+    t, h, k, qd, s, window = 32, 8, 2, 32, 256, 160
+    q, kc, vc = chunk_inputs(start + 3 * valid, t, h, k, qd, s)
+    pos = positions(t, start, valid, s)
+    ko, vo = own_kv(kc, vc, 1, 2, start, t)
+    out = pa.chunk_attention_split(q, ko, vo, kc, vc, jnp.int32(1), jnp.asarray([2]), jnp.asarray([start]),
+                                   jnp.asarray([valid]), qd ** -0.5, window, partial=xla_partial)
+    want = reference(q, kc, vc, 1, 2, pos, qd ** -0.5)
+    out = np.asarray(out, np.float32)
+    assert worst_token(out[:, :valid], want[:, :valid]) < TOL_BF16
+    np.testing.assert_array_equal(out[:, valid:], 0.0)
+
+
+def test_merged_partials_equal_one_softmax():
+    """merge_partials over a key set cut in two at every point equals the attention over all of it
+    to float32 precision, and a part with no keys (lse -inf) leaves the other unchanged."""
+    rng = np.random.default_rng(7)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((1, 4, 2, 8), (1, 12, 1, 8), (1, 12, 1, 8)))
+    whole, _ = xla_partial(q, k, v, 0.5, jnp.asarray([12]))
+    for cut in (1, 5, 11):
+        a, la = xla_partial(q, k[:, :cut], v[:, :cut], 0.5, jnp.asarray([cut]))
+        b, lb = xla_partial(q, k[:, cut:], v[:, cut:], 0.5, jnp.asarray([12 - cut]))
+        np.testing.assert_allclose(pa.merge_partials(a, la, b, lb), whole, rtol=1e-5, atol=1e-6)
+    none = jnp.full(whole.shape[:3], -jnp.inf)
+    np.testing.assert_allclose(pa.merge_partials(jnp.zeros_like(whole), none, whole, _), whole, rtol=1e-6)
+
+
+def test_split_needs_its_own_kv_and_the_bucket(monkeypatch):
+    """chunk_attention_cached takes the split only with the chunk's own K/V, a bucket of
+    SPLIT_MIN_TOKENS or more and cuDNN tracing (here forced: the CPU has no cuDNN); else the kernel."""
+    t, h, k, qd, s = 32, 8, 2, 32, 128
+    q, kc, vc = chunk_inputs(8, t, h, k, qd, s)
+    pos = positions(t, 40, t, s)
+    own = own_kv(kc, vc, 0, 1, 40, t)
+    taken = []
+    monkeypatch.setattr(pa, "_cudnn_traces", lambda *a: True)
+    monkeypatch.setattr(pa, "chunk_attention_split", lambda *a, **kw: taken.append("split") or jnp.zeros_like(q))
+    for min_tokens, kv, want in [(32, own, "split"), (64, own, "kernel"), (None, own, "kernel"), (32, None, "kernel")]:
+        monkeypatch.setattr(pa, "SPLIT_MIN_TOKENS", min_tokens)
+        taken.clear()
+        text = str(jax.make_jaxpr(lambda q: pa.chunk_attention_cached(q, kc, vc, jnp.int32(0), jnp.asarray([1]), pos,
+                                                                      qd ** -0.5, own=kv))(q))
+        assert (taken == ["split"]) == (want == "split")
+        assert ("qwen3_chunk_attention" in text) == (want == "kernel")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_cudnn_partial_matches_xla(causal):
+    """cuDNN's output and log-sum-exp (the merge's weights) against float32 XLA at 30B shapes: the
+    causal call over a 512-token chunk's own keys, the padded call over 1500 of 2048 cached keys."""
+    h, k, qd, t = 32, 4, 128, 512
+    rng = np.random.default_rng(11)
+    s = t if causal else 2048
+    q = jnp.asarray(rng.standard_normal((1, t, h, qd)), jnp.bfloat16)
+    kk, vv = (jnp.asarray(rng.standard_normal((1, s, k, qd)), jnp.bfloat16) for _ in range(2))
+    kv_len = None if causal else jnp.asarray([1500], jnp.int32)
+    out, lse = jax.jit(lambda *a: pa._cudnn_partial(*a, qd ** -0.5, kv_len))(q, kk, vv)
+    want, want_lse = xla_partial(q, kk, vv, qd ** -0.5, kv_len)
+    assert rel(np.asarray(out, np.float32), want) < TOL_BF16
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("start,valid", [(1500, 400), (3584, 512), (0, 512)])
+def test_gpu_split_chunk_matches_the_kernel_at_30b_shapes(start, valid):
+    """Compiled at 30B-A3B attention shapes: chunk_attention_cached with the chunk's own K/V takes
+    the cuDNN split (two cuDNN calls, no chunk kernel, in the program) and agrees with the masked
+    reference as the kernel does."""
+    h, k, qd, t, s = 32, 4, 128, 512, 4096
+    q, kc, vc = chunk_inputs(start + 1, t, h, k, qd, s, layers=3, slots=2)
+    pos = positions(t, start, valid, s)
+    ko, vo = own_kv(kc, vc, 2, 1, start, t)
+    fn = jax.jit(lambda q, kc, vc, p, ko, vo: pa.chunk_attention_cached(q, kc, vc, jnp.int32(2), jnp.asarray([1]), p,
+                                                                       qd ** -0.5, own=(ko, vo)))
+    hlo = fn.lower(q, kc, vc, pos, ko, vo).compile().as_text()
+    assert hlo.count("__cudnn$fmha") >= 2 and "qwen3_chunk_attention" not in hlo
+    out = np.asarray(fn(q, kc, vc, pos, ko, vo), np.float32)
+    want = reference(q, kc, vc, 2, 1, pos, qd ** -0.5)
+    assert worst_token(out[:, :valid], want[:, :valid]) < TOL_BF16
+    np.testing.assert_array_equal(out[:, valid:], 0.0)

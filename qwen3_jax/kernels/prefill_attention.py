@@ -23,6 +23,13 @@ kernel reads the cache where it lies, flash-attention style:
 It needs each row's positions to be start, start+1, ... (padding: positions past the cache, at
 the end), as the engine writes them; anything else runs the XLA math, chosen by lax.cond.
 
+chunk_attention_split: the same chunk, on a GPU, as two cuDNN flash-attention calls whose outputs
+are merged by their log-sum-exps (FlashAttention-2's split-K rule): the chunk's queries over the
+cached keys 0..start-1 (no mask; cuDNN's padding mask at kv length `start`), and over the chunk's
+own K/V with the causal mask (cuDNN's causal mask is top-left aligned, which is right only when
+queries and keys start at the same position: so the cached part cannot take it). The chunk kernel
+runs at ~28% of the bf16 matmul rate (Pallas Triton's mma.sync tiles, run 115); cuDNN at ~55-60%.
+
 Numerics: cuDNN keeps the scores in float32 through the softmax; the reference (as
 transformers in bf16) rounds them to bf16 first. Agreement is to bf16 precision.
 """
@@ -49,6 +56,9 @@ CHUNK_KEYS = 128
 CHUNK_WARPS = 4
 CHUNK_STAGES = 2
 CHUNK_KERNEL = True
+# Continuing chunks of at least this many tokens (the static bucket) take chunk_attention_split
+# where cuDNN traces; shorter ones the kernel (read at trace time; None: never).
+SPLIT_MIN_TOKENS: int | None = 512
 
 
 def causal_prefill_attention(q_bthq, k_bskq, v_bskq, positions_bt, scale: float, fallback, from_zero: bool = False):
@@ -87,12 +97,14 @@ def chunk_covered(q_bthq, k_all) -> bool:
 
 
 def chunk_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float,
-                           kv_window: int | None = None):
+                           kv_window: int | None = None, own=None):
     """A prompt chunk's attention over the cache rows it continues, its own K/V already written:
     q [B, T, H, Q] (normed, roped); k/v cache [L, N, S, K, Q]; layer int32; rows [B] (cache slot
     of each row) or None (row b is slot b); positions [B, T] -> [B, T, H, Q] in q's dtype. Query t
     attends to keys 0..positions[b, t]; a position past the cache (padding) gives zeros.
-    kv_window: every position lies below it (keys past it are not visited)."""
+    kv_window: every position lies below it (keys past it are not visited). own: the chunk's
+    (k, v) [B, T, K, Q]; given, a chunk of SPLIT_MIN_TOKENS or more runs chunk_attention_split
+    where cuDNN traces (a GPU), the kernel otherwise."""
     b, t, h, qd = q_bthq.shape
     s, k = k_all.shape[2], k_all.shape[3]
     g = h // k
@@ -105,6 +117,12 @@ def chunk_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, sc
     window = s if kv_window is None or kv_window >= s else kv_window
     bs = pick_tile(window, CHUNK_KEYS) or pick_tile(s, CHUNK_KEYS)
     window = -(-window // bs) * bs
+
+    split = (own is not None and SPLIT_MIN_TOKENS is not None and t >= SPLIT_MIN_TOKENS
+             and _cudnn_traces(q_bthq, own[0], k_all, window))
+
+    def split_path(_):
+        return chunk_attention_split(q_bthq, *own, k_all, v_all, layer, rows_b, starts, valid, scale, window)
 
     def kernel_path(_):
         q = q_bthq.reshape(b, t, k, g, qd).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, qd)
@@ -120,7 +138,67 @@ def chunk_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, sc
                         query_block(t, s, h, b))
         return jnp.where((positions_bt < s)[:, :, None, None], out, 0).astype(q_bthq.dtype)
 
-    return jax.lax.cond(in_order, kernel_path, xla_path, None)
+    return jax.lax.cond(in_order, split_path if split else kernel_path, xla_path, None)
+
+
+def _cudnn_partial(q_bthq, k_bskq, v_bskq, scale: float, kv_len_b=None):
+    """One cuDNN flash-attention call with its log-sum-exps: kv_len None, the causal mask (query t
+    sees keys s <= t); else no mask past cuDNN's padding mask (query t sees keys s < kv_len[b]).
+    -> (out [B, T, H, Q] in q's dtype, lse [B, T, H] float32, over the scaled scores)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention   # lse: no public API
+
+    b, t = q_bthq.shape[:2]
+    if kv_len_b is None:
+        mask, q_len = cudnn_attention.MaskType.CAUSAL, None
+    else:
+        mask, q_len = cudnn_attention.MaskType.PADDING, jnp.full((b,), t, jnp.int32)
+        kv_len_b = kv_len_b.astype(jnp.int32)
+    out, lse = cudnn_attention.dot_product_attention(q_bthq, k_bskq, v_bskq, q_seqlen=q_len, kv_seqlen=kv_len_b,
+                                                     scale=scale, mask_type=mask, qkv_layout="BTNH",
+                                                     return_residual=True)
+    return out, jnp.swapaxes(lse, 1, 2)    # lse [B, H, T] -> [B, T, H]
+
+
+def _cudnn_traces(q_bthq, k_bskq, k_all, window: int) -> bool:
+    """Whether both of chunk_attention_split's cuDNN calls trace here (a GPU, a cuDNN and jax
+    version that take them); decided once per shape at trace time."""
+    sds = jax.ShapeDtypeStruct
+    b, t, h, qd = q_bthq.shape
+    cached = sds((b, window) + k_all.shape[3:], k_all.dtype)
+    try:
+        jax.eval_shape(lambda q, k, c: (_cudnn_partial(q, k, k, 1.0), _cudnn_partial(q, c, c, 1.0, jnp.zeros((b,), jnp.int32))),
+                       q_bthq, k_bskq, cached)
+    except (NotImplementedError, RuntimeError, ValueError, TypeError, AttributeError, ImportError):
+        return False
+    return True
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+    """Two attentions of the same queries over disjoint key sets -> the attention over their union
+    [B, T, H, Q] float32: each output weighted by its share of the softmax mass, exp(lse - max).
+    out [B, T, H, Q]; lse [B, T, H] (-inf: no keys, that output unused)."""
+    top = jnp.maximum(lse_a, lse_b)
+    w_a, w_b = jnp.exp(lse_a - top)[..., None], jnp.exp(lse_b - top)[..., None]
+    return (w_a * out_a.astype(jnp.float32) + w_b * out_b.astype(jnp.float32)) / (w_a + w_b)
+
+
+def chunk_attention_split(q_bthq, k_bskq, v_bskq, k_all, v_all, layer, rows_b, starts_b, valid_b, scale: float,
+                          window: int, partial=_cudnn_partial):
+    """chunk_attention_cached's kernel path as two flash-attention calls merged by their
+    log-sum-exps: q [B, T, H, Q] over the cached keys 0..starts[b]-1 (the first `window` cache
+    positions of row rows[b], layer `layer`, gathered [B, window, K, Q]), and over its own k/v
+    [B, T, K, Q] causally. valid [B]: tokens past it are padding (zeros out). `partial` is
+    _cudnn_partial's contract (the tests pass a plain-XLA one). -> [B, T, H, Q] in q's dtype."""
+    t = q_bthq.shape[1]
+    cached_k, cached_v = k_all[layer][rows_b, :window], v_all[layer][rows_b, :window]   # [B, W, K, Q]
+    out_c, lse_c = partial(q_bthq, cached_k, cached_v, scale, jnp.minimum(starts_b, window))   # padding rows: s
+    out_o, lse_o = partial(q_bthq, k_bskq.astype(q_bthq.dtype), v_bskq.astype(q_bthq.dtype), scale)
+    has_cached = (starts_b > 0)[:, None, None]                      # a first chunk: no cached keys
+    lse_c = jnp.where(has_cached, lse_c, -jnp.inf)
+    out_c = jnp.where(has_cached[..., None], out_c, 0)              # cuDNN's rows over no keys: not read
+    out = merge_partials(out_c, lse_c, out_o, lse_o)
+    real = jnp.arange(t, dtype=jnp.int32)[None, :] < valid_b[:, None]
+    return jnp.where(real[:, :, None, None], out, 0).astype(q_bthq.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "group", "rows", "bs", "steps", "num_warps", "num_stages",
