@@ -541,7 +541,7 @@ class Engine:
     # A prompt's first chunk of at least this many tokens (its bucket) runs the prefill forward
     # whose attention reads the chunk's own K/V through cuDNN (Qwen3Moe's `fresh`), not the
     # chunk kernel reading them back from the cache. Served time to the first token (H200, 30B,
-    # benchmarks/first_chunk.py): 500 tokens at the 512 chunk FP8 -7.1%, bf16 -6.1% (run 144;
+    # benchmarks/prompt_ttft.py): 500 tokens at the 512 chunk FP8 -7.1%, bf16 -6.1% (run 144;
     # 250 tokens, bucket 256, level as the control); 1000 / 2000 tokens at the 2048 chunk FP8
     # -8.9% / -10.5%, bf16 -7.2% / -9.3% (run 143). Each such bucket compiles that form too in
     # the warm-up (one more forward at the 512 chunk); smaller buckets were not measured. 0: off.

@@ -1,5 +1,5 @@
 """serve.bench on CPU with the tiny config: it runs, and its floors are the arithmetic they claim;
-benchmarks/prefix_cache.py, benchmarks/chunked_prefill.py and benchmarks/first_chunk.py run too."""
+benchmarks/prefix_cache.py, benchmarks/chunked_prefill.py and benchmarks/prompt_ttft.py run too."""
 
 import json
 
@@ -244,21 +244,29 @@ def test_engine_warmup_benchmark_times_each_thread_count_in_its_own_process(caps
     assert f"{rows[1]['warmup_s'] / rows[0]['warmup_s']:.2f}x" in out
 
 
-def test_first_chunk_benchmark_times_each_setting_and_restores_it(capsys):
-    """benchmarks/first_chunk.py with the tiny preset: a median per prompt length and setting, in
-    the order given, each against the first's; Engine.FRESH_MIN_TOKENS put back; a prompt longer
-    than the chunk refused."""
+def test_prompt_ttft_benchmark_times_each_setting_and_restores_it(capsys):
+    """benchmarks/prompt_ttft.py with the tiny preset: a median per prompt length and setting, in
+    the order given, each against the first's; Engine.FRESH_MIN_TOKENS and SPLIT_MIN_TOKENS put
+    back; with --fresh-min a prompt longer than the chunk refused, with --split-min taken."""
+    from qwen3_jax.kernels import prefill_attention as pa
     from serve.engine import Engine
 
-    before = Engine.FRESH_MIN_TOKENS
-    rows = load_benchmark("first_chunk").main(["--model", "tiny", "--context", "256", "--prompts", "20,60",
-                                               "--chunk", "64", "--fresh-min", "32,0", "--reps", "2"])
+    before = (Engine.FRESH_MIN_TOKENS, pa.SPLIT_MIN_TOKENS)
+    ttft = load_benchmark("prompt_ttft")
+    rows = ttft.main(["--model", "tiny", "--context", "256", "--prompts", "20,60", "--chunk", "64", "--fresh-min",
+                      "32,0", "--reps", "2"])
     assert [least for least, _ in rows] == [32, 0] and all(len(ms) == 2 and min(ms) > 0 for _, ms in rows)
-    assert Engine.FRESH_MIN_TOKENS == before
     out = capsys.readouterr().out
     assert "fresh-min    32: 20 tokens" in out and f"({rows[1][1][1] / rows[0][1][1]:.3f}x)" in out
-    with pytest.raises(SystemExit):
-        load_benchmark("first_chunk").main(["--model", "tiny", "--prompts", "100", "--chunk", "64"])
+    rows = ttft.main(["--model", "tiny", "--context", "256", "--prompts", "150", "--chunk", "64", "--split-min",
+                      "off,32", "--reps", "1"])
+    assert [least for least, _ in rows] == [None, 32] and all(min(ms) > 0 for _, ms in rows)
+    assert "split-min   off: 150 tokens" in capsys.readouterr().out
+    assert (Engine.FRESH_MIN_TOKENS, pa.SPLIT_MIN_TOKENS) == before
+    for bad in (["--prompts", "100", "--chunk", "64", "--fresh-min", "32"], ["--prompts", "20"],
+                ["--prompts", "300", "--split-min", "off"], ["--prompts", "20", "--split-min", "on"]):
+        with pytest.raises(SystemExit):
+            ttft.main(["--model", "tiny", "--context", "256"] + bad)
 
 
 def test_chunked_prefill_benchmark_times_each_variant_and_restores_the_kernel_settings(capsys):
