@@ -1,6 +1,7 @@
 """A prefill chunk that continues a prompt already in the KV cache, as the engine's chunked prefill
 runs it: the chunk-attention kernel (kernels/prefill_attention.py) and the cuDNN split
-(chunk_attention_split, variant "split") against the XLA math they replaced, one process, one
+(chunk_attention_split: variant "split", its cached keys read in place through a page table, or
+"split-gather", gathered) against the XLA math they replaced, one process, one
 cache row of --context positions filled with random K/V.
 
 For each path, one compiled call [1, T] (positions are an input, so every start shares it), timed
@@ -39,8 +40,9 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=None, help="build only N layers")
     p.add_argument("--variants", default="64:128:4:2,split",
                    help="paths to time, comma-separated: kernel settings rows:keys:warps:stages (CHUNK_ROWS, "
-                        "CHUNK_KEYS, CHUNK_WARPS, CHUNK_STAGES), or 'split' (two cuDNN calls merged, the default "
-                        "kernel settings where cuDNN does not trace); the XLA math is always timed")
+                        "CHUNK_KEYS, CHUNK_WARPS, CHUNK_STAGES), 'split' (two cuDNN calls merged, the cached keys "
+                        "read in place; the default kernel settings where cuDNN does not trace) or "
+                        "'split-gather' (the cached keys gathered); the XLA math is always timed")
     args = p.parse_args(argv)
     starts = [int(s) for s in args.starts.split(",") if s]
     if any(s < 0 or s + args.chunk > args.context for s in starts):
@@ -57,7 +59,7 @@ def main(argv=None):
     from serve.bench import fill_cache, measure_ceilings, median_seconds, resolve_bench_config, weight_inventory
 
     defaults = {k: getattr(prefill_attention, k)
-                for k in ("CHUNK_ROWS", "CHUNK_KEYS", "CHUNK_WARPS", "CHUNK_STAGES", "SPLIT_MIN_TOKENS")}
+                for k in ("CHUNK_ROWS", "CHUNK_KEYS", "CHUNK_WARPS", "CHUNK_STAGES", "SPLIT_MIN_TOKENS", "SPLIT_PAGE")}
     ceilings = measure_ceilings(kernels.on_gpu())
     cfg = resolve_bench_config(args.model, args.layers)
     model = qwen3_jax.random_model(cfg, dtype="bfloat16")
@@ -73,8 +75,9 @@ def main(argv=None):
     paths = [v for v in args.variants.split(",") if v] + ["xla"]
     for path in paths:
         prefill_attention.CHUNK_KERNEL = path != "xla"   # read while tracing: a fresh function per path
-        prefill_attention.SPLIT_MIN_TOKENS = 0 if path == "split" else None
-        if path not in ("xla", "split"):
+        prefill_attention.SPLIT_MIN_TOKENS = 0 if path.startswith("split") else None
+        prefill_attention.SPLIT_PAGE = None if path == "split-gather" else defaults["SPLIT_PAGE"]
+        if path not in ("xla", "split", "split-gather"):
             for knob, v in zip(knobs, path.split(":")):
                 setattr(prefill_attention, knob, int(v))
 

@@ -534,8 +534,8 @@ class KVCache:
 def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale, ctx, kv_window=None, own=None):
     """The kernel reading layer `layer` of the cache in place: one token per row, the decode-
     attention kernel (kernels/decode_attention.py); T > 1, a prefill chunk continuing its row
-    (kernels/prefill_attention.py chunk_attention_cached; `own`, the chunk's (k, v), lets one
-    device split it into two cuDNN calls there). None where neither applies (XLA
+    (kernels/prefill_attention.py chunk_attention_cached; `own`, the chunk's (k, v), lets it
+    split into two cuDNN calls there). None where neither applies (XLA
     attention then). On a mesh it runs per device on local heads and local rows. With the batch
     split over data-parallel groups that needs row b in slot b (the engine's decode step: slots
     None, one row per slot), so each device's rows are its own slots; other cases stay with XLA."""
@@ -548,23 +548,26 @@ def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
         covered, attend = kernels.chunk_covered, kernels.chunk_attention_cached
     if not covered(q_bthq, k_all):
         return None
+    own = own if t > 1 else None   # its own K/V let a chunk split into two cuDNN calls (chunk_attention_split)
     if kernels.single_device(ctx):
-        if t > 1:   # its own K/V let a chunk split into two cuDNN calls (chunk_attention_split)
-            attend = functools.partial(attend, own=own)
-        return attend(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale, kv_window=kv_window)
+        extra = {} if own is None else {"own": own}
+        return attend(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale, kv_window=kv_window, **extra)
     rows = jnp.arange(b, dtype=jnp.int32) if slots_b is None else slots_b
     if not _rows_are_local_slots(ctx, slots_b, k_all, b):
         return None
 
-    def local(q, k, v, i, r, p):
+    def local(q, k, v, i, r, p, *own_local):
         if view_size(ctx.spec, "data") > 1:
             r = None   # local row b is local slot b
-        return attend(q, k, v, i, r, p, scale, kv_window=kv_window)
+        extra = {"own": own_local} if own_local else {}
+        return attend(q, k, v, i, r, p, scale, kv_window=kv_window, **extra)
 
-    act = ("batch", "seq", "heads", "head_dim")
+    act, kv_act = ("batch", "seq", "heads", "head_dim"), ("batch", "seq", "kv_heads", "head_dim")
+    own = () if own is None else tuple(own)
     return kernels.sharded.per_device(
-        local, ctx, (q_bthq, k_all, v_all, jnp.asarray(layer, jnp.int32), rows, positions_bt),
-        (act, KVCache.AXES, KVCache.AXES, None, ("batch",), ("batch", "seq")), act, q_bthq.shape)
+        local, ctx, (q_bthq, k_all, v_all, jnp.asarray(layer, jnp.int32), rows, positions_bt) + own,
+        (act, KVCache.AXES, KVCache.AXES, None, ("batch",), ("batch", "seq")) + (kv_act,) * len(own), act,
+        q_bthq.shape)
 
 
 def _rows_are_local_slots(ctx, slots_b, k_all, b: int) -> bool:

@@ -310,6 +310,22 @@ def test_merged_partials_equal_one_softmax():
     np.testing.assert_allclose(pa.merge_partials(jnp.zeros_like(whole), none, whole, _), whole, rtol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [[2], [0, 2]])
+def test_page_table_names_each_rows_layer_in_order(rows):
+    """The cache seen as pages, read through page_table: row b's first S/page pages are slot
+    rows[b]'s positions 0..S-1 at the layer, the rest of its table within bounds (cuDNN's
+    paged call wants B x table entries = all pages)."""
+    layers, slots, s, k, qd, page = 3, 4, 256, 2, 8, 64
+    cache = jnp.arange(layers * slots * s * k * qd, dtype=jnp.float32).reshape(layers, slots, s, k, qd)
+    rows_b = jnp.asarray(rows, jnp.int32)
+    table = pa.page_table(cache.shape, jnp.int32(1), rows_b, page)
+    pages = cache.reshape(-1, page, k, qd)
+    assert table.shape == (len(rows), 1, layers * slots * s // page // len(rows), 1) and table.dtype == jnp.int32
+    assert int(table.min()) >= 0 and int(table.max()) < pages.shape[0]
+    seen = pages[table[:, 0, : s // page, 0]].reshape(len(rows), s, k, qd)
+    np.testing.assert_array_equal(seen, cache[1, rows_b])
+
+
 def test_split_needs_its_own_kv_and_the_bucket(monkeypatch):
     """chunk_attention_cached takes the split only with the chunk's own K/V, a bucket of
     SPLIT_MIN_TOKENS or more and cuDNN tracing (here forced: the CPU has no cuDNN); else the kernel."""
@@ -318,7 +334,7 @@ def test_split_needs_its_own_kv_and_the_bucket(monkeypatch):
     pos = positions(t, 40, t, s)
     own = own_kv(kc, vc, 0, 1, 40, t)
     taken = []
-    monkeypatch.setattr(pa, "_cudnn_traces", lambda *a: True)
+    monkeypatch.setattr(pa, "_split_traces", lambda *a: True)
     monkeypatch.setattr(pa, "chunk_attention_split", lambda *a, **kw: taken.append("split") or jnp.zeros_like(q))
     for min_tokens, kv, want in [(32, own, "split"), (64, own, "kernel"), (None, own, "kernel"), (32, None, "kernel")]:
         monkeypatch.setattr(pa, "SPLIT_MIN_TOKENS", min_tokens)
@@ -327,6 +343,46 @@ def test_split_needs_its_own_kv_and_the_bucket(monkeypatch):
                                                                       qd ** -0.5, own=kv))(q))
         assert (taken == ["split"]) == (want == "split")
         assert ("qwen3_chunk_attention" in text) == (want == "kernel")
+
+
+@pytest.mark.parametrize("mesh", [None, "tp=2"])
+def test_the_model_splits_long_chunks(monkeypatch, mesh):
+    """A tiny model (kernels forced on, the split's cuDNN calls replaced by the float32 XLA
+    partial, as the CPU has no cuDNN): a 90-token prompt in three 32-token chunks with
+    SPLIT_MIN_TOKENS 32 takes the split for every chunk, per device on tp=2 (the chunk's own K/V
+    sharded as its cache), and gives plain XLA's logits."""
+    from flax import nnx
+
+    monkeypatch.setattr(pa, "SPLIT_MIN_TOKENS", 32)
+    monkeypatch.setattr(pa, "SPLIT_PAGE", None)   # the cached keys gathered, as the XLA partial takes them
+    monkeypatch.setattr(pa, "_split_traces", lambda *a: True)
+    calls = []
+    monkeypatch.setattr(pa, "_cudnn_partial", lambda *a: calls.append(a[0].shape) or xla_partial(*a))
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2))
+    one = random_model(cfg, seed=3)
+    m = one if mesh is None else random_model(cfg, mesh=mesh, seed=3)
+    s, prompt = 128, np.random.default_rng(1).integers(0, cfg.vocab_size, 90)
+
+    def run(st, m):
+        model, cache = nnx.merge(m.graphdef, st), m.init_cache(2, s)
+        for c0 in range(0, 90, 32):
+            n = min(32, 90 - c0)
+            tok = np.zeros((1, 32), np.int32)
+            tok[0, :n] = prompt[c0:c0 + n]
+            logits, cache = model(jnp.asarray(tok), positions(32, c0, n, s), cache, jnp.asarray([1], jnp.int32),
+                                  jnp.asarray([n - 1], jnp.int32))
+        return logits
+
+    with kernels.kernels_enabled(False):
+        want = np.asarray(jax.jit(lambda st: run(st, one))(one.state), np.float32)
+    with kernels.kernels_enabled(True):
+        fn = jax.jit(lambda st: run(st, m))
+        text = str(jax.make_jaxpr(fn)(m.state))
+        got = np.asarray(fn(m.state), np.float32)
+    heads = cfg.num_attention_heads // (1 if mesh is None else 2)
+    assert "qwen3_chunk_attention" not in text
+    assert calls and set(calls) == {(1, 32, heads, cfg.head_dim)}   # local heads per device
+    assert rel(got, want) < TOL_BF16
 
 
 @pytest.mark.gpu
@@ -347,11 +403,13 @@ def test_gpu_cudnn_partial_matches_xla(causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page", [64, None], ids=["paged", "gathered"])
 @pytest.mark.parametrize("start,valid", [(1500, 400), (3584, 512), (0, 512)])
-def test_gpu_split_chunk_matches_the_kernel_at_30b_shapes(start, valid):
+def test_gpu_split_chunk_matches_the_kernel_at_30b_shapes(monkeypatch, start, valid, page):
     """Compiled at 30B-A3B attention shapes: chunk_attention_cached with the chunk's own K/V takes
-    the cuDNN split (two cuDNN calls, no chunk kernel, in the program) and agrees with the masked
-    reference as the kernel does."""
+    the cuDNN split (two cuDNN calls, no chunk kernel, in the program), its cached keys read in
+    place through the page table or gathered, and agrees with the masked reference."""
+    monkeypatch.setattr(pa, "SPLIT_PAGE", page)
     h, k, qd, t, s = 32, 4, 128, 512, 4096
     q, kc, vc = chunk_inputs(start + 1, t, h, k, qd, s, layers=3, slots=2)
     pos = positions(t, start, valid, s)
@@ -364,3 +422,28 @@ def test_gpu_split_chunk_matches_the_kernel_at_30b_shapes(start, valid):
     want = reference(q, kc, vc, 2, 1, pos, qd ** -0.5)
     assert worst_token(out[:, :valid], want[:, :valid]) < TOL_BF16
     np.testing.assert_array_equal(out[:, valid:], 0.0)
+
+
+@pytest.mark.gpu
+def test_gpu_split_on_a_mesh_matches_one_card():
+    """Two cards, tp=2 (16 query heads and 2 kv heads a device): a 1000-token prompt in two
+    512-token chunks takes the cuDNN split per device inside shard_map (the cache and the chunk's
+    own K/V split by kv head), and its logits and cache rows agree with one card's."""
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 GPUs")
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, hidden_size=512,
+                                        num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                        vocab_size=1024, max_position_embeddings=4096))
+    prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, 1000)
+    outs = []
+    with kernels.kernels_enabled(True):
+        for mesh in (None, "tp=2"):
+            m = random_model(cfg, mesh=mesh, seed=6)
+            fn = jax.jit(_fresh_then_next_chunk(m, prompt, 2048, 512, False, first=512))
+            hlo = fn.lower(m.state).compile().as_text()
+            assert "__cudnn$fmha" in hlo and "qwen3_chunk_attention" not in hlo, mesh
+            outs.append(fn(m.state))
+    for a, b in zip(outs[0][:2], outs[1][:2]):
+        assert rel(np.asarray(b, np.float32), np.asarray(a, np.float32)) < TOL_BF16
+    for a, b in zip(jax.tree.leaves(outs[0][2]), jax.tree.leaves(outs[1][2])):
+        assert rel(np.asarray(b[:, 1, :1000], np.float32), np.asarray(a[:, 1, :1000], np.float32)) < TOL_BF16

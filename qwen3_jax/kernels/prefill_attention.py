@@ -59,6 +59,9 @@ CHUNK_KERNEL = True
 # Continuing chunks of at least this many tokens (the static bucket) take chunk_attention_split
 # where cuDNN traces; shorter ones the kernel (read at trace time; None: never).
 SPLIT_MIN_TOKENS: int | None = 512
+# Keys per page of the split's cached-key call reading the cache in place (cuDNN paged attention);
+# None: that call reads a gathered copy of the row's first `window` positions instead.
+SPLIT_PAGE: int | None = 64
 
 
 def causal_prefill_attention(q_bthq, k_bskq, v_bskq, positions_bt, scale: float, fallback, from_zero: bool = False):
@@ -119,7 +122,7 @@ def chunk_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, sc
     window = -(-window // bs) * bs
 
     split = (own is not None and SPLIT_MIN_TOKENS is not None and t >= SPLIT_MIN_TOKENS
-             and _cudnn_traces(q_bthq, own[0], k_all, window))
+             and _split_traces(q_bthq, own, k_all, window))
 
     def split_path(_):
         return chunk_attention_split(q_bthq, *own, k_all, v_all, layer, rows_b, starts, valid, scale, window)
@@ -159,15 +162,42 @@ def _cudnn_partial(q_bthq, k_bskq, v_bskq, scale: float, kv_len_b=None):
     return out, jnp.swapaxes(lse, 1, 2)    # lse [B, H, T] -> [B, T, H]
 
 
-def _cudnn_traces(q_bthq, k_bskq, k_all, window: int) -> bool:
-    """Whether both of chunk_attention_split's cuDNN calls trace here (a GPU, a cuDNN and jax
-    version that take them); decided once per shape at trace time."""
-    sds = jax.ShapeDtypeStruct
-    b, t, h, qd = q_bthq.shape
-    cached = sds((b, window) + k_all.shape[3:], k_all.dtype)
+def _cudnn_paged_partial(q_bthq, k_all, v_all, layer, rows_b, scale: float, kv_len_b, page: int):
+    """_cudnn_partial's padded call reading the cache in place: k/v cache [L, N, S, K, Q] seen as
+    blocks [L*N*S/page, page, K, Q] (a reshape, no copy) read through page_table."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    n_layers, n_slots, s, kh, qd = k_all.shape
+    b, t = q_bthq.shape[:2]
+    table = page_table(k_all.shape, layer, rows_b, page)
+    blocks = (n_layers * n_slots * s // page, page, kh, qd)
+    out, lse = cudnn_attention.paged_attention(
+        q_bthq, k_all.reshape(blocks), v_all.reshape(blocks), jnp.full((b,), t, jnp.int32),
+        kv_len_b.astype(jnp.int32), table, table, scale=scale, mask_type=cudnn_attention.MaskType.PADDING,
+        qkv_layout="BTNH", return_residual=True)
+    return out, jnp.swapaxes(lse, 1, 2)
+
+
+def page_table(cache_shape, layer, rows_b, page: int):
+    """The cache [L, N, S, K, Q] as blocks [L*N*S/page, page, K, Q]: row b's page table [B, 1,
+    L*N*S/(B*page), 1] int32, its first S/page entries the blocks of slot rows[b] at `layer` in
+    order, the rest repeating the last (cuDNN wants B x entries = all blocks; kv_len keeps them unread)."""
+    n_layers, n_slots, s = cache_shape[:3]
+    per_row = n_layers * n_slots * s // page // rows_b.shape[0]
+    first = (layer * n_slots + rows_b.astype(jnp.int32)) * (s // page)                  # [B]
+    own = jnp.minimum(jnp.arange(per_row, dtype=jnp.int32), s // page - 1)
+    return (first[:, None] + own[None, :])[:, None, :, None]
+
+
+def _split_traces(q_bthq, own, k_all, window: int) -> bool:
+    """Whether chunk_attention_split traces here (a GPU, a cuDNN and jax version that take its
+    calls); decided once per shape at trace time."""
+    b = q_bthq.shape[0]
+    i32 = jax.ShapeDtypeStruct((b,), jnp.int32)
     try:
-        jax.eval_shape(lambda q, k, c: (_cudnn_partial(q, k, k, 1.0), _cudnn_partial(q, c, c, 1.0, jnp.zeros((b,), jnp.int32))),
-                       q_bthq, k_bskq, cached)
+        jax.eval_shape(lambda q, k, v, c, r, st, va: chunk_attention_split(q, k, v, c, c, jnp.int32(0), r, st, va, 1.0,
+                                                                         window),
+                       q_bthq, *own, k_all, i32, i32, i32)
     except (NotImplementedError, RuntimeError, ValueError, TypeError, AttributeError, ImportError):
         return False
     return True
@@ -183,16 +213,23 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
 
 
 def chunk_attention_split(q_bthq, k_bskq, v_bskq, k_all, v_all, layer, rows_b, starts_b, valid_b, scale: float,
-                          window: int, partial=_cudnn_partial):
+                          window: int, partial=None):
     """chunk_attention_cached's kernel path as two flash-attention calls merged by their
     log-sum-exps: q [B, T, H, Q] over the cached keys 0..starts[b]-1 (the first `window` cache
     positions of row rows[b], layer `layer`, gathered [B, window, K, Q]), and over its own k/v
-    [B, T, K, Q] causally. valid [B]: tokens past it are padding (zeros out). `partial` is
-    _cudnn_partial's contract (the tests pass a plain-XLA one). -> [B, T, H, Q] in q's dtype."""
-    t = q_bthq.shape[1]
-    cached_k, cached_v = k_all[layer][rows_b, :window], v_all[layer][rows_b, :window]   # [B, W, K, Q]
-    out_c, lse_c = partial(q_bthq, cached_k, cached_v, scale, jnp.minimum(starts_b, window))   # padding rows: s
-    out_o, lse_o = partial(q_bthq, k_bskq.astype(q_bthq.dtype), v_bskq.astype(q_bthq.dtype), scale)
+    [B, T, K, Q] causally. valid [B]: tokens past it are padding (zeros out). `partial`:
+    _cudnn_partial or a function of its contract (the CPU tests pass a plain-XLA one).
+    -> [B, T, H, Q] in q's dtype."""
+    b, t = q_bthq.shape[:2]
+    kv_len = jnp.minimum(starts_b, window)   # padding rows start at s
+    n_layers, n_slots, s = k_all.shape[:3]
+    page = pick_tile(s, SPLIT_PAGE) if SPLIT_PAGE else None
+    if partial is None and page and (n_layers * n_slots * s // page) % b == 0:
+        out_c, lse_c = _cudnn_paged_partial(q_bthq, k_all, v_all, layer, rows_b, scale, kv_len, page)
+    else:
+        cached_k, cached_v = k_all[layer][rows_b, :window], v_all[layer][rows_b, :window]   # [B, W, K, Q]
+        out_c, lse_c = (partial or _cudnn_partial)(q_bthq, cached_k, cached_v, scale, kv_len)
+    out_o, lse_o = (partial or _cudnn_partial)(q_bthq, k_bskq.astype(q_bthq.dtype), v_bskq.astype(q_bthq.dtype), scale)
     has_cached = (starts_b > 0)[:, None, None]                      # a first chunk: no cached keys
     lse_c = jnp.where(has_cached, lse_c, -jnp.inf)
     out_c = jnp.where(has_cached[..., None], out_c, 0)              # cuDNN's rows over no keys: not read
