@@ -58,7 +58,7 @@ CHUNK_STAGES = 2
 CHUNK_KERNEL = True
 # Continuing chunks of at least this many tokens (the static bucket) take chunk_attention_split
 # where cuDNN traces; shorter ones the kernel (read at trace time; None: never).
-SPLIT_MIN_TOKENS: int | None = 512
+SPLIT_MIN_TOKENS: int | None = 128
 # Keys per page of the split's cached-key call reading the cache in place (cuDNN paged attention);
 # None: that call reads a gathered copy of the row's first `window` positions instead.
 SPLIT_PAGE: int | None = 64
