@@ -25,10 +25,13 @@ the end), as the engine writes them; anything else runs the XLA math, chosen by 
 
 chunk_attention_split: the same chunk, on a GPU, as two cuDNN flash-attention calls whose outputs
 are merged by their log-sum-exps (FlashAttention-2's split-K rule): the chunk's queries over the
-cached keys 0..start-1 (no mask; cuDNN's padding mask at kv length `start`), and over the chunk's
-own K/V with the causal mask (cuDNN's causal mask is top-left aligned, which is right only when
-queries and keys start at the same position: so the cached part cannot take it). The chunk kernel
-runs at ~28% of the bf16 matmul rate (Pallas Triton's mma.sync tiles, run 115); cuDNN at ~55-60%.
+cached keys 0..start-1 (no mask; cuDNN's padding mask at kv length `start`; the cache read in
+place as pages through a page table), and over the chunk's own K/V with the causal mask (cuDNN's
+causal mask is top-left aligned, which is right only when queries and keys start at the same
+position: so the cached part cannot take it). The chunk kernel runs at ~28% of the bf16 matmul
+rate (Pallas Triton's mma.sync tiles, run 115); a 2048-token chunk at start 14336 through the
+split at 54% of it for the whole forward (run 148). The kernel stays for chunks below
+SPLIT_MIN_TOKENS and where cuDNN does not trace.
 
 Numerics: cuDNN keeps the scores in float32 through the softmax; the reference (as
 transformers in bf16) rounds them to bf16 first. Agreement is to bf16 precision.
@@ -57,10 +60,15 @@ CHUNK_WARPS = 4
 CHUNK_STAGES = 2
 CHUNK_KERNEL = True
 # Continuing chunks of at least this many tokens (the static bucket) take chunk_attention_split
-# where cuDNN traces; shorter ones the kernel (read at trace time; None: never).
+# where cuDNN traces; shorter ones the kernel (read at trace time; None: never). Run 148 (H200,
+# 30B FP8, one chunk, benchmarks/chunked_prefill.py), split against the kernel: 128 tokens at
+# start 512 / 2048 / 8192 / 15360 +0.7% / -7% / -20% / -29%; 512 tokens -1% / -7% / -19% / -27%;
+# 2048 tokens at 512 / 2048 / 6144 / 14336 -7% / -16% / -27% / -38%. Served (run 147, 2048
+# chunk): 4000 / 8000 / 15000-token prompts' first token -8% / -17% / -27%.
 SPLIT_MIN_TOKENS: int | None = 128
 # Keys per page of the split's cached-key call reading the cache in place (cuDNN paged attention);
-# None: that call reads a gathered copy of the row's first `window` positions instead.
+# None: that call reads a gathered copy of the row's first `window` positions instead, which cost
+# 0.9-1.3 ms a 48-layer forward at a 16k context (run 148: the whole row, K and V, every layer).
 SPLIT_PAGE: int | None = 64
 
 
