@@ -63,9 +63,10 @@ CHUNK_KERNEL = True
 # where cuDNN traces; shorter ones the kernel (read at trace time; None: never). Run 148 (H200,
 # 30B FP8, one chunk, benchmarks/chunked_prefill.py), split against the kernel: 128 tokens at
 # start 512 / 2048 / 8192 / 15360 +0.7% / -7% / -20% / -29%; 512 tokens -1% / -7% / -19% / -27%;
-# 2048 tokens at 512 / 2048 / 6144 / 14336 -7% / -16% / -27% / -38%. Served (run 147, 2048
-# chunk): 4000 / 8000 / 15000-token prompts' first token -8% / -17% / -27%.
-SPLIT_MIN_TOKENS: int | None = 128
+# 2048 tokens at 512 / 2048 / 6144 / 14336 -7% / -16% / -27% / -38%; 16 and 32 tokens (run 149)
+# level at 512, -10 to -35% beyond. Served (run 147, 2048 chunk): 4000 / 8000 / 15000-token
+# prompts' first token -8% / -17% / -27%. 32 is the engine's smallest bucket: every chunk.
+SPLIT_MIN_TOKENS: int | None = 32
 # Keys per page of the split's cached-key call reading the cache in place (cuDNN paged attention);
 # None: that call reads a gathered copy of the row's first `window` positions instead, which cost
 # 0.9-1.3 ms a 48-layer forward at a 16k context (run 148: the whole row, K and V, every layer).
