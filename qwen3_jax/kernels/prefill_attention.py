@@ -224,17 +224,18 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
 def chunk_attention_split(q_bthq, k_bskq, v_bskq, k_all, v_all, layer, rows_b, starts_b, valid_b, scale: float,
                           window: int, partial=None):
     """chunk_attention_cached's kernel path as two flash-attention calls merged by their
-    log-sum-exps: q [B, T, H, Q] over the cached keys 0..starts[b]-1 (the first `window` cache
-    positions of row rows[b], layer `layer`, gathered [B, window, K, Q]), and over its own k/v
-    [B, T, K, Q] causally. valid [B]: tokens past it are padding (zeros out). `partial`:
-    _cudnn_partial or a function of its contract (the CPU tests pass a plain-XLA one).
+    log-sum-exps: q [B, T, H, Q] over the cached keys 0..starts[b]-1 of slot rows[b] at layer
+    `layer` (read in place through page_table where SPLIT_PAGE divides the cache length S, else
+    its first `window` positions gathered [B, window, K, Q]), and over its own k/v [B, T, K, Q]
+    causally. valid [B]: tokens past it are padding (zeros out). `partial`: _cudnn_partial or a
+    function of its contract (the CPU tests pass a plain-XLA one; the cached keys gathered then).
     -> [B, T, H, Q] in q's dtype."""
     b, t = q_bthq.shape[:2]
     kv_len = jnp.minimum(starts_b, window)   # padding rows start at s
     n_layers, n_slots, s = k_all.shape[:3]
-    page = pick_tile(s, SPLIT_PAGE) if SPLIT_PAGE else None
-    if partial is None and page and (n_layers * n_slots * s // page) % b == 0:
-        out_c, lse_c = _cudnn_paged_partial(q_bthq, k_all, v_all, layer, rows_b, scale, kv_len, page)
+    paged = partial is None and SPLIT_PAGE and s % SPLIT_PAGE == 0 and (n_layers * n_slots * s // SPLIT_PAGE) % b == 0
+    if paged:
+        out_c, lse_c = _cudnn_paged_partial(q_bthq, k_all, v_all, layer, rows_b, scale, kv_len, SPLIT_PAGE)
     else:
         cached_k, cached_v = k_all[layer][rows_b, :window], v_all[layer][rows_b, :window]   # [B, W, K, Q]
         out_c, lse_c = (partial or _cudnn_partial)(q_bthq, cached_k, cached_v, scale, kv_len)
