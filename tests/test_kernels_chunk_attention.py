@@ -385,6 +385,19 @@ def test_the_model_splits_long_chunks(monkeypatch, mesh):
     assert rel(got, want) < TOL_BF16
 
 
+def test_the_split_is_only_taken_on_a_gpu_backend(monkeypatch):
+    """Where the split's calls would trace (here a stand-in that does) but the backend is the CPU
+    (jax's CUDA plugin installed, JAX_PLATFORMS=cpu: run 150), cuDNN would fail to lower: the
+    split is not taken; on a GPU backend it is."""
+    sds = jax.ShapeDtypeStruct
+    q, kv, cache = sds((1, 32, 8, 32), jnp.bfloat16), sds((1, 32, 2, 32), jnp.bfloat16), sds((2, 3, 256, 2, 32),
+                                                                                              jnp.bfloat16)
+    monkeypatch.setattr(pa, "chunk_attention_split", lambda q, *a, **kw: jnp.zeros(q.shape, q.dtype))
+    for gpu in (False, True):
+        monkeypatch.setattr(pa, "on_gpu", lambda: gpu)
+        assert pa._split_traces(q, (kv, kv), cache, 256) == gpu
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_gpu_cudnn_partial_matches_xla(causal):

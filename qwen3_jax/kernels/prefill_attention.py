@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from . import interpret as _interpret
-from . import pick_tile
+from . import on_gpu, pick_tile
 from .decode_attention import NEG, _attend_keys, _normalized
 from ..attention import attention, query_block
 
@@ -200,7 +200,11 @@ def page_table(cache_shape, layer, rows_b, page: int):
 
 def _split_traces(q_bthq, own, k_all, window: int) -> bool:
     """Whether chunk_attention_split traces here (a GPU, a cuDNN and jax version that take its
-    calls); decided once per shape at trace time."""
+    calls); decided once per shape at trace time. The GPU backend is checked first: where jax's
+    CUDA plugin is installed but the CPU runs (JAX_PLATFORMS=cpu) cuDNN's calls trace and then
+    fail to lower (run 150)."""
+    if not on_gpu():
+        return False
     b = q_bthq.shape[0]
     i32 = jax.ShapeDtypeStruct((b,), jnp.int32)
     try:
