@@ -463,28 +463,27 @@ def test_gpu_split_on_a_mesh_matches_one_card():
 
 
 @pytest.mark.gpu
-def test_gpu_paged_split_reads_a_cache_past_2_31_elements(monkeypatch):
-    """A cache of 2.7e9 elements a side (4 layers, 20 slots, 65536 positions; 5.4 GB each of K and
-    V): the last slot of the last layer starts past 2**31 elements. The split reading it in place
-    (SPLIT_PAGED_MAX_ELEMENTS lifted) must agree with the gathered form (XLA's own indexing): a
-    32-bit page offset would read another row. Decides SPLIT_PAGED_MAX_ELEMENTS."""
-    layers, slots, s, k, h, qd, t, start = 4, 20, 65536, 4, 32, 128, 128, 4096
+def test_gpu_paged_split_reads_a_cache_past_2_32_elements(monkeypatch):
+    """A cache of 5.4e9 elements a side (8 layers, 20 slots, 65536 positions; 10.7 GB each of K and
+    V): the last slot of the last layer starts past 2**32 elements. The split reading it in place
+    must agree with the gathered form (XLA's own indexing): a 32-bit page offset (signed or not)
+    would read another row (run 152: agrees)."""
+    layers, slots, s, k, h, qd, t, start = 8, 20, 65536, 4, 32, 128, 128, 4096
     rng = np.random.default_rng(12)
     row_k, row_v = (jnp.asarray(rng.standard_normal((start + t, k, qd)), jnp.bfloat16) for _ in range(2))
 
     @jax.jit
-    def cache_with(row):   # zeros but for layer 3, slot 19
-        return jnp.zeros((layers, slots, s, k, qd), jnp.bfloat16).at[3, 19, :start + t].set(row)
+    def cache_with(row):   # zeros but for the last layer's last slot
+        return jnp.zeros((layers, slots, s, k, qd), jnp.bfloat16).at[-1, -1, :start + t].set(row)
     kc, vc = cache_with(row_k), cache_with(row_v)
-    assert kc.size > 2**31
+    assert (layers * slots - 1) * s * k * qd > 2**32
     q = jnp.asarray(rng.standard_normal((1, t, h, qd)), jnp.bfloat16)
     own_k, own_v = row_k[None, start:], row_v[None, start:]
-    monkeypatch.setattr(pa, "SPLIT_PAGED_MAX_ELEMENTS", None)
     outs = {}
     for page in (64, None):
         monkeypatch.setattr(pa, "SPLIT_PAGE", page)
         fn = jax.jit(lambda q, kc, vc, ko, vo: pa.chunk_attention_split(
-            q, ko, vo, kc, vc, jnp.int32(3), jnp.asarray([19]), jnp.asarray([start]), jnp.asarray([t]), qd ** -0.5,
+            q, ko, vo, kc, vc, jnp.int32(layers - 1), jnp.asarray([slots - 1]), jnp.asarray([start]), jnp.asarray([t]), qd ** -0.5,
             s))
         outs[page] = np.asarray(fn(q, kc, vc, own_k, own_v), np.float32)
     assert rel(outs[64], outs[None]) < 1e-2

@@ -71,10 +71,8 @@ SPLIT_MIN_TOKENS: int | None = 32
 # None: that call reads a gathered copy of the row's first `window` positions instead, which cost
 # 0.9-1.3 ms a 48-layer forward at a 16k context (run 148: the whole row, K and V, every layer).
 SPLIT_PAGE: int | None = 64
-# The largest cache (elements of K, all layers and slots) read in place: cuDNN addresses the pages
-# from one base, and no run has yet shown its offsets past 2**31 elements right (the gathered
-# form is used beyond; tests/test_kernels_chunk_attention.py has the GPU test). None: no bound.
-SPLIT_PAGED_MAX_ELEMENTS: int | None = 2**31 - 1
+# cuDNN addresses the pages from the cache's base: run 152 read a row starting past 2**32
+# elements right (tests/test_kernels_chunk_attention.py, a 10.7 GB K cache), so any cache size.
 
 
 def causal_prefill_attention(q_bthq, k_bskq, v_bskq, positions_bt, scale: float, fallback, from_zero: bool = False):
@@ -234,16 +232,14 @@ def chunk_attention_split(q_bthq, k_bskq, v_bskq, k_all, v_all, layer, rows_b, s
     """chunk_attention_cached's kernel path as two flash-attention calls merged by their
     log-sum-exps: q [B, T, H, Q] over the cached keys 0..starts[b]-1 of slot rows[b] at layer
     `layer` (read in place through page_table where SPLIT_PAGE divides the cache length S, else
-    its first `window` positions gathered [B, window, K, Q]; also past SPLIT_PAGED_MAX_ELEMENTS),
-    and over its own k/v [B, T, K, Q]
+    its first `window` positions gathered [B, window, K, Q]), and over its own k/v [B, T, K, Q]
     causally. valid [B]: tokens past it are padding (zeros out). `partial`: _cudnn_partial or a
     function of its contract (the CPU tests pass a plain-XLA one; the cached keys gathered then).
     -> [B, T, H, Q] in q's dtype."""
     b, t = q_bthq.shape[:2]
     kv_len = jnp.minimum(starts_b, window)   # padding rows start at s
     n_layers, n_slots, s = k_all.shape[:3]
-    paged = (partial is None and SPLIT_PAGE and s % SPLIT_PAGE == 0 and (n_layers * n_slots * s // SPLIT_PAGE) % b == 0
-             and (SPLIT_PAGED_MAX_ELEMENTS is None or k_all.size <= SPLIT_PAGED_MAX_ELEMENTS))
+    paged = partial is None and SPLIT_PAGE and s % SPLIT_PAGE == 0 and (n_layers * n_slots * s // SPLIT_PAGE) % b == 0
     if paged:
         out_c, lse_c = _cudnn_paged_partial(q_bthq, k_all, v_all, layer, rows_b, scale, kv_len, SPLIT_PAGE)
     else:
