@@ -39,8 +39,9 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5, help="timed calls per figure (median)")
     p.add_argument("--layers", type=int, default=None, help="build only N layers")
     p.add_argument("--variants", default="64:128:4:2,split",
-                   help="paths to time, comma-separated: kernel settings rows:keys:warps:stages (CHUNK_ROWS, "
-                        "CHUNK_KEYS, CHUNK_WARPS, CHUNK_STAGES), 'split' (two cuDNN calls merged, the cached keys "
+                   help="paths to time, comma-separated: kernel settings rows:keys:warps:stages[:programs] "
+                        "(CHUNK_ROWS, CHUNK_KEYS, CHUNK_WARPS, CHUNK_STAGES, CHUNK_SPLIT_PROGRAMS: key splits "
+                        "up to that many programs), 'split' (two cuDNN calls merged, the cached keys "
                         "read in place; the default kernel settings where cuDNN does not trace) or "
                         "'split-gather' (the cached keys gathered); the XLA math is always timed")
     args = p.parse_args(argv)
@@ -59,7 +60,8 @@ def main(argv=None):
     from serve.bench import fill_cache, measure_ceilings, median_seconds, resolve_bench_config, weight_inventory
 
     defaults = {k: getattr(prefill_attention, k)
-                for k in ("CHUNK_ROWS", "CHUNK_KEYS", "CHUNK_WARPS", "CHUNK_STAGES", "SPLIT_MIN_TOKENS", "SPLIT_PAGE")}
+                for k in ("CHUNK_ROWS", "CHUNK_KEYS", "CHUNK_WARPS", "CHUNK_STAGES", "CHUNK_SPLIT_PROGRAMS",
+                          "SPLIT_MIN_TOKENS", "SPLIT_PAGE")}
     ceilings = measure_ceilings(kernels.on_gpu())
     cfg = resolve_bench_config(args.model, args.layers)
     model = qwen3_jax.random_model(cfg, dtype="bfloat16")
@@ -71,10 +73,12 @@ def main(argv=None):
     rows, at = jnp.zeros((1,), jnp.int32), jnp.full((1,), args.chunk - 1, jnp.int32)
 
     ms = {}
-    knobs = ("CHUNK_ROWS", "CHUNK_KEYS", "CHUNK_WARPS", "CHUNK_STAGES")
+    knobs = ("CHUNK_ROWS", "CHUNK_KEYS", "CHUNK_WARPS", "CHUNK_STAGES", "CHUNK_SPLIT_PROGRAMS")
     paths = [v for v in args.variants.split(",") if v] + ["xla"]
     for path in paths:
         prefill_attention.CHUNK_KERNEL = path != "xla"   # read while tracing: a fresh function per path
+        for knob, v in defaults.items():
+            setattr(prefill_attention, knob, v)
         prefill_attention.SPLIT_MIN_TOKENS = 0 if path.startswith("split") else None
         prefill_attention.SPLIT_PAGE = None if path == "split-gather" else defaults["SPLIT_PAGE"]
         if path not in ("xla", "split", "split-gather"):

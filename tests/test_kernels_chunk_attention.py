@@ -75,6 +75,40 @@ def test_kernel_matches_masked_attention(t, h, k, start, valid):
     np.testing.assert_array_equal(out[:, valid:], 0.0)   # padding rows
 
 
+def test_key_splits_fill_the_grid_up_to_the_target():
+    assert pa.key_splits(8, 128, None) == 1
+    assert pa.key_splits(8, 128, 256) == 32        # 8 programs x 32 = the target
+    assert pa.key_splits(8, 128, 200) == 16        # the power of two below it
+    assert pa.key_splits(8, 4, 256) == 4           # at most one key block a split
+    assert pa.key_splits(512, 128, 256) == 1       # the grid is full already
+
+
+@pytest.mark.parametrize("start,valid,target", [
+    (200, 20, 64),    # 8 splits of one block (16 capped at 8): the program's keys in several
+    (70, 32, 16),     # 4 splits of two blocks, a start inside a block
+    (0, 17, 64),      # a first chunk: every key in split 0, padding rows
+    (230, 32, 8),     # 2 splits, the chunk ending at the cache's last key
+])
+def test_kernel_key_splits_match_masked_attention(monkeypatch, start, valid, target):
+    """CHUNK_SPLIT_PROGRAMS: the chunk kernel over key ranges on a fourth grid axis, merged after
+    it, equals the masked attention (rows whose keys lie in one range, ranges a row saw none of,
+    padding rows zero)."""
+    monkeypatch.setattr(pa, "CHUNK_KEYS", 32)
+    monkeypatch.setattr(pa, "CHUNK_SPLIT_PROGRAMS", target)
+    t, h, k, qd, s = 32, 8, 2, 32, 256
+    q, kc, vc = chunk_inputs(start + valid + target, t, h, k, qd, s)
+    pos = positions(t, start, valid, s)
+    seen, real = [], pa.chunk_attention
+    monkeypatch.setattr(pa, "chunk_attention", lambda *a, **kw: seen.append(kw["splits"]) or real(*a, **kw))
+    with kernels.kernels_enabled(True):
+        out = pa.chunk_attention_cached(q, kc, vc, jnp.int32(1), jnp.asarray([2]), pos, qd ** -0.5)
+    assert seen == [min(target // 4, s // 32)]     # 4 programs (2 kv heads x 128 rows / 64), 8 key blocks
+    want = reference(q, kc, vc, 1, 2, pos, qd ** -0.5)
+    out = np.asarray(out, np.float32)
+    assert worst_token(out[:, :valid], want[:, :valid]) < TOL_BF16
+    np.testing.assert_array_equal(out[:, valid:], 0.0)
+
+
 def test_positions_out_of_order_take_the_xla_math():
     """Positions that are not start, start+1, ... (here: reversed) run the XLA branch, which keeps
     the model's mask exactly."""
@@ -147,8 +181,9 @@ def test_the_model_prefills_chunks_through_the_kernel(mesh):
 
 # -- CPU: Triton lowering of the 30B-A3B shapes (no GPU needed, nothing allocated) --------------
 
-def test_lowers_to_one_triton_call_for_30b_shapes():
-    h, k, qd, t, s = 32, 4, 128, 512, 16384
+@pytest.mark.parametrize("t,splits", [(512, 1), (16, 32)])
+def test_lowers_to_one_triton_call_for_30b_shapes(t, splits):
+    h, k, qd, s = 32, 4, 128, 16384
     sds = jax.ShapeDtypeStruct
     cache = sds((48, 4, s, k, qd), jnp.bfloat16)
 
@@ -156,7 +191,7 @@ def test_lowers_to_one_triton_call_for_30b_shapes():
         qt = q.reshape(1, t, k, h // k, qd).transpose(0, 2, 1, 3, 4).reshape(1, k, t * h // k, qd)
         return pa.chunk_attention(qt, kc, vc, jnp.int32(3), jnp.asarray([2], jnp.int32), pos[:, 0],
                                   jnp.sum(pos < s, axis=1), scale=qd ** -0.5, group=h // k, rows=pa.CHUNK_ROWS,
-                                  bs=pa.CHUNK_KEYS, steps=s // pa.CHUNK_KEYS, interpret=False)
+                                  bs=pa.CHUNK_KEYS, steps=s // pa.CHUNK_KEYS, splits=splits, interpret=False)
     text = jax.jit(fn).trace(sds((1, t, h, qd), jnp.bfloat16), cache, cache, sds((1, t), jnp.int32)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 1
@@ -166,9 +201,12 @@ def test_lowers_to_one_triton_call_for_30b_shapes():
 # -- GPU: compiled, at 30B-A3B shapes ------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("start,valid", [(0, 512), (1500, 400), (3584, 512)])
-def test_gpu_chunk_kernel_matches_masked_attention_at_30b_shapes(start, valid):
-    h, k, qd, t, s = 32, 4, 128, 512, 4096
+@pytest.mark.parametrize("start,valid,t,target", [(0, 512, 512, None), (1500, 400, 512, None), (3584, 512, 512, None),
+                                                  (3000, 16, 16, 256), (100, 30, 32, 256)])
+def test_gpu_chunk_kernel_matches_masked_attention_at_30b_shapes(monkeypatch, start, valid, t, target):
+    """Compiled at 30B-A3B attention shapes; small chunks also over key splits (CHUNK_SPLIT_PROGRAMS)."""
+    monkeypatch.setattr(pa, "CHUNK_SPLIT_PROGRAMS", target)
+    h, k, qd, s = 32, 4, 128, 4096
     q, kc, vc = chunk_inputs(start, t, h, k, qd, s, layers=3, slots=2)
     pos = positions(t, start, valid, s)
     out = jax.jit(lambda q, kc, vc, p: pa.chunk_attention_cached(q, kc, vc, jnp.int32(2), jnp.asarray([1]), p,

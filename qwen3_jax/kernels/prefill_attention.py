@@ -59,6 +59,13 @@ CHUNK_KEYS = 128
 CHUNK_WARPS = 4
 CHUNK_STAGES = 2
 CHUNK_KERNEL = True
+# Key splits for a chunk with few programs: the kernel's grid gets a fourth axis of key ranges,
+# enough of them that the grid holds about this many programs (powers of two, at most one key
+# block each), their partial softmax sums merged after it as decode attention's splits are. A
+# 16-token chunk has T*G/CHUNK_ROWS = 2 programs a kv head, 8 in all, each reading every cached
+# key. None: one split (read at trace time). Not yet timed: with it, small chunks would take the
+# kernel rather than the cuDNN split (SPLIT_MIN_TOKENS), where the XLA math beat both (run 149).
+CHUNK_SPLIT_PROGRAMS: int | None = None
 # Continuing chunks of at least this many tokens (the static bucket) take chunk_attention_split
 # where cuDNN traces; shorter ones the kernel (read at trace time; None: never). Run 148 (H200,
 # 30B FP8, one chunk, benchmarks/chunked_prefill.py), split against the kernel: 128 tokens at
@@ -142,7 +149,8 @@ def chunk_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, sc
         q = q_bthq.reshape(b, t, k, g, qd).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, qd)
         out = chunk_attention(q, k_all, v_all, jnp.asarray(layer, jnp.int32), rows_b, starts, valid, scale=float(scale),
                               group=g, rows=CHUNK_ROWS, bs=bs, steps=window // bs, num_warps=CHUNK_WARPS,
-                              num_stages=CHUNK_STAGES)
+                              num_stages=CHUNK_STAGES,
+                              splits=key_splits(b * k * (t * g // CHUNK_ROWS), window // bs, CHUNK_SPLIT_PROGRAMS))
         return out.reshape(b, k, t, g, qd).transpose(0, 2, 1, 3, 4).reshape(b, t, h, qd)
 
     def xla_path(_):
@@ -254,20 +262,36 @@ def chunk_attention_split(q_bthq, k_bskq, v_bskq, k_all, v_all, layer, rows_b, s
     return jnp.where(real[:, :, None, None], out, 0).astype(q_bthq.dtype)
 
 
+def key_splits(programs: int, steps: int, target: int | None) -> int:
+    """Key ranges for a chunk kernel grid of `programs` programs over `steps` key blocks: the power
+    of two that brings the grid nearest `target` programs from below, at most `steps`; 1 without
+    a target or when the grid already holds that many."""
+    if target is None or programs >= target:
+        return 1
+    splits = 1
+    while splits * 2 * programs <= target and splits * 2 <= steps:
+        splits *= 2
+    return splits
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "group", "rows", "bs", "steps", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "splits", "interpret"))
 def chunk_attention(q_bkrq, k_cache, v_cache, layer, slots_b, starts_b, valid_b, *, scale: float, group: int,
-                    rows: int, bs: int, steps: int, num_warps: int = 4, num_stages: int = 2, interpret=None):
+                    rows: int, bs: int, steps: int, num_warps: int = 4, num_stages: int = 2, splits: int = 1,
+                    interpret=None):
     """q [B, K, T*G, Q] (row t*G + j: token t, query head h*G + j of kv head h); k/v cache
     [L, N, S, K, Q]; layer int32; slots [B]; starts [B] (token 0's position); valid [B] (tokens
     0..valid-1 are at starts + t, the rest padding) -> [B, K, T*G, Q] in q's dtype, padding rows
-    zero. Keys in `steps` blocks of bs from 0 (blocks past a program's last position skipped)."""
+    zero. Keys in `steps` blocks of bs from 0 (blocks past a program's last position skipped).
+    splits > 1: key range s of each program's keys (ceil(steps / splits) blocks) on grid axis 3,
+    their float32 partials [B, K, splits, T*G(, Q)] merged with XLA ops (combine_splits' rule)."""
     b, k, tg, qd = q_bkrq.shape
     bq = rows // group
     cdt = q_bkrq.dtype
+    span = -(-steps // splits)
     interpret = _interpret() if interpret is None else interpret
 
-    def kernel(layer_ref, slots_ref, starts_ref, valid_ref, q_ref, k_ref, v_ref, o_ref):
+    def kernel(layer_ref, slots_ref, starts_ref, valid_ref, q_ref, k_ref, v_ref, *out_refs):
         bi, hi, ri = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         li, slot, start, valid = layer_ref[0], slots_ref[bi], starts_ref[bi], valid_ref[bi]
         t0 = ri * bq
@@ -285,16 +309,40 @@ def chunk_attention(q_bkrq, k_cache, v_cache, layer, slots_b, starts_b, valid_b,
 
         empty = (jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
                  jnp.zeros((rows, qd), jnp.float32))
-        _, l_sum, acc = _attend_keys(load, scores, n, 0, steps, bs, scale, cdt, empty, limit=limit)
-        # A padding row saw only masked keys (a uniform softmax over them): zeros instead.
-        o_ref[bi, hi, pl.ds(r0, rows), :] = jnp.where(limit > 0, _normalized(acc, l_sum[:, None]), 0.0).astype(cdt)
+        if splits == 1:
+            (o_ref,) = out_refs
+            _, l_sum, acc = _attend_keys(load, scores, n, 0, steps, bs, scale, cdt, empty, limit=limit)
+            # A padding row saw only masked keys (a uniform softmax over them): zeros instead.
+            o_ref[bi, hi, pl.ds(r0, rows), :] = jnp.where(limit > 0, _normalized(acc, l_sum[:, None]),
+                                                          0.0).astype(cdt)
+            return
+        acc_ref, m_ref, l_ref = out_refs
+        si = pl.program_id(3)
+        m, l_sum, acc = _attend_keys(load, scores, n, si * span * bs, span, bs, scale, cdt, empty, limit=limit)
+        acc_ref[bi, hi, si, pl.ds(r0, rows), :] = acc
+        m_ref[bi, hi, si, pl.ds(r0, rows)] = m
+        l_ref[bi, hi, si, pl.ds(r0, rows)] = l_sum
 
-    return pl.pallas_call(
+    f32 = jnp.float32
+    out_shape = (jax.ShapeDtypeStruct((b, k, tg, qd), cdt) if splits == 1 else
+                 (jax.ShapeDtypeStruct((b, k, splits, tg, qd), f32), jax.ShapeDtypeStruct((b, k, splits, tg), f32),
+                  jax.ShapeDtypeStruct((b, k, splits, tg), f32)))
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((b, k, tg, qd), cdt),
-        grid=(b, k, tg // rows),
+        out_shape=out_shape,
+        grid=(b, k, tg // rows) + ((splits,) if splits > 1 else ()),
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="qwen3_chunk_attention",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), slots_b.astype(jnp.int32), starts_b.astype(jnp.int32),
       valid_b.astype(jnp.int32), q_bkrq, k_cache, v_cache)
+    if splits == 1:
+        return out
+    acc, m, l_sum = out
+    # A key range a row saw none of has m = NEG (weight ~0 beside a real one); a padding row
+    # (every range NEG) is zeroed as on one split.
+    top = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.exp(m - top)                                                      # [B, K, NS, T*G]
+    merged = _normalized(jnp.sum(acc * w[..., None], axis=2), jnp.sum(l_sum * w, axis=2)[..., None])
+    real = (jnp.arange(tg, dtype=jnp.int32) // group)[None, :] < valid_b.astype(jnp.int32)[:, None]   # [B, T*G]
+    return jnp.where(real[:, None, :, None], merged, 0.0).astype(cdt)
