@@ -144,23 +144,19 @@ def test_uncovered_shapes():
     assert not pa.chunk_covered(sds((1, 32, 8, 32), jnp.bfloat16), sds((2, 1, 250, 2, 32), jnp.bfloat16))
 
 
-@pytest.mark.parametrize("mesh", [None, "tp=2"])
-def test_the_model_prefills_chunks_through_the_kernel(mesh):
-    """A tiny model (kernels forced on, interpret mode): a 90-token prompt written into cache row 1
-    in three 32-token chunks, the last one padded, gives the logits of plain XLA on one device; the
-    chunks run the chunk kernel (in the traced program). On tp=2 it runs per device on the local
-    heads (4 of 8, G = 4)."""
+def three_chunks(mesh):
+    """A tiny model: a 90-token prompt written into cache row 1 in three 32-token chunks, the last
+    one padded. -> (plain XLA's last logits on one device, the jaxpr text and the logits of the
+    same with kernels forced on (interpret mode) on `mesh`, the config)."""
     from flax import nnx
 
     cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2))
     one = random_model(cfg, seed=3)
     m = one if mesh is None else random_model(cfg, mesh=mesh, seed=3)
-    s = 128
-    prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, 90)
+    s, prompt = 128, np.random.default_rng(1).integers(0, cfg.vocab_size, 90)
 
     def run(st, m):
-        model = nnx.merge(m.graphdef, st)
-        cache = m.init_cache(2, s)
+        model, cache = nnx.merge(m.graphdef, st), m.init_cache(2, s)
         for c0 in range(0, 90, 32):
             n = min(32, 90 - c0)
             tok = np.zeros((1, 32), np.int32)
@@ -175,6 +171,14 @@ def test_the_model_prefills_chunks_through_the_kernel(mesh):
         fn = jax.jit(lambda st: run(st, m))
         text = str(jax.make_jaxpr(fn)(m.state))
         got = np.asarray(fn(m.state), np.float32)
+    return want, text, got, cfg
+
+
+@pytest.mark.parametrize("mesh", [None, "tp=2"])
+def test_the_model_prefills_chunks_through_the_kernel(mesh):
+    """three_chunks: the chunks run the chunk kernel (in the traced program) and give plain XLA's
+    logits. On tp=2 it runs per device on the local heads (4 of 8, G = 4)."""
+    want, text, got, _ = three_chunks(mesh)
     assert "qwen3_chunk_attention" in text
     assert rel(got, want) < TOL_BF16
 
@@ -385,38 +389,15 @@ def test_split_needs_its_own_kv_and_the_bucket(monkeypatch):
 
 @pytest.mark.parametrize("mesh", [None, "tp=2"])
 def test_the_model_splits_long_chunks(monkeypatch, mesh):
-    """A tiny model (kernels forced on, the split's cuDNN calls replaced by the float32 XLA
-    partial, as the CPU has no cuDNN): a 90-token prompt in three 32-token chunks with
-    SPLIT_MIN_TOKENS 32 takes the split for every chunk, per device on tp=2 (the chunk's own K/V
-    sharded as its cache), and gives plain XLA's logits."""
-    from flax import nnx
-
+    """three_chunks with SPLIT_MIN_TOKENS 32 and the split's cuDNN calls replaced by the float32
+    XLA partial (the CPU has no cuDNN): every chunk takes the split, per device on tp=2 (the
+    chunk's own K/V sharded as its cache), and gives plain XLA's logits."""
     monkeypatch.setattr(pa, "SPLIT_MIN_TOKENS", 32)
     monkeypatch.setattr(pa, "SPLIT_PAGE", None)   # the cached keys gathered, as the XLA partial takes them
     monkeypatch.setattr(pa, "_split_traces", lambda *a: True)
     calls = []
     monkeypatch.setattr(pa, "_cudnn_partial", lambda *a: calls.append(a[0].shape) or xla_partial(*a))
-    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2))
-    one = random_model(cfg, seed=3)
-    m = one if mesh is None else random_model(cfg, mesh=mesh, seed=3)
-    s, prompt = 128, np.random.default_rng(1).integers(0, cfg.vocab_size, 90)
-
-    def run(st, m):
-        model, cache = nnx.merge(m.graphdef, st), m.init_cache(2, s)
-        for c0 in range(0, 90, 32):
-            n = min(32, 90 - c0)
-            tok = np.zeros((1, 32), np.int32)
-            tok[0, :n] = prompt[c0:c0 + n]
-            logits, cache = model(jnp.asarray(tok), positions(32, c0, n, s), cache, jnp.asarray([1], jnp.int32),
-                                  jnp.asarray([n - 1], jnp.int32))
-        return logits
-
-    with kernels.kernels_enabled(False):
-        want = np.asarray(jax.jit(lambda st: run(st, one))(one.state), np.float32)
-    with kernels.kernels_enabled(True):
-        fn = jax.jit(lambda st: run(st, m))
-        text = str(jax.make_jaxpr(fn)(m.state))
-        got = np.asarray(fn(m.state), np.float32)
+    want, text, got, cfg = three_chunks(mesh)
     heads = cfg.num_attention_heads // (1 if mesh is None else 2)
     assert "qwen3_chunk_attention" not in text
     assert calls and set(calls) == {(1, 32, heads, cfg.head_dim)}   # local heads per device
