@@ -11,7 +11,8 @@ its x load: a norm, the swiglu), grouped_matmul.py (row blocks of one
 group each, tensor cores: prefill and large decode batches), moe_blocks.py (routing -> row
 blocks: a counting sort in two kernels, or XLA's argsort), moe_ffn.py (the MoE expert FFN on either kernel), linear.py (projections read in
 place, FP8 fused), prefill_attention.py (cuDNN fused attention for prompts from position 0; a chunk
-continuing a cached prompt against the cache, read in place),
+continuing a cached prompt as two cuDNN calls, cached keys read in place through a page table and
+its own keys, merged by their log-sum-exps; a Pallas kernel for it where cuDNN does not run),
 decode_attention.py (one new token per row against the KV cache, read in place, the key
 splits merged by the last program; with the step's prologue in the same kernel where it
 covers the shapes), dequantize.py (FP8 [out, in] -> a transposed bf16 copy for
