@@ -111,8 +111,12 @@ def describe() -> str:
     except (ValueError, RuntimeError) as err:
         return f"kernels: not usable ({err})"
     if on:
+        from .prefill_attention import SPLIT_MIN_TOKENS
         how = "Pallas Triton" if on_gpu() else "Pallas interpret mode, no GPU: slow"
-        return f"kernels: on ({how}; FP8 GEMV {fp8_gemm()}, FP8 matmul {fp8_matmul()}; bf16/f16 compute only)"
+        chunks = (f"cuDNN split from {SPLIT_MIN_TOKENS} tokens" if on_gpu() and SPLIT_MIN_TOKENS is not None
+                  else "the chunk kernel")
+        return (f"kernels: on ({how}; FP8 GEMV {fp8_gemm()}, FP8 matmul {fp8_matmul()}; prefill chunks over the "
+                f"cache: {chunks}; bf16/f16 compute only)")
     if TRITON_MISSING is not None:
         why = f"jax {jax.__version__} has no Pallas Triton back end"
     elif _override is False or _env_setting() is False:
