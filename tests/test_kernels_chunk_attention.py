@@ -417,6 +417,24 @@ def test_the_split_is_only_taken_on_a_gpu_backend(monkeypatch):
         assert pa._split_traces(q, (kv, kv), cache, 256) == gpu
 
 
+def test_a_gpu_without_the_split_says_so_once(monkeypatch, caplog):
+    """On a GPU backend whose cuDNN or jax refuses the split's calls (here: the CPU's, no cuDNN),
+    the chunk kernel runs and one warning names why, however many layers and shapes trace."""
+    import logging
+
+    sds = jax.ShapeDtypeStruct
+    q, kv, cache = sds((1, 32, 8, 32), jnp.bfloat16), sds((1, 32, 2, 32), jnp.bfloat16), sds((2, 3, 256, 2, 32),
+                                                                                              jnp.bfloat16)
+    monkeypatch.setattr(pa, "on_gpu", lambda: True)
+    monkeypatch.setattr(pa, "_split_refusals", set())
+    monkeypatch.setattr(pa, "_cudnn_partial", lambda *a: (_ for _ in ()).throw(RuntimeError("cuDNN is not detected.")))
+    monkeypatch.setattr(pa, "SPLIT_PAGE", None)
+    caplog.set_level(logging.WARNING, logger=pa.__name__)
+    assert not any(pa._split_traces(q, (kv, kv), cache, 256) for _ in range(3))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "not the cuDNN split (RuntimeError: cuDNN is not detected.)" in said[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_gpu_cudnn_partial_matches_xla(causal):

@@ -40,6 +40,7 @@ transformers in bf16) rounds them to bf16 first. Agreement is to bf16 precision.
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,9 @@ from . import interpret as _interpret
 from . import on_gpu, pick_tile
 from .decode_attention import NEG, _attend_keys, _normalized
 from ..attention import attention, query_block
+
+log = logging.getLogger(__name__)
+_split_refusals: set[str] = set()   # why the split did not trace on a GPU, each said once
 
 # Query rows (tokens x the G heads of one kv head) per program and keys per block of the chunk
 # kernel; CHUNK_KERNEL False sends chunks to the XLA math (read at trace time;
@@ -221,7 +225,11 @@ def _split_traces(q_bthq, own, k_all, window: int) -> bool:
         jax.eval_shape(lambda q, k, v, c, r, st, va: chunk_attention_split(q, k, v, c, c, jnp.int32(0), r, st, va, 1.0,
                                                                          window),
                        q_bthq, *own, k_all, i32, i32, i32)
-    except (NotImplementedError, RuntimeError, ValueError, TypeError, AttributeError, ImportError):
+    except (NotImplementedError, RuntimeError, ValueError, TypeError, AttributeError, ImportError) as err:
+        why = f"{type(err).__name__}: {err}"
+        if why not in _split_refusals:   # a GPU without it runs prefill chunks ~1.2-1.6x slower (runs 146-149)
+            _split_refusals.add(why)
+            log.warning("prefill chunks over the cache take the Pallas chunk kernel, not the cuDNN split (%s)", why)
         return False
     return True
 
