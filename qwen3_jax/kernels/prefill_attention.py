@@ -78,12 +78,12 @@ CHUNK_SPLIT_PROGRAMS: int | None = None
 # level at 512, -10 to -35% beyond. Served (run 147, 2048 chunk): 4000 / 8000 / 15000-token
 # prompts' first token -8% / -17% / -27%. 32 is the engine's smallest bucket: every chunk.
 SPLIT_MIN_TOKENS: int | None = 32
-# Keys per page of the split's cached-key call reading the cache in place (cuDNN paged attention);
-# None: that call reads a gathered copy of the row's first `window` positions instead, which cost
-# 0.9-1.3 ms a 48-layer forward at a 16k context (run 148: the whole row, K and V, every layer).
+# Keys per page of the split's cached-key call reading the cache in place (cuDNN paged attention;
+# its page offsets are not 32-bit: run 152 read a row starting past 2**32 elements of a 10.7 GB K
+# cache right). None: that call reads a gathered copy of the row's first `window` positions
+# instead, which cost 0.9-1.3 ms a 48-layer forward at a 16k context (run 148: the whole row, K
+# and V, every layer).
 SPLIT_PAGE: int | None = 64
-# cuDNN addresses the pages from the cache's base: run 152 read a row starting past 2**32
-# elements right (tests/test_kernels_chunk_attention.py, a 10.7 GB K cache), so any cache size.
 
 
 def causal_prefill_attention(q_bthq, k_bskq, v_bskq, positions_bt, scale: float, fallback, from_zero: bool = False):
