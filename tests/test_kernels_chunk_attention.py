@@ -28,7 +28,7 @@ def rel(a, b):
 
 def worst_token(a, b) -> float:
     """The largest relative error of one token's output [H, Q]: a key missed by one row shows."""
-    return max(rel(a[:, i], b[:, i]) for i in range(a.shape[1]))
+    return float(np.max([rel(a[:, i], b[:, i]) for i in range(a.shape[1])]))   # NaN (a zero reference) fails
 
 
 def chunk_inputs(seed, t, h, k, qd, s, layers=2, slots=3):
@@ -87,7 +87,7 @@ def test_key_splits_fill_the_grid_up_to_the_target():
     (200, 20, 64),    # 8 splits of one block (16 capped at 8): the program's keys in several
     (70, 32, 16),     # 4 splits of two blocks, a start inside a block
     (0, 17, 64),      # a first chunk: every key in split 0, padding rows
-    (230, 32, 8),     # 2 splits, the chunk ending at the cache's last key
+    (224, 32, 8),     # 2 splits, the chunk ending at the cache's last key
 ])
 def test_kernel_key_splits_match_masked_attention(monkeypatch, start, valid, target):
     """CHUNK_SPLIT_PROGRAMS: the chunk kernel over key ranges on a fourth grid axis, merged after
