@@ -548,22 +548,24 @@ def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
         covered, attend = kernels.chunk_covered, kernels.chunk_attention_cached
     if not covered(q_bthq, k_all):
         return None
-    own = own if t > 1 else None   # its own K/V let a chunk split into two cuDNN calls (chunk_attention_split)
+    # A chunk's own K/V let it split into two cuDNN calls (chunk_attention_split); decode has none.
+    own = tuple(own) if t > 1 and own is not None else ()
+
+    def call(q, k, v, i, r, p, *own_kv):
+        return attend(q, k, v, i, r, p, scale, kv_window=kv_window, **({"own": own_kv} if own_kv else {}))
+
     if kernels.single_device(ctx):
-        extra = {} if own is None else {"own": own}
-        return attend(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale, kv_window=kv_window, **extra)
+        return call(q_bthq, k_all, v_all, layer, slots_b, positions_bt, *own)
     rows = jnp.arange(b, dtype=jnp.int32) if slots_b is None else slots_b
     if not _rows_are_local_slots(ctx, slots_b, k_all, b):
         return None
 
-    def local(q, k, v, i, r, p, *own_local):
+    def local(q, k, v, i, r, p, *own_kv):
         if view_size(ctx.spec, "data") > 1:
             r = None   # local row b is local slot b
-        extra = {"own": own_local} if own_local else {}
-        return attend(q, k, v, i, r, p, scale, kv_window=kv_window, **extra)
+        return call(q, k, v, i, r, p, *own_kv)
 
     act, kv_act = ("batch", "seq", "heads", "head_dim"), ("batch", "seq", "kv_heads", "head_dim")
-    own = () if own is None else tuple(own)
     return kernels.sharded.per_device(
         local, ctx, (q_bthq, k_all, v_all, jnp.asarray(layer, jnp.int32), rows, positions_bt) + own,
         (act, KVCache.AXES, KVCache.AXES, None, ("batch",), ("batch", "seq")) + (kv_act,) * len(own), act,

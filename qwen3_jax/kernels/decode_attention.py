@@ -247,14 +247,20 @@ def _merge(acc_ref, m_ref, l_ref, o_ref, bi, hi, r0, g, splits, ch, cdt):
     o_ref[bi, pl.ds(pl.multiple_of(hi * g, g), g), :] = _normalized(num, den.reshape(g, 1)).astype(cdt)
 
 
+def merge_split_sums(acc, m, l_sum, axis: int):
+    """Key splits' online-softmax partials merged with XLA ops: acc [..., NS, R, Q] (unnormalized
+    weighted values), m (running max) and l_sum (sum of exponentials) [..., NS, R], float32, the
+    splits on `axis` -> [..., R, Q] float32. Each split is weighted by exp(m - max over splits);
+    normalized at the end (0 for a row that read no key)."""
+    w = jnp.exp(m - jnp.max(m, axis=axis, keepdims=True))
+    return _normalized(jnp.sum(acc * w[..., None], axis=axis), jnp.sum(l_sum * w, axis=axis)[..., None])
+
+
 def combine_splits(acc_bkprq, m_bkpr, l_bkpr, group: int, dtype):
-    """The key splits merged with XLA ops: acc [B, K, NS, 16, Q], m (running max) and l (sum of
-    exponentials) [B, K, NS, 16], all float32 -> [B, K*G, Q] in `dtype` (rows 0..G-1 of each kv
-    head). Each split is weighted by exp(m - max over splits); normalized at the end."""
+    """The decode kernel's key splits merged (merge_split_sums): acc [B, K, NS, 16, Q], m and l
+    [B, K, NS, 16], all float32 -> [B, K*G, Q] in `dtype` (rows 0..G-1 of each kv head)."""
     b, k, _, _, qd = acc_bkprq.shape
-    top = jnp.max(m_bkpr, axis=2, keepdims=True)
-    w = jnp.exp(m_bkpr - top)                                                 # [B, K, NS, 16]
-    out = _normalized(jnp.sum(acc_bkprq * w[..., None], axis=2), jnp.sum(l_bkpr * w, axis=2)[..., None])
+    out = merge_split_sums(acc_bkprq, m_bkpr, l_bkpr, axis=2)
     return out[:, :, :group].reshape(b, k * group, qd).astype(dtype)
 
 

@@ -49,7 +49,7 @@ from jax.experimental.pallas import triton as plt
 
 from . import interpret as _interpret
 from . import on_gpu, pick_tile
-from .decode_attention import NEG, _attend_keys, _normalized
+from .decode_attention import NEG, _attend_keys, _normalized, merge_split_sums
 from ..attention import attention, query_block
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ def chunk_attention(q_bkrq, k_cache, v_cache, layer, slots_b, starts_b, valid_b,
     0..valid-1 are at starts + t, the rest padding) -> [B, K, T*G, Q] in q's dtype, padding rows
     zero. Keys in `steps` blocks of bs from 0 (blocks past a program's last position skipped).
     splits > 1: key range s of each program's keys (ceil(steps / splits) blocks) on grid axis 3,
-    their float32 partials [B, K, splits, T*G(, Q)] merged with XLA ops (combine_splits' rule)."""
+    their float32 partials [B, K, splits, T*G(, Q)] merged after it (merge_split_sums)."""
     b, k, tg, qd = q_bkrq.shape
     bq = rows // group
     cdt = q_bkrq.dtype
@@ -346,11 +346,8 @@ def chunk_attention(q_bkrq, k_cache, v_cache, layer, slots_b, starts_b, valid_b,
       valid_b.astype(jnp.int32), q_bkrq, k_cache, v_cache)
     if splits == 1:
         return out
-    acc, m, l_sum = out
     # A key range a row saw none of has m = NEG (weight ~0 beside a real one); a padding row
     # (every range NEG) is zeroed as on one split.
-    top = jnp.max(m, axis=2, keepdims=True)
-    w = jnp.exp(m - top)                                                      # [B, K, NS, T*G]
-    merged = _normalized(jnp.sum(acc * w[..., None], axis=2), jnp.sum(l_sum * w, axis=2)[..., None])
+    merged = merge_split_sums(*out, axis=2)
     real = (jnp.arange(tg, dtype=jnp.int32) // group)[None, :] < valid_b.astype(jnp.int32)[:, None]   # [B, T*G]
     return jnp.where(real[:, None, :, None], merged, 0.0).astype(cdt)
