@@ -378,6 +378,7 @@ def test_split_needs_its_own_kv_and_the_bucket(monkeypatch):
     taken = []
     monkeypatch.setattr(pa, "_split_traces", lambda *a: True)
     monkeypatch.setattr(pa, "chunk_attention_split", lambda *a, **kw: taken.append("split") or jnp.zeros_like(q))
+    monkeypatch.setattr(pa, "_cudnn_partial", xla_partial)   # the start-0 branch's causal call
     for min_tokens, kv, want in [(32, own, "split"), (64, own, "kernel"), (None, own, "kernel"), (32, None, "kernel")]:
         monkeypatch.setattr(pa, "SPLIT_MIN_TOKENS", min_tokens)
         taken.clear()

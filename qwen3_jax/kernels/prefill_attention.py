@@ -30,8 +30,9 @@ place as pages through a page table), and over the chunk's own K/V with the caus
 causal mask is top-left aligned, which is right only when queries and keys start at the same
 position: so the cached part cannot take it). The chunk kernel runs at ~28% of the bf16 matmul
 rate (Pallas Triton's mma.sync tiles, run 115); a 2048-token chunk at start 14336 through the
-split at 54% of it for the whole forward (run 148). The kernel stays for chunks below
-SPLIT_MIN_TOKENS and where cuDNN does not trace.
+split at 54% of it for the whole forward (run 148). Where every row is a prompt's first chunk
+(start 0: no cached keys), the causal call alone runs, chosen at run time with the in-order
+check. The kernel stays for chunks below SPLIT_MIN_TOKENS and where cuDNN does not trace.
 
 Numerics: cuDNN keeps the scores in float32 through the softmax; the reference (as
 transformers in bf16) rounds them to bf16 first. Agreement is to bf16 precision.
@@ -129,7 +130,8 @@ def chunk_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, sc
     attends to keys 0..positions[b, t]; a position past the cache (padding) gives zeros.
     kv_window: every position lies below it (keys past it are not visited). own: the chunk's
     (k, v) [B, T, K, Q]; given, a chunk of SPLIT_MIN_TOKENS or more runs chunk_attention_split
-    where cuDNN traces (a GPU), the kernel otherwise."""
+    where cuDNN traces (a GPU), or, every row starting at 0, cuDNN's causal call over its own K/V
+    alone; the kernel otherwise."""
     b, t, h, qd = q_bthq.shape
     s, k = k_all.shape[2], k_all.shape[3]
     g = h // k
@@ -164,7 +166,16 @@ def chunk_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, sc
                         query_block(t, s, h, b))
         return jnp.where((positions_bt < s)[:, :, None, None], out, 0).astype(q_bthq.dtype)
 
-    return jax.lax.cond(in_order, split_path if split else kernel_path, xla_path, None)
+    if not split:
+        return jax.lax.cond(in_order, kernel_path, xla_path, None)
+
+    def own_path(_):   # every row a prompt's first chunk (or padding): no cached keys to merge
+        out, _ = _cudnn_partial(q_bthq, *(a.astype(q_bthq.dtype) for a in own), scale)
+        return jnp.where((jnp.arange(t)[None, :] < valid[:, None])[:, :, None, None], out, 0).astype(q_bthq.dtype)
+
+    # One switch, one predicate copied to the host a layer, as the cond before it.
+    first = jnp.all((starts == 0) | (valid == 0))
+    return jax.lax.switch(jnp.where(in_order, jnp.where(first, 2, 1), 0), (xla_path, split_path, own_path), None)
 
 
 def _cudnn_partial(q_bthq, k_bskq, v_bskq, scale: float, kv_len_b=None):
