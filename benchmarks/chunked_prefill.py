@@ -44,7 +44,14 @@ def main(argv=None):
                         "up to that many programs), 'split' (two cuDNN calls merged, the cached keys "
                         "read in place; the default kernel settings where cuDNN does not trace) or "
                         "'split-gather' (the cached keys gathered); the XLA math is always timed")
+    p.add_argument("--in-order", default="promised",
+                   help="'promised' (the engine's: Qwen3Moe(in_order=True), no check of the positions on the "
+                        "device), 'checked' (a conditional picks the path or the XLA math every layer), or both "
+                        "comma-separated: each path timed under each")
     args = p.parse_args(argv)
+    orders = [o for o in args.in_order.split(",") if o]
+    if not orders or set(orders) - {"promised", "checked"}:
+        p.error(f"--in-order {args.in_order!r}: give promised, checked or both")
     starts = [int(s) for s in args.starts.split(",") if s]
     if any(s < 0 or s + args.chunk > args.context for s in starts):
         p.error(f"each start + --chunk ({args.chunk}) must lie within --context {args.context}")
@@ -75,7 +82,9 @@ def main(argv=None):
     ms = {}
     knobs = ("CHUNK_ROWS", "CHUNK_KEYS", "CHUNK_WARPS", "CHUNK_STAGES", "CHUNK_SPLIT_PROGRAMS")
     paths = [v for v in args.variants.split(",") if v] + ["xla"]
-    for path in paths:
+    runs = [(path, order) for path in paths for order in orders]
+    for path, order in runs:
+        in_order = order == "promised"
         prefill_attention.CHUNK_KERNEL = path != "xla"   # read while tracing: a fresh function per path
         for knob, v in defaults.items():
             setattr(prefill_attention, knob, v)
@@ -86,14 +95,14 @@ def main(argv=None):
                 setattr(prefill_attention, knob, int(v))
 
         def run(state, tok, pos, cache):
-            logits, cache = nnx.merge(model.graphdef, state)(tok, pos, cache, rows, at)
+            logits, cache = nnx.merge(model.graphdef, state)(tok, pos, cache, rows, at, in_order=in_order)
             return jnp.argmax(logits[:, 0], axis=-1), cache
 
         holder = {"cache": fill_cache(model.init_cache(1, args.context), jax.random.key(1))}
         t0 = time.perf_counter()
         fn = jax.jit(run, donate_argnums=(3,)).lower(model.state, tokens, jnp.zeros((1, args.chunk), jnp.int32),
                                                      holder["cache"]).compile()
-        print(f"  {path}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"  {path} ({order}): compiled in {time.perf_counter() - t0:.1f} s", flush=True)
         for start in starts:
             pos = jnp.asarray(np.arange(start, start + args.chunk)[None], jnp.int32)
 
@@ -101,17 +110,18 @@ def main(argv=None):
                 out, holder["cache"] = fn(model.state, tokens, pos, holder["cache"])
                 return out
 
-            ms[path, start] = 1e3 * median_seconds(call, args.reps)
+            ms[path, order, start] = 1e3 * median_seconds(call, args.reps)
         del holder
     prefill_attention.CHUNK_KERNEL = True
     for knob, v in defaults.items():
         setattr(prefill_attention, knob, v)
-    print(f"{'kernel r:k:w:s':>14} {'start':>7} {'ms':>8} {'xla / it':>9} {'% of matmul':>12}")
-    for path in paths:
+    print(f"{'kernel r:k:w:s':>14} {'positions':>9} {'start':>7} {'ms':>8} {'xla / it':>9} {'% of matmul':>12}")
+    for path, order in runs:
         for start in starts:
             floor_ms = 1e3 * chunk_flops(model, inv, args.chunk, start) / ceilings["matmul_flops"]
-            print(f"{path:>14} {start:>7} {ms[path, start]:>8.2f} {ms['xla', start] / ms[path, start]:>8.2f}x "
-                  f"{100 * floor_ms / ms[path, start]:>11.1f}%")
+            it = ms[path, order, start]
+            print(f"{path:>14} {order:>9} {start:>7} {it:>8.2f} {ms['xla', order, start] / it:>8.2f}x "
+                  f"{100 * floor_ms / it:>11.1f}%")
     return ms
 
 

@@ -531,11 +531,12 @@ class KVCache:
     AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
 
-def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale, ctx, kv_window=None, own=None):
+def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale, ctx, kv_window=None, own=None,
+                      in_order=False):
     """The kernel reading layer `layer` of the cache in place: one token per row, the decode-
     attention kernel (kernels/decode_attention.py); T > 1, a prefill chunk continuing its row
     (kernels/prefill_attention.py chunk_attention_cached; `own`, the chunk's (k, v), lets it
-    split into two cuDNN calls there). None where neither applies (XLA
+    split into two cuDNN calls there; `in_order`, Qwen3Moe's). None where neither applies (XLA
     attention then). On a mesh it runs per device on local heads and local rows. With the batch
     split over data-parallel groups that needs row b in slot b (the engine's decode step: slots
     None, one row per slot), so each device's rows are its own slots; other cases stay with XLA."""
@@ -550,9 +551,10 @@ def _decode_attention(q_bthq, k_all, v_all, layer, slots_b, positions_bt, scale,
         return None
     # A chunk's own K/V let it split into two cuDNN calls (chunk_attention_split); decode has none.
     own = tuple(own) if t > 1 and own is not None else ()
+    static = {"kv_window": kv_window, **({"in_order": in_order} if t > 1 else {})}
 
     def call(q, k, v, i, r, p, *own_kv):
-        return attend(q, k, v, i, r, p, scale, kv_window=kv_window, **({"own": own_kv} if own_kv else {}))
+        return attend(q, k, v, i, r, p, scale, **static, **({"own": own_kv} if own_kv else {}))
 
     if kernels.single_device(ctx):
         return call(q_bthq, k_all, v_all, layer, slots_b, positions_bt, *own)
@@ -751,13 +753,13 @@ def _write_cache(k_all, v_all, layer, rows_b, positions_bt, k_btkq, v_btkq):
 
 
 def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all, v_all, slots_b, kv_window, ctx,
-                     counts=None, fresh=False):
+                     counts=None, fresh=False, in_order=False):
     """The attention half of a layer: without a cache (k_all None) over the tokens themselves;
     with one, the new K/V are written first, then the decode-attention kernel where it applies,
     else XLA attention over the cache; on a mesh with `counts` (Segment found the fused kernel
     covers the local shapes) all of it per device in that kernel. `fresh` (see Qwen3Moe): a
-    prompt's first chunk on one device attends over its own K/V, as without a cache.
-    -> (x + attention output, k_all, v_all, counts)."""
+    prompt's first chunk on one device attends over its own K/V, as without a cache. `in_order`:
+    see Qwen3Moe. -> (x + attention output, k_all, v_all, counts)."""
     st = (attn_full, layer)
     if k_all is not None and counts is not None:   # a mesh's decode step, the fused kernel covering it
         out, k_all, v_all, counts = _decode_attention_rope_per_device(
@@ -772,7 +774,8 @@ def _layer_attention(blk, attn_full, layer, x, h, cos, sin, positions_bt, k_all,
         mask = positions_bt[:, None, :] <= positions_bt[:, :, None]
         return x + blk.attn.attend(q, k, v, mask, ctx, stacked=st, positions_bt=positions_bt,
                                    from_zero=k_all is not None), k_all, v_all, counts
-    out = _decode_attention(q, k_all, v_all, layer, slots_b, positions_bt, blk.attn.scale, ctx, kv_window, own=(k, v))
+    out = _decode_attention(q, k_all, v_all, layer, slots_b, positions_bt, blk.attn.scale, ctx, kv_window, own=(k, v),
+                            in_order=in_order)
     if out is not None:
         return x + blk.attn.output(out, ctx, stacked=st), k_all, v_all, counts
     # Attend over the first kv_window cache positions only: the caller guarantees every row's
@@ -812,14 +815,15 @@ class Segment(nnx.Module):
         self.block = Block(cfg, kind, dtype=dtype, kv_rep=kv_rep, stack=count, rngs=rngs)
 
     def __call__(self, x_btd, cos, sin, positions_bt, ctx, cache_kv=None, slots_b=None, kv_window=None,
-                 fresh=False):
+                 fresh=False, in_order=False):
         graphdef, params = nnx.split(self.block)
         full = self.block  # [L, ...] params: kernels read layer i in place (a scanned slice handed
                            # to a custom call would be copied every layer)
 
         k0, v0 = cache_kv if cache_kv is not None else (None, None)
         fused = k0 is not None and _fused_decode_prologue(x_btd, k0, full.attn, ctx)   # same for every layer
-        attention = _decode_layer_attention if fused else functools.partial(_layer_attention, fresh=fresh)
+        attention = (_decode_layer_attention if fused
+                     else functools.partial(_layer_attention, fresh=fresh, in_order=in_order))
         # Decode rows past the cache (an engine's padding rows and idle slots: writes dropped,
         # output discarded) route to no expert (MoE.__call__).
         b, t = x_btd.shape[:2]
@@ -912,7 +916,8 @@ class Qwen3Moe(nnx.Module):
             self.lm_head = Weight((d, v), ("embed", "vocab"), dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens_bt, positions_bt=None, cache: KVCache | None = None, slots_b=None,
-                 logits_at_b=None, kv_window: int | None = None, hidden: bool = False, fresh: bool = False):
+                 logits_at_b=None, kv_window: int | None = None, hidden: bool = False, fresh: bool = False,
+                 in_order: bool = False):
         """tokens [B, T] int -> (logits [B, T, V] float32, updated cache).
 
         positions [B, T] default to 0..T-1. With `cache`, each row's K/V are written at its
@@ -925,6 +930,11 @@ class Qwen3Moe(nnx.Module):
         With a cache, on one device with kernels, attention then runs over the chunk's own K/V
         (cuDNN's fused causal kernel on a GPU) rather than the kernel reading the cache back
         (FRESH_PREFILL); the K/V are written all the same.
+        `in_order` (static): the caller promises every row's positions are start, start+1, ...
+        from the first column, any padding after them at positions past the cache (as the engine
+        writes its chunks): a prefill chunk's attention then runs with no check of them on the
+        device (kernels/prefill_attention.py chunk_attention_cached; other positions give wrong
+        attention, not an error).
         """
         b, t = tokens_bt.shape
         if positions_bt is None:
@@ -936,7 +946,7 @@ class Qwen3Moe(nnx.Module):
         new_k, new_v = [], []
         for i, seg in enumerate(self.segments):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, (k, v) = seg(x, cos, sin, positions_bt, ctx, kv, slots_b, kv_window, fresh)
+            x, (k, v) = seg(x, cos, sin, positions_bt, ctx, kv, slots_b, kv_window, fresh, in_order)
             new_k.append(k)
             new_v.append(v)
         cache = KVCache(new_k, new_v) if cache is not None else None

@@ -137,10 +137,11 @@ def _decode_forward(graphdef, kv_window, state, cache, last, positions_b, slots_
 
 
 def _prefill_forward(graphdef, state, cache, tokens_1t, positions_1t, slot_1, logits_at_1, fresh=False):
-    """One prompt chunk [1, T] into cache row slot_1[0] -> (logits at logits_at [1, V], cache).
+    """One prompt chunk [1, T] into cache row slot_1[0] -> (logits at logits_at [1, V], cache). Its
+    positions are start.. with padding at the cache length after them (Qwen3Moe's `in_order`).
     fresh (static): the prompt's first chunk, its tokens at 0.. (qwen3_jax Qwen3Moe's `fresh`)."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model(tokens_1t, positions_1t, cache, slot_1, logits_at_1, fresh=fresh)
+    logits, cache = model(tokens_1t, positions_1t, cache, slot_1, logits_at_1, fresh=fresh, in_order=True)
     return logits[:, 0], cache
 
 
@@ -154,7 +155,7 @@ def _prefill_prompt_forward(graphdef, ctx, state, cache, tokens_1t, positions_1t
     targets[t] (the prompt's next token) and the best LOGPROBS_MAX there, in blocks of positions
     -> (logits at logits_at [1, V], cache, (logprob [T], top ids [T, LOGPROBS_MAX], top logprobs))."""
     model = nnx.merge(graphdef, state)
-    h, cache = model(tokens_1t, positions_1t, cache, slot_1, hidden=True)
+    h, cache = model(tokens_1t, positions_1t, cache, slot_1, hidden=True, in_order=True)
     last = model.lm_logits(jnp.take_along_axis(h, logits_at_1[:, None, None].astype(jnp.int32), axis=1))
     t, d = h.shape[1:]
     r = math.gcd(t, PROMPT_LOGPROB_ROWS)

@@ -58,7 +58,7 @@ class StepSet:
 
 def _model_prefill(graphdef, state, cache, tokens_1t, positions_1t, slot_1, logits_at_1):
     from flax import nnx
-    logits, cache = nnx.merge(graphdef, state)(tokens_1t, positions_1t, cache, slot_1, logits_at_1)
+    logits, cache = nnx.merge(graphdef, state)(tokens_1t, positions_1t, cache, slot_1, logits_at_1, in_order=True)
     return logits, cache
 
 

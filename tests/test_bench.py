@@ -277,12 +277,13 @@ def test_chunked_prefill_benchmark_times_each_variant_and_restores_the_kernel_se
     before = (pa.CHUNK_KERNEL, pa.CHUNK_ROWS, pa.CHUNK_KEYS, pa.CHUNK_WARPS, pa.CHUNK_STAGES, pa.CHUNK_SPLIT_PROGRAMS, pa.SPLIT_MIN_TOKENS, pa.SPLIT_PAGE)
     chunked = load_benchmark("chunked_prefill")
     ms = chunked.main(["--model", "tiny", "--context", "128", "--chunk", "32", "--starts", "0,64", "--reps", "1",
-                       "--variants", "64:32:4:2,128:64:4:3,64:32:4:2:64,split,split-gather"])
-    assert set(ms) == {(v, s) for v in ("64:32:4:2", "128:64:4:3", "64:32:4:2:64", "split", "split-gather", "xla")
-                       for s in (0, 64)}
+                       "--variants", "64:32:4:2,128:64:4:3,64:32:4:2:64,split,split-gather",
+                       "--in-order", "promised,checked"])
+    assert set(ms) == {(v, o, s) for v in ("64:32:4:2", "128:64:4:3", "64:32:4:2:64", "split", "split-gather", "xla")
+                       for o in ("promised", "checked") for s in (0, 64)}
     assert all(t > 0 for t in ms.values())
     assert (pa.CHUNK_KERNEL, pa.CHUNK_ROWS, pa.CHUNK_KEYS, pa.CHUNK_WARPS, pa.CHUNK_STAGES, pa.CHUNK_SPLIT_PROGRAMS, pa.SPLIT_MIN_TOKENS, pa.SPLIT_PAGE) == before
-    assert "128:64:4:3      64" in capsys.readouterr().out
+    assert "128:64:4:3   checked      64" in capsys.readouterr().out
     import qwen3_jax
     model = qwen3_jax.random_model(bench.resolve_bench_config("tiny", None), dtype="bfloat16")
     inv = bench.weight_inventory(model)
@@ -291,3 +292,5 @@ def test_chunked_prefill_benchmark_times_each_variant_and_restores_the_kernel_se
                                                      * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers)
     with pytest.raises(SystemExit):
         chunked.main(["--model", "tiny", "--context", "64", "--chunk", "32", "--starts", "48"])
+    with pytest.raises(SystemExit):
+        chunked.main(["--model", "tiny", "--context", "64", "--chunk", "32", "--in-order", "sorted"])

@@ -6,6 +6,7 @@ CPU: Pallas interpret mode, and the Triton lowering at 30B-A3B shapes. GPU (mark
 `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_kernels_chunk_attention.py`.
 """
 
+import functools
 import re
 
 import jax
@@ -117,6 +118,22 @@ def test_positions_out_of_order_take_the_xla_math():
     pos = jnp.asarray(np.arange(40, 40 + t)[::-1][None].copy(), jnp.int32)
     out = pa.chunk_attention_cached(q, kc, vc, jnp.int32(0), jnp.asarray([1]), pos, qd ** -0.5)
     assert rel(np.asarray(out, np.float32), reference(q, kc, vc, 0, 1, pos, qd ** -0.5)) < TOL_BF16
+
+
+def test_promised_order_drops_the_check_and_keeps_the_numbers():
+    """in_order (the engine's promise) traces the kernel with no conditional (its predicate costs a
+    host round trip a layer on XLA:GPU) and gives the checked call's output exactly."""
+    t, h, k, qd, s = 32, 8, 2, 32, 128
+    q, kc, vc = chunk_inputs(7, t, h, k, qd, s)
+    pos = positions(t, 40, 20, s)
+    with kernels.kernels_enabled(True):
+        fns = {o: functools.partial(pa.chunk_attention_cached, layer=jnp.int32(0), rows_b=jnp.asarray([1]), scale=qd ** -0.5,
+                                    in_order=o) for o in (False, True)}
+        texts = {o: str(jax.make_jaxpr(fn)(q, kc, vc, positions_bt=pos)) for o, fn in fns.items()}
+        outs = {o: np.asarray(fn(q, kc, vc, positions_bt=pos), np.float32) for o, fn in fns.items()}
+    assert texts[False].count("cond[") == texts[True].count("cond[") + 1   # (interpret mode has conds of its own)
+    assert "qwen3_chunk_attention" in texts[True]
+    np.testing.assert_array_equal(outs[True], outs[False])
 
 
 def test_kv_window_bounds_the_keys_visited(monkeypatch):
@@ -378,7 +395,6 @@ def test_split_needs_its_own_kv_and_the_bucket(monkeypatch):
     taken = []
     monkeypatch.setattr(pa, "_split_traces", lambda *a: True)
     monkeypatch.setattr(pa, "chunk_attention_split", lambda *a, **kw: taken.append("split") or jnp.zeros_like(q))
-    monkeypatch.setattr(pa, "_cudnn_partial", xla_partial)   # the start-0 branch's causal call
     for min_tokens, kv, want in [(32, own, "split"), (64, own, "kernel"), (None, own, "kernel"), (32, None, "kernel")]:
         monkeypatch.setattr(pa, "SPLIT_MIN_TOKENS", min_tokens)
         taken.clear()
@@ -459,14 +475,16 @@ def test_gpu_cudnn_partial_matches_xla(causal):
 def test_gpu_split_chunk_matches_the_kernel_at_30b_shapes(monkeypatch, start, valid, page):
     """Compiled at 30B-A3B attention shapes: chunk_attention_cached with the chunk's own K/V takes
     the cuDNN split (two cuDNN calls, no chunk kernel, in the program), its cached keys read in
-    place through the page table or gathered, and agrees with the masked reference."""
+    place through the page table (the order promised, as the engine's) or gathered (checked), and
+    agrees with the masked reference."""
     monkeypatch.setattr(pa, "SPLIT_PAGE", page)
     h, k, qd, t, s = 32, 4, 128, 512, 4096
     q, kc, vc = chunk_inputs(start + 1, t, h, k, qd, s, layers=3, slots=2)
     pos = positions(t, start, valid, s)
     ko, vo = own_kv(kc, vc, 2, 1, start, t)
     fn = jax.jit(lambda q, kc, vc, p, ko, vo: pa.chunk_attention_cached(q, kc, vc, jnp.int32(2), jnp.asarray([1]), p,
-                                                                       qd ** -0.5, own=(ko, vo)))
+                                                                       qd ** -0.5, own=(ko, vo),
+                                                                       in_order=page is not None))
     hlo = fn.lower(q, kc, vc, pos, ko, vo).compile().as_text()
     assert hlo.count("__cudnn$fmha") >= 2 and "qwen3_chunk_attention" not in hlo
     out = np.asarray(fn(q, kc, vc, pos, ko, vo), np.float32)

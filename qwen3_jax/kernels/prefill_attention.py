@@ -21,7 +21,8 @@ kernel reads the cache where it lies, flash-attention style:
   0 up to its last token's position in blocks of `bs` (blocks past it are skipped), online softmax
   in float32 (decode_attention's loop, with a causal limit per row).
 It needs each row's positions to be start, start+1, ... (padding: positions past the cache, at
-the end), as the engine writes them; anything else runs the XLA math, chosen by lax.cond.
+the end), as the engine writes them; anything else runs the XLA math, chosen by lax.cond (unless
+the caller promises that order: `in_order`).
 
 chunk_attention_split: the same chunk, on a GPU, as two cuDNN flash-attention calls whose outputs
 are merged by their log-sum-exps (FlashAttention-2's split-K rule): the chunk's queries over the
@@ -30,9 +31,7 @@ place as pages through a page table), and over the chunk's own K/V with the caus
 causal mask is top-left aligned, which is right only when queries and keys start at the same
 position: so the cached part cannot take it). The chunk kernel runs at ~28% of the bf16 matmul
 rate (Pallas Triton's mma.sync tiles, run 115); a 2048-token chunk at start 14336 through the
-split at 54% of it for the whole forward (run 148). Where every row is a prompt's first chunk
-(start 0: no cached keys), the causal call alone runs, chosen at run time with the in-order
-check. The kernel stays for chunks below SPLIT_MIN_TOKENS and where cuDNN does not trace.
+split at 54% of it for the whole forward (run 148). The kernel stays for chunks below SPLIT_MIN_TOKENS and where cuDNN does not trace.
 
 Numerics: cuDNN keeps the scores in float32 through the softmax; the reference (as
 transformers in bf16) rounds them to bf16 first. Agreement is to bf16 precision.
@@ -68,17 +67,20 @@ CHUNK_KERNEL = True
 # enough of them that the grid holds about this many programs (powers of two, at most one key
 # block each), their partial softmax sums merged after it as decode attention's splits are. A
 # 16-token chunk has T*G/CHUNK_ROWS = 2 programs a kv head, 8 in all, each reading every cached
-# key. None: one split (read at trace time). Not yet timed: with it, small chunks would take the
-# kernel rather than the cuDNN split (SPLIT_MIN_TOKENS), where the XLA math beat both (run 149).
-CHUNK_SPLIT_PROGRAMS: int | None = None
+# key. None: one split (read at trace time). Run 153 (H200, 30B FP8, one chunk at a 16k context):
+# 16 tokens at start 15360 33.61 ms unsplit -> 11.98 at 512 programs (XLA 14.83, cuDNN split
+# 22.70); 16-64 tokens fastest this way at every start, 128 tokens at 8192+.
+CHUNK_SPLIT_PROGRAMS: int | None = 512
 # Continuing chunks of at least this many tokens (the static bucket) take chunk_attention_split
 # where cuDNN traces; shorter ones the kernel (read at trace time; None: never). Run 148 (H200,
 # 30B FP8, one chunk, benchmarks/chunked_prefill.py), split against the kernel: 128 tokens at
 # start 512 / 2048 / 8192 / 15360 +0.7% / -7% / -20% / -29%; 512 tokens -1% / -7% / -19% / -27%;
 # 2048 tokens at 512 / 2048 / 6144 / 14336 -7% / -16% / -27% / -38%; 16 and 32 tokens (run 149)
 # level at 512, -10 to -35% beyond. Served (run 147, 2048 chunk): 4000 / 8000 / 15000-token
-# prompts' first token -8% / -17% / -27%. 32 is the engine's smallest bucket: every chunk.
-SPLIT_MIN_TOKENS: int | None = 32
+# prompts' first token -8% / -17% / -27%. Below 256 the kernel with key splits
+# (CHUNK_SPLIT_PROGRAMS) is faster (run 153: 64 tokens at 15360 16.60 against 24.60 ms; 128
+# tokens at 512 / 2048 / 8192 / 15360 14.71 / 17.05 / 17.87 / 20.74 against 14.87 / 16.19 / 20.79 / 25.29).
+SPLIT_MIN_TOKENS: int | None = 256
 # Keys per page of the split's cached-key call reading the cache in place (cuDNN paged attention;
 # its page offsets are not 32-bit: run 152 read a row starting past 2**32 elements of a 10.7 GB K
 # cache right). None: that call reads a gathered copy of the row's first `window` positions
@@ -123,15 +125,17 @@ def chunk_covered(q_bthq, k_all) -> bool:
 
 
 def chunk_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, scale: float,
-                           kv_window: int | None = None, own=None):
+                           kv_window: int | None = None, own=None, in_order: bool = False):
     """A prompt chunk's attention over the cache rows it continues, its own K/V already written:
     q [B, T, H, Q] (normed, roped); k/v cache [L, N, S, K, Q]; layer int32; rows [B] (cache slot
     of each row) or None (row b is slot b); positions [B, T] -> [B, T, H, Q] in q's dtype. Query t
     attends to keys 0..positions[b, t]; a position past the cache (padding) gives zeros.
     kv_window: every position lies below it (keys past it are not visited). own: the chunk's
     (k, v) [B, T, K, Q]; given, a chunk of SPLIT_MIN_TOKENS or more runs chunk_attention_split
-    where cuDNN traces (a GPU), or, every row starting at 0, cuDNN's causal call over its own K/V
-    alone; the kernel otherwise."""
+    where cuDNN traces (a GPU), the kernel otherwise. in_order (static): the caller promises each
+    row's positions are start, start+1, ... with any padding after them at positions >= S (as the
+    engine writes its chunks), so nothing checks them on the device: the check's conditional
+    cost 48-183 us a layer on XLA:GPU (run 153), more than a small chunk's attention."""
     b, t, h, qd = q_bthq.shape
     s, k = k_all.shape[2], k_all.shape[3]
     g = h // k
@@ -139,8 +143,6 @@ def chunk_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, sc
     positions_bt = positions_bt.astype(jnp.int32)
     starts = positions_bt[:, 0]
     valid = jnp.sum(positions_bt < s, axis=1, dtype=jnp.int32)
-    ts = jnp.arange(t, dtype=jnp.int32)[None, :]
-    in_order = jnp.all(jnp.where(ts < valid[:, None], positions_bt == starts[:, None] + ts, positions_bt >= s))
     window = s if kv_window is None or kv_window >= s else kv_window
     bs = pick_tile(window, CHUNK_KEYS) or pick_tile(s, CHUNK_KEYS)
     window = -(-window // bs) * bs
@@ -166,16 +168,12 @@ def chunk_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, sc
                         query_block(t, s, h, b))
         return jnp.where((positions_bt < s)[:, :, None, None], out, 0).astype(q_bthq.dtype)
 
-    if not split:
-        return jax.lax.cond(in_order, kernel_path, xla_path, None)
-
-    def own_path(_):   # every row a prompt's first chunk (or padding): no cached keys to merge
-        out, _ = _cudnn_partial(q_bthq, *(a.astype(q_bthq.dtype) for a in own), scale)
-        return jnp.where((jnp.arange(t)[None, :] < valid[:, None])[:, :, None, None], out, 0).astype(q_bthq.dtype)
-
-    # One switch, one predicate copied to the host a layer, as the cond before it.
-    first = jnp.all((starts == 0) | (valid == 0))
-    return jax.lax.switch(jnp.where(in_order, jnp.where(first, 2, 1), 0), (xla_path, split_path, own_path), None)
+    path = split_path if split else kernel_path
+    if in_order:
+        return path(None)
+    ts = jnp.arange(t, dtype=jnp.int32)[None, :]
+    ordered = jnp.all(jnp.where(ts < valid[:, None], positions_bt == starts[:, None] + ts, positions_bt >= s))
+    return jax.lax.cond(ordered, path, xla_path, None)
 
 
 def _cudnn_partial(q_bthq, k_bskq, v_bskq, scale: float, kv_len_b=None):
