@@ -804,6 +804,10 @@ DECODE_UNROLL = 4
 # The chunk kernel runs at ~28% of the matmul rate (run 115). Run 142 (H200, 30B, one chunk from
 # position 0, own K/V against the kernel): FP8 1024 / 2048 / 8192 tokens 29.76 / 52.51 / 193.35
 # against 31.73 / 57.77 / 256.04 ms; bf16 28.44 / 44.80 / 172.44 against 30.79 / 50.39 / 233.31.
+# Against the cuDNN split that continuing chunks take (run 154, its order promised, an empty
+# cached-key call and the merge more): FP8 29.89 / 51.95 / 186.47 against 30.86 / 53.24 / 189.63,
+# bf16 28.64 / 44.61 / 172.31 against 29.65 / 45.78 / 173.69: 1-3% kept for one more compiled
+# form per bucket of 512+, whose warm-up cost did not show (run 145).
 FRESH_PREFILL = True
 
 

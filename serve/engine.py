@@ -544,8 +544,9 @@ class Engine:
     # chunk kernel reading them back from the cache. Served time to the first token (H200, 30B,
     # benchmarks/prompt_ttft.py): 500 tokens at the 512 chunk FP8 -7.1%, bf16 -6.1% (run 144;
     # 250 tokens, bucket 256, level as the control); 1000 / 2000 tokens at the 2048 chunk FP8
-    # -8.9% / -10.5%, bf16 -7.2% / -9.3% (run 143). Each such bucket compiles that form too in
-    # the warm-up (one more forward at the 512 chunk); smaller buckets were not measured. 0: off.
+    # -8.9% / -10.5%, bf16 -7.2% / -9.3% (run 143); against the cuDNN split the later chunks take,
+    # 1-3% (run 154). Each such bucket compiles that form too in the warm-up (one more forward at
+    # the 512 chunk); smaller buckets were not measured. 0: off.
     FRESH_MIN_TOKENS = 512
 
     def _prefill_forms(self) -> list[tuple[int, bool]]:

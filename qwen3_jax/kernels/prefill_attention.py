@@ -78,8 +78,10 @@ CHUNK_SPLIT_PROGRAMS: int | None = 512
 # 2048 tokens at 512 / 2048 / 6144 / 14336 -7% / -16% / -27% / -38%; 16 and 32 tokens (run 149)
 # level at 512, -10 to -35% beyond. Served (run 147, 2048 chunk): 4000 / 8000 / 15000-token
 # prompts' first token -8% / -17% / -27%. Below 256 the kernel with key splits
-# (CHUNK_SPLIT_PROGRAMS) is faster (run 153: 64 tokens at 15360 16.60 against 24.60 ms; 128
-# tokens at 512 / 2048 / 8192 / 15360 14.71 / 17.05 / 17.87 / 20.74 against 14.87 / 16.19 / 20.79 / 25.29).
+# (CHUNK_SPLIT_PROGRAMS) is faster (run 153: 64 tokens at 15360 16.60 against 24.60 ms; run 154,
+# 128 tokens at 512 / 2048 / 8192 / 15360 14.44 / 16.71 / 17.44 / 20.45 against 14.56 / 15.99 /
+# 20.83 / 25.18); from 256 the split is level or ahead (256 tokens 16.71 / 16.60 / 22.36 / 27.20
+# against 19.91 / 17.39 / 22.46 / 28.25).
 SPLIT_MIN_TOKENS: int | None = 256
 # Keys per page of the split's cached-key call reading the cache in place (cuDNN paged attention;
 # its page offsets are not 32-bit: run 152 read a row starting past 2**32 elements of a 10.7 GB K
@@ -135,7 +137,7 @@ def chunk_attention_cached(q_bthq, k_all, v_all, layer, rows_b, positions_bt, sc
     where cuDNN traces (a GPU), the kernel otherwise. in_order (static): the caller promises each
     row's positions are start, start+1, ... with any padding after them at positions >= S (as the
     engine writes its chunks), so nothing checks them on the device: the check's conditional
-    cost 48-183 us a layer on XLA:GPU (run 153), more than a small chunk's attention."""
+    cost ~16-20 us a layer on XLA:GPU (run 154: 6% of a 32-token chunk, 1-2% of 2048 tokens)."""
     b, t, h, qd = q_bthq.shape
     s, k = k_all.shape[2], k_all.shape[3]
     g = h // k
