@@ -238,10 +238,11 @@ def test_gpu_chunk_kernel_matches_masked_attention_at_30b_shapes(monkeypatch, st
     np.testing.assert_array_equal(out[:, valid:], 0.0)
 
 
-def _fresh_then_next_chunk(m, prompt, s, t, fresh, chunks=2, first=40):
+def _fresh_then_next_chunk(m, prompt, s, t, fresh, chunks=2, first=40, in_order=False):
     """A prompt into cache row 1 of `s` positions: its first `first` tokens as a `t`-token chunk
     (padded at position s) with Qwen3Moe's `fresh`, the rest as one continuing chunk (chunks=1:
-    not). -> (first chunk's logits [1, first, V], the last token's logits [1, 1, V], the cache)."""
+    not), each with Qwen3Moe's `in_order`. -> (first chunk's logits [1, first, V], the last
+    token's logits [1, 1, V], the cache)."""
     from flax import nnx
 
     def run(st):
@@ -250,13 +251,13 @@ def _fresh_then_next_chunk(m, prompt, s, t, fresh, chunks=2, first=40):
         tok = np.zeros((1, t), np.int32)
         tok[0, :n] = prompt[:n]
         head, cache = model(jnp.asarray(tok), positions(t, 0, n, s), m.init_cache(2, s), jnp.asarray([1]),
-                            None, fresh=fresh)
+                            None, fresh=fresh, in_order=in_order)
         if chunks == 1:
             return head[:, :n], None, cache
         tok = np.zeros((1, t), np.int32)
         tok[0, :rest] = prompt[n:]
         last, cache = model(jnp.asarray(tok), positions(t, n, rest, s), cache, jnp.asarray([1]),
-                            jnp.asarray([rest - 1], jnp.int32))
+                            jnp.asarray([rest - 1], jnp.int32), in_order=in_order)
         return head[:, :n], last, cache
     return run
 
@@ -496,8 +497,9 @@ def test_gpu_split_chunk_matches_the_kernel_at_30b_shapes(monkeypatch, start, va
 @pytest.mark.gpu
 def test_gpu_split_on_a_mesh_matches_one_card():
     """Two cards, tp=2 (16 query heads and 2 kv heads a device): a 1000-token prompt in two
-    512-token chunks takes the cuDNN split per device inside shard_map (the cache and the chunk's
-    own K/V split by kv head), and its logits and cache rows agree with one card's."""
+    512-token chunks, their order promised as the engine's, takes the cuDNN split per device
+    inside shard_map (the cache and the chunk's own K/V split by kv head), and its logits and
+    cache rows agree with one card's."""
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 GPUs")
     cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2, hidden_size=512,
@@ -508,7 +510,7 @@ def test_gpu_split_on_a_mesh_matches_one_card():
     with kernels.kernels_enabled(True):
         for mesh in (None, "tp=2"):
             m = random_model(cfg, mesh=mesh, seed=6)
-            fn = jax.jit(_fresh_then_next_chunk(m, prompt, 2048, 512, False, first=512))
+            fn = jax.jit(_fresh_then_next_chunk(m, prompt, 2048, 512, False, first=512, in_order=True))
             hlo = fn.lower(m.state).compile().as_text()
             assert "__cudnn$fmha" in hlo and "qwen3_chunk_attention" not in hlo, mesh
             outs.append(fn(m.state))

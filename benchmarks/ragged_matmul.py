@@ -1,0 +1,144 @@
+"""The MoE's prefill matmuls (bf16) three ways, one process, GPU only: the model's Pallas Triton
+grouped matmul (kernels/grouped_matmul.py: gate/up as a pair with the SwiGLU in its epilogue,
+then the down), jax's Mosaic GPU ragged dot (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu:
+warpgroup MMAs fed by TMA; gate and up as one [E, D, 2F] weight, the SwiGLU in XLA between)
+and XLA's lax.ragged_dot, against cuBLAS on one dense matmul of the same rows (the ceiling).
+
+The question (NOTES, run 156): how far the Triton kernels' tiles are from what Hopper's
+asynchronous MMAs give at these shapes, before porting the FP8 (W8A8, block-scaled) grouped
+matmul to Mosaic GPU. Rows are the prompt's token-expert assignments of random top-k routing,
+sorted by expert and padded per expert to the model's block height (moe_blocks.block_rows), as
+the blocks path holds them; every variant multiplies the same padded rows, and LAYERS layers of
+distinct weights run in one call so the weights stream from HBM.
+
+    python benchmarks/ragged_matmul.py --tokens 1024,8192
+"""
+
+import argparse
+import functools
+import inspect
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+LAYERS = 4
+
+
+def padded_groups(tokens: int, experts: int, top_k: int, bm: int, seed: int = 0):
+    """Random top-k routing of `tokens` tokens -> (rows per expert padded to multiples of bm [E],
+    real assignments per expert [E]) as numpy int32."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    choice = np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k]   # k distinct experts a token
+    real = np.bincount(choice.reshape(-1), minlength=experts).astype(np.int32)
+    return (-(-real // bm) * bm).astype(np.int32), real
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", default="1024,8192", help="prompt lengths, comma-separated")
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--d", type=int, default=2048, help="hidden size (30B-A3B: 2048)")
+    p.add_argument("--f", type=int, default=768, help="expert FFN size (30B-A3B: 768)")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--mgpu", default="128:128:64:4:1,128:256:64:4:1,128:128:64:4:4,64:128:64:4:1",
+                   help="ragged_dot_mgpu configs block_m:block_n:block_k:max_concurrent_steps:grid_block_n")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from qwen3_jax import kernels
+    from qwen3_jax.kernels.grouped_matmul import grouped_matmul, matmul_tiles
+    from qwen3_jax.kernels.moe_blocks import block_rows
+    from serve.bench import measure_ceilings, median_seconds
+
+    if not kernels.on_gpu():
+        raise SystemExit("ragged_matmul.py times GPU kernels (Mosaic GPU, Triton): run it on a GPU")
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    e, d, f, k = args.experts, args.d, args.f, args.top_k
+    rate = measure_ceilings(True)["matmul_flops"]
+    print(f"device {jax.devices()[0].device_kind}; jax {jax.__version__}; E={e} D={d} F={f} top-{k}; "
+          f"bf16 matmul {rate / 1e12:.1f} TFLOP/s (this run); ragged_dot_mgpu{inspect.signature(ragged_dot_mgpu.ragged_dot)}",
+          flush=True)
+    key = jax.random.split(jax.random.key(0), 3)
+    gate_up = (0.02 * jax.random.normal(key[0], (LAYERS, e, d, 2 * f), jnp.float32)).astype(jnp.bfloat16)
+    down = (0.02 * jax.random.normal(key[1], (LAYERS, e, f, d), jnp.float32)).astype(jnp.bfloat16)
+    gate, up = gate_up[..., :f], gate_up[..., f:]
+
+    def swiglu(h):
+        return (jax.nn.silu(h[:, :f].astype(jnp.float32)) * h[:, f:].astype(jnp.float32)).astype(jnp.bfloat16)
+
+    for tokens in [int(t) for t in args.tokens.split(",") if t]:
+        a = tokens * k
+        bm = block_rows(a, e)
+        sizes_np, real = padded_groups(tokens, e, k, bm)
+        rows = int(sizes_np.sum())
+        sizes = jnp.asarray(sizes_np)
+        groups_b = jnp.asarray(np.repeat(np.arange(e, dtype=np.int32), sizes_np // bm))
+        x = jax.random.normal(key[2], (rows, d), jnp.float32).astype(jnp.bfloat16)
+        flops = 2 * a * d * 3 * f * LAYERS   # the real assignments' products
+        t1 = matmul_tiles(d, f, bm, False, "k", 128)
+        t2 = matmul_tiles(f, d, bm, False, "n", 128)
+        print(f"{tokens} tokens: {a} assignments, {rows} rows padded to bm={bm} (max {real.max()} / min "
+              f"{real.min()} an expert); Triton tiles gate/up {t1}, down {t2}", flush=True)
+
+        def triton(x):
+            out = []
+            for i in range(LAYERS):
+                h = grouped_matmul(x, groups_b, (gate[i], up[i]), bm=bm, layout="k", block=128, **t1)
+                out.append(grouped_matmul(h, groups_b, (down[i],), bm=bm, layout="n", block=128, **t2))
+            return out
+
+        def mgpu(cfg_gu, cfg_dn, x):
+            rd = functools.partial(ragged_dot_mgpu.ragged_dot, group_sizes=sizes)
+            return [rd(swiglu(rd(x, gate_up[i], **cfg_gu)), down[i], **cfg_dn) for i in range(LAYERS)]
+
+        def xla(x):
+            rd = functools.partial(jax.lax.ragged_dot, group_sizes=sizes)
+            return [rd(swiglu(rd(x, gate_up[i])), down[i]) for i in range(LAYERS)]
+
+        def dense(x):   # one expert's weights for every row: the same FLOPs per row through cuBLAS
+            return [jnp.dot(swiglu(jnp.dot(x, gate_up[i, 0])), down[i, 0]) for i in range(LAYERS)]
+
+        variants = {"triton grouped_matmul": triton, "xla ragged_dot": xla, "cublas dense (ceiling)": dense}
+        names = ("block_m", "block_n", "block_k", "max_concurrent_steps", "grid_block_n")
+        for spec in [s for s in args.mgpu.split(",") if s]:
+            cfg = dict(zip(names, (int(v) for v in spec.split(":"))))
+            dn = dict(cfg, grid_block_n=1 if d % (cfg["grid_block_n"] * cfg["block_n"]) else cfg["grid_block_n"])
+            variants[f"mgpu {spec}"] = functools.partial(mgpu, cfg, dn)
+        ref = None
+        for name, fn in variants.items():
+            try:
+                call = jax.jit(fn)
+                out = call(x)
+                if ref is None:
+                    ref = [np.asarray(o, np.float32) for o in out]
+                err = max(float(np.linalg.norm(np.asarray(o, np.float32)[m] - r[m]) / np.linalg.norm(r[m]))
+                          for o, r in zip(out, ref) for m in [real_rows(sizes_np, real)])
+                s = median_seconds(lambda: call(x), args.reps)
+            except Exception as exc:   # a config over shared memory, an API this jax lacks
+                print(f"  {name:28s} FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            print(f"  {name:28s} {1e6 * s / LAYERS:9.1f} us a layer  {100 * flops / s / rate:5.1f}% of matmul  "
+                  f"rel. err {err if name.startswith(('mgpu', 'xla')) else 0.0:.1e}", flush=True)
+
+
+def real_rows(sizes_np, real):
+    """A mask over the padded rows: the real assignments of each expert (its first real[e] rows)."""
+    import numpy as np
+
+    starts = np.concatenate([[0], np.cumsum(sizes_np)[:-1]])
+    mask = np.zeros(int(sizes_np.sum()), bool)
+    for s0, n in zip(starts, real):
+        mask[s0:s0 + n] = True
+    return mask
+
+
+if __name__ == "__main__":
+    main()
