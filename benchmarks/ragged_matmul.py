@@ -70,6 +70,7 @@ def main(argv=None):
     gate_up = (0.02 * jax.random.normal(key[0], (LAYERS, e, d, 2 * f), jnp.float32)).astype(jnp.bfloat16)
     down = (0.02 * jax.random.normal(key[1], (LAYERS, e, f, d), jnp.float32)).astype(jnp.bfloat16)
     gate, up = gate_up[..., :f], gate_up[..., f:]
+    weights = (gate_up, gate, up, down)   # arguments of every call: captured, XLA would fold GBs of constants
 
     def swiglu(h):
         return (jax.nn.silu(h[:, :f].astype(jnp.float32)) * h[:, f:].astype(jnp.float32)).astype(jnp.bfloat16)
@@ -88,22 +89,22 @@ def main(argv=None):
         print(f"{tokens} tokens: {a} assignments, {rows} rows padded to bm={bm} (max {real.max()} / min "
               f"{real.min()} an expert); Triton tiles gate/up {t1}, down {t2}", flush=True)
 
-        def triton(x):
+        def triton(x, gate_up, gate, up, down):
             out = []
             for i in range(LAYERS):
                 h = grouped_matmul(x, groups_b, (gate[i], up[i]), bm=bm, layout="k", block=128, **t1)
                 out.append(grouped_matmul(h, groups_b, (down[i],), bm=bm, layout="n", block=128, **t2))
             return out
 
-        def mgpu(cfg_gu, cfg_dn, x):
+        def mgpu(cfg_gu, cfg_dn, x, gate_up, gate, up, down):
             rd = functools.partial(ragged_dot_mgpu.ragged_dot, group_sizes=sizes)
             return [rd(swiglu(rd(x, gate_up[i], **cfg_gu)), down[i], **cfg_dn) for i in range(LAYERS)]
 
-        def xla(x):
+        def xla(x, gate_up, gate, up, down):
             rd = functools.partial(jax.lax.ragged_dot, group_sizes=sizes)
             return [rd(swiglu(rd(x, gate_up[i])), down[i]) for i in range(LAYERS)]
 
-        def dense(x):   # one expert's weights for every row: the same FLOPs per row through cuBLAS
+        def dense(x, gate_up, gate, up, down):   # one expert's weights for every row: the same FLOPs per row through cuBLAS
             return [jnp.dot(swiglu(jnp.dot(x, gate_up[i, 0])), down[i, 0]) for i in range(LAYERS)]
 
         variants = {"triton grouped_matmul": triton, "xla ragged_dot": xla, "cublas dense (ceiling)": dense}
@@ -116,12 +117,12 @@ def main(argv=None):
         for name, fn in variants.items():
             try:
                 call = jax.jit(fn)
-                out = call(x)
+                out = call(x, *weights)
                 if ref is None:
                     ref = [np.asarray(o, np.float32) for o in out]
                 err = max(float(np.linalg.norm(np.asarray(o, np.float32)[m] - r[m]) / np.linalg.norm(r[m]))
                           for o, r in zip(out, ref) for m in [real_rows(sizes_np, real)])
-                s = median_seconds(lambda: call(x), args.reps)
+                s = median_seconds(lambda: call(x, *weights), args.reps)
             except Exception as exc:   # a config over shared memory, an API this jax lacks
                 print(f"  {name:28s} FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 continue
