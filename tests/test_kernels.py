@@ -910,9 +910,11 @@ def test_describe_says_whether_the_kernels_run_and_why_not(monkeypatch):
         assert kernels.describe().startswith("kernels: off (switched off: QWEN3_JAX_KERNELS=off")
     with kernels.kernels_enabled(True):
         assert kernels.describe() == ("kernels: on (Pallas interpret mode, no GPU: slow; FP8 GEMV auto, FP8 matmul "
-                                      "w8a8; prefill chunks over the cache: the chunk kernel; bf16/f16 compute only)")
+                                      "w8a8; prefill chunks over the cache: the chunk kernel (keys split up to 512 "
+                                      "programs); bf16/f16 compute only)")
         monkeypatch.setattr(kernels, "on_gpu", lambda: True)
-        assert "prefill chunks over the cache: cuDNN split from 32 tokens;" in kernels.describe()
+        assert ("prefill chunks over the cache: the chunk kernel (keys split up to 512 programs) below 256 tokens, "
+                "the cuDNN split from there;") in kernels.describe()
     monkeypatch.setenv("QWEN3_JAX_KERNELS", "sometimes")
     assert kernels.describe().startswith("kernels: not usable (QWEN3_JAX_KERNELS='sometimes' is not understood")
 

@@ -111,10 +111,13 @@ def describe() -> str:
     except (ValueError, RuntimeError) as err:
         return f"kernels: not usable ({err})"
     if on:
-        from .prefill_attention import SPLIT_MIN_TOKENS
+        from .prefill_attention import CHUNK_SPLIT_PROGRAMS, SPLIT_MIN_TOKENS
         how = "Pallas Triton" if on_gpu() else "Pallas interpret mode, no GPU: slow"
-        chunks = (f"cuDNN split from {SPLIT_MIN_TOKENS} tokens" if on_gpu() and SPLIT_MIN_TOKENS is not None
-                  else "the chunk kernel")
+        chunks = "the chunk kernel" + (f" (keys split up to {CHUNK_SPLIT_PROGRAMS} programs)" if CHUNK_SPLIT_PROGRAMS
+                                       else "")
+        if on_gpu() and SPLIT_MIN_TOKENS is not None:
+            chunks = f"{chunks} below {SPLIT_MIN_TOKENS} tokens, the cuDNN split from there"
+
         return (f"kernels: on ({how}; FP8 GEMV {fp8_gemm()}, FP8 matmul {fp8_matmul()}; prefill chunks over the "
                 f"cache: {chunks}; bf16/f16 compute only)")
     if TRITON_MISSING is not None:
