@@ -117,7 +117,6 @@ def describe() -> str:
                                        else "")
         if on_gpu() and SPLIT_MIN_TOKENS is not None:
             chunks = f"{chunks} below {SPLIT_MIN_TOKENS} tokens, the cuDNN split from there"
-
         return (f"kernels: on ({how}; FP8 GEMV {fp8_gemm()}, FP8 matmul {fp8_matmul()}; prefill chunks over the "
                 f"cache: {chunks}; bf16/f16 compute only)")
     if TRITON_MISSING is not None:

@@ -31,7 +31,9 @@ place as pages through a page table), and over the chunk's own K/V with the caus
 causal mask is top-left aligned, which is right only when queries and keys start at the same
 position: so the cached part cannot take it). The chunk kernel runs at ~28% of the bf16 matmul
 rate (Pallas Triton's mma.sync tiles, run 115); a 2048-token chunk at start 14336 through the
-split at 54% of it for the whole forward (run 148). The kernel stays for chunks below SPLIT_MIN_TOKENS and where cuDNN does not trace.
+split at 54% of it for the whole forward (run 148). The kernel stays for chunks below
+SPLIT_MIN_TOKENS, its keys split over up to CHUNK_SPLIT_PROGRAMS programs (a small chunk has few
+query tiles to spread the cached keys over), and where cuDNN does not trace.
 
 Numerics: cuDNN keeps the scores in float32 through the softmax; the reference (as
 transformers in bf16) rounds them to bf16 first. Agreement is to bf16 precision.
