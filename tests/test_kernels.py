@@ -290,6 +290,31 @@ def test_grouped_matmul_single_and_fused_silu_pair():
     assert rel(y[:2 * bm], np.concatenate([xf[:bm] @ wdn[1], xf[bm:2 * bm] @ wdn[0]])) < 1e-6
 
 
+def test_grouped_matmul_in_either_grid_order_gives_the_same_rows():
+    """n_first (a block's N tiles side by side in the grid) only reorders the programs: a gathered
+    gate/up pair with block_valid and a K-split single give exactly the default order's values."""
+    rng = np.random.default_rng(11)
+    bm = 16
+    x = jnp.asarray(rng.standard_normal((40, 128)), jnp.bfloat16)
+    groups = jnp.array([1, 0, -1])
+    rows = jnp.asarray(rng.integers(0, 40, 3 * bm), jnp.int32)
+    valid = jnp.array([16, 9, 0])
+    w, u = (jnp.asarray(rng.standard_normal((2, 128, 128)) * 0.1, jnp.bfloat16) for _ in range(2))
+    kw = dict(bm=bm, bn=32, bk=32)
+    x48 = jnp.zeros((3 * bm, 128), x.dtype)
+    for order, grid in ((False, "grid=(3, 4, 1)"), (True, "grid=(4, 3, 1)")):   # 3 blocks, 4 N tiles
+        assert grid in str(jax.make_jaxpr(lambda x: grouped_matmul(x, groups, (w,), n_first=order, **kw))(x48))
+    outs = [grouped_matmul(x, groups, (w, u), rows=rows, block_valid=valid, n_first=o, **kw) for o in (False, True)]
+    real = np.r_[0:16, 16:25]
+    np.testing.assert_array_equal(np.asarray(outs[0], np.float32)[real], np.asarray(outs[1], np.float32)[real])
+    xs = jnp.asarray(rng.standard_normal((3 * bm, 128)), jnp.bfloat16)
+    outs = [grouped_matmul(xs, groups, (w,), k_splits=2, n_first=o, **kw) for o in (False, True)]
+    np.testing.assert_array_equal(np.asarray(outs[0])[:, :2 * bm], np.asarray(outs[1])[:, :2 * bm])
+    xf, wf = np.asarray(xs, np.float64), np.asarray(w, np.float64)
+    want = np.concatenate([xf[:bm] @ wf[1], xf[bm:2 * bm] @ wf[0]])
+    assert rel(np.asarray(outs[1]).sum(0)[:2 * bm], want) < 1e-6
+
+
 @pytest.mark.parametrize("layout,convert", [("k", "cast"), ("n", "cast"), ("k", "f16"), ("n", "f16")])
 def test_grouped_matmul_reads_weights_stored_n_by_k(layout, convert):
     """w_nk: the same products from FP8 weights stored [G, N, K] (scales as before)."""

@@ -15,6 +15,11 @@ Shapes (G groups, K in, N out, R = NB * bm rows):
   concat=True: 1-3 weights of the same K side by side (q, k and v), each with its own N and
   float32 output; the grid's column tiles run over all of them, one launch for the three.
   With w_nk the weights are stored [G, N, K] (the checkpoint's [out, in]); scales never swap.
+  n_first: the grid runs a block's N tiles next to each other (grid (N / bn, NB, S)), so the
+  programs in flight share x's rows in L2 and read a few experts' whole weights; by default the
+  blocks of one N tile run together (grid (NB, N / bn, S)), sharing weight tiles, and x's rows
+  are read again for every N tile: at an 8k prompt's 73k rows (300 MB of x, past the 50 MB L2)
+  that is 6 reads of x for gate/up and 16 of h for the down (NOTES, run 158).
   scales: None or per weight float32, layout "k" [G, ceil(K/block), N] or "n" [G, K, ceil(N/block)].
 
 rows [R] int32 (optional; longer is fine, the rest unread): x is [N, K] and padded row r reads
@@ -71,10 +76,11 @@ F16_SCALE_PRE = 1024.0   # keeps an FP8 block scale a normal f16 number (module 
 
 @functools.partial(jax.jit, static_argnames=("bm", "layout", "block", "bn", "bk", "num_warps",
                                              "num_stages", "convert", "w_nk", "w_lhs", "quantize_out",
-                                             "k_splits", "concat", "interpret"))
+                                             "k_splits", "concat", "n_first", "interpret"))
 def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", block=128, bn=64, bk=64,
                    num_warps=4, num_stages=3, convert="cast", w_nk=False, w_lhs=False, x_scales=None,
-                   quantize_out=False, k_splits=1, concat=False, rows=None, block_valid=None, interpret=None):
+                   quantize_out=False, k_splits=1, concat=False, n_first=False, rows=None, block_valid=None,
+                   interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
@@ -136,7 +142,8 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
             xs_ref, refs = refs[0], refs[1:]
         w_refs, s_refs = refs[:nw], refs[nw:nw + len(scales)]
         o_refs = refs[nw + len(scales):nw + len(scales) + (nw if concat else 1)]
-        b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        b, j = (pl.program_id(1), pl.program_id(0)) if n_first else (pl.program_id(0), pl.program_id(1))
+        split = pl.program_id(2)
         first = split * steps   # the split's first K step
         g = groups_ref[0 if shared else b]
         m0 = pl.multiple_of(b * bm, bm)
@@ -253,7 +260,7 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
     if quantize_out:
         out_shape = (out_shape, jax.ShapeDtypeStruct((r_count, n_dim // bn), jnp.float32))
     return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(nb, n_dim // bn, k_splits),
+        kernel, out_shape=out_shape, grid=(n_dim // bn, nb, k_splits) if n_first else (nb, n_dim // bn, k_splits),
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=_interpret() if interpret is None else interpret,
         name=("qwen3_grouped_matmul_w8a8" if a8 else "qwen3_grouped_matmul_fp8") if fp8 else "qwen3_grouped_matmul",
@@ -296,7 +303,8 @@ def _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block):
 # the model's 1k prefill 36.29 -> 30.83 ms (bf16 29.20), decode batch 64 16.62 -> 16.44 ms.
 MATMUL_DEFAULTS = {
     "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="e4m3", fp8_nk={}),
-    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="e4m3", fp8_nk=dict(w_lhs=True, bk=128)),
+    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="e4m3", fp8_nk=dict(w_lhs=True, bk=128),
+                  n_first=False),
 }
 
 
@@ -315,4 +323,4 @@ def matmul_tiles(k_dim: int, n_dim: int, bm: int, fp8: bool, layout: str, block:
     if bn_t is None or bk_t is None:
         return None
     return dict(bn=bn_t, bk=bk_t, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                convert=convert, w_lhs=bool(cfg.get("w_lhs")) and fp8 and w_nk)
+                convert=convert, w_lhs=bool(cfg.get("w_lhs")) and fp8 and w_nk, n_first=bool(cfg.get("n_first")))
