@@ -19,7 +19,8 @@ Shapes (G groups, K in, N out, R = NB * bm rows):
   programs in flight share x's rows in L2 and read a few experts' whole weights; by default the
   blocks of one N tile run together (grid (NB, N / bn, S)), sharing weight tiles, and x's rows
   are read again for every N tile: at an 8k prompt's 73k rows (300 MB of x, past the 50 MB L2)
-  that is 6 reads of x for gate/up and 16 of h for the down (NOTES, run 158).
+  that is 6 reads of x for gate/up and 16 of h for the down (NOTES, runs 158-160: n_first took
+  14% off those matmuls at 8k and 5.7% off the FP8 model's 8k prefill).
   scales: None or per weight float32, layout "k" [G, ceil(K/block), N] or "n" [G, K, ceil(N/block)].
 
 rows [R] int32 (optional; longer is fine, the rest unread): x is [N, K] and padded row r reads
@@ -301,10 +302,15 @@ def _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block):
 # it lost to f16 by 12-24%, runs 44 and 54). H200, one process (runs 55-56): an FP8 MoE layer of
 # a 1k prompt 777 -> 645 us (bf16 weights 715), of an 8k prompt 3401 -> 2521 us (bf16 2186);
 # the model's 1k prefill 36.29 -> 30.83 ms (bf16 29.20), decode batch 64 16.62 -> 16.44 ms.
+# n_first (a block's N tiles side by side in the grid; module doc) for prefill-sized blocks, H200
+# (runs 158-160): bf16 gate/up + down of an 8k prompt 2279.8 -> 1966.6 us a layer, 1k 1136.7 ->
+# 1056.4; one FP8 MoE layer 2511.4 -> 2310.2 us at 8k, 621.4 -> 612.5 at 1k; the FP8 model's 8k
+# prefill 186.50 -> 175.94 ms (54.8% -> 58.6% of the matmul rate), 1k level (29.66 / 29.71).
+# Decode-sized blocks keep the other order (unmeasured there).
 MATMUL_DEFAULTS = {
     "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="e4m3", fp8_nk={}),
     "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="e4m3", fp8_nk=dict(w_lhs=True, bk=128),
-                  n_first=False),
+                  n_first=True),
 }
 
 
