@@ -128,6 +128,7 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
     if k_splits > 1 and (pair or steps % k_splits):
         raise ValueError(f"k_splits={k_splits} needs no (gate, up) pair and K steps ({steps} of bk={bk}) it divides")
     steps //= k_splits   # per program: split s runs K steps s*steps .. (s+1)*steps - 1
+    n_first = n_first and nb < 2 ** 16   # the blocks then take CUDA's second grid axis (at most 65535)
     cdt = x_rk.dtype
     mdt = jnp.float16 if fp8 and convert == "f16" else cdt   # the MMA's operand dtype
     pre = F16_SCALE_PRE if fp8 and layout == "n" and mdt == jnp.float16 else 1.0
