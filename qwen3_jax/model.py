@@ -938,11 +938,12 @@ class Qwen3Moe(nnx.Module):
         from the first column, any padding after them at positions past the cache (as the engine
         writes its chunks): a prefill chunk's attention then runs with no check of them on the
         device (kernels/prefill_attention.py chunk_attention_cached; other positions give wrong
-        attention, not an error).
+        attention, not an error). `fresh` promises that with start 0, so it implies in_order.
         """
         b, t = tokens_bt.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        in_order = in_order or fresh
         ctx = self.ctx
         x = embed_rows(self.embed(self.dtype), tokens_bt, ctx)
         x = constrain(x, ("batch", "seq", "embed"), ctx)

@@ -335,8 +335,7 @@ def make_prefill(graphdef):
         model = nnx.merge(graphdef, state)
         b, t = tokens.shape
         pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        logits, cache = model(tokens, pos, cache, None, jnp.full((b,), t - 1, jnp.int32), fresh=True,
-                              in_order=True)
+        logits, cache = model(tokens, pos, cache, None, jnp.full((b,), t - 1, jnp.int32), fresh=True)
         return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
 
     return jax.jit(run, donate_argnums=(2,))

@@ -122,7 +122,8 @@ def test_positions_out_of_order_take_the_xla_math():
 
 def test_promised_order_drops_the_check_and_keeps_the_numbers():
     """in_order (the engine's promise) traces the kernel with no conditional (its predicate costs a
-    host round trip a layer on XLA:GPU) and gives the checked call's output exactly."""
+    host round trip a layer on XLA:GPU), gives the checked call's output exactly, and that is the
+    masked attention."""
     t, h, k, qd, s = 32, 8, 2, 32, 128
     q, kc, vc = chunk_inputs(7, t, h, k, qd, s)
     pos = positions(t, 40, 20, s)
@@ -134,6 +135,9 @@ def test_promised_order_drops_the_check_and_keeps_the_numbers():
     assert texts[False].count("cond[") == texts[True].count("cond[") + 1   # (interpret mode has conds of its own)
     assert "qwen3_chunk_attention" in texts[True]
     np.testing.assert_array_equal(outs[True], outs[False])
+    want = reference(q, kc, vc, 0, 1, pos, qd ** -0.5)
+    assert worst_token(outs[True][:, :20], want[:, :20]) < TOL_BF16
+    np.testing.assert_array_equal(outs[True][:, 20:], 0.0)
 
 
 def test_kv_window_bounds_the_keys_visited(monkeypatch):
