@@ -396,13 +396,15 @@ def _w8a8_emulation(xq, sx, w_dq, groups, bm):
     return np.concatenate([xd[b * bm:(b + 1) * bm] @ w[max(g, 0)] for b, g in enumerate(np.asarray(groups))])
 
 
-@pytest.mark.parametrize("layout", ["k", "n"])
+@pytest.mark.parametrize("layout,scale_run", [("k", None), ("k", 64), ("n", None)])
 @pytest.mark.parametrize("storage", ["kn", "nk", "nk-lhs"])
-def test_grouped_matmul_w8a8_on_prequantized_x(layout, storage):
+def test_grouped_matmul_w8a8_on_prequantized_x(layout, scale_run, storage):
     """convert="e4m3": x arrives quantized (quantize_rows, here in 64-wide groups, two K steps of
     32 each), the MMA runs e4m3 x e4m3 and the step's product takes x's group scale and the
     weight's block scale. Equal to its float64 emulation; to W8A8's own bound from the exact
-    product. Bad inputs are refused with what to pass."""
+    product. Layout "k" with scale_run (N tiles inside runs of equal scales) reads one weight
+    scale a tile: the same values on a checkpoint's scales, and a per-column scale it cannot see.
+    Bad inputs are refused with what to pass."""
     rng = np.random.default_rng(9)
     bm, block = 16, 64
     x = jnp.asarray(rng.standard_normal((2 * bm, 128)), jnp.bfloat16)
@@ -411,12 +413,19 @@ def test_grouped_matmul_w8a8_on_prequantized_x(layout, storage):
     wd = dequantize(w8, s, 1 if layout == "k" else 2, block, jnp.float32)
     xq, sx = quantize_rows(x, 64)
     kw = dict(bm=bm, layout=layout, block=block, bn=32, bk=32, convert="e4m3", x_scales=sx,
-              w_nk=storage != "kn", w_lhs=storage == "nk-lhs")
-    got = grouped_matmul(xq, groups, (w8 if storage == "kn" else jnp.swapaxes(w8, 1, 2),), (s,), **kw)
+              w_nk=storage != "kn", w_lhs=storage == "nk-lhs", scale_run=scale_run)
+    stored = w8 if storage == "kn" else jnp.swapaxes(w8, 1, 2)
+    got = grouped_matmul(xq, groups, (stored,), (s,), **kw)
     exact = np.concatenate([np.asarray(x[:bm], np.float64) @ np.asarray(wd[1], np.float64),
                             np.asarray(x[bm:], np.float64) @ np.asarray(wd[0], np.float64)])
     assert got.dtype == jnp.float32
     assert rel(got, _w8a8_emulation(xq, sx, wd, groups, bm)) < 1e-5 and 1e-3 < rel(got, exact) < 6e-2
+    if scale_run:   # per-column scales: one read a tile misses them (the path was taken)
+        _, s_col = fp8_weights(rng, (2, 128, 64), 1, block)
+        off = grouped_matmul(xq, groups, (stored,), (s_col,), **kw)
+        want = _w8a8_emulation(xq, sx, dequantize(w8, s_col, 1, block, jnp.float32), groups, bm)
+        assert rel(off, want) > 1e-2
+        assert rel(grouped_matmul(xq, groups, (stored,), (s_col,), **dict(kw, scale_run=None)), want) < 1e-5
     with pytest.raises(ValueError, match="takes x already quantized"):
         grouped_matmul(x, groups, (w8,), (s,), **dict(kw, w_nk=False, w_lhs=False))
     with pytest.raises(ValueError, match="needs FP8 weights"):

@@ -55,6 +55,8 @@ by x's group scale and the weight's block scale, and no tile is converted. Layou
 weight scale per tile (its first K row): exact for a checkpoint's block scales, whose expanded
 per-K-row values repeat in runs of the checkpoint's block (model.Weight.fp8_scale_run), when bk
 divides that run and the K width held here (the callers, moe_ffn.py and linear.py, choose so).
+Layout "k" does the same when the caller passes scale_run, the run of equal expanded scales
+along N, and bn divides it: the step's product is then scaled by one number per row.
 quantize_out=True (a pair, e4m3): the silu product leaves quantized for the next W8A8 matmul, e4m3
 [R, N] and float32 scales [R, N // bn], one group per output tile.
 """
@@ -77,11 +79,11 @@ F16_SCALE_PRE = 1024.0   # keeps an FP8 block scale a normal f16 number (module 
 
 @functools.partial(jax.jit, static_argnames=("bm", "layout", "block", "bn", "bk", "num_warps",
                                              "num_stages", "convert", "w_nk", "w_lhs", "quantize_out",
-                                             "k_splits", "concat", "n_first", "interpret"))
+                                             "k_splits", "concat", "n_first", "scale_run", "interpret"))
 def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", block=128, bn=64, bk=64,
                    num_warps=4, num_stages=3, convert="cast", w_nk=False, w_lhs=False, x_scales=None,
-                   quantize_out=False, k_splits=1, concat=False, n_first=False, rows=None, block_valid=None,
-                   interpret=None):
+                   quantize_out=False, k_splits=1, concat=False, n_first=False, scale_run=None, rows=None,
+                   block_valid=None, interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
@@ -128,6 +130,9 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
     if k_splits > 1 and (pair or steps % k_splits):
         raise ValueError(f"k_splits={k_splits} needs no (gate, up) pair and K steps ({steps} of bk={bk}) it divides")
     steps //= k_splits   # per program: split s runs K steps s*steps .. (s+1)*steps - 1
+    # layout "k" W8A8: the expanded per-column scales repeat in runs of scale_run along N; a
+    # tile inside one run reads one scale (a scalar) instead of a [bn] vector
+    k_scalar = a8 and layout == "k" and scale_run is not None and scale_run % bn == 0
     n_first = n_first and nb < 2 ** 16   # the blocks then take CUDA's second grid axis (at most 65535)
     cdt = x_rk.dtype
     mdt = jnp.float16 if fp8 and convert == "f16" else cdt   # the MMA's operand dtype
@@ -185,9 +190,12 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
                         return col[None, :] if w_nk else col[:, None]
                     if a8:   # x's group scale per row, the weight's per column or per tile
                         sx = x_group_scale(k0 // qg)
-                        ws_ = (ss[i][g, k0 // block, pl.ds(n0, bn)] if layout == "k"
+                        ws_ = (ss[i][g, k0 // block, n0] if k_scalar
+                               else ss[i][g, k0 // block, pl.ds(n0, bn)] if layout == "k"
                                else ss[i][g, k0, n0 // block])
-                        if layout == "k":
+                        if k_scalar:   # one product per row rather than a [bn, bm] outer product
+                            scale = (sx * ws_)[None, :] if w_lhs else (sx * ws_)[:, None]
+                        elif layout == "k":
                             scale = ws_[:, None] * sx[None, :] if w_lhs else sx[:, None] * ws_[None, :]
                         else:
                             scale = (sx[None, :] if w_lhs else sx[:, None]) * ws_

@@ -204,9 +204,11 @@ def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
     if a8:
         # W8A8: x quantized once per token, before the gather (k times fewer rows, 1-byte values
         # moved); h leaves the gate/up kernel quantized in groups of its tile width, which the
-        # down's K steps must divide, as they must stay inside one scale run
+        # down's K steps must divide, as they must stay inside one scale run; gate/up's N tiles
+        # inside one run read one weight scale a K step (grouped_matmul's scale_run)
         xq, sx = quantize_x(x_nd, t1["bk"])
-        xs, in1 = rows_of(xq), dict(x_scales=rows_of(sx), quantize_out=True)
+        xs, in1 = rows_of(xq), dict(x_scales=rows_of(sx), quantize_out=True,
+                                    scale_run=arrays.scale_run or arrays.block)
         t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], arrays.scale_run or arrays.block))
     else:
         # f16 MMA (FP8 weights): x converted once here, not per tile in the kernel; h comes out f16
