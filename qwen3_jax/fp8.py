@@ -36,6 +36,13 @@ SCALE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.
 def dequantize(w8, scale, block_axis: int, block: int, dtype):
     """w8 [..., D, ...] float8 with scale [..., ceil(D/block), ...] float32 -> dtype, same shape as w8."""
     size = w8.shape[block_axis]
+    axis = block_axis % w8.ndim
+    if size == scale.shape[axis] * block:
+        # whole blocks: the scale broadcast over a split axis, one elementwise fusion; the repeat
+        # below lowers to a scatter, a cumulative sum and a gather of the scales inside the
+        # prefill's projection copies (run 163's compiled HLO, benchmarks/NOTES.md)
+        split = w8.reshape(w8.shape[:axis] + (scale.shape[axis], block) + w8.shape[axis + 1:])
+        return (split.astype(jnp.float32) * jnp.expand_dims(scale, axis + 1)).reshape(w8.shape).astype(dtype)
     expanded = jnp.repeat(scale, block, axis=block_axis, total_repeat_length=scale.shape[block_axis] * block)
     expanded = jax_slice(expanded, block_axis, size)
     return (w8.astype(jnp.float32) * expanded).astype(dtype)

@@ -28,7 +28,7 @@ from conftest import require_reference
 from reference import hf_logits, hf_model, make_hf_checkpoint, rel_err
 
 import qwen3_jax
-from qwen3_jax.fp8 import FP8_MAX, dequantize_blocks, kind_kept_unquantized, module_kept_unquantized
+from qwen3_jax.fp8 import FP8_MAX, dequantize, dequantize_blocks, kind_kept_unquantized, module_kept_unquantized
 from qwen3_jax.quantize import dequantize_checkpoint, quantization_config, quantize_checkpoint
 from qwen3_jax.quantize import main as quantize_main
 from qwen3_jax.safetensors_io import CheckpointError, SafetensorsCheckpoint, write_safetensors
@@ -131,6 +131,25 @@ def test_quantized_checkpoint_has_qwens_layout(ckpts):
         err = np.abs(dequantize_blocks(w8, s, (128, 128)) - w)
         assert (err <= np.repeat(np.repeat(s, 128, 0), 128, 1)[: shape[0], : shape[1]] * 16 + 1e-12).all()
     assert n_fp8 == 2 * (4 + 8 * 3) + (4 + 3)  # 2 MoE layers, 1 dense
+
+
+@pytest.mark.parametrize("out_dim,in_dim", [(256, 384), (200, 300)])
+def test_in_graph_dequantize_equals_the_host_one(out_dim, in_dim):
+    """fp8.dequantize (the model's in-graph form: whole blocks broadcast over a split axis, a
+    partial edge block through the repeat) equals dequantize_blocks on the host, bit for bit,
+    along either axis of a [out, in] weight and with a leading layer axis (a negative block axis)."""
+    rng = np.random.default_rng(5)
+    w8 = rng.standard_normal((out_dim, in_dim)).astype(ml_dtypes.float8_e4m3fn)
+    s = rng.uniform(0.01, 0.03, (-(-out_dim // 128), -(-in_dim // 128))).astype(np.float32)
+    want = dequantize_blocks(w8, s, (128, 128))
+    # the in-graph scale has one block axis: expand the other on the host first
+    s_out = np.repeat(s, 128, 1)[:, :in_dim]           # [ceil(out/128), in], blocks along out
+    s_in = np.repeat(s, 128, 0)[:out_dim]              # [out, ceil(in/128)], blocks along in
+    np.testing.assert_array_equal(np.asarray(dequantize(w8, s_out, 0, 128, np.float32)), want)
+    np.testing.assert_array_equal(np.asarray(dequantize(w8, s_in, 1, 128, np.float32)), want)
+    stacked = np.asarray(dequantize(np.stack([w8, w8]), np.stack([s_in, 2 * s_in]), -1, 128, np.float32))
+    np.testing.assert_array_equal(stacked[0], want)
+    np.testing.assert_array_equal(stacked[1], 2 * want)
 
 
 def test_quantize_memory_is_one_tensor_not_the_checkpoint(ckpts):
