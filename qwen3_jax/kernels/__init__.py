@@ -176,6 +176,8 @@ FP8_GEMM = {"w8a16": "f16", "w8a8": "e4m3", "auto": "auto"}
 # multiplied on the bf16 path; 0 = never. Projections: a bf16 copy + cuBLAS beats the W8A8 kernel
 # from 1k rows (run 56, H200: 1k prefill 30.83 ms with copies against 31.46 with W8A8
 # projections; 8k 203.1 against 214.0). Run 29 (H100) set 512 for the W8A16 kernel of then.
+# Run 163 (H200) again: copies 29.29 / 47.29 / 166.20 ms at 1k / 2k / 8k against W8A8
+# projections 30.97 / 53.03 / 202.65.
 FP8_DEQUANTIZE_MIN_ROWS = 512
 # The MoE (an MoE layer's assignments per expert held, which on a mesh counts every token's
 # assignments: an upper bound). The W8A8 grouped matmul beat the layer's bf16 copy at every size
