@@ -13,11 +13,17 @@ the blocks path holds them; every variant multiplies the same padded rows, and L
 distinct weights run in one call so the weights stream from HBM.
 
     python benchmarks/ragged_matmul.py --tokens 1024,8192
+    python benchmarks/ragged_matmul.py --fp8 --tokens 8192
+
+--fp8 times the FP8 checkpoints' form instead: the model's W8A8 grouped matmuls (e4m3 x and
+weights, block-128 scales, h quantized in the gate/up epilogue) against cuBLAS's e4m3 matmul of
+the same rows with one scale a tensor, next to the card's bf16 and e4m3 matmul rates.
 """
 
 import argparse
 import functools
 import inspect
+import math
 import os
 import sys
 
@@ -49,6 +55,10 @@ def main(argv=None):
                    help="ragged_dot_mgpu configs block_m:block_n:block_k:max_concurrent_steps:grid_block_n")
     p.add_argument("--triton-only", action="store_true",
                    help="the Triton kernel in its two grid orders (kernels.grouped_matmul n_first) only")
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 instead: the model's W8A8 grouped matmuls (e4m3 x and weights, block-128 scales) "
+                        "against cuBLAS's e4m3 matmul of the same rows (one scale a tensor), and the e4m3 "
+                        "matmul rate of this card")
     args = p.parse_args(argv)
 
     import jax
@@ -65,6 +75,8 @@ def main(argv=None):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
     e, d, f, k = args.experts, args.d, args.f, args.top_k
+    if args.fp8:
+        return fp8_main(args)
     rate = measure_ceilings(True)["matmul_flops"]
     print(f"device {jax.devices()[0].device_kind}; jax {jax.__version__}; E={e} D={d} F={f} top-{k}; "
           f"bf16 matmul {rate / 1e12:.1f} TFLOP/s (this run); ragged_dot_mgpu{inspect.signature(ragged_dot_mgpu.ragged_dot)}",
@@ -142,6 +154,89 @@ def main(argv=None):
                 continue
             print(f"  {name:28s} {1e6 * s / LAYERS:9.1f} us a layer  {100 * flops / s / rate:5.1f}% of matmul  "
                   f"rel. err {0.0 if name.startswith('cublas') else err:.1e}", flush=True)
+
+
+def fp8_main(args):
+    """--fp8: W8A8 gate/up (SwiGLU and the e4m3 quantize of h in its epilogue) + down, as the
+    model runs them (experts stored [E, out, in], one weight scale a tile), against cuBLAS on one
+    dense e4m3 matmul of the same rows; % of the bf16 and the e4m3 matmul rates of this run."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from qwen3_jax import kernels
+    from qwen3_jax.kernels.grouped_matmul import grouped_matmul, matmul_tiles
+    from qwen3_jax.kernels.moe_blocks import block_rows
+    from qwen3_jax.kernels.x_quantize import quantize_x
+    from serve.bench import best_seconds, measure_ceilings, median_seconds
+
+    e, d, f, k, blk = args.experts, args.d, args.f, args.top_k, 128
+    e4m3 = jnp.float8_e4m3fn
+    gpu = kernels.on_gpu()   # a CPU call (interpret mode, small --d / --f) only checks that it runs
+    rate = measure_ceilings(gpu)["matmul_flops"]
+    m = 8192 if gpu else 256
+    key = jax.random.split(jax.random.key(0), 8)
+    a8, b8 = (jax.random.normal(kk, (m, m), jnp.float32).astype(e4m3) for kk in key[:2])
+    nt = (((1,), (1,)), ((), ()))   # both operands K-contiguous: cuBLAS's e4m3 layout
+    mm8 = jax.jit(lambda p, q: jax.lax.dot_general(p, q, nt, preferred_element_type=jnp.bfloat16))
+    rate8 = 2 * m ** 3 / best_seconds(lambda: mm8(a8, b8), 20)
+    print(f"device {jax.devices()[0].device_kind}; jax {jax.__version__}; E={e} D={d} F={f} top-{k}; matmul "
+          f"bf16 {rate / 1e12:.1f}, e4m3 {rate8 / 1e12:.1f} TFLOP/s (this run)", flush=True)
+
+    def experts(kk, shape, coarse, run_axis):
+        """e4m3 weights [E, out, in] per layer and float32 scales expanded from `coarse` in runs of
+        blk along run_axis (a checkpoint's block scales as the model holds them)."""
+        kw, ks = jax.random.split(kk)
+        w = [jax.random.normal(kl, shape, jnp.float32).astype(e4m3) for kl in jax.random.split(kw, LAYERS)]
+        s = [jnp.repeat(jax.random.uniform(kl, coarse, jnp.float32, 0.01, 0.03), blk, axis=run_axis)
+             for kl in jax.random.split(ks, LAYERS)]
+        return w, s
+    gate, gs = experts(key[2], (e, f, d), (e, d // blk, f // blk), 2)   # layout "k" scales [E, D/blk, F]
+    up, us = experts(key[3], (e, f, d), (e, d // blk, f // blk), 2)
+    down, ds_ = experts(key[4], (e, d, f), (e, f // blk, d // blk), 1)  # layout "n" scales [E, F, D/blk]
+    weights = (gate, up, down, gs, us, ds_)
+
+    for tokens in [int(t) for t in args.tokens.split(",") if t]:
+        a = tokens * k
+        bm = block_rows(a, e)
+        sizes_np, real = padded_groups(tokens, e, k, bm)
+        rows = int(sizes_np.sum())
+        groups_b = jnp.asarray(np.repeat(np.arange(e, dtype=np.int32), sizes_np // bm))
+        x = jax.random.normal(key[5], (rows, d), jnp.float32).astype(jnp.bfloat16)
+        flops = 2 * a * d * 3 * f * LAYERS
+        t1 = matmul_tiles(d, f, bm, True, "k", blk, w_nk=True)
+        t2 = matmul_tiles(f, d, bm, True, "n", blk, w_nk=True)
+        t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], blk))
+        print(f"{tokens} tokens: {a} assignments, {rows} rows padded to bm={bm}; tiles gate/up {t1}, down {t2}",
+              flush=True)
+
+        def w8a8(x, gate, up, down, gs, us, ds_):
+            xq, sx = quantize_x(x, t1["bk"])
+            out = []
+            for i in range(LAYERS):
+                h, hs = grouped_matmul(xq, groups_b, (gate[i], up[i]), (gs[i], us[i]), bm=bm, layout="k", block=blk,
+                                       w_nk=True, x_scales=sx, quantize_out=True, scale_run=blk, **t1)
+                out.append(grouped_matmul(h, groups_b, (down[i],), (ds_[i],), bm=bm, layout="n", block=blk,
+                                          w_nk=True, x_scales=hs, **t2))
+            return out
+
+        def dense8(x, gate, up, down, gs, us, ds_):   # expert 0's weights for every row, one scale a tensor
+            xq = x.astype(e4m3)
+            out = []
+            for i in range(LAYERS):
+                gu = jax.lax.dot_general(xq, jnp.concatenate([gate[i][0], up[i][0]]), nt,
+                                         preferred_element_type=jnp.float32)
+                h = (jax.nn.silu(gu[:, :f]) * gu[:, f:] / 1024).astype(e4m3)   # inside e4m3's range
+                out.append(jax.lax.dot_general(h, down[i][0], nt, preferred_element_type=jnp.float32))
+            return out
+
+        for name, fn in (("triton W8A8 grouped_matmul", w8a8), ("cublas e4m3 dense (ceiling)", dense8)):
+            call = jax.jit(fn)
+            out = call(x, *weights)
+            ok = all(bool(jnp.isfinite(o).all()) for o in out)
+            s = median_seconds(lambda: call(x, *weights), args.reps)
+            print(f"  {name:28s} {1e6 * s / LAYERS:9.1f} us a layer  {100 * flops / s / rate:5.1f}% of bf16 matmul  "
+                  f"{100 * flops / s / rate8:5.1f}% of e4m3  finite {ok}", flush=True)
 
 
 def real_rows(sizes_np, real):
