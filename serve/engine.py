@@ -400,6 +400,8 @@ class Engine:
         # The step variants' extra pieces, compiled while the engine idles (see WARM_VARIANTS)
         self._idle_warmups = collections.deque(self._variant_warmups() if warmup and self.WARM_VARIANTS else ())
         self._idle_warm_s = 0.0
+        self._idle_compiles = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen3-idle-compile")
+        self._idle_compiling = 0   # prompt-logprobs forwards handed to that thread and not yet compiled
         self.variants_warm = threading.Event()   # set once none is left
         if not self._idle_warmups:
             self.variants_warm.set()
@@ -509,6 +511,7 @@ class Engine:
             return dst, (cache, *carry[1:])
 
         self._forwards = (prefill_forward, forwards)   # the compiles warmup() runs side by side
+        self._prompt_forward = prompt_forward
         steps = {"copy": copy_slot}
         for variant in STEP_VARIANTS:
             steps.update({f"prefill/{m}{variant}": prefill(m, variant) for m in SAMPLING_MODES})
@@ -621,22 +624,26 @@ class Engine:
     # compiles them while it idles instead, one step at a time, so a request arriving meanwhile
     # waits for one compile at most (run 133: 12 s of idle compiles for 30B at context 16k), and
     # last the prompt-logprobs forward (a whole prefill that also scores every position) per bucket.
+    # In one process those go to a compile thread (lowered, not run), so a request arriving
+    # meanwhile waits for none of them; with several, every rank runs them as steps.
     WARM_VARIANTS = True
 
-    def _variant_warmups(self) -> list[tuple[str, Callable[[], object]]]:
-        """[(what, launch)]: idle steps (every row past the context: nothing written) that compile
-        each decode batch size's logprobs and mask (greedy) and its penalized sampler per mode,
-        then the prefill's penalized samplers (fresh counts) and, without a batch size of 1, its
-        logprobs and mask, then each bucket's prompt-logprobs forward. Combined variants reuse
+    def _variant_warmups(self) -> list[tuple[str, Callable[[], object], bool]]:
+        """[(what, launch, background)]: idle steps (every row past the context: nothing written)
+        that compile each decode batch size's logprobs and mask (greedy) and its penalized sampler
+        per mode, then the prefill's penalized samplers (fresh counts) and, without a batch size of
+        1, its logprobs and mask, then each bucket's prompt-logprobs forward (background: in one
+        process, launch gives a lowering for the idle-compile thread). Combined variants reuse
         these pieces."""
         s, v = self.context_length, self.model.config.vocab_size
         jobs = []
         for b in self.decode_batch_sizes:
             idle = np.arange(self.num_slots - b, self.num_slots, dtype=np.int32)
             jobs.append((f"decode {b} logprobs+mask",
-                         functools.partial(self._decode_call, self.windows[0], idle, "greedy", "/logprobs/masked")))
+                         functools.partial(self._decode_call, self.windows[0], idle, "greedy", "/logprobs/masked"),
+                         False))
             jobs += [(f"decode {b} penalties {m}",
-                      functools.partial(self._decode_call, self.windows[0], idle, m, "/penalties"))
+                      functools.partial(self._decode_call, self.windows[0], idle, m, "/penalties"), False)
                      for m in SAMPLING_MODES]
         t = self.buckets[0]
 
@@ -644,35 +651,81 @@ class Engine:
             flags = np.full((1, s), v, np.int32) if "penalties" in variant else None
             return self._prefill_call(np.zeros((1, t), np.int32), np.full((1, t), s, np.int32), 0, 0, mode,
                                       variant, prompt_flags=flags)
-        jobs += [(f"prefill penalties {m}", functools.partial(prefill, m, "/penalties")) for m in SAMPLING_MODES]
+        jobs += [(f"prefill penalties {m}", functools.partial(prefill, m, "/penalties"), False)
+                 for m in SAMPLING_MODES]
         if 1 not in self.decode_batch_sizes:
-            jobs.append(("prefill logprobs+mask", functools.partial(prefill, "greedy", "/logprobs/masked")))
+            jobs.append(("prefill logprobs+mask", functools.partial(prefill, "greedy", "/logprobs/masked"), False))
 
         def prompt_prefill(t):
             return self._prefill_call(np.zeros((1, t), np.int32), np.full((1, t), s, np.int32), 0, 0, "greedy",
                                       prompt_targets=np.zeros((1, t), np.int32))
-        jobs += [(f"prefill {b} prompt logprobs", functools.partial(prompt_prefill, b)) for b in self.buckets]
+        background = self._channel is None
+        jobs += [(f"prefill {b} prompt logprobs",
+                  functools.partial(self._prompt_forward_lower if background else prompt_prefill, b), background)
+                 for b in self.buckets]
         return jobs
 
-    def _warm_one_variant(self, what: str, launch: Callable[[], object]):
+    def _prompt_forward_lower(self, t: int):
+        """-> a call lowering the prompt-logprobs forward of a T-token chunk as _prefill_call's
+        step calls it, the cache given by its shapes and shardings (taken now: the scheduler
+        donates it meanwhile). The idle-compile thread lowers and compiles it; the step's first
+        call then finds it compiled."""
+        zeros = functools.partial(np.zeros, dtype=np.int32)
+        cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self._carry[0])
+        return functools.partial(self._prompt_forward.lower, self.model.state, cache, zeros((1, t)), zeros((1, t)),
+                                 zeros(1), zeros(1), zeros((1, t)))
+
+    def _warm_one_variant(self, what: str, launch: Callable[[], object], background: bool):
         """Run one idle warm-up step (scheduler thread, engine idle) and log when the last is done.
         A compile that fails leaves the engine serving (a request asking for that variant meets
         the error then, as it would have without the warm-up); a step that failed after taking the
         cache (donated, now deleted) ends it, as any failed step does."""
         t0 = time.perf_counter()
         try:
-            jax.block_until_ready(launch())
-            log.debug("compiled the %s step variant while idle", what)
+            if background:   # lowered and compiled on the idle-compile thread
+                lower = launch()
+                with self._cv:
+                    self._idle_compiling += 1
+                try:
+                    self._idle_compiles.submit(self._compile_while_idle, what, lower)
+                except RuntimeError:   # the engine shut down meanwhile
+                    with self._cv:
+                        self._idle_compiling -= 1
+                    raise
+            else:
+                jax.block_until_ready(launch())
+                log.debug("compiled the %s step variant while idle", what)
         except Exception:
             if any(a.is_deleted() for a in jax.tree.leaves(self._carry)):
                 raise
             log.warning("could not compile the %s step variant while idle; a request asking for it will compile "
                         "it at its first step", what, exc_info=True)
-        self._idle_warm_s += time.perf_counter() - t0
-        if not self._idle_warmups:
-            log.info("compiled the step variants (logprobs, penalties, structured-output masks) at batch sizes %s "
-                     "and prompt logprobs' forwards while idle, in %.1fs", self.decode_batch_sizes, self._idle_warm_s)
+        with self._cv:
+            self._idle_warm_s += time.perf_counter() - t0
+        self._warmed_one()
+
+    def _compile_while_idle(self, what: str, lower: Callable[[], object]):
+        """The idle-compile thread: one forward lowered and compiled while the scheduler serves."""
+        t0 = time.perf_counter()
+        try:
+            lower().compile()
+            log.debug("compiled the %s forward on the idle-compile thread", what)
+        except Exception:
+            log.warning("could not compile the %s forward on the idle-compile thread; a request asking for it "
+                        "will compile it at its first step", what, exc_info=True)
+        with self._cv:
+            self._idle_warm_s += time.perf_counter() - t0
+            self._idle_compiling -= 1
+        self._warmed_one()
+
+    def _warmed_one(self):
+        """After each idle warm-up: the last one (steps and compiles) logs and sets variants_warm."""
+        with self._cv:
+            if self._idle_warmups or self._idle_compiling or self.variants_warm.is_set():
+                return
             self.variants_warm.set()
+        log.info("compiled the step variants (logprobs, penalties, structured-output masks) at batch sizes %s "
+                 "and prompt logprobs' forwards while idle, in %.1fs", self.decode_batch_sizes, self._idle_warm_s)
 
     # -- submission (any thread) -------------------------------------------------------------
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -858,6 +911,8 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        if hasattr(self, "_idle_compiles"):   # at most the one compile in flight is waited for
+            self._idle_compiles.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self):
         return self

@@ -244,6 +244,31 @@ def test_warmup_compiles_each_forward_once_on_threads(ckpt, monkeypatch, caplog)
         eng.shutdown()
 
 
+def test_prompt_logprobs_forwards_compile_beside_the_scheduler(ckpt, monkeypatch):
+    """In one process the idle warm-up hands each bucket's prompt-logprobs forward to the
+    idle-compile thread: a request arriving while one compiles (held here) is served meanwhile,
+    and variants_warm is set only once the compiles are done."""
+    started, release = threading.Event(), threading.Event()
+    compile_one = Engine._compile_while_idle
+
+    def held(self, what, lower):
+        started.set()
+        release.wait(120)
+        compile_one(self, what, lower)
+    monkeypatch.setattr(Engine, "_compile_while_idle", held)
+    eng = Engine(ckpt, dtype="float32", context_length=128, max_running_requests=2, chunked_prefill_size=32,
+                 progress=False)
+    try:
+        assert started.wait(120)   # the warm-up reached the prompt-logprobs forwards
+        out = eng.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+        assert len(out.token_ids) == 4 and not eng.variants_warm.is_set()
+        release.set()
+        assert eng.variants_warm.wait(120)
+    finally:
+        release.set()
+        eng.shutdown()
+
+
 @pytest.mark.parametrize("warm", [True, False])
 def test_step_variants_compile_while_the_engine_idles(ckpt, monkeypatch, caplog, warm):
     """Engine.WARM_VARIANTS: after the warm-up the idle engine compiles the logprobs, penalties
@@ -295,8 +320,9 @@ def test_step_variants_warm_without_a_tokenizer(ckpt):
 
 
 def test_a_variant_that_fails_to_compile_while_idle_leaves_the_engine_serving(ckpt, monkeypatch, caplog):
-    """An idle warm-up step whose compile fails (its cache untouched) is logged as a warning and
-    the engine goes on: the next warm-ups run and requests are served."""
+    """An idle warm-up step whose compile fails (its cache untouched), and a forward that fails to
+    compile on the idle-compile thread, are logged as warnings and the engine goes on: the next
+    warm-ups run, variants_warm is set and requests are served."""
     import logging
 
     real = Engine._variant_warmups
@@ -304,7 +330,7 @@ def test_a_variant_that_fails_to_compile_while_idle_leaves_the_engine_serving(ck
     def with_a_failure(self):
         def broken():
             raise RuntimeError("compile failed (test)")
-        return [("broken", broken)] + real(self)
+        return [("broken", broken, False), ("broken lowering", lambda: broken, True)] + real(self)
     monkeypatch.setattr(Engine, "_variant_warmups", with_a_failure)
     caplog.set_level(logging.WARNING, logger="serve.engine")
     eng = Engine(ckpt, dtype="float32", context_length=128, max_running_requests=2, chunked_prefill_size=32,
@@ -312,6 +338,8 @@ def test_a_variant_that_fails_to_compile_while_idle_leaves_the_engine_serving(ck
     try:
         assert eng.variants_warm.wait(120) and eng.error is None
         assert any("could not compile the broken step variant" in r.getMessage() for r in caplog.records)
+        assert any("could not compile the broken lowering forward on the idle-compile thread" in r.getMessage()
+                   for r in caplog.records)
         out = eng.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
         assert len(out.token_ids) == 4
     finally:
