@@ -716,6 +716,7 @@ class Engine:
         with self._cv:
             self._idle_warm_s += time.perf_counter() - t0
             self._idle_compiling -= 1
+            self._cv.notify_all()   # the scheduler may hand over the next one
         self._warmed_one()
 
     def _warmed_one(self):
@@ -941,6 +942,9 @@ class Engine:
                     while not (self._stopping or self._pending or self._cancels or self._prefilling
                                or self.num_running):
                         if self._idle_warmups:   # idle: one variant's compile, outside the lock
+                            if self._idle_warmups[0][2] and self._idle_compiling:
+                                self._cv.wait()   # one forward at a time on the idle-compile thread
+                                continue
                             warm = self._idle_warmups.popleft()
                             break
                         if self._channel is None:
