@@ -43,6 +43,25 @@ def padded_groups(tokens: int, experts: int, top_k: int, bm: int, seed: int = 0)
     return (-(-real // bm) * bm).astype(np.int32), real
 
 
+def prompt_rows(tokens: int, args, key):
+    """A `tokens`-token prompt's MoE rows as the blocks path holds them -> (assignments, bm, rows
+    per expert padded to bm [E] and real ones [E] (numpy), each block's expert [NB] int32, x [rows,
+    D] bf16 random, the FLOPs of LAYERS layers' gate/up + down over the real assignments)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from qwen3_jax.kernels.moe_blocks import block_rows
+
+    e, k = args.experts, args.top_k
+    a = tokens * k
+    bm = block_rows(a, e)
+    sizes_np, real = padded_groups(tokens, e, k, bm)
+    groups_b = jnp.asarray(np.repeat(np.arange(e, dtype=np.int32), sizes_np // bm))
+    x = jax.random.normal(key, (int(sizes_np.sum()), args.d), jnp.float32).astype(jnp.bfloat16)
+    return a, bm, sizes_np, real, groups_b, x, 2 * a * args.d * 3 * args.f * LAYERS
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="1024,8192", help="prompt lengths, comma-separated")
@@ -67,7 +86,6 @@ def main(argv=None):
 
     from qwen3_jax import kernels
     from qwen3_jax.kernels.grouped_matmul import grouped_matmul, matmul_tiles
-    from qwen3_jax.kernels.moe_blocks import block_rows
     from serve.bench import measure_ceilings, median_seconds
 
     if not kernels.on_gpu():
@@ -96,14 +114,8 @@ def main(argv=None):
         return (jax.nn.silu(h[:, :f].astype(jnp.float32)) * h[:, f:].astype(jnp.float32)).astype(jnp.bfloat16)
 
     for tokens in [int(t) for t in args.tokens.split(",") if t]:
-        a = tokens * k
-        bm = block_rows(a, e)
-        sizes_np, real = padded_groups(tokens, e, k, bm)
-        rows = int(sizes_np.sum())
-        sizes = jnp.asarray(sizes_np)
-        groups_b = jnp.asarray(np.repeat(np.arange(e, dtype=np.int32), sizes_np // bm))
-        x = jax.random.normal(key[2], (rows, d), jnp.float32).astype(jnp.bfloat16)
-        flops = 2 * a * d * 3 * f * LAYERS   # the real assignments' products
+        a, bm, sizes_np, real, groups_b, x, flops = prompt_rows(tokens, args, key[2])
+        rows, sizes = x.shape[0], jnp.asarray(sizes_np)
         t1 = matmul_tiles(d, f, bm, False, "k", 128)
         t2 = matmul_tiles(f, d, bm, False, "n", 128)
         print(f"{tokens} tokens: {a} assignments, {rows} rows padded to bm={bm} (max {real.max()} / min "
@@ -162,11 +174,9 @@ def fp8_main(args):
     dense e4m3 matmul of the same rows; % of the bf16 and the e4m3 matmul rates of this run."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from qwen3_jax import kernels
     from qwen3_jax.kernels.grouped_matmul import grouped_matmul, matmul_tiles
-    from qwen3_jax.kernels.moe_blocks import block_rows
     from qwen3_jax.kernels.x_quantize import quantize_x
     from serve.bench import best_seconds, measure_ceilings, median_seconds
 
@@ -197,13 +207,8 @@ def fp8_main(args):
     weights = (gate, up, down, gs, us, ds_)
 
     for tokens in [int(t) for t in args.tokens.split(",") if t]:
-        a = tokens * k
-        bm = block_rows(a, e)
-        sizes_np, real = padded_groups(tokens, e, k, bm)
-        rows = int(sizes_np.sum())
-        groups_b = jnp.asarray(np.repeat(np.arange(e, dtype=np.int32), sizes_np // bm))
-        x = jax.random.normal(key[5], (rows, d), jnp.float32).astype(jnp.bfloat16)
-        flops = 2 * a * d * 3 * f * LAYERS
+        a, bm, _, _, groups_b, x, flops = prompt_rows(tokens, args, key[5])
+        rows = x.shape[0]
         t1 = matmul_tiles(d, f, bm, True, "k", blk, w_nk=True)
         t2 = matmul_tiles(f, d, bm, True, "n", blk, w_nk=True)
         t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], blk))

@@ -34,18 +34,20 @@ SCALE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.
 
 
 def dequantize(w8, scale, block_axis: int, block: int, dtype):
-    """w8 [..., D, ...] float8 with scale [..., ceil(D/block), ...] float32 -> dtype, same shape as w8."""
-    size = w8.shape[block_axis]
+    """w8 [..., D, ...] float8 with scale [..., ceil(D/block), ...] float32 -> dtype, same shape as w8.
+
+    The block axis split into (blocks, block) and the scale broadcast over it: one elementwise
+    fusion. (A repeat of the scales, its form before, lowered to a scatter, a cumulative sum and
+    a gather every layer inside the prefill's projection copies: run 163, benchmarks/NOTES.md.)
+    A partial edge block is zero-padded first and sliced off after."""
     axis = block_axis % w8.ndim
-    if size == scale.shape[axis] * block:
-        # whole blocks: the scale broadcast over a split axis, one elementwise fusion; the repeat
-        # below lowers to a scatter, a cumulative sum and a gather of the scales inside the
-        # prefill's projection copies (run 163's compiled HLO, benchmarks/NOTES.md)
-        split = w8.reshape(w8.shape[:axis] + (scale.shape[axis], block) + w8.shape[axis + 1:])
-        return (split.astype(jnp.float32) * jnp.expand_dims(scale, axis + 1)).reshape(w8.shape).astype(dtype)
-    expanded = jnp.repeat(scale, block, axis=block_axis, total_repeat_length=scale.shape[block_axis] * block)
-    expanded = jax_slice(expanded, block_axis, size)
-    return (w8.astype(jnp.float32) * expanded).astype(dtype)
+    size, blocks = w8.shape[axis], scale.shape[axis]
+    w = w8.astype(jnp.float32)
+    if blocks * block != size:
+        w = jnp.pad(w, [(0, blocks * block - size) if a == axis else (0, 0) for a in range(w.ndim)])
+    split = w.reshape(w.shape[:axis] + (blocks, block) + w.shape[axis + 1:])
+    out = (split * jnp.expand_dims(scale, axis + 1)).reshape(w.shape)
+    return jax_slice(out, axis, size).astype(dtype)
 
 
 def jax_slice(x, axis: int, size: int):

@@ -392,6 +392,8 @@ class Engine:
         self.prefix_copies = 0    # slot rows copied from a busy slot holding a longer prompt start
         self.decode_batches: dict[int, int] = {}   # decode steps run per batch size
         self.finish_hooks: list[Callable[[Request], None]] = []  # called on the scheduler thread
+        self._idle_compiles = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen3-idle-compile")
+        self._idle_compiling = 0   # prompt-logprobs forwards handed to that thread and not yet compiled
         if self._channel is not None and not self._channel.leader:
             self._thread = None  # a follower: no scheduler; follow() runs rank 0's steps, its warm-up too
             return
@@ -400,8 +402,6 @@ class Engine:
         # The step variants' extra pieces, compiled while the engine idles (see WARM_VARIANTS)
         self._idle_warmups = collections.deque(self._variant_warmups() if warmup and self.WARM_VARIANTS else ())
         self._idle_warm_s = 0.0
-        self._idle_compiles = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen3-idle-compile")
-        self._idle_compiling = 0   # prompt-logprobs forwards handed to that thread and not yet compiled
         self.variants_warm = threading.Event()   # set once none is left
         if not self._idle_warmups:
             self.variants_warm.set()
@@ -912,8 +912,7 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
-        if hasattr(self, "_idle_compiles"):   # at most the one compile in flight is waited for
-            self._idle_compiles.shutdown(wait=True, cancel_futures=True)
+        self._idle_compiles.shutdown(wait=True, cancel_futures=True)   # at most the one compile in flight
 
     def __enter__(self):
         return self

@@ -247,7 +247,8 @@ def test_warmup_compiles_each_forward_once_on_threads(ckpt, monkeypatch, caplog)
 def test_prompt_logprobs_forwards_compile_beside_the_scheduler(ckpt, monkeypatch):
     """In one process the idle warm-up hands each bucket's prompt-logprobs forward to the
     idle-compile thread: a request arriving while one compiles (held here) is served meanwhile,
-    and variants_warm is set only once the compiles are done."""
+    with the tokens the same prompt gets once the compiles are done, and variants_warm is set
+    only then."""
     started, release = threading.Event(), threading.Event()
     compile_one = Engine._compile_while_idle
 
@@ -260,10 +261,12 @@ def test_prompt_logprobs_forwards_compile_beside_the_scheduler(ckpt, monkeypatch
                  progress=False)
     try:
         assert started.wait(120)   # the warm-up reached the prompt-logprobs forwards
-        out = eng.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+        greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        out = eng.generate([5, 6, 7], greedy)[0]
         assert len(out.token_ids) == 4 and not eng.variants_warm.is_set()
         release.set()
         assert eng.variants_warm.wait(120)
+        assert eng.generate([5, 6, 7], greedy)[0].token_ids == out.token_ids
     finally:
         release.set()
         eng.shutdown()

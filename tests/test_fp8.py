@@ -135,8 +135,8 @@ def test_quantized_checkpoint_has_qwens_layout(ckpts):
 
 @pytest.mark.parametrize("out_dim,in_dim", [(256, 384), (200, 300)])
 def test_in_graph_dequantize_equals_the_host_one(out_dim, in_dim):
-    """fp8.dequantize (the model's in-graph form: whole blocks broadcast over a split axis, a
-    partial edge block through the repeat) equals dequantize_blocks on the host, bit for bit,
+    """fp8.dequantize (the model's in-graph form: the scale broadcast over the split block axis, a
+    partial edge block padded first) equals dequantize_blocks on the host, bit for bit,
     along either axis of a [out, in] weight and with a leading layer axis (a negative block axis)."""
     rng = np.random.default_rng(5)
     w8 = rng.standard_normal((out_dim, in_dim)).astype(ml_dtypes.float8_e4m3fn)

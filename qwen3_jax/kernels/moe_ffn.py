@@ -206,10 +206,10 @@ def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
         # moved); h leaves the gate/up kernel quantized in groups of its tile width, which the
         # down's K steps must divide, as they must stay inside one scale run; gate/up's N tiles
         # inside one run read one weight scale a K step (grouped_matmul's scale_run)
+        run = arrays.scale_run or arrays.block
         xq, sx = quantize_x(x_nd, t1["bk"])
-        xs, in1 = rows_of(xq), dict(x_scales=rows_of(sx), quantize_out=True,
-                                    scale_run=arrays.scale_run or arrays.block)
-        t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], arrays.scale_run or arrays.block))
+        xs, in1 = rows_of(xq), dict(x_scales=rows_of(sx), quantize_out=True, scale_run=run)
+        t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], run))
     else:
         # f16 MMA (FP8 weights): x converted once here, not per tile in the kernel; h comes out f16
         xs, in1 = rows_of(materialize(x_nd).astype(jnp.float16 if t1["convert"] == "f16" else x_nd.dtype)), {}
