@@ -23,6 +23,7 @@ the same rows with one scale a tensor, next to the card's bf16 and e4m3 matmul r
 import argparse
 import functools
 import inspect
+import json
 import math
 import os
 import sys
@@ -43,10 +44,12 @@ def padded_groups(tokens: int, experts: int, top_k: int, bm: int, seed: int = 0)
     return (-(-real // bm) * bm).astype(np.int32), real
 
 
-def prompt_rows(tokens: int, args, key):
+def prompt_rows(tokens: int, args, key, bm: int | None = None):
     """A `tokens`-token prompt's MoE rows as the blocks path holds them -> (assignments, bm, rows
     per expert padded to bm [E] and real ones [E] (numpy), each block's expert [NB] int32, x [rows,
-    D] bf16 random, the FLOPs of LAYERS layers' gate/up + down over the real assignments)."""
+    D] bf16, the FLOPs of LAYERS layers' gate/up + down over the real assignments). bm: the block
+    height (default: the model's, moe_blocks.block_rows). The real rows hold the same random values
+    whatever bm pads them to (pad rows are zero), so outputs of different bm compare row for row."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -55,10 +58,11 @@ def prompt_rows(tokens: int, args, key):
 
     e, k = args.experts, args.top_k
     a = tokens * k
-    bm = block_rows(a, e)
+    bm = bm or block_rows(a, e)
     sizes_np, real = padded_groups(tokens, e, k, bm)
     groups_b = jnp.asarray(np.repeat(np.arange(e, dtype=np.int32), sizes_np // bm))
-    x = jax.random.normal(key, (int(sizes_np.sum()), args.d), jnp.float32).astype(jnp.bfloat16)
+    x_real = jax.random.normal(key, (a, args.d), jnp.float32).astype(jnp.bfloat16)
+    x = jnp.zeros((int(sizes_np.sum()), args.d), jnp.bfloat16).at[np.flatnonzero(real_rows(sizes_np, real))].set(x_real)
     return a, bm, sizes_np, real, groups_b, x, 2 * a * args.d * 3 * args.f * LAYERS
 
 
@@ -78,6 +82,10 @@ def main(argv=None):
                    help="FP8 instead: the model's W8A8 grouped matmuls (e4m3 x and weights, block-128 scales) "
                         "against cuBLAS's e4m3 matmul of the same rows (one scale a tensor), and the e4m3 "
                         "matmul rate of this card")
+    p.add_argument("--variants", default="[{}]",
+                   help='--fp8: a JSON list of gate/up tile overrides (kernels.grouped_matmul.matmul_tiles keys, '
+                        '"bm" for the block height, "down" for the down\'s own), e.g. '
+                        '\'[{}, {"serial_pair": true}, {"bm": 64, "num_warps": 4}]\'')
     args = p.parse_args(argv)
 
     import jax
@@ -174,6 +182,7 @@ def fp8_main(args):
     dense e4m3 matmul of the same rows; % of the bf16 and the e4m3 matmul rates of this run."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from qwen3_jax import kernels
     from qwen3_jax.kernels.grouped_matmul import grouped_matmul, matmul_tiles
@@ -207,23 +216,42 @@ def fp8_main(args):
     weights = (gate, up, down, gs, us, ds_)
 
     for tokens in [int(t) for t in args.tokens.split(",") if t]:
-        a, bm, _, _, groups_b, x, flops = prompt_rows(tokens, args, key[5])
-        rows = x.shape[0]
-        t1 = matmul_tiles(d, f, bm, True, "k", blk, w_nk=True)
-        t2 = matmul_tiles(f, d, bm, True, "n", blk, w_nk=True)
-        t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], blk))
-        print(f"{tokens} tokens: {a} assignments, {rows} rows padded to bm={bm}; tiles gate/up {t1}, down {t2}",
-              flush=True)
+        ref = None
+        for v in json.loads(args.variants):
+            v = dict(v)
+            bm_v, dn = v.pop("bm", None), v.pop("down", {})
+            a, bm, sizes_np, real, groups_b, x, flops = prompt_rows(tokens, args, key[5], bm_v)
+            t1 = matmul_tiles(d, f, bm, True, "k", blk, w_nk=True, **v)
+            t2 = matmul_tiles(f, d, bm, True, "n", blk, w_nk=True, **dn)
+            t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], blk))
+            print(f"{tokens} tokens: {a} assignments, {x.shape[0]} rows padded to bm={bm}; tiles gate/up {t1}, "
+                  f"down {t2}", flush=True)
 
-        def w8a8(x, gate, up, down, gs, us, ds_):
-            xq, sx = quantize_x(x, t1["bk"])
-            out = []
-            for i in range(LAYERS):
-                h, hs = grouped_matmul(xq, groups_b, (gate[i], up[i]), (gs[i], us[i]), bm=bm, layout="k", block=blk,
+            def gate_up(x, gate, up, gs, us, t1=t1, bm=bm, groups_b=groups_b):   # -> [(h, its scales)] a layer
+                xq, sx = quantize_x(x, t1["bk"])
+                return [grouped_matmul(xq, groups_b, (gate[i], up[i]), (gs[i], us[i]), bm=bm, layout="k", block=blk,
                                        w_nk=True, x_scales=sx, quantize_out=True, scale_run=blk, **t1)
-                out.append(grouped_matmul(h, groups_b, (down[i],), (ds_[i],), bm=bm, layout="n", block=blk,
-                                          w_nk=True, x_scales=hs, **t2))
-            return out
+                        for i in range(LAYERS)]
+
+            def w8a8(x, gate, up, down, gs, us, ds_, gate_up=gate_up, t2=t2, bm=bm, groups_b=groups_b):
+                return [grouped_matmul(h, groups_b, (down[i],), (ds_[i],), bm=bm, layout="n", block=blk, w_nk=True,
+                                       x_scales=hs, **t2)
+                        for i, (h, hs) in enumerate(gate_up(x, gate, up, gs, us))]
+
+            mask = real_rows(sizes_np, real)
+            try:
+                call, call_gu = jax.jit(w8a8), jax.jit(gate_up)
+                out = [np.asarray(o, np.float32)[mask] for o in call(x, *weights)]
+                s = median_seconds(lambda: call(x, *weights), args.reps)
+                s_gu = median_seconds(lambda: call_gu(x, gate, up, gs, us), args.reps)
+            except Exception as exc:   # a tiling over shared memory or registers
+                print(f"  FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                continue
+            ref = out if ref is None else ref
+            err = max(float(np.linalg.norm(o - r) / np.linalg.norm(r)) for o, r in zip(out, ref))
+            print(f"  {'triton W8A8 grouped_matmul':28s} {1e6 * s / LAYERS:9.1f} us a layer  {100 * flops / s / rate:5.1f}% "
+                  f"of bf16 matmul  {100 * flops / s / rate8:5.1f}% of e4m3  (gate/up {1e6 * s_gu / LAYERS:.1f} us)  "
+                  f"rel. err against the first variant {err:.1e}", flush=True)
 
         def dense8(x, gate, up, down, gs, us, ds_):   # expert 0's weights for every row, one scale a tensor
             xq = x.astype(e4m3)
@@ -235,13 +263,11 @@ def fp8_main(args):
                 out.append(jax.lax.dot_general(h, down[i][0], nt, preferred_element_type=jnp.float32))
             return out
 
-        for name, fn in (("triton W8A8 grouped_matmul", w8a8), ("cublas e4m3 dense (ceiling)", dense8)):
-            call = jax.jit(fn)
-            out = call(x, *weights)
-            ok = all(bool(jnp.isfinite(o).all()) for o in out)
-            s = median_seconds(lambda: call(x, *weights), args.reps)
-            print(f"  {name:28s} {1e6 * s / LAYERS:9.1f} us a layer  {100 * flops / s / rate:5.1f}% of bf16 matmul  "
-                  f"{100 * flops / s / rate8:5.1f}% of e4m3  finite {ok}", flush=True)
+        call = jax.jit(dense8)
+        ok = all(bool(jnp.isfinite(o).all()) for o in call(x, *weights))
+        s = median_seconds(lambda: call(x, *weights), args.reps)
+        print(f"  {'cublas e4m3 dense (ceiling)':28s} {1e6 * s / LAYERS:9.1f} us a layer  {100 * flops / s / rate:5.1f}% "
+              f"of bf16 matmul  {100 * flops / s / rate8:5.1f}% of e4m3  finite {ok}", flush=True)
 
 
 def real_rows(sizes_np, real):

@@ -435,9 +435,11 @@ def test_grouped_matmul_w8a8_on_prequantized_x(layout, scale_run, storage):
                                                        x_scales=quantize_rows(x, 128)[1]))
 
 
-def test_grouped_matmul_w8a8_pair_leaves_the_silu_product_quantized():
+@pytest.mark.parametrize("serial_pair", [False, True])
+def test_grouped_matmul_w8a8_pair_leaves_the_silu_product_quantized(serial_pair):
     """quantize_out=True: the gate/up pair's silu(g) * u leaves as e4m3 with one float32 scale
-    per row of each bn-wide tile (amax / 448), ready for the down's W8A8 matmul."""
+    per row of each bn-wide tile (amax / 448), ready for the down's W8A8 matmul; the same with
+    gate's and up's K loops one after the other (serial_pair)."""
     rng = np.random.default_rng(10)
     bm, block, bn = 16, 64, 32
     x = jnp.asarray(rng.standard_normal((3 * bm, 128)), jnp.bfloat16)
@@ -446,7 +448,7 @@ def test_grouped_matmul_w8a8_pair_leaves_the_silu_product_quantized():
     xq, sx = quantize_rows(x, 64)
     hq, hs = grouped_matmul(xq, groups, (g8, u8), (jnp.swapaxes(gs, 1, 2), jnp.swapaxes(us, 1, 2)), bm=bm,
                             layout="k", block=block, bn=bn, bk=32, convert="e4m3", w_nk=True, x_scales=sx,
-                            quantize_out=True)
+                            quantize_out=True, serial_pair=serial_pair)
     assert hq.dtype == jnp.float8_e4m3fn and hs.shape == (3 * bm, 64 // bn)
     a, u = (_w8a8_emulation(xq[:2 * bm], sx[:2 * bm], jnp.swapaxes(dequantize(w, sc, 2, block, jnp.float32), 1, 2),
                             groups[:2], bm) for w, sc in ((g8, gs), (u8, us)))

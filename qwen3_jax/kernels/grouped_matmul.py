@@ -57,6 +57,10 @@ per-K-row values repeat in runs of the checkpoint's block (model.Weight.fp8_scal
 divides that run and the K width held here (the callers, moe_ffn.py and linear.py, choose so).
 Layout "k" does the same when the caller passes scale_run, the run of equal expanded scales
 along N, and bn divides it: the step's product is then scaled by one number per row.
+serial_pair=True (a pair): gate's whole K loop runs, then up's, rather than both weights a K step.
+Only one MMA product is in flight at a time (W8A8 holds each step's float32 product beside the
+two accumulators before scaling it in: [bm, bn] x 4 values at once without this), at the cost of
+reading x's tiles twice.
 quantize_out=True (a pair, e4m3): the silu product leaves quantized for the next W8A8 matmul, e4m3
 [R, N] and float32 scales [R, N // bn], one group per output tile.
 """
@@ -79,11 +83,12 @@ F16_SCALE_PRE = 1024.0   # keeps an FP8 block scale a normal f16 number (module 
 
 @functools.partial(jax.jit, static_argnames=("bm", "layout", "block", "bn", "bk", "num_warps",
                                              "num_stages", "convert", "w_nk", "w_lhs", "quantize_out",
-                                             "k_splits", "concat", "n_first", "scale_run", "interpret"))
+                                             "k_splits", "concat", "n_first", "scale_run", "serial_pair",
+                                             "interpret"))
 def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", block=128, bn=64, bk=64,
                    num_warps=4, num_stages=3, convert="cast", w_nk=False, w_lhs=False, x_scales=None,
-                   quantize_out=False, k_splits=1, concat=False, n_first=False, scale_run=None, rows=None,
-                   block_valid=None, interpret=None):
+                   quantize_out=False, k_splits=1, concat=False, n_first=False, scale_run=None, serial_pair=False,
+                   rows=None, block_valid=None, interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
@@ -244,7 +249,10 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
 
         @pl.when(g >= 0)
         def _compute():
-            accs = tile(w_refs, s_refs, n0)
+            if pair and serial_pair:   # gate's K loop, then up's: one product in flight, not two
+                accs = tile(w_refs[:1], s_refs[:1], n0) + tile(w_refs[1:], s_refs[1:], n0)
+            else:
+                accs = tile(w_refs, s_refs, n0)
             if pair:
                 a, u = accs
                 res = a / (1.0 + jnp.exp(-a)) * u
@@ -338,4 +346,5 @@ def matmul_tiles(k_dim: int, n_dim: int, bm: int, fp8: bool, layout: str, block:
     if bn_t is None or bk_t is None:
         return None
     return dict(bn=bn_t, bk=bk_t, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                convert=convert, w_lhs=bool(cfg.get("w_lhs")) and fp8 and w_nk, n_first=bool(cfg.get("n_first")))
+                convert=convert, w_lhs=bool(cfg.get("w_lhs")) and fp8 and w_nk, n_first=bool(cfg.get("n_first")),
+                serial_pair=bool(cfg.get("serial_pair")))

@@ -81,12 +81,16 @@ def expert_blocks(experts_nk, num_experts: int, bm: int, first_expert=0) -> Expe
     return ExpertBlocks(rows=rows, groups=groups, pos=jnp.where(here, pos, 0), here=here)
 
 
+# The tallest block; benchmarks set it lower to time smaller tiles at prefill sizes.
+MAX_BLOCK_ROWS = 128
+
+
 def block_rows(assignments: int, num_experts: int) -> int:
-    """Block height for grouped_matmul: about the mean rows per expert, 16..128 (tensor-core
-    tiles need 16; past 128 a bigger tile buys little)."""
+    """Block height for grouped_matmul: about the mean rows per expert, 16..MAX_BLOCK_ROWS
+    (tensor-core tiles need 16; past 128 a bigger tile buys little)."""
     mean = max(assignments // max(num_experts, 1), 1)
     bm = 16
-    while bm < 128 and bm < mean:
+    while bm < MAX_BLOCK_ROWS and bm < mean:
         bm *= 2
     return bm
 
