@@ -35,21 +35,25 @@ LAYERS = 4
 
 def padded_groups(tokens: int, experts: int, top_k: int, bm: int, seed: int = 0):
     """Random top-k routing of `tokens` tokens -> (rows per expert padded to multiples of bm [E],
-    real assignments per expert [E]) as numpy int32."""
+    real assignments per expert [E], each assignment's token in expert order [tokens * top_k]) as
+    numpy int32."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     choice = np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k]   # k distinct experts a token
     real = np.bincount(choice.reshape(-1), minlength=experts).astype(np.int32)
-    return (-(-real // bm) * bm).astype(np.int32), real
+    token_of = (np.argsort(choice.reshape(-1), kind="stable") // top_k).astype(np.int32)
+    return (-(-real // bm) * bm).astype(np.int32), real, token_of
 
 
 def prompt_rows(tokens: int, args, key, bm: int | None = None):
     """A `tokens`-token prompt's MoE rows as the blocks path holds them -> (assignments, bm, rows
     per expert padded to bm [E] and real ones [E] (numpy), each block's expert [NB] int32, x [rows,
-    D] bf16, the FLOPs of LAYERS layers' gate/up + down over the real assignments). bm: the block
-    height (default: the model's, moe_blocks.block_rows). The real rows hold the same random values
-    whatever bm pads them to (pad rows are zero), so outputs of different bm compare row for row."""
+    D] bf16 (pad rows zero), the FLOPs of LAYERS layers' gate/up + down over the real assignments,
+    and the model's gathered form: (the tokens' x [tokens, D] bf16, the token each padded row
+    reads [rows] int32 (pad rows: 0), real rows a block [NB] int32)). bm: the block height
+    (default: the model's, moe_blocks.block_rows). The tokens and their routing do not depend on
+    bm, so outputs of different bm compare row for row over the real rows."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -59,11 +63,16 @@ def prompt_rows(tokens: int, args, key, bm: int | None = None):
     e, k = args.experts, args.top_k
     a = tokens * k
     bm = bm or block_rows(a, e)
-    sizes_np, real = padded_groups(tokens, e, k, bm)
+    sizes_np, real, token_of = padded_groups(tokens, e, k, bm)
     groups_b = jnp.asarray(np.repeat(np.arange(e, dtype=np.int32), sizes_np // bm))
-    x_real = jax.random.normal(key, (a, args.d), jnp.float32).astype(jnp.bfloat16)
-    x = jnp.zeros((int(sizes_np.sum()), args.d), jnp.bfloat16).at[np.flatnonzero(real_rows(sizes_np, real))].set(x_real)
-    return a, bm, sizes_np, real, groups_b, x, 2 * a * args.d * 3 * args.f * LAYERS
+    x_tok = jax.random.normal(key, (tokens, args.d), jnp.float32).astype(jnp.bfloat16)
+    rows = np.zeros(int(sizes_np.sum()), np.int32)
+    rows[real_rows(sizes_np, real)] = token_of
+    valid = np.minimum(np.maximum(np.repeat(real, sizes_np // bm) - (np.arange(len(groups_b)) - np.repeat(
+        np.concatenate([[0], np.cumsum(sizes_np // bm)[:-1]]), sizes_np // bm)) * bm, 0), bm).astype(np.int32)
+    x = jnp.where(jnp.asarray(real_rows(sizes_np, real))[:, None], x_tok[rows], 0).astype(jnp.bfloat16)
+    gathered = (x_tok, jnp.asarray(rows), jnp.asarray(valid))
+    return a, bm, sizes_np, real, groups_b, x, 2 * a * args.d * 3 * args.f * LAYERS, gathered
 
 
 def main(argv=None):
@@ -122,7 +131,7 @@ def main(argv=None):
         return (jax.nn.silu(h[:, :f].astype(jnp.float32)) * h[:, f:].astype(jnp.float32)).astype(jnp.bfloat16)
 
     for tokens in [int(t) for t in args.tokens.split(",") if t]:
-        a, bm, sizes_np, real, groups_b, x, flops = prompt_rows(tokens, args, key[2])
+        a, bm, sizes_np, real, groups_b, x, flops, _ = prompt_rows(tokens, args, key[2])
         rows, sizes = x.shape[0], jnp.asarray(sizes_np)
         t1 = matmul_tiles(d, f, bm, False, "k", 128)
         t2 = matmul_tiles(f, d, bm, False, "n", 128)
@@ -220,30 +229,34 @@ def fp8_main(args):
         for v in json.loads(args.variants):
             v = dict(v)
             bm_v, dn = v.pop("bm", None), v.pop("down", {})
-            a, bm, sizes_np, real, groups_b, x, flops = prompt_rows(tokens, args, key[5], bm_v)
+            a, bm, sizes_np, real, groups_b, x, flops, (x_tok, rows, valid) = prompt_rows(tokens, args, key[5], bm_v)
             t1 = matmul_tiles(d, f, bm, True, "k", blk, w_nk=True, **v)
             t2 = matmul_tiles(f, d, bm, True, "n", blk, w_nk=True, **dn)
             t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], blk))
             print(f"{tokens} tokens: {a} assignments, {x.shape[0]} rows padded to bm={bm}; tiles gate/up {t1}, "
                   f"down {t2}", flush=True)
 
-            def gate_up(x, gate, up, gs, us, t1=t1, bm=bm, groups_b=groups_b):   # -> [(h, its scales)] a layer
-                xq, sx = quantize_x(x, t1["bk"])
+            # as the model runs them: each token quantized once, its rows gathered by the gate/up
+            # kernel, pad rows left unwritten by both
+            def gate_up(x_tok, gate, up, gs, us, t1=t1, bm=bm, groups_b=groups_b, rows=rows, valid=valid):
+                xq, sx = quantize_x(x_tok, t1["bk"])   # -> [(h, its scales)] a layer
                 return [grouped_matmul(xq, groups_b, (gate[i], up[i]), (gs[i], us[i]), bm=bm, layout="k", block=blk,
-                                       w_nk=True, x_scales=sx, quantize_out=True, scale_run=blk, **t1)
+                                       w_nk=True, x_scales=sx, quantize_out=True, scale_run=blk, rows=rows,
+                                       block_valid=valid, **t1)
                         for i in range(LAYERS)]
 
-            def w8a8(x, gate, up, down, gs, us, ds_, gate_up=gate_up, t2=t2, bm=bm, groups_b=groups_b):
+            def w8a8(x_tok, gate, up, down, gs, us, ds_, gate_up=gate_up, t2=t2, bm=bm, groups_b=groups_b,
+                     valid=valid):
                 return [grouped_matmul(h, groups_b, (down[i],), (ds_[i],), bm=bm, layout="n", block=blk, w_nk=True,
-                                       x_scales=hs, **t2)
-                        for i, (h, hs) in enumerate(gate_up(x, gate, up, gs, us))]
+                                       x_scales=hs, block_valid=valid, **t2)
+                        for i, (h, hs) in enumerate(gate_up(x_tok, gate, up, gs, us))]
 
             mask = real_rows(sizes_np, real)
             try:
                 call, call_gu = jax.jit(w8a8), jax.jit(gate_up)
-                out = [np.asarray(o, np.float32)[mask] for o in call(x, *weights)]
-                s = median_seconds(lambda: call(x, *weights), args.reps)
-                s_gu = median_seconds(lambda: call_gu(x, gate, up, gs, us), args.reps)
+                out = [np.asarray(o, np.float32)[mask] for o in call(x_tok, *weights)]
+                s = median_seconds(lambda: call(x_tok, *weights), args.reps)
+                s_gu = median_seconds(lambda: call_gu(x_tok, gate, up, gs, us), args.reps)
             except Exception as exc:   # a tiling over shared memory or registers
                 print(f"  FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 continue

@@ -464,6 +464,27 @@ def test_grouped_matmul_w8a8_pair_leaves_the_silu_product_quantized(serial_pair)
                        convert="e4m3", w_nk=True, x_scales=sx, quantize_out=True)
 
 
+def test_grouped_matmul_w8a8_scales_gathered_ahead_or_in_the_kernel():
+    """x_scales_ahead: x's scales gathered into the padded rows by XLA before the kernel give the
+    gathered W8A8 pair exactly the in-kernel gather's h and h scales, on every real row (pad rows,
+    whose row indices hold anything, are never written either way)."""
+    rng = np.random.default_rng(14)
+    bm, block = 16, 64
+    x = jnp.asarray(rng.standard_normal((40, 128)), jnp.bfloat16)
+    xq, sx = quantize_rows(x, 64)
+    groups, valid = jnp.array([1, 0, -1]), jnp.array([16, 9, 0])
+    rows = jnp.asarray(np.r_[rng.integers(0, 40, 25), np.full(3 * bm - 25, 10 ** 6)], jnp.int32)   # pad rows: junk
+    (g8, gs), (u8, us) = (fp8_weights(rng, (2, 64, 128), 2, block) for _ in range(2))
+    kw = dict(bm=bm, layout="k", block=block, bn=32, bk=32, convert="e4m3", w_nk=True, x_scales=sx,
+              quantize_out=True, rows=rows, block_valid=valid)
+    ss = (jnp.swapaxes(gs, 1, 2), jnp.swapaxes(us, 1, 2))
+    (h0, s0), (h1, s1) = (grouped_matmul(xq, groups, (g8, u8), ss, x_scales_ahead=a, **kw) for a in (False, True))
+    real = np.r_[0:16, 16:25]
+    np.testing.assert_array_equal(np.asarray(h1.astype(jnp.float32))[real], np.asarray(h0.astype(jnp.float32))[real])
+    np.testing.assert_array_equal(np.asarray(s1)[real], np.asarray(s0)[real])
+    assert np.abs(np.asarray(h0.astype(jnp.float32))[real]).max() > 0
+
+
 @pytest.mark.parametrize("nk", [False, True])
 def test_moe_ffn_w8a8_blocks_quantize_each_token_once(monkeypatch, nk):
     """MATMUL_DEFAULTS convert="e4m3" (the default): the blocks path quantizes x per token before
@@ -483,7 +504,11 @@ def test_moe_ffn_w8a8_blocks_quantize_each_token_once(monkeypatch, nk):
     fn = lambda *a: moe_ffn(*a, arrays, strategy="blocks")   # noqa: E731
     assert str(jax.make_jaxpr(fn)(x, weights, experts)).count("name=qwen3_grouped_matmul_w8a8") == 2
     assert quantized == [x.shape]   # the 24 tokens, not their 48 gathered assignment rows
-    assert 1e-2 < rel(fn(x, weights, experts), want) < 6e-2
+    got = fn(x, weights, experts)
+    assert 1e-2 < rel(got, want) < 6e-2
+    # x's scales gathered ahead of the gate/up kernel (the prefill blocks' default): the same values
+    monkeypatch.setitem(gm_mod.MATMUL_DEFAULTS, "small", dict(gm_mod.MATMUL_DEFAULTS["small"], x_scales_ahead=True))
+    np.testing.assert_array_equal(np.asarray(fn(x, weights, experts)), np.asarray(got))
 
 
 @pytest.mark.parametrize("bm,first", [(4, 0), (2, 3)])
