@@ -47,13 +47,13 @@ def padded_groups(tokens: int, experts: int, top_k: int, bm: int, seed: int = 0)
 
 
 def prompt_rows(tokens: int, args, key, bm: int | None = None):
-    """A `tokens`-token prompt's MoE rows as the blocks path holds them -> (assignments, bm, rows
-    per expert padded to bm [E] and real ones [E] (numpy), each block's expert [NB] int32, x [rows,
-    D] bf16 (pad rows zero), the FLOPs of LAYERS layers' gate/up + down over the real assignments,
-    and the model's gathered form: (the tokens' x [tokens, D] bf16, the token each padded row
-    reads [rows] int32 (pad rows: 0), real rows a block [NB] int32)). bm: the block height
-    (default: the model's, moe_blocks.block_rows). The tokens and their routing do not depend on
-    bm, so outputs of different bm compare row for row over the real rows."""
+    """A `tokens`-token prompt's MoE rows as the blocks path holds them from 1k tokens (x gathered
+    by XLA before the matmuls, pad rows computed too) -> (assignments, bm, rows per expert padded
+    to bm [E] and real ones [E] (numpy), each block's expert [NB] int32, x [rows, D] bf16 (each
+    real row its token's x, pad rows zero), the FLOPs of LAYERS layers' gate/up + down over the
+    real assignments). bm: the block height (default: the model's, moe_blocks.block_rows); the
+    tokens and their routing do not depend on it, so outputs of different bm compare row for row
+    over the real rows."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -66,13 +66,9 @@ def prompt_rows(tokens: int, args, key, bm: int | None = None):
     sizes_np, real, token_of = padded_groups(tokens, e, k, bm)
     groups_b = jnp.asarray(np.repeat(np.arange(e, dtype=np.int32), sizes_np // bm))
     x_tok = jax.random.normal(key, (tokens, args.d), jnp.float32).astype(jnp.bfloat16)
-    rows = np.zeros(int(sizes_np.sum()), np.int32)
-    rows[real_rows(sizes_np, real)] = token_of
-    valid = np.minimum(np.maximum(np.repeat(real, sizes_np // bm) - (np.arange(len(groups_b)) - np.repeat(
-        np.concatenate([[0], np.cumsum(sizes_np // bm)[:-1]]), sizes_np // bm)) * bm, 0), bm).astype(np.int32)
-    x = jnp.where(jnp.asarray(real_rows(sizes_np, real))[:, None], x_tok[rows], 0).astype(jnp.bfloat16)
-    gathered = (x_tok, jnp.asarray(rows), jnp.asarray(valid))
-    return a, bm, sizes_np, real, groups_b, x, 2 * a * args.d * 3 * args.f * LAYERS, gathered
+    x = jnp.zeros((int(sizes_np.sum()), args.d), jnp.bfloat16).at[np.flatnonzero(real_rows(sizes_np, real))].set(
+        x_tok[token_of])
+    return a, bm, sizes_np, real, groups_b, x, 2 * a * args.d * 3 * args.f * LAYERS
 
 
 def main(argv=None):
@@ -94,7 +90,7 @@ def main(argv=None):
     p.add_argument("--variants", default="[{}]",
                    help='--fp8: a JSON list of gate/up tile overrides (kernels.grouped_matmul.matmul_tiles keys, '
                         '"bm" for the block height, "down" for the down\'s own), e.g. '
-                        '\'[{}, {"serial_pair": true}, {"bm": 64, "num_warps": 4}]\'')
+                        '\'[{}, {"bn": 64}, {"bm": 64, "num_stages": 4}]\'')
     args = p.parse_args(argv)
 
     import jax
@@ -131,7 +127,7 @@ def main(argv=None):
         return (jax.nn.silu(h[:, :f].astype(jnp.float32)) * h[:, f:].astype(jnp.float32)).astype(jnp.bfloat16)
 
     for tokens in [int(t) for t in args.tokens.split(",") if t]:
-        a, bm, sizes_np, real, groups_b, x, flops, _ = prompt_rows(tokens, args, key[2])
+        a, bm, sizes_np, real, groups_b, x, flops = prompt_rows(tokens, args, key[2])
         rows, sizes = x.shape[0], jnp.asarray(sizes_np)
         t1 = matmul_tiles(d, f, bm, False, "k", 128)
         t2 = matmul_tiles(f, d, bm, False, "n", 128)
@@ -229,34 +225,30 @@ def fp8_main(args):
         for v in json.loads(args.variants):
             v = dict(v)
             bm_v, dn = v.pop("bm", None), v.pop("down", {})
-            a, bm, sizes_np, real, groups_b, x, flops, (x_tok, rows, valid) = prompt_rows(tokens, args, key[5], bm_v)
+            a, bm, sizes_np, real, groups_b, x, flops = prompt_rows(tokens, args, key[5], bm_v)
             t1 = matmul_tiles(d, f, bm, True, "k", blk, w_nk=True, **v)
             t2 = matmul_tiles(f, d, bm, True, "n", blk, w_nk=True, **dn)
             t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], blk))
             print(f"{tokens} tokens: {a} assignments, {x.shape[0]} rows padded to bm={bm}; tiles gate/up {t1}, "
                   f"down {t2}", flush=True)
 
-            # as the model runs them: each token quantized once, its rows gathered by the gate/up
-            # kernel, pad rows left unwritten by both
-            def gate_up(x_tok, gate, up, gs, us, t1=t1, bm=bm, groups_b=groups_b, rows=rows, valid=valid):
-                xq, sx = quantize_x(x_tok, t1["bk"])   # -> [(h, its scales)] a layer
+            def gate_up(x, gate, up, gs, us, t1=t1, bm=bm, groups_b=groups_b):   # -> [(h, its scales)] a layer
+                xq, sx = quantize_x(x, t1["bk"])
                 return [grouped_matmul(xq, groups_b, (gate[i], up[i]), (gs[i], us[i]), bm=bm, layout="k", block=blk,
-                                       w_nk=True, x_scales=sx, quantize_out=True, scale_run=blk, rows=rows,
-                                       block_valid=valid, **t1)
+                                       w_nk=True, x_scales=sx, quantize_out=True, scale_run=blk, **t1)
                         for i in range(LAYERS)]
 
-            def w8a8(x_tok, gate, up, down, gs, us, ds_, gate_up=gate_up, t2=t2, bm=bm, groups_b=groups_b,
-                     valid=valid):
+            def w8a8(x, gate, up, down, gs, us, ds_, gate_up=gate_up, t2=t2, bm=bm, groups_b=groups_b):
                 return [grouped_matmul(h, groups_b, (down[i],), (ds_[i],), bm=bm, layout="n", block=blk, w_nk=True,
-                                       x_scales=hs, block_valid=valid, **t2)
-                        for i, (h, hs) in enumerate(gate_up(x_tok, gate, up, gs, us))]
+                                       x_scales=hs, **t2)
+                        for i, (h, hs) in enumerate(gate_up(x, gate, up, gs, us))]
 
             mask = real_rows(sizes_np, real)
             try:
                 call, call_gu = jax.jit(w8a8), jax.jit(gate_up)
-                out = [np.asarray(o, np.float32)[mask] for o in call(x_tok, *weights)]
-                s = median_seconds(lambda: call(x_tok, *weights), args.reps)
-                s_gu = median_seconds(lambda: call_gu(x_tok, gate, up, gs, us), args.reps)
+                out = [np.asarray(o, np.float32)[mask] for o in call(x, *weights)]
+                s = median_seconds(lambda: call(x, *weights), args.reps)
+                s_gu = median_seconds(lambda: call_gu(x, gate, up, gs, us), args.reps)
             except Exception as exc:   # a tiling over shared memory or registers
                 print(f"  FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 continue

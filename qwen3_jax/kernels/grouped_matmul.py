@@ -57,16 +57,6 @@ per-K-row values repeat in runs of the checkpoint's block (model.Weight.fp8_scal
 divides that run and the K width held here (the callers, moe_ffn.py and linear.py, choose so).
 Layout "k" does the same when the caller passes scale_run, the run of equal expanded scales
 along N, and bn divides it: the step's product is then scaled by one number per row.
-serial_pair=True (a pair): gate's whole K loop runs, then up's, rather than both weights a K step.
-Only one MMA product is in flight at a time (W8A8 holds each step's float32 product beside the
-two accumulators before scaling it in: [bm, bn] x 4 values at once without this), at the cost of
-reading x's tiles twice.
-x_scales_ahead=True (W8A8 with rows): XLA gathers x's scales into the padded rows' order before
-the kernel ([R, K // qg] float32, a few MB at an 8k prompt), which then reads them as an
-ungathered x's. Gathered in the kernel, each K step's [bm] scales are loaded through the row
-indices, which then stay live in the MMA accumulator's layout for the whole loop: at bm 128 with 8
-warps that is what pushes the W8A8 pair past 255 registers a thread (ptxas: 236 bytes spilled a
-thread, none with the scales ahead; benchmarks/kernel_registers.py).
 quantize_out=True (a pair, e4m3): the silu product leaves quantized for the next W8A8 matmul, e4m3
 [R, N] and float32 scales [R, N // bn], one group per output tile.
 """
@@ -89,12 +79,11 @@ F16_SCALE_PRE = 1024.0   # keeps an FP8 block scale a normal f16 number (module 
 
 @functools.partial(jax.jit, static_argnames=("bm", "layout", "block", "bn", "bk", "num_warps",
                                              "num_stages", "convert", "w_nk", "w_lhs", "quantize_out",
-                                             "k_splits", "concat", "n_first", "scale_run", "serial_pair",
-                                             "x_scales_ahead", "interpret"))
+                                             "k_splits", "concat", "n_first", "scale_run", "interpret"))
 def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", block=128, bn=64, bk=64,
                    num_warps=4, num_stages=3, convert="cast", w_nk=False, w_lhs=False, x_scales=None,
-                   quantize_out=False, k_splits=1, concat=False, n_first=False, scale_run=None, serial_pair=False,
-                   x_scales_ahead=False, rows=None, block_valid=None, interpret=None):
+                   quantize_out=False, k_splits=1, concat=False, n_first=False, scale_run=None, rows=None,
+                   block_valid=None, interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
@@ -137,9 +126,6 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
     if quantize_out and not (a8 and pair):
         raise ValueError("quantize_out=True needs convert='e4m3' and a (gate, up) pair")
     qg = k_dim // x_scales.shape[1] if a8 else 0
-    scales_gathered = a8 and gathered and x_scales_ahead
-    if scales_gathered:   # x's scales in the padded rows' order, read like an ungathered x's
-        x_scales = jnp.take(x_scales, rows[:r_count], axis=0, mode="clip")   # pad rows: any row's
     steps = k_dim // bk
     if k_splits > 1 and (pair or steps % k_splits):
         raise ValueError(f"k_splits={k_splits} needs no (gate, up) pair and K steps ({steps} of bk={bk}) it divides")
@@ -182,7 +168,7 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
             return x_ref[src, pl.ds(k0, bk)]   # [bm, bk] gathered: each row's bk values contiguous
 
         def x_group_scale(col):
-            return xs_ref[src, col] if gathered and not scales_gathered else xs_ref[pl.ds(m0, bm), col]
+            return xs_ref[src, col] if gathered else xs_ref[pl.ds(m0, bm), col]
 
         def tile(ws, ss, n0):
             """float32 [bm, bn] sums of x's rows against columns n0.. of each weight in ws (scales ss)."""
@@ -258,10 +244,7 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
 
         @pl.when(g >= 0)
         def _compute():
-            if pair and serial_pair:   # gate's K loop, then up's: one product in flight, not two
-                accs = tile(w_refs[:1], s_refs[:1], n0) + tile(w_refs[1:], s_refs[1:], n0)
-            else:
-                accs = tile(w_refs, s_refs, n0)
+            accs = tile(w_refs, s_refs, n0)
             if pair:
                 a, u = accs
                 res = a / (1.0 + jnp.exp(-a)) * u
@@ -333,14 +316,10 @@ def _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block):
 # 1056.4; one FP8 MoE layer 2511.4 -> 2310.2 us at 8k, 621.4 -> 612.5 at 1k; the FP8 model's 8k
 # prefill 186.50 -> 175.94 ms (54.8% -> 58.6% of the matmul rate), 1k level (29.66 / 29.71).
 # Decode-sized blocks keep the other order (unmeasured there).
-# x_scales_ahead for prefill-sized blocks: compiled for sm_90a offline (benchmarks/
-# kernel_registers.py, twenty-fifth session), the W8A8 gate/up at bm 128 spilled 236 bytes a
-# thread with the scales gathered in the kernel and none with them ahead (bm 64: 212 -> 180
-# registers, no spills either way). Not yet timed on a GPU (NOTES, run 168 planned).
 MATMUL_DEFAULTS = {
     "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="e4m3", fp8_nk={}),
     "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="e4m3", fp8_nk=dict(w_lhs=True, bk=128),
-                  n_first=True, x_scales_ahead=True),
+                  n_first=True),
 }
 
 
@@ -359,5 +338,4 @@ def matmul_tiles(k_dim: int, n_dim: int, bm: int, fp8: bool, layout: str, block:
     if bn_t is None or bk_t is None:
         return None
     return dict(bn=bn_t, bk=bk_t, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                convert=convert, w_lhs=bool(cfg.get("w_lhs")) and fp8 and w_nk, n_first=bool(cfg.get("n_first")),
-                serial_pair=bool(cfg.get("serial_pair")), x_scales_ahead=bool(cfg.get("x_scales_ahead")))
+                convert=convert, w_lhs=bool(cfg.get("w_lhs")) and fp8 and w_nk, n_first=bool(cfg.get("n_first")))
