@@ -149,7 +149,8 @@ def parse_args(argv=None):
                    help="time the decode step's gemv shapes (qkv, o_proj, MoE) per tile variant and FP8 kind; "
                         "installs nothing")
     p.add_argument("--dump-hlo", metavar="DIR", default=None,
-                   help="write each compiled decode step's optimized HLO here")
+                   help="write each compiled decode step's and prefill's optimized HLO here (the profile's "
+                        "fusion names, e.g. loop_add_fusion, are defined there)")
     p.add_argument("--hf-peer", action="store_true", help="time transformers on the same shapes (child process)")
     p.add_argument("--hf-layers", type=int, default=2)
     p.add_argument("--hf-batch", default="1,64")
@@ -392,11 +393,7 @@ def bench_decode(model, inv, batch: int, context: int, steps: int, reps: int, si
     compiled = fn.lower(model.state, tok, pos0, cache).compile()
     res["compile_s"] = time.perf_counter() - t0
     if dump_hlo:
-        os.makedirs(dump_hlo, exist_ok=True)
-        from qwen3_jax import kernels
-        kind = f"fp8_{kernels.fp8_gemm().split()[0]}" if cfg.fp8 else "bf16"
-        with open(os.path.join(dump_hlo, f"decode_{kind}_b{batch}.hlo.txt"), "w") as f:
-            f.write(compiled.as_text())
+        write_hlo(dump_hlo, f"decode_{{kind}}_b{batch}", cfg, compiled)
     holder = {"cache": cache}
 
     def call():
@@ -458,7 +455,19 @@ def profile_call(call, steps: int, log, top: int = 30, unit: str = "step") -> di
     return out
 
 
-def bench_prefill(model, inv, tokens: int, reps: int, ceilings: dict, log, profile: bool = False) -> dict:
+def write_hlo(directory: str, name: str, cfg, compiled):
+    """A compiled step's optimized HLO -> directory/name.hlo.txt, {kind} in name filled with the
+    weights' kind (bf16, or fp8_ and the FP8 GEMM form)."""
+    from qwen3_jax import kernels
+
+    os.makedirs(directory, exist_ok=True)
+    kind = f"fp8_{kernels.fp8_gemm().split()[0]}" if cfg.fp8 else "bf16"
+    with open(os.path.join(directory, name.format(kind=kind) + ".hlo.txt"), "w") as f:
+        f.write(compiled.as_text())
+
+
+def bench_prefill(model, inv, tokens: int, reps: int, ceilings: dict, log, profile: bool = False,
+                  dump_hlo: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -472,6 +481,8 @@ def bench_prefill(model, inv, tokens: int, reps: int, ceilings: dict, log, profi
     t0 = time.perf_counter()
     compiled = fn.lower(model.state, prompt, cache).compile()
     res["compile_s"] = time.perf_counter() - t0
+    if dump_hlo:
+        write_hlo(dump_hlo, f"prefill_{{kind}}_{tokens}", model.config, compiled)
     holder = {"cache": cache}
 
     def call():
@@ -856,7 +867,8 @@ def bench_model(args, name: str, ceilings: dict, log, tag: str = "") -> dict:
         for t in prompts:
             try:
                 r = bench_prefill(model, inv, t, max(2, args.reps // 2), c, log,
-                                  profile=label.startswith("on") and t in set(ints(args.profile_prefill)))
+                                  profile=label.startswith("on") and t in set(ints(args.profile_prefill)),
+                                  dump_hlo=args.dump_hlo)
             except Exception as err:
                 r = {"tokens": t, "error": _short(err), "floor_ms": float("nan")}
             r["kernels"] = label

@@ -23,8 +23,18 @@ def test_expected_touched_experts_matches_simulated_uniform_routing(batch):
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
     res = bench.main(["--model", "tiny", "--batch", "1,3", "--context", "16", "--prefill", "8", "--steps", "2",
-                      "--reps", "1", "--single-step", "", "--out", str(out), "--markdown"])
+                      "--reps", "1", "--single-step", "", "--out", str(out), "--markdown",
+                      "--dump-hlo", str(out.parent / "hlo")])
     return res, out
+
+
+def test_dump_hlo_writes_each_decode_step_and_prefill(tiny_run):
+    """--dump-hlo: the optimized HLO of every timed decode batch and prefill length (where the
+    profile's fusion names are defined)."""
+    _, out = tiny_run
+    files = sorted(p.name for p in (out.parent / "hlo").iterdir())
+    assert files == ["decode_bf16_b1.hlo.txt", "decode_bf16_b3.hlo.txt", "prefill_bf16_8.hlo.txt"]
+    assert all((out.parent / "hlo" / f).read_text().startswith("HloModule") for f in files)
 
 
 def test_tiny_bench_reports_every_figure_next_to_its_floor(tiny_run, capsys):
