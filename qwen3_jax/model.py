@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -726,7 +727,9 @@ def _qkv_partials(attn_full, h, layer, arrays=None):
     specs = [(eq, h, w, scale, full.block_axis) for (eq, full), (w, scale) in zip(projs, arrays)]
     blocks = {full.fp8_block for _, full in projs}
     orders = {full.nk for _, full in projs}
-    parts = (kernels.projections_partials(specs, blocks.pop(), layer, w_nk=orders.pop())
+    runs = [full.fp8_scale_run for _, full in projs if full.fp8_scale_run]
+    parts = (kernels.projections_partials(specs, blocks.pop(), layer, w_nk=orders.pop(),
+                                          scale_run=math.gcd(*runs) if runs else None)
              if len(blocks) == 1 and len(orders) == 1 else None)
     if parts is None:
         parts = [kernels.linear_einsum(*spec, full.fp8_block, layer=layer, partials=True, w_nk=full.nk,

@@ -680,6 +680,34 @@ def test_fp8_einsum_projections_read_layer_in_place(m, fp8_w8a16):
     assert o.shape == o_nk.shape == (1, m, 128) and rel(o, want) < 5e-3 and rel(o_nk, want) < 5e-3
 
 
+def test_fp8_q_projection_w8a8_reads_one_weight_scale_a_tile(monkeypatch):
+    """Layout "k" (q/k/v) on the W8A8 matmul: the expanded scales repeat in runs along the
+    flattened H x Q output, so an N tile inside one run reads one scale (scale_run, gcd'd with Q).
+    Alone and side by side with k and v (projections_partials): to W8A8's bound on scales in
+    runs of 32, and wrong on per-column scales claimed to run, which proves the path is taken."""
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)
+    rng = np.random.default_rng(15)
+    block = 64
+    x = jnp.asarray(rng.standard_normal((1, 40, 128)), jnp.bfloat16)
+    w8, s_run = fp8_weights(rng, (2, 128, 2, 64), 1, block, checkpoint_blocks=32)   # [L, D, H, Q]
+    _, s_col = fp8_weights(rng, (2, 128, 2, 64), 1, block)                          # a scale per column
+
+    def q(scale, run):
+        return linear_einsum("btd,dhq->bthq", x, w8, scale, 0, block, layer=jnp.int32(1), scale_run=run)
+
+    def want(scale):
+        return jnp.einsum("btd,dhq->bthq", x.astype(jnp.float32), dequantize(w8[1], scale[1], 0, block, jnp.float32))
+    assert 1e-3 < rel(q(s_run, 32), want(s_run)) < 6e-2
+    assert rel(q(s_col, 32), want(s_col)) > 0.1          # one scale a tile cannot see per-column scales
+    spec = ("btd,dhq->bthq", x, w8, s_run, 0)
+    parts = kernels.projections_partials([spec, spec], block, jnp.int32(1), scale_run=32)
+    for p in parts:
+        assert 1e-3 < rel(np.asarray(p).sum(0).reshape(1, 40, 2, 64), want(s_run)) < 6e-2
+    bad = ("btd,dhq->bthq", x, w8, s_col, 0)
+    (p,) = kernels.projections_partials([bad], block, jnp.int32(1), scale_run=32)
+    assert rel(np.asarray(p).sum(0).reshape(1, 40, 2, 64), want(s_col)) > 0.1
+
+
 def test_fp8_projections_w8a8_quantize_x_once(monkeypatch):
     """MATMUL_DEFAULTS convert="e4m3" (the default): a prefill-sized FP8 projection quantizes x
     per row and K step and runs the W8A8 kernel, q (layout "k") and o (layout "n",

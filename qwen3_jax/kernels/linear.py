@@ -77,8 +77,9 @@ def _parse(eq: str):
 def _as_matrices(eq: str, x, w, scale, block_axis: int, layer, w_nk: bool = False):
     """einsum(eq, x, W) as x2 [M, K] @ w3 [G, K, N] ([G, N, K] with w_nk: w stored [out..., in...],
     the weight's subscript with its contracted letters moved last): (x2, w3, s3, layout, x's
-    leading dims, the weight's output dims), or None when the equation or the FP8 block axis is
-    not covered (or w is a one-byte array Pallas would index wrongly: kernels.index_overflows)."""
+    leading dims, the weight's output dims, the innermost of the dims flattened into s3's expanded
+    axis (N for layout 'k', K for 'n')), or None when the equation or the FP8 block axis is not
+    covered (or w is a one-byte array Pallas would index wrongly: kernels.index_overflows)."""
     if kernels.index_overflows(w):
         return None
     xs, ws, out, contracted = _parse(eq)
@@ -103,7 +104,15 @@ def _as_matrices(eq: str, x, w, scale, block_axis: int, layer, w_nk: bool = Fals
     s3 = None
     if fp8:
         s3 = scale.reshape(w3.shape[0], -1, n_dim) if layout == "k" else scale.reshape(w3.shape[0], k_dim, -1)
-    return x.reshape(math.prod(lead), k_dim), w3, s3, layout, lead, wshape[nc:]
+    inner = wshape[-1] if layout == "k" else wshape[nc - 1]
+    return x.reshape(math.prod(lead), k_dim), w3, s3, layout, lead, wshape[nc:], inner
+
+
+def _n_run(scale_run: int | None, block: int, inner: int) -> int:
+    """Layout 'k': a run of equal scales along the flattened N. A checkpoint's blocks repeat along
+    the flattened output ([H*Q, D] in Hugging Face's layout); scales expanded per axis repeat
+    along the innermost one (Q) and restart at each head: runs of gcd(block, Q) hold for both."""
+    return math.gcd(scale_run or block, inner)
 
 
 def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None, out_dtype=None,
@@ -121,24 +130,27 @@ def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None,
     w / scale are [L, ...] when `layer` is given, else per-layer. w_nk: w is stored with the
     contracted axes last ([out..., in...], model.Weight's nk); scale is always in eq's order.
     scale_run: the checkpoint's block along the non-block dims (model.Weight.fp8_scale_run;
-    None: `block`), which a W8A8 K step of layout 'n' must not cross.
+    None: `block`), which a W8A8 K step of layout 'n' must not cross; for layout 'k', an N tile
+    of the W8A8 matmul inside one run reads one weight scale (grouped_matmul's scale_run).
     """
     mats = _as_matrices(eq, x, w, scale, block_axis, layer, w_nk)
     if mats is None:
         return None
-    x2, w3, s3, layout, lead, out_dims = mats
+    x2, w3, s3, layout, lead, out_dims, inner = mats
     if s3 is None and x2.shape[0] > gemv_max_rows(False):
         return None
     if s3 is not None and kernels.fp8_dequantized(x2.shape[0]):
         return None   # XLA dequantizes the layer's weight and runs cuBLAS (kernels.FP8_DEQUANTIZE_MIN_ROWS)
     group = jnp.asarray(layer if layer is not None else 0, jnp.int32)
+    if layout == "k" and s3 is not None:
+        scale_run = _n_run(scale_run, block, inner)
     y = linear(x2, w3, s3, layout, block, group, partials=partials, w_nk=w_nk, scale_run=scale_run)
     if y is None or partials:
         return y
     return y.reshape(*lead, *out_dims).astype(out_dtype or x.dtype)
 
 
-def projections_partials(specs, block: int, layer, w_nk: bool = False):
+def projections_partials(specs, block: int, layer, w_nk: bool = False, scale_run: int | None = None):
     """Several projections of the same x in one gemv launch (decode: q, k and v side by side).
 
     specs [(eq, x, w [L, ...], scale or None, block_axis)], x the same in each -> one float32
@@ -147,7 +159,8 @@ def projections_partials(specs, block: int, layer, w_nk: bool = False):
     the gemv limit unless PROJECTION_MATMUL's "concat" puts FP8 weights side by side in one
     grouped_matmul launch): the caller then runs them one by one. Saves a launch per extra
     projection (k and v of 30B-A3B at batch 1: -0.31 ms per step on an H200, NOTES run 10).
-    w_nk: every w stored [out..., in...] (see linear_einsum)."""
+    w_nk: every w stored [out..., in...] (see linear_einsum); scale_run: every weight's (see
+    linear_einsum)."""
     mats = [_as_matrices(eq, x, w, scale, axis, layer, w_nk) for eq, x, w, scale, axis in specs]
     if any(m is None for m in mats):
         return None
@@ -161,8 +174,9 @@ def projections_partials(specs, block: int, layer, w_nk: bool = False):
     if m > gemv_max_rows(fp8):   # the FP8 matmul, side by side where PROJECTION_MATMUL asks (bf16: XLA's)
         if not (fp8 and PROJECTION_MATMUL.get("concat")) or kernels.fp8_dequantized(m):
             return None
+        run = math.gcd(*(_n_run(scale_run, block, mt[6]) for mt in mats)) if layout == "k" else None
         return _matmul(x2, [mt[1] for mt in mats], tuple(mt[2] for mt in mats), layout, block,
-                       jnp.asarray(layer, jnp.int32), w_nk, None)
+                       jnp.asarray(layer, jnp.int32), w_nk, run)
     t = gemv_tiles(k_dim, tuple(mt[1].shape[1 if w_nk else 2] for mt in mats), m, fp8, layout, block,
                    w_nk=w_nk, **projection_tiles(fp8, layout, w_nk))
     if t is None or t["mode"] != "dot":
@@ -229,6 +243,8 @@ def _matmul(x_mk, ws, scales, layout: str, block: int, group, w_nk: bool, scale_
 
     if t["convert"] == "e4m3" and layout == "n":   # one weight scale per K step (grouped_matmul)
         t = dict(t, bk=math.gcd(t["bk"], scale_run or block))
+    elif t["convert"] == "e4m3" and scale_run:     # N tiles inside one run: one weight scale a tile
+        t = dict(t, scale_run=scale_run)
     # One group means parallelism only from row blocks x column tiles: narrow the columns (and
     # use 4 warps) until two programs per SM exist, or a k/v projection runs on 4 SMs. The weight
     # as the MMA's left operand needs bn >= 64 (wgmma's height; run 48 in benchmarks/NOTES.md:
