@@ -15,6 +15,8 @@ version differs from the pip package's. Findings: benchmarks/NOTES.md, twenty-fi
     pip install triton            # the compiler only (~1 GB); not a dependency of the project
     python benchmarks/kernel_registers.py [--triton-python VENV/bin/python]
     python benchmarks/kernel_registers.py --batch '' --tokens 8192 --variants '[{}, {"bn": 64}]'
+    python benchmarks/kernel_registers.py --batch '' --set moe_ffn.X_GATHER=kernel \
+        --variants '[{}, {"x_scales_ahead": false}]'
 """
 
 import argparse
@@ -123,6 +125,9 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=1024, help="decode's KV cache length")
     p.add_argument("--variants", default="[{}]",
                    help="a JSON list of grouped_matmul.MATMUL_DEFAULTS overrides, e.g. '[{}, {\"bn\": 64}]'")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="a qwen3_jax.kernels setting for the lowering, e.g. moe_ffn.X_GATHER=kernel "
+                        "(VALUE as JSON, else a string); repeatable")
     p.add_argument("--triton-python", default=sys.executable,
                    help="the Python whose environment has `triton` (default: this one)")
     p.add_argument("--compile", nargs=3, metavar=("TTIR", "WARPS", "STAGES"), help=argparse.SUPPRESS)
@@ -131,8 +136,18 @@ def main(argv=None):
         print(json.dumps(compile_report(args.compile[0], int(args.compile[1]), int(args.compile[2]))))
         return
 
+    import importlib
+
     from qwen3_jax.kernels import grouped_matmul as gm
 
+    for setting in args.set:
+        target, value = setting.split("=", 1)
+        module, name = target.rsplit(".", 1)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+        setattr(importlib.import_module(f"qwen3_jax.kernels.{module}"), name, value)
     ints = lambda s: [int(v) for v in s.split(",") if v]   # noqa: E731
     print(f"{args.model}, kernels compiled for sm_90a; per kernel: warps/stages, registers a thread, "
           "spill bytes stored/loaded a thread, shared memory, Hopper MMAs")

@@ -462,6 +462,62 @@ def test_grouped_matmul_w8a8_pair_leaves_the_silu_product_quantized():
                        convert="e4m3", w_nk=True, x_scales=sx, quantize_out=True)
 
 
+def test_grouped_matmul_w8a8_scales_gathered_ahead_or_in_the_kernel():
+    """x_scales_ahead: x's scales gathered into the padded rows by XLA before the kernel give the
+    gathered W8A8 pair exactly the in-kernel gather's h and h scales, on every real row (pad rows,
+    whose row indices hold anything, are never written either way)."""
+    rng = np.random.default_rng(14)
+    bm, block = 16, 64
+    x = jnp.asarray(rng.standard_normal((40, 128)), jnp.bfloat16)
+    xq, sx = quantize_rows(x, 64)
+    groups, valid = jnp.array([1, 0, -1]), jnp.array([16, 9, 0])
+    rows = jnp.asarray(np.r_[rng.integers(0, 40, 25), np.full(3 * bm - 25, 10 ** 6)], jnp.int32)   # pad rows: junk
+    (g8, gs), (u8, us) = (fp8_weights(rng, (2, 64, 128), 2, block) for _ in range(2))
+    kw = dict(bm=bm, layout="k", block=block, bn=32, bk=32, convert="e4m3", w_nk=True, x_scales=sx,
+              quantize_out=True, rows=rows, block_valid=valid)
+    ss = (jnp.swapaxes(gs, 1, 2), jnp.swapaxes(us, 1, 2))
+    (h0, s0), (h1, s1) = (grouped_matmul(xq, groups, (g8, u8), ss, x_scales_ahead=a, **kw) for a in (False, True))
+    real = np.r_[0:16, 16:25]
+    np.testing.assert_array_equal(np.asarray(h1.astype(jnp.float32))[real], np.asarray(h0.astype(jnp.float32))[real])
+    np.testing.assert_array_equal(np.asarray(s1)[real], np.asarray(s0)[real])
+    assert np.abs(np.asarray(h0.astype(jnp.float32))[real]).max() > 0
+
+
+@pytest.mark.parametrize("fp8", [False, "nk"])
+def test_moe_ffn_xla_routed_blocks_gather_x_in_the_kernel_or_before(monkeypatch, fp8):
+    """moe_ffn.X_GATHER on the XLA-built blocks (prompts past route_blocks' coverage): the gate/up
+    kernel gathering x's rows itself ("kernel"; W8A8 at these 64-row blocks with x's scales
+    gathered ahead: MATMUL_DEFAULTS "large") gives exactly the values of x gathered by XLA first,
+    and both the reference's to the kernels' bound."""
+    import jax.extend.core
+
+    from qwen3_jax.kernels import moe_ffn as moe_mod
+
+    monkeypatch.setattr(moe_mod, "BLOCK_ROUTING", "xla")
+    monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS", 0)
+    rng = np.random.default_rng(16)
+    x, weights, experts, arrays, want = _moe_case(rng, bool(fp8), n=128, e=4, d=128, f=128, k=2,
+                                                  nk=fp8 == "nk", checkpoint_blocks=True)
+    def row_gathers(jaxpr):   # XLA gathers making [> N, D]: x's padded rows (its e4m3 form), the combine's y[pos]
+        found = 0
+        for eqn in jaxpr.eqns:
+            found += sum(row_gathers(sub.jaxpr if hasattr(sub, "jaxpr") else sub)
+                         for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+            shape = eqn.outvars[0].aval.shape if eqn.outvars else ()
+            found += eqn.primitive.name == "gather" and len(shape) == 2 and shape[0] > 128 and shape[1] == 128
+        return found
+
+    got, gathers = {}, {}
+    for where in moe_mod.X_GATHERS:
+        monkeypatch.setattr(moe_mod, "X_GATHER", where)
+        fn = lambda: moe_ffn(x, weights, experts, arrays, strategy="blocks")   # noqa: E731 (new: make_jaxpr caches by function)
+        gathers[where] = row_gathers(jax.make_jaxpr(fn)().jaxpr)
+        got[where] = np.asarray(fn())
+    assert gathers["xla"] == gathers["kernel"] + 1   # x's copy is gone
+    np.testing.assert_array_equal(got["kernel"], got["xla"])
+    assert rel(got["kernel"], want) < (6e-2 if fp8 else 1e-2)
+
+
 @pytest.mark.parametrize("nk", [False, True])
 def test_moe_ffn_w8a8_blocks_quantize_each_token_once(monkeypatch, nk):
     """MATMUL_DEFAULTS convert="e4m3" (the default): the blocks path quantizes x per token before

@@ -57,6 +57,12 @@ per-K-row values repeat in runs of the checkpoint's block (model.Weight.fp8_scal
 divides that run and the K width held here (the callers, moe_ffn.py and linear.py, choose so).
 Layout "k" does the same when the caller passes scale_run, the run of equal expanded scales
 along N, and bn divides it: the step's product is then scaled by one number per row.
+x_scales_ahead=True (W8A8 with rows): XLA gathers x's scales into the padded rows' order before
+the kernel ([R, K // qg] float32, a few MB at an 8k prompt), which then reads them as an
+ungathered x's. Gathered in the kernel, each K step's [bm] scales are loaded through the row
+indices, which then stay live in the MMA accumulator's layout for the whole loop: at bm 128 with 8
+warps that pushes the W8A8 pair past 255 registers a thread (236 bytes spilled a thread as
+compiled for sm_90a by benchmarks/kernel_registers.py; none with the scales ahead).
 quantize_out=True (a pair, e4m3): the silu product leaves quantized for the next W8A8 matmul, e4m3
 [R, N] and float32 scales [R, N // bn], one group per output tile.
 """
@@ -79,11 +85,12 @@ F16_SCALE_PRE = 1024.0   # keeps an FP8 block scale a normal f16 number (module 
 
 @functools.partial(jax.jit, static_argnames=("bm", "layout", "block", "bn", "bk", "num_warps",
                                              "num_stages", "convert", "w_nk", "w_lhs", "quantize_out",
-                                             "k_splits", "concat", "n_first", "scale_run", "interpret"))
+                                             "k_splits", "concat", "n_first", "scale_run", "x_scales_ahead",
+                                             "interpret"))
 def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", block=128, bn=64, bk=64,
                    num_warps=4, num_stages=3, convert="cast", w_nk=False, w_lhs=False, x_scales=None,
-                   quantize_out=False, k_splits=1, concat=False, n_first=False, scale_run=None, rows=None,
-                   block_valid=None, interpret=None):
+                   quantize_out=False, k_splits=1, concat=False, n_first=False, scale_run=None, x_scales_ahead=False,
+                   rows=None, block_valid=None, interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
@@ -126,6 +133,9 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
     if quantize_out and not (a8 and pair):
         raise ValueError("quantize_out=True needs convert='e4m3' and a (gate, up) pair")
     qg = k_dim // x_scales.shape[1] if a8 else 0
+    scales_gathered = a8 and gathered and x_scales_ahead
+    if scales_gathered:   # x's scales in the padded rows' order, read like an ungathered x's
+        x_scales = jnp.take(x_scales, rows[:r_count], axis=0, mode="clip")   # pad rows: any row's
     steps = k_dim // bk
     if k_splits > 1 and (pair or steps % k_splits):
         raise ValueError(f"k_splits={k_splits} needs no (gate, up) pair and K steps ({steps} of bk={bk}) it divides")
@@ -168,7 +178,7 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
             return x_ref[src, pl.ds(k0, bk)]   # [bm, bk] gathered: each row's bk values contiguous
 
         def x_group_scale(col):
-            return xs_ref[src, col] if gathered else xs_ref[pl.ds(m0, bm), col]
+            return xs_ref[src, col] if gathered and not scales_gathered else xs_ref[pl.ds(m0, bm), col]
 
         def tile(ws, ss, n0):
             """float32 [bm, bn] sums of x's rows against columns n0.. of each weight in ws (scales ss)."""
@@ -316,10 +326,12 @@ def _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block):
 # 1056.4; one FP8 MoE layer 2511.4 -> 2310.2 us at 8k, 621.4 -> 612.5 at 1k; the FP8 model's 8k
 # prefill 186.50 -> 175.94 ms (54.8% -> 58.6% of the matmul rate), 1k level (29.66 / 29.71).
 # Decode-sized blocks keep the other order (unmeasured there).
+# x_scales_ahead for prefill-sized blocks: a gathered W8A8 gate/up at bm 128 spills without it
+# (module doc; the blocks are gathered in the kernel there under moe_ffn.X_GATHER = "kernel").
 MATMUL_DEFAULTS = {
     "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="e4m3", fp8_nk={}),
     "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="e4m3", fp8_nk=dict(w_lhs=True, bk=128),
-                  n_first=True),
+                  n_first=True, x_scales_ahead=True),
 }
 
 
@@ -338,4 +350,5 @@ def matmul_tiles(k_dim: int, n_dim: int, bm: int, fp8: bool, layout: str, block:
     if bn_t is None or bk_t is None:
         return None
     return dict(bn=bn_t, bk=bk_t, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                convert=convert, w_lhs=bool(cfg.get("w_lhs")) and fp8 and w_nk, n_first=bool(cfg.get("n_first")))
+                convert=convert, w_lhs=bool(cfg.get("w_lhs")) and fp8 and w_nk, n_first=bool(cfg.get("n_first")),
+                x_scales_ahead=bool(cfg.get("x_scales_ahead")))

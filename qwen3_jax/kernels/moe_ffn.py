@@ -55,6 +55,16 @@ GEMV_MAX_ASSIGNMENTS = {"bf16": 64, "fp8": 64}
 BLOCK_ROUTINGS = ("kernel", "xla")
 BLOCK_ROUTING = "kernel"
 
+# Where the gate/up's x rows come from when XLA builds the blocks (prefills past route_blocks'
+# 4096 assignments, i.e. chunks over 512 tokens): "xla" gathers x into the padded rows first (an
+# [R, D] copy; in run 162's 8k profiles the one gather-rooted fusion a layer, `loop_gather_fusion`,
+# took ~200 us a layer FP8 and ~226 bf16, 6-7% of the prefill); "kernel" hands the gate/up kernel
+# the row indices and it loads each tile's rows from x [N, D] itself, as on route_blocks' blocks
+# (W8A8 then takes x's scales gathered ahead: grouped_matmul's x_scales_ahead). "xla" until timed
+# on a GPU (benchmarks/NOTES.md, twenty-fifth session; `serve.bench --moe-x-gather xla,kernel`).
+X_GATHERS = ("xla", "kernel")
+X_GATHER = "xla"
+
 
 def gemv_max_assignments(fp8: bool) -> int:
     return GEMV_MAX_ASSIGNMENTS["fp8" if fp8 else "bf16"]
@@ -192,7 +202,8 @@ def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
         blk = expert_blocks(experts_nk, arrays.num_experts, bm, first_expert)
         groups, pos = jnp.where(blk.groups >= 0, blk.groups + arrays.offset, -1), blk.pos
         w = jnp.where(blk.here, weights_nk.reshape(-1), 0.0).astype(jnp.float32)
-        gather = None
+        # pad rows read token 0 and are computed, as from an XLA-gathered x; nothing reads them
+        gather = dict(rows=blk.rows) if X_GATHER == "kernel" else None
 
     def rows_of(v):   # v [N, ...] -> what the gate/up kernel takes: v itself when it gathers
         return v if gather else v[blk.rows]
@@ -216,8 +227,9 @@ def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
     h = grouped_matmul(xs, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
                        layout="k", **common, **t1, **in1, **(gather or {}))   # [R, F], or (e4m3, scales)
     h, in2 = (h[0], dict(x_scales=h[1])) if a8 else (h, {})
+    valid = dict(block_valid=gather["block_valid"]) if gather and "block_valid" in gather else {}
     y = grouped_matmul(h, groups, (arrays.down,), _scales(arrays, "down"), layout="n", **common, **t2,
-                       **in2, **(dict(block_valid=gather["block_valid"]) if gather else {}))   # [R, D] f32
+                       **in2, **valid)   # [R, D] f32
     # a select, not a product: rows never written (pad rows, unused blocks) may hold NaN bits,
     # and an assignment not held here points at row 0 with weight 0
     y_ad = jnp.where(w[:, None] != 0, y[pos] * w[:, None], 0.0)
