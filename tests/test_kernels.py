@@ -6,6 +6,7 @@ without a GPU. GPU (marked): the compiled kernels against the plain-XLA path; on
 machine: `QWEN3_JAX_TEST_GPU=1 python3 -m pytest -m gpu tests/test_kernels.py`.
 """
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -560,19 +561,27 @@ def test_expert_blocks_put_every_assignment_in_a_block_of_its_expert(bm, first):
 
 
 @pytest.mark.parametrize("n,k,e,bm,first", [(64, 8, 128, 16, 0), (24, 8, 128, 16, 0), (64, 8, 64, 16, 64),
-                                             (7, 3, 5, 2, 3), (300, 8, 128, 32, 0)])
-def test_route_blocks_kernel_agrees_with_expert_blocks(n, k, e, bm, first):
-    """moe_blocks.route_blocks (one Pallas program, counting sort) against expert_blocks (XLA's
-    stable argsort): the same groups, rows and positions, each block's count of real rows, the
-    weights masked to the experts held here. Routed ids span two devices' ranges and one token
-    routes nowhere (-1, a padding row); first and offset are traced, as on a mesh."""
+                                             (7, 3, 5, 2, 3), (300, 8, 128, 32, 0), (600, 8, 128, 64, 0),
+                                             (300, 8, 64, 32, 64)])
+def test_route_blocks_kernel_agrees_with_expert_blocks(n, k, e, bm, first, monkeypatch):
+    """moe_blocks.route_blocks (a histogram kernel and a placement kernel, counting sort) against
+    expert_blocks (XLA's stable argsort): the same groups, rows and positions, each block's count
+    of real rows, the weights masked to the experts held here. Routed ids span two devices' ranges
+    and one token routes nowhere (-1, a padding row); first and offset are traced, as on a mesh.
+    The last two cases run past the in-kernel walk of the histogram (scan=True: XLA sums it)."""
+    from qwen3_jax.kernels import moe_blocks as blocks_mod
     from qwen3_jax.kernels.moe_blocks import route_blocks
 
+    if n * k > 2000:
+        monkeypatch.setattr(blocks_mod, "ROUTE_BLOCKS_MAX_ASSIGNMENTS", 2000)   # 600 x 8 and 300 x 8 scan
+    scan = n * k > blocks_mod.ROUTE_BLOCKS_MAX_ASSIGNMENTS
+    with pytest.raises(ValueError, match="any number with scan=True") if scan else contextlib.nullcontext():
+        route_blocks(jnp.zeros((n, k), jnp.int32), jnp.zeros((n, k)), e, bm)
     rng = np.random.default_rng(n + e)
     ex = np.stack([rng.choice(max(128, first + e), k, replace=False) for _ in range(n)]).astype(np.int32)
     ex[1] = -1
     w = rng.uniform(0.1, 1.0, (n, k)).astype(np.float32)
-    rb = jax.jit(lambda ex, w, first, off: route_blocks(ex, w, e, bm, first, off, groups_per_layer=1))(
+    rb = jax.jit(lambda ex, w, first, off: route_blocks(ex, w, e, bm, first, off, groups_per_layer=1, scan=scan))(
         jnp.asarray(ex), jnp.asarray(w), jnp.int32(first), jnp.int32(7))
     blk = expert_blocks(jnp.asarray(ex), e, bm, first_expert=first)
     groups, valid, pos, rows = map(np.asarray, (rb.groups, rb.block_valid, rb.pos, rb.rows))
@@ -616,10 +625,11 @@ def test_moe_ffn_block_routing_kernel_matches_xla_routing(fp8, monkeypatch, fp8_
         monkeypatch.setattr(moe_mod, "BLOCK_ROUTING", routing)
         fn = jax.jit(lambda *a: moe_ffn(*a, mine, first_expert=3, strategy="blocks"))
         text = str(fn.trace(x, weights, experts).jaxpr)
-        assert ("qwen3_route_blocks" in text) == (routing == "kernel") and ("sort[dimension" in text) == (routing == "xla")
+        assert ("qwen3_route_blocks" in text) == (routing != "xla") and ("sort[dimension" in text) == (routing == "xla")
         out[routing] = fn(x, weights, experts)
     assert rel(out["kernel"], want) < 1e-2 and rel(out["xla"], want) < 1e-2
     assert rel(out["kernel"], out["xla"]) < 1e-6   # the same products in the same order
+    np.testing.assert_array_equal(out["kernel-scan"], out["kernel"])   # 120 assignments: the same kernels
 
 
 def _moe_case(rng, fp8, n, e=6, d=128, f=64, k=2, block=64, nk=False, checkpoint_blocks=False):
@@ -1676,22 +1686,26 @@ def test_gpu_moe_ffn_matches_xla_at_30b_layer_shapes(fp8, n, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [64, 256])
+@pytest.mark.parametrize("n", [64, 256, 1024])
 def test_gpu_block_routing_kernel_matches_xla_routing_at_30b_shapes(n, monkeypatch):
-    """The decode batch's blocks path with route_blocks (x gathered in the kernel, real rows
-    written only) against the XLA routing, FP8 experts [E, out, in] (the model's form), W8A8."""
+    """The blocks path with route_blocks (x gathered in the kernel, real rows written only)
+    against the XLA routing, FP8 experts [E, out, in] (the model's form), W8A8: decode batches,
+    and a 1024-token chunk (8192 assignments, bm 64) where "kernel" is XLA's routing and
+    "kernel-scan" the kernels with XLA summing the histogram, with x gathered in the kernel either
+    way (moe_ffn.X_GATHER)."""
     from qwen3_jax.kernels import moe_ffn as moe_mod
 
     rng = np.random.default_rng(n + 1)
     x, weights, experts, arrays, want = _moe_case(rng, True, n=n, e=128, d=2048, f=768, k=8, block=128, nk=True,
                                                   checkpoint_blocks=True)
     experts = experts.at[3].set(-1)   # a padding row: routed nowhere
+    monkeypatch.setattr(moe_mod, "X_GATHER", "kernel")
     out = {}
     for routing in moe_mod.BLOCK_ROUTINGS:
         monkeypatch.setattr(moe_mod, "BLOCK_ROUTING", routing)
         out[routing] = np.asarray(moe_ffn(x, weights, experts, arrays, strategy="blocks"))
     assert np.isfinite(out["kernel"]).all() and not out["kernel"][3].any()
-    assert rel(out["kernel"], out["xla"]) < 1e-6
+    assert rel(out["kernel"], out["xla"]) < 1e-6 and rel(out["kernel-scan"], out["xla"]) < 1e-6
 
 
 @pytest.mark.gpu

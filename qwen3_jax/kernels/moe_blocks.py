@@ -95,8 +95,10 @@ def block_rows(assignments: int, num_experts: int) -> int:
     return bm
 
 
-# route_blocks: up to a 512-token prefill chunk of top-8 routing (each program of the second
-# kernel reads the whole [A / ROUTE_CHUNK, E] histogram).
+# route_blocks: up to a 512-token prefill chunk of top-8 routing, each program of the second
+# kernel reads the whole [A / ROUTE_CHUNK, E] histogram and sums the rows before its chunk. Past
+# that, with scan=True, XLA sums them (an exclusive cumsum over the histogram's chunks, and the
+# experts' block starts: a few small kernels) and each program reads its chunk's row only.
 ROUTE_BLOCKS_MAX_ASSIGNMENTS = 4096
 ROUTE_CHUNK = 64
 MAX_LOCAL_EXPERTS = 512
@@ -119,31 +121,35 @@ class RoutedBlocks:
     weights: jax.Array
 
 
-def route_blocks_covered(assignments: int, num_experts: int) -> bool:
-    return 0 < assignments <= ROUTE_BLOCKS_MAX_ASSIGNMENTS and 0 < num_experts <= MAX_LOCAL_EXPERTS
+def route_blocks_covered(assignments: int, num_experts: int, scan: bool = False) -> bool:
+    """route_blocks takes these sizes: any count of assignments with scan, else up to
+    ROUTE_BLOCKS_MAX_ASSIGNMENTS."""
+    return 0 < assignments and (scan or assignments <= ROUTE_BLOCKS_MAX_ASSIGNMENTS) and 0 < num_experts <= MAX_LOCAL_EXPERTS
 
 
 def route_blocks(experts_nk, weights_nk, num_experts: int, bm: int, first_expert=0, layer=0, *,
-                 groups_per_layer: int | None = None, interpret=None) -> RoutedBlocks:
+                 groups_per_layer: int | None = None, scan: bool = False, interpret=None) -> RoutedBlocks:
     """experts [N, k] global ids (-1 or any id outside [first, first + num_experts): not held
     here), weights [N, k] -> RoutedBlocks for grouped_matmul over the experts [first, first +
     num_experts), whose weights are groups offset.. with offset = layer * groups_per_layer
     (default num_experts: experts stacked [L*E, ...]). first_expert, layer: ints or traced
     int32 scalars, passed as they are (the multiply runs in the kernel: no XLA kernel a layer).
-    Row order within an expert's run is (token, slot) order, as expert_blocks' stable sort gives."""
+    Row order within an expert's run is (token, slot) order, as expert_blocks' stable sort gives.
+    scan: past ROUTE_BLOCKS_MAX_ASSIGNMENTS, XLA sums the histogram between the two kernels."""
     n, k = experts_nk.shape
-    if not route_blocks_covered(n * k, num_experts):
-        raise ValueError(f"route_blocks covers up to {ROUTE_BLOCKS_MAX_ASSIGNMENTS} assignments and "
-                         f"{MAX_LOCAL_EXPERTS} local experts, got {n * k} and {num_experts}; use expert_blocks")
+    if not route_blocks_covered(n * k, num_experts, scan):
+        raise ValueError(f"route_blocks covers up to {ROUTE_BLOCKS_MAX_ASSIGNMENTS} assignments (any number with "
+                         f"scan=True) and {MAX_LOCAL_EXPERTS} local experts, got {n * k} and {num_experts}; "
+                         "use expert_blocks")
     scalars = [jnp.asarray(v, jnp.int32).reshape(1) for v in (first_expert, layer)]   # reshapes: bitcasts
     return _route_blocks(experts_nk.reshape(-1).astype(jnp.int32), weights_nk.reshape(-1).astype(jnp.float32),
                          *scalars, k=k, num_experts=num_experts, bm=bm,
                          per_layer=num_experts if groups_per_layer is None else groups_per_layer,
-                         interpret=interpret)
+                         scan=n * k > ROUTE_BLOCKS_MAX_ASSIGNMENTS, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "num_experts", "bm", "per_layer", "interpret"))
-def _route_blocks(experts_a, weights_a, first_1, layer_1, *, k, num_experts, bm, per_layer, interpret):
+@functools.partial(jax.jit, static_argnames=("k", "num_experts", "bm", "per_layer", "scan", "interpret"))
+def _route_blocks(experts_a, weights_a, first_1, layer_1, *, k, num_experts, bm, per_layer, scan, interpret):
     a = experts_a.shape[0]
     e = num_experts
     ep = _pow2(e)   # Triton blocks are powers of two; columns >= e stay empty
@@ -171,20 +177,31 @@ def _route_blocks(experts_a, weights_a, first_1, layer_1, *, k, num_experts, bm,
         compiler_params=params, interpret=interpret, name="qwen3_route_histogram",
     )(first_1, experts_a)
 
-    def place(first_ref, layer_ref, e_ref, w_ref, hist_ref, rows_ref, groups_ref, valid_ref, pos_ref, wout_ref):
+    def place(first_ref, layer_ref, e_ref, w_ref, *refs):
+        # the histogram [chunks, E], or with scan XLA's sums of it: each chunk's earlier rows per
+        # expert [chunks, E] and the experts' counts, block starts and ends [3, E]
+        if scan:
+            seen_ref, sums_ref, *refs = refs
+        else:
+            hist_ref, *refs = refs
+        rows_ref, groups_ref, valid_ref, pos_ref, wout_ref = refs
         i = pl.program_id(0)
         first, offset = first_ref[0], layer_ref[0] * per_layer
-        rows_i = lane((cp, ep), 0)
-        h = plt.load(hist_ref.at[pl.ds(0, cp), :], mask=rows_i < chunks, other=0)   # [chunks, E]
-        counts = jnp.sum(h, axis=0)
-        nblk = (counts + bm - 1) // bm
-        blk_end = jnp.cumsum(nblk)
-        blk_start = blk_end - nblk
+        if scan:
+            counts, blk_start, blk_end = sums_ref[0, :], sums_ref[1, :], sums_ref[2, :]
+            nblk = blk_end - blk_start
+        else:
+            rows_i = lane((cp, ep), 0)
+            h = plt.load(hist_ref.at[pl.ds(0, cp), :], mask=rows_i < chunks, other=0)   # [chunks, E]
+            counts = jnp.sum(h, axis=0)
+            nblk = (counts + bm - 1) // bm
+            blk_end = jnp.cumsum(nblk)
+            blk_start = blk_end - nblk
 
         @pl.when(i < chunks)
         def _assignments():   # this chunk's rows: rank = earlier chunks' + earlier in this chunk
             idx, key, hot = chunk_keys(e_ref, first, i)
-            seen = jnp.sum(jnp.where(rows_i < i, h, 0), axis=0)
+            seen = seen_ref[i, :] if scan else jnp.sum(jnp.where(rows_i < i, h, 0), axis=0)
             before = jnp.sum(jnp.where(hot, seen[None, :], 0), axis=1)        # seen[key]
             start = jnp.sum(jnp.where(hot, blk_start[None, :], 0), axis=1)    # blk_start[key]
             j = lane((c,), 0)
@@ -214,10 +231,16 @@ def _route_blocks(experts_a, weights_a, first_1, layer_1, *, k, num_experts, bm,
     out_shape = (jax.ShapeDtypeStruct((nb * bm + 1,), i32), jax.ShapeDtypeStruct((nb,), i32),
                  jax.ShapeDtypeStruct((nb,), i32), jax.ShapeDtypeStruct((a,), i32),
                  jax.ShapeDtypeStruct((a,), jnp.float32))
+    sums = (hist,)
+    if scan:
+        counts = jnp.sum(hist, axis=0)
+        nblk = (counts + bm - 1) // bm
+        blk_end = jnp.cumsum(nblk)
+        sums = (jnp.cumsum(hist, axis=0) - hist, jnp.stack([counts, blk_end - nblk, blk_end]))
     rows, groups, valid, pos, w = pl.pallas_call(
         place, out_shape=out_shape, grid=(max(chunks, pl.cdiv(nb, c)),),
         compiler_params=params, interpret=interpret, name="qwen3_route_blocks",
-    )(first_1, layer_1, experts_a, weights_a, hist)
+    )(first_1, layer_1, experts_a, weights_a, *sums)
     return RoutedBlocks(rows=rows, groups=groups, block_valid=valid, pos=pos, weights=w)
 
 

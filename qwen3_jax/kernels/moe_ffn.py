@@ -49,10 +49,13 @@ from .x_quantize import quantize_x
 # 6.719 on the blocks (run 129, projections on the matmul in both): 8 tokens in either kind.
 GEMV_MAX_ASSIGNMENTS = {"bf16": 64, "fp8": 64}
 
-# How the blocks path builds its row blocks (moe_blocks.py): "kernel" (route_blocks: one Pallas
-# program, x gathered inside the gate/up kernel, the down writing real rows only) where it
-# covers the assignments, else "xla" (expert_blocks: argsort, scatters and an x gather).
-BLOCK_ROUTINGS = ("kernel", "xla")
+# How the blocks path builds its row blocks (moe_blocks.py): "kernel" (route_blocks: two Pallas
+# kernels, x gathered inside the gate/up kernel, the down writing real rows only) up to
+# route_blocks' in-kernel walk (4096 assignments: decode batches, 512-token chunks), else "xla"
+# (expert_blocks: argsort, scatters and an x gather: ~10 XLA kernels a layer, run 162's 8k
+# profile has sorts and scatters at ~9 ms of a 160 ms prefill); "kernel-scan": route_blocks at
+# every size, XLA summing the histogram past the walk (not yet timed on a GPU); "xla" everywhere.
+BLOCK_ROUTINGS = ("kernel", "kernel-scan", "xla")
 BLOCK_ROUTING = "kernel"
 
 # Where the gate/up's x rows come from when XLA builds the blocks (prefills past route_blocks'
@@ -191,11 +194,12 @@ def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
     if arrays.fp8 and kernels.fp8_dequantized(a // arrays.num_experts, moe=True):
         arrays = _dequantized_layer(arrays, x_nd.dtype)
     bm = block_rows(a, arrays.num_experts)
-    if BLOCK_ROUTING == "kernel" and route_blocks_covered(a, arrays.num_experts):
-        # one routing kernel; the gate/up kernel gathers x's rows and the down writes real rows only
+    scan = BLOCK_ROUTING == "kernel-scan"
+    if BLOCK_ROUTING != "xla" and route_blocks_covered(a, arrays.num_experts, scan):
+        # the routing kernels; the gate/up kernel gathers x's rows and the down writes real rows only
         by_layer = (arrays.layer, None) if arrays.layer is not None else (arrays.offset, 1)
         rb = route_blocks(experts_nk, weights_nk, arrays.num_experts, bm, first_expert, by_layer[0],
-                          groups_per_layer=by_layer[1])
+                          groups_per_layer=by_layer[1], scan=scan)
         groups, pos, w = rb.groups, rb.pos, rb.weights
         gather = dict(rows=rb.rows, block_valid=rb.block_valid)
     else:
