@@ -105,8 +105,9 @@ def parse_args(argv=None):
                         "(default: the library's)")
     p.add_argument("--moe-routing", default="",
                    help="MoE blocks path (decode batches of 9+ tokens, prefill chunks): how the row blocks "
-                        "are built, comma-separated: kernel (one routing kernel, x gathered in the gate/up "
-                        "kernel, real rows written only), xla (argsort, scatters, an x gather) (default: the "
+                        "are built, comma-separated: kernel (the routing kernels, x gathered in the gate/up "
+                        "kernel, real rows written only; up to 4096 assignments, XLA above), kernel-scan (the "
+                        "routing kernels at every size), xla (argsort, scatters, an x gather) (default: the "
                         "library's)")
     p.add_argument("--moe-x-gather", default="",
                    help="MoE blocks built by XLA (prefill chunks past 512 tokens): where the gate/up's x rows "

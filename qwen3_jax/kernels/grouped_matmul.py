@@ -61,7 +61,7 @@ x_scales_ahead=True (W8A8 with rows): XLA gathers x's scales into the padded row
 the kernel ([R, K // qg] float32, a few MB at an 8k prompt), which then reads them as an
 ungathered x's. Gathered in the kernel, each K step's [bm] scales are loaded through the row
 indices, which then stay live in the MMA accumulator's layout for the whole loop: at bm 128 with 8
-warps that pushes the W8A8 pair past 255 registers a thread (236 bytes spilled a thread as
+warps that pushes the W8A8 pair past 255 registers a thread (~240 bytes spilled a thread as
 compiled for sm_90a by benchmarks/kernel_registers.py; none with the scales ahead).
 quantize_out=True (a pair, e4m3): the silu product leaves quantized for the next W8A8 matmul, e4m3
 [R, N] and float32 scales [R, N // bn], one group per output tile.
@@ -327,7 +327,8 @@ def _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block):
 # prefill 186.50 -> 175.94 ms (54.8% -> 58.6% of the matmul rate), 1k level (29.66 / 29.71).
 # Decode-sized blocks keep the other order (unmeasured there).
 # x_scales_ahead for prefill-sized blocks: a gathered W8A8 gate/up at bm 128 spills without it
-# (module doc; the blocks are gathered in the kernel there under moe_ffn.X_GATHER = "kernel").
+# (module doc; prefill blocks are gathered in the kernel under moe_ffn.X_GATHER = "kernel" or
+# BLOCK_ROUTING = "kernel-scan").
 MATMUL_DEFAULTS = {
     "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="e4m3", fp8_nk={}),
     "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="e4m3", fp8_nk=dict(w_lhs=True, bk=128),

@@ -124,7 +124,8 @@ class RoutedBlocks:
 def route_blocks_covered(assignments: int, num_experts: int, scan: bool = False) -> bool:
     """route_blocks takes these sizes: any count of assignments with scan, else up to
     ROUTE_BLOCKS_MAX_ASSIGNMENTS."""
-    return 0 < assignments and (scan or assignments <= ROUTE_BLOCKS_MAX_ASSIGNMENTS) and 0 < num_experts <= MAX_LOCAL_EXPERTS
+    return (0 < assignments and (scan or assignments <= ROUTE_BLOCKS_MAX_ASSIGNMENTS)
+            and 0 < num_experts <= MAX_LOCAL_EXPERTS)
 
 
 def route_blocks(experts_nk, weights_nk, num_experts: int, bm: int, first_expert=0, layer=0, *,

@@ -53,7 +53,7 @@ GEMV_MAX_ASSIGNMENTS = {"bf16": 64, "fp8": 64}
 # kernels, x gathered inside the gate/up kernel, the down writing real rows only) up to
 # route_blocks' in-kernel walk (4096 assignments: decode batches, 512-token chunks), else "xla"
 # (expert_blocks: argsort, scatters and an x gather: ~10 XLA kernels a layer, run 162's 8k
-# profile has sorts and scatters at ~9 ms of a 160 ms prefill); "kernel-scan": route_blocks at
+# profile has sorts and scatters at ~7.5 ms of a 160 ms prefill); "kernel-scan": route_blocks at
 # every size, XLA summing the histogram past the walk (not yet timed on a GPU); "xla" everywhere.
 BLOCK_ROUTINGS = ("kernel", "kernel-scan", "xla")
 BLOCK_ROUTING = "kernel"
