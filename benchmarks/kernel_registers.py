@@ -10,7 +10,10 @@ A separate process compiles, so jaxlib's and Triton's LLVM never share one. --va
 grouped_matmul.MATMUL_DEFAULTS (both block-height classes) for the lowering.
 
 A proxy, not the GPU's own build: XLA compiles the same IR with the Triton inside jaxlib, whose
-version differs from the pip package's. Findings: benchmarks/NOTES.md, twenty-fifth session.
+version differs from the pip package's. The capture hooks a private function of jax's Pallas
+Triton lowering (tests/test_bench.py checks it still works); jaxlib 0.10.2's lowering hands XLA
+the IR uncompiled, while newer jaxlibs compile it while lowering, which needs their CUDA plugin.
+Findings: benchmarks/NOTES.md, twenty-fifth session.
 
     pip install triton            # the compiler only (~1 GB); not a dependency of the project
     python benchmarks/kernel_registers.py [--triton-python VENV/bin/python]

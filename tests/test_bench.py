@@ -1,5 +1,6 @@
 """serve.bench on CPU with the tiny config: it runs, and its floors are the arithmetic they claim;
-benchmarks/prefix_cache.py, benchmarks/chunked_prefill.py and benchmarks/prompt_ttft.py run too."""
+benchmarks/prefix_cache.py, benchmarks/chunked_prefill.py and benchmarks/prompt_ttft.py run too,
+and benchmarks/kernel_registers.py's lowering."""
 
 import json
 
@@ -304,3 +305,22 @@ def test_chunked_prefill_benchmark_times_each_variant_and_restores_the_kernel_se
         chunked.main(["--model", "tiny", "--context", "64", "--chunk", "32", "--starts", "48"])
     with pytest.raises(SystemExit):
         chunked.main(["--model", "tiny", "--context", "64", "--chunk", "32", "--in-order", "sorted"])
+
+
+def test_kernel_registers_captures_each_steps_triton_kernels_on_cpu():
+    """benchmarks/kernel_registers.py's lowering, with the tiny preset on this CPU host: each step
+    is lowered for CUDA with the kernels on, the Triton IR of every pallas_call captured with its
+    launch parameters (the blocks path's routing and grouped matmuls at a 64-token prefill), and
+    the kernels setting restored after. (Compiling the IR needs the `triton` package; not here.)"""
+    from qwen3_jax import kernels
+
+    mod = load_benchmark("kernel_registers")
+    on_gpu, override = kernels.on_gpu, kernels._override
+    steps = dict(mod.lower_steps("tiny", [1], [64], 64))
+    assert kernels.on_gpu is on_gpu and kernels._override == override
+    decode, prefill = ([name for name, *_ in steps[k]] for k in ("decode batch 1", "prefill 64"))
+    assert "qwen3_decode_attention" in decode and "qwen3_gemv_dot" in decode
+    assert prefill == ["qwen3_route_histogram", "qwen3_route_blocks", "qwen3_grouped_matmul", "qwen3_grouped_matmul"]
+    for name, warps, stages, ir in steps["prefill 64"]:
+        assert warps in (1, 2, 4, 8) and stages >= 1
+        assert ir.startswith(f"module @{name}") and "tt.func public @" in ir
