@@ -5,7 +5,8 @@ The model (abstract weights: nothing is allocated) is lowered by jax for CUDA wi
 one decode step at each --batch and one prefill at each --tokens, exactly as serve.bench runs
 them. The Triton IR each pallas_call hands to XLA is captured, compiled here by the `triton`
 package to PTX for sm_90a, and `ptxas -v` reports registers a thread and spill bytes; smem is
-Triton's shared memory over all stages; wgmma says whether the MMAs are Hopper's warpgroup ones.
+Triton's shared memory over all stages; CTAs/SM how many of the kernel's CTAs fit an SM at once
+by those two; wgmma says whether the MMAs are Hopper's warpgroup ones.
 A separate process compiles, so jaxlib's and Triton's LLVM never share one. --variants patches
 grouped_matmul.MATMUL_DEFAULTS (both block-height classes) for the lowering.
 
@@ -120,6 +121,14 @@ def compile_report(path: str, num_warps: int, num_stages: int) -> dict:
                 smem=k.metadata.shared, wgmma="wgmma" in k.asm["ptx"])
 
 
+def ctas_per_sm(registers: int, smem: int, warps: int) -> int:
+    """How many CTAs of this kernel an H100/H200 SM holds at once: 64K registers (allocated per
+    warp in multiples of 8 a thread), 228 KB of shared memory (1 KB of it reserved per CTA), 2048
+    threads, 32 CTAs."""
+    by_regs = 65536 // (-(-registers // 8) * 8 * 32 * warps)
+    return max(0, min(by_regs, 233472 // (smem + 1024), 2048 // (32 * warps), 32))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="Qwen3-30B-A3B-FP8", help="a bench preset (serve.bench --model)")
@@ -153,7 +162,7 @@ def main(argv=None):
         setattr(importlib.import_module(f"qwen3_jax.kernels.{module}"), name, value)
     ints = lambda s: [int(v) for v in s.split(",") if v]   # noqa: E731
     print(f"{args.model}, kernels compiled for sm_90a; per kernel: warps/stages, registers a thread, "
-          "spill bytes stored/loaded a thread, shared memory, Hopper MMAs")
+          "spill bytes stored/loaded a thread, shared memory, CTAs an SM holds, Hopper MMAs")
     saved = {size: dict(cfg) for size, cfg in gm.MATMUL_DEFAULTS.items()}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in json.loads(args.variants):
@@ -176,8 +185,9 @@ def main(argv=None):
                         continue
                     r = json.loads(out.stdout.strip().splitlines()[-1])
                     print(f"  {name:34s} {warps}/{stages}  {r['registers']:3d} regs  spills {r['spill_stores']:4d}/"
-                          f"{r['spill_loads']:<4d}  smem {r['smem']:6d}  {'wgmma' if r['wgmma'] else 'mma.sync'}",
-                          flush=True)
+                          f"{r['spill_loads']:<4d}  smem {r['smem']:6d}  "
+                          f"{ctas_per_sm(r['registers'], r['smem'], warps):2d} CTAs/SM  "
+                          f"{'wgmma' if r['wgmma'] else 'mma.sync'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -324,3 +324,7 @@ def test_kernel_registers_captures_each_steps_triton_kernels_on_cpu():
     for name, warps, stages, ir in steps["prefill 64"]:
         assert warps in (1, 2, 4, 8) and stages >= 1
         assert ir.startswith(f"module @{name}") and "tt.func public @" in ir
+    # CTAs an SM holds: the 8k W8A8 gate/up (255 registers x 256 threads, 144 KB) one; the
+    # bm 64 + bn 64 + 4-warp tiling (183 registers -> 184 x 128, 72 KB) two, by registers
+    assert mod.ctas_per_sm(255, 147456, 8) == 1 and mod.ctas_per_sm(183, 73728, 4) == 2
+    assert mod.ctas_per_sm(32, 0, 4) == 16   # the thread limit: 2048 / 128
