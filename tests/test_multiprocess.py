@@ -254,6 +254,10 @@ def servers(procs):
     procs["single"].wait_ready(600)
     procs["rank0"].wait_ready(600)
     assert procs["rank1"].proc.poll() is None, procs["rank1"].output()[-3000:]
+    # One request before any concurrent ones: the openai client's pydantic response types are
+    # built on first use, and many threads doing that first use at once can fail inside pydantic
+    # ("BaseModel cannot be instantiated directly"; seen once with 16 threads)
+    _complete(procs["single"], PROMPTS[0], max_tokens=1)
     return procs
 
 
