@@ -154,8 +154,8 @@ def parse_args(argv=None):
                    help="time the decode step's gemv shapes (qkv, o_proj, MoE) per tile variant and FP8 kind; "
                         "installs nothing")
     p.add_argument("--dump-hlo", metavar="DIR", default=None,
-                   help="write each compiled decode step's and prefill's optimized HLO here (the profile's "
-                        "fusion names, e.g. loop_add_fusion, are defined there)")
+                   help="write each compiled decode step's and prefill's optimized HLO here, a folder per "
+                        "variant (the profile's fusion names, e.g. loop_add_fusion, are defined there)")
     p.add_argument("--hf-peer", action="store_true", help="time transformers on the same shapes (child process)")
     p.add_argument("--hf-layers", type=int, default=2)
     p.add_argument("--hf-batch", default="1,64")
@@ -854,13 +854,15 @@ def bench_model(args, name: str, ceilings: dict, log, tag: str = "") -> dict:
             if value is not None:
                 label += f" {prefix}{value}"
         baseline = args.kernels == "both" and mode == "off"
+        # each variant's HLO in its own folder, named after its label ("on moe-routing xla" -> on_moe-routing_xla)
+        hlo_dir = os.path.join(args.dump_hlo, re.sub(r"[^\w.-]+", "_", label)) if args.dump_hlo else None
         batches = ints(args.baseline_batch) if baseline and args.baseline_batch is not None else ints(args.batch)
         prompts = ints(args.baseline_prefill) if baseline and args.baseline_prefill is not None else ints(args.prefill)
         for b in batches:
             try:
                 r = bench_decode(model, inv, b, args.context, args.steps, args.reps, b in single, c, log,
                                  profile=label.startswith("on") and b in set(ints(args.profile_batch)),
-                                 dump_hlo=args.dump_hlo, idle=args.idle_slots)
+                                 dump_hlo=hlo_dir, idle=args.idle_slots)
             except Exception as err:   # one failed figure (OOM, a kernel Triton rejects) must not lose the rest
                 r = {"batch": b, "error": _short(err),
                      "floor_ms": 1e3 * decode_floor_bytes(model, inv, b, args.context)["total"] / c["bandwidth"]}
@@ -873,7 +875,7 @@ def bench_model(args, name: str, ceilings: dict, log, tag: str = "") -> dict:
             try:
                 r = bench_prefill(model, inv, t, max(2, args.reps // 2), c, log,
                                   profile=label.startswith("on") and t in set(ints(args.profile_prefill)),
-                                  dump_hlo=args.dump_hlo)
+                                  dump_hlo=hlo_dir)
             except Exception as err:
                 r = {"tokens": t, "error": _short(err), "floor_ms": float("nan")}
             r["kernels"] = label

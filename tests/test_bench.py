@@ -31,11 +31,13 @@ def tiny_run(tmp_path_factory):
 
 def test_dump_hlo_writes_each_decode_step_and_prefill(tiny_run):
     """--dump-hlo: the optimized HLO of every timed decode batch and prefill length (where the
-    profile's fusion names are defined)."""
+    profile's fusion names are defined), in a folder named after the variant's label."""
     _, out = tiny_run
-    files = sorted(p.name for p in (out.parent / "hlo").iterdir())
+    assert [p.name for p in (out.parent / "hlo").iterdir()] == ["off"]   # CPU: kernels off, no knobs
+    folder = out.parent / "hlo" / "off"
+    files = sorted(p.name for p in folder.iterdir())
     assert files == ["decode_bf16_b1.hlo.txt", "decode_bf16_b3.hlo.txt", "prefill_bf16_8.hlo.txt"]
-    assert all((out.parent / "hlo" / f).read_text().startswith("HloModule") for f in files)
+    assert all((folder / f).read_text().startswith("HloModule") for f in files)
 
 
 def test_tiny_bench_reports_every_figure_next_to_its_floor(tiny_run, capsys):
