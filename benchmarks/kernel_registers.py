@@ -92,6 +92,9 @@ def lower_steps(model_name: str, batches, tokens, context: int):
     finally:
         kernels.on_gpu = on_gpu
         kernels.set_enabled(was)
+        # jitted kernels traced here keep the Triton lowering in their caches (interpret mode is
+        # decided while tracing); a later CPU call at the same shapes must trace again
+        jax.clear_caches()
     return out
 
 

@@ -1525,6 +1525,43 @@ def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, mo
     assert "__gpu$xla.gpu.triton" in text and "ragged_dot" not in text
 
 
+@pytest.mark.parametrize("mesh", ["tp=1", "ep=2"])
+def test_prefill_with_routing_kernels_at_every_size_lowers_to_triton(mesh, monkeypatch, cuda_lowering):
+    """BLOCK_ROUTING "kernel-scan": a 2048-token prefill chunk of 30B-A3B-FP8 (16384 assignments,
+    past route_blocks' in-kernel walk) on one card and on ep=2, lowered for CUDA (abstract arrays):
+    the routing kernels and the gathered W8A8 matmuls, no argsort; with "kernel" (the default)
+    the same chunk routes in XLA."""
+    from flax import nnx
+
+    from qwen3_jax.api import abstract_model, build_context, state_shardings
+    from qwen3_jax.config import load_preset
+    from qwen3_jax.kernels import moe_ffn as moe_mod
+    from qwen3_jax.model import KVCache, cache_shapes
+    from serve.bench import make_prefill
+
+    cfg = dataclasses.replace(load_preset("Qwen3-30B-A3B-FP8"), num_hidden_layers=2)
+    _, ctx, kv_rep = build_context(cfg, mesh, None)
+    graphdef, abstract = nnx.split(abstract_model(cfg, jnp.bfloat16, kv_rep, ctx))
+    if ctx is None:
+        state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abstract)
+    else:
+        state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                             abstract, state_shardings(abstract, ctx))
+    cache = KVCache(*[[jax.ShapeDtypeStruct(kv, jnp.bfloat16, sharding=ctx and ctx.sharding(KVCache.AXES, kv))
+                       for kv in shapes] for shapes in zip(*cache_shapes(cfg, 1, 2048, kv_rep))])
+    ids = jax.ShapeDtypeStruct((1, 2048), jnp.int32)
+    text = {}
+    for routing in ("kernel", "kernel-scan"):
+        monkeypatch.setattr(moe_mod, "BLOCK_ROUTING", routing)
+        with kernels.kernels_enabled(True):
+            text[routing] = make_prefill(graphdef).trace(state, ids, cache).lower(
+                lowering_platforms=("cuda",)).as_text()
+    scan = text["kernel-scan"]
+    assert "qwen3_route_histogram" in scan and "qwen3_route_blocks" in scan and "qwen3_grouped_matmul_w8a8" in scan
+    assert "qwen3_route_blocks" not in text["kernel"] and "qwen3_grouped_matmul_w8a8" in text["kernel"]
+    assert "stablehlo.sort" in text["kernel"] and "stablehlo.sort" not in scan
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_kernels_lower_to_triton_for_30b_shapes(fp8):
     from qwen3_jax.kernels.grouped_matmul import matmul_tiles
