@@ -1489,6 +1489,29 @@ def _sds(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
+def _abstract_model_step_args(preset: str, mesh: str, slots: int, length: int):
+    """A 2-layer `preset` on `mesh` as abstract arrays (nothing allocated) -> (graphdef, params,
+    KV cache of `slots` x `length`), with the loader's shardings, as sharding.workspace compiles
+    the server's steps."""
+    from flax import nnx
+
+    from qwen3_jax.api import abstract_model, build_context, state_shardings
+    from qwen3_jax.config import load_preset
+    from qwen3_jax.model import KVCache, cache_shapes
+
+    cfg = dataclasses.replace(load_preset(preset), num_hidden_layers=2)
+    _, ctx, kv_rep = build_context(cfg, mesh, None)
+    graphdef, abstract = nnx.split(abstract_model(cfg, jnp.bfloat16, kv_rep, ctx))
+    if ctx is None:   # one card
+        state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abstract)
+    else:
+        state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                             abstract, state_shardings(abstract, ctx))
+    cache = KVCache(*[[jax.ShapeDtypeStruct(kv, jnp.bfloat16, sharding=ctx and ctx.sharding(KVCache.AXES, kv))
+                       for kv in shapes] for shapes in zip(*cache_shapes(cfg, slots, length, kv_rep))])
+    return graphdef, state, cache
+
+
 @pytest.mark.parametrize("preset,mesh,batch", [("Qwen3-30B-A3B-FP8", "tp=2", 1), ("Qwen3-30B-A3B", "ep=2", 8),
                                                 ("Qwen3-30B-A3B-FP8", "ep=2", 64), ("Qwen3-30B-A3B-FP8", "tp=1", 64)])
 def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, monkeypatch, cuda_lowering):
@@ -1496,24 +1519,9 @@ def test_mesh_decode_step_lowers_to_triton_at_30b_shapes(preset, mesh, batch, mo
     arrays, nothing allocated): every kernel of the one-card layer is there per device (attention
     with its prologue, the gemvs, the routing kernels; at 64 rows of FP8 the W8A8 matmuls and
     their x quantize) and no expert matmul fell back to XLA; tp=1 is one card's step."""
-    from flax import nnx
-
-    from qwen3_jax.api import abstract_model, build_context, state_shardings
-    from qwen3_jax.config import load_preset
-    from qwen3_jax.model import KVCache, cache_shapes
     from serve.bench import make_decode
 
-    cfg = dataclasses.replace(load_preset(preset), num_hidden_layers=2)
-    _, ctx, kv_rep = build_context(cfg, mesh, None)
-    graphdef, abstract = nnx.split(abstract_model(cfg, jnp.bfloat16, kv_rep, ctx))
-    # as sharding.workspace compiles the server's steps: arguments with the loader's shardings
-    if ctx is None:   # one card
-        state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abstract)
-    else:
-        state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                             abstract, state_shardings(abstract, ctx))
-    cache = KVCache(*[[jax.ShapeDtypeStruct(kv, jnp.bfloat16, sharding=ctx and ctx.sharding(KVCache.AXES, kv))
-                       for kv in shapes] for shapes in zip(*cache_shapes(cfg, batch, 1024, kv_rep))])
+    graphdef, state, cache = _abstract_model_step_args(preset, mesh, batch, 1024)
     ids = jax.ShapeDtypeStruct((batch,), jnp.int32)
     with kernels.kernels_enabled(True):
         text = make_decode(graphdef, 2).trace(state, ids, ids, cache).lower(lowering_platforms=("cuda",)).as_text()
@@ -1531,24 +1539,10 @@ def test_prefill_with_routing_kernels_at_every_size_lowers_to_triton(mesh, monke
     past route_blocks' in-kernel walk) on one card and on ep=2, lowered for CUDA (abstract arrays):
     the routing kernels and the gathered W8A8 matmuls, no argsort; with "kernel" (the default)
     the same chunk routes in XLA."""
-    from flax import nnx
-
-    from qwen3_jax.api import abstract_model, build_context, state_shardings
-    from qwen3_jax.config import load_preset
     from qwen3_jax.kernels import moe_ffn as moe_mod
-    from qwen3_jax.model import KVCache, cache_shapes
     from serve.bench import make_prefill
 
-    cfg = dataclasses.replace(load_preset("Qwen3-30B-A3B-FP8"), num_hidden_layers=2)
-    _, ctx, kv_rep = build_context(cfg, mesh, None)
-    graphdef, abstract = nnx.split(abstract_model(cfg, jnp.bfloat16, kv_rep, ctx))
-    if ctx is None:
-        state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abstract)
-    else:
-        state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                             abstract, state_shardings(abstract, ctx))
-    cache = KVCache(*[[jax.ShapeDtypeStruct(kv, jnp.bfloat16, sharding=ctx and ctx.sharding(KVCache.AXES, kv))
-                       for kv in shapes] for shapes in zip(*cache_shapes(cfg, 1, 2048, kv_rep))])
+    graphdef, state, cache = _abstract_model_step_args("Qwen3-30B-A3B-FP8", mesh, 1, 2048)
     ids = jax.ShapeDtypeStruct((1, 2048), jnp.int32)
     text = {}
     for routing in ("kernel", "kernel-scan"):
