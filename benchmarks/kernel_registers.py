@@ -19,7 +19,7 @@ Findings: benchmarks/NOTES.md, twenty-fifth session.
     pip install triton            # the compiler only (~1 GB); not a dependency of the project
     python benchmarks/kernel_registers.py [--triton-python VENV/bin/python]
     python benchmarks/kernel_registers.py --batch '' --tokens 8192 --variants '[{}, {"bn": 64}]'
-    python benchmarks/kernel_registers.py --batch '' --set moe_ffn.X_GATHER=kernel \
+    python benchmarks/kernel_registers.py --batch '' --set moe_ffn.BLOCK_ROUTING=xla \
         --variants '[{}, {"x_scales_ahead": false}]'
 """
 
@@ -141,7 +141,7 @@ def main(argv=None):
     p.add_argument("--variants", default="[{}]",
                    help="a JSON list of grouped_matmul.MATMUL_DEFAULTS overrides, e.g. '[{}, {\"bn\": 64}]'")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
-                   help="a qwen3_jax.kernels setting for the lowering, e.g. moe_ffn.X_GATHER=kernel "
+                   help="a qwen3_jax.kernels setting for the lowering, e.g. moe_ffn.BLOCK_ROUTING=xla "
                         "(VALUE as JSON, else a string); repeatable")
     p.add_argument("--triton-python", default=sys.executable,
                    help="the Python whose environment has `triton` (default: this one)")

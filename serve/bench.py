@@ -105,14 +105,10 @@ def parse_args(argv=None):
                         "(default: the library's)")
     p.add_argument("--moe-routing", default="",
                    help="MoE blocks path (decode batches of 9+ tokens, prefill chunks): how the row blocks "
-                        "are built, comma-separated: kernel (the routing kernels, x gathered in the gate/up "
-                        "kernel, real rows written only; up to 4096 assignments, XLA above), kernel-scan (the "
-                        "routing kernels at every size), xla (argsort, scatters, an x gather) (default: the "
+                        "are built, comma-separated: kernel-scan (the routing kernels at every size, real "
+                        "rows written only), kernel (the routing kernels up to 4096 assignments, XLA above), "
+                        "xla (argsort and scatters); the gate/up kernel gathers x's rows in each (default: the "
                         "library's)")
-    p.add_argument("--moe-x-gather", default="",
-                   help="MoE blocks built by XLA (prefill chunks past 512 tokens): where the gate/up's x rows "
-                        "come from, comma-separated: xla (gathered into the padded rows first), kernel (the "
-                        "gate/up kernel loads them by row index) (default: the library's)")
     p.add_argument("--router-logits", default="",
                    help="router logits of 9-256 tokens, comma-separated: matmul (one split-K grouped matmul), "
                         "gemv (per-row programs, up to 64 tokens; XLA routing above) (default: the library's)")
@@ -946,7 +942,6 @@ def _decode_knobs(args, cfg):
     presets = linear.PROJECTION_MATMUL_PRESETS
     projection = choices("--projection-matmul", args.projection_matmul, sorted(presets))
     moe_routing = choices("--moe-routing", args.moe_routing, moe_ffn.BLOCK_ROUTINGS)
-    moe_x_gather = choices("--moe-x-gather", args.moe_x_gather, moe_ffn.X_GATHERS)
     router_logits = choices("--router-logits", args.router_logits, router.LOGITS_CHOICES)
     x_quant = choices("--x-quantize", args.x_quantize, x_quantize.X_QUANTIZES)
     fresh = choices("--fresh-prefill", args.fresh_prefill, ("on", "off"))
@@ -976,7 +971,6 @@ def _decode_knobs(args, cfg):
         ("fp8-copy ", copy if cfg.fp8 else [None], *module_value(dequantize, "COPY"), True),
         ("fp8-dot-acc ", dot_acc if cfg.fp8 else [None], *module_value(fp8_dot, "ACCUMULATE"), True),
         ("moe-routing ", moe_routing, *module_value(moe_ffn, "BLOCK_ROUTING"), True),
-        ("moe-x-gather ", moe_x_gather, *module_value(moe_ffn, "X_GATHER"), True),
         ("router ", router_logits, *module_value(router, "LOGITS"), True),
         ("gemv-tokens ", gemv_limits, gemv_tokens, put_gemv_tokens, True),
         ("x-quantize ", x_quant if cfg.fp8 else [None], *module_value(x_quantize, "X_QUANTIZE"), True),

@@ -163,7 +163,6 @@ def test_variant_flags_time_each_setting_and_restore_the_defaults():
                                  ("--fp8-copy", "cuda", "--fp8-copy cuda: unknown; use kernel or xla"),
                                  ("--fp8-dot-acc", "tf32", "--fp8-dot-acc tf32: unknown; use mma or f32"),
                                  ("--moe-routing", "sort", "--moe-routing sort: unknown; use kernel, kernel-scan or xla"),
-                                 ("--moe-x-gather", "host", "--moe-x-gather host: unknown; use xla or kernel"),
                                  ("--router-logits", "dot", "--router-logits dot: unknown; use matmul or gemv"),
                                  ("--attention-combine", "o_proj",
                                   "--attention-combine o_proj: unknown; use kernel or xla"),

@@ -484,16 +484,16 @@ def test_grouped_matmul_w8a8_scales_gathered_ahead_or_in_the_kernel():
 
 
 @pytest.mark.parametrize("fp8", [False, "nk"])
-def test_moe_ffn_xla_routed_blocks_gather_x_in_the_kernel_or_before(monkeypatch, fp8):
-    """moe_ffn.X_GATHER on the XLA-built blocks (prompts past route_blocks' coverage): the gate/up
-    kernel gathering x's rows itself ("kernel"; W8A8 at these 64-row blocks with x's scales
-    gathered ahead: MATMUL_DEFAULTS "large") gives exactly the values of x gathered by XLA first,
-    and both the reference's to the kernels' bound."""
+def test_moe_ffn_xla_routed_blocks_gather_x_in_the_kernel(monkeypatch, fp8):
+    """The XLA-built blocks (BLOCK_ROUTING "xla", and "kernel" past route_blocks' walk): the gate/up
+    kernel gathers x's rows itself (W8A8 at these 64-row blocks with x's scales gathered ahead:
+    MATMUL_DEFAULTS "large"), so no XLA gather copies x into the padded rows; the values equal
+    those on route_blocks' blocks ("kernel-scan") bit for bit, and the reference's to the kernels'
+    bound."""
     import jax.extend.core
 
     from qwen3_jax.kernels import moe_ffn as moe_mod
 
-    monkeypatch.setattr(moe_mod, "BLOCK_ROUTING", "xla")
     monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS", 0)
     rng = np.random.default_rng(16)
     x, weights, experts, arrays, want = _moe_case(rng, bool(fp8), n=128, e=4, d=128, f=128, k=2,
@@ -508,14 +508,14 @@ def test_moe_ffn_xla_routed_blocks_gather_x_in_the_kernel_or_before(monkeypatch,
         return found
 
     got, gathers = {}, {}
-    for where in moe_mod.X_GATHERS:
-        monkeypatch.setattr(moe_mod, "X_GATHER", where)
+    for routing in ("xla", "kernel-scan"):
+        monkeypatch.setattr(moe_mod, "BLOCK_ROUTING", routing)
         fn = lambda: moe_ffn(x, weights, experts, arrays, strategy="blocks")   # noqa: E731 (new: make_jaxpr caches by function)
-        gathers[where] = row_gathers(jax.make_jaxpr(fn)().jaxpr)
-        got[where] = np.asarray(fn())
-    assert gathers["xla"] == gathers["kernel"] + 1   # x's copy is gone
-    np.testing.assert_array_equal(got["kernel"], got["xla"])
-    assert rel(got["kernel"], want) < (6e-2 if fp8 else 1e-2)
+        gathers[routing] = row_gathers(jax.make_jaxpr(fn)().jaxpr)
+        got[routing] = np.asarray(fn())
+    assert gathers["xla"] == 1   # the combine's y[pos] only: no copy of x
+    np.testing.assert_array_equal(got["xla"], got["kernel-scan"])
+    assert rel(got["xla"], want) < (6e-2 if fp8 else 1e-2)
 
 
 @pytest.mark.parametrize("nk", [False, True])
@@ -953,13 +953,17 @@ def test_grouped_matmul_concat_refuses_weights_it_cannot_put_side_by_side():
 
 
 def test_fp8_projection_with_the_weight_on_the_left(monkeypatch, fp8_w8a16):
-    """A prefill-sized FP8 projection stored [out, in] whose tiles stay >= 64 wide runs with the
-    weight as the MMA's left operand (MATMUL_DEFAULTS' fp8_nk) and gives the same products; once
-    the tiles narrow below 64 (the "narrow" rule, and "narrow-qkv", the default) it runs with x on
-    the left. The "split" rule keeps the tile and the weight on the left."""
+    """With the weight as the MMA's left operand asked for (MATMUL_DEFAULTS' fp8_nk w_lhs; off by
+    default since run 170), a prefill-sized FP8 projection stored [out, in] whose tiles stay >= 64
+    wide runs so and gives the same products; once the tiles narrow below 64 (the "narrow" rule,
+    and "narrow-qkv", the default) it runs with x on the left. The "split" rule keeps the tile and
+    the weight on the left."""
     from qwen3_jax.kernels import grouped_matmul as gm_mod
     from qwen3_jax.kernels import linear as linear_mod
 
+    assert not gm_mod.MATMUL_DEFAULTS["large"]["fp8_nk"]["w_lhs"]
+    large = gm_mod.MATMUL_DEFAULTS["large"]
+    monkeypatch.setitem(gm_mod.MATMUL_DEFAULTS, "large", dict(large, fp8_nk=dict(large["fp8_nk"], w_lhs=True)))
     calls = []
     real = linear_mod.grouped_matmul
     monkeypatch.setattr(linear_mod, "grouped_matmul", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
@@ -976,7 +980,6 @@ def test_fp8_projection_with_the_weight_on_the_left(monkeypatch, fp8_w8a16):
         q = linear_einsum("btd,dhq->bthq", x, jnp.moveaxis(wq, 1, 3), sq, 0, block, layer=jnp.int32(1), w_nk=True)
         assert calls[-1]["w_lhs"] is lhs and (calls[-1]["bn"] >= 64) is lhs, calls[-1]
         assert rel(q, want) < 5e-3
-    assert gm_mod.MATMUL_DEFAULTS["large"]["fp8_nk"]["w_lhs"]
 
 
 def test_bf16_projection_reads_layer_in_place_and_leaves_many_rows_to_xla():
@@ -1723,14 +1726,13 @@ def test_gpu_block_routing_kernel_matches_xla_routing_at_30b_shapes(n, monkeypat
     against the XLA routing, FP8 experts [E, out, in] (the model's form), W8A8: decode batches,
     and a 1024-token chunk (8192 assignments, bm 64) where "kernel" is XLA's routing and
     "kernel-scan" the kernels with XLA summing the histogram, with x gathered in the kernel either
-    way (moe_ffn.X_GATHER)."""
+    way."""
     from qwen3_jax.kernels import moe_ffn as moe_mod
 
     rng = np.random.default_rng(n + 1)
     x, weights, experts, arrays, want = _moe_case(rng, True, n=n, e=128, d=2048, f=768, k=8, block=128, nk=True,
                                                   checkpoint_blocks=True)
     experts = experts.at[3].set(-1)   # a padding row: routed nowhere
-    monkeypatch.setattr(moe_mod, "X_GATHER", "kernel")
     out = {}
     for routing in moe_mod.BLOCK_ROUTINGS:
         monkeypatch.setattr(moe_mod, "BLOCK_ROUTING", routing)

@@ -327,11 +327,13 @@ def _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block):
 # prefill 186.50 -> 175.94 ms (54.8% -> 58.6% of the matmul rate), 1k level (29.66 / 29.71).
 # Decode-sized blocks keep the other order (unmeasured there).
 # x_scales_ahead for prefill-sized blocks: a gathered W8A8 gate/up at bm 128 spills without it
-# (module doc; prefill blocks are gathered in the kernel under moe_ffn.X_GATHER = "kernel" or
-# BLOCK_ROUTING = "kernel-scan").
+# (module doc; the MoE's prefill blocks are always gathered in the kernel).
+# w_lhs off again for prefill-sized blocks once W8A8 read one weight scale a tile (run 162) and
+# x's scales ahead: H200, runs 168/170, the 8k gate/up 989.5 -> 840.7 us a layer; the FP8 model
+# (MoE and projections, one process) 1k 26.57 -> 26.49 ms, 2k 42.12 -> 38.97, 8k 154.36 -> 142.43.
 MATMUL_DEFAULTS = {
     "small": dict(bn=128, bk=128, num_warps=4, num_stages=3, convert="e4m3", fp8_nk={}),
-    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="e4m3", fp8_nk=dict(w_lhs=True, bk=128),
+    "large": dict(bn=128, bk=64, num_warps=8, num_stages=3, convert="e4m3", fp8_nk=dict(w_lhs=False, bk=128),
                   n_first=True, x_scales_ahead=True),
 }
 

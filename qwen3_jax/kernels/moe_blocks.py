@@ -234,10 +234,14 @@ def _route_blocks(experts_a, weights_a, first_1, layer_1, *, k, num_experts, bm,
                  jax.ShapeDtypeStruct((a,), jnp.float32))
     sums = (hist,)
     if scan:
-        counts = jnp.sum(hist, axis=0)
+        # the counts are the running sum's last row, not a second reduction over the chunks: XLA
+        # fused a column sum with the running sum into one kernel that took 114 us a layer at 1024
+        # chunks (H200, run 170's 8k profile, `input_reduce_subtract_fusion`)
+        running = jnp.cumsum(hist, axis=0)
+        counts = running[-1]
         nblk = (counts + bm - 1) // bm
         blk_end = jnp.cumsum(nblk)
-        sums = (jnp.cumsum(hist, axis=0) - hist, jnp.stack([counts, blk_end - nblk, blk_end]))
+        sums = (running - hist, jnp.stack([counts, blk_end - nblk, blk_end]))
     rows, groups, valid, pos, w = pl.pallas_call(
         place, out_shape=out_shape, grid=(max(chunks, pl.cdiv(nb, c)),),
         compiler_params=params, interpret=interpret, name="qwen3_route_blocks",

@@ -49,24 +49,17 @@ from .x_quantize import quantize_x
 # 6.719 on the blocks (run 129, projections on the matmul in both): 8 tokens in either kind.
 GEMV_MAX_ASSIGNMENTS = {"bf16": 64, "fp8": 64}
 
-# How the blocks path builds its row blocks (moe_blocks.py): "kernel" (route_blocks: two Pallas
-# kernels, x gathered inside the gate/up kernel, the down writing real rows only) up to
-# route_blocks' in-kernel walk (4096 assignments: decode batches, 512-token chunks), else "xla"
-# (expert_blocks: argsort, scatters and an x gather: ~10 XLA kernels a layer, run 162's 8k
-# profile has sorts and scatters at ~7.5 ms of a 160 ms prefill); "kernel-scan": route_blocks at
-# every size, XLA summing the histogram past the walk (not yet timed on a GPU); "xla" everywhere.
+# How the blocks path builds its row blocks (moe_blocks.py): "kernel-scan" (route_blocks: two
+# Pallas kernels at every size, XLA summing the histogram between them past the in-kernel walk's
+# 4096 assignments); "kernel" (route_blocks up to 4096 assignments, XLA's expert_blocks past it:
+# argsort, scatters, ~10 XLA kernels a layer); "xla" everywhere. H200, one process a model (runs
+# 168 and 170, benchmarks/NOTES.md), "kernel" -> "kernel-scan": bf16 prefill 1k 26.50 -> 24.78 ms,
+# 2k 39.58 -> 37.16, FP8 1k 26.49 -> 24.98, 2k 38.97 -> 36.68 (2048 is the served chunk). Either
+# way the gate/up kernel gathers x's rows itself (no [R, D] copy of x: run 168, 8k prefill
+# -4.9% bf16 / -5.5% FP8 on XLA-built blocks against the copy), and on route_blocks' blocks the
+# down writes real rows only.
 BLOCK_ROUTINGS = ("kernel", "kernel-scan", "xla")
-BLOCK_ROUTING = "kernel"
-
-# Where the gate/up's x rows come from when XLA builds the blocks (prefills past route_blocks'
-# 4096 assignments, i.e. chunks over 512 tokens): "xla" gathers x into the padded rows first (an
-# [R, D] copy; in run 162's 8k profiles the one gather-rooted fusion a layer, `loop_gather_fusion`,
-# took ~200 us a layer FP8 and ~226 bf16, 6-7% of the prefill); "kernel" hands the gate/up kernel
-# the row indices and it loads each tile's rows from x [N, D] itself, as on route_blocks' blocks
-# (W8A8 then takes x's scales gathered ahead: grouped_matmul's x_scales_ahead). "xla" until timed
-# on a GPU (benchmarks/NOTES.md, twenty-fifth session; `serve.bench --moe-x-gather xla,kernel`).
-X_GATHERS = ("xla", "kernel")
-X_GATHER = "xla"
+BLOCK_ROUTING = "kernel-scan"
 
 
 def gemv_max_assignments(fp8: bool) -> int:
@@ -206,11 +199,8 @@ def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
         blk = expert_blocks(experts_nk, arrays.num_experts, bm, first_expert)
         groups, pos = jnp.where(blk.groups >= 0, blk.groups + arrays.offset, -1), blk.pos
         w = jnp.where(blk.here, weights_nk.reshape(-1), 0.0).astype(jnp.float32)
-        # pad rows read token 0 and are computed, as from an XLA-gathered x; nothing reads them
-        gather = dict(rows=blk.rows) if X_GATHER == "kernel" else None
-
-    def rows_of(v):   # v [N, ...] -> what the gate/up kernel takes: v itself when it gathers
-        return v if gather else v[blk.rows]
+        # pad rows read token 0 and are computed; nothing reads them
+        gather = dict(rows=blk.rows)
 
     t1 = matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk)
     t2 = matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block, w_nk=arrays.w_nk)
@@ -223,15 +213,15 @@ def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
         # inside one run read one weight scale a K step (grouped_matmul's scale_run)
         run = arrays.scale_run or arrays.block
         xq, sx = quantize_x(x_nd, t1["bk"])
-        xs, in1 = rows_of(xq), dict(x_scales=rows_of(sx), quantize_out=True, scale_run=run)
+        xs, in1 = xq, dict(x_scales=sx, quantize_out=True, scale_run=run)
         t2 = dict(t2, bk=math.gcd(t2["bk"], t1["bn"], run))
     else:
         # f16 MMA (FP8 weights): x converted once here, not per tile in the kernel; h comes out f16
-        xs, in1 = rows_of(materialize(x_nd).astype(jnp.float16 if t1["convert"] == "f16" else x_nd.dtype)), {}
+        xs, in1 = materialize(x_nd).astype(jnp.float16 if t1["convert"] == "f16" else x_nd.dtype), {}
     h = grouped_matmul(xs, groups, (arrays.gate, arrays.up), _scales(arrays, "gate", "up"),
-                       layout="k", **common, **t1, **in1, **(gather or {}))   # [R, F], or (e4m3, scales)
+                       layout="k", **common, **t1, **in1, **gather)   # [R, F], or (e4m3, scales)
     h, in2 = (h[0], dict(x_scales=h[1])) if a8 else (h, {})
-    valid = dict(block_valid=gather["block_valid"]) if gather and "block_valid" in gather else {}
+    valid = dict(block_valid=gather["block_valid"]) if "block_valid" in gather else {}
     y = grouped_matmul(h, groups, (arrays.down,), _scales(arrays, "down"), layout="n", **common, **t2,
                        **in2, **valid)   # [R, D] f32
     # a select, not a product: rows never written (pad rows, unused blocks) may hold NaN bits,
