@@ -1804,7 +1804,9 @@ def test_gpu_gemv_reads_weights_stored_n_by_k_at_30b_shapes(kind, layout):
 def test_gpu_fp8_prefill_moe_and_projection_through_either_mma(convert, monkeypatch):
     """Compiled, prefill-sized (512 tokens): the blocks-path MoE and an FP8 projection with the
     FP8 matmul converting to x's dtype or to f16, or W8A8 (e4m3 x; experts also stored [E, out,
-    in], with the weight on either side), match XLA's dequantized reference (W8A8 to its bound)."""
+    in], with the weight on either side), match XLA's dequantized reference (W8A8 to its bound).
+    The projection's scales are a checkpoint's blocks expanded, as the model holds them: W8A8's N
+    tile reads one weight scale a run (linear_einsum's scale_run)."""
     from qwen3_jax.kernels import grouped_matmul as gm_mod
 
     nk, lhs = "-nk" in convert, convert.endswith("-lhs")
@@ -1820,7 +1822,7 @@ def test_gpu_fp8_prefill_moe_and_projection_through_either_mma(convert, monkeypa
                                                   checkpoint_blocks=True)
     err = rel(moe_ffn(x, weights, experts, arrays, strategy="blocks"), want)
     assert (1e-3 < err < 6e-2) if a8 else err < 1e-2
-    wq, sq = fp8_weights(rng, (3, 2048, 32, 128), 1)
+    wq, sq = fp8_weights(rng, (3, 2048, 32, 128), 1, checkpoint_blocks=True)
     xq = jnp.asarray(rng.standard_normal((1, 512, 2048)), jnp.bfloat16)
     q = linear_einsum("btd,dhq->bthq", xq, wq, sq, 0, 128, layer=jnp.int32(2))
     ref = jnp.einsum("btd,dhq->bthq", xq.astype(jnp.float32), dequantize(wq[2], sq[2], 0, 128, jnp.float32))
