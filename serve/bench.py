@@ -30,6 +30,7 @@ installs the fastest tiles for the rest of the run.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import itertools
@@ -93,6 +94,10 @@ def parse_args(argv=None):
                    help="FP8 models: how the tensor cores accumulate an e4m3 x e4m3 dot (W8A8 kernels) to time, "
                         "comma-separated: mma (the whole dot, promoted per K step), f32 (Triton's default: every "
                         "32-deep MMA added into float32) (default: the library's)")
+    p.add_argument("--matmul-large", default="",
+                   help="prefill-sized grouped matmul tiles (grouped_matmul.MATMUL_DEFAULTS['large']) to time: "
+                        "a JSON list of overrides, each over the library's, e.g. '[{}, {\"num_stages\": 4}]' "
+                        "({} = the library's; an fp8_nk override replaces that whole dict)")
     p.add_argument("--fp8-matmul-lhs", default="",
                    help="FP8 models stored [out, in]: the prefill grouped matmul's left MMA operand to time, "
                         "comma-separated: x (the activations), w (the weight tile) (default: the library's)")
@@ -224,8 +229,8 @@ def measure_ceilings(on_gpu: bool, reps: int = 20) -> dict:
 
     n = (2 << 30) // 4 if on_gpu else (16 << 20) // 4
     a = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
-    copy = jax.jit(lambda x: x * 2)
-    t_copy = best_seconds(lambda: copy(a), reps)
+    double = jax.jit(lambda x: x * 2)
+    t_copy = best_seconds(lambda: double(a), reps)
     m = 8192 if on_gpu else 512
     x = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
     y = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
@@ -912,6 +917,26 @@ def _decode_knobs(args, cfg):
     def put_fp8_lhs(side):   # prefill-sized blocks, FP8 stored [out, in]
         grouped_matmul.MATMUL_DEFAULTS["large"]["fp8_nk"]["w_lhs"] = side == "w"
 
+    large = copy.deepcopy(grouped_matmul.MATMUL_DEFAULTS["large"])
+
+    def put_large(override):   # over the library's tiles; the read-back snapshot restores them
+        grouped_matmul.MATMUL_DEFAULTS["large"] = {**copy.deepcopy(large), **override}
+
+    def matmul_large(text):
+        """--matmul-large's overrides ([None]: the library's), each a dict of known keys."""
+        if not text:
+            return [None]
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--matmul-large {text}: not JSON ({err}); give a list, e.g. '[{{}}, {{\"bn\": 64}}]'")
+        if not isinstance(values, list) or not all(isinstance(v, dict) for v in values):
+            raise ValueError(f"--matmul-large {text}: give a JSON list of objects, e.g. '[{{}}, {{\"bn\": 64}}]'")
+        unknown = sorted({k for v in values for k in v} - set(large))
+        if unknown:
+            raise ValueError(f"--matmul-large: unknown key {', '.join(unknown)}; use {', '.join(sorted(large))}")
+        return [_Tiles(v) for v in values]
+
     def gemv_tokens():   # the three small-batch limits together
         return dict(linear.GEMV_MAX_ROWS), dict(moe_ffn.GEMV_MAX_ASSIGNMENTS), router.LOGITS_MATMUL_MIN_ROWS
 
@@ -935,7 +960,7 @@ def _decode_knobs(args, cfg):
     gemm = choices("--fp8-gemm", args.fp8_gemm, sorted(kernels.FP8_GEMM))
     merge = choices("--attention-combine", args.attention_combine, decode_attention.COMBINES)
     prologue = choices("--attention-prologue", args.attention_prologue, decode_attention.PROLOGUES)
-    copy = choices("--fp8-copy", args.fp8_copy, dequantize.COPIES)
+    fp8_copy = choices("--fp8-copy", args.fp8_copy, dequantize.COPIES)
     fp8_matmul = choices("--fp8-matmul", args.fp8_matmul, ("cast", "f16", "e4m3"))
     fp8_lhs = choices("--fp8-matmul-lhs", args.fp8_matmul_lhs, ("x", "w"))
     dot_acc = choices("--fp8-dot-acc", args.fp8_dot_acc, fp8_dot.ACCUMULATE_CHOICES)
@@ -962,13 +987,15 @@ def _decode_knobs(args, cfg):
         ("attention-prologue ", prologue, *module_value(decode_attention, "PROLOGUE"), True),
         ("fp8-matmul ", fp8_matmul if cfg.fp8 else [None],
          lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"], put_fp8_matmul, True),
+        ("matmul-large ", matmul_large(args.matmul_large),
+         lambda: copy.deepcopy(grouped_matmul.MATMUL_DEFAULTS["large"]), put_large, True),
         ("fp8-lhs ", fp8_lhs if cfg.fp8 else [None],
          lambda: "w" if grouped_matmul.MATMUL_DEFAULTS["large"]["fp8_nk"].get("w_lhs") else "x", put_fp8_lhs, True),
         ("fp8-dequantize ", listed(args.fp8_dequantize_rows, int) if cfg.fp8 else [None],
          *module_value(kernels, "FP8_DEQUANTIZE_MIN_ROWS"), True),
         ("fp8-dequantize-moe ", listed(args.fp8_dequantize_moe_rows, int) if cfg.fp8 else [None],
          *module_value(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS"), True),
-        ("fp8-copy ", copy if cfg.fp8 else [None], *module_value(dequantize, "COPY"), True),
+        ("fp8-copy ", fp8_copy if cfg.fp8 else [None], *module_value(dequantize, "COPY"), True),
         ("fp8-dot-acc ", dot_acc if cfg.fp8 else [None], *module_value(fp8_dot, "ACCUMULATE"), True),
         ("moe-routing ", moe_routing, *module_value(moe_ffn, "BLOCK_ROUTING"), True),
         ("router ", router_logits, *module_value(router, "LOGITS"), True),
@@ -980,6 +1007,13 @@ def _decode_knobs(args, cfg):
          lambda: next((k for k, v in presets.items() if v == linear.PROJECTION_MATMUL), "custom"),
          lambda v: setattr(linear, "PROJECTION_MATMUL", dict(presets[v])), True),
     ]
+
+
+class _Tiles(dict):
+    """A --matmul-large override; its row label is compact JSON."""
+
+    def __str__(self) -> str:
+        return json.dumps(self, separators=(",", ":"))
 
 
 def _short(err: Exception) -> str:

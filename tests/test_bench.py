@@ -141,7 +141,8 @@ def test_variant_flags_time_each_setting_and_restore_the_defaults():
         return (kernels.fp8_gemm(), model_mod.DECODE_UNROLL, set(kernels.X_LOADS), decode_attention.COMBINE,
                 decode_attention.PROLOGUE, dequantize.COPY, fp8_dot.ACCUMULATE,
                 [(c["convert"], dict(c["fp8_nk"])) for c in MATMUL_DEFAULTS.values()],
-                dict(linear.PROJECTION_MATMUL), moe_ffn.BLOCK_ROUTING, router.LOGITS)
+                dict(linear.PROJECTION_MATMUL), moe_ffn.BLOCK_ROUTING, router.LOGITS,
+                repr(MATMUL_DEFAULTS["large"]))
 
     before = settings()
     res = bench.main(["--model", "tiny-FP8", "--batch", "1", "--context", "16", "--prefill=", "--steps", "2",
@@ -169,7 +170,10 @@ def test_variant_flags_time_each_setting_and_restore_the_defaults():
                                  ("--attention-prologue", "xla",
                                   "--attention-prologue xla: unknown; use fused or separate"),
                                  ("--projection-matmul", "wide",
-                                  "--projection-matmul wide: unknown; use narrow, narrow-qkv, split or split-qkv")):
+                                  "--projection-matmul wide: unknown; use narrow, narrow-qkv, split or split-qkv"),
+                                 ("--matmul-large", '{"bn": 64}', "give a JSON list of objects"),
+                                 ("--matmul-large", "[{bn: 64}]", "not JSON"),
+                                 ("--matmul-large", '[{"stages": 4}]', "unknown key stages; use bk, bn, ")):
         args = bench.parse_args(["--model", "tiny-FP8", "--batch", "1", "--prefill=", flag, value])
         with pytest.raises(ValueError, match=message):
             bench._decode_knobs(args, cfg)
@@ -330,3 +334,22 @@ def test_kernel_registers_captures_each_steps_triton_kernels_on_cpu():
     # bm 64 + bn 64 + 4-warp tiling (183 registers -> 184 x 128, 72 KB) two, by registers
     assert mod.ctas_per_sm(255, 147456, 8) == 1 and mod.ctas_per_sm(183, 73728, 4) == 2
     assert mod.ctas_per_sm(32, 0, 4) == 16   # the thread limit: 2048 / 128
+
+
+def test_matmul_large_times_each_tiling_and_restores_the_library_s(monkeypatch):
+    """--matmul-large: one prefill row per override, each run with its tiles installed over the
+    library's (seen from inside bench_prefill), then the library's tiles back."""
+    from qwen3_jax.kernels import grouped_matmul as gm_mod
+
+    before = repr(gm_mod.MATMUL_DEFAULTS)
+    seen = []
+    real = bench.bench_prefill
+    monkeypatch.setattr(bench, "bench_prefill", lambda *a, **kw: seen.append(
+        dict(gm_mod.MATMUL_DEFAULTS["large"])) or real(*a, **kw))
+    res = bench.main(["--model", "tiny-FP8", "--batch=", "--prefill", "32", "--reps", "2", "--kernels", "on",
+                      "--matmul-large", '[{}, {"num_stages": 2, "bn": 64}]'])
+    assert [r["kernels"] for r in res["prefill"]] == ['on matmul-large {}', 'on matmul-large {"num_stages":2,"bn":64}']
+    assert all(r["ms"] > 0 for r in res["prefill"])
+    library = eval(before)["large"]   # noqa: S307 (our own repr of plain dicts)
+    assert seen == [library, {**library, "num_stages": 2, "bn": 64}]
+    assert repr(gm_mod.MATMUL_DEFAULTS) == before
