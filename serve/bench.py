@@ -114,6 +114,9 @@ def parse_args(argv=None):
                         "rows written only), kernel (the routing kernels up to 4096 assignments, XLA above), "
                         "xla (argsort and scatters); the gate/up kernel gathers x's rows in each (default: the "
                         "library's)")
+    p.add_argument("--moe-down-rows", default="",
+                   help="MoE blocks path: the dtype of the down's rows the combine reads back, comma-separated: "
+                        "x (the activations' dtype, bf16 for bf16/FP8 models), f32 (default: the library's)")
     p.add_argument("--router-logits", default="",
                    help="router logits of 9-256 tokens, comma-separated: matmul (one split-K grouped matmul), "
                         "gemv (per-row programs, up to 64 tokens; XLA routing above) (default: the library's)")
@@ -967,6 +970,7 @@ def _decode_knobs(args, cfg):
     presets = linear.PROJECTION_MATMUL_PRESETS
     projection = choices("--projection-matmul", args.projection_matmul, sorted(presets))
     moe_routing = choices("--moe-routing", args.moe_routing, moe_ffn.BLOCK_ROUTINGS)
+    down_rows = choices("--moe-down-rows", args.moe_down_rows, moe_ffn.DOWN_ROWS_CHOICES)
     router_logits = choices("--router-logits", args.router_logits, router.LOGITS_CHOICES)
     x_quant = choices("--x-quantize", args.x_quantize, x_quantize.X_QUANTIZES)
     fresh = choices("--fresh-prefill", args.fresh_prefill, ("on", "off"))
@@ -998,6 +1002,7 @@ def _decode_knobs(args, cfg):
         ("fp8-copy ", fp8_copy if cfg.fp8 else [None], *module_value(dequantize, "COPY"), True),
         ("fp8-dot-acc ", dot_acc if cfg.fp8 else [None], *module_value(fp8_dot, "ACCUMULATE"), True),
         ("moe-routing ", moe_routing, *module_value(moe_ffn, "BLOCK_ROUTING"), True),
+        ("moe-down-rows ", down_rows, *module_value(moe_ffn, "DOWN_ROWS"), True),
         ("router ", router_logits, *module_value(router, "LOGITS"), True),
         ("gemv-tokens ", gemv_limits, gemv_tokens, put_gemv_tokens, True),
         ("x-quantize ", x_quant if cfg.fp8 else [None], *module_value(x_quantize, "X_QUANTIZE"), True),

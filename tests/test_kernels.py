@@ -518,6 +518,62 @@ def test_moe_ffn_xla_routed_blocks_gather_x_in_the_kernel(monkeypatch, fp8):
     assert rel(got["xla"], want) < (6e-2 if fp8 else 1e-2)
 
 
+@pytest.mark.parametrize("routing", ["kernel-scan", "xla"])
+def test_moe_down_rows_in_x_dtype_are_the_float32_rows_rounded(monkeypatch, routing):
+    """moe_ffn.DOWN_ROWS "x" (the default): the down writes its rows in x's dtype (bf16 here), each
+    the float32 row rounded once, so the MoE output moves by bf16 rounding only (against "f32",
+    and both to the reference's bound); the down's pallas_call does write bf16 rows. A float32 x
+    keeps float32 rows."""
+    import jax.extend.core
+
+    from qwen3_jax.kernels import moe_ffn as moe_mod
+
+    monkeypatch.setattr(moe_mod, "BLOCK_ROUTING", routing)
+    rng = np.random.default_rng(23)
+    x, weights, experts, arrays, want = _moe_case(rng, False, n=64, e=4, d=128, f=128, k=2)
+
+    def down_rows_dtypes(jaxpr):   # the grouped matmuls' output dtypes, in order: the down's last
+        found = []
+        for eqn in jaxpr.eqns:
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                found += down_rows_dtypes(sub.jaxpr if hasattr(sub, "jaxpr") else sub)
+            name = str(eqn.params.get("name", eqn.params.get("name_and_src_info")))
+            if eqn.primitive.name == "pallas_call" and "grouped_matmul" in name:
+                found += [v.aval.dtype for v in eqn.outvars]
+        return found
+
+    got, dtypes = {}, {}
+    for rows in moe_mod.DOWN_ROWS_CHOICES:
+        monkeypatch.setattr(moe_mod, "DOWN_ROWS", rows)
+        for xin in (x, x.astype(jnp.float32)):
+            fn = lambda xin=xin: moe_ffn(xin, weights, experts, arrays, strategy="blocks")   # noqa: E731
+            dtypes[rows, xin.dtype] = down_rows_dtypes(jax.make_jaxpr(fn)().jaxpr)
+            got[rows, xin.dtype] = np.asarray(fn())
+    bf16, f32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+    assert dtypes["x", bf16][-1] == bf16 and dtypes["f32", bf16][-1] == f32 and dtypes["x", f32][-1] == f32
+    # bf16 rounding of each expert's row (2^-9 relative), not more, and a real change
+    assert 0 < rel(got["x", bf16], got["f32", bf16]) < 4e-3
+    np.testing.assert_array_equal(got["x", f32], got["f32", f32])
+    assert rel(got["x", bf16], want) < 1e-2
+
+
+def test_grouped_matmul_out_dtype_rounds_the_float32_rows():
+    """out_dtype=bf16 on one weight: exactly the float32 output rounded (real rows; pad rows of a
+    block_valid block stay unwritten either way); refused for a pair."""
+    rng = np.random.default_rng(24)
+    x = jnp.asarray(rng.standard_normal((64, 128)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((2, 128, 64)) * 0.1, jnp.bfloat16)
+    groups, valid = jnp.array([1, 0]), jnp.array([32, 20])
+    kw = dict(bm=32, bn=32, bk=32, block_valid=valid, interpret=True)
+    f32 = np.asarray(grouped_matmul(x, groups, (w,), **kw))
+    b16 = grouped_matmul(x, groups, (w,), out_dtype=jnp.bfloat16, **kw)
+    assert b16.dtype == jnp.bfloat16
+    real = np.r_[np.arange(32), 32 + np.arange(20)]
+    np.testing.assert_array_equal(np.asarray(b16)[real], np.asarray(jnp.asarray(f32[real]).astype(jnp.bfloat16)))
+    with pytest.raises(ValueError, match="leave out_dtype None"):
+        grouped_matmul(x, groups, (w, w), out_dtype=jnp.bfloat16, bm=32, bn=32, bk=32, interpret=True)
+
+
 @pytest.mark.parametrize("nk", [False, True])
 def test_moe_ffn_w8a8_blocks_quantize_each_token_once(monkeypatch, nk):
     """MATMUL_DEFAULTS convert="e4m3" (the default): the blocks path quantizes x per token before

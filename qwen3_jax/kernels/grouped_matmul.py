@@ -7,7 +7,8 @@ dequantized tile by tile in registers (never materialized in memory).
 Shapes (G groups, K in, N out, R = NB * bm rows):
   x [R, K] bf16/f16, groups [NB] int32 in [-1, G) (-1: block skipped, its rows left unwritten),
   or [1]: every block reads group groups[0] (one weight for all rows: the router's logits),
-  weights: 1 array [G, K, N] -> float32 [R, N]; or 2 (gate, up) -> silu(x@W0) * (x@W1) in x's
+  weights: 1 array [G, K, N] -> float32 [R, N] (out_dtype: rows rounded from the float32 sums to
+  another dtype, e.g. the MoE down's bf16 rows); or 2 (gate, up) -> silu(x@W0) * (x@W1) in x's
   dtype (the MoE hidden activation, as the reference computes it from float32 products).
   k_splits=S (not a pair): S programs per tile split the K steps, -> float32 partial sums
   [S, R, N] for the caller to add (a projection of few rows has too few tiles to keep the SMs
@@ -86,11 +87,11 @@ F16_SCALE_PRE = 1024.0   # keeps an FP8 block scale a normal f16 number (module 
 @functools.partial(jax.jit, static_argnames=("bm", "layout", "block", "bn", "bk", "num_warps",
                                              "num_stages", "convert", "w_nk", "w_lhs", "quantize_out",
                                              "k_splits", "concat", "n_first", "scale_run", "x_scales_ahead",
-                                             "interpret"))
+                                             "out_dtype", "interpret"))
 def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", block=128, bn=64, bk=64,
                    num_warps=4, num_stages=3, convert="cast", w_nk=False, w_lhs=False, x_scales=None,
                    quantize_out=False, k_splits=1, concat=False, n_first=False, scale_run=None, x_scales_ahead=False,
-                   rows=None, block_valid=None, interpret=None):
+                   rows=None, block_valid=None, out_dtype=None, interpret=None):
     weights = tuple(weights)
     scales = tuple(scales) if scales is not None else ()
     g_count, k_dim, n_dim = weights[0].shape
@@ -130,6 +131,9 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
         _check_w8a8(x_rk, x_scales, fp8, k_dim, bk, block)
     elif x_scales is not None:
         raise ValueError("x_scales are the scales of an e4m3 x; pass them with convert='e4m3' only")
+    if out_dtype is not None and (pair or concat or k_splits > 1):
+        raise ValueError("out_dtype sets one weight's output rows (the MoE's down); a pair, concat or "
+                         "k_splits > 1 has its own output dtype: leave out_dtype None")
     if quantize_out and not (a8 and pair):
         raise ValueError("quantize_out=True needs convert='e4m3' and a (gate, up) pair")
     qg = k_dim // x_scales.shape[1] if a8 else 0
@@ -268,11 +272,14 @@ def grouped_matmul(x_rk, groups_b, weights, scales=None, *, bm, layout="k", bloc
                     res = res / hs[:, None]
                 res = res.astype(o_refs[0].dtype)
             else:
-                res = accs[0]
+                res = accs[0].astype(o_refs[0].dtype)
             store(o_refs[0], res, n0)
 
     # a pair's silu product leaves in x's dtype (bf16 for an e4m3 x), or quantized
-    out_dtype = (jnp.float8_e4m3fn if quantize_out else jnp.bfloat16 if a8 else cdt) if pair else jnp.float32
+    if pair:
+        out_dtype = jnp.float8_e4m3fn if quantize_out else jnp.bfloat16 if a8 else cdt
+    elif out_dtype is None:
+        out_dtype = jnp.float32
     lead = (k_splits,) if k_splits > 1 else ()
     out_shape = jax.ShapeDtypeStruct((*lead, r_count, n_dim), out_dtype)
     if concat:

@@ -61,6 +61,14 @@ GEMV_MAX_ASSIGNMENTS = {"bf16": 64, "fp8": 64}
 BLOCK_ROUTINGS = ("kernel", "kernel-scan", "xla")
 BLOCK_ROUTING = "kernel-scan"
 
+# The dtype of the blocks path's down rows, which the combine gathers back per token: "x" (x's
+# dtype: bf16 rows for a bf16 or FP8 model, each rounded once from its float32 sums, then added
+# in float32; Hugging Face's reference adds bf16 expert outputs in bf16) or "f32". At an 8k prompt
+# the rows are 600 MB in float32, written by the down and read back by the combine (run 170's
+# profile: `loop_add_fusion` 143 us a layer, at the HBM rate). A float32 model keeps float32 rows.
+DOWN_ROWS_CHOICES = ("x", "f32")
+DOWN_ROWS = "x"
+
 
 def gemv_max_assignments(fp8: bool) -> int:
     return GEMV_MAX_ASSIGNMENTS["fp8" if fp8 else "bf16"]
@@ -222,11 +230,12 @@ def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
                        layout="k", **common, **t1, **in1, **gather)   # [R, F], or (e4m3, scales)
     h, in2 = (h[0], dict(x_scales=h[1])) if a8 else (h, {})
     valid = dict(block_valid=gather["block_valid"]) if "block_valid" in gather else {}
+    rows_dtype = x_nd.dtype if DOWN_ROWS == "x" else jnp.float32
     y = grouped_matmul(h, groups, (arrays.down,), _scales(arrays, "down"), layout="n", **common, **t2,
-                       **in2, **valid)   # [R, D] f32
+                       **in2, **valid, out_dtype=rows_dtype)   # [R, D]
     # a select, not a product: rows never written (pad rows, unused blocks) may hold NaN bits,
     # and an assignment not held here points at row 0 with weight 0
-    y_ad = jnp.where(w[:, None] != 0, y[pos] * w[:, None], 0.0)
+    y_ad = jnp.where(w[:, None] != 0, y[pos].astype(jnp.float32) * w[:, None], 0.0)
     return jnp.sum(y_ad.reshape(n, k, d), axis=1)
 
 
