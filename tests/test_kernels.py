@@ -806,7 +806,9 @@ def test_fp8_q_projection_w8a8_reads_one_weight_scale_a_tile(monkeypatch):
     """Layout "k" (q/k/v) on the W8A8 matmul: the expanded scales repeat in runs along the
     flattened H x Q output, so an N tile inside one run reads one scale (scale_run, gcd'd with Q).
     Alone and side by side with k and v (projections_partials): to W8A8's bound on scales in
-    runs of 32, and wrong on per-column scales claimed to run, which proves the path is taken."""
+    runs of 32, and wrong on per-column scales claimed to run, which proves the path is taken.
+    Without a claimed run (scale_run None, a library caller's default) per-column scales are
+    read per column: right."""
     monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MIN_ROWS", 0)
     rng = np.random.default_rng(15)
     block = 64
@@ -821,6 +823,7 @@ def test_fp8_q_projection_w8a8_reads_one_weight_scale_a_tile(monkeypatch):
         return jnp.einsum("btd,dhq->bthq", x.astype(jnp.float32), dequantize(w8[1], scale[1], 0, block, jnp.float32))
     assert 1e-3 < rel(q(s_run, 32), want(s_run)) < 6e-2
     assert rel(q(s_col, 32), want(s_col)) > 0.1          # one scale a tile cannot see per-column scales
+    assert 1e-3 < rel(q(s_col, None), want(s_col)) < 6e-2
     spec = ("btd,dhq->bthq", x, w8, s_run, 0)
     parts = kernels.projections_partials([spec, spec], block, jnp.int32(1), scale_run=32)
     for p in parts:
@@ -828,6 +831,8 @@ def test_fp8_q_projection_w8a8_reads_one_weight_scale_a_tile(monkeypatch):
     bad = ("btd,dhq->bthq", x, w8, s_col, 0)
     (p,) = kernels.projections_partials([bad], block, jnp.int32(1), scale_run=32)
     assert rel(np.asarray(p).sum(0).reshape(1, 40, 2, 64), want(s_col)) > 0.1
+    (p,) = kernels.projections_partials([bad], block, jnp.int32(1))
+    assert 1e-3 < rel(np.asarray(p).sum(0).reshape(1, 40, 2, 64), want(s_col)) < 6e-2
 
 
 def test_fp8_projections_w8a8_quantize_x_once(monkeypatch):
@@ -1861,8 +1866,8 @@ def test_gpu_fp8_prefill_moe_and_projection_through_either_mma(convert, monkeypa
     """Compiled, prefill-sized (512 tokens): the blocks-path MoE and an FP8 projection with the
     FP8 matmul converting to x's dtype or to f16, or W8A8 (e4m3 x; experts also stored [E, out,
     in], with the weight on either side), match XLA's dequantized reference (W8A8 to its bound).
-    The projection's scales are a checkpoint's blocks expanded, as the model holds them: W8A8's N
-    tile reads one weight scale a run (linear_einsum's scale_run)."""
+    The projection's scales are a checkpoint's blocks expanded and claimed to run, as the model
+    passes them: W8A8's N tile reads one weight scale a run (linear_einsum's scale_run)."""
     from qwen3_jax.kernels import grouped_matmul as gm_mod
 
     nk, lhs = "-nk" in convert, convert.endswith("-lhs")
@@ -1880,7 +1885,7 @@ def test_gpu_fp8_prefill_moe_and_projection_through_either_mma(convert, monkeypa
     assert (1e-3 < err < 6e-2) if a8 else err < 1e-2
     wq, sq = fp8_weights(rng, (3, 2048, 32, 128), 1, checkpoint_blocks=True)
     xq = jnp.asarray(rng.standard_normal((1, 512, 2048)), jnp.bfloat16)
-    q = linear_einsum("btd,dhq->bthq", xq, wq, sq, 0, 128, layer=jnp.int32(2))
+    q = linear_einsum("btd,dhq->bthq", xq, wq, sq, 0, 128, layer=jnp.int32(2), scale_run=128)
     ref = jnp.einsum("btd,dhq->bthq", xq.astype(jnp.float32), dequantize(wq[2], sq[2], 0, 128, jnp.float32))
     assert rel(q, ref) < (6e-2 if a8 else 5e-3)
 

@@ -108,11 +108,12 @@ def _as_matrices(eq: str, x, w, scale, block_axis: int, layer, w_nk: bool = Fals
     return x.reshape(math.prod(lead), k_dim), w3, s3, layout, lead, wshape[nc:], inner
 
 
-def _n_run(scale_run: int | None, block: int, inner: int) -> int:
-    """Layout 'k': a run of equal scales along the flattened N. A checkpoint's blocks repeat along
-    the flattened output ([H*Q, D] in Hugging Face's layout); scales expanded per axis repeat
-    along the innermost one (Q) and restart at each head: runs of gcd(block, Q) hold for both."""
-    return math.gcd(scale_run or block, inner)
+def _n_run(scale_run: int | None, inner: int) -> int | None:
+    """Layout 'k': a run of equal scales along the flattened N, or None where the caller claims
+    none. A checkpoint's blocks repeat along the flattened output ([H*Q, D] in Hugging Face's
+    layout); scales expanded per axis repeat along the innermost one (Q) and restart at each
+    head: runs of gcd(scale_run, Q) hold for both."""
+    return math.gcd(scale_run, inner) if scale_run else None
 
 
 def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None, out_dtype=None,
@@ -129,9 +130,10 @@ def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None,
     is the contracted axis (layout 'k', one contracted dim) or the last axis (layout 'n').
     w / scale are [L, ...] when `layer` is given, else per-layer. w_nk: w is stored with the
     contracted axes last ([out..., in...], model.Weight's nk); scale is always in eq's order.
-    scale_run: the checkpoint's block along the non-block dims (model.Weight.fp8_scale_run;
-    None: `block`), which a W8A8 K step of layout 'n' must not cross; for layout 'k', an N tile
-    of the W8A8 matmul inside one run reads one weight scale (grouped_matmul's scale_run).
+    scale_run: the checkpoint's block along the non-block dims (model.Weight.fp8_scale_run, which
+    the model always passes), which a W8A8 K step of layout 'n' must not cross (None: `block`);
+    for layout 'k', an N tile of the W8A8 matmul inside one run reads one weight scale
+    (grouped_matmul's scale_run; None: a scale per column, right for any scales).
     """
     mats = _as_matrices(eq, x, w, scale, block_axis, layer, w_nk)
     if mats is None:
@@ -143,7 +145,7 @@ def linear_einsum(eq: str, x, w, scale, block_axis: int, block: int, layer=None,
         return None   # XLA dequantizes the layer's weight and runs cuBLAS (kernels.FP8_DEQUANTIZE_MIN_ROWS)
     group = jnp.asarray(layer if layer is not None else 0, jnp.int32)
     if layout == "k" and s3 is not None:
-        scale_run = _n_run(scale_run, block, inner)
+        scale_run = _n_run(scale_run, inner)
     y = linear(x2, w3, s3, layout, block, group, partials=partials, w_nk=w_nk, scale_run=scale_run)
     if y is None or partials:
         return y
@@ -174,7 +176,8 @@ def projections_partials(specs, block: int, layer, w_nk: bool = False, scale_run
     if m > gemv_max_rows(fp8):   # the FP8 matmul, side by side where PROJECTION_MATMUL asks (bf16: XLA's)
         if not (fp8 and PROJECTION_MATMUL.get("concat")) or kernels.fp8_dequantized(m):
             return None
-        run = math.gcd(*(_n_run(scale_run, block, mt[6]) for mt in mats)) if layout == "k" else None
+        runs = [_n_run(scale_run, mt[6]) for mt in mats] if layout == "k" else [None]
+        run = math.gcd(*runs) if None not in runs else None
         return _matmul(x2, [mt[1] for mt in mats], tuple(mt[2] for mt in mats), layout, block,
                        jnp.asarray(layer, jnp.int32), w_nk, run)
     t = gemv_tiles(k_dim, tuple(mt[1].shape[1 if w_nk else 2] for mt in mats), m, fp8, layout, block,

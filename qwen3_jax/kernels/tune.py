@@ -375,7 +375,8 @@ def sweep_fp8_linear(bandwidth: float, *, d=2048, h=32, q=128, layers=16, rows=(
         return run
 
     fns = {
-        "fp8 kernel": looped(lambda x, w8, sc, wb, i: linear_einsum("btd,dhq->bthq", x, w8, sc, 0, 128, layer=i)),
+        "fp8 kernel": looped(lambda x, w8, sc, wb, i: linear_einsum(   # scale_run: the model's form
+            "btd,dhq->bthq", x, w8, sc, 0, 128, layer=i, scale_run=128)),
         "xla fp8 dequantize+einsum": looped(lambda x, w8, sc, wb, i: jnp.einsum(
             "btd,dhq->bthq", x, dequantize(w8[i], sc[i], 0, 128, jnp.bfloat16))),
         "xla bf16 einsum": looped(lambda x, w8, sc, wb, i: jnp.einsum("btd,dhq->bthq", x, wb[i])),
