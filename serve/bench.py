@@ -989,10 +989,11 @@ def _decode_knobs(args, cfg):
          *module_value(decode_attention, "TARGET_PROGRAMS"), True),
         ("attention-splits ", listed(args.attention_max_splits, int), *module_value(decode_attention, "MAX_SPLITS"), True),
         ("attention-prologue ", prologue, *module_value(decode_attention, "PROLOGUE"), True),
-        ("fp8-matmul ", fp8_matmul if cfg.fp8 else [None],
-         lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"], put_fp8_matmul, True),
+        # before the knobs that edit MATMUL_DEFAULTS["large"] in place: it replaces the dict
         ("matmul-large ", matmul_large(args.matmul_large),
          lambda: copy.deepcopy(grouped_matmul.MATMUL_DEFAULTS["large"]), put_large, True),
+        ("fp8-matmul ", fp8_matmul if cfg.fp8 else [None],
+         lambda: grouped_matmul.MATMUL_DEFAULTS["large"]["convert"], put_fp8_matmul, True),
         ("fp8-lhs ", fp8_lhs if cfg.fp8 else [None],
          lambda: "w" if grouped_matmul.MATMUL_DEFAULTS["large"]["fp8_nk"].get("w_lhs") else "x", put_fp8_lhs, True),
         ("fp8-dequantize ", listed(args.fp8_dequantize_rows, int) if cfg.fp8 else [None],

@@ -339,7 +339,8 @@ def test_kernel_registers_captures_each_steps_triton_kernels_on_cpu():
 
 def test_matmul_large_times_each_tiling_and_restores_the_library_s(monkeypatch):
     """--matmul-large: one prefill row per override, each run with its tiles installed over the
-    library's (seen from inside bench_prefill), then the library's tiles back."""
+    library's (seen from inside bench_prefill) and with the other knobs that edit those tiles
+    (--fp8-matmul) still applied, then the library's tiles back."""
     from qwen3_jax.kernels import grouped_matmul as gm_mod
 
     before = repr(gm_mod.MATMUL_DEFAULTS)
@@ -348,9 +349,10 @@ def test_matmul_large_times_each_tiling_and_restores_the_library_s(monkeypatch):
     monkeypatch.setattr(bench, "bench_prefill", lambda *a, **kw: seen.append(
         dict(gm_mod.MATMUL_DEFAULTS["large"])) or real(*a, **kw))
     res = bench.main(["--model", "tiny-FP8", "--batch=", "--prefill", "32", "--reps", "2", "--kernels", "on",
-                      "--matmul-large", '[{}, {"num_stages": 2, "bn": 64}]'])
-    assert [r["kernels"] for r in res["prefill"]] == ['on matmul-large {}', 'on matmul-large {"num_stages":2,"bn":64}']
+                      "--matmul-large", '[{}, {"num_stages": 2, "bn": 64}]', "--fp8-matmul", "f16"])
+    assert [r["kernels"] for r in res["prefill"]] == ['on matmul-large {} fp8-matmul f16',
+                                                      'on matmul-large {"num_stages":2,"bn":64} fp8-matmul f16']
     assert all(r["ms"] > 0 for r in res["prefill"])
-    library = eval(before)["large"]   # noqa: S307 (our own repr of plain dicts)
+    library = dict(eval(before)["large"], convert="f16")   # noqa: S307 (our own repr of plain dicts)
     assert seen == [library, {**library, "num_stages": 2, "bn": 64}]
     assert repr(gm_mod.MATMUL_DEFAULTS) == before
