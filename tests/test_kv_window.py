@@ -30,3 +30,33 @@ def test_windowed_decode_equals_full_cache():
     full = outs[None]
     for window in (16, 64):
         assert np.abs(outs[window] - full).max() <= 1e-6 * np.abs(full).max()
+
+
+def test_in_order_cache_write_has_unique_indices_and_drops_the_padding():
+    """model._write_cache with in_order (the engine's prefill chunks: positions start.., padding at
+    the cache length after them): the same cache as the plain write, the chunk's rows at its
+    positions and the padding dropped, but a scatter XLA may treat as unique (plain stores on a
+    GPU; without the promise every bf16 element goes through an atomic loop)."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen3_jax import model as model_mod
+
+    rng = np.random.default_rng(4)
+    shape = (2, 3, 16, 2, 4)   # [L, slots, S, K, Q]
+    k_all, v_all = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(2))
+    new_k, new_v = (jnp.asarray(rng.standard_normal((1, 6, 2, 4)), jnp.bfloat16) for _ in range(2))
+    rows = jnp.array([1])
+    for start, n in ((9, 4), (13, 3)):   # the second ends at the cache's last position
+        positions = jnp.asarray([list(range(start, start + n)) + [16] * (6 - n)], jnp.int32)
+        args = (k_all, v_all, 1, rows, positions, new_k, new_v)
+        plain, fast = model_mod._write_cache(*args), model_mod._write_cache(*args, in_order=True)
+        for got, want, old, new in zip(fast, plain, (k_all, v_all), (new_k, new_v)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+            expect = np.asarray(old).copy()
+            expect[1, 1, start:start + n] = np.asarray(new)[0, :n]
+            np.testing.assert_array_equal(np.asarray(got), expect)
+        for in_order in (False, True):
+            scatters = [e for e in jax.make_jaxpr(lambda *a, o=in_order: model_mod._write_cache(*a, in_order=o))(
+                *args).jaxpr.eqns if e.primitive.name == "scatter"]
+            assert len(scatters) == 2 and all(e.params["unique_indices"] is in_order for e in scatters)
