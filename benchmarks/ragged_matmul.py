@@ -139,8 +139,8 @@ def main(argv=None):
             for i in range(LAYERS):
                 h = grouped_matmul(x, groups_b, (gate[i], up[i]), bm=bm, layout="k", block=128,
                                    **dict(t1, n_first=n_first))
-                out.append(grouped_matmul(h, groups_b, (down[i],), bm=bm, layout="n", block=128,
-                                          **dict(t2, n_first=n_first)))
+                out.append(grouped_matmul(h, groups_b, (down[i],), bm=bm, layout="n", block=128,   # bf16 rows: the model's
+                                          out_dtype=jnp.bfloat16, **dict(t2, n_first=n_first)))
             return out
 
         def mgpu(cfg_gu, cfg_dn, x, gate_up, gate, up, down):
@@ -240,7 +240,7 @@ def fp8_main(args):
 
             def w8a8(x, gate, up, down, gs, us, ds_, gate_up=gate_up, t2=t2, bm=bm, groups_b=groups_b):
                 return [grouped_matmul(h, groups_b, (down[i],), (ds_[i],), bm=bm, layout="n", block=blk, w_nk=True,
-                                       x_scales=hs, **t2)
+                                       x_scales=hs, out_dtype=jnp.bfloat16, **t2)   # bf16 rows: the model's
                         for i, (h, hs) in enumerate(gate_up(x, gate, up, gs, us))]
 
             mask = real_rows(sizes_np, real)
@@ -265,7 +265,7 @@ def fp8_main(args):
                 gu = jax.lax.dot_general(xq, jnp.concatenate([gate[i][0], up[i][0]]), nt,
                                          preferred_element_type=jnp.float32)
                 h = (jax.nn.silu(gu[:, :f]) * gu[:, f:] / 1024).astype(e4m3)   # inside e4m3's range
-                out.append(jax.lax.dot_general(h, down[i][0], nt, preferred_element_type=jnp.float32))
+                out.append(jax.lax.dot_general(h, down[i][0], nt, preferred_element_type=jnp.bfloat16))
             return out
 
         call = jax.jit(dense8)
