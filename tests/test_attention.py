@@ -16,7 +16,6 @@ run at full precision (a GPU's default TF32 moved float32 past 1e-6: run 65).
 from __future__ import annotations
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ import qwen3_jax
 from qwen3_jax import attention as attn_mod
 from qwen3_jax.attention import MIN_QUERY_BLOCK, attention, query_block
 from qwen3_jax.config import Qwen3MoeConfig
+from jaxpr_walk import equations
 from reference import TINY, rel_err
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -123,13 +123,7 @@ def test_blocks_cut_compiled_temp_memory():
 
 def _scan_lengths(jaxpr) -> list[int]:
     """Lengths of every lax.scan in a jaxpr (the blocks' fori_loop is one), nested ones included."""
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "scan":
-            out.append(eqn.params["length"])
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            out += _scan_lengths(sub)
-    return out
+    return [eqn.params["length"] for eqn in equations(jaxpr) if eqn.primitive.name == "scan"]
 
 
 def _model_logits(model, tokens, cache_len):

@@ -28,6 +28,7 @@ from qwen3_jax.kernels.moe_blocks import expert_blocks, num_blocks
 from qwen3_jax.kernels.moe_ffn import ExpertArrays, moe_ffn
 from qwen3_jax.kernels.x_quantize import quantize_x
 from qwen3_jax.moe import expert_ffn
+from jaxpr_walk import equations
 
 
 def rel(a, b):
@@ -490,22 +491,16 @@ def test_moe_ffn_xla_routed_blocks_gather_x_in_the_kernel(monkeypatch, fp8):
     MATMUL_DEFAULTS "large"), so no XLA gather copies x into the padded rows; the values equal
     those on route_blocks' blocks ("kernel-scan") bit for bit, and the reference's to the kernels'
     bound."""
-    import jax.extend.core
-
     from qwen3_jax.kernels import moe_ffn as moe_mod
 
     monkeypatch.setattr(kernels, "FP8_DEQUANTIZE_MOE_MIN_ROWS", 0)
     rng = np.random.default_rng(16)
     x, weights, experts, arrays, want = _moe_case(rng, bool(fp8), n=128, e=4, d=128, f=128, k=2,
                                                   nk=fp8 == "nk", checkpoint_blocks=True)
+
     def row_gathers(jaxpr):   # XLA gathers making [> N, D]: x's padded rows (its e4m3 form), the combine's y[pos]
-        found = 0
-        for eqn in jaxpr.eqns:
-            found += sum(row_gathers(sub.jaxpr if hasattr(sub, "jaxpr") else sub)
-                         for sub in jax.extend.core.jaxprs_in_params(eqn.params))
-            shape = eqn.outvars[0].aval.shape if eqn.outvars else ()
-            found += eqn.primitive.name == "gather" and len(shape) == 2 and shape[0] > 128 and shape[1] == 128
-        return found
+        return sum(eqn.primitive.name == "gather" and eqn.outvars[0].aval.shape[1:] == (128,)
+                   and eqn.outvars[0].aval.shape[0] > 128 for eqn in equations(jaxpr, into_kernels=False))
 
     got, gathers = {}, {}
     for routing in ("xla", "kernel-scan"):
@@ -524,8 +519,6 @@ def test_moe_down_rows_in_x_dtype_are_the_float32_rows_rounded(monkeypatch, rout
     the float32 row rounded once, so the MoE output moves by bf16 rounding only (against "f32",
     and both to the reference's bound); the down's pallas_call does write bf16 rows. A float32 x
     keeps float32 rows."""
-    import jax.extend.core
-
     from qwen3_jax.kernels import moe_ffn as moe_mod
 
     monkeypatch.setattr(moe_mod, "BLOCK_ROUTING", routing)
@@ -533,14 +526,9 @@ def test_moe_down_rows_in_x_dtype_are_the_float32_rows_rounded(monkeypatch, rout
     x, weights, experts, arrays, want = _moe_case(rng, False, n=64, e=4, d=128, f=128, k=2)
 
     def down_rows_dtypes(jaxpr):   # the grouped matmuls' output dtypes, in order: the down's last
-        found = []
-        for eqn in jaxpr.eqns:
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                found += down_rows_dtypes(sub.jaxpr if hasattr(sub, "jaxpr") else sub)
-            name = str(eqn.params.get("name", eqn.params.get("name_and_src_info")))
-            if eqn.primitive.name == "pallas_call" and "grouped_matmul" in name:
-                found += [v.aval.dtype for v in eqn.outvars]
-        return found
+        return [v.aval.dtype for eqn in equations(jaxpr, into_kernels=False) if eqn.primitive.name == "pallas_call"
+                and "grouped_matmul" in str(eqn.params.get("name", eqn.params.get("name_and_src_info")))
+                for v in eqn.outvars]
 
     got, dtypes = {}, {}
     for rows in moe_mod.DOWN_ROWS_CHOICES:
@@ -1371,21 +1359,12 @@ def test_fp8_decode_of_many_rows_writes_the_cache_in_the_prologue(fp8_w8a16):
         assert rel(a, b) < TOL_BF16_MODEL
 
 
-def _primitives_outside_kernels(jaxpr, counts=None):
+def _primitives_outside_kernels(jaxpr):
     """Counter of primitive names in a jaxpr and its sub-jaxprs (loops, jits), not looking
     inside pallas_call kernels: what XLA, not Pallas, will run."""
     import collections
 
-    import jax.extend.core
-
-    counts = collections.Counter() if counts is None else counts
-    for eqn in jaxpr.eqns:
-        counts[eqn.primitive.name] += 1
-        if eqn.primitive.name == "pallas_call":
-            continue
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            _primitives_outside_kernels(sub, counts)
-    return counts
+    return collections.Counter(eqn.primitive.name for eqn in equations(jaxpr, into_kernels=False))
 
 
 @pytest.mark.parametrize("mesh", ["tp=2", "ep=2"])

@@ -5,7 +5,6 @@ chunks forced on one device and under expert parallelism."""
 from __future__ import annotations
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ import qwen3_jax
 from qwen3_jax import moe as moe_mod
 from qwen3_jax.config import Qwen3MoeConfig
 from qwen3_jax.moe import expert_ffn, token_chunk
+from jaxpr_walk import equations
 from reference import TINY, rel_err
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -56,11 +56,7 @@ def _run(x, w, experts, mats, first_expert):
 
 def _loops(jaxpr) -> int:
     """Loops (scan or while: a fori_loop is either) in a jaxpr, nested ones included."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name in ("scan", "while")
-        n += sum(_loops(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
-    return n
+    return sum(eqn.primitive.name in ("scan", "while") for eqn in equations(jaxpr))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
