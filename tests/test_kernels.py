@@ -611,22 +611,21 @@ def test_route_blocks_kernel_agrees_with_expert_blocks(n, k, e, bm, first):
     expert_blocks (XLA's stable argsort): the same groups, rows and positions, each block's count
     of real rows, the weights masked to the experts held here. Routed ids span two devices' ranges
     and one token routes nowhere (-1, a padding row); first and offset are traced, as on a mesh.
-    The last three cases run past the in-kernel walk of the histogram (4096 assignments; scan=True:
-    XLA sums it), one of them a mesh device's share and the last the served 2048-token chunk's
-    shape (16384 assignments, 128-row blocks)."""
+    The last three cases run past the in-kernel walk of the histogram (4096 assignments: XLA sums
+    it between the kernels), one of them a mesh device's share and the last the served
+    2048-token chunk's shape (16384 assignments, 128-row blocks)."""
     from qwen3_jax.kernels import moe_blocks as blocks_mod
     from qwen3_jax.kernels.moe_blocks import route_blocks
 
-    scan = n * k > blocks_mod.ROUTE_BLOCKS_MAX_ASSIGNMENTS
-    if scan:
-        with pytest.raises(ValueError, match="any number with scan=True"):
-            route_blocks(jnp.zeros((n, k), jnp.int32), jnp.zeros((n, k)), e, bm)
     rng = np.random.default_rng(n + e)
     ex = np.stack([rng.choice(max(128, first + e), k, replace=False) for _ in range(n)]).astype(np.int32)
     ex[1] = -1
     w = rng.uniform(0.1, 1.0, (n, k)).astype(np.float32)
-    rb = jax.jit(lambda ex, w, first, off: route_blocks(ex, w, e, bm, first, off, groups_per_layer=1, scan=scan))(
-        jnp.asarray(ex), jnp.asarray(w), jnp.int32(first), jnp.int32(7))
+    fn = jax.jit(lambda ex, w, first, off: route_blocks(ex, w, e, bm, first, off, groups_per_layer=1))
+    args = (jnp.asarray(ex), jnp.asarray(w), jnp.int32(first), jnp.int32(7))
+    xla_sums = any(eqn.primitive.name == "cumsum" for eqn in equations(fn.trace(*args).jaxpr, into_kernels=False))
+    assert xla_sums == (n * k > blocks_mod.ROUTE_BLOCKS_MAX_ASSIGNMENTS)
+    rb = fn(*args)
     blk = expert_blocks(jnp.asarray(ex), e, bm, first_expert=first)
     groups, valid, pos, rows = map(np.asarray, (rb.groups, rb.block_valid, rb.pos, rb.rows))
     here = np.asarray(blk.here)

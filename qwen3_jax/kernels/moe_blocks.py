@@ -96,9 +96,10 @@ def block_rows(assignments: int, num_experts: int) -> int:
 
 
 # route_blocks: up to a 512-token prefill chunk of top-8 routing, each program of the second
-# kernel reads the whole [A / ROUTE_CHUNK, E] histogram and sums the rows before its chunk. Past
-# that, with scan=True, XLA sums them (an exclusive cumsum over the histogram's chunks, and the
-# experts' block starts: a few small kernels) and each program reads its chunk's row only.
+# kernel reads the whole [A / ROUTE_CHUNK, E] histogram and sums the rows before its chunk (the
+# in-kernel walk: no XLA kernel between the two). Past that XLA sums them (an exclusive cumsum
+# over the histogram's chunks, and the experts' block starts: a few small kernels) and each
+# program reads its chunk's row only.
 ROUTE_BLOCKS_MAX_ASSIGNMENTS = 4096
 ROUTE_CHUNK = 64
 MAX_LOCAL_EXPERTS = 512
@@ -121,27 +122,26 @@ class RoutedBlocks:
     weights: jax.Array
 
 
-def route_blocks_covered(assignments: int, num_experts: int, scan: bool = False) -> bool:
-    """route_blocks takes these sizes: any count of assignments with scan, else up to
-    ROUTE_BLOCKS_MAX_ASSIGNMENTS."""
-    return (0 < assignments and (scan or assignments <= ROUTE_BLOCKS_MAX_ASSIGNMENTS)
+def route_blocks_covered(assignments: int, num_experts: int, walk_only: bool = False) -> bool:
+    """route_blocks takes these sizes (walk_only: and runs them without XLA summing the
+    histogram, up to ROUTE_BLOCKS_MAX_ASSIGNMENTS)."""
+    return (0 < assignments and (not walk_only or assignments <= ROUTE_BLOCKS_MAX_ASSIGNMENTS)
             and 0 < num_experts <= MAX_LOCAL_EXPERTS)
 
 
 def route_blocks(experts_nk, weights_nk, num_experts: int, bm: int, first_expert=0, layer=0, *,
-                 groups_per_layer: int | None = None, scan: bool = False, interpret=None) -> RoutedBlocks:
+                 groups_per_layer: int | None = None, interpret=None) -> RoutedBlocks:
     """experts [N, k] global ids (-1 or any id outside [first, first + num_experts): not held
     here), weights [N, k] -> RoutedBlocks for grouped_matmul over the experts [first, first +
     num_experts), whose weights are groups offset.. with offset = layer * groups_per_layer
     (default num_experts: experts stacked [L*E, ...]). first_expert, layer: ints or traced
     int32 scalars, passed as they are (the multiply runs in the kernel: no XLA kernel a layer).
     Row order within an expert's run is (token, slot) order, as expert_blocks' stable sort gives.
-    scan: past ROUTE_BLOCKS_MAX_ASSIGNMENTS, XLA sums the histogram between the two kernels."""
+    Past ROUTE_BLOCKS_MAX_ASSIGNMENTS XLA sums the histogram between the two kernels."""
     n, k = experts_nk.shape
-    if not route_blocks_covered(n * k, num_experts, scan):
-        raise ValueError(f"route_blocks covers up to {ROUTE_BLOCKS_MAX_ASSIGNMENTS} assignments (any number with "
-                         f"scan=True) and {MAX_LOCAL_EXPERTS} local experts, got {n * k} and {num_experts}; "
-                         "use expert_blocks")
+    if not route_blocks_covered(n * k, num_experts):
+        raise ValueError(f"route_blocks covers 1 to {MAX_LOCAL_EXPERTS} local experts and at least one "
+                         f"assignment, got {num_experts} and {n * k}; use expert_blocks")
     scalars = [jnp.asarray(v, jnp.int32).reshape(1) for v in (first_expert, layer)]   # reshapes: bitcasts
     return _route_blocks(experts_nk.reshape(-1).astype(jnp.int32), weights_nk.reshape(-1).astype(jnp.float32),
                          *scalars, k=k, num_experts=num_experts, bm=bm,

@@ -197,12 +197,11 @@ def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
     if arrays.fp8 and kernels.fp8_dequantized(a // arrays.num_experts, moe=True):
         arrays = _dequantized_layer(arrays, x_nd.dtype)
     bm = block_rows(a, arrays.num_experts)
-    scan = BLOCK_ROUTING == "kernel-scan"
-    if BLOCK_ROUTING != "xla" and route_blocks_covered(a, arrays.num_experts, scan):
+    if BLOCK_ROUTING != "xla" and route_blocks_covered(a, arrays.num_experts, walk_only=BLOCK_ROUTING == "kernel"):
         # the routing kernels; the gate/up kernel gathers x's rows and the down writes real rows only
         by_layer = (arrays.layer, None) if arrays.layer is not None else (arrays.offset, 1)
         rb = route_blocks(experts_nk, weights_nk, arrays.num_experts, bm, first_expert, by_layer[0],
-                          groups_per_layer=by_layer[1], scan=scan)
+                          groups_per_layer=by_layer[1])
         groups, pos, w = rb.groups, rb.pos, rb.weights
         gather = dict(rows=rb.rows, block_valid=rb.block_valid)
     else:
