@@ -47,8 +47,9 @@ def padded_groups(tokens: int, experts: int, top_k: int, bm: int, seed: int = 0)
 
 
 def prompt_rows(tokens: int, args, key, bm: int | None = None):
-    """A `tokens`-token prompt's MoE rows as the blocks path holds them from 1k tokens (x gathered
-    by XLA before the matmuls, pad rows computed too) -> (assignments, bm, rows per expert padded
+    """A `tokens`-token prompt's MoE rows as the blocks path's matmuls see them (gathered here
+    before the timed calls, where the model's gate/up kernel gathers them itself; pad rows
+    computed too, where the model's down skips them) -> (assignments, bm, rows per expert padded
     to bm [E] and real ones [E] (numpy), each block's expert [NB] int32, x [rows, D] bf16 (each
     real row its token's x, pad rows zero), the FLOPs of LAYERS layers' gate/up + down over the
     real assignments). bm: the block height (default: the model's, moe_blocks.block_rows); the

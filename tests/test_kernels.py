@@ -614,17 +614,14 @@ def test_route_blocks_kernel_agrees_with_expert_blocks(n, k, e, bm, first):
     The last three cases run past the in-kernel walk of the histogram (4096 assignments: XLA sums
     it between the kernels), one of them a mesh device's share and the last the served
     2048-token chunk's shape (16384 assignments, 128-row blocks)."""
-    from qwen3_jax.kernels import moe_blocks as blocks_mod
-    from qwen3_jax.kernels.moe_blocks import route_blocks
-
     rng = np.random.default_rng(n + e)
     ex = np.stack([rng.choice(max(128, first + e), k, replace=False) for _ in range(n)]).astype(np.int32)
     ex[1] = -1
     w = rng.uniform(0.1, 1.0, (n, k)).astype(np.float32)
-    fn = jax.jit(lambda ex, w, first, off: route_blocks(ex, w, e, bm, first, off, groups_per_layer=1))
+    fn = jax.jit(lambda ex, w, first, off: moe_blocks.route_blocks(ex, w, e, bm, first, off, groups_per_layer=1))
     args = (jnp.asarray(ex), jnp.asarray(w), jnp.int32(first), jnp.int32(7))
     xla_sums = any(eqn.primitive.name == "cumsum" for eqn in equations(fn.trace(*args).jaxpr, into_kernels=False))
-    assert xla_sums == (n * k > blocks_mod.ROUTE_BLOCKS_MAX_ASSIGNMENTS)
+    assert xla_sums == (n * k > moe_blocks.ROUTE_BLOCKS_MAX_ASSIGNMENTS)
     rb = fn(*args)
     blk = expert_blocks(jnp.asarray(ex), e, bm, first_expert=first)
     groups, valid, pos, rows = map(np.asarray, (rb.groups, rb.block_valid, rb.pos, rb.rows))
