@@ -31,6 +31,9 @@ def main(argv=None):
     p.add_argument("--variants", default=None,
                    help='gemv: a JSON list of tile overrides, e.g. \'[{}, {"w_nk": true, "bk": 128}]\' '
                         "(default: ORDER_VARIANTS)")
+    p.add_argument("--shapes", default=None,
+                   help="gemv: comma-separated shape names (qkv, o_proj, moe_gate_up, moe_down, moe_down_joint); "
+                        "default: the first four")
     p.add_argument("--tokens", default="8192", help="prefill: prompt lengths, comma-separated")
     p.add_argument("--nk", action="store_true", help="prefill: FP8 experts stored [E, out, in], as the model holds them")
     p.add_argument("--prefill-variants", default=None,
@@ -43,7 +46,9 @@ def main(argv=None):
     for what in args.what.split(","):
         if what == "gemv":
             variants = json.loads(args.variants) if args.variants else ORDER_VARIANTS
-            tune.sweep_gemv_shapes(ceil["bandwidth"], kinds=tuple(args.kinds.split(",")), variants=variants, log=log)
+            shape_names = args.shapes.split(",") if args.shapes else None
+            tune.sweep_gemv_shapes(ceil["bandwidth"], kinds=tuple(args.kinds.split(",")), variants=variants,
+                                   shape_names=shape_names, log=log)
         elif what == "prefill":
             variants = json.loads(args.prefill_variants) if args.prefill_variants else None
             for tokens in (int(t) for t in args.tokens.split(",")):

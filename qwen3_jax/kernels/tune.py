@@ -401,17 +401,21 @@ SHAPE_VARIANTS = [{}, dict(max_split=16), dict(bn=64), dict(bn=64, max_split=16)
 
 
 def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768, k=8, layers=16,
-                      kinds=("bf16", "w8a16"), variants=None, log=print):
+                      kinds=("bf16", "w8a16"), variants=None, shape_names=None, log=print):
     """Device time (profiler) of the decode step's gemv shapes at batch 1 per tile variant and kind:
     qkv (K=d, widths heads*hd, kv*hd, kv*hd, concat), o_proj (K=heads*hd, N=d), moe_gate_up
-    (k rows, K=d, N=f pair), moe_down (k rows, K=f, N=d). -> rows of dict(kind, shape, variant,
-    us, pct_floor, rel_err)."""
+    (k rows, K=d, N=f pair), moe_down (k rows, K=f, N=d), and on request (`shape_names`)
+    moe_down_joint (1 row, K=k*f, N=d: the bytes and K walk of a down whose programs each cover
+    all k experts for their columns, as a combine in its epilogue would need). -> rows of
+    dict(kind, shape, variant, us, pct_floor, rel_err)."""
     from .gemv import gemv, gemv_tiles
     from .linear import projection_tiles
     shapes = {"qkv": (d, (heads * hd, kv * hd, kv * hd), 1, "k", False),
               "o_proj": (heads * hd, (d,), 1, "n", False),
               "moe_gate_up": (d, (f, f), k, "k", True),
-              "moe_down": (f, (d,), k, "n", False)}
+              "moe_down": (f, (d,), k, "n", False),
+              "moe_down_joint": (k * f, (d,), 1, "n", False)}
+    shapes = {name: shapes[name] for name in (shape_names or list(shapes)[:4])}
     out = []
     for kind in kinds:
         fp8 = kind != "bf16"
