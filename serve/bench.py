@@ -117,6 +117,10 @@ def parse_args(argv=None):
     p.add_argument("--moe-down-rows", default="",
                    help="MoE blocks path: the dtype of the down's rows the combine reads back, comma-separated: "
                         "x (the activations' dtype, bf16 for bf16/FP8 models), f32 (default: the library's)")
+    p.add_argument("--moe-block-slack", default="",
+                   help="MoE blocks path: the row block's height over the mean rows an expert gets "
+                        "(moe_blocks.BLOCK_ROWS_SLACK; 16..128, a power of two), comma-separated: A/B "
+                        "(default: the library's)")
     p.add_argument("--router-logits", default="",
                    help="router logits of 9-256 tokens, comma-separated: matmul (one split-K grouped matmul), "
                         "gemv (per-row programs, up to 64 tokens; XLA routing above) (default: the library's)")
@@ -901,7 +905,7 @@ def _decode_knobs(args, cfg):
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
     from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, grouped_matmul, linear, qk_prologue
-    from qwen3_jax.kernels import moe_ffn, router, x_quantize
+    from qwen3_jax.kernels import moe_blocks, moe_ffn, router, x_quantize
 
     def listed(text, parse=str):
         return [parse(v) for v in text.split(",") if v] or [None]
@@ -1004,6 +1008,7 @@ def _decode_knobs(args, cfg):
         ("fp8-dot-acc ", dot_acc if cfg.fp8 else [None], *module_value(fp8_dot, "ACCUMULATE"), True),
         ("moe-routing ", moe_routing, *module_value(moe_ffn, "BLOCK_ROUTING"), True),
         ("moe-down-rows ", down_rows, *module_value(moe_ffn, "DOWN_ROWS"), True),
+        ("moe-block-slack ", listed(args.moe_block_slack, float), *module_value(moe_blocks, "BLOCK_ROWS_SLACK"), True),
         ("router ", router_logits, *module_value(router, "LOGITS"), True),
         ("gemv-tokens ", gemv_limits, gemv_tokens, put_gemv_tokens, True),
         ("x-quantize ", x_quant if cfg.fp8 else [None], *module_value(x_quantize, "X_QUANTIZE"), True),

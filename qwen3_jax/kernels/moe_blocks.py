@@ -83,14 +83,20 @@ def expert_blocks(experts_nk, num_experts: int, bm: int, first_expert=0) -> Expe
 
 # The tallest block; benchmarks set it lower to time smaller tiles at prefill sizes.
 MAX_BLOCK_ROWS = 128
+# The block is at least the mean rows an expert gets times this. Routing spreads the counts
+# (about sqrt(mean) either side under uniform top-k), so a block of the mean's height leaves about
+# half the experts a second, mostly empty block that reads the expert's weights again; a taller
+# block wastes MMA rows instead, which a weight-bound matmul does not pay for.
+BLOCK_ROWS_SLACK = 1.0
 
 
 def block_rows(assignments: int, num_experts: int) -> int:
-    """Block height for grouped_matmul: about the mean rows per expert, 16..MAX_BLOCK_ROWS
-    (tensor-core tiles need 16; past 128 a bigger tile buys little)."""
+    """Block height for grouped_matmul: a power of two >= the mean rows per expert times
+    BLOCK_ROWS_SLACK, 16..MAX_BLOCK_ROWS (tensor-core tiles need 16; past 128 a bigger tile buys
+    little)."""
     mean = max(assignments // max(num_experts, 1), 1)
     bm = 16
-    while bm < MAX_BLOCK_ROWS and bm < mean:
+    while bm < MAX_BLOCK_ROWS and bm < mean * BLOCK_ROWS_SLACK:
         bm *= 2
     return bm
 
