@@ -118,9 +118,9 @@ def parse_args(argv=None):
                    help="MoE blocks path: the dtype of the down's rows the combine reads back, comma-separated: "
                         "x (the activations' dtype, bf16 for bf16/FP8 models), f32 (default: the library's)")
     p.add_argument("--moe-block-slack", default="",
-                   help="MoE blocks path: the row block's height over the mean rows an expert gets "
-                        "(moe_blocks.BLOCK_ROWS_SLACK; 16..128, a power of two), comma-separated: A/B "
-                        "(default: the library's)")
+                   help="MoE blocks path, from a mean of moe_blocks.SLACK_MIN_MEAN rows an expert (prefill "
+                        "chunks): the row block's height over that mean (moe_blocks.BLOCK_ROWS_SLACK; rounded "
+                        "up to a power of two, 16..128), comma-separated: A/B (default: the library's)")
     p.add_argument("--router-logits", default="",
                    help="router logits of 9-256 tokens, comma-separated: matmul (one split-K grouped matmul), "
                         "gemv (per-row programs, up to 64 tokens; XLA routing above) (default: the library's)")

@@ -83,20 +83,25 @@ def expert_blocks(experts_nk, num_experts: int, bm: int, first_expert=0) -> Expe
 
 # The tallest block; benchmarks set it lower to time smaller tiles at prefill sizes.
 MAX_BLOCK_ROWS = 128
-# The block is at least the mean rows an expert gets times this. Routing spreads the counts
-# (about sqrt(mean) either side under uniform top-k), so a block of the mean's height leaves about
-# half the experts a second, mostly empty block that reads the expert's weights again; a taller
-# block wastes MMA rows instead, which a weight-bound matmul does not pay for.
-BLOCK_ROWS_SLACK = 1.0
+# From a mean of SLACK_MIN_MEAN rows an expert (prefill chunks of 512+ tokens at top-8 of 128),
+# the block is at least the mean times BLOCK_ROWS_SLACK. Routing spreads the counts (about
+# sqrt(mean) either side under uniform top-k), so a block of the mean's height leaves about half
+# the experts a second, mostly empty block that reads the expert's weights again; a taller block
+# wastes MMA rows instead. Run 179 (H200, benchmarks/NOTES.md), slack 2 against 1: prefill 512
+# tokens bf16 -11.7% (FP8 level), 1024 -4.2% (FP8 -2.6%); decode batch 256 (mean 16) bf16 -2.6%
+# but FP8 +2.2%, so smaller means keep the mean's height.
+BLOCK_ROWS_SLACK = 2.0
+SLACK_MIN_MEAN = 32
 
 
 def block_rows(assignments: int, num_experts: int) -> int:
-    """Block height for grouped_matmul: a power of two >= the mean rows per expert times
-    BLOCK_ROWS_SLACK, 16..MAX_BLOCK_ROWS (tensor-core tiles need 16; past 128 a bigger tile buys
-    little)."""
+    """Block height for grouped_matmul: a power of two >= the mean rows per expert (times
+    BLOCK_ROWS_SLACK from a mean of SLACK_MIN_MEAN), 16..MAX_BLOCK_ROWS (tensor-core tiles need 16;
+    past 128 a bigger tile buys little)."""
     mean = max(assignments // max(num_experts, 1), 1)
+    want = mean * BLOCK_ROWS_SLACK if mean >= SLACK_MIN_MEAN else mean
     bm = 16
-    while bm < MAX_BLOCK_ROWS and bm < mean * BLOCK_ROWS_SLACK:
+    while bm < MAX_BLOCK_ROWS and bm < want:
         bm *= 2
     return bm
 
