@@ -603,6 +603,20 @@ def test_expert_blocks_put_every_assignment_in_a_block_of_its_expert(bm, first):
     assert np.all(used[:used.sum()])                              # used blocks come first
 
 
+def test_block_rows_reads_each_expert_once_from_prefill_means():
+    """moe_blocks.block_rows: from a mean of SLACK_MIN_MEAN rows an expert (prefill chunks) the
+    block is twice the mean's height, so a uniform top-8-of-128 routing of a 1024-token chunk puts
+    each expert in one block (its weights read once) where blocks of the mean's height (64) give
+    about half the experts a second one; decode batches (smaller means) keep the mean's height."""
+    assert [moe_blocks.block_rows(t * 8, 128) for t in (1, 16, 256, 512, 1024, 8192)] == [16, 16, 16, 64, 128, 128]
+    rng = np.random.default_rng(0)
+    counts = np.bincount(np.stack([rng.choice(128, 8, replace=False) for _ in range(1024)]).ravel(), minlength=128)
+    blocks = lambda bm: int(np.sum(-(-counts // bm)))   # noqa: E731
+    bm = moe_blocks.block_rows(1024 * 8, 128)
+    assert blocks(bm) == 128 <= num_blocks(1024 * 8, 128, bm)
+    assert blocks(64) > 1.3 * 128
+
+
 @pytest.mark.parametrize("n,k,e,bm,first", [(64, 8, 128, 16, 0), (24, 8, 128, 16, 0), (64, 8, 64, 16, 64),
                                              (7, 3, 5, 2, 3), (300, 8, 128, 32, 0), (600, 8, 128, 64, 0),
                                              (520, 8, 64, 32, 64), (2048, 8, 128, 128, 0)])
