@@ -63,7 +63,7 @@ def prompt_rows(tokens: int, args, key, bm: int | None = None):
 
     e, k = args.experts, args.top_k
     a = tokens * k
-    bm = bm or block_rows(a, e)
+    bm = bm or block_rows(a // e)
     sizes_np, real, token_of = padded_groups(tokens, e, k, bm)
     groups_b = jnp.asarray(np.repeat(np.arange(e, dtype=np.int32), sizes_np // bm))
     x_tok = jax.random.normal(key, (tokens, args.d), jnp.float32).astype(jnp.bfloat16)

@@ -608,11 +608,11 @@ def test_block_rows_reads_each_expert_once_from_prefill_means():
     block is twice the mean's height, so a uniform top-8-of-128 routing of a 1024-token chunk puts
     each expert in one block (its weights read once) where blocks of the mean's height (64) give
     about half the experts a second one; decode batches (smaller means) keep the mean's height."""
-    assert [moe_blocks.block_rows(t * 8, 128) for t in (1, 16, 256, 512, 1024, 8192)] == [16, 16, 16, 64, 128, 128]
+    assert [moe_blocks.block_rows(t * 8 // 128) for t in (1, 16, 256, 512, 1024, 8192)] == [16, 16, 16, 64, 128, 128]
     rng = np.random.default_rng(0)
     counts = np.bincount(np.stack([rng.choice(128, 8, replace=False) for _ in range(1024)]).ravel(), minlength=128)
     blocks = lambda bm: int(np.sum(-(-counts // bm)))   # noqa: E731
-    bm = moe_blocks.block_rows(1024 * 8, 128)
+    bm = moe_blocks.block_rows(1024 * 8 // 128)
     assert blocks(bm) == 128 <= num_blocks(1024 * 8, 128, bm)
     assert blocks(64) > 1.3 * 128
 
@@ -684,6 +684,26 @@ def test_moe_ffn_block_routing_kernel_matches_xla_routing(fp8, monkeypatch, fp8_
     assert rel(out["kernel"], want) < 1e-2 and rel(out["xla"], want) < 1e-2
     assert rel(out["kernel"], out["xla"]) < 1e-6   # the same products in the same order
     np.testing.assert_array_equal(out["kernel-scan"], out["kernel"])   # 120 assignments: the same kernels
+
+
+def test_moe_ffn_sizes_row_blocks_by_the_experts_routed_among():
+    """A mesh device holding 16 of 128 experts: 256 tokens at top-8 give its experts 16 rows each
+    on average, so its row blocks are 16 high (ExpertArrays.routed_experts = 128), not the 128 that
+    2048 assignments over its 16 experts alone would suggest; the output matches the reference
+    either way."""
+    rng = np.random.default_rng(5)
+    x, weights, experts, arrays, _ = _moe_case(rng, False, n=256, e=128, k=8)
+    mine = dataclasses.replace(arrays, gate=arrays.gate[16:32], up=arrays.up[16:32], down=arrays.down[16:32],
+                               num_experts=16)
+    want = expert_ffn(x.astype(jnp.float32), weights, experts, *(m.astype(jnp.float32)
+                      for m in (mine.gate, mine.up, mine.down)), first_expert=16)
+    for routed, bm in ((128, 16), (0, 128)):
+        arr = dataclasses.replace(mine, routed_experts=routed)
+        fn = jax.jit(lambda *a: moe_ffn(*a, arr, first_expert=16, strategy="blocks"))
+        mm = [e for e in equations(fn.trace(x, weights, experts).jaxpr, into_kernels=False)
+              if e.primitive.name == "pallas_call" and e.params["name"].startswith("qwen3_grouped_matmul")]
+        assert mm and mm[0].outvars[0].aval.shape[0] == num_blocks(256 * 8, 16, bm) * bm
+        assert rel(fn(x, weights, experts), want) < 1e-2
 
 
 def _moe_case(rng, fp8, n, e=6, d=128, f=64, k=2, block=64, nk=False, checkpoint_blocks=False):

@@ -94,11 +94,12 @@ BLOCK_ROWS_SLACK = 2.0
 SLACK_MIN_MEAN = 32
 
 
-def block_rows(assignments: int, num_experts: int) -> int:
-    """Block height for grouped_matmul: a power of two >= the mean rows per expert (times
+def block_rows(mean_rows: int) -> int:
+    """Block height for grouped_matmul from the mean rows an expert gets (assignments over the
+    experts tokens route among, ExpertArrays.rows_per_expert): a power of two >= that mean (times
     BLOCK_ROWS_SLACK from a mean of SLACK_MIN_MEAN), 16..MAX_BLOCK_ROWS (tensor-core tiles need 16;
     past 128 a bigger tile buys little)."""
-    mean = max(assignments // max(num_experts, 1), 1)
+    mean = max(mean_rows, 1)
     want = mean * BLOCK_ROWS_SLACK if mean >= SLACK_MIN_MEAN else mean
     bm = 16
     while bm < MAX_BLOCK_ROWS and bm < want:

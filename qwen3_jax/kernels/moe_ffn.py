@@ -97,6 +97,9 @@ class ExpertArrays:
     w_nk: bool = False
     scale_run: int | None = None
     layer: jax.Array | int | None = None   # offset's layer, when offset = layer * num_experts
+    # Experts a token's top-k picks from, on every device (0: num_experts, one device). The mean
+    # rows an expert held here gets is assignments / this, whatever share of them a device holds.
+    routed_experts: int = 0
 
     @property
     def fp8(self) -> bool:
@@ -108,8 +111,13 @@ class ExpertArrays:
         a, b = self.gate.shape[1:]
         return (b, a) if self.w_nk else (a, b)
 
+    def rows_per_expert(self, assignments: int) -> int:
+        """The mean rows an expert held here gets from `assignments` under uniform routing."""
+        return assignments // (self.routed_experts or self.num_experts)
+
     @classmethod
-    def from_stacked(cls, gate, up, down, scales=None, block=128, layer=None, w_nk=False, scale_run=None):
+    def from_stacked(cls, gate, up, down, scales=None, block=128, layer=None, w_nk=False, scale_run=None,
+                     routed_experts=0):
         """From [L, E, ...] (or [E, ...] with layer None) params; scales = (gate, up, down) or None."""
         def fold(a):
             return a if a is None or layer is None else a.reshape(-1, *a.shape[2:])
@@ -117,7 +125,7 @@ class ExpertArrays:
         s = scales or (None, None, None)
         off = 0 if layer is None else jnp.asarray(layer, jnp.int32) * e
         return cls(fold(gate), fold(up), fold(down), fold(s[0]), fold(s[1]), fold(s[2]), block, e, off, w_nk,
-                   scale_run, None if layer is None else jnp.asarray(layer, jnp.int32))
+                   scale_run, None if layer is None else jnp.asarray(layer, jnp.int32), routed_experts)
 
 
 def supported(arrays: ExpertArrays, assignments: int) -> bool:
@@ -129,7 +137,7 @@ def supported(arrays: ExpertArrays, assignments: int) -> bool:
     if assignments <= gemv_max_assignments(arrays.fp8):
         return (gemv_tiles(d, f, assignments, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk) is not None
                 and gemv_tiles(f, d, assignments, arrays.fp8, "n", arrays.block, w_nk=arrays.w_nk) is not None)
-    bm = block_rows(assignments, arrays.num_experts)
+    bm = block_rows(arrays.rows_per_expert(assignments))
     return (matmul_tiles(d, f, bm, arrays.fp8, "k", arrays.block, w_nk=arrays.w_nk) is not None
             and matmul_tiles(f, d, bm, arrays.fp8, "n", arrays.block, w_nk=arrays.w_nk) is not None)
 
@@ -194,9 +202,9 @@ def _blocks_path(x_nd, weights_nk, experts_nk, arrays, first_expert):
     k = experts_nk.shape[1]
     a = n * k
     d, f = arrays.d_f
-    if arrays.fp8 and kernels.fp8_dequantized(a // arrays.num_experts, moe=True):
+    if arrays.fp8 and kernels.fp8_dequantized(arrays.rows_per_expert(a), moe=True):
         arrays = _dequantized_layer(arrays, x_nd.dtype)
-    bm = block_rows(a, arrays.num_experts)
+    bm = block_rows(arrays.rows_per_expert(a))
     if BLOCK_ROUTING != "xla" and route_blocks_covered(a, arrays.num_experts, walk_only=BLOCK_ROUTING == "kernel"):
         # the routing kernels; the gate/up kernel gathers x's rows and the down writes real rows only
         by_layer = (arrays.layer, None) if arrays.layer is not None else (arrays.offset, 1)
@@ -275,13 +283,13 @@ def moe_ffn_stacked(x_nd, weights_nk, experts_nk, gate, up, down, layer, groups=
 
 
 def moe_ffn_in_place(x_nd, weights_nk, experts_nk, gate, up, down, scales, block, layer, first_expert=0, *,
-                     groups=None, interpret=None, w_nk=False, scale_run=None):
+                     groups=None, interpret=None, w_nk=False, scale_run=None, routed_experts=0):
     """moe_ffn on layer `layer` of stacked [L, E_local, ...] arrays (this device's experts
-    first_expert.. on a mesh; scales (gate, up, down) or None; w_nk, scale_run: see ExpertArrays)
-    -> [N, D] float32, or None when no tiling fits these shapes. groups, interpret: see moe_ffn
-    (groups on one device only)."""
+    first_expert.. on a mesh; scales (gate, up, down) or None; w_nk, scale_run, routed_experts (the
+    experts on all devices): see ExpertArrays) -> [N, D] float32, or None when no tiling fits these
+    shapes. groups, interpret: see moe_ffn (groups on one device only)."""
     arrays = ExpertArrays.from_stacked(gate, up, down, scales, block=block, layer=layer, w_nk=w_nk,
-                                       scale_run=scale_run)
+                                       scale_run=scale_run, routed_experts=routed_experts)
     if not supported(arrays, experts_nk.size):
         return None
     return moe_ffn(x_nd, weights_nk, experts_nk, arrays, first_expert, groups=groups, interpret=interpret)
