@@ -978,6 +978,16 @@ def _decode_knobs(args, cfg):
     router_logits = choices("--router-logits", args.router_logits, router.LOGITS_CHOICES)
     x_quant = choices("--x-quantize", args.x_quantize, x_quantize.X_QUANTIZES)
     fresh = choices("--fresh-prefill", args.fresh_prefill, ("on", "off"))
+    def slack(text):
+        try:
+            v = float(text)
+        except ValueError:
+            v = 0.0
+        if not v > 0:
+            raise ValueError(f"--moe-block-slack {text}: give positive numbers, e.g. 2,1")
+        return v
+
+    block_slack = listed(args.moe_block_slack, slack)
     gemv_limits = listed(args.gemv_tokens)
     if any(v is not None and not re.fullmatch(r"\d+(/\d+)?", v) for v in gemv_limits):
         raise ValueError(f"--gemv-tokens {args.gemv_tokens}: give token counts N or N/P (projection rows), e.g. 16,4/1")
@@ -1008,7 +1018,7 @@ def _decode_knobs(args, cfg):
         ("fp8-dot-acc ", dot_acc if cfg.fp8 else [None], *module_value(fp8_dot, "ACCUMULATE"), True),
         ("moe-routing ", moe_routing, *module_value(moe_ffn, "BLOCK_ROUTING"), True),
         ("moe-down-rows ", down_rows, *module_value(moe_ffn, "DOWN_ROWS"), True),
-        ("moe-block-slack ", listed(args.moe_block_slack, float), *module_value(moe_blocks, "BLOCK_ROWS_SLACK"), True),
+        ("moe-block-slack ", block_slack, *module_value(moe_blocks, "BLOCK_ROWS_SLACK"), True),
         ("router ", router_logits, *module_value(router, "LOGITS"), True),
         ("gemv-tokens ", gemv_limits, gemv_tokens, put_gemv_tokens, True),
         ("x-quantize ", x_quant if cfg.fp8 else [None], *module_value(x_quantize, "X_QUANTIZE"), True),

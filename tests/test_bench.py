@@ -134,26 +134,27 @@ def test_variant_flags_time_each_setting_and_restore_the_defaults():
     per setting (labelled), then put the library's defaults back."""
     from qwen3_jax import kernels
     from qwen3_jax import model as model_mod
-    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, linear, moe_ffn, router
+    from qwen3_jax.kernels import decode_attention, dequantize, fp8_dot, linear, moe_blocks, moe_ffn, router
     from qwen3_jax.kernels.grouped_matmul import MATMUL_DEFAULTS
 
     def settings():
         return (kernels.fp8_gemm(), model_mod.DECODE_UNROLL, set(kernels.X_LOADS), decode_attention.COMBINE,
                 decode_attention.PROLOGUE, dequantize.COPY, fp8_dot.ACCUMULATE,
                 [(c["convert"], dict(c["fp8_nk"])) for c in MATMUL_DEFAULTS.values()],
-                dict(linear.PROJECTION_MATMUL), moe_ffn.BLOCK_ROUTING, moe_ffn.DOWN_ROWS, router.LOGITS,
-                repr(MATMUL_DEFAULTS["large"]))
+                dict(linear.PROJECTION_MATMUL), moe_ffn.BLOCK_ROUTING, moe_ffn.DOWN_ROWS, moe_blocks.BLOCK_ROWS_SLACK,
+                router.LOGITS, repr(MATMUL_DEFAULTS["large"]))
 
     before = settings()
     res = bench.main(["--model", "tiny-FP8", "--batch", "1", "--context", "16", "--prefill=", "--steps", "2",
                       "--reps", "1", "--single-step=", "--kernels", "on", "--fp8-gemm", "w8a8",
                       "--decode-unroll", "2", "--x-loads", "none,norm+swiglu", "--attention-combine", "xla",
                       "--attention-prologue", "separate", "--fp8-matmul", "f16", "--fp8-matmul-lhs", "x", "--fp8-copy", "xla",
-                      "--fp8-dot-acc", "f32", "--moe-routing", "xla", "--moe-down-rows", "f32", "--router-logits", "gemv",
-                      "--projection-matmul", "narrow"])
+                      "--fp8-dot-acc", "f32", "--moe-routing", "xla", "--moe-down-rows", "f32", "--moe-block-slack", "1",
+                      "--router-logits", "gemv", "--projection-matmul", "narrow"])
     labels = [r["kernels"] for r in res["decode"]]
     assert labels == [f"on w8a8 unroll 2 x {x} merge xla attention-prologue separate fp8-matmul f16 fp8-lhs x fp8-copy xla "
-                      "fp8-dot-acc f32 moe-routing xla moe-down-rows f32 router gemv projection narrow" for x in ("none", "norm+swiglu")]
+                      "fp8-dot-acc f32 moe-routing xla moe-down-rows f32 moe-block-slack 1.0 router gemv projection narrow"
+                      for x in ("none", "norm+swiglu")]
     assert all(r["step_ms"] > 0 for r in res["decode"])
     assert settings() == before
     # Unknown values: refused by the flag reader that bench.main ran above (bench._decode_knobs),
@@ -166,6 +167,8 @@ def test_variant_flags_time_each_setting_and_restore_the_defaults():
                                  ("--moe-routing", "sort", "--moe-routing sort: unknown; use kernel, kernel-scan or xla"),
                                  ("--router-logits", "dot", "--router-logits dot: unknown; use matmul or gemv"),
                                  ("--moe-down-rows", "f16", "--moe-down-rows f16: unknown; use x or f32"),
+                                 ("--moe-block-slack", "two", "--moe-block-slack two: give positive numbers"),
+                                 ("--moe-block-slack", "0", "--moe-block-slack 0: give positive numbers"),
                                  ("--attention-combine", "o_proj",
                                   "--attention-combine o_proj: unknown; use kernel or xla"),
                                  ("--attention-prologue", "xla",
