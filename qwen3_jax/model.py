@@ -396,7 +396,6 @@ class StackedExpertWeights(ExpertWeights):
     def __init__(self, moe_full: "MoE", layer, dtype):
         super().__init__(moe_full, dtype)
         self.layer = jnp.asarray(layer, jnp.int32)
-        self.num_experts = moe_full.router.w.shape[-1]   # on every device: the kernels size row blocks by it
 
     def arrays(self):
         return (*super().arrays(), self.layer)
@@ -419,7 +418,7 @@ class StackedExpertWeights(ExpertWeights):
             y = kernels.moe_ffn_in_place(x_nd, weights_nk, experts_nk, *mats, scales,
                                          self.weights[0].fp8_block or 128, layer, shard * e_local,
                                          w_nk=self.weights[0].nk, scale_run=self.weights[2].fp8_scale_run,
-                                         routed_experts=self.num_experts)
+                                         routed_experts=self.moe.router.w.shape[-1])   # all devices' experts
         if y is None:   # no tiling fits the local shapes: XLA on this layer's slice
             y = super().local_ffn(x_nd, weights_nk, experts_nk, [a[layer] for a in raw], shard)
         return y

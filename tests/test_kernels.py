@@ -1507,6 +1507,25 @@ def test_kernels_run_per_device_on_a_mesh(mesh, per_device_case, fp8_w8a16):
         assert rel(a, b) < TOL_BF16_MODEL
 
 
+def test_on_an_ep_mesh_row_blocks_follow_the_mean_over_all_experts(monkeypatch):
+    """The model on ep=2 (4 of TINY's 8 experts a device): a 128-token prefill at top-2 gives each
+    expert 32 rows on average, and each device's MoE sizes its row blocks from that mean (what one
+    device would), not from 256 assignments over its own 4 experts (64)."""
+    from qwen3_jax import Qwen3MoeConfig, random_model
+    from qwen3_jax.kernels import moe_ffn as moe_mod
+    from reference import TINY, prefill_then_decode
+
+    means = []
+    real = moe_mod.block_rows
+    monkeypatch.setattr(moe_mod, "block_rows", lambda mean: means.append(mean) or real(mean))
+    cfg = Qwen3MoeConfig.from_dict(dict(TINY, model_type="qwen3_moe", num_hidden_layers=2))
+    sharded = random_model(cfg, mesh="ep=2", seed=2)
+    tokens = jnp.zeros((1, 128), jnp.int32)
+    with kernels.kernels_enabled(True):
+        jax.make_jaxpr(prefill_then_decode(sharded, tokens, 160))(sharded.state, tokens)
+    assert means and set(means) == {128 * 2 // 8}
+
+
 @pytest.mark.parametrize("mesh,batch", [("ep=2", 4), ("tp=2,ep=4", 4), ("ep=2", 1)])
 def test_on_a_mesh_each_device_routes_the_gathered_tokens(mesh, batch, monkeypatch):
     """moe.GatheredRouting: on a mesh the MoE's shard_map gathers only x and every device routes
