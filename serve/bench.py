@@ -956,6 +956,18 @@ def _decode_knobs(args, cfg):
         router.LOGITS_MATMUL_MIN_ROWS = int(n) + 1
         moe_ffn.GEMV_MAX_ASSIGNMENTS = {kind: int(n) * cfg.num_experts_per_tok for kind in moe_ffn.GEMV_MAX_ASSIGNMENTS}
 
+    def positive(flag, example):
+        """A parser of one positive number for `flag`'s comma-separated values."""
+        def parse(text):
+            try:
+                value = float(text)
+            except ValueError:
+                value = 0.0
+            if not value > 0:
+                raise ValueError(f"{flag} {text}: give positive numbers, e.g. {example}")
+            return value
+        return parse
+
     def choices(flag, text, allowed):
         """listed(text), every value one of `allowed`, else a ValueError naming the flag."""
         values = listed(text)
@@ -978,16 +990,7 @@ def _decode_knobs(args, cfg):
     router_logits = choices("--router-logits", args.router_logits, router.LOGITS_CHOICES)
     x_quant = choices("--x-quantize", args.x_quantize, x_quantize.X_QUANTIZES)
     fresh = choices("--fresh-prefill", args.fresh_prefill, ("on", "off"))
-    def slack(text):
-        try:
-            v = float(text)
-        except ValueError:
-            v = 0.0
-        if not v > 0:
-            raise ValueError(f"--moe-block-slack {text}: give positive numbers, e.g. 2,1")
-        return v
-
-    block_slack = listed(args.moe_block_slack, slack)
+    block_slack = listed(args.moe_block_slack, positive("--moe-block-slack", "2,1"))
     gemv_limits = listed(args.gemv_tokens)
     if any(v is not None and not re.fullmatch(r"\d+(/\d+)?", v) for v in gemv_limits):
         raise ValueError(f"--gemv-tokens {args.gemv_tokens}: give token counts N or N/P (projection rows), e.g. 16,4/1")

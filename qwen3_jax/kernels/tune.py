@@ -415,6 +415,9 @@ def sweep_gemv_shapes(bandwidth: float, *, d=2048, heads=32, kv=4, hd=128, f=768
               "moe_gate_up": (d, (f, f), k, "k", True),
               "moe_down": (f, (d,), k, "n", False),
               "moe_down_joint": (k * f, (d,), 1, "n", False)}
+    unknown = sorted(set(shape_names or ()) - set(shapes))
+    if unknown:
+        raise ValueError(f"unknown gemv shapes {unknown}; choose from {sorted(shapes)}")
     shapes = {name: shapes[name] for name in (shape_names or list(shapes)[:4])}
     out = []
     for kind in kinds:
